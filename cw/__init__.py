@@ -1,0 +1,57 @@
+"""
+cw (cluster-workers): run many Python jobs on a cluster.
+
+A client submits jobs (cloudpickled callables with their arguments) to a
+master, which routes them to workers; results come back to the client.  See
+README.rst for the architecture and L{cw.client} for the client API.
+
+This module keeps the original top-level names: C{PORT}, C{randid()},
+C{start()}, C{stop()}, C{allocate()} and C{slurm_master_host()}.  It imports
+nothing heavy, so that importing C{cw} installs no reactor.
+"""
+
+from __future__ import annotations
+
+import random
+
+from cw.protocol import PORT
+
+__version__ = "0.1.0"
+
+__all__ = ["PORT", "randid", "start", "stop", "allocate", "slurm_master_host"]
+
+
+def randid() -> int:
+    """A random 128-bit integer, for use as a job id."""
+    return random.getrandbits(128)
+
+
+def start(nworkers: int = 1, *args, **kwargs):
+    """
+    Start a cluster of C{nworkers} workers and a master: under SLURM when
+    SLURM is in use here, else as local processes (see L{cw.cluster}).
+    """
+    from cw import cluster
+
+    return cluster.start(nworkers, *args, **kwargs)
+
+
+def stop(*args, **kwargs):
+    """Stop what L{start} started."""
+    from cw import cluster
+
+    return cluster.stop(*args, **kwargs)
+
+
+def allocate(nworkers: int = 1, *args, **kwargs):
+    """Context manager: L{start} on enter, L{stop} on exit."""
+    from cw import cluster
+
+    return cluster.allocate(nworkers, *args, **kwargs)
+
+
+def slurm_master_host() -> str:
+    """The host running this user's SLURM master job (C{cmaster})."""
+    from cw import slurm
+
+    return slurm.master_host()

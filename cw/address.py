@@ -1,0 +1,82 @@
+"""
+Addresses: how a user names a master, turned into Twisted endpoints.
+
+A master address may be written as a host name (C{node12}), a host and port
+(C{node12:6000}, C{[::1]:6000}) or a full Twisted endpoint description
+(C{tcp:node12:6000}, C{unix:/run/cw.sock}, C{ssl:host=node12:port=6000}).
+Listening addresses are endpoint descriptions (C{tcp:5494}) or a bare port.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
+
+from cw.protocol import PORT
+
+#: Endpoint types a master address may start with.
+ENDPOINT_PREFIXES = ("tcp:", "tcp6:", "unix:", "ssl:", "tls:", "systemd:")
+
+
+def is_endpoint(address: str) -> bool:
+    return address.startswith(ENDPOINT_PREFIXES)
+
+
+def client_description(host: str | None = None, port: int | None = None) -> str:
+    """
+    The endpoint description for connecting to the master at C{host}
+    (see the module docstring for the accepted forms) and C{port}.
+    """
+    host = host or "localhost"
+    if is_endpoint(host):
+        return host
+    if host.startswith("["):
+        bracket = host.index("]")
+        name, rest = host[1:bracket], host[bracket + 1 :]
+        if rest.startswith(":"):
+            port = int(rest[1:])
+        return "tcp6:host=%s:port=%d" % (name.replace(":", r"\:"), port or PORT)
+    if host.count(":") == 1:
+        name, _, port_text = host.partition(":")
+        if not port_text.isdigit():
+            raise ValueError(f"bad master address {host!r}: expected HOST[:PORT]")
+        host, port = name, int(port_text)
+    return "tcp:host=%s:port=%d" % (host, port or PORT)
+
+
+def client_endpoint(reactor, host: str | None = None, port: int | None = None) -> IStreamClientEndpoint:
+    """A client endpoint for the master named by C{host} and C{port}."""
+    return endpoints.clientFromString(reactor, client_description(host, port))
+
+
+def server_description(listen: str | int | None = None) -> str:
+    """The endpoint description a master listens on (default C{tcp:5494})."""
+    if listen is None:
+        return "tcp:%d" % PORT
+    listen = str(listen)
+    if listen.isdigit():
+        return "tcp:" + listen
+    return listen
+
+
+def server_endpoint(reactor, listen: str | int | None = None) -> IStreamServerEndpoint:
+    return endpoints.serverFromString(reactor, server_description(listen))
+
+
+def describe_listening(port) -> str:
+    """A client address for a listening port, e.g. C{tcp:127.0.0.1:5494}."""
+    host = port.getHost()
+    kind = getattr(host, "type", "")
+    if kind in ("TCP", "TCP6"):
+        name = host.host
+        if name in ("0.0.0.0", ""):
+            name = "127.0.0.1"
+        elif name == "::":
+            name = "::1"
+        if ":" in name:
+            return "tcp6:host=%s:port=%d" % (name.replace(":", r"\:"), host.port)
+        return "tcp:host=%s:port=%d" % (name, host.port)
+    name = getattr(host, "name", None)
+    if name is not None:
+        return "unix:" + (name.decode() if isinstance(name, bytes) else name)
+    return str(host)

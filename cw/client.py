@@ -1,0 +1,577 @@
+"""
+Client programs: submit jobs to a master and get their results back.
+
+Two blocking APIs over one connection class:
+
+  - L{ClientThread}: submit C{(jobid, func, args)} and receive
+    C{callback(jobid, result)} for each job that succeeds; C{wait()} blocks
+    until all jobs are done and raises L{RemoteException} for a failure.
+  - L{ClusterExecutor}: a L{concurrent.futures.Executor}.
+
+Both talk to the master through the Twisted reactor.  If no reactor is
+running, crochet runs one in a background thread; if one already runs in
+another thread (a Twisted program, or trial), that one is used.  Either
+way, the blocking calls must be made from a thread other than the
+reactor's.
+
+Jobs are pickled with cloudpickle in the caller's thread, so a job that
+cannot be pickled raises L{SubmitError} at C{submit}.  Results are unpickled
+in a delivery thread, never in the reactor thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any
+
+import cloudpickle
+from twisted.internet import defer, task
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python import threadable
+
+from cw import protocol as P
+from cw.address import client_description, client_endpoint
+from cw.errors import JobCrashed, MasterUnavailable, RemoteException, SubmitError
+
+__all__ = ["ClientThread", "ClusterExecutor", "RemoteException", "SubmitError", "MasterUnavailable"]
+
+log = Logger()
+
+#: Seconds a client keeps trying to reach its master before giving up.
+CONNECT_TIMEOUT = float(os.environ.get("CW_CONNECT_TIMEOUT", "10"))
+
+_setup_lock = threading.Lock()
+_setup_done = False
+
+
+def running_reactor():
+    """
+    The global reactor, running in some thread other than the caller's.
+
+    Starts it in a crochet thread if nothing runs it yet.  Raises
+    L{RuntimeError} when called from the reactor's own thread, where a
+    blocking call would deadlock.
+    """
+    global _setup_done
+    import crochet
+    from twisted.internet import reactor
+
+    with _setup_lock:
+        if not _setup_done:
+            if reactor.running:
+                crochet.no_setup()
+            else:
+                crochet.setup()
+            _setup_done = True
+    if threadable.isInIOThread() and reactor.running:
+        raise RuntimeError(
+            "cw's blocking client API was called from the reactor thread;"
+            " call it from another thread (e.g. deferToThread)"
+        )
+    return reactor
+
+
+def call_in_reactor(func: Callable, *args, timeout: float | None = None, **kwargs) -> Any:
+    """Run C{func} (which may return a Deferred) in the reactor; wait for its result."""
+    import crochet
+
+    running_reactor()
+    return crochet.run_in_reactor(func)(*args, **kwargs).wait(timeout)
+
+
+def describe_unpicklable(func: Callable, args: tuple, kwargs: dict) -> str:
+    """Name the part of a call that cloudpickle refuses."""
+    parts = [("the function", func)]
+    parts += [(f"argument {i}", a) for i, a in enumerate(args)]
+    parts += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+    for label, obj in parts:
+        try:
+            cloudpickle.dumps(obj)
+        except Exception as e:
+            return f"{label} ({type(obj).__name__} {_short_repr(obj)}) cannot be pickled: {e}"
+    return "the call cannot be pickled"
+
+
+def _short_repr(obj: Any) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        text = object.__repr__(obj)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def pickle_call(jobid: Any, func: Callable, args: tuple, kwargs: dict) -> bytes:
+    """The job payload for C{func(*args, **kwargs)}, or L{SubmitError}."""
+    if not callable(func):
+        raise SubmitError(f"job {jobid!r}: {_short_repr(func)} is not callable")
+    try:
+        return cloudpickle.dumps((func, args, kwargs))
+    except Exception as e:
+        raise SubmitError(f"job {jobid!r} cannot be sent: {describe_unpicklable(func, args, kwargs)}") from e
+
+
+def client_context() -> dict:
+    """The working directory and sys.path that this client's jobs run with."""
+    cwd = os.getcwd()
+    path = [os.path.abspath(p) if p else cwd for p in sys.path]
+    return {"cwd": cwd, "path": list(dict.fromkeys(path))}
+
+
+class ClientProtocol(amp.AMP):
+    """A client's connection to the master."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self.session = session
+        self.lost = defer.Deferred()
+
+    @P.JobResults.responder
+    def job_results(self, results):
+        self.session.results_arrived(results)
+        return {}
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.session.connection_lost(self, reason)
+        self.lost.callback(None)
+
+
+class Session:
+    """
+    One registered connection to a master, usable from any non-reactor
+    thread.  C{on_results(list)} and C{on_lost(exc)} are called in the
+    reactor thread and must not block.
+    """
+
+    def __init__(
+        self,
+        host: str | None,
+        port: int | None,
+        on_results: Callable[[list[P.Result]], None],
+        on_lost: Callable[[Exception], None],
+        connect_timeout: float | None = None,
+    ) -> None:
+        self.reactor = running_reactor()
+        self.address = client_description(host, port)
+        self.on_results = on_results
+        self.on_lost = on_lost
+        self.proto: ClientProtocol | None = None
+        self.client_id = 0
+        self.closing = False
+        self._lock = threading.Lock()
+        self._pending: list[P.Job] = []
+        self._flush_scheduled = False
+        timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
+        call_in_reactor(self._connect, timeout, timeout=timeout + 30)
+
+    @defer.inlineCallbacks
+    def _connect(self, timeout: float):
+        endpoint = client_endpoint(self.reactor, self.address)
+        factory = Factory.forProtocol(lambda: ClientProtocol(self))
+        deadline = self.reactor.seconds() + timeout
+        delay = 0.05
+        while True:
+            try:
+                proto = yield endpoint.connect(factory)
+                break
+            except Exception as e:
+                left = deadline - self.reactor.seconds()
+                if left <= 0:
+                    raise MasterUnavailable(
+                        f"no cw master answers at {self.address} ({e.__class__.__name__}:"
+                        f" {e}); start one with 'twistd -n cw-master' or cw.start(),"
+                        " or pass the master's host"
+                    ) from None
+                yield task.deferLater(self.reactor, min(delay, left), lambda: None)
+                delay = min(delay * 2, 1.0)
+        try:
+            answer = yield proto.callRemote(
+                P.RegisterClient,
+                version=P.PROTOCOL_VERSION,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                context=client_context(),
+            )
+        except Exception as e:
+            proto.transport.loseConnection()
+            raise MasterUnavailable(f"the cw master at {self.address} refused this client: {e}") from None
+        self.proto = proto
+        self.client_id = answer["client_id"]
+
+    def results_arrived(self, results: list[P.Result]) -> None:
+        self.on_results(results)
+
+    def connection_lost(self, proto: ClientProtocol, reason) -> None:
+        if proto is not self.proto:
+            return
+        self.proto = None
+        if not self.closing:
+            self.on_lost(
+                MasterUnavailable(
+                    f"lost the connection to the cw master at {self.address}: {reason.getErrorMessage()}"
+                )
+            )
+
+    def send(self, job: P.Job) -> None:
+        """Queue a job for the master; jobs sent in a burst share boxes."""
+        if self.proto is None:
+            raise MasterUnavailable(f"not connected to the cw master at {self.address}")
+        with self._lock:
+            self._pending.append(job)
+            wake = not self._flush_scheduled
+            self._flush_scheduled = True
+        if wake:
+            self.reactor.callFromThread(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            jobs, self._pending = self._pending, []
+            self._flush_scheduled = False
+        if self.proto is None:
+            return
+        for batch in P.batches(jobs, P.job_size):
+            self.proto.callRemote(P.SubmitJobs, jobs=batch)
+
+    def call(self, command, timeout: float = 30, **kwargs) -> dict:
+        """Call an answered command on the master and wait for the answer."""
+
+        def go():
+            if self.proto is None:
+                raise MasterUnavailable(f"not connected to the cw master at {self.address}")
+            return self.proto.callRemote(command, **kwargs)
+
+        return call_in_reactor(go, timeout=timeout)
+
+    def close(self, timeout: float = 10) -> None:
+        """Flush pending jobs and close the connection."""
+
+        def go():
+            self.closing = True
+            self._flush()
+            if self.proto is None:
+                return None
+            lost = self.proto.lost
+            self.proto.transport.loseConnection()
+            return lost
+
+        if not self.closing:
+            call_in_reactor(go, timeout=timeout)
+
+
+class _Jobs:
+    """
+    The jobs a client has in flight, by sequence number, and the thread that
+    delivers their results.  Shared by L{ClientThread} and
+    L{ClusterExecutor}.
+    """
+
+    def __init__(self) -> None:
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.entries: dict[int, Any] = {}
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        self._seq = itertools.count(1)
+
+    def add(self, entry: Any) -> int:
+        seq = next(self._seq)
+        with self.lock:
+            self.entries[seq] = entry
+        return seq
+
+    def forget(self, seq: int) -> None:
+        with self.lock:
+            self.entries.pop(seq, None)
+            if not self.entries:
+                self.idle.notify_all()
+
+    def take(self, seq: int) -> Any:
+        with self.lock:
+            return self.entries.get(seq)
+
+    def done(self, seq: int) -> None:
+        self.forget(seq)
+
+    def outstanding(self) -> int:
+        with self.lock:
+            return len(self.entries)
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        with self.lock:
+            return self.idle.wait_for(lambda: not self.entries, timeout)
+
+
+def decode_result(jobid: Any, result: P.Result) -> tuple[bool, Any]:
+    """C{(True, value)} for a success, C{(False, exception)} for a failure."""
+    if result.status == P.Outcome.OK:
+        try:
+            return True, cloudpickle.loads(result.payload)
+        except Exception as e:
+            return False, RemoteException(
+                jobid,
+                {
+                    "type": type(e).__name__,
+                    "message": f"the job's result could not be unpickled in the client: {e}",
+                },
+            )
+    report = P.read_error_report(result.payload)
+    cls = JobCrashed if result.status == P.Outcome.CRASHED else RemoteException
+    return False, cls(jobid, report)
+
+
+class ClientThread(threading.Thread):
+    """
+    Submit jobs and get C{callback(jobid, result)} for each success.
+
+    Use as a context manager (enter starts, exit waits) or call C{start()},
+    C{submit(...)} and C{wait()}.  Callbacks run in this thread, one at a
+    time.  A failed job is not given to the callback: C{wait()} raises it as
+    L{RemoteException} once every job has finished.
+
+    @param host: the master (a host name, C{HOST:PORT} or an endpoint
+        description); default: the SLURM master when SLURM is in use, else
+        C{localhost}.
+    """
+
+    def __init__(
+        self,
+        callback: Callable[[Any, Any], Any] | None = None,
+        host: str | None = None,
+        port: int = P.PORT,
+        connect_timeout: float | None = None,
+    ) -> None:
+        super().__init__(name="cw-client", daemon=True)
+        self.callback = callback
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.session: Session | None = None
+        self._jobs = _Jobs()
+        self._failures: list[BaseException] = []
+        self._start_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Connect to the master (raising L{MasterUnavailable}) and start."""
+        with self._start_lock:
+            if self.session is not None:
+                return
+            self.session = Session(
+                _default_host(self.host),
+                self.port,
+                self._jobs.inbox.put,
+                self._jobs.inbox.put,
+                self.connect_timeout,
+            )
+            super().start()
+
+    def submit(self, jobid: Any, func: Callable, *args: Any, **kwargs: Any) -> None:
+        """Queue C{func(*args, **kwargs)} under C{jobid}; returns at once."""
+        payload = pickle_call(jobid, func, args, kwargs)
+        if self.session is None:
+            self.start()
+        seq = self._jobs.add(jobid)
+        try:
+            self.session.send(P.Job(0, seq, payload))
+        except BaseException:
+            self._jobs.forget(seq)
+            raise
+
+    def run(self) -> None:
+        inbox = self._jobs.inbox
+        while True:
+            item = inbox.get()
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                self._fail_all(item)
+                continue
+            for result in item:
+                jobid = self._jobs.take(result.seq)
+                if jobid is None:
+                    continue
+                ok, value = decode_result(jobid, result)
+                if ok and self.callback is not None:
+                    try:
+                        self.callback(jobid, value)
+                    except BaseException as e:
+                        log.failure("callback for job {jobid!r} raised", jobid=jobid)
+                        self._failures.append(e)
+                elif not ok:
+                    self._failures.append(value)
+                self._jobs.done(result.seq)
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self._jobs.lock:
+            if self._jobs.entries:
+                self._failures.append(exc)
+            self._jobs.entries.clear()
+            self._jobs.idle.notify_all()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """
+        Block until every submitted job has finished and its callback ran.
+        Raise the first failure (L{RemoteException}, L{MasterUnavailable} or
+        an exception from the callback); the others are logged.
+        """
+        if not self._jobs.wait_idle(timeout):
+            raise TimeoutError(f"{self._jobs.outstanding()} jobs still running after {timeout} s")
+        if self._failures:
+            first, rest = self._failures[0], self._failures[1:]
+            self._failures = []
+            if rest:
+                log.warn("{n} more jobs failed besides {first}", n=len(rest), first=first)
+            raise first
+
+    def close(self) -> None:
+        """Disconnect from the master and stop this thread."""
+        if self.session is not None:
+            self.session.close()
+            self._jobs.inbox.put(None)
+
+    def __enter__(self) -> ClientThread:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self.close()
+
+
+class ClusterExecutor(futures.Executor):
+    """
+    A L{concurrent.futures.Executor} whose jobs run on a cw cluster.
+
+    Connects at construction (raising L{MasterUnavailable} if no master
+    answers).  A future of a failed job raises L{RemoteException}; if the
+    master connection is lost, every pending future raises
+    L{MasterUnavailable}.
+    """
+
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int = P.PORT,
+        connect_timeout: float | None = None,
+    ) -> None:
+        self._jobs = _Jobs()
+        self._shutdown = False
+        self._shutdown_lock = threading.Lock()
+        self.session = Session(
+            _default_host(host), port, self._jobs.inbox.put, self._jobs.inbox.put, connect_timeout
+        )
+        self._thread = threading.Thread(target=self._deliver, name="cw-executor", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> futures.Future:
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit to a ClusterExecutor after shutdown")
+            future: futures.Future = futures.Future()
+            seq = self._jobs.add(future)
+            try:
+                payload = pickle_call(f"#{seq}", fn, args, kwargs)
+                self.session.send(P.Job(0, seq, payload))
+            except BaseException:
+                self._jobs.forget(seq)
+                raise
+        return future
+
+    def _deliver(self) -> None:
+        inbox = self._jobs.inbox
+        while True:
+            item = inbox.get()
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                with self._jobs.lock:
+                    pending = list(self._jobs.entries.values())
+                for future in pending:
+                    if future.set_running_or_notify_cancel():
+                        future.set_exception(item)
+                with self._jobs.lock:
+                    self._jobs.entries.clear()
+                    self._jobs.idle.notify_all()
+                continue
+            for result in item:
+                future = self._jobs.take(result.seq)
+                if future is None:
+                    continue
+                if future.set_running_or_notify_cancel():
+                    ok, value = decode_result(f"#{result.seq}", result)
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+                self._jobs.done(result.seq)
+
+    def status(self) -> dict:
+        """The master's status snapshot (workers, queue, counts)."""
+        return self.session.call(P.GetStatus)["status"]
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            if self._shutdown:
+                return
+            self._shutdown = True
+        if cancel_futures:
+            with self._jobs.lock:
+                pending = list(self._jobs.entries.values())
+            for future in pending:
+                future.cancel()
+        if wait:
+            with self._jobs.lock:
+                pending = [f for f in self._jobs.entries.values() if not f.cancelled()]
+            futures.wait(pending)
+        self.session.close()
+        self._jobs.inbox.put(None)
+        if wait:
+            self._thread.join()
+
+
+def _default_host(host: str | None) -> str | None:
+    """
+    The master to use when none is given: C{CW_MASTER} from the
+    environment, else the SLURM master when SLURM is in use, else
+    C{localhost}.
+    """
+    if host:
+        return host
+    env = os.environ.get("CW_MASTER")
+    if env:
+        return env
+    from cw import cluster
+
+    if cluster.backend() == "slurm":
+        from cw import slurm
+
+        return slurm.master_host()
+    return "localhost"
+
+
+def wait_for_workers(count: int, host: str | None = None, port: int = P.PORT, timeout: float = 60) -> int:
+    """Block until the master has at least C{count} workers; return how many."""
+    session = Session(_default_host(host), port, lambda r: None, lambda e: None)
+    try:
+        started = time.monotonic()
+        try:
+            return session.call(P.AwaitWorkers, timeout=timeout, count=count)["workers"]
+        except Exception as e:
+            if time.monotonic() - started >= timeout:
+                raise TimeoutError(
+                    f"the cw master at {session.address} did not get {count} workers within {timeout} s"
+                ) from None
+            raise e
+    finally:
+        session.close()

@@ -1,0 +1,394 @@
+"""
+The master: routes jobs from clients to workers and results back.
+
+L{Master} owns one L{Scheduler} and the live connections; every connection is
+a L{MasterProtocol}, an AMP adapter that turns commands into scheduler events
+and carries out the scheduler's decisions.  Payloads are passed along as
+opaque bytes: the master never unpickles anything a peer sends.
+
+Run it with C{twistd -n cw-master [--port ENDPOINT]} or
+C{python -m cw.master [--port ENDPOINT]}.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python import usage
+
+from cw import protocol as P
+from cw.address import describe_listening, server_endpoint
+from cw.batching import Outbox
+from cw.scheduler import Scheduler
+
+log = Logger()
+
+
+class MasterProtocol(amp.AMP):
+    """
+    One connection to the master, from a client or a worker.  Which it is
+    becomes known with its first command (L{P.RegisterClient} or
+    L{P.RegisterWorker}); other commands before that close the connection.
+    """
+
+    def __init__(self, master: Master) -> None:
+        super().__init__()
+        self.master = master
+        self.role: str | None = None
+        self.peer_id = 0
+        self.peer_name = "?"
+        self.outbox: Outbox | None = None
+        #: Clients whose context this worker has been sent.
+        self.contexts_sent: set[int] = set()
+
+    def _describe(self) -> str:
+        peer = self.transport.getPeer() if self.transport else None
+        return getattr(peer, "host", None) or str(peer)
+
+    def _check_version(self, version: int) -> None:
+        if version != P.PROTOCOL_VERSION:
+            raise P.VersionMismatch(
+                f"master speaks cw protocol {P.PROTOCOL_VERSION}, peer speaks"
+                f" {version}: install the same cw version everywhere"
+            )
+
+    def _require(self, role: str) -> bool:
+        if self.role == role:
+            return True
+        log.warn(
+            "Closing connection from {peer}: it sent a {role} command before registering as a {role}",
+            peer=self._describe(),
+            role=role,
+        )
+        self.transport.loseConnection()
+        return False
+
+    @P.RegisterClient.responder
+    def register_client(self, version, host, pid, context):
+        self._check_version(version)
+        if self.role is not None:
+            raise amp.ProtocolSwitched("already registered")
+        self.role = "client"
+        self.peer_name = f"{host}:{pid}"
+        self.peer_id = self.master.client_joined(self, context)
+        return {"client_id": self.peer_id}
+
+    @P.SubmitJobs.responder
+    def submit_jobs(self, jobs):
+        if self._require("client"):
+            self.master.submit(self.peer_id, jobs)
+        return {}
+
+    @P.RegisterWorker.responder
+    def register_worker(self, version, host, pid, slots):
+        self._check_version(version)
+        if self.role is not None:
+            raise amp.ProtocolSwitched("already registered")
+        self.role = "worker"
+        self.peer_name = f"{host}:{pid}"
+        self.peer_id = self.master.worker_joined(self, slots)
+        return {"worker_id": self.peer_id}
+
+    @P.JobResults.responder
+    def job_results(self, results):
+        if self._require("worker"):
+            self.master.results(self.peer_id, results)
+        return {}
+
+    @P.GetStatus.responder
+    def get_status(self):
+        return {"status": self.master.status()}
+
+    @P.AwaitWorkers.responder
+    def await_workers(self, count):
+        return self.master.await_workers(count).addCallback(lambda n: {"workers": n})
+
+    # -- sending ---------------------------------------------------------
+
+    def send_jobs(self, jobs: list[P.Job]) -> None:
+        """Send jobs to this worker, preceded by any client context it lacks."""
+        for job in jobs:
+            if job.client not in self.contexts_sent:
+                self.contexts_sent.add(job.client)
+                self.callRemote(
+                    P.ClientContext,
+                    client=job.client,
+                    context=self.master.contexts[job.client],
+                )
+        for batch in P.batches(jobs, P.job_size):
+            self.callRemote(P.RunJobs, jobs=batch)
+
+    def send_results(self, results: list[P.Result]) -> None:
+        """Queue results for this client; they leave on the reactor's next turn."""
+        if self.outbox is None:
+            self.outbox = Outbox(
+                self.master.clock,
+                lambda batch: self.callRemote(P.JobResults, results=batch),
+                P.result_size,
+            )
+        self.outbox.extend(results)
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        if self.outbox is not None:
+            self.outbox.discard()
+        if self.role == "client":
+            self.master.client_left(self)
+        elif self.role == "worker":
+            self.master.worker_left(self)
+
+
+class MasterFactory(ServerFactory):
+    def __init__(self, master: Master) -> None:
+        self.master = master
+
+    def buildProtocol(self, addr):
+        return MasterProtocol(self.master)
+
+
+class Master:
+    """
+    The master's state: a L{Scheduler} plus the connections it routes
+    between.  Independent of how it listens, so tests run it in-process.
+    """
+
+    def __init__(self, clock=None, prefetch: int = 1) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.scheduler = Scheduler(prefetch=prefetch)
+        self.clients: dict[int, MasterProtocol] = {}
+        self.workers: dict[int, MasterProtocol] = {}
+        self.contexts: dict[int, dict] = {}
+        self.started = time.time()
+        self._dispatch_call = None
+        self._worker_waiters: list[tuple[int, defer.Deferred]] = []
+
+    # -- events from connections -----------------------------------------
+
+    def client_joined(self, proto: MasterProtocol, context: dict) -> int:
+        cid = self.scheduler.add_client()
+        self.clients[cid] = proto
+        self.contexts[cid] = context
+        log.info("Client {cid} connected from {peer}", cid=cid, peer=proto.peer_name)
+        return cid
+
+    def client_left(self, proto: MasterProtocol) -> None:
+        cid = proto.peer_id
+        self.clients.pop(cid, None)
+        self.contexts.pop(cid, None)
+        dropped = self.scheduler.remove_client(cid)
+        for worker in self.workers.values():
+            worker.contexts_sent.discard(cid)
+        log.info(
+            "Client {cid} ({peer}) disconnected; dropped {n} queued jobs",
+            cid=cid,
+            peer=proto.peer_name,
+            n=dropped,
+        )
+
+    def worker_joined(self, proto: MasterProtocol, slots: int) -> int:
+        wid = self.scheduler.add_worker(slots)
+        self.workers[wid] = proto
+        log.info(
+            "Worker {wid} joined from {peer} with {slots} slots ({n} workers)",
+            wid=wid,
+            peer=proto.peer_name,
+            slots=slots,
+            n=len(self.workers),
+        )
+        self._wake_worker_waiters()
+        self.schedule_dispatch()
+        return wid
+
+    def worker_left(self, proto: MasterProtocol) -> None:
+        wid = proto.peer_id
+        self.workers.pop(wid, None)
+        requeued = self.scheduler.remove_worker(wid)
+        log.info(
+            "Worker {wid} ({peer}) left; {n} of its jobs requeued ({left} workers)",
+            wid=wid,
+            peer=proto.peer_name,
+            n=len(requeued),
+            left=len(self.workers),
+        )
+        self.schedule_dispatch()
+
+    def submit(self, client: int, jobs: list[P.Job]) -> None:
+        self.scheduler.submit(client, jobs)
+        self.schedule_dispatch()
+
+    def results(self, worker: int, results: list[P.Result]) -> None:
+        by_client: dict[int, list[P.Result]] = {}
+        for result in self.scheduler.complete(worker, results):
+            by_client.setdefault(result.client, []).append(result)
+        for cid, batch in by_client.items():
+            self.clients[cid].send_results(batch)
+        self.schedule_dispatch()
+
+    # -- dispatch --------------------------------------------------------
+
+    def schedule_dispatch(self) -> None:
+        """Dispatch on the reactor's next turn, once for a burst of events."""
+        if self._dispatch_call is None:
+            self._dispatch_call = self.clock.callLater(0, self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_call = None
+        for wid, jobs in self.scheduler.dispatch():
+            self.workers[wid].send_jobs(jobs)
+
+    # -- inspection ------------------------------------------------------
+
+    def await_workers(self, count: int) -> defer.Deferred:
+        """A Deferred firing with the number of workers once it is >= count."""
+        d = defer.Deferred()
+        self._worker_waiters.append((count, d))
+        self._wake_worker_waiters()
+        return d
+
+    def _wake_worker_waiters(self) -> None:
+        n = len(self.workers)
+        waiting = []
+        for count, d in self._worker_waiters:
+            if n >= count:
+                d.callback(n)
+            else:
+                waiting.append((count, d))
+        self._worker_waiters = waiting
+
+    def status(self) -> dict:
+        """A JSON-ready snapshot of the master's state."""
+        s = self.scheduler
+        return {
+            "uptime": time.time() - self.started,
+            "queued": s.queued,
+            "completed": s.completed,
+            "workers": [
+                {
+                    "id": w.id,
+                    "peer": self.workers[w.id].peer_name,
+                    "slots": w.slots,
+                    "held": len(w.held),
+                    "completed": w.completed,
+                }
+                for w in s.workers()
+            ],
+            "clients": [
+                {
+                    "id": c.id,
+                    "peer": self.clients[c.id].peer_name,
+                    "queued": c.queued,
+                    "running": c.running,
+                    "submitted": c.submitted,
+                    "completed": c.completed,
+                }
+                for c in s.clients()
+            ],
+        }
+
+    def disconnect_all(self) -> None:
+        for proto in [*self.clients.values(), *self.workers.values()]:
+            proto.transport.loseConnection()
+
+
+class MasterService(service.Service):
+    """
+    Listen on an endpoint and run a L{Master} behind it.
+
+    @param listen: endpoint description (default C{tcp:5494}).
+    @param address_file: if given, the address clients should use is written
+        there (atomically) once the master listens; removed on stop.
+    """
+
+    name = "cw-master"
+
+    def __init__(self, listen: str | None = None, prefetch: int = 1, address_file: str | None = None) -> None:
+        self.listen = listen
+        self.address_file = address_file
+        self.master = Master(prefetch=prefetch)
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        from twisted.internet import reactor
+
+        endpoint = server_endpoint(reactor, self.listen)
+        d = endpoint.listen(MasterFactory(self.master))
+        d.addCallback(self._listening)
+        d.addErrback(self._failed)
+        return d
+
+    def _listening(self, port):
+        self.port = port
+        address = describe_listening(port)
+        log.info("cw master listening on {address}", address=address)
+        if self.address_file:
+            tmp = f"{self.address_file}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(address + "\n")
+            os.replace(tmp, self.address_file)
+
+    def _failed(self, failure):
+        log.failure("cw master could not listen on {listen}", failure, listen=self.listen)
+        from twisted.internet import reactor
+
+        if reactor.running:
+            reactor.stop()
+
+    def stopService(self):
+        super().stopService()
+        if self.address_file:
+            try:
+                os.unlink(self.address_file)
+            except FileNotFoundError:
+                pass
+        self.master.disconnect_all()
+        if self.port is not None:
+            return self.port.stopListening()
+
+
+class Options(usage.Options):
+    synopsis = "[--port ENDPOINT] [--prefetch N] [--address-file PATH]"
+    longdesc = (
+        "Run a cw master: it queues jobs from clients and routes them to"
+        " workers.  ENDPOINT is a Twisted endpoint description such as"
+        " tcp:5494 (the default), tcp:5494:interface=127.0.0.1 or"
+        " unix:/path/to/socket."
+    )
+    optParameters = [
+        ["port", "p", None, "endpoint to listen on (default tcp:5494)"],
+        ["prefetch", None, 1, "extra jobs a worker may hold per slot", int],
+        ["address-file", None, None, "write the master's address here once listening"],
+    ]
+
+
+def makeService(options: Options) -> MasterService:
+    return MasterService(
+        listen=options["port"],
+        prefetch=options["prefetch"],
+        address_file=options["address-file"],
+    )
+
+
+def run_twistd(tapname: str, argv: list[str]) -> None:
+    """Run C{twistd -n TAPNAME ARGV...} in this process (no pidfile)."""
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "--nodaemon", "--pidfile=", tapname, *argv]
+    run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_twistd("cw-master", sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()
