@@ -14,12 +14,19 @@ from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndp
 
 from cw.protocol import PORT
 
-#: Endpoint types a master address may start with.
-ENDPOINT_PREFIXES = ("tcp:", "tcp6:", "unix:", "ssl:", "tls:", "systemd:")
+#: Endpoint types a client may name a master with.
+CLIENT_PREFIXES = ("tcp:", "unix:", "ssl:", "tls:")
 
 
 def is_endpoint(address: str) -> bool:
-    return address.startswith(ENDPOINT_PREFIXES)
+    return address.startswith(CLIENT_PREFIXES)
+
+
+def _bad(host: str) -> ValueError:
+    return ValueError(
+        f"bad master address {host!r}: expected HOST, HOST:PORT, [IPv6]:PORT or an"
+        " endpoint description such as tcp:HOST:PORT or unix:PATH"
+    )
 
 
 def client_description(host: str | None = None, port: int | None = None) -> str:
@@ -31,17 +38,20 @@ def client_description(host: str | None = None, port: int | None = None) -> str:
     if is_endpoint(host):
         return host
     if host.startswith("["):
-        bracket = host.index("]")
-        name, rest = host[1:bracket], host[bracket + 1 :]
-        if rest.startswith(":"):
+        name, bracket, rest = host[1:].partition("]")
+        if not bracket or not name or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            raise _bad(host)
+        if rest:
             port = int(rest[1:])
-        return "tcp6:host=%s:port=%d" % (name.replace(":", r"\:"), port or PORT)
-    if host.count(":") == 1:
+        host = name
+    elif host.count(":") == 1:
         name, _, port_text = host.partition(":")
-        if not port_text.isdigit():
-            raise ValueError(f"bad master address {host!r}: expected HOST[:PORT]")
+        if not name or not port_text.isdigit():
+            raise _bad(host)
         host, port = name, int(port_text)
-    return "tcp:host=%s:port=%d" % (host, port or PORT)
+    if port is None:
+        port = PORT
+    return "tcp:host=%s:port=%d" % (host.replace(":", r"\:"), port)
 
 
 def client_endpoint(reactor, host: str | None = None, port: int | None = None) -> IStreamClientEndpoint:
@@ -74,7 +84,7 @@ def describe_listening(port) -> str:
         elif name == "::":
             name = "::1"
         if ":" in name:
-            return "tcp6:host=%s:port=%d" % (name.replace(":", r"\:"), host.port)
+            return "tcp:host=%s:port=%d" % (name.replace(":", r"\:"), host.port)
         return "tcp:host=%s:port=%d" % (name, host.port)
     name = getattr(host, "name", None)
     if name is not None:

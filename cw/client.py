@@ -560,6 +560,15 @@ def _default_host(host: str | None) -> str | None:
     return "localhost"
 
 
+def master_status(host: str | None = None, port: int = P.PORT, timeout: float = 30) -> dict:
+    """The status snapshot of the master at C{host} (see L{cw.master.Master.status})."""
+    session = Session(_default_host(host), port, lambda r: None, lambda e: None, timeout)
+    try:
+        return session.call(P.GetStatus, timeout=timeout)["status"]
+    finally:
+        session.close()
+
+
 def wait_for_workers(count: int, host: str | None = None, port: int = P.PORT, timeout: float = 60) -> int:
     """Block until the master has at least C{count} workers; return how many."""
     session = Session(_default_host(host), port, lambda r: None, lambda e: None)

@@ -141,6 +141,8 @@ def encode_jobs(jobs: Iterable[Job]) -> bytes:
     """Frame L{Job} records into one byte string."""
     parts = []
     for job in jobs:
+        if len(job.options) > 0xFFFF:
+            raise ValueError(f"job {job.seq}: options exceed 65,535 bytes")
         parts.append(_JOB.pack(job.client, job.seq, len(job.options), len(job.payload)))
         parts.append(job.options)
         parts.append(job.payload)

@@ -20,7 +20,7 @@ import socket
 import sys
 from collections import deque
 
-from ampoule import main
+from ampoule import main as ampoule_main
 from twisted.application import service
 from twisted.application.internet import ClientService
 from twisted.internet import error
@@ -191,7 +191,7 @@ class Worker:
             self.proto.callRemote(P.JobResults, results=batch)
 
 
-class JobConnector(main.AMPConnector):
+class JobConnector(ampoule_main.AMPConnector):
     """Log what a job process prints as info lines, not as errors."""
 
     def errReceived(self, data):
@@ -199,7 +199,7 @@ class JobConnector(main.AMPConnector):
             log.info("job process {n}: {line}", n=self.name, line=line)
 
 
-class JobStarter(main.ProcessStarter):
+class JobStarter(ampoule_main.ProcessStarter):
     """
     Starts job processes quietly (Twisted logs at warning level, so a job's
     own output stands out) and without spelling the environment into the
@@ -209,7 +209,7 @@ class JobStarter(main.ProcessStarter):
     connectorFactory = JobConnector
 
     def __init__(self, env: dict[str, str]) -> None:
-        bootstrap = main.BOOTSTRAP.replace("LogLevel.info", "LogLevel.warn")
+        bootstrap = ampoule_main.BOOTSTRAP.replace("LogLevel.info", "LogLevel.warn")
         super().__init__(bootstrap=bootstrap, env=env)
 
     def __repr__(self) -> str:

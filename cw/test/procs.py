@@ -1,0 +1,203 @@
+"""
+Helpers for tests that run real cw processes.
+
+Every process is started in its own session (so its job processes share
+its process group), tracked by its L{subprocess.Popen} object, and stopped
+by PID in the test's cleanup, whether the test passed or not.  Every wait
+has a deadline.  The helpers block, so tests call them from a thread
+(C{deferToThread}) while trial's reactor runs in the main thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cw
+
+#: The directory that holds the C{cw} package under test (and, next to it,
+#: C{twisted/plugins}); put first on the children's PYTHONPATH so that they
+#: run this very code.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cw.__file__)))
+
+#: How to run the real twistd script of this Python environment.
+_script = os.path.join(os.path.dirname(sys.executable), "twistd")
+TWISTD = (
+    [sys.executable, _script]
+    if os.path.exists(_script)
+    else [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+)
+
+#: Upper bound for any single wait in these helpers, in seconds.
+DEADLINE = 60
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["CW_BACKEND"] = "local"
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for APIs that need a number)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = DEADLINE, what: str = "condition"):
+    """Poll C{predicate} with backoff until it returns a true value."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def stop_process(popen: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM, then after C{timeout} SIGKILL to the whole process group."""
+    if popen.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    popen.wait(timeout)
+
+
+def process_exists(pid: int) -> bool:
+    """True if C{pid} is a live (not zombie) process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live PIDs whose process group is C{pgid}."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+class Processes:
+    """
+    A master and workers run as real C{twistd} processes for one test.
+
+    @param testcase: cleanups are registered on it.
+    @param directory: where logs and the address file go.
+    """
+
+    def __init__(self, testcase, directory: str) -> None:
+        self.testcase = testcase
+        self.directory = Path(directory).absolute()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.address: str | None = None
+        self.master: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self._count = 0
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = self.directory / f"{name}.log"
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(
+                [*TWISTD, "--nodaemon", "--pidfile=", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_env(),
+                cwd=str(self.directory),
+                start_new_session=True,
+            )
+        popen.log = log
+        self.testcase.addCleanup(stop_process, popen)
+        return popen
+
+    def log_tail(self, popen: subprocess.Popen, lines: int = 30) -> str:
+        text = Path(popen.log).read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def start_master(self, *options: str) -> str:
+        address_file = self.directory / "master.address"
+        self.master = self.spawn(
+            "master",
+            [
+                "cw-master",
+                "--port",
+                "tcp:0:interface=127.0.0.1",
+                "--address-file",
+                str(address_file),
+                *options,
+            ],
+        )
+
+        def listening():
+            if self.master.poll() is not None:
+                raise AssertionError("master exited:\n" + self.log_tail(self.master))
+            return address_file.exists() and address_file.read_text().strip()
+
+        self.address = wait_until(listening, what="the master to listen")
+        return self.address
+
+    def start_worker(self, procs: int = 1, wait: bool = True, *options: str) -> subprocess.Popen:
+        from cw.client import wait_for_workers
+
+        self._count += 1
+        before = len(self.workers) if wait else 0
+        popen = self.spawn(
+            f"worker-{self._count}",
+            ["cw-worker", "--master", self.address, "--procs", str(procs), *options],
+        )
+        self.workers.append(popen)
+        if wait:
+            deadline = time.monotonic() + DEADLINE
+            while True:
+                if popen.poll() is not None:
+                    raise AssertionError(f"worker exited; its log:\n{self.log_tail(popen)}")
+                try:
+                    wait_for_workers(before + 1, self.address, timeout=1)
+                    break
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(
+                            f"worker did not register; its log:\n{self.log_tail(popen)}"
+                        ) from None
+        return popen
+
+    def stop_worker(self, popen: subprocess.Popen) -> None:
+        """Stop a worker and wait until the master has noticed."""
+        from cw.client import master_status
+
+        stop_process(popen)
+        self.workers.remove(popen)
+        wait_until(
+            lambda: len(master_status(self.address)["workers"]) == len(self.workers),
+            what="the master to notice the worker left",
+        )

@@ -1,0 +1,247 @@
+"""
+End-to-end tests: a real C{twistd cw-master} and real C{twistd cw-worker}
+processes over TCP on loopback, driven by the blocking client APIs from a
+thread while trial's reactor runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import threading
+import time
+from concurrent.futures import as_completed
+
+from twisted.internet import threads
+from twisted.trial import unittest
+
+from cw.client import ClientThread, ClusterExecutor, RemoteException, SubmitError, master_status
+from cw.test.procs import Processes, wait_until
+
+
+def square(x):
+    return x * x
+
+
+def worker_pid(_=None):
+    """Which worker ran this job: the job process's parent is the worker."""
+    return os.getppid()
+
+
+def fail(message):
+    raise ValueError(message)
+
+
+def wait_for_file(path, timeout=60):
+    """Block (in a job) until C{path} exists; return the worker's pid."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.01)
+    return os.getppid()
+
+
+class EndToEndTests(unittest.TestCase):
+    """A master and workers as separate processes."""
+
+    timeout = 180
+
+    def setUp(self):
+        self.procs = Processes(self, self.mktemp())
+
+    def in_thread(self, func):
+        return threads.deferToThread(func)
+
+    def test_thousand_jobs_executor(self):
+        """1,000 jobs through ClusterExecutor come back right and in order."""
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(procs=2)
+            self.procs.start_worker(procs=1)
+            with ClusterExecutor(self.procs.address) as ex:
+                results = list(ex.map(square, range(1000)))
+                self.assertEqual(results, [x * x for x in range(1000)])
+                status = ex.status()
+            self.assertEqual(status["completed"], 1000)
+            self.assertEqual(status["queued"], 0)
+            self.assertEqual(sorted(w["slots"] for w in status["workers"]), [1, 2])
+
+        return self.in_thread(body)
+
+    def test_client_thread_callbacks(self):
+        """ClientThread calls back once per job with its id and result."""
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(procs=2)
+            got = {}
+            callback_threads = set()
+
+            def callback(jobid, result):
+                callback_threads.add(threading.current_thread().name)
+                self.assertNotIn(jobid, got)
+                got[jobid] = result
+
+            with ClientThread(callback, self.procs.address) as client:
+                for i in range(200):
+                    client.submit(("job", i), square, i)
+            self.assertEqual(got, {("job", i): i * i for i in range(200)})
+            self.assertEqual(callback_threads, {"cw-client"})
+
+        return self.in_thread(body)
+
+    def test_lambda_and_closure(self):
+        """Lambdas and closures over local state run remotely."""
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker()
+            offset = 1000
+            table = {"a": 1, "b": 2}
+
+            def closure(key):
+                return table[key] + offset
+
+            with ClusterExecutor(self.procs.address) as ex:
+                self.assertEqual(ex.submit(lambda x: x + 1, 41).result(60), 42)
+                self.assertEqual(list(ex.map(closure, ["a", "b"])), [1001, 1002])
+
+        return self.in_thread(body)
+
+    def test_exception_with_traceback(self):
+        """A job's exception comes back with its remote traceback and job id."""
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker()
+            with ClusterExecutor(self.procs.address) as ex:
+                error = ex.submit(fail, "boom 17").exception(60)
+            self.assertIsInstance(error, RemoteException)
+            self.assertEqual(error.type, "ValueError")
+            self.assertIn("boom 17", str(error))
+            self.assertIn("in fail", error.traceback)
+            self.assertIn("raise ValueError(message)", error.traceback)
+
+            got = []
+            client = ClientThread(lambda j, r: got.append(j), self.procs.address)
+            client.start()
+            client.submit("good", square, 3)
+            client.submit("bad", fail, "kaput")
+            with self.assertRaises(RemoteException) as caught:
+                client.wait(60)
+            client.close()
+            self.assertEqual(caught.exception.jobid, "bad")
+            self.assertIn("kaput", str(caught.exception))
+            self.assertEqual(got, ["good"])
+
+        return self.in_thread(body)
+
+    def test_cwd_and_sys_path(self):
+        """
+        A job runs in the client's working directory and imports modules
+        that exist only on the client's sys.path.
+        """
+        moddir = os.path.abspath(self.mktemp())
+        os.makedirs(moddir)
+        name = "cw_e2e_only_here_%d" % os.getpid()
+        marker = name + ".txt"
+        with open(os.path.join(moddir, name + ".py"), "w") as f:
+            f.write(f"import os\ndef where():\n    return os.getcwd(), open({marker!r}).read()\n")
+        with open(marker, "w") as f:
+            f.write("client side")
+        sys.path.insert(0, moddir)
+        self.addCleanup(sys.path.remove, moddir)
+        self.addCleanup(sys.modules.pop, name, None)
+        where = importlib.import_module(name).where
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker()
+            with ClusterExecutor(self.procs.address) as ex:
+                self.assertEqual(ex.submit(where).result(60), (os.getcwd(), "client side"))
+
+    def test_two_clients(self):
+        """Two clients at once each get only their own results."""
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(procs=2)
+            results = {}
+
+            def run(tag):
+                got = []
+                with ClientThread(lambda j, r: got.append((j, r)), self.procs.address) as c:
+                    for i in range(300):
+                        c.submit((tag, i), square, i)
+                results[tag] = got
+
+            threads_ = [threading.Thread(target=run, args=(t,)) for t in "AB"]
+            for t in threads_:
+                t.start()
+            for t in threads_:
+                t.join(120)
+            for tag in "AB":
+                self.assertEqual(sorted(results[tag]), [((tag, i), i * i) for i in range(300)])
+
+        return self.in_thread(body)
+
+    def test_worker_added_while_queued(self):
+        """A worker that joins while jobs are queued takes some of them."""
+        flag = os.path.abspath(self.mktemp())
+
+        def body():
+            self.procs.start_master()
+            first = self.procs.start_worker(procs=1)
+            with ClusterExecutor(self.procs.address) as ex:
+                fs = [ex.submit(wait_for_file, flag) for _ in range(10)]
+                wait_until(
+                    lambda: master_status(self.procs.address)["queued"] == 8,
+                    what="8 jobs queued behind the first worker's 2",
+                )
+                second = self.procs.start_worker(procs=1)
+                with open(flag, "w"):
+                    pass
+                pids = [f.result(60) for f in fs]
+            self.assertEqual(set(pids), {first.pid, second.pid})
+
+        return self.in_thread(body)
+
+    def test_worker_stopped_between_runs(self):
+        """Stopping a worker between two runs leaves the other to finish."""
+
+        def body():
+            self.procs.start_master()
+            first = self.procs.start_worker(procs=1)
+            second = self.procs.start_worker(procs=1)
+            with ClusterExecutor(self.procs.address) as ex:
+                self.assertEqual(list(ex.map(square, range(50))), [x * x for x in range(50)])
+            self.procs.stop_worker(first)
+            with ClusterExecutor(self.procs.address) as ex:
+                fs = [ex.submit(worker_pid) for _ in range(50)]
+                pids = {f.result(60) for f in as_completed(fs, 60)}
+            self.assertEqual(pids, {second.pid})
+
+        return self.in_thread(body)
+
+    def test_unpicklable_fails_at_submit(self):
+        """Submitting an unpicklable job raises in the caller, naming it."""
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker()
+            lock = threading.Lock()
+            with ClusterExecutor(self.procs.address) as ex:
+                with self.assertRaises(SubmitError) as caught:
+                    ex.submit(square, lock)
+                self.assertIn("argument 0", str(caught.exception))
+                self.assertIn("lock", str(caught.exception))
+                # The executor still works afterwards.
+                self.assertEqual(ex.submit(square, 5).result(60), 25)
+            with ClientThread(None, self.procs.address) as client:
+                with self.assertRaises(SubmitError):
+                    client.submit("x", lambda: lock)
+
+        return self.in_thread(body)

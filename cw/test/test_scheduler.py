@@ -1,0 +1,500 @@
+"""
+Tests for L{cw.scheduler}: the master's queue, slots and ownership rules.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from cw.protocol import Job, Outcome, Result
+from cw.scheduler import ClientState, Scheduler, UnknownPeer, WorkerState
+
+
+def make_jobs(first: int, last: int) -> list[Job]:
+    """Jobs with sequence numbers C{first} to C{last} inclusive, as a client sends them."""
+    return [Job(0, seq, b"payload %d" % seq) for seq in range(first, last + 1)]
+
+
+def result_for(job: Job, payload: bytes = b"value") -> Result:
+    """The successful result a worker reports for C{job}."""
+    return Result(job.client, job.seq, Outcome.OK, payload)
+
+
+def seqs(jobs) -> list[int]:
+    return [job.seq for job in jobs]
+
+
+def assigned(dispatched) -> dict[int, list[int]]:
+    """C{dispatch()}'s answer as C{{worker: [seq, ...]}}."""
+    return {worker: seqs(jobs) for worker, jobs in dispatched}
+
+
+class ConstructionTests(SynchronousTestCase):
+    """Arguments of L{Scheduler} and L{Scheduler.add_worker} are checked."""
+
+    def test_negative_prefetch_rejected(self):
+        self.assertRaises(ValueError, Scheduler, prefetch=-1)
+
+    def test_zero_prefetch_allowed(self):
+        scheduler = Scheduler(prefetch=0)
+        worker = scheduler.add_worker(2)
+        self.assertEqual(scheduler.worker(worker).capacity, 2)
+
+    def test_worker_without_slots_rejected(self):
+        scheduler = Scheduler()
+        self.assertRaises(ValueError, scheduler.add_worker, 0)
+        self.assertRaises(ValueError, scheduler.add_worker, -3)
+        self.assertEqual(scheduler.workers(), [])
+
+    def test_capacity_is_slots_plus_prefetch_per_slot(self):
+        scheduler = Scheduler(prefetch=2)
+        worker = scheduler.worker(scheduler.add_worker(3))
+        self.assertIsInstance(worker, WorkerState)
+        self.assertEqual((worker.slots, worker.prefetch, worker.capacity), (3, 6, 9))
+
+    def test_ids_are_never_reused(self):
+        scheduler = Scheduler()
+        first_client = scheduler.add_client()
+        scheduler.remove_client(first_client)
+        second_client = scheduler.add_client()
+        first_worker = scheduler.add_worker(1)
+        scheduler.remove_worker(first_worker)
+        second_worker = scheduler.add_worker(1)
+        self.assertNotEqual(first_client, second_client)
+        self.assertNotEqual(first_worker, second_worker)
+
+
+class UnknownPeerTests(SynchronousTestCase):
+    """Events naming a client or worker that is not registered raise L{UnknownPeer}."""
+
+    def setUp(self):
+        self.scheduler = Scheduler()
+
+    def test_is_a_key_error(self):
+        self.assertTrue(issubclass(UnknownPeer, KeyError))
+
+    def test_submit_from_unknown_client(self):
+        self.assertRaises(UnknownPeer, self.scheduler.submit, 7, make_jobs(1, 1))
+        self.assertEqual(self.scheduler.queued, 0)
+
+    def test_remove_unknown_client(self):
+        self.assertRaises(UnknownPeer, self.scheduler.remove_client, 7)
+
+    def test_remove_client_twice(self):
+        client = self.scheduler.add_client()
+        self.scheduler.remove_client(client)
+        self.assertRaises(UnknownPeer, self.scheduler.remove_client, client)
+        self.assertRaises(UnknownPeer, self.scheduler.client, client)
+
+    def test_remove_unknown_worker(self):
+        self.assertRaises(UnknownPeer, self.scheduler.remove_worker, 7)
+
+    def test_remove_worker_twice(self):
+        worker = self.scheduler.add_worker(1)
+        self.scheduler.remove_worker(worker)
+        self.assertRaises(UnknownPeer, self.scheduler.remove_worker, worker)
+        self.assertRaises(UnknownPeer, self.scheduler.worker, worker)
+
+    def test_results_from_unknown_worker(self):
+        self.assertRaises(UnknownPeer, self.scheduler.complete, 7, [])
+
+    def test_inspect_unknown(self):
+        self.assertRaises(UnknownPeer, self.scheduler.client, 1)
+        self.assertRaises(UnknownPeer, self.scheduler.worker, 1)
+
+
+class SubmitTests(SynchronousTestCase):
+    """L{Scheduler.submit} queues jobs and stamps them with their client."""
+
+    def test_client_field_is_set(self):
+        scheduler = Scheduler()
+        scheduler.add_client()
+        client = scheduler.add_client()
+        jobs = make_jobs(1, 3)
+        scheduler.submit(client, jobs)
+        self.assertEqual([job.client for job in jobs], [client] * 3)
+
+    def test_counters(self):
+        scheduler = Scheduler()
+        client = scheduler.add_client()
+        scheduler.submit(client, make_jobs(1, 3))
+        scheduler.submit(client, iter(make_jobs(4, 5)))
+        self.assertEqual(scheduler.queued, 5)
+        self.assertEqual(
+            scheduler.client(client), ClientState(client, queued=5, running=0, submitted=5, completed=0)
+        )
+
+    def test_nothing_to_dispatch_without_workers(self):
+        scheduler = Scheduler()
+        client = scheduler.add_client()
+        scheduler.submit(client, make_jobs(1, 3))
+        self.assertEqual(scheduler.dispatch(), [])
+        self.assertEqual(scheduler.queued, 3)
+
+    def test_nothing_to_dispatch_without_jobs(self):
+        scheduler = Scheduler()
+        scheduler.add_client()
+        scheduler.add_worker(4)
+        self.assertEqual(scheduler.dispatch(), [])
+
+
+class FIFOTests(SynchronousTestCase):
+    """Jobs leave the queue in the order they were submitted."""
+
+    def test_one_worker_takes_jobs_in_order(self):
+        scheduler = Scheduler(prefetch=0)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(4)
+        scheduler.submit(client, make_jobs(1, 10))
+        self.assertEqual(assigned(scheduler.dispatch()), {worker: [1, 2, 3, 4]})
+        scheduler.complete(worker, [Result(client, 2, Outcome.OK, b"")])
+        self.assertEqual(assigned(scheduler.dispatch()), {worker: [5]})
+
+    def test_earliest_jobs_leave_first_across_workers(self):
+        scheduler = Scheduler(prefetch=0)
+        client = scheduler.add_client()
+        workers = [scheduler.add_worker(1) for _ in range(3)]
+        scheduler.submit(client, make_jobs(1, 9))
+        taken = sorted(seq for _, jobs in scheduler.dispatch() for seq in seqs(jobs))
+        self.assertEqual(taken, [1, 2, 3])
+        for worker in workers:
+            scheduler.complete(worker, [result_for(job) for job in scheduler.worker(worker).held.values()])
+        taken = sorted(seq for _, jobs in scheduler.dispatch() for seq in seqs(jobs))
+        self.assertEqual(taken, [4, 5, 6])
+
+    def test_clients_share_one_queue(self):
+        scheduler = Scheduler(prefetch=0)
+        first = scheduler.add_client()
+        second = scheduler.add_client()
+        worker = scheduler.add_worker(3)
+        scheduler.submit(first, make_jobs(1, 2))
+        scheduler.submit(second, make_jobs(1, 2))
+        scheduler.submit(first, make_jobs(3, 3))
+        [(taker, jobs)] = scheduler.dispatch()
+        self.assertEqual(taker, worker)
+        self.assertEqual([job.key for job in jobs], [(first, 1), (first, 2), (second, 1)])
+
+
+class SlotTests(SynchronousTestCase):
+    """A worker holds at most C{slots + prefetch} jobs."""
+
+    def test_slots_without_prefetch(self):
+        scheduler = Scheduler(prefetch=0)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(2)
+        scheduler.submit(client, make_jobs(1, 5))
+        self.assertEqual(assigned(scheduler.dispatch()), {worker: [1, 2]})
+        self.assertEqual(scheduler.dispatch(), [])
+        self.assertEqual(scheduler.queued, 3)
+
+    def test_prefetch_per_slot(self):
+        scheduler = Scheduler(prefetch=1)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(2)
+        scheduler.submit(client, make_jobs(1, 10))
+        self.assertEqual(assigned(scheduler.dispatch()), {worker: [1, 2, 3, 4]})
+        self.assertEqual(len(scheduler.worker(worker).held), 4)
+        self.assertEqual(scheduler.queued, 6)
+
+    def test_completion_frees_room(self):
+        scheduler = Scheduler(prefetch=1)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(1, 5))
+        scheduler.dispatch()
+        self.assertEqual(scheduler.dispatch(), [])
+        scheduler.complete(worker, [Result(client, 1, Outcome.OK, b"")])
+        self.assertEqual(assigned(scheduler.dispatch()), {worker: [3]})
+
+    def test_held_jobs_in_assignment_order(self):
+        scheduler = Scheduler(prefetch=2)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(1, 3))
+        scheduler.dispatch()
+        self.assertEqual(seqs(scheduler.worker(worker).held.values()), [1, 2, 3])
+
+    def test_one_entry_per_worker(self):
+        scheduler = Scheduler(prefetch=3)
+        client = scheduler.add_client()
+        scheduler.add_worker(2)
+        scheduler.add_worker(2)
+        scheduler.submit(client, make_jobs(1, 20))
+        workers = [worker for worker, _ in scheduler.dispatch()]
+        self.assertEqual(sorted(workers), sorted(set(workers)))
+        self.assertEqual(len(workers), 2)
+
+
+class FreeSlotsFirstTests(SynchronousTestCase):
+    """Free slots on any worker are filled before any worker is given prefetched jobs."""
+
+    def test_short_queue_goes_to_slots(self):
+        scheduler = Scheduler(prefetch=1)
+        client = scheduler.add_client()
+        first = scheduler.add_worker(1)
+        second = scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(1, 2))
+        self.assertEqual(assigned(scheduler.dispatch()), {first: [1], second: [2]})
+
+    def test_slots_before_prefetch_in_one_dispatch(self):
+        scheduler = Scheduler(prefetch=1)
+        client = scheduler.add_client()
+        big = scheduler.add_worker(3)
+        small = scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(1, 4))
+        result = assigned(scheduler.dispatch())
+        self.assertEqual(len(result[big]), 3)
+        self.assertEqual(len(result[small]), 1)
+
+    def idle_worker_gets_job(self, extra_turns: int) -> None:
+        """
+        Worker A runs one job and has prefetch room, worker B is idle; the
+        next job goes to B whichever worker's turn it is to be served first.
+        """
+        scheduler = Scheduler(prefetch=1)
+        client = scheduler.add_client()
+        a = scheduler.add_worker(1)
+        b = scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(1, 4))
+        self.assertEqual(assigned(scheduler.dispatch()), {a: [1, 3], b: [2, 4]})
+        scheduler.submit(client, make_jobs(5, 5))
+        for _ in range(extra_turns):
+            # Everyone is full: nothing moves, but the turn passes.
+            self.assertEqual(scheduler.dispatch(), [])
+        scheduler.complete(a, [Result(client, 1, Outcome.OK, b"")])
+        scheduler.complete(b, [Result(client, 2, Outcome.OK, b""), Result(client, 4, Outcome.OK, b"")])
+        self.assertEqual(assigned(scheduler.dispatch()), {b: [5]})
+
+    def test_idle_worker_not_starved_by_prefetch(self):
+        self.idle_worker_gets_job(extra_turns=0)
+
+    def test_idle_worker_not_starved_by_prefetch_other_turn(self):
+        self.idle_worker_gets_job(extra_turns=1)
+
+    def test_idle_newcomer_gets_job_before_prefetch(self):
+        scheduler = Scheduler(prefetch=5)
+        client = scheduler.add_client()
+        busy = scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(1, 1))
+        scheduler.dispatch()
+        newcomer = scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(2, 2))
+        self.assertEqual(assigned(scheduler.dispatch()), {newcomer: [2]})
+        self.assertEqual(seqs(scheduler.worker(busy).held.values()), [1])
+
+
+class SpreadTests(SynchronousTestCase):
+    """Workers take turns, so load spreads evenly."""
+
+    def test_short_queue_spread_over_free_workers(self):
+        scheduler = Scheduler(prefetch=0)
+        client = scheduler.add_client()
+        workers = [scheduler.add_worker(4) for _ in range(3)]
+        scheduler.submit(client, make_jobs(1, 3))
+        result = assigned(scheduler.dispatch())
+        self.assertEqual(sorted(result), workers)
+        self.assertEqual([len(jobs) for jobs in result.values()], [1, 1, 1])
+
+    def test_single_jobs_rotate_between_idle_workers(self):
+        scheduler = Scheduler(prefetch=0)
+        client = scheduler.add_client()
+        workers = [scheduler.add_worker(2) for _ in range(3)]
+        used = []
+        for seq in range(1, 4):
+            scheduler.submit(client, make_jobs(seq, seq))
+            [(worker, jobs)] = scheduler.dispatch()
+            used.append(worker)
+            scheduler.complete(worker, [result_for(job) for job in jobs])
+        self.assertEqual(sorted(used), workers)
+
+    def test_equal_workers_get_equal_shares(self):
+        scheduler = Scheduler(prefetch=1)
+        client = scheduler.add_client()
+        scheduler.add_worker(2)
+        scheduler.add_worker(2)
+        scheduler.submit(client, make_jobs(1, 6))
+        self.assertEqual(sorted(len(jobs) for _, jobs in scheduler.dispatch()), [3, 3])
+
+
+class WorkerLossTests(SynchronousTestCase):
+    """Jobs held by a departed worker go back to the front of the queue."""
+
+    def test_held_jobs_requeued_in_front_in_order(self):
+        scheduler = Scheduler(prefetch=1)
+        client = scheduler.add_client()
+        lost = scheduler.add_worker(2)
+        scheduler.submit(client, make_jobs(1, 6))
+        self.assertEqual(assigned(scheduler.dispatch()), {lost: [1, 2, 3, 4]})
+        self.assertEqual(seqs(scheduler.remove_worker(lost)), [1, 2, 3, 4])
+        self.assertEqual(scheduler.queued, 6)
+        replacement = scheduler.add_worker(6)
+        self.assertEqual(assigned(scheduler.dispatch()), {replacement: [1, 2, 3, 4, 5, 6]})
+
+    def test_requeued_jobs_go_before_later_submissions(self):
+        scheduler = Scheduler(prefetch=0)
+        client = scheduler.add_client()
+        lost = scheduler.add_worker(2)
+        scheduler.submit(client, make_jobs(1, 2))
+        scheduler.dispatch()
+        scheduler.submit(client, make_jobs(3, 4))
+        scheduler.remove_worker(lost)
+        replacement = scheduler.add_worker(1)
+        self.assertEqual(assigned(scheduler.dispatch()), {replacement: [1]})
+
+    def test_completed_jobs_not_requeued(self):
+        scheduler = Scheduler(prefetch=1)
+        client = scheduler.add_client()
+        lost = scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(1, 2))
+        scheduler.dispatch()
+        scheduler.complete(lost, [Result(client, 1, Outcome.OK, b"")])
+        self.assertEqual(seqs(scheduler.remove_worker(lost)), [2])
+        self.assertEqual(scheduler.queued, 1)
+
+    def test_counters_after_requeue(self):
+        scheduler = Scheduler(prefetch=1)
+        client = scheduler.add_client()
+        lost = scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(1, 3))
+        scheduler.dispatch()
+        self.assertEqual((scheduler.client(client).queued, scheduler.client(client).running), (1, 2))
+        scheduler.remove_worker(lost)
+        self.assertEqual((scheduler.client(client).queued, scheduler.client(client).running), (3, 0))
+        self.assertEqual(scheduler.workers(), [])
+
+    def test_jobs_of_departed_clients_dropped(self):
+        scheduler = Scheduler(prefetch=0)
+        gone = scheduler.add_client()
+        stays = scheduler.add_client()
+        lost = scheduler.add_worker(2)
+        scheduler.submit(gone, make_jobs(1, 1))
+        scheduler.submit(stays, make_jobs(1, 1))
+        scheduler.dispatch()
+        scheduler.remove_client(gone)
+        back = scheduler.remove_worker(lost)
+        self.assertEqual([job.key for job in back], [(stays, 1)])
+        self.assertEqual(scheduler.queued, 1)
+
+    def test_requeued_job_result_delivered_once(self):
+        scheduler = Scheduler(prefetch=0)
+        client = scheduler.add_client()
+        lost = scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(1, 1))
+        [(_, [job])] = scheduler.dispatch()
+        scheduler.remove_worker(lost)
+        replacement = scheduler.add_worker(1)
+        self.assertEqual(assigned(scheduler.dispatch()), {replacement: [1]})
+        # The departed worker can no longer report anything.
+        self.assertRaises(UnknownPeer, scheduler.complete, lost, [result_for(job)])
+        self.assertEqual(scheduler.complete(replacement, [result_for(job)]), [result_for(job)])
+        self.assertEqual(scheduler.complete(replacement, [result_for(job)]), [])
+        self.assertEqual(scheduler.client(client).completed, 1)
+
+
+class ResultTests(SynchronousTestCase):
+    """Each job's result is delivered at most once, and only by the worker holding the job."""
+
+    def setUp(self):
+        self.scheduler = Scheduler(prefetch=0)
+        self.client = self.scheduler.add_client()
+        self.holder = self.scheduler.add_worker(1)
+        self.other = self.scheduler.add_worker(1)
+        self.scheduler.submit(self.client, make_jobs(1, 2))
+        self.held = {worker: jobs[0] for worker, jobs in self.scheduler.dispatch()}
+
+    def test_result_delivered(self):
+        job = self.held[self.holder]
+        result = Result(self.client, job.seq, Outcome.RAISED, b"report")
+        self.assertEqual(self.scheduler.complete(self.holder, [result]), [result])
+
+    def test_duplicate_dropped(self):
+        job = self.held[self.holder]
+        self.assertEqual(len(self.scheduler.complete(self.holder, [result_for(job)])), 1)
+        self.assertEqual(self.scheduler.complete(self.holder, [result_for(job)]), [])
+
+    def test_duplicate_in_one_batch_dropped(self):
+        job = self.held[self.holder]
+        delivered = self.scheduler.complete(self.holder, [result_for(job, b"a"), result_for(job, b"b")])
+        self.assertEqual(delivered, [result_for(job, b"a")])
+
+    def test_result_from_worker_not_holding_the_job_dropped(self):
+        job = self.held[self.holder]
+        self.assertEqual(self.scheduler.complete(self.other, [result_for(job)]), [])
+        self.assertIn(job.key, self.scheduler.worker(self.holder).held)
+        self.assertIn(self.held[self.other].key, self.scheduler.worker(self.other).held)
+        self.assertEqual(self.scheduler.complete(self.holder, [result_for(job)]), [result_for(job)])
+
+    def test_result_for_unknown_job_dropped(self):
+        stray = Result(self.client, 99, Outcome.OK, b"")
+        self.assertEqual(self.scheduler.complete(self.holder, [stray]), [])
+        self.assertEqual(self.scheduler.completed, 0)
+
+    def test_counters(self):
+        for worker, job in self.held.items():
+            self.scheduler.complete(worker, [result_for(job)])
+        state = self.scheduler.client(self.client)
+        self.assertEqual((state.queued, state.running, state.submitted, state.completed), (0, 0, 2, 2))
+        self.assertEqual(self.scheduler.worker(self.holder).completed, 1)
+        self.assertEqual(self.scheduler.worker(self.other).completed, 1)
+        self.assertEqual(self.scheduler.completed, 2)
+
+    def test_same_seq_from_two_clients_kept_apart(self):
+        scheduler = Scheduler(prefetch=0)
+        first = scheduler.add_client()
+        second = scheduler.add_client()
+        worker = scheduler.add_worker(2)
+        scheduler.submit(first, make_jobs(1, 1))
+        scheduler.submit(second, make_jobs(1, 1))
+        [(_, jobs)] = scheduler.dispatch()
+        results = [Result(job.client, job.seq, Outcome.OK, b"%d" % job.client) for job in jobs]
+        self.assertEqual(scheduler.complete(worker, results), results)
+        self.assertEqual(scheduler.client(first).completed, 1)
+        self.assertEqual(scheduler.client(second).completed, 1)
+
+
+class ClientLossTests(SynchronousTestCase):
+    """A departed client's queued jobs are dropped and its results discarded."""
+
+    def setUp(self):
+        self.scheduler = Scheduler(prefetch=0)
+        self.gone = self.scheduler.add_client()
+        self.stays = self.scheduler.add_client()
+        self.worker = self.scheduler.add_worker(1)
+
+    def test_queued_jobs_dropped(self):
+        self.scheduler.submit(self.gone, make_jobs(1, 3))
+        self.scheduler.submit(self.stays, make_jobs(1, 2))
+        self.assertEqual(self.scheduler.remove_client(self.gone), 3)
+        self.assertEqual(self.scheduler.queued, 2)
+        [(_, jobs)] = self.scheduler.dispatch()
+        self.assertEqual([job.key for job in jobs], [(self.stays, 1)])
+
+    def test_nothing_queued(self):
+        self.assertEqual(self.scheduler.remove_client(self.gone), 0)
+        self.assertEqual([state.id for state in self.scheduler.clients()], [self.stays])
+
+    def test_running_job_result_discarded_and_slot_freed(self):
+        self.scheduler.submit(self.gone, make_jobs(1, 2))
+        self.scheduler.submit(self.stays, make_jobs(1, 1))
+        [(_, [running])] = self.scheduler.dispatch()
+        self.assertEqual(running.client, self.gone)
+        self.assertEqual(self.scheduler.remove_client(self.gone), 1)
+        # The running job still occupies its slot until its result comes back.
+        self.assertEqual(self.scheduler.dispatch(), [])
+        self.assertEqual(self.scheduler.complete(self.worker, [result_for(running)]), [])
+        self.assertEqual(self.scheduler.worker(self.worker).held, {})
+        [(_, [job])] = self.scheduler.dispatch()
+        self.assertEqual(job.key, (self.stays, 1))
+
+
+class InspectionTests(SynchronousTestCase):
+    """The scheduler lists its peers for status reports."""
+
+    def test_lists(self):
+        scheduler = Scheduler()
+        clients = [scheduler.add_client(), scheduler.add_client()]
+        workers = [scheduler.add_worker(1), scheduler.add_worker(3)]
+        self.assertEqual([state.id for state in scheduler.clients()], clients)
+        self.assertEqual(
+            [(state.id, state.slots) for state in scheduler.workers()], [(workers[0], 1), (workers[1], 3)]
+        )
