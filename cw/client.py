@@ -27,7 +27,6 @@ import queue
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -248,9 +247,16 @@ class Session:
         def go():
             if self.proto is None:
                 raise MasterUnavailable(f"not connected to the cw master at {self.address}")
-            return self.proto.callRemote(command, **kwargs)
+            d = self.proto.callRemote(command, **kwargs)
+            d.addTimeout(timeout, self.reactor)
+            return d
 
-        return call_in_reactor(go, timeout=timeout)
+        try:
+            return call_in_reactor(go, timeout=timeout + 30)
+        except defer.TimeoutError:
+            raise TimeoutError(
+                f"the cw master at {self.address} did not answer {command.__name__} within {timeout} s"
+            ) from None
 
     def close(self, timeout: float = 10) -> None:
         """Flush pending jobs and close the connection."""
@@ -573,14 +579,10 @@ def wait_for_workers(count: int, host: str | None = None, port: int = P.PORT, ti
     """Block until the master has at least C{count} workers; return how many."""
     session = Session(_default_host(host), port, lambda r: None, lambda e: None)
     try:
-        started = time.monotonic()
-        try:
-            return session.call(P.AwaitWorkers, timeout=timeout, count=count)["workers"]
-        except Exception as e:
-            if time.monotonic() - started >= timeout:
-                raise TimeoutError(
-                    f"the cw master at {session.address} did not get {count} workers within {timeout} s"
-                ) from None
-            raise e
+        return session.call(P.AwaitWorkers, timeout=timeout, count=count)["workers"]
+    except TimeoutError:
+        raise TimeoutError(
+            f"the cw master at {session.address} did not get {count} workers within {timeout} s"
+        ) from None
     finally:
         session.close()

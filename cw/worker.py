@@ -304,6 +304,15 @@ class Options(usage.Options):
         ["recycle-after", None, 0, "restart a job process after this many jobs (0: never)", int],
     ]
 
+    def parseOptions(self, options=None):
+        # Accept the original "cw.worker HOST --procs N" order too: getopt
+        # stops at the first positional argument, so move HOST to the end.
+        if options is None:
+            options = sys.argv[1:]
+        if options and not options[0].startswith("-"):
+            options = [*options[1:], options[0]]
+        super().parseOptions(options)
+
     def parseArgs(self, host=None):
         if host is not None:
             if self["master"]:

@@ -245,3 +245,23 @@ class EndToEndTests(unittest.TestCase):
                     client.submit("x", lambda: lock)
 
         return self.in_thread(body)
+
+    def test_large_payloads(self):
+        """Arguments and results far beyond AMP's 64 KiB value limit cross every hop."""
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(procs=2)
+            blob = os.urandom(3 * 1024 * 1024 + 7)
+            with ClusterExecutor(self.procs.address) as ex:
+                self.assertEqual(ex.submit(len, blob).result(60), len(blob))
+                self.assertEqual(ex.submit(reverse_bytes, blob).result(60), blob[::-1])
+                # Many medium jobs share boxes without mixing up results.
+                chunks = [bytes([i]) * 70000 for i in range(20)]
+                self.assertEqual(list(ex.map(reverse_bytes, chunks)), chunks)
+
+        return self.in_thread(body)
+
+
+def reverse_bytes(data):
+    return data[::-1]

@@ -1,0 +1,149 @@
+"""
+The protocol over loopback TCP with the master and a worker running in the
+test's own reactor (the worker still runs jobs in real ampoule processes).
+Blocking client calls run in a thread.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, reactor, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.logger import globalLogPublisher
+from twisted.protocols import amp
+from twisted.trial import unittest
+
+from cw import protocol as P
+from cw.client import ClusterExecutor, MasterUnavailable, master_status
+from cw.master import MasterService
+from cw.worker import WorkerService
+
+
+def triple(x):
+    return 3 * x
+
+
+class LoopbackTests(unittest.TestCase):
+    timeout = 120
+
+    def setUp(self):
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.master = MasterService("tcp:0:interface=127.0.0.1")
+        d = defer.maybeDeferred(self.master.startService)
+        self.addCleanup(self.master.stopService)
+        return d
+
+    @property
+    def address(self):
+        return "127.0.0.1:%d" % self.master.port.getHost().port
+
+    def messages(self):
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events]
+
+    def start_worker(self, procs=1):
+        worker = WorkerService(self.address, procs=procs)
+        worker.startService()
+        self.addCleanup(lambda: worker.running and worker.stopService())
+        return self.master.master.await_workers(len(self.master.master.workers) + 1).addCallback(
+            lambda _: worker
+        )
+
+    @defer.inlineCallbacks
+    def test_jobs_and_logged_arrival_departure(self):
+        """
+        Jobs run through an in-process master and worker; the master logs
+        the worker's arrival and departure.
+        """
+        worker = yield self.start_worker(procs=2)
+
+        def body():
+            with ClusterExecutor(self.address) as ex:
+                return list(ex.map(triple, range(100)))
+
+        results = yield threads.deferToThread(body)
+        self.assertEqual(results, [3 * x for x in range(100)])
+        self.assertTrue(any("Worker 1 joined" in m and "2 slots" in m for m in self.messages()))
+        yield worker.stopService()
+        while self.master.master.workers:
+            yield deferLater(0.01)
+        self.assertTrue(any("Worker 1" in m and "left" in m for m in self.messages()))
+
+    @defer.inlineCallbacks
+    def test_disconnected_client_jobs_dropped(self):
+        """
+        A client that disconnects with jobs queued (no workers) has them
+        dropped; a worker that joins later runs none of them.
+        """
+
+        def body():
+            ex = ClusterExecutor(self.address)
+            for i in range(50):
+                ex.submit(triple, i)
+            status = None
+            while not status or status["queued"] < 50:
+                status = master_status(self.address)
+            ex.shutdown(wait=False)
+            return status
+
+        status = yield threads.deferToThread(body)
+        self.assertEqual(status["queued"], 50)
+        while self.master.master.clients:
+            yield deferLater(0.01)
+        self.assertEqual(self.master.master.scheduler.queued, 0)
+        self.assertTrue(any("dropped 50 queued jobs" in m for m in self.messages()))
+
+    @defer.inlineCallbacks
+    def test_unregistered_commands_closed(self):
+        """A peer that submits before registering is disconnected, and nothing is queued."""
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.master.port.getHost().port)
+        proto = yield connectProtocol(endpoint, amp.AMP())
+        lost = defer.Deferred()
+        proto.connectionLost = lambda reason: lost.callback(None)
+        proto.callRemote(P.SubmitJobs, jobs=[P.Job(0, 1, b"junk")])
+        yield lost
+        self.assertEqual(self.master.master.scheduler.queued, 0)
+        self.assertTrue(any("before registering" in m for m in self.messages()))
+
+    @defer.inlineCallbacks
+    def test_version_mismatch(self):
+        """A peer of another protocol version is refused with a clear error."""
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.master.port.getHost().port)
+        proto = yield connectProtocol(endpoint, amp.AMP())
+        self.addCleanup(proto.transport.loseConnection)
+        error = yield self.assertFailure(
+            proto.callRemote(
+                P.RegisterClient,
+                version=P.PROTOCOL_VERSION + 1,
+                host="h",
+                pid=1,
+                context={"cwd": "/", "path": []},
+            ),
+            P.VersionMismatch,
+        )
+        self.assertIn("install the same cw version", str(error))
+
+    @defer.inlineCallbacks
+    def test_master_gone_fails_futures(self):
+        """When the master goes away, pending futures fail with MasterUnavailable."""
+
+        def submit():
+            ex = ClusterExecutor(self.address)
+            return ex, ex.submit(triple, 1)
+
+        ex, future = yield threads.deferToThread(submit)
+        while not self.master.master.scheduler.queued:
+            yield deferLater(0.01)
+        yield self.master.stopService()
+        error = yield threads.deferToThread(future.exception, 60)
+        self.assertIsInstance(error, MasterUnavailable)
+        self.assertIn("lost the connection", str(error))
+        yield threads.deferToThread(ex.shutdown)
+
+
+def deferLater(seconds):
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)
