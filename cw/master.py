@@ -329,7 +329,14 @@ class MasterService(service.Service):
     def _listening(self, port):
         self.port = port
         address = describe_listening(port)
-        log.info("cw master listening on {address}", address=address)
+        host = port.getHost()
+        log.info(
+            "cw master listening on {where}; clients and workers on this machine can use {address}",
+            where=f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}".strip(":")
+            if hasattr(host, "port")
+            else address,
+            address=address,
+        )
         if self.address_file:
             tmp = f"{self.address_file}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:

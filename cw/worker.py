@@ -118,6 +118,8 @@ class Worker:
         #: Bumped on every new master connection; results of jobs started
         #: under an earlier connection are not sent on a later one.
         self.generation = 0
+        #: Set when the worker shuts down, so a lost connection is expected.
+        self.stopping = False
         self.outbox = Outbox(clock, self._send_results, P.result_size)
 
     def connected(self, proto: WorkerProtocol, worker_id: int) -> None:
@@ -282,6 +284,8 @@ class WorkerService(service.MultiService):
         super().startService()
 
     def stopService(self):
+        if self.worker is not None:
+            self.worker.stopping = True
         d = super().stopService()
 
         def stop_pool(_):
@@ -303,6 +307,9 @@ class Options(usage.Options):
         ["procs", None, None, "jobs to run at once (default: number of cores)", int],
         ["recycle-after", None, 0, "restart a job process after this many jobs (0: never)", int],
     ]
+    optFlags = [
+        ["slurm", None, "find the master through SLURM (this user's job named cmaster)"],
+    ]
 
     def parseOptions(self, options=None):
         # Accept the original "cw.worker HOST --procs N" order too: getopt
@@ -322,6 +329,15 @@ class Options(usage.Options):
     def postOptions(self):
         if self["procs"] is not None and self["procs"] < 1:
             raise usage.UsageError("--procs must be at least 1")
+        if self["slurm"]:
+            if self["master"]:
+                raise usage.UsageError("give either --slurm or a master address, not both")
+            from cw import slurm
+
+            try:
+                self["master"] = slurm.master_host()
+            except Exception as e:
+                raise usage.UsageError(f"--slurm: {e}") from None
 
 
 def makeService(options: Options) -> WorkerService:

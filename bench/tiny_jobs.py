@@ -1,0 +1,73 @@
+"""
+Tiny-job throughput: cw against concurrent.futures.ProcessPoolExecutor
+(and Dask distributed, if installed), 2 worker processes each, same run.
+
+    python bench/tiny_jobs.py [--jobs 10000] [--rounds 3]
+
+Prints jobs/s for each system (best of the rounds, systems alternating)
+and the ratio to cw.  A first step towards the benchmark suite of issue 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import time
+
+
+def noop(x):
+    return x
+
+
+def timed(executor, jobs: int) -> float:
+    start = time.perf_counter()
+    futures = [executor.submit(noop, i) for i in range(jobs)]
+    for f in futures:
+        f.result()
+    return jobs / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=10000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--port", type=int, default=5499)
+    args = parser.parse_args()
+
+    import cw.mp
+    from cw.client import ClusterExecutor
+
+    systems = {}
+    cw.mp.start(2, port=args.port)
+    try:
+        systems["cw (2 workers x 1 proc)"] = ClusterExecutor(port=args.port)
+        systems["ProcessPoolExecutor(2)"] = concurrent.futures.ProcessPoolExecutor(2)
+        try:
+            from dask.distributed import Client, LocalCluster
+
+            cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True)
+            systems["dask LocalCluster(2)"] = Client(cluster)
+        except ImportError:
+            pass
+        for ex in systems.values():
+            timed(ex, 200)  # warm up
+        best = dict.fromkeys(systems, 0.0)
+        for _ in range(args.rounds):
+            for name, ex in systems.items():
+                best[name] = max(best[name], timed(ex, args.jobs))
+        base = best["cw (2 workers x 1 proc)"]
+        print(f"{args.jobs} no-op jobs submitted one by one, best of {args.rounds}")
+        print(f"{'system':32} {'jobs/s':>10} {'vs cw':>8}")
+        for name, rate in best.items():
+            print(f"{name:32} {rate:10.0f} {rate / base:8.2f}")
+        for ex in systems.values():
+            if hasattr(ex, "shutdown"):
+                ex.shutdown()
+            else:
+                ex.close()
+    finally:
+        cw.mp.stop(port=args.port)
+
+
+if __name__ == "__main__":
+    main()
