@@ -9,6 +9,8 @@ Listening addresses are endpoint descriptions (C{tcp:5494}) or a bare port.
 
 from __future__ import annotations
 
+import re
+
 from twisted.internet import endpoints
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 
@@ -70,7 +72,36 @@ def server_description(listen: str | int | None = None) -> str:
 
 
 def server_endpoint(reactor, listen: str | int | None = None) -> IStreamServerEndpoint:
-    return endpoints.serverFromString(reactor, server_description(listen))
+    """
+    The endpoint a master listens on.  Besides Twisted's own parameters, an
+    C{ssl:} description may name C{caCerts=FILE} (PEM): clients must then
+    present a certificate signed by one of those CAs.
+    """
+    description = server_description(listen)
+    match = _CA_CERTS.search(description) if description.startswith("ssl:") else None
+    if match is None:
+        return endpoints.serverFromString(reactor, description)
+    from twisted.internet import ssl
+
+    endpoint = endpoints.serverFromString(reactor, description[: match.start()] + description[match.end() :])
+    base = endpoint._sslContextFactory
+    try:
+        with open(match.group(1), "rb") as f:
+            authorities = ssl.Certificate.loadPEM(f.read())
+    except OSError as e:
+        raise ValueError(f"cannot read caCerts file {match.group(1)!r}: {e}") from None
+    endpoint._sslContextFactory = ssl.CertificateOptions(
+        privateKey=base.privateKey,
+        certificate=base.certificate,
+        extraCertChain=base.extraCertChain,
+        verify=True,
+        requireCertificate=True,
+        caCerts=[authorities.original],
+    )
+    return endpoint
+
+
+_CA_CERTS = re.compile(r":caCerts=((?:[^:\\]|\\.)+)")
 
 
 def describe_listening(port) -> str:

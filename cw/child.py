@@ -81,7 +81,23 @@ def run_payload(cwd: str, path: list[str], payload: bytes) -> tuple[int, bytes]:
 
 
 class JobChild(AMPChild):
-    """The ampoule child class that workers start; answers L{P.RunJob}."""
+    """
+    The ampoule child class that workers start; answers L{P.RunJob}.
+
+    @param memory_limit: the process's address-space limit in bytes
+        (C{RLIMIT_AS}; a decimal string, as ampoule passes it), "0" for none.
+    """
+
+    def __init__(self, memory_limit: str = "0") -> None:
+        super().__init__()
+        limit = int(memory_limit)
+        if limit > 0:
+            import resource
+
+            _, hard = resource.getrlimit(resource.RLIMIT_AS)
+            if hard != resource.RLIM_INFINITY:
+                limit = min(limit, hard)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
     @P.RunJob.responder
     def run_job(self, cwd, path, payload):

@@ -40,9 +40,19 @@ from twisted.python import threadable
 
 from cw import protocol as P
 from cw.address import client_description, client_endpoint
-from cw.errors import JobCrashed, MasterUnavailable, RemoteException, SubmitError
+from cw.auth import AuthenticationFailed, AuthGate, authenticate
+from cw.errors import REPORT_TYPES, JobCrashed, MasterUnavailable, RemoteException, SubmitError
+from cw.secret import SecretError, load_secret
 
-__all__ = ["ClientThread", "ClusterExecutor", "RemoteException", "SubmitError", "MasterUnavailable"]
+__all__ = [
+    "AuthenticationFailed",
+    "ClientThread",
+    "ClusterExecutor",
+    "MasterUnavailable",
+    "RemoteException",
+    "SecretError",
+    "SubmitError",
+]
 
 log = Logger()
 
@@ -119,6 +129,35 @@ def pickle_call(jobid: Any, func: Callable, args: tuple, kwargs: dict) -> bytes:
         raise SubmitError(f"job {jobid!r} cannot be sent: {describe_unpicklable(func, args, kwargs)}") from e
 
 
+def client_secret(secret_file: str | None = None, insecure: bool | None = None) -> bytes | None:
+    """
+    The secret a client or worker authenticates with (see L{cw.secret}), or
+    None when C{insecure} (default: C{CW_INSECURE} in the environment) is set.
+    """
+    if insecure is None:
+        insecure = os.environ.get("CW_INSECURE", "").lower() in ("1", "true", "yes")
+    if insecure:
+        return None
+    return load_secret(secret_file)
+
+
+def job_options(owner: Any, timeout: float | None, max_attempts: int | None) -> bytes:
+    """
+    L{P.Job.options} for one job: the given options, else the defaults of
+    C{owner} (a L{ClientThread} or L{ClusterExecutor}); checked here so that
+    a bad value raises L{SubmitError} in the caller.
+    """
+    if timeout is None:
+        timeout = getattr(owner, "timeout", None)
+    if max_attempts is None:
+        max_attempts = getattr(owner, "max_attempts", None)
+    if timeout is not None and not timeout > 0:
+        raise SubmitError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
+        raise SubmitError(f"max_attempts must be a positive integer, not {max_attempts!r}")
+    return P.encode_options(timeout=timeout, max_attempts=max_attempts)
+
+
 def client_context() -> dict:
     """The working directory and sys.path that this client's jobs run with."""
     cwd = os.getcwd()
@@ -126,8 +165,8 @@ def client_context() -> dict:
     return {"cwd": cwd, "path": list(dict.fromkeys(path))}
 
 
-class ClientProtocol(amp.AMP):
-    """A client's connection to the master."""
+class ClientProtocol(AuthGate, amp.AMP):
+    """A client's connection to the master; accepts results only once the master is authenticated."""
 
     def __init__(self, session: Session) -> None:
         super().__init__()
@@ -159,7 +198,10 @@ class Session:
         on_results: Callable[[list[P.Result]], None],
         on_lost: Callable[[Exception], None],
         connect_timeout: float | None = None,
+        secret_file: str | None = None,
+        insecure: bool | None = None,
     ) -> None:
+        self.secret = client_secret(secret_file, insecure)
         self.reactor = running_reactor()
         self.address = client_description(host, port)
         self.on_results = on_results
@@ -194,6 +236,11 @@ class Session:
                 yield task.deferLater(self.reactor, min(delay, left), lambda: None)
                 delay = min(delay * 2, 1.0)
         try:
+            yield authenticate(proto, self.secret, "client", self.address)
+        except Exception:
+            proto.transport.loseConnection()
+            raise
+        try:
             answer = yield proto.callRemote(
                 P.RegisterClient,
                 version=P.PROTOCOL_VERSION,
@@ -203,7 +250,14 @@ class Session:
             )
         except Exception as e:
             proto.transport.loseConnection()
-            raise MasterUnavailable(f"the cw master at {self.address} refused this client: {e}") from None
+            hint = (
+                " (it requires authentication: do not set insecure / CW_INSECURE)"
+                if self.secret is None
+                else ""
+            )
+            raise MasterUnavailable(
+                f"the cw master at {self.address} refused this client{hint}: {e}"
+            ) from None
         self.proto = proto
         self.client_id = answer["client_id"]
 
@@ -331,6 +385,8 @@ def decode_result(jobid: Any, result: P.Result) -> tuple[bool, Any]:
             )
     report = P.read_error_report(result.payload)
     cls = JobCrashed if result.status == P.Outcome.CRASHED else RemoteException
+    if result.status != P.Outcome.OK:
+        cls = REPORT_TYPES.get(report.get("type"), cls)
     return False, cls(jobid, report)
 
 
@@ -354,12 +410,21 @@ class ClientThread(threading.Thread):
         host: str | None = None,
         port: int = P.PORT,
         connect_timeout: float | None = None,
+        secret_file: str | None = None,
+        insecure: bool | None = None,
+        *,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
     ) -> None:
         super().__init__(name="cw-client", daemon=True)
+        #: Defaults for every job of this client (see L{submit_with}).
+        self.timeout = timeout
+        self.max_attempts = max_attempts
         self.callback = callback
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
+        self._auth = {"secret_file": secret_file, "insecure": insecure}
         self.session: Session | None = None
         self._jobs = _Jobs()
         self._failures: list[BaseException] = []
@@ -376,17 +441,36 @@ class ClientThread(threading.Thread):
                 self._jobs.inbox.put,
                 self._jobs.inbox.put,
                 self.connect_timeout,
+                **self._auth,
             )
             super().start()
 
     def submit(self, jobid: Any, func: Callable, *args: Any, **kwargs: Any) -> None:
         """Queue C{func(*args, **kwargs)} under C{jobid}; returns at once."""
-        payload = pickle_call(jobid, func, args, kwargs)
+        self.submit_with(jobid, func, args, kwargs)
+
+    def submit_with(
+        self,
+        jobid: Any,
+        func: Callable,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+    ) -> None:
+        """
+        Like L{submit}, with options for this job: C{timeout} overrides the
+        client's default (see L{ClusterExecutor.submit_with}), as does
+        C{max_attempts}.
+        """
+        payload = pickle_call(jobid, func, tuple(args), dict(kwargs or {}))
+        options = job_options(self, timeout, max_attempts)
         if self.session is None:
             self.start()
         seq = self._jobs.add(jobid)
         try:
-            self.session.send(P.Job(0, seq, payload))
+            self.session.send(P.Job(0, seq, payload, options))
         except BaseException:
             self._jobs.forget(seq)
             raise
@@ -460,9 +544,11 @@ class ClusterExecutor(futures.Executor):
     A L{concurrent.futures.Executor} whose jobs run on a cw cluster.
 
     Connects at construction (raising L{MasterUnavailable} if no master
-    answers).  A future of a failed job raises L{RemoteException}; if the
-    master connection is lost, every pending future raises
-    L{MasterUnavailable}.
+    answers).  A future of a failed job raises L{RemoteException} (or its
+    subclasses L{JobCrashed}, L{JobTimeout}, L{WorkerLost}); if the master
+    connection is lost, every pending future raises L{MasterUnavailable}.
+    C{timeout} and C{max_attempts} are defaults for every job; see
+    L{submit_with}.
     """
 
     def __init__(
@@ -470,25 +556,62 @@ class ClusterExecutor(futures.Executor):
         host: str | None = None,
         port: int = P.PORT,
         connect_timeout: float | None = None,
+        secret_file: str | None = None,
+        insecure: bool | None = None,
+        *,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
     ) -> None:
+        #: Defaults for every job of this executor (see L{submit_with}).
+        self.timeout = timeout
+        self.max_attempts = max_attempts
         self._jobs = _Jobs()
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
         self.session = Session(
-            _default_host(host), port, self._jobs.inbox.put, self._jobs.inbox.put, connect_timeout
+            _default_host(host),
+            port,
+            self._jobs.inbox.put,
+            self._jobs.inbox.put,
+            connect_timeout,
+            secret_file=secret_file,
+            insecure=insecure,
         )
         self._thread = threading.Thread(target=self._deliver, name="cw-executor", daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> futures.Future:
+        return self.submit_with(fn, args, kwargs)
+
+    def submit_with(
+        self,
+        fn: Callable,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+    ) -> futures.Future:
+        """
+        Submit C{fn(*args, **kwargs)} with options for this job alone
+        (L{submit} cannot take them: its keyword arguments belong to C{fn}).
+
+        @param timeout: seconds the job may run; then its process is killed
+            and the future raises L{JobTimeout}.  Default: the executor's
+            C{timeout}, else the worker's C{--job-timeout}, else no limit.
+        @param max_attempts: how many lost workers the job may outlive
+            before it fails with L{WorkerLost}.  Default: the executor's
+            C{max_attempts}, else the master's C{--max-attempts}.
+        """
+        options = job_options(self, timeout, max_attempts)
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit to a ClusterExecutor after shutdown")
             future: futures.Future = futures.Future()
             seq = self._jobs.add(future)
             try:
-                payload = pickle_call(f"#{seq}", fn, args, kwargs)
-                self.session.send(P.Job(0, seq, payload))
+                payload = pickle_call(f"#{seq}", fn, tuple(args), dict(kwargs or {}))
+                self.session.send(P.Job(0, seq, payload, options))
             except BaseException:
                 self._jobs.forget(seq)
                 raise
@@ -566,18 +689,23 @@ def _default_host(host: str | None) -> str | None:
     return "localhost"
 
 
-def master_status(host: str | None = None, port: int = P.PORT, timeout: float = 30) -> dict:
-    """The status snapshot of the master at C{host} (see L{cw.master.Master.status})."""
-    session = Session(_default_host(host), port, lambda r: None, lambda e: None, timeout)
+def master_status(host: str | None = None, port: int = P.PORT, timeout: float = 30, **auth: Any) -> dict:
+    """
+    The status snapshot of the master at C{host} (see
+    L{cw.master.Master.status}); C{auth}: C{secret_file}, C{insecure}.
+    """
+    session = Session(_default_host(host), port, lambda r: None, lambda e: None, timeout, **auth)
     try:
         return session.call(P.GetStatus, timeout=timeout)["status"]
     finally:
         session.close()
 
 
-def wait_for_workers(count: int, host: str | None = None, port: int = P.PORT, timeout: float = 60) -> int:
+def wait_for_workers(
+    count: int, host: str | None = None, port: int = P.PORT, timeout: float = 60, **auth: Any
+) -> int:
     """Block until the master has at least C{count} workers; return how many."""
-    session = Session(_default_host(host), port, lambda r: None, lambda e: None)
+    session = Session(_default_host(host), port, lambda r: None, lambda e: None, **auth)
     try:
         return session.call(P.AwaitWorkers, timeout=timeout, count=count)["workers"]
     except TimeoutError:

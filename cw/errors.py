@@ -43,6 +43,25 @@ class JobCrashed(RemoteException):
     """The job's process died (signal, exit) while running the job."""
 
 
+class JobTimeout(RemoteException):
+    """
+    The job ran longer than its timeout and its process was killed.
+    C{report["timeout"]} is the timeout in seconds.
+    """
+
+
+class WorkerLost(JobCrashed):
+    """
+    The job was running on workers that were lost (killed, disconnected,
+    silent) as many times as it may be attempted.  C{report["hosts"]} lists
+    the workers and C{report["attempts"]} counts them.
+    """
+
+
+#: Error report types that have an exception class of their own.
+REPORT_TYPES: dict[str, type[RemoteException]] = {"JobTimeout": JobTimeout, "WorkerLost": WorkerLost}
+
+
 class MasterUnavailable(CWError, ConnectionError):
     """No master answered, or the connection to it was lost."""
 

@@ -17,7 +17,7 @@ import sys
 import time
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -25,22 +25,30 @@ from twisted.python import usage
 
 from cw import protocol as P
 from cw.address import describe_listening, server_endpoint
+from cw.auth import AUTH_TIMEOUT, AuthGate, MasterAuth
 from cw.batching import Outbox
 from cw.scheduler import Scheduler
+from cw.secret import SecretError, load_secret
 
 log = Logger()
 
 
-class MasterProtocol(amp.AMP):
+class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
     """
-    One connection to the master, from a client or a worker.  Which it is
-    becomes known with its first command (L{P.RegisterClient} or
-    L{P.RegisterWorker}); other commands before that close the connection.
+    One connection to the master, from a client or a worker.  The peer
+    first authenticates (L{cw.auth}); which kind of peer it is becomes known
+    with its next command (L{P.RegisterClient} or L{P.RegisterWorker}).
+    Commands out of that order close the connection.
     """
+
+    open_commands = MasterAuth.open_commands
 
     def __init__(self, master: Master) -> None:
         super().__init__()
         self.master = master
+        self.secret = master.secret
+        if self.secret is None:
+            self.mark_authenticated()
         self.role: str | None = None
         self.peer_id = 0
         self.peer_name = "?"
@@ -49,8 +57,28 @@ class MasterProtocol(amp.AMP):
         self.contexts_sent: set[int] = set()
 
     def _describe(self) -> str:
-        peer = self.transport.getPeer() if self.transport else None
-        return getattr(peer, "host", None) or str(peer)
+        return self.peer_description()
+
+    def connectionMade(self):
+        super().connectionMade()
+        if not self.authenticated:
+            self.auth_timeout = self.master.auth_timeout
+            self.master.admit(self)
+            self.start_auth_timer(self.master.clock)
+
+    def mark_authenticated(self) -> None:
+        super().mark_authenticated()
+        if self.transport is not None:
+            self.master.pending.pop(self, None)
+
+    def _claim(self, role: str) -> None:
+        """Check that a peer registers once, in the role it authenticated as."""
+        if self.role is not None:
+            raise amp.ProtocolSwitched("already registered")
+        if self._challenge is not None and self._challenge[0] != role:
+            self.reject(f"authenticated as a {self._challenge[0]} but registered as a {role}")
+            raise amp.ProtocolSwitched("role mismatch")
+        self.role = role
 
     def _check_version(self, version: int) -> None:
         if version != P.PROTOCOL_VERSION:
@@ -62,20 +90,13 @@ class MasterProtocol(amp.AMP):
     def _require(self, role: str) -> bool:
         if self.role == role:
             return True
-        log.warn(
-            "Closing connection from {peer}: it sent a {role} command before registering as a {role}",
-            peer=self._describe(),
-            role=role,
-        )
-        self.transport.loseConnection()
+        self.reject(f"sent a {role} command before registering as a {role}")
         return False
 
     @P.RegisterClient.responder
     def register_client(self, version, host, pid, context):
         self._check_version(version)
-        if self.role is not None:
-            raise amp.ProtocolSwitched("already registered")
-        self.role = "client"
+        self._claim("client")
         self.peer_name = f"{host}:{pid}"
         self.peer_id = self.master.client_joined(self, context)
         return {"client_id": self.peer_id}
@@ -89,9 +110,7 @@ class MasterProtocol(amp.AMP):
     @P.RegisterWorker.responder
     def register_worker(self, version, host, pid, slots):
         self._check_version(version)
-        if self.role is not None:
-            raise amp.ProtocolSwitched("already registered")
-        self.role = "worker"
+        self._claim("worker")
         self.peer_name = f"{host}:{pid}"
         self.peer_id = self.master.worker_joined(self, slots)
         return {"worker_id": self.peer_id}
@@ -137,6 +156,7 @@ class MasterProtocol(amp.AMP):
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
+        self.master.pending.pop(self, None)
         if self.outbox is not None:
             self.outbox.discard()
         if self.role == "client":
@@ -159,11 +179,32 @@ class Master:
     between.  Independent of how it listens, so tests run it in-process.
     """
 
-    def __init__(self, clock=None, prefetch: int = 1) -> None:
+    def __init__(
+        self,
+        clock=None,
+        prefetch: int = 1,
+        secret: bytes | None = None,
+        max_pending: int = 64,
+        max_attempts: int = 3,
+        heartbeat: float = 5.0,
+        heartbeat_timeout: float | None = None,
+        auth_timeout: float = AUTH_TIMEOUT,
+    ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
-        self.scheduler = Scheduler(prefetch=prefetch)
+        #: Seconds between heartbeats to each worker (0: none), and how long
+        #: a worker may go unheard before it is declared lost.
+        self.heartbeat = heartbeat
+        self.heartbeat_timeout = heartbeat_timeout or 3 * heartbeat
+        self._heartbeats: task.LoopingCall | None = None
+        #: The shared secret peers must prove they hold; None: --insecure.
+        self.secret = secret
+        #: Connections not yet authenticated, and how many of them may wait.
+        self.pending: dict[MasterProtocol, None] = {}
+        self.max_pending = max_pending
+        self.auth_timeout = auth_timeout
+        self.scheduler = Scheduler(prefetch=prefetch, max_attempts=max_attempts)
         self.clients: dict[int, MasterProtocol] = {}
         self.workers: dict[int, MasterProtocol] = {}
         self.contexts: dict[int, dict] = {}
@@ -172,6 +213,21 @@ class Master:
         self._worker_waiters: list[tuple[int, defer.Deferred]] = []
 
     # -- events from connections -----------------------------------------
+
+    def admit(self, proto: MasterProtocol) -> None:
+        """
+        Count a new unauthenticated connection.  If too many already wait,
+        drop the one that has waited longest: a flood of idle connections
+        then cannot lock out a peer that authenticates promptly.
+        """
+        while len(self.pending) >= self.max_pending:
+            oldest = next(iter(self.pending))
+            del self.pending[oldest]
+            oldest.reject(
+                f"over {self.max_pending} connections were waiting to authenticate;"
+                " this one waited longest (raise --max-pending if this is legitimate)"
+            )
+        self.pending[proto] = None
 
     def client_joined(self, proto: MasterProtocol, context: dict) -> int:
         cid = self.scheduler.add_client()
@@ -195,8 +251,10 @@ class Master:
         )
 
     def worker_joined(self, proto: MasterProtocol, slots: int) -> int:
-        wid = self.scheduler.add_worker(slots)
+        wid = self.scheduler.add_worker(slots, proto.peer_name)
         self.workers[wid] = proto
+        proto.last_heard = self.clock.seconds()
+        proto.heartbeat_pending = False
         log.info(
             "Worker {wid} joined from {peer} with {slots} slots ({n} workers)",
             wid=wid,
@@ -211,14 +269,22 @@ class Master:
     def worker_left(self, proto: MasterProtocol) -> None:
         wid = proto.peer_id
         self.workers.pop(wid, None)
-        requeued = self.scheduler.remove_worker(wid)
+        how = getattr(proto, "lost_how", None) or "its connection was lost"
+        requeued, failed = self.scheduler.lose_worker(wid, how)
         log.info(
-            "Worker {wid} ({peer}) left; {n} of its jobs requeued ({left} workers)",
+            "Worker {wid} ({peer}) left ({how}); {n} of its jobs requeued ({left} workers)",
             wid=wid,
             peer=proto.peer_name,
+            how=how,
             n=len(requeued),
             left=len(self.workers),
         )
+        if failed:
+            log.warn(
+                "{n} jobs failed: this was the last of the lost workers each may outlive",
+                n=len(failed),
+            )
+            self._deliver(failed)
         self.schedule_dispatch()
 
     def submit(self, client: int, jobs: list[P.Job]) -> None:
@@ -226,12 +292,58 @@ class Master:
         self.schedule_dispatch()
 
     def results(self, worker: int, results: list[P.Result]) -> None:
+        self._deliver(self.scheduler.complete(worker, results))
+        if worker in self.workers:
+            self.workers[worker].last_heard = self.clock.seconds()
+        self.schedule_dispatch()
+
+    # -- heartbeats ------------------------------------------------------
+
+    def start_heartbeats(self) -> None:
+        """Ping every worker each C{heartbeat} seconds (unless 0)."""
+        if self.heartbeat > 0 and self._heartbeats is None:
+            self._heartbeats = task.LoopingCall(self._beat)
+            self._heartbeats.clock = self.clock
+            self._heartbeats.start(self.heartbeat, now=False)
+
+    def stop_heartbeats(self) -> None:
+        if self._heartbeats is not None and self._heartbeats.running:
+            self._heartbeats.stop()
+        self._heartbeats = None
+
+    def _beat(self) -> None:
+        """
+        Drop workers unheard for longer than C{heartbeat_timeout} (their TCP
+        connection may never close on its own); ping the others.  A worker
+        is heard when it answers a ping or reports results.
+        """
+        now = self.clock.seconds()
+        for proto in list(self.workers.values()):
+            silent = now - proto.last_heard
+            if silent > self.heartbeat_timeout:
+                proto.lost_how = f"no answer to heartbeats for {silent:.1f} s"
+                log.warn(
+                    "Worker {wid} ({peer}) gave no sign of life for {s:.1f} s; dropping it",
+                    wid=proto.peer_id,
+                    peer=proto.peer_name,
+                    s=silent,
+                )
+                proto.transport.abortConnection()
+            elif not proto.heartbeat_pending:
+                proto.heartbeat_pending = True
+                proto.callRemote(P.Heartbeat).addCallbacks(self._heard, lambda _: None, (proto,))
+
+    def _heard(self, _answer, proto: MasterProtocol) -> None:
+        proto.heartbeat_pending = False
+        proto.last_heard = self.clock.seconds()
+
+    def _deliver(self, results: list[P.Result]) -> None:
+        """Send results to their clients."""
         by_client: dict[int, list[P.Result]] = {}
-        for result in self.scheduler.complete(worker, results):
+        for result in results:
             by_client.setdefault(result.client, []).append(result)
         for cid, batch in by_client.items():
             self.clients[cid].send_results(batch)
-        self.schedule_dispatch()
 
     # -- dispatch --------------------------------------------------------
 
@@ -295,7 +407,7 @@ class Master:
         }
 
     def disconnect_all(self) -> None:
-        for proto in [*self.clients.values(), *self.workers.values()]:
+        for proto in [*self.clients.values(), *self.workers.values(), *list(self.pending)]:
             proto.transport.loseConnection()
 
 
@@ -310,16 +422,41 @@ class MasterService(service.Service):
 
     name = "cw-master"
 
-    def __init__(self, listen: str | None = None, prefetch: int = 1, address_file: str | None = None) -> None:
+    def __init__(
+        self,
+        listen: str | None = None,
+        prefetch: int = 1,
+        address_file: str | None = None,
+        secret: bytes | None = None,
+        max_pending: int = 64,
+        max_attempts: int = 3,
+        heartbeat: float = 5.0,
+        heartbeat_timeout: float | None = None,
+        auth_timeout: float = AUTH_TIMEOUT,
+    ) -> None:
         self.listen = listen
         self.address_file = address_file
-        self.master = Master(prefetch=prefetch)
+        self.master = Master(
+            prefetch=prefetch,
+            secret=secret,
+            max_pending=max_pending,
+            max_attempts=max_attempts,
+            heartbeat=heartbeat,
+            heartbeat_timeout=heartbeat_timeout,
+            auth_timeout=auth_timeout,
+        )
         self.port = None
 
     def startService(self):
         super().startService()
         from twisted.internet import reactor
 
+        if self.master.secret is None:
+            log.warn(
+                "cw master running with --insecure: anyone who can connect can run"
+                " code on every worker; use it only on a trusted, isolated network"
+            )
+        self.master.start_heartbeats()
         endpoint = server_endpoint(reactor, self.listen)
         d = endpoint.listen(MasterFactory(self.master))
         d.addCallback(self._listening)
@@ -352,6 +489,7 @@ class MasterService(service.Service):
 
     def stopService(self):
         super().stopService()
+        self.master.stop_heartbeats()
         if self.address_file:
             try:
                 os.unlink(self.address_file)
@@ -374,7 +512,21 @@ class Options(usage.Options):
         ["port", "p", None, "endpoint to listen on (default tcp:5494)"],
         ["prefetch", None, 1, "extra jobs a worker may hold per slot", int],
         ["address-file", None, None, "write the master's address here once listening"],
+        ["secret-file", None, None, "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"],
+        ["max-pending", None, 64, "connections that may wait to authenticate at once", int],
+        ["auth-timeout", None, AUTH_TIMEOUT, "seconds a new connection has to authenticate", float],
+        ["max-attempts", None, 3, "lost workers a running job may outlive before it fails", int],
+        ["heartbeat", None, 5.0, "seconds between heartbeats to each worker (0: none)", float],
+        ["heartbeat-timeout", None, None, "seconds a worker may stay silent (default: 3 heartbeats)", float],
     ]
+    optFlags = [
+        ["insecure", None, "accept peers without authentication (trusted networks only)"],
+    ]
+
+    def postOptions(self):
+        self["secret"] = load_options_secret(self)
+        if self["max-attempts"] < 1:
+            raise usage.UsageError("--max-attempts must be at least 1")
 
 
 def makeService(options: Options) -> MasterService:
@@ -382,7 +534,25 @@ def makeService(options: Options) -> MasterService:
         listen=options["port"],
         prefetch=options["prefetch"],
         address_file=options["address-file"],
+        secret=options["secret"],
+        max_pending=options["max-pending"],
+        max_attempts=options["max-attempts"],
+        heartbeat=options["heartbeat"],
+        heartbeat_timeout=options["heartbeat-timeout"],
+        auth_timeout=options["auth-timeout"],
     )
+
+
+def load_options_secret(options: usage.Options) -> bytes | None:
+    """The secret named by C{--secret-file}/C{--insecure}, or a usage error."""
+    if options["insecure"]:
+        if options["secret-file"]:
+            raise usage.UsageError("give either --insecure or --secret-file, not both")
+        return None
+    try:
+        return load_secret(options["secret-file"])
+    except SecretError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def run_twistd(tapname: str, argv: list[str]) -> None:

@@ -116,6 +116,29 @@ class Job:
         return (self.client, self.seq)
 
 
+def encode_options(**options: Any) -> bytes:
+    """
+    A job's options as they travel in L{Job.options}: JSON of the options
+    that are not C{None}, or nothing at all when every one is a default.
+
+    Known options: C{timeout} (seconds the job may run before its process is
+    killed) and C{max_attempts} (how many lost workers the job may outlive).
+    """
+    given = {k: v for k, v in options.items() if v is not None}
+    return json.dumps(given, separators=(",", ":")).encode("utf-8") if given else b""
+
+
+def read_options(job: Job) -> dict:
+    """Undo L{encode_options}; malformed options count as no options."""
+    if not job.options:
+        return {}
+    try:
+        options = json.loads(job.options.decode("utf-8"))
+    except ValueError:
+        return {}
+    return options if isinstance(options, dict) else {}
+
+
 @dataclass(slots=True)
 class Result:
     """
@@ -346,6 +369,14 @@ class JobResults(amp.Command):
 
     arguments = [(b"results", ResultBatch())]
     requiresAnswer = False
+
+
+class Heartbeat(amp.Command):
+    """
+    Master to worker, every few seconds: a worker that does not answer in
+    time is declared lost even if its TCP connection looks open (a frozen
+    machine, a cable pulled, a half-open link).
+    """
 
 
 # -- Worker <-> job process ----------------------------------------------

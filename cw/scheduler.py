@@ -20,6 +20,17 @@ Dispatch rules:
     delivered at most once.
   - When a client leaves, its queued jobs are dropped at once and results of
     its running jobs are discarded when they arrive.
+  - Poison jobs: a job that was running on a worker when that worker was
+    lost counts an attempt.  After C{max_attempts} attempts (the job's own
+    C{max_attempts} option, else the scheduler's) it is not requeued but
+    fails with a C{WorkerLost} error report naming the hosts and how they
+    were lost, made here without looking at the payload.  Which held jobs
+    were running is inferred, not reported by the worker: a worker starts
+    jobs in the order it was given them and reports each as it ends, so its
+    C{slots} oldest held jobs are the running ones and the rest are
+    prefetched, and only those count.  (A job that started while the result
+    of its predecessor was on the wire is missed: an undercount, never an
+    overcount.)
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from cw.protocol import Job, Result
+from cw.protocol import Job, Outcome, Result, error_report, read_options
 
 
 class UnknownPeer(KeyError):
@@ -53,6 +64,8 @@ class WorkerState:
     id: int
     slots: int
     prefetch: int
+    #: How the worker is named in error reports (host:pid).
+    name: str = ""
     #: Jobs this worker holds (running or prefetched), by job key, in the
     #: order they were assigned.
     held: dict[tuple[int, int], Job] = field(default_factory=dict)
@@ -70,12 +83,19 @@ class Scheduler:
     @param prefetch: extra jobs a worker may hold per slot, beyond one
         running job per slot, so that it never waits on a round trip to the
         master between two short jobs.
+    @param max_attempts: how many times a job may be running on a worker
+        that is lost before it fails (jobs may set their own).
     """
 
-    def __init__(self, prefetch: int = 1) -> None:
+    def __init__(self, prefetch: int = 1, max_attempts: int = 3) -> None:
         if prefetch < 0:
             raise ValueError("prefetch must be >= 0")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
         self.prefetch = prefetch
+        self.max_attempts = max_attempts
+        #: For each job that outlived a lost worker: where and how, in order.
+        self._losses: dict[tuple[int, int], list[str]] = {}
         self._queue: deque[Job] = deque()
         self._clients: dict[int, ClientState] = {}
         self._workers: dict[int, WorkerState] = {}
@@ -103,6 +123,8 @@ class Scheduler:
             raise UnknownPeer(client)
         if state.queued:
             self._queue = deque(job for job in self._queue if job.client != client)
+        if self._losses:
+            self._losses = {key: v for key, v in self._losses.items() if key[0] != client}
         return state.queued
 
     def submit(self, client: int, jobs: Iterable[Job]) -> None:
@@ -118,31 +140,70 @@ class Scheduler:
 
     # -- workers ---------------------------------------------------------
 
-    def add_worker(self, slots: int) -> int:
+    def add_worker(self, slots: int, name: str = "") -> int:
         """Register a worker with C{slots} job slots; return its id."""
         if slots < 1:
             raise ValueError("a worker needs at least one slot")
         wid = self._next_worker
         self._next_worker += 1
-        self._workers[wid] = WorkerState(wid, slots, self.prefetch * slots)
+        self._workers[wid] = WorkerState(wid, slots, self.prefetch * slots, name or f"worker {wid}")
         return wid
 
     def remove_worker(self, worker: int) -> list[Job]:
         """
+        Forget a worker (see L{lose_worker}); return the jobs requeued.
+        """
+        return self.lose_worker(worker)[0]
+
+    def lose_worker(self, worker: int, how: str = "lost") -> tuple[list[Job], list[Result]]:
+        """
         Forget a worker.  Jobs it held go back to the front of the queue in
-        their original order (those of departed clients are dropped); they
-        are returned.
+        their original order (those of departed clients are dropped), except
+        running jobs that have now been lost C{max_attempts} times: those
+        fail.  Return the requeued jobs and the failure results to deliver.
+
+        @param how: how the worker was lost, for the error report.
         """
         state = self._workers.pop(worker, None)
         if state is None:
             raise UnknownPeer(worker)
-        back = [job for job in state.held.values() if job.client in self._clients]
-        for job in back:
-            client = self._clients[job.client]
+        back: list[Job] = []
+        failed: list[Result] = []
+        for position, job in enumerate(state.held.values()):
+            client = self._clients.get(job.client)
+            if client is None:
+                self._losses.pop(job.key, None)
+                continue
             client.running -= 1
+            if position < state.slots:
+                losses = self._losses.setdefault(job.key, [])
+                losses.append(f"{state.name} ({how})")
+                limit = self._max_attempts(job)
+                if len(losses) >= limit:
+                    del self._losses[job.key]
+                    client.completed += 1
+                    self.completed += 1
+                    failed.append(self._worker_lost(job, losses, limit))
+                    continue
             client.queued += 1
+            back.append(job)
         self._queue.extendleft(reversed(back))
-        return back
+        return back, failed
+
+    def _max_attempts(self, job: Job) -> int:
+        """The job's own C{max_attempts} option if valid, else the scheduler's."""
+        limit = read_options(job).get("max_attempts") if job.options else None
+        return limit if isinstance(limit, int) and limit >= 1 else self.max_attempts
+
+    @staticmethod
+    def _worker_lost(job: Job, losses: list[str], limit: int) -> Result:
+        hosts = [loss.rsplit(" (", 1)[0] for loss in losses]
+        message = (
+            f"the job was running on a worker that was lost {len(losses)} times"
+            f" (max_attempts={limit}), so it was given up: " + "; ".join(losses)
+        )
+        report = error_report("WorkerLost", message, host=hosts[-1], hosts=hosts, attempts=len(losses))
+        return Result(job.client, job.seq, Outcome.CRASHED, report)
 
     # -- the flow of jobs ------------------------------------------------
 
@@ -190,6 +251,8 @@ class Scheduler:
         for result in results:
             if state.held.pop(result.key, None) is None:
                 continue
+            if self._losses:
+                self._losses.pop(result.key, None)
             state.completed += 1
             self.completed += 1
             client = self._clients.get(result.client)

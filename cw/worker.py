@@ -31,6 +31,7 @@ from twisted.python import usage
 
 from cw import protocol as P
 from cw.address import client_description, client_endpoint
+from cw.auth import AuthGate, authenticate
 from cw.batching import Outbox
 
 log = Logger()
@@ -54,8 +55,36 @@ def describe_crash(reason) -> str:
     return f"the job could not run in a job process: {reason.getErrorMessage()}"
 
 
-class WorkerProtocol(amp.AMP):
-    """The worker's connection to its master."""
+def crash_report(reason) -> bytes:
+    """
+    The error report for a job whose process failed it: L{JobTimedOut}
+    becomes a C{JobTimeout} report, any other death a C{JobProcessDied} one
+    naming the signal or exit status.  Both name this worker's host and pid.
+    """
+    from cw.pool import JobTimedOut
+
+    host, pid = socket.gethostname(), os.getpid()
+    if reason.check(JobTimedOut):
+        return P.error_report(
+            "JobTimeout",
+            f"{reason.value} and was killed (worker {host} pid {pid})",
+            host=host,
+            timeout=reason.value.timeout,
+        )
+    return P.error_report(
+        "JobProcessDied",
+        f"{describe_crash(reason)} (worker {host} pid {pid})",
+        host=host,
+        signal=getattr(reason.value, "signal", None),
+        exit_code=getattr(reason.value, "exitCode", None),
+    )
+
+
+class WorkerProtocol(AuthGate, amp.AMP):
+    """
+    The worker's connection to its master.  The master must prove it holds
+    the secret before this worker accepts any job from it.
+    """
 
     def __init__(self, worker: Worker) -> None:
         super().__init__()
@@ -63,12 +92,15 @@ class WorkerProtocol(amp.AMP):
 
     def connectionMade(self):
         super().connectionMade()
-        d = self.callRemote(
-            P.RegisterWorker,
-            version=P.PROTOCOL_VERSION,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            slots=self.worker.procs,
+        d = authenticate(self, self.worker.secret, "worker", self.worker.address)
+        d.addCallback(
+            lambda _: self.callRemote(
+                P.RegisterWorker,
+                version=P.PROTOCOL_VERSION,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                slots=self.worker.procs,
+            )
         )
         d.addCallbacks(self._registered, self._refused)
 
@@ -76,7 +108,11 @@ class WorkerProtocol(amp.AMP):
         self.worker.connected(self, answer["worker_id"])
 
     def _refused(self, failure):
-        log.error("The master refused this worker: {why}", why=failure.getErrorMessage())
+        log.error(
+            "Could not join the master at {address}: {why}",
+            address=self.worker.address,
+            why=failure.getErrorMessage(),
+        )
         self.transport.loseConnection()
 
     @P.ClientContext.responder
@@ -87,6 +123,10 @@ class WorkerProtocol(amp.AMP):
     @P.RunJobs.responder
     def run_jobs(self, jobs):
         self.worker.enqueue(jobs)
+        return {}
+
+    @P.Heartbeat.responder
+    def heartbeat(self):
         return {}
 
     def connectionLost(self, reason):
@@ -103,10 +143,13 @@ class Worker:
     @param procs: how many jobs run at once.
     """
 
-    def __init__(self, pool, procs: int, clock=None) -> None:
+    def __init__(self, pool, procs: int, clock=None, secret: bytes | None = None, address: str = "") -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
+        #: The shared secret the master must prove it holds; None: --insecure.
+        self.secret = secret
+        self.address = address
         self.pool = pool
         self.procs = procs
         self.proto: WorkerProtocol | None = None
@@ -120,6 +163,9 @@ class Worker:
         self.generation = 0
         #: Set when the worker shuts down, so a lost connection is expected.
         self.stopping = False
+        #: Seconds a job may run when it does not set its own timeout
+        #: (None: no limit).
+        self.job_timeout: float | None = None
         self.outbox = Outbox(clock, self._send_results, P.result_size)
 
     def connected(self, proto: WorkerProtocol, worker_id: int) -> None:
@@ -159,24 +205,18 @@ class Worker:
         context = self.contexts.get(job.client, {})
         self.running += 1
         generation = self.generation
+        timeout = P.read_options(job).get("timeout", self.job_timeout)
+        extra = {"_cw_timeout": float(timeout)} if timeout else {}
         d = self.pool.doWork(
             P.RunJob,
             cwd=context.get("cwd", ""),
             path=context.get("path", []),
             payload=job.payload,
+            **extra,
         )
         d.addCallbacks(
             lambda answer: P.Result(job.client, job.seq, answer["status"], answer["payload"]),
-            lambda reason: P.Result(
-                job.client,
-                job.seq,
-                P.Outcome.CRASHED,
-                P.error_report(
-                    "JobProcessDied",
-                    f"{describe_crash(reason)} (worker {socket.gethostname()} pid {os.getpid()})",
-                    host=socket.gethostname(),
-                ),
-            ),
+            lambda reason: P.Result(job.client, job.seq, P.Outcome.CRASHED, crash_report(reason)),
         )
         d.addCallback(self._finished, generation)
         d.addErrback(lambda f: log.failure("Bookkeeping of a finished job failed", f))
@@ -242,12 +282,32 @@ class WorkerService(service.MultiService):
     @param procs: jobs to run at once (default: the machine's cores).
     @param recycle_after: restart a job process after this many jobs
         (0: never).
+    @param job_timeout: seconds a job may run unless it sets its own
+        timeout; its process is then killed (None: no limit).
+    @param memory_limit: address-space limit of each job process in MiB
+        (C{RLIMIT_AS}); a job that allocates past it gets a C{MemoryError}
+        and its process is replaced (0: no limit).
+    @param recycle_memory: replace a job process whose resident size is
+        above this many MiB after a job (0: never).
     """
 
     name = "cw-worker"
 
-    def __init__(self, master: str | None = None, procs: int | None = None, recycle_after: int = 0) -> None:
+    def __init__(
+        self,
+        master: str | None = None,
+        procs: int | None = None,
+        recycle_after: int = 0,
+        secret: bytes | None = None,
+        job_timeout: float | None = None,
+        memory_limit: int = 0,
+        recycle_memory: int = 0,
+    ) -> None:
         super().__init__()
+        self.job_timeout = job_timeout
+        self.memory_limit = memory_limit
+        self.recycle_memory = recycle_memory
+        self.secret = secret
         self.master_address = client_description(master)
         self.procs = procs or os.cpu_count() or 1
         self.recycle_after = recycle_after
@@ -256,21 +316,29 @@ class WorkerService(service.MultiService):
         self.client_service: ClientService | None = None
 
     def startService(self):
-        from ampoule import pool
         from twisted.internet import reactor
 
         from cw.child import JobChild
+        from cw.pool import JobPool
 
         starter = JobStarter(job_process_env())
-        self.pool = pool.ProcessPool(
+        self.pool = JobPool(
             JobChild,
             min=self.procs,
             max=self.procs,
             maxIdle=3600,
             recycleAfter=self.recycle_after,
             starter=starter,
+            ampChildArgs=(str(self.memory_limit << 20),),
+            max_rss=self.recycle_memory << 20,
         )
-        self.worker = Worker(self.pool, self.procs)
+        self.worker = Worker(self.pool, self.procs, secret=self.secret, address=self.master_address)
+        self.worker.job_timeout = self.job_timeout
+        if self.secret is None:
+            log.warn(
+                "cw worker running with --insecure: it runs jobs from any master it reaches"
+                " without checking who that is"
+            )
         factory = Factory.forProtocol(lambda: WorkerProtocol(self.worker))
         endpoint = client_endpoint(reactor, self.master_address)
         self.client_service = ClientService(endpoint, factory)
@@ -306,9 +374,14 @@ class Options(usage.Options):
         ["master", "m", None, "the master's address (default localhost:5494)"],
         ["procs", None, None, "jobs to run at once (default: number of cores)", int],
         ["recycle-after", None, 0, "restart a job process after this many jobs (0: never)", int],
+        ["job-timeout", None, None, "seconds a job may run unless it sets its own timeout", float],
+        ["memory-limit", None, 0, "address-space limit per job process, MiB (0: none)", int],
+        ["recycle-memory", None, 0, "restart a job process above this resident size, MiB (0: never)", int],
+        ["secret-file", None, None, "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"],
     ]
     optFlags = [
         ["slurm", None, "find the master through SLURM (this user's job named cmaster)"],
+        ["insecure", None, "skip authentication (only with a master that runs --insecure)"],
     ]
 
     def parseOptions(self, options=None):
@@ -327,6 +400,9 @@ class Options(usage.Options):
             self["master"] = host
 
     def postOptions(self):
+        from cw.master import load_options_secret
+
+        self["secret"] = load_options_secret(self)
         if self["procs"] is not None and self["procs"] < 1:
             raise usage.UsageError("--procs must be at least 1")
         if self["slurm"]:
@@ -345,6 +421,10 @@ def makeService(options: Options) -> WorkerService:
         master=options["master"],
         procs=options["procs"],
         recycle_after=options["recycle-after"],
+        secret=options["secret"],
+        job_timeout=options["job-timeout"],
+        memory_limit=options["memory-limit"],
+        recycle_memory=options["recycle-memory"],
     )
 
 

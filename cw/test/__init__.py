@@ -1,0 +1,23 @@
+"""
+cw's trial suite.
+
+Every test process and every process a test starts authenticates with a
+secret file made for this test run (C{CW_SECRET_FILE}), so the suite never
+reads or creates the user's own C{~/.config/cw/secret}.
+"""
+
+import atexit
+import os
+import secrets
+import shutil
+import tempfile
+
+if not os.environ.get("CW_TEST_SECRET_FILE"):
+    _dir = tempfile.mkdtemp(prefix="cw-test-secret-")
+    atexit.register(shutil.rmtree, _dir, True)
+    _path = os.path.join(_dir, "secret")
+    with open(os.open(_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as _f:
+        _f.write(secrets.token_hex(32))
+    os.environ["CW_TEST_SECRET_FILE"] = _path
+os.environ["CW_SECRET_FILE"] = os.environ["CW_TEST_SECRET_FILE"]
+os.environ.pop("CW_INSECURE", None)

@@ -13,8 +13,10 @@ from twisted.protocols import amp
 from twisted.trial import unittest
 
 from cw import protocol as P
+from cw.auth import AuthGate, authenticate
 from cw.client import ClusterExecutor, MasterUnavailable, master_status
 from cw.master import MasterService
+from cw.secret import load_secret
 from cw.worker import WorkerService
 
 
@@ -29,7 +31,7 @@ class LoopbackTests(unittest.TestCase):
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-        self.master = MasterService("tcp:0:interface=127.0.0.1")
+        self.master = MasterService("tcp:0:interface=127.0.0.1", secret=load_secret())
         d = defer.maybeDeferred(self.master.startService)
         self.addCleanup(self.master.stopService)
         return d
@@ -44,7 +46,7 @@ class LoopbackTests(unittest.TestCase):
         return [formatEvent(e) for e in self.events]
 
     def start_worker(self, procs=1):
-        worker = WorkerService(self.address, procs=procs)
+        worker = WorkerService(self.address, procs=procs, secret=load_secret())
         worker.startService()
         self.addCleanup(lambda: worker.running and worker.stopService())
         return self.master.master.await_workers(len(self.master.master.workers) + 1).addCallback(
@@ -96,23 +98,37 @@ class LoopbackTests(unittest.TestCase):
         self.assertTrue(any("dropped 50 queued jobs" in m for m in self.messages()))
 
     @defer.inlineCallbacks
-    def test_unregistered_commands_closed(self):
-        """A peer that submits before registering is disconnected, and nothing is queued."""
+    def submit_raw(self, authenticated: bool):
+        """Send a well-formed SubmitJobs box without registering; wait for the hang-up."""
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.master.port.getHost().port)
-        proto = yield connectProtocol(endpoint, amp.AMP())
+        proto = yield connectProtocol(endpoint, GatedAMP())
+        if authenticated:
+            yield authenticate(proto, load_secret(), "client", "test")
         lost = defer.Deferred()
         proto.connectionLost = lambda reason: lost.callback(None)
         proto.callRemote(P.SubmitJobs, jobs=[P.Job(0, 1, b"junk")])
         yield lost
         self.assertEqual(self.master.master.scheduler.queued, 0)
+
+    @defer.inlineCallbacks
+    def test_unauthenticated_commands_closed(self):
+        """A peer that submits before authenticating is disconnected; nothing is queued."""
+        yield self.submit_raw(authenticated=False)
+        self.assertTrue(any("'SubmitJobs' before authenticating" in m for m in self.messages()))
+
+    @defer.inlineCallbacks
+    def test_unregistered_commands_closed(self):
+        """An authenticated peer that submits before registering is disconnected."""
+        yield self.submit_raw(authenticated=True)
         self.assertTrue(any("before registering" in m for m in self.messages()))
 
     @defer.inlineCallbacks
     def test_version_mismatch(self):
         """A peer of another protocol version is refused with a clear error."""
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.master.port.getHost().port)
-        proto = yield connectProtocol(endpoint, amp.AMP())
+        proto = yield connectProtocol(endpoint, GatedAMP())
         self.addCleanup(proto.transport.loseConnection)
+        yield authenticate(proto, load_secret(), "client", "test")
         error = yield self.assertFailure(
             proto.callRemote(
                 P.RegisterClient,
@@ -141,6 +157,10 @@ class LoopbackTests(unittest.TestCase):
         self.assertIsInstance(error, MasterUnavailable)
         self.assertIn("lost the connection", str(error))
         yield threads.deferToThread(ex.shutdown)
+
+
+class GatedAMP(AuthGate, amp.AMP):
+    """A bare AMP peer that can run the client side of the handshake."""
 
 
 def deferLater(seconds):

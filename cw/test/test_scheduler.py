@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cw.protocol import Job, Outcome, Result
+from cw.protocol import Job, Outcome, Result, encode_options, read_error_report
 from cw.scheduler import ClientState, Scheduler, UnknownPeer, WorkerState
 
 
@@ -389,6 +389,103 @@ class WorkerLossTests(SynchronousTestCase):
         self.assertEqual(scheduler.complete(replacement, [result_for(job)]), [result_for(job)])
         self.assertEqual(scheduler.complete(replacement, [result_for(job)]), [])
         self.assertEqual(scheduler.client(client).completed, 1)
+
+
+class PoisonJobTests(SynchronousTestCase):
+    """A job running on C{max_attempts} lost workers fails instead of being requeued."""
+
+    def lose_running(self, scheduler, client, times, how="killed"):
+        """Run job 1 on a fresh one-slot worker C{times} times, losing it each time."""
+        outcomes = []
+        for n in range(times):
+            worker = scheduler.add_worker(1, name=f"host{n}:{100 + n}")
+            self.assertEqual(seqs(scheduler.dispatch()[0][1])[0], 1)
+            outcomes.append(scheduler.lose_worker(worker, how))
+        return outcomes
+
+    def test_max_attempts_validated(self):
+        self.assertRaises(ValueError, Scheduler, max_attempts=0)
+
+    def test_fails_after_max_attempts(self):
+        scheduler = Scheduler(prefetch=0, max_attempts=3)
+        client = scheduler.add_client()
+        scheduler.submit(client, make_jobs(1, 1))
+        outcomes = self.lose_running(scheduler, client, 3, how="connection lost")
+        self.assertEqual([(seqs(back), failed) for back, failed in outcomes[:2]], [([1], [])] * 2)
+        back, [failure] = outcomes[2]
+        self.assertEqual(back, [])
+        self.assertEqual((failure.client, failure.seq, failure.status), (client, 1, Outcome.CRASHED))
+        report = read_error_report(failure.payload)
+        self.assertEqual(report["type"], "WorkerLost")
+        self.assertEqual(report["hosts"], ["host0:100", "host1:101", "host2:102"])
+        self.assertEqual(report["attempts"], 3)
+        self.assertIn("host2:102 (connection lost)", report["message"])
+        self.assertIn("max_attempts=3", report["message"])
+        self.assertEqual(scheduler.queued, 0)
+        state = scheduler.client(client)
+        self.assertEqual((state.queued, state.running, state.completed), (0, 0, 1))
+
+    def test_job_option_overrides_scheduler(self):
+        scheduler = Scheduler(prefetch=0, max_attempts=3)
+        client = scheduler.add_client()
+        scheduler.submit(client, [Job(0, 1, b"p", encode_options(max_attempts=1))])
+        [(back, [failure])] = self.lose_running(scheduler, client, 1)
+        self.assertEqual(read_error_report(failure.payload)["attempts"], 1)
+
+    def test_bad_job_option_ignored(self):
+        scheduler = Scheduler(prefetch=0, max_attempts=2)
+        client = scheduler.add_client()
+        scheduler.submit(client, [Job(0, 1, b"p", b'{"max_attempts": "x"}')])
+        outcomes = self.lose_running(scheduler, client, 2)
+        self.assertEqual(len(outcomes[0][1]), 0)
+        self.assertEqual(len(outcomes[1][1]), 1)
+
+    def test_prefetched_jobs_do_not_count(self):
+        scheduler = Scheduler(prefetch=2, max_attempts=1)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(1, name="h")
+        scheduler.submit(client, make_jobs(1, 3))
+        scheduler.dispatch()
+        back, failed = scheduler.lose_worker(worker)
+        self.assertEqual(seqs(back), [2, 3])
+        self.assertEqual([r.seq for r in failed], [1])
+
+    def test_oldest_held_jobs_are_the_running_ones(self):
+        scheduler = Scheduler(prefetch=1, max_attempts=1)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(2)
+        scheduler.submit(client, make_jobs(1, 4))
+        scheduler.dispatch()
+        scheduler.complete(worker, [Result(client, 1, Outcome.OK, b"")])
+        back, failed = scheduler.lose_worker(worker)
+        self.assertEqual([r.seq for r in failed], [2, 3])
+        self.assertEqual(seqs(back), [4])
+
+    def test_success_clears_the_count(self):
+        scheduler = Scheduler(prefetch=0, max_attempts=2)
+        client = scheduler.add_client()
+        scheduler.submit(client, make_jobs(1, 1))
+        self.lose_running(scheduler, client, 1)
+        worker = scheduler.add_worker(1)
+        [(_, [job])] = scheduler.dispatch()
+        self.assertEqual(len(scheduler.complete(worker, [result_for(job)])), 1)
+        self.assertEqual(scheduler._losses, {})
+
+    def test_departed_client_forgotten(self):
+        scheduler = Scheduler(prefetch=0, max_attempts=3)
+        client = scheduler.add_client()
+        scheduler.submit(client, make_jobs(1, 1))
+        self.lose_running(scheduler, client, 1)
+        scheduler.remove_client(client)
+        self.assertEqual(scheduler._losses, {})
+
+    def test_remove_worker_still_returns_requeued(self):
+        scheduler = Scheduler(prefetch=0, max_attempts=1)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(1, 1))
+        scheduler.dispatch()
+        self.assertEqual(scheduler.remove_worker(worker), [])
 
 
 class ResultTests(SynchronousTestCase):

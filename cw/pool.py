@@ -1,0 +1,179 @@
+"""
+The worker's pool of job processes: ampoule's L{ProcessPool} with the fault
+handling cw needs.
+
+ampoule replaces a child whose call fails with L{error.ProcessTerminated}
+(killed by a signal, non-zero exit), but a child that exits with status 0
+in the middle of a call (C{os._exit(0)}) fails the call with
+L{error.ProcessDone}: ampoule then puts the dead child back among the ready
+ones and hands it the next job, which fails too, and never starts a
+replacement.  Here every call that ends with the child's death fails with a
+L{ChildExited} (a L{error.ProcessTerminated}), so ampoule always retires
+the dead child and starts a fresh one.
+
+Each child is talked to through a L{ChildLink}, the parent-side AMP object
+of one child.  It also carries out, per call:
+
+  - a timeout (C{_cw_timeout} seconds, counted from when the job reaches the
+    child): the child is killed with SIGKILL and the call fails with
+    L{JobTimedOut};
+  - a memory check: after each job the child's resident size is read from
+    C{/proc}, and a child above the pool's C{max_rss} (or one whose job ran
+    out of memory) is retired before it gets another job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from ampoule import pool
+from twisted.internet import defer, error
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from cw import protocol as P
+
+log = Logger()
+
+
+class ChildExited(error.ProcessTerminated):
+    """The job process died (exit status 0 included) while running a call."""
+
+
+class JobTimedOut(error.ProcessTerminated):
+    """The job ran past its timeout and its process was killed."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(signal=signal.SIGKILL)
+        self.timeout = timeout
+
+    def __str__(self) -> str:
+        return f"the job ran longer than its timeout of {self.timeout:g} s"
+
+
+def resident_bytes(pid: int) -> int | None:
+    """The resident set size of process C{pid}, or C{None} if unknown."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ChildLink(amp.AMP):
+    """
+    The worker's end of the connection to one job process.
+
+    C{retire} is set when this child should get no more jobs (it grew past
+    the memory limit); L{JobPool} then replaces it.
+    """
+
+    #: Set by L{JobPool} on every link it creates.
+    pool: JobPool | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.dead = False
+        self.retire = False
+        self.timed_out: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The job process's pid while it runs."""
+        process = getattr(self.transport, "transport", None)
+        return getattr(process, "pid", None)
+
+    def callRemote(self, command, _cw_timeout: float | None = None, **kwargs):
+        from twisted.internet import reactor
+
+        if self.dead:
+            return defer.fail(ChildExited(exitCode=None))
+        d = super().callRemote(command, **kwargs)
+        if d is None:
+            return d
+        timer = None
+        if _cw_timeout is not None and _cw_timeout > 0:
+            timer = reactor.callLater(_cw_timeout, self._kill, _cw_timeout)
+
+        def ended(result):
+            if timer is not None and timer.active():
+                timer.cancel()
+            if not isinstance(result, dict) or self.pool is None:
+                return result
+            limit = self.pool.max_rss
+            rss = resident_bytes(self.pid) if limit and self.pid else None
+            if rss is not None and rss > limit:
+                log.info(
+                    "Job process {pid} uses {mib} MiB, more than the limit of {limit} MiB; replacing it",
+                    pid=self.pid,
+                    mib=rss >> 20,
+                    limit=limit >> 20,
+                )
+                self.retire = True
+            elif result.get("status") == P.Outcome.RAISED:
+                # A job that ran out of memory may leave its process damaged.
+                if P.read_error_report(result.get("payload", b"")).get("type") == "MemoryError":
+                    self.retire = True
+            return result
+
+        def died(reason):
+            ended(None)
+            if self.timed_out is not None:
+                return Failure(JobTimedOut(self.timed_out))
+            if reason.check(error.ProcessTerminated):
+                return reason
+            if reason.check(error.ProcessDone, error.ConnectionDone, error.ConnectionLost):
+                # Exit status 0 in the middle of a call: still a death.
+                return Failure(ChildExited(exitCode=0))
+            return reason
+
+        return d.addCallbacks(ended, died)
+
+    def _kill(self, timeout: float) -> None:
+        self.timed_out = timeout
+        try:
+            self.transport.signalProcess(signal.SIGKILL)
+        except (error.ProcessExitedAlready, AttributeError):
+            pass
+
+    def connectionLost(self, reason):
+        self.dead = True
+        super().connectionLost(reason)
+
+
+class JobPool(pool.ProcessPool):
+    """
+    An ampoule L{ProcessPool} that never hands a job to a dead or retired
+    child.
+
+    @param max_rss: replace a child once its resident size passes this many
+        bytes after a job (0: no limit).
+    """
+
+    def __init__(self, *args, max_rss: int = 0, **kwargs) -> None:
+        pool_ = self
+
+        class Link(ChildLink):
+            pool = pool_
+
+        kwargs.setdefault("ampParent", Link)
+        super().__init__(*args, **kwargs)
+        self.max_rss = max_rss
+
+    def _retire_unusable(self) -> None:
+        """Stop ready children that must not run another job; start fresh ones."""
+        for child in [c for c in self.ready if c.dead or c.retire]:
+            self.ready.discard(child)
+            if child.dead:
+                continue  # ampoule prunes it when its process ends
+            self.stopAWorker(child).addCallback(lambda _: self.startAWorker())
+
+    def _catchUp(self):
+        self._retire_unusable()
+        return super()._catchUp()
+
+    def doWork(self, command, **kwargs):
+        self._retire_unusable()
+        return super().doWork(command, **kwargs)

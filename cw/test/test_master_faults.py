@@ -1,0 +1,142 @@
+"""
+Tests for the master's fault handling with a fake clock and fake
+connections: heartbeats that drop silent workers, and jobs that fail once
+they have been running on too many lost workers.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from cw import protocol as P
+from cw.master import Master
+
+
+class FakeTransport:
+    def __init__(self, proto) -> None:
+        self.proto = proto
+        self.aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+        self.proto.master.worker_left(self.proto)
+
+    loseConnection = abortConnection
+
+
+class FakePeer:
+    """A registered worker or client connection as the master sees it."""
+
+    def __init__(self, master: Master, name: str) -> None:
+        self.master = master
+        self.peer_name = name
+        self.peer_id = 0
+        self.transport = FakeTransport(self)
+        self.calls: list[tuple[type, dict, defer.Deferred]] = []
+        self.results: list[P.Result] = []
+        self.contexts_sent: set[int] = set()
+
+    def callRemote(self, command, **kwargs):
+        d = defer.Deferred()
+        self.calls.append((command, kwargs, d))
+        return d
+
+    def send_jobs(self, jobs):
+        self.calls.append((P.RunJobs, {"jobs": jobs}, None))
+
+    def send_results(self, results):
+        self.results.extend(results)
+
+    def pings(self) -> list[defer.Deferred]:
+        return [d for command, _, d in self.calls if command is P.Heartbeat]
+
+
+class HeartbeatTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.master = Master(clock=self.clock, heartbeat=1.0, heartbeat_timeout=3.0)
+        self.master.start_heartbeats()
+        self.addCleanup(self.master.stop_heartbeats)
+
+    def add_worker(self, name="w:1") -> FakePeer:
+        peer = FakePeer(self.master, name)
+        peer.peer_id = self.master.worker_joined(peer, 1)
+        return peer
+
+    def test_answering_worker_kept(self):
+        worker = self.add_worker()
+        for _ in range(10):
+            self.clock.advance(1.0)
+            for d in worker.pings():
+                if not d.called:
+                    d.callback({})
+        self.assertFalse(worker.transport.aborted)
+        self.assertEqual(len(worker.pings()), 10)
+
+    def test_silent_worker_dropped_after_timeout(self):
+        worker = self.add_worker()
+        self.clock.advance(3.0)
+        self.assertFalse(worker.transport.aborted)
+        self.assertEqual(len(worker.pings()), 1, "no second ping while one is unanswered")
+        self.clock.advance(1.0)
+        self.assertTrue(worker.transport.aborted)
+        self.assertEqual(self.master.workers, {})
+
+    def test_results_count_as_signs_of_life(self):
+        worker = self.add_worker()
+        for _ in range(6):
+            self.clock.advance(1.0)
+            self.master.results(worker.peer_id, [])
+        self.assertFalse(worker.transport.aborted)
+
+    def test_jobs_of_silent_worker_go_elsewhere(self):
+        client = FakePeer(self.master, "c:1")
+        client.peer_id = self.master.client_joined(client, {"cwd": "", "path": []})
+        silent = self.add_worker("silent:1")
+        self.master.submit(client.peer_id, [P.Job(0, 1, b"p")])
+        self.clock.advance(0)
+        self.assertEqual(len([c for c in silent.calls if c[0] is P.RunJobs]), 1)
+        other = self.add_worker("other:2")
+        for _ in range(4):
+            self.clock.advance(1.0)
+            for d in other.pings():
+                if not d.called:
+                    d.callback({})
+        self.assertTrue(silent.transport.aborted)
+        self.assertFalse(other.transport.aborted)
+        self.clock.advance(0)
+        [(_, kwargs, _)] = [c for c in other.calls if c[0] is P.RunJobs]
+        self.assertEqual([job.seq for job in kwargs["jobs"]], [1])
+
+    def test_disabled(self):
+        master = Master(clock=self.clock, heartbeat=0)
+        master.start_heartbeats()
+        peer = FakePeer(master, "w:1")
+        peer.peer_id = master.worker_joined(peer, 1)
+        self.clock.advance(1000)
+        self.assertEqual(peer.pings(), [])
+        self.assertFalse(peer.transport.aborted)
+
+
+class WorkerLostTests(SynchronousTestCase):
+    def test_failure_delivered_after_max_attempts(self):
+        clock = Clock()
+        master = Master(clock=clock, max_attempts=2, heartbeat=0)
+        client = FakePeer(master, "c:1")
+        client.peer_id = master.client_joined(client, {"cwd": "", "path": []})
+        master.submit(client.peer_id, [P.Job(0, 7, b"p")])
+        for n in range(2):
+            worker = FakePeer(master, f"host{n}:{n}")
+            worker.peer_id = master.worker_joined(worker, 1)
+            clock.advance(0)
+            worker.lost_how = "killed"
+            master.worker_left(worker)
+        [result] = client.results
+        self.assertEqual((result.seq, result.status), (7, P.Outcome.CRASHED))
+        report = P.read_error_report(result.payload)
+        self.assertEqual(report["type"], "WorkerLost")
+        self.assertEqual(report["hosts"], ["host0:0", "host1:1"])
+        self.assertIn("host1:1 (killed)", report["message"])
+        self.assertEqual(master.scheduler.queued, 0)
