@@ -104,12 +104,18 @@ class AuthGate:
         host = getattr(peer, "host", None)
         return f"{host}:{peer.port}" if host and hasattr(peer, "port") else str(peer)
 
-    def reject(self, why: str) -> None:
-        """Log why and drop the connection at once."""
+    def reject(self, why: str, abort: bool = True) -> None:
+        """
+        Log why and drop the connection: at once (C{abort}), or after what
+        was already written, such as an error answer, has been sent.
+        """
         if self.transport is None or getattr(self.transport, "disconnecting", False):
             return
         log.warn("Dropping connection from {peer}: {why}", peer=self.peer_description(), why=why)
-        self.transport.abortConnection()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
     def start_auth_timer(self, clock) -> None:
         if not self.authenticated:
@@ -216,7 +222,7 @@ class MasterAuth(amp.CommandLocator):
             )
             from twisted.internet import reactor
 
-            reactor.callLater(0, self.reject, "failed authentication")
+            reactor.callLater(0, self.reject, "failed authentication", abort=False)
             raise AuthenticationFailed("wrong secret")
         self.mark_authenticated()
         return {}

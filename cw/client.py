@@ -41,17 +41,28 @@ from twisted.python import threadable
 from cw import protocol as P
 from cw.address import client_description, client_endpoint
 from cw.auth import AuthenticationFailed, AuthGate, authenticate
-from cw.errors import REPORT_TYPES, JobCrashed, MasterUnavailable, RemoteException, SubmitError
+from cw.errors import (
+    REPORT_TYPES,
+    JobCrashed,
+    JobTimeout,
+    MasterUnavailable,
+    RemoteException,
+    SubmitError,
+    WorkerLost,
+)
 from cw.secret import SecretError, load_secret
 
 __all__ = [
     "AuthenticationFailed",
     "ClientThread",
     "ClusterExecutor",
+    "JobCrashed",
+    "JobTimeout",
     "MasterUnavailable",
     "RemoteException",
     "SecretError",
     "SubmitError",
+    "WorkerLost",
 ]
 
 log = Logger()
@@ -151,9 +162,11 @@ def job_options(owner: Any, timeout: float | None, max_attempts: int | None) -> 
         timeout = getattr(owner, "timeout", None)
     if max_attempts is None:
         max_attempts = getattr(owner, "max_attempts", None)
-    if timeout is not None and not timeout > 0:
+    if timeout is not None and not P.valid_timeout(timeout):
         raise SubmitError(f"timeout must be a positive number of seconds, not {timeout!r}")
-    if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
+    if max_attempts is not None and (
+        isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
+    ):
         raise SubmitError(f"max_attempts must be a positive integer, not {max_attempts!r}")
     return P.encode_options(timeout=timeout, max_attempts=max_attempts)
 
@@ -237,9 +250,16 @@ class Session:
                 delay = min(delay * 2, 1.0)
         try:
             yield authenticate(proto, self.secret, "client", self.address)
-        except Exception:
+        except AuthenticationFailed:
             proto.transport.loseConnection()
             raise
+        except Exception as e:
+            proto.transport.loseConnection()
+            raise MasterUnavailable(
+                f"the connection to the cw master at {self.address} broke while"
+                f" authenticating ({e.__class__.__name__}: {e}); for ssl: addresses"
+                " check the certificates, otherwise check that this is a cw master"
+            ) from None
         try:
             answer = yield proto.callRemote(
                 P.RegisterClient,

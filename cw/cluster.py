@@ -65,9 +65,9 @@ def stop(*args, **kwargs):
 @contextlib.contextmanager
 def allocate(nworkers: int = 1, *args, **kwargs):
     module = _module()
-    module.start(nworkers, *args, **kwargs)
+    address = module.start(nworkers, *args, **kwargs)
     try:
-        yield
+        yield address
     finally:
-        stop_kwargs = {k: kwargs[k] for k in ("port", "run_dir") if k in kwargs}
+        stop_kwargs = {k: kwargs[k] for k in ("port",) if k in kwargs}
         module.stop(**stop_kwargs)

@@ -198,16 +198,20 @@ def _start_workers(
             args += ["--procs", str(procs)]
         log = directory / f"worker-{i}.log"
         popens.append((_spawn(args, log, directory / f"worker-{i}.pid"), log))
-    try:
-        wait_for_workers(before + n, address, None, timeout=timeout)
-    except Exception as e:
-        dead = [(p, log) for p, log in popens if p.poll() is not None]
-        if dead:
-            p, log = dead[0]
-            raise ClusterError(
-                f"a cw worker exited with code {p.returncode}; its log ({log}) ends:\n{_tail(log)}"
-            ) from None
-        raise ClusterError(f"cw workers did not register within {timeout} s: {e}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        for p, log in popens:
+            if p.poll() is not None:
+                raise ClusterError(
+                    f"a cw worker exited with code {p.returncode}; its log ({log}) ends:\n{_tail(log)}"
+                )
+        try:
+            # Short rounds, so that a worker dying at start is reported at once.
+            wait_for_workers(before + n, address, None, timeout=1)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"cw workers did not register within {timeout} s") from None
 
 
 def _stop_pids(pids: list[int], timeout: float) -> None:
@@ -251,9 +255,9 @@ def stop(master: bool = True, workers: bool = True, *, port: int = PORT, timeout
 
 @contextlib.contextmanager
 def allocate(nworkers: int = 1, *args, **kwargs):
-    """Context manager: L{start} on enter, L{stop} on exit."""
-    start(nworkers, *args, **kwargs)
+    """Context manager: L{start} on enter (yielding the master's address), L{stop} on exit."""
+    address = start(nworkers, *args, **kwargs)
     try:
-        yield
+        yield address
     finally:
         stop(**{k: kwargs[k] for k in ("port",) if k in kwargs})

@@ -67,7 +67,8 @@ class ChildLink(amp.AMP):
     The worker's end of the connection to one job process.
 
     C{retire} is set when this child should get no more jobs (it grew past
-    the memory limit); L{JobPool} then replaces it.
+    the pool's C{max_rss}, or its job ran out of memory); L{JobPool} then
+    replaces it.  C{dead} is set once its process has ended.
     """
 
     #: Set by L{JobPool} on every link it creates.

@@ -128,6 +128,11 @@ def encode_options(**options: Any) -> bytes:
     return json.dumps(given, separators=(",", ":")).encode("utf-8") if given else b""
 
 
+def valid_timeout(value: Any) -> bool:
+    """True if C{value} is usable as a job's C{timeout}: finite seconds > 0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
 def read_options(job: Job) -> dict:
     """Undo L{encode_options}; malformed options count as no options."""
     if not job.options:

@@ -193,7 +193,8 @@ class Scheduler:
     def _max_attempts(self, job: Job) -> int:
         """The job's own C{max_attempts} option if valid, else the scheduler's."""
         limit = read_options(job).get("max_attempts") if job.options else None
-        return limit if isinstance(limit, int) and limit >= 1 else self.max_attempts
+        valid = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+        return limit if valid else self.max_attempts
 
     @staticmethod
     def _worker_lost(job: Job, losses: list[str], limit: int) -> Result:

@@ -38,7 +38,8 @@ def master_host(name: str = MASTER_JOB) -> str:
     hosts = out.stdout.split()
     if not hosts:
         raise SlurmError(
-            f"no running SLURM job named {name!r} for {getpass.getuser()}; start one with slurm.py start"
+            f"no running SLURM job named {name!r} for {getpass.getuser()}; start a"
+            " master job first (named cmaster, running twistd -n cw-master)"
         )
     return hosts[0]
 
@@ -57,4 +58,4 @@ def stop(*args, **kwargs):
 
 
 def allocate(*args, **kwargs):
-    raise NotImplementedError(start.__doc__ or "SLURM clusters are not available yet")
+    return start(*args, **kwargs)

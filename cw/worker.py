@@ -48,7 +48,8 @@ def describe_crash(reason) -> str:
                 name = signal.Signals(value.signal).name
             except ValueError:
                 name = str(value.signal)
-            return f"the job's process was killed by signal {value.signal} ({name})"
+            hint = " (the kernel's out-of-memory killer sends this signal)" if name == "SIGKILL" else ""
+            return f"the job's process was killed by signal {value.signal} ({name}){hint}"
         return f"the job's process exited with code {value.exitCode}"
     if isinstance(value, (error.ProcessDone, error.ConnectionDone, error.ConnectionLost)):
         return "the job's process exited while running the job"
@@ -127,6 +128,7 @@ class WorkerProtocol(AuthGate, amp.AMP):
 
     @P.Heartbeat.responder
     def heartbeat(self):
+        self.worker.heartbeat_received(self)
         return {}
 
     def connectionLost(self, reason):
@@ -138,8 +140,9 @@ class Worker:
     """
     Runs jobs for one master connection at a time.
 
-    @param pool: an ampoule L{ProcessPool} of L{cw.child.JobChild} processes
-        (or anything with the same C{doWork}).
+    @param pool: a L{cw.pool.JobPool} of L{cw.child.JobChild} processes (or
+        anything with the same C{doWork}, including its C{_cw_timeout}
+        keyword for jobs with a timeout).
     @param procs: how many jobs run at once.
     """
 
@@ -166,6 +169,13 @@ class Worker:
         #: Seconds a job may run when it does not set its own timeout
         #: (None: no limit).
         self.job_timeout: float | None = None
+        #: Once the master sends heartbeats, how long the worker waits for
+        #: the next before it drops the connection and reconnects (a
+        #: half-open link may otherwise never close on this side); at least
+        #: three of the master's heartbeat intervals; 0: never.
+        self.master_timeout: float = 30.0
+        self._master_watchdog = None
+        self._last_heartbeat: float | None = None
         self.outbox = Outbox(clock, self._send_results, P.result_size)
 
     def connected(self, proto: WorkerProtocol, worker_id: int) -> None:
@@ -179,9 +189,32 @@ class Worker:
             n=self.procs,
         )
 
+    def heartbeat_received(self, proto: WorkerProtocol) -> None:
+        """The master is alive: (re)arm the watchdog for its next heartbeat."""
+        if proto is not self.proto or not self.master_timeout:
+            return
+        now = self.clock.seconds()
+        last, self._last_heartbeat = self._last_heartbeat, now
+        if last is None:
+            return  # armed from the second heartbeat on, once the interval is known
+        timeout = max(self.master_timeout, 3 * (now - last))
+        if self._master_watchdog is not None and self._master_watchdog.active():
+            self._master_watchdog.cancel()
+        self._master_watchdog = self.clock.callLater(timeout, self._master_silent, proto, timeout)
+
+    def _master_silent(self, proto: WorkerProtocol, timeout: float) -> None:
+        log.warn(
+            "No heartbeat from the master for {s:g} s; dropping the connection to reconnect",
+            s=timeout,
+        )
+        proto.transport.abortConnection()
+
     def disconnected(self, proto: WorkerProtocol) -> None:
         if proto is not self.proto:
             return
+        if self._master_watchdog is not None and self._master_watchdog.active():
+            self._master_watchdog.cancel()
+        self._master_watchdog = self._last_heartbeat = None
         dropped = len(self.queue)
         self.proto = None
         self.generation += 1
@@ -205,7 +238,9 @@ class Worker:
         context = self.contexts.get(job.client, {})
         self.running += 1
         generation = self.generation
-        timeout = P.read_options(job).get("timeout", self.job_timeout)
+        timeout = P.read_options(job).get("timeout")
+        if not P.valid_timeout(timeout):
+            timeout = self.job_timeout
         extra = {"_cw_timeout": float(timeout)} if timeout else {}
         d = self.pool.doWork(
             P.RunJob,
@@ -251,7 +286,12 @@ class JobStarter(ampoule_main.ProcessStarter):
     connectorFactory = JobConnector
 
     def __init__(self, env: dict[str, str]) -> None:
-        bootstrap = ampoule_main.BOOTSTRAP.replace("LogLevel.info", "LogLevel.warn")
+        # Quiet Twisted's own logging in the child, and leave the job's
+        # stdout/stderr alone so that what a job prints reaches the worker.
+        bootstrap = ampoule_main.BOOTSTRAP.replace("LogLevel.info", "LogLevel.warn").replace(
+            "beginLoggingTo([filteringObserver])",
+            "beginLoggingTo([filteringObserver], redirectStandardIO=False)",
+        )
         super().__init__(bootstrap=bootstrap, env=env)
 
     def __repr__(self) -> str:
@@ -289,6 +329,8 @@ class WorkerService(service.MultiService):
         and its process is replaced (0: no limit).
     @param recycle_memory: replace a job process whose resident size is
         above this many MiB after a job (0: never).
+    @param master_timeout: reconnect when the master, having sent
+        heartbeats, falls silent for this many seconds (0: never).
     """
 
     name = "cw-worker"
@@ -302,9 +344,11 @@ class WorkerService(service.MultiService):
         job_timeout: float | None = None,
         memory_limit: int = 0,
         recycle_memory: int = 0,
+        master_timeout: float = 30.0,
     ) -> None:
         super().__init__()
         self.job_timeout = job_timeout
+        self.master_timeout = master_timeout
         self.memory_limit = memory_limit
         self.recycle_memory = recycle_memory
         self.secret = secret
@@ -334,6 +378,7 @@ class WorkerService(service.MultiService):
         )
         self.worker = Worker(self.pool, self.procs, secret=self.secret, address=self.master_address)
         self.worker.job_timeout = self.job_timeout
+        self.worker.master_timeout = self.master_timeout
         if self.secret is None:
             log.warn(
                 "cw worker running with --insecure: it runs jobs from any master it reaches"
@@ -377,6 +422,7 @@ class Options(usage.Options):
         ["job-timeout", None, None, "seconds a job may run unless it sets its own timeout", float],
         ["memory-limit", None, 0, "address-space limit per job process, MiB (0: none)", int],
         ["recycle-memory", None, 0, "restart a job process above this resident size, MiB (0: never)", int],
+        ["master-timeout", None, 30.0, "reconnect if master heartbeats stop this long (0: never)", float],
         ["secret-file", None, None, "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"],
     ]
     optFlags = [
@@ -425,6 +471,7 @@ def makeService(options: Options) -> WorkerService:
         job_timeout=options["job-timeout"],
         memory_limit=options["memory-limit"],
         recycle_memory=options["recycle-memory"],
+        master_timeout=options["master-timeout"],
     )
 
 

@@ -124,11 +124,15 @@ class Processes:
         self.workers: list[subprocess.Popen] = []
         self._count = 0
 
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def spawn(self, name: str, args: list[str], prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+        """
+        Run C{twistd ARGS}, behind C{prefix} if given (a command that execs
+        the rest in place, such as C{ip netns exec NS}, so the pid stays).
+        """
         log = self.directory / f"{name}.log"
         with open(log, "ab") as out:
             popen = subprocess.Popen(
-                [*TWISTD, "--nodaemon", "--pidfile=", *args],
+                [*prefix, *TWISTD, "--nodaemon", "--pidfile=", *args],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -144,14 +148,14 @@ class Processes:
         text = Path(popen.log).read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
-    def start_master(self, *options: str) -> str:
+    def start_master(self, *options: str, listen: str = "tcp:0:interface=127.0.0.1") -> str:
         address_file = self.directory / "master.address"
         self.master = self.spawn(
             "master",
             [
                 "cw-master",
                 "--port",
-                "tcp:0:interface=127.0.0.1",
+                listen,
                 "--address-file",
                 str(address_file),
                 *options,
@@ -166,14 +170,23 @@ class Processes:
         self.address = wait_until(listening, what="the master to listen")
         return self.address
 
-    def start_worker(self, procs: int = 1, wait: bool = True, *options: str) -> subprocess.Popen:
+    def start_worker(
+        self,
+        procs: int = 1,
+        wait: bool = True,
+        *options: str,
+        address: str | None = None,
+        prefix: tuple[str, ...] = (),
+    ) -> subprocess.Popen:
+        """Start a worker (of this master, or at C{address}); wait until it registered."""
         from cw.client import wait_for_workers
 
         self._count += 1
         before = len(self.workers) if wait else 0
         popen = self.spawn(
             f"worker-{self._count}",
-            ["cw-worker", "--master", self.address, "--procs", str(procs), *options],
+            ["cw-worker", "--master", address or self.address, "--procs", str(procs), *options],
+            prefix,
         )
         self.workers.append(popen)
         if wait:

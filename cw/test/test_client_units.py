@@ -15,9 +15,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cw import child
 from cw.child import run_payload
-from cw.client import client_context, decode_result, describe_unpicklable, pickle_call
-from cw.errors import CWError, JobCrashed, RemoteException, SubmitError
-from cw.protocol import Outcome, Result, error_report
+from cw.client import client_context, decode_result, describe_unpicklable, job_options, pickle_call
+from cw.errors import CWError, JobCrashed, JobTimeout, RemoteException, SubmitError, WorkerLost
+from cw.protocol import Job, Outcome, Result, error_report, read_options
 
 
 def failing_job():
@@ -232,3 +232,50 @@ class ClientContextTests(SynchronousTestCase):
         context = client_context()
         self.assertEqual(context["cwd"], cwd)
         self.assertEqual(context["path"], [cwd, os.path.abspath("relative"), "/abs/one"])
+
+
+class JobOptionTests(SynchronousTestCase):
+    """Per-job options: defaults, overrides, validation and error classes."""
+
+    class Owner:
+        timeout = None
+        max_attempts = None
+
+    def test_no_options_no_bytes(self):
+        self.assertEqual(job_options(self.Owner(), None, None), b"")
+
+    def test_given_options_travel_as_json(self):
+        options = job_options(self.Owner(), 2.5, 4)
+        self.assertEqual(read_options(Job(0, 1, b"", options)), {"timeout": 2.5, "max_attempts": 4})
+
+    def test_owner_defaults_and_overrides(self):
+        owner = self.Owner()
+        owner.timeout, owner.max_attempts = 10, 2
+        self.assertEqual(
+            read_options(Job(0, 1, b"", job_options(owner, None, None))), {"timeout": 10, "max_attempts": 2}
+        )
+        self.assertEqual(read_options(Job(0, 1, b"", job_options(owner, 1, None)))["timeout"], 1)
+
+    def test_bad_values_refused(self):
+        bad = [(0, None), (-1, None), ("1", None), (float("inf"), None), (float("nan"), None), (True, None)]
+        bad += [(None, 0), (None, 1.5), (None, "3"), (None, True)]
+        for timeout, attempts in bad:
+            self.assertRaises(SubmitError, job_options, self.Owner(), timeout, attempts)
+
+    def test_malformed_options_read_as_none(self):
+        for raw in [b"{", b"[1]", b"\xff"]:
+            self.assertEqual(read_options(Job(0, 1, b"", raw)), {})
+
+    def test_error_classes_by_report_type(self):
+        for kind, cls in [
+            ("JobTimeout", JobTimeout),
+            ("WorkerLost", WorkerLost),
+            ("JobProcessDied", JobCrashed),
+        ]:
+            result = Result(1, 1, Outcome.CRASHED, error_report(kind, "m", host="h"))
+            ok, error = decode_result("j", result)
+            self.assertFalse(ok)
+            self.assertIs(type(error), cls)
+            self.assertEqual(pickle.loads(pickle.dumps(error)).report, error.report)
+        self.assertTrue(issubclass(WorkerLost, JobCrashed))
+        self.assertFalse(issubclass(JobTimeout, JobCrashed))

@@ -265,3 +265,30 @@ class EndToEndTests(unittest.TestCase):
 
 def reverse_bytes(data):
     return data[::-1]
+
+
+def shout(text):
+    print(text, flush=True)
+    return len(text)
+
+
+class JobOutputTests(unittest.TestCase):
+    """What a job prints is not lost."""
+
+    timeout = 120
+
+    def test_print_reaches_worker_log(self):
+        """A job's print() shows up in its worker's log."""
+        procs = Processes(self, self.mktemp())
+
+        def body():
+            procs.start_master()
+            worker = procs.start_worker()
+            with ClusterExecutor(procs.address) as ex:
+                self.assertEqual(ex.submit(shout, "hello from job 4711").result(60), 19)
+            wait_until(
+                lambda: "hello from job 4711" in procs.log_tail(worker, 200),
+                what="the job's output in the worker log",
+            )
+
+        return threads.deferToThread(body)

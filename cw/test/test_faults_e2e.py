@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
 
 from twisted.internet import threads
@@ -33,6 +36,11 @@ def segfault():
     time.sleep(60)
 
 
+def kill_myself():
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+
+
 def exit_with(code):
     os._exit(code)
 
@@ -46,9 +54,19 @@ def allocate(mib):
 
 
 def kill_my_worker():
-    """Kill the worker running this job (the job process's parent)."""
-    os.kill(os.getppid(), signal.SIGKILL)
-    time.sleep(60)
+    """Kill the worker running this job (the job process's parent), then exit."""
+    parent = os.getppid()
+    os.kill(parent, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os._exit(1)
+
+
+def short_job(x):
+    """Take 1 to 5 ms; return C{x}."""
+    time.sleep(0.001 * (1 + x % 5))
+    return x
 
 
 def wait_for_file(path, timeout=60):
@@ -68,9 +86,9 @@ class FaultTests(unittest.TestCase):
 
     def test_crashing_jobs(self):
         """
-        A segfault, os._exit(3), sys.exit(0) and an allocation past the
-        worker's memory limit each give their own clear error; the same
-        worker then runs 100 normal jobs.
+        A segfault, a SIGKILL, os._exit(3), os._exit(0), sys.exit(0) and an
+        allocation past the worker's memory limit each give their own clear
+        error; the same worker then runs 100 normal jobs.
         """
 
         def body():
@@ -82,6 +100,11 @@ class FaultTests(unittest.TestCase):
                 self.assertIn("signal 11 (SIGSEGV)", str(error))
                 self.assertIn(f"pid {worker.pid}", str(error))
                 self.assertTrue(error.host)
+
+                error = ex.submit(kill_myself).exception(60)
+                self.assertIsInstance(error, JobCrashed)
+                self.assertIn("signal 9 (SIGKILL)", str(error))
+                self.assertIn("out-of-memory killer", str(error))
 
                 error = ex.submit(exit_with, 3).exception(60)
                 self.assertIsInstance(error, JobCrashed)
@@ -234,6 +257,124 @@ class FaultTests(unittest.TestCase):
 
         return threads.deferToThread(body)
 
+    def test_chaos(self):
+        """
+        10,000 jobs of 1-5 ms while a worker is killed with SIGKILL every
+        second and a replacement started: every future resolves with the
+        right value, and the master delivered each result once.
+        """
+        count = 10_000
+
+        def body():
+            address = self.procs.start_master("--max-attempts", "1000")
+            for _ in range(3):
+                self.procs.start_worker(2)
+            stop = threading.Event()
+            killed = []
+
+            def killer():
+                while not stop.wait(1.0):
+                    victim = self.procs.workers[0]
+                    os.kill(victim.pid, signal.SIGKILL)
+                    victim.wait(30)
+                    self.procs.workers.remove(victim)
+                    killed.append(victim.pid)
+                    self.procs.start_worker(2, False)
+
+            thread = threading.Thread(target=killer, name="chaos")
+            with ClusterExecutor(address) as ex:
+                futures = [ex.submit(short_job, i) for i in range(count)]
+                thread.start()
+                try:
+                    values = [f.result(120) for f in futures]
+                finally:
+                    stop.set()
+                    thread.join(60)
+                status = ex.status()
+            self.assertEqual(values, list(range(count)))
+            self.assertEqual(status["completed"], count)
+            self.assertGreaterEqual(len(killed), 2, "the run ended before two workers were killed")
+
+        return threads.deferToThread(body)
+
+    def test_half_open_link(self):
+        """
+        A worker in its own network namespace whose link goes down (its TCP
+        connection stays open, half-open, on the master's side) is declared
+        lost within the heartbeat timeout and its job finishes elsewhere.
+        Needs root and iproute2; CI runs it.
+        """
+        flag = os.path.abspath(self.mktemp())
+        net = NetworkNamespace(self)
+
+        def body():
+            address = self.procs.start_master(
+                "--heartbeat", "0.5", "--heartbeat-timeout", "2", listen=f"tcp:0:interface={net.host_ip}"
+            )
+            cut_off = self.procs.start_worker(1, prefix=net.prefix)
+            alive = self.procs.start_worker(1)
+            with ClusterExecutor(address) as ex:
+                self.assertEqual(ex.submit(square, 3).result(60), 9)
+                futures = [ex.submit(wait_for_file, flag) for _ in range(2)]
+                wait_until(
+                    lambda: sorted(w["held"] for w in master_status(address)["workers"]) == [1, 1],
+                    what="one job on each worker",
+                )
+                net.cut()
+                started = time.monotonic()
+                with open(flag, "w"):
+                    pass
+                pids = [f.result(60) for f in futures]
+                self.assertLess(time.monotonic() - started, 30)
+                self.assertEqual(len(master_status(address)["workers"]), 1)
+            self.assertEqual(pids, [alive.pid, alive.pid])
+            self.assertNotEqual(cut_off.pid, alive.pid)
+
+        return threads.deferToThread(body)
+
     def _resume(self, pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+class NetworkNamespace:
+    """
+    A network namespace joined to this one by a veth pair, removed in the
+    test's cleanup.  Skips the test without root or iproute2.
+    """
+
+    def __init__(self, testcase: unittest.TestCase) -> None:
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root to create a network namespace (CI runs as root)")
+        if shutil.which("ip") is None:
+            raise unittest.SkipTest("needs iproute2's ip command (apt-get install iproute2)")
+        tag = os.getpid() % 100000
+        self.name = f"cwtest{tag}"
+        self.host_side, self.ns_side = f"cwv{tag}a", f"cwv{tag}b"
+        subnet = f"10.{200 + tag % 50}.{tag // 50 % 256}"
+        self.host_ip, self.ns_ip = f"{subnet}.1", f"{subnet}.2"
+        self.prefix = ("ip", "netns", "exec", self.name)
+        testcase.addCleanup(self.remove)
+        try:
+            self.run("ip", "netns", "add", self.name)
+            self.run("ip", "link", "add", self.host_side, "type", "veth", "peer", "name", self.ns_side)
+            self.run("ip", "link", "set", self.ns_side, "netns", self.name)
+            self.run("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_side)
+            self.run("ip", "link", "set", self.host_side, "up")
+            self.run(*self.prefix, "ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_side)
+            self.run(*self.prefix, "ip", "link", "set", self.ns_side, "up")
+            self.run(*self.prefix, "ip", "link", "set", "lo", "up")
+        except subprocess.CalledProcessError as e:
+            raise unittest.SkipTest(f"cannot set up a network namespace here: {e}") from None
+
+    @staticmethod
+    def run(*command: str) -> None:
+        subprocess.run(command, check=True, capture_output=True, timeout=30)
+
+    def cut(self) -> None:
+        """Take the namespace's end of the link down: packets stop, nothing closes."""
+        self.run(*self.prefix, "ip", "link", "set", self.ns_side, "down")
+
+    def remove(self) -> None:
+        for command in (("ip", "netns", "del", self.name), ("ip", "link", "del", self.host_side)):
+            subprocess.run(command, capture_output=True, timeout=30)

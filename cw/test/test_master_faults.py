@@ -1,7 +1,8 @@
 """
-Tests for the master's fault handling with a fake clock and fake
-connections: heartbeats that drop silent workers, and jobs that fail once
-they have been running on too many lost workers.
+Tests for fault handling with a fake clock and fake connections: the
+master's heartbeats that drop silent workers, jobs that fail once they have
+been running on too many lost workers, and the worker's watchdog that drops
+a master whose heartbeats stopped.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cw import protocol as P
 from cw.master import Master
+from cw.worker import Worker
 
 
 class FakeTransport:
@@ -140,3 +142,63 @@ class WorkerLostTests(SynchronousTestCase):
         self.assertEqual(report["hosts"], ["host0:0", "host1:1"])
         self.assertIn("host1:1 (killed)", report["message"])
         self.assertEqual(master.scheduler.queued, 0)
+
+
+class MasterWatchdogTests(SynchronousTestCase):
+    """A worker drops a master connection whose heartbeats stopped."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.worker = Worker(None, 1, clock=self.clock)
+        self.proto = FakeWorkerConnection()
+        self.worker.proto = self.proto
+
+    def beat(self, times: int, every: float) -> None:
+        for _ in range(times):
+            self.worker.heartbeat_received(self.proto)
+            self.clock.advance(every)
+
+    def test_not_armed_before_second_heartbeat(self):
+        self.clock.advance(1000)
+        self.beat(1, 1000.0)
+        self.assertFalse(self.proto.transport.aborted)
+
+    def test_steady_heartbeats_keep_connection(self):
+        self.beat(100, 5.0)
+        self.assertFalse(self.proto.transport.aborted)
+
+    def test_silence_drops_connection(self):
+        self.beat(3, 5.0)
+        self.clock.advance(24.9)
+        self.assertFalse(self.proto.transport.aborted)
+        self.clock.advance(0.2)
+        self.assertTrue(self.proto.transport.aborted)
+
+    def test_slow_heartbeats_stretch_the_timeout(self):
+        self.beat(5, 60.0)
+        self.assertFalse(self.proto.transport.aborted)
+        self.clock.advance(115)
+        self.assertFalse(self.proto.transport.aborted)
+        self.clock.advance(10)
+        self.assertTrue(self.proto.transport.aborted)
+
+    def test_disabled(self):
+        self.worker.master_timeout = 0
+        self.beat(1, 1000.0)
+        self.assertFalse(self.proto.transport.aborted)
+
+    def test_disconnect_disarms(self):
+        self.beat(2, 1.0)
+        self.worker.disconnected(self.proto)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class FakeWorkerConnection:
+    """The worker's master connection, reduced to what the watchdog touches."""
+
+    def __init__(self) -> None:
+        self.transport = self
+        self.aborted = False
+
+    def abortConnection(self):
+        self.aborted = True

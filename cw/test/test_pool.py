@@ -255,6 +255,17 @@ class PoolTests(unittest.TestCase):
         self.assertEqual(result.status, P.Outcome.OK)
 
     @defer.inlineCallbacks
+    def test_malformed_timeout_ignored(self):
+        """A timeout option of the wrong type falls back to the worker's default."""
+        worker = self.make_worker()
+        worker.job_timeout = 0.5
+        payload = cloudpickle.dumps((sleep, (3600,), {}))
+        self.seq += 1
+        worker.enqueue([P.Job(1, self.seq, payload, b'{"timeout": "soon"}')])
+        results = yield self.proto.wait_for(self.seq)
+        self.assertEqual(P.read_error_report(results[self.seq].payload)["type"], "JobTimeout")
+
+    @defer.inlineCallbacks
     def test_recycle_memory(self):
         """A process whose resident size passes the limit is replaced after its job."""
         worker = self.make_worker(recycle_memory=200)
