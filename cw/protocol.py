@@ -249,44 +249,54 @@ def result_size(result: Result) -> int:
     return _RESULT.size + len(result.payload)
 
 
-class JobBatch(Blob):
+class Encoded(Blob):
+    """
+    A L{Blob} that carries some other value: C{encode} turns it into bytes
+    before chunking, C{decode} turns the joined bytes back.
+    """
+
+    @staticmethod
+    def encode(value: Any) -> bytes:
+        raise NotImplementedError
+
+    @staticmethod
+    def decode(data: bytes) -> Any:
+        raise NotImplementedError
+
+    def toBox(self, name, strings, objects, proto):
+        key = amp._wireNameToPythonIdentifier(name)
+        Blob.toBox(self, name, strings, {key: self.encode(objects[key])}, proto)
+
+    def fromBox(self, name, strings, objects, proto):
+        Blob.fromBox(self, name, strings, objects, proto)
+        key = amp._wireNameToPythonIdentifier(name)
+        objects[key] = self.decode(objects[key])
+
+
+class JobBatch(Encoded):
     """A list of L{Job} records."""
 
-    def toBox(self, name, strings, objects, proto):
-        key = amp._wireNameToPythonIdentifier(name)
-        Blob.toBox(self, name, strings, {key: encode_jobs(objects[key])}, proto)
-
-    def fromBox(self, name, strings, objects, proto):
-        Blob.fromBox(self, name, strings, objects, proto)
-        key = amp._wireNameToPythonIdentifier(name)
-        objects[key] = decode_jobs(objects[key])
+    encode = staticmethod(encode_jobs)
+    decode = staticmethod(decode_jobs)
 
 
-class ResultBatch(Blob):
+class ResultBatch(Encoded):
     """A list of L{Result} records."""
 
-    def toBox(self, name, strings, objects, proto):
-        key = amp._wireNameToPythonIdentifier(name)
-        Blob.toBox(self, name, strings, {key: encode_results(objects[key])}, proto)
-
-    def fromBox(self, name, strings, objects, proto):
-        Blob.fromBox(self, name, strings, objects, proto)
-        key = amp._wireNameToPythonIdentifier(name)
-        objects[key] = decode_results(objects[key])
+    encode = staticmethod(encode_results)
+    decode = staticmethod(decode_results)
 
 
-class JSON(Blob):
+class JSON(Encoded):
     """A JSON-serialisable value (UTF-8 on the wire)."""
 
-    def toBox(self, name, strings, objects, proto):
-        key = amp._wireNameToPythonIdentifier(name)
-        data = json.dumps(objects[key], separators=(",", ":")).encode("utf-8")
-        Blob.toBox(self, name, strings, {key: data}, proto)
+    @staticmethod
+    def encode(value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":")).encode("utf-8")
 
-    def fromBox(self, name, strings, objects, proto):
-        Blob.fromBox(self, name, strings, objects, proto)
-        key = amp._wireNameToPythonIdentifier(name)
-        objects[key] = json.loads(objects[key].decode("utf-8"))
+    @staticmethod
+    def decode(data: bytes) -> Any:
+        return json.loads(data.decode("utf-8"))
 
 
 class VersionMismatch(Exception):
