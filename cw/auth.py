@@ -94,6 +94,9 @@ class AuthGate:
 
     authenticated = False
     open_commands: frozenset[bytes] = frozenset()
+    #: Largest box (bytes of values) accepted, authenticated or not.
+    max_box_bytes = 1 << 62
+    _box_bytes = 0
     preauth_bytes = PREAUTH_BYTES
     auth_timeout = AUTH_TIMEOUT
     _received = 0
@@ -112,6 +115,7 @@ class AuthGate:
         if self.transport is None or getattr(self.transport, "disconnecting", False):
             return
         log.warn("Dropping connection from {peer}: {why}", peer=self.peer_description(), why=why)
+        self.paused = True  # parse nothing more of what is buffered
         if abort:
             self.transport.abortConnection()
         else:
@@ -138,6 +142,20 @@ class AuthGate:
                 self.reject(f"sent over {self.preauth_bytes} bytes without authenticating")
                 return
         super().dataReceived(data)
+
+    def proto_value(self, string: bytes):
+        # Count each box's bytes as they arrive, so an oversized box is refused
+        # before it has been buffered whole.
+        self._box_bytes += len(string)
+        if self._box_bytes > self.max_box_bytes:
+            self.reject(f"sent a message of over {self.max_box_bytes:,} bytes")
+            return "value"
+        return super().proto_value(string)
+
+    def proto_key(self, string: bytes):
+        if not string:
+            self._box_bytes = 0
+        return super().proto_key(string)
 
     def locateResponder(self, name: bytes):
         if not self.authenticated and name not in self.open_commands:

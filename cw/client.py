@@ -221,6 +221,8 @@ class Session:
         self.on_lost = on_lost
         self.proto: ClientProtocol | None = None
         self.client_id = 0
+        #: The master's payload limit, learnt at registration.
+        self.max_payload = P.MAX_PAYLOAD
         self.closing = False
         self._lock = threading.Lock()
         self._pending: list[P.Job] = []
@@ -280,6 +282,7 @@ class Session:
             ) from None
         self.proto = proto
         self.client_id = answer["client_id"]
+        self.max_payload = answer["max_payload"]
 
     def results_arrived(self, results: list[P.Result]) -> None:
         self.on_results(results)
@@ -295,8 +298,13 @@ class Session:
                 )
             )
 
-    def send(self, job: P.Job) -> None:
-        """Queue a job for the master; jobs sent in a burst share boxes."""
+    def send(self, job: P.Job, jobid: Any = None) -> None:
+        """
+        Queue a job for the master; jobs sent in a burst share boxes.  A job
+        over the master's payload limit raises L{SubmitError} here.
+        """
+        if len(job.payload) > self.max_payload:
+            raise SubmitError(P.too_big(f"job {jobid!r}", len(job.payload), self.max_payload))
         if self.proto is None:
             raise MasterUnavailable(f"not connected to the cw master at {self.address}")
         with self._lock:
@@ -490,7 +498,7 @@ class ClientThread(threading.Thread):
             self.start()
         seq = self._jobs.add(jobid)
         try:
-            self.session.send(P.Job(0, seq, payload, options))
+            self.session.send(P.Job(0, seq, payload, options), jobid)
         except BaseException:
             self._jobs.forget(seq)
             raise
@@ -631,7 +639,7 @@ class ClusterExecutor(futures.Executor):
             seq = self._jobs.add(future)
             try:
                 payload = pickle_call(f"#{seq}", fn, tuple(args), dict(kwargs or {}))
-                self.session.send(P.Job(0, seq, payload, options))
+                self.session.send(P.Job(0, seq, payload, options), f"#{seq}")
             except BaseException:
                 self._jobs.forget(seq)
                 raise

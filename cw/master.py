@@ -47,6 +47,7 @@ class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
         super().__init__()
         self.master = master
         self.secret = master.secret
+        self.max_box_bytes = P.box_limit(master.max_payload)
         if self.secret is None:
             self.mark_authenticated()
         self.role: str | None = None
@@ -99,7 +100,7 @@ class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
         self._claim("client")
         self.peer_name = f"{host}:{pid}"
         self.peer_id = self.master.client_joined(self, context)
-        return {"client_id": self.peer_id}
+        return {"client_id": self.peer_id, "max_payload": self.master.max_payload}
 
     @P.SubmitJobs.responder
     def submit_jobs(self, jobs):
@@ -113,7 +114,7 @@ class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
         self._claim("worker")
         self.peer_name = f"{host}:{pid}"
         self.peer_id = self.master.worker_joined(self, slots)
-        return {"worker_id": self.peer_id}
+        return {"worker_id": self.peer_id, "max_payload": self.master.max_payload}
 
     @P.JobResults.responder
     def job_results(self, results):
@@ -189,6 +190,7 @@ class Master:
         heartbeat: float = 5.0,
         heartbeat_timeout: float | None = None,
         auth_timeout: float = AUTH_TIMEOUT,
+        max_payload: int = P.MAX_PAYLOAD,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -204,6 +206,8 @@ class Master:
         self.pending: dict[MasterProtocol, None] = {}
         self.max_pending = max_pending
         self.auth_timeout = auth_timeout
+        #: Largest job or result payload accepted, in bytes.
+        self.max_payload = max_payload
         self.scheduler = Scheduler(prefetch=prefetch, max_attempts=max_attempts)
         self.clients: dict[int, MasterProtocol] = {}
         self.workers: dict[int, MasterProtocol] = {}
@@ -288,6 +292,24 @@ class Master:
         self.schedule_dispatch()
 
     def submit(self, client: int, jobs: list[P.Job]) -> None:
+        refused = [job for job in jobs if len(job.payload) > self.max_payload]
+        if refused:
+            # Clients check this limit at submit; this catches older or
+            # misbehaving ones without queueing what no worker may answer.
+            jobs = [job for job in jobs if len(job.payload) <= self.max_payload]
+            self.clients[client].send_results(
+                [
+                    P.Result(
+                        client,
+                        job.seq,
+                        P.Outcome.FAILED,
+                        P.error_report(
+                            "PayloadTooLarge", P.too_big("the job", len(job.payload), self.max_payload)
+                        ),
+                    )
+                    for job in refused
+                ]
+            )
         self.scheduler.submit(client, jobs)
         self.schedule_dispatch()
 
@@ -433,6 +455,7 @@ class MasterService(service.Service):
         heartbeat: float = 5.0,
         heartbeat_timeout: float | None = None,
         auth_timeout: float = AUTH_TIMEOUT,
+        max_payload: int = P.MAX_PAYLOAD,
     ) -> None:
         self.listen = listen
         self.address_file = address_file
@@ -444,6 +467,7 @@ class MasterService(service.Service):
             heartbeat=heartbeat,
             heartbeat_timeout=heartbeat_timeout,
             auth_timeout=auth_timeout,
+            max_payload=max_payload,
         )
         self.port = None
 
@@ -515,6 +539,7 @@ class Options(usage.Options):
         ["secret-file", None, None, "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"],
         ["max-pending", None, 64, "connections that may wait to authenticate at once", int],
         ["auth-timeout", None, AUTH_TIMEOUT, "seconds a new connection has to authenticate", float],
+        ["max-payload", None, P.MAX_PAYLOAD, "largest job or result payload, in bytes", int],
         ["max-attempts", None, 3, "lost workers a running job may outlive before it fails", int],
         ["heartbeat", None, 5.0, "seconds between heartbeats to each worker (0: none)", float],
         ["heartbeat-timeout", None, None, "seconds a worker may stay silent (default: 3 heartbeats)", float],
@@ -540,6 +565,7 @@ def makeService(options: Options) -> MasterService:
         heartbeat=options["heartbeat"],
         heartbeat_timeout=options["heartbeat-timeout"],
         auth_timeout=options["auth-timeout"],
+        max_payload=options["max-payload"],
     )
 
 

@@ -39,6 +39,10 @@ from twisted.protocols import amp
 #: The TCP port a master listens on unless told otherwise.
 PORT = 5494
 
+#: Largest job or result payload a master accepts unless told otherwise
+#: (C{--max-payload}); clients refuse bigger jobs at submit.
+MAX_PAYLOAD = 4 << 30
+
 #: Bumped whenever a peer of an older version could misread a box.
 PROTOCOL_VERSION = 1
 
@@ -322,7 +326,7 @@ class RegisterClient(amp.Command):
         (b"pid", amp.Integer()),
         (b"context", JSON()),
     ]
-    response = [(b"client_id", amp.Integer())]
+    response = [(b"client_id", amp.Integer()), (b"max_payload", amp.Integer())]
     errors = {VersionMismatch: b"VERSION_MISMATCH"}
 
 
@@ -358,7 +362,7 @@ class RegisterWorker(amp.Command):
         (b"pid", amp.Integer()),
         (b"slots", amp.Integer()),
     ]
-    response = [(b"worker_id", amp.Integer())]
+    response = [(b"worker_id", amp.Integer()), (b"max_payload", amp.Integer())]
     errors = {VersionMismatch: b"VERSION_MISMATCH"}
 
 
@@ -406,6 +410,16 @@ class RunJob(amp.Command):
         (b"payload", Blob()),
     ]
     response = [(b"status", amp.Integer()), (b"payload", Blob())]
+
+
+def box_limit(max_payload: int) -> int:
+    """Largest AMP box (bytes of values) to accept when payloads may reach C{max_payload}."""
+    return max_payload + 2 * BATCH_BYTES
+
+
+def too_big(what: str, size: int, max_payload: int) -> str:
+    """The message for a payload over the master's limit."""
+    return f"{what} is {size:,} bytes, over the master's limit of {max_payload:,} (cw-master --max-payload)"
 
 
 def error_report(kind: str, message: str, traceback: str = "", **extra: Any) -> bytes:

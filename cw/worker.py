@@ -106,6 +106,7 @@ class WorkerProtocol(AuthGate, amp.AMP):
         d.addCallbacks(self._registered, self._refused)
 
     def _registered(self, answer):
+        self.worker.max_payload = answer["max_payload"]
         self.worker.connected(self, answer["worker_id"])
 
     def _refused(self, failure):
@@ -164,6 +165,8 @@ class Worker:
         #: Bumped on every new master connection; results of jobs started
         #: under an earlier connection are not sent on a later one.
         self.generation = 0
+        #: The master's payload limit, learnt at registration.
+        self.max_payload = P.MAX_PAYLOAD
         #: Set when the worker shuts down, so a lost connection is expected.
         self.stopping = False
         #: Seconds a job may run when it does not set its own timeout
@@ -259,6 +262,17 @@ class Worker:
     def _finished(self, result: P.Result, generation: int) -> None:
         self.running -= 1
         self.completed += 1
+        if len(result.payload) > self.max_payload:
+            result = P.Result(
+                result.client,
+                result.seq,
+                P.Outcome.FAILED,
+                P.error_report(
+                    "PayloadTooLarge",
+                    P.too_big("the job's result", len(result.payload), self.max_payload),
+                    host=socket.gethostname(),
+                ),
+            )
         if generation == self.generation:
             self.outbox.add(result)
         self._pump()

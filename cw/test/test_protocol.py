@@ -335,7 +335,10 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(
             parsed, {"version": P.PROTOCOL_VERSION, "host": "n\u00f6de12", "pid": 4321, "context": context}
         )
-        self.assertEqual(round_trip_response(P.RegisterClient, client_id=7), {"client_id": 7})
+        self.assertEqual(
+            round_trip_response(P.RegisterClient, client_id=7, max_payload=1 << 40),
+            {"client_id": 7, "max_payload": 1 << 40},
+        )
 
     def test_submit_jobs(self):
         jobs = [Job(0, seq, pattern(seq * 1000)) for seq in range(1, 200)]
@@ -356,7 +359,10 @@ class CommandTests(SynchronousTestCase):
     def test_register_worker(self):
         _, parsed = round_trip_arguments(P.RegisterWorker, version=1, host="w1", pid=99, slots=16)
         self.assertEqual(parsed, {"version": 1, "host": "w1", "pid": 99, "slots": 16})
-        self.assertEqual(round_trip_response(P.RegisterWorker, worker_id=2), {"worker_id": 2})
+        self.assertEqual(
+            round_trip_response(P.RegisterWorker, worker_id=2, max_payload=5),
+            {"worker_id": 2, "max_payload": 5},
+        )
 
     def test_client_context(self):
         context = {"cwd": "/work", "path": ["/work"]}

@@ -20,7 +20,7 @@ from twisted.trial import unittest
 
 from cw import protocol as P
 from cw.auth import AuthenticationFailed, AuthGate, Challenge, Prove, peer_proof
-from cw.client import ClusterExecutor, MasterUnavailable, client_context
+from cw.client import ClusterExecutor, MasterUnavailable, RemoteException, SubmitError, client_context
 from cw.master import MasterService
 from cw.secret import SecretError, load_secret
 from cw.test.procs import TWISTD, Processes, child_env, wait_until
@@ -461,5 +461,69 @@ class BadInputTests(unittest.TestCase):
                 self.assertEqual(list(ex.map(square, range(20))), [x * x for x in range(20)])
             grown = self.master_rss_kib() - baseline
             self.assertLess(grown, 50 * 1024, f"master RSS grew by {grown} KiB")
+
+        return threads.deferToThread(body)
+
+
+def make_bytes(n):
+    return b"r" * n
+
+
+class LimitTests(unittest.TestCase):
+    """The payload limit (--max-payload) is enforced at every end."""
+
+    timeout = 120
+
+    def test_payload_limit(self):
+        """
+        A job over the limit is refused at submit; a result over it fails
+        that job only; a peer sending a box over it is dropped.
+        """
+        procs = Processes(self, self.mktemp())
+
+        def body():
+            procs.start_master("--max-payload", "100000")
+            procs.start_worker()
+            with ClusterExecutor(procs.address) as ex:
+                with self.assertRaises(SubmitError) as caught:
+                    ex.submit(len, b"x" * 200000)
+                self.assertIn("over the master's limit of 100,000", str(caught.exception))
+                error = ex.submit(make_bytes, 200000).exception(60)
+                self.assertIsInstance(error, RemoteException)
+                self.assertEqual(error.type, "PayloadTooLarge")
+                self.assertIn("result", str(error))
+                self.assertEqual(len(ex.submit(make_bytes, 50000).result(60)), 50000)
+                # Bypass the client's own check: the master refuses the job...
+                ex.session.max_payload = 10**9
+                refused = ex.submit(len, b"y" * 300000).exception(60)
+                self.assertEqual(refused.type, "PayloadTooLarge")
+                # ...and drops a peer whose message outgrows any allowed batch.
+                doomed = ex.submit(len, b"z" * 3_000_000)
+                self.assertIsInstance(doomed.exception(60), MasterUnavailable)
+            self.assertIn("sent a message of over", procs.log_tail(procs.master, 50))
+
+        return threads.deferToThread(body)
+
+
+class InsecureTests(unittest.TestCase):
+    """--insecure is an explicit, logged opt-out that both ends must choose."""
+
+    timeout = 120
+
+    def test_insecure_opt_out(self):
+        procs = Processes(self, self.mktemp())
+
+        def body():
+            procs.start_master("--insecure")
+            self.assertIn("--insecure", procs.log_tail(procs.master, 30))
+            with self.assertRaises(AuthenticationFailed) as caught:
+                ClusterExecutor(procs.address)
+            self.assertIn("runs with --insecure", str(caught.exception))
+            procs.start_worker(1, False, "--insecure")
+            from cw.client import wait_for_workers
+
+            self.assertEqual(wait_for_workers(1, procs.address, timeout=60, insecure=True), 1)
+            with ClusterExecutor(procs.address, insecure=True) as ex:
+                self.assertEqual(ex.submit(square, 12).result(60), 144)
 
         return threads.deferToThread(body)
