@@ -21,6 +21,7 @@ in a delivery thread, never in the reactor thread.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import queue
@@ -191,6 +192,11 @@ class ClientProtocol(AuthGate, amp.AMP):
         self.session.results_arrived(results)
         return {}
 
+    @P.MasterStopping.responder
+    def master_stopping(self, reason):
+        self.session.master_stopping(self, reason)
+        return {}
+
     def connectionLost(self, reason):
         super().connectionLost(reason)
         self.session.connection_lost(self, reason)
@@ -226,6 +232,7 @@ class Session:
         self.closing = False
         self._lock = threading.Lock()
         self._pending: list[P.Job] = []
+        self._cancels: list[tuple[int, int]] = []
         self._flush_scheduled = False
         timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
         call_in_reactor(self._connect, timeout, timeout=timeout + 30)
@@ -288,15 +295,29 @@ class Session:
         self.on_results(results)
 
     def connection_lost(self, proto: ClientProtocol, reason) -> None:
+        self._lost(
+            proto, f"lost the connection to the cw master at {self.address}: {reason.getErrorMessage()}"
+        )
+
+    def master_stopping(self, proto: ClientProtocol, reason: str) -> None:
+        """
+        The master announced that it shuts down: fail every outstanding job
+        now, saying so, rather than on the connection error that follows.
+        """
+        self._lost(
+            proto,
+            f"the cw master at {self.address} shut down ({reason}); the jobs it had"
+            " not finished are lost, submit them again once a master is back",
+        )
+        proto.transport.loseConnection()
+
+    def _lost(self, proto: ClientProtocol, message: str) -> None:
+        """Report the end of the registered connection C{proto}, once."""
         if proto is not self.proto:
             return
         self.proto = None
         if not self.closing:
-            self.on_lost(
-                MasterUnavailable(
-                    f"lost the connection to the cw master at {self.address}: {reason.getErrorMessage()}"
-                )
-            )
+            self.on_lost(MasterUnavailable(message))
 
     def send(self, job: P.Job, jobid: Any = None) -> None:
         """
@@ -314,14 +335,28 @@ class Session:
         if wake:
             self.reactor.callFromThread(self._flush)
 
+    def cancel(self, seq: int) -> None:
+        """Ask the master to withdraw job C{seq}; cancellations are batched like jobs."""
+        with self._lock:
+            self._cancels.append((0, seq))
+            wake = not self._flush_scheduled
+            self._flush_scheduled = True
+        if wake:
+            self.reactor.callFromThread(self._flush)
+
     def _flush(self) -> None:
         with self._lock:
             jobs, self._pending = self._pending, []
+            cancels, self._cancels = self._cancels, []
             self._flush_scheduled = False
         if self.proto is None:
             return
         for batch in P.batches(jobs, P.job_size):
             self.proto.callRemote(P.SubmitJobs, jobs=batch)
+        # After the jobs: a job submitted and cancelled in one burst is
+        # queued, then withdrawn.
+        for start in range(0, len(cancels), 50_000):
+            self.proto.callRemote(P.CancelJobs, keys=cancels[start : start + 50_000])
 
     def call(self, command, timeout: float = 30, **kwargs) -> dict:
         """Call an answered command on the master and wait for the answer."""
@@ -567,6 +602,24 @@ class ClientThread(threading.Thread):
             self.close()
 
 
+class ClusterFuture(futures.Future):
+    """
+    A future of a cw job.  Unlike the standard library's, it can be
+    cancelled while its job runs: C{cancel()} succeeds until the result
+    has arrived, withdraws the job from the master's queue, or kills its job
+    process if it is running.
+    """
+
+    _withdraw: Callable[[], None] | None = None
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        if self._withdraw is not None:
+            self._withdraw()
+        return True
+
+
 class ClusterExecutor(futures.Executor):
     """
     A L{concurrent.futures.Executor} whose jobs run on a cw cluster.
@@ -635,8 +688,9 @@ class ClusterExecutor(futures.Executor):
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit to a ClusterExecutor after shutdown")
-            future: futures.Future = futures.Future()
+            future = ClusterFuture()
             seq = self._jobs.add(future)
+            future._withdraw = functools.partial(self._withdraw, seq)
             try:
                 payload = pickle_call(f"#{seq}", fn, tuple(args), dict(kwargs or {}))
                 self.session.send(P.Job(0, seq, payload, options), f"#{seq}")
@@ -644,6 +698,12 @@ class ClusterExecutor(futures.Executor):
                 self._jobs.forget(seq)
                 raise
         return future
+
+    def _withdraw(self, seq: int) -> None:
+        """A future was cancelled: forget it and withdraw its job from the cluster."""
+        self._jobs.forget(seq)
+        if self.session.proto is not None:
+            self.session.cancel(seq)
 
     def _deliver(self) -> None:
         inbox = self._jobs.inbox

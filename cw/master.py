@@ -56,6 +56,8 @@ class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
         self.outbox: Outbox | None = None
         #: Clients whose context this worker has been sent.
         self.contexts_sent: set[int] = set()
+        #: Fires once the connection has closed.
+        self.closed: defer.Deferred = defer.Deferred()
 
     def _describe(self) -> str:
         return self.peer_description()
@@ -116,10 +118,22 @@ class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
         self.peer_id = self.master.worker_joined(self, slots)
         return {"worker_id": self.peer_id, "max_payload": self.master.max_payload}
 
+    @P.CancelJobs.responder
+    def cancel_jobs(self, keys):
+        if self._require("client"):
+            self.master.cancel(self.peer_id, [seq for _, seq in keys])
+        return {}
+
     @P.JobResults.responder
     def job_results(self, results):
         if self._require("worker"):
             self.master.results(self.peer_id, results)
+        return {}
+
+    @P.ReturnJobs.responder
+    def return_jobs(self, keys):
+        if self._require("worker"):
+            self.master.return_jobs(self.peer_id, keys)
         return {}
 
     @P.GetStatus.responder
@@ -164,6 +178,7 @@ class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
             self.master.client_left(self)
         elif self.role == "worker":
             self.master.worker_left(self)
+        self.closed.callback(None)
 
 
 class MasterFactory(ServerFactory):
@@ -244,15 +259,29 @@ class Master:
         cid = proto.peer_id
         self.clients.pop(cid, None)
         self.contexts.pop(cid, None)
-        dropped = self.scheduler.remove_client(cid)
+        dropped, killed = self.cancel(cid)
+        self.scheduler.remove_client(cid)
         for worker in self.workers.values():
             worker.contexts_sent.discard(cid)
         log.info(
-            "Client {cid} ({peer}) disconnected; dropped {n} queued jobs",
+            "Client {cid} ({peer}) disconnected; dropped {n} queued jobs and stopped {k} running",
             cid=cid,
             peer=proto.peer_name,
             n=dropped,
+            k=killed,
         )
+
+    def cancel(self, client: int, seqs: list[int] | None = None) -> tuple[int, int]:
+        """
+        Withdraw jobs of C{client} (C{seqs}, or all): drop queued ones, tell
+        workers to kill held ones.  Return both counts.
+        """
+        dropped, kill = self.scheduler.cancel(client, seqs)
+        for wid, keys in kill.items():
+            self.workers[wid].callRemote(P.CancelJobs, keys=keys)
+        if kill:
+            self.schedule_dispatch()
+        return dropped, sum(len(keys) for keys in kill.values())
 
     def worker_joined(self, proto: MasterProtocol, slots: int) -> int:
         wid = self.scheduler.add_worker(slots, proto.peer_name)
@@ -317,6 +346,24 @@ class Master:
         self._deliver(self.scheduler.complete(worker, results))
         if worker in self.workers:
             self.workers[worker].last_heard = self.clock.seconds()
+        self.schedule_dispatch()
+
+    def return_jobs(self, worker: int, keys: list[tuple[int, int]]) -> None:
+        """
+        A worker is stopping gracefully and will not start these jobs:
+        requeue them at once (see L{Scheduler.return_jobs}) and send it no
+        more.
+        """
+        if worker not in self.workers:
+            return
+        back = self.scheduler.return_jobs(worker, keys)
+        self.workers[worker].last_heard = self.clock.seconds()
+        log.info(
+            "Worker {wid} ({peer}) is draining; {n} of its unstarted jobs requeued",
+            wid=worker,
+            peer=self.workers[worker].peer_name,
+            n=len(back),
+        )
         self.schedule_dispatch()
 
     # -- heartbeats ------------------------------------------------------
@@ -411,6 +458,7 @@ class Master:
                     "peer": self.workers[w.id].peer_name,
                     "slots": w.slots,
                     "held": len(w.held),
+                    "draining": w.draining,
                     "completed": w.completed,
                 }
                 for w in s.workers()
@@ -431,6 +479,36 @@ class Master:
     def disconnect_all(self) -> None:
         for proto in [*self.clients.values(), *self.workers.values(), *list(self.pending)]:
             proto.transport.loseConnection()
+
+    def shutdown(self, reason: str, timeout: float = 5.0) -> defer.Deferred:
+        """
+        Tell every client and worker that this master stops, and why
+        (L{P.MasterStopping}): clients then fail their outstanding jobs at
+        once instead of waiting for a connection error, workers reconnect
+        later.  Then close every connection, letting the notice out first.
+        Fires once all are closed; any still open after C{timeout} seconds
+        is aborted.
+        """
+        peers = [*self.clients.values(), *self.workers.values()]
+        log.info(
+            "Stopping ({reason}); telling {c} clients and {w} workers",
+            reason=reason,
+            c=len(self.clients),
+            w=len(self.workers),
+        )
+        for proto in peers:
+            proto.callRemote(P.MasterStopping, reason=reason)
+        peers += list(self.pending)
+        closed = defer.DeferredList([proto.closed for proto in peers])
+        self.disconnect_all()
+
+        def abort_stragglers() -> None:
+            for proto in peers:
+                if not proto.closed.called:
+                    proto.transport.abortConnection()
+
+        deadline = self.clock.callLater(timeout, abort_stragglers)
+        return closed.addCallback(lambda _: deadline.active() and deadline.cancel())
 
 
 class MasterService(service.Service):
@@ -519,9 +597,10 @@ class MasterService(service.Service):
                 os.unlink(self.address_file)
             except FileNotFoundError:
                 pass
-        self.master.disconnect_all()
+        stopped = self.master.shutdown("the master was stopped")
         if self.port is not None:
-            return self.port.stopListening()
+            stopped = defer.gatherResults([stopped, defer.maybeDeferred(self.port.stopListening)])
+        return stopped
 
 
 class Options(usage.Options):

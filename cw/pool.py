@@ -53,6 +53,16 @@ class JobTimedOut(error.ProcessTerminated):
         return f"the job ran longer than its timeout of {self.timeout:g} s"
 
 
+class JobCancelled(error.ProcessTerminated):
+    """The job was cancelled by its client and its process was killed."""
+
+    def __init__(self) -> None:
+        super().__init__(signal=signal.SIGKILL)
+
+    def __str__(self) -> str:
+        return "the job was cancelled"
+
+
 def resident_bytes(pid: int) -> int | None:
     """The resident set size of process C{pid}, or C{None} if unknown."""
     try:
@@ -79,6 +89,7 @@ class ChildLink(amp.AMP):
         self.dead = False
         self.retire = False
         self.timed_out: float | None = None
+        self.cancelled = False
 
     @property
     def pid(self) -> int | None:
@@ -86,9 +97,18 @@ class ChildLink(amp.AMP):
         process = getattr(self.transport, "transport", None)
         return getattr(process, "pid", None)
 
-    def callRemote(self, command, _cw_timeout: float | None = None, **kwargs):
+    def callRemote(self, command, _cw_timeout: float | None = None, _cw_handle: dict | None = None, **kwargs):
+        """
+        Call C{command} in the child.  C{_cw_handle}, if given, is a dict
+        that gets C{"link": self} so the caller can L{cancel} the call later;
+        a handle already marked C{"cancelled"} fails at once.
+        """
         from twisted.internet import reactor
 
+        if _cw_handle is not None:
+            if _cw_handle.get("cancelled"):
+                return defer.fail(JobCancelled())
+            _cw_handle["link"] = self
         if self.dead:
             return defer.fail(ChildExited(exitCode=None))
         d = super().callRemote(command, **kwargs)
@@ -121,6 +141,8 @@ class ChildLink(amp.AMP):
 
         def died(reason):
             ended(None)
+            if self.cancelled:
+                return Failure(JobCancelled())
             if self.timed_out is not None:
                 return Failure(JobTimedOut(self.timed_out))
             if reason.check(error.ProcessTerminated):
@@ -131,6 +153,14 @@ class ChildLink(amp.AMP):
             return reason
 
         return d.addCallbacks(ended, died)
+
+    def cancel(self) -> None:
+        """Kill the job process: its current call fails with L{JobCancelled}."""
+        self.cancelled = True
+        try:
+            self.transport.signalProcess(signal.SIGKILL)
+        except (error.ProcessExitedAlready, AttributeError):
+            pass
 
     def _kill(self, timeout: float) -> None:
         self.timed_out = timeout

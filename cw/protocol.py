@@ -11,8 +11,9 @@ Who talks to whom::
 
     client --RegisterClient, SubmitJobs, GetStatus, AwaitWorkers--> master
     master --JobResults--> client
-    worker --RegisterWorker, JobResults--> master
-    master --ClientContext, RunJobs--> worker
+    worker --RegisterWorker, JobResults, ReturnJobs--> master
+    master --ClientContext, RunJobs, Heartbeat--> worker
+    master --MasterStopping--> client, worker
     worker --RunJob--> job process (an ampoule child, over a pipe)
 
 Jobs and results travel in batches: one AMP box carries many records, framed
@@ -291,6 +292,28 @@ class ResultBatch(Encoded):
     decode = staticmethod(decode_results)
 
 
+_KEY = struct.Struct("!IQ")
+
+
+def encode_keys(keys: Iterable[tuple[int, int]]) -> bytes:
+    """Pack job keys C{(client, seq)}."""
+    return b"".join(_KEY.pack(client, seq) for client, seq in keys)
+
+
+def decode_keys(data: bytes) -> list[tuple[int, int]]:
+    """Undo L{encode_keys}; raise L{ValueError} on a malformed list."""
+    if len(data) % _KEY.size:
+        raise ValueError("truncated job key list")
+    return [key for key in _KEY.iter_unpack(data)]
+
+
+class KeyList(Encoded):
+    """A list of job keys C{(client, seq)}."""
+
+    encode = staticmethod(encode_keys)
+    decode = staticmethod(decode_keys)
+
+
 class JSON(Encoded):
     """A JSON-serialisable value (UTF-8 on the wire)."""
 
@@ -383,6 +406,17 @@ class RunJobs(amp.Command):
     requiresAnswer = False
 
 
+class CancelJobs(amp.Command):
+    """
+    Client to master, and master to worker: withdraw these jobs.  A client
+    sends C{(0, seq)} keys; the master forwards C{(client, seq)} keys of jobs
+    a worker holds.  Queued jobs are dropped; running ones are killed.
+    """
+
+    arguments = [(b"keys", KeyList())]
+    requiresAnswer = False
+
+
 class JobResults(amp.Command):
     """Worker to master, and master to client: jobs that ended."""
 
@@ -396,6 +430,30 @@ class Heartbeat(amp.Command):
     time is declared lost even if its TCP connection looks open (a frozen
     machine, a cable pulled, a half-open link).
     """
+
+
+class ReturnJobs(amp.Command):
+    """
+    Worker to master, when the worker is stopping gracefully: it will start
+    none of these jobs (its unstarted, prefetched ones) and wants no new
+    ones.  The master puts them back at the front of the queue at once,
+    without counting an attempt, and sends this worker nothing more; the
+    worker finishes its running jobs, reports them and leaves.  Sent again
+    for jobs that were on their way when the worker began to drain.
+    """
+
+    arguments = [(b"keys", KeyList())]
+
+
+class MasterStopping(amp.Command):
+    """
+    Master to clients and workers, just before a master that was told to
+    stop closes their connections: clients fail their outstanding jobs at
+    once with this reason, workers log it and keep trying to reconnect.
+    """
+
+    arguments = [(b"reason", amp.Unicode())]
+    requiresAnswer = False
 
 
 # -- Worker <-> job process ----------------------------------------------

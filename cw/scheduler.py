@@ -18,6 +18,9 @@ Dispatch rules:
     in their original order.  A result from a worker that no longer holds the
     job (it left, or the job was requeued) is dropped, so each job's result is
     delivered at most once.
+  - A worker that is stopping gracefully (draining) gets no more jobs; the
+    unstarted jobs it returns go back to the front of the queue without
+    counting an attempt.
   - When a client leaves, its queued jobs are dropped at once and results of
     its running jobs are discarded when they arrive.
   - Poison jobs: a job that was running on a worker when that worker was
@@ -70,6 +73,8 @@ class WorkerState:
     #: order they were assigned.
     held: dict[tuple[int, int], Job] = field(default_factory=dict)
     completed: int = 0
+    #: The worker is stopping gracefully: it gets no more jobs.
+    draining: bool = False
 
     @property
     def capacity(self) -> int:
@@ -126,6 +131,39 @@ class Scheduler:
         if self._losses:
             self._losses = {key: v for key, v in self._losses.items() if key[0] != client}
         return state.queued
+
+    def cancel(
+        self, client: int, seqs: Iterable[int] | None = None
+    ) -> tuple[int, dict[int, list[tuple[int, int]]]]:
+        """
+        Withdraw jobs of C{client} (C{seqs}, or all of them): queued ones are
+        dropped, held ones are taken back from their workers at once (their
+        slots are free again and a late result is ignored).  Return how many
+        queued jobs were dropped and, per worker, the keys it must kill.
+        """
+        state = self._client(client)
+        wanted = None if seqs is None else set(seqs)
+
+        def hit(key: tuple[int, int]) -> bool:
+            return key[0] == client and (wanted is None or key[1] in wanted)
+
+        dropped = 0
+        if state.queued:
+            kept = deque(job for job in self._queue if not hit(job.key))
+            dropped = len(self._queue) - len(kept)
+            self._queue = kept
+            state.queued -= dropped
+        kill: dict[int, list[tuple[int, int]]] = {}
+        for worker in self._workers.values():
+            keys = [key for key in worker.held if hit(key)]
+            for key in keys:
+                del worker.held[key]
+            if keys:
+                kill[worker.id] = keys
+                state.running -= len(keys)
+        if self._losses:
+            self._losses = {key: v for key, v in self._losses.items() if not hit(key)}
+        return dropped, kill
 
     def submit(self, client: int, jobs: Iterable[Job]) -> None:
         """Queue jobs from C{client}; each job's C{client} field is set here."""
@@ -190,6 +228,30 @@ class Scheduler:
         self._queue.extendleft(reversed(back))
         return back, failed
 
+    def return_jobs(self, worker: int, keys: Iterable[tuple[int, int]]) -> list[Job]:
+        """
+        C{worker} is draining (stopping gracefully): it gets no more jobs,
+        and the jobs named by C{keys}, which it will not start, go back to
+        the front of the queue in their original order without counting an
+        attempt (they never ran).  Keys it does not hold are ignored (the
+        job ended or was taken back meanwhile), as are jobs of departed
+        clients.  Return the jobs requeued.
+        """
+        state = self._worker(worker)
+        state.draining = True
+        wanted = set(keys)
+        back: list[Job] = []
+        for key in [key for key in state.held if key in wanted]:
+            job = state.held.pop(key)
+            client = self._clients.get(job.client)
+            if client is None:
+                continue
+            client.running -= 1
+            client.queued += 1
+            back.append(job)
+        self._queue.extendleft(reversed(back))
+        return back
+
     def _max_attempts(self, job: Job) -> int:
         """The job's own C{max_attempts} option if valid, else the scheduler's."""
         limit = read_options(job).get("max_attempts") if job.options else None
@@ -214,9 +276,9 @@ class Scheduler:
         pairs, at most one per worker.  Free slots are filled first, then
         prefetch room; workers take turns so that load spreads evenly.
         """
-        if not self._queue or not self._workers:
+        workers = [w for w in self._workers.values() if not w.draining]
+        if not self._queue or not workers:
             return []
-        workers = list(self._workers.values())
         start = self._rotation % len(workers)
         self._rotation += 1
         workers = workers[start:] + workers[:start]

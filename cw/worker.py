@@ -127,6 +127,11 @@ class WorkerProtocol(AuthGate, amp.AMP):
         self.worker.enqueue(jobs)
         return {}
 
+    @P.CancelJobs.responder
+    def cancel_jobs(self, keys):
+        self.worker.cancel(keys)
+        return {}
+
     @P.Heartbeat.responder
     def heartbeat(self):
         self.worker.heartbeat_received(self)
@@ -162,6 +167,9 @@ class Worker:
         self.queue: deque[P.Job] = deque()
         self.running = 0
         self.completed = 0
+        #: Handles of running jobs by key (see L{cw.pool.ChildLink.callRemote}),
+        #: so that a cancelled job's process can be killed.
+        self.handles: dict[tuple[int, int], dict] = {}
         #: Bumped on every new master connection; results of jobs started
         #: under an earlier connection are not sent on a later one.
         self.generation = 0
@@ -233,6 +241,24 @@ class Worker:
         self.queue.extend(jobs)
         self._pump()
 
+    def cancel(self, keys: list[tuple[int, int]]) -> None:
+        """
+        Drop these jobs if still queued here; kill the processes of those
+        running.  The master has already taken them back, so no result is
+        sent for them.
+        """
+        wanted = set(keys)
+        self.queue = deque(job for job in self.queue if job.key not in wanted)
+        for key in wanted:
+            handle = self.handles.get(key)
+            if handle is None:
+                continue
+            handle["cancelled"] = True
+            link = handle.get("link")
+            if link is not None:
+                link.cancel()
+        log.info("Cancelled {n} jobs at the master's request", n=len(wanted))
+
     def _pump(self) -> None:
         while self.queue and self.running < self.procs:
             self._start(self.queue.popleft())
@@ -245,11 +271,13 @@ class Worker:
         if not P.valid_timeout(timeout):
             timeout = self.job_timeout
         extra = {"_cw_timeout": float(timeout)} if timeout else {}
+        handle = self.handles[job.key] = {}
         d = self.pool.doWork(
             P.RunJob,
             cwd=context.get("cwd", ""),
             path=context.get("path", []),
             payload=job.payload,
+            _cw_handle=handle,
             **extra,
         )
         d.addCallbacks(
@@ -262,6 +290,10 @@ class Worker:
     def _finished(self, result: P.Result, generation: int) -> None:
         self.running -= 1
         self.completed += 1
+        handle = self.handles.pop(result.key, {})
+        if handle.get("cancelled"):
+            self._pump()
+            return
         if len(result.payload) > self.max_payload:
             result = P.Result(
                 result.client,

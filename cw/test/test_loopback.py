@@ -155,7 +155,7 @@ class LoopbackTests(unittest.TestCase):
         yield self.master.stopService()
         error = yield threads.deferToThread(future.exception, 60)
         self.assertIsInstance(error, MasterUnavailable)
-        self.assertIn("lost the connection", str(error))
+        self.assertIn("shut down (the master was stopped)", str(error))
         yield threads.deferToThread(ex.shutdown)
 
 

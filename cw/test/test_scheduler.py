@@ -595,3 +595,109 @@ class InspectionTests(SynchronousTestCase):
         self.assertEqual(
             [(state.id, state.slots) for state in scheduler.workers()], [(workers[0], 1), (workers[1], 3)]
         )
+
+
+class CancelTests(SynchronousTestCase):
+    """Withdrawing jobs: queued ones vanish, held ones are taken back from workers."""
+
+    def setUp(self):
+        self.s = Scheduler(prefetch=0)
+        self.client = self.s.add_client()
+        self.other = self.s.add_client()
+        self.worker = self.s.add_worker(2)
+        self.s.submit(self.client, make_jobs(1, 6))
+        self.s.submit(self.other, make_jobs(1, 3))
+        self.held = self.s.dispatch()
+
+    def test_queued_dropped_held_returned(self):
+        """Cancelling a held and a queued job: one to kill, one dropped, slot freed."""
+        self.assertEqual(assigned(self.held), {self.worker: [1, 2]})
+        dropped, kill = self.s.cancel(self.client, [2, 5])
+        self.assertEqual(dropped, 1)
+        self.assertEqual(kill, {self.worker: [(self.client, 2)]})
+        self.assertEqual(self.s.client(self.client).queued, 3)
+        self.assertEqual(self.s.client(self.client).running, 1)
+        # The freed slot takes the next queued job, not the cancelled one.
+        self.assertEqual(assigned(self.s.dispatch()), {self.worker: [3]})
+
+    def test_late_result_of_cancelled_job_dropped(self):
+        self.s.cancel(self.client, [1])
+        job = self.held[0][1][0]
+        self.assertEqual(self.s.complete(self.worker, [result_for(job)]), [])
+
+    def test_cancel_all_of_one_client(self):
+        """Without seqs, every job of that client goes; others' stay."""
+        dropped, kill = self.s.cancel(self.client)
+        self.assertEqual(dropped, 4)
+        self.assertEqual(kill, {self.worker: [(self.client, 1), (self.client, 2)]})
+        self.assertEqual(self.s.queued, 3)
+        self.assertEqual(
+            [(j.client, j.seq) for _, jobs in self.s.dispatch() for j in jobs],
+            [(self.other, 1), (self.other, 2)],
+        )
+
+    def test_unknown_seqs_ignored(self):
+        self.assertEqual(self.s.cancel(self.client, [99]), (0, {}))
+        self.assertEqual(self.s.queued, 7)
+
+
+class DrainTests(SynchronousTestCase):
+    """A worker that stops gracefully returns its unstarted jobs and gets no more."""
+
+    def setUp(self):
+        self.scheduler = Scheduler(prefetch=2, max_attempts=1)
+        self.client = self.scheduler.add_client()
+        self.worker = self.scheduler.add_worker(1, name="draining:1")
+        self.scheduler.submit(self.client, make_jobs(1, 5))
+        self.assertEqual(assigned(self.scheduler.dispatch()), {self.worker: [1, 2, 3]})
+
+    def keys(self, *seqs_):
+        return [(self.client, seq) for seq in seqs_]
+
+    def test_returned_jobs_requeued_in_front_in_order(self):
+        back = self.scheduler.return_jobs(self.worker, self.keys(3, 2))
+        self.assertEqual(seqs(back), [2, 3])
+        other = self.scheduler.add_worker(1)
+        self.assertEqual(assigned(self.scheduler.dispatch()), {other: [2, 3, 4]})
+        self.assertEqual(self.scheduler.queued, 1)
+        self.assertEqual(list(self.scheduler.worker(self.worker).held), self.keys(1))
+
+    def test_draining_worker_gets_no_more_jobs(self):
+        self.scheduler.return_jobs(self.worker, self.keys(2, 3))
+        self.assertTrue(self.scheduler.worker(self.worker).draining)
+        self.assertEqual(self.scheduler.dispatch(), [])
+        self.scheduler.complete(self.worker, [result_for(Job(self.client, 1, b""))])
+        self.assertEqual(self.scheduler.dispatch(), [])
+        self.assertEqual(self.scheduler.queued, 4)
+
+    def test_returned_jobs_count_no_attempt(self):
+        """With max_attempts=1, a returned job still runs again, later losses count."""
+        self.scheduler.return_jobs(self.worker, self.keys(2, 3))
+        back, failed = self.scheduler.lose_worker(self.worker, "drain timeout")
+        self.assertEqual((back, seqs(failed)), ([], [1]))
+        other = self.scheduler.add_worker(1)
+        self.assertEqual(assigned(self.scheduler.dispatch()), {other: [2, 3, 4]})
+
+    def test_counters(self):
+        self.scheduler.return_jobs(self.worker, self.keys(2, 3))
+        state = self.scheduler.client(self.client)
+        self.assertEqual((state.queued, state.running), (4, 1))
+
+    def test_unknown_keys_ignored(self):
+        self.scheduler.complete(self.worker, [result_for(Job(self.client, 1, b""))])
+        back = self.scheduler.return_jobs(self.worker, self.keys(1, 3, 99) + [(77, 2)])
+        self.assertEqual(seqs(back), [3])
+        self.assertEqual(seqs(self.scheduler.worker(self.worker).held.values()), [2])
+
+    def test_jobs_of_departed_clients_dropped(self):
+        self.scheduler.remove_client(self.client)
+        self.assertEqual(self.scheduler.return_jobs(self.worker, self.keys(2, 3)), [])
+        self.assertEqual(self.scheduler.queued, 0)
+
+    def test_unknown_worker(self):
+        self.assertRaises(UnknownPeer, self.scheduler.return_jobs, 99, [])
+
+    def test_empty_return_only_drains(self):
+        self.assertEqual(self.scheduler.return_jobs(self.worker, []), [])
+        self.assertTrue(self.scheduler.worker(self.worker).draining)
+        self.assertEqual(len(self.scheduler.worker(self.worker).held), 3)
