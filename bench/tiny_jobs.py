@@ -27,6 +27,17 @@ def timed(executor, jobs: int) -> float:
     return jobs / (time.perf_counter() - start)
 
 
+def latency(executor, rounds: int) -> tuple[float, float]:
+    """p50 and p99 round trip of one no-op job at a time, in milliseconds."""
+    times = []
+    for i in range(rounds):
+        start = time.perf_counter()
+        executor.submit(noop, i).result()
+        times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    return times[len(times) // 2], times[int(len(times) * 0.99)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=10000)
@@ -52,14 +63,19 @@ def main() -> None:
         for ex in systems.values():
             timed(ex, 200)  # warm up
         best = dict.fromkeys(systems, 0.0)
+        lat = {}
         for _ in range(args.rounds):
             for name, ex in systems.items():
                 best[name] = max(best[name], timed(ex, args.jobs))
+        for name, ex in systems.items():
+            lat[name] = latency(ex, 500)
         base = best["cw (2 workers x 1 proc)"]
-        print(f"{args.jobs} no-op jobs submitted one by one, best of {args.rounds}")
-        print(f"{'system':32} {'jobs/s':>10} {'vs cw':>8}")
+        print(f"{args.jobs} no-op jobs submitted one by one (best of {args.rounds});")
+        print("round trip of one no-op job at a time (500 jobs)")
+        print(f"{'system':32} {'jobs/s':>10} {'vs cw':>8} {'p50 ms':>8} {'p99 ms':>8}")
         for name, rate in best.items():
-            print(f"{name:32} {rate:10.0f} {rate / base:8.2f}")
+            p50, p99 = lat[name]
+            print(f"{name:32} {rate:10.0f} {rate / base:8.2f} {p50:8.2f} {p99:8.2f}")
         for ex in systems.values():
             if hasattr(ex, "shutdown"):
                 ex.shutdown()
