@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import deque
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -31,6 +32,9 @@ from cw.scheduler import Scheduler
 from cw.secret import SecretError, load_secret
 
 log = Logger()
+
+#: Seconds over which the status reports a completion rate.
+RATE_WINDOW = 60
 
 
 class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
@@ -229,6 +233,8 @@ class Master:
         self.contexts: dict[int, dict] = {}
         self.started = time.time()
         self._dispatch_call = None
+        #: [second, jobs completed in it] for the last minute.
+        self._recent: deque[list[int]] = deque()
         self._worker_waiters: list[tuple[int, defer.Deferred]] = []
 
     # -- events from connections -----------------------------------------
@@ -343,7 +349,9 @@ class Master:
         self.schedule_dispatch()
 
     def results(self, worker: int, results: list[P.Result]) -> None:
+        before = self.scheduler.completed
         self._deliver(self.scheduler.complete(worker, results))
+        self._count_completed(self.scheduler.completed - before)
         if worker in self.workers:
             self.workers[worker].last_heard = self.clock.seconds()
         self.schedule_dispatch()
@@ -445,6 +453,24 @@ class Master:
                 waiting.append((count, d))
         self._worker_waiters = waiting
 
+    def _count_completed(self, n: int) -> None:
+        """Remember completions per second, for the rate over the last minute."""
+        if not n:
+            return
+        second = int(self.clock.seconds())
+        if self._recent and self._recent[-1][0] == second:
+            self._recent[-1][1] += n
+        else:
+            self._recent.append([second, n])
+        while self._recent and self._recent[0][0] <= second - RATE_WINDOW:
+            self._recent.popleft()
+
+    def rate(self) -> float:
+        """Jobs completed per second over the last minute (or the uptime, if shorter)."""
+        now = self.clock.seconds()
+        done = sum(n for second, n in self._recent if second > now - RATE_WINDOW)
+        return done / max(1.0, min(RATE_WINDOW, time.time() - self.started))
+
     def status(self) -> dict:
         """A JSON-ready snapshot of the master's state."""
         s = self.scheduler
@@ -452,14 +478,17 @@ class Master:
             "uptime": time.time() - self.started,
             "queued": s.queued,
             "completed": s.completed,
+            "rate": self.rate(),
             "workers": [
                 {
                     "id": w.id,
                     "peer": self.workers[w.id].peer_name,
                     "slots": w.slots,
                     "held": len(w.held),
+                    "busy": min(len(w.held), w.slots),
                     "draining": w.draining,
                     "completed": w.completed,
+                    "failed": w.failed,
                 }
                 for w in s.workers()
             ],

@@ -205,6 +205,20 @@ class JobPool(pool.ProcessPool):
         self._retire_unusable()
         return super()._catchUp()
 
+    def kill_busy(self) -> int:
+        """
+        Kill (SIGKILL) every child that is running a job, as a worker does
+        when its drain timeout passes; their calls fail.  Return how many.
+        """
+        killed = 0
+        for child in list(self.busy):
+            try:
+                child.transport.signalProcess(signal.SIGKILL)
+                killed += 1
+            except (error.ProcessExitedAlready, AttributeError):
+                pass
+        return killed
+
     def doWork(self, command, **kwargs):
         self._retire_unusable()
         return super().doWork(command, **kwargs)

@@ -73,6 +73,8 @@ class WorkerState:
     #: order they were assigned.
     held: dict[tuple[int, int], Job] = field(default_factory=dict)
     completed: int = 0
+    #: Jobs that ended in an error on this worker (raised, crashed, ...).
+    failed: int = 0
     #: The worker is stopping gracefully: it gets no more jobs.
     draining: bool = False
 
@@ -317,6 +319,8 @@ class Scheduler:
             if self._losses:
                 self._losses.pop(result.key, None)
             state.completed += 1
+            if result.status != Outcome.OK:
+                state.failed += 1
             self.completed += 1
             client = self._clients.get(result.client)
             if client is None:

@@ -22,8 +22,8 @@ from collections import deque
 
 from ampoule import main as ampoule_main
 from twisted.application import service
-from twisted.application.internet import ClientService
-from twisted.internet import error
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, error
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -35,6 +35,14 @@ from cw.auth import AuthGate, authenticate
 from cw.batching import Outbox
 
 log = Logger()
+
+#: Seconds a stopping worker lets its running jobs finish (C{--drain-timeout}).
+DRAIN_TIMEOUT = 30.0
+
+#: Longest wait, in seconds, between attempts to (re)connect to the master
+#: (C{--reconnect-delay}); the wait grows from 1 s by half each attempt up
+#: to this, plus up to 1 s of random jitter.
+RECONNECT_DELAY = 5.0
 
 
 def describe_crash(reason) -> str:
@@ -93,6 +101,9 @@ class WorkerProtocol(AuthGate, amp.AMP):
 
     def connectionMade(self):
         super().connectionMade()
+        if self.worker.draining:
+            self.transport.loseConnection()  # stopping: join no master
+            return
         d = authenticate(self, self.worker.secret, "worker", self.worker.address)
         d.addCallback(
             lambda _: self.callRemote(
@@ -130,6 +141,14 @@ class WorkerProtocol(AuthGate, amp.AMP):
     @P.CancelJobs.responder
     def cancel_jobs(self, keys):
         self.worker.cancel(keys)
+        return {}
+
+    @P.MasterStopping.responder
+    def master_stopping(self, reason):
+        log.info(
+            "The master is shutting down ({reason}); this worker keeps trying to reconnect",
+            reason=reason,
+        )
         return {}
 
     @P.Heartbeat.responder
@@ -177,6 +196,10 @@ class Worker:
         self.max_payload = P.MAX_PAYLOAD
         #: Set when the worker shuts down, so a lost connection is expected.
         self.stopping = False
+        #: Set once the worker drains (see L{drain}): it starts no more jobs.
+        self.draining = False
+        self._drain_waiters: list[defer.Deferred] | None = []
+        self._drain_timer = None
         #: Seconds a job may run when it does not set its own timeout
         #: (None: no limit).
         self.job_timeout: float | None = None
@@ -232,14 +255,97 @@ class Worker:
         self.queue.clear()
         self.contexts.clear()
         self.outbox.discard()
+        if self.draining:
+            # Nothing can be reported any more; the master requeues the rest.
+            self._drained(f"the master connection was lost with {self.running} jobs running", kill=True)
+            return
         log.info(
             "Lost the master connection; dropped {n} queued jobs (the master requeues them); reconnecting",
             n=dropped,
         )
 
     def enqueue(self, jobs: list[P.Job]) -> None:
+        if self.draining:
+            # Sent before the master learnt that this worker drains.
+            self._return(jobs)
+            return
         self.queue.extend(jobs)
         self._pump()
+
+    def drain(self, timeout: float) -> defer.Deferred:
+        """
+        Stop gracefully: start no more jobs and hand the unstarted ones back
+        to the master at once (L{P.ReturnJobs}: it requeues them without
+        counting an attempt and sends this worker nothing more), let the
+        running jobs finish and send their results.  Fires once nothing
+        runs.  Jobs still running after C{timeout} seconds have their
+        processes killed and no result sent: the master requeues them when
+        this worker leaves, as a lost worker's jobs (counting an attempt).
+        """
+        d: defer.Deferred = defer.Deferred()
+        if self.draining:
+            if self._drain_waiters is None:
+                d.callback(None)
+            else:
+                self._drain_waiters.append(d)
+            return d
+        self.draining = True
+        self._drain_waiters.append(d)
+        unstarted = list(self.queue)
+        self.queue.clear()
+        if self.proto is not None:
+            self._return(unstarted, always=True)
+        log.info(
+            "Draining: handed {n} unstarted jobs back to the master; waiting up to {t:g} s for"
+            " {r} running jobs",
+            n=len(unstarted),
+            t=timeout,
+            r=self.running,
+        )
+        if not self.running:
+            self._drained("no jobs were running")
+        elif self.proto is None:
+            self._drained("no master connection to report results on", kill=True)
+        else:
+            self._drain_timer = self.clock.callLater(timeout, self._drain_expired, timeout)
+        return d
+
+    def _return(self, jobs: list[P.Job], always: bool = False) -> None:
+        """Tell the master this worker will not start C{jobs} and wants no more."""
+        if self.proto is None or not (jobs or always):
+            return
+        d = self.proto.callRemote(P.ReturnJobs, keys=[job.key for job in jobs])
+        d.addErrback(
+            lambda f: (
+                None
+                if f.check(error.ConnectionDone, error.ConnectionLost)  # it requeues them itself
+                else log.info("Could not return jobs to the master: {f.value}", f=f)
+            )
+        )
+
+    def _drain_expired(self, timeout: float) -> None:
+        self._drain_timer = None
+        self._drained(
+            f"the drain timeout of {timeout:g} s passed with {self.running} jobs running;"
+            " killed their processes (the master requeues those jobs)",
+            kill=True,
+        )
+
+    def _drained(self, how: str, kill: bool = False) -> None:
+        """Finish draining: flush results (or kill what still runs), fire L{drain}'s Deferreds."""
+        if self._drain_waiters is None:
+            return
+        waiters, self._drain_waiters = self._drain_waiters, None
+        if self._drain_timer is not None and self._drain_timer.active():
+            self._drain_timer.cancel()
+        self._drain_timer = None
+        if kill:
+            self.generation += 1  # their results are not sent
+            self.pool.kill_busy()
+        self.outbox.flush()
+        log.info("Drained ({how}); leaving", how=how)
+        for d in waiters:
+            d.callback(None)
 
     def cancel(self, keys: list[tuple[int, int]]) -> None:
         """
@@ -262,6 +368,8 @@ class Worker:
     def _pump(self) -> None:
         while self.queue and self.running < self.procs:
             self._start(self.queue.popleft())
+        if self.draining and not self.running:
+            self._drained("every running job finished and was reported")
 
     def _start(self, job: P.Job) -> None:
         context = self.contexts.get(job.client, {})
@@ -377,6 +485,11 @@ class WorkerService(service.MultiService):
         above this many MiB after a job (0: never).
     @param master_timeout: reconnect when the master, having sent
         heartbeats, falls silent for this many seconds (0: never).
+    @param drain_timeout: when stopped, seconds the running jobs may take to
+        finish before their processes are killed (see L{Worker.drain}).
+    @param reconnect_delay: longest wait between attempts to reach the
+        master, so that a worker rejoins a restarted master within about
+        this many seconds.
     """
 
     name = "cw-worker"
@@ -391,8 +504,12 @@ class WorkerService(service.MultiService):
         memory_limit: int = 0,
         recycle_memory: int = 0,
         master_timeout: float = 30.0,
+        drain_timeout: float = DRAIN_TIMEOUT,
+        reconnect_delay: float = RECONNECT_DELAY,
     ) -> None:
         super().__init__()
+        self.drain_timeout = drain_timeout
+        self.reconnect_delay = reconnect_delay
         self.job_timeout = job_timeout
         self.master_timeout = master_timeout
         self.memory_limit = memory_limit
@@ -432,7 +549,9 @@ class WorkerService(service.MultiService):
             )
         factory = Factory.forProtocol(lambda: WorkerProtocol(self.worker))
         endpoint = client_endpoint(reactor, self.master_address)
-        self.client_service = ClientService(endpoint, factory)
+        self.client_service = ClientService(
+            endpoint, factory, retryPolicy=backoffPolicy(maxDelay=self.reconnect_delay)
+        )
         self.client_service.setServiceParent(self)
         log.info(
             "cw worker starting {n} job processes; master at {master}",
@@ -443,9 +562,16 @@ class WorkerService(service.MultiService):
         super().startService()
 
     def stopService(self):
-        if self.worker is not None:
+        """
+        Stop gracefully (SIGTERM, SIGINT): drain (L{Worker.drain}), then
+        close the master connection and stop the job processes.
+        """
+        if self.worker is None:
+            d = defer.succeed(None)
+        else:
             self.worker.stopping = True
-        d = super().stopService()
+            d = self.worker.drain(self.drain_timeout)
+        d.addCallback(lambda _: super(WorkerService, self).stopService())
 
         def stop_pool(_):
             if self.pool is not None:
@@ -469,6 +595,8 @@ class Options(usage.Options):
         ["memory-limit", None, 0, "address-space limit per job process, MiB (0: none)", int],
         ["recycle-memory", None, 0, "restart a job process above this resident size, MiB (0: never)", int],
         ["master-timeout", None, 30.0, "reconnect if master heartbeats stop this long (0: never)", float],
+        ["drain-timeout", None, DRAIN_TIMEOUT, "seconds running jobs may finish when stopped", float],
+        ["reconnect-delay", None, RECONNECT_DELAY, "most seconds between tries to reach the master", float],
         ["secret-file", None, None, "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"],
     ]
     optFlags = [
@@ -518,6 +646,8 @@ def makeService(options: Options) -> WorkerService:
         memory_limit=options["memory-limit"],
         recycle_memory=options["recycle-memory"],
         master_timeout=options["master-timeout"],
+        drain_timeout=options["drain-timeout"],
+        reconnect_delay=options["reconnect-delay"],
     )
 
 

@@ -150,6 +150,7 @@ class Processes:
 
     def start_master(self, *options: str, listen: str = "tcp:0:interface=127.0.0.1") -> str:
         address_file = self.directory / "master.address"
+        address_file.unlink(missing_ok=True)  # a killed master leaves its own
         self.master = self.spawn(
             "master",
             [

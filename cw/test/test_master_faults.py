@@ -202,3 +202,130 @@ class FakeWorkerConnection:
 
     def abortConnection(self):
         self.aborted = True
+
+
+class FakePool:
+    """Job processes whose calls end when the test says so."""
+
+    def __init__(self) -> None:
+        self.calls: list[defer.Deferred] = []
+        self.killed = 0
+
+    def doWork(self, command, **kwargs):
+        d = defer.Deferred()
+        self.calls.append(d)
+        return d
+
+    def kill_busy(self) -> int:
+        killed = 0
+        for d in self.calls:
+            if not d.called:
+                killed += 1
+                d.errback(RuntimeError("killed"))
+        self.killed += killed
+        return killed
+
+
+class FakeMasterLink:
+    """The worker's master connection, recording what the worker sends."""
+
+    def __init__(self) -> None:
+        self.transport = self
+        self.sent: list[tuple[type, dict]] = []
+
+    def callRemote(self, command, **kwargs):
+        self.sent.append((command, kwargs))
+        return defer.succeed({})
+
+    def abortConnection(self):
+        pass
+
+    def of(self, command) -> list[dict]:
+        return [kwargs for c, kwargs in self.sent if c is command]
+
+
+class DrainTests(SynchronousTestCase):
+    """A stopping worker returns unstarted jobs, finishes running ones within its drain timeout."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.pool = FakePool()
+        self.worker = Worker(self.pool, 1, clock=self.clock)
+        self.link = FakeMasterLink()
+        self.worker.proto = self.link
+        self.worker.enqueue([P.Job(5, seq, b"p") for seq in (1, 2, 3)])
+        self.assertEqual(len(self.pool.calls), 1)
+
+    def test_unstarted_returned_running_reported(self):
+        drained = self.worker.drain(30)
+        self.assertEqual(self.link.of(P.ReturnJobs), [{"keys": [(5, 2), (5, 3)]}])
+        self.assertNoResult(drained)
+        self.clock.advance(10)
+        self.pool.calls[0].callback({"status": P.Outcome.OK, "payload": b"v"})
+        self.successResultOf(drained)
+        [sent] = self.link.of(P.JobResults)
+        self.assertEqual([r.key for r in sent["results"]], [(5, 1)])
+        self.assertEqual(len(self.pool.calls), 1, "no returned job was started")
+
+    def test_late_jobs_returned(self):
+        self.worker.drain(30)
+        self.worker.enqueue([P.Job(5, 4, b"p")])
+        self.assertEqual(self.link.of(P.ReturnJobs)[-1], {"keys": [(5, 4)]})
+        self.assertEqual(len(self.pool.calls), 1)
+
+    def test_timeout_kills_and_reports_nothing(self):
+        drained = self.worker.drain(30)
+        self.clock.advance(29)
+        self.assertNoResult(drained)
+        self.clock.advance(1)
+        self.successResultOf(drained)
+        self.assertEqual(self.pool.killed, 1)
+        self.clock.advance(0)
+        self.assertEqual(self.link.of(P.JobResults), [])
+
+    def test_idle_worker_drains_at_once(self):
+        self.worker.queue.clear()
+        self.pool.calls[0].callback({"status": P.Outcome.OK, "payload": b"v"})
+        self.successResultOf(self.worker.drain(30))
+        self.assertEqual(self.link.of(P.ReturnJobs), [{"keys": []}], "the master learns it drains")
+
+    def test_drain_twice(self):
+        first, second = self.worker.drain(30), self.worker.drain(30)
+        self.pool.calls[0].callback({"status": P.Outcome.OK, "payload": b"v"})
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.successResultOf(self.worker.drain(30))
+        self.assertEqual(len(self.link.of(P.ReturnJobs)), 1)
+
+    def test_unconnected_worker_kills_at_once(self):
+        self.worker.proto = None
+        self.successResultOf(self.worker.drain(30))
+        self.assertEqual(self.pool.killed, 1)
+
+    def test_lost_master_ends_drain(self):
+        drained = self.worker.drain(30)
+        self.worker.disconnected(self.link)
+        self.successResultOf(drained)
+        self.assertEqual(self.pool.killed, 1)
+
+
+class MasterDrainTests(SynchronousTestCase):
+    """The master requeues returned jobs at once and sends a draining worker nothing more."""
+
+    def test_returned_jobs_go_to_another_worker(self):
+        clock = Clock()
+        master = Master(clock=clock, heartbeat=0, prefetch=2)
+        client = FakePeer(master, "c:1")
+        client.peer_id = master.client_joined(client, {"cwd": "", "path": []})
+        master.submit(client.peer_id, [P.Job(0, seq, b"p") for seq in (1, 2, 3)])
+        draining = FakePeer(master, "draining:1")
+        draining.peer_id = master.worker_joined(draining, 1)
+        clock.advance(0)
+        master.return_jobs(draining.peer_id, [(client.peer_id, 2), (client.peer_id, 3)])
+        other = FakePeer(master, "other:2")
+        other.peer_id = master.worker_joined(other, 1)
+        clock.advance(0)
+        [(_, kwargs, _)] = [c for c in other.calls if c[0] is P.RunJobs]
+        self.assertEqual([job.seq for job in kwargs["jobs"]], [2, 3])
+        self.assertEqual(len([c for c in draining.calls if c[0] is P.RunJobs]), 1)
+        self.assertEqual([w["draining"] for w in master.status()["workers"]], [True, False])
