@@ -28,7 +28,7 @@ import queue
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -51,6 +51,8 @@ from cw.errors import (
     SubmitError,
     WorkerLost,
 )
+from cw.mapping import Progress, bounded_map
+from cw.mapping import progress as progress
 from cw.secret import SecretError, load_secret
 
 __all__ = [
@@ -478,8 +480,11 @@ class ClientThread(threading.Thread):
         *,
         timeout: float | None = None,
         max_attempts: int | None = None,
+        progress: bool | dict = False,
     ) -> None:
         super().__init__(name="cw-client", daemon=True)
+        #: A tqdm bar over submitted and finished jobs, if asked for.
+        self._progress = Progress(progress, 0)
         #: Defaults for every job of this client (see L{submit_with}).
         self.timeout = timeout
         self.max_attempts = max_attempts
@@ -532,6 +537,7 @@ class ClientThread(threading.Thread):
         if self.session is None:
             self.start()
         seq = self._jobs.add(jobid)
+        self._progress.grow()
         try:
             self.session.send(P.Job(0, seq, payload, options), jobid)
         except BaseException:
@@ -560,6 +566,7 @@ class ClientThread(threading.Thread):
                         self._failures.append(e)
                 elif not ok:
                     self._failures.append(value)
+                self._progress.tick(failed=not ok)
                 self._jobs.done(result.seq)
 
     def _fail_all(self, exc: Exception) -> None:
@@ -586,6 +593,7 @@ class ClientThread(threading.Thread):
 
     def close(self) -> None:
         """Disconnect from the master and stop this thread."""
+        self._progress.close()
         if self.session is not None:
             self.session.close()
             self._jobs.inbox.put(None)
@@ -736,6 +744,49 @@ class ClusterExecutor(futures.Executor):
     def status(self) -> dict:
         """The master's status snapshot (workers, queue, counts)."""
         return self.session.call(P.GetStatus)["status"]
+
+    def map(
+        self,
+        fn: Callable,
+        *iterables: Iterable,
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+        progress: bool | dict = False,
+    ) -> Iterator[Any]:
+        """
+        Like L{concurrent.futures.Executor.map}: results in input order.
+
+        @param buffersize: keep at most this many jobs in flight, submitting
+            the next as each result is taken (as Python 3.14 added), so that
+            an iterable of any length, even an endless generator, runs in
+            bounded memory.  Default: submit everything at once.
+        @param progress: show a tqdm bar (done, failed, rate, time left);
+            a dict is passed on to tqdm as options.
+        @param chunksize: accepted for compatibility; cw batches on its own.
+        """
+        return bounded_map(
+            self.submit, fn, iterables, timeout=timeout, buffersize=buffersize, progress=progress
+        )
+
+    def map_unordered(
+        self,
+        fn: Callable,
+        *iterables: Iterable,
+        timeout: float | None = None,
+        buffersize: int | None = None,
+        progress: bool | dict = False,
+    ) -> Iterator[Any]:
+        """Like L{map}, but yield each result as soon as its job finishes."""
+        return bounded_map(
+            self.submit,
+            fn,
+            iterables,
+            timeout=timeout,
+            buffersize=buffersize,
+            ordered=False,
+            progress=progress,
+        )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:

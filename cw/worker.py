@@ -167,7 +167,7 @@ class Worker:
 
     @param pool: a L{cw.pool.JobPool} of L{cw.child.JobChild} processes (or
         anything with the same C{doWork}, including its C{_cw_timeout}
-        keyword for jobs with a timeout).
+        keyword for jobs with a timeout, and C{kill_busy} for L{drain}).
     @param procs: how many jobs run at once.
     """
 

@@ -329,3 +329,43 @@ class MasterDrainTests(SynchronousTestCase):
         self.assertEqual([job.seq for job in kwargs["jobs"]], [2, 3])
         self.assertEqual(len([c for c in draining.calls if c[0] is P.RunJobs]), 1)
         self.assertEqual([w["draining"] for w in master.status()["workers"]], [True, False])
+
+
+class ClosingPeer(FakePeer):
+    """A peer whose connection closes when the test says so, or when aborted."""
+
+    def __init__(self, master: Master, name: str) -> None:
+        super().__init__(master, name)
+        self.transport = self
+        self.closed = defer.Deferred()
+        self.closing = self.aborted = False
+
+    def loseConnection(self):
+        self.closing = True
+
+    def abortConnection(self):
+        self.aborted = True
+        if not self.closed.called:
+            self.closed.callback(None)
+
+
+class MasterShutdownTests(SynchronousTestCase):
+    """A stopping master tells clients and workers, then closes their connections."""
+
+    def test_notice_then_close(self):
+        clock = Clock()
+        master = Master(clock=clock, heartbeat=0)
+        client = ClosingPeer(master, "c:1")
+        client.peer_id = master.client_joined(client, {"cwd": "", "path": []})
+        worker = ClosingPeer(master, "w:2")
+        worker.peer_id = master.worker_joined(worker, 1)
+        stopped = master.shutdown("maintenance", timeout=5)
+        for peer in (client, worker):
+            notices = [kwargs for command, kwargs, _ in peer.calls if command is P.MasterStopping]
+            self.assertEqual(notices, [{"reason": "maintenance"}])
+            self.assertTrue(peer.closing)
+        client.closed.callback(None)
+        self.assertNoResult(stopped)
+        clock.advance(5)
+        self.successResultOf(stopped)
+        self.assertEqual((client.aborted, worker.aborted), (False, True))
