@@ -155,7 +155,9 @@ def client_secret(secret_file: str | None = None, insecure: bool | None = None) 
     return load_secret(secret_file)
 
 
-def job_options(owner: Any, timeout: float | None, max_attempts: int | None) -> bytes:
+def job_options(
+    owner: Any, timeout: float | None, max_attempts: int | None, priority: int | None = None
+) -> bytes:
     """
     L{P.Job.options} for one job: the given options, else the defaults of
     C{owner} (a L{ClientThread} or L{ClusterExecutor}); checked here so that
@@ -171,7 +173,9 @@ def job_options(owner: Any, timeout: float | None, max_attempts: int | None) -> 
         isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
     ):
         raise SubmitError(f"max_attempts must be a positive integer, not {max_attempts!r}")
-    return P.encode_options(timeout=timeout, max_attempts=max_attempts)
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise SubmitError(f"priority must be an integer, not {priority!r}")
+    return P.encode_options(timeout=timeout, max_attempts=max_attempts, priority=priority or None)
 
 
 def client_context() -> dict:
@@ -221,7 +225,11 @@ class Session:
         connect_timeout: float | None = None,
         secret_file: str | None = None,
         insecure: bool | None = None,
+        weight: int = 1,
     ) -> None:
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+            raise ValueError(f"weight must be a positive integer, not {weight!r}")
+        self.weight = weight
         self.secret = client_secret(secret_file, insecure)
         self.reactor = running_reactor()
         self.address = client_description(host, port)
@@ -277,7 +285,7 @@ class Session:
                 version=P.PROTOCOL_VERSION,
                 host=socket.gethostname(),
                 pid=os.getpid(),
-                context=client_context(),
+                context={**client_context(), "weight": self.weight},
             )
         except Exception as e:
             proto.transport.loseConnection()
@@ -481,6 +489,7 @@ class ClientThread(threading.Thread):
         timeout: float | None = None,
         max_attempts: int | None = None,
         progress: bool | dict = False,
+        weight: int = 1,
     ) -> None:
         super().__init__(name="cw-client", daemon=True)
         #: A tqdm bar over submitted and finished jobs, if asked for.
@@ -492,7 +501,7 @@ class ClientThread(threading.Thread):
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
-        self._auth = {"secret_file": secret_file, "insecure": insecure}
+        self._auth = {"secret_file": secret_file, "insecure": insecure, "weight": weight}
         self.session: Session | None = None
         self._jobs = _Jobs()
         self._failures: list[BaseException] = []
@@ -526,14 +535,15 @@ class ClientThread(threading.Thread):
         *,
         timeout: float | None = None,
         max_attempts: int | None = None,
+        priority: int | None = None,
     ) -> None:
         """
         Like L{submit}, with options for this job: C{timeout} overrides the
-        client's default (see L{ClusterExecutor.submit_with}), as does
-        C{max_attempts}.
+        client's default (see L{ClusterExecutor.submit_with}), as do
+        C{max_attempts} and C{priority}.
         """
         payload = pickle_call(jobid, func, tuple(args), dict(kwargs or {}))
-        options = job_options(self, timeout, max_attempts)
+        options = job_options(self, timeout, max_attempts, priority)
         if self.session is None:
             self.start()
         seq = self._jobs.add(jobid)
@@ -637,7 +647,8 @@ class ClusterExecutor(futures.Executor):
     subclasses L{JobCrashed}, L{JobTimeout}, L{WorkerLost}); if the master
     connection is lost, every pending future raises L{MasterUnavailable}.
     C{timeout} and C{max_attempts} are defaults for every job; see
-    L{submit_with}.
+    L{submit_with}.  C{weight}: when several clients have jobs queued, this
+    one gets that many jobs per turn (default 1).
     """
 
     def __init__(
@@ -650,6 +661,7 @@ class ClusterExecutor(futures.Executor):
         *,
         timeout: float | None = None,
         max_attempts: int | None = None,
+        weight: int = 1,
     ) -> None:
         #: Defaults for every job of this executor (see L{submit_with}).
         self.timeout = timeout
@@ -665,6 +677,7 @@ class ClusterExecutor(futures.Executor):
             connect_timeout,
             secret_file=secret_file,
             insecure=insecure,
+            weight=weight,
         )
         self._thread = threading.Thread(target=self._deliver, name="cw-executor", daemon=True)
         self._thread.start()
@@ -680,6 +693,7 @@ class ClusterExecutor(futures.Executor):
         *,
         timeout: float | None = None,
         max_attempts: int | None = None,
+        priority: int | None = None,
     ) -> futures.Future:
         """
         Submit C{fn(*args, **kwargs)} with options for this job alone
@@ -691,8 +705,10 @@ class ClusterExecutor(futures.Executor):
         @param max_attempts: how many lost workers the job may outlive
             before it fails with L{WorkerLost}.  Default: the executor's
             C{max_attempts}, else the master's C{--max-attempts}.
+        @param priority: among this client's queued jobs, higher runs first
+            (default 0); it does not jump ahead of other clients' turns.
         """
-        options = job_options(self, timeout, max_attempts)
+        options = job_options(self, timeout, max_attempts, priority)
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit to a ClusterExecutor after shutdown")

@@ -30,8 +30,12 @@ from cw.auth import AUTH_TIMEOUT, AuthGate, MasterAuth
 from cw.batching import Outbox
 from cw.scheduler import Scheduler
 from cw.secret import SecretError, load_secret
+from cw.web import FailureLog, WebDashboard
 
 log = Logger()
+
+#: Largest share weight a client may ask for.
+MAX_WEIGHT = 1000
 
 #: Seconds over which the status reports a completion rate.
 RATE_WINDOW = 60
@@ -236,6 +240,8 @@ class Master:
         #: [second, jobs completed in it] for the last minute.
         self._recent: deque[list[int]] = deque()
         self._worker_waiters: list[tuple[int, defer.Deferred]] = []
+        #: Failed results delivered, for the dashboard (L{cw.web}).
+        self.failures = FailureLog()
 
     # -- events from connections -----------------------------------------
 
@@ -255,7 +261,10 @@ class Master:
         self.pending[proto] = None
 
     def client_joined(self, proto: MasterProtocol, context: dict) -> int:
-        cid = self.scheduler.add_client()
+        weight = context.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+            weight = 1
+        cid = self.scheduler.add_client(weight)
         self.clients[cid] = proto
         self.contexts[cid] = context
         log.info("Client {cid} connected from {peer}", cid=cid, peer=proto.peer_name)
@@ -416,6 +425,7 @@ class Master:
 
     def _deliver(self, results: list[P.Result]) -> None:
         """Send results to their clients."""
+        self.failures.record(results)
         by_client: dict[int, list[P.Result]] = {}
         for result in results:
             by_client.setdefault(result.client, []).append(result)
@@ -547,6 +557,9 @@ class MasterService(service.Service):
     @param listen: endpoint description (default C{tcp:5494}).
     @param address_file: if given, the address clients should use is written
         there (atomically) once the master listens; removed on stop.
+    @param web: if given, serve the dashboard, C{/api/status} and
+        C{/metrics} on this endpoint (L{cw.web.WebDashboard}), and write its
+        URL to C{web_address_file} if that is given.
     """
 
     name = "cw-master"
@@ -563,6 +576,8 @@ class MasterService(service.Service):
         heartbeat_timeout: float | None = None,
         auth_timeout: float = AUTH_TIMEOUT,
         max_payload: int = P.MAX_PAYLOAD,
+        web: str | None = None,
+        web_address_file: str | None = None,
     ) -> None:
         self.listen = listen
         self.address_file = address_file
@@ -577,6 +592,7 @@ class MasterService(service.Service):
             max_payload=max_payload,
         )
         self.port = None
+        self.web = None if web is None else WebDashboard(self.master, web, web_address_file)
 
     def startService(self):
         super().startService()
@@ -588,6 +604,8 @@ class MasterService(service.Service):
                 " code on every worker; use it only on a trusted, isolated network"
             )
         self.master.start_heartbeats()
+        if self.web is not None:
+            self.web.start(reactor)
         endpoint = server_endpoint(reactor, self.listen)
         d = endpoint.listen(MasterFactory(self.master))
         d.addCallback(self._listening)
@@ -619,6 +637,10 @@ class MasterService(service.Service):
             reactor.stop()
 
     def stopService(self):
+        """
+        Stop (SIGTERM, SIGINT): tell clients and workers (L{Master.shutdown}),
+        close their connections and stop listening.
+        """
         super().stopService()
         self.master.stop_heartbeats()
         if self.address_file:
@@ -629,6 +651,8 @@ class MasterService(service.Service):
         stopped = self.master.shutdown("the master was stopped")
         if self.port is not None:
             stopped = defer.gatherResults([stopped, defer.maybeDeferred(self.port.stopListening)])
+        if self.web is not None:
+            stopped = defer.gatherResults([stopped, self.web.stop()])
         return stopped
 
 
@@ -651,6 +675,8 @@ class Options(usage.Options):
         ["max-attempts", None, 3, "lost workers a running job may outlive before it fails", int],
         ["heartbeat", None, 5.0, "seconds between heartbeats to each worker (0: none)", float],
         ["heartbeat-timeout", None, None, "seconds a worker may stay silent (default: 3 heartbeats)", float],
+        ["web", None, None, "serve the dashboard and /metrics on this endpoint, e.g. tcp:8494 (loopback)"],
+        ["web-address-file", None, None, "write the dashboard's URL here once it listens"],
     ]
     optFlags = [
         ["insecure", None, "accept peers without authentication (trusted networks only)"],
@@ -674,6 +700,8 @@ def makeService(options: Options) -> MasterService:
         heartbeat_timeout=options["heartbeat-timeout"],
         auth_timeout=options["auth-timeout"],
         max_payload=options["max-payload"],
+        web=options["web"],
+        web_address_file=options["web-address-file"],
     )
 
 

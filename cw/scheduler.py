@@ -10,7 +10,9 @@ payload's contents, so every rule is tested directly in
 L{cw.test.test_scheduler}.
 
 Dispatch rules:
-  - Jobs leave the queue in FIFO order.
+  - Jobs leave the queue round robin between clients with jobs queued
+    (weighted), by priority then in FIFO order within a client
+    (L{cw.fairqueue.FairQueue}): a small client is not stuck behind a big one.
   - A worker with C{slots} slots holds at most C{slots + prefetch} jobs.
     Free slots anywhere are filled before any worker gets prefetched jobs, so
     an idle worker is never starved by another's prefetch.
@@ -38,10 +40,10 @@ Dispatch rules:
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from cw.fairqueue import FairQueue
 from cw.protocol import Job, Outcome, Result, error_report, read_options
 
 
@@ -103,7 +105,7 @@ class Scheduler:
         self.max_attempts = max_attempts
         #: For each job that outlived a lost worker: where and how, in order.
         self._losses: dict[tuple[int, int], list[str]] = {}
-        self._queue: deque[Job] = deque()
+        self._queue = FairQueue()
         self._clients: dict[int, ClientState] = {}
         self._workers: dict[int, WorkerState] = {}
         self._next_client = 1
@@ -113,10 +115,14 @@ class Scheduler:
 
     # -- clients ---------------------------------------------------------
 
-    def add_client(self) -> int:
-        """Register a client; return its id (never reused)."""
+    def add_client(self, weight: int = 1) -> int:
+        """
+        Register a client; return its id (never reused).  C{weight}: how
+        many jobs it gets per turn when several clients have jobs queued.
+        """
         cid = self._next_client
         self._next_client += 1
+        self._queue.set_weight(cid, weight)
         self._clients[cid] = ClientState(cid)
         return cid
 
@@ -128,8 +134,7 @@ class Scheduler:
         state = self._clients.pop(client, None)
         if state is None:
             raise UnknownPeer(client)
-        if state.queued:
-            self._queue = deque(job for job in self._queue if job.client != client)
+        self._queue.forget(client)
         if self._losses:
             self._losses = {key: v for key, v in self._losses.items() if key[0] != client}
         return state.queued
@@ -149,12 +154,8 @@ class Scheduler:
         def hit(key: tuple[int, int]) -> bool:
             return key[0] == client and (wanted is None or key[1] in wanted)
 
-        dropped = 0
-        if state.queued:
-            kept = deque(job for job in self._queue if not hit(job.key))
-            dropped = len(self._queue) - len(kept)
-            self._queue = kept
-            state.queued -= dropped
+        dropped = self._queue.remove(client, lambda job: hit(job.key))
+        state.queued -= dropped
         kill: dict[int, list[tuple[int, int]]] = {}
         for worker in self._workers.values():
             keys = [key for key in worker.held if hit(key)]
@@ -227,7 +228,7 @@ class Scheduler:
                     continue
             client.queued += 1
             back.append(job)
-        self._queue.extendleft(reversed(back))
+        self._queue.push_front(back)
         return back, failed
 
     def return_jobs(self, worker: int, keys: Iterable[tuple[int, int]]) -> list[Job]:
@@ -251,7 +252,7 @@ class Scheduler:
             client.running -= 1
             client.queued += 1
             back.append(job)
-        self._queue.extendleft(reversed(back))
+        self._queue.push_front(back)
         return back
 
     def _max_attempts(self, job: Job) -> int:

@@ -7,7 +7,10 @@ slots plus a little prefetch), starts each in a free job process, and sends
 results back in batches.  A job that crashes or hangs takes down only its
 job process, never the worker.  The connection to the master is kept up by
 a L{ClientService}: a worker started before its master, or whose master
-restarts, connects (again) on its own.
+restarts, connects (again) on its own, trying at least every
+C{--reconnect-delay} seconds.  SIGTERM or SIGINT stops a worker gracefully:
+it returns its unstarted jobs and finishes its running ones first
+(L{Worker.drain}).
 
 Run it with C{twistd -n cw-worker --master HOST[:PORT] [--procs N]} or
 C{python -m cw.worker [HOST]}.

@@ -292,3 +292,35 @@ class JobOutputTests(unittest.TestCase):
             )
 
         return threads.deferToThread(body)
+
+
+class FairShareTests(unittest.TestCase):
+    """Several clients on one master share it fairly."""
+
+    timeout = 180
+
+    def test_small_client_not_stuck_behind_big_one(self):
+        """Client B's 10 jobs finish while client A still has most of its 100,000 queued."""
+        procs = Processes(self, self.mktemp())
+
+        def body():
+            procs.start_master()
+            procs.start_worker(procs=1)
+            procs.start_worker(procs=1)
+            big = ClusterExecutor(procs.address)
+            try:
+                for i in range(100_000):
+                    big.submit(square, i)
+                wait_until(
+                    lambda: master_status(procs.address)["queued"] > 90_000,
+                    what="client A's jobs to reach the master",
+                )
+                with ClusterExecutor(procs.address) as small:
+                    self.assertEqual(list(small.map(square, range(10))), [x * x for x in range(10)])
+                status = master_status(procs.address)
+                (a,) = [c for c in status["clients"] if c["submitted"] == 100_000]
+                self.assertGreater(a["queued"], 50_000)
+            finally:
+                big.shutdown(cancel_futures=True)
+
+        return threads.deferToThread(body)

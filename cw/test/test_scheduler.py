@@ -162,17 +162,18 @@ class FIFOTests(SynchronousTestCase):
         taken = sorted(seq for _, jobs in scheduler.dispatch() for seq in seqs(jobs))
         self.assertEqual(taken, [4, 5, 6])
 
-    def test_clients_share_one_queue(self):
+    def test_clients_take_turns(self):
+        """Free slots go round robin between clients, each client's jobs in order."""
         scheduler = Scheduler(prefetch=0)
         first = scheduler.add_client()
         second = scheduler.add_client()
-        worker = scheduler.add_worker(3)
-        scheduler.submit(first, make_jobs(1, 2))
+        worker = scheduler.add_worker(4)
+        scheduler.submit(first, make_jobs(1, 3))
         scheduler.submit(second, make_jobs(1, 2))
-        scheduler.submit(first, make_jobs(3, 3))
+        scheduler.submit(first, make_jobs(4, 4))
         [(taker, jobs)] = scheduler.dispatch()
         self.assertEqual(taker, worker)
-        self.assertEqual([job.key for job in jobs], [(first, 1), (first, 2), (second, 1)])
+        self.assertEqual([job.key for job in jobs], [(first, 1), (second, 1), (first, 2), (second, 2)])
 
 
 class SlotTests(SynchronousTestCase):
@@ -603,11 +604,11 @@ class CancelTests(SynchronousTestCase):
     def setUp(self):
         self.s = Scheduler(prefetch=0)
         self.client = self.s.add_client()
-        self.other = self.s.add_client()
         self.worker = self.s.add_worker(2)
         self.s.submit(self.client, make_jobs(1, 6))
-        self.s.submit(self.other, make_jobs(1, 3))
         self.held = self.s.dispatch()
+        self.other = self.s.add_client()
+        self.s.submit(self.other, make_jobs(1, 3))
 
     def test_queued_dropped_held_returned(self):
         """Cancelling a held and a queued job: one to kill, one dropped, slot freed."""
@@ -701,3 +702,63 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual(self.scheduler.return_jobs(self.worker, []), [])
         self.assertTrue(self.scheduler.worker(self.worker).draining)
         self.assertEqual(len(self.scheduler.worker(self.worker).held), 3)
+
+
+class FairShareTests(SynchronousTestCase):
+    """Several clients share the workers fairly, by weight and priority."""
+
+    def drain(self, scheduler, worker, n):
+        """Run n jobs through a one-slot worker; return their keys in order."""
+        keys = []
+        for _ in range(n):
+            [(_, [job])] = scheduler.dispatch()
+            keys.append(job.key)
+            scheduler.complete(worker, [result_for(job)])
+        return keys
+
+    def test_small_client_not_stuck_behind_big_one(self):
+        s = Scheduler(prefetch=0)
+        big, small = s.add_client(), s.add_client()
+        worker = s.add_worker(1)
+        s.submit(big, make_jobs(1, 100_000))
+        s.submit(small, make_jobs(1, 10))
+        keys = self.drain(s, worker, 20)
+        self.assertEqual([k for k in keys if k[0] == small], [(small, i) for i in range(1, 11)])
+        self.assertEqual(s.client(big).queued, 100_000 - 10)
+
+    def test_weights(self):
+        """A client of weight 2 gets two jobs per turn."""
+        s = Scheduler(prefetch=0)
+        heavy, light = s.add_client(weight=2), s.add_client()
+        worker = s.add_worker(1)
+        s.submit(heavy, make_jobs(1, 6))
+        s.submit(light, make_jobs(1, 6))
+        clients = [k[0] for k in self.drain(s, worker, 9)]
+        self.assertEqual(clients, [heavy, heavy, light] * 3)
+
+    def test_priority_within_client(self):
+        """Higher priority first; equal priority keeps submission order."""
+        s = Scheduler(prefetch=0)
+        client = s.add_client()
+        worker = s.add_worker(1)
+        jobs = make_jobs(1, 4)
+        jobs[2].options = encode_options(priority=5)
+        jobs[3].options = encode_options(priority=5)
+        s.submit(client, jobs)
+        self.assertEqual([k[1] for k in self.drain(s, worker, 4)], [3, 4, 1, 2])
+
+    def test_bad_weight(self):
+        self.assertRaises(ValueError, Scheduler().add_client, weight=0)
+
+    def test_requeued_jobs_go_first(self):
+        """A lost worker's jobs go back ahead of everything, theirs and others'."""
+        s = Scheduler(prefetch=0)
+        a, b = s.add_client(), s.add_client()
+        lost = s.add_worker(1)
+        s.submit(a, make_jobs(1, 3))
+        s.submit(b, make_jobs(1, 3))
+        [(_, [job])] = s.dispatch()
+        self.assertEqual(job.key, (a, 1))
+        s.remove_worker(lost)
+        worker = s.add_worker(1)
+        self.assertEqual(self.drain(s, worker, 3), [(a, 1), (b, 1), (a, 2)])

@@ -33,7 +33,7 @@ def held(address: str) -> list[int]:
 
 #: How twistd exits after SIGTERM once its services stopped: it re-raises
 #: the signal (recent Twisted) or exits with status 0.
-STOPPED = (0, -signal.SIGTERM)
+STOPPED = (0, -signal.SIGTERM, -signal.SIGINT)
 
 
 class StopTests(unittest.TestCase):
@@ -56,7 +56,13 @@ class StopTests(unittest.TestCase):
         prefetched jobs run on another worker at once, the running job's
         result still arrives, and the worker then exits, saying it drained.
         """
+        return self.drain_on(signal.SIGTERM)
 
+    def test_worker_sigint_drains(self):
+        """SIGINT (^C) stops a worker as gracefully as SIGTERM."""
+        return self.drain_on(signal.SIGINT)
+
+    def drain_on(self, signum: int):
         def body():
             address = self.procs.start_master("--prefetch", "3")
             stopping = self.procs.start_worker(1)
@@ -67,7 +73,7 @@ class StopTests(unittest.TestCase):
                 wait_until(lambda: held(address) == [4], what="all four jobs on the worker")
                 wait_until(lambda: os.path.exists(started_file), what="the first job to start")
                 other = self.procs.start_worker(1)
-                stopping.send_signal(signal.SIGTERM)
+                stopping.send_signal(signum)
                 self.assertEqual([f.result(60) for f in prefetched], [other.pid] * 3)
                 self.assertFalse(running.done())
                 self.release()
