@@ -7,36 +7,13 @@ reused, and C{shutdown(cancel_futures=True)} withdraws everything.
 from __future__ import annotations
 
 import os
-import time
 
 from twisted.internet import threads
 from twisted.trial import unittest
 
 from cw.client import ClusterExecutor, master_status
+from cw.test.jobs import block_until, square, touch
 from cw.test.procs import Processes, process_exists, wait_until
-
-
-def block_until(flag, started=None, timeout=120):
-    """Record this process's pid in C{started}, then wait for C{flag} to exist."""
-    if started:
-        with open(started, "w") as f:
-            f.write(str(os.getpid()))
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(flag):
-        if time.monotonic() > deadline:
-            raise TimeoutError(flag)
-        time.sleep(0.01)
-    return "released"
-
-
-def touch(path):
-    with open(path, "w"):
-        pass
-    return path
-
-
-def square(x):
-    return x * x
 
 
 class CancelTests(unittest.TestCase):

@@ -11,8 +11,8 @@ from twisted.internet import threads
 from twisted.trial import unittest
 
 from cw.client import ClusterExecutor
+from cw.test.jobs import block_until, touch
 from cw.test.procs import Processes, child_env, free_port, wait_until
-from cw.test.test_cancel import block_until, touch
 
 
 def fail():

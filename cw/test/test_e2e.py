@@ -10,18 +10,14 @@ import importlib
 import os
 import sys
 import threading
-import time
 from concurrent.futures import as_completed
 
 from twisted.internet import threads
 from twisted.trial import unittest
 
 from cw.client import ClientThread, ClusterExecutor, RemoteException, SubmitError, master_status
+from cw.test.jobs import square, wait_for_file
 from cw.test.procs import Processes, wait_until
-
-
-def square(x):
-    return x * x
 
 
 def worker_pid(_=None):
@@ -31,16 +27,6 @@ def worker_pid(_=None):
 
 def fail(message):
     raise ValueError(message)
-
-
-def wait_for_file(path, timeout=60):
-    """Block (in a job) until C{path} exists; return the worker's pid."""
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.01)
-    return os.getppid()
 
 
 class EndToEndTests(unittest.TestCase):

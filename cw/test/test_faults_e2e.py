@@ -20,6 +20,7 @@ from twisted.trial import unittest
 
 from cw.client import ClientThread, ClusterExecutor, master_status
 from cw.errors import JobCrashed, JobTimeout, RemoteException, WorkerLost
+from cw.test.jobs import wait_for_file
 from cw.test.procs import Processes, wait_until
 
 
@@ -67,15 +68,6 @@ def short_job(x):
     """Take 1 to 5 ms; return C{x}."""
     time.sleep(0.001 * (1 + x % 5))
     return x
-
-
-def wait_for_file(path, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.01)
-    return os.getppid()
 
 
 class FaultTests(unittest.TestCase):

@@ -1,0 +1,44 @@
+"""
+Functions that tests run as jobs.  They live in a module of their own so
+that every test file shares one copy, and so that workers import them by
+name (cloudpickle pickles module-level functions by reference).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def square(x):
+    return x * x
+
+
+def touch(path):
+    """Create C{path} (empty); return it."""
+    with open(path, "w"):
+        pass
+    return path
+
+
+def block_until(flag, started=None, timeout=120):
+    """
+    Record this job process's pid in C{started} (if given), then wait until
+    C{flag} exists; return C{"released"}.  Lets a test hold a slot busy for
+    exactly as long as it wants, without guessing durations.
+    """
+    if started:
+        with open(started, "w") as f:
+            f.write(str(os.getpid()))
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(flag):
+        if time.monotonic() > deadline:
+            raise TimeoutError(flag)
+        time.sleep(0.01)
+    return "released"
+
+
+def wait_for_file(path, timeout=60):
+    """Wait (in a job) until C{path} exists; return the worker's pid."""
+    block_until(path, timeout=timeout)
+    return os.getppid()
