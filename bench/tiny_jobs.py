@@ -38,6 +38,22 @@ def latency(executor, rounds: int) -> tuple[float, float]:
     return times[len(times) // 2], times[int(len(times) * 0.99)]
 
 
+def make_bytes(n):
+    return b"r" * n
+
+
+def payload_rates(executor, size: int) -> tuple[float, float]:
+    """MB/s for one job with a C{size}-byte argument, and one with such a result."""
+    blob = b"a" * size
+    start = time.perf_counter()
+    assert executor.submit(len, blob).result() == size
+    arg = size / 1e6 / (time.perf_counter() - start)
+    start = time.perf_counter()
+    assert len(executor.submit(make_bytes, size).result()) == size
+    res = size / 1e6 / (time.perf_counter() - start)
+    return arg, res
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=10000)
@@ -67,15 +83,22 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, ex in systems.items():
                 best[name] = max(best[name], timed(ex, args.jobs))
+        big = {}
         for name, ex in systems.items():
             lat[name] = latency(ex, 500)
+            big[name] = payload_rates(ex, 50_000_000)
         base = best["cw (2 workers x 1 proc)"]
         print(f"{args.jobs} no-op jobs submitted one by one (best of {args.rounds});")
         print("round trip of one no-op job at a time (500 jobs)")
-        print(f"{'system':32} {'jobs/s':>10} {'vs cw':>8} {'p50 ms':>8} {'p99 ms':>8}")
+        print("and one job with a 50 MB argument, one with a 50 MB result (MB/s)")
+        header = f"{'system':32} {'jobs/s':>10} {'vs cw':>8} {'p50 ms':>8} {'p99 ms':>8}"
+        print(header + f" {'50MB arg':>9} {'50MB res':>9}")
         for name, rate in best.items():
             p50, p99 = lat[name]
-            print(f"{name:32} {rate:10.0f} {rate / base:8.2f} {p50:8.2f} {p99:8.2f}")
+            arg, res = big[name]
+            print(
+                f"{name:32} {rate:10.0f} {rate / base:8.2f} {p50:8.2f} {p99:8.2f} {arg:9.0f} {res:9.0f}"
+            )
         for ex in systems.values():
             if hasattr(ex, "shutdown"):
                 ex.shutdown()
