@@ -232,10 +232,11 @@ def _stop_pids(pids: list[int], timeout: float) -> None:
             popen.wait()
 
 
-def stop(master: bool = True, workers: bool = True, *, port: int = PORT, timeout: float = 15) -> None:
+def stop(master: bool = True, workers: bool = True, *, port: int = PORT, timeout: float = 40) -> None:
     """
     Stop the local cluster on C{port}: workers first (each finishes its
-    shutdown within C{timeout} seconds or is killed), then the master.
+    shutdown within C{timeout} seconds or is killed; the default leaves room
+    for a worker's 30-second drain of running jobs), then the master.
     """
     directory = run_dir(port)
     if workers:

@@ -121,6 +121,10 @@ class ChildLink(amp.AMP):
         def ended(result):
             if timer is not None and timer.active():
                 timer.cancel()
+            if _cw_handle is not None:
+                # The call is over: a late cancel must not kill this child's
+                # next job.
+                _cw_handle.pop("link", None)
             if not isinstance(result, dict) or self.pool is None:
                 return result
             limit = self.pool.max_rss

@@ -291,16 +291,17 @@ class FairShareTests(unittest.TestCase):
 
         def body():
             procs.start_master()
-            procs.start_worker(procs=1)
-            procs.start_worker(procs=1)
             big = ClusterExecutor(procs.address)
             try:
                 for i in range(100_000):
                     big.submit(square, i)
+                # Workers join only once all of A's jobs wait, however slow this machine is.
                 wait_until(
-                    lambda: master_status(procs.address)["queued"] > 90_000,
+                    lambda: master_status(procs.address)["queued"] == 100_000,
                     what="client A's jobs to reach the master",
                 )
+                procs.start_worker(procs=1)
+                procs.start_worker(procs=1)
                 with ClusterExecutor(procs.address) as small:
                     self.assertEqual(list(small.map(square, range(10))), [x * x for x in range(10)])
                 status = master_status(procs.address)

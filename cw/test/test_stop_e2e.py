@@ -16,8 +16,9 @@ from twisted.internet import threads
 from twisted.trial import unittest
 
 from cw.client import ClientThread, ClusterExecutor, MasterUnavailable, master_status, wait_for_workers
+from cw.test.jobs import square, wait_for_file
 from cw.test.procs import Processes, free_port, wait_until
-from cw.test.test_faults_e2e import square, wait_for_file, worker_pid
+from cw.test.test_faults_e2e import worker_pid
 
 
 def started_then_wait(started, flag):
