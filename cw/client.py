@@ -40,7 +40,7 @@ from twisted.protocols import amp
 from twisted.python import threadable
 
 from cw import protocol as P
-from cw.address import client_description, client_endpoint
+from cw.address import client_description, client_endpoint, enable_keepalive
 from cw.auth import AuthenticationFailed, AuthGate, authenticate
 from cw.errors import (
     REPORT_TYPES,
@@ -192,6 +192,12 @@ class ClientProtocol(AuthGate, amp.AMP):
         super().__init__()
         self.session = session
         self.lost = defer.Deferred()
+
+    def connectionMade(self):
+        super().connectionMade()
+        # The master sends clients no heartbeats: let TCP notice a vanished
+        # master, so outstanding jobs fail in bounded time.
+        enable_keepalive(self.transport)
 
     @P.JobResults.responder
     def job_results(self, results):

@@ -25,7 +25,7 @@ from twisted.protocols import amp
 from twisted.python import usage
 
 from cw import protocol as P
-from cw.address import describe_listening, server_endpoint
+from cw.address import describe_listening, enable_keepalive, server_endpoint
 from cw.auth import AUTH_TIMEOUT, AuthGate, MasterAuth
 from cw.batching import Outbox
 from cw.scheduler import Scheduler
@@ -72,6 +72,8 @@ class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
 
     def connectionMade(self):
         super().connectionMade()
+        # Clients get no heartbeats: TCP keepalive notices one that vanished.
+        enable_keepalive(self.transport)
         if not self.authenticated:
             self.auth_timeout = self.master.auth_timeout
             self.master.admit(self)
@@ -686,6 +688,8 @@ class Options(usage.Options):
         self["secret"] = load_options_secret(self)
         if self["max-attempts"] < 1:
             raise usage.UsageError("--max-attempts must be at least 1")
+        if self["web-address-file"] and not self["web"]:
+            raise usage.UsageError("--web-address-file needs --web")
 
 
 def makeService(options: Options) -> MasterService:

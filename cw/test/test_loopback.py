@@ -142,6 +142,19 @@ class LoopbackTests(unittest.TestCase):
         self.assertIn("install the same cw version", str(error))
 
     @defer.inlineCallbacks
+    def test_client_connection_keepalive(self):
+        """Both ends of a client connection keep TCP alive (clients get no heartbeats)."""
+        import socket
+
+        ex = yield threads.deferToThread(ClusterExecutor, self.address)
+        self.addCleanup(threads.deferToThread, ex.shutdown)
+        (server,) = self.master.master.clients.values()
+        for transport in (ex.session.proto.transport, server.transport):
+            sock = transport.getHandle()
+            self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+            self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 10)
+
+    @defer.inlineCallbacks
     def test_master_gone_fails_futures(self):
         """When the master goes away, pending futures fail with MasterUnavailable."""
 
@@ -167,3 +180,37 @@ def deferLater(seconds):
     from twisted.internet import task
 
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+class KeepaliveTests(unittest.TestCase):
+    """Connections without heartbeats use TCP keepalive with short timers."""
+
+    @defer.inlineCallbacks
+    def test_keepalive_on_both_ends(self):
+        import socket
+
+        from twisted.internet.protocol import Factory, Protocol
+
+        from cw.address import KEEPALIVE_COUNT, KEEPALIVE_IDLE, enable_keepalive
+
+        server_side = []
+
+        class Remember(Protocol):
+            def connectionMade(self):
+                server_side.append(enable_keepalive(self.transport))
+                self.handle = self.transport.getHandle()
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Remember), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        proto = yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
+        )
+        self.addCleanup(proto.transport.loseConnection)
+        self.assertTrue(enable_keepalive(proto.transport))
+        sock = proto.transport.getHandle()
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), KEEPALIVE_IDLE)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT), KEEPALIVE_COUNT)
+        while not server_side:
+            yield deferLater(0.01)
+        self.assertEqual(server_side, [True])
