@@ -96,9 +96,7 @@ def main() -> None:
         for name, rate in best.items():
             p50, p99 = lat[name]
             arg, res = big[name]
-            print(
-                f"{name:32} {rate:10.0f} {rate / base:8.2f} {p50:8.2f} {p99:8.2f} {arg:9.0f} {res:9.0f}"
-            )
+            print(f"{name:32} {rate:10.0f} {rate / base:8.2f} {p50:8.2f} {p99:8.2f} {arg:9.0f} {res:9.0f}")
         for ex in systems.values():
             if hasattr(ex, "shutdown"):
                 ex.shutdown()

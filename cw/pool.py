@@ -63,6 +63,10 @@ class JobCancelled(error.ProcessTerminated):
         return "the job was cancelled"
 
 
+class JobWithdrawn(Exception):
+    """The job was cancelled before it reached a job process."""
+
+
 def resident_bytes(pid: int) -> int | None:
     """The resident set size of process C{pid}, or C{None} if unknown."""
     try:
@@ -107,7 +111,8 @@ class ChildLink(amp.AMP):
 
         if _cw_handle is not None:
             if _cw_handle.get("cancelled"):
-                return defer.fail(JobCancelled())
+                # Never started: fail the call without harming this child.
+                return defer.fail(JobWithdrawn())
             _cw_handle["link"] = self
         if self.dead:
             return defer.fail(ChildExited(exitCode=None))
@@ -161,6 +166,9 @@ class ChildLink(amp.AMP):
     def cancel(self) -> None:
         """Kill the job process: its current call fails with L{JobCancelled}."""
         self.cancelled = True
+        # The call may have just ended, with the kill still on its way: make
+        # sure this child is not handed another job meanwhile.
+        self.retire = True
         try:
             self.transport.signalProcess(signal.SIGKILL)
         except (error.ProcessExitedAlready, AttributeError):
@@ -168,6 +176,7 @@ class ChildLink(amp.AMP):
 
     def _kill(self, timeout: float) -> None:
         self.timed_out = timeout
+        self.retire = True  # as in L{cancel}: no new job for a child being killed
         try:
             self.transport.signalProcess(signal.SIGKILL)
         except (error.ProcessExitedAlready, AttributeError):
@@ -207,7 +216,11 @@ class JobPool(pool.ProcessPool):
 
     def _catchUp(self):
         self._retire_unusable()
-        return super()._catchUp()
+        # ampoule's _catchUp takes a ready child without looking: after
+        # retiring one there may be none (a replacement is on its way and
+        # catches up when it starts).
+        if self.ready:
+            return super()._catchUp()
 
     def kill_busy(self) -> int:
         """
