@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections import deque
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -562,6 +563,7 @@ class MasterService(service.Service):
     @param web: if given, serve the dashboard, C{/api/status} and
         C{/metrics} on this endpoint (L{cw.web.WebDashboard}), and write its
         URL to C{web_address_file} if that is given.
+    @param options: passed on to L{Master}.
     """
 
     name = "cw-master"
@@ -569,30 +571,15 @@ class MasterService(service.Service):
     def __init__(
         self,
         listen: str | None = None,
-        prefetch: int = 1,
         address_file: str | None = None,
-        secret: bytes | None = None,
-        max_pending: int = 64,
-        max_attempts: int = 3,
-        heartbeat: float = 5.0,
-        heartbeat_timeout: float | None = None,
-        auth_timeout: float = AUTH_TIMEOUT,
-        max_payload: int = P.MAX_PAYLOAD,
         web: str | None = None,
         web_address_file: str | None = None,
+        **options: Any,
     ) -> None:
         self.listen = listen
         self.address_file = address_file
-        self.master = Master(
-            prefetch=prefetch,
-            secret=secret,
-            max_pending=max_pending,
-            max_attempts=max_attempts,
-            heartbeat=heartbeat,
-            heartbeat_timeout=heartbeat_timeout,
-            auth_timeout=auth_timeout,
-            max_payload=max_payload,
-        )
+        #: Everything else (prefetch, secret, limits, heartbeats) is L{Master}'s.
+        self.master = Master(**options)
         self.port = None
         self.web = None if web is None else WebDashboard(self.master, web, web_address_file)
 
