@@ -68,9 +68,6 @@ class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
         #: Fires once the connection has closed.
         self.closed: defer.Deferred = defer.Deferred()
 
-    def _describe(self) -> str:
-        return self.peer_description()
-
     def connectionMade(self):
         super().connectionMade()
         # Clients get no heartbeats: TCP keepalive notices one that vanished.

@@ -7,6 +7,8 @@ name (cloudpickle pickles module-level functions by reference).
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 
 
@@ -42,3 +44,26 @@ def wait_for_file(path, timeout=60):
     """Wait (in a job) until C{path} exists; return the worker's pid."""
     block_until(path, timeout=timeout)
     return os.getppid()
+
+
+def worker_pid(_=None):
+    """Which worker ran this job: the job process's parent is the worker."""
+    return os.getppid()
+
+
+def segfault():
+    os.kill(os.getpid(), signal.SIGSEGV)
+    time.sleep(60)
+
+
+def kill_myself():
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+
+
+def exit_with(code):
+    os._exit(code)
+
+
+def sys_exit(code):
+    sys.exit(code)

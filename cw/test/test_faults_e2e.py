@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -20,34 +19,8 @@ from twisted.trial import unittest
 
 from cw.client import ClientThread, ClusterExecutor, master_status
 from cw.errors import JobCrashed, JobTimeout, RemoteException, WorkerLost
-from cw.test.jobs import wait_for_file
+from cw.test.jobs import exit_with, kill_myself, segfault, square, sys_exit, wait_for_file, worker_pid
 from cw.test.procs import Processes, wait_until
-
-
-def square(x):
-    return x * x
-
-
-def worker_pid(_=None):
-    return os.getppid()
-
-
-def segfault():
-    os.kill(os.getpid(), signal.SIGSEGV)
-    time.sleep(60)
-
-
-def kill_myself():
-    os.kill(os.getpid(), signal.SIGKILL)
-    time.sleep(60)
-
-
-def exit_with(code):
-    os._exit(code)
-
-
-def sys_exit(code):
-    sys.exit(code)
 
 
 def allocate(mib):

@@ -16,11 +16,8 @@ from twisted.trial import unittest
 
 from cw.client import ClusterExecutor, RemoteException, progress
 from cw.mapping import bounded_map
+from cw.test.jobs import square
 from cw.test.procs import Processes
-
-
-def square(x):
-    return x * x
 
 
 def fail_on_three(x):

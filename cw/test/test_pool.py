@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import time
 
 import cloudpickle
@@ -19,6 +18,7 @@ from twisted.trial import unittest
 from cw import protocol as P
 from cw.child import JobChild
 from cw.pool import JobPool
+from cw.test.jobs import exit_with, segfault, sys_exit
 from cw.test.procs import process_exists
 from cw.worker import JobStarter, Worker, job_process_env
 
@@ -28,19 +28,6 @@ DEADLINE = 60
 
 def pid():
     return os.getpid()
-
-
-def segfault():
-    os.kill(os.getpid(), signal.SIGSEGV)
-    time.sleep(60)
-
-
-def exit_with(code):
-    os._exit(code)
-
-
-def sys_exit(code):
-    sys.exit(code)
 
 
 def allocate(mib):

@@ -23,6 +23,7 @@ from cw.auth import AuthenticationFailed, AuthGate, Challenge, Prove, peer_proof
 from cw.client import ClusterExecutor, MasterUnavailable, RemoteException, SubmitError, client_context
 from cw.master import MasterService
 from cw.secret import SecretError, load_secret
+from cw.test.jobs import square
 from cw.test.procs import TWISTD, Processes, child_env, wait_until
 
 
@@ -30,10 +31,6 @@ def write_marker(path):
     with open(path, "w") as f:
         f.write("ran")
     return path
-
-
-def square(x):
-    return x * x
 
 
 def other_secret(testcase) -> str:
