@@ -50,8 +50,12 @@ def allocate(nworkers: int = 1, *args, **kwargs):
     return cluster.allocate(nworkers, *args, **kwargs)
 
 
-def slurm_master_host() -> str:
-    """The host running this user's SLURM master job (C{cmaster})."""
+def slurm_master_host(cluster: str | None = None) -> str:
+    """
+    The host running this user's SLURM master job (C{cmaster}; with a
+    cluster name, or C{CW_SLURM_CLUSTER}, C{cmaster-NAME}); C{HOST:PORT} if
+    its master does not listen on the default port.  See L{cw.slurm}.
+    """
     from cw import slurm
 
-    return slurm.master_host()
+    return slurm.master_host(cluster)

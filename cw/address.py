@@ -131,6 +131,21 @@ KEEPALIVE_INTERVAL = 5
 KEEPALIVE_COUNT = 3
 
 
+def no_delay(transport) -> bool:
+    """
+    Send small writes at once (C{TCP_NODELAY}): cw's boxes are small and
+    each waits for an answer, which Nagle's algorithm would delay.  Returns
+    False for transports that are not TCP sockets.
+    """
+    import socket
+
+    handle = getattr(transport, "getHandle", lambda: None)()
+    if not isinstance(handle, socket.socket) or handle.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return True
+
+
 def enable_keepalive(transport) -> bool:
     """
     Turn on TCP keepalive for C{transport}, so that a peer that vanished

@@ -102,6 +102,12 @@ class AuthGate:
     _received = 0
     _auth_timer = None
 
+    def connectionMade(self):
+        from cw.address import no_delay
+
+        no_delay(self.transport)
+        super().connectionMade()
+
     def peer_description(self) -> str:
         peer = self.transport.getPeer() if self.transport else None
         host = getattr(peer, "host", None)

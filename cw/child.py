@@ -1,24 +1,39 @@
 """
-The job process: an ampoule child that runs one job at a time.
+The job process: an ampoule child that runs jobs one at a time, in the
+batches its worker sends (L{P.RunBatch}).
 
 Each job runs in its client's working directory with the client's
 C{sys.path} entries in front of the child's own.  The payload is opened
 here, and only here: the worker and master never unpickle user data.
+
+Functions that jobs share (C{ClusterExecutor.map}) arrive once and are kept
+unpickled in a small cache, least recently used first out.  The worker's
+L{cw.pool.ChildLink} keeps the same cache of keys with the same rule, so it
+knows which functions this process holds without asking.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
 import traceback
+from collections import OrderedDict
 
 import cloudpickle
 from ampoule.child import AMPChild
 
 from cw import protocol as P
+from cw.streaming import ChunkReceiver, StreamingSender
 
 _inserted: list[str] = []
+
+#: Unpickled functions a job process keeps (see L{FunctionCache}).
+FUNCTION_CACHE = 32
+
+#: Counters a job can read to see what its process did (used by tests).
+stats = {"functions_unpickled": 0, "jobs": 0}
 
 
 def enter_context(cwd: str, path: list[str]) -> None:
@@ -37,13 +52,48 @@ def enter_context(cwd: str, path: list[str]) -> None:
         os.chdir(cwd)
 
 
-def run_payload(cwd: str, path: list[str], payload: bytes) -> tuple[int, bytes]:
+class FunctionCache:
     """
-    Run a cloudpickled C{(func, args, kwargs)} and return an L{P.Outcome}
-    code with its payload: the cloudpickled value, or a JSON error report
-    carrying the remote traceback.
+    Up to C{size} functions by C{(client, key)}, least recently used
+    evicted first.  L{use} is called once per job that names a function, in
+    job order, here and in the worker's L{cw.pool.ChildLink}: the same
+    sequence of calls leaves both with the same keys.
+    """
+
+    def __init__(self, size: int = FUNCTION_CACHE) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple[int, bytes], object] = OrderedDict()
+
+    def use(self, key: tuple[int, bytes], load) -> tuple[bool, object]:
+        """
+        The entry for C{key}, moved to the most recently used end; if
+        absent, C{load()} makes it (and the oldest entry beyond C{size} is
+        dropped).  Return C{(was_present, entry)}.
+        """
+        entries = self.entries
+        if key in entries:
+            entries.move_to_end(key)
+            return True, entries[key]
+        value = entries[key] = load()
+        while len(entries) > self.size:
+            entries.popitem(last=False)
+        return False, value
+
+
+def _failure(kind: str, message: str, **where) -> tuple[int, bytes]:
+    return P.Outcome.RAISED, P.error_report(kind, message, traceback.format_exc(), **where)
+
+
+def run_payload(cwd: str, path: list[str], payload: bytes, function: object = None) -> tuple[int, bytes]:
+    """
+    Run a job and return an L{P.Outcome} code with its payload: the
+    cloudpickled value, or a JSON error report carrying the remote
+    traceback.  The payload is a cloudpickled C{(func, args, kwargs)}, or,
+    when C{function} is given, C{(args, kwargs)} for that function (an
+    exception instead of a function: it could not be unpickled).
     """
     where = {"host": socket.gethostname(), "pid": os.getpid()}
+    stats["jobs"] += 1
     try:
         enter_context(cwd, path)
     except OSError as e:
@@ -54,8 +104,19 @@ def run_payload(cwd: str, path: list[str], payload: bytes) -> tuple[int, bytes]:
             " the client's filesystem",
             **where,
         )
+    if isinstance(function, BaseException):
+        return P.Outcome.RAISED, P.error_report(
+            type(function).__name__,
+            f"the job's function could not be unpickled on {where['host']}: {function}",
+            getattr(function, "cw_traceback", ""),
+            **where,
+        )
     try:
-        func, args, kwargs = cloudpickle.loads(payload)
+        if function is None:
+            func, args, kwargs = cloudpickle.loads(payload)
+        else:
+            func = function
+            args, kwargs = cloudpickle.loads(payload)
     except BaseException as e:
         return P.Outcome.RAISED, P.error_report(
             type(e).__name__,
@@ -80,9 +141,19 @@ def run_payload(cwd: str, path: list[str], payload: bytes) -> tuple[int, bytes]:
         )
 
 
-class JobChild(AMPChild):
+def load_function(data: bytes) -> object:
+    """Unpickle a cached function; an exception is returned, not raised."""
+    stats["functions_unpickled"] += 1
+    try:
+        return cloudpickle.loads(data)
+    except BaseException as e:
+        e.cw_traceback = traceback.format_exc()
+        return e
+
+
+class JobChild(StreamingSender, ChunkReceiver, AMPChild):
     """
-    The ampoule child class that workers start; answers L{P.RunJob}.
+    The ampoule child class that workers start; answers L{P.RunBatch}.
 
     @param memory_limit: the process's address-space limit in bytes
         (C{RLIMIT_AS}; a decimal string, as ampoule passes it), "0" for none.
@@ -90,6 +161,9 @@ class JobChild(AMPChild):
 
     def __init__(self, memory_limit: str = "0") -> None:
         super().__init__()
+        from cw.pipes import bulk_pipe_reads
+
+        bulk_pipe_reads()
         limit = int(memory_limit)
         if limit > 0:
             import resource
@@ -98,8 +172,26 @@ class JobChild(AMPChild):
             if hard != resource.RLIM_INFINITY:
                 limit = min(limit, hard)
             resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        self.contexts: dict[int, dict] = {}
+        self.functions = FunctionCache()
 
-    @P.RunJob.responder
-    def run_job(self, cwd, path, payload):
-        status, data = run_payload(cwd, path, payload)
-        return {"status": status, "payload": data}
+    @P.RunBatch.responder
+    def run_batch(self, jobs, contexts, functions):
+        for client, context in contexts.items():
+            self.contexts[int(client)] = context
+        results = []
+        for job in jobs:
+            context = self.contexts.get(job.client, {})
+            function = None
+            if job.func:
+                key = (job.client, job.func)
+                load = functools.partial(load_function, functions[key]) if key in functions else _missing
+                _, function = self.functions.use(key, load)
+            cwd, path = context.get("cwd", ""), context.get("path", [])
+            status, payload = run_payload(cwd, path, job.payload, function)
+            results.append(P.Result(job.client, job.seq, status, payload))
+        return {"results": results}
+
+
+def _missing() -> Exception:
+    return LookupError("the worker did not send the job's function (a cw bug; please report it)")

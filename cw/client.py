@@ -22,6 +22,7 @@ in a delivery thread, never in the reactor thread.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import os
 import queue
@@ -54,6 +55,7 @@ from cw.errors import (
 from cw.mapping import Progress, bounded_map
 from cw.mapping import progress as progress
 from cw.secret import SecretError, load_secret
+from cw.streaming import ChunkReceiver, StreamingSender
 
 __all__ = [
     "AuthenticationFailed",
@@ -69,6 +71,10 @@ __all__ = [
 ]
 
 log = Logger()
+
+#: Bytes of submitted jobs a client lets wait to be sent before submit
+#: blocks (one job of any size is always accepted).
+SEND_WINDOW = 256 << 20
 
 #: Seconds a client keeps trying to reach its master before giving up.
 CONNECT_TIMEOUT = float(os.environ.get("CW_CONNECT_TIMEOUT", "10"))
@@ -143,6 +149,28 @@ def pickle_call(jobid: Any, func: Callable, args: tuple, kwargs: dict) -> bytes:
         raise SubmitError(f"job {jobid!r} cannot be sent: {describe_unpicklable(func, args, kwargs)}") from e
 
 
+def pickle_function(func: Callable) -> tuple[bytes, bytes]:
+    """
+    C{(key, pickle)} of a function to be cached on workers: its cloudpickle
+    and a digest of that pickle, or L{SubmitError}.
+    """
+    if not callable(func):
+        raise SubmitError(f"{_short_repr(func)} is not callable")
+    try:
+        data = cloudpickle.dumps(func)
+    except Exception as e:
+        raise SubmitError(f"the function {_short_repr(func)} cannot be pickled: {e}") from e
+    return hashlib.blake2b(data, digest_size=16).digest(), data
+
+
+def pickle_arguments(jobid: Any, func: Callable, args: tuple, kwargs: dict) -> bytes:
+    """The payload of a job whose function is cached: its pickled arguments."""
+    try:
+        return cloudpickle.dumps((args, kwargs))
+    except Exception as e:
+        raise SubmitError(f"job {jobid!r} cannot be sent: {describe_unpicklable(func, args, kwargs)}") from e
+
+
 def client_secret(secret_file: str | None = None, insecure: bool | None = None) -> bytes | None:
     """
     The secret a client or worker authenticates with (see L{cw.secret}), or
@@ -185,7 +213,7 @@ def client_context() -> dict:
     return {"cwd": cwd, "path": list(dict.fromkeys(path))}
 
 
-class ClientProtocol(AuthGate, amp.AMP):
+class ClientProtocol(StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
     """A client's connection to the master; accepts results only once the master is authenticated."""
 
     def __init__(self, session: Session) -> None:
@@ -203,6 +231,14 @@ class ClientProtocol(AuthGate, amp.AMP):
     def job_results(self, results):
         self.session.results_arrived(results)
         return {}
+
+    @P.HoldJobs.responder
+    def hold_jobs(self, hold):
+        self.session.hold(hold)
+        return {}
+
+    def stream_progress(self) -> None:
+        self.session.sent_some()
 
     @P.MasterStopping.responder
     def master_stopping(self, reason):
@@ -249,6 +285,16 @@ class Session:
         self._lock = threading.Lock()
         self._pending: list[P.Job] = []
         self._cancels: list[tuple[int, int]] = []
+        #: Functions to define before the pending jobs, and the keys defined
+        #: on this connection.
+        self._defines: list[tuple[bytes, bytes]] = []
+        self._defined: set[bytes] = set()
+        #: Payload bytes of L{_pending}; with what the connection has yet to
+        #: write, it is what L{send} keeps under L{SEND_WINDOW}.
+        self._pending_bytes = 0
+        self._sent_some = threading.Condition(self._lock)
+        #: The master asked this client to hold its jobs (L{P.HoldJobs}).
+        self._holding = False
         self._flush_scheduled = False
         timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
         call_in_reactor(self._connect, timeout, timeout=timeout + 30)
@@ -332,6 +378,7 @@ class Session:
         if proto is not self.proto:
             return
         self.proto = None
+        self.sent_some()
         if not self.closing:
             self.on_lost(MasterUnavailable(message))
 
@@ -345,15 +392,65 @@ class Session:
         if self.proto is None:
             raise MasterUnavailable(f"not connected to the cw master at {self.address}")
         with self._lock:
+            # Flow control: while more than SEND_WINDOW bytes wait to be
+            # written (the master or the network is slower than this
+            # client), block rather than pile up pickled payloads.
+            while self._backlog() > SEND_WINDOW:
+                self._sent_some.wait(1.0)
+                if self.proto is None:
+                    raise MasterUnavailable(f"lost the connection to the cw master at {self.address}")
             self._pending.append(job)
+            self._pending_bytes += len(job.payload)
             wake = not self._flush_scheduled
             self._flush_scheduled = True
         if wake:
             self.reactor.callFromThread(self._flush)
 
+    def define(self, key: bytes, function: bytes) -> None:
+        """
+        Make sure the master has this cached function before the jobs sent
+        after this call (once per connection).
+        """
+        if key in self._defined:
+            return
+        if len(function) > self.max_payload:
+            raise SubmitError(P.too_big("the pickled function", len(function), self.max_payload))
+        with self._lock:
+            if key in self._defined:
+                return
+            self._defined.add(key)
+            self._defines.append((key, function))
+            wake = not self._flush_scheduled
+            self._flush_scheduled = True
+        if wake:
+            self.reactor.callFromThread(self._flush)
+
+    def _backlog(self) -> int:
+        proto = self.proto
+        return self._pending_bytes + (proto.outgoing_bytes if proto is not None else 0)
+
+    def hold(self, hold: bool) -> None:
+        """The master asks to hold further jobs (flow control), or to send them again."""
+        self._holding = hold
+        if not hold:
+            self._flush()
+
+    def sent_some(self) -> None:
+        """The connection wrote part of a big box: wake senders waiting for room."""
+        with self._lock:
+            self._sent_some.notify_all()
+
     def cancel(self, seq: int) -> None:
         """Ask the master to withdraw job C{seq}; cancellations are batched like jobs."""
         with self._lock:
+            if self._holding:
+                # Still here (held back by flow control): just drop it.
+                kept = [job for job in self._pending if job.seq != seq]
+                if len(kept) < len(self._pending):
+                    self._pending = kept
+                    self._pending_bytes = sum(len(job.payload) for job in kept)
+                    self._sent_some.notify_all()
+                    return
             self._cancels.append((0, seq))
             wake = not self._flush_scheduled
             self._flush_scheduled = True
@@ -362,11 +459,18 @@ class Session:
 
     def _flush(self) -> None:
         with self._lock:
-            jobs, self._pending = self._pending, []
+            if self._holding:
+                jobs = []
+            else:
+                jobs, self._pending = self._pending, []
+                self._pending_bytes = 0
             cancels, self._cancels = self._cancels, []
+            defines, self._defines = self._defines, []
             self._flush_scheduled = False
         if self.proto is None:
             return
+        for key, function in defines:
+            self.proto.callRemote(P.DefineFunction, client=0, key=key, function=function)
         for batch in P.batches(jobs, P.job_size):
             self.proto.callRemote(P.SubmitJobs, jobs=batch)
         # After the jobs: a job submitted and cancelled in one burst is
@@ -715,6 +819,21 @@ class ClusterExecutor(futures.Executor):
             (default 0); it does not jump ahead of other clients' turns.
         """
         options = job_options(self, timeout, max_attempts, priority)
+        return self._submit(fn, tuple(args), dict(kwargs or {}), options)
+
+    def _submit(
+        self,
+        fn: Callable,
+        args: tuple,
+        kwargs: dict,
+        options: bytes,
+        cached: tuple[bytes, bytes] | None = None,
+    ) -> futures.Future:
+        """
+        Submit one job; with C{cached} (see L{pickle_function}), C{fn} is
+        sent once per connection and cached on workers, and each job
+        carries only its arguments.
+        """
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit to a ClusterExecutor after shutdown")
@@ -722,12 +841,22 @@ class ClusterExecutor(futures.Executor):
             seq = self._jobs.add(future)
             future._withdraw = functools.partial(self._withdraw, seq)
             try:
-                payload = pickle_call(f"#{seq}", fn, tuple(args), dict(kwargs or {}))
-                self.session.send(P.Job(0, seq, payload, options), f"#{seq}")
+                if cached is None:
+                    job = P.Job(0, seq, pickle_call(f"#{seq}", fn, args, kwargs), options)
+                else:
+                    self.session.define(*cached)
+                    job = P.Job(0, seq, pickle_arguments(f"#{seq}", fn, args, kwargs), options, cached[0])
+                self.session.send(job, f"#{seq}")
             except BaseException:
                 self._jobs.forget(seq)
                 raise
         return future
+
+    def _mapper(self, fn: Callable) -> Callable[..., futures.Future]:
+        """A submit function for L{map}: C{fn} is pickled once and cached on the workers."""
+        cached = pickle_function(fn)
+        options = job_options(self, None, None)
+        return lambda fn, *args: self._submit(fn, args, {}, options, cached)
 
     def _withdraw(self, seq: int) -> None:
         """A future was cancelled: forget it and withdraw its job from the cluster."""
@@ -786,9 +915,13 @@ class ClusterExecutor(futures.Executor):
         @param progress: show a tqdm bar (done, failed, rate, time left);
             a dict is passed on to tqdm as options.
         @param chunksize: accepted for compatibility; cw batches on its own.
+
+        C{fn} is pickled once and sent to each worker once (each job carries
+        only its arguments), so a function that closes over large data costs
+        that data once per worker, not once per job.
         """
         return bounded_map(
-            self.submit, fn, iterables, timeout=timeout, buffersize=buffersize, progress=progress
+            self._mapper(fn), fn, iterables, timeout=timeout, buffersize=buffersize, progress=progress
         )
 
     def map_unordered(
@@ -801,7 +934,7 @@ class ClusterExecutor(futures.Executor):
     ) -> Iterator[Any]:
         """Like L{map}, but yield each result as soon as its job finishes."""
         return bounded_map(
-            self.submit,
+            self._mapper(fn),
             fn,
             iterables,
             timeout=timeout,

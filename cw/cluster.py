@@ -69,5 +69,5 @@ def allocate(nworkers: int = 1, *args, **kwargs):
     try:
         yield address
     finally:
-        stop_kwargs = {k: kwargs[k] for k in ("port",) if k in kwargs}
+        stop_kwargs = {k: kwargs[k] for k in ("port", "cluster") if k in kwargs}
         module.stop(**stop_kwargs)

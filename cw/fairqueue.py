@@ -29,13 +29,15 @@ def job_priority(job: Job) -> int:
 class _ClientJobs:
     """One client's queued jobs, by priority level."""
 
-    __slots__ = ("weight", "credit", "levels", "size")
+    __slots__ = ("weight", "credit", "levels", "size", "bytes")
 
     def __init__(self, weight: int) -> None:
         self.weight = weight
         self.credit = weight
         self.levels: dict[int, deque[Job]] = {}
         self.size = 0
+        #: Bytes of the queued jobs' payloads.
+        self.bytes = 0
 
     def push(self, job: Job, front: bool = False) -> None:
         level = self.levels.setdefault(job_priority(job), deque())
@@ -44,6 +46,7 @@ class _ClientJobs:
         else:
             level.append(job)
         self.size += 1
+        self.bytes += len(job.payload)
 
     def pop(self) -> Job:
         top = max(self.levels) if len(self.levels) > 1 else next(iter(self.levels))
@@ -52,6 +55,7 @@ class _ClientJobs:
         if not level:
             del self.levels[top]
         self.size -= 1
+        self.bytes -= len(job.payload)
         return job
 
     def remove(self, unwanted: Callable[[Job], bool]) -> int:
@@ -63,6 +67,7 @@ class _ClientJobs:
             else:
                 del self.levels[priority]
         self.size = sum(len(level) for level in self.levels.values())
+        self.bytes = sum(len(job.payload) for level in self.levels.values() for job in level)
         return before - self.size
 
 
@@ -85,6 +90,11 @@ class FairQueue:
         for cid in self._turns:
             for level in self._clients[cid].levels.values():
                 yield from level
+
+    def bytes_of(self, client: int) -> int:
+        """Bytes of C{client}'s queued payloads."""
+        jobs = self._clients.get(client)
+        return 0 if jobs is None else jobs.bytes
 
     def set_weight(self, client: int, weight: int) -> None:
         """Give C{client} C{weight} jobs per turn (at least 1)."""

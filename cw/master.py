@@ -31,6 +31,7 @@ from cw.auth import AUTH_TIMEOUT, AuthGate, MasterAuth
 from cw.batching import Outbox
 from cw.scheduler import Scheduler
 from cw.secret import SecretError, load_secret
+from cw.streaming import ChunkReceiver, StreamingSender
 from cw.web import FailureLog, WebDashboard
 
 log = Logger()
@@ -42,7 +43,12 @@ MAX_WEIGHT = 1000
 RATE_WINDOW = 60
 
 
-class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
+#: Bytes of payloads a client may have queued before the master stops
+#: reading from it (C{--max-queued-bytes}).
+MAX_QUEUED_BYTES = 1 << 30
+
+
+class MasterProtocol(StreamingSender, AuthGate, MasterAuth, ChunkReceiver, amp.AMP):
     """
     One connection to the master, from a client or a worker.  The peer
     first authenticates (L{cw.auth}); which kind of peer it is becomes known
@@ -65,6 +71,10 @@ class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
         self.outbox: Outbox | None = None
         #: Clients whose context this worker has been sent.
         self.contexts_sent: set[int] = set()
+        #: C{(client, key)} of the functions this worker has been sent.
+        self.functions_sent: set[tuple[int, bytes]] = set()
+        #: Flow control stopped reading from this client (see L{Master._throttle}).
+        self.reading_paused = False
         #: Fires once the connection has closed.
         self.closed: defer.Deferred = defer.Deferred()
 
@@ -118,6 +128,12 @@ class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
             self.master.submit(self.peer_id, jobs)
         return {}
 
+    @P.DefineFunction.responder
+    def define_function(self, client, key, function):
+        if self._require("client"):
+            self.master.define_function(self.peer_id, key, function)
+        return {}
+
     @P.RegisterWorker.responder
     def register_worker(self, version, host, pid, slots):
         self._check_version(version)
@@ -155,7 +171,7 @@ class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
     # -- sending ---------------------------------------------------------
 
     def send_jobs(self, jobs: list[P.Job]) -> None:
-        """Send jobs to this worker, preceded by any client context it lacks."""
+        """Send jobs to this worker, preceded by any client context or function it lacks."""
         for job in jobs:
             if job.client not in self.contexts_sent:
                 self.contexts_sent.add(job.client)
@@ -164,11 +180,16 @@ class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
                     client=job.client,
                     context=self.master.contexts[job.client],
                 )
+            if job.func and (job.client, job.func) not in self.functions_sent:
+                function = self.master.functions.get(job.client, {}).get(job.func)
+                if function is not None:
+                    self.functions_sent.add((job.client, job.func))
+                    self.callRemote(P.DefineFunction, client=job.client, key=job.func, function=function)
         for batch in P.batches(jobs, P.job_size):
             self.callRemote(P.RunJobs, jobs=batch)
 
-    def send_results(self, results: list[P.Result]) -> None:
-        """Queue results for this client; they leave on the reactor's next turn."""
+    def send_results(self, results: list[P.Result], now: bool = False) -> None:
+        """Queue results for this client; they leave on the reactor's next turn, or C{now}."""
         if self.outbox is None:
             self.outbox = Outbox(
                 self.master.clock,
@@ -176,6 +197,8 @@ class MasterProtocol(AuthGate, MasterAuth, amp.AMP):
                 P.result_size,
             )
         self.outbox.extend(results)
+        if now:
+            self.outbox.flush()
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
@@ -214,6 +237,8 @@ class Master:
         heartbeat_timeout: float | None = None,
         auth_timeout: float = AUTH_TIMEOUT,
         max_payload: int = P.MAX_PAYLOAD,
+        prefetch_seconds: float = 0.05,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -231,10 +256,16 @@ class Master:
         self.auth_timeout = auth_timeout
         #: Largest job or result payload accepted, in bytes.
         self.max_payload = max_payload
-        self.scheduler = Scheduler(prefetch=prefetch, max_attempts=max_attempts)
+        #: Stop reading from a client while its queued payloads exceed this
+        #: many bytes; read again once they are under half of it.
+        self.max_queued_bytes = max_queued_bytes
+        self.paused_clients: set[int] = set()
+        self.scheduler = Scheduler(prefetch=prefetch, max_attempts=max_attempts, horizon=prefetch_seconds)
         self.clients: dict[int, MasterProtocol] = {}
         self.workers: dict[int, MasterProtocol] = {}
         self.contexts: dict[int, dict] = {}
+        #: Each connected client's functions (opaque bytes) by key.
+        self.functions: dict[int, dict[bytes, bytes]] = {}
         self.started = time.time()
         self._dispatch_call = None
         #: [second, jobs completed in it] for the last minute.
@@ -274,10 +305,16 @@ class Master:
         cid = proto.peer_id
         self.clients.pop(cid, None)
         self.contexts.pop(cid, None)
+        self.paused_clients.discard(cid)
+        functions = self.functions.pop(cid, {})
         dropped, killed = self.cancel(cid)
         self.scheduler.remove_client(cid)
         for worker in self.workers.values():
-            worker.contexts_sent.discard(cid)
+            if cid in worker.contexts_sent:
+                worker.contexts_sent.discard(cid)
+                worker.callRemote(P.ForgetClient, client=cid)
+            for key in functions:
+                worker.functions_sent.discard((cid, key))
         log.info(
             "Client {cid} ({peer}) disconnected; dropped {n} queued jobs and stopped {k} running",
             cid=cid,
@@ -286,12 +323,28 @@ class Master:
             k=killed,
         )
 
+    def define_function(self, client: int, key: bytes, function: bytes) -> None:
+        """
+        Keep a client's function (opaque bytes) for its jobs that name
+        C{key}; it is sent to each worker once, before the first such job.
+        """
+        if len(function) > self.max_payload:
+            log.warn(
+                "Client {cid} defined a function of {n:,} bytes, over --max-payload; its jobs will fail",
+                cid=client,
+                n=len(function),
+            )
+            return
+        self.functions.setdefault(client, {})[key] = function
+
     def cancel(self, client: int, seqs: list[int] | None = None) -> tuple[int, int]:
         """
         Withdraw jobs of C{client} (C{seqs}, or all): drop queued ones, tell
         workers to kill held ones.  Return both counts.
         """
         dropped, kill = self.scheduler.cancel(client, seqs)
+        if client in self.paused_clients:
+            self._resume_clients()
         for wid, keys in kill.items():
             self.workers[wid].callRemote(P.CancelJobs, keys=keys)
         if kill:
@@ -336,30 +389,80 @@ class Master:
         self.schedule_dispatch()
 
     def submit(self, client: int, jobs: list[P.Job]) -> None:
-        refused = [job for job in jobs if len(job.payload) > self.max_payload]
+        functions = self.functions.get(client, {})
+        refused = []
+        for job in jobs:
+            if len(job.payload) > self.max_payload:
+                # Clients check this limit at submit; this catches older or
+                # misbehaving ones without queueing what no worker may answer.
+                message = P.too_big("the job", len(job.payload), self.max_payload)
+                refused.append((job, "PayloadTooLarge", message))
+            elif job.func and job.func not in functions:
+                refused.append(
+                    (
+                        job,
+                        "UnknownFunction",
+                        "the job names a function its client did not define on this connection"
+                        " (or one over the master's --max-payload)",
+                    )
+                )
         if refused:
-            # Clients check this limit at submit; this catches older or
-            # misbehaving ones without queueing what no worker may answer.
-            jobs = [job for job in jobs if len(job.payload) <= self.max_payload]
+            bad = {id(job) for job, _, _ in refused}
+            jobs = [job for job in jobs if id(job) not in bad]
             self.clients[client].send_results(
                 [
-                    P.Result(
-                        client,
-                        job.seq,
-                        P.Outcome.FAILED,
-                        P.error_report(
-                            "PayloadTooLarge", P.too_big("the job", len(job.payload), self.max_payload)
-                        ),
-                    )
-                    for job in refused
+                    P.Result(client, job.seq, P.Outcome.FAILED, P.error_report(kind, message))
+                    for job, kind, message in refused
                 ]
             )
+        idle = not self.scheduler.queued
         self.scheduler.submit(client, jobs)
-        self.schedule_dispatch()
+        self._throttle(client)
+        if idle:
+            # Nothing was waiting, so nothing is gained by waiting for more:
+            # a lone job goes out at once.
+            self.dispatch_now()
+        else:
+            self.schedule_dispatch()
+
+    def _throttle(self, client: int) -> None:
+        """
+        Flow control: over C{max_queued_bytes} queued, ask the client to
+        hold its further jobs (L{P.HoldJobs}); over twice that (a client
+        that does not hold them), stop reading from it altogether.
+        """
+        queued, limit = self.scheduler.queued_bytes(client), self.max_queued_bytes
+        if queued <= limit or (client in self.paused_clients and queued <= 2 * limit):
+            return
+        proto = self.clients[client]
+        if client not in self.paused_clients:
+            self.paused_clients.add(client)
+            proto.callRemote(P.HoldJobs, hold=True)
+            log.info(
+                "Client {cid} has over {mib} MiB of jobs queued; it holds back more for now",
+                cid=client,
+                mib=self.max_queued_bytes >> 20,
+            )
+        if queued > 2 * self.max_queued_bytes and not proto.reading_paused:
+            proto.reading_paused = True
+            proto.transport.pauseProducing()
+
+    def _resume_clients(self) -> None:
+        """Read again from paused clients whose queues have shrunk to half the limit."""
+        for cid in list(self.paused_clients):
+            proto = self.clients.get(cid)
+            if proto is None:
+                self.paused_clients.discard(cid)
+            elif self.scheduler.queued_bytes(cid) <= self.max_queued_bytes // 2:
+                self.paused_clients.discard(cid)
+                proto.callRemote(P.HoldJobs, hold=False)
+                if proto.reading_paused:
+                    proto.reading_paused = False
+                    proto.transport.resumeProducing()
 
     def results(self, worker: int, results: list[P.Result]) -> None:
         before = self.scheduler.completed
-        self._deliver(self.scheduler.complete(worker, results))
+        self._deliver(self.scheduler.complete(worker, results, self.clock.seconds()))
         self._count_completed(self.scheduler.completed - before)
         if worker in self.workers:
             self.workers[worker].last_heard = self.clock.seconds()
@@ -430,7 +533,8 @@ class Master:
         for result in results:
             by_client.setdefault(result.client, []).append(result)
         for cid, batch in by_client.items():
-            self.clients[cid].send_results(batch)
+            # Results arrive batched by the worker: pass each batch on at once.
+            self.clients[cid].send_results(batch, now=True)
 
     # -- dispatch --------------------------------------------------------
 
@@ -439,10 +543,18 @@ class Master:
         if self._dispatch_call is None:
             self._dispatch_call = self.clock.callLater(0, self._dispatch)
 
+    def dispatch_now(self) -> None:
+        """Dispatch at once (a scheduled dispatch, if any, is dropped)."""
+        if self._dispatch_call is not None and self._dispatch_call.active():
+            self._dispatch_call.cancel()
+        self._dispatch()
+
     def _dispatch(self) -> None:
         self._dispatch_call = None
-        for wid, jobs in self.scheduler.dispatch():
+        for wid, jobs in self.scheduler.dispatch(self.clock.seconds()):
             self.workers[wid].send_jobs(jobs)
+        if self.paused_clients:
+            self._resume_clients()
 
     # -- inspection ------------------------------------------------------
 
@@ -652,12 +764,14 @@ class Options(usage.Options):
     )
     optParameters = [
         ["port", "p", None, "endpoint to listen on (default tcp:5494)"],
-        ["prefetch", None, 1, "extra jobs a worker may hold per slot", int],
+        ["prefetch", None, 1, "extra jobs a worker may hold per slot, at least", int],
+        ["prefetch-seconds", None, 0.05, "also as many as a worker completes in this time", float],
         ["address-file", None, None, "write the master's address here once listening"],
         ["secret-file", None, None, "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"],
         ["max-pending", None, 64, "connections that may wait to authenticate at once", int],
         ["auth-timeout", None, AUTH_TIMEOUT, "seconds a new connection has to authenticate", float],
         ["max-payload", None, P.MAX_PAYLOAD, "largest job or result payload, in bytes", int],
+        ["max-queued-bytes", None, MAX_QUEUED_BYTES, "read no more from a client with this much queued", int],
         ["max-attempts", None, 3, "lost workers a running job may outlive before it fails", int],
         ["heartbeat", None, 5.0, "seconds between heartbeats to each worker (0: none)", float],
         ["heartbeat-timeout", None, None, "seconds a worker may stay silent (default: 3 heartbeats)", float],
@@ -672,6 +786,8 @@ class Options(usage.Options):
         self["secret"] = load_options_secret(self)
         if self["max-attempts"] < 1:
             raise usage.UsageError("--max-attempts must be at least 1")
+        if self["prefetch"] < 0 or self["prefetch-seconds"] < 0:
+            raise usage.UsageError("--prefetch and --prefetch-seconds must not be negative")
         if self["web-address-file"] and not self["web"]:
             raise usage.UsageError("--web-address-file needs --web")
 
@@ -680,6 +796,7 @@ def makeService(options: Options) -> MasterService:
     return MasterService(
         listen=options["port"],
         prefetch=options["prefetch"],
+        prefetch_seconds=options["prefetch-seconds"],
         address_file=options["address-file"],
         secret=options["secret"],
         max_pending=options["max-pending"],
@@ -688,6 +805,7 @@ def makeService(options: Options) -> MasterService:
         heartbeat_timeout=options["heartbeat-timeout"],
         auth_timeout=options["auth-timeout"],
         max_payload=options["max-payload"],
+        max_queued_bytes=options["max-queued-bytes"],
         web=options["web"],
         web_address_file=options["web-address-file"],
     )

@@ -19,7 +19,11 @@ of one child.  It also carries out, per call:
     L{JobTimedOut};
   - a memory check: after each job the child's resident size is read from
     C{/proc}, and a child above the pool's C{max_rss} (or one whose job ran
-    out of memory) is retired before it gets another job.
+    out of memory) is retired before it gets another job;
+  - what the child already holds: the contexts (working directory and
+    C{sys.path}) of the clients whose jobs it ran, and which cached
+    functions it keeps (the same L{cw.child.FunctionCache} rule as the
+    child's own), so that each L{P.RunBatch} carries only what is new.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from cw import protocol as P
+from cw.child import FunctionCache
+from cw.streaming import ChunkReceiver, StreamingSender
 
 log = Logger()
 
@@ -76,7 +82,7 @@ def resident_bytes(pid: int) -> int | None:
         return None
 
 
-class ChildLink(amp.AMP):
+class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
     """
     The worker's end of the connection to one job process.
 
@@ -94,6 +100,10 @@ class ChildLink(amp.AMP):
         self.retire = False
         self.timed_out: float | None = None
         self.cancelled = False
+        #: (generation, client) pairs whose context this child was sent.
+        self.contexts_sent: set[tuple[int, int]] = set()
+        #: The function keys this child holds, kept as the child keeps them.
+        self.functions = FunctionCache()
 
     @property
     def pid(self) -> int | None:
@@ -101,11 +111,25 @@ class ChildLink(amp.AMP):
         process = getattr(self.transport, "transport", None)
         return getattr(process, "pid", None)
 
-    def callRemote(self, command, _cw_timeout: float | None = None, _cw_handle: dict | None = None, **kwargs):
+    def callRemote(
+        self,
+        command,
+        _cw_timeout: float | None = None,
+        _cw_handle: dict | None = None,
+        _cw_contexts: dict | None = None,
+        _cw_functions: dict | None = None,
+        _cw_generation: int = 0,
+        **kwargs,
+    ):
         """
         Call C{command} in the child.  C{_cw_handle}, if given, is a dict
         that gets C{"link": self} so the caller can L{cancel} the call later;
         a handle already marked C{"cancelled"} fails at once.
+
+        For L{P.RunBatch}, pass C{jobs} only: C{contexts} and C{functions}
+        are filled in here from C{_cw_contexts} (client contexts by client
+        id, of master connection C{_cw_generation}) and C{_cw_functions}
+        (pickled functions by C{(client, key)}), with what this child lacks.
         """
         from twisted.internet import reactor
 
@@ -116,6 +140,10 @@ class ChildLink(amp.AMP):
             _cw_handle["link"] = self
         if self.dead:
             return defer.fail(ChildExited(exitCode=None))
+        if command is P.RunBatch:
+            kwargs["contexts"], kwargs["functions"] = self._missing(
+                kwargs["jobs"], _cw_contexts or {}, _cw_functions or {}, _cw_generation
+            )
         d = super().callRemote(command, **kwargs)
         if d is None:
             return d
@@ -142,9 +170,10 @@ class ChildLink(amp.AMP):
                     limit=limit >> 20,
                 )
                 self.retire = True
-            elif result.get("status") == P.Outcome.RAISED:
+            else:
                 # A job that ran out of memory may leave its process damaged.
-                if P.read_error_report(result.get("payload", b"")).get("type") == "MemoryError":
+                raised = [r for r in result.get("results", ()) if r.status == P.Outcome.RAISED]
+                if any(P.read_error_report(r.payload)["type"] == "MemoryError" for r in raised):
                     self.retire = True
             return result
 
@@ -162,6 +191,21 @@ class ChildLink(amp.AMP):
             return reason
 
         return d.addCallbacks(ended, died)
+
+    def _missing(self, jobs, contexts: dict, functions: dict, generation: int) -> tuple[dict, dict]:
+        """The contexts and functions that C{jobs} need and this child lacks."""
+        send_contexts: dict[str, dict] = {}
+        send_functions: dict[tuple[int, bytes], bytes] = {}
+        for job in jobs:
+            if (generation, job.client) not in self.contexts_sent:
+                self.contexts_sent.add((generation, job.client))
+                send_contexts[str(job.client)] = contexts.get(job.client, {})
+            if job.func:
+                key = (job.client, job.func)
+                present, _ = self.functions.use(key, lambda: None)
+                if not present and key in functions:
+                    send_functions[key] = functions[key]
+        return send_contexts, send_functions
 
     def cancel(self) -> None:
         """Kill the job process: its current call fails with L{JobCancelled}."""

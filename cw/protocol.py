@@ -10,11 +10,12 @@ authentication) happens in this module alone.
 Who talks to whom::
 
     client --RegisterClient, SubmitJobs, GetStatus, AwaitWorkers--> master
-    master --JobResults--> client
+    master --JobResults, HoldJobs--> client
     worker --RegisterWorker, JobResults, ReturnJobs--> master
     master --ClientContext, RunJobs, Heartbeat--> worker
     master --MasterStopping--> client, worker
-    worker --RunJob--> job process (an ampoule child, over a pipe)
+    client --DefineFunction--> master --DefineFunction, ForgetClient--> worker
+    worker --RunBatch--> job process (an ampoule child, over a pipe)
 
 Jobs and results travel in batches: one AMP box carries many records, framed
 with L{struct} headers.  AMP limits a single value to 65,535 bytes; the
@@ -45,7 +46,7 @@ PORT = 5494
 MAX_PAYLOAD = 4 << 30
 
 #: Bumped whenever a peer of an older version could misread a box.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: Largest value AMP carries under one key.
 CHUNK = amp.MAX_VALUE_LENGTH
@@ -77,44 +78,120 @@ class Blob(amp.Argument):
 
     Values up to L{CHUNK} bytes travel under their own key.  A longer value
     is cut into chunks: the first under C{name}, the rest under C{name.2},
-    C{name.3}, ..., and the number of chunks under C{name.n}.
+    C{name.3}, ..., and the number of chunks under C{name.n}.  The chunk
+    numbers are zero-padded to the width of the count (C{name.002} of
+    C{name.n = 150}) so that, as AMP sends keys in sorted order, chunks
+    arrive in order and a receiver can append each as it comes
+    (L{cw.streaming.ChunkReceiver}).
+
+    Big values are not copied more than needed: the chunks sent are views
+    of the value (of its parts, for an L{Encoded} value made of several),
+    written piece by piece by L{cw.streaming.StreamingSender}; payloads
+    received in a batch are views of the joined chunks (L{_piece}), so a
+    payload is a C{memoryview} or C{bytes}.  Everything that reads payloads
+    (C{len}, slicing, C{pickle.loads}, writing to a transport) takes
+    either.
     """
 
     def toBox(self, name, strings, objects, proto):
-        value = objects[amp._wireNameToPythonIdentifier(name)]
-        if len(value) <= CHUNK:
-            strings[name] = bytes(value)
+        self._put(name, strings, [objects[amp._wireNameToPythonIdentifier(name)]])
+
+    @staticmethod
+    def _put(name: bytes, strings, parts: list) -> None:
+        """Put the concatenation of C{parts} into C{strings}, chunked."""
+        total = sum(len(part) for part in parts)
+        if total <= CHUNK:
+            strings[name] = parts[0] if len(parts) == 1 else b"".join(parts)
+            if not isinstance(strings[name], bytes):
+                strings[name] = bytes(strings[name])
             return
-        view = memoryview(value)
-        count = 0
-        for start in range(0, len(value), CHUNK):
-            count += 1
-            key = name if count == 1 else b"%s.%d" % (name, count)
-            strings[key] = bytes(view[start : start + CHUNK])
+        count = -(-total // CHUNK)
+        width = len(str(count))
+        for index, chunk in enumerate(_chunks(parts), 1):
+            strings[name if index == 1 else chunk_key(name, index, width)] = chunk
         strings[name + b".n"] = b"%d" % count
 
     def fromBox(self, name, strings, objects, proto):
+        objects[amp._wireNameToPythonIdentifier(name)] = self._take(name, strings)
+
+    @staticmethod
+    def _take(name: bytes, strings):
         first = strings.pop(name)
         count = strings.pop(name + b".n", None)
-        if count is not None:
-            rest = [strings.pop(b"%s.%d" % (name, i)) for i in range(2, int(count) + 1)]
-            first = b"".join([first, *rest])
-        objects[amp._wireNameToPythonIdentifier(name)] = first
+        if count is None:
+            return first
+        width = len(count)
+        rest = [strings.pop(chunk_key(name, i, width)) for i in range(2, int(count) + 1)]
+        return b"".join([first, *rest])
+
+
+def chunk_key(name: bytes, index: int, width: int) -> bytes:
+    """The key of chunk C{index} (2 or more) of a L{Blob} value under C{name}."""
+    return b"%s.%0*d" % (name, width, index)
+
+
+def _chunks(parts: list) -> Iterator:
+    """
+    Cut the concatenation of C{parts} into pieces of L{CHUNK} bytes:
+    views of the parts where a piece lies within one part, a small copy
+    where it straddles two.
+    """
+    pending: list = []
+    pending_size = 0
+    for part in parts:
+        view = memoryview(part)
+        start = 0
+        if pending:
+            take = min(CHUNK - pending_size, len(view))
+            pending.append(view[:take])
+            pending_size += take
+            start = take
+            if pending_size < CHUNK:
+                continue
+            yield b"".join(pending)
+            pending, pending_size = [], 0
+        while len(view) - start >= CHUNK:
+            yield view[start : start + CHUNK]
+            start += CHUNK
+        if start < len(view):
+            pending, pending_size = [view[start:]], len(view) - start
+    if pending:
+        yield b"".join(pending)
+
+
+#: Payloads at least this long are kept as views into the buffer they
+#: arrived in rather than copied out of it.
+VIEW_THRESHOLD = CHUNK
+
+
+def _piece(view: memoryview, start: int, end: int):
+    """C{view[start:end]}: a copy if short, a view of the same buffer if long."""
+    if end - start >= VIEW_THRESHOLD:
+        return view[start:end]
+    return bytes(view[start:end])
 
 
 @dataclass(slots=True)
 class Job:
     """
     One job as it travels: who sent it, its number within that client,
-    the opaque payload, and options (JSON bytes, empty for defaults).
+    the opaque payload, options (JSON bytes, empty for defaults) and the
+    key of a cached function (empty for none).
 
     C{client} is 0 on the client's own side; the master fills it in.
+
+    Without C{func}, the payload is a cloudpickled C{(function, args,
+    kwargs)}.  With it, the payload is a cloudpickled C{(args, kwargs)} and
+    the function is the one the client defined under that key
+    (L{DefineFunction}), sent to each worker and job process once rather
+    than with every job.
     """
 
     client: int
     seq: int
     payload: bytes
     options: bytes = b""
+    func: bytes = b""
 
     @property
     def key(self) -> tuple[int, int]:
@@ -166,20 +243,29 @@ class Result:
         return (self.client, self.seq)
 
 
-_JOB = struct.Struct("!IQHQ")
+#: client, seq, options length, function key length, payload length.
+_JOB = struct.Struct("!IQHBQ")
 _RESULT = struct.Struct("!IQBQ")
 
 
 def encode_jobs(jobs: Iterable[Job]) -> bytes:
     """Frame L{Job} records into one byte string."""
+    return b"".join(job_parts(jobs))
+
+
+def job_parts(jobs: Iterable[Job]) -> list:
+    """L{encode_jobs} as a list of pieces, the payloads not copied."""
     parts = []
     for job in jobs:
         if len(job.options) > 0xFFFF:
             raise ValueError(f"job {job.seq}: options exceed 65,535 bytes")
-        parts.append(_JOB.pack(job.client, job.seq, len(job.options), len(job.payload)))
+        if len(job.func) > 0xFF:
+            raise ValueError(f"job {job.seq}: function key exceeds 255 bytes")
+        parts.append(_JOB.pack(job.client, job.seq, len(job.options), len(job.func), len(job.payload)))
         parts.append(job.options)
+        parts.append(job.func)
         parts.append(job.payload)
-    return b"".join(parts)
+    return parts
 
 
 def decode_jobs(data: bytes) -> list[Job]:
@@ -190,25 +276,32 @@ def decode_jobs(data: bytes) -> list[Job]:
     while offset < end:
         if end - offset < _JOB.size:
             raise ValueError("truncated job record header")
-        client, seq, olen, plen = _JOB.unpack_from(data, offset)
+        client, seq, olen, flen, plen = _JOB.unpack_from(data, offset)
         offset += _JOB.size
-        if offset + olen + plen > end:
+        if offset + olen + flen + plen > end:
             raise ValueError("truncated job record")
         options = bytes(view[offset : offset + olen])
         offset += olen
-        payload = bytes(view[offset : offset + plen])
+        func = bytes(view[offset : offset + flen])
+        offset += flen
+        payload = _piece(view, offset, offset + plen)
         offset += plen
-        jobs.append(Job(client, seq, payload, options))
+        jobs.append(Job(client, seq, payload, options, func))
     return jobs
 
 
 def encode_results(results: Iterable[Result]) -> bytes:
     """Frame L{Result} records into one byte string."""
+    return b"".join(result_parts(results))
+
+
+def result_parts(results: Iterable[Result]) -> list:
+    """L{encode_results} as a list of pieces, the payloads not copied."""
     parts = []
     for r in results:
         parts.append(_RESULT.pack(r.client, r.seq, r.status, len(r.payload)))
         parts.append(r.payload)
-    return b"".join(parts)
+    return parts
 
 
 def decode_results(data: bytes) -> list[Result]:
@@ -223,7 +316,7 @@ def decode_results(data: bytes) -> list[Result]:
         offset += _RESULT.size
         if offset + plen > end:
             raise ValueError("truncated result record")
-        results.append(Result(client, seq, status, bytes(view[offset : offset + plen])))
+        results.append(Result(client, seq, status, _piece(view, offset, offset + plen)))
         offset += plen
     return results
 
@@ -247,7 +340,7 @@ def batches(records: list, size=len, limit: int = BATCH_BYTES) -> Iterator[list]
 
 
 def job_size(job: Job) -> int:
-    return _JOB.size + len(job.payload) + len(job.options)
+    return _JOB.size + len(job.payload) + len(job.options) + len(job.func)
 
 
 def result_size(result: Result) -> int:
@@ -256,32 +349,36 @@ def result_size(result: Result) -> int:
 
 class Encoded(Blob):
     """
-    A L{Blob} that carries some other value: C{encode} turns it into bytes
-    before chunking, C{decode} turns the joined bytes back.
+    A L{Blob} that carries some other value: C{parts} turns it into a list
+    of byte strings (sent as if joined, without joining them), C{decode}
+    turns the received bytes back.  Subclasses set C{encode} (one byte
+    string) and may set C{parts} to avoid copying big payloads.
     """
 
     @staticmethod
     def encode(value: Any) -> bytes:
         raise NotImplementedError
 
+    def parts(self, value: Any) -> list:
+        return [self.encode(value)]
+
     @staticmethod
     def decode(data: bytes) -> Any:
         raise NotImplementedError
 
     def toBox(self, name, strings, objects, proto):
-        key = amp._wireNameToPythonIdentifier(name)
-        Blob.toBox(self, name, strings, {key: self.encode(objects[key])}, proto)
+        parts = self.parts(objects[amp._wireNameToPythonIdentifier(name)])
+        self._put(name, strings, parts or [b""])
 
     def fromBox(self, name, strings, objects, proto):
-        Blob.fromBox(self, name, strings, objects, proto)
-        key = amp._wireNameToPythonIdentifier(name)
-        objects[key] = self.decode(objects[key])
+        objects[amp._wireNameToPythonIdentifier(name)] = self.decode(self._take(name, strings))
 
 
 class JobBatch(Encoded):
     """A list of L{Job} records."""
 
     encode = staticmethod(encode_jobs)
+    parts = staticmethod(job_parts)
     decode = staticmethod(decode_jobs)
 
 
@@ -289,7 +386,54 @@ class ResultBatch(Encoded):
     """A list of L{Result} records."""
 
     encode = staticmethod(encode_results)
+    parts = staticmethod(result_parts)
     decode = staticmethod(decode_results)
+
+
+#: client, key length, function length.
+_FUNCTION = struct.Struct("!IBQ")
+
+
+def encode_functions(table: dict[tuple[int, bytes], bytes]) -> bytes:
+    """Frame C{{(client, key): pickled function}} into one byte string."""
+    return b"".join(function_parts(table))
+
+
+def function_parts(table: dict[tuple[int, bytes], bytes]) -> list:
+    """L{encode_functions} as a list of pieces, the functions not copied."""
+    parts = []
+    for (client, key), function in table.items():
+        parts.append(_FUNCTION.pack(client, len(key), len(function)))
+        parts.append(key)
+        parts.append(function)
+    return parts
+
+
+def decode_functions(data: bytes) -> dict[tuple[int, bytes], bytes]:
+    """Undo L{encode_functions}; raise L{ValueError} on a malformed table."""
+    table = {}
+    view = memoryview(data)
+    offset, end = 0, len(data)
+    while offset < end:
+        if end - offset < _FUNCTION.size:
+            raise ValueError("truncated function record header")
+        client, klen, flen = _FUNCTION.unpack_from(data, offset)
+        offset += _FUNCTION.size
+        if offset + klen + flen > end:
+            raise ValueError("truncated function record")
+        key = bytes(view[offset : offset + klen])
+        offset += klen
+        table[(client, key)] = _piece(view, offset, offset + flen)
+        offset += flen
+    return table
+
+
+class FunctionTable(Encoded):
+    """Pickled functions by C{(client, key)}: those a job process lacks."""
+
+    encode = staticmethod(encode_functions)
+    parts = staticmethod(function_parts)
+    decode = staticmethod(decode_functions)
 
 
 _KEY = struct.Struct("!IQ")
@@ -323,7 +467,7 @@ class JSON(Encoded):
 
     @staticmethod
     def decode(data: bytes) -> Any:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(str(data, "utf-8"))
 
 
 class VersionMismatch(Exception):
@@ -357,6 +501,33 @@ class SubmitJobs(amp.Command):
     """Queue a batch of jobs.  Fire and forget: results come back later."""
 
     arguments = [(b"jobs", JobBatch())]
+    requiresAnswer = False
+
+
+class DefineFunction(amp.Command):
+    """
+    Client to master, then master to worker: the cloudpickled function that
+    jobs name by C{key} (a digest of these bytes).  A client defines each
+    function once per connection, before the first job that uses it; the
+    master keeps it while the client is connected and sends it to a worker
+    before the first such job it gives that worker.  A client sends
+    C{client=0}; the master fills in the client's id.
+    """
+
+    arguments = [(b"client", amp.Integer()), (b"key", amp.String()), (b"function", Blob())]
+    requiresAnswer = False
+
+
+class HoldJobs(amp.Command):
+    """
+    Master to client: C{hold=True} when this client's queued jobs add up to
+    more bytes than the master keeps per client (C{--max-queued-bytes}); the
+    client then keeps further jobs to itself (its C{submit} blocks once it
+    holds a few hundred megabytes) until C{hold=False} comes, once the
+    queue has shrunk to half.  Other commands flow as usual.
+    """
+
+    arguments = [(b"hold", amp.Boolean())]
     requiresAnswer = False
 
 
@@ -396,6 +567,15 @@ class ClientContext(amp.Command):
     """
 
     arguments = [(b"client", amp.Integer()), (b"context", JSON())]
+    requiresAnswer = False
+
+
+class ForgetClient(amp.Command):
+    """
+    Master to worker: this client left; drop its context and functions.
+    """
+
+    arguments = [(b"client", amp.Integer())]
     requiresAnswer = False
 
 
@@ -459,15 +639,22 @@ class MasterStopping(amp.Command):
 # -- Worker <-> job process ----------------------------------------------
 
 
-class RunJob(amp.Command):
-    """Run one job in a job process and answer with its L{Outcome} and payload."""
+class RunBatch(amp.Command):
+    """
+    Run jobs one after another in a job process; answer with one result per
+    job, in order.  C{contexts} holds the working directory and C{sys.path}
+    (C{{"cwd": ..., "path": [...]}}) of each client, by client id as a
+    string, that this job process has not been sent before; C{functions}
+    holds the cached functions the jobs use that it does not hold (see
+    L{cw.pool.ChildLink}, which tracks both).
+    """
 
     arguments = [
-        (b"cwd", amp.Unicode()),
-        (b"path", JSON()),
-        (b"payload", Blob()),
+        (b"jobs", JobBatch()),
+        (b"contexts", JSON()),
+        (b"functions", FunctionTable()),
     ]
-    response = [(b"status", amp.Integer()), (b"payload", Blob())]
+    response = [(b"results", ResultBatch())]
 
 
 def box_limit(max_payload: int) -> int:
@@ -490,7 +677,7 @@ def error_report(kind: str, message: str, traceback: str = "", **extra: Any) -> 
 def read_error_report(payload: bytes) -> dict:
     """Parse an L{error_report}; tolerate garbage by wrapping it."""
     try:
-        report = json.loads(payload.decode("utf-8"))
+        report = json.loads(str(payload, "utf-8"))
         if isinstance(report, dict):
             return report
     except ValueError:

@@ -13,9 +13,17 @@ Dispatch rules:
   - Jobs leave the queue round robin between clients with jobs queued
     (weighted), by priority then in FIFO order within a client
     (L{cw.fairqueue.FairQueue}): a small client is not stuck behind a big one.
-  - A worker with C{slots} slots holds at most C{slots + prefetch} jobs.
-    Free slots anywhere are filled before any worker gets prefetched jobs, so
-    an idle worker is never starved by another's prefetch.
+  - A worker with C{slots} slots holds at most C{slots} plus its credit of
+    prefetched jobs.  The credit is C{prefetch} per slot, or, once the
+    worker's rate of completed jobs is known, as many jobs as it completes
+    in C{horizon} seconds if that is more (up to C{MAX_CREDIT} per slot):
+    a worker racing through tiny jobs holds enough of them that batches
+    fill every hop, while a worker on slow jobs holds barely more than it
+    runs, so it does not hoard the queue.  Free slots anywhere are filled
+    before any worker gets prefetched jobs, so an idle worker is never
+    starved by another's prefetch.  Prefetching also stops once a worker
+    holds L{PREFETCH_BYTES} of payloads, so big jobs are not piled up
+    (in memory) on one worker.
   - When a worker leaves, the jobs it held go back to the front of the queue
     in their original order.  A result from a worker that no longer holds the
     job (it left, or the job was requeued) is dropped, so each job's result is
@@ -40,11 +48,22 @@ Dispatch rules:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cw.fairqueue import FairQueue
 from cw.protocol import Job, Outcome, Result, error_report, read_options
+
+#: Seconds over which a worker's rate of completed jobs is measured.
+RATE_WINDOW = 0.1
+
+#: Most prefetched jobs per slot that a worker's rate can earn it.
+MAX_CREDIT = 256
+
+#: A worker gets no more prefetched jobs once the payloads it holds add up
+#: to this many bytes (it still gets one job per free slot, of any size).
+PREFETCH_BYTES = 64 << 20
 
 
 class UnknownPeer(KeyError):
@@ -74,15 +93,66 @@ class WorkerState:
     #: Jobs this worker holds (running or prefetched), by job key, in the
     #: order they were assigned.
     held: dict[tuple[int, int], Job] = field(default_factory=dict)
+    #: Bytes of the payloads in L{held}.
+    held_bytes: int = 0
     completed: int = 0
     #: Jobs that ended in an error on this worker (raised, crashed, ...).
     failed: int = 0
     #: The worker is stopping gracefully: it gets no more jobs.
     draining: bool = False
+    #: Jobs this worker completes per second (None: not measured yet), and
+    #: the measurement under way: its start and the jobs completed since.
+    rate: float | None = None
+    window_start: float | None = None
+    window_count: int = 0
+    #: Prefetched jobs this worker may hold beyond its slots.
+    credit: int = -1
+
+    def __post_init__(self) -> None:
+        if self.credit < 0:
+            self.credit = self.prefetch
 
     @property
     def capacity(self) -> int:
-        return self.slots + self.prefetch
+        return self.slots + self.credit
+
+    def hold(self, job: Job) -> None:
+        self.held[job.key] = job
+        self.held_bytes += len(job.payload)
+
+    def release(self, key: tuple[int, int]) -> Job | None:
+        job = self.held.pop(key, None)
+        if job is not None:
+            self.held_bytes -= len(job.payload)
+        return job
+
+    def room(self, limit: str) -> bool:
+        """Whether this worker takes another job: into a free slot, or prefetched."""
+        if limit == "slots":
+            return len(self.held) < self.slots
+        return len(self.held) < self.capacity and self.held_bytes < PREFETCH_BYTES
+
+    def observe(self, now: float, completed: int, horizon: float) -> None:
+        """
+        Count C{completed} jobs at time C{now}; at the end of each
+        L{RATE_WINDOW}, update L{rate} and L{credit}.  A long quiet spell
+        replaces the rate outright, so a worker that moved from tiny jobs
+        to long ones loses its large credit at the next event.
+        """
+        if self.window_start is None:
+            self.window_start = now
+        self.window_count += completed
+        elapsed = now - self.window_start
+        if elapsed < RATE_WINDOW:
+            return
+        measured = self.window_count / elapsed
+        if self.rate is None or elapsed > 10 * RATE_WINDOW:
+            self.rate = measured
+        else:
+            self.rate = (self.rate + measured) / 2
+        self.window_start, self.window_count = now, 0
+        earned = math.ceil(self.rate * horizon)
+        self.credit = max(self.prefetch, min(earned, MAX_CREDIT * self.slots))
 
 
 class Scheduler:
@@ -94,11 +164,17 @@ class Scheduler:
         master between two short jobs.
     @param max_attempts: how many times a job may be running on a worker
         that is lost before it fails (jobs may set their own).
+    @param horizon: seconds of work, at a worker's measured rate, that it
+        may hold prefetched (0: only C{prefetch}).  Rates are measured only
+        when L{complete} and L{dispatch} are given the time.
     """
 
-    def __init__(self, prefetch: int = 1, max_attempts: int = 3) -> None:
+    def __init__(self, prefetch: int = 1, max_attempts: int = 3, horizon: float = 0.05) -> None:
         if prefetch < 0:
             raise ValueError("prefetch must be >= 0")
+        if horizon < 0:
+            raise ValueError("horizon must be >= 0")
+        self.horizon = horizon
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         self.prefetch = prefetch
@@ -160,7 +236,7 @@ class Scheduler:
         for worker in self._workers.values():
             keys = [key for key in worker.held if hit(key)]
             for key in keys:
-                del worker.held[key]
+                worker.release(key)
             if keys:
                 kill[worker.id] = keys
                 state.running -= len(keys)
@@ -245,7 +321,7 @@ class Scheduler:
         wanted = set(keys)
         back: list[Job] = []
         for key in [key for key in state.held if key in wanted]:
-            job = state.held.pop(key)
+            job = state.release(key)
             client = self._clients.get(job.client)
             if client is None:
                 continue
@@ -273,15 +349,19 @@ class Scheduler:
 
     # -- the flow of jobs ------------------------------------------------
 
-    def dispatch(self) -> list[tuple[int, list[Job]]]:
+    def dispatch(self, now: float | None = None) -> list[tuple[int, list[Job]]]:
         """
         Take queued jobs for workers with room; return C{(worker, jobs)}
         pairs, at most one per worker.  Free slots are filled first, then
         prefetch room; workers take turns so that load spreads evenly.
+        C{now} (seconds) lets workers' credit follow their rates.
         """
         workers = [w for w in self._workers.values() if not w.draining]
         if not self._queue or not workers:
             return []
+        if now is not None and self.horizon:
+            for w in workers:
+                w.observe(now, 0, self.horizon)
         start = self._rotation % len(workers)
         self._rotation += 1
         workers = workers[start:] + workers[:start]
@@ -289,33 +369,41 @@ class Scheduler:
         for limit in ("slots", "capacity"):
             # One job at a time per worker in turn, so that a short queue is
             # spread over all free workers rather than filling the first.
-            hungry = [w for w in workers if len(w.held) < getattr(w, limit)]
+            hungry = [w for w in workers if w.room(limit)]
             while hungry and self._queue:
                 still = []
                 for w in hungry:
                     if not self._queue:
                         break
                     job = self._queue.popleft()
-                    w.held[job.key] = job
+                    w.hold(job)
                     assigned.setdefault(w.id, []).append(job)
                     client = self._clients[job.client]
                     client.queued -= 1
                     client.running += 1
-                    if len(w.held) < getattr(w, limit):
+                    if w.room(limit):
                         still.append(w)
                 hungry = still
         return list(assigned.items())
 
-    def complete(self, worker: int, results: Iterable[Result]) -> list[Result]:
+    def complete(self, worker: int, results: Iterable[Result], now: float | None = None) -> list[Result]:
         """
-        Record results reported by C{worker}.  Return those to deliver to
-        their clients: results for jobs this worker does not hold, or whose
-        client has left, are dropped.
+        Record results reported by C{worker} (at time C{now}, if given, to
+        measure its rate).  Return those to deliver to their clients:
+        results for jobs this worker does not hold, or whose client has
+        left, are dropped.
         """
         state = self._worker(worker)
+        before = state.completed
+        deliver = self._complete(state, results)
+        if now is not None and self.horizon:
+            state.observe(now, state.completed - before, self.horizon)
+        return deliver
+
+    def _complete(self, state: WorkerState, results: Iterable[Result]) -> list[Result]:
         deliver = []
         for result in results:
-            if state.held.pop(result.key, None) is None:
+            if state.release(result.key) is None:
                 continue
             if self._losses:
                 self._losses.pop(result.key, None)
@@ -337,6 +425,10 @@ class Scheduler:
     def queued(self) -> int:
         """Number of jobs waiting for a worker."""
         return len(self._queue)
+
+    def queued_bytes(self, client: int) -> int:
+        """Bytes of the payloads of C{client}'s jobs waiting for a worker."""
+        return self._queue.bytes_of(client)
 
     def worker(self, worker: int) -> WorkerState:
         return self._worker(worker)

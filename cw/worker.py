@@ -36,11 +36,20 @@ from cw import protocol as P
 from cw.address import client_description, client_endpoint
 from cw.auth import AuthGate, authenticate
 from cw.batching import Outbox
+from cw.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
 
 log = Logger()
 
 #: Seconds a stopping worker lets its running jobs finish (C{--drain-timeout}).
 DRAIN_TIMEOUT = 30.0
+
+#: Most jobs handed to one job process in one call (L{P.RunBatch}).
+BATCH_JOBS = 64
+
+#: Jobs are batched only while they take less than this many seconds on
+#: average, and a batch holds about this much work at most: slow jobs go one
+#: by one, so that a draining worker can hand back the ones not started.
+BATCH_SECONDS = 0.02
 
 #: Longest wait, in seconds, between attempts to (re)connect to the master
 #: (C{--reconnect-delay}); the wait grows from 1 s by half each attempt up
@@ -92,7 +101,7 @@ def crash_report(reason) -> bytes:
     )
 
 
-class WorkerProtocol(AuthGate, amp.AMP):
+class WorkerProtocol(StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
     """
     The worker's connection to its master.  The master must prove it holds
     the secret before this worker accepts any job from it.
@@ -134,6 +143,16 @@ class WorkerProtocol(AuthGate, amp.AMP):
     @P.ClientContext.responder
     def client_context(self, client, context):
         self.worker.contexts[client] = context
+        return {}
+
+    @P.DefineFunction.responder
+    def define_function(self, client, key, function):
+        self.worker.functions[(client, key)] = function
+        return {}
+
+    @P.ForgetClient.responder
+    def forget_client(self, client):
+        self.worker.forget_client(client)
         return {}
 
     @P.RunJobs.responder
@@ -187,8 +206,17 @@ class Worker:
         self.worker_id = 0
         self.contexts: dict[int, dict] = {}
         self.queue: deque[P.Job] = deque()
+        #: Jobs handed to job processes and not yet ended.
         self.running = 0
+        #: Calls (batches of jobs) in job processes, at most one per process.
+        self.calls = 0
         self.completed = 0
+        #: Cached functions by C{(client, key)} (L{P.DefineFunction}).
+        self.functions: dict[tuple[int, bytes], bytes] = {}
+        #: Jobs to run alone: their batch's job process died.
+        self.solo: set[tuple[int, int]] = set()
+        #: Average seconds a job takes in a job process, once measured.
+        self.job_seconds: float | None = None
         #: Handles of running jobs by key (see L{cw.pool.ChildLink.callRemote}),
         #: so that a cancelled job's process can be killed.
         self.handles: dict[tuple[int, int], dict] = {}
@@ -201,6 +229,9 @@ class Worker:
         self.stopping = False
         #: Set once the worker drains (see L{drain}): it starts no more jobs.
         self.draining = False
+        #: Set the moment SIGTERM arrives, before the reactor gets round to
+        #: stopping (see L{WorkerService.note_sigterm}).
+        self.terminating = False
         self._drain_waiters: list[defer.Deferred] | None = []
         self._drain_timer = None
         #: Seconds a job may run when it does not set its own timeout
@@ -257,6 +288,8 @@ class Worker:
         self.generation += 1
         self.queue.clear()
         self.contexts.clear()
+        self.functions.clear()
+        self.solo.clear()
         self.outbox.discard()
         if self.draining:
             # Nothing can be reported any more; the master requeues the rest.
@@ -267,13 +300,24 @@ class Worker:
             n=dropped,
         )
 
+    def forget_client(self, client: int) -> None:
+        """The master says this client left: drop its context and functions."""
+        self.contexts.pop(client, None)
+        for key in [key for key in self.functions if key[0] == client]:
+            del self.functions[key]
+
     def enqueue(self, jobs: list[P.Job]) -> None:
         if self.draining:
             # Sent before the master learnt that this worker drains.
             self._return(jobs)
             return
         self.queue.extend(jobs)
-        self._pump()
+        if sum(len(job.payload) for job in jobs) >= STREAM_ABOVE:
+            # Start them on the next turn, once the box they came in (which
+            # holds the payloads' chunks) is freed.
+            self.clock.callLater(0, self._pump)
+        else:
+            self._pump()
 
     def drain(self, timeout: float) -> defer.Deferred:
         """
@@ -353,8 +397,8 @@ class Worker:
     def cancel(self, keys: list[tuple[int, int]]) -> None:
         """
         Drop these jobs if still queued here; kill the processes of those
-        running.  The master has already taken them back, so no result is
-        sent for them.
+        running (other jobs of the same batch run again).  The master has
+        already taken them back, so no result is sent for them.
         """
         wanted = set(keys)
         self.queue = deque(job for job in self.queue if job.key not in wanted)
@@ -362,62 +406,147 @@ class Worker:
             handle = self.handles.get(key)
             if handle is None:
                 continue
-            handle["cancelled"] = True
+            handle["cancelled_keys"].add(key)
+            if handle["cancelled_keys"] >= handle["keys"]:
+                handle["cancelled"] = True  # not started yet: it never will be
             link = handle.get("link")
             if link is not None:
                 link.cancel()
         log.info("Cancelled {n} jobs at the master's request", n=len(wanted))
 
     def _pump(self) -> None:
-        while self.queue and self.running < self.procs:
-            self._start(self.queue.popleft())
+        while self.queue and self.calls < self.procs:
+            self._start(self._take_batch())
         if self.draining and not self.running:
             self._drained("every running job finished and was reported")
 
-    def _start(self, job: P.Job) -> None:
-        context = self.contexts.get(job.client, {})
-        self.running += 1
+    def _solo(self, job: P.Job) -> bool:
+        """
+        Whether C{job} must have a job process to itself: it has a timeout
+        (killing its process must not take other jobs along), it is being
+        re-run after a batch's process died, or job processes are recycled
+        after a number of calls (which then stays a number of jobs).
+        """
+        if self.job_timeout or getattr(self.pool, "recycleAfter", 0) or job.key in self.solo:
+            return True
+        return bool(job.options) and P.valid_timeout(P.read_options(job).get("timeout"))
+
+    def _take_batch(self) -> list[P.Job]:
+        """
+        The next jobs for one job process: a share of the queue for each
+        idle process (so a lone job goes alone, with no wait, and a deep
+        queue is spread over all processes), at most L{BATCH_JOBS} jobs,
+        about L{P.BATCH_BYTES} and about L{BATCH_SECONDS} of work.  Until
+        jobs are known to be short, each goes alone.
+        """
+        job = self.queue.popleft()
+        batch = [job]
+        if self.job_seconds is None or self.job_seconds > BATCH_SECONDS or self._solo(job):
+            return batch
+        share = -(-(len(self.queue) + 1) // max(1, self.procs - self.calls))
+        want = min(BATCH_JOBS, share, max(1, int(BATCH_SECONDS / max(self.job_seconds, 1e-6))))
+        size = P.job_size(job)
+        while len(batch) < want and self.queue:
+            job = self.queue[0]
+            size += P.job_size(job)
+            if size > P.BATCH_BYTES or self._solo(job):
+                break
+            batch.append(self.queue.popleft())
+        return batch
+
+    def _start(self, batch: list[P.Job]) -> None:
+        self.running += len(batch)
+        self.calls += 1
         generation = self.generation
-        timeout = P.read_options(job).get("timeout")
-        if not P.valid_timeout(timeout):
-            timeout = self.job_timeout
-        extra = {"_cw_timeout": float(timeout)} if timeout else {}
-        handle = self.handles[job.key] = {}
+        extra = {}
+        if len(batch) == 1:
+            timeout = P.read_options(batch[0]).get("timeout") if batch[0].options else None
+            if not P.valid_timeout(timeout):
+                timeout = self.job_timeout
+            if timeout:
+                extra["_cw_timeout"] = float(timeout)
+        handle: dict = {"keys": {job.key for job in batch}, "cancelled_keys": set()}
+        for job in batch:
+            self.handles[job.key] = handle
         d = self.pool.doWork(
-            P.RunJob,
-            cwd=context.get("cwd", ""),
-            path=context.get("path", []),
-            payload=job.payload,
+            P.RunBatch,
+            jobs=batch,
             _cw_handle=handle,
+            _cw_contexts=self.contexts,
+            _cw_functions=self.functions,
+            _cw_generation=generation,
             **extra,
         )
         d.addCallbacks(
-            lambda answer: P.Result(job.client, job.seq, answer["status"], answer["payload"]),
-            lambda reason: P.Result(job.client, job.seq, P.Outcome.CRASHED, crash_report(reason)),
+            lambda answer: answer["results"],
+            lambda reason: self._batch_failed(batch, handle, reason, generation),
         )
-        d.addCallback(self._finished, generation)
+        d.addCallback(self._finished, batch, handle, generation, self.clock.seconds())
         d.addErrback(lambda f: log.failure("Bookkeeping of a finished job failed", f))
 
-    def _finished(self, result: P.Result, generation: int) -> None:
-        self.running -= 1
-        self.completed += 1
-        handle = self.handles.pop(result.key, {})
-        if handle.get("cancelled"):
-            self._pump()
-            return
-        if len(result.payload) > self.max_payload:
-            result = P.Result(
-                result.client,
-                result.seq,
-                P.Outcome.FAILED,
-                P.error_report(
-                    "PayloadTooLarge",
-                    P.too_big("the job's result", len(result.payload), self.max_payload),
-                    host=socket.gethostname(),
-                ),
-            )
+    def _batch_failed(self, batch: list[P.Job], handle: dict, reason, generation: int) -> list[P.Result]:
+        """
+        The job process running C{batch} died (or never got it).  A lone
+        job gets a crash report.  Of a larger batch it is not known which
+        job was running, so the jobs not cancelled go back to the front of
+        the queue, each to run alone next time (unless the process was
+        killed to cancel one of them): the job that kills its process then
+        gets the report, and the others their results.
+        """
+        from cw.pool import JobCancelled, JobTimedOut
+
+        if len(batch) == 1:
+            if (self.draining or self.terminating) and not reason.check(JobCancelled, JobTimedOut):
+                # Its process died as this worker stops (SLURM signals every
+                # process of a job): not the job's fault; the master requeues it.
+                self._return(batch)
+                return []
+            return [P.Result(batch[0].client, batch[0].seq, P.Outcome.CRASHED, crash_report(reason))]
         if generation == self.generation:
-            self.outbox.add(result)
+            again = [job for job in batch if job.key not in handle["cancelled_keys"]]
+            if not reason.check(JobCancelled):
+                self.solo.update(job.key for job in again)
+            self.queue.extendleft(reversed(again))
+            log.info(
+                "A job process died running a batch of {n} jobs ({why}); running {m} of them again, alone",
+                n=len(batch),
+                why=describe_crash(reason),
+                m=len(again),
+            )
+        return []
+
+    def _finished(
+        self, results: list[P.Result], batch: list[P.Job], handle: dict, generation: int, started: float
+    ) -> None:
+        self.running -= len(batch)
+        self.calls -= 1
+        self.completed += len(results)
+        if results:
+            took = (self.clock.seconds() - started) / len(results)
+            self.job_seconds = took if self.job_seconds is None else 0.8 * self.job_seconds + 0.2 * took
+        for job in batch:
+            if self.handles.get(job.key) is handle:
+                del self.handles[job.key]
+        cancelled = handle["cancelled_keys"]
+        for result in results:
+            self.solo.discard(result.key)
+            if result.key in cancelled:
+                continue
+            if len(result.payload) > self.max_payload:
+                result = P.Result(
+                    result.client,
+                    result.seq,
+                    P.Outcome.FAILED,
+                    P.error_report(
+                        "PayloadTooLarge",
+                        P.too_big("the job's result", len(result.payload), self.max_payload),
+                        host=socket.gethostname(),
+                    ),
+                )
+            if generation == self.generation:
+                self.outbox.add(result)
+        # The job process answered for a whole batch: report it at once.
+        self.outbox.flush()
         self._pump()
 
     def _send_results(self, batch: list[P.Result]) -> None:
@@ -426,7 +555,28 @@ class Worker:
 
 
 class JobConnector(ampoule_main.AMPConnector):
-    """Log what a job process prints as info lines, not as errors."""
+    """
+    Log what a job process prints as info lines, not as errors; widen the
+    pipes to it (L{cw.pipes}).
+    """
+
+    def connectionMade(self):
+        from cw.pipes import widen_pipe
+
+        for pipe in getattr(self.transport, "pipes", {}).values():
+            widen_pipe(pipe.fileno())
+        super().connectionMade()
+
+    # Big boxes to the job process are streamed (L{cw.streaming}) through
+    # the pipe that ampoule writes them to.
+
+    def registerProducer(self, producer, streaming):
+        self.transport.pipes[3].registerProducer(producer, streaming)
+
+    def unregisterProducer(self):
+        pipe = self.transport.pipes.get(3)
+        if pipe is not None:
+            pipe.unregisterProducer()
 
     def errReceived(self, data):
         for line in data.decode("utf-8", "replace").rstrip().splitlines():
@@ -529,8 +679,10 @@ class WorkerService(service.MultiService):
         from twisted.internet import reactor
 
         from cw.child import JobChild
+        from cw.pipes import bulk_pipe_reads
         from cw.pool import JobPool
 
+        bulk_pipe_reads()
         starter = JobStarter(job_process_env())
         self.pool = JobPool(
             JobChild,
@@ -563,6 +715,32 @@ class WorkerService(service.MultiService):
         )
         self.pool.start()
         super().startService()
+        if self.note_sigterm:
+            reactor.callWhenRunning(self._note_sigterm)
+
+    #: Set by L{makeService} (twistd): see L{_note_sigterm}.
+    note_sigterm = False
+
+    def _note_sigterm(self) -> None:
+        """
+        Chain a handler in front of the reactor's SIGTERM handler that marks
+        the worker as terminating at once: under SLURM (scancel, the
+        walltime warning) the job processes get the same signal and may die
+        before the reactor stops this service, and their jobs must then go
+        back to the master rather than be reported as crashed.
+        """
+        import signal
+
+        previous = signal.getsignal(signal.SIGTERM)
+        if not callable(previous):
+            return
+
+        def handler(signum, frame):
+            if self.worker is not None:
+                self.worker.terminating = True
+            previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, handler)
 
     def stopService(self):
         """
@@ -601,9 +779,10 @@ class Options(usage.Options):
         ["drain-timeout", None, DRAIN_TIMEOUT, "seconds running jobs may finish when stopped", float],
         ["reconnect-delay", None, RECONNECT_DELAY, "most seconds between tries to reach the master", float],
         ["secret-file", None, None, "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"],
+        ["slurm-wait", None, 600.0, "with --slurm: seconds to wait for the master job to start", float],
     ]
     optFlags = [
-        ["slurm", None, "find the master through SLURM (this user's job named cmaster)"],
+        ["slurm", None, "find the master through SLURM (this user's job cmaster[-$CW_SLURM_CLUSTER])"],
         ["insecure", None, "skip authentication (only with a master that runs --insecure)"],
     ]
 
@@ -625,22 +804,28 @@ class Options(usage.Options):
     def postOptions(self):
         from cw.master import load_options_secret
 
-        self["secret"] = load_options_secret(self)
-        if self["procs"] is not None and self["procs"] < 1:
-            raise usage.UsageError("--procs must be at least 1")
         if self["slurm"]:
             if self["master"]:
                 raise usage.UsageError("give either --slurm or a master address, not both")
             from cw import slurm
 
             try:
-                self["master"] = slurm.master_host()
+                # Started before the master: wait for it (bounded).
+                info = slurm.wait_for_master(
+                    timeout=self["slurm-wait"], report=lambda m: print(f"cw worker: {m}", file=sys.stderr)
+                )
             except Exception as e:
                 raise usage.UsageError(f"--slurm: {e}") from None
+            self["master"] = info["address"]
+            if info.get("secret_file") and not self["secret-file"] and not self["insecure"]:
+                self["secret-file"] = info["secret_file"]
+        self["secret"] = load_options_secret(self)
+        if self["procs"] is not None and self["procs"] < 1:
+            raise usage.UsageError("--procs must be at least 1")
 
 
 def makeService(options: Options) -> WorkerService:
-    return WorkerService(
+    worker = WorkerService(
         master=options["master"],
         procs=options["procs"],
         recycle_after=options["recycle-after"],
@@ -652,6 +837,8 @@ def makeService(options: Options) -> WorkerService:
         drain_timeout=options["drain-timeout"],
         reconnect_delay=options["reconnect-delay"],
     )
+    worker.note_sigterm = True
+    return worker
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,8 @@ cw's trial suite.
 
 Every test process and every process a test starts authenticates with a
 secret file made for this test run (C{CW_SECRET_FILE}), so the suite never
-reads or creates the user's own C{~/.config/cw/secret}.
+reads or creates the user's own C{~/.config/cw/secret}.  The cluster backend
+is pinned to local processes (C{CW_BACKEND=local}).
 """
 
 import atexit
@@ -20,4 +21,7 @@ if not os.environ.get("CW_TEST_SECRET_FILE"):
         _f.write(secrets.token_hex(32))
     os.environ["CW_TEST_SECRET_FILE"] = _path
 os.environ["CW_SECRET_FILE"] = os.environ["CW_TEST_SECRET_FILE"]
+# Clients given no master, and cw.start, use local processes, even where a
+# SLURM controller answers (as in CI); cw.test.test_slurm unsets this.
+os.environ["CW_BACKEND"] = "local"
 os.environ.pop("CW_INSECURE", None)

@@ -67,3 +67,33 @@ def exit_with(code):
 
 def sys_exit(code):
     sys.exit(code)
+
+
+def payload_bytes(size, seed):
+    """C{size} pseudo-random bytes, the same for the same C{seed} everywhere."""
+    import random
+
+    rng = random.Random(seed)
+    block = 1 << 20
+    return b"".join(rng.randbytes(min(block, size - start)) for start in range(0, size, block))
+
+
+def digest(data):
+    """The length and SHA-256 (hex) of C{data}: a short answer about a big argument."""
+    import hashlib
+
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def tagged_square(i):
+    """C{(i, i * i)}: a result that names the job it belongs to."""
+    return i, i * i
+
+
+def child_counters(_=None):
+    """C{(pid, functions unpickled, jobs run)} of the job process running this job."""
+    import os
+
+    from cw import child
+
+    return os.getpid(), child.stats["functions_unpickled"], child.stats["jobs"]

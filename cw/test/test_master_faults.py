@@ -48,7 +48,7 @@ class FakePeer:
     def send_jobs(self, jobs):
         self.calls.append((P.RunJobs, {"jobs": jobs}, None))
 
-    def send_results(self, results):
+    def send_results(self, results, now=False):
         self.results.extend(results)
 
     def pings(self) -> list[defer.Deferred]:
@@ -209,11 +209,13 @@ class FakePool:
 
     def __init__(self) -> None:
         self.calls: list[defer.Deferred] = []
+        self.batches: list[list[P.Job]] = []
         self.killed = 0
 
     def doWork(self, command, **kwargs):
         d = defer.Deferred()
         self.calls.append(d)
+        self.batches.append(list(kwargs["jobs"]))
         return d
 
     def kill_busy(self) -> int:
@@ -261,7 +263,7 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual(self.link.of(P.ReturnJobs), [{"keys": [(5, 2), (5, 3)]}])
         self.assertNoResult(drained)
         self.clock.advance(10)
-        self.pool.calls[0].callback({"status": P.Outcome.OK, "payload": b"v"})
+        self.pool.calls[0].callback({"results": [P.Result(5, 1, P.Outcome.OK, b"v")]})
         self.successResultOf(drained)
         [sent] = self.link.of(P.JobResults)
         self.assertEqual([r.key for r in sent["results"]], [(5, 1)])
@@ -285,13 +287,13 @@ class DrainTests(SynchronousTestCase):
 
     def test_idle_worker_drains_at_once(self):
         self.worker.queue.clear()
-        self.pool.calls[0].callback({"status": P.Outcome.OK, "payload": b"v"})
+        self.pool.calls[0].callback({"results": [P.Result(5, 1, P.Outcome.OK, b"v")]})
         self.successResultOf(self.worker.drain(30))
         self.assertEqual(self.link.of(P.ReturnJobs), [{"keys": []}], "the master learns it drains")
 
     def test_drain_twice(self):
         first, second = self.worker.drain(30), self.worker.drain(30)
-        self.pool.calls[0].callback({"status": P.Outcome.OK, "payload": b"v"})
+        self.pool.calls[0].callback({"results": [P.Result(5, 1, P.Outcome.OK, b"v")]})
         self.successResultOf(first)
         self.successResultOf(second)
         self.successResultOf(self.worker.drain(30))
@@ -369,3 +371,82 @@ class MasterShutdownTests(SynchronousTestCase):
         clock.advance(5)
         self.successResultOf(stopped)
         self.assertEqual((client.aborted, worker.aborted), (False, True))
+
+
+class BatchTests(SynchronousTestCase):
+    """
+    A worker hands short jobs to a job process in batches, and long or
+    unknown ones one by one; a batch whose process dies is re-run job by job.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.pool = FakePool()
+        self.worker = Worker(self.pool, 2, clock=self.clock)
+        self.link = FakeMasterLink()
+        self.worker.proto = self.link
+
+    def finish(self, n: int, seconds: float = 0.001) -> None:
+        """End call C{n} after C{seconds}, every job of it succeeding."""
+        self.clock.advance(seconds)
+        batch = self.pool.batches[n]
+        self.pool.calls[n].callback(
+            {"results": [P.Result(j.client, j.seq, P.Outcome.OK, b"v") for j in batch]}
+        )
+
+    def sizes(self) -> list[int]:
+        return [len(batch) for batch in self.pool.batches]
+
+    def sent(self) -> list[int]:
+        self.clock.advance(0)
+        return [r.seq for call in self.link.of(P.JobResults) for r in call["results"]]
+
+    def test_unknown_duration_one_by_one(self):
+        self.worker.enqueue([P.Job(5, seq, b"p") for seq in range(1, 11)])
+        self.assertEqual(self.sizes(), [1, 1])
+
+    def test_short_jobs_batched_over_idle_processes(self):
+        self.worker.enqueue([P.Job(5, 1, b"p")])
+        self.finish(0)
+        self.worker.enqueue([P.Job(5, seq, b"p") for seq in range(2, 22)])
+        self.assertEqual(self.sizes(), [1, 10, 10])
+        self.finish(1)
+        self.finish(2)
+        self.assertEqual(sorted(self.sent()), list(range(1, 22)))
+
+    def test_slow_jobs_not_batched(self):
+        self.worker.enqueue([P.Job(5, 1, b"p")])
+        self.finish(0, seconds=1.0)
+        self.worker.enqueue([P.Job(5, seq, b"p") for seq in range(2, 12)])
+        self.assertEqual(self.sizes(), [1, 1, 1])
+
+    def test_job_with_timeout_alone(self):
+        self.worker.enqueue([P.Job(5, 1, b"p")])
+        self.finish(0)
+        timed = P.Job(5, 3, b"p", P.encode_options(timeout=5))
+        self.worker.enqueue([P.Job(5, 2, b"p"), timed, P.Job(5, 4, b"p"), P.Job(5, 5, b"p")])
+        self.assertEqual([[j.seq for j in b] for b in self.pool.batches[1:]], [[2], [3]])
+
+    def test_dead_batch_rerun_alone(self):
+        self.worker.enqueue([P.Job(5, 1, b"p")])
+        self.finish(0)
+        self.worker.enqueue([P.Job(5, seq, b"p") for seq in range(2, 8)])
+        self.assertEqual(self.sizes(), [1, 3, 3])
+        self.pool.calls[1].errback(RuntimeError("the job process died"))
+        # Its three jobs go back to the front, each to run alone.
+        self.assertEqual([[j.seq for j in b] for b in self.pool.batches[3:]], [[2]])
+        self.finish(2)
+        self.finish(3)
+        self.assertEqual([[j.seq for j in b] for b in self.pool.batches[4:]], [[3], [4]])
+        self.finish(4)
+        self.finish(5)
+        self.assertEqual(sorted(self.sent()), list(range(1, 8)))
+
+    def test_cancel_in_batch_drops_only_that_result(self):
+        self.worker.enqueue([P.Job(5, 1, b"p")])
+        self.finish(0)
+        self.worker.enqueue([P.Job(5, seq, b"p") for seq in range(2, 6)])
+        self.worker.cancel([(5, 3)])
+        self.finish(1)
+        self.finish(2)
+        self.assertEqual(sorted(self.sent()), [1, 2, 4, 5])

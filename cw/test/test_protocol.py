@@ -379,13 +379,28 @@ class CommandTests(SynchronousTestCase):
         _, parsed = round_trip_arguments(P.JobResults, results=results)
         self.assertEqual(parsed, {"results": results})
 
-    def test_run_job(self):
+    def test_run_batch(self):
         payload = pattern(2 * 1024 * 1024)
-        arguments = {"cwd": "/h\u00f6me/user", "path": ["/h\u00f6me/user", "/lib"], "payload": payload}
-        _, parsed = round_trip_arguments(P.RunJob, **arguments)
+        arguments = {
+            "jobs": [Job(3, 1, payload, b"", b"k" * 16), Job(4, 2, b"p")],
+            "contexts": {"3": {"cwd": "/h\u00f6me/user", "path": ["/h\u00f6me/user", "/lib"]}},
+            "functions": {(3, b"k" * 16): pattern(CHUNK + 5), (4, b"q"): b""},
+        }
+        _, parsed = round_trip_arguments(P.RunBatch, **arguments)
         self.assertEqual(parsed, arguments)
-        answer = round_trip_response(P.RunJob, status=Outcome.RAISED, payload=payload)
-        self.assertEqual(answer, {"status": Outcome.RAISED, "payload": payload})
+        results = [Result(3, 1, Outcome.RAISED, payload), Result(4, 2, Outcome.OK, b"")]
+        answer = round_trip_response(P.RunBatch, results=results)
+        self.assertEqual(answer, {"results": results})
+
+    def test_define_function(self):
+        arguments = {"client": 7, "key": b"\x00" * 16, "function": pattern(CHUNK * 2 + 3)}
+        _, parsed = round_trip_arguments(P.DefineFunction, **arguments)
+        self.assertEqual(parsed, arguments)
+
+    def test_malformed_function_table(self):
+        data = P.encode_functions({(1, b"key"): b"function bytes"})
+        for cut in range(1, len(data)):
+            self.assertRaises(ValueError, P.decode_functions, data[:cut])
 
     def test_fire_and_forget_commands(self):
         for command in (P.SubmitJobs, P.ClientContext, P.RunJobs, P.JobResults):

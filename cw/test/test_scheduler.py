@@ -762,3 +762,91 @@ class FairShareTests(SynchronousTestCase):
         s.remove_worker(lost)
         worker = s.add_worker(1)
         self.assertEqual(self.drain(s, worker, 3), [(a, 1), (b, 1), (a, 2)])
+
+
+class CreditTests(SynchronousTestCase):
+    """
+    A worker's prefetch credit follows its measured rate: many jobs for a
+    fast worker, barely more than its slots for a slow one.
+    """
+
+    def setUp(self):
+        self.scheduler = Scheduler(prefetch=1, horizon=0.05)
+        self.client = self.scheduler.add_client()
+        self.worker = self.scheduler.add_worker(2)
+        self.scheduler.submit(self.client, make_jobs(1, 5000))
+        self.now = 100.0
+
+    def run_for(self, seconds: float, per_second: float) -> None:
+        """Complete jobs at C{per_second}, dispatching after each batch of results."""
+        end = self.now + seconds
+        while self.now < end:
+            self.now += 0.01
+            held = list(self.scheduler.worker(self.worker).held.values())
+            done = held[: int(per_second * 0.01)]
+            self.scheduler.complete(self.worker, [result_for(job) for job in done], self.now)
+            self.scheduler.dispatch(self.now)
+
+    def test_prefetch_until_measured(self):
+        self.assertEqual(len(assigned(self.scheduler.dispatch(self.now))[self.worker]), 2 + 2)
+
+    def test_fast_worker_earns_credit(self):
+        self.scheduler.dispatch(self.now)
+        self.run_for(1.0, 4000)
+        state = self.scheduler.worker(self.worker)
+        self.assertGreater(state.credit, 50)
+        self.assertEqual(len(state.held), state.capacity)
+
+    def test_credit_is_capped(self):
+        self.scheduler.dispatch(self.now)
+        self.run_for(1.0, 10**6)
+        self.assertLessEqual(self.scheduler.worker(self.worker).credit, 256 * 2)
+
+    def test_slow_worker_keeps_minimum(self):
+        self.scheduler.dispatch(self.now)
+        self.run_for(1.0, 10)
+        self.assertEqual(self.scheduler.worker(self.worker).credit, 2)
+
+    def test_quiet_spell_drops_credit(self):
+        """A worker that moved from tiny jobs to long ones loses its credit at the next event."""
+        self.scheduler.dispatch(self.now)
+        self.run_for(1.0, 4000)
+        self.now += 30
+        self.scheduler.dispatch(self.now)
+        self.assertEqual(self.scheduler.worker(self.worker).credit, 2)
+
+    def test_no_clock_no_measurement(self):
+        self.scheduler.dispatch()
+        state = self.scheduler.worker(self.worker)
+        self.scheduler.complete(self.worker, [result_for(job) for job in list(state.held.values())])
+        self.assertIsNone(state.rate)
+        self.assertEqual(state.credit, 2)
+
+    def test_negative_horizon_rejected(self):
+        self.assertRaises(ValueError, Scheduler, horizon=-1)
+
+
+class PrefetchBytesTests(SynchronousTestCase):
+    """Big jobs are not prefetched past L{PREFETCH_BYTES}; free slots still take any job."""
+
+    def test_big_jobs_not_piled_up(self):
+        from cw.scheduler import PREFETCH_BYTES
+
+        scheduler = Scheduler(prefetch=4)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(1)
+        size = PREFETCH_BYTES // 2 + 1
+        scheduler.submit(client, [Job(0, seq, b"x" * size) for seq in range(1, 6)])
+        # One in the slot, one prefetched: then the bytes limit is reached.
+        self.assertEqual(assigned(scheduler.dispatch()), {worker: [1, 2]})
+        self.assertEqual(scheduler.worker(worker).held_bytes, 2 * size)
+        scheduler.complete(worker, [Result(client, 1, Outcome.OK, b"")])
+        self.assertEqual(assigned(scheduler.dispatch()), {worker: [3]})
+        self.assertEqual(scheduler.worker(worker).held_bytes, 2 * size)
+
+    def test_small_jobs_prefetched(self):
+        scheduler = Scheduler(prefetch=4)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(1, 10))
+        self.assertEqual(assigned(scheduler.dispatch()), {worker: [1, 2, 3, 4, 5]})
