@@ -5,7 +5,9 @@ Tiny-job throughput: cw against concurrent.futures.ProcessPoolExecutor
     python bench/tiny_jobs.py [--jobs 10000] [--rounds 3]
 
 Prints jobs/s for each system (best of the rounds, systems alternating)
-and the ratio to cw.  A first step towards the benchmark suite of issue 3.
+and the ratio to cw.  A first step towards the benchmark suite of issue 3;
+C{bench/run.py} is the full comparison (Ray and ipyparallel too, latency,
+large payloads, a million queued jobs, 200 worker connections).
 """
 
 from __future__ import annotations

@@ -1,0 +1,508 @@
+"""
+One system, one round: start it, measure, stop it (even on error), and write
+the figures as JSON.  L{bench/run.py} runs this script once per system and
+round, each in its own process, so that no system's threads, memory or
+leftover processes disturb the next.
+
+    python bench/systems.py SYSTEM --out FILE [--jobs N] [--latency N] ...
+
+SYSTEM is one of cw, ppe, dask, ray, ipp (the common measurements) or
+cw-queue, cw-fake, cw-big (cw-only scenarios, see L{cw_queue}, L{cw_fake}
+and L{cw_big}).
+
+The job functions are defined here, in C{__main__}, so that cw, Dask, Ray
+and ipyparallel all ship them by value, as they would a user's function
+from a script or notebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MB = 1e6
+
+
+def noop(x):
+    return x
+
+
+def size_of(blob):
+    return len(blob)
+
+
+def make_bytes(n):
+    return bytes(n)
+
+
+# -- measurements shared by all systems -------------------------------------
+
+
+def rate(n: int, start: float) -> float:
+    return n / (time.perf_counter() - start)
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+class System:
+    """
+    Adapter around one system.  C{submit_all(n)} submits C{n} no-op jobs one
+    by one and waits for all; C{maps} names the C{map} variants; C{call}
+    runs one job and returns its result.
+    """
+
+    name = "?"
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def submit_all(self, n: int) -> None:
+        raise NotImplementedError
+
+    def call(self, fn, arg):
+        raise NotImplementedError
+
+    def maps(self) -> dict:
+        """Row key -> function(n) mapping noop over range(n)."""
+        return {}
+
+    def info(self) -> dict:
+        return {}
+
+
+class CW(System):
+    name = "cw"
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.executor = None
+
+    def start(self) -> None:
+        import cw.mp
+        from cw.client import ClusterExecutor
+
+        cw.mp.start(2, port=self.port, procs=1)
+        self.executor = ClusterExecutor("localhost", port=self.port)
+
+    def stop(self) -> None:
+        import cw.mp
+
+        try:
+            if self.executor is not None:
+                self.executor.shutdown(wait=False, cancel_futures=True)
+        finally:
+            cw.mp.stop(port=self.port)
+
+    def submit_all(self, n: int) -> None:
+        futures = [self.executor.submit(noop, i) for i in range(n)]
+        for f in futures:
+            f.result()
+
+    def call(self, fn, arg):
+        return self.executor.submit(fn, arg).result()
+
+    def maps(self) -> dict:
+        return {"map": lambda n: _drain(self.executor.map(noop, range(n)))}
+
+
+class PPE(System):
+    name = "ppe"
+
+    def start(self) -> None:
+        import concurrent.futures
+
+        self.executor = concurrent.futures.ProcessPoolExecutor(2)
+
+    def stop(self) -> None:
+        if getattr(self, "executor", None) is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def submit_all(self, n: int) -> None:
+        futures = [self.executor.submit(noop, i) for i in range(n)]
+        for f in futures:
+            f.result()
+
+    def call(self, fn, arg):
+        return self.executor.submit(fn, arg).result()
+
+    def maps(self) -> dict:
+        return {
+            "map": lambda n: _drain(self.executor.map(noop, range(n), chunksize=1)),
+            "map100": lambda n: _drain(self.executor.map(noop, range(n), chunksize=100)),
+        }
+
+
+class Dask(System):
+    name = "dask"
+
+    def start(self) -> None:
+        from dask.distributed import Client, LocalCluster
+
+        self.cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        self.client = Client(self.cluster)
+
+    def stop(self) -> None:
+        try:
+            if getattr(self, "client", None) is not None:
+                self.client.close()
+        finally:
+            if getattr(self, "cluster", None) is not None:
+                self.cluster.close()
+
+    def submit_all(self, n: int) -> None:
+        # pure=False: every job runs (no key reuse across rounds), no tokenizing.
+        futures = [self.client.submit(noop, i, pure=False) for i in range(n)]
+        self.client.gather(futures)
+
+    def call(self, fn, arg):
+        return self.client.submit(fn, arg, pure=False).result()
+
+    def maps(self) -> dict:
+        return {"map": lambda n: self.client.gather(self.client.map(noop, range(n), pure=False))}
+
+    def info(self) -> dict:
+        import dask
+        import distributed
+
+        return {"versions": {"dask": dask.__version__, "distributed": distributed.__version__}}
+
+
+class Ray(System):
+    name = "ray"
+
+    def start(self) -> None:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        self.ray = ray
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+        self.remote = {f: ray.remote(f) for f in (noop, size_of, make_bytes)}
+
+    def stop(self) -> None:
+        if getattr(self, "ray", None) is not None:
+            self.ray.shutdown()
+
+    def submit_all(self, n: int) -> None:
+        f = self.remote[noop]
+        self.ray.get([f.remote(i) for i in range(n)])
+
+    def call(self, fn, arg):
+        return self.ray.get(self.remote[fn].remote(arg))
+
+    def maps(self) -> dict:
+        # Ray has no map: a map is the same remote calls.
+        return {"map": self.submit_all}
+
+    def info(self) -> dict:
+        return {"versions": {"ray": self.ray.__version__}}
+
+
+class IPP(System):
+    name = "ipp"
+
+    def start(self) -> None:
+        import ipyparallel
+
+        self.ipp = ipyparallel
+        self.cluster = ipyparallel.Cluster(n=2, log_level=40)
+        self.rc = None
+        self.rc = self.cluster.start_and_connect_sync()
+        self.rc.wait_for_engines(2, timeout=120)
+        self.view = self.rc.load_balanced_view()
+
+    def stop(self) -> None:
+        try:
+            if getattr(self, "rc", None) is not None:
+                self.rc.close()
+        finally:
+            if getattr(self, "cluster", None) is not None:
+                self.cluster.stop_cluster_sync()
+
+    def submit_all(self, n: int) -> None:
+        results = [self.view.apply_async(noop, i) for i in range(n)]
+        for r in results:
+            r.get()
+
+    def call(self, fn, arg):
+        return self.view.apply_sync(fn, arg)
+
+    def maps(self) -> dict:
+        return {
+            "map": lambda n: self.view.map_sync(noop, range(n), chunksize=1),
+            "map100": lambda n: self.view.map_sync(noop, range(n), chunksize=100),
+        }
+
+    def info(self) -> dict:
+        return {"versions": {"ipyparallel": self.ipp.__version__}}
+
+
+def _drain(iterator) -> None:
+    for _ in iterator:
+        pass
+
+
+def measure(system: System, args) -> dict:
+    """The common figures of one round: throughput, latency, payload rates."""
+    out: dict = {}
+    system.submit_all(min(200, args.jobs))  # warm up: processes, imports, connections
+    start = time.perf_counter()
+    system.submit_all(args.jobs)
+    out["submit"] = rate(args.jobs, start)
+    for key, run in system.maps().items():
+        start = time.perf_counter()
+        run(args.jobs)
+        out[key] = rate(args.jobs, start)
+    times = []
+    for i in range(args.latency):
+        start = time.perf_counter()
+        assert system.call(noop, i) == i
+        times.append((time.perf_counter() - start) * 1000)
+    out["lat_p50"] = percentile(times, 0.5)
+    out["lat_p99"] = percentile(times, 0.99)
+    if args.payload:
+        size = args.payload
+        blob = os.urandom(size)
+        start = time.perf_counter()
+        assert system.call(size_of, blob) == size
+        out["arg"] = size / MB / (time.perf_counter() - start)
+        del blob
+        start = time.perf_counter()
+        assert len(system.call(make_bytes, size)) == size
+        out["res"] = size / MB / (time.perf_counter() - start)
+    return out
+
+
+# -- cw-only scenarios ------------------------------------------------------
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM (kB) of C{pid} from /proc."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0])
+    return fields
+
+
+def master_pid(port: int) -> int:
+    import cw.mp
+
+    return int((cw.mp.run_dir(port) / "master.pid").read_text().split()[0])
+
+
+def client_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cw_queue(args) -> dict:
+    """
+    A master alone (no worker) gets C{args.queued} no-op jobs from one
+    L{ClientThread} whose callback only counts; the master's peak RSS is
+    read once all are queued.  Then two workers join and drain the queue.
+    """
+    import cloudpickle
+
+    import cw.mp
+    from cw import protocol as P
+    from cw.client import ClientThread
+
+    n = args.queued
+    out: dict = {"queued": n, "job_bytes": len(cloudpickle.dumps((noop, (n,), {})))}
+    cw.mp.start(0, port=args.port)
+    client = None
+    try:
+        pid = master_pid(args.port)
+        before = proc_status(pid)
+        out["master_rss_idle_mb"] = before["VmRSS"] / 1024
+        counted = [0]
+
+        def count(jobid, result):
+            counted[0] += 1
+
+        client = ClientThread(count, "localhost", port=args.port)
+        client.start()
+        start = time.perf_counter()
+        for i in range(n):
+            client.submit(i, noop, i)
+        out["submit_s"] = time.perf_counter() - start
+        deadline = time.monotonic() + 300
+        while client.session.call(P.GetStatus)["status"]["queued"] < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the master did not queue every job within 300 s")
+            time.sleep(0.2)
+        out["queue_s"] = time.perf_counter() - start
+        queued = proc_status(pid)
+        out["master_hwm_mb"] = queued["VmHWM"] / 1024
+        out["master_rss_mb"] = queued["VmRSS"] / 1024
+        out["master_bytes_per_job"] = (queued["VmHWM"] - before["VmRSS"]) * 1024 / n
+        out["client_peak_mb_queued"] = client_peak_rss_mb()
+        start = time.perf_counter()
+        cw.mp.start(2, port=args.port, master=False, procs=1)
+        try:
+            client.wait(timeout=args.drain_limit)
+            out["drain_s"] = time.perf_counter() - start
+            out["drained"] = n
+        except TimeoutError:
+            out["drain_s"] = time.perf_counter() - start
+            out["drained"] = counted[0]
+            out["drain_incomplete"] = True
+        out["drain_rate"] = out["drained"] / out["drain_s"]
+        out["master_hwm_after_mb"] = proc_status(pid)["VmHWM"] / 1024
+        out["client_peak_mb"] = client_peak_rss_mb()
+    finally:
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            cw.mp.stop(port=args.port)
+    return out
+
+
+def cw_fake(args) -> dict:
+    """
+    A master with C{args.connections} fake worker connections
+    (L{bench/fake_workers.py}, one slot each): jobs/s for C{args.jobs} no-op
+    jobs submitted one by one from one L{ClusterExecutor}.
+    """
+    import cw.mp
+    from cw.client import ClusterExecutor, wait_for_workers
+
+    cw.mp.start(0, port=args.port)
+    fake = None
+    executor = None
+    try:
+        fake = subprocess.Popen(
+            [sys.executable, str(HERE / "fake_workers.py"), "--master", f"localhost:{args.port}"]
+            + ["-n", str(args.connections), "--slots", "1"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = fake.stdout.readline()
+        if not line.startswith("registered"):
+            raise RuntimeError(f"fake workers did not register (exit code {fake.wait()})")
+        wait_for_workers(args.connections, "localhost", port=args.port, timeout=60)
+        executor = ClusterExecutor("localhost", port=args.port)
+        system = CW(args.port)
+        system.executor = executor
+        system.submit_all(min(200, args.jobs))
+        best = 0.0
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            system.submit_all(args.jobs)
+            best = max(best, rate(args.jobs, start))
+        times = []
+        for i in range(args.latency):
+            start = time.perf_counter()
+            system.call(noop, i)
+            times.append((time.perf_counter() - start) * 1000)
+        return {
+            "connections": args.connections,
+            "jobs": args.jobs,
+            "submit": best,
+            "lat_p50": percentile(times, 0.5) if times else None,
+            "lat_p99": percentile(times, 0.99) if times else None,
+        }
+    finally:
+        try:
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+        finally:
+            try:
+                if fake is not None and fake.poll() is None:
+                    fake.terminate()
+                    try:
+                        fake.wait(30)
+                    except subprocess.TimeoutExpired:
+                        fake.kill()
+                        fake.wait()
+            finally:
+                cw.mp.stop(port=args.port)
+
+
+def cw_big(args) -> dict:
+    """One job with an C{args.big}-byte argument, then one with such a result, on cw."""
+    system = CW(args.port)
+    try:
+        system.start()
+        assert system.call(noop, 1) == 1
+        blob = os.urandom(args.big)
+        start = time.perf_counter()
+        assert system.call(size_of, blob) == args.big
+        out = {"big": args.big, "big_arg": args.big / MB / (time.perf_counter() - start)}
+        del blob
+        start = time.perf_counter()
+        assert len(system.call(make_bytes, args.big)) == args.big
+        out["big_res"] = args.big / MB / (time.perf_counter() - start)
+        out["client_peak_mb"] = client_peak_rss_mb()
+        return out
+    finally:
+        system.stop()
+
+
+SYSTEMS = {"cw": CW, "ppe": PPE, "dask": Dask, "ray": Ray, "ipp": IPP}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("system", choices=[*SYSTEMS, "cw-queue", "cw-fake", "cw-big"])
+    parser.add_argument("--out", required=True, help="write the figures here as JSON")
+    parser.add_argument("--port", type=int, default=5499)
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--latency", type=int, default=1000)
+    parser.add_argument("--payload", type=int, default=50_000_000)
+    parser.add_argument("--queued", type=int, default=1_000_000)
+    parser.add_argument("--drain-limit", type=float, default=600)
+    parser.add_argument("--connections", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--big", type=int, default=1_000_000_000)
+    args = parser.parse_args()
+
+    def terminate(signum, frame):
+        raise SystemExit(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
+    warnings.filterwarnings("ignore", message="Sending large graph")  # Dask, on the 50 MB argument
+    result: dict = {"system": args.system}
+    try:
+        if args.system == "cw-queue":
+            result.update(cw_queue(args))
+        elif args.system == "cw-fake":
+            result.update(cw_fake(args))
+        elif args.system == "cw-big":
+            result.update(cw_big(args))
+        else:
+            system = SYSTEMS[args.system](args.port) if args.system == "cw" else SYSTEMS[args.system]()
+            try:
+                system.start()
+                result.update(measure(system, args))
+                result.update(system.info())
+            finally:
+                system.stop()
+    except ImportError as e:
+        result["error"] = f"not installed: {e.name or e}"
+    except BaseException as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+        Path(args.out).write_text(json.dumps(result))
+        raise
+    Path(args.out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
