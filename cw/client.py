@@ -392,19 +392,30 @@ class Session:
         if self.proto is None:
             raise MasterUnavailable(f"not connected to the cw master at {self.address}")
         with self._lock:
-            # Flow control: while more than SEND_WINDOW bytes wait to be
-            # written (the master or the network is slower than this
-            # client), block rather than pile up pickled payloads.
-            while self._backlog() > SEND_WINDOW:
-                self._sent_some.wait(1.0)
-                if self.proto is None:
-                    raise MasterUnavailable(f"lost the connection to the cw master at {self.address}")
             self._pending.append(job)
             self._pending_bytes += len(job.payload)
             wake = not self._flush_scheduled
             self._flush_scheduled = True
         if wake:
             self.reactor.callFromThread(self._flush)
+
+    def wait_for_room(self, give_up: Callable[[], bool] = lambda: False) -> None:
+        """
+        Flow control: block while more than L{SEND_WINDOW} bytes of jobs
+        wait to be sent (the master asked this client to hold its jobs, or
+        it or the network is slower than this client), rather than pile up
+        pickled payloads.  Call before L{send}, holding no lock that the
+        reactor thread or a shutdown needs.  Returns early once C{give_up()}
+        is true or the session closes; raises L{MasterUnavailable} if the
+        connection is lost meanwhile.
+        """
+        with self._lock:
+            while self._backlog() > SEND_WINDOW:
+                if self.closing or give_up():
+                    return
+                if self.proto is None:
+                    raise MasterUnavailable(f"lost the connection to the cw master at {self.address}")
+                self._sent_some.wait(1.0)
 
     def define(self, key: bytes, function: bytes) -> None:
         """
@@ -500,6 +511,7 @@ class Session:
 
         def go():
             self.closing = True
+            self.sent_some()
             self._flush()
             if self.proto is None:
                 return None
@@ -656,6 +668,7 @@ class ClientThread(threading.Thread):
         options = job_options(self, timeout, max_attempts, priority)
         if self.session is None:
             self.start()
+        self.session.wait_for_room()
         seq = self._jobs.add(jobid)
         self._progress.grow()
         try:
@@ -834,6 +847,8 @@ class ClusterExecutor(futures.Executor):
         sent once per connection and cached on workers, and each job
         carries only its arguments.
         """
+        # Outside the lock, so that a blocked submit never blocks shutdown.
+        self.session.wait_for_room(lambda: self._shutdown)
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit to a ClusterExecutor after shutdown")

@@ -47,6 +47,10 @@ RATE_WINDOW = 60
 #: reading from it (C{--max-queued-bytes}).
 MAX_QUEUED_BYTES = 1 << 30
 
+#: How far past twice C{--max-queued-bytes} a client's queue may grow before
+#: the master stops reading from it (see L{Master._throttle}).
+HARD_LIMIT_SLACK = 512 << 20
+
 
 class MasterProtocol(StreamingSender, AuthGate, MasterAuth, ChunkReceiver, amp.AMP):
     """
@@ -428,11 +432,15 @@ class Master:
     def _throttle(self, client: int) -> None:
         """
         Flow control: over C{max_queued_bytes} queued, ask the client to
-        hold its further jobs (L{P.HoldJobs}); over twice that (a client
-        that does not hold them), stop reading from it altogether.
+        hold its further jobs (L{P.HoldJobs}).  A client may have sent some
+        hundreds of megabytes before it hears (what it lets wait to be
+        sent, L{cw.client.SEND_WINDOW}); past L{HARD_LIMIT_SLACK} more than
+        twice the limit (a client that does not hold its jobs), stop reading
+        from it altogether, which also stalls its other commands.
         """
         queued, limit = self.scheduler.queued_bytes(client), self.max_queued_bytes
-        if queued <= limit or (client in self.paused_clients and queued <= 2 * limit):
+        hard = 2 * limit + HARD_LIMIT_SLACK
+        if queued <= limit or (client in self.paused_clients and queued <= hard):
             return
         proto = self.clients[client]
         if client not in self.paused_clients:
@@ -443,7 +451,7 @@ class Master:
                 cid=client,
                 mib=self.max_queued_bytes >> 20,
             )
-        if queued > 2 * self.max_queued_bytes and not proto.reading_paused:
+        if queued > hard and not proto.reading_paused:
             proto.reading_paused = True
             proto.transport.pauseProducing()
 

@@ -27,6 +27,7 @@ from twisted.internet import threads
 from twisted.logger import Logger
 from twisted.trial import unittest
 
+import cw.client
 from cw.client import ClientThread, ClusterExecutor, RemoteException, SubmitError
 from cw.test.jobs import digest, payload_bytes, square, tagged_square, worker_pid
 from cw.test.procs import DEADLINE, Processes, group_members
@@ -390,6 +391,9 @@ class StreamingTests(unittest.TestCase):
         the master never held more than half of them.
         """
         size, count = 40 * MB, 24
+        # What the client lets wait to be sent: small, so that what reaches
+        # the master before it hears "hold" is small beside the bound below.
+        self.patch(cw.client, "SEND_WINDOW", 80 * MB)
 
         def body():
             self.procs.start_master("--max-queued-bytes", str(50 * MB))
@@ -416,5 +420,42 @@ class StreamingTests(unittest.TestCase):
             self.assertEqual(answers, [expected_digest(size, seed) for seed in range(count)])
             peaks = self.peaks()
             self.assertLess(peaks["master"], (count * size >> 20) / 2, peaks)
+
+        return threads.deferToThread(body)
+
+    def test_shutdown_while_submit_blocked(self):
+        """
+        A submit blocked by flow control does not block shutdown: shutdown
+        returns, and the blocked submit gives up with RuntimeError.
+        """
+        self.patch(cw.client, "SEND_WINDOW", 4 * MB)
+
+        def body():
+            self.procs.start_master("--max-queued-bytes", str(2 * MB))
+            ex = ClusterExecutor(self.procs.address)
+            outcome = []
+
+            def submit_all():
+                try:
+                    for seed in range(20):
+                        ex.submit(digest, payload_bytes(3 * MB, seed))
+                    outcome.append("all submitted")
+                except RuntimeError as e:
+                    outcome.append(e)
+
+            submitter = threading.Thread(target=submit_all, daemon=True)
+            submitter.start()
+            deadline = time.monotonic() + DEADLINE
+            while ex.status()["queued"] < 1:
+                self.assertLess(time.monotonic(), deadline, "jobs never reached the master")
+                time.sleep(0.05)
+            stopper = threading.Thread(target=ex.shutdown, kwargs={"wait": False, "cancel_futures": True})
+            stopper.start()
+            stopper.join(DEADLINE)
+            self.assertFalse(stopper.is_alive(), "shutdown blocked")
+            submitter.join(DEADLINE)
+            self.assertFalse(submitter.is_alive(), "submit stayed blocked after shutdown")
+            self.assertEqual(len(outcome), 1)
+            self.assertIsInstance(outcome[0], RuntimeError)
 
         return threads.deferToThread(body)
