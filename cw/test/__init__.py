@@ -11,6 +11,7 @@ import atexit
 import os
 import secrets
 import shutil
+import signal
 import tempfile
 
 if not os.environ.get("CW_TEST_SECRET_FILE"):
@@ -25,3 +26,8 @@ os.environ["CW_SECRET_FILE"] = os.environ["CW_TEST_SECRET_FILE"]
 # SLURM controller answers (as in CI); cw.test.test_slurm unsets this.
 os.environ["CW_BACKEND"] = "local"
 os.environ.pop("CW_INSECURE", None)
+# A run started in the background by a non-interactive shell inherits
+# SIGINT ignored, and so would every process the tests start, which then
+# could not be stopped with SIGINT as the tests do: restore it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
