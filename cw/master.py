@@ -43,6 +43,11 @@ MAX_WEIGHT = 1000
 RATE_WINDOW = 60
 
 
+#: Connections that may wait to authenticate at once (C{--max-pending}):
+#: enough for a few hundred workers of one SLURM job connecting together,
+#: while idle connections cost at most 16 KiB each.
+MAX_PENDING = 1024
+
 #: Bytes of payloads a client may have queued before the master stops
 #: reading from it (C{--max-queued-bytes}).
 MAX_QUEUED_BYTES = 1 << 30
@@ -235,7 +240,7 @@ class Master:
         clock=None,
         prefetch: int = 1,
         secret: bytes | None = None,
-        max_pending: int = 64,
+        max_pending: int = MAX_PENDING,
         max_attempts: int = 3,
         heartbeat: float = 5.0,
         heartbeat_timeout: float | None = None,
@@ -776,7 +781,7 @@ class Options(usage.Options):
         ["prefetch-seconds", None, 0.05, "also as many as a worker completes in this time", float],
         ["address-file", None, None, "write the master's address here once listening"],
         ["secret-file", None, None, "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"],
-        ["max-pending", None, 64, "connections that may wait to authenticate at once", int],
+        ["max-pending", None, MAX_PENDING, "connections that may wait to authenticate at once", int],
         ["auth-timeout", None, AUTH_TIMEOUT, "seconds a new connection has to authenticate", float],
         ["max-payload", None, P.MAX_PAYLOAD, "largest job or result payload, in bytes", int],
         ["max-queued-bytes", None, MAX_QUEUED_BYTES, "read no more from a client with this much queued", int],
