@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import re
-import socket
 import sys
 
 import cloudpickle
@@ -32,9 +30,10 @@ from twisted.protocols import amp
 
 from cw import protocol as P
 from cw.address import client_description, client_endpoint
-from cw.auth import AuthGate, authenticate
+from cw.auth import AuthGate
 from cw.batching import Outbox
 from cw.secret import load_secret
+from cw.worker import join_master
 
 #: The result payload of every job: a pickled None, made once.
 RESULT = cloudpickle.dumps(None)
@@ -82,17 +81,7 @@ class FakeWorker(AuthGate, amp.AMP):
 
     def connectionMade(self):
         super().connectionMade()
-        d = authenticate(self, self.farm.secret, "worker", self.farm.address)
-        d.addCallback(
-            lambda _: self.callRemote(
-                P.RegisterWorker,
-                version=P.PROTOCOL_VERSION,
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                slots=self.farm.slots,
-            )
-        )
-        d.chainDeferred(self.registered)
+        join_master(self, self.farm.secret, self.farm.address, self.farm.slots).chainDeferred(self.registered)
 
     # -- commands from the master ----------------------------------------
 

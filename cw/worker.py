@@ -101,6 +101,25 @@ def crash_report(reason) -> bytes:
     )
 
 
+def join_master(proto: amp.AMP, secret: bytes | None, address: str, slots: int) -> defer.Deferred:
+    """
+    Authenticate C{proto}, a new connection to the master at C{address},
+    and register it as a worker with C{slots} slots.  Fires with the
+    L{P.RegisterWorker} answer (worker id and the master's payload limit).
+    """
+    d = authenticate(proto, secret, "worker", address)
+    d.addCallback(
+        lambda _: proto.callRemote(
+            P.RegisterWorker,
+            version=P.PROTOCOL_VERSION,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            slots=slots,
+        )
+    )
+    return d
+
+
 class WorkerProtocol(StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
     """
     The worker's connection to its master.  The master must prove it holds
@@ -116,16 +135,7 @@ class WorkerProtocol(StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
         if self.worker.draining:
             self.transport.loseConnection()  # stopping: join no master
             return
-        d = authenticate(self, self.worker.secret, "worker", self.worker.address)
-        d.addCallback(
-            lambda _: self.callRemote(
-                P.RegisterWorker,
-                version=P.PROTOCOL_VERSION,
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                slots=self.worker.procs,
-            )
-        )
+        d = join_master(self, self.worker.secret, self.worker.address, self.worker.procs)
         d.addCallbacks(self._registered, self._refused)
 
     def _registered(self, answer):
