@@ -71,11 +71,17 @@ class System:
     def stop(self) -> None:
         raise NotImplementedError
 
+    #: A concurrent.futures.Executor, for systems that are one (cw, PPE):
+    #: the default submit_all and call use it.
+    executor = None
+
     def submit_all(self, n: int) -> None:
-        raise NotImplementedError
+        futures = [self.executor.submit(noop, i) for i in range(n)]
+        for f in futures:
+            f.result()
 
     def call(self, fn, arg):
-        raise NotImplementedError
+        return self.executor.submit(fn, arg).result()
 
     def maps(self) -> dict:
         """Row key -> function(n) mapping noop over range(n)."""
@@ -108,14 +114,6 @@ class CW(System):
         finally:
             cw.mp.stop(port=self.port)
 
-    def submit_all(self, n: int) -> None:
-        futures = [self.executor.submit(noop, i) for i in range(n)]
-        for f in futures:
-            f.result()
-
-    def call(self, fn, arg):
-        return self.executor.submit(fn, arg).result()
-
     def maps(self) -> dict:
         return {"map": lambda n: _drain(self.executor.map(noop, range(n)))}
 
@@ -131,14 +129,6 @@ class PPE(System):
     def stop(self) -> None:
         if getattr(self, "executor", None) is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
-
-    def submit_all(self, n: int) -> None:
-        futures = [self.executor.submit(noop, i) for i in range(n)]
-        for f in futures:
-            f.result()
-
-    def call(self, fn, arg):
-        return self.executor.submit(fn, arg).result()
 
     def maps(self) -> dict:
         return {

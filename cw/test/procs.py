@@ -215,3 +215,21 @@ class Processes:
             lambda: len(master_status(self.address)["workers"]) == len(self.workers),
             what="the master to notice the worker left",
         )
+
+
+@contextlib.contextmanager
+def executor(address: str | None = None):
+    """
+    A L{cw.client.ClusterExecutor} of C{address} that, if the block fails,
+    cancels its futures rather than waiting for them (so a failing test
+    does not hang on jobs that will never finish).
+    """
+    from cw.client import ClusterExecutor
+
+    ex = ClusterExecutor(address)
+    try:
+        yield ex
+    except BaseException:
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    ex.shutdown()

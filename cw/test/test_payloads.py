@@ -30,7 +30,7 @@ from twisted.trial import unittest
 import cw.client
 from cw.client import ClientThread, ClusterExecutor, RemoteException, SubmitError
 from cw.test.jobs import digest, payload_bytes, square, tagged_square, worker_pid
-from cw.test.procs import DEADLINE, Processes, group_members
+from cw.test.procs import DEADLINE, Processes, executor, group_members
 
 log = Logger()
 
@@ -106,20 +106,6 @@ class PayloadTests(unittest.TestCase):
     def in_thread(self, func):
         return threads.deferToThread(func)
 
-    @contextlib.contextmanager
-    def executor(self):
-        """
-        A L{ClusterExecutor} of this test's master that, if the block
-        fails, cancels its futures rather than waiting for them.
-        """
-        ex = ClusterExecutor(self.procs.address)
-        try:
-            yield ex
-        except BaseException:
-            ex.shutdown(wait=False, cancel_futures=True)
-            raise
-        ex.shutdown()
-
     def test_100mb_argument(self):
         """
         A 100 MB bytes argument reaches the job whole: the job's length and
@@ -132,7 +118,7 @@ class PayloadTests(unittest.TestCase):
             self.procs.start_worker(procs=1)
             blob = payload_bytes(size, 1)
             expected = (size, sha256(blob))
-            with self.executor() as ex:
+            with executor(self.procs.address) as ex:
                 future = ex.submit(digest, blob)
                 del blob
                 self.assertEqual(future.result(DEADLINE), expected)
@@ -150,7 +136,7 @@ class PayloadTests(unittest.TestCase):
             self.procs.start_master()
             self.procs.start_worker(procs=1)
             expected = expected_digest(size, 2)
-            with self.executor() as ex:
+            with executor(self.procs.address) as ex:
                 result = ex.submit(payload_bytes, size, 2).result(DEADLINE)
                 self.assertIsInstance(result, bytes)
                 self.assertEqual(digest(result), expected)
@@ -182,7 +168,7 @@ class PayloadTests(unittest.TestCase):
                 (i, len(blob), blob[i * 1000 : (i + 1) * 1000], blob_hash, sum(numbers[i:]))
                 for i in range(24)
             ]
-            with self.executor() as ex:
+            with executor(self.procs.address) as ex:
                 futures = [ex.submit(probe, i) for i in range(12)]
                 mapped = list(ex.map(probe, range(12, 24), timeout=DEADLINE))
                 self.assertEqual([f.result(DEADLINE) for f in futures] + mapped, expected)
@@ -230,7 +216,7 @@ class PayloadTests(unittest.TestCase):
             expected_huge_argument = (size, sha256(huge))
             outcome = {}
             other = threading.Thread(target=second_client, args=(outcome,), name="second client", daemon=True)
-            with self.executor() as ex:
+            with executor(self.procs.address) as ex:
                 other.start()
                 tiny = []
                 for i in range(2000):
@@ -265,7 +251,7 @@ class PayloadTests(unittest.TestCase):
             self.procs.start_master("--max-payload", str(MB))
             self.procs.start_worker(procs=1)
             blob = payload_bytes(2_000_000, 6)
-            with self.executor() as ex:
+            with executor(self.procs.address) as ex:
                 with self.assertRaises(SubmitError) as caught:
                     ex.submit(digest, blob)
                 message = str(caught.exception)
@@ -306,7 +292,7 @@ class PayloadTests(unittest.TestCase):
         def body():
             self.procs.start_master("--max-payload", str(MB))
             worker = self.procs.start_worker(procs=1)
-            with self.executor() as ex:
+            with executor(self.procs.address) as ex:
                 error = ex.submit(payload_bytes, 2_000_000, 7).exception(DEADLINE)
                 self.assertIsInstance(error, RemoteException)
                 self.assertEqual(error.type, "PayloadTooLarge")

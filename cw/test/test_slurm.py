@@ -11,7 +11,6 @@ recorded, whether the test passed or not.  Every wait is bounded.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -27,7 +26,7 @@ import cw
 from cw import cluster as cw_cluster
 from cw import slurm
 from cw.slurm_cli import _join_passthrough
-from cw.test.procs import DEADLINE, ROOT, child_env, wait_until
+from cw.test.procs import DEADLINE, ROOT, child_env, executor, wait_until
 
 SCRIPT = os.path.join(ROOT, "contrib", "slurm", "slurm.py")
 
@@ -35,20 +34,6 @@ SCRIPT = os.path.join(ROOT, "contrib", "slurm", "slurm.py")
 def slow_square(x, delay=0.02):
     time.sleep(delay)
     return x * x
-
-
-@contextlib.contextmanager
-def executor(address=None):
-    """A ClusterExecutor that, if the test fails, is closed without waiting for its jobs."""
-    from cw.client import ClusterExecutor
-
-    ex = ClusterExecutor(address)
-    try:
-        yield ex
-    except BaseException:
-        ex.shutdown(wait=False, cancel_futures=True)
-        raise
-    ex.shutdown()
 
 
 class ScriptTests(unittest.TestCase):
