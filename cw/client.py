@@ -56,6 +56,7 @@ from cw.mapping import Progress, bounded_map
 from cw.mapping import progress as progress
 from cw.secret import SecretError, load_secret
 from cw.streaming import ChunkReceiver, StreamingSender
+from cw.validation import MAX_WEIGHT
 
 __all__ = [
     "AuthenticationFailed",
@@ -269,8 +270,8 @@ class Session:
         insecure: bool | None = None,
         weight: int = 1,
     ) -> None:
-        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
-            raise ValueError(f"weight must be a positive integer, not {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+            raise ValueError(f"weight must be an integer from 1 to {MAX_WEIGHT}, not {weight!r}")
         self.weight = weight
         self.secret = client_secret(secret_file, insecure)
         self.reactor = running_reactor()

@@ -32,12 +32,20 @@ from cw.batching import Outbox
 from cw.scheduler import Scheduler
 from cw.secret import SecretError, load_secret
 from cw.streaming import ChunkReceiver, StreamingSender
+from cw.validation import (
+    MAX_AWAIT,
+    MAX_SLOTS,
+    BadCommand,
+    check_context,
+    check_function_key,
+    check_jobs,
+    check_peer,
+    check_range,
+    check_results,
+)
 from cw.web import FailureLog, WebDashboard
 
 log = Logger()
-
-#: Largest share weight a client may ask for.
-MAX_WEIGHT = 1000
 
 #: Seconds over which the status reports a completion rate.
 RATE_WINDOW = 60
@@ -102,13 +110,15 @@ class MasterProtocol(StreamingSender, AuthGate, MasterAuth, ChunkReceiver, amp.A
             self.master.pending.pop(self, None)
 
     def _claim(self, role: str) -> None:
-        """Check that a peer registers once, in the role it authenticated as."""
+        """
+        Check that a peer registers once, in the role it authenticated as.
+        C{self.role} is set once registration has succeeded, so a peer
+        refused on the way is never treated as registered.
+        """
         if self.role is not None:
-            raise amp.ProtocolSwitched("already registered")
+            raise BadCommand("registered a second time")
         if self._challenge is not None and self._challenge[0] != role:
-            self.reject(f"authenticated as a {self._challenge[0]} but registered as a {role}")
-            raise amp.ProtocolSwitched("role mismatch")
-        self.role = role
+            raise BadCommand(f"authenticated as a {self._challenge[0]!r} but registered as a {role}")
 
     def _check_version(self, version: int) -> None:
         if version != P.PROTOCOL_VERSION:
@@ -123,32 +133,79 @@ class MasterProtocol(StreamingSender, AuthGate, MasterAuth, ChunkReceiver, amp.A
         self.reject(f"sent a {role} command before registering as a {role}")
         return False
 
+    def locateResponder(self, name: bytes):
+        """
+        Every command's fields are checked (L{cw.validation}) before the
+        master acts on them: a malformed box or field from an authenticated
+        peer drops the connection with one log line.
+        """
+        responder = super().locateResponder(name)
+        if responder is None:
+            return None
+        command = name.decode("ascii", "replace")
+
+        def malformed(failure):
+            failure.trap(BadCommand)
+            self.reject(f"sent a malformed {command!r}: {failure.value}")
+            return defer.Deferred()  # the connection is gone: answer nothing
+
+        def checked(box):
+            try:
+                answer = responder(box)
+            except Exception as e:
+                # Raised while parsing the box's arguments (before the responder runs).
+                field = self._bad_argument(name, box)
+                self.reject(f"sent a malformed {command!r}: {field}: {e.__class__.__name__}: {e}")
+                return defer.Deferred()
+            if isinstance(answer, defer.Deferred):
+                answer.addErrback(malformed)
+            return answer
+
+        return checked
+
+    def _bad_argument(self, name: bytes, box) -> str:
+        """Which argument of command C{name} in C{box} does not parse, for the log."""
+        command = self._commandDispatch[name][0]
+        for argument, kind in command.arguments:
+            try:
+                kind.fromBox(argument, dict(box), {}, self)
+            except Exception:
+                return argument.decode("ascii", "replace")
+        return "the box"
+
     @P.RegisterClient.responder
     def register_client(self, version, host, pid, context):
         self._check_version(version)
+        name = check_peer(host, pid)
+        weight = check_context(context)
         self._claim("client")
-        self.peer_name = f"{host}:{pid}"
-        self.peer_id = self.master.client_joined(self, context)
+        self.peer_name = name
+        self.peer_id = self.master.client_joined(self, context, weight)
+        self.role = "client"
         return {"client_id": self.peer_id, "max_payload": self.master.max_payload}
 
     @P.SubmitJobs.responder
     def submit_jobs(self, jobs):
         if self._require("client"):
+            check_jobs(jobs)
             self.master.submit(self.peer_id, jobs)
         return {}
 
     @P.DefineFunction.responder
     def define_function(self, client, key, function):
         if self._require("client"):
-            self.master.define_function(self.peer_id, key, function)
+            self.master.define_function(self.peer_id, check_function_key(key), function)
         return {}
 
     @P.RegisterWorker.responder
     def register_worker(self, version, host, pid, slots):
         self._check_version(version)
+        name = check_peer(host, pid)
+        check_range("slots", slots, 1, MAX_SLOTS)
         self._claim("worker")
-        self.peer_name = f"{host}:{pid}"
+        self.peer_name = name
         self.peer_id = self.master.worker_joined(self, slots)
+        self.role = "worker"
         return {"worker_id": self.peer_id, "max_payload": self.master.max_payload}
 
     @P.CancelJobs.responder
@@ -160,6 +217,7 @@ class MasterProtocol(StreamingSender, AuthGate, MasterAuth, ChunkReceiver, amp.A
     @P.JobResults.responder
     def job_results(self, results):
         if self._require("worker"):
+            check_results(results)
             self.master.results(self.peer_id, results)
         return {}
 
@@ -175,6 +233,7 @@ class MasterProtocol(StreamingSender, AuthGate, MasterAuth, ChunkReceiver, amp.A
 
     @P.AwaitWorkers.responder
     def await_workers(self, count):
+        check_range("count", count, 0, MAX_AWAIT)
         return self.master.await_workers(count).addCallback(lambda n: {"workers": n})
 
     # -- sending ---------------------------------------------------------
@@ -300,10 +359,7 @@ class Master:
             )
         self.pending[proto] = None
 
-    def client_joined(self, proto: MasterProtocol, context: dict) -> int:
-        weight = context.get("weight", 1)
-        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
-            weight = 1
+    def client_joined(self, proto: MasterProtocol, context: dict, weight: int = 1) -> int:
         cid = self.scheduler.add_client(weight)
         self.clients[cid] = proto
         self.contexts[cid] = context

@@ -1,0 +1,242 @@
+"""
+Limits the master keeps against peers that misbehave or overwhelm it:
+malformed commands from authenticated peers (L{cw.validation}), descriptors
+and unauthenticated connections, a client's queued jobs (bytes and count)
+and its unsent results.  Pure checks are tested directly; the promises are
+tested end to end against real C{twistd} processes on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from twisted.internet import defer, reactor, threads
+from twisted.internet.endpoints import connectProtocol
+from twisted.protocols import amp
+from twisted.trial import unittest
+
+from cw import protocol as P
+from cw import validation as V
+from cw.address import client_endpoint
+from cw.auth import AuthGate, Challenge, Prove, new_nonce, peer_proof
+from cw.client import client_context
+from cw.secret import load_secret
+from cw.test.jobs import square
+from cw.test.procs import DEADLINE, Processes, executor, wait_until
+
+#: Seconds any single network step of these tests may take.
+STEP = 15
+
+
+class ValidationUnitTests(unittest.SynchronousTestCase):
+    """The field checks themselves."""
+
+    def test_context(self):
+        good = {"cwd": "/tmp", "path": ["", "/usr/lib"], "weight": 3, "extra": {"kept": 1}}
+        self.assertEqual(V.check_context(good), 3)
+        self.assertEqual(V.check_context({"cwd": "/", "path": []}), 1)
+        for bad in (
+            [],
+            "x",
+            {"path": []},
+            {"cwd": "/", "path": "/usr"},
+            {"cwd": "/", "path": [1]},
+            {"cwd": "/", "path": ["x" * (V.MAX_PATH + 1)]},
+            {"cwd": "/", "path": [], "weight": 0},
+            {"cwd": "/", "path": [], "weight": True},
+            {"cwd": "/", "path": [], "weight": V.MAX_WEIGHT + 1},
+            {"cwd": "a\nb", "path": []},
+        ):
+            self.assertRaises(V.BadCommand, V.check_context, bad)
+
+    def test_peer(self):
+        self.assertEqual(V.check_peer("node1", 42), "node1:42")
+        for host, pid in (
+            ("", 1),
+            ("h" * 300, 1),
+            ("a\nforged line", 1),
+            (None, 1),
+            ("h", 0),
+            ("h", 1 << 40),
+        ):
+            self.assertRaises(V.BadCommand, V.check_peer, host, pid)
+
+    def test_jobs(self):
+        V.check_jobs([P.Job(0, 1, b"p", P.encode_options(timeout=2, max_attempts=1, priority=-3))])
+        for options in (b"[]", b"{bad", b'{"timeout": -1}', b'{"max_attempts": 0}', b'{"priority": "high"}'):
+            self.assertRaises(V.BadCommand, V.check_jobs, [P.Job(0, 1, b"p", options)])
+        self.assertRaises(V.BadCommand, V.check_jobs, [P.Job(0, 0, b"p")])
+
+    def test_results_and_keys(self):
+        V.check_results([P.Result(1, 1, P.Outcome.CRASHED, b"")])
+        self.assertRaises(V.BadCommand, V.check_results, [P.Result(1, 1, 9, b"")])
+        self.assertEqual(V.check_function_key(b"k"), b"k")
+        self.assertRaises(V.BadCommand, V.check_function_key, b"")
+
+
+class LooseSubmitJobs(amp.Command):
+    """C{SubmitJobs} with its batch as raw bytes, to send a malformed one."""
+
+    commandName = P.SubmitJobs.commandName
+    arguments = [(b"jobs", amp.String())]
+    requiresAnswer = False
+
+
+class LooseRegisterWorker(amp.Command):
+    """C{RegisterWorker} with a string for slots."""
+
+    commandName = P.RegisterWorker.commandName
+    arguments = [
+        (b"version", amp.Integer()),
+        (b"host", amp.Unicode()),
+        (b"pid", amp.Integer()),
+        (b"slots", amp.String()),
+    ]
+    response = [(b"worker_id", amp.Integer())]
+
+
+class Peer(AuthGate, amp.AMP):
+    """A hand-made peer that authenticates with the real secret, then says what a test wants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost = defer.Deferred()
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.lost.callback(None)
+
+
+@defer.inlineCallbacks
+def authenticated_peer(address: str, role: str):
+    """Connect a L{Peer} to the master at C{address} and run the handshake as C{role}."""
+    peer = yield connectProtocol(client_endpoint(reactor, address), Peer()).addTimeout(STEP, reactor)
+    mine = new_nonce()
+    answer = yield peer.callRemote(Challenge, role=role, nonce=mine).addTimeout(STEP, reactor)
+    proof = peer_proof(load_secret(), role, mine, answer["nonce"])
+    yield peer.callRemote(Prove, proof=proof).addTimeout(STEP, reactor)
+    peer.mark_authenticated()
+    return peer
+
+
+def register_client(peer: Peer, **overrides) -> defer.Deferred:
+    fields = {"version": P.PROTOCOL_VERSION, "host": "test", "pid": os.getpid(), "context": client_context()}
+    return peer.callRemote(P.RegisterClient, **{**fields, **overrides})
+
+
+def register_worker(peer: Peer, **overrides) -> defer.Deferred:
+    fields = {"version": P.PROTOCOL_VERSION, "host": "test", "pid": os.getpid(), "slots": 1}
+    return peer.callRemote(P.RegisterWorker, **{**fields, **overrides})
+
+
+class ValidationTests(unittest.TestCase):
+    """
+    Malformed commands from authenticated peers, against a real master:
+    each ends its connection with one clear log line and no unhandled
+    error, and the master keeps serving a legitimate client.
+    """
+
+    timeout = 180
+
+    def setUp(self):
+        self.procs = Processes(self, self.mktemp())
+
+    def master_log(self) -> str:
+        return self.procs.log_tail(self.procs.master, 100_000)
+
+    @defer.inlineCallbacks
+    def test_malformed_commands_drop_the_connection(self):
+        yield threads.deferToThread(self.procs.start_master)
+        yield threads.deferToThread(self.procs.start_worker)
+        address = self.procs.address
+
+        def bad_register(role, **fields):
+            register = register_client if role == "client" else register_worker
+            return lambda peer: register(peer, **fields)
+
+        def after_client(send):
+            @defer.inlineCallbacks
+            def go(peer):
+                yield register_client(peer).addTimeout(STEP, reactor)
+                send(peer)
+
+            return go
+
+        def after_worker(send):
+            @defer.inlineCallbacks
+            def go(peer):
+                yield register_worker(peer).addTimeout(STEP, reactor)
+                send(peer)
+
+            return go
+
+        cases = [
+            ("client", "context", bad_register("client", context=[])),
+            ("client", "context", bad_register("client", context={"cwd": "/", "path": [], "weight": -1})),
+            ("client", "host", bad_register("client", host="a\nCLIENT 1 connected from forged")),
+            ("client", "pid", bad_register("client", pid=-5)),
+            ("worker", "slots", bad_register("worker", slots=0)),
+            (
+                "worker",
+                "slots",
+                lambda peer: peer.callRemote(
+                    LooseRegisterWorker, version=P.PROTOCOL_VERSION, host="h", pid=1, slots=b"two"
+                ),
+            ),
+            ("worker", "registered as a client", bad_register("client")),
+            ("client", "registered a second time", after_client(lambda peer: register_client(peer))),
+            (
+                "client",
+                "truncated",
+                after_client(lambda peer: peer.callRemote(LooseSubmitJobs, jobs=b"\0" * 30)),
+            ),
+            (
+                "client",
+                "timeout",
+                after_client(
+                    lambda peer: peer.callRemote(
+                        P.SubmitJobs, jobs=[P.Job(0, 1, b"x", b'{"timeout": "soon"}')]
+                    )
+                ),
+            ),
+            (
+                "client",
+                "function key",
+                after_client(
+                    lambda peer: peer.callRemote(P.DefineFunction, client=0, key=b"", function=b"f")
+                ),
+            ),
+            ("client", "count", after_client(lambda peer: peer.callRemote(P.AwaitWorkers, count=-1))),
+            (
+                "worker",
+                "unknown status",
+                after_worker(lambda peer: peer.callRemote(P.JobResults, results=[P.Result(1, 1, 77, b"")])),
+            ),
+        ]
+        for role, what, send in cases:
+            before = self.master_log().count("sent a malformed")
+            peer = yield authenticated_peer(address, role)
+            d = send(peer)
+            if isinstance(d, defer.Deferred):
+                d.addErrback(lambda _: None)  # the answer never comes: the connection closes
+            yield peer.lost.addTimeout(STEP, reactor)
+            yield threads.deferToThread(
+                wait_until,
+                lambda before=before: self.master_log().count("sent a malformed") > before,
+                STEP,
+                f"the master to log the malformed command ({what})",
+            )
+            lines = [line for line in self.master_log().splitlines() if "sent a malformed" in line]
+            self.assertEqual(len(lines), before + 1, lines)
+            self.assertIn(what, lines[-1])
+        log = self.master_log()
+        self.assertNotIn("Unhandled", log)
+        self.assertNotIn("Traceback", log)
+        self.assertFalse(re.search(r"^CLIENT 1 connected from forged", log, re.M))
+
+        def legitimate():
+            with executor(self.procs.address) as ex:
+                self.assertEqual(ex.submit(square, 6).result(DEADLINE), 36)
+
+        yield threads.deferToThread(legitimate)
