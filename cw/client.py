@@ -233,9 +233,9 @@ class ClientProtocol(StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
         self.session.results_arrived(results)
         return {}
 
-    @P.HoldJobs.responder
-    def hold_jobs(self, hold):
-        self.session.hold(hold)
+    @P.JobRoom.responder
+    def job_room(self, bytes, jobs):
+        self.session.room(bytes, jobs)
         return {}
 
     def stream_progress(self) -> None:
@@ -294,8 +294,13 @@ class Session:
         #: write, it is what L{send} keeps under L{SEND_WINDOW}.
         self._pending_bytes = 0
         self._sent_some = threading.Condition(self._lock)
-        #: The master asked this client to hold its jobs (L{P.HoldJobs}).
-        self._holding = False
+        #: Room left in the master's queue (L{P.JobRoom}): jobs are sent
+        #: only while both are positive; the rest wait in L{_pending}.
+        self._room_bytes = 0
+        self._room_jobs = 0
+        #: Jobs L{_pending} may hold before L{wait_for_room} blocks: the
+        #: master's job limit, learnt at registration.
+        self._job_window = 1
         self._flush_scheduled = False
         timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
         call_in_reactor(self._connect, timeout, timeout=timeout + 30)
@@ -353,6 +358,8 @@ class Session:
         self.proto = proto
         self.client_id = answer["client_id"]
         self.max_payload = answer["max_payload"]
+        self._job_window = answer["room_jobs"]
+        self.room(answer["room_bytes"], answer["room_jobs"])
 
     def results_arrived(self, results: list[P.Result]) -> None:
         self.on_results(results)
@@ -402,16 +409,16 @@ class Session:
 
     def wait_for_room(self, give_up: Callable[[], bool] = lambda: False) -> None:
         """
-        Flow control: block while more than L{SEND_WINDOW} bytes of jobs
-        wait to be sent (the master asked this client to hold its jobs, or
-        it or the network is slower than this client), rather than pile up
-        pickled payloads.  Call before L{send}, holding no lock that the
+        Flow control: block while more than L{SEND_WINDOW} bytes of jobs, or
+        more jobs than the master queues per client, wait to be sent (the
+        master has no room for them yet, or it or the network is slower than
+        this client), rather than pile up pickled payloads.  Call before L{send}, holding no lock that the
         reactor thread or a shutdown needs.  Returns early once C{give_up()}
         is true or the session closes; raises L{MasterUnavailable} if the
         connection is lost meanwhile.
         """
         with self._lock:
-            while self._backlog() > SEND_WINDOW:
+            while self._backlog() > SEND_WINDOW or len(self._pending) > self._job_window:
                 if self.closing or give_up():
                     return
                 if self.proto is None:
@@ -441,11 +448,16 @@ class Session:
         proto = self.proto
         return self._pending_bytes + (proto.outgoing_bytes if proto is not None else 0)
 
-    def hold(self, hold: bool) -> None:
-        """The master asks to hold further jobs (flow control), or to send them again."""
-        self._holding = hold
-        if not hold:
-            self._flush()
+    def room(self, more_bytes: int, more_jobs: int) -> None:
+        """The master has room for this many more bytes and jobs (L{P.JobRoom})."""
+        with self._lock:
+            self._room_bytes += more_bytes
+            self._room_jobs += more_jobs
+        self._flush()
+
+    def _held(self) -> bool:
+        """Whether jobs wait for room in the master's queue (call with the lock)."""
+        return self._room_bytes <= 0 or self._room_jobs <= 0
 
     def sent_some(self) -> None:
         """The connection wrote part of a big box: wake senders waiting for room."""
@@ -455,7 +467,7 @@ class Session:
     def cancel(self, seq: int) -> None:
         """Ask the master to withdraw job C{seq}; cancellations are batched like jobs."""
         with self._lock:
-            if self._holding:
+            if self._held():
                 # Still here (held back by flow control): just drop it.
                 kept = [job for job in self._pending if job.seq != seq]
                 if len(kept) < len(self._pending):
@@ -471,11 +483,7 @@ class Session:
 
     def _flush(self) -> None:
         with self._lock:
-            if self._holding:
-                jobs = []
-            else:
-                jobs, self._pending = self._pending, []
-                self._pending_bytes = 0
+            jobs = self._take_sendable()
             cancels, self._cancels = self._cancels, []
             defines, self._defines = self._defines, []
             self._flush_scheduled = False
@@ -489,6 +497,29 @@ class Session:
         # queued, then withdrawn.
         for start in range(0, len(cancels), 50_000):
             self.proto.callRemote(P.CancelJobs, keys=cancels[start : start + 50_000])
+
+    def _take_sendable(self) -> list[P.Job]:
+        """
+        Take the pending jobs that fit in the master's room (call with the
+        lock): jobs go while room is left, so at most the last one overshoots.
+        """
+        if self._held() or not self._pending:
+            return []
+        taken = 0
+        size = 0
+        for job in self._pending:
+            if self._room_bytes - size <= 0 or self._room_jobs - taken <= 0:
+                break
+            size += len(job.payload)
+            taken += 1
+        jobs = self._pending[:taken]
+        del self._pending[:taken]
+        self._pending_bytes -= size
+        self._room_bytes -= size
+        self._room_jobs -= taken
+        if taken:
+            self._sent_some.notify_all()
+        return jobs
 
     def call(self, command, timeout: float = 30, **kwargs) -> dict:
         """Call an answered command on the master and wait for the answer."""

@@ -56,13 +56,10 @@ RATE_WINDOW = 60
 #: while idle connections cost at most 16 KiB each.
 MAX_PENDING = 1024
 
-#: Bytes of payloads a client may have queued before the master stops
-#: reading from it (C{--max-queued-bytes}).
+#: Bytes of payloads, and jobs, a client may have queued
+#: (C{--max-queued-bytes}, C{--max-queued-jobs}); see L{P.JobRoom}.
 MAX_QUEUED_BYTES = 1 << 30
-
-#: How far past twice C{--max-queued-bytes} a client's queue may grow before
-#: the master stops reading from it (see L{Master._throttle}).
-HARD_LIMIT_SLACK = 512 << 20
+MAX_QUEUED_JOBS = 10_000_000
 
 
 class MasterProtocol(StreamingSender, AuthGate, MasterAuth, ChunkReceiver, amp.AMP):
@@ -182,7 +179,12 @@ class MasterProtocol(StreamingSender, AuthGate, MasterAuth, ChunkReceiver, amp.A
         self.peer_name = name
         self.peer_id = self.master.client_joined(self, context, weight)
         self.role = "client"
-        return {"client_id": self.peer_id, "max_payload": self.master.max_payload}
+        return {
+            "client_id": self.peer_id,
+            "max_payload": self.master.max_payload,
+            "room_bytes": self.master.max_queued_bytes,
+            "room_jobs": self.master.max_queued_jobs,
+        }
 
     @P.SubmitJobs.responder
     def submit_jobs(self, jobs):
@@ -307,6 +309,7 @@ class Master:
         max_payload: int = P.MAX_PAYLOAD,
         prefetch_seconds: float = 0.05,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
+        max_queued_jobs: int = MAX_QUEUED_JOBS,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -324,11 +327,18 @@ class Master:
         self.auth_timeout = auth_timeout
         #: Largest job or result payload accepted, in bytes.
         self.max_payload = max_payload
-        #: Stop reading from a client while its queued payloads exceed this
-        #: many bytes; read again once they are under half of it.
+        #: Room in the master's queue per client (flow control, L{P.JobRoom}).
         self.max_queued_bytes = max_queued_bytes
-        self.paused_clients: set[int] = set()
-        self.scheduler = Scheduler(prefetch=prefetch, max_attempts=max_attempts, horizon=prefetch_seconds)
+        self.max_queued_jobs = max_queued_jobs
+        #: Clients of which the master logged that they used up their room.
+        self._held_logged: set[int] = set()
+        self.scheduler = Scheduler(
+            prefetch=prefetch,
+            max_attempts=max_attempts,
+            horizon=prefetch_seconds,
+            max_queued_bytes=max_queued_bytes,
+            max_queued_jobs=max_queued_jobs,
+        )
         self.clients: dict[int, MasterProtocol] = {}
         self.workers: dict[int, MasterProtocol] = {}
         self.contexts: dict[int, dict] = {}
@@ -370,7 +380,7 @@ class Master:
         cid = proto.peer_id
         self.clients.pop(cid, None)
         self.contexts.pop(cid, None)
-        self.paused_clients.discard(cid)
+        self._held_logged.discard(cid)
         functions = self.functions.pop(cid, {})
         dropped, killed = self.cancel(cid)
         self.scheduler.remove_client(cid)
@@ -408,8 +418,8 @@ class Master:
         workers to kill held ones.  Return both counts.
         """
         dropped, kill = self.scheduler.cancel(client, seqs)
-        if client in self.paused_clients:
-            self._resume_clients()
+        if dropped:
+            self._give_room()
         for wid, keys in kill.items():
             self.workers[wid].callRemote(P.CancelJobs, keys=keys)
         if kill:
@@ -481,7 +491,7 @@ class Master:
                 ]
             )
         idle = not self.scheduler.queued
-        self.scheduler.submit(client, jobs)
+        self.scheduler.submit(client, jobs, [job for job, _, _ in refused])
         self._throttle(client)
         if idle:
             # Nothing was waiting, so nothing is gained by waiting for more:
@@ -492,42 +502,41 @@ class Master:
 
     def _throttle(self, client: int) -> None:
         """
-        Flow control: over C{max_queued_bytes} queued, ask the client to
-        hold its further jobs (L{P.HoldJobs}).  A client may have sent some
-        hundreds of megabytes before it hears (what it lets wait to be
-        sent, L{cw.client.SEND_WINDOW}); past L{HARD_LIMIT_SLACK} more than
-        twice the limit (a client that does not hold its jobs), stop reading
-        from it altogether, which also stalls its other commands.
+        Flow control (see L{P.JobRoom}): a client that has used all its room
+        holds further jobs by itself; one that ignores it and has queued
+        more than twice the limits is no longer read from (which stalls its
+        other commands too) until it is given room again.
         """
-        queued, limit = self.scheduler.queued_bytes(client), self.max_queued_bytes
-        hard = 2 * limit + HARD_LIMIT_SLACK
-        if queued <= limit or (client in self.paused_clients and queued <= hard):
-            return
         proto = self.clients[client]
-        if client not in self.paused_clients:
-            self.paused_clients.add(client)
-            proto.callRemote(P.HoldJobs, hold=True)
+        if client not in self._held_logged and self.scheduler.held(client):
+            self._held_logged.add(client)
             log.info(
-                "Client {cid} has over {mib} MiB of jobs queued; it holds back more for now",
+                "Client {cid} has used its room in the queue ({mib} MiB, {jobs:,} jobs);"
+                " it holds further jobs until its queue drains (logged once per client)",
                 cid=client,
                 mib=self.max_queued_bytes >> 20,
+                jobs=self.max_queued_jobs,
             )
-        if queued > hard and not proto.reading_paused:
+        if self.scheduler.over_hard_limit(client) and not proto.reading_paused:
+            log.warn(
+                "Client {cid} ({peer}) sent past its room in the queue: not reading from it"
+                " until its queue drains",
+                cid=client,
+                peer=proto.peer_name,
+            )
             proto.reading_paused = True
             proto.transport.pauseProducing()
 
-    def _resume_clients(self) -> None:
-        """Read again from paused clients whose queues have shrunk to half the limit."""
-        for cid in list(self.paused_clients):
+    def _give_room(self) -> None:
+        """Tell clients whose queues have drained how much more they may send."""
+        for cid, more_bytes, more_jobs in self.scheduler.take_room():
             proto = self.clients.get(cid)
             if proto is None:
-                self.paused_clients.discard(cid)
-            elif self.scheduler.queued_bytes(cid) <= self.max_queued_bytes // 2:
-                self.paused_clients.discard(cid)
-                proto.callRemote(P.HoldJobs, hold=False)
-                if proto.reading_paused:
-                    proto.reading_paused = False
-                    proto.transport.resumeProducing()
+                continue
+            proto.callRemote(P.JobRoom, bytes=more_bytes, jobs=more_jobs)
+            if proto.reading_paused and not self.scheduler.over_hard_limit(cid):
+                proto.reading_paused = False
+                proto.transport.resumeProducing()
 
     def results(self, worker: int, results: list[P.Result]) -> None:
         before = self.scheduler.completed
@@ -622,8 +631,7 @@ class Master:
         self._dispatch_call = None
         for wid, jobs in self.scheduler.dispatch(self.clock.seconds()):
             self.workers[wid].send_jobs(jobs)
-        if self.paused_clients:
-            self._resume_clients()
+        self._give_room()
 
     # -- inspection ------------------------------------------------------
 
@@ -688,6 +696,10 @@ class Master:
                     "id": c.id,
                     "peer": self.clients[c.id].peer_name,
                     "queued": c.queued,
+                    "queued_bytes": s.queued_bytes(c.id),
+                    "peak_queued": c.peak_queued,
+                    "peak_queued_bytes": c.peak_queued_bytes,
+                    "held": s.held(c.id),
                     "running": c.running,
                     "submitted": c.submitted,
                     "completed": c.completed,
@@ -840,7 +852,8 @@ class Options(usage.Options):
         ["max-pending", None, MAX_PENDING, "connections that may wait to authenticate at once", int],
         ["auth-timeout", None, AUTH_TIMEOUT, "seconds a new connection has to authenticate", float],
         ["max-payload", None, P.MAX_PAYLOAD, "largest job or result payload, in bytes", int],
-        ["max-queued-bytes", None, MAX_QUEUED_BYTES, "read no more from a client with this much queued", int],
+        ["max-queued-bytes", None, MAX_QUEUED_BYTES, "bytes of jobs a client may have queued", int],
+        ["max-queued-jobs", None, MAX_QUEUED_JOBS, "jobs a client may have queued", int],
         ["max-attempts", None, 3, "lost workers a running job may outlive before it fails", int],
         ["heartbeat", None, 5.0, "seconds between heartbeats to each worker (0: none)", float],
         ["heartbeat-timeout", None, None, "seconds a worker may stay silent (default: 3 heartbeats)", float],
@@ -855,6 +868,8 @@ class Options(usage.Options):
         self["secret"] = load_options_secret(self)
         if self["max-attempts"] < 1:
             raise usage.UsageError("--max-attempts must be at least 1")
+        if self["max-queued-bytes"] < 1 or self["max-queued-jobs"] < 1:
+            raise usage.UsageError("--max-queued-bytes and --max-queued-jobs must be at least 1")
         if self["prefetch"] < 0 or self["prefetch-seconds"] < 0:
             raise usage.UsageError("--prefetch and --prefetch-seconds must not be negative")
         if self["web-address-file"] and not self["web"]:
@@ -875,6 +890,7 @@ def makeService(options: Options) -> MasterService:
         auth_timeout=options["auth-timeout"],
         max_payload=options["max-payload"],
         max_queued_bytes=options["max-queued-bytes"],
+        max_queued_jobs=options["max-queued-jobs"],
         web=options["web"],
         web_address_file=options["web-address-file"],
     )

@@ -10,7 +10,7 @@ authentication) happens in this module alone.
 Who talks to whom::
 
     client --RegisterClient, SubmitJobs, GetStatus, AwaitWorkers--> master
-    master --JobResults, HoldJobs--> client
+    master --JobResults, JobRoom--> client
     worker --RegisterWorker, JobResults, ReturnJobs--> master
     master --ClientContext, RunJobs, Heartbeat--> worker
     master --MasterStopping--> client, worker
@@ -493,7 +493,12 @@ class RegisterClient(amp.Command):
         (b"pid", amp.Integer()),
         (b"context", JSON()),
     ]
-    response = [(b"client_id", amp.Integer()), (b"max_payload", amp.Integer())]
+    response = [
+        (b"client_id", amp.Integer()),
+        (b"max_payload", amp.Integer()),
+        (b"room_bytes", amp.Integer()),
+        (b"room_jobs", amp.Integer()),
+    ]
     errors = {VersionMismatch: b"VERSION_MISMATCH"}
 
 
@@ -518,16 +523,19 @@ class DefineFunction(amp.Command):
     requiresAnswer = False
 
 
-class HoldJobs(amp.Command):
+class JobRoom(amp.Command):
     """
-    Master to client: C{hold=True} when this client's queued jobs add up to
-    more bytes than the master keeps per client (C{--max-queued-bytes}); the
-    client then keeps further jobs to itself (its C{submit} blocks once it
-    holds a few hundred megabytes) until C{hold=False} comes, once the
-    queue has shrunk to half.  Other commands flow as usual.
+    Master to client (flow control): room for C{bytes} more payload bytes
+    and C{jobs} more jobs in this client's queue.  A client starts with the
+    room its L{RegisterClient} answer gives (C{--max-queued-bytes},
+    C{--max-queued-jobs}), sends a job only while it has room left (so at
+    most one job beyond it), and keeps further jobs to itself (its
+    C{submit} blocks once it holds a few hundred megabytes) until this
+    command gives more, once its queue has drained to half.  Other
+    commands flow as usual.
     """
 
-    arguments = [(b"hold", amp.Boolean())]
+    arguments = [(b"bytes", amp.Integer()), (b"jobs", amp.Integer())]
     requiresAnswer = False
 
 

@@ -33,6 +33,11 @@ Dispatch rules:
     counting an attempt.
   - When a client leaves, its queued jobs are dropped at once and results of
     its running jobs are discarded when they arrive.
+  - Flow control: a client has room in the queue for C{max_queued_bytes}
+    of payloads and C{max_queued_jobs} jobs, given when it registers; it
+    sends only while room is left (so it overshoots by one job at most),
+    and gets more once its queue, with the room it has not used yet, has
+    come down to half the limits (L{Scheduler.take_room}).
   - Poison jobs: a job that was running on a worker when that worker was
     lost counts an attempt.  After C{max_attempts} attempts (the job's own
     C{max_attempts} option, else the scheduler's) it is not requeued but
@@ -79,6 +84,16 @@ class ClientState:
     running: int = 0
     submitted: int = 0
     completed: int = 0
+    #: Room given to the client so far (bytes, jobs) and what it has sent
+    #: (payload bytes, jobs): it may send while it has room left (see
+    #: L{Scheduler.take_room}).
+    granted_bytes: int = 0
+    granted_jobs: int = 0
+    received_bytes: int = 0
+    received_jobs: int = 0
+    #: Most bytes and jobs this client ever had queued at once.
+    peak_queued_bytes: int = 0
+    peak_queued: int = 0
 
 
 @dataclass
@@ -169,7 +184,20 @@ class Scheduler:
         when L{complete} and L{dispatch} are given the time.
     """
 
-    def __init__(self, prefetch: int = 1, max_attempts: int = 3, horizon: float = 0.05) -> None:
+    def __init__(
+        self,
+        prefetch: int = 1,
+        max_attempts: int = 3,
+        horizon: float = 0.05,
+        max_queued_bytes: int = 1 << 30,
+        max_queued_jobs: int = 10_000_000,
+    ) -> None:
+        if max_queued_bytes < 1 or max_queued_jobs < 1:
+            raise ValueError("max_queued_bytes and max_queued_jobs must be >= 1")
+        self.max_queued_bytes = max_queued_bytes
+        self.max_queued_jobs = max_queued_jobs
+        #: Clients whose queue shrank since L{take_room} last looked.
+        self._shrunk: set[int] = set()
         if prefetch < 0:
             raise ValueError("prefetch must be >= 0")
         if horizon < 0:
@@ -199,7 +227,9 @@ class Scheduler:
         cid = self._next_client
         self._next_client += 1
         self._queue.set_weight(cid, weight)
-        self._clients[cid] = ClientState(cid)
+        self._clients[cid] = ClientState(
+            cid, granted_bytes=self.max_queued_bytes, granted_jobs=self.max_queued_jobs
+        )
         return cid
 
     def remove_client(self, client: int) -> int:
@@ -210,6 +240,7 @@ class Scheduler:
         state = self._clients.pop(client, None)
         if state is None:
             raise UnknownPeer(client)
+        self._shrunk.discard(client)
         self._queue.forget(client)
         if self._losses:
             self._losses = {key: v for key, v in self._losses.items() if key[0] != client}
@@ -232,6 +263,8 @@ class Scheduler:
 
         dropped = self._queue.remove(client, lambda job: hit(job.key))
         state.queued -= dropped
+        if dropped:
+            self._shrunk.add(client)
         kill: dict[int, list[tuple[int, int]]] = {}
         for worker in self._workers.values():
             keys = [key for key in worker.held if hit(key)]
@@ -244,16 +277,83 @@ class Scheduler:
             self._losses = {key: v for key, v in self._losses.items() if not hit(key)}
         return dropped, kill
 
-    def submit(self, client: int, jobs: Iterable[Job]) -> None:
-        """Queue jobs from C{client}; each job's C{client} field is set here."""
+    def submit(self, client: int, jobs: Iterable[Job], refused: Iterable[Job] = ()) -> None:
+        """
+        Queue jobs from C{client}; each job's C{client} field is set here.
+        C{refused}: jobs of the same batch that the master answered at once
+        with an error; they used the client's room all the same.
+        """
         state = self._client(client)
-        n = 0
+        n = size = 0
         for job in jobs:
             job.client = client
             self._queue.append(job)
             n += 1
+            size += len(job.payload)
         state.queued += n
         state.submitted += n
+        for job in refused:
+            state.received_jobs += 1
+            size += len(job.payload)
+            self._shrunk.add(client)
+        state.received_jobs += n
+        state.received_bytes += size
+        state.peak_queued = max(state.peak_queued, state.queued)
+        state.peak_queued_bytes = max(state.peak_queued_bytes, self._queue.bytes_of(client))
+
+    # -- flow control ----------------------------------------------------
+    #
+    # A client may send jobs only while it has room: the master gives it
+    # max_queued_bytes and max_queued_jobs when it registers, and more as
+    # its jobs leave the queue.  The client stops sending once its room is
+    # used up (it may overshoot by the one job that used the last of it),
+    # so what reaches the master is bounded whatever the network's delay;
+    # a client that ignores its room is stopped from sending at twice the
+    # limits (L{over_hard_limit}).
+
+    def _in_use(self, state: ClientState) -> tuple[int, int]:
+        """Bytes and jobs queued, plus room given that the client has not used yet."""
+        unused_bytes = max(0, state.granted_bytes - state.received_bytes)
+        unused_jobs = max(0, state.granted_jobs - state.received_jobs)
+        return self._queue.bytes_of(state.id) + unused_bytes, state.queued + unused_jobs
+
+    def held(self, client: int) -> bool:
+        """Whether C{client} has no room left: it holds further jobs back."""
+        state = self._client(client)
+        return state.granted_bytes <= state.received_bytes or state.granted_jobs <= state.received_jobs
+
+    def take_room(self) -> list[tuple[int, int, int]]:
+        """
+        More room for clients whose queues shrank: C{(client, bytes, jobs)}
+        for each that has come down to half its limits (in bytes or in
+        jobs), enough to fill its queue to the limits again.  Recorded as
+        given; the caller tells each client.
+        """
+        grants = []
+        for cid in sorted(self._shrunk):
+            state = self._clients[cid]
+            in_bytes, in_jobs = self._in_use(state)
+            more_bytes = max(0, self.max_queued_bytes - in_bytes)
+            more_jobs = max(0, self.max_queued_jobs - in_jobs)
+            if 2 * more_bytes >= self.max_queued_bytes or 2 * more_jobs >= self.max_queued_jobs:
+                state.granted_bytes += more_bytes
+                state.granted_jobs += more_jobs
+                grants.append((cid, more_bytes, more_jobs))
+        self._shrunk.clear()
+        return grants
+
+    def over_hard_limit(self, client: int) -> bool:
+        """
+        Whether C{client} has more than twice the limits queued (in bytes or
+        in jobs): only a client that ignores its room gets there (or one
+        whose single job is bigger than the limit), and the master stops
+        reading from it until room is given again.
+        """
+        state = self._client(client)
+        return (
+            self._queue.bytes_of(client) > 2 * self.max_queued_bytes
+            or state.queued > 2 * self.max_queued_jobs
+        )
 
     # -- workers ---------------------------------------------------------
 
@@ -381,6 +481,7 @@ class Scheduler:
                     client = self._clients[job.client]
                     client.queued -= 1
                     client.running += 1
+                    self._shrunk.add(job.client)
                     if w.room(limit):
                         still.append(w)
                 hungry = still

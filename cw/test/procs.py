@@ -217,6 +217,16 @@ class Processes:
         )
 
 
+def held_client(ex) -> dict | None:
+    """
+    The master's status entry of the client of C{ex} (a L{ClusterExecutor}
+    or L{ClientThread}, the master's only client) once the master holds its
+    further jobs (flow control: it used all its room in the queue), else None.
+    """
+    clients = ex.status()["clients"]
+    return clients[0] if clients and clients[0]["held"] else None
+
+
 @contextlib.contextmanager
 def executor(address: str | None = None):
     """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import connectProtocol
@@ -23,10 +24,12 @@ from cw.auth import AuthGate, Challenge, Prove, new_nonce, peer_proof
 from cw.client import client_context
 from cw.secret import load_secret
 from cw.test.jobs import square
-from cw.test.procs import DEADLINE, Processes, executor, wait_until
+from cw.test.procs import DEADLINE, Processes, executor, held_client, wait_until
 
 #: Seconds any single network step of these tests may take.
 STEP = 15
+
+MIB = 1 << 20
 
 
 class ValidationUnitTests(unittest.SynchronousTestCase):
@@ -240,3 +243,78 @@ class ValidationTests(unittest.TestCase):
                 self.assertEqual(ex.submit(square, 6).result(DEADLINE), 36)
 
         yield threads.deferToThread(legitimate)
+
+
+class QueueLimitTests(unittest.TestCase):
+    """
+    A client's queue on the master is bounded in bytes and in jobs: the
+    client sends only what fits in the room the master gave it (at most one
+    job more), holds the rest, and every job still runs once workers drain
+    the queue.
+    """
+
+    timeout = 180
+
+    def setUp(self):
+        self.procs = Processes(self, self.mktemp())
+
+    def test_bytes_overshoot_bounded(self):
+        """
+        With a 20 MiB --max-queued-bytes and no worker, a client submits
+        200 MB in 4 MiB jobs (all within its default 256 MB send window, so
+        its submit returns): no more than the limit plus one job ever
+        reaches the master's queue, before or after a worker joins.
+        """
+        size, count, limit = 4 * MIB, 50, 20 * MIB
+        job = size + 1024  # a job's payload: its argument and a little pickle
+
+        def body():
+            self.procs.start_master("--max-queued-bytes", str(limit))
+            with executor(self.procs.address) as ex:
+                futures = [ex.submit(len, bytes(size)) for _ in range(count)]
+                client = wait_until(lambda: held_client(ex), what="the master to hold the client")
+                self.assertLessEqual(client["peak_queued_bytes"], limit + job, client)
+                self.assertLessEqual(client["queued"], limit // size + 1, client)
+                self.procs.start_worker(procs=2)
+                self.assertEqual([f.result(DEADLINE) for f in futures], [size] * count)
+                client = ex.status()["clients"][0]
+                self.assertLessEqual(client["peak_queued_bytes"], limit + job, client)
+            self.assertIn("holds further jobs", self.procs.log_tail(self.procs.master, 200))
+
+        return threads.deferToThread(body)
+
+    def test_job_count_limit(self):
+        """
+        With --max-queued-jobs 20 and no worker, a client submitting 200
+        tiny jobs has at most 20 queued on the master; its submit blocks
+        once it holds as many unsent; all 200 complete once a worker joins.
+        """
+        limit, count = 20, 200
+
+        def body():
+            self.procs.start_master("--max-queued-jobs", str(limit))
+            with executor(self.procs.address) as ex:
+                futures = []
+
+                def submit_all():
+                    for n in range(count):
+                        futures.append(ex.submit(square, n))
+
+                submitter = threading.Thread(target=submit_all, daemon=True)
+                submitter.start()
+                try:
+                    client = wait_until(lambda: held_client(ex), what="the master to hold the client")
+                    self.assertEqual(client["queued"], limit, client)
+                    wait_until(lambda: len(futures) >= 2 * limit, what="the client to fill its window")
+                    submitter.join(2)
+                    self.assertTrue(submitter.is_alive(), "submit did not block")
+                    self.assertLessEqual(len(futures), 2 * limit + 1)
+                    self.procs.start_worker(procs=2)
+                    submitter.join(DEADLINE)
+                    self.assertFalse(submitter.is_alive(), "submit stayed blocked")
+                finally:
+                    submitter.join(DEADLINE)
+                self.assertEqual([f.result(DEADLINE) for f in futures], [n * n for n in range(count)])
+                self.assertEqual(ex.status()["clients"][0]["peak_queued"], limit)
+
+        return threads.deferToThread(body)

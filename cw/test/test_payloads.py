@@ -30,7 +30,7 @@ from twisted.trial import unittest
 import cw.client
 from cw.client import ClientThread, ClusterExecutor, RemoteException, SubmitError
 from cw.test.jobs import digest, payload_bytes, square, tagged_square, worker_pid
-from cw.test.procs import DEADLINE, Processes, executor, group_members
+from cw.test.procs import DEADLINE, Processes, executor, group_members, held_client, wait_until
 
 log = Logger()
 
@@ -371,15 +371,15 @@ class StreamingTests(unittest.TestCase):
     def test_master_memory_bounded_without_workers(self):
         """
         With no worker, a client submits 960 MB of jobs to a master that
-        holds at most 50 MB per client: the master asks the client to hold
-        the rest (its submit blocks once it holds a few hundred MB, and its
-        status calls still work), every job runs once a worker joins, and
-        the master never held more than half of them.
+        queues at most 50 MB per client: the client sends no more than the
+        room the master gave it (50 MB, overshot by at most one job), its
+        submit blocks once it holds its send window of unsent jobs (80 MB
+        here), its status calls still work, every job runs once a worker
+        joins, and the master never held more than half of them.
         """
         size, count = 40 * MB, 24
-        # What the client lets wait to be sent: small, so that what reaches
-        # the master before it hears "hold" is small beside the bound below.
-        self.patch(cw.client, "SEND_WINDOW", 80 * MB)
+        window = 80 * MB
+        self.patch(cw.client, "SEND_WINDOW", window)
 
         def body():
             self.procs.start_master("--max-queued-bytes", str(50 * MB))
@@ -393,14 +393,23 @@ class StreamingTests(unittest.TestCase):
             submitter = threading.Thread(target=submit_all, daemon=True)
             submitter.start()
             try:
-                deadline = time.monotonic() + DEADLINE
-                while ex.status()["queued"] < 2:
-                    self.assertLess(time.monotonic(), deadline, "jobs never reached the master")
-                    time.sleep(0.05)
+                client = wait_until(lambda: held_client(ex), what="the master to hold the client")
+                self.assertLessEqual(client["peak_queued_bytes"], 50 * MB + size, client)
+                # The master has what fits in the room and the client what
+                # fits in its window: submit must now block (no worker
+                # takes anything), with every submitted job accounted for.
+                most = 50 * MB // size + 1 + window // size + 1
+                wait_until(lambda: len(futures) >= most - 1, what="the client to fill its window")
+                submitter.join(2)
+                self.assertTrue(submitter.is_alive(), "submit did not block")
+                self.assertLessEqual(len(futures), most)
+                self.assertLess(len(futures), count)
                 self.procs.start_worker(procs=1)
                 submitter.join(DEADLINE)
                 self.assertFalse(submitter.is_alive())
                 answers = [f.result(DEADLINE) for f in futures]
+                client = ex.status()["clients"][0]
+                self.assertLessEqual(client["peak_queued_bytes"], 50 * MB + size, client)
             finally:
                 ex.shutdown(wait=False, cancel_futures=True)
             self.assertEqual(answers, [expected_digest(size, seed) for seed in range(count)])

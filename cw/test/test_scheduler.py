@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from cw.protocol import Job, Outcome, Result, encode_options, read_error_report
-from cw.scheduler import ClientState, Scheduler, UnknownPeer, WorkerState
+from cw.scheduler import Scheduler, UnknownPeer, WorkerState
 
 
 def make_jobs(first: int, last: int) -> list[Job]:
@@ -120,9 +120,8 @@ class SubmitTests(SynchronousTestCase):
         scheduler.submit(client, make_jobs(1, 3))
         scheduler.submit(client, iter(make_jobs(4, 5)))
         self.assertEqual(scheduler.queued, 5)
-        self.assertEqual(
-            scheduler.client(client), ClientState(client, queued=5, running=0, submitted=5, completed=0)
-        )
+        state = scheduler.client(client)
+        self.assertEqual((state.queued, state.running, state.submitted, state.completed), (5, 0, 5, 0))
 
     def test_nothing_to_dispatch_without_workers(self):
         scheduler = Scheduler()
@@ -850,3 +849,97 @@ class PrefetchBytesTests(SynchronousTestCase):
         worker = scheduler.add_worker(1)
         scheduler.submit(client, make_jobs(1, 10))
         self.assertEqual(assigned(scheduler.dispatch()), {worker: [1, 2, 3, 4, 5]})
+
+
+class RoomTests(SynchronousTestCase):
+    """
+    Flow control: a client may send only while it has room in the queue,
+    in bytes and in jobs; room comes back once its queue has drained to
+    half the limits.
+    """
+
+    def setUp(self):
+        self.s = Scheduler(prefetch=0, max_queued_bytes=100, max_queued_jobs=10)
+        self.client = self.s.add_client()
+
+    def jobs(self, first: int, count: int, size: int) -> list[Job]:
+        return [Job(0, seq, b"x" * size) for seq in range(first, first + count)]
+
+    def test_full_room_at_start(self):
+        """A new client has all the room; the first grant is its registration's."""
+        self.assertFalse(self.s.held(self.client))
+        self.assertEqual(self.s.take_room(), [])
+
+    def test_held_by_bytes(self):
+        self.s.submit(self.client, self.jobs(1, 2, 50))
+        self.assertTrue(self.s.held(self.client))
+        self.assertFalse(self.s.over_hard_limit(self.client))
+
+    def test_held_by_count(self):
+        self.s.submit(self.client, self.jobs(1, 10, 0))
+        self.assertTrue(self.s.held(self.client))
+
+    def test_room_once_drained_to_half(self):
+        """
+        Room comes back when the queue drains to half, enough to fill it to
+        the limit again, and is then counted as given.
+        """
+        self.s.submit(self.client, self.jobs(1, 10, 10))
+        worker = self.s.add_worker(4)
+        self.s.dispatch()
+        self.assertEqual(self.s.take_room(), [], "6 of 10 jobs still queued: more than half")
+        results = [result_for(job) for job in self.s.worker(worker).held.values()]
+        self.s.complete(worker, results)
+        self.s.dispatch()
+        self.assertEqual(self.s.take_room(), [(self.client, 80, 8)])
+        self.assertFalse(self.s.held(self.client))
+        self.assertEqual(self.s.take_room(), [], "given once")
+
+    def test_unused_room_counts(self):
+        """Room given but not used yet counts as queued: no grant beyond the limit."""
+        self.s.submit(self.client, self.jobs(1, 1, 10))
+        worker = self.s.add_worker(1)
+        self.s.dispatch()
+        self.assertEqual(self.s.take_room(), [], "90 bytes and 9 jobs of room are unused")
+        self.s.complete(worker, [result_for(job) for job in self.s.worker(worker).held.values()])
+        self.assertEqual(self.s.take_room(), [])
+
+    def test_overshoot_by_one_job(self):
+        """The job that used the last room may overshoot; the next grant makes up for it."""
+        self.s.submit(self.client, self.jobs(1, 1, 90))
+        self.s.submit(self.client, self.jobs(2, 1, 60))
+        self.assertTrue(self.s.held(self.client))
+        self.assertEqual(self.s.client(self.client).peak_queued_bytes, 150)
+        self.s.cancel(self.client, [1, 2])
+        # Unused room: none in bytes (150 sent of 100), 8 jobs; so 100 bytes and 2 jobs more.
+        self.assertEqual(self.s.take_room(), [(self.client, 100, 2)])
+        self.assertFalse(self.s.held(self.client))
+
+    def test_refused_jobs_use_room(self):
+        """Jobs refused at once used the client's room; they give it back at once."""
+        refused = self.jobs(1, 10, 10)
+        self.s.submit(self.client, [], refused)
+        self.assertTrue(self.s.held(self.client))
+        self.assertEqual(self.s.take_room(), [(self.client, 100, 10)])
+
+    def test_hard_limit(self):
+        """Over twice the limits (a client that ignores its room), in bytes or in jobs."""
+        self.s.submit(self.client, self.jobs(1, 1, 201))
+        self.assertTrue(self.s.over_hard_limit(self.client))
+        other = self.s.add_client()
+        self.s.submit(other, self.jobs(1, 21, 0))
+        self.assertTrue(self.s.over_hard_limit(other))
+        self.s.submit(other, [])
+        third = self.s.add_client()
+        self.s.submit(third, self.jobs(1, 20, 10))
+        self.assertFalse(self.s.over_hard_limit(third))
+
+    def test_departed_client_gets_nothing(self):
+        self.s.submit(self.client, self.jobs(1, 10, 10))
+        self.s.cancel(self.client)
+        self.s.remove_client(self.client)
+        self.assertEqual(self.s.take_room(), [])
+
+    def test_limits_checked(self):
+        self.assertRaises(ValueError, Scheduler, max_queued_bytes=0)
+        self.assertRaises(ValueError, Scheduler, max_queued_jobs=0)
