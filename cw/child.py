@@ -7,7 +7,8 @@ C{sys.path} entries in front of the child's own.  The payload is opened
 here, and only here: the worker and master never unpickle user data.
 
 Functions that jobs share (C{ClusterExecutor.map}) arrive once and are kept
-unpickled in a small cache, least recently used first out.  The worker's
+in a small cache, least recently used first out, unpickled once in the
+context of the first job that uses them.  The worker's
 L{cw.pool.ChildLink} keeps the same cache of keys with the same rule, so it
 knows which functions this process holds without asking.
 """
@@ -151,6 +152,30 @@ def load_function(data: bytes) -> object:
         return e
 
 
+class CachedFunction:
+    """
+    A function as L{FunctionCache} keeps it in a job process: its pickle,
+    unpickled on first use, in the context of the job that uses it (a
+    function may come from a module only on the client's C{sys.path}).  A
+    failed unpickling is not kept: the next job tries again.
+    """
+
+    def __init__(self, data: bytes | None) -> None:
+        self.data = data
+        self.function: object = None
+
+    def get(self) -> object:
+        """The function, or the exception that stopped it being unpickled."""
+        if self.function is not None:
+            return self.function
+        if self.data is None:
+            return _missing()
+        loaded = load_function(self.data)
+        if not isinstance(loaded, BaseException):
+            self.function = loaded
+        return loaded
+
+
 class JobChild(StreamingSender, ChunkReceiver, AMPChild):
     """
     The ampoule child class that workers start; answers L{P.RunBatch}.
@@ -182,12 +207,17 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
         results = []
         for job in jobs:
             context = self.contexts.get(job.client, {})
+            cwd, path = context.get("cwd", ""), context.get("path", [])
             function = None
             if job.func:
                 key = (job.client, job.func)
-                load = functools.partial(load_function, functions[key]) if key in functions else _missing
-                _, function = self.functions.use(key, load)
-            cwd, path = context.get("cwd", ""), context.get("path", [])
+                _, cached = self.functions.use(key, functools.partial(CachedFunction, functions.get(key)))
+                # The function is unpickled in its client's context.
+                try:
+                    enter_context(cwd, path)
+                except OSError:
+                    pass  # run_payload reports it
+                function = cached.get()
             status, payload = run_payload(cwd, path, job.payload, function)
             results.append(P.Result(job.client, job.seq, status, payload))
         return {"results": results}

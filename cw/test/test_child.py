@@ -216,3 +216,53 @@ class ContextTests(SynchronousTestCase, ContextIsolation):
         run_payload("", [self.directory(), existing], payload(add, 1, 2))
         run_payload("", [self.directory()], payload(add, 1, 2))
         self.assertIn(existing, sys.path)
+
+
+class CachedFunctionTests(SynchronousTestCase, ContextIsolation):
+    """
+    A function cached for C{map} is unpickled in its client's context, and
+    a failed unpickling is not kept.
+    """
+
+    def setUp(self):
+        self.isolate()
+
+    def pickled_function(self, name: str) -> tuple[str, bytes]:
+        """A function of a module only in a fresh directory: C{(directory, pickle by reference)}."""
+        where = self.directory()
+        with open(os.path.join(where, name + ".py"), "w") as f:
+            f.write("def triple(x):\n    return 3 * x\n")
+        sys.path.insert(0, where)
+        self.addCleanup(sys.modules.pop, name, None)
+        data = cloudpickle.dumps(importlib.import_module(name).triple)
+        sys.path.remove(where)
+        del sys.modules[name]
+        return where, data
+
+    def run_map_jobs(self, job_child, where, functions, *args):
+        from cw import protocol as P
+
+        jobs = [P.Job(7, seq, cloudpickle.dumps(((x,), {})), b"", b"key") for seq, x in enumerate(args)]
+        contexts = {"7": {"cwd": where, "path": [where]}} if functions else {}
+        return job_child.run_batch(jobs, contexts, functions)["results"]
+
+    def test_unpickled_in_client_context(self):
+        where, data = self.pickled_function("cw_test_child_cached_a")
+        [result] = self.run_map_jobs(child.JobChild(), where, {(7, b"key"): data}, 5)
+        self.assertEqual(result.status, Outcome.OK, read_error_report(result.payload))
+        self.assertEqual(cloudpickle.loads(result.payload), 15)
+
+    def test_failed_load_not_kept(self):
+        where, data = self.pickled_function("cw_test_child_cached_b")
+        module = os.path.join(where, "cw_test_child_cached_b.py")
+        os.rename(module, module + ".away")
+        importlib.invalidate_caches()
+        job_child = child.JobChild()
+        [failed] = self.run_map_jobs(job_child, where, {(7, b"key"): data}, 1)
+        self.assertEqual(read_error_report(failed.payload)["type"], "ModuleNotFoundError")
+        os.rename(module + ".away", module)
+        importlib.invalidate_caches()
+        # The worker sends a function once per job process: not again here.
+        [result] = self.run_map_jobs(job_child, where, {}, 2)
+        self.assertEqual(result.status, Outcome.OK, read_error_report(result.payload))
+        self.assertEqual(cloudpickle.loads(result.payload), 6)

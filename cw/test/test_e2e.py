@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from cw.client import ClientThread, ClusterExecutor, RemoteException, SubmitError, master_status
 from cw.test.jobs import square, wait_for_file
-from cw.test.procs import Processes, wait_until
+from cw.test.procs import Processes, executor, wait_until
 
 
 def worker_pid(_=None):
@@ -128,26 +128,46 @@ class EndToEndTests(unittest.TestCase):
     def test_cwd_and_sys_path(self):
         """
         A job runs in the client's working directory and imports modules
-        that exist only on the client's sys.path.
+        that exist only on the client's sys.path: through submit, map
+        (whose function is cached in the job process), map_unordered and
+        ClientThread.
         """
         moddir = os.path.abspath(self.mktemp())
         os.makedirs(moddir)
         name = "cw_e2e_only_here_%d" % os.getpid()
         marker = name + ".txt"
         with open(os.path.join(moddir, name + ".py"), "w") as f:
-            f.write(f"import os\ndef where():\n    return os.getcwd(), open({marker!r}).read()\n")
+            f.write(
+                "import os\n"
+                "def where(x=None):\n"
+                f"    return x, os.getcwd(), open({marker!r}).read()\n"
+            )
         with open(marker, "w") as f:
             f.write("client side")
         sys.path.insert(0, moddir)
         self.addCleanup(sys.path.remove, moddir)
         self.addCleanup(sys.modules.pop, name, None)
         where = importlib.import_module(name).where
+        here = os.getcwd()
 
         def body():
             self.procs.start_master()
-            self.procs.start_worker()
-            with ClusterExecutor(self.procs.address) as ex:
-                self.assertEqual(ex.submit(where).result(60), (os.getcwd(), "client side"))
+            worker = self.procs.start_worker(2)
+            self.assertNotEqual(os.path.realpath(here), os.path.realpath(self.procs.directory))
+            self.assertNotIn(moddir, worker.args)
+            expected = [(i, here, "client side") for i in range(20)]
+            with executor(self.procs.address) as ex:
+                self.assertEqual(ex.submit(where, "submit").result(60), ("submit", here, "client side"))
+                self.assertEqual(list(ex.map(where, range(20), timeout=60)), expected)
+                self.assertEqual(sorted(ex.map_unordered(where, range(20), timeout=60)), expected)
+            got = {}
+            with ClientThread(lambda jobid, result: got.__setitem__(jobid, result), self.procs.address) as c:
+                for i in range(20):
+                    c.submit(i, where, i)
+                c.wait(60)
+            self.assertEqual(sorted(got.values()), expected)
+
+        return self.in_thread(body)
 
     def test_two_clients(self):
         """Two clients at once each get only their own results."""
