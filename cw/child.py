@@ -5,6 +5,8 @@ batches its worker sends (L{P.RunBatch}).
 Each job runs in its client's working directory with the client's
 C{sys.path} entries in front of the child's own.  The payload is opened
 here, and only here: the worker and master never unpickle user data.
+Whatever a job leaves running is killed when it returns
+(L{cw.containment}).
 
 Functions that jobs share (C{ClusterExecutor.map}) arrive once and are kept
 in a small cache, least recently used first out, unpickled once in the
@@ -26,6 +28,7 @@ import cloudpickle
 from ampoule.child import AMPChild
 
 from cw import protocol as P
+from cw.containment import kill_leftovers
 from cw.streaming import ChunkReceiver, StreamingSender
 
 _inserted: list[str] = []
@@ -220,6 +223,14 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
                 function = cached.get()
             status, payload = run_payload(cwd, path, job.payload, function)
             results.append(P.Result(job.client, job.seq, status, payload))
+            leftovers = kill_leftovers()
+            if leftovers:
+                print(
+                    f"cw: killed {leftovers} process(es) that job {job.seq} of client {job.client}"
+                    " left running",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return {"results": results}
 
 

@@ -224,7 +224,8 @@ def _stop_pids(pids: list[int], timeout: float) -> None:
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
     for pid in pids:
-        # Each process leads its own group: this reaches its job processes too.
+        # Each process leads its own group; a worker's job processes lead
+        # groups of their own and die with it (cw.containment).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         popen = _children.pop(pid, None)

@@ -15,8 +15,8 @@ Each child is talked to through a L{ChildLink}, the parent-side AMP object
 of one child.  It also carries out, per call:
 
   - a timeout (C{_cw_timeout} seconds, counted from when the job reaches the
-    child): the child is killed with SIGKILL and the call fails with
-    L{JobTimedOut};
+    child): the child is killed with SIGKILL, with every process its job
+    started (L{cw.containment}), and the call fails with L{JobTimedOut};
   - a memory check: after each job the child's resident size is read from
     C{/proc}, and a child above the pool's C{max_rss} (or one whose job ran
     out of memory) is retired before it gets another job;
@@ -213,18 +213,26 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
         # The call may have just ended, with the kill still on its way: make
         # sure this child is not handed another job meanwhile.
         self.retire = True
-        try:
-            self.transport.signalProcess(signal.SIGKILL)
-        except (error.ProcessExitedAlready, AttributeError):
-            pass
+        self.kill()
 
     def _kill(self, timeout: float) -> None:
         self.timed_out = timeout
         self.retire = True  # as in L{cancel}: no new job for a child being killed
-        try:
-            self.transport.signalProcess(signal.SIGKILL)
-        except (error.ProcessExitedAlready, AttributeError):
-            pass
+        self.kill()
+
+    def kill(self) -> bool:
+        """
+        SIGKILL the job process with everything its jobs started (its
+        descendants and its process group, L{cw.containment}); False if it
+        had already exited.
+        """
+        from cw.containment import kill_job_process
+
+        pid = self.pid
+        if pid is None:
+            return False
+        kill_job_process(pid)
+        return True
 
     def connectionLost(self, reason):
         self.dead = True
@@ -271,14 +279,7 @@ class JobPool(pool.ProcessPool):
         Kill (SIGKILL) every child that is running a job, as a worker does
         when its drain timeout passes; their calls fail.  Return how many.
         """
-        killed = 0
-        for child in list(self.busy):
-            try:
-                child.transport.signalProcess(signal.SIGKILL)
-                killed += 1
-            except (error.ProcessExitedAlready, AttributeError):
-                pass
-        return killed
+        return sum(child.kill() for child in list(self.busy))
 
     def doWork(self, command, **kwargs):
         self._retire_unusable()

@@ -305,9 +305,16 @@ class Worker:
             # Nothing can be reported any more; the master requeues the rest.
             self._drained(f"the master connection was lost with {self.running} jobs running", kill=True)
             return
+        # The master requeues the running jobs too, and their results could
+        # not be sent: kill them rather than run them twice (this is also
+        # what a worker stopped past the master's heartbeat timeout does
+        # when it resumes).
+        killed = self.pool.kill_busy() if self.running else 0
         log.info(
-            "Lost the master connection; dropped {n} queued jobs (the master requeues them); reconnecting",
+            "Lost the master connection; dropped {n} queued jobs and killed {k} running ones"
+            " (the master requeues them); reconnecting",
             n=dropped,
+            k=killed,
         )
 
     def forget_client(self, client: int) -> None:
@@ -567,15 +574,33 @@ class Worker:
 class JobConnector(ampoule_main.AMPConnector):
     """
     Log what a job process prints as info lines, not as errors; widen the
-    pipes to it (L{cw.pipes}).
+    pipes to it (L{cw.pipes}).  The job process's end is its exit, not the
+    end of its pipes (which something it started may hold): what is left
+    in its process group is then killed and its pipes closed
+    (L{cw.containment}).
     """
+
+    #: The job process's pid, which is also its process group's id.
+    pgid: int | None = None
 
     def connectionMade(self):
         from cw.pipes import widen_pipe
 
+        self.pgid = self.transport.pid
         for pipe in getattr(self.transport, "pipes", {}).values():
             widen_pipe(pipe.fileno())
         super().connectionMade()
+
+    def processExited(self, reason):
+        from twisted.internet import reactor
+
+        from cw.containment import kill_group, release_pipes
+
+        if self.pgid is not None:
+            kill_group(self.pgid)
+        # On the next turn, so that Twisted finishes its own bookkeeping of
+        # the exit first.
+        reactor.callLater(0, release_pipes, self.transport)
 
     # Big boxes to the job process are streamed (L{cw.streaming}) through
     # the pipe that ampoule writes them to.
@@ -609,7 +634,10 @@ class JobStarter(ampoule_main.ProcessStarter):
             "beginLoggingTo([filteringObserver])",
             "beginLoggingTo([filteringObserver], redirectStandardIO=False)",
         )
-        super().__init__(bootstrap=bootstrap, env=env)
+        # First of all, the job process leads its own session and dies with
+        # this worker (L{cw.containment}).
+        contain = f"from cw.containment import contain_job_process\ncontain_job_process({os.getpid()})\n"
+        super().__init__(bootstrap=contain + bootstrap, env=env)
 
     def __repr__(self) -> str:
         return "JobStarter()"

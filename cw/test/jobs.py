@@ -97,3 +97,32 @@ def child_counters(_=None):
     from cw import child
 
     return os.getpid(), child.stats["functions_unpickled"], child.stats["jobs"]
+
+
+def start_sleeps(record, then="return"):
+    """
+    Start three C{sleep 300} processes: one in this job's process group,
+    one in a session of its own, and one daemonized (in a session of its
+    own, its parent gone); write C{"JOB_PID SLEEP_PID SLEEP_PID SLEEP_PID"}
+    to C{record}, then C{"return"} (the sleeps' pids), C{"hang"} or C{"die"}
+    (SIGKILL this job process).  The sleeps inherit this process's stderr
+    (the first two its stdout too), so they hold its pipes open.
+    """
+    import subprocess
+
+    sleeps = [
+        subprocess.Popen(["sleep", "300"]).pid,
+        subprocess.Popen(["sleep", "300"], start_new_session=True).pid,
+    ]
+    with subprocess.Popen(
+        ["sh", "-c", "sleep 300 >/dev/null & echo $!"], stdout=subprocess.PIPE, start_new_session=True
+    ) as daemonize:
+        sleeps.append(int(daemonize.stdout.readline()))
+    with open(record + ".tmp", "w") as f:
+        f.write(" ".join(map(str, [os.getpid(), *sleeps])))
+    os.replace(record + ".tmp", record)
+    if then == "hang":
+        time.sleep(300)
+    elif then == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return sleeps

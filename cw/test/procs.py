@@ -1,9 +1,9 @@
 """
 Helpers for tests that run real cw processes.
 
-Every process is started in its own session (so its job processes share
-its process group), tracked by its L{subprocess.Popen} object, and stopped
-by PID in the test's cleanup, whether the test passed or not.  Every wait
+Every process is started in its own session, tracked by its
+L{subprocess.Popen} object, and stopped by PID in the test's cleanup,
+whether the test passed or not (a worker's job processes die with it).  Every wait
 has a deadline.  The helpers block, so tests call them from a thread
 (C{deferToThread}) while trial's reactor runs in the main thread.
 """
@@ -91,9 +91,8 @@ def process_exists(pid: int) -> bool:
         return False
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live PIDs whose process group is C{pgid}."""
-    members = []
+def _live_processes():
+    """C{(pid, stat fields after the command name)} of every live (not zombie) process."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -102,9 +101,21 @@ def group_members(pgid: int) -> list[int]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
+        if fields[0] != "Z":
+            yield int(entry), fields
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live PIDs whose process group is C{pgid}."""
+    return [pid for pid, fields in _live_processes() if int(fields[2]) == pgid]
+
+
+def job_processes(worker_pid: int) -> list[int]:
+    """
+    Live job processes of the worker C{worker_pid}: its children (each
+    leads a process group of its own, see L{cw.containment}).
+    """
+    return [pid for pid, fields in _live_processes() if int(fields[1]) == worker_pid]
 
 
 class Processes:

@@ -30,7 +30,7 @@ from twisted.trial import unittest
 import cw.client
 from cw.client import ClientThread, ClusterExecutor, RemoteException, SubmitError
 from cw.test.jobs import digest, payload_bytes, square, tagged_square, worker_pid
-from cw.test.procs import DEADLINE, Processes, executor, group_members, held_client, wait_until
+from cw.test.procs import DEADLINE, Processes, executor, held_client, job_processes, wait_until
 
 log = Logger()
 
@@ -97,7 +97,7 @@ class PayloadTests(unittest.TestCase):
         peaks = {"master": peak_rss_mib(self.procs.master.pid)}
         for n, worker in enumerate(self.procs.workers, 1):
             peaks[f"worker {n}"] = peak_rss_mib(worker.pid)
-            for pid in sorted(set(group_members(worker.pid)) - {worker.pid}):
+            for pid in sorted(job_processes(worker.pid)):
                 peaks[f"worker {n} job process {pid}"] = peak_rss_mib(pid)
         text = ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items() if v is not None)
         log.info("{test}: peak RSS: {text}", test=self.id(), text=text)
@@ -334,7 +334,7 @@ class StreamingTests(unittest.TestCase):
         peaks = {"master": peak_rss_mib(self.procs.master.pid)}
         for worker in self.procs.workers:
             peaks["worker"] = peak_rss_mib(worker.pid)
-            for pid in sorted(set(group_members(worker.pid)) - {worker.pid}):
+            for pid in sorted(job_processes(worker.pid)):
                 peaks["job process"] = peak_rss_mib(pid)
         log.info("{test}: peak RSS (MiB): {peaks}", test=self.id(), peaks=peaks)
         return peaks
