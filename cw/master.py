@@ -29,6 +29,13 @@ from cw import protocol as P
 from cw.address import describe_listening, enable_keepalive, server_endpoint
 from cw.auth import AUTH_TIMEOUT, AuthGate, MasterAuth
 from cw.batching import Outbox
+from cw.limits import (
+    Admission,
+    default_max_pending,
+    default_per_address,
+    descriptor_limit,
+    log_descriptor_limit,
+)
 from cw.scheduler import Scheduler
 from cw.secret import SecretError, load_secret
 from cw.streaming import ChunkReceiver, StreamingSender
@@ -50,11 +57,6 @@ log = Logger()
 #: Seconds over which the status reports a completion rate.
 RATE_WINDOW = 60
 
-
-#: Connections that may wait to authenticate at once (C{--max-pending}):
-#: enough for a few hundred workers of one SLURM job connecting together,
-#: while idle connections cost at most 16 KiB each.
-MAX_PENDING = 1024
 
 #: Bytes of payloads, and jobs, a client may have queued
 #: (C{--max-queued-bytes}, C{--max-queued-jobs}); see L{P.JobRoom}.
@@ -301,7 +303,8 @@ class Master:
         clock=None,
         prefetch: int = 1,
         secret: bytes | None = None,
-        max_pending: int = MAX_PENDING,
+        max_pending: int | None = None,
+        max_pending_per_address: int | None = None,
         max_attempts: int = 3,
         heartbeat: float = 5.0,
         heartbeat_timeout: float | None = None,
@@ -321,9 +324,12 @@ class Master:
         self._heartbeats: task.LoopingCall | None = None
         #: The shared secret peers must prove they hold; None: --insecure.
         self.secret = secret
-        #: Connections not yet authenticated, and how many of them may wait.
-        self.pending: dict[MasterProtocol, None] = {}
-        self.max_pending = max_pending
+        #: Connections not yet authenticated, and how many of them may wait
+        #: (in all and per source address; see L{cw.limits}).
+        self.max_pending = default_max_pending(descriptor_limit(), max_pending)
+        self.pending = Admission(
+            self.max_pending, max_pending_per_address or default_per_address(self.max_pending)
+        )
         self.auth_timeout = auth_timeout
         #: Largest job or result payload accepted, in bytes.
         self.max_payload = max_payload
@@ -356,18 +362,14 @@ class Master:
 
     def admit(self, proto: MasterProtocol) -> None:
         """
-        Count a new unauthenticated connection.  If too many already wait,
-        drop the one that has waited longest: a flood of idle connections
-        then cannot lock out a peer that authenticates promptly.
+        Count a new unauthenticated connection.  If too many already wait
+        (in all, or from its address), drop those L{Admission} picks: a
+        flood of idle connections then can neither use up the master's
+        descriptors nor lock out a peer that authenticates promptly.
         """
-        while len(self.pending) >= self.max_pending:
-            oldest = next(iter(self.pending))
-            del self.pending[oldest]
-            oldest.reject(
-                f"over {self.max_pending} connections were waiting to authenticate;"
-                " this one waited longest (raise --max-pending if this is legitimate)"
-            )
-        self.pending[proto] = None
+        address = getattr(proto.transport.getPeer(), "host", "local")
+        for connection, why in self.pending.admit(proto, address):
+            connection.reject(why)
 
     def client_joined(self, proto: MasterProtocol, context: dict, weight: int = 1) -> int:
         cid = self.scheduler.add_client(weight)
@@ -849,7 +851,14 @@ class Options(usage.Options):
         ["prefetch-seconds", None, 0.05, "also as many as a worker completes in this time", float],
         ["address-file", None, None, "write the master's address here once listening"],
         ["secret-file", None, None, "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"],
-        ["max-pending", None, MAX_PENDING, "connections that may wait to authenticate at once", int],
+        [
+            "max-pending",
+            None,
+            None,
+            "connections that may wait to authenticate (default: 1024, at most 1/4 of the fd limit)",
+            int,
+        ],
+        ["max-pending-per-address", None, None, "of those, from one address (default: a quarter)", int],
         ["auth-timeout", None, AUTH_TIMEOUT, "seconds a new connection has to authenticate", float],
         ["max-payload", None, P.MAX_PAYLOAD, "largest job or result payload, in bytes", int],
         ["max-queued-bytes", None, MAX_QUEUED_BYTES, "bytes of jobs a client may have queued", int],
@@ -866,6 +875,9 @@ class Options(usage.Options):
 
     def postOptions(self):
         self["secret"] = load_options_secret(self)
+        for name in ("max-pending", "max-pending-per-address"):
+            if self[name] is not None and self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
         if self["max-attempts"] < 1:
             raise usage.UsageError("--max-attempts must be at least 1")
         if self["max-queued-bytes"] < 1 or self["max-queued-jobs"] < 1:
@@ -877,13 +889,15 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> MasterService:
-    return MasterService(
+    log_descriptor_limit("master")
+    service = MasterService(
         listen=options["port"],
         prefetch=options["prefetch"],
         prefetch_seconds=options["prefetch-seconds"],
         address_file=options["address-file"],
         secret=options["secret"],
         max_pending=options["max-pending"],
+        max_pending_per_address=options["max-pending-per-address"],
         max_attempts=options["max-attempts"],
         heartbeat=options["heartbeat"],
         heartbeat_timeout=options["heartbeat-timeout"],
@@ -894,6 +908,19 @@ def makeService(options: Options) -> MasterService:
         web=options["web"],
         web_address_file=options["web-address-file"],
     )
+    asked = options["max-pending"]
+    if asked is not None and asked > service.master.max_pending:
+        log.warn(
+            "--max-pending {asked} is over a quarter of the descriptor limit; using {n}",
+            asked=asked,
+            n=service.master.max_pending,
+        )
+    log.info(
+        "At most {n} connections may wait to authenticate, {a} from one address (--max-pending)",
+        n=service.master.max_pending,
+        a=service.master.pending.per_address,
+    )
+    return service
 
 
 def load_options_secret(options: usage.Options) -> bytes | None:

@@ -36,6 +36,7 @@ from cw import protocol as P
 from cw.address import client_description, client_endpoint
 from cw.auth import AuthGate, authenticate
 from cw.batching import Outbox
+from cw.limits import log_descriptor_limit
 from cw.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
 
 log = Logger()
@@ -863,6 +864,7 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> WorkerService:
+    log_descriptor_limit("worker")
     worker = WorkerService(
         master=options["master"],
         procs=options["procs"],

@@ -159,7 +159,10 @@ class Processes:
         text = Path(popen.log).read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
-    def start_master(self, *options: str, listen: str = "tcp:0:interface=127.0.0.1") -> str:
+    def start_master(
+        self, *options: str, listen: str = "tcp:0:interface=127.0.0.1", prefix: tuple[str, ...] = ()
+    ) -> str:
+        """Start a master (behind C{prefix}, see L{spawn}); wait until it listens."""
         address_file = self.directory / "master.address"
         address_file.unlink(missing_ok=True)  # a killed master leaves its own
         self.master = self.spawn(
@@ -172,6 +175,7 @@ class Processes:
                 str(address_file),
                 *options,
             ],
+            prefix,
         )
 
         def listening():

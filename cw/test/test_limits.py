@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import resource
+import socket
 import threading
 
 from twisted.internet import defer, reactor, threads
@@ -17,6 +19,7 @@ from twisted.internet.endpoints import connectProtocol
 from twisted.protocols import amp
 from twisted.trial import unittest
 
+from cw import limits as L
 from cw import protocol as P
 from cw import validation as V
 from cw.address import client_endpoint
@@ -123,6 +126,12 @@ def authenticated_peer(address: str, role: str):
     return peer
 
 
+def ignore_answer(answer) -> None:
+    """The answer to a malformed command never comes: the connection closes instead."""
+    if isinstance(answer, defer.Deferred):
+        answer.addErrback(lambda _: None)
+
+
 def register_client(peer: Peer, **overrides) -> defer.Deferred:
     fields = {"version": P.PROTOCOL_VERSION, "host": "test", "pid": os.getpid(), "context": client_context()}
     return peer.callRemote(P.RegisterClient, **{**fields, **overrides})
@@ -162,7 +171,7 @@ class ValidationTests(unittest.TestCase):
             @defer.inlineCallbacks
             def go(peer):
                 yield register_client(peer).addTimeout(STEP, reactor)
-                send(peer)
+                ignore_answer(send(peer))
 
             return go
 
@@ -170,7 +179,7 @@ class ValidationTests(unittest.TestCase):
             @defer.inlineCallbacks
             def go(peer):
                 yield register_worker(peer).addTimeout(STEP, reactor)
-                send(peer)
+                ignore_answer(send(peer))
 
             return go
 
@@ -220,9 +229,7 @@ class ValidationTests(unittest.TestCase):
         for role, what, send in cases:
             before = self.master_log().count("sent a malformed")
             peer = yield authenticated_peer(address, role)
-            d = send(peer)
-            if isinstance(d, defer.Deferred):
-                d.addErrback(lambda _: None)  # the answer never comes: the connection closes
+            ignore_answer(send(peer))
             yield peer.lost.addTimeout(STEP, reactor)
             yield threads.deferToThread(
                 wait_until,
@@ -318,3 +325,102 @@ class QueueLimitTests(unittest.TestCase):
                 self.assertEqual(ex.status()["clients"][0]["peak_queued"], limit)
 
         return threads.deferToThread(body)
+
+
+class AdmissionUnitTests(unittest.SynchronousTestCase):
+    """Which waiting (unauthenticated) connections are dropped (L{cw.limits.Admission})."""
+
+    def test_defaults(self):
+        self.assertEqual(L.default_max_pending(1024), 256)
+        self.assertEqual(L.default_max_pending(1 << 20), L.MAX_PENDING)
+        self.assertEqual(L.default_max_pending(1024, 5000), 256, "never over a quarter")
+        self.assertEqual(L.default_max_pending(1024, 10), 10)
+        self.assertEqual(L.default_per_address(256), 64)
+        self.assertEqual(L.default_per_address(2), 1)
+
+    def test_per_address_drops_that_address_oldest(self):
+        a = L.Admission(max_pending=10, per_address=2)
+        self.assertEqual(a.admit("a1", "A"), [])
+        self.assertEqual(a.admit("b1", "B"), [])
+        self.assertEqual(a.admit("a2", "A"), [])
+        dropped = a.admit("a3", "A")
+        self.assertEqual([c for c, _ in dropped], ["a1"])
+        self.assertIn("from one address", dropped[0][1])
+        self.assertEqual(list(a), ["b1", "a2", "a3"])
+
+    def test_total_drops_busiest_address_oldest(self):
+        """Over the total, the address with most waiting loses its oldest, not the others."""
+        a = L.Admission(max_pending=4, per_address=3)
+        for connection, address in [("b1", "B"), ("a1", "A"), ("a2", "A"), ("c1", "C")]:
+            self.assertEqual(a.admit(connection, address), [])
+        self.assertEqual([c for c, _ in a.admit("d1", "D")], ["a1"])
+        self.assertEqual(sorted(a), ["a2", "b1", "c1", "d1"])
+
+    def test_authenticated_leave(self):
+        """A connection that authenticated or closed is forgotten and never dropped."""
+        a = L.Admission(max_pending=2, per_address=2)
+        a.admit("a1", "A")
+        a.admit("a2", "A")
+        self.assertEqual(a.pop("a1"), "A")
+        self.assertIsNone(a.pop("a1"))
+        self.assertEqual(a.admit("a3", "A"), [])
+        self.assertEqual(a.waiting_from("A"), 2)
+        self.assertNotIn("a1", a)
+
+    def test_raise_descriptor_limit(self):
+        before, after = L.raise_descriptor_limit()
+        self.assertGreaterEqual(after, before)
+        self.assertEqual(L.descriptor_limit(), after)
+
+
+class DescriptorTests(unittest.TestCase):
+    """A flood of idle connections cannot use up the master's descriptors."""
+
+    timeout = 180
+
+    def setUp(self):
+        self.procs = Processes(self, self.mktemp())
+
+    def test_flood_under_1024_descriptors(self):
+        """
+        A master under C{prlimit --nofile=1024}, with 1,100 idle
+        connections from one address (the test's own, 127.0.0.1), keeps
+        its descriptors well below the limit and still accepts a
+        legitimate client from that same address, which runs a job.
+        """
+        flood_size = 1100
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < flood_size + 300:
+            self.fail(f"this test needs a descriptor hard limit of {flood_size + 300}, not {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, flood_size + 300), hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+
+        def body():
+            self.procs.start_master(prefix=("prlimit", "--nofile=1024", "--"))
+            self.procs.start_worker()
+            log = self.procs.log_tail(self.procs.master, 200)
+            self.assertIn("file descriptor limit 1024", log)
+            self.assertIn("At most 256 connections may wait to authenticate, 64 from one address", log)
+            host, port = host_port(self.procs.address)
+            flood = []
+            try:
+                for _ in range(flood_size):
+                    flood.append(socket.create_connection((host, port), timeout=STEP))
+                master_fds = len(os.listdir(f"/proc/{self.procs.master.pid}/fd"))
+                self.assertLess(master_fds, 1024 // 2, "the flood holds the master's descriptors")
+                with executor(self.procs.address) as ex:
+                    self.assertEqual(ex.submit(square, 12).result(DEADLINE), 144)
+            finally:
+                for sock in flood:
+                    sock.close()
+            log = self.procs.log_tail(self.procs.master, 5000)
+            self.assertIn("waited longest", log)
+            self.assertNotIn("Too many open files", log)
+
+        return threads.deferToThread(body)
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """C{(host, port)} of a C{tcp:host=H:port=P} address."""
+    fields = dict(part.split("=", 1) for part in address.split(":")[1:])
+    return fields["host"], int(fields["port"])
