@@ -62,8 +62,8 @@ def status_command(args: argparse.Namespace) -> int:
     from cw.client import _default_host, master_status
     from cw.errors import CWError
 
-    host = _default_host(args.master)
     try:
+        host = _default_host(args.master)
         status = master_status(
             host, timeout=args.timeout, secret_file=args.secret_file, insecure=args.insecure or None
         )

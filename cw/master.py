@@ -755,6 +755,8 @@ class MasterService(service.Service):
     @param web: if given, serve the dashboard, C{/api/status} and
         C{/metrics} on this endpoint (L{cw.web.WebDashboard}), and write its
         URL to C{web_address_file} if that is given.
+    @param web_options: more keyword arguments of L{cw.web.WebDashboard}
+        (C{token_file}, C{open_access}, C{hosts}).
     @param options: passed on to L{Master}.
     """
 
@@ -766,6 +768,7 @@ class MasterService(service.Service):
         address_file: str | None = None,
         web: str | None = None,
         web_address_file: str | None = None,
+        web_options: dict | None = None,
         **options: Any,
     ) -> None:
         self.listen = listen
@@ -773,7 +776,9 @@ class MasterService(service.Service):
         #: Everything else (prefetch, secret, limits, heartbeats) is L{Master}'s.
         self.master = Master(**options)
         self.port = None
-        self.web = None if web is None else WebDashboard(self.master, web, web_address_file)
+        self.web = (
+            None if web is None else WebDashboard(self.master, web, web_address_file, **(web_options or {}))
+        )
 
     def startService(self):
         super().startService()
@@ -868,9 +873,12 @@ class Options(usage.Options):
         ["heartbeat-timeout", None, None, "seconds a worker may stay silent (default: 3 heartbeats)", float],
         ["web", None, None, "serve the dashboard and /metrics on this endpoint, e.g. tcp:8494 (loopback)"],
         ["web-address-file", None, None, "write the dashboard's URL here once it listens"],
+        ["web-token-file", None, None, "write the dashboard's token here (mode 0600; default ~/.cache/cw/)"],
+        ["web-host", None, "", "more names the dashboard answers to in Host headers, comma-separated"],
     ]
     optFlags = [
         ["insecure", None, "accept peers without authentication (trusted networks only)"],
+        ["web-open", None, "serve the dashboard without its token (single-user machines only)"],
     ]
 
     def postOptions(self):
@@ -884,8 +892,9 @@ class Options(usage.Options):
             raise usage.UsageError("--max-queued-bytes and --max-queued-jobs must be at least 1")
         if self["prefetch"] < 0 or self["prefetch-seconds"] < 0:
             raise usage.UsageError("--prefetch and --prefetch-seconds must not be negative")
-        if self["web-address-file"] and not self["web"]:
-            raise usage.UsageError("--web-address-file needs --web")
+        for option in ("web-address-file", "web-token-file", "web-host", "web-open"):
+            if self[option] and not self["web"]:
+                raise usage.UsageError(f"--{option} needs --web")
 
 
 def makeService(options: Options) -> MasterService:
@@ -907,6 +916,11 @@ def makeService(options: Options) -> MasterService:
         max_queued_jobs=options["max-queued-jobs"],
         web=options["web"],
         web_address_file=options["web-address-file"],
+        web_options={
+            "token_file": options["web-token-file"],
+            "open_access": bool(options["web-open"]),
+            "hosts": [name for name in options["web-host"].split(",") if name.strip()],
+        },
     )
     asked = options["max-pending"]
     if asked is not None and asked > service.master.max_pending:
@@ -923,8 +937,12 @@ def makeService(options: Options) -> MasterService:
     return service
 
 
-def load_options_secret(options: usage.Options) -> bytes | None:
-    """The secret named by C{--secret-file}/C{--insecure}, or a usage error."""
+def load_options_secret(options: usage.Options, program: str = "cw-master") -> bytes | None:
+    """
+    The secret named by C{--secret-file}/C{--insecure}.  A usage error if
+    both are given; a bad secret file exits with one line saying what to
+    fix (not twistd's whole usage text: the options were right).
+    """
     if options["insecure"]:
         if options["secret-file"]:
             raise usage.UsageError("give either --insecure or --secret-file, not both")
@@ -932,7 +950,7 @@ def load_options_secret(options: usage.Options) -> bytes | None:
     try:
         return load_secret(options["secret-file"])
     except SecretError as e:
-        raise usage.UsageError(str(e)) from None
+        raise SystemExit(f"{program}: {e}") from None
 
 
 def run_twistd(tapname: str, argv: list[str]) -> None:

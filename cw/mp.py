@@ -145,7 +145,8 @@ def start(
     if docker_image:
         raise ClusterError("docker_image is only supported for SLURM clusters")
     directory = run_dir(port)
-    directory.mkdir(parents=True, exist_ok=True)
+    # Private: its logs hold what jobs print.
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     address_file = directory / "master.address"
     try:
         if master:

@@ -4,17 +4,22 @@ C{/metrics} (Prometheus text format), served by the master itself with
 C{twisted.web} when it runs with C{--web ENDPOINT}.
 
 The pure parts (the metrics text, the failure records, the token, the
-listening description) are plain functions of their inputs so that they are
-tested without a network.  L{WebDashboard} only listens and logs.
+C{Host} check, the listening description) are plain functions of their
+inputs so that they are tested without a network.  L{WebDashboard} only
+listens, writes its files and logs.
 
-Protection: a dashboard bound to a loopback address answers anyone on this
-machine, like C{cw status}.  Bound anywhere else, every request must carry
-the dashboard token, an HMAC of the cw secret: as the password of HTTP
-Basic authentication (any user name), as C{Authorization: Bearer TOKEN}, or
-once as C{?token=TOKEN}, which sets a cookie and redirects to the page
-without it.  The master logs the URL with the token when it starts.  Like
-the rest of the master, the dashboard never unpickles anything: failures
-are shown from their JSON error reports.
+Protection, on every address, loopback included (Jupyter's rule): every
+request must carry the dashboard token, an HMAC of the cw secret: as the
+password of HTTP Basic authentication (any user name), as C{Authorization:
+Bearer TOKEN}, or once as C{?token=TOKEN}, which sets a cookie and
+redirects to the page without it.  C{--web-open} drops the token, for a
+single-user machine.  Whatever the token, a request whose C{Host} header
+names neither the bound address, C{localhost} nor a name given with
+C{--web-host} gets 403, so that a web page cannot reach the dashboard
+through DNS rebinding.  The token is never logged: the master writes it to
+a file only its user can read (mode 0600, L{cw.secret.write_private}) and
+logs that file's path.  Like the rest of the master, the dashboard never
+unpickles anything: failures are shown from their JSON error reports.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import socket
 import time
 from collections import deque
 from collections.abc import Iterable
 from importlib import resources
+from pathlib import Path
 from urllib.parse import parse_qs, urlencode
 
 from twisted.internet import defer
@@ -37,6 +44,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from cw import protocol as P
+from cw.secret import SecretError, write_private
 
 log = Logger()
 
@@ -82,6 +90,70 @@ def is_loopback(host) -> bool:
         return ipaddress.ip_address(host.host.split("%")[0]).is_loopback
     except ValueError:
         return False
+
+
+def _ip(text: str) -> str | None:
+    """C{text} as a normalized IP address, or None if it is not one."""
+    try:
+        return str(ipaddress.ip_address(text.split("%")[0]))
+    except ValueError:
+        return None
+
+
+def _host_name(header: bytes) -> str:
+    """The host part of a C{Host} header, lower case, without port or final dot."""
+    text = header.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    return text.rstrip(".")
+
+
+class HostCheck:
+    """
+    Which C{Host} headers the dashboard answers: the address it is bound
+    to, C{localhost}, and C{names}; bound to every interface (C{0.0.0.0},
+    C{::}), also this machine's host name and any IP address.  An IP
+    address cannot be rebound by a foreign DNS server, so only names need
+    the check.  A request without C{Host} (HTTP/1.0 tools) is let through:
+    browsers always send one.
+
+    @param bound: the listening address (L{IAddress}); a Unix socket's
+        admits C{localhost} and C{names} only.
+    """
+
+    def __init__(self, bound, names: Iterable[str] = ()) -> None:
+        self.names = {"localhost"} | {n.strip().lower().rstrip(".") for n in names if n.strip()}
+        self.any_address = False
+        address = _ip(getattr(bound, "host", None) or "")
+        if address is not None:
+            if ipaddress.ip_address(address).is_unspecified:
+                self.any_address = True
+                self.names.add(socket.gethostname().lower())
+            else:
+                self.names.add(address)
+
+    def __call__(self, header: bytes | None) -> bool:
+        """Is a request with this C{Host} header value to be answered?"""
+        if header is None:
+            return True
+        name = _host_name(header)
+        address = _ip(name)
+        if address is not None:
+            return self.any_address or address in self.names
+        return name in self.names
+
+
+def default_token_file(bound) -> Path:
+    """
+    Where the dashboard's token goes unless C{--web-token-file} says:
+    C{$XDG_CACHE_HOME/cw} (else C{~/.cache/cw}), named after this host and
+    the port (or, for a Unix socket, the master's pid).
+    """
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    which = getattr(bound, "port", None) or f"pid{os.getpid()}"
+    return Path(cache) / "cw" / f"dashboard-{socket.gethostname()}-{which}.token"
 
 
 class FailureLog:
@@ -263,9 +335,22 @@ class _Unauthorized(resource.Resource):
         request.setHeader(b"www-authenticate", b'Basic realm="cw dashboard"')
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return (
-            b"This cw dashboard needs its token: open the URL with ?token=... that the"
-            b" master logged when it started, or use HTTP Basic authentication with the"
-            b" token as password.\n"
+            b"This cw dashboard needs its token: the master's log names the file that"
+            b" holds it (readable only by the master's user).  Open this URL with"
+            b" ?token=TOKEN, or give the token as the password (any user name).\n"
+        )
+
+
+class _Forbidden(resource.Resource):
+    isLeaf = True
+
+    def render(self, request) -> bytes:
+        request.setResponseCode(403)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return (
+            b"This cw dashboard does not answer to this host name (a defence against DNS"
+            b" rebinding); use the address the master logged, or start it with"
+            b" --web-host NAME.\n"
         )
 
 
@@ -295,15 +380,24 @@ class _Admit(resource.Resource):
 
 class TokenGuard(resource.Resource):
     """
-    Wraps a resource tree; while C{required} is true, refuses (401) every
-    request that does not carry C{token} (see the module docstring).
+    Wraps a resource tree; refuses (403) every request whose C{Host} header
+    C{hosts} rejects (all of them while C{hosts} is None: not listening
+    yet), then, while C{required} is true, (401) every request that does
+    not carry C{token} (see the module docstring).
     """
 
-    def __init__(self, wrapped: resource.Resource, token: str | None, required: bool = True) -> None:
+    def __init__(
+        self,
+        wrapped: resource.Resource,
+        token: str | None,
+        required: bool = True,
+        hosts: HostCheck | None = None,
+    ) -> None:
         super().__init__()
         self.wrapped = wrapped
         self.token = token
         self.required = required
+        self.hosts = hosts
 
     def _matches(self, offered: bytes | str | None) -> bool:
         if not offered or self.token is None:
@@ -330,6 +424,8 @@ class TokenGuard(resource.Resource):
         return self._matches(request.getCookie(COOKIE))
 
     def getChildWithDefault(self, path: bytes, request):
+        if self.hosts is None or not self.hosts(request.getHeader(b"host")):
+            return _Forbidden()
         if self.required:
             query = self._query_token(request)
             if query is not None and self._matches(query):
@@ -359,27 +455,45 @@ def _url_host(host) -> str:
 class WebDashboard:
     """
     Serve L{Dashboard} for C{master} on C{listen} (see L{web_description}),
-    protected by L{TokenGuard} unless bound to loopback.
+    behind L{TokenGuard}.
 
-    @param address_file: if given, the dashboard's URL (without the token)
-        is written there once it listens, and removed on L{stop}.
+    @param address_file: if given, the dashboard's URL (without the token;
+        for a Unix socket, C{unix:PATH}) is written there once it listens,
+        and removed on L{stop}.
+    @param token_file: where to write the token (mode 0600) once it
+        listens; default L{default_token_file}.  Removed on L{stop}.
+    @param open_access: serve without the token (C{--web-open}).
+    @param hosts: more names to accept in the C{Host} header (L{HostCheck}).
     """
 
-    def __init__(self, master, listen: str | int, address_file: str | None = None) -> None:
+    def __init__(
+        self,
+        master,
+        listen: str | int,
+        address_file: str | None = None,
+        token_file: str | None = None,
+        open_access: bool = False,
+        hosts: Iterable[str] = (),
+    ) -> None:
         self.master = master
         self.description = web_description(listen)
         self.address_file = address_file
+        self.token_file: Path | None = Path(token_file) if token_file else None
+        self.hosts = list(hosts)
         token = dashboard_token(master.secret) if master.secret is not None else None
-        # Required until we know the port is loopback-only: never open by accident.
-        self.guard = TokenGuard(Dashboard(master), token, required=token is not None)
+        self.guard = TokenGuard(Dashboard(master), token, required=token is not None and not open_access)
         self.site = _QuietSite(self.guard)
         self.site.displayTracebacks = False
         self.site.noisy = False
         self.port = None
         self.url: str | None = None
+        self._wrote_token = False
 
     def start(self, reactor=None) -> defer.Deferred:
-        """Listen; fires with the listening port.  A failure to listen stops the reactor."""
+        """
+        Listen; fires with the listening port.  A failure to listen, or to
+        write the token file, stops the reactor.
+        """
         from twisted.internet import endpoints
 
         if reactor is None:
@@ -390,7 +504,10 @@ class WebDashboard:
         d.addCallback(self._listening)
 
         def failed(failure):
-            log.failure("cw dashboard could not listen on {listen}", failure, listen=self.description)
+            if failure.check(SecretError):
+                log.error("cw dashboard: {error}", error=str(failure.value))
+            else:
+                log.failure("cw dashboard could not listen on {listen}", failure, listen=self.description)
             if reactor.running:
                 reactor.stop()
 
@@ -400,23 +517,24 @@ class WebDashboard:
     def _listening(self, port):
         self.port = port
         host = port.getHost()
-        loopback = is_loopback(host)
-        scheme = "https" if self.description.startswith("ssl:") else "http"
-        self.url = f"{scheme}://{_url_host(host)}:{host.port}/" if hasattr(host, "port") else str(host)
-        if loopback:
-            self.guard.required = False
-            log.info("cw dashboard at {url} (this machine only)", url=self.url)
-        elif self.guard.token is None:
-            log.warn(
-                "cw dashboard at {url} is open to anyone who can reach it (--insecure master)",
-                url=self.url,
+        self.guard.hosts = HostCheck(host, self.hosts)
+        token = self.guard.token if self.guard.required else None
+        if token is not None:
+            if self.token_file is None:
+                self.token_file = default_token_file(host)
+            write_private(
+                self.token_file,
+                (token + "\n").encode(),
+                what="dashboard token file",
+                elsewhere="or name another file with --web-token-file",
             )
+            self._wrote_token = True
+        if hasattr(host, "port"):
+            scheme = "https" if self.description.startswith("ssl:") else "http"
+            self.url = f"{scheme}://{_url_host(host)}:{host.port}/"
         else:
-            log.info(
-                "cw dashboard at {url}?token={token} (the token is needed from other machines)",
-                url=self.url,
-                token=self.guard.token,
-            )
+            self.url = "unix:" + os.fsdecode(host.name)
+        self._log_address(host, token is not None)
         if self.address_file:
             tmp = f"{self.address_file}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
@@ -424,13 +542,46 @@ class WebDashboard:
             os.replace(tmp, self.address_file)
         return port
 
+    def _log_address(self, host, needs_token: bool) -> None:
+        """One log line saying where the dashboard is and how to get in; never the token."""
+        if not hasattr(host, "port"):
+            path = shlex.quote(os.fsdecode(host.name))
+            if needs_token:
+                header = f'-H "Authorization: Bearer $(cat {shlex.quote(str(self.token_file))})" '
+            else:
+                header = ""
+            log.info(
+                "cw dashboard on Unix socket {path}; query it with:"
+                " curl --unix-socket {path} {header}http://localhost/api/status",
+                path=path,
+                header=header,
+            )
+        elif needs_token:
+            log.info(
+                "cw dashboard at {url} ; it asks for the token in {file} (readable only by"
+                " you): open {url}?token=TOKEN, or give TOKEN as the password when asked",
+                url=self.url,
+                file=str(self.token_file),
+            )
+        elif self.guard.token is None:
+            log.warn(
+                "cw dashboard at {url} is open to anyone who can reach it (--insecure master)",
+                url=self.url,
+            )
+        elif is_loopback(host):
+            log.info("cw dashboard at {url} (--web-open: any user of this machine can read it)", url=self.url)
+        else:
+            log.warn("cw dashboard at {url} is open to anyone who can reach it (--web-open)", url=self.url)
+
     def stop(self) -> defer.Deferred:
-        """Stop listening and remove the address file."""
-        if self.address_file:
-            try:
-                os.unlink(self.address_file)
-            except FileNotFoundError:
-                pass
+        """Stop listening and remove the address and token files."""
+        files = [self.address_file, self.token_file if self._wrote_token else None]
+        for name in files:
+            if name:
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    pass
         if self.port is None:
             return defer.succeed(None)
         return defer.maybeDeferred(self.port.stopListening)

@@ -858,7 +858,7 @@ class Options(usage.Options):
             self["master"] = info["address"]
             if info.get("secret_file") and not self["secret-file"] and not self["insecure"]:
                 self["secret-file"] = info["secret_file"]
-        self["secret"] = load_options_secret(self)
+        self["secret"] = load_options_secret(self, "cw-worker")
         if self["procs"] is not None and self["procs"] < 1:
             raise usage.UsageError("--procs must be at least 1")
 

@@ -263,6 +263,7 @@ class ProtectionTests(unittest.TestCase):
         dashboard = web.WebDashboard(master, "tcp:0")
         dashboard.guard.required = required and master.secret is not None
         port = reactor.listenTCP(0, dashboard.site, interface="127.0.0.1")
+        dashboard.guard.hosts = web.HostCheck(port.getHost())
         self.addCleanup(port.stopListening)
         return f"http://127.0.0.1:{port.getHost().port}/"
 
@@ -306,22 +307,27 @@ class ProtectionTests(unittest.TestCase):
 
         return threads.deferToThread(body)
 
-    def test_loopback_open(self):
-        """On loopback, L{web.WebDashboard} needs no token; 404 for unknown paths."""
+    def test_loopback_needs_token(self):
+        """
+        On loopback too, L{web.WebDashboard} needs the token (401 without,
+        200 with; 404 for unknown paths), which it wrote to its token file.
+        """
         master = FakeMaster()
-        dashboard = web.WebDashboard(master, "tcp:0")
-        self.assertTrue(dashboard.guard.required)  # until it knows where it listens
+        token_file = Path(self.mktemp())
+        dashboard = web.WebDashboard(master, "tcp:0", token_file=str(token_file))
         d = dashboard.start(reactor)
 
         def check(port):
             self.addCleanup(dashboard.stop)
-            self.assertFalse(dashboard.guard.required)
+            self.assertTrue(dashboard.guard.required)
             url = dashboard.url
             self.assertEqual(url, f"http://127.0.0.1:{port.getHost().port}/")
+            bearer = {"Authorization": "Bearer " + token_file.read_text().strip()}
 
             def body():
-                self.assertEqual(fetch(url + "api/status")[0], 200)
-                self.assertEqual(fetch(url + "nothing")[0], 404)
+                self.assertEqual(fetch(url + "api/status")[0], 401)
+                self.assertEqual(fetch(url + "api/status", bearer)[0], 200)
+                self.assertEqual(fetch(url + "nothing", bearer)[0], 404)
 
             return threads.deferToThread(body)
 
@@ -330,8 +336,8 @@ class ProtectionTests(unittest.TestCase):
     def test_not_loopback(self):
         """
         Bound to another address (here pretended: this machine may only use
-        loopback), protection stays on, the URL with the token is logged and
-        the address file holds the URL without it.
+        loopback), protection is on, the URL and the token file's path are
+        logged (never the token), and the address file holds the URL.
         """
 
         class FakePort:
@@ -342,15 +348,23 @@ class ProtectionTests(unittest.TestCase):
                 return None
 
         url_file = Path(self.mktemp())
-        dashboard = web.WebDashboard(FakeMaster(), "tcp:8494:interface=10.1.2.3", str(url_file))
+        token_file = Path(self.mktemp())
+        dashboard = web.WebDashboard(
+            FakeMaster(), "tcp:8494:interface=10.1.2.3", str(url_file), token_file=str(token_file)
+        )
         with capturedLogs() as events:
             dashboard._listening(FakePort())
         self.assertTrue(dashboard.guard.required)
         token = web.dashboard_token(SECRET)
-        self.assertIn(f"http://10.1.2.3:8494/?token={token}", [formatEvent(e) for e in events][0])
+        (line,) = [formatEvent(e) for e in events]
+        self.assertIn("http://10.1.2.3:8494/", line)
+        self.assertIn(str(token_file), line)
+        self.assertNotIn(token, line)
+        self.assertEqual(token_file.read_text(), token + "\n")
         self.assertEqual(url_file.read_text(), "http://10.1.2.3:8494/\n")
         dashboard.stop()
         self.assertFalse(url_file.exists())
+        self.assertFalse(token_file.exists())
 
     def test_options(self):
         """C{cw-master --web} reaches the service; a URL file needs C{--web}."""
@@ -359,16 +373,25 @@ class ProtectionTests(unittest.TestCase):
         from cw import master
 
         options = master.Options()
-        options.parseOptions(["--insecure", "--web", "tcp:0", "--web-address-file", "web.url"])
+        options.parseOptions(
+            ["--web", "tcp:0", "--web-address-file", "web.url", "--web-token-file", "web.token"]
+            + ["--web-host", "node12.example.org,Node12", "--web-open"]
+        )
         service = master.makeService(options)
         self.assertEqual(service.web.description, "tcp:0:interface=127.0.0.1")
         self.assertEqual(service.web.address_file, "web.url")
+        self.assertEqual(service.web.token_file, Path("web.token"))
+        self.assertEqual(service.web.hosts, ["node12.example.org", "Node12"])
+        self.assertFalse(service.web.guard.required)
+        options = master.Options()
+        options.parseOptions(["--web", "tcp:0"])
+        self.assertTrue(master.makeService(options).web.guard.required)
         options = master.Options()
         options.parseOptions(["--insecure"])
         self.assertIsNone(master.makeService(options).web)
-        self.assertRaises(
-            usage.UsageError, master.Options().parseOptions, ["--insecure", "--web-address-file", "x"]
-        )
+        for option in (["--web-address-file", "x"], ["--web-token-file", "x"], ["--web-host", "x"]):
+            self.assertRaises(usage.UsageError, master.Options().parseOptions, ["--insecure", *option])
+        self.assertRaises(usage.UsageError, master.Options().parseOptions, ["--web-open"])
 
     def test_insecure_master(self):
         """An --insecure master has no token to ask for."""
@@ -386,18 +409,33 @@ class RealMasterTests(unittest.TestCase):
     def cluster(self) -> tuple[Processes, str]:
         """
         A real master with the dashboard on loopback and two one-slot
-        workers.  Blocks: call it from a thread, like L{Processes}.
+        workers; its token goes to C{self.token}.  Blocks: call it from a
+        thread, like L{Processes}.
         """
         procs = Processes(self, self.mktemp())
         url_file = procs.directory / "web.url"
-        procs.start_master("--web", "tcp:0:interface=127.0.0.1", "--web-address-file", str(url_file))
+        token_file = procs.directory / "web.token"
+        procs.start_master(
+            "--web",
+            "tcp:0:interface=127.0.0.1",
+            "--web-address-file",
+            str(url_file),
+            "--web-token-file",
+            str(token_file),
+        )
         url = wait_until(lambda: url_file.exists() and url_file.read_text().strip(), what="the dashboard")
+        self.token = token_file.read_text().strip()
         procs.start_worker(procs=1)
         procs.start_worker(procs=1)
         return procs, url
 
+    def get(self, url: str):
+        """GET C{url} with the token (as C{Authorization: Bearer}, as scripts do)."""
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}"})
+        return urllib.request.urlopen(request, timeout=10)
+
     def get_json(self, url: str) -> dict:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with self.get(url) as r:
             self.assertEqual(r.headers["Content-Type"], "application/json")
             return json.load(r)
 
@@ -430,7 +468,7 @@ class RealMasterTests(unittest.TestCase):
                 self.assertTrue(failure["host"])
                 self.assertLess(abs(failure["time"] - time.time()), 60)
 
-                with urllib.request.urlopen(url + "metrics", timeout=10) as r:
+                with self.get(url + "metrics") as r:
                     self.assertTrue(r.headers["Content-Type"].startswith("text/plain; version=0.0.4"))
                     families = parse_prometheus(r.read().decode())
                 self.assertEqual(total(families, "cw_jobs_completed_total"), 21)
@@ -464,7 +502,9 @@ class RealMasterTests(unittest.TestCase):
                 # About 30 s of work for two slots: it outlasts the checks below.
                 futures = [ex.submit(nap, 0.02) for _ in range(3000)]
                 browser = Browser(self, Path(self.mktemp()).absolute())
-                browser.navigate(url)
+                # The page as a person opens it: the URL with ?token= once,
+                # then the cookie it sets.
+                browser.navigate(f"{url}?token={self.token}")
 
                 def state() -> dict:
                     return browser.evaluate(
@@ -488,6 +528,7 @@ class RealMasterTests(unittest.TestCase):
                     what="the page's counter to rise",
                 )
                 self.assertFalse(all(f.done() for f in futures), "the jobs ran out before the checks")
+                page_url = browser.evaluate("location.href")
                 workers_text = browser.evaluate("document.getElementById('workers').innerText")
                 failures_text = browser.evaluate("document.getElementById('failures').innerText")
                 shot = procs.directory / "dashboard.png"
@@ -496,6 +537,7 @@ class RealMasterTests(unittest.TestCase):
             finally:
                 ex.shutdown(cancel_futures=True)
             self.assertEqual(errors, [])
+            self.assertEqual(page_url, url)  # the token left the address bar
             for page in (first, second):
                 self.assertEqual((page["errors"], page["fetchErrors"], page["workers"]), ("0", "0", "2"))
             self.assertGreater(int(second["completed"]), int(first["completed"]))
