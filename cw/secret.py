@@ -153,15 +153,17 @@ def write_private(
 
 
 def _write_failure(path: Path, error: OSError, what: str, elsewhere: str) -> str:
+    reason = error.strerror or str(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = f"free some space there, {elsewhere}"
     elif error.errno in (errno.ENOTDIR, errno.EEXIST):
-        fix = f"something on the way to it is not a directory: remove or rename it, {elsewhere}"
+        reason = "something on the way to it is not a directory"
+        fix = f"remove or rename it, {elsewhere}"
     elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = f"make {path.parent} a directory you own and may write to, {elsewhere}"
     else:
         fix = elsewhere
-    return f"cannot create {what} {path}: {error.strerror or error}; {fix}"
+    return f"cannot create {what} {path}: {reason}; {fix}"
 
 
 def load_secret(explicit: str | os.PathLike | None = None) -> bytes:

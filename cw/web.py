@@ -508,8 +508,11 @@ class WebDashboard:
                 log.error("cw dashboard: {error}", error=str(failure.value))
             else:
                 log.failure("cw dashboard could not listen on {listen}", failure, listen=self.description)
+            # At start-up (twistd starts services before the reactor runs) stop it once it runs.
             if reactor.running:
                 reactor.stop()
+            else:
+                reactor.callWhenRunning(reactor.stop)
 
         d.addErrback(failed)
         return d
