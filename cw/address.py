@@ -123,6 +123,19 @@ def describe_listening(port) -> str:
     return str(host)
 
 
+def stop_reactor(reactor) -> None:
+    """
+    Stop C{reactor} now if it runs, else as soon as it starts: twistd starts
+    services before the reactor runs, so a service that cannot listen at
+    start-up must not wait for a reactor that is not running yet (the
+    process would go on without it).
+    """
+    if reactor.running:
+        reactor.stop()
+    else:
+        reactor.callWhenRunning(reactor.stop)
+
+
 #: TCP keepalive for connections without application heartbeats (clients):
 #: probe after this many idle seconds, then every KEEPALIVE_INTERVAL, and
 #: give up after KEEPALIVE_COUNT unanswered probes (about 25 s in all).

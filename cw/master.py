@@ -26,7 +26,7 @@ from twisted.protocols import amp
 from twisted.python import usage
 
 from cw import protocol as P
-from cw.address import describe_listening, enable_keepalive, server_endpoint
+from cw.address import describe_listening, enable_keepalive, server_endpoint, stop_reactor
 from cw.auth import AUTH_TIMEOUT, AuthGate, MasterAuth
 from cw.batching import Outbox
 from cw.limits import (
@@ -819,8 +819,7 @@ class MasterService(service.Service):
         log.failure("cw master could not listen on {listen}", failure, listen=self.listen)
         from twisted.internet import reactor
 
-        if reactor.running:
-            reactor.stop()
+        stop_reactor(reactor)
 
     def stopService(self):
         """

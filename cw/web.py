@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from cw import protocol as P
+from cw.address import stop_reactor
 from cw.secret import SecretError, write_private
 
 log = Logger()
@@ -508,11 +509,7 @@ class WebDashboard:
                 log.error("cw dashboard: {error}", error=str(failure.value))
             else:
                 log.failure("cw dashboard could not listen on {listen}", failure, listen=self.description)
-            # At start-up (twistd starts services before the reactor runs) stop it once it runs.
-            if reactor.running:
-                reactor.stop()
-            else:
-                reactor.callWhenRunning(reactor.stop)
+            stop_reactor(reactor)
 
         d.addErrback(failed)
         return d
