@@ -8,7 +8,13 @@ anything else.  It then:
     every process its jobs start (unless one of those leaves the group
     itself, with C{setsid} or C{setpgid});
   - dies with its worker: C{PR_SET_PDEATHSIG(SIGKILL)} (Linux), and exits
-    at once if the worker is already gone;
+    at once if the worker is already gone.  The signal comes when the
+    I{thread} that started the process ends: workers start job processes
+    from the reactor's thread, which lives as long as the worker;
+  - has a guard (L{start_guard}): a tiny shell in its group, outside its
+    descendants, that kills the group as soon as the job process is gone,
+    however it went (so a job's subprocesses do not outlive a worker killed
+    with SIGKILL either);
   - adopts its orphaned descendants (C{PR_SET_CHILD_SUBREAPER}, Linux), so
     that a process a job leaves behind, even one that left the group, stays
     among its descendants while the job process lives.
@@ -22,15 +28,15 @@ a surviving process may still hold open.
 
 What is not promised: a descendant that leaves the job's process group
 (C{setsid}, C{setpgid}) and whose job process dies without being killed by
-its worker (a crash, or a worker killed with SIGKILL: the job process dies
-by C{PDEATHSIG}, its subprocesses do not) is reparented to init and keeps
-running.
+its worker (a crash, or a worker killed with SIGKILL) is reparented to init
+and keeps running.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -73,11 +79,45 @@ def contain_job_process(worker_pid: int) -> None:
     _contained = True
     with contextlib.suppress(OSError):  # already a group leader
         os.setsid()
+    start_guard()
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     # PDEATHSIG only covers a parent that dies from now on.
     if os.getppid() != worker_pid:
         os._exit(1)
+
+
+def start_guard() -> None:
+    """
+    Start this process's guard: a shell in its process group, orphaned at
+    once (so it is not among this process's children, which
+    L{kill_leftovers} kills), waiting for EOF on a pipe that only this
+    process holds open; when this process is gone, however it went, the
+    guard kills the group, itself included.  Called by
+    L{contain_job_process} before this process becomes a subreaper.
+    """
+    import subprocess
+
+    if os.getpgrp() != os.getpid():
+        return  # not a group leader: the group is not this process's own
+    read_end, write_end = os.pipe()  # not inherited by what jobs start
+    try:
+        subprocess.run(
+            ["/bin/sh", "-c", f"(read _ <&{read_end}; kill -9 -{os.getpgrp()}) &"],
+            pass_fds=(read_end,),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        os.close(write_end)  # no guard; the rest of the containment holds
+    else:
+        # Kept open for this process's life; closed in a forked child, so
+        # that only this process's end makes the guard act.
+        os.register_at_fork(after_in_child=functools.partial(os.close, write_end))
+    finally:
+        os.close(read_end)
 
 
 def descendants(pid: int) -> list[int]:

@@ -598,6 +598,8 @@ class JobConnector(ampoule_main.AMPConnector):
         from cw.containment import kill_group, release_pipes
 
         if self.pgid is not None:
+            # The job process's guard does this too (L{cw.containment}); this
+            # covers a job process whose guard could not start.
             kill_group(self.pgid)
         # On the next turn, so that Twisted finishes its own bookkeeping of
         # the exit first.

@@ -101,28 +101,35 @@ def child_counters(_=None):
 
 def start_sleeps(record, then="return"):
     """
-    Start three C{sleep 300} processes: one in this job's process group,
-    one in a session of its own, and one daemonized (in a session of its
-    own, its parent gone); write C{"JOB_PID SLEEP_PID SLEEP_PID SLEEP_PID"}
-    to C{record}, then C{"return"} (the sleeps' pids), C{"hang"} or C{"die"}
-    (SIGKILL this job process).  The sleeps inherit this process's stderr
-    (the first two its stdout too), so they hold its pipes open.
+    Start processes that outlive this job unless cw kills them, and record
+    their pids in C{record} as JSON: C{"job"} (this job process),
+    C{"group"} (a C{sleep 300} and a forked copy of this process, both in
+    its process group) and C{"outside"} (a C{sleep 300} in a session of its
+    own and a daemonized one, its parent gone).  Then C{"return"} (the
+    recorded pids), C{"hang"} or C{"die"} (SIGKILL this job process).  All
+    but the daemon hold this process's stdout and stderr open.
     """
+    import json
     import subprocess
 
-    sleeps = [
-        subprocess.Popen(["sleep", "300"]).pid,
-        subprocess.Popen(["sleep", "300"], start_new_session=True).pid,
-    ]
+    forked = os.fork()
+    if forked == 0:
+        time.sleep(300)
+        os._exit(0)
     with subprocess.Popen(
         ["sh", "-c", "sleep 300 >/dev/null & echo $!"], stdout=subprocess.PIPE, start_new_session=True
     ) as daemonize:
-        sleeps.append(int(daemonize.stdout.readline()))
+        daemon = int(daemonize.stdout.readline())
+    pids = {
+        "job": os.getpid(),
+        "group": [subprocess.Popen(["sleep", "300"]).pid, forked],
+        "outside": [subprocess.Popen(["sleep", "300"], start_new_session=True).pid, daemon],
+    }
     with open(record + ".tmp", "w") as f:
-        f.write(" ".join(map(str, [os.getpid(), *sleeps])))
+        json.dump(pids, f)
     os.replace(record + ".tmp", record)
     if then == "hang":
         time.sleep(300)
     elif then == "die":
         os.kill(os.getpid(), signal.SIGKILL)
-    return sleeps
+    return pids

@@ -10,6 +10,7 @@ the cleanup if it survived.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -17,9 +18,9 @@ import time
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from cw.client import ClusterExecutor, master_status
-from cw.errors import JobCrashed, JobTimeout
-from cw.test.jobs import block_until, start_sleeps, touch, worker_pid
+from cw.client import ClusterExecutor
+from cw.errors import JobCrashed, JobTimeout, WorkerLost
+from cw.test.jobs import start_sleeps, worker_pid
 from cw.test.procs import Processes, executor, process_exists, wait_until
 
 #: Seconds within which a killed process must be gone.
@@ -33,14 +34,17 @@ class ContainmentTests(unittest.TestCase):
         self.procs = Processes(self, self.mktemp())
         self.record = os.path.abspath(self.mktemp())
 
-    def recorded(self) -> list[int]:
+    def recorded(self) -> dict:
         """
-        Wait for the job to record its pids: C{[job process, sleep, sleep in
-        its own session, daemonized sleep]} (see L{start_sleeps}).
+        Wait for the job to record its pids (see L{start_sleeps}): C{"job"},
+        C{"group"} (two in its process group), C{"outside"} (two that left
+        it), and C{"all"}; each is killed in the cleanup if still there.
         """
-        wait_until(lambda: os.path.exists(self.record), timeout=30, what="the job to start its sleeps")
-        pids = [int(p) for p in open(self.record).read().split()]
-        for pid in pids:
+        wait_until(lambda: os.path.exists(self.record), timeout=30, what="the job to start its processes")
+        with open(self.record) as f:
+            pids = json.load(f)
+        pids["all"] = [pids["job"], *pids["group"], *pids["outside"]]
+        for pid in pids["all"]:
             self.addCleanup(kill_if_alive, pid)
         return pids
 
@@ -53,10 +57,10 @@ class ContainmentTests(unittest.TestCase):
 
     def test_timeout_kills_what_the_job_started(self):
         """
-        A job with C{timeout=2} that starts three C{sleep 300} (in its
-        group, in a session of their own, daemonized) and hangs:
-        C{JobTimeout} within 10 s although the sleeps hold its pipes, the
-        sleeps are gone, and the next job runs on that slot.
+        A job with C{timeout=2} that starts C{sleep 300} processes (in its
+        group, in a session of their own, daemonized) and forks, then
+        hangs: C{JobTimeout} within 10 s although they hold its pipes, they
+        are all gone, and the next job runs on that slot.
         """
 
         def body():
@@ -65,44 +69,44 @@ class ContainmentTests(unittest.TestCase):
             with executor(self.procs.address) as ex:
                 began = time.monotonic()
                 future = ex.submit_with(start_sleeps, (self.record, "hang"), timeout=2)
-                pids = self.recorded()
+                pids = self.recorded()["all"]
                 self.assertIsInstance(future.exception(10), JobTimeout)
                 self.assertLess(time.monotonic() - began, 10)
-                self.assertGone(pids, "the job process and its sleeps")
+                self.assertGone(pids, "the job process and what it started")
                 self.assertEqual(ex.submit(worker_pid).result(30), worker.pid)
 
         return threads.deferToThread(body)
 
     def test_return_kills_what_the_job_left(self):
         """
-        A job that returns after starting three background sleeps (in its
-        group, in a session of their own, daemonized): all are gone, and its
-        job process lives on.
+        A job that returns after starting background processes (in its
+        group, in a session of their own, daemonized, forked): all are
+        gone, and its job process lives on.
         """
 
         def body():
             self.procs.start_master()
             self.procs.start_worker(1)
             with executor(self.procs.address) as ex:
-                sleeps = ex.submit(start_sleeps, self.record).result(30)
-                job, *recorded = self.recorded()
-                self.assertEqual(sleeps, recorded)
-                self.assertGone(sleeps, "the sleeps the job left")
-                self.assertTrue(process_exists(job), "the job process was killed too")
+                returned = ex.submit(start_sleeps, self.record).result(30)
+                pids = self.recorded()
+                self.assertEqual(returned["group"] + returned["outside"], pids["group"] + pids["outside"])
+                self.assertGone(pids["group"] + pids["outside"], "the processes the job left")
+                self.assertTrue(process_exists(pids["job"]), "the job process was killed too")
 
         return threads.deferToThread(body)
 
     def test_cancel_kills_what_the_job_started(self):
-        """Cancelling a running job kills its process and all its sleeps."""
+        """Cancelling a running job kills its process and all it started."""
 
         def body():
             self.procs.start_master()
             worker = self.procs.start_worker(1)
             with executor(self.procs.address) as ex:
                 future = ex.submit(start_sleeps, self.record, "hang")
-                pids = self.recorded()
+                pids = self.recorded()["all"]
                 self.assertTrue(future.cancel())
-                self.assertGone(pids, "the job process and its sleeps")
+                self.assertGone(pids, "the job process and what it started")
                 self.assertEqual(ex.submit(worker_pid).result(30), worker.pid)
 
         return threads.deferToThread(body)
@@ -113,7 +117,7 @@ class ContainmentTests(unittest.TestCase):
         session of its own holds its pipes: the crash is reported within
         10 s (the worker watches the process, not its pipes), what was left
         in its group is killed, and the slot runs the next job.  (The
-        sleeps outside its group survive: the README says so.)
+        processes outside its group survive: the README says so.)
         """
 
         def body():
@@ -122,28 +126,31 @@ class ContainmentTests(unittest.TestCase):
             with executor(self.procs.address) as ex:
                 began = time.monotonic()
                 future = ex.submit_with(start_sleeps, (self.record, "die"), max_attempts=1)
-                job, in_group, _, _ = self.recorded()
+                pids = self.recorded()
                 self.assertIsInstance(future.exception(10), JobCrashed)
                 self.assertLess(time.monotonic() - began, 10)
-                self.assertGone([job, in_group], "the job process and the sleep in its group")
+                self.assertGone([pids["job"], *pids["group"]], "the job process and its group")
                 self.assertEqual(ex.submit(worker_pid).result(30), worker.pid)
 
         return threads.deferToThread(body)
 
     def test_job_process_dies_with_its_worker(self):
-        """SIGKILL a worker with a running job: its job process is gone within 5 s."""
-        flag = os.path.abspath(self.mktemp())
-        self.addCleanup(lambda: os.path.exists(flag) or touch(flag))
+        """
+        SIGKILL a worker with a running job: its job process is gone within
+        5 s, and so are the processes the job started in its group (a
+        forked one included).  (Those outside its group survive: the README
+        says so.)
+        """
 
         def body():
             self.procs.start_master()
             worker = self.procs.start_worker(1)
             ex = ClusterExecutor(self.procs.address)
             try:
-                ex.submit(block_until, flag, self.record)
-                job = self.recorded()[0]
+                ex.submit(start_sleeps, self.record, "hang")
+                pids = self.recorded()
                 os.kill(worker.pid, signal.SIGKILL)
-                self.assertGone([job], "the job process of the killed worker")
+                self.assertGone([pids["job"], *pids["group"]], "the killed worker's job and its group")
             finally:
                 ex.shutdown(wait=False, cancel_futures=True)
 
@@ -152,32 +159,26 @@ class ContainmentTests(unittest.TestCase):
     def test_stopped_worker_kills_its_jobs_on_resuming(self):
         """
         A worker stopped (SIGSTOP) past the master's heartbeat timeout: the
-        master runs its job elsewhere; once resumed, the worker finds its
-        master connection gone and kills the job process it still runs.
+        master gives its job up (or runs it elsewhere) while its job
+        process runs on; once resumed, the worker finds its master
+        connection gone, kills that job process with all it started, and
+        rejoins.
         """
-        flag = os.path.abspath(self.mktemp())
-        self.addCleanup(lambda: os.path.exists(flag) or touch(flag))
 
         def body():
             address = self.procs.start_master("--heartbeat", "0.5", "--heartbeat-timeout", "2")
             frozen = self.procs.start_worker(1)
             self.addCleanup(resume, frozen.pid)
             with executor(address) as ex:
-                future = ex.submit(block_until, flag, self.record)
-                job = self.recorded()[0]
+                future = ex.submit_with(start_sleeps, (self.record, "hang"), max_attempts=1)
+                pids = self.recorded()
                 os.kill(frozen.pid, signal.SIGSTOP)
-                wait_until(
-                    lambda: master_status(address)["workers"] == [],
-                    timeout=30,
-                    what="the master to drop the stopped worker",
-                )
-                self.assertTrue(process_exists(job), "the job process ran on while its worker was stopped")
+                self.assertIsInstance(future.exception(30), WorkerLost)
+                self.assertTrue(process_exists(pids["job"]), "the job process ran on meanwhile")
                 os.kill(frozen.pid, signal.SIGCONT)
-                self.assertGone([job], "the resumed worker's job process")
-                alive = self.procs.start_worker(1)
-                touch(flag)
-                self.assertEqual(future.result(60), "released")
-                self.assertEqual(ex.submit(worker_pid).result(30), alive.pid)
+                self.assertGone(pids["all"], "the resumed worker's job process and what it started")
+                # It rejoins the master, its slot free.
+                self.assertEqual(ex.submit(worker_pid).result(30), frozen.pid)
 
         return threads.deferToThread(body)
 
