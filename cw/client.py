@@ -52,6 +52,7 @@ from cw.errors import (
     SubmitError,
     WorkerLost,
 )
+from cw.liveness import HeartbeatMonitor, SignsOfLife
 from cw.mapping import Progress, bounded_map
 from cw.mapping import progress as progress
 from cw.secret import SecretError, load_secret
@@ -79,6 +80,11 @@ SEND_WINDOW = 256 << 20
 
 #: Seconds a client keeps trying to reach its master before giving up.
 CONNECT_TIMEOUT = float(os.environ.get("CW_CONNECT_TIMEOUT", "10"))
+
+#: Seconds a client waits to hear from its master (an answer to its
+#: heartbeats, or anything else) before it fails its outstanding jobs with
+#: L{MasterUnavailable}; C{CW_MASTER_TIMEOUT} or C{master_timeout=} change it.
+MASTER_TIMEOUT = 20.0
 
 _setup_lock = threading.Lock()
 _setup_done = False
@@ -207,6 +213,22 @@ def job_options(
     return P.encode_options(timeout=timeout, max_attempts=max_attempts, priority=priority or None)
 
 
+def master_timeout_setting(value: float | None) -> float:
+    """
+    A client's C{master_timeout}: C{value}, else C{CW_MASTER_TIMEOUT} from
+    the environment, else L{MASTER_TIMEOUT}; 0 turns the check off.
+    """
+    if value is None:
+        text = os.environ.get("CW_MASTER_TIMEOUT", "")
+        try:
+            value = float(text) if text else MASTER_TIMEOUT
+        except ValueError:
+            raise ValueError(f"CW_MASTER_TIMEOUT must be a number of seconds, not {text!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"master_timeout must be a number of seconds >= 0, not {value!r}")
+    return float(value)
+
+
 def client_context() -> dict:
     """The working directory and sys.path that this client's jobs run with."""
     cwd = os.getcwd()
@@ -214,7 +236,7 @@ def client_context() -> dict:
     return {"cwd": cwd, "path": list(dict.fromkeys(path))}
 
 
-class ClientProtocol(StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
+class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
     """A client's connection to the master; accepts results only once the master is authenticated."""
 
     def __init__(self, session: Session) -> None:
@@ -224,9 +246,14 @@ class ClientProtocol(StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
 
     def connectionMade(self):
         super().connectionMade()
-        # The master sends clients no heartbeats: let TCP notice a vanished
-        # master, so outstanding jobs fail in bounded time.
+        # Heartbeats notice a master that hangs (L{cw.liveness}); keepalive,
+        # one that vanished while they are off.
         enable_keepalive(self.transport)
+
+    @P.Heartbeat.responder
+    def heartbeat(self):
+        """The master checks that this client is alive."""
+        return {}
 
     @P.JobResults.responder
     def job_results(self, results):
@@ -269,10 +296,15 @@ class Session:
         secret_file: str | None = None,
         insecure: bool | None = None,
         weight: int = 1,
+        master_timeout: float | None = None,
     ) -> None:
         if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
             raise ValueError(f"weight must be an integer from 1 to {MAX_WEIGHT}, not {weight!r}")
         self.weight = weight
+        #: Seconds without a sign of life from the master before its jobs
+        #: fail (0: no limit); see L{cw.liveness}.
+        self.master_timeout = master_timeout_setting(master_timeout)
+        self._beats: HeartbeatMonitor | None = None
         self.secret = client_secret(secret_file, insecure)
         self.reactor = running_reactor()
         self.address = client_description(host, port)
@@ -357,6 +389,12 @@ class Session:
             ) from None
         self.proto = proto
         self.client_id = answer["client_id"]
+        if self.master_timeout:
+            self._beats = HeartbeatMonitor(
+                self.reactor, self.master_timeout / 4, self.master_timeout, self._master_silent
+            )
+            self._beats.watch(proto)
+            self._beats.start()
         self.max_payload = answer["max_payload"]
         self._job_window = answer["room_jobs"]
         self.room(answer["room_bytes"], answer["room_jobs"])
@@ -381,10 +419,24 @@ class Session:
         )
         proto.transport.loseConnection()
 
+    def _master_silent(self, proto: ClientProtocol, silent: float) -> None:
+        """The master gave no sign of life for too long: fail its jobs now and drop it."""
+        self._lost(
+            proto,
+            f"the cw master at {self.address} gave no sign of life for {silent:.1f} s"
+            f" (master_timeout / CW_MASTER_TIMEOUT: {self.master_timeout:g} s): it is hung,"
+            " stopped or unreachable; the jobs it had not finished are lost, submit them"
+            " again to a master that works",
+        )
+        proto.transport.abortConnection()
+
     def _lost(self, proto: ClientProtocol, message: str) -> None:
         """Report the end of the registered connection C{proto}, once."""
         if proto is not self.proto:
             return
+        if self._beats is not None:
+            self._beats.stop()
+            self._beats = None
         self.proto = None
         self.sent_some()
         if not self.closing:
@@ -629,6 +681,8 @@ class ClientThread(threading.Thread):
     @param host: the master (a host name, C{HOST:PORT} or an endpoint
         description); default: the SLURM master when SLURM is in use, else
         C{localhost}.
+    @param master_timeout: as for L{ClusterExecutor}; C{wait()} then
+        raises L{MasterUnavailable}.
     """
 
     def __init__(
@@ -644,6 +698,7 @@ class ClientThread(threading.Thread):
         max_attempts: int | None = None,
         progress: bool | dict = False,
         weight: int = 1,
+        master_timeout: float | None = None,
     ) -> None:
         super().__init__(name="cw-client", daemon=True)
         #: A tqdm bar over submitted and finished jobs, if asked for.
@@ -655,7 +710,12 @@ class ClientThread(threading.Thread):
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
-        self._auth = {"secret_file": secret_file, "insecure": insecure, "weight": weight}
+        self._auth = {
+            "secret_file": secret_file,
+            "insecure": insecure,
+            "weight": weight,
+            "master_timeout": master_timeout,
+        }
         self.session: Session | None = None
         self._jobs = _Jobs()
         self._failures: list[BaseException] = []
@@ -803,7 +863,10 @@ class ClusterExecutor(futures.Executor):
     connection is lost, every pending future raises L{MasterUnavailable}.
     C{timeout} and C{max_attempts} are defaults for every job; see
     L{submit_with}.  C{weight}: when several clients have jobs queued, this
-    one gets that many jobs per turn (default 1).
+    one gets that many jobs per turn (default 1).  C{master_timeout}: seconds
+    without a sign of life from the master before every pending future
+    raises L{MasterUnavailable} (default C{CW_MASTER_TIMEOUT}, else
+    L{MASTER_TIMEOUT}; 0: no limit).
     """
 
     def __init__(
@@ -817,6 +880,7 @@ class ClusterExecutor(futures.Executor):
         timeout: float | None = None,
         max_attempts: int | None = None,
         weight: int = 1,
+        master_timeout: float | None = None,
     ) -> None:
         #: Defaults for every job of this executor (see L{submit_with}).
         self.timeout = timeout
@@ -833,6 +897,7 @@ class ClusterExecutor(futures.Executor):
             secret_file=secret_file,
             insecure=insecure,
             weight=weight,
+            master_timeout=master_timeout,
         )
         self._thread = threading.Thread(target=self._deliver, name="cw-executor", daemon=True)
         self._thread.start()

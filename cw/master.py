@@ -36,6 +36,7 @@ from cw.limits import (
     descriptor_limit,
     log_descriptor_limit,
 )
+from cw.liveness import HeartbeatMonitor, SignsOfLife
 from cw.scheduler import Scheduler
 from cw.secret import SecretError, load_secret
 from cw.streaming import ChunkReceiver, StreamingSender
@@ -63,8 +64,19 @@ RATE_WINDOW = 60
 MAX_QUEUED_BYTES = 1 << 30
 MAX_QUEUED_JOBS = 10_000_000
 
+#: Seconds a client may stay silent (no answer to heartbeats, nothing sent)
+#: before the master drops it and its jobs (C{--client-timeout}).
+CLIENT_TIMEOUT = 60.0
 
-class MasterProtocol(StreamingSender, AuthGate, MasterAuth, ChunkReceiver, amp.AMP):
+#: Seconds past a job's own timeout that a worker has to report it before
+#: the master takes it back (C{--deadline-grace}; see L{Scheduler.expire}).
+DEADLINE_GRACE = 30.0
+
+#: Seconds between two checks of the jobs' deadlines.
+DEADLINE_TICK = 0.5
+
+
+class MasterProtocol(SignsOfLife, StreamingSender, AuthGate, MasterAuth, ChunkReceiver, amp.AMP):
     """
     One connection to the master, from a client or a worker.  The peer
     first authenticates (L{cw.auth}); which kind of peer it is becomes known
@@ -96,7 +108,8 @@ class MasterProtocol(StreamingSender, AuthGate, MasterAuth, ChunkReceiver, amp.A
 
     def connectionMade(self):
         super().connectionMade()
-        # Clients get no heartbeats: TCP keepalive notices one that vanished.
+        # Heartbeats notice a peer that hangs; keepalive, one that vanished
+        # while heartbeats are off.
         enable_keepalive(self.transport)
         if not self.authenticated:
             self.auth_timeout = self.master.auth_timeout
@@ -231,6 +244,11 @@ class MasterProtocol(StreamingSender, AuthGate, MasterAuth, ChunkReceiver, amp.A
             self.master.return_jobs(self.peer_id, keys)
         return {}
 
+    @P.Heartbeat.responder
+    def heartbeat(self):
+        """A client checks that this master is alive (L{cw.liveness})."""
+        return {}
+
     @P.GetStatus.responder
     def get_status(self):
         return {"status": self.master.status()}
@@ -308,20 +326,31 @@ class Master:
         max_attempts: int = 3,
         heartbeat: float = 5.0,
         heartbeat_timeout: float | None = None,
+        client_timeout: float = CLIENT_TIMEOUT,
         auth_timeout: float = AUTH_TIMEOUT,
         max_payload: int = P.MAX_PAYLOAD,
         prefetch_seconds: float = 0.05,
         max_queued_bytes: int = MAX_QUEUED_BYTES,
         max_queued_jobs: int = MAX_QUEUED_JOBS,
+        deadline_grace: float = DEADLINE_GRACE,
+        stall_timeout: float = 0.0,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
-        #: Seconds between heartbeats to each worker (0: none), and how long
-        #: a worker may go unheard before it is declared lost.
+        #: Seconds between heartbeats to each worker and client (0: none),
+        #: and how long a worker, or a client, may go unheard before it is
+        #: declared lost (L{cw.liveness}).
         self.heartbeat = heartbeat
         self.heartbeat_timeout = heartbeat_timeout or 3 * heartbeat
-        self._heartbeats: task.LoopingCall | None = None
+        self.client_timeout = client_timeout
+        self.worker_beats = self.client_beats = None
+        if heartbeat > 0:
+            self.worker_beats = HeartbeatMonitor(
+                clock, heartbeat, self.heartbeat_timeout, self._worker_silent
+            )
+            if client_timeout > 0:
+                self.client_beats = HeartbeatMonitor(clock, heartbeat, client_timeout, self._client_silent)
         #: The shared secret peers must prove they hold; None: --insecure.
         self.secret = secret
         #: Connections not yet authenticated, and how many of them may wait
@@ -344,7 +373,10 @@ class Master:
             horizon=prefetch_seconds,
             max_queued_bytes=max_queued_bytes,
             max_queued_jobs=max_queued_jobs,
+            deadline_grace=deadline_grace,
+            stall_timeout=stall_timeout,
         )
+        self._deadline_checks: task.LoopingCall | None = None
         self.clients: dict[int, MasterProtocol] = {}
         self.workers: dict[int, MasterProtocol] = {}
         self.contexts: dict[int, dict] = {}
@@ -375,11 +407,15 @@ class Master:
         cid = self.scheduler.add_client(weight)
         self.clients[cid] = proto
         self.contexts[cid] = context
+        if self.client_beats is not None:
+            self.client_beats.watch(proto)
         log.info("Client {cid} connected from {peer}", cid=cid, peer=proto.peer_name)
         return cid
 
     def client_left(self, proto: MasterProtocol) -> None:
         cid = proto.peer_id
+        if self.client_beats is not None:
+            self.client_beats.forget(proto)
         self.clients.pop(cid, None)
         self.contexts.pop(cid, None)
         self._held_logged.discard(cid)
@@ -431,8 +467,8 @@ class Master:
     def worker_joined(self, proto: MasterProtocol, slots: int) -> int:
         wid = self.scheduler.add_worker(slots, proto.peer_name)
         self.workers[wid] = proto
-        proto.last_heard = self.clock.seconds()
-        proto.heartbeat_pending = False
+        if self.worker_beats is not None:
+            self.worker_beats.watch(proto)
         log.info(
             "Worker {wid} joined from {peer} with {slots} slots ({n} workers)",
             wid=wid,
@@ -446,6 +482,8 @@ class Master:
 
     def worker_left(self, proto: MasterProtocol) -> None:
         wid = proto.peer_id
+        if self.worker_beats is not None:
+            self.worker_beats.forget(proto)
         self.workers.pop(wid, None)
         how = getattr(proto, "lost_how", None) or "its connection was lost"
         requeued, failed = self.scheduler.lose_worker(wid, how)
@@ -569,42 +607,97 @@ class Master:
     # -- heartbeats ------------------------------------------------------
 
     def start_heartbeats(self) -> None:
-        """Ping every worker each C{heartbeat} seconds (unless 0)."""
-        if self.heartbeat > 0 and self._heartbeats is None:
-            self._heartbeats = task.LoopingCall(self._beat)
-            self._heartbeats.clock = self.clock
-            self._heartbeats.start(self.heartbeat, now=False)
+        """Ping every worker and client each C{heartbeat} seconds (unless 0)."""
+        for monitor in (self.worker_beats, self.client_beats):
+            if monitor is not None:
+                monitor.start()
 
     def stop_heartbeats(self) -> None:
-        if self._heartbeats is not None and self._heartbeats.running:
-            self._heartbeats.stop()
-        self._heartbeats = None
+        for monitor in (self.worker_beats, self.client_beats):
+            if monitor is not None:
+                monitor.stop()
 
-    def _beat(self) -> None:
+    def _worker_silent(self, proto: MasterProtocol, silent: float) -> None:
         """
-        Drop workers unheard for longer than C{heartbeat_timeout} (their TCP
-        connection may never close on its own); ping the others.  A worker
-        is heard when it answers a ping or reports results.
+        Drop a worker unheard for longer than C{heartbeat_timeout} (its TCP
+        connection may never close on its own): its jobs go elsewhere.
         """
-        now = self.clock.seconds()
-        for proto in list(self.workers.values()):
-            silent = now - proto.last_heard
-            if silent > self.heartbeat_timeout:
-                proto.lost_how = f"no answer to heartbeats for {silent:.1f} s"
-                log.warn(
-                    "Worker {wid} ({peer}) gave no sign of life for {s:.1f} s; dropping it",
-                    wid=proto.peer_id,
-                    peer=proto.peer_name,
-                    s=silent,
-                )
-                proto.transport.abortConnection()
-            elif not proto.heartbeat_pending:
-                proto.heartbeat_pending = True
-                proto.callRemote(P.Heartbeat).addCallbacks(self._heard, lambda _: None, (proto,))
+        proto.lost_how = f"no answer to heartbeats for {silent:.1f} s"
+        log.warn(
+            "Worker {wid} ({peer}) gave no sign of life for {s:.1f} s; dropping it",
+            wid=proto.peer_id,
+            peer=proto.peer_name,
+            s=silent,
+        )
+        proto.transport.abortConnection()
 
-    def _heard(self, _answer, proto: MasterProtocol) -> None:
-        proto.heartbeat_pending = False
-        proto.last_heard = self.clock.seconds()
+    def _client_silent(self, proto: MasterProtocol, silent: float) -> None:
+        """
+        Drop a client unheard for longer than C{client_timeout} (stopped,
+        hung, or behind a dead link): its jobs are dropped as for any client
+        that leaves.  Not one this master stopped reading from itself.
+        """
+        if proto.reading_paused:
+            proto.last_heard = self.clock.seconds()
+            return
+        log.warn(
+            "Client {cid} ({peer}) gave no sign of life for {s:.1f} s (--client-timeout {t:g});"
+            " dropping it and its jobs",
+            cid=proto.peer_id,
+            peer=proto.peer_name,
+            s=silent,
+            t=self.client_timeout,
+        )
+        proto.transport.abortConnection()
+
+    # -- deadlines -------------------------------------------------------
+
+    def start_deadlines(self) -> None:
+        """Enforce jobs' deadlines and stalled workers every L{DEADLINE_TICK} seconds."""
+        if self._deadline_checks is None:
+            self._deadline_checks = task.LoopingCall(self.enforce_deadlines)
+            self._deadline_checks.clock = self.clock
+            self._deadline_checks.start(DEADLINE_TICK, now=False)
+
+    def stop_deadlines(self) -> None:
+        if self._deadline_checks is not None and self._deadline_checks.running:
+            self._deadline_checks.stop()
+        self._deadline_checks = None
+
+    def enforce_deadlines(self) -> None:
+        """
+        Carry out L{Scheduler.expire}: tell workers to kill the jobs taken
+        back from them, drop stalled workers, deliver C{JobTimeout}s and
+        dispatch the requeued jobs.
+        """
+        expiry = self.scheduler.expire(self.clock.seconds())
+        for wid, keys in expiry.cancel.items():
+            proto = self.workers.get(wid)
+            if proto is None:
+                continue
+            log.warn(
+                "Worker {wid} ({peer}) did not report {n} jobs within their timeout plus"
+                " {grace:g} s (--deadline-grace); taking them back",
+                wid=wid,
+                peer=proto.peer_name,
+                n=len(keys),
+                grace=self.scheduler.deadline_grace,
+            )
+            if wid not in expiry.stalled:
+                proto.callRemote(P.CancelJobs, keys=keys)
+        for wid, how in expiry.stalled.items():
+            proto = self.workers.get(wid)
+            if proto is None:
+                continue
+            proto.lost_how = how
+            log.warn(
+                "Worker {wid} ({peer}) is stalled: {how}; dropping it", wid=wid, peer=proto.peer_name, how=how
+            )
+            proto.transport.abortConnection()
+        if expiry.failed:
+            self._deliver(expiry.failed)
+        if expiry.requeued:
+            self.schedule_dispatch()
 
     def _deliver(self, results: list[P.Result]) -> None:
         """Send results to their clients."""
@@ -790,6 +883,7 @@ class MasterService(service.Service):
                 " code on every worker; use it only on a trusted, isolated network"
             )
         self.master.start_heartbeats()
+        self.master.start_deadlines()
         if self.web is not None:
             self.web.start(reactor)
         endpoint = server_endpoint(reactor, self.listen)
@@ -828,6 +922,7 @@ class MasterService(service.Service):
         """
         super().stopService()
         self.master.stop_heartbeats()
+        self.master.stop_deadlines()
         if self.address_file:
             try:
                 os.unlink(self.address_file)
@@ -868,8 +963,23 @@ class Options(usage.Options):
         ["max-queued-bytes", None, MAX_QUEUED_BYTES, "bytes of jobs a client may have queued", int],
         ["max-queued-jobs", None, MAX_QUEUED_JOBS, "jobs a client may have queued", int],
         ["max-attempts", None, 3, "lost workers a running job may outlive before it fails", int],
-        ["heartbeat", None, 5.0, "seconds between heartbeats to each worker (0: none)", float],
+        ["heartbeat", None, 5.0, "seconds between heartbeats to each worker and client (0: none)", float],
         ["heartbeat-timeout", None, None, "seconds a worker may stay silent (default: 3 heartbeats)", float],
+        ["client-timeout", None, CLIENT_TIMEOUT, "seconds a client may stay silent (0: no limit)", float],
+        [
+            "deadline-grace",
+            None,
+            DEADLINE_GRACE,
+            "seconds past a job's timeout before it is taken back",
+            float,
+        ],
+        [
+            "stall-timeout",
+            None,
+            0.0,
+            "drop a worker holding jobs that reports nothing this long (0: never)",
+            float,
+        ],
         ["web", None, None, "serve the dashboard and /metrics on this endpoint, e.g. tcp:8494 (loopback)"],
         ["web-address-file", None, None, "write the dashboard's URL here once it listens"],
         ["web-token-file", None, None, "write the dashboard's token here (mode 0600; default ~/.cache/cw/)"],
@@ -891,6 +1001,9 @@ class Options(usage.Options):
             raise usage.UsageError("--max-queued-bytes and --max-queued-jobs must be at least 1")
         if self["prefetch"] < 0 or self["prefetch-seconds"] < 0:
             raise usage.UsageError("--prefetch and --prefetch-seconds must not be negative")
+        for name in ("deadline-grace", "stall-timeout", "client-timeout", "heartbeat"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must not be negative")
         for option in ("web-address-file", "web-token-file", "web-host", "web-open"):
             if self[option] and not self["web"]:
                 raise usage.UsageError(f"--{option} needs --web")
@@ -909,10 +1022,13 @@ def makeService(options: Options) -> MasterService:
         max_attempts=options["max-attempts"],
         heartbeat=options["heartbeat"],
         heartbeat_timeout=options["heartbeat-timeout"],
+        client_timeout=options["client-timeout"],
         auth_timeout=options["auth-timeout"],
         max_payload=options["max-payload"],
         max_queued_bytes=options["max-queued-bytes"],
         max_queued_jobs=options["max-queued-jobs"],
+        deadline_grace=options["deadline-grace"],
+        stall_timeout=options["stall-timeout"],
         web=options["web"],
         web_address_file=options["web-address-file"],
         web_options={

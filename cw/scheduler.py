@@ -49,16 +49,29 @@ Dispatch rules:
     prefetched, and only those count.  (A job that started while the result
     of its predecessor was on the wire is missed: an undercount, never an
     overcount.)
+  - Deadlines (the master's own, whatever the worker does): a job with a
+    C{timeout} option that a worker has been running (by the inference
+    above) for C{timeout + deadline_grace} seconds without reporting it is
+    taken back from that worker (its late result is dropped; the worker is
+    told to kill it) and requeued, counting an attempt, or failed with a
+    C{JobTimeout} report after C{max_attempts}.  If that worker has
+    returned no result at all since the job started, it is stalled: it
+    gets no more jobs and the master drops it (its other jobs go back as
+    a lost worker's).  With C{stall_timeout}, a worker that holds jobs and
+    returns no result for that long is stalled too, whatever its jobs'
+    timeouts.  L{expire} makes these decisions for the time it is given.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 
 from cw.fairqueue import FairQueue
-from cw.protocol import Job, Outcome, Result, error_report, read_options
+from cw.protocol import Job, Outcome, Result, error_report, read_options, valid_timeout
 
 #: Seconds over which a worker's rate of completed jobs is measured.
 RATE_WINDOW = 0.1
@@ -110,6 +123,17 @@ class WorkerState:
     held: dict[tuple[int, int], Job] = field(default_factory=dict)
     #: Bytes of the payloads in L{held}.
     held_bytes: int = 0
+    #: Held jobs inferred to be running (its C{slots} oldest), by key: since
+    #: when; and the deadlines of those that have a timeout.
+    running_since: dict[tuple[int, int], float] = field(default_factory=dict)
+    deadlines: dict[tuple[int, int], float] = field(default_factory=dict)
+    #: When the worker last reported a result (of any kind), and since when
+    #: it holds jobs (None: it holds none); times as given to the scheduler.
+    last_result: float | None = None
+    holding_since: float | None = None
+    #: The worker made no progress in time (see L{Scheduler.expire}): it
+    #: gets no more jobs and is to be dropped.
+    stalled: bool = False
     completed: int = 0
     #: Jobs that ended in an error on this worker (raised, crashed, ...).
     failed: int = 0
@@ -139,6 +163,8 @@ class WorkerState:
         job = self.held.pop(key, None)
         if job is not None:
             self.held_bytes -= len(job.payload)
+            self.running_since.pop(key, None)
+            self.deadlines.pop(key, None)
         return job
 
     def room(self, limit: str) -> bool:
@@ -170,6 +196,20 @@ class WorkerState:
         self.credit = max(self.prefetch, min(earned, MAX_CREDIT * self.slots))
 
 
+@dataclass
+class Expiry:
+    """What L{Scheduler.expire} decided, for the master to carry out."""
+
+    #: Jobs taken back from workers and requeued (each counted an attempt).
+    requeued: list[Job] = field(default_factory=list)
+    #: C{JobTimeout} results to deliver: jobs out of attempts.
+    failed: list[Result] = field(default_factory=list)
+    #: Per worker, the keys of the jobs taken back: it should kill them.
+    cancel: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    #: Workers to drop (connection closed, jobs requeued), and why.
+    stalled: dict[int, str] = field(default_factory=dict)
+
+
 class Scheduler:
     """
     Queue, slots and ownership for one master.
@@ -182,6 +222,14 @@ class Scheduler:
     @param horizon: seconds of work, at a worker's measured rate, that it
         may hold prefetched (0: only C{prefetch}).  Rates are measured only
         when L{complete} and L{dispatch} are given the time.
+    @param deadline_grace: seconds past a job's own C{timeout} that a worker
+        running it has to report it before it is taken back (see
+        L{expire}); covers moving the job and its result, and the worker's
+        own enforcement of the timeout.
+    @param stall_timeout: seconds a worker holding jobs may return no
+        result before it is stalled (0: no limit).  Deadlines and stalls
+        are judged only for the times that L{dispatch}, L{complete} and
+        L{expire} are given.
     """
 
     def __init__(
@@ -191,6 +239,8 @@ class Scheduler:
         horizon: float = 0.05,
         max_queued_bytes: int = 1 << 30,
         max_queued_jobs: int = 10_000_000,
+        deadline_grace: float = 30.0,
+        stall_timeout: float = 0.0,
     ) -> None:
         if max_queued_bytes < 1 or max_queued_jobs < 1:
             raise ValueError("max_queued_bytes and max_queued_jobs must be >= 1")
@@ -202,6 +252,17 @@ class Scheduler:
             raise ValueError("prefetch must be >= 0")
         if horizon < 0:
             raise ValueError("horizon must be >= 0")
+        if deadline_grace < 0 or stall_timeout < 0:
+            raise ValueError("deadline_grace and stall_timeout must be >= 0")
+        self.deadline_grace = deadline_grace
+        self.stall_timeout = stall_timeout
+        #: Deadlines of running jobs: C{(deadline, worker, key)}, stale
+        #: entries (the job ended or moved) skipped when they come up.
+        self._deadlines: list[tuple[float, int, tuple[int, int]]] = []
+        #: Workers whose held jobs changed since their running jobs were
+        #: last tracked (see L{_track}).
+        self._dirty: set[int] = set()
+        self._compact_at = 1024
         self.horizon = horizon
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
@@ -272,6 +333,7 @@ class Scheduler:
                 worker.release(key)
             if keys:
                 kill[worker.id] = keys
+                self._dirty.add(worker.id)
                 state.running -= len(keys)
         if self._losses:
             self._losses = {key: v for key, v in self._losses.items() if not hit(key)}
@@ -384,6 +446,7 @@ class Scheduler:
         state = self._workers.pop(worker, None)
         if state is None:
             raise UnknownPeer(worker)
+        self._dirty.discard(worker)
         back: list[Job] = []
         failed: list[Result] = []
         for position, job in enumerate(state.held.values()):
@@ -392,7 +455,9 @@ class Scheduler:
                 self._losses.pop(job.key, None)
                 continue
             client.running -= 1
-            if position < state.slots:
+            # A stalled worker's window stopped moving when it stalled: jobs
+            # behind the ones taken back from it never ran.
+            if position < state.slots and (not state.stalled or job.key in state.running_since):
                 losses = self._losses.setdefault(job.key, [])
                 losses.append(f"{state.name} ({how})")
                 limit = self._max_attempts(job)
@@ -418,6 +483,7 @@ class Scheduler:
         """
         state = self._worker(worker)
         state.draining = True
+        self._dirty.add(worker)
         wanted = set(keys)
         back: list[Job] = []
         for key in [key for key in state.held if key in wanted]:
@@ -438,13 +504,13 @@ class Scheduler:
         return limit if valid else self.max_attempts
 
     @staticmethod
-    def _worker_lost(job: Job, losses: list[str], limit: int) -> Result:
+    def _worker_lost(
+        job: Job, losses: list[str], limit: int, kind: str = "WorkerLost", what: str = "", **extra
+    ) -> Result:
         hosts = [loss.rsplit(" (", 1)[0] for loss in losses]
-        message = (
-            f"the job was running on a worker that was lost {len(losses)} times"
-            f" (max_attempts={limit}), so it was given up: " + "; ".join(losses)
-        )
-        report = error_report("WorkerLost", message, host=hosts[-1], hosts=hosts, attempts=len(losses))
+        what = what or f"the job was running on a worker that was lost {len(losses)} times"
+        message = f"{what} (max_attempts={limit}), so it was given up: " + "; ".join(losses)
+        report = error_report(kind, message, host=hosts[-1], hosts=hosts, attempts=len(losses), **extra)
         return Result(job.client, job.seq, Outcome.CRASHED, report)
 
     # -- the flow of jobs ------------------------------------------------
@@ -456,8 +522,10 @@ class Scheduler:
         prefetch room; workers take turns so that load spreads evenly.
         C{now} (seconds) lets workers' credit follow their rates.
         """
-        workers = [w for w in self._workers.values() if not w.draining]
+        workers = [w for w in self._workers.values() if not (w.draining or w.stalled)]
         if not self._queue or not workers:
+            if now is not None:
+                self._track(now)
             return []
         if now is not None and self.horizon:
             for w in workers:
@@ -485,6 +553,9 @@ class Scheduler:
                     if w.room(limit):
                         still.append(w)
                 hungry = still
+        self._dirty.update(assigned)
+        if now is not None:
+            self._track(now)
         return list(assigned.items())
 
     def complete(self, worker: int, results: Iterable[Result], now: float | None = None) -> list[Result]:
@@ -496,9 +567,15 @@ class Scheduler:
         """
         state = self._worker(worker)
         before = state.completed
+        results = list(results)
         deliver = self._complete(state, results)
-        if now is not None and self.horizon:
-            state.observe(now, state.completed - before, self.horizon)
+        if now is not None:
+            if self.horizon:
+                state.observe(now, state.completed - before, self.horizon)
+            if results:
+                state.last_result = now
+            self._dirty.add(worker)
+            self._track(now)
         return deliver
 
     def _complete(self, state: WorkerState, results: Iterable[Result]) -> list[Result]:
@@ -519,6 +596,104 @@ class Scheduler:
             client.completed += 1
             deliver.append(result)
         return deliver
+
+    # -- deadlines -------------------------------------------------------
+
+    def _track(self, now: float) -> None:
+        """
+        For each worker whose held jobs changed, note which of them it now
+        runs (its C{slots} oldest) from C{now} on, and the deadlines of
+        those that have a timeout.
+        """
+        for wid in self._dirty:
+            state = self._workers.get(wid)
+            if state is None or state.stalled:
+                continue
+            if not state.held:
+                state.holding_since = None
+                continue
+            if state.holding_since is None:
+                state.holding_since = now
+            for key in islice(state.held, state.slots):
+                if key in state.running_since:
+                    continue
+                state.running_since[key] = now
+                job = state.held[key]
+                if not job.options:
+                    continue
+                timeout = read_options(job).get("timeout")
+                if valid_timeout(timeout):
+                    deadline = now + timeout + self.deadline_grace
+                    state.deadlines[key] = deadline
+                    heapq.heappush(self._deadlines, (deadline, wid, key))
+        self._dirty.clear()
+        if len(self._deadlines) > self._compact_at:
+            # Mostly entries of jobs that ended in time: rebuild from the live ones.
+            self._deadlines = [(d, w.id, k) for w in self._workers.values() for k, d in w.deadlines.items()]
+            heapq.heapify(self._deadlines)
+            self._compact_at = max(1024, 2 * len(self._deadlines))
+
+    def expire(self, now: float) -> Expiry:
+        """
+        Enforce deadlines at time C{now} (see the module docstring): take
+        back the jobs that ran past their timeout plus C{deadline_grace}
+        without a result, requeueing them (an attempt each) or failing
+        them with C{JobTimeout}; stall the workers that returned no result
+        since such a job started, or (with C{stall_timeout}) for too long.
+        A stalled worker gets no more jobs; the caller drops it, and its
+        remaining jobs come back through L{lose_worker}.
+        """
+        self._track(now)
+        out = Expiry()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, wid, key = heapq.heappop(self._deadlines)
+            state = self._workers.get(wid)
+            if state is None or state.stalled or state.deadlines.get(key) != deadline:
+                continue  # stale: the job ended or moved, or its worker is being dropped
+            start = state.running_since[key]
+            job = state.release(key)
+            self._dirty.add(wid)
+            out.cancel.setdefault(wid, []).append(key)
+            ran, timeout = now - start, deadline - start - self.deadline_grace
+            if state.last_result is None or state.last_result < start:
+                state.stalled = True
+                out.stalled[wid] = (
+                    f"it returned no result for {ran:.1f} s, though it was running a job with a"
+                    f" timeout of {timeout:g} s (deadline grace {self.deadline_grace:g} s)"
+                )
+            client = self._clients.get(job.client)
+            if client is None:
+                continue
+            client.running -= 1
+            losses = self._losses.setdefault(key, [])
+            losses.append(f"{state.name} (no result {ran:.1f} s after the job started)")
+            limit = self._max_attempts(job)
+            if len(losses) >= limit:
+                del self._losses[key]
+                client.completed += 1
+                self.completed += 1
+                what = (
+                    f"the job has a timeout of {timeout:g} s, and {len(losses)} times its worker did not"
+                    f" report it within {self.deadline_grace:g} s more (the master's --deadline-grace)"
+                )
+                out.failed.append(self._worker_lost(job, losses, limit, "JobTimeout", what, timeout=timeout))
+                continue
+            client.queued += 1
+            out.requeued.append(job)
+        if self.stall_timeout:
+            for state in self._workers.values():
+                if state.stalled or state.holding_since is None:
+                    continue
+                since = max(state.holding_since, state.last_result or state.holding_since)
+                if now - since > self.stall_timeout:
+                    state.stalled = True
+                    out.stalled[state.id] = (
+                        f"it held jobs and returned no result for {now - since:.1f} s"
+                        f" (--stall-timeout {self.stall_timeout:g} s)"
+                    )
+        self._queue.push_front(out.requeued)
+        self._track(now)
+        return out
 
     # -- inspection ------------------------------------------------------
 

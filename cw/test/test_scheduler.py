@@ -943,3 +943,189 @@ class RoomTests(SynchronousTestCase):
     def test_limits_checked(self):
         self.assertRaises(ValueError, Scheduler, max_queued_bytes=0)
         self.assertRaises(ValueError, Scheduler, max_queued_jobs=0)
+
+
+def timed_job(seq: int, timeout: float) -> Job:
+    """A job with its own C{timeout} option."""
+    return Job(0, seq, b"payload %d" % seq, encode_options(timeout=timeout))
+
+
+class DeadlineTests(SynchronousTestCase):
+    """
+    The master's own deadlines (L{Scheduler.expire}): a job with a timeout
+    that its worker does not report within timeout + grace is taken back,
+    whatever the worker says later.
+    """
+
+    def setUp(self):
+        self.scheduler = Scheduler(prefetch=0, max_attempts=3, deadline_grace=5)
+        self.client = self.scheduler.add_client()
+        self.worker = self.scheduler.add_worker(1, name="wedged:1")
+
+    def test_grace_validated(self):
+        self.assertRaises(ValueError, Scheduler, deadline_grace=-1)
+        self.assertRaises(ValueError, Scheduler, stall_timeout=-1)
+
+    def test_taken_back_at_timeout_plus_grace(self):
+        """The job is requeued at its deadline, not before; its worker is told to kill it."""
+        self.scheduler.submit(self.client, [timed_job(1, 10)])
+        self.scheduler.dispatch(now=100.0)
+        nothing = self.scheduler.expire(114.9)
+        self.assertEqual(
+            (nothing.requeued, nothing.failed, nothing.cancel, nothing.stalled), ([], [], {}, {})
+        )
+        expiry = self.scheduler.expire(115.0)
+        self.assertEqual(seqs(expiry.requeued), [1])
+        self.assertEqual(expiry.cancel, {self.worker: [(self.client, 1)]})
+        self.assertEqual(self.scheduler.queued, 1)
+        state = self.scheduler.client(self.client)
+        self.assertEqual((state.queued, state.running), (1, 0))
+
+    def test_silent_worker_stalled_and_skipped(self):
+        """A worker that returned nothing since the job started is stalled: no more jobs for it."""
+        self.scheduler.submit(self.client, [timed_job(1, 10)])
+        self.scheduler.dispatch(now=0.0)
+        expiry = self.scheduler.expire(15.0)
+        self.assertIn("no result for 15.0 s", expiry.stalled[self.worker])
+        self.assertTrue(self.scheduler.worker(self.worker).stalled)
+        self.assertEqual(self.scheduler.dispatch(now=15.0), [])
+        other = self.scheduler.add_worker(1)
+        self.assertEqual(assigned(self.scheduler.dispatch(now=15.0)), {other: [1]})
+
+    def test_late_result_dropped(self):
+        self.scheduler.submit(self.client, [timed_job(1, 10)])
+        [(_, [job])] = self.scheduler.dispatch(now=0.0)
+        self.scheduler.expire(15.0)
+        self.assertEqual(self.scheduler.complete(self.worker, [result_for(job)], now=16.0), [])
+
+    def test_result_in_time_clears_deadline(self):
+        self.scheduler.submit(self.client, [timed_job(1, 10)])
+        [(_, [job])] = self.scheduler.dispatch(now=0.0)
+        self.assertEqual(len(self.scheduler.complete(self.worker, [result_for(job)], now=14.0)), 1)
+        expiry = self.scheduler.expire(1000.0)
+        self.assertEqual((expiry.requeued, expiry.failed, expiry.stalled), ([], [], {}))
+
+    def test_no_deadline_without_timeout(self):
+        self.scheduler.submit(self.client, make_jobs(1, 1))
+        self.scheduler.dispatch(now=0.0)
+        expiry = self.scheduler.expire(1e9)
+        self.assertEqual((expiry.requeued, expiry.stalled), ([], {}))
+
+    def test_cancelled_job_has_no_deadline(self):
+        self.scheduler.submit(self.client, [timed_job(1, 10)])
+        self.scheduler.dispatch(now=0.0)
+        self.scheduler.cancel(self.client, [1])
+        expiry = self.scheduler.expire(100.0)
+        self.assertEqual((expiry.requeued, expiry.cancel, expiry.stalled), ([], {}, {}))
+
+    def test_prefetched_job_clock_starts_when_it_runs(self):
+        """A job waiting behind another on its worker gets its time once it runs."""
+        scheduler = Scheduler(prefetch=1, deadline_grace=5)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(1)
+        scheduler.submit(client, [*make_jobs(1, 1), timed_job(2, 10)])
+        [(_, [first, _])] = scheduler.dispatch(now=0.0)
+        self.assertEqual(scheduler.expire(100.0).requeued, [])
+        scheduler.complete(worker, [result_for(first)], now=100.0)
+        self.assertEqual(scheduler.expire(114.9).requeued, [])
+        expiry = scheduler.expire(115.0)
+        self.assertEqual(seqs(expiry.requeued), [2])
+        self.assertEqual(expiry.stalled, {}, "it returned a result since the job started")
+
+    def test_worker_reporting_other_jobs_not_stalled(self):
+        """One hung slot of a worker that reports other jobs costs only that job."""
+        scheduler = Scheduler(prefetch=0, deadline_grace=5)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(2)
+        scheduler.submit(client, [timed_job(1, 10), *make_jobs(2, 2)])
+        scheduler.dispatch(now=0.0)
+        scheduler.complete(worker, [Result(client, 2, Outcome.OK, b"")], now=3.0)
+        expiry = scheduler.expire(15.0)
+        self.assertEqual((seqs(expiry.requeued), expiry.stalled), ([1], {}))
+        self.assertEqual(expiry.cancel, {worker: [(client, 1)]})
+        self.assertEqual(assigned(scheduler.dispatch(now=15.0)), {worker: [1]})
+
+    def test_counts_attempts_then_job_timeout(self):
+        """Each expiry counts an attempt; the last fails the job with JobTimeout."""
+        scheduler = Scheduler(prefetch=0, max_attempts=2, deadline_grace=5)
+        client = scheduler.add_client()
+        scheduler.submit(client, [timed_job(1, 10)])
+        first = scheduler.add_worker(1, name="a:1")
+        scheduler.dispatch(now=0.0)
+        self.assertEqual(seqs(scheduler.expire(15.0).requeued), [1])
+        scheduler.add_worker(1, name="b:2")
+        scheduler.dispatch(now=20.0)
+        expiry = scheduler.expire(35.0)
+        self.assertEqual(expiry.requeued, [])
+        [failure] = expiry.failed
+        self.assertEqual((failure.client, failure.seq, failure.status), (client, 1, Outcome.CRASHED))
+        report = read_error_report(failure.payload)
+        self.assertEqual(report["type"], "JobTimeout")
+        self.assertEqual(report["hosts"], ["a:1", "b:2"])
+        self.assertEqual((report["attempts"], report["timeout"]), (2, 10))
+        self.assertIn("max_attempts=2", report["message"])
+        self.assertIn("--deadline-grace", report["message"])
+        state = scheduler.client(client)
+        self.assertEqual((state.queued, state.running, state.completed), (0, 0, 1))
+        self.assertEqual(scheduler.queued, 0)
+        scheduler.lose_worker(first)
+
+    def test_lost_worker_and_deadline_share_attempts(self):
+        scheduler = Scheduler(prefetch=0, max_attempts=2, deadline_grace=5)
+        client = scheduler.add_client()
+        scheduler.submit(client, [timed_job(1, 10)])
+        lost = scheduler.add_worker(1, name="a:1")
+        scheduler.dispatch(now=0.0)
+        self.assertEqual(seqs(scheduler.lose_worker(lost, "killed")[0]), [1])
+        scheduler.add_worker(1, name="b:2")
+        scheduler.dispatch(now=1.0)
+        [failure] = scheduler.expire(16.0).failed
+        self.assertEqual(read_error_report(failure.payload)["hosts"], ["a:1", "b:2"])
+
+    def test_stalled_worker_unstarted_jobs_do_not_count(self):
+        """Jobs a stalled worker held behind the overdue one never ran: no attempt when it goes."""
+        scheduler = Scheduler(prefetch=2, max_attempts=1, deadline_grace=5)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(1)
+        scheduler.submit(client, [timed_job(1, 10), *make_jobs(2, 3)])
+        scheduler.dispatch(now=0.0)
+        expiry = scheduler.expire(15.0)
+        self.assertEqual([r.seq for r in expiry.failed], [1])
+        self.assertIn(worker, expiry.stalled)
+        back, failed = scheduler.lose_worker(worker, "stalled")
+        self.assertEqual((seqs(back), failed), ([2, 3], []))
+
+    def test_stall_timeout(self):
+        """With stall_timeout, a worker holding jobs that reports nothing for that long is stalled."""
+        scheduler = Scheduler(prefetch=0, stall_timeout=60)
+        client = scheduler.add_client()
+        quiet = scheduler.add_worker(1)
+        busy = scheduler.add_worker(1)
+        idle = scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(1, 2))
+        self.assertEqual(assigned(scheduler.dispatch(now=0.0)), {quiet: [1], busy: [2]})
+        for t in range(10, 100, 10):
+            # Any result counts as progress, even one for a job it no longer holds.
+            scheduler.complete(busy, [Result(client, 99, Outcome.OK, b"")], now=float(t))
+            if t == 60:
+                self.assertEqual(scheduler.expire(60.0).stalled, {})
+        expiry = scheduler.expire(90.0)
+        self.assertEqual(list(expiry.stalled), [quiet])
+        self.assertIn("--stall-timeout 60", expiry.stalled[quiet])
+        self.assertNotIn(idle, expiry.stalled)
+
+    def test_no_stall_timeout_by_default(self):
+        """Without stall_timeout, a job without a timeout may run as long as it takes."""
+        self.scheduler.submit(self.client, make_jobs(1, 1))
+        self.scheduler.dispatch(now=0.0)
+        self.assertEqual(self.scheduler.expire(1e9).stalled, {})
+
+    def test_deadlines_of_finished_jobs_do_not_pile_up(self):
+        scheduler = Scheduler(prefetch=0, deadline_grace=5)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(1)
+        for seq in range(1, 5001):
+            scheduler.submit(client, [timed_job(seq, 60)])
+            [(_, [job])] = scheduler.dispatch(now=float(seq))
+            scheduler.complete(worker, [result_for(job)], now=float(seq))
+        self.assertLessEqual(len(scheduler._deadlines), 2048)
