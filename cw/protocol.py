@@ -14,6 +14,7 @@ Who talks to whom::
     worker --RegisterWorker, JobResults, ReturnJobs--> master
     master --ClientContext, RunJobs, Heartbeat--> worker
     master --MasterStopping--> client, worker
+    master --Heartbeat--> client, worker;  client --Heartbeat--> master
     client --DefineFunction--> master --DefineFunction, ForgetClient--> worker
     worker --RunBatch--> job process (an ampoule child, over a pipe)
 
@@ -614,9 +615,11 @@ class JobResults(amp.Command):
 
 class Heartbeat(amp.Command):
     """
-    Master to worker, every few seconds: a worker that does not answer in
-    time is declared lost even if its TCP connection looks open (a frozen
-    machine, a cable pulled, a half-open link).
+    Master to worker and client, and client to master, every few seconds:
+    a peer that is not heard from in time is declared lost even if its TCP
+    connection looks open (a frozen machine, a stopped process, a cable
+    pulled, a half-open link).  Answered with an empty box; see
+    L{cw.liveness}.
     """
 
 
