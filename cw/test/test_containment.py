@@ -81,18 +81,23 @@ class ContainmentTests(unittest.TestCase):
         """
         A job that returns after starting background processes (in its
         group, in a session of their own, daemonized, forked): all are
-        gone, and its job process lives on.
+        gone, the worker's log says so, and its job process lives on.
         """
 
         def body():
             self.procs.start_master()
-            self.procs.start_worker(1)
+            worker = self.procs.start_worker(1)
             with executor(self.procs.address) as ex:
                 returned = ex.submit(start_sleeps, self.record).result(30)
                 pids = self.recorded()
                 self.assertEqual(returned["group"] + returned["outside"], pids["group"] + pids["outside"])
                 self.assertGone(pids["group"] + pids["outside"], "the processes the job left")
                 self.assertTrue(process_exists(pids["job"]), "the job process was killed too")
+            wait_until(
+                lambda: "killed 4 process(es) that job 1 of client" in self.procs.log_tail(worker, 200),
+                timeout=GONE_WITHIN,
+                what="the worker to log the killed leftovers",
+            )
 
         return threads.deferToThread(body)
 
@@ -181,6 +186,26 @@ class ContainmentTests(unittest.TestCase):
                 self.assertEqual(ex.submit(worker_pid).result(30), frozen.pid)
 
         return threads.deferToThread(body)
+
+
+class LostMasterTests(unittest.SynchronousTestCase):
+    """A worker that loses its master connection kills its running jobs (without processes)."""
+
+    def test_running_jobs_killed_queued_dropped(self):
+        from twisted.internet.task import Clock
+
+        from cw import protocol as P
+        from cw.test.test_master_faults import FakeMasterLink, FakePool
+        from cw.worker import Worker
+
+        pool = FakePool()
+        worker = Worker(pool, 1, clock=Clock())
+        link = worker.proto = FakeMasterLink()
+        worker.enqueue([P.Job(5, seq, b"p") for seq in (1, 2)])
+        worker.disconnected(link)
+        self.assertEqual(pool.killed, 1)
+        self.assertEqual(len(pool.calls), 1, "the queued job was not started")
+        self.assertEqual(link.of(P.JobResults), [], "no result is sent for a killed job")
 
 
 def resume(pid: int) -> None:
