@@ -27,7 +27,7 @@ from twisted.python import usage
 
 from cw import protocol as P
 from cw.address import describe_listening, enable_keepalive, server_endpoint, stop_reactor
-from cw.auth import AUTH_TIMEOUT, AuthGate, MasterAuth
+from cw.auth import AUTH_TIMEOUT, AuthGate, MasterAuth, WrongSecretLog
 from cw.batching import Outbox
 from cw.limits import (
     Admission,
@@ -90,6 +90,7 @@ class MasterProtocol(SignsOfLife, StreamingSender, AuthGate, MasterAuth, ChunkRe
         super().__init__()
         self.master = master
         self.secret = master.secret
+        self.wrong_secrets = master.wrong_secrets
         self.max_box_bytes = P.box_limit(master.max_payload)
         if self.secret is None:
             self.mark_authenticated()
@@ -353,6 +354,8 @@ class Master:
                 self.client_beats = HeartbeatMonitor(clock, heartbeat, client_timeout, self._client_silent)
         #: The shared secret peers must prove they hold; None: --insecure.
         self.secret = secret
+        #: When to warn about peers with another secret (rate-limited).
+        self.wrong_secrets = WrongSecretLog(clock)
         #: Connections not yet authenticated, and how many of them may wait
         #: (in all and per source address; see L{cw.limits}).
         self.max_pending = default_max_pending(descriptor_limit(), max_pending)

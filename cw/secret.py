@@ -46,6 +46,12 @@ class SecretError(CWError):
     """A secret file (the shared secret, the dashboard token) is missing, unsafe or unusable."""
 
 
+class Secret(bytes):
+    """A secret, and C{path}, the file it was read from (named in messages)."""
+
+    path: Path | None = None
+
+
 def default_path() -> Path:
     config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(config) / "cw" / "secret"
@@ -166,7 +172,7 @@ def _write_failure(path: Path, error: OSError, what: str, elsewhere: str) -> str
     return f"cannot create {what} {path}: {reason}; {fix}"
 
 
-def load_secret(explicit: str | os.PathLike | None = None) -> bytes:
+def load_secret(explicit: str | os.PathLike | None = None) -> Secret:
     """
     Read (creating the default one if needed) and check the secret file;
     return the secret.  Raises L{SecretError} with what to do.
@@ -208,4 +214,6 @@ def load_secret(explicit: str | os.PathLike | None = None) -> bytes:
             f"secret file {path} holds {len(data)} bytes; use at least {MIN_SECRET}"
             f" (delete it to have cw create a new one)"
         )
-    return data
+    secret = Secret(data)
+    secret.path = path
+    return secret

@@ -17,6 +17,10 @@ piece, and sends no faster than its peer reads (TCP's own flow control, or
 a pipe's, reaches back to the sender).  Boxes sent meanwhile queue behind
 the big one, in order, as AMP requires.
 
+On an authenticated connection (L{cw.auth.AuthGate}), each streamed box
+is signed as it is written: every piece goes into the box's MAC on its way
+to the transport, and the MAC closes the box (L{cw.auth.BoxMac}).
+
 L{ChunkReceiver} is the receiving half: AMP keeps every value of a box in
 the box until the command's answer is sent, so a value chunked by
 L{cw.protocol.Blob} would be held as chunks for as long as the command runs
@@ -44,12 +48,17 @@ PIECE = 1 << 20
 _LENGTH = struct.Struct("!H")
 
 
-def box_pieces(box) -> list:
+#: Stands in a sender's queue for the end of a box that is signed as it is
+#: written: replaced by the box's MAC and end when its turn comes.
+_SIGNED_END = object()
+
+
+def box_pieces(box, end=b"\0\0") -> list:
     """The wire form of an AMP box as a list of pieces (values not copied)."""
     pieces = []
     for key, value in sorted(box.items(), key=lambda item: item[0]):
         pieces += [_LENGTH.pack(len(key)), key, _LENGTH.pack(len(value)), value]
-    pieces.append(b"\0\0")
+    pieces.append(end)
     return pieces
 
 
@@ -65,6 +74,10 @@ class StreamingSender:
     _outgoing: deque | None = None
     #: Bytes of streamed boxes not yet handed to the transport.
     outgoing_bytes = 0
+    #: Signs boxes once a session started (see L{cw.auth.AuthGate}); None: unsigned.
+    box_signer = None
+    #: The MAC of the streamed box being written.
+    _writing_mac = None
 
     def stream_progress(self) -> None:
         """Called after each piece is written; override to watch L{outgoing_bytes}."""
@@ -74,36 +87,52 @@ class StreamingSender:
             return super().sendBox(box)
         if self.transport is None:
             raise error.ConnectionLost()
-        pieces = box_pieces(box)
+        signed = self.box_signer is not None
+        pieces = box_pieces(box, _SIGNED_END if signed else b"\0\0")
+        size = sum(len(piece) for piece in pieces[:-1]) + 2
         if self._outgoing is not None:
             self._outgoing.extend(pieces)
-            self.outgoing_bytes += sum(len(piece) for piece in pieces)
+            self.outgoing_bytes += size
             return
         if not hasattr(self.transport, "registerProducer") or self._startingTLSBuffer is not None:
             return super().sendBox(box)
         try:
             self._outgoing = deque(pieces)
-            self.outgoing_bytes = sum(len(piece) for piece in pieces)
+            self.outgoing_bytes = size
             self.transport.registerProducer(self, False)
         except RuntimeError:
             # Someone else's producer is registered: write the box whole.
             self._outgoing = None
             self.outgoing_bytes = 0
-            self.transport.write(b"".join(pieces))
+            if signed:
+                self.transport.write(self.box_signer.sign(b"".join(pieces[:-1])))
+            else:
+                self.transport.write(b"".join(pieces))
 
     def resumeProducing(self) -> None:
         outgoing = self._outgoing
         if outgoing is None:
             return
         batch, size = [], 0
+        signer = self.box_signer
         while outgoing and size < PIECE:
             piece = outgoing.popleft()
+            if piece is _SIGNED_END:
+                piece = signer.trailer(self._writing_mac)
+                self._writing_mac = None
+                batch.append(piece)
+                size += 2  # as counted in sendBox
+                continue
             if size + len(piece) > PIECE and len(piece) > PIECE:
                 # Cut a long value; the rest goes back to the front.
                 cut = PIECE - size
                 view = memoryview(piece)
                 outgoing.appendleft(view[cut:])
                 piece = view[:cut]
+            if signer is not None:
+                if self._writing_mac is None:
+                    self._writing_mac = signer.start()
+                self._writing_mac.update(piece)
             batch.append(piece)
             size += len(piece)
         self.outgoing_bytes -= size
@@ -119,6 +148,7 @@ class StreamingSender:
 
     def stopProducing(self) -> None:
         self._outgoing = None
+        self._writing_mac = None
         self.outgoing_bytes = 0
         self.stream_progress()
 

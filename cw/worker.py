@@ -34,7 +34,7 @@ from twisted.python import usage
 
 from cw import protocol as P
 from cw.address import client_description, client_endpoint
-from cw.auth import AuthGate, authenticate
+from cw.auth import AuthenticationFailed, AuthGate, authenticate, refused_retry_delay
 from cw.batching import Outbox
 from cw.limits import log_descriptor_limit
 from cw.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
@@ -144,10 +144,16 @@ class WorkerProtocol(StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
         self.worker.connected(self, answer["worker_id"])
 
     def _refused(self, failure):
+        retry = ""
+        if failure.check(AuthenticationFailed):
+            # Trying again at once would fail the same way: back off.
+            self.worker.refusals += 1
+            retry = f"; trying again in {self.worker.retry_delay(1):g} s"
         log.error(
-            "Could not join the master at {address}: {why}",
+            "Could not join the master at {address}: {why}{retry}",
             address=self.worker.address,
             why=failure.getErrorMessage(),
+            retry=retry,
         )
         self.transport.loseConnection()
 
@@ -256,8 +262,23 @@ class Worker:
         self._master_watchdog = None
         self._last_heartbeat: float | None = None
         self.outbox = Outbox(clock, self._send_results, P.result_size)
+        #: Longest wait between tries to reach the master (see L{retry_delay}).
+        self.reconnect_delay = RECONNECT_DELAY
+        #: Handshakes in a row that failed on the secret.
+        self.refusals = 0
+
+    def retry_delay(self, attempt: int) -> float:
+        """
+        Seconds until the next try to reach the master: the usual back-off
+        after C{attempt} failed connections, or, after handshakes that
+        failed on the secret, L{refused_retry_delay} of them.
+        """
+        if self.refusals:
+            return refused_retry_delay(self.refusals, self.reconnect_delay)
+        return backoffPolicy(maxDelay=self.reconnect_delay)(attempt)
 
     def connected(self, proto: WorkerProtocol, worker_id: int) -> None:
+        self.refusals = 0
         self.proto = proto
         self.worker_id = worker_id
         peer = proto.transport.getPeer()
@@ -738,6 +759,7 @@ class WorkerService(service.MultiService):
         self.worker = Worker(self.pool, self.procs, secret=self.secret, address=self.master_address)
         self.worker.job_timeout = self.job_timeout
         self.worker.master_timeout = self.master_timeout
+        self.worker.reconnect_delay = self.reconnect_delay
         if self.secret is None:
             log.warn(
                 "cw worker running with --insecure: it runs jobs from any master it reaches"
@@ -745,9 +767,7 @@ class WorkerService(service.MultiService):
             )
         factory = Factory.forProtocol(lambda: WorkerProtocol(self.worker))
         endpoint = client_endpoint(reactor, self.master_address)
-        self.client_service = ClientService(
-            endpoint, factory, retryPolicy=backoffPolicy(maxDelay=self.reconnect_delay)
-        )
+        self.client_service = ClientService(endpoint, factory, retryPolicy=self.worker.retry_delay)
         self.client_service.setServiceParent(self)
         log.info(
             "cw worker starting {n} job processes; master at {master}",

@@ -142,7 +142,7 @@ class AuthenticationTests(unittest.TestCase):
             wrong = other_secret(self)
             with self.assertRaises(AuthenticationFailed) as caught:
                 ClusterExecutor(self.procs.address, secret_file=wrong)
-            self.assertIn("does not hold this secret", str(caught.exception))
+            self.assertIn("hold different secrets", str(caught.exception))
             with self.assertRaises(MasterUnavailable) as caught:
                 ClusterExecutor(self.procs.address, insecure=True)
             self.assertIn("requires authentication", str(caught.exception))
@@ -222,7 +222,7 @@ class AuthenticationTests(unittest.TestCase):
             )
             yield threads.deferToThread(
                 wait_until,
-                lambda: "does not hold this secret" in self.procs.log_tail(fake, 100),
+                lambda: "hold different secrets" in self.procs.log_tail(fake, 100),
                 what="the worker to reject the impostor",
             )
             self.assertEqual(impostor.master.workers, {})
