@@ -42,7 +42,6 @@ import struct
 from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.protocols import amp
-from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -264,7 +263,7 @@ class AuthGate:
     _box_hash = None
     _box_mac: bytes | None = None
     _reading_mac = False
-    #: Why this side dropped the connection (see L{reject}).
+    #: Why this side dropped the connection (see L{reject}), for messages.
     rejected: str | None = None
 
     def connectionMade(self):
@@ -386,9 +385,6 @@ class AuthGate:
     def connectionLost(self, reason):
         if self._auth_timer is not None and self._auth_timer.active():
             self._auth_timer.cancel()
-        if self.rejected is not None:
-            # Say why to whoever waits on this connection (a client's jobs).
-            reason = Failure(error.ConnectionAborted(self.rejected))
         super().connectionLost(reason)
 
 

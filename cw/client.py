@@ -403,9 +403,8 @@ class Session:
         self.on_results(results)
 
     def connection_lost(self, proto: ClientProtocol, reason) -> None:
-        self._lost(
-            proto, f"lost the connection to the cw master at {self.address}: {reason.getErrorMessage()}"
-        )
+        why = proto.rejected or reason.getErrorMessage()  # rejected: this side dropped it, and why
+        self._lost(proto, f"lost the connection to the cw master at {self.address}: {why}")
 
     def master_stopping(self, proto: ClientProtocol, reason: str) -> None:
         """
