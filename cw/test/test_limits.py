@@ -23,7 +23,7 @@ from cw import limits as L
 from cw import protocol as P
 from cw import validation as V
 from cw.address import client_endpoint
-from cw.auth import AuthGate, Challenge, Prove, new_nonce, peer_proof
+from cw.auth import AuthGate, authenticate
 from cw.client import client_context
 from cw.secret import load_secret
 from cw.test.jobs import square
@@ -118,11 +118,8 @@ class Peer(AuthGate, amp.AMP):
 def authenticated_peer(address: str, role: str):
     """Connect a L{Peer} to the master at C{address} and run the handshake as C{role}."""
     peer = yield connectProtocol(client_endpoint(reactor, address), Peer()).addTimeout(STEP, reactor)
-    mine = new_nonce()
-    answer = yield peer.callRemote(Challenge, role=role, nonce=mine).addTimeout(STEP, reactor)
-    proof = peer_proof(load_secret(), role, mine, answer["nonce"])
-    yield peer.callRemote(Prove, proof=proof).addTimeout(STEP, reactor)
-    peer.mark_authenticated()
+    # The real handshake: it also starts the session whose MACs every later box needs.
+    yield authenticate(peer, load_secret(), role, address).addTimeout(STEP, reactor)
     return peer
 
 
