@@ -37,6 +37,7 @@ from cw.address import client_description, client_endpoint
 from cw.auth import AuthenticationFailed, AuthGate, authenticate, refused_retry_delay
 from cw.batching import Outbox
 from cw.limits import log_descriptor_limit
+from cw.liveness import SignsOfLife
 from cw.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
 
 log = Logger()
@@ -121,7 +122,7 @@ def join_master(proto: amp.AMP, secret: bytes | None, address: str, slots: int) 
     return d
 
 
-class WorkerProtocol(StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
+class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
     """
     The worker's connection to its master.  The master must prove it holds
     the secret before this worker accepts any job from it.
@@ -281,6 +282,10 @@ class Worker:
         self.refusals = 0
         self.proto = proto
         self.worker_id = worker_id
+        # Anything from the master counts as a sign of life (L{cw.liveness}):
+        # its heartbeat may wait behind a big box it is sending.
+        proto.liveness_clock = self.clock
+        proto.last_heard = self.clock.seconds()
         peer = proto.transport.getPeer()
         log.info(
             "Registered with the master at {peer} as worker {wid} with {n} slots",
@@ -303,8 +308,16 @@ class Worker:
         self._master_watchdog = self.clock.callLater(timeout, self._master_silent, proto, timeout)
 
     def _master_silent(self, proto: WorkerProtocol, timeout: float) -> None:
+        silent = self.clock.seconds() - getattr(proto, "last_heard", float("-inf"))
+        if silent < timeout:
+            # The master sent something since its last heartbeat (a big box
+            # that its next heartbeat waits behind): not silent yet.
+            self._master_watchdog = self.clock.callLater(
+                timeout - silent, self._master_silent, proto, timeout
+            )
+            return
         log.warn(
-            "No heartbeat from the master for {s:g} s; dropping the connection to reconnect",
+            "No heartbeat or anything else from the master for {s:g} s; dropping the connection to reconnect",
             s=timeout,
         )
         proto.transport.abortConnection()

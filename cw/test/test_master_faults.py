@@ -182,6 +182,16 @@ class MasterWatchdogTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertTrue(self.proto.transport.aborted)
 
+    def test_data_from_master_counts(self):
+        """A master busy sending a big box (its heartbeat queued behind it) is not silent."""
+        self.beat(3, 5.0)
+        for _ in range(120):
+            self.clock.advance(1.0)
+            self.proto.last_heard = self.clock.seconds()
+        self.assertFalse(self.proto.transport.aborted)
+        self.clock.advance(30.1)
+        self.assertTrue(self.proto.transport.aborted)
+
     def test_disabled(self):
         self.worker.master_timeout = 0
         self.beat(1, 1000.0)
@@ -199,6 +209,7 @@ class FakeWorkerConnection:
     def __init__(self) -> None:
         self.transport = self
         self.aborted = False
+        self.last_heard = float("-inf")
 
     def abortConnection(self):
         self.aborted = True
