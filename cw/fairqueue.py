@@ -13,7 +13,7 @@ Pure data structure: no I/O, no clock; L{cw.scheduler.Scheduler} owns one.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from cw.protocol import Job, read_options
 
@@ -151,21 +151,40 @@ class FairQueue:
             queue.push(job, front=True)
             self._size += 1
 
-    def popleft(self) -> Job:
-        """The next job: from the client whose turn it is."""
-        if not self._size:
+    def next_client(self, skip: Collection[int] = ()) -> int | None:
+        """The client whose turn it is, passing over those in C{skip}; None if none has jobs."""
+        for client in self._turns:
+            if client not in skip:
+                return client
+        return None
+
+    def popleft(self, skip: Collection[int] = ()) -> Job:
+        """
+        The next job: from the client whose turn it is.  Clients in C{skip}
+        (whose jobs are not to be dispatched now) are passed over and keep
+        their place in the turns.
+        """
+        client = self.next_client(skip) if skip else (self._turns[0] if self._turns else None)
+        if client is None:
             raise IndexError("pop from an empty FairQueue")
-        client = self._turns[0]
+        first = client == self._turns[0]
         jobs = self._clients[client]
         job = jobs.pop()
         self._size -= 1
         jobs.credit -= 1
         if not jobs.size:
-            self._turns.popleft()
+            if first:
+                self._turns.popleft()
+            else:
+                self._turns.remove(client)
             jobs.credit = jobs.weight
         elif jobs.credit <= 0:
             jobs.credit = jobs.weight
-            self._turns.rotate(-1)
+            if first:
+                self._turns.rotate(-1)
+            else:
+                self._turns.remove(client)
+                self._turns.append(client)
         return job
 
     def remove(self, client: int, unwanted: Callable[[Job], bool]) -> int:

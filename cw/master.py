@@ -67,6 +67,29 @@ MAX_QUEUED_JOBS = 10_000_000
 #: Seconds a client may stay silent (no answer to heartbeats, nothing sent)
 #: before the master drops it and its jobs (C{--client-timeout}).
 CLIENT_TIMEOUT = 60.0
+#: Bytes of results waiting to be read by a client beyond which its jobs are
+#: not dispatched (C{--max-unsent-bytes}), and seconds it may read nothing
+#: while results wait before it is disconnected (C{--client-read-timeout}).
+MAX_UNSENT_BYTES = 64 << 20
+CLIENT_READ_TIMEOUT = 60.0
+
+
+def transport_backlog(transport) -> int:
+    """
+    Bytes written to C{transport} that it has not yet handed to the kernel
+    (Twisted's write buffers, of this transport and of any it wraps, as a
+    TLS transport wraps TCP).  0 for a transport without such buffers.
+    """
+    total = 0
+    for _ in range(4):
+        if transport is None:
+            break
+        buffer = getattr(transport, "dataBuffer", None)
+        if buffer is not None:
+            total += len(buffer) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+        transport = getattr(transport, "transport", None)
+    return total
+
 
 #: Seconds past a job's own timeout that a worker has to report it before
 #: the master takes it back (C{--deadline-grace}; see L{Scheduler.expire}).
@@ -106,16 +129,43 @@ class MasterProtocol(SignsOfLife, StreamingSender, AuthGate, MasterAuth, ChunkRe
         self.reading_paused = False
         #: Fires once the connection has closed.
         self.closed: defer.Deferred = defer.Deferred()
+        #: Bytes handed to the transport so far (see L{unsent_bytes}).
+        self.written_bytes = 0
 
     def connectionMade(self):
         super().connectionMade()
         # Heartbeats notice a peer that hangs; keepalive, one that vanished
         # while heartbeats are off.
         enable_keepalive(self.transport)
+        self._count_writes()
         if not self.authenticated:
             self.auth_timeout = self.master.auth_timeout
             self.master.admit(self)
             self.start_auth_timer(self.master.clock)
+
+    def _count_writes(self) -> None:
+        """Count the bytes written to the transport, so that what the peer read can be told."""
+        transport = self.transport
+        write, write_sequence = transport.write, transport.writeSequence
+
+        def counted_write(data) -> None:
+            self.written_bytes += len(data)
+            write(data)
+
+        def counted_sequence(pieces) -> None:
+            pieces = list(pieces)
+            self.written_bytes += sum(len(piece) for piece in pieces)
+            write_sequence(pieces)
+
+        transport.write, transport.writeSequence = counted_write, counted_sequence
+
+    def unsent_bytes(self) -> int:
+        """Bytes towards this peer still in the master: buffered, or in boxes being streamed."""
+        return transport_backlog(self.transport) + self.outgoing_bytes
+
+    def stream_progress(self) -> None:
+        if self.role == "client":
+            self.master.watch_output(self)
 
     def mark_authenticated(self) -> None:
         super().mark_authenticated()
@@ -335,6 +385,8 @@ class Master:
         max_queued_jobs: int = MAX_QUEUED_JOBS,
         deadline_grace: float = DEADLINE_GRACE,
         stall_timeout: float = 0.0,
+        max_unsent_bytes: int = MAX_UNSENT_BYTES,
+        client_read_timeout: float = CLIENT_READ_TIMEOUT,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -378,7 +430,10 @@ class Master:
             max_queued_jobs=max_queued_jobs,
             deadline_grace=deadline_grace,
             stall_timeout=stall_timeout,
+            max_unsent_bytes=max_unsent_bytes,
+            read_timeout=client_read_timeout,
         )
+        self._output_watch: task.LoopingCall | None = None
         self._deadline_checks: task.LoopingCall | None = None
         self.clients: dict[int, MasterProtocol] = {}
         self.workers: dict[int, MasterProtocol] = {}
@@ -710,7 +765,53 @@ class Master:
             by_client.setdefault(result.client, []).append(result)
         for cid, batch in by_client.items():
             # Results arrive batched by the worker: pass each batch on at once.
-            self.clients[cid].send_results(batch, now=True)
+            proto = self.clients[cid]
+            proto.send_results(batch, now=True)
+            self.watch_output(proto)
+
+    # -- clients that do not read ----------------------------------------
+
+    def start_watching_clients(self) -> None:
+        """Check every client's unsent results every second (or quarter of the read timeout)."""
+        if self._output_watch is None:
+            self._output_watch = task.LoopingCall(self._watch_outputs)
+            self._output_watch.clock = self.clock
+            self._output_watch.start(min(1.0, self.scheduler.read_timeout / 4), now=False)
+
+    def stop_watching_clients(self) -> None:
+        if self._output_watch is not None and self._output_watch.running:
+            self._output_watch.stop()
+        self._output_watch = None
+
+    def _watch_outputs(self) -> None:
+        for proto in list(self.clients.values()):
+            self.watch_output(proto)
+
+    def watch_output(self, proto: MasterProtocol) -> None:
+        """
+        Tell the scheduler how much of its results C{proto}'s client has
+        not read: its jobs wait while that is over C{--max-unsent-bytes},
+        and a client that reads nothing for C{--client-read-timeout}
+        seconds is disconnected (L{Scheduler.unsent_results}).
+        """
+        cid = proto.peer_id
+        if self.clients.get(cid) is not proto or proto.transport is None:
+            return
+        unsent = proto.unsent_bytes()
+        now = self.clock.seconds()
+        verdict = self.scheduler.unsent_results(cid, unsent, proto.written_bytes - unsent, now)
+        if verdict == "resume":
+            self.schedule_dispatch()
+        elif verdict == "drop":
+            log.warn(
+                "Client {cid} ({peer}) read none of its results for over {t:g} s"
+                " ({mib:.1f} MiB wait): disconnecting it (--client-read-timeout)",
+                cid=cid,
+                peer=proto.peer_name,
+                t=self.scheduler.read_timeout,
+                mib=unsent / (1 << 20),
+            )
+            proto.transport.abortConnection()
 
     # -- dispatch --------------------------------------------------------
 
@@ -798,6 +899,8 @@ class Master:
                     "peak_queued": c.peak_queued,
                     "peak_queued_bytes": c.peak_queued_bytes,
                     "held": s.held(c.id),
+                    "unsent_bytes": c.unsent,
+                    "results_backed_up": c.results_backed_up,
                     "running": c.running,
                     "submitted": c.submitted,
                     "completed": c.completed,
@@ -887,6 +990,7 @@ class MasterService(service.Service):
             )
         self.master.start_heartbeats()
         self.master.start_deadlines()
+        self.master.start_watching_clients()
         if self.web is not None:
             self.web.start(reactor)
         endpoint = server_endpoint(reactor, self.listen)
@@ -926,6 +1030,7 @@ class MasterService(service.Service):
         super().stopService()
         self.master.stop_heartbeats()
         self.master.stop_deadlines()
+        self.master.stop_watching_clients()
         if self.address_file:
             try:
                 os.unlink(self.address_file)
@@ -965,6 +1070,20 @@ class Options(usage.Options):
         ["max-payload", None, P.MAX_PAYLOAD, "largest job or result payload, in bytes", int],
         ["max-queued-bytes", None, MAX_QUEUED_BYTES, "bytes of jobs a client may have queued", int],
         ["max-queued-jobs", None, MAX_QUEUED_JOBS, "jobs a client may have queued", int],
+        [
+            "max-unsent-bytes",
+            None,
+            MAX_UNSENT_BYTES,
+            "dispatch none of a client's jobs while it has this many bytes of results unread",
+            int,
+        ],
+        [
+            "client-read-timeout",
+            None,
+            CLIENT_READ_TIMEOUT,
+            "disconnect a client that reads none of its results for this long",
+            float,
+        ],
         ["max-attempts", None, 3, "lost workers a running job may outlive before it fails", int],
         ["heartbeat", None, 5.0, "seconds between heartbeats to each worker and client (0: none)", float],
         ["heartbeat-timeout", None, None, "seconds a worker may stay silent (default: 3 heartbeats)", float],
@@ -1000,6 +1119,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be at least 1")
         if self["max-attempts"] < 1:
             raise usage.UsageError("--max-attempts must be at least 1")
+        if self["max-unsent-bytes"] < 1 or self["client-read-timeout"] <= 0:
+            raise usage.UsageError("--max-unsent-bytes and --client-read-timeout must be positive")
         if self["max-queued-bytes"] < 1 or self["max-queued-jobs"] < 1:
             raise usage.UsageError("--max-queued-bytes and --max-queued-jobs must be at least 1")
         if self["prefetch"] < 0 or self["prefetch-seconds"] < 0:
@@ -1032,6 +1153,8 @@ def makeService(options: Options) -> MasterService:
         max_queued_jobs=options["max-queued-jobs"],
         deadline_grace=options["deadline-grace"],
         stall_timeout=options["stall-timeout"],
+        max_unsent_bytes=options["max-unsent-bytes"],
+        client_read_timeout=options["client-read-timeout"],
         web=options["web"],
         web_address_file=options["web-address-file"],
         web_options={

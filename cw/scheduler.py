@@ -38,6 +38,11 @@ Dispatch rules:
     sends only while room is left (so it overshoots by one job at most),
     and gets more once its queue, with the room it has not used yet, has
     come down to half the limits (L{Scheduler.take_room}).
+  - Results a client does not read: while more than C{max_unsent_bytes}
+    of results wait to be read by a client, its jobs are not dispatched;
+    once it has read them down to half, they are.  A client that reads
+    nothing for C{read_timeout} seconds while results wait is to be
+    disconnected (L{Scheduler.unsent_results}).
   - Poison jobs: a job that was running on a worker when that worker was
     lost counts an attempt.  After C{max_attempts} attempts (the job's own
     C{max_attempts} option, else the scheduler's) it is not requeued but
@@ -107,6 +112,14 @@ class ClientState:
     #: Most bytes and jobs this client ever had queued at once.
     peak_queued_bytes: int = 0
     peak_queued: int = 0
+    #: Bytes of results sent towards the client that it has not read yet,
+    #: and the most it had read (see L{Scheduler.unsent_results}).
+    unsent: int = 0
+    read: int = 0
+    #: When the client was last seen reading (or with nothing to read).
+    last_read: float | None = None
+    #: Its jobs are not dispatched until it reads its results.
+    results_backed_up: bool = False
 
 
 @dataclass
@@ -241,9 +254,17 @@ class Scheduler:
         max_queued_jobs: int = 10_000_000,
         deadline_grace: float = 30.0,
         stall_timeout: float = 0.0,
+        max_unsent_bytes: int = 64 << 20,
+        read_timeout: float = 60.0,
     ) -> None:
         if max_queued_bytes < 1 or max_queued_jobs < 1:
             raise ValueError("max_queued_bytes and max_queued_jobs must be >= 1")
+        if max_unsent_bytes < 1 or read_timeout <= 0:
+            raise ValueError("max_unsent_bytes and read_timeout must be > 0")
+        self.max_unsent_bytes = max_unsent_bytes
+        self.read_timeout = read_timeout
+        #: Clients whose jobs are not dispatched: their results back up.
+        self._backed_up: set[int] = set()
         self.max_queued_bytes = max_queued_bytes
         self.max_queued_jobs = max_queued_jobs
         #: Clients whose queue shrank since L{take_room} last looked.
@@ -302,6 +323,7 @@ class Scheduler:
         if state is None:
             raise UnknownPeer(client)
         self._shrunk.discard(client)
+        self._backed_up.discard(client)
         self._queue.forget(client)
         if self._losses:
             self._losses = {key: v for key, v in self._losses.items() if key[0] != client}
@@ -403,6 +425,46 @@ class Scheduler:
                 grants.append((cid, more_bytes, more_jobs))
         self._shrunk.clear()
         return grants
+
+    # -- results a client does not read -----------------------------------
+    #
+    # The master reports, for each client, the bytes of results written
+    # towards it that it has not read yet (still in the master's buffers)
+    # and the running total it has read.  Over max_unsent_bytes unsent, the
+    # client's jobs stay queued (they would only add results it cannot
+    # take); once it has read them down to half, they go again.  A client
+    # that reads nothing for read_timeout seconds while results wait is to
+    # be disconnected: it is stopped (^Z) or hung, and its buffered results
+    # would otherwise stay in the master's memory.
+
+    def unsent_results(self, client: int, unsent: int, read: int, now: float) -> str:
+        """
+        Record that C{unsent} bytes of results wait to be read by C{client},
+        which has read C{read} bytes in all, at time C{now}.  Return
+        C{"drop"} if it has read nothing for longer than C{read_timeout}
+        while results waited, C{"resume"} if its jobs may be dispatched
+        again, else C{""}.
+        """
+        state = self._client(client)
+        state.unsent = unsent
+        if read > state.read or unsent == 0 or state.last_read is None:
+            state.read = max(state.read, read)
+            state.last_read = now
+        elif now - state.last_read > self.read_timeout:
+            return "drop"
+        if unsent > self.max_unsent_bytes and not state.results_backed_up:
+            state.results_backed_up = True
+            self._backed_up.add(client)
+        elif state.results_backed_up and 2 * unsent <= self.max_unsent_bytes:
+            state.results_backed_up = False
+            self._backed_up.discard(client)
+            return "resume"
+        return ""
+
+    def stalled_for(self, client: int, now: float) -> float:
+        """Seconds C{client} has read nothing while results waited for it (0: it reads)."""
+        state = self._client(client)
+        return 0.0 if state.last_read is None or not state.unsent else now - state.last_read
 
     def over_hard_limit(self, client: int) -> bool:
         """
@@ -523,7 +585,8 @@ class Scheduler:
         C{now} (seconds) lets workers' credit follow their rates.
         """
         workers = [w for w in self._workers.values() if not (w.draining or w.stalled)]
-        if not self._queue or not workers:
+        skip = self._backed_up
+        if not workers or not self._dispatchable(skip):
             if now is not None:
                 self._track(now)
             return []
@@ -538,12 +601,12 @@ class Scheduler:
             # One job at a time per worker in turn, so that a short queue is
             # spread over all free workers rather than filling the first.
             hungry = [w for w in workers if w.room(limit)]
-            while hungry and self._queue:
+            while hungry and self._dispatchable(skip):
                 still = []
                 for w in hungry:
-                    if not self._queue:
+                    if not self._dispatchable(skip):
                         break
-                    job = self._queue.popleft()
+                    job = self._queue.popleft(skip)
                     w.hold(job)
                     assigned.setdefault(w.id, []).append(job)
                     client = self._clients[job.client]
@@ -557,6 +620,12 @@ class Scheduler:
         if now is not None:
             self._track(now)
         return list(assigned.items())
+
+    def _dispatchable(self, skip: set[int]) -> bool:
+        """Whether a queued job may go, its client's results not backed up."""
+        if not skip:
+            return bool(self._queue)
+        return self._queue.next_client(skip) is not None
 
     def complete(self, worker: int, results: Iterable[Result], now: float | None = None) -> list[Result]:
         """

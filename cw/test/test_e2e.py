@@ -137,11 +137,7 @@ class EndToEndTests(unittest.TestCase):
         name = "cw_e2e_only_here_%d" % os.getpid()
         marker = name + ".txt"
         with open(os.path.join(moddir, name + ".py"), "w") as f:
-            f.write(
-                "import os\n"
-                "def where(x=None):\n"
-                f"    return x, os.getcwd(), open({marker!r}).read()\n"
-            )
+            f.write(f"import os\ndef where(x=None):\n    return x, os.getcwd(), open({marker!r}).read()\n")
         with open(marker, "w") as f:
             f.write("client side")
         sys.path.insert(0, moddir)

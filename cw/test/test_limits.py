@@ -8,14 +8,20 @@ tested end to end against real C{twistd} processes on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import connectProtocol
+from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.trial import unittest
 
@@ -24,10 +30,21 @@ from cw import protocol as P
 from cw import validation as V
 from cw.address import client_endpoint
 from cw.auth import AuthGate, authenticate
-from cw.client import client_context
+from cw.client import client_context, master_status
 from cw.secret import load_secret
 from cw.test.jobs import square
-from cw.test.procs import DEADLINE, Processes, executor, held_client, wait_until
+from cw.test.procs import (
+    DEADLINE,
+    Processes,
+    child_env,
+    executor,
+    held_client,
+    stop_process,
+    wait_until,
+)
+from cw.test.test_payloads import peak_rss_mib, reset_peak_rss
+
+log = Logger()
 
 #: Seconds any single network step of these tests may take.
 STEP = 15
@@ -421,3 +438,98 @@ def host_port(address: str) -> tuple[str, int]:
     """C{(host, port)} of a C{tcp:host=H:port=P} address."""
     fields = dict(part.split("=", 1) for part in address.split(":")[1:])
     return fields["host"], int(fields["port"])
+
+
+#: A client process for L{UnreadResultsTests}: submits jobs with sizeable
+#: results, says so, then reads them (unless it is stopped).
+STOPPED_CLIENT = """
+import sys
+from cw.client import ClusterExecutor
+from cw.test.jobs import payload_bytes
+
+ex = ClusterExecutor(sys.argv[1])
+futures = [ex.submit(payload_bytes, int(sys.argv[2]), seed) for seed in range(int(sys.argv[3]))]
+print("submitted", flush=True)
+for future in futures:
+    future.result()
+print("all results read", flush=True)
+"""
+
+
+class UnreadResultsTests(unittest.TestCase):
+    """
+    A client that stops reading its results (^Z): the master stops
+    dispatching its jobs, so its memory stays bounded, and disconnects it
+    after --client-read-timeout.
+    """
+
+    timeout = 180
+
+    def setUp(self):
+        self.procs = Processes(self, self.mktemp())
+
+    def start_client(self, *args: str) -> subprocess.Popen:
+        out = self.procs.directory / "client.out"
+        with open(out, "wb") as f:
+            client = subprocess.Popen(
+                [sys.executable, "-c", STOPPED_CLIENT, *args],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=child_env(),
+                start_new_session=True,
+            )
+        client.out = out
+
+        def stop():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(client.pid, signal.SIGCONT)
+            stop_process(client)
+
+        self.addCleanup(stop)
+        return client
+
+    def test_stopped_client(self):
+        size, count, limit, timeout = 2 * MIB, 300, 16 * MIB, 5
+
+        def body():
+            self.procs.start_master("--max-unsent-bytes", str(limit), "--client-read-timeout", str(timeout))
+            self.procs.start_worker(procs=2)
+            master = self.procs.master.pid
+            baseline = rss_mib(master)
+            reset_peak_rss(master)
+            client = self.start_client(self.procs.address, str(size), str(count))
+            wait_until(lambda: b"submitted" in client.out.read_bytes(), what="the client to submit")
+            os.kill(client.pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+
+            def client_gone():
+                clients = master_status(self.procs.address)["clients"]
+                return not any(c["peer"].endswith(f":{client.pid}") for c in clients)
+
+            wait_until(client_gone, DEADLINE, "the master to drop the stopped client")
+            waited = time.monotonic() - stopped
+            grown = peak_rss_mib(master) - baseline
+            log.info(
+                "stopped client dropped after {w:.1f} s; master RSS grew by {g:.0f} MiB", w=waited, g=grown
+            )
+            # What a stopped client costs: its unsent results (the limit),
+            # the results of jobs that workers held when dispatch stopped
+            # (a few per slot), each possibly twice while it passes through.
+            self.assertLess(grown, 3 * (limit >> 20) + 48, "the master buffered the stopped client's results")
+            self.assertGreater(waited, timeout - 1)
+            self.assertIn(
+                "read none of its results for over 5 s", self.procs.log_tail(self.procs.master, 500)
+            )
+            with executor(self.procs.address) as ex:
+                self.assertEqual(ex.submit(square, 9).result(DEADLINE), 81)
+
+        return threads.deferToThread(body)
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")

@@ -51,6 +51,11 @@ class FakePeer:
     def send_results(self, results, now=False):
         self.results.extend(results)
 
+    written_bytes = 0
+
+    def unsent_bytes(self) -> int:
+        return 0
+
     def pings(self) -> list[defer.Deferred]:
         return [d for command, _, d in self.calls if command is P.Heartbeat]
 

@@ -1129,3 +1129,86 @@ class DeadlineTests(SynchronousTestCase):
             [(_, [job])] = scheduler.dispatch(now=float(seq))
             scheduler.complete(worker, [result_for(job)], now=float(seq))
         self.assertLessEqual(len(scheduler._deadlines), 2048)
+
+
+class UnsentResultsTests(SynchronousTestCase):
+    """
+    A client that does not read its results: its jobs stop being
+    dispatched over the limit of unsent bytes and go again once it has read
+    them down to half; one that reads nothing for the timeout is dropped.
+    """
+
+    def setUp(self):
+        self.s = Scheduler(prefetch=0, max_unsent_bytes=100, read_timeout=10)
+        self.slow = self.s.add_client()
+        self.other = self.s.add_client()
+        self.s.submit(self.slow, make_jobs(1, 4))
+        self.s.submit(self.other, make_jobs(1, 4))
+
+    def dispatched_clients(self) -> list[int]:
+        return [job.client for _, jobs in self.s.dispatch() for job in jobs]
+
+    def test_backed_up_client_not_dispatched(self):
+        self.assertEqual(self.s.unsent_results(self.slow, 101, 0, 0.0), "")
+        self.s.add_worker(3)
+        self.assertEqual(self.dispatched_clients(), [self.other] * 3)
+        self.assertEqual(self.s.client(self.slow).queued, 4)
+
+    def test_only_backed_up_clients_queued(self):
+        """Nothing to dispatch when every client with jobs queued is backed up."""
+        self.s.unsent_results(self.slow, 101, 0, 0.0)
+        self.s.cancel(self.other)
+        self.s.add_worker(3)
+        self.assertEqual(self.s.dispatch(), [])
+
+    def test_at_limit_still_dispatched(self):
+        self.assertEqual(self.s.unsent_results(self.slow, 100, 0, 0.0), "")
+        self.s.add_worker(2)
+        self.assertEqual(sorted(self.dispatched_clients()), sorted([self.slow, self.other]))
+
+    def test_resumes_at_half(self):
+        self.s.unsent_results(self.slow, 200, 0, 0.0)
+        self.assertEqual(self.s.unsent_results(self.slow, 60, 140, 1.0), "", "over half")
+        self.assertEqual(self.s.unsent_results(self.slow, 50, 150, 2.0), "resume")
+        self.s.add_worker(2)
+        self.assertEqual(sorted(self.dispatched_clients()), sorted([self.slow, self.other]))
+
+    def test_fair_turns_kept(self):
+        """A client passed over keeps its turn for when it reads again."""
+        self.s.unsent_results(self.slow, 200, 0, 0.0)
+        worker = self.s.add_worker(1)
+        self.assertEqual(self.dispatched_clients(), [self.other])
+        self.s.unsent_results(self.slow, 0, 200, 1.0)
+        self.s.complete(worker, [result_for(job) for job in self.s.worker(worker).held.values()])
+        self.assertEqual(self.dispatched_clients(), [self.slow])
+
+    def test_drop_after_timeout_without_reading(self):
+        self.s.unsent_results(self.slow, 50, 10, 0.0)
+        self.assertEqual(self.s.unsent_results(self.slow, 50, 10, 1.0), "")
+        self.assertEqual(self.s.unsent_results(self.slow, 80, 10, 9.5), "")
+        self.assertEqual(self.s.stalled_for(self.slow, 9.5), 9.5)
+        self.assertEqual(self.s.unsent_results(self.slow, 80, 10, 10.5), "drop")
+
+    def test_reading_resets_the_timeout(self):
+        self.s.unsent_results(self.slow, 50, 10, 0.0)
+        self.s.unsent_results(self.slow, 50, 10, 5.0)
+        self.s.unsent_results(self.slow, 90, 11, 9.0)
+        self.assertEqual(self.s.unsent_results(self.slow, 90, 11, 18.5), "")
+        self.assertEqual(self.s.unsent_results(self.slow, 90, 11, 19.5), "drop", "stalled since 9.0")
+
+    def test_nothing_unsent_never_stalls(self):
+        for second in range(100):
+            self.assertEqual(self.s.unsent_results(self.slow, 0, 10, float(second)), "")
+        self.assertEqual(self.s.stalled_for(self.slow, 100.0), 0.0)
+
+    def test_departed_client_forgotten(self):
+        self.s.unsent_results(self.slow, 200, 0, 0.0)
+        self.s.remove_client(self.slow)
+        self.s.cancel(self.other)
+        self.s.submit(self.other, make_jobs(5, 5))
+        self.s.add_worker(1)
+        self.assertEqual(self.dispatched_clients(), [self.other])
+
+    def test_limits_checked(self):
+        self.assertRaises(ValueError, Scheduler, max_unsent_bytes=0)
+        self.assertRaises(ValueError, Scheduler, read_timeout=0)
