@@ -43,9 +43,6 @@ import sys
 import time
 from collections import defaultdict
 
-from twisted.internet import error
-from twisted.python.failure import Failure
-
 #: C{prctl} options (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -224,7 +221,9 @@ def release_pipes(process) -> None:
     Twisted's C{Process.pipes} and its pipe classes are internal: this is
     the one place cw relies on them.
     """
+    from twisted.internet import error
     from twisted.internet.process import ProcessReader
+    from twisted.python.failure import Failure
 
     for fd, pipe in list(getattr(process, "pipes", {}).items()):
         if isinstance(pipe, ProcessReader):
