@@ -67,6 +67,9 @@ class ContainmentTests(unittest.TestCase):
             self.procs.start_master()
             worker = self.procs.start_worker(1)
             with executor(self.procs.address) as ex:
+                # The job process is up and warm: the timeout counts from
+                # when the job reaches it.
+                self.assertEqual(ex.submit(worker_pid).result(30), worker.pid)
                 began = time.monotonic()
                 future = ex.submit_with(start_sleeps, (self.record, "hang"), timeout=2)
                 pids = self.recorded()["all"]
