@@ -47,7 +47,7 @@ PORT = 5494
 MAX_PAYLOAD = 4 << 30
 
 #: Bumped whenever a peer of an older version could misread a box.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: Largest value AMP carries under one key.
 CHUNK = amp.MAX_VALUE_LENGTH

@@ -294,6 +294,7 @@ class QueueLimitTests(unittest.TestCase):
             with executor(self.procs.address) as ex:
                 futures = [ex.submit(len, bytes(size)) for _ in range(count)]
                 client = wait_until(lambda: held_client(ex), what="the master to hold the client")
+                log.info("20 MiB limit: at most {n:,} bytes queued", n=client["peak_queued_bytes"])
                 self.assertLessEqual(client["peak_queued_bytes"], limit + job, client)
                 self.assertLessEqual(client["queued"], limit // size + 1, client)
                 self.procs.start_worker(procs=2)

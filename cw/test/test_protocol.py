@@ -335,10 +335,12 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(
             parsed, {"version": P.PROTOCOL_VERSION, "host": "n\u00f6de12", "pid": 4321, "context": context}
         )
-        self.assertEqual(
-            round_trip_response(P.RegisterClient, client_id=7, max_payload=1 << 40),
-            {"client_id": 7, "max_payload": 1 << 40},
-        )
+        answer = {"client_id": 7, "max_payload": 1 << 40, "room_bytes": 1 << 30, "room_jobs": 10**7}
+        self.assertEqual(round_trip_response(P.RegisterClient, **answer), answer)
+
+    def test_job_room(self):
+        _, parsed = round_trip_arguments(P.JobRoom, bytes=1 << 33, jobs=5)
+        self.assertEqual(parsed, {"bytes": 1 << 33, "jobs": 5})
 
     def test_submit_jobs(self):
         jobs = [Job(0, seq, pattern(seq * 1000)) for seq in range(1, 200)]
