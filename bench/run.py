@@ -383,6 +383,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=5499, help="port of the benchmark's cw master")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one system's round may take")
     parser.add_argument("--results", default=None, help="write the report here (full run: bench/RESULTS.md)")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="cw without authentication and MACs (--insecure), to measure their cost; cw and cw-big only",
+    )
     args = parser.parse_args()
 
     quick = args.quick
@@ -408,6 +413,8 @@ def main() -> None:
     os.environ["CW_RUN_DIR"] = str(workdir / "run")
     os.environ["CW_SECRET_FILE"] = str(secret)
     os.environ.pop("CW_INSECURE", None)
+    if args.insecure:
+        os.environ["CW_INSECURE"] = "1"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     common = ["--jobs", str(jobs), "--latency", str(latency), "--payload", str(args.payload)]

@@ -102,7 +102,10 @@ class CW(System):
         import cw.mp
         from cw.client import ClusterExecutor
 
-        cw.mp.start(2, port=self.port, procs=1)
+        # CW_INSECURE=1 (run.py --insecure): no authentication and no MACs,
+        # to measure what they cost.
+        insecure = ["--insecure"] if os.environ.get("CW_INSECURE") == "1" else []
+        cw.mp.start(2, port=self.port, procs=1, master_options=insecure, worker_options=insecure)
         self.executor = ClusterExecutor("localhost", port=self.port)
 
     def stop(self) -> None:
