@@ -21,7 +21,9 @@ from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import blockingCallFromThread
+from twisted.protocols import amp
 from twisted.trial import unittest
 
 from cw import protocol as P
@@ -29,6 +31,7 @@ from cw.auth import (
     MAC_KEY,
     REFUSED_RETRY_MAX,
     AuthenticationFailed,
+    AuthGate,
     BoxMac,
     Challenge,
     Prove,
@@ -37,9 +40,11 @@ from cw.auth import (
     session_keys,
 )
 from cw.client import ClusterExecutor, MasterUnavailable, client_context
+from cw.streaming import PIECE, ChunkReceiver, StreamingSender
 from cw.test.jobs import digest, square, touch
 from cw.test.procs import DEADLINE, Processes, wait_until
 from cw.test.test_security import host_port, other_secret, raw_box, recv_until_closed
+from cw.test.test_streaming import pattern
 
 _LENGTH = struct.Struct("!H")
 
@@ -437,6 +442,60 @@ class SessionUnitTests(unittest.SynchronousTestCase):
         self.assertEqual(log.failed("a"), 2)
         self.assertEqual(log.failed("c"), 0)  # forgets the oldest address, "b"
         self.assertEqual(log.failed("b"), 0)
+
+
+class SignedPeer(StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
+    """Both halves of a cw connection, as master, worker and client combine them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.boxes: list = []
+
+    def ampBoxReceived(self, box):
+        self.boxes.append(box)
+
+
+class SignedStreamTests(unittest.SynchronousTestCase):
+    """Big boxes are signed piece by piece as they stream, and checked as they arrive."""
+
+    def setUp(self):
+        keys = session_keys(b"s" * 32, "client", b"p" * 32, b"m" * 32)
+        self.sender, self.receiver = SignedPeer(), SignedPeer()
+        self.transport = StringTransport()
+        self.sender.makeConnection(self.transport)
+        self.receiver.makeConnection(StringTransport())
+        self.sender.start_session(*keys)
+        self.receiver.start_session(*reversed(keys))
+        self.receiver.mark_authenticated()
+
+    def send(self, *boxes) -> bytes:
+        for box in boxes:
+            self.sender.sendBox(box)
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+        return self.transport.value()
+
+    def test_streamed_and_small_boxes_verify(self):
+        payload = pattern(3 * PIECE + 5)
+        big = amp.AmpBox()
+        P.JobBatch().toBox(b"jobs", big, {"jobs": [P.Job(1, 1, payload)]}, None)
+        wire = self.send(big, amp.AmpBox(_command=b"x"))
+        self.assertEqual(wire.count(MAC_KEY), 2, "one MAC per box")
+        for at in range(0, len(wire), 7919):  # arrives in odd pieces
+            self.receiver.dataReceived(wire[at : at + 7919])
+        self.assertIsNone(self.receiver.rejected)
+        self.assertEqual(len(self.receiver.boxes), 2)
+        self.assertEqual(P.decode_jobs(self.receiver.boxes[0][b"jobs"])[0].payload, payload)
+        self.assertNotIn(MAC_KEY, self.receiver.boxes[0])
+
+    def test_changed_byte_in_a_streamed_box_refused(self):
+        big = amp.AmpBox()
+        P.JobBatch().toBox(b"jobs", big, {"jobs": [P.Job(1, 1, b"a" * (2 * PIECE))]}, None)
+        wire = bytearray(self.send(big))
+        wire[PIECE + 3] ^= 1
+        self.receiver.dataReceived(bytes(wire))
+        self.assertIn("wrong MAC", self.receiver.rejected)
+        self.assertEqual(self.receiver.boxes, [])
 
 
 class WrongSecretTests(unittest.TestCase):
