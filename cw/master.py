@@ -163,6 +163,22 @@ class MasterProtocol(SignsOfLife, StreamingSender, AuthGate, MasterAuth, ChunkRe
         """Bytes towards this peer still in the master: buffered, or in boxes being streamed."""
         return transport_backlog(self.transport) + self.outgoing_bytes
 
+    def stop_reading(self) -> None:
+        """
+        Flow control: read nothing more from this peer, and parse nothing
+        more of what has arrived, until L{resume_reading}.
+        """
+        self.reading_paused = True
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        """Undo L{stop_reading}: parse what arrived meanwhile, and read again."""
+        self.reading_paused = False
+        self.paused = False
+        self.transport.resumeProducing()
+        self.dataReceived(b"")
+
     def stream_progress(self) -> None:
         if self.role == "client":
             self.master.watch_output(self)
@@ -622,8 +638,7 @@ class Master:
                 cid=client,
                 peer=proto.peer_name,
             )
-            proto.reading_paused = True
-            proto.transport.pauseProducing()
+            proto.stop_reading()
 
     def _give_room(self) -> None:
         """Tell clients whose queues have drained how much more they may send."""
@@ -633,8 +648,7 @@ class Master:
                 continue
             proto.callRemote(P.JobRoom, bytes=more_bytes, jobs=more_jobs)
             if proto.reading_paused and not self.scheduler.over_hard_limit(cid):
-                proto.reading_paused = False
-                proto.transport.resumeProducing()
+                proto.resume_reading()
 
     def results(self, worker: int, results: list[P.Result]) -> None:
         before = self.scheduler.completed

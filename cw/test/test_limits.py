@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 
+import cloudpickle
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import connectProtocol
 from twisted.logger import Logger
@@ -131,10 +132,31 @@ class Peer(AuthGate, amp.AMP):
         self.lost.callback(None)
 
 
+class RoomIgnoringClient(Peer):
+    """A client that sends jobs whatever room the master gives it, and keeps its results."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.results: list[P.Result] = []
+
+    @P.JobResults.responder
+    def job_results(self, results):
+        self.results.extend(results)
+        return {}
+
+    @P.JobRoom.responder
+    def job_room(self, bytes, jobs):
+        return {}
+
+    @P.Heartbeat.responder
+    def heartbeat(self):
+        return {}
+
+
 @defer.inlineCallbacks
-def authenticated_peer(address: str, role: str):
-    """Connect a L{Peer} to the master at C{address} and run the handshake as C{role}."""
-    peer = yield connectProtocol(client_endpoint(reactor, address), Peer()).addTimeout(STEP, reactor)
+def authenticated_peer(address: str, role: str, kind: type[Peer] = Peer):
+    """Connect a C{kind} of L{Peer} to the master at C{address} and run the handshake as C{role}."""
+    peer = yield connectProtocol(client_endpoint(reactor, address), kind()).addTimeout(STEP, reactor)
     # The real handshake: it also starts the session whose MACs every later box needs.
     yield authenticate(peer, load_secret(), role, address).addTimeout(STEP, reactor)
     return peer
@@ -304,6 +326,38 @@ class QueueLimitTests(unittest.TestCase):
             self.assertIn("holds further jobs", self.procs.log_tail(self.procs.master, 200))
 
         return threads.deferToThread(body)
+
+    @defer.inlineCallbacks
+    def test_client_ignoring_its_room(self):
+        """
+        A client that ignores its room and sends 60 jobs in one burst to a
+        master with --max-queued-jobs 10 is no longer read from once it has
+        twice the limit queued (21 jobs: the master parses nothing more of
+        what has arrived); once a worker drains its queue the master reads
+        on, and every job runs.
+        """
+        limit, count = 10, 60
+        yield threads.deferToThread(self.procs.start_master, "--max-queued-jobs", str(limit))
+        peer = yield authenticated_peer(self.procs.address, "client", RoomIgnoringClient)
+        self.addCleanup(peer.transport.loseConnection)
+        answer = yield register_client(peer).addTimeout(STEP, reactor)
+        self.assertEqual(answer["room_jobs"], limit)
+        for n in range(1, count + 1):
+            peer.callRemote(P.SubmitJobs, jobs=[P.Job(0, n, cloudpickle.dumps((square, (n,), {})))])
+
+        def queued() -> int:
+            return master_status(self.procs.address)["clients"][0]["queued"]
+
+        def stopped_reading() -> bool:
+            return "sent past its room" in self.procs.log_tail(self.procs.master, 200)
+
+        yield threads.deferToThread(wait_until, stopped_reading, STEP, "the master to stop reading")
+        self.assertEqual((yield threads.deferToThread(queued)), 2 * limit + 1)
+        yield threads.deferToThread(self.procs.start_worker, 2)
+        yield threads.deferToThread(
+            wait_until, lambda: len(peer.results) == count, DEADLINE, "every job's result"
+        )
+        self.assertEqual(sorted(r.seq for r in peer.results), list(range(1, count + 1)))
 
     def test_job_count_limit(self):
         """
