@@ -452,7 +452,8 @@ class DescriptorTests(unittest.TestCase):
 
     def test_flood_under_1024_descriptors(self):
         """
-        A master under C{prlimit --nofile=1024}, with 1,100 idle
+        Master and worker raise their soft descriptor limits to the hard
+        ones.  A master limited to 1024 descriptors, with 1,100 idle
         connections from one address (the test's own, 127.0.0.1), keeps
         its descriptors well below the limit and still accepts a
         legitimate client from that same address, which runs a job.
@@ -465,10 +466,14 @@ class DescriptorTests(unittest.TestCase):
         self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
 
         def body():
-            self.procs.start_master(prefix=("prlimit", "--nofile=1024", "--"))
-            self.procs.start_worker()
+            # Soft limits below the hard ones: master and worker raise them.
+            self.procs.start_master(prefix=("prlimit", "--nofile=256:1024", "--"))
+            worker = self.procs.start_worker(1, True, prefix=("prlimit", "--nofile=512:2048", "--"))
+            self.assertEqual(open_files_limit(self.procs.master.pid), (1024, 1024))
+            self.assertEqual(open_files_limit(worker.pid), (2048, 2048))
+            self.assertIn("file descriptor limit raised from 512 to 2048", self.procs.log_tail(worker, 200))
             log = self.procs.log_tail(self.procs.master, 200)
-            self.assertIn("file descriptor limit 1024", log)
+            self.assertIn("file descriptor limit raised from 256 to 1024", log)
             self.assertIn("At most 256 connections may wait to authenticate, 64 from one address", log)
             host, port = host_port(self.procs.address)
             flood = []
@@ -487,6 +492,16 @@ class DescriptorTests(unittest.TestCase):
             self.assertNotIn("Too many open files", log)
 
         return threads.deferToThread(body)
+
+
+def open_files_limit(pid: int) -> tuple[int, int]:
+    """The soft and hard C{RLIMIT_NOFILE} of process C{pid}."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+    raise AssertionError(f"no open files limit for {pid}")
 
 
 def host_port(address: str) -> tuple[str, int]:
