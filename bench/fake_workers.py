@@ -42,7 +42,7 @@ RESULT = cloudpickle.dumps(None)
 WORKER_SENDS = frozenset({"RegisterWorker", "JobResults", "ReturnJobs"})
 
 #: Connections authenticating at once (the master drops the oldest pending
-#: connection beyond its --max-pending, 64 by default).
+#: connection from one address beyond its --max-pending-per-address).
 CONCURRENT_HANDSHAKES = 16
 
 
