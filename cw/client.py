@@ -316,7 +316,8 @@ class Session:
         self.max_payload = P.MAX_PAYLOAD
         self.closing = False
         self._lock = threading.Lock()
-        self._pending: list[P.Job] = []
+        #: Jobs not sent yet, by sequence number, in the order submitted.
+        self._pending: dict[int, P.Job] = {}
         self._cancels: list[tuple[int, int]] = []
         #: Functions to define before the pending jobs, and the keys defined
         #: on this connection.
@@ -451,7 +452,7 @@ class Session:
         if self.proto is None:
             raise MasterUnavailable(f"not connected to the cw master at {self.address}")
         with self._lock:
-            self._pending.append(job)
+            self._pending[job.seq] = job
             self._pending_bytes += len(job.payload)
             wake = not self._flush_scheduled
             self._flush_scheduled = True
@@ -518,14 +519,12 @@ class Session:
     def cancel(self, seq: int) -> None:
         """Ask the master to withdraw job C{seq}; cancellations are batched like jobs."""
         with self._lock:
-            if self._held():
-                # Still here (held back by flow control): just drop it.
-                kept = [job for job in self._pending if job.seq != seq]
-                if len(kept) < len(self._pending):
-                    self._pending = kept
-                    self._pending_bytes = sum(len(job.payload) for job in kept)
-                    self._sent_some.notify_all()
-                    return
+            job = self._pending.pop(seq, None)
+            if job is not None:
+                # Not sent yet (held back by flow control): just drop it.
+                self._pending_bytes -= len(job.payload)
+                self._sent_some.notify_all()
+                return
             self._cancels.append((0, seq))
             wake = not self._flush_scheduled
             self._flush_scheduled = True
@@ -556,15 +555,16 @@ class Session:
         """
         if self._held() or not self._pending:
             return []
-        taken = 0
+        jobs = []
         size = 0
-        for job in self._pending:
-            if self._room_bytes - size <= 0 or self._room_jobs - taken <= 0:
+        for job in self._pending.values():
+            if self._room_bytes - size <= 0 or self._room_jobs - len(jobs) <= 0:
                 break
             size += len(job.payload)
-            taken += 1
-        jobs = self._pending[:taken]
-        del self._pending[:taken]
+            jobs.append(job)
+        taken = len(jobs)
+        for job in jobs:
+            del self._pending[job.seq]
         self._pending_bytes -= size
         self._room_bytes -= size
         self._room_jobs -= taken

@@ -31,7 +31,7 @@ from cw import protocol as P
 from cw import validation as V
 from cw.address import client_endpoint
 from cw.auth import AuthGate, authenticate
-from cw.client import client_context, master_status
+from cw.client import ClusterExecutor, client_context, master_status
 from cw.secret import load_secret
 from cw.test.jobs import square
 from cw.test.procs import (
@@ -358,6 +358,32 @@ class QueueLimitTests(unittest.TestCase):
             wait_until, lambda: len(peer.results) == count, DEADLINE, "every job's result"
         )
         self.assertEqual(sorted(r.seq for r in peer.results), list(range(1, count + 1)))
+
+    def test_cancel_held_jobs(self):
+        """
+        Jobs a client holds back (no room in the master's queue) are
+        withdrawn by C{shutdown(cancel_futures=True)} without ever being
+        sent, each in constant time: 50,000 of them within the deadline.
+        """
+        count = 50_000
+
+        def body():
+            self.procs.start_master("--max-queued-bytes", str(MIB))
+            ex = ClusterExecutor(self.procs.address)
+            try:
+                futures = [ex.submit(len, bytes(1000)) for _ in range(count)]
+                client = wait_until(lambda: held_client(ex), what="the master to hold the client")
+                self.assertLess(client["queued"], MIB // 1000 + 1)
+            finally:
+                stopper = threading.Thread(
+                    target=ex.shutdown, kwargs={"wait": False, "cancel_futures": True}, daemon=True
+                )
+                stopper.start()
+                stopper.join(DEADLINE)
+            self.assertFalse(stopper.is_alive(), "cancelling held jobs took too long")
+            self.assertTrue(all(f.cancelled() for f in futures))
+
+        return threads.deferToThread(body)
 
     def test_job_count_limit(self):
         """
