@@ -29,6 +29,7 @@ from ampoule.child import AMPChild
 
 from cw import protocol as P
 from cw.containment import kill_leftovers
+from cw.errors import exception_fields
 from cw.streaming import ChunkReceiver, StreamingSender
 
 _inserted: list[str] = []
@@ -133,7 +134,8 @@ def run_payload(cwd: str, path: list[str], payload: bytes, function: object = No
     except BaseException as e:
         tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
         text = "".join(traceback.format_exception(type(e), e, tb))
-        return P.Outcome.RAISED, P.error_report(type(e).__name__, str(e), text, **where)
+        fields = exception_fields(e)
+        return P.Outcome.RAISED, P.error_report(type(e).__name__, str(e), text, **where, **fields)
     try:
         return P.Outcome.OK, cloudpickle.dumps(value)
     except BaseException as e:

@@ -29,6 +29,7 @@ import queue
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from typing import Any
@@ -46,11 +47,13 @@ from cw.auth import AuthenticationFailed, AuthGate, authenticate
 from cw.errors import (
     REPORT_TYPES,
     JobCrashed,
+    JobKilled,
     JobTimeout,
     MasterUnavailable,
     RemoteException,
     SubmitError,
     WorkerLost,
+    remote_error,
 )
 from cw.liveness import HeartbeatMonitor, SignsOfLife
 from cw.mapping import Progress, bounded_map
@@ -64,6 +67,7 @@ __all__ = [
     "ClientThread",
     "ClusterExecutor",
     "JobCrashed",
+    "JobKilled",
     "JobTimeout",
     "MasterUnavailable",
     "RemoteException",
@@ -265,6 +269,12 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.
         self.session.room(bytes, jobs)
         return {}
 
+    @P.JobsStarted.responder
+    def jobs_started(self, keys):
+        if self.session.on_started is not None:
+            self.session.on_started([seq for _, seq in keys])
+        return {}
+
     def stream_progress(self) -> None:
         self.session.sent_some()
 
@@ -283,7 +293,8 @@ class Session:
     """
     One registered connection to a master, usable from any non-reactor
     thread.  C{on_results(list)} and C{on_lost(exc)} are called in the
-    reactor thread and must not block.
+    reactor thread and must not block; so is C{on_started(seqs)}, if given,
+    with the jobs the master handed to workers (L{P.JobsStarted}).
     """
 
     def __init__(
@@ -297,6 +308,7 @@ class Session:
         insecure: bool | None = None,
         weight: int = 1,
         master_timeout: float | None = None,
+        on_started: Callable[[list[int]], None] | None = None,
     ) -> None:
         if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
             raise ValueError(f"weight must be an integer from 1 to {MAX_WEIGHT}, not {weight!r}")
@@ -310,6 +322,7 @@ class Session:
         self.address = client_description(host, port)
         self.on_results = on_results
         self.on_lost = on_lost
+        self.on_started = on_started
         self.proto: ClientProtocol | None = None
         self.client_id = 0
         #: The master's payload limit, learnt at registration.
@@ -376,7 +389,11 @@ class Session:
                 version=P.PROTOCOL_VERSION,
                 host=socket.gethostname(),
                 pid=os.getpid(),
-                context={**client_context(), "weight": self.weight},
+                context={
+                    **client_context(),
+                    "weight": self.weight,
+                    P.RUNNING_NOTICES: self.on_started is not None,
+                },
             )
         except Exception as e:
             proto.transport.loseConnection()
@@ -632,6 +649,16 @@ class _Jobs:
             if not self.entries:
                 self.idle.notify_all()
 
+    def pop(self, seq: int, entry: Any) -> Any:
+        """Forget C{seq} if it is C{entry}; return it, or None if it was not there."""
+        with self.lock:
+            if self.entries.get(seq) is not entry:
+                return None
+            del self.entries[seq]
+            if not self.entries:
+                self.idle.notify_all()
+            return entry
+
     def take(self, seq: int) -> Any:
         with self.lock:
             return self.entries.get(seq)
@@ -665,6 +692,8 @@ def decode_result(jobid: Any, result: P.Result) -> tuple[bool, Any]:
     cls = JobCrashed if result.status == P.Outcome.CRASHED else RemoteException
     if result.status != P.Outcome.OK:
         cls = REPORT_TYPES.get(report.get("type"), cls)
+    if result.status == P.Outcome.RAISED:
+        return False, remote_error(jobid, report, cls)
     return False, cls(jobid, report)
 
 
@@ -755,6 +784,7 @@ class ClientThread(threading.Thread):
         client's default (see L{ClusterExecutor.submit_with}), as do
         C{max_attempts} and C{priority}.
         """
+        _refuse_after_interpreter_exit()
         payload = pickle_call(jobid, func, tuple(args), dict(kwargs or {}))
         options = job_options(self, timeout, max_attempts, priority)
         if self.session is None:
@@ -834,19 +864,90 @@ class ClientThread(threading.Thread):
             self.close()
 
 
+class _Started(list):
+    """An inbox item: sequence numbers of jobs the master handed to workers."""
+
+
+#: An inbox item: close the connection if no job is outstanding any more.
+_CLOSE_IF_IDLE = object()
+
+#: Executors that may have jobs outstanding, for the wait at interpreter exit.
+_executors: weakref.WeakSet = weakref.WeakSet()
+_interpreter_exiting = False
+
+
+def _at_interpreter_exit() -> None:
+    """
+    Run by C{threading} before it joins non-daemon threads, as the standard
+    executors' exit hook is: wait for every executor's outstanding futures
+    (see L{ClusterExecutor.shutdown}); from now on, C{submit} raises.
+    """
+    global _interpreter_exiting
+    _interpreter_exiting = True
+    for executor in list(_executors):
+        executor._interpreter_exit()
+
+
+try:
+    threading._register_atexit(_at_interpreter_exit)
+except RuntimeError:  # imported while the interpreter shuts down
+    _interpreter_exiting = True
+
+
+def _refuse_after_interpreter_exit() -> None:
+    if _interpreter_exiting:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+
+def _mark_running(future: futures.Future) -> bool:
+    """
+    Move a pending future to running (it may be running already); False if
+    it was cancelled (its waiters are told, once) or has finished.
+    """
+    # The executor's side of the Future protocol: the states are read under
+    # the future's own (reentrant) lock, as the standard executors do.
+    with future._condition:
+        state = future._state
+        if state == futures._base.RUNNING:
+            return True
+        if state in (futures._base.PENDING, futures._base.CANCELLED):
+            return future.set_running_or_notify_cancel()
+        return False
+
+
+def _settle(future: futures.Future, ok: bool, value: Any) -> None:
+    """Set a running future's outcome, unless it was killed meanwhile."""
+    try:
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+    except futures.InvalidStateError:
+        pass
+
+
 class ClusterFuture(futures.Future):
     """
-    A future of a cw job.  Unlike the standard library's, it can be
-    cancelled while its job runs: C{cancel()} succeeds until the result
-    has arrived, withdraws the job from the master's queue, or kills its job
-    process if it is running.
+    A future of a cw job.
+
+    It is running (C{running()} is true) from the moment the master hands
+    its job to a worker, as a L{futures.ProcessPoolExecutor} future is from
+    the moment its call enters the call queue; the job may still wait on
+    the worker for a free job process.  From then on C{cancel()} returns
+    False, as for any running future; L{ClusterExecutor.kill} kills it.
+    Cancelling a pending future withdraws its job from the master's queue
+    (should the master have handed it to a worker in the same instant, that
+    job's process is killed).
     """
 
     _withdraw: Callable[[], None] | None = None
+    #: The job's sequence number on its executor's connection.
+    _seq = 0
 
     def cancel(self) -> bool:
         if not super().cancel():
             return False
+        _mark_running(self)  # tells futures.wait() and as_completed()
         if self._withdraw is not None:
             self._withdraw()
         return True
@@ -857,9 +958,13 @@ class ClusterExecutor(futures.Executor):
     A L{concurrent.futures.Executor} whose jobs run on a cw cluster.
 
     Connects at construction (raising L{MasterUnavailable} if no master
-    answers).  A future of a failed job raises L{RemoteException} (or its
-    subclasses L{JobCrashed}, L{JobTimeout}, L{WorkerLost}); if the master
-    connection is lost, every pending future raises L{MasterUnavailable}.
+    answers).  A future of a job that raised raises the job's exception as
+    an instance of both its class and L{RemoteException} (see
+    L{cw.errors.remote_error}); one whose job process died, L{JobCrashed}
+    (or L{JobTimeout}, L{WorkerLost}); if the master connection is lost,
+    every outstanding future raises L{MasterUnavailable}.  Futures follow
+    the L{concurrent.futures} contract: see L{ClusterFuture} for when one is
+    running, L{kill} to stop running jobs, and L{shutdown}.
     C{timeout} and C{max_attempts} are defaults for every job; see
     L{submit_with}.  C{weight}: when several clients have jobs queued, this
     one gets that many jobs per turn (default 1).  C{master_timeout}: seconds
@@ -887,6 +992,10 @@ class ClusterExecutor(futures.Executor):
         self._jobs = _Jobs()
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
+        #: shutdown(wait=False) was called: close the connection once idle.
+        self._close_when_idle = False
+        #: shutdown(wait=False, cancel_futures=True): do not wait at exit.
+        self._abandoned = False
         self.session = Session(
             _default_host(host),
             port,
@@ -897,9 +1006,11 @@ class ClusterExecutor(futures.Executor):
             insecure=insecure,
             weight=weight,
             master_timeout=master_timeout,
+            on_started=lambda seqs: self._jobs.inbox.put(_Started(seqs)),
         )
         self._thread = threading.Thread(target=self._deliver, name="cw-executor", daemon=True)
         self._thread.start()
+        _executors.add(self)
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> futures.Future:
         return self.submit_with(fn, args, kwargs)
@@ -943,13 +1054,15 @@ class ClusterExecutor(futures.Executor):
         sent once per connection and cached on workers, and each job
         carries only its arguments.
         """
+        _refuse_after_interpreter_exit()
         # Outside the lock, so that a blocked submit never blocks shutdown.
         self.session.wait_for_room(lambda: self._shutdown)
         with self._shutdown_lock:
             if self._shutdown:
-                raise RuntimeError("cannot submit to a ClusterExecutor after shutdown")
+                raise RuntimeError("cannot schedule new futures after shutdown")
             future = ClusterFuture()
             seq = self._jobs.add(future)
+            future._seq = seq
             future._withdraw = functools.partial(self._withdraw, seq)
             try:
                 if cached is None:
@@ -974,34 +1087,93 @@ class ClusterExecutor(futures.Executor):
         self._jobs.forget(seq)
         if self.session.proto is not None:
             self.session.cancel(seq)
+        self._check_idle()
+
+    def kill(self, *fs: futures.Future) -> int:
+        """
+        Stop these futures' jobs wherever they are: a future not yet running
+        is cancelled (its job withdrawn from the queue); a running job's
+        process is killed and its future raises L{JobKilled} (a
+        L{futures.CancelledError}).  Finished futures and futures of other
+        executors are left alone.  Return how many jobs were stopped.
+
+        This is the one way to stop a running job: C{cancel()} returns False
+        for a running future, as the standard library's does.
+        """
+        stopped = 0
+        for future in fs:
+            if future.cancel():
+                stopped += 1
+                continue
+            seq = getattr(future, "_seq", 0)
+            if future.done() or self._jobs.pop(seq, future) is None:
+                continue
+            if self.session.proto is not None:
+                self.session.cancel(seq)
+            try:
+                future.set_exception(
+                    JobKilled(f"job #{seq} was killed while running, by ClusterExecutor.kill()")
+                )
+                stopped += 1
+            except futures.InvalidStateError:  # its result came first
+                pass
+            self._check_idle()
+        return stopped
+
+    def _check_idle(self) -> None:
+        """After shutdown(wait=False): close the connection once no job is outstanding."""
+        if self._close_when_idle and not self._jobs.outstanding():
+            self._jobs.inbox.put(_CLOSE_IF_IDLE)
 
     def _deliver(self) -> None:
+        """The delivery thread: running notices, results and failures, in arrival order."""
         inbox = self._jobs.inbox
         while True:
             item = inbox.get()
             if item is None:
                 return
-            if isinstance(item, Exception):
-                with self._jobs.lock:
-                    pending = list(self._jobs.entries.values())
-                for future in pending:
-                    if future.set_running_or_notify_cancel():
-                        future.set_exception(item)
-                with self._jobs.lock:
-                    self._jobs.entries.clear()
-                    self._jobs.idle.notify_all()
+            if item is _CLOSE_IF_IDLE:
+                if not self._jobs.outstanding():
+                    self.session.close()
+                    return
+            elif isinstance(item, _Started):
+                self._mark_started(item)
+            elif isinstance(item, Exception):
+                self._fail_all(item)
+            else:
+                self._deliver_results(item)
+            item = None  # a big result's payload is not kept until the next item
+            if self._close_when_idle and not self._jobs.outstanding():
+                self.session.close()
+                return
+
+    def _mark_started(self, seqs: list[int]) -> None:
+        with self._jobs.lock:
+            started = [self._jobs.entries.get(seq) for seq in seqs]
+        for future in started:
+            if future is not None:
+                _mark_running(future)
+
+    def _deliver_results(self, results: list[P.Result]) -> None:
+        # Functions of their own, so that no future or result stays
+        # referenced by the delivery thread once it is done with them.
+        for result in results:
+            future = self._jobs.take(result.seq)
+            if future is None:
                 continue
-            for result in item:
-                future = self._jobs.take(result.seq)
-                if future is None:
-                    continue
-                if future.set_running_or_notify_cancel():
-                    ok, value = decode_result(f"#{result.seq}", result)
-                    if ok:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value)
-                self._jobs.done(result.seq)
+            if _mark_running(future):
+                _settle(future, *decode_result(f"#{result.seq}", result))
+            self._jobs.done(result.seq)
+
+    def _fail_all(self, error: Exception) -> None:
+        """The connection is lost: every outstanding future fails with C{error}."""
+        with self._jobs.lock:
+            pending = list(self._jobs.entries.values())
+            self._jobs.entries.clear()
+            self._jobs.idle.notify_all()
+        for future in pending:
+            if _mark_running(future):
+                _settle(future, False, error)
 
     def status(self) -> dict:
         """The master's status snapshot (workers, queue, counts)."""
@@ -1032,7 +1204,13 @@ class ClusterExecutor(futures.Executor):
         that data once per worker, not once per job.
         """
         return bounded_map(
-            self._mapper(fn), fn, iterables, timeout=timeout, buffersize=buffersize, progress=progress
+            self._mapper(fn),
+            fn,
+            iterables,
+            timeout=timeout,
+            buffersize=buffersize,
+            progress=progress,
+            stop=self.kill,
         )
 
     def map_unordered(
@@ -1052,26 +1230,67 @@ class ClusterExecutor(futures.Executor):
             buffersize=buffersize,
             ordered=False,
             progress=progress,
+            stop=self.kill,
         )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """
+        Refuse new jobs (C{submit} raises L{RuntimeError}) and let the
+        outstanding ones finish, as L{concurrent.futures.Executor.shutdown}.
+
+        @param wait: wait for every outstanding future, then close the
+            connection.  With C{wait=False}, return at once: the jobs keep
+            running, their futures complete later, and the connection
+            closes when the last one is done (at interpreter exit, the
+            program waits for them, as with the standard executors).
+        @param cancel_futures: cancel the futures that are not running
+            (their jobs leave the master's queue); running ones finish
+            (L{kill} stops those).  With C{wait=False} too, nothing is
+            waited for at interpreter exit.
+        """
         with self._shutdown_lock:
-            if self._shutdown:
-                return
             self._shutdown = True
+            if cancel_futures and not wait:
+                self._abandoned = True
         if cancel_futures:
-            with self._jobs.lock:
-                pending = list(self._jobs.entries.values())
-            for future in pending:
-                future.cancel()
-        if wait:
-            with self._jobs.lock:
-                pending = [f for f in self._jobs.entries.values() if not f.cancelled()]
-            futures.wait(pending)
+            self._cancel_pending()
+        if not wait:
+            self._close_when_idle = True
+            self._check_idle()
+            return
+        self._jobs.wait_idle(None)
         self.session.close()
         self._jobs.inbox.put(None)
-        if wait:
+        if threading.current_thread() is not self._thread:
             self._thread.join()
+
+    def _cancel_pending(self) -> None:
+        """Cancel every future that is not running; withdraw their jobs in one go."""
+        with self._jobs.lock:
+            outstanding = list(self._jobs.entries.items())
+        cancelled = []
+        for seq, future in outstanding:
+            if futures.Future.cancel(future):
+                _mark_running(future)
+                cancelled.append(seq)
+        for seq in cancelled:
+            self._jobs.forget(seq)
+        # With nothing left running, the connection closes next, and the
+        # master drops all of this client's jobs then.
+        if self._jobs.outstanding() and self.session.proto is not None:
+            for seq in cancelled:
+                self.session.cancel(seq)
+
+    def _interpreter_exit(self) -> None:
+        """
+        At interpreter exit: wait for the outstanding futures (unless
+        L{shutdown} was told C{wait=False, cancel_futures=True}), as the
+        standard executors do, then close the connection.
+        """
+        if not self._abandoned and self.session.reactor.running:
+            self._jobs.wait_idle(None)
+        if self.session.reactor.running:
+            self.session.close()
 
 
 def _default_host(host: str | None) -> str | None:

@@ -1,8 +1,20 @@
-"""Exceptions that cw raises in client programs."""
+"""
+Exceptions that cw raises in client programs, and the typed remote
+exceptions: a job's own exception, pickled in its job process
+(L{exception_fields}) and raised in the client as an instance of both its
+class and L{RemoteException} (L{remote_error}).
+"""
 
 from __future__ import annotations
 
+import base64
+import threading
+from concurrent import futures
 from typing import Any
+
+#: A job's exception whose pickle is bigger than this is not sent; the
+#: client gets a plain L{RemoteException} (with the traceback text).
+EXCEPTION_PICKLE_LIMIT = 1 << 20
 
 
 class CWError(Exception):
@@ -16,9 +28,18 @@ class RemoteException(CWError):
     C{str()} shows the remote traceback.  Attributes: C{jobid} (the job's id
     as the client knows it), C{type} (the remote exception's class name),
     C{message}, C{traceback} (text), C{host} and C{pid} (where it ran).
+
+    A job's own exception is raised as an instance of both its class and
+    this one (see L{remote_error}): C{except ZeroDivisionError} and C{except
+    RemoteException} both catch it.  When that cannot be done, the client
+    gets a plain C{RemoteException} whose C{fallback} says why (else None).
     """
 
     def __init__(self, jobid: Any, report: dict) -> None:
+        self._set_report(jobid, report)
+        super().__init__(str(self))
+
+    def _set_report(self, jobid: Any, report: dict) -> None:
         self.jobid = jobid
         self.report = report
         self.type = report.get("type", "Error")
@@ -26,14 +47,18 @@ class RemoteException(CWError):
         self.traceback = report.get("traceback", "")
         self.host = report.get("host")
         self.pid = report.get("pid")
-        super().__init__(str(self))
+        self.fallback = report.get("exception_error") or None
 
     def __str__(self) -> str:
         where = f" on {self.host}" if self.host else ""
         head = f"job {self.jobid!r} failed{where}"
         if self.traceback:
-            return f"{head}; remote traceback:\n{self.traceback.rstrip()}"
-        return f"{head}: {self.type}: {self.message}"
+            text = f"{head}; remote traceback:\n{self.traceback.rstrip()}"
+        else:
+            text = f"{head}: {self.type}: {self.message}"
+        if self.fallback:
+            text += f"\n(raised as RemoteException, not as {self.type}: {self.fallback})"
+        return text
 
     def __reduce__(self):
         return (type(self), (self.jobid, self.report))
@@ -62,9 +87,149 @@ class WorkerLost(JobCrashed):
 REPORT_TYPES: dict[str, type[RemoteException]] = {"JobTimeout": JobTimeout, "WorkerLost": WorkerLost}
 
 
+class JobKilled(CWError, futures.CancelledError):
+    """
+    The job was running when the client killed it
+    (L{cw.client.ClusterExecutor.kill}).  A L{futures.CancelledError}, so
+    code that handles cancelled futures handles it too.
+    """
+
+
 class MasterUnavailable(CWError, ConnectionError):
     """No master answered, or the connection to it was lost."""
 
 
 class SubmitError(CWError, ValueError):
     """A job could not be submitted (for example, it cannot be pickled)."""
+
+
+# -- typed remote exceptions ------------------------------------------------
+
+
+def exception_fields(exc: BaseException) -> dict[str, str]:
+    """
+    The fields a job process adds to the error report of a job that raised
+    C{exc}: C{{"exception": base64 of a cloudpickle}} of its class, its
+    constructor arguments and its state (classes defined in the client's
+    C{__main__} travel by value), or C{{"exception_error": why not}}.
+
+    The instance itself is not pickled: unpickling it would call its
+    class's C{__init__}, which may require other arguments than the
+    exception's C{args} (see L{remote_error}).
+    """
+    import cloudpickle
+
+    cls = type(exc)
+    if not isinstance(exc, Exception):
+        return {"exception_error": f"{cls.__name__} is not an Exception; cw does not raise it in the client"}
+    try:
+        reduced = exc.__reduce_ex__(4)
+    except Exception as e:
+        return {"exception_error": f"it cannot be reduced for pickling ({type(e).__name__}: {e})"}
+    if isinstance(reduced, tuple) and len(reduced) >= 2 and reduced[0] is cls:
+        args, state = reduced[1], reduced[2] if len(reduced) > 2 else None
+    else:
+        args, state = exc.args, dict(getattr(exc, "__dict__", {})) or None
+    why = ""
+    for candidate in ((cls, args, state), (cls, args, None)) if state is not None else ((cls, args, None),):
+        try:
+            data = cloudpickle.dumps(candidate)
+            break
+        except Exception as e:
+            why = why or f"it cannot be pickled ({type(e).__name__}: {e})"
+    else:
+        return {"exception_error": why}
+    if len(data) > EXCEPTION_PICKLE_LIMIT:
+        return {"exception_error": f"its pickle is {len(data):,} bytes, over {EXCEPTION_PICKLE_LIMIT:,}"}
+    return {"exception": base64.b64encode(data).decode("ascii")}
+
+
+_typed_lock = threading.Lock()
+#: Classes made by L{typed_class}, by the job's exception class; a class
+#: that cannot be made maps to the reason (a string).
+_typed: dict[type, type | str] = {}
+
+
+def _typed_reduce(self):
+    return (remote_error, (self.jobid, self.report))
+
+
+def typed_class(cls: type) -> type:
+    """
+    A subclass of both L{RemoteException} and C{cls}, made once per class
+    (as Ray's C{RayTaskError(cls)}).  Raises L{TypeError} if C{cls} cannot
+    be subclassed so.
+    """
+    with _typed_lock:
+        made = _typed.get(cls)
+        if made is None:
+            module = "" if cls.__module__ == "builtins" else f"{cls.__module__}."
+            name = f"RemoteException({module}{cls.__qualname__})"
+            try:
+                namespace = {"__module__": __name__, "__reduce__": _typed_reduce}
+                made = type(name, (RemoteException, cls), namespace)
+            except Exception as e:
+                made = f"its class cannot be subclassed ({type(e).__name__}: {e})"
+            _typed[cls] = made
+    if isinstance(made, str):
+        raise TypeError(made)
+    return made
+
+
+def _builtin_init(cls: type):
+    """The C{__init__} of C{cls}'s nearest built-in base (never the user's own)."""
+    for klass in cls.__mro__:
+        if klass.__module__ == "builtins" and "__init__" in vars(klass):
+            return klass.__init__
+    return BaseException.__init__
+
+
+def _rebuild(cls: Any, args: tuple, state: Any, jobid: Any, report: dict) -> RemoteException | str:
+    """The typed exception for L{remote_error}, or why it cannot be made."""
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        return f"{cls!r} is not an exception class"
+    try:
+        typed = typed_class(cls)
+    except TypeError as e:
+        return str(e)
+    try:
+        error = typed.__new__(typed, *args)
+        _builtin_init(cls)(error, *args)
+        if state:
+            error.__setstate__(state)
+    except Exception as e:
+        return f"it cannot be rebuilt in the client ({type(e).__name__}: {e})"
+    error._set_report(jobid, report)
+    return error
+
+
+def remote_error(
+    jobid: Any, report: dict, default: type[RemoteException] = RemoteException
+) -> RemoteException:
+    """
+    The exception to raise in the client for a failed job's C{report}.
+
+    With the job's pickled exception (L{exception_fields}): an instance of
+    a class made from L{RemoteException} and the job's exception class
+    (L{typed_class}), with the exception's C{args} and state, built
+    without calling its class's C{__init__} (which may need arguments its
+    C{args} do not hold).  Otherwise, or when the class cannot be unpickled
+    here or subclassed, a C{default} instance whose C{fallback} says why.
+    """
+    data = report.get("exception")
+    if data is None:
+        return default(jobid, report)
+    import cloudpickle
+
+    try:
+        cls, args, state = cloudpickle.loads(base64.b64decode(data))
+        args = tuple(args)
+    except Exception as e:
+        why = f"it cannot be unpickled in the client ({type(e).__name__}: {e})"
+    else:
+        error = _rebuild(cls, args, state, jobid, report)
+        if not isinstance(error, str):
+            return error
+        why = error
+    report = {key: value for key, value in report.items() if key != "exception"}
+    return default(jobid, {**report, "exception_error": why})

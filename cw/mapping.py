@@ -77,6 +77,7 @@ def bounded_map(
     buffersize: int | None = None,
     ordered: bool = True,
     progress: bool | dict = False,
+    stop: Callable[[futures.Future], object] = futures.Future.cancel,
 ) -> Iterator[Any]:
     """
     Submit C{fn(*args)} for the items of C{iterables} through C{submit},
@@ -84,8 +85,10 @@ def bounded_map(
     return an iterator over the results: in input order, or as they finish
     when C{ordered} is false.  The first window is submitted before this
     returns, as L{concurrent.futures.Executor.map} does.  A failed job
-    raises from the iterator; closing it early cancels the jobs in flight.
-    C{timeout} bounds the whole iteration, counted from this call.
+    raises from the iterator; closing it early calls C{stop} on each future
+    in flight (default: C{cancel()}; L{cw.client.ClusterExecutor} kills
+    running jobs too).  C{timeout} bounds the whole iteration, counted from
+    this call.  No result stays referenced here once yielded.
     """
     if buffersize is not None and buffersize < 1:
         raise ValueError("buffersize must be at least 1")
@@ -115,32 +118,42 @@ def bounded_map(
         launch(buffersize)
     except BaseException:
         for future in window:
-            future.cancel()
+            stop(future)
         bar.close()
         raise
 
+    def take() -> Any:
+        # The next result, in a frame of its own: once it is yielded, no
+        # local variable of the generator below refers to it or its future.
+        if ordered:
+            # Left in the window until it gives its result, so that a timeout
+            # stops it too.
+            value = window[0].result(left())
+            window.popleft()
+        else:
+            try:
+                future = finished.get(timeout=left())
+            except queue.Empty:
+                raise futures.TimeoutError() from None
+            window.remove(future)
+            value = future.result()
+        if buffersize is not None:
+            launch(1)
+        return value
+
     def results() -> Iterator[Any]:
         try:
+            yield None  # primed below: from here on, closing runs the cleanup
             while window:
-                if ordered:
-                    future = window.popleft()
-                    value = future.result(left())
-                else:
-                    try:
-                        future = finished.get(timeout=left())
-                    except queue.Empty:
-                        raise futures.TimeoutError() from None
-                    window.remove(future)
-                    value = future.result()
-                if buffersize is not None:
-                    launch(1)
-                yield value
+                yield take()
         finally:
             for future in window:
-                future.cancel()
+                stop(future)
             bar.close()
 
-    return results()
+    iterator = results()
+    next(iterator)
+    return iterator
 
 
 def progress(fs: Iterable[futures.Future], desc: str = "cw", **tqdm_options: Any) -> Iterator[futures.Future]:

@@ -452,6 +452,8 @@ class Master:
         self._output_watch: task.LoopingCall | None = None
         self._deadline_checks: task.LoopingCall | None = None
         self.clients: dict[int, MasterProtocol] = {}
+        #: Clients told which of their jobs were handed to workers (L{P.JobsStarted}).
+        self.running_notices: set[int] = set()
         self.workers: dict[int, MasterProtocol] = {}
         self.contexts: dict[int, dict] = {}
         #: Each connected client's functions (opaque bytes) by key.
@@ -483,6 +485,8 @@ class Master:
         self.contexts[cid] = context
         if self.client_beats is not None:
             self.client_beats.watch(proto)
+        if context.get(P.RUNNING_NOTICES):
+            self.running_notices.add(cid)
         log.info("Client {cid} connected from {peer}", cid=cid, peer=proto.peer_name)
         return cid
 
@@ -493,6 +497,7 @@ class Master:
         self.clients.pop(cid, None)
         self.contexts.pop(cid, None)
         self._held_logged.discard(cid)
+        self.running_notices.discard(cid)
         functions = self.functions.pop(cid, {})
         dropped, killed = self.cancel(cid)
         self.scheduler.remove_client(cid)
@@ -842,8 +847,17 @@ class Master:
 
     def _dispatch(self) -> None:
         self._dispatch_call = None
+        notify = self.running_notices
+        started: dict[int, list[tuple[int, int]]] = {}
         for wid, jobs in self.scheduler.dispatch(self.clock.seconds()):
             self.workers[wid].send_jobs(jobs)
+            if notify:
+                for job in jobs:
+                    if job.client in notify:
+                        started.setdefault(job.client, []).append((job.client, job.seq))
+        # After the jobs went out, before any of their results can come back.
+        for cid, keys in started.items():
+            self.clients[cid].callRemote(P.JobsStarted, keys=keys)
         self._give_room()
 
     # -- inspection ------------------------------------------------------

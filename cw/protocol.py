@@ -10,7 +10,7 @@ authentication) happens in this module alone.
 Who talks to whom::
 
     client --RegisterClient, SubmitJobs, GetStatus, AwaitWorkers--> master
-    master --JobResults, JobRoom--> client
+    master --JobResults, JobsStarted, JobRoom--> client
     worker --RegisterWorker, JobResults, ReturnJobs--> master
     master --ClientContext, RunJobs, Heartbeat--> worker
     master --MasterStopping--> client, worker
@@ -611,6 +611,22 @@ class JobResults(amp.Command):
 
     arguments = [(b"results", ResultBatch())]
     requiresAnswer = False
+
+
+class JobsStarted(amp.Command):
+    """
+    Master to client: these jobs were handed to workers, so their futures
+    are running (and can no longer be cancelled, only killed).  Sent once
+    per dispatch round, one box for all of a client's jobs, and only to
+    clients that registered with L{RUNNING_NOTICES} in their context.
+    """
+
+    arguments = [(b"keys", KeyList())]
+    requiresAnswer = False
+
+
+#: The key of a client's registration context that asks for L{JobsStarted}.
+RUNNING_NOTICES = "running_notices"
 
 
 class Heartbeat(amp.Command):

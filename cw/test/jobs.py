@@ -133,3 +133,78 @@ def start_sleeps(record, then="return"):
     elif then == "die":
         os.kill(os.getpid(), signal.SIGKILL)
     return pids
+
+
+def mul(x, y):
+    return x * y
+
+
+def capture(*args, **kwargs):
+    return args, kwargs
+
+
+def wait_then(path, value=None, timeout=60):
+    """Wait until C{path} exists (if given; a cross-process event); return C{value}."""
+    if path:
+        block_until(path, timeout=timeout)
+    return value
+
+
+def wait_and_raise(path, timeout=60):
+    block_until(path, timeout=timeout)
+    raise Exception("this is an exception")
+
+
+def sleep_and_return(seconds, value):
+    time.sleep(seconds)
+    return value
+
+
+class MyObject:
+    def my_method(self):
+        pass
+
+
+def make_dummy_object(_):
+    return MyObject()
+
+
+class NeedsTwo(Exception):
+    """An exception whose constructor needs two arguments (its C{args} hold one)."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+        self.a = a
+        self.b = b
+
+
+def raise_needs_two(a, b):
+    raise NeedsTwo(a, b)
+
+
+class NoSubclasses(Exception):
+    """An exception class that refuses to be subclassed."""
+
+    def __init_subclass__(cls, **kwargs):
+        raise TypeError("NoSubclasses cannot be subclassed")
+
+
+def raise_no_subclasses():
+    raise NoSubclasses("final")
+
+
+def raise_from_private_module(directory):
+    """
+    Raise an exception whose class lives in a module that only this job
+    process can import (written to C{directory}, which only it puts on
+    C{sys.path}): the client cannot unpickle it.
+    """
+    name = f"cw_private_{os.getpid()}_{time.monotonic_ns()}"
+    with open(os.path.join(directory, name + ".py"), "w") as f:
+        f.write("class PrivateError(Exception):\n    pass\n")
+    sys.path.insert(0, directory)
+    try:
+        module = __import__(name)
+    finally:
+        sys.path.remove(directory)
+    raise module.PrivateError("only the worker knows this class")

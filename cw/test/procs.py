@@ -10,12 +10,14 @@ has a deadline.  The helpers block, so tests call them from a thread
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -246,8 +248,8 @@ def held_client(ex) -> dict | None:
 def executor(address: str | None = None):
     """
     A L{cw.client.ClusterExecutor} of C{address} that, if the block fails,
-    cancels its futures rather than waiting for them (so a failing test
-    does not hang on jobs that will never finish).
+    stops its jobs rather than waiting for them (so a failing test does not
+    hang on jobs that will never finish).
     """
     from cw.client import ClusterExecutor
 
@@ -255,6 +257,82 @@ def executor(address: str | None = None):
     try:
         yield ex
     except BaseException:
-        ex.shutdown(wait=False, cancel_futures=True)
+        abandon(ex)
         raise
     ex.shutdown()
+
+
+def abandon(ex) -> None:
+    """Shut a L{cw.client.ClusterExecutor} down at once: cancel its queued jobs, kill its running ones."""
+    with ex._jobs.lock:
+        outstanding = list(ex._jobs.entries.values())
+    ex.shutdown(wait=False, cancel_futures=True)
+    ex.kill(*outstanding)
+
+
+def run_script(
+    testcase, source: str, *args: str, env: dict | None = None, timeout: float = DEADLINE * 2
+) -> subprocess.CompletedProcess:
+    """
+    Run C{source} (dedented) as a Python script in its own session and
+    return its outcome; it is killed by its process group in C{testcase}'s
+    cleanup if still running.
+    """
+    path = os.path.abspath(testcase.mktemp()) + ".py"
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(source))
+    run_dir = os.path.abspath(testcase.mktemp())
+    proc = subprocess.Popen(
+        [sys.executable, path, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(CW_RUN_DIR=run_dir, **(env or {})),
+        start_new_session=True,
+    )
+
+    def reap():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    testcase.addCleanup(reap)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+class _AtExit:
+    """Cleanups run when the test process exits (for processes shared by many tests)."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+        atexit.register(self.run)
+
+    def addCleanup(self, function, *args) -> None:
+        self.calls.append((function, args))
+
+    def run(self) -> None:
+        for function, args in reversed(self.calls):
+            with contextlib.suppress(Exception):
+                function(*args)
+
+
+_shared: dict[str, Processes] = {}
+
+
+def shared_cluster(name: str, slots: tuple[int, ...] = (2, 1)) -> Processes:
+    """
+    A master with one worker per entry of C{slots} (its job processes),
+    started on first use and shared by every test that asks for C{name};
+    stopped by PID when the test process exits.  Blocks: call from a thread.
+    """
+    procs = _shared.get(name)
+    if procs is None or procs.master.poll() is not None or any(w.poll() is not None for w in procs.workers):
+        import tempfile
+
+        procs = Processes(_AtExit(), tempfile.mkdtemp(prefix=f"cw-test-{name}-"))
+        procs.start_master()
+        for n in slots:
+            procs.start_worker(procs=n)
+        _shared[name] = procs
+    return procs

@@ -9,12 +9,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from cw.test.procs import DEADLINE, child_env, free_port, group_members, process_exists
+from cw.test.procs import DEADLINE, child_env, free_port, group_members, process_exists, run_script
 
 
 class ScriptTests(unittest.TestCase):
@@ -23,27 +22,7 @@ class ScriptTests(unittest.TestCase):
     timeout = 180
 
     def run_script(self, source: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        path = os.path.abspath(self.mktemp()) + ".py"
-        with open(path, "w") as f:
-            f.write(textwrap.dedent(source))
-        run_dir = os.path.abspath(self.mktemp())
-        proc = subprocess.Popen(
-            [sys.executable, path, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=child_env(CW_RUN_DIR=run_dir, **(env or {})),
-            start_new_session=True,
-        )
-
-        def reap():
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-
-        self.addCleanup(reap)
-        out, err = proc.communicate(timeout=DEADLINE * 2)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        return run_script(self, source, *args, env=env)
 
     def test_allocate_leaves_nothing_behind(self):
         """

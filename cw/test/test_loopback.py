@@ -76,8 +76,9 @@ class LoopbackTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_disconnected_client_jobs_dropped(self):
         """
-        A client that disconnects with jobs queued (no workers) has them
-        dropped; a worker that joins later runs none of them.
+        A client that shuts down without waiting and cancels its futures
+        (no workers) disconnects at once, and the master drops its queued
+        jobs; a worker that joins later runs none of them.
         """
 
         def body():
@@ -87,7 +88,7 @@ class LoopbackTests(unittest.TestCase):
             status = None
             while not status or status["queued"] < 50:
                 status = master_status(self.address)
-            ex.shutdown(wait=False)
+            ex.shutdown(wait=False, cancel_futures=True)
             return status
 
         status = yield threads.deferToThread(body)
