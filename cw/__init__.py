@@ -6,8 +6,11 @@ master, which routes them to workers; results come back to the client.  See
 README.rst for the architecture and L{cw.client} for the client API.
 
 This module keeps the original top-level names: C{PORT}, C{randid()},
-C{start()}, C{stop()}, C{allocate()} and C{slurm_master_host()}.  It imports
-nothing heavy, so that importing C{cw} installs no reactor.
+C{start()}, C{stop()}, C{allocate()}, C{slurm_master_host()},
+C{is_slurm_available()}, and the submodules C{cw.mp} and C{cw.slurm} as
+attributes (the original imported both here; cw imports them on first
+use).  It imports nothing heavy, so that importing C{cw} installs no
+reactor.
 """
 
 from __future__ import annotations
@@ -18,7 +21,28 @@ from cw.protocol import PORT
 
 __version__ = "0.1.0"
 
-__all__ = ["PORT", "randid", "start", "stop", "allocate", "slurm_master_host"]
+__all__ = [
+    "PORT",
+    "randid",
+    "start",
+    "stop",
+    "allocate",
+    "slurm_master_host",
+    "is_slurm_available",
+    "mp",
+    "slurm",
+]
+
+#: Submodules that are attributes of C{cw} without an import of their own.
+_LAZY_SUBMODULES = ("mp", "slurm")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"cw.{name}")
+    raise AttributeError(f"module 'cw' has no attribute {name!r}")
 
 
 def randid() -> int:
@@ -59,3 +83,14 @@ def slurm_master_host(cluster: str | None = None) -> str:
     from cw import slurm
 
     return slurm.master_host(cluster)
+
+
+def is_slurm_available() -> bool:
+    """
+    Whether L{start} and clients given no host use SLURM: C{CW_BACKEND}
+    (C{slurm} or C{local}) if set, else whether a SLURM controller answers
+    (see L{cw.cluster}; having C{salloc} on C{PATH} is not enough).
+    """
+    from cw import cluster
+
+    return cluster.backend() == "slurm"

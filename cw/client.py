@@ -64,6 +64,8 @@ from cw.validation import MAX_WEIGHT
 
 __all__ = [
     "AuthenticationFailed",
+    "BaseClientThread",
+    "Client",
     "ClientThread",
     "ClusterExecutor",
     "JobCrashed",
@@ -72,6 +74,7 @@ __all__ = [
     "MasterUnavailable",
     "RemoteException",
     "SecretError",
+    "SlurmExecutor",
     "SubmitError",
     "WorkerLost",
 ]
@@ -812,16 +815,20 @@ class ClientThread(threading.Thread):
                 if jobid is None:
                     continue
                 ok, value = decode_result(jobid, result)
-                if ok and self.callback is not None:
-                    try:
-                        self.callback(jobid, value)
-                    except BaseException as e:
-                        log.failure("callback for job {jobid!r} raised", jobid=jobid)
-                        self._failures.append(e)
-                elif not ok:
-                    self._failures.append(value)
+                self._completed(jobid, ok, value)
                 self._progress.tick(failed=not ok)
                 self._jobs.done(result.seq)
+
+    def _completed(self, jobid: Any, ok: bool, value: Any) -> None:
+        """A job ended: give a success to the callback, keep a failure for L{wait}."""
+        if ok and self.callback is not None:
+            try:
+                self.callback(jobid, value)
+            except BaseException as e:
+                log.failure("callback for job {jobid!r} raised", jobid=jobid)
+                self._failures.append(e)
+        elif not ok:
+            self._failures.append(value)
 
     def _fail_all(self, exc: Exception) -> None:
         with self._jobs.lock:
@@ -862,6 +869,63 @@ class ClientThread(threading.Thread):
                 self.wait()
         finally:
             self.close()
+
+
+class Client:
+    """
+    The original's connection half of L{BaseClientThread}, kept for programs
+    that name or subclass it: C{host}, C{port}, and C{connection_ready()},
+    called once the master has registered the connection (override it).
+    """
+
+    def __init__(self, host: str | None = None, port: int = P.PORT) -> None:
+        self.host = host
+        self.port = port
+
+    def connection_ready(self) -> None:
+        """Called once connected to the master; does nothing unless overridden."""
+
+
+class BaseClientThread(ClientThread, Client):
+    """
+    The original's lower-level client thread: C{callback(jobid, success,
+    result)} runs in this thread for every job, successful or not (for a
+    failed job, C{result} is its exception, a L{RemoteException}, and
+    C{wait()} does not raise it again); C{start_job(jobid, func, *args,
+    **kwargs)} submits, C{stop()} disconnects.  A thin layer over
+    L{ClientThread}, which takes the same keyword options.
+    """
+
+    def __init__(
+        self,
+        callback: Callable[[Any, bool, Any], Any],
+        host: str | None = None,
+        port: int = P.PORT,
+        **options,
+    ) -> None:
+        ClientThread.__init__(self, None, host, port, **options)
+        self.job_callback = callback
+
+    def start(self) -> None:
+        started = self.session is not None
+        super().start()
+        if not started:
+            self.connection_ready()
+
+    def _completed(self, jobid: Any, ok: bool, value: Any) -> None:
+        try:
+            self.job_callback(jobid, ok, value)
+        except BaseException as e:
+            log.failure("callback for job {jobid!r} raised", jobid=jobid)
+            self._failures.append(e)
+
+    def start_job(self, jobid: Any, func: Callable, *args: Any, **kwargs: Any) -> None:
+        """Submit C{func(*args, **kwargs)} under C{jobid} (the original's name for L{submit})."""
+        self.submit(jobid, func, *args, **kwargs)
+
+    def stop(self) -> None:
+        """Disconnect (the original's name for L{close})."""
+        self.close()
 
 
 class _Started(list):
@@ -1291,6 +1355,20 @@ class ClusterExecutor(futures.Executor):
             self._jobs.wait_idle(None)
         if self.session.reactor.running:
             self.session.close()
+
+
+class SlurmExecutor(ClusterExecutor):
+    """
+    A L{ClusterExecutor} connected to this user's SLURM master
+    (L{cw.slurm.master_host}: waits, bounded, for a master job that is
+    queued or starting), as in the original; C{cluster} names one of
+    several clusters; other options are L{ClusterExecutor}'s.
+    """
+
+    def __init__(self, cluster: str | None = None, **options: Any) -> None:
+        from cw import slurm
+
+        super().__init__(slurm.master_host(cluster), **options)
 
 
 def _default_host(host: str | None) -> str | None:

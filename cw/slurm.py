@@ -62,6 +62,10 @@ WALLTIME_WARNING = 120
 #: Seconds a worker started before its master waits for it (C{--slurm-wait}).
 MASTER_WAIT = 600.0
 
+#: Seconds L{master_host} waits for a master job that is queued or starting
+#: (C{CW_MASTER_WAIT}).
+MASTER_HOST_WAIT = 300.0
+
 #: Job states in which a job no longer runs (see C{squeue --states}).
 FINISHED_STATES = frozenset(
     {
@@ -285,25 +289,71 @@ def master_address(cluster: str | None = None) -> str:
     return info["address"]
 
 
-def master_host(cluster: str | None = None) -> str:
+def master_host(cluster: str | None = None, timeout: float | None = None) -> str:
     """
     The node running this user's master job (C{cmaster}), for
     C{ClientThread(callback, host)}: just the host when the master listens
     on the default port (as the original's did), else C{HOST:PORT}.
+
+    If the master job is in C{squeue} but its master does not listen yet
+    (the job is pending or starting, as right after C{slurm.py start}),
+    wait for it, up to C{timeout} seconds (default C{CW_MASTER_WAIT}, else
+    L{MASTER_HOST_WAIT}), saying so once on stderr.  Raises L{SlurmError}
+    if there is no such job, or it does not start in time.
     """
     info = master_info(cluster)
     if info is None:
-        raise SlurmError(_no_master(cluster))
+        jobs = master_jobs(cluster)
+        if not jobs:
+            raise SlurmError(_no_master(cluster))
+        if timeout is None:
+            timeout = float(os.environ.get("CW_MASTER_WAIT", MASTER_HOST_WAIT))
+        name = job_names(cluster)[0]
+        listed = ", ".join(f"{job_id} {state}" for job_id, state in jobs.items())
+        print(
+            f"cw: the master job {name!r} ({listed}) has not started its master yet;"
+            f" waiting up to {timeout:g} s for it",
+            file=sys.stderr,
+            flush=True,
+        )
+        info = wait_for_master(cluster, timeout)
     return info["host"] if int(info["port"]) == PORT else info["address"]
+
+
+def master_jobs(cluster: str | None = None) -> dict[str, str]:
+    """This user's active master jobs of the cluster in C{squeue}, by id, with their states."""
+    if shutil.which("squeue") is None:
+        return {}
+    name = job_names(cluster)[0]
+    out = _run(["squeue", "-h", "-u", getpass.getuser(), "-n", name, "-o", "%i %T"])
+    jobs = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1] not in FINISHED_STATES:
+            jobs[fields[0]] = fields[1]
+    return jobs
 
 
 def _no_master(cluster: str | None) -> str:
     name = job_names(cluster)[0]
     flag = f" --name {cluster_name(cluster)}" if cluster_name(cluster) else ""
     return (
-        f"no running cw master job {name!r} for {getpass.getuser()} (no address in"
+        f"no cw master job {name!r} of {getpass.getuser()} is running or queued (no address in"
         f" {cluster_dir(cluster) / 'master.json'}, none in squeue); start one with"
         f" 'cw-slurm{flag} start', or check its log in {cluster_dir(cluster)}"
+    )
+
+
+def _not_started(cluster: str | None, timeout: float) -> str:
+    """Why no master answered after C{timeout} seconds of waiting: its job is queued, or there is none."""
+    jobs = master_jobs(cluster)
+    if not jobs:
+        return f"gave up after {timeout:g} s: {_no_master(cluster)}"
+    listed = ", ".join(f"{job_id} {state}" for job_id, state in jobs.items())
+    return (
+        f"the cw master job {job_names(cluster)[0]!r} ({listed}) did not start its master within"
+        f" {timeout:g} s; see 'squeue --me' and its log in {cluster_dir(cluster)}, or wait longer"
+        " (CW_MASTER_WAIT)"
     )
 
 
@@ -338,7 +388,7 @@ def wait_for_master(
                 )
                 report = None
         if now > deadline:
-            raise SlurmError(f"gave up after {timeout:g} s: {_no_master(cluster)}")
+            raise SlurmError(_not_started(cluster, timeout))
         time.sleep(min(interval, max(deadline - now, 0.01)))
 
 

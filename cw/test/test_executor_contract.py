@@ -26,7 +26,14 @@ from concurrent import futures
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from cw.client import ClientThread, ClusterExecutor, RemoteException, master_status
+from cw.client import (
+    BaseClientThread,
+    Client,
+    ClientThread,
+    ClusterExecutor,
+    RemoteException,
+    master_status,
+)
 from cw.test import jobs
 from cw.test.jobs import touch
 from cw.test.procs import DEADLINE, abandon, process_exists, run_script, shared_cluster, wait_until
@@ -659,3 +666,36 @@ class TypedExceptionTests(ContractCase):
         )
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(done.stdout.strip(), "caught 7 code 7 RemoteException(__main__.Mine)")
+
+
+class OriginalClientTests(ContractCase):
+    """The original's lower-level client classes, kept: Client and BaseClientThread."""
+
+    @in_thread
+    def test_base_client_thread(self):
+        """
+        BaseClientThread calls back with (jobid, success, result) for every
+        job, failures included (and wait() does not raise them again);
+        start_job submits, stop disconnects, connection_ready runs once.
+        """
+        got = {}
+        ready = []
+
+        class Thread(BaseClientThread):
+            def connection_ready(self):
+                ready.append(self.session.client_id)
+
+        client = Thread(lambda jobid, ok, result: got.setdefault(jobid, (ok, result)), self.address)
+        self.assertIsInstance(client, Client)
+        client.start()
+        try:
+            client.start_job("good", pow, 2, 5)
+            client.start_job("bad", divmod, 1, 0)
+            client.wait(DEADLINE)
+        finally:
+            client.stop()
+        self.assertEqual(len(ready), 1)
+        self.assertEqual(got["good"], (True, 32))
+        self.assertFalse(got["bad"][0])
+        self.assertIsInstance(got["bad"][1], ZeroDivisionError)
+        self.assertIsInstance(got["bad"][1], RemoteException)

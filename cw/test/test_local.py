@@ -72,6 +72,33 @@ class ScriptTests(unittest.TestCase):
 
         return threads.deferToThread(body)
 
+    def test_original_module_attributes(self):
+        """
+        'import cw' alone gives cw.mp and cw.slurm (the original imported
+        both), on first use only: cw.mp.allocate runs a cluster,
+        cw.slurm.master_host and cw.is_slurm_available are there.
+        """
+        port = free_port()
+        script = """
+            import sys
+            import cw
+
+            assert "cw.mp" not in sys.modules and "cw.slurm" not in sys.modules
+            with cw.mp.allocate(1, port=int(sys.argv[1])) as address:
+                from cw.client import ClusterExecutor
+
+                with ClusterExecutor(address) as ex:
+                    print(ex.submit(pow, 2, 5).result(60))
+            print(callable(cw.slurm.master_host), cw.is_slurm_available())
+        """
+
+        def body():
+            done = self.run_script(script, str(port))
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertEqual(done.stdout.split(), ["32", "True", "False"])
+
+        return threads.deferToThread(body)
+
     def test_exit_without_shutdown(self):
         """A program that never shuts its executor down still exits promptly."""
         port = free_port()

@@ -295,6 +295,59 @@ class SlurmClusterTests(unittest.TestCase):
 
         return threads.deferToThread(body)
 
+    def test_master_host_right_after_start(self):
+        """
+        'slurm.py -n 2 start' (the master job held back a few seconds with
+        --begin, so that it is surely still queued), then at once a program
+        written against the original API: cw.slurm_master_host() waits for
+        the queued master job, says so once, and never claims that squeue
+        has none; cw.client.SlurmExecutor() runs jobs on that master.
+        """
+
+        def body():
+            self.run_command("-n", "2", "--Xmaster", "--begin=now+5", "start")
+            self.assertIn("PENDING", slurm.master_jobs(self.name).values())
+            client = textwrap.dedent(
+                """
+                import cw
+                from cw.client import SlurmExecutor, wait_for_workers
+
+                assert cw.is_slurm_available()
+                host = cw.slurm_master_host()
+                wait_for_workers(2, host, timeout=60)
+                with SlurmExecutor() as ex:
+                    print("ok", sum(ex.map(abs, range(-5, 5))), host)
+                """
+            )
+            out = subprocess.run(
+                [sys.executable, "-c", client],
+                capture_output=True,
+                text=True,
+                env=self.env(),
+                timeout=DEADLINE * 2,
+            )
+            self.assertEqual(out.returncode, 0, out.stderr + self.logs())
+            self.assertTrue(out.stdout.startswith("ok 25 "), out.stdout)
+            self.assertEqual(out.stderr.count("has not started its master yet"), 1, out.stderr)
+            self.assertNotIn("none in squeue", out.stderr)
+            self.run_command("stop")
+            self.assertEqual(self.squeue(), {})
+
+        return threads.deferToThread(body)
+
+    def test_no_master_job(self):
+        """Without a master job in squeue, master_host fails at once, saying there is none."""
+
+        def body():
+            started = time.monotonic()
+            with self.assertRaises(slurm.SlurmError) as caught:
+                cw.slurm_master_host()
+            self.assertIn("none in squeue", str(caught.exception))
+            self.assertIn("start one with", str(caught.exception))
+            self.assertLess(time.monotonic() - started, 30)
+
+        return threads.deferToThread(body)
+
     def test_allocate_picks_slurm(self):
         """
         With no CW_BACKEND and a SLURM controller answering, cw.allocate(4)
