@@ -268,6 +268,9 @@ def abandon(ex) -> None:
         outstanding = list(ex._jobs.entries.values())
     ex.shutdown(wait=False, cancel_futures=True)
     ex.kill(*outstanding)
+    # The delivery thread closes the connection once nothing is outstanding,
+    # then ends: wait for that, so that no connection outlives the test.
+    ex._thread.join(DEADLINE)
 
 
 def run_script(
