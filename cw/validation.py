@@ -55,13 +55,17 @@ def check_range(name: str, value: Any, low: int, high: int) -> int:
     return value
 
 
-def check_text(name: str, value: Any, limit: int, empty: bool = False) -> str:
-    """C{value} if it is a string of at most C{limit} printable characters."""
+def check_text(name: str, value: Any, limit: int, empty: bool = False, printable: bool = True) -> str:
+    """
+    C{value} if it is a string of at most C{limit} characters, all
+    printable unless C{printable} is false (a directory may be named with
+    anything, but a name that is logged may not forge log lines).
+    """
     if not isinstance(value, str):
         raise BadCommand(f"{name} must be a string, not {type(value).__name__}")
     if len(value) > limit or (not value and not empty):
         raise BadCommand(f"{name} must be 1 to {limit} characters long, not {len(value)}")
-    if not value.isprintable():
+    if printable and not value.isprintable():
         raise BadCommand(f"{name} holds control characters: {value!r:.80}")
     return value
 
@@ -80,12 +84,12 @@ def check_context(context: Any) -> int:
     """
     if not isinstance(context, dict):
         raise BadCommand(f"context must be a JSON object, not {type(context).__name__}")
-    check_text("context cwd", context.get("cwd"), MAX_PATH)
+    check_text("context cwd", context.get("cwd"), MAX_PATH, printable=False)
     path = context.get("path")
     if not isinstance(path, list) or len(path) > MAX_PATH_ENTRIES:
         raise BadCommand(f"context path must be a list of at most {MAX_PATH_ENTRIES:,} strings")
     for entry in path:
-        check_text("context path entry", entry, MAX_PATH, empty=True)
+        check_text("context path entry", entry, MAX_PATH, empty=True, printable=False)
     return check_range("context weight", context.get("weight", 1), 1, MAX_WEIGHT)
 
 
