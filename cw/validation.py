@@ -109,12 +109,13 @@ def check_jobs(jobs: list[P.Job]) -> None:
         timeout = options.get("timeout")
         if timeout is not None and not P.valid_timeout(timeout):
             raise BadCommand(f"job {job.seq}: timeout must be positive seconds, not {timeout!r:.40}")
+        # Any integer the client accepts (see cw.client.job_options).
         attempts = options.get("max_attempts")
-        if attempts is not None:
-            check_range(f"job {job.seq}: max_attempts", attempts, 1, 1 << 31)
+        if attempts is not None and (not _integer(attempts) or attempts < 1):
+            raise BadCommand(f"job {job.seq}: max_attempts must be a positive integer, not {attempts!r:.40}")
         priority = options.get("priority")
-        if priority is not None:
-            check_range(f"job {job.seq}: priority", priority, -(1 << 63), (1 << 63) - 1)
+        if priority is not None and not _integer(priority):
+            raise BadCommand(f"job {job.seq}: priority must be an integer, not {priority!r:.40}")
 
 
 def check_results(results: list[P.Result]) -> None:
