@@ -622,9 +622,10 @@ class Master:
     def _throttle(self, client: int) -> None:
         """
         Flow control (see L{P.JobRoom}): a client that has used all its room
-        holds further jobs by itself; one that ignores it and has queued
-        more than twice the limits is no longer read from (which stalls its
-        other commands too) until it is given room again.
+        holds further jobs by itself; one that ignores it and has sent more
+        than the limits beyond its room (so up to twice the limits queued)
+        is no longer read from (which stalls its other commands too) until
+        its queue has drained and it is given room again.
         """
         proto = self.clients[client]
         if client not in self._held_logged and self.scheduler.held(client):
@@ -652,7 +653,9 @@ class Master:
             if proto is None:
                 continue
             proto.callRemote(P.JobRoom, bytes=more_bytes, jobs=more_jobs)
-            if proto.reading_paused and not self.scheduler.over_hard_limit(cid):
+            if proto.reading_paused:
+                # Its queue has drained to half: read on (up to one more box
+                # if it still ignores its room).
                 proto.resume_reading()
 
     def results(self, worker: int, results: list[P.Result]) -> None:

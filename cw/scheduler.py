@@ -468,15 +468,17 @@ class Scheduler:
 
     def over_hard_limit(self, client: int) -> bool:
         """
-        Whether C{client} has more than twice the limits queued (in bytes or
-        in jobs): only a client that ignores its room gets there (or one
-        whose single job is bigger than the limit), and the master stops
-        reading from it until room is given again.
+        Whether C{client} has sent more than the limits beyond the room it
+        was given (in bytes or in jobs), so that it has up to twice the
+        limits queued: only a client that ignores its room gets there (or
+        one whose single job is bigger than the limit), and the master
+        stops reading from it until room is given again.  Jobs requeued
+        from a lost worker do not count: they were sent within the room.
         """
         state = self._client(client)
         return (
-            self._queue.bytes_of(client) > 2 * self.max_queued_bytes
-            or state.queued > 2 * self.max_queued_jobs
+            state.received_bytes - state.granted_bytes > self.max_queued_bytes
+            or state.received_jobs - state.granted_jobs > self.max_queued_jobs
         )
 
     # -- workers ---------------------------------------------------------

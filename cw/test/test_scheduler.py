@@ -922,8 +922,19 @@ class RoomTests(SynchronousTestCase):
         self.assertTrue(self.s.held(self.client))
         self.assertEqual(self.s.take_room(), [(self.client, 100, 10)])
 
+    def test_requeued_jobs_not_past_room(self):
+        """Jobs requeued from a lost worker were sent within the room: no hard stop."""
+        worker = self.s.add_worker(30)
+        for first in (1, 11, 21):
+            self.s.submit(self.client, self.jobs(first, 10, 0))
+            self.s.dispatch()
+            self.assertEqual(self.s.take_room(), [(self.client, 0, 10)])
+        self.s.lose_worker(worker)
+        self.assertEqual(self.s.client(self.client).queued, 30, "three times the limit")
+        self.assertFalse(self.s.over_hard_limit(self.client))
+
     def test_hard_limit(self):
-        """Over twice the limits (a client that ignores its room), in bytes or in jobs."""
+        """Past the room by more than the limits (a client that ignores it), in bytes or in jobs."""
         self.s.submit(self.client, self.jobs(1, 1, 201))
         self.assertTrue(self.s.over_hard_limit(self.client))
         other = self.s.add_client()
