@@ -386,7 +386,7 @@ def main() -> None:
     parser.add_argument(
         "--insecure",
         action="store_true",
-        help="cw without authentication and MACs (--insecure), to measure their cost; cw and cw-big only",
+        help="cw without authentication and MACs (--insecure), to measure what they cost",
     )
     args = parser.parse_args()
 

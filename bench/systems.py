@@ -91,6 +91,15 @@ class System:
         return {}
 
 
+def insecure() -> list[str]:
+    """
+    C{["--insecure"]} when C{CW_INSECURE=1} (C{run.py --insecure}): cw without
+    authentication and MACs, to measure what they cost.  Clients read the
+    variable themselves.
+    """
+    return ["--insecure"] if os.environ.get("CW_INSECURE") == "1" else []
+
+
 class CW(System):
     name = "cw"
 
@@ -102,10 +111,7 @@ class CW(System):
         import cw.mp
         from cw.client import ClusterExecutor
 
-        # CW_INSECURE=1 (run.py --insecure): no authentication and no MACs,
-        # to measure what they cost.
-        insecure = ["--insecure"] if os.environ.get("CW_INSECURE") == "1" else []
-        cw.mp.start(2, port=self.port, procs=1, master_options=insecure, worker_options=insecure)
+        cw.mp.start(2, port=self.port, procs=1, master_options=insecure(), worker_options=insecure())
         self.executor = ClusterExecutor("localhost", port=self.port)
 
     def stop(self) -> None:
@@ -318,7 +324,7 @@ def cw_queue(args) -> dict:
 
     n = args.queued
     out: dict = {"queued": n, "job_bytes": len(cloudpickle.dumps((noop, (n,), {})))}
-    cw.mp.start(0, port=args.port)
+    cw.mp.start(0, port=args.port, master_options=insecure())
     client = None
     try:
         pid = master_pid(args.port)
@@ -347,7 +353,7 @@ def cw_queue(args) -> dict:
         out["master_bytes_per_job"] = (queued["VmHWM"] - before["VmRSS"]) * 1024 / n
         out["client_peak_mb_queued"] = client_peak_rss_mb()
         start = time.perf_counter()
-        cw.mp.start(2, port=args.port, master=False, procs=1)
+        cw.mp.start(2, port=args.port, master=False, procs=1, worker_options=insecure())
         try:
             client.wait(timeout=args.drain_limit)
             out["drain_s"] = time.perf_counter() - start
@@ -377,12 +383,12 @@ def cw_fake(args) -> dict:
     import cw.mp
     from cw.client import ClusterExecutor, wait_for_workers
 
-    cw.mp.start(0, port=args.port)
+    cw.mp.start(0, port=args.port, master_options=insecure())
     fake = None
     executor = None
     try:
         fake = subprocess.Popen(
-            [sys.executable, str(HERE / "fake_workers.py"), "--master", f"localhost:{args.port}"]
+            [sys.executable, str(HERE / "fake_workers.py"), "--master", f"localhost:{args.port}", *insecure()]
             + ["-n", str(args.connections), "--slots", "1"],
             stdout=subprocess.PIPE,
             text=True,
