@@ -173,11 +173,19 @@ class MasterProtocol(SignsOfLife, StreamingSender, AuthGate, MasterAuth, ChunkRe
         self.transport.pauseProducing()
 
     def resume_reading(self) -> None:
-        """Undo L{stop_reading}: parse what arrived meanwhile, and read again."""
+        """
+        Undo L{stop_reading}: read again, and parse what arrived meanwhile
+        on the reactor's next turn (not from within the caller, which may be
+        in the middle of a dispatch).
+        """
         self.reading_paused = False
         self.paused = False
         self.transport.resumeProducing()
-        self.dataReceived(b"")
+        self.master.clock.callLater(0, self._parse_buffered)
+
+    def _parse_buffered(self) -> None:
+        if not self.closed.called and not self.paused:
+            self.dataReceived(b"")
 
     def stream_progress(self) -> None:
         if self.role == "client":
