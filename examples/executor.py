@@ -3,7 +3,7 @@ Use a cw cluster as a concurrent.futures Executor.
 
 Shows submit() with as_completed() (results in the order jobs finish),
 map() (results in the order of the inputs) and how a job's exception
-reaches the client as a RemoteException.
+reaches the client: as its own class, which is also a RemoteException.
 
 Usage: python examples/executor.py [MASTER]
 
@@ -48,10 +48,12 @@ def main(host=None):
         squares = [value for value, _ in ex.map(slow_square, range(8))]
         print(f"map, in order: {squares}", flush=True)
 
-        # A job that raises: future.result() raises RemoteException.
+        # A job that raises: future.result() raises the job's exception, an
+        # instance of both ZeroDivisionError and RemoteException.
         try:
             ex.submit(reciprocal, 0).result()
-        except RemoteException as e:
+        except ZeroDivisionError as e:
+            assert isinstance(e, RemoteException)
             print(f"remote failure: {e.type}: {e.message} (on {e.host}, pid {e.pid})", flush=True)
     # Leaving the block waits for outstanding jobs and disconnects.
 
