@@ -16,7 +16,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from cw import child
 from cw.child import run_payload
 from cw.client import client_context, decode_result, describe_unpicklable, job_options, pickle_call
-from cw.errors import CWError, JobCrashed, JobTimeout, RemoteException, SubmitError, WorkerLost
+from cw.errors import (
+    EXCEPTION_PICKLE_LIMIT,
+    CWError,
+    JobCrashed,
+    JobTimeout,
+    RemoteException,
+    SubmitError,
+    WorkerLost,
+    exception_fields,
+    remote_error,
+    typed_class,
+)
 from cw.protocol import Job, Outcome, Result, error_report, read_options
 
 
@@ -279,3 +290,63 @@ class JobOptionTests(SynchronousTestCase):
             self.assertEqual(pickle.loads(pickle.dumps(error)).report, error.report)
         self.assertTrue(issubclass(WorkerLost, JobCrashed))
         self.assertFalse(issubclass(JobTimeout, JobCrashed))
+
+
+class HoldsALock(Exception):
+    """An exception whose state cannot be pickled."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class TypedRemoteErrorTests(SynchronousTestCase):
+    """L{exception_fields} in the job process and L{remote_error} in the client, without a master."""
+
+    def raised(self, exc: BaseException) -> RemoteException:
+        report = {"type": type(exc).__name__, "message": str(exc), "traceback": "tb", "host": "h", "pid": 1}
+        return remote_error("j", {**report, **exception_fields(exc)})
+
+    def test_class_made_once_per_type(self):
+        first, second = self.raised(KeyError("a")), self.raised(KeyError("b"))
+        self.assertIs(type(first), type(second))
+        self.assertIs(type(first), typed_class(KeyError))
+        self.assertEqual(type(first).__name__, "RemoteException(KeyError)")
+        self.assertIsInstance(first, KeyError)
+        self.assertEqual(first.args, ("a",))
+
+    def test_pickles(self):
+        """A typed exception pickles (plain pickle too) and comes back as the same class."""
+        error = self.raised(ValueError("bad"))
+        for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
+            copy = loads(dumps(error))
+            self.assertIs(type(copy), type(error))
+            self.assertEqual((copy.args, copy.jobid, copy.host), (("bad",), "j", "h"))
+
+    def test_unpicklable_state_dropped(self):
+        """State that cannot be pickled is left out; the class and args still arrive."""
+        error = self.raised(HoldsALock("locked"))
+        self.assertIsInstance(error, HoldsALock)
+        self.assertEqual(error.args, ("locked",))
+        self.assertFalse(hasattr(error, "lock"))
+
+    def test_too_big(self):
+        error = self.raised(ValueError(b"x" * (EXCEPTION_PICKLE_LIMIT + 1)))
+        self.assertIs(type(error), RemoteException)
+        self.assertIn("over", error.fallback)
+
+    def test_garbage(self):
+        """An exception field that is not a pickle: a plain RemoteException saying why."""
+        error = remote_error("j", {"type": "ValueError", "exception": "bm90IGEgcGlja2xl"})
+        self.assertIs(type(error), RemoteException)
+        self.assertIn("cannot be unpickled in the client", error.fallback)
+        self.assertIn("raised as RemoteException, not as ValueError", str(error))
+        self.assertNotIn("exception", error.report)
+
+    def test_not_an_exception_class(self):
+        import base64
+
+        data = base64.b64encode(cloudpickle.dumps((int, (1,), None))).decode()
+        error = remote_error("j", {"type": "int", "exception": data})
+        self.assertIs(type(error), RemoteException)
+        self.assertIn("is not an exception class", error.fallback)
