@@ -167,7 +167,7 @@ class BoxMac:
         C{value}; None if it is good (and the next is due), else why not.
         """
         if value is None:
-            return "sent a box without a MAC"
+            return "sent a box without a MAC (an older cw, or not the peer that authenticated)"
         if len(value) != _SEQUENCE.size + mac.digest_size:
             return "sent a malformed MAC"
         sequence = value[: _SEQUENCE.size]
@@ -402,8 +402,11 @@ def authenticate(proto: AuthGate, secret: bytes | None, role: str, address: str)
     mine = new_nonce()
     try:
         answer = yield proto.callRemote(Challenge, role=role, nonce=mine)
-    except AuthenticationFailed as e:
-        raise AuthenticationFailed(f"the cw master at {address} refused to authenticate: {e}") from None
+    except (AuthenticationFailed, amp.RemoteAmpError) as e:
+        # Whatever the peer said is unauthenticated: quoted (repr), never raw.
+        raise AuthenticationFailed(
+            f"the cw master at {address} refused to authenticate: {str(e)!r}"
+        ) from None
     theirs = answer["nonce"]
     if len(theirs) != NONCE_BYTES or not hmac.compare_digest(
         answer["proof"], master_proof(secret, role, mine, theirs)

@@ -600,6 +600,38 @@ class LogHygieneTests(unittest.TestCase):
         return threads.deferToThread(body)
 
 
+class LyingMaster(amp.AMP):
+    """A fake master that answers the handshake with an error holding a fake log line."""
+
+    @Challenge.responder
+    def challenge(self, role, nonce):
+        raise AuthenticationFailed("no\n2026-01-01T00:00:00+0000 [cw.worker#info] FORGED Registered")
+
+
+class WorkerLogHygieneTests(unittest.TestCase):
+    """What an unauthenticated master says is logged escaped too."""
+
+    timeout = 120
+
+    def test_error_from_fake_master_escaped(self):
+        procs = Processes(self, self.mktemp())
+
+        def body():
+            fake = blockingCallFromThread(
+                reactor, reactor.listenTCP, 0, Factory.forProtocol(LyingMaster), interface="127.0.0.1"
+            )
+            self.addCleanup(fake.stopListening)
+            worker = procs.start_worker(1, False, address=f"127.0.0.1:{fake.getHost().port}")
+            wait_until(lambda: "FORGED" in procs.log_tail(worker, 100), what="the worker to log the refusal")
+            lines = [line for line in log_lines(worker.log) if "FORGED" in line]
+            self.assertIn("refused to authenticate: 'no\\n2026-01-01", lines[0])
+            self.assertTrue(
+                all(re.match(r"^\S+ \[cw\.worker#error\] Could not join", line) for line in lines), lines
+            )
+
+        return threads.deferToThread(body)
+
+
 class HandshakeTests(unittest.TestCase):
     """Signing is not optional once the handshake is done."""
 
