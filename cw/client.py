@@ -1166,10 +1166,12 @@ class ClusterExecutor(futures.Executor):
         """
         stopped = 0
         for future in fs:
+            seq = getattr(future, "_seq", 0)
+            if self._jobs.take(seq) is not future:  # not this executor's, or done
+                continue
             if future.cancel():
                 stopped += 1
                 continue
-            seq = getattr(future, "_seq", 0)
             if future.done() or self._jobs.pop(seq, future) is None:
                 continue
             if self.session.proto is not None:

@@ -8,7 +8,7 @@ withdraws every job not yet running.
 from __future__ import annotations
 
 import os
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 
 from twisted.internet import threads
 from twisted.trial import unittest
@@ -81,6 +81,9 @@ class CancelTests(unittest.TestCase):
                 self.assertTrue(running.running())
                 self.assertFalse(running.cancel())
                 self.assertFalse(running.cancelled())
+                stranger = Future()
+                self.assertEqual(ex.kill(stranger), 0)
+                self.assertFalse(stranger.cancelled())
                 self.assertEqual(ex.kill(running), 1)
                 self.assertIsInstance(running.exception(0), JobKilled)
                 self.assertIsInstance(running.exception(0), CancelledError)
