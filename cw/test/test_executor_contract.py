@@ -518,6 +518,38 @@ class ShutdownTests(ContractCase):
         self.assertIn(done.stdout.strip(), ["apple", ""])
 
     @in_thread
+    def test_exit_does_not_wait_after_cancel_futures(self):
+        """
+        After shutdown(wait=False, cancel_futures=True) the program does not
+        wait at exit even for a running job (here one that would block for
+        two minutes); the master kills that job once the client is gone.
+        """
+        record = os.path.abspath(self.mktemp())
+        done = run_script(
+            self,
+            """
+            import sys, time
+            from cw.client import ClusterExecutor
+            from cw.test.jobs import block_until
+
+            t = ClusterExecutor(sys.argv[1])
+            f = t.submit(block_until, sys.argv[2] + ".never", sys.argv[2], 120)
+            while not f.running():
+                time.sleep(0.01)
+            t.shutdown(wait=False, cancel_futures=True)
+            print("exiting", flush=True)
+            """,
+            self.address,
+            record,
+            timeout=DEADLINE,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.strip(), "exiting")
+        wait_until(lambda: os.path.exists(record) and open(record).read(), what="the job to have started")
+        pid = int(open(record).read())
+        wait_until(lambda: not process_exists(pid), what="the abandoned job to be killed")
+
+    @in_thread
     def test_shutdown_no_wait_leaves_jobs_running(self):
         """
         shutdown(wait=False) returns at once; the running job goes on, its
