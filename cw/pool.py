@@ -15,8 +15,9 @@ Each child is talked to through a L{ChildLink}, the parent-side AMP object
 of one child.  It also carries out, per call:
 
   - a timeout (C{_cw_timeout} seconds, counted from when the job reaches the
-    child): the child is killed with SIGKILL, with every process its job
-    started (L{cw.containment}), and the call fails with L{JobTimedOut};
+    child; a job with a timeout is held until a new child is up): the child
+    is killed with SIGKILL, with every process its job started
+    (L{cw.containment}), and the call fails with L{JobTimedOut};
   - a memory check: after each job the child's resident size is read from
     C{/proc}, and a child above the pool's C{max_rss} (or one whose job ran
     out of memory) is retired before it gets another job;
@@ -31,7 +32,7 @@ from __future__ import annotations
 import os
 import signal
 
-from ampoule import pool
+from ampoule import commands, pool
 from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -94,6 +95,9 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
     #: Set by L{JobPool} on every link it creates.
     pool: JobPool | None = None
 
+    #: What times job timeouts (None: the global reactor; tests set a Clock).
+    clock = None
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.dead = False
@@ -104,6 +108,25 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
         self.contexts_sent: set[tuple[int, int]] = set()
         #: The function keys this child holds, kept as the child keeps them.
         self.functions = FunctionCache()
+        #: Set once the job process has answered its first box: it is up.
+        self.up = False
+        #: Calls held until it is up (see L{callRemote}).
+        self._when_up: list = []
+
+    def connectionMade(self):
+        super().connectionMade()
+        # The answer to this first box says the job process is running.
+        # (Echo: ampoule's Ping answers a str, which AMP refuses to send.)
+        d = super().callRemote(commands.Echo, data=b"")
+        if d is not None:
+            d.addBoth(self._is_up)
+
+    def _is_up(self, _) -> None:
+        """The job process answered (or died, and held calls then fail): send what was held."""
+        self.up = True
+        when_up, self._when_up = self._when_up, []
+        for send in when_up:
+            send()
 
     @property
     def pid(self) -> int | None:
@@ -140,6 +163,24 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
             _cw_handle["link"] = self
         if self.dead:
             return defer.fail(ChildExited(exitCode=None))
+        if _cw_timeout and not self.up:
+            # A job's timeout counts from when it reaches a running job
+            # process, not while the process starts (seconds on a loaded
+            # machine); and a job process answers nothing while it runs a
+            # job, so it must be known to be up before the job is sent.
+            held: defer.Deferred = defer.Deferred()
+            self._when_up.append(
+                lambda: self.callRemote(
+                    command,
+                    _cw_timeout,
+                    _cw_handle,
+                    _cw_contexts,
+                    _cw_functions,
+                    _cw_generation,
+                    **kwargs,
+                ).chainDeferred(held)
+            )
+            return held
         if command is P.RunBatch:
             kwargs["contexts"], kwargs["functions"] = self._missing(
                 kwargs["jobs"], _cw_contexts or {}, _cw_functions or {}, _cw_generation
@@ -149,7 +190,7 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
             return d
         timer = None
         if _cw_timeout is not None and _cw_timeout > 0:
-            timer = reactor.callLater(_cw_timeout, self._kill, _cw_timeout)
+            timer = (self.clock or reactor).callLater(_cw_timeout, self._kill, _cw_timeout)
 
         def ended(result):
             if timer is not None and timer.active():

@@ -262,3 +262,65 @@ class PoolTests(unittest.TestCase):
         pids = [cloudpickle.loads(r[0].payload) for r in (first, second, third)]
         self.assertEqual(pids[0], pids[1])
         self.assertNotEqual(pids[1], pids[2])
+
+
+class TimeoutStartTests(unittest.SynchronousTestCase):
+    """
+    A job's timeout counts from when its job process is up (has answered
+    its first box), not while the process is still starting: a job with a
+    timeout is held until then.
+    """
+
+    def setUp(self):
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from cw.pool import ChildLink
+
+        self.clock = Clock()
+        self.link = ChildLink()
+        self.link.clock = self.clock
+        self.transport = StringTransport()
+        self.link.makeConnection(self.transport)
+
+    def sent(self) -> list:
+        from twisted.protocols import amp
+
+        return amp.parseString(self.transport.value())
+
+    def answer_first_box(self):
+        from twisted.protocols import amp
+
+        self.link.dataReceived(amp.AmpBox(_answer=self.sent()[0][b"_ask"], response=b"").serialize())
+
+    def test_held_until_process_is_up(self):
+        from ampoule.commands import Echo
+
+        self.link.callRemote(Echo, data=b"job", _cw_timeout=1)
+        self.clock.advance(10)
+        self.assertIsNone(self.link.timed_out, "timed out while the process was starting")
+        self.assertEqual(len(self.sent()), 1, "the job was sent before the process was up")
+        self.answer_first_box()
+        self.assertEqual(self.sent()[1][b"data"], b"job")
+        self.clock.advance(0.9)
+        self.assertIsNone(self.link.timed_out)
+        self.clock.advance(0.2)
+        self.assertEqual(self.link.timed_out, 1)
+
+    def test_sent_at_once_when_up(self):
+        from ampoule.commands import Echo
+
+        self.answer_first_box()
+        self.link.callRemote(Echo, data=b"job", _cw_timeout=1)
+        self.assertEqual(self.sent()[1][b"data"], b"job")
+        self.clock.advance(1.1)
+        self.assertEqual(self.link.timed_out, 1)
+
+    def test_held_call_fails_if_process_dies(self):
+        from ampoule.commands import Echo
+        from twisted.internet.error import ProcessTerminated
+        from twisted.python.failure import Failure
+
+        d = self.link.callRemote(Echo, data=b"job", _cw_timeout=1)
+        self.link.connectionLost(Failure(ProcessTerminated(signal=9)))
+        self.failureResultOf(d, ProcessTerminated)
