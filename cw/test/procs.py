@@ -245,15 +245,15 @@ def held_client(ex) -> dict | None:
 
 
 @contextlib.contextmanager
-def executor(address: str | None = None):
+def executor(address: str | None = None, **options):
     """
-    A L{cw.client.ClusterExecutor} of C{address} that, if the block fails,
-    stops its jobs rather than waiting for them (so a failing test does not
-    hang on jobs that will never finish).
+    A L{cw.client.ClusterExecutor} of C{address} (and C{options}) that, if
+    the block fails, stops its jobs rather than waiting for them (so a
+    failing test does not hang on jobs that will never finish).
     """
     from cw.client import ClusterExecutor
 
-    ex = ClusterExecutor(address)
+    ex = ClusterExecutor(address, **options)
     try:
         yield ex
     except BaseException:
@@ -339,3 +339,26 @@ def shared_cluster(name: str, slots: tuple[int, ...] = (2, 1)) -> Processes:
             procs.start_worker(procs=n)
         _shared[name] = procs
     return procs
+
+
+def until(predicate, timeout: float = 10, what: str = "condition"):
+    """
+    For tests that run in trial's reactor: a Deferred that fires with
+    C{predicate()}'s first true value, polled every 10 ms, or fails with
+    C{AssertionError} after C{timeout} seconds (well before trial's own
+    timeout, so a missing behaviour fails fast).
+    """
+    from twisted.internet import defer, reactor, task
+
+    @defer.inlineCallbacks
+    def poll():
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            yield task.deferLater(reactor, 0.01, lambda: None)
+
+    return poll()

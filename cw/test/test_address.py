@@ -45,9 +45,6 @@ class ClientDescriptionTests(SynchronousTestCase):
         self.assertEqual(client_description(), "tcp:host=localhost:port=%d" % PORT)
         self.assertEqual(tcp_target(client_description(None)), ("localhost", PORT))
 
-    def test_default_port_is_5494(self):
-        self.assertEqual(PORT, 5494)
-
     def test_host(self):
         self.assertEqual(client_description("node12"), "tcp:host=node12:port=5494")
 

@@ -47,7 +47,7 @@ class EndToEndTests(unittest.TestCase):
             self.procs.start_master()
             self.procs.start_worker(procs=2)
             self.procs.start_worker(procs=1)
-            with ClusterExecutor(self.procs.address) as ex:
+            with executor(self.procs.address) as ex:
                 results = list(ex.map(square, range(1000)))
                 self.assertEqual(results, [x * x for x in range(1000)])
                 status = ex.status()
@@ -91,7 +91,7 @@ class EndToEndTests(unittest.TestCase):
             def closure(key):
                 return table[key] + offset
 
-            with ClusterExecutor(self.procs.address) as ex:
+            with executor(self.procs.address) as ex:
                 self.assertEqual(ex.submit(lambda x: x + 1, 41).result(60), 42)
                 self.assertEqual(list(ex.map(closure, ["a", "b"])), [1001, 1002])
 
@@ -103,7 +103,7 @@ class EndToEndTests(unittest.TestCase):
         def body():
             self.procs.start_master()
             self.procs.start_worker()
-            with ClusterExecutor(self.procs.address) as ex:
+            with executor(self.procs.address) as ex:
                 error = ex.submit(fail, "boom 17").exception(60)
             self.assertIsInstance(error, RemoteException)
             self.assertEqual(error.type, "ValueError")
@@ -197,7 +197,7 @@ class EndToEndTests(unittest.TestCase):
         def body():
             self.procs.start_master()
             first = self.procs.start_worker(procs=1)
-            with ClusterExecutor(self.procs.address) as ex:
+            with executor(self.procs.address) as ex:
                 fs = [ex.submit(wait_for_file, flag) for _ in range(10)]
                 wait_until(
                     lambda: master_status(self.procs.address)["queued"] == 8,
@@ -218,10 +218,10 @@ class EndToEndTests(unittest.TestCase):
             self.procs.start_master()
             first = self.procs.start_worker(procs=1)
             second = self.procs.start_worker(procs=1)
-            with ClusterExecutor(self.procs.address) as ex:
+            with executor(self.procs.address) as ex:
                 self.assertEqual(list(ex.map(square, range(50))), [x * x for x in range(50)])
             self.procs.stop_worker(first)
-            with ClusterExecutor(self.procs.address) as ex:
+            with executor(self.procs.address) as ex:
                 fs = [ex.submit(worker_pid) for _ in range(50)]
                 pids = {f.result(60) for f in as_completed(fs, 60)}
             self.assertEqual(pids, {second.pid})
@@ -235,7 +235,7 @@ class EndToEndTests(unittest.TestCase):
             self.procs.start_master()
             self.procs.start_worker()
             lock = threading.Lock()
-            with ClusterExecutor(self.procs.address) as ex:
+            with executor(self.procs.address) as ex:
                 with self.assertRaises(SubmitError) as caught:
                     ex.submit(square, lock)
                 self.assertIn("argument 0", str(caught.exception))
@@ -255,7 +255,7 @@ class EndToEndTests(unittest.TestCase):
             self.procs.start_master()
             self.procs.start_worker(procs=2)
             blob = os.urandom(3 * 1024 * 1024 + 7)
-            with ClusterExecutor(self.procs.address) as ex:
+            with executor(self.procs.address) as ex:
                 self.assertEqual(ex.submit(len, blob).result(60), len(blob))
                 self.assertEqual(ex.submit(reverse_bytes, blob).result(60), blob[::-1])
                 # Many medium jobs share boxes without mixing up results.
@@ -286,7 +286,7 @@ class JobOutputTests(unittest.TestCase):
         def body():
             procs.start_master()
             worker = procs.start_worker()
-            with ClusterExecutor(procs.address) as ex:
+            with executor(procs.address) as ex:
                 self.assertEqual(ex.submit(shout, "hello from job 4711").result(60), 19)
             wait_until(
                 lambda: "hello from job 4711" in procs.log_tail(worker, 200),
@@ -318,7 +318,7 @@ class FairShareTests(unittest.TestCase):
                 )
                 procs.start_worker(procs=1)
                 procs.start_worker(procs=1)
-                with ClusterExecutor(procs.address) as small:
+                with executor(procs.address) as small:
                     self.assertEqual(list(small.map(square, range(10))), [x * x for x in range(10)])
                 status = master_status(procs.address)
                 (a,) = [c for c in status["clients"] if c["submitted"] == 100_000]

@@ -12,9 +12,8 @@ import collections
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from cw.client import ClusterExecutor
 from cw.test.jobs import child_counters
-from cw.test.procs import DEADLINE, Processes
+from cw.test.procs import DEADLINE, Processes, executor
 
 
 def make_closure(size: int):
@@ -47,7 +46,7 @@ class FunctionCacheTests(unittest.TestCase):
             self.procs.start_worker(2)
             self.procs.start_worker(2)
             job = make_closure(2 << 20)
-            with ClusterExecutor(self.procs.address) as ex:
+            with executor(self.procs.address) as ex:
                 results = list(ex.map(job, range(400), timeout=DEADLINE))
             self.assertEqual([r[3] for r in results], [(2 << 20) + i for i in range(400)])
             unpickled = collections.defaultdict(set)
@@ -71,7 +70,7 @@ class FunctionCacheTests(unittest.TestCase):
         def body():
             self.procs.start_master()
             self.procs.start_worker(1)
-            with ClusterExecutor(self.procs.address) as ex:
+            with executor(self.procs.address) as ex:
                 first = [ex.submit(child_counters).result(DEADLINE) for _ in range(5)]
                 self.assertEqual({count for _, count, _ in first}, {0})
                 mapped = list(ex.map(child_counters, range(50), timeout=DEADLINE))
@@ -89,7 +88,7 @@ class FunctionCacheTests(unittest.TestCase):
             self.procs.start_master()
             self.procs.start_worker(1)
             small, big = make_closure(10), make_closure(20)
-            with ClusterExecutor(self.procs.address) as a, ClusterExecutor(self.procs.address) as b:
+            with executor(self.procs.address) as a, executor(self.procs.address) as b:
                 ra = a.map(small, range(100), timeout=DEADLINE)
                 rb = b.map(big, range(100), timeout=DEADLINE)
                 self.assertEqual([r[3] for r in ra], [10 + i for i in range(100)])

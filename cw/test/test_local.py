@@ -9,11 +9,41 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from cw.test.procs import DEADLINE, child_env, free_port, group_members, process_exists, run_script
+from cw.test.procs import (
+    DEADLINE,
+    child_env,
+    executor,
+    free_port,
+    group_members,
+    process_exists,
+    run_script,
+    wait_until,
+)
+
+#: How long a client program may take to exit after its last line (the
+#: interpreter's own exit, with a ClusterExecutor never shut down).
+EXIT_BOUND = 5
+
+
+#: Adds two workers to the master on port argv[1] with cw.mp.start(master=False),
+#: prints how many workers the master then has, and stops the two again.
+ADD_WORKERS = """
+import sys
+import cw.mp
+from cw.client import master_status
+
+port = int(sys.argv[1])
+cw.mp.start(2, master=False, port=port)
+try:
+    print(len(master_status(port=port)["workers"]))
+finally:
+    cw.mp.stop(master=False, port=port)
+"""
 
 
 class ScriptTests(unittest.TestCase):
@@ -21,8 +51,10 @@ class ScriptTests(unittest.TestCase):
 
     timeout = 180
 
-    def run_script(self, source: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        return run_script(self, source, *args, env=env)
+    def run_script(
+        self, source: str, *args: str, env: dict | None = None, timeout: float = DEADLINE * 2
+    ) -> subprocess.CompletedProcess:
+        return run_script(self, source, *args, env=env, timeout=timeout)
 
     def test_allocate_leaves_nothing_behind(self):
         """
@@ -55,7 +87,6 @@ class ScriptTests(unittest.TestCase):
                     for value, *ids in ex.map(where, range(20)):
                         pids.update(ids)
                 assert results == {i: i * i for i in range(20)}, results
-                status = ex.status() if False else None
             print(json.dumps({"master": master_pid, "pids": sorted(pids)}))
         """
 
@@ -100,10 +131,14 @@ class ScriptTests(unittest.TestCase):
         return threads.deferToThread(body)
 
     def test_exit_without_shutdown(self):
-        """A program that never shuts its executor down still exits promptly."""
+        """
+        A program that never shuts its executor down (a job still pending,
+        its master gone) still exits within C{EXIT_BOUND} seconds of the end
+        of its main code.
+        """
         port = free_port()
         script = """
-            import sys
+            import sys, time
             import cw
             from cw.client import ClusterExecutor
 
@@ -115,12 +150,16 @@ class ScriptTests(unittest.TestCase):
                 ex.submit(sum, [1, 2, 3])  # left pending on purpose
             finally:
                 cw.stop(port=port)
+            print(time.monotonic())
         """
 
         def body():
-            done = self.run_script(script, str(port))
+            done = self.run_script(script, str(port), timeout=DEADLINE)
+            exited = time.monotonic()
             self.assertEqual(done.returncode, 0, done.stderr)
-            self.assertEqual(done.stdout.split(), ["1024"])
+            result, ended = done.stdout.split()
+            self.assertEqual(result, "1024")
+            self.assertLess(exited - float(ended), EXIT_BOUND, done.stderr)
 
         return threads.deferToThread(body)
 
@@ -174,12 +213,19 @@ class ScriptTests(unittest.TestCase):
             return p
 
         def body():
-            from cw.client import ClusterExecutor, wait_for_workers
+            from cw.client import master_status, wait_for_workers
 
             spawn("cw.master", "--port", f"tcp:{port}:interface=127.0.0.1")
             spawn("cw.worker", f"localhost:{port}", "--procs", "2")
             self.assertEqual(wait_for_workers(1, port=port, timeout=DEADLINE), 1)
-            with ClusterExecutor(port=port) as ex:
-                self.assertEqual(list(ex.map(abs, [-1, -2, -3])), [1, 2, 3])
+            with executor(port=port) as ex:
+                self.assertEqual(list(ex.map(abs, [-1, -2, -3], timeout=DEADLINE)), [1, 2, 3])
+            done = self.run_script(ADD_WORKERS, str(port))
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertEqual(done.stdout.split(), ["3"])
+            wait_until(
+                lambda: len(master_status(port=port)["workers"]) == 1,
+                what="cw.mp.stop(master=False) to stop the two added workers",
+            )
 
         return threads.deferToThread(body)

@@ -17,6 +17,7 @@ from cw.auth import AuthGate, authenticate
 from cw.client import ClusterExecutor, MasterUnavailable, master_status
 from cw.master import MasterService
 from cw.secret import load_secret
+from cw.test.procs import executor, until, wait_until
 from cw.worker import WorkerService
 
 
@@ -62,15 +63,14 @@ class LoopbackTests(unittest.TestCase):
         worker = yield self.start_worker(procs=2)
 
         def body():
-            with ClusterExecutor(self.address) as ex:
+            with executor(self.address) as ex:
                 return list(ex.map(triple, range(100)))
 
         results = yield threads.deferToThread(body)
         self.assertEqual(results, [3 * x for x in range(100)])
         self.assertTrue(any("Worker 1 joined" in m and "2 slots" in m for m in self.messages()))
         yield worker.stopService()
-        while self.master.master.workers:
-            yield deferLater(0.01)
+        yield until(lambda: not self.master.master.workers, what="the master to see the worker leave")
         self.assertTrue(any("Worker 1" in m and "left" in m for m in self.messages()))
 
     @defer.inlineCallbacks
@@ -83,18 +83,20 @@ class LoopbackTests(unittest.TestCase):
 
         def body():
             ex = ClusterExecutor(self.address)
-            for i in range(50):
-                ex.submit(triple, i)
-            status = None
-            while not status or status["queued"] < 50:
-                status = master_status(self.address)
-            ex.shutdown(wait=False, cancel_futures=True)
-            return status
+            try:
+                for i in range(50):
+                    ex.submit(triple, i)
+                return wait_until(
+                    lambda: (s := master_status(self.address))["queued"] >= 50 and s,
+                    timeout=10,
+                    what="50 jobs queued",
+                )
+            finally:
+                ex.shutdown(wait=False, cancel_futures=True)
 
         status = yield threads.deferToThread(body)
         self.assertEqual(status["queued"], 50)
-        while self.master.master.clients:
-            yield deferLater(0.01)
+        yield until(lambda: not self.master.master.clients, what="the master to see the client leave")
         self.assertEqual(self.master.master.scheduler.queued, 0)
         self.assertTrue(any("dropped 50 queued jobs" in m for m in self.messages()))
 
@@ -108,7 +110,7 @@ class LoopbackTests(unittest.TestCase):
         lost = defer.Deferred()
         proto.connectionLost = lambda reason: lost.callback(None)
         proto.callRemote(P.SubmitJobs, jobs=[P.Job(0, 1, b"junk")])
-        yield lost
+        yield lost.addTimeout(10, reactor)
         self.assertEqual(self.master.master.scheduler.queued, 0)
 
     @defer.inlineCallbacks
@@ -144,16 +146,17 @@ class LoopbackTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_client_connection_keepalive(self):
-        """Both ends of a client connection keep TCP alive (clients get no heartbeats)."""
-        import socket
-
+        """
+        Both ends of a client connection keep TCP alive (clients get no
+        heartbeats) with the README's timers: probes after 10 s idle, every
+        5 s, three tries (about 25 s in all; the end-to-end check of that
+        bound is test_faults_e2e's KeepaliveTests).
+        """
         ex = yield threads.deferToThread(ClusterExecutor, self.address)
         self.addCleanup(threads.deferToThread, ex.shutdown)
         (server,) = self.master.master.clients.values()
         for transport in (ex.session.proto.transport, server.transport):
-            sock = transport.getHandle()
-            self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
-            self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 10)
+            self.assertEqual(keepalive_timers(transport.getHandle()), (1, 10, 5, 3))
 
     @defer.inlineCallbacks
     def test_master_gone_fails_futures(self):
@@ -164,10 +167,9 @@ class LoopbackTests(unittest.TestCase):
             return ex, ex.submit(triple, 1)
 
         ex, future = yield threads.deferToThread(submit)
-        while not self.master.master.scheduler.queued:
-            yield deferLater(0.01)
+        yield until(lambda: self.master.master.scheduler.queued, what="the job to be queued")
         yield self.master.stopService()
-        error = yield threads.deferToThread(future.exception, 60)
+        error = yield threads.deferToThread(future.exception, 10)
         self.assertIsInstance(error, MasterUnavailable)
         self.assertIn("shut down (the master was stopped)", str(error))
         yield threads.deferToThread(ex.shutdown)
@@ -177,10 +179,16 @@ class GatedAMP(AuthGate, amp.AMP):
     """A bare AMP peer that can run the client side of the handshake."""
 
 
-def deferLater(seconds):
-    from twisted.internet import task
+def keepalive_timers(sock) -> tuple[int, int, int, int]:
+    """A socket's (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT)."""
+    import socket
 
-    return task.deferLater(reactor, seconds, lambda: None)
+    return (
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+    )
 
 
 class KeepaliveTests(unittest.TestCase):
@@ -188,18 +196,20 @@ class KeepaliveTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_keepalive_on_both_ends(self):
-        import socket
-
+        """
+        C{enable_keepalive} sets the README's timers on a connecting and an
+        accepting socket: 10 s idle, probes every 5 s, three of them.
+        """
         from twisted.internet.protocol import Factory, Protocol
 
-        from cw.address import KEEPALIVE_COUNT, KEEPALIVE_IDLE, enable_keepalive
+        from cw.address import enable_keepalive
 
         server_side = []
 
         class Remember(Protocol):
             def connectionMade(self):
-                server_side.append(enable_keepalive(self.transport))
-                self.handle = self.transport.getHandle()
+                enabled = enable_keepalive(self.transport)
+                server_side.append((enabled, keepalive_timers(self.transport.getHandle())))
 
         port = reactor.listenTCP(0, Factory.forProtocol(Remember), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
@@ -208,10 +218,6 @@ class KeepaliveTests(unittest.TestCase):
         )
         self.addCleanup(proto.transport.loseConnection)
         self.assertTrue(enable_keepalive(proto.transport))
-        sock = proto.transport.getHandle()
-        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
-        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), KEEPALIVE_IDLE)
-        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT), KEEPALIVE_COUNT)
-        while not server_side:
-            yield deferLater(0.01)
-        self.assertEqual(server_side, [True])
+        self.assertEqual(keepalive_timers(proto.transport.getHandle()), (1, 10, 5, 3))
+        yield until(lambda: server_side, what="the server side to connect")
+        self.assertEqual(server_side, [(True, (1, 10, 5, 3))])

@@ -14,10 +14,10 @@ from concurrent import futures
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from cw.client import ClusterExecutor, RemoteException, progress
+from cw.client import RemoteException, progress
 from cw.mapping import bounded_map
 from cw.test.jobs import square
-from cw.test.procs import Processes
+from cw.test.procs import Processes, executor
 
 
 def fail_on_three(x):
@@ -144,7 +144,7 @@ class ClusterMapTests(unittest.TestCase):
             procs.start_master()
             procs.start_worker(procs=2)
             most = 0
-            with ClusterExecutor(procs.address) as ex:
+            with executor(procs.address) as ex:
                 results = ex.map(square, (x for x in range(10_000_000)), buffersize=200)
                 for i, value in enumerate(results):
                     self.assertEqual(value, i * i)

@@ -350,7 +350,7 @@ class StreamingTests(unittest.TestCase):
         def body():
             self.procs.start_master()
             self.procs.start_worker(procs=1)
-            with ClusterExecutor(self.procs.address) as ex:
+            with executor(self.procs.address) as ex:
                 blob = payload_bytes(size, 7)
                 expected = (size, sha256(blob))
                 future = ex.submit(digest, blob)

@@ -72,8 +72,14 @@ class BlobTests(SynchronousTestCase):
             self.assertLessEqual(len(value), amp.MAX_VALUE_LENGTH, key)
         return box
 
-    def test_chunk_is_amp_limit(self):
-        self.assertEqual(CHUNK, 65535)
+    def test_chunks_fill_amp_values(self):
+        """
+        Data one byte longer than AMP's per-value limit travels as one full
+        value and a one-byte one: chunks are as large as AMP allows.
+        """
+        box = self.assert_round_trip(b"x" * (amp.MAX_VALUE_LENGTH + 1))
+        sizes = sorted(len(value) for key, value in box.items() if key != b"other")
+        self.assertEqual(sizes[-2:], [1, amp.MAX_VALUE_LENGTH])
 
     def test_empty(self):
         box = self.assert_round_trip(b"")

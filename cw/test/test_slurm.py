@@ -270,7 +270,7 @@ class SlurmClusterTests(unittest.TestCase):
 
                 host = cw.slurm_master_host()
                 wait_for_workers(4, host, timeout=60)
-                with ClusterExecutor(host) as ex:
+                with executor(host) as ex:
                     results = list(ex.map(pow, range(500), [2] * 500))
                 assert results == [i * i for i in range(500)], results
                 print("ok", len(results), host)

@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from cw.client import ClientThread, ClusterExecutor, MasterUnavailable, master_status, wait_for_workers
 from cw.test.jobs import square, wait_for_file
-from cw.test.procs import Processes, free_port, wait_until
+from cw.test.procs import Processes, executor, free_port, wait_until
 from cw.test.test_faults_e2e import worker_pid
 
 
@@ -67,7 +67,7 @@ class StopTests(unittest.TestCase):
         def body():
             address = self.procs.start_master("--prefetch", "3")
             stopping = self.procs.start_worker(1)
-            with ClusterExecutor(address) as ex:
+            with executor(address) as ex:
                 started_file = os.path.abspath(self.mktemp())
                 running = ex.submit(started_then_wait, started_file, self.flag)
                 prefetched = [ex.submit(worker_pid) for _ in range(3)]
@@ -96,7 +96,7 @@ class StopTests(unittest.TestCase):
         def body():
             address = self.procs.start_master()
             stopping = self.procs.start_worker(1, True, "--drain-timeout", "1")
-            with ClusterExecutor(address) as ex:
+            with executor(address) as ex:
                 started_file = os.path.abspath(self.mktemp())
                 future = ex.submit(started_then_wait, started_file, self.flag)
                 wait_until(lambda: os.path.exists(started_file), what="the job to start")
@@ -180,7 +180,7 @@ class StopTests(unittest.TestCase):
             started = time.monotonic()
             self.assertEqual(wait_for_workers(1, address, timeout=30), 1)
             self.assertLess(time.monotonic() - started, 15, "rejoin took longer than the reconnect delay")
-            with ClusterExecutor(address) as ex:
+            with executor(address) as ex:
                 self.assertEqual(ex.submit(worker_pid).result(60), worker.pid)
                 self.assertEqual(list(ex.map(square, range(10), timeout=60)), [x * x for x in range(10)])
 
@@ -198,7 +198,7 @@ class StopTests(unittest.TestCase):
             )
             address = self.procs.start_master(listen=f"tcp:{port}:interface=127.0.0.1")
             self.assertEqual(wait_for_workers(1, address, timeout=30), 1)
-            with ClusterExecutor(address) as ex:
+            with executor(address) as ex:
                 self.assertEqual(ex.submit(worker_pid).result(60), worker.pid)
 
         return threads.deferToThread(body)
