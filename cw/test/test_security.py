@@ -266,6 +266,7 @@ class TLSTests(unittest.TestCase):
 
     def setUp(self):
         import trustme  # a test dependency: missing, the run fails (pip install '.[test]')
+
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(self.dir, "ca"))
         ca = trustme.CA()
