@@ -42,7 +42,7 @@ from cw.auth import (
 from cw.client import ClusterExecutor, MasterUnavailable, client_context
 from cw.streaming import PIECE, ChunkReceiver, StreamingSender
 from cw.test.jobs import digest, square, touch
-from cw.test.procs import DEADLINE, Processes, wait_until
+from cw.test.procs import DEADLINE, Processes, executor, wait_until
 from cw.test.test_security import host_port, other_secret, raw_box, recv_until_closed
 from cw.test.test_streaming import pattern
 
@@ -389,7 +389,7 @@ class RelayTests(unittest.TestCase):
             wait_until(
                 lambda: "Registered with the master" in self.procs.log_tail(self.procs.workers[0], 100)
             )
-            with ClusterExecutor(relay.address) as ex:
+            with executor(relay.address) as ex:
                 self.assertEqual(list(ex.map(square, range(50))), [x * x for x in range(50)])
                 self.assertEqual(ex.submit(digest, data).result(DEADLINE), digest(data))
 
