@@ -150,7 +150,7 @@ class LoopbackTests(unittest.TestCase):
         Both ends of a client connection keep TCP alive (clients get no
         heartbeats) with the README's timers: probes after 10 s idle, every
         5 s, three tries (about 25 s in all; the end-to-end check of that
-        bound is test_faults_e2e's KeepaliveTests).
+        bound is test_faults_e2e's QuietLinkTests).
         """
         ex = yield threads.deferToThread(ClusterExecutor, self.address)
         self.addCleanup(threads.deferToThread, ex.shutdown)

@@ -42,9 +42,12 @@ class PriorityTests(unittest.TestCase):
         self.procs.start_worker(procs=1)
         return address
 
-    def queued(self, address: str, count: int) -> None:
-        """Wait until the blocker runs and C{count} more jobs are queued behind it."""
+    def blocker_started(self) -> None:
+        """Wait until the blocker runs (only then submit the others: one burst would be ordered whole)."""
         wait_until(lambda: os.path.exists(self.started), timeout=DEADLINE, what="the blocker to start")
+
+    def queued(self, address: str, count: int) -> None:
+        """Wait until C{count} jobs are queued behind the blocker."""
         wait_until(
             lambda: master_status(address)["queued"] == count,
             timeout=DEADLINE,
@@ -62,6 +65,7 @@ class PriorityTests(unittest.TestCase):
             address = self.start()
             with executor(address) as ex:
                 blocker = ex.submit(block_until, self.flag, self.started)
+                self.blocker_started()
                 fs = [ex.submit_with(append_line, (self.order, tag), priority=p) for tag, p in SUBMITTED]
                 self.queued(address, len(SUBMITTED))
                 touch(self.flag)
@@ -81,6 +85,7 @@ class PriorityTests(unittest.TestCase):
             client.start()
             try:
                 client.submit("blocker", block_until, self.flag, self.started)
+                self.blocker_started()
                 for tag, p in SUBMITTED:
                     client.submit_with(tag, append_line, (self.order, tag), priority=p)
                 self.queued(address, len(SUBMITTED))

@@ -24,7 +24,7 @@ from cw.client import ClusterExecutor, MasterUnavailable, RemoteException, Submi
 from cw.master import MasterService
 from cw.secret import SecretError, load_secret
 from cw.test.jobs import square
-from cw.test.procs import TWISTD, Processes, child_env, executor, wait_until
+from cw.test.procs import TWISTD, Processes, child_env, executor, until, wait_until
 
 
 def write_marker(path):
@@ -230,6 +230,29 @@ class AuthenticationTests(unittest.TestCase):
             self.assertFalse(os.path.exists(marker))
 
         return run()
+
+    @defer.inlineCallbacks
+    def test_wrong_proof_refused_by_real_master(self):
+        """
+        A peer that skips checking the master's proof and answers with a
+        proof made from another secret is refused by a real master process,
+        as a client and as a worker: Prove fails and the master hangs up.
+        """
+        yield threads.deferToThread(self.procs.start_master)
+        host, port = host_port(self.procs.address)
+        wrong = load_secret(other_secret(self))
+        for role in ("client", "worker"):
+            proto = yield connectProtocol(TCP4ClientEndpoint(reactor, host, port), GatedAMP())
+            self.addCleanup(proto.transport.loseConnection)
+            nonce = os.urandom(32)
+            answer = yield proto.callRemote(Challenge, role=role, nonce=nonce)
+            yield self.assertFailure(
+                proto.callRemote(Prove, proof=peer_proof(wrong, role, nonce, answer["nonce"])),
+                AuthenticationFailed,
+            )
+            yield until(
+                lambda t=proto.transport: not t.connected, timeout=10, what=f"the master to drop the {role}"
+            )
 
     @defer.inlineCallbacks
     def test_replay_fails(self):
