@@ -215,3 +215,8 @@ def append_line(path, line):
     with open(path, "a") as f:
         f.write(f"{line}\n")
     return line
+
+
+def allocate(mib):
+    """Allocate C{mib} MiB (a MemoryError past the worker's --memory-limit); return the bytes."""
+    return len(bytearray(mib << 20))

@@ -362,3 +362,42 @@ def until(predicate, timeout: float = 10, what: str = "condition"):
             yield task.deferLater(reactor, 0.01, lambda: None)
 
     return poll()
+
+
+def held(address: str) -> list[int]:
+    """How many jobs each worker of the master at C{address} holds (running or prefetched)."""
+    from cw.client import master_status
+
+    return [w["held"] for w in master_status(address)["workers"]]
+
+
+def _status_kib(pid: str | int, field: str) -> int | None:
+    """A C{/proc/PID/status} field in KiB (C{VmRSS}, C{VmHWM}), or None if C{pid} is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def rss_kib(pid: str | int = "self") -> int:
+    """The resident set size of C{pid} (default: this process) in KiB."""
+    value = _status_kib(pid, "VmRSS")
+    if value is None:
+        raise AssertionError(f"process {pid} is gone")
+    return value
+
+
+def reset_peak_rss(pid: str | int = "self") -> None:
+    """Start C{VmHWM} of C{pid} afresh (Linux: write 5 to C{clear_refs}); ignore failure."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mib(pid: str | int) -> float | None:
+    """The peak resident set size (C{VmHWM}) of C{pid} in MiB, if it still runs."""
+    value = _status_kib(pid, "VmHWM")
+    return None if value is None else value / 1024

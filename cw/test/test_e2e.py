@@ -16,13 +16,8 @@ from twisted.internet import threads
 from twisted.trial import unittest
 
 from cw.client import ClientThread, ClusterExecutor, RemoteException, SubmitError, master_status
-from cw.test.jobs import square, wait_for_file
+from cw.test.jobs import square, wait_for_file, worker_pid
 from cw.test.procs import Processes, executor, wait_until
-
-
-def worker_pid(_=None):
-    """Which worker ran this job: the job process's parent is the worker."""
-    return os.getppid()
 
 
 def fail(message):

@@ -21,12 +21,17 @@ from twisted.trial import unittest
 
 from cw.client import ClientThread, master_status
 from cw.errors import JobCrashed, JobTimeout, RemoteException, WorkerLost
-from cw.test.jobs import exit_with, kill_myself, segfault, square, sys_exit, wait_for_file, worker_pid
+from cw.test.jobs import (
+    allocate,
+    exit_with,
+    kill_myself,
+    segfault,
+    square,
+    sys_exit,
+    wait_for_file,
+    worker_pid,
+)
 from cw.test.procs import DEADLINE, Processes, child_env, executor, stop_process, wait_until
-
-
-def allocate(mib):
-    return len(bytearray(mib << 20))
 
 
 def kill_my_worker():

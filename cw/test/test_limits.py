@@ -40,10 +40,12 @@ from cw.test.procs import (
     child_env,
     executor,
     held_client,
+    peak_rss_mib,
+    reset_peak_rss,
+    rss_kib,
     stop_process,
     wait_until,
 )
-from cw.test.test_payloads import peak_rss_mib, reset_peak_rss
 
 log = Logger()
 
@@ -595,7 +597,7 @@ class UnreadResultsTests(unittest.TestCase):
             self.procs.start_master("--max-unsent-bytes", str(limit), "--client-read-timeout", str(timeout))
             self.procs.start_worker(procs=2)
             master = self.procs.master.pid
-            baseline = rss_mib(master)
+            baseline = rss_kib(master) / 1024
             reset_peak_rss(master)
             client = self.start_client(self.procs.address, str(size), str(count))
             wait_until(lambda: b"submitted" in client.out.read_bytes(), what="the client to submit")
@@ -624,11 +626,3 @@ class UnreadResultsTests(unittest.TestCase):
                 self.assertEqual(ex.submit(square, 9).result(DEADLINE), 81)
 
         return threads.deferToThread(body)
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")

@@ -9,15 +9,15 @@ from __future__ import annotations
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.logger import globalLogPublisher
-from twisted.protocols import amp
 from twisted.trial import unittest
 
 from cw import protocol as P
-from cw.auth import AuthGate, authenticate
+from cw.auth import authenticate
 from cw.client import ClusterExecutor, MasterUnavailable, master_status
 from cw.master import MasterService
 from cw.secret import load_secret
 from cw.test.procs import executor, until, wait_until
+from cw.test.wire import GatedAMP
 from cw.worker import WorkerService
 
 
@@ -173,10 +173,6 @@ class LoopbackTests(unittest.TestCase):
         self.assertIsInstance(error, MasterUnavailable)
         self.assertIn("shut down (the master was stopped)", str(error))
         yield threads.deferToThread(ex.shutdown)
-
-
-class GatedAMP(AuthGate, amp.AMP):
-    """A bare AMP peer that can run the client side of the handshake."""
 
 
 def keepalive_timers(sock) -> tuple[int, int, int, int]:

@@ -16,7 +16,6 @@ its body took and the peak RSS (C{VmHWM}) of the processes it started.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 import threading
@@ -30,7 +29,16 @@ from twisted.trial import unittest
 import cw.client
 from cw.client import ClientThread, ClusterExecutor, RemoteException, SubmitError
 from cw.test.jobs import digest, payload_bytes, square, tagged_square, worker_pid
-from cw.test.procs import DEADLINE, Processes, executor, held_client, job_processes, wait_until
+from cw.test.procs import (
+    DEADLINE,
+    Processes,
+    executor,
+    held_client,
+    job_processes,
+    peak_rss_mib,
+    reset_peak_rss,
+    wait_until,
+)
 
 log = Logger()
 
@@ -44,24 +52,6 @@ def sha256(data: bytes) -> str:
 def expected_digest(size: int, seed: int) -> tuple[int, str]:
     """What L{digest} answers for C{payload_bytes(size, seed)}, without keeping the bytes."""
     return size, sha256(payload_bytes(size, seed))
-
-
-def reset_peak_rss(pid: str | int = "self") -> None:
-    """Start C{VmHWM} of C{pid} afresh (Linux: write 5 to C{clear_refs}); ignore failure."""
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_rss_mib(pid: str | int) -> float | None:
-    """The peak resident set size (C{VmHWM}) of C{pid} in MiB, if it still runs."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def stated_size(message: str) -> int:

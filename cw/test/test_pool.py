@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from cw import protocol as P
 from cw.child import JobChild
 from cw.pool import JobPool
-from cw.test.jobs import exit_with, segfault, sys_exit
+from cw.test.jobs import allocate, exit_with, segfault, sys_exit
 from cw.test.procs import process_exists
 from cw.worker import JobStarter, Worker, job_process_env
 
@@ -28,12 +28,6 @@ DEADLINE = 60
 
 def pid():
     return os.getpid()
-
-
-def allocate(mib):
-    """Allocate C{mib} MiB; return this process's pid."""
-    data = bytearray(mib << 20)
-    return os.getpid(), len(data)
 
 
 _kept = []

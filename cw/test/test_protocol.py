@@ -26,6 +26,7 @@ from cw.protocol import (
     read_error_report,
     result_size,
 )
+from cw.test.wire import pattern
 
 
 class Carry(amp.Command):
@@ -52,14 +53,6 @@ def round_trip_response(command, **objects) -> dict:
     box = command.makeResponse(objects, proto)
     [received] = amp.parseString(box.serialize())
     return command.parseResponse(received, proto)
-
-
-def pattern(size: int) -> bytes:
-    """
-    C{size} bytes repeating with period 251, which does not divide L{CHUNK}:
-    consecutive chunks differ, so lost or misordered chunks show.
-    """
-    return (bytes(range(251)) * (size // 251 + 1))[:size]
 
 
 class BlobTests(SynchronousTestCase):

@@ -19,12 +19,13 @@ from twisted.protocols import amp
 from twisted.trial import unittest
 
 from cw import protocol as P
-from cw.auth import PREAUTH_BYTES, AuthenticationFailed, AuthGate, Challenge, Prove, peer_proof
+from cw.auth import PREAUTH_BYTES, AuthenticationFailed, Challenge, Prove, peer_proof
 from cw.client import ClusterExecutor, MasterUnavailable, RemoteException, SubmitError, client_context
 from cw.master import MasterService
 from cw.secret import SecretError, load_secret
 from cw.test.jobs import square
-from cw.test.procs import TWISTD, Processes, child_env, executor, until, wait_until
+from cw.test.procs import TWISTD, Processes, child_env, executor, rss_kib, until, wait_until
+from cw.test.wire import GatedAMP
 
 
 def write_marker(path):
@@ -278,10 +279,6 @@ class AuthenticationTests(unittest.TestCase):
         self.assertFalse(service.master.clients)
 
 
-class GatedAMP(AuthGate, amp.AMP):
-    """A bare AMP peer that can run the client side of the handshake."""
-
-
 class TLSTests(unittest.TestCase):
     """TLS on top of authentication, with certificates made by trustme."""
 
@@ -349,11 +346,7 @@ class BadInputTests(unittest.TestCase):
         self.procs = Processes(self, self.mktemp())
 
     def master_rss_kib(self) -> int:
-        with open(f"/proc/{self.procs.master.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        return rss_kib(self.procs.master.pid)
 
     def test_slow_and_oversized_peers_dropped(self):
         """

@@ -15,9 +15,9 @@ from pathlib import Path
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from cw.client import ClientThread, ClusterExecutor, MasterUnavailable, master_status, wait_for_workers
+from cw.client import ClientThread, ClusterExecutor, MasterUnavailable, wait_for_workers
 from cw.test.jobs import square, wait_for_file
-from cw.test.procs import Processes, executor, free_port, wait_until
+from cw.test.procs import Processes, executor, free_port, held, wait_until
 from cw.test.test_faults_e2e import worker_pid
 
 
@@ -25,11 +25,6 @@ def started_then_wait(started, flag):
     """Create the file C{started}, wait for C{flag}; return the worker's pid."""
     Path(started).touch()
     return wait_for_file(flag)
-
-
-def held(address: str) -> list[int]:
-    """How many jobs each worker of the master at C{address} holds."""
-    return [w["held"] for w in master_status(address)["workers"]]
 
 
 #: How twistd exits after SIGTERM once its services stopped: it re-raises

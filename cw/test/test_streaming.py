@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cw import protocol as P
 from cw.streaming import PIECE, ChunkReceiver, StreamingSender
+from cw.test.wire import pattern
 
 
 class Sender(StreamingSender, amp.AMP):
@@ -24,10 +25,6 @@ class Receiver(ChunkReceiver, amp.AMP):
 
     def ampBoxReceived(self, box):
         self.boxes.append(box)
-
-
-def pattern(size: int) -> bytes:
-    return bytes(range(256)) * (size // 256) + bytes(range(size % 256))
 
 
 def jobs_box(jobs) -> amp.AmpBox:
