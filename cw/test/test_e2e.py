@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from cw.client import ClientThread, ClusterExecutor, RemoteException, SubmitError, master_status
 from cw.test.jobs import square, wait_for_file, worker_pid
-from cw.test.procs import Processes, executor, wait_until
+from cw.test.procs import DEADLINE, Processes, executor, wait_until
 
 
 def fail(message):
@@ -43,7 +43,7 @@ class EndToEndTests(unittest.TestCase):
             self.procs.start_worker(procs=2)
             self.procs.start_worker(procs=1)
             with executor(self.procs.address) as ex:
-                results = list(ex.map(square, range(1000)))
+                results = list(ex.map(square, range(1000), timeout=DEADLINE))
                 self.assertEqual(results, [x * x for x in range(1000)])
                 status = ex.status()
             self.assertEqual(status["completed"], 1000)
@@ -88,7 +88,7 @@ class EndToEndTests(unittest.TestCase):
 
             with executor(self.procs.address) as ex:
                 self.assertEqual(ex.submit(lambda x: x + 1, 41).result(60), 42)
-                self.assertEqual(list(ex.map(closure, ["a", "b"])), [1001, 1002])
+                self.assertEqual(list(ex.map(closure, ["a", "b"], timeout=DEADLINE)), [1001, 1002])
 
         return self.in_thread(body)
 
@@ -214,7 +214,9 @@ class EndToEndTests(unittest.TestCase):
             first = self.procs.start_worker(procs=1)
             second = self.procs.start_worker(procs=1)
             with executor(self.procs.address) as ex:
-                self.assertEqual(list(ex.map(square, range(50))), [x * x for x in range(50)])
+                self.assertEqual(
+                    list(ex.map(square, range(50), timeout=DEADLINE)), [x * x for x in range(50)]
+                )
             self.procs.stop_worker(first)
             with executor(self.procs.address) as ex:
                 fs = [ex.submit(worker_pid) for _ in range(50)]
@@ -255,7 +257,7 @@ class EndToEndTests(unittest.TestCase):
                 self.assertEqual(ex.submit(reverse_bytes, blob).result(60), blob[::-1])
                 # Many medium jobs share boxes without mixing up results.
                 chunks = [bytes([i]) * 70000 for i in range(20)]
-                self.assertEqual(list(ex.map(reverse_bytes, chunks)), chunks)
+                self.assertEqual(list(ex.map(reverse_bytes, chunks, timeout=DEADLINE)), chunks)
 
         return self.in_thread(body)
 

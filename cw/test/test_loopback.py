@@ -16,7 +16,7 @@ from cw.auth import authenticate
 from cw.client import ClusterExecutor, MasterUnavailable, master_status
 from cw.master import MasterService
 from cw.secret import load_secret
-from cw.test.procs import executor, until, wait_until
+from cw.test.procs import DEADLINE, executor, until, wait_until
 from cw.test.wire import GatedAMP
 from cw.worker import WorkerService
 
@@ -64,7 +64,7 @@ class LoopbackTests(unittest.TestCase):
 
         def body():
             with executor(self.address) as ex:
-                return list(ex.map(triple, range(100)))
+                return list(ex.map(triple, range(100), timeout=DEADLINE))
 
         results = yield threads.deferToThread(body)
         self.assertEqual(results, [3 * x for x in range(100)])

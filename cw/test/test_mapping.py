@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from cw.client import RemoteException, master_status, progress
 from cw.mapping import bounded_map
 from cw.test.jobs import square
-from cw.test.procs import Processes, executor, rss_kib, wait_until
+from cw.test.procs import DEADLINE, Processes, executor, rss_kib, wait_until
 
 
 def fail_on_three(x):
@@ -158,12 +158,12 @@ class ClusterMapTests(unittest.TestCase):
                 # Unbounded, 25,000 more futures and payloads would be held; allow noise only.
                 self.assertLess(grown, 8 * 1024, f"client RSS grew by {grown} KiB")
                 self.assertEqual(
-                    sorted(ex.map_unordered(square, range(300), buffersize=50)),
+                    sorted(ex.map_unordered(square, range(300), buffersize=50, timeout=DEADLINE)),
                     [x * x for x in range(300)],
                 )
                 out = io.StringIO()
                 with self.assertRaises(RemoteException):
-                    list(ex.map(fail_on_three, range(10), progress={"file": out}))
+                    list(ex.map(fail_on_three, range(10), progress={"file": out}, timeout=DEADLINE))
                 self.assertIn("/10", out.getvalue())
 
         return threads.deferToThread(body)

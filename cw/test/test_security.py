@@ -24,7 +24,7 @@ from cw.client import ClusterExecutor, MasterUnavailable, RemoteException, Submi
 from cw.master import MasterService
 from cw.secret import SecretError, load_secret
 from cw.test.jobs import square
-from cw.test.procs import TWISTD, Processes, child_env, executor, rss_kib, until, wait_until
+from cw.test.procs import DEADLINE, TWISTD, Processes, child_env, executor, rss_kib, until, wait_until
 from cw.test.wire import GatedAMP
 
 
@@ -212,7 +212,7 @@ class AuthenticationTests(unittest.TestCase):
             worker = yield threads.deferToThread(
                 self.procs.start_worker, 1, False, address="127.0.0.1:%d" % port.getHost().port
             )
-            yield pushed
+            yield pushed.addTimeout(DEADLINE, reactor)
             yield impostor.startService()
             self.addCleanup(impostor.stopService)
             fake = yield threads.deferToThread(
@@ -320,7 +320,9 @@ class TLSTests(unittest.TestCase):
             self.procs.address = self.address(port)
             self.procs.start_worker()
             with executor(self.procs.address) as ex:
-                self.assertEqual(list(ex.map(square, range(10))), [x * x for x in range(10)])
+                self.assertEqual(
+                    list(ex.map(square, range(10), timeout=DEADLINE)), [x * x for x in range(10)]
+                )
             with self.assertRaises(MasterUnavailable) as caught:
                 ClusterExecutor(self.address(port, certificate=False), connect_timeout=1)
             self.assertIn("check the certificates", str(caught.exception))
@@ -486,7 +488,9 @@ class BadInputTests(unittest.TestCase):
             attack()
             self.assertIsNone(self.procs.master.poll(), "the master died")
             with executor(self.procs.address) as ex:
-                self.assertEqual(list(ex.map(square, range(20))), [x * x for x in range(20)])
+                self.assertEqual(
+                    list(ex.map(square, range(20), timeout=DEADLINE)), [x * x for x in range(20)]
+                )
             grown = self.master_rss_kib() - baseline
             self.assertLess(grown, 50 * 1024, f"master RSS grew by {grown} KiB")
 

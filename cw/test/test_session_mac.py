@@ -390,7 +390,9 @@ class RelayTests(unittest.TestCase):
                 lambda: "Registered with the master" in self.procs.log_tail(self.procs.workers[0], 100)
             )
             with executor(relay.address) as ex:
-                self.assertEqual(list(ex.map(square, range(50))), [x * x for x in range(50)])
+                self.assertEqual(
+                    list(ex.map(square, range(50), timeout=DEADLINE)), [x * x for x in range(50)]
+                )
                 self.assertEqual(ex.submit(digest, data).result(DEADLINE), digest(data))
 
         return threads.deferToThread(body)

@@ -271,7 +271,7 @@ class SlurmClusterTests(unittest.TestCase):
                 host = cw.slurm_master_host()
                 wait_for_workers(4, host, timeout=60)
                 with executor(host) as ex:
-                    results = list(ex.map(pow, range(500), [2] * 500))
+                    results = list(ex.map(pow, range(500), [2] * 500, timeout=DEADLINE))
                 assert results == [i * i for i in range(500)], results
                 print("ok", len(results), host)
                 """
@@ -366,7 +366,9 @@ class SlurmClusterTests(unittest.TestCase):
 
                 wait_for_workers(4, timeout=DEADLINE)
                 with executor() as ex:
-                    self.assertEqual(list(ex.map(slow_square, range(40))), [i * i for i in range(40)])
+                    self.assertEqual(
+                        list(ex.map(slow_square, range(40), timeout=DEADLINE)), [i * i for i in range(40)]
+                    )
             self.assertEqual(self.squeue(), {})
 
         return threads.deferToThread(body)
@@ -392,7 +394,9 @@ class SlurmClusterTests(unittest.TestCase):
 
             wait_for_workers(2, address, timeout=DEADLINE)
             with executor(address) as ex:
-                self.assertEqual(list(ex.map(slow_square, range(20))), [i * i for i in range(20)])
+                self.assertEqual(
+                    list(ex.map(slow_square, range(20), timeout=DEADLINE)), [i * i for i in range(20)]
+                )
             slurm.stop()
             self.assertEqual(self.squeue(), {})
 

@@ -25,7 +25,7 @@ from cw import protocol as P
 from cw import web
 from cw.client import ClusterExecutor
 from cw.test.devtools import CHROMIUM, Browser
-from cw.test.procs import ROOT, Processes, executor, wait_until
+from cw.test.procs import DEADLINE, ROOT, Processes, executor, wait_until
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
@@ -449,7 +449,7 @@ class RealMasterTests(unittest.TestCase):
         def body():
             procs, url = self.cluster()
             with executor(procs.address) as ex:
-                self.assertEqual(list(ex.map(abs, range(-20, 0))), list(range(20, 0, -1)))
+                self.assertEqual(list(ex.map(abs, range(-20, 0), timeout=DEADLINE)), list(range(20, 0, -1)))
                 error = ex.submit(fail_loudly, 7).exception(60)
                 self.assertIn("dashboard test failure 7", str(error))
                 status = self.get_json(url + "api/status")
