@@ -15,7 +15,11 @@ from twisted.trial import unittest
 
 from cw.client import ClusterExecutor, JobKilled, master_status
 from cw.test.jobs import block_until, square, touch
-from cw.test.procs import Processes, abandon, executor, process_exists, wait_until
+from cw.test.procs import Processes, abandon, executor, held, process_exists, wait_until
+
+#: How long a cancellation or a kill may take to reach the master and the
+#: worker (a deadline, so that one that does nothing fails the test quickly).
+CANCEL_BOUND = 20
 
 
 class CancelTests(unittest.TestCase):
@@ -25,9 +29,6 @@ class CancelTests(unittest.TestCase):
         self.procs = Processes(self, self.mktemp())
         self.flag = os.path.abspath(self.mktemp())
         self.addCleanup(lambda: os.path.exists(self.flag) or touch(self.flag))
-
-    def held(self) -> int:
-        return sum(w["held"] for w in master_status(self.procs.address)["workers"])
 
     def test_cancel_queued(self):
         """
@@ -51,6 +52,7 @@ class CancelTests(unittest.TestCase):
                 self.assertTrue(all(f.cancelled() for f in doomed if f not in kept))
                 wait_until(
                     lambda: master_status(self.procs.address)["queued"] == 0,
+                    timeout=CANCEL_BOUND,
                     what="the cancelled jobs to leave the master",
                 )
                 touch(self.flag)
@@ -87,7 +89,9 @@ class CancelTests(unittest.TestCase):
                 self.assertEqual(ex.kill(running), 1)
                 self.assertIsInstance(running.exception(0), JobKilled)
                 self.assertIsInstance(running.exception(0), CancelledError)
-                wait_until(lambda: not process_exists(pid), what="the job process to be killed")
+                wait_until(
+                    lambda: not process_exists(pid), timeout=CANCEL_BOUND, what="the job process to be killed"
+                )
                 self.assertEqual(ex.submit(square, 7).result(60), 49)
                 self.assertEqual(master_status(self.procs.address)["queued"], 0)
                 self.assertEqual(ex.kill(running), 0)
@@ -112,16 +116,17 @@ class CancelTests(unittest.TestCase):
                 self.assertGreaterEqual(len(cancelled), 8)
                 wait_until(
                     lambda: master_status(self.procs.address)["queued"] == 0,
+                    timeout=CANCEL_BOUND,
                     what="the master to forget the queued jobs",
                 )
                 touch(self.flag)
                 others = [f for f in fs if not f.cancelled()]
                 self.assertEqual([f.result(60) for f in others], ["released"] * len(others))
-                wait_until(lambda: self.held() == 0, what="the worker to finish")
+                wait_until(lambda: held(self.procs.address) == [0], what="the worker to finish")
             except BaseException:
                 abandon(ex)
                 raise
-            with ClusterExecutor(self.procs.address) as again:
+            with executor(self.procs.address) as again:
                 self.assertEqual(again.submit(square, 8).result(60), 64)
 
         return threads.deferToThread(body)
