@@ -453,3 +453,104 @@ class ErrorReportTests(SynchronousTestCase):
     def test_long_garbage_shortened(self):
         report = self.assert_wrapped(b"z" * 10000)
         self.assertLess(len(report["message"]), 300)
+
+
+class CarryJobs(amp.Command):
+    """A command with one L{P.JobBatch} argument."""
+
+    arguments = [(b"jobs", P.JobBatch())]
+
+
+def value_sizes(box: amp.AmpBox, name: bytes) -> list[int]:
+    """The lengths of the wire values that carry argument C{name}, in order."""
+    keys = [name] + sorted(
+        (k for k in box if k.startswith(name + b".") and k != name + b".n"),
+        key=lambda k: int(k.rsplit(b".", 1)[1]),
+    )
+    return [len(box[k]) for k in keys if k in box]
+
+
+class FramingEdgeTests(SynchronousTestCase):
+    """The framing's edges: chunk boundaries, field limits, truncation anywhere."""
+
+    def test_chunk_boundaries(self):
+        """Every value but the last is exactly CHUNK bytes, at and around the boundaries."""
+        for size, expected in (
+            (CHUNK - 1, [CHUNK - 1]),
+            (CHUNK, [CHUNK]),
+            (CHUNK + 1, [CHUNK, 1]),
+            (2 * CHUNK, [CHUNK, CHUNK]),
+        ):
+            data = pattern(size)
+            box, parsed = round_trip_arguments(Carry, data=data, other=b"")
+            self.assertEqual(parsed["data"], data)
+            self.assertEqual(value_sizes(box, b"data"), expected, size)
+
+    def test_many_parts_straddle_chunks(self):
+        """
+        Records whose pieces straddle chunk boundaries are cut into full
+        chunks (small copies where a chunk spans pieces) and come back whole.
+        """
+        jobs = [
+            P.Job(1, seq, pattern(7_000 + 13 * seq), b'{"priority":1}', b"f" * (seq % 3)) for seq in range(40)
+        ]
+        box, parsed = round_trip_arguments(CarryJobs, jobs=jobs)
+        self.assertEqual(parsed["jobs"], jobs)
+        sizes = value_sizes(box, b"jobs")
+        self.assertEqual(sum(sizes), len(P.encode_jobs(jobs)))
+        self.assertEqual(sizes[:-1], [CHUNK] * (len(sizes) - 1))
+        self.assertTrue(0 < sizes[-1] <= CHUNK)
+
+    def test_truncated_anywhere(self):
+        """
+        Cut anywhere, an encoded batch either decodes to the whole records
+        before the cut (at a record boundary) or raises ValueError, never
+        another error and never a partial record.
+        """
+        jobs = [P.Job(1, 1, b"p" * 5, b'{"timeout":1}', b"key"), P.Job(1, 2, b"q" * 3, b"", b"")]
+        results = [P.Result(1, 1, P.Outcome.OK, b"r" * 4), P.Result(1, 2, P.Outcome.RAISED, b"")]
+        functions = {(1, b"k"): b"f" * 6, (2, b""): b""}
+        cases = [
+            (P.encode_jobs, P.decode_jobs, jobs),
+            (P.encode_results, P.decode_results, results),
+            (
+                lambda t: P.encode_functions(dict(t)),
+                lambda d: list(P.decode_functions(d).items()),
+                list(functions.items()),
+            ),
+        ]
+        for encode, decode, records in cases:
+            boundaries = {len(encode(records[:n])): records[:n] for n in range(len(records) + 1)}
+            data = encode(records)
+            for cut in range(len(data) + 1):
+                if cut in boundaries:
+                    self.assertEqual(list(decode(data[:cut])), boundaries[cut], cut)
+                else:
+                    self.assertRaises(ValueError, decode, data[:cut])
+
+    def test_empty_fields_round_trip(self):
+        """A function with an empty key and body, a job with nothing in it, round-trip."""
+        self.assertEqual(P.decode_functions(P.encode_functions({(3, b""): b""})), {(3, b""): b""})
+        job = P.Job(0, 0, b"", b"", b"")
+        self.assertEqual(P.decode_jobs(P.encode_jobs([job])), [job])
+
+    def test_field_limits(self):
+        """Options up to 65,535 bytes and function keys up to 255 bytes fit; one more is refused."""
+        fits = [P.Job(1, 1, b"", b"o" * 0xFFFF, b"k" * 0xFF)]
+        self.assertEqual(P.decode_jobs(P.encode_jobs(fits)), fits)
+        self.assertRaises(ValueError, P.encode_jobs, [P.Job(1, 1, b"", b"o" * 0x10000, b"")])
+        self.assertRaises(ValueError, P.encode_jobs, [P.Job(1, 1, b"", b"", b"k" * 0x100)])
+
+    def test_valid_timeout(self):
+        for value in (0.001, 0.5, 1, 10**9):
+            self.assertTrue(P.valid_timeout(value), value)
+        for value in (0, -1, float("inf"), float("nan"), True, "5", None):
+            self.assertFalse(P.valid_timeout(value), value)
+
+    def test_options_encoding(self):
+        """No options travel as no bytes; given ones as compact JSON; junk reads as none."""
+        self.assertEqual(P.encode_options(), b"")
+        self.assertEqual(P.encode_options(timeout=None, priority=None), b"")
+        self.assertEqual(P.encode_options(priority=3, timeout=None), b'{"priority":3}')
+        self.assertEqual(P.read_options(P.Job(1, 1, b"", b"[1, 2]")), {})
+        self.assertEqual(P.read_options(P.Job(1, 1, b"", b'{"priority":3}')), {"priority": 3})

@@ -425,6 +425,28 @@ class PoisonJobTests(SynchronousTestCase):
         state = scheduler.client(client)
         self.assertEqual((state.queued, state.running, state.completed), (0, 0, 1))
 
+    def test_lost_jobs_report_and_counts(self):
+        """
+        Two jobs lost twice on a two-slot worker both fail: each report names
+        the last host and every loss in order, and both count as completed
+        for the client and the scheduler.
+        """
+        scheduler = Scheduler(prefetch=0, max_attempts=2)
+        client = scheduler.add_client()
+        scheduler.submit(client, make_jobs(1, 2))
+        for n in range(2):
+            worker = scheduler.add_worker(2, name=f"host{n}:{100 + n}")
+            self.assertEqual(seqs(scheduler.dispatch()[0][1]), [1, 2])
+            back, failed = scheduler.lose_worker(worker, "killed")
+        self.assertEqual((back, [r.seq for r in failed]), ([], [1, 2]))
+        for result in failed:
+            report = read_error_report(result.payload)
+            self.assertEqual(report["host"], "host1:101")
+            self.assertEqual(report["hosts"], ["host0:100", "host1:101"])
+            self.assertTrue(report["message"].endswith(": host0:100 (killed); host1:101 (killed)"), report)
+        self.assertEqual(scheduler.client(client).completed, 2)
+        self.assertEqual(scheduler.completed, 2)
+
     def test_job_option_overrides_scheduler(self):
         scheduler = Scheduler(prefetch=0, max_attempts=3)
         client = scheduler.add_client()
@@ -619,6 +641,17 @@ class CancelTests(SynchronousTestCase):
         self.assertEqual(self.s.client(self.client).running, 1)
         # The freed slot takes the next queued job, not the cancelled one.
         self.assertEqual(assigned(self.s.dispatch()), {self.worker: [3]})
+
+    def test_running_count_after_cancel(self):
+        """Cancelling one of three running jobs leaves two counted as running."""
+        s = Scheduler(prefetch=0)
+        client = s.add_client()
+        s.add_worker(3)
+        s.submit(client, make_jobs(1, 3))
+        s.dispatch()
+        self.assertEqual(s.client(client).running, 3)
+        s.cancel(client, [2])
+        self.assertEqual(s.client(client).running, 2)
 
     def test_late_result_of_cancelled_job_dropped(self):
         self.s.cancel(self.client, [1])
