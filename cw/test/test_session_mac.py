@@ -378,6 +378,32 @@ class RelayTests(unittest.TestCase):
 
         return threads.deferToThread(body)
 
+    def test_reflected_box_refused(self):
+        """
+        A relay that sends the master one of its own signed boxes back (its
+        answer to the client's registration): each direction has its own
+        key, so the master drops the connection.
+        """
+
+        def tamper(link, direction, index, raw, box):
+            link.send(direction, raw)
+            if direction == "down" and b"client_id" in box:
+                link.send("up", raw)
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker()
+            relay = blockingCallFromThread(reactor, Relay, self, host_port(self.procs.address), tamper)
+            with self.assertRaises(MasterUnavailable):
+                with executor(relay.address) as ex:
+                    ex.submit(square, 2).result(DEADLINE)
+            self.assertRegex(
+                self.procs.log_tail(self.procs.master, 200),
+                r"127\.0\.0\.1:\d+: dropping the connection: sent a box with a wrong MAC",
+            )
+
+        return threads.deferToThread(body)
+
     def test_honest_relay_passes(self):
         """A relay that passes bytes through unchanged is invisible: jobs, big payloads and results."""
         data = os.urandom(3_000_000)
