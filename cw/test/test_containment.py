@@ -104,8 +104,8 @@ class ContainmentTests(unittest.TestCase):
 
         return threads.deferToThread(body)
 
-    def test_cancel_kills_what_the_job_started(self):
-        """Cancelling a running job kills its process and all it started."""
+    def test_kill_kills_what_the_job_started(self):
+        """Killing a running job (C{ClusterExecutor.kill}) kills its process and all it started."""
 
         def body():
             self.procs.start_master()
@@ -113,7 +113,8 @@ class ContainmentTests(unittest.TestCase):
             with executor(self.procs.address) as ex:
                 future = ex.submit(start_sleeps, self.record, "hang")
                 pids = self.recorded()["all"]
-                self.assertTrue(future.cancel())
+                wait_until(future.running, timeout=10, what="the future to be running")
+                self.assertEqual(ex.kill(future), 1)
                 self.assertGone(pids, "the job process and what it started")
                 self.assertEqual(ex.submit(worker_pid).result(30), worker.pid)
 
