@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from twisted.internet import endpoints
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -23,9 +24,26 @@ from cw.protocol import PORT
 
 
 def tcp_target(description: str) -> tuple[str, int]:
-    """The host and port that Twisted would connect to for C{description}."""
-    endpoint = endpoints.clientFromString(MemoryReactor(), description)
-    return endpoint._host, endpoint._port
+    """The host and port that Twisted connects to for C{description}."""
+    return connected_to(endpoints.clientFromString, description)
+
+
+def connected_to(make_endpoint, description):
+    """Where an endpoint made by C{make_endpoint(reactor, description)} connects (or listens)."""
+    reactor = MemoryReactor()
+    endpoint = make_endpoint(reactor, description)
+    if hasattr(endpoint, "connect"):
+        endpoint.connect(Factory.forProtocol(Protocol))
+        calls = reactor.tcpClients or reactor.unixClients
+    else:
+        endpoint.listen(Factory.forProtocol(Protocol))
+        calls = reactor.tcpServers or reactor.unixServers
+    (call,) = calls
+    if calls is reactor.unixClients or calls is reactor.unixServers:
+        return call[0]  # the path
+    if calls is reactor.tcpServers:
+        return call[0], call[3]  # port, interface
+    return call[0], call[1]  # host, port
 
 
 class FakePort:
@@ -90,13 +108,10 @@ class ClientDescriptionTests(SynchronousTestCase):
             self.assertEqual(client_description(description, 7000), description)
 
     def test_client_endpoint(self):
-        endpoint = client_endpoint(MemoryReactor(), "node12:6000")
-        self.assertEqual((endpoint._host, endpoint._port), ("node12", 6000))
+        self.assertEqual(connected_to(client_endpoint, "node12:6000"), ("node12", 6000))
 
     def test_unix_client_endpoint(self):
-        endpoint = client_endpoint(MemoryReactor(), "unix:/run/cw.sock")
-        self.assertIsInstance(endpoint, endpoints.UNIXClientEndpoint)
-        self.assertEqual(endpoint._path, "/run/cw.sock")
+        self.assertEqual(connected_to(client_endpoint, "unix:/run/cw.sock"), "/run/cw.sock")
 
 
 class ServerDescriptionTests(SynchronousTestCase):
@@ -117,9 +132,7 @@ class ServerDescriptionTests(SynchronousTestCase):
             self.assertEqual(server_description(description), description)
 
     def test_server_endpoint(self):
-        endpoint = server_endpoint(MemoryReactor(), 6000)
-        self.assertIsInstance(endpoint, endpoints.TCP4ServerEndpoint)
-        self.assertEqual(endpoint._port, 6000)
+        self.assertEqual(connected_to(server_endpoint, 6000), (6000, ""))
 
 
 class DescribeListeningTests(SynchronousTestCase):
