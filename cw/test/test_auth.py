@@ -18,6 +18,7 @@ from cw.auth import (
     NONCE_BYTES,
     AuthenticationFailed,
     AuthGate,
+    BoxMac,
     MasterAuth,
     master_proof,
     new_nonce,
@@ -112,6 +113,47 @@ class ProofTests(unittest.SynchronousTestCase):
     def test_nonces_fresh(self):
         self.assertEqual(len(new_nonce()), NONCE_BYTES)
         self.assertNotEqual(new_nonce(), new_nonce())
+
+
+def mac_value(signed: bytes, data: bytes) -> bytes:
+    """The C{_mac} value (sequence number and digest) of a box L{BoxMac.sign} closed."""
+    head = len(data) + len(auth._MAC_HEAD)
+    return signed[head : len(signed) - len(auth._END)]
+
+
+class BoxMacTests(unittest.SynchronousTestCase):
+    """Every box after the handshake is numbered and signed; the receiver checks both."""
+
+    def setUp(self):
+        key, _ = session_keys(SECRET, "client", PEER_NONCE, MASTER_NONCE)
+        self.sender, self.receiver = BoxMac(key), BoxMac(key)
+
+    def check(self, data: bytes, value: bytes) -> str | None:
+        mac = self.receiver.start()
+        mac.update(data)
+        return self.receiver.check(mac, value)
+
+    def test_sequence(self):
+        """
+        Boxes are numbered from 0; each is accepted once, in order: a box
+        replayed later, or one skipped, is refused.
+        """
+        boxes = [(b"box %d" % n, self.sender.sign(b"box %d" % n)) for n in range(4)]
+        values = [mac_value(signed, data) for data, signed in boxes]
+        self.assertEqual(values[0][:8], bytes(8))
+        self.assertEqual(values[3][:8], (3).to_bytes(8, "big"))
+        for (data, _), value in zip(boxes[:3], values[:3], strict=True):
+            self.assertIsNone(self.check(data, value))
+        self.assertIn("out of sequence", self.check(boxes[1][0], values[1]))
+        self.assertIsNone(self.check(boxes[3][0], values[3]))
+
+    def test_changed_box_refused(self):
+        data = b"some box"
+        value = mac_value(self.sender.sign(data), data)
+        self.assertIn("wrong MAC", self.check(b"some bot", value))
+        self.assertIn("malformed", self.check(data, value[:-1]))
+        self.assertIn("without a MAC", self.check(data, None))
+        self.assertIsNone(self.check(data, value))
 
 
 class FakeMasterSide(MasterAuth, AuthGate, amp.AMP):
