@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from cw.fairqueue import FairQueue
 from cw.protocol import Job, Outcome, Result, encode_options, read_error_report
 from cw.scheduler import Scheduler, UnknownPeer, WorkerState
 
@@ -1256,3 +1257,29 @@ class UnsentResultsTests(SynchronousTestCase):
     def test_limits_checked(self):
         self.assertRaises(ValueError, Scheduler, max_unsent_bytes=0)
         self.assertRaises(ValueError, Scheduler, read_timeout=0)
+
+
+class FairQueueTurnTests(SynchronousTestCase):
+    """The fair queue's turns, with more than two clients and with clients passed over."""
+
+    def queue(self, counts: dict[int, int]) -> FairQueue:
+        queue = FairQueue()
+        for client, count in counts.items():
+            queue.extend(Job(client, seq, b"") for seq in range(1, count + 1))
+        return queue
+
+    def test_round_robin_three_clients(self):
+        """Three clients of equal weight take turns in the order they arrived."""
+        queue = self.queue({1: 2, 2: 2, 3: 2})
+        self.assertEqual([queue.popleft().client for _ in range(6)], [1, 2, 3, 1, 2, 3])
+        self.assertRaises(IndexError, queue.popleft)
+
+    def test_passed_over_client_keeps_turn(self):
+        """
+        A client passed over keeps its place; a client emptied out of turn
+        leaves the turns, and the others go on in order.
+        """
+        queue = self.queue({1: 2, 2: 1, 3: 2})
+        self.assertEqual(queue.popleft(skip={1}).client, 2)
+        self.assertEqual([queue.popleft().client for _ in range(4)], [1, 3, 1, 3])
+        self.assertEqual(len(queue), 0)
