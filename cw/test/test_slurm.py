@@ -270,8 +270,8 @@ class SlurmClusterTests(unittest.TestCase):
 
                 host = cw.slurm_master_host()
                 wait_for_workers(4, host, timeout=60)
-                with executor(host) as ex:
-                    results = list(ex.map(pow, range(500), [2] * 500, timeout=DEADLINE))
+                with ClusterExecutor(host) as ex:
+                    results = list(ex.map(pow, range(500), [2] * 500, timeout=120))
                 assert results == [i * i for i in range(500)], results
                 print("ok", len(results), host)
                 """
