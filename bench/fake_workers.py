@@ -2,18 +2,18 @@
 Light fake workers: one process opening N worker connections to a cw master.
 
 Each connection authenticates exactly as a real worker does
-(L{cw.auth.authenticate} with the secret from L{cw.secret}), registers with
+(L{cw.wire.auth.authenticate} with the secret from L{cw.wire.secret}), registers with
 L{P.RegisterWorker} and answers every job at once with L{P.Outcome.OK} and a
 fixed payload (C{cloudpickle.dumps(None)}, made once): jobs are never
 unpickled or run.  Results leave in batches through the same
-L{cw.batching.Outbox} the real worker uses.  This measures the master (and
+L{cw.wire.batching.Outbox} the real worker uses.  This measures the master (and
 the client) with many worker connections, without a job process per slot.
 
     python bench/fake_workers.py --master localhost:5499 -n 200
 
 Prints C{registered N} on stdout once every connection has registered, then
 runs until SIGTERM/SIGINT.  C{--check} lists the master-to-worker commands of
-L{cw.protocol} this module does not answer yet, and exits.
+L{cw.wire.commands} this module does not answer yet, and exits.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
-from cw import protocol as P
-from cw.address import client_description, client_endpoint
-from cw.auth import AuthGate
-from cw.batching import Outbox
-from cw.secret import load_secret
-from cw.worker import join_master
+from cw.wire import commands as P
+from cw.wire.address import client_description, client_endpoint
+from cw.wire.auth import AuthGate
+from cw.wire.batching import Outbox
+from cw.wire.secret import load_secret
+from cw.worker.service import join_master
 
 #: The result payload of every job: a pickled None, made once.
 RESULT = cloudpickle.dumps(None)
@@ -54,7 +54,7 @@ class FakeWorker(AuthGate, amp.AMP):
     so a protocol change cannot make the fake worker drop its connection.
     """
 
-    #: Command name in L{cw.protocol} -> method answering it.  Names that the
+    #: Command name in L{cw.wire.commands} -> method answering it.  Names that the
     #: installed cw does not define are skipped.
     HANDLERS: dict[str, str] = {
         "ClientContext": "ignore",
@@ -152,7 +152,7 @@ class Farm:
 
 def master_to_worker_commands() -> set[str]:
     """
-    The commands a master may send to a worker, as L{cw.protocol} declares
+    The commands a master may send to a worker, as L{cw.wire.commands} declares
     them: its "who talks to whom" arrows from master to worker, the
     "Worker <-> master" section (less what only workers send), and every
     command whose docstring says "master to worker(s)".

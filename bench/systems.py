@@ -319,8 +319,8 @@ def cw_queue(args) -> dict:
     import cloudpickle
 
     import cw.mp
-    from cw import protocol as P
     from cw.client import ClientThread
+    from cw.wire import commands as P
 
     n = args.queued
     out: dict = {"queued": n, "job_bytes": len(cloudpickle.dumps((noop, (n,), {})))}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from cw.protocol import PORT
+from cw.core.records import PORT
 
 __version__ = "0.1.0"
 
@@ -39,7 +39,7 @@ _LAZY_SUBMODULES = ("mp", "slurm")
 
 def __getattr__(name: str):
     if name in _LAZY_SUBMODULES:
-        import importlib
+        import importlib  # only when asked: cw.mp and cw.slurm load Twisted
 
         return importlib.import_module(f"cw.{name}")
     raise AttributeError(f"module 'cw' has no attribute {name!r}")
@@ -53,23 +53,23 @@ def randid() -> int:
 def start(nworkers: int = 1, *args, **kwargs):
     """
     Start a cluster of C{nworkers} workers and a master: under SLURM when
-    SLURM is in use here, else as local processes (see L{cw.cluster}).
+    SLURM is in use here, else as local processes (see L{cw.launch.backend}).
     """
-    from cw import cluster
+    from cw.launch import backend as cluster  # lazily: `import cw` loads no reactor
 
     return cluster.start(nworkers, *args, **kwargs)
 
 
 def stop(*args, **kwargs):
     """Stop what L{start} started."""
-    from cw import cluster
+    from cw.launch import backend as cluster  # lazily: `import cw` loads no reactor
 
     return cluster.stop(*args, **kwargs)
 
 
 def allocate(nworkers: int = 1, *args, **kwargs):
     """Context manager: L{start} on enter, L{stop} on exit."""
-    from cw import cluster
+    from cw.launch import backend as cluster  # lazily: `import cw` loads no reactor
 
     return cluster.allocate(nworkers, *args, **kwargs)
 
@@ -80,17 +80,17 @@ def slurm_master_host(cluster: str | None = None) -> str:
     cluster name, or C{CW_SLURM_CLUSTER}, C{cmaster-NAME}); C{HOST:PORT} if
     its master does not listen on the default port.  See L{cw.slurm}.
     """
-    from cw import slurm
+    from cw import discovery  # lazily: `import cw` stays light
 
-    return slurm.master_host(cluster)
+    return discovery.master_host(cluster)
 
 
 def is_slurm_available() -> bool:
     """
     Whether L{start} and clients given no host use SLURM: C{CW_BACKEND}
     (C{slurm} or C{local}) if set, else whether a SLURM controller answers
-    (see L{cw.cluster}; having C{salloc} on C{PATH} is not enough).
+    (see L{cw.launch.backend}; having C{salloc} on C{PATH} is not enough).
     """
-    from cw import cluster
+    from cw import discovery  # lazily: `import cw` stays light
 
-    return cluster.backend() == "slurm"
+    return discovery.backend() == "slurm"

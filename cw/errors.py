@@ -233,3 +233,27 @@ def remote_error(
         why = error
     report = {key: value for key, value in report.items() if key != "exception"}
     return default(jobid, {**report, "exception_error": why})
+
+
+class VersionMismatch(Exception):
+    """The peer speaks another protocol version."""
+
+
+class AuthenticationFailed(Exception):
+    """The other side does not hold the same secret (or refused to check)."""
+
+
+class BadCommand(Exception):
+    """A field of a command from an authenticated peer is malformed."""
+
+
+class SecretError(CWError):
+    """A secret file (the shared secret, the dashboard token) is missing, unsafe or unusable."""
+
+
+class ClusterError(CWError):
+    """The local cluster could not be started or stopped."""
+
+
+class SlurmError(CWError):
+    """SLURM could not do what cw asked."""

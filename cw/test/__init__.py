@@ -23,7 +23,7 @@ if not os.environ.get("CW_TEST_SECRET_FILE"):
     os.environ["CW_TEST_SECRET_FILE"] = _path
 os.environ["CW_SECRET_FILE"] = os.environ["CW_TEST_SECRET_FILE"]
 # Clients given no master, and cw.start, use local processes, even where a
-# SLURM controller answers (as in CI); cw.test.test_slurm unsets this.
+# SLURM controller answers (as in CI); cw.test.launch.test_slurm unsets this.
 os.environ["CW_BACKEND"] = "local"
 os.environ.pop("CW_INSECURE", None)
 # A run started in the background by a non-interactive shell inherits

@@ -94,7 +94,7 @@ def child_counters(_=None):
     """C{(pid, functions unpickled, jobs run)} of the job process running this job."""
     import os
 
-    from cw import child
+    from cw.worker import child as child
 
     return os.getpid(), child.stats["functions_unpickled"], child.stats["jobs"]
 

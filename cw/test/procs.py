@@ -115,7 +115,7 @@ def group_members(pgid: int) -> list[int]:
 def job_processes(worker_pid: int) -> list[int]:
     """
     Live job processes of the worker C{worker_pid}: its children (each
-    leads a process group of its own, see L{cw.containment}).
+    leads a process group of its own, see L{cw.worker.containment}).
     """
     return [pid for pid, fields in _live_processes() if int(fields[1]) == worker_pid]
 

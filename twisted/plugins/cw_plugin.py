@@ -9,14 +9,14 @@ from twisted.application.service import ServiceMaker
 
 cw_master = ServiceMaker(
     "cw master",
-    "cw.master",
+    "cw.master.service",
     "A cw master: queues jobs from clients and routes them to workers.",
     "cw-master",
 )
 
 cw_worker = ServiceMaker(
     "cw worker",
-    "cw.worker",
+    "cw.worker.service",
     "A cw worker: runs jobs from a cw master in child processes.",
     "cw-worker",
 )

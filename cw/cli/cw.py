@@ -1,0 +1,105 @@
+"""
+The C{cw} command: C{cw status [--json]} shows what a master is doing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cw.client.session import master_status
+from cw.discovery import default_host
+from cw.errors import CWError
+from cw.wire.address import client_description
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return f"{days}d{hours:02d}h{minutes:02d}m"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s"
+
+
+def _busy(worker: dict) -> int:
+    """Slots running a job: the jobs a worker holds, up to its slots."""
+    return min(worker["held"], worker["slots"])
+
+
+def format_status(address: str, status: dict) -> str:
+    """The human-readable form of a master's status snapshot."""
+    workers = status.get("workers", [])
+    clients = status.get("clients", [])
+    slots = sum(w["slots"] for w in workers)
+    busy = sum(_busy(w) for w in workers)
+    lines = [
+        f"master   {address}",
+        f"uptime   {_duration(status.get('uptime', 0))}",
+        f"jobs     {status.get('queued', 0):,} queued, {status.get('completed', 0):,} done,"
+        f" {status.get('rate', 0.0):,.1f}/s over the last minute",
+        f"workers  {len(workers)} ({slots} slots, {busy} busy)",
+    ]
+    if workers:
+        lines.append(f"  {'ID':>4}  {'WORKER':<28} {'SLOTS':>5} {'BUSY':>5} {'DONE':>9} {'FAILED':>7}")
+        for w in workers:
+            state = " (draining)" if w.get("draining") else ""
+            lines.append(
+                f"  {w['id']:>4}  {w['peer'] + state:<28} {w['slots']:>5}"
+                f" {_busy(w):>5} {w['completed']:>9,} {w.get('failed', 0):>7,}"
+            )
+    lines.append(f"clients  {len(clients)}")
+    if clients:
+        lines.append(f"  {'ID':>4}  {'CLIENT':<28} {'QUEUED':>7} {'ON WORKERS':>10} {'DONE':>9}")
+        for c in clients:
+            lines.append(
+                f"  {c['id']:>4}  {c['peer']:<28} {c['queued']:>7,} {c['running']:>10,} {c['completed']:>9,}"
+            )
+    return "\n".join(lines)
+
+
+def status_command(args: argparse.Namespace) -> int:
+    try:
+        host = default_host(args.master)
+        status = master_status(
+            host, timeout=args.timeout, secret_file=args.secret_file, insecure=args.insecure or None
+        )
+    except (CWError, TimeoutError, OSError) as e:
+        print(f"cw status: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"master": client_description(host), **status}, indent=2))
+    else:
+        print(format_status(client_description(host), status))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cw", description="Inspect a cw cluster.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    status = commands.add_parser("status", help="show a master's workers, queue and throughput")
+    status.add_argument(
+        "--master",
+        "-m",
+        help="the master (HOST, HOST:PORT or an endpoint description); default: $CW_MASTER,"
+        " the SLURM master, or localhost",
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON, for scripts")
+    status.add_argument(
+        "--secret-file", help="the shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"
+    )
+    status.add_argument("--insecure", action="store_true", help="for a master running --insecure")
+    status.add_argument(
+        "--timeout", type=float, default=10, help="seconds to wait for the master (default 10)"
+    )
+    status.set_defaults(func=status_command)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

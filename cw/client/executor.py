@@ -1,0 +1,475 @@
+"""
+L{ClusterExecutor}: a C{concurrent.futures.Executor} over a cw master.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
+from typing import Any
+
+from cw import discovery
+from cw.client.mapping import bounded_map
+from cw.client.session import (
+    Session,
+    _Jobs,
+    decode_result,
+    job_options,
+    pickle_arguments,
+    pickle_call,
+    pickle_function,
+)
+from cw.discovery import default_host
+from cw.errors import (
+    JobKilled,
+)
+from cw.wire import commands as P
+
+
+class _Started(list):
+    """An inbox item: sequence numbers of jobs the master handed to workers."""
+
+
+#: An inbox item: close the connection if no job is outstanding any more.
+_CLOSE_IF_IDLE = object()
+
+
+#: Executors that may have jobs outstanding, for the wait at interpreter exit.
+_executors: weakref.WeakSet = weakref.WeakSet()
+
+
+_interpreter_exiting = False
+
+
+def _at_interpreter_exit() -> None:
+    """
+    Run by C{threading} before it joins non-daemon threads, as the standard
+    executors' exit hook is: wait for every executor's outstanding futures
+    (see L{ClusterExecutor.shutdown}); from now on, C{submit} raises.
+    """
+    global _interpreter_exiting
+    _interpreter_exiting = True
+    for executor in list(_executors):
+        executor._interpreter_exit()
+
+
+try:
+    threading._register_atexit(_at_interpreter_exit)
+except RuntimeError:  # imported while the interpreter shuts down
+    _interpreter_exiting = True
+
+
+def _refuse_after_interpreter_exit() -> None:
+    if _interpreter_exiting:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+
+def _mark_running(future: futures.Future) -> bool:
+    """
+    Move a pending future to running (it may be running already); False if
+    it was cancelled (its waiters are told, once) or has finished.
+    """
+    # The executor's side of the Future protocol: the states are read under
+    # the future's own (reentrant) lock, as the standard executors do.
+    with future._condition:
+        state = future._state
+        if state == futures._base.RUNNING:
+            return True
+        if state in (futures._base.PENDING, futures._base.CANCELLED):
+            return future.set_running_or_notify_cancel()
+        return False
+
+
+def _settle(future: futures.Future, ok: bool, value: Any) -> None:
+    """Set a running future's outcome, unless it was killed meanwhile."""
+    try:
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+    except futures.InvalidStateError:
+        pass
+
+
+class ClusterFuture(futures.Future):
+    """
+    A future of a cw job.
+
+    It is running (C{running()} is true) from the moment the master hands
+    its job to a worker, as a L{futures.ProcessPoolExecutor} future is from
+    the moment its call enters the call queue; the job may still wait on
+    the worker for a free job process.  From then on C{cancel()} returns
+    False, as for any running future; L{ClusterExecutor.kill} kills it.
+    Cancelling a pending future withdraws its job from the master's queue
+    (should the master have handed it to a worker in the same instant, that
+    job's process is killed).
+    """
+
+    _withdraw: Callable[[], None] | None = None
+    #: The job's sequence number on its executor's connection.
+    _seq = 0
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        _mark_running(self)  # tells futures.wait() and as_completed()
+        if self._withdraw is not None:
+            self._withdraw()
+        return True
+
+
+class ClusterExecutor(futures.Executor):
+    """
+    A L{concurrent.futures.Executor} whose jobs run on a cw cluster.
+
+    Connects at construction (raising L{MasterUnavailable} if no master
+    answers).  A future of a job that raised raises the job's exception as
+    an instance of both its class and L{RemoteException} (see
+    L{cw.errors.remote_error}); one whose job process died, L{JobCrashed}
+    (or L{JobTimeout}, L{WorkerLost}); if the master connection is lost,
+    every outstanding future raises L{MasterUnavailable}.  Futures follow
+    the L{concurrent.futures} contract: see L{ClusterFuture} for when one is
+    running, L{kill} to stop running jobs, and L{shutdown}.
+    C{timeout} and C{max_attempts} are defaults for every job; see
+    L{submit_with}.  C{weight}: when several clients have jobs queued, this
+    one gets that many jobs per turn (default 1).  C{master_timeout}: seconds
+    without a sign of life from the master before every pending future
+    raises L{MasterUnavailable} (default C{CW_MASTER_TIMEOUT}, else
+    L{MASTER_TIMEOUT}; 0: no limit).
+    """
+
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int = P.PORT,
+        connect_timeout: float | None = None,
+        secret_file: str | None = None,
+        insecure: bool | None = None,
+        *,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        weight: int = 1,
+        master_timeout: float | None = None,
+    ) -> None:
+        #: Defaults for every job of this executor (see L{submit_with}).
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self._jobs = _Jobs()
+        self._shutdown = False
+        self._shutdown_lock = threading.Lock()
+        #: shutdown(wait=False) was called: close the connection once idle.
+        self._close_when_idle = False
+        #: shutdown(wait=False, cancel_futures=True): do not wait at exit.
+        self._abandoned = False
+        self.session = Session(
+            default_host(host),
+            port,
+            self._jobs.inbox.put,
+            self._jobs.inbox.put,
+            connect_timeout,
+            secret_file=secret_file,
+            insecure=insecure,
+            weight=weight,
+            master_timeout=master_timeout,
+            on_started=lambda seqs: self._jobs.inbox.put(_Started(seqs)),
+        )
+        self._thread = threading.Thread(target=self._deliver, name="cw-executor", daemon=True)
+        self._thread.start()
+        _executors.add(self)
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> futures.Future:
+        return self.submit_with(fn, args, kwargs)
+
+    def submit_with(
+        self,
+        fn: Callable,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        priority: int | None = None,
+    ) -> futures.Future:
+        """
+        Submit C{fn(*args, **kwargs)} with options for this job alone
+        (L{submit} cannot take them: its keyword arguments belong to C{fn}).
+
+        @param timeout: seconds the job may run; then its process is killed
+            and the future raises L{JobTimeout}.  Default: the executor's
+            C{timeout}, else the worker's C{--job-timeout}, else no limit.
+        @param max_attempts: how many lost workers the job may outlive
+            before it fails with L{WorkerLost}.  Default: the executor's
+            C{max_attempts}, else the master's C{--max-attempts}.
+        @param priority: among this client's queued jobs, higher runs first
+            (default 0); it does not jump ahead of other clients' turns.
+        """
+        options = job_options(self, timeout, max_attempts, priority)
+        return self._submit(fn, tuple(args), dict(kwargs or {}), options)
+
+    def _submit(
+        self,
+        fn: Callable,
+        args: tuple,
+        kwargs: dict,
+        options: bytes,
+        cached: tuple[bytes, bytes] | None = None,
+    ) -> futures.Future:
+        """
+        Submit one job; with C{cached} (see L{pickle_function}), C{fn} is
+        sent once per connection and cached on workers, and each job
+        carries only its arguments.
+        """
+        _refuse_after_interpreter_exit()
+        # Outside the lock, so that a blocked submit never blocks shutdown.
+        self.session.wait_for_room(lambda: self._shutdown)
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future = ClusterFuture()
+            seq = self._jobs.add(future)
+            future._seq = seq
+            future._withdraw = functools.partial(self._withdraw, seq)
+            try:
+                if cached is None:
+                    job = P.Job(0, seq, pickle_call(f"#{seq}", fn, args, kwargs), options)
+                else:
+                    self.session.define(*cached)
+                    job = P.Job(0, seq, pickle_arguments(f"#{seq}", fn, args, kwargs), options, cached[0])
+                self.session.send(job, f"#{seq}")
+            except BaseException:
+                self._jobs.forget(seq)
+                raise
+        return future
+
+    def _mapper(self, fn: Callable) -> Callable[..., futures.Future]:
+        """A submit function for L{map}: C{fn} is pickled once and cached on the workers."""
+        cached = pickle_function(fn)
+        options = job_options(self, None, None)
+        return lambda fn, *args: self._submit(fn, args, {}, options, cached)
+
+    def _withdraw(self, seq: int) -> None:
+        """A future was cancelled: forget it and withdraw its job from the cluster."""
+        self._jobs.forget(seq)
+        if self.session.proto is not None:
+            self.session.cancel(seq)
+        self._check_idle()
+
+    def kill(self, *fs: futures.Future) -> int:
+        """
+        Stop these futures' jobs wherever they are: a future not yet running
+        is cancelled (its job withdrawn from the queue); a running job's
+        process is killed and its future raises L{JobKilled} (a
+        L{futures.CancelledError}).  Finished futures and futures of other
+        executors are left alone.  Return how many jobs were stopped.
+
+        This is the one way to stop a running job: C{cancel()} returns False
+        for a running future, as the standard library's does.
+        """
+        stopped = 0
+        for future in fs:
+            seq = getattr(future, "_seq", 0)
+            if self._jobs.take(seq) is not future:  # not this executor's, or done
+                continue
+            if future.cancel():
+                stopped += 1
+                continue
+            if future.done() or self._jobs.pop(seq, future) is None:
+                continue
+            if self.session.proto is not None:
+                self.session.cancel(seq)
+            try:
+                future.set_exception(
+                    JobKilled(f"job #{seq} was killed while running, by ClusterExecutor.kill()")
+                )
+                stopped += 1
+            except futures.InvalidStateError:  # its result came first
+                pass
+            self._check_idle()
+        return stopped
+
+    def _check_idle(self) -> None:
+        """After shutdown(wait=False): close the connection once no job is outstanding."""
+        if self._close_when_idle and not self._jobs.outstanding():
+            self._jobs.inbox.put(_CLOSE_IF_IDLE)
+
+    def _deliver(self) -> None:
+        """The delivery thread: running notices, results and failures, in arrival order."""
+        inbox = self._jobs.inbox
+        while True:
+            item = inbox.get()
+            if item is None:
+                return
+            if item is _CLOSE_IF_IDLE:
+                if not self._jobs.outstanding():
+                    self.session.close()
+                    return
+            elif isinstance(item, _Started):
+                self._mark_started(item)
+            elif isinstance(item, Exception):
+                self._fail_all(item)
+            else:
+                self._deliver_results(item)
+            item = None  # a big result's payload is not kept until the next item
+            if self._close_when_idle and not self._jobs.outstanding():
+                self.session.close()
+                return
+
+    def _mark_started(self, seqs: list[int]) -> None:
+        with self._jobs.lock:
+            started = [self._jobs.entries.get(seq) for seq in seqs]
+        for future in started:
+            if future is not None:
+                _mark_running(future)
+
+    def _deliver_results(self, results: list[P.Result]) -> None:
+        # Functions of their own, so that no future or result stays
+        # referenced by the delivery thread once it is done with them.
+        for result in results:
+            future = self._jobs.take(result.seq)
+            if future is None:
+                continue
+            if _mark_running(future):
+                _settle(future, *decode_result(f"#{result.seq}", result))
+            self._jobs.done(result.seq)
+
+    def _fail_all(self, error: Exception) -> None:
+        """The connection is lost: every outstanding future fails with C{error}."""
+        with self._jobs.lock:
+            pending = list(self._jobs.entries.values())
+            self._jobs.entries.clear()
+            self._jobs.idle.notify_all()
+        for future in pending:
+            if _mark_running(future):
+                _settle(future, False, error)
+
+    def status(self) -> dict:
+        """The master's status snapshot (workers, queue, counts)."""
+        return self.session.call(P.GetStatus)["status"]
+
+    def map(
+        self,
+        fn: Callable,
+        *iterables: Iterable,
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+        progress: bool | dict = False,
+    ) -> Iterator[Any]:
+        """
+        Like L{concurrent.futures.Executor.map}: results in input order.
+
+        @param buffersize: keep at most this many jobs in flight, submitting
+            the next as each result is taken (as Python 3.14 added), so that
+            an iterable of any length, even an endless generator, runs in
+            bounded memory.  Default: submit everything at once.
+        @param progress: show a tqdm bar (done, failed, rate, time left);
+            a dict is passed on to tqdm as options.
+        @param chunksize: accepted for compatibility; cw batches on its own.
+
+        C{fn} is pickled once and sent to each worker once (each job carries
+        only its arguments), so a function that closes over large data costs
+        that data once per worker, not once per job.
+        """
+        return bounded_map(
+            self._mapper(fn),
+            fn,
+            iterables,
+            timeout=timeout,
+            buffersize=buffersize,
+            progress=progress,
+            stop=self.kill,
+        )
+
+    def map_unordered(
+        self,
+        fn: Callable,
+        *iterables: Iterable,
+        timeout: float | None = None,
+        buffersize: int | None = None,
+        progress: bool | dict = False,
+    ) -> Iterator[Any]:
+        """Like L{map}, but yield each result as soon as its job finishes."""
+        return bounded_map(
+            self._mapper(fn),
+            fn,
+            iterables,
+            timeout=timeout,
+            buffersize=buffersize,
+            ordered=False,
+            progress=progress,
+            stop=self.kill,
+        )
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """
+        Refuse new jobs (C{submit} raises L{RuntimeError}) and let the
+        outstanding ones finish, as L{concurrent.futures.Executor.shutdown}.
+
+        @param wait: wait for every outstanding future, then close the
+            connection.  With C{wait=False}, return at once: the jobs keep
+            running, their futures complete later, and the connection
+            closes when the last one is done (at interpreter exit, the
+            program waits for them, as with the standard executors).
+        @param cancel_futures: cancel the futures that are not running
+            (their jobs leave the master's queue); running ones finish
+            (L{kill} stops those).  With C{wait=False} too, nothing is
+            waited for at interpreter exit.
+        """
+        with self._shutdown_lock:
+            self._shutdown = True
+            if cancel_futures and not wait:
+                self._abandoned = True
+        if cancel_futures:
+            self._cancel_pending()
+        if not wait:
+            self._close_when_idle = True
+            self._check_idle()
+            return
+        self._jobs.wait_idle(None)
+        self.session.close()
+        self._jobs.inbox.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _cancel_pending(self) -> None:
+        """Cancel every future that is not running; withdraw their jobs in one go."""
+        with self._jobs.lock:
+            outstanding = list(self._jobs.entries.items())
+        cancelled = []
+        for seq, future in outstanding:
+            if futures.Future.cancel(future):
+                _mark_running(future)
+                cancelled.append(seq)
+        for seq in cancelled:
+            self._jobs.forget(seq)
+        # With nothing left running, the connection closes next, and the
+        # master drops all of this client's jobs then.
+        if self._jobs.outstanding() and self.session.proto is not None:
+            for seq in cancelled:
+                self.session.cancel(seq)
+
+    def _interpreter_exit(self) -> None:
+        """
+        At interpreter exit: wait for the outstanding futures (unless
+        L{shutdown} was told C{wait=False, cancel_futures=True}), as the
+        standard executors do, then close the connection.
+        """
+        if not self._abandoned and self.session.reactor.running:
+            self._jobs.wait_idle(None)
+        if self.session.reactor.running:
+            self.session.close()
+
+
+class SlurmExecutor(ClusterExecutor):
+    """
+    A L{ClusterExecutor} connected to this user's SLURM master
+    (L{cw.slurm.master_host}: waits, bounded, for a master job that is
+    queued or starting), as in the original; C{cluster} names one of
+    several clusters; other options are L{ClusterExecutor}'s.
+    """
+
+    def __init__(self, cluster: str | None = None, **options: Any) -> None:
+        super().__init__(discovery.master_host(cluster), **options)

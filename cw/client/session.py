@@ -1,0 +1,705 @@
+"""
+Client programs: submit jobs to a master and get their results back.
+
+Two blocking APIs over one connection class:
+
+  - L{ClientThread}: submit C{(jobid, func, args)} and receive
+    C{callback(jobid, result)} for each job that succeeds; C{wait()} blocks
+    until all jobs are done and raises L{RemoteException} for a failure.
+  - L{ClusterExecutor}: a L{concurrent.futures.Executor}.
+
+Both talk to the master through the Twisted reactor.  If no reactor is
+running, crochet runs one in a background thread; if one already runs in
+another thread (a Twisted program, or trial), that one is used.  Either
+way, the blocking calls must be made from a thread other than the
+reactor's.
+
+Jobs are pickled with cloudpickle in the caller's thread, so a job that
+cannot be pickled raises L{SubmitError} at C{submit}.  Results are unpickled
+in a delivery thread, never in the reactor thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import queue
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+from twisted.internet import defer, task
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python import threadable
+
+from cw.client.mapping import progress as progress
+from cw.core.validation import MAX_WEIGHT
+from cw.discovery import default_host
+from cw.errors import (
+    REPORT_TYPES,
+    AuthenticationFailed,
+    JobCrashed,
+    MasterUnavailable,
+    RemoteException,
+    SubmitError,
+    remote_error,
+)
+from cw.wire import commands as P
+from cw.wire.address import client_description, client_endpoint, enable_keepalive
+from cw.wire.auth import AuthGate, authenticate
+from cw.wire.liveness import HeartbeatMonitor, SignsOfLife
+from cw.wire.secret import load_secret
+from cw.wire.streaming import ChunkReceiver, StreamingSender
+
+log = Logger(namespace="cw.client")  # the namespace of its log lines before the layers
+
+#: Bytes of submitted jobs a client lets wait to be sent before submit
+#: blocks (one job of any size is always accepted).
+SEND_WINDOW = 256 << 20
+
+#: Seconds a client keeps trying to reach its master before giving up.
+CONNECT_TIMEOUT = float(os.environ.get("CW_CONNECT_TIMEOUT", "10"))
+
+#: Seconds a client waits to hear from its master (an answer to its
+#: heartbeats, or anything else) before it fails its outstanding jobs with
+#: L{MasterUnavailable}; C{CW_MASTER_TIMEOUT} or C{master_timeout=} change it.
+MASTER_TIMEOUT = 20.0
+
+_setup_lock = threading.Lock()
+_setup_done = False
+
+
+def running_reactor():
+    """
+    The global reactor, running in some thread other than the caller's.
+
+    Starts it in a crochet thread if nothing runs it yet.  Raises
+    L{RuntimeError} when called from the reactor's own thread, where a
+    blocking call would deadlock.
+    """
+    global _setup_done
+    import crochet
+    from twisted.internet import reactor
+
+    with _setup_lock:
+        if not _setup_done:
+            if reactor.running:
+                crochet.no_setup()
+            else:
+                crochet.setup()
+            _setup_done = True
+    if threadable.isInIOThread() and reactor.running:
+        raise RuntimeError(
+            "cw's blocking client API was called from the reactor thread;"
+            " call it from another thread (e.g. deferToThread)"
+        )
+    return reactor
+
+
+def call_in_reactor(func: Callable, *args, timeout: float | None = None, **kwargs) -> Any:
+    """Run C{func} (which may return a Deferred) in the reactor; wait for its result."""
+    import crochet
+
+    running_reactor()
+    return crochet.run_in_reactor(func)(*args, **kwargs).wait(timeout)
+
+
+def describe_unpicklable(func: Callable, args: tuple, kwargs: dict) -> str:
+    """Name the part of a call that cloudpickle refuses."""
+    parts = [("the function", func)]
+    parts += [(f"argument {i}", a) for i, a in enumerate(args)]
+    parts += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+    for label, obj in parts:
+        try:
+            cloudpickle.dumps(obj)
+        except Exception as e:
+            return f"{label} ({type(obj).__name__} {_short_repr(obj)}) cannot be pickled: {e}"
+    return "the call cannot be pickled"
+
+
+def _short_repr(obj: Any) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        text = object.__repr__(obj)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def pickle_call(jobid: Any, func: Callable, args: tuple, kwargs: dict) -> bytes:
+    """The job payload for C{func(*args, **kwargs)}, or L{SubmitError}."""
+    if not callable(func):
+        raise SubmitError(f"job {jobid!r}: {_short_repr(func)} is not callable")
+    try:
+        return cloudpickle.dumps((func, args, kwargs))
+    except Exception as e:
+        raise SubmitError(f"job {jobid!r} cannot be sent: {describe_unpicklable(func, args, kwargs)}") from e
+
+
+def pickle_function(func: Callable) -> tuple[bytes, bytes]:
+    """
+    C{(key, pickle)} of a function to be cached on workers: its cloudpickle
+    and a digest of that pickle, or L{SubmitError}.
+    """
+    if not callable(func):
+        raise SubmitError(f"{_short_repr(func)} is not callable")
+    try:
+        data = cloudpickle.dumps(func)
+    except Exception as e:
+        raise SubmitError(f"the function {_short_repr(func)} cannot be pickled: {e}") from e
+    return hashlib.blake2b(data, digest_size=16).digest(), data
+
+
+def pickle_arguments(jobid: Any, func: Callable, args: tuple, kwargs: dict) -> bytes:
+    """The payload of a job whose function is cached: its pickled arguments."""
+    try:
+        return cloudpickle.dumps((args, kwargs))
+    except Exception as e:
+        raise SubmitError(f"job {jobid!r} cannot be sent: {describe_unpicklable(func, args, kwargs)}") from e
+
+
+def client_secret(secret_file: str | None = None, insecure: bool | None = None) -> bytes | None:
+    """
+    The secret a client or worker authenticates with (see L{cw.wire.secret}), or
+    None when C{insecure} (default: C{CW_INSECURE} in the environment) is set.
+    """
+    if insecure is None:
+        insecure = os.environ.get("CW_INSECURE", "").lower() in ("1", "true", "yes")
+    if insecure:
+        return None
+    return load_secret(secret_file)
+
+
+def job_options(
+    owner: Any, timeout: float | None, max_attempts: int | None, priority: int | None = None
+) -> bytes:
+    """
+    L{P.Job.options} for one job: the given options, else the defaults of
+    C{owner} (a L{ClientThread} or L{ClusterExecutor}); checked here so that
+    a bad value raises L{SubmitError} in the caller.
+    """
+    if timeout is None:
+        timeout = getattr(owner, "timeout", None)
+    if max_attempts is None:
+        max_attempts = getattr(owner, "max_attempts", None)
+    if timeout is not None and not P.valid_timeout(timeout):
+        raise SubmitError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    if max_attempts is not None and (
+        isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
+    ):
+        raise SubmitError(f"max_attempts must be a positive integer, not {max_attempts!r}")
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise SubmitError(f"priority must be an integer, not {priority!r}")
+    return P.encode_options(timeout=timeout, max_attempts=max_attempts, priority=priority or None)
+
+
+def master_timeout_setting(value: float | None) -> float:
+    """
+    A client's C{master_timeout}: C{value}, else C{CW_MASTER_TIMEOUT} from
+    the environment, else L{MASTER_TIMEOUT}; 0 turns the check off.
+    """
+    if value is None:
+        text = os.environ.get("CW_MASTER_TIMEOUT", "")
+        try:
+            value = float(text) if text else MASTER_TIMEOUT
+        except ValueError:
+            raise ValueError(f"CW_MASTER_TIMEOUT must be a number of seconds, not {text!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"master_timeout must be a number of seconds >= 0, not {value!r}")
+    return float(value)
+
+
+def client_context() -> dict:
+    """The working directory and sys.path that this client's jobs run with."""
+    cwd = os.getcwd()
+    path = [os.path.abspath(p) if p else cwd for p in sys.path]
+    return {"cwd": cwd, "path": list(dict.fromkeys(path))}
+
+
+class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
+    """A client's connection to the master; accepts results only once the master is authenticated."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self.session = session
+        self.lost = defer.Deferred()
+
+    def connectionMade(self):
+        super().connectionMade()
+        # Heartbeats notice a master that hangs (L{cw.wire.liveness}); keepalive,
+        # one that vanished while they are off.
+        enable_keepalive(self.transport)
+
+    @P.Heartbeat.responder
+    def heartbeat(self):
+        """The master checks that this client is alive."""
+        return {}
+
+    @P.JobResults.responder
+    def job_results(self, results):
+        self.session.results_arrived(results)
+        return {}
+
+    @P.JobRoom.responder
+    def job_room(self, bytes, jobs):
+        self.session.room(bytes, jobs)
+        return {}
+
+    @P.JobsStarted.responder
+    def jobs_started(self, keys):
+        if self.session.on_started is not None:
+            self.session.on_started([seq for _, seq in keys])
+        return {}
+
+    def stream_progress(self) -> None:
+        self.session.sent_some()
+
+    @P.MasterStopping.responder
+    def master_stopping(self, reason):
+        self.session.master_stopping(self, reason)
+        return {}
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.session.connection_lost(self, reason)
+        self.lost.callback(None)
+
+
+class Session:
+    """
+    One registered connection to a master, usable from any non-reactor
+    thread.  C{on_results(list)} and C{on_lost(exc)} are called in the
+    reactor thread and must not block; so is C{on_started(seqs)}, if given,
+    with the jobs the master handed to workers (L{P.JobsStarted}).
+    """
+
+    def __init__(
+        self,
+        host: str | None,
+        port: int | None,
+        on_results: Callable[[list[P.Result]], None],
+        on_lost: Callable[[Exception], None],
+        connect_timeout: float | None = None,
+        secret_file: str | None = None,
+        insecure: bool | None = None,
+        weight: int = 1,
+        master_timeout: float | None = None,
+        on_started: Callable[[list[int]], None] | None = None,
+    ) -> None:
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+            raise ValueError(f"weight must be an integer from 1 to {MAX_WEIGHT}, not {weight!r}")
+        self.weight = weight
+        #: Seconds without a sign of life from the master before its jobs
+        #: fail (0: no limit); see L{cw.wire.liveness}.
+        self.master_timeout = master_timeout_setting(master_timeout)
+        self._beats: HeartbeatMonitor | None = None
+        self.secret = client_secret(secret_file, insecure)
+        self.reactor = running_reactor()
+        self.address = client_description(host, port)
+        self.on_results = on_results
+        self.on_lost = on_lost
+        self.on_started = on_started
+        self.proto: ClientProtocol | None = None
+        self.client_id = 0
+        #: The master's payload limit, learnt at registration.
+        self.max_payload = P.MAX_PAYLOAD
+        self.closing = False
+        self._lock = threading.Lock()
+        #: Jobs not sent yet, by sequence number, in the order submitted.
+        self._pending: dict[int, P.Job] = {}
+        self._cancels: list[tuple[int, int]] = []
+        #: Functions to define before the pending jobs, and the keys defined
+        #: on this connection.
+        self._defines: list[tuple[bytes, bytes]] = []
+        self._defined: set[bytes] = set()
+        #: Payload bytes of L{_pending}; with what the connection has yet to
+        #: write, it is what L{send} keeps under L{SEND_WINDOW}.
+        self._pending_bytes = 0
+        self._sent_some = threading.Condition(self._lock)
+        #: Room left in the master's queue (L{P.JobRoom}): jobs are sent
+        #: only while both are positive; the rest wait in L{_pending}.
+        self._room_bytes = 0
+        self._room_jobs = 0
+        #: Jobs L{_pending} may hold before L{wait_for_room} blocks: the
+        #: master's job limit, learnt at registration.
+        self._job_window = 1
+        self._flush_scheduled = False
+        timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
+        call_in_reactor(self._connect, timeout, timeout=timeout + 30)
+
+    @defer.inlineCallbacks
+    def _connect(self, timeout: float):
+        endpoint = client_endpoint(self.reactor, self.address)
+        factory = Factory.forProtocol(lambda: ClientProtocol(self))
+        deadline = self.reactor.seconds() + timeout
+        delay = 0.05
+        while True:
+            try:
+                proto = yield endpoint.connect(factory)
+                break
+            except Exception as e:
+                left = deadline - self.reactor.seconds()
+                if left <= 0:
+                    raise MasterUnavailable(
+                        f"no cw master answers at {self.address} ({e.__class__.__name__}:"
+                        f" {e}); start one with 'twistd -n cw-master' or cw.start(),"
+                        " or pass the master's host"
+                    ) from None
+                yield task.deferLater(self.reactor, min(delay, left), lambda: None)
+                delay = min(delay * 2, 1.0)
+        try:
+            yield authenticate(proto, self.secret, "client", self.address)
+        except AuthenticationFailed:
+            proto.transport.loseConnection()
+            raise
+        except Exception as e:
+            proto.transport.loseConnection()
+            raise MasterUnavailable(
+                f"the connection to the cw master at {self.address} broke while"
+                f" authenticating ({e.__class__.__name__}: {e}); for ssl: addresses"
+                " check the certificates, otherwise check that this is a cw master"
+            ) from None
+        try:
+            answer = yield proto.callRemote(
+                P.RegisterClient,
+                version=P.PROTOCOL_VERSION,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                context={
+                    **client_context(),
+                    "weight": self.weight,
+                    P.RUNNING_NOTICES: self.on_started is not None,
+                },
+            )
+        except Exception as e:
+            proto.transport.loseConnection()
+            hint = (
+                " (it requires authentication: do not set insecure / CW_INSECURE)"
+                if self.secret is None
+                else ""
+            )
+            raise MasterUnavailable(
+                f"the cw master at {self.address} refused this client{hint}: {e}"
+            ) from None
+        self.proto = proto
+        self.client_id = answer["client_id"]
+        if self.master_timeout:
+            self._beats = HeartbeatMonitor(
+                self.reactor, self.master_timeout / 4, self.master_timeout, self._master_silent
+            )
+            self._beats.watch(proto)
+            self._beats.start()
+        self.max_payload = answer["max_payload"]
+        self._job_window = answer["room_jobs"]
+        self.room(answer["room_bytes"], answer["room_jobs"])
+
+    def results_arrived(self, results: list[P.Result]) -> None:
+        self.on_results(results)
+
+    def connection_lost(self, proto: ClientProtocol, reason) -> None:
+        why = proto.rejected or reason.getErrorMessage()  # rejected: this side dropped it, and why
+        self._lost(proto, f"lost the connection to the cw master at {self.address}: {why}")
+
+    def master_stopping(self, proto: ClientProtocol, reason: str) -> None:
+        """
+        The master announced that it shuts down: fail every outstanding job
+        now, saying so, rather than on the connection error that follows.
+        """
+        self._lost(
+            proto,
+            f"the cw master at {self.address} shut down ({reason}); the jobs it had"
+            " not finished are lost, submit them again once a master is back",
+        )
+        proto.transport.loseConnection()
+
+    def _master_silent(self, proto: ClientProtocol, silent: float) -> None:
+        """The master gave no sign of life for too long: fail its jobs now and drop it."""
+        self._lost(
+            proto,
+            f"the cw master at {self.address} gave no sign of life for {silent:.1f} s"
+            f" (master_timeout / CW_MASTER_TIMEOUT: {self.master_timeout:g} s): it is hung,"
+            " stopped or unreachable; the jobs it had not finished are lost, submit them"
+            " again to a master that works",
+        )
+        proto.transport.abortConnection()
+
+    def _lost(self, proto: ClientProtocol, message: str) -> None:
+        """Report the end of the registered connection C{proto}, once."""
+        if proto is not self.proto:
+            return
+        if self._beats is not None:
+            self._beats.stop()
+            self._beats = None
+        self.proto = None
+        self.sent_some()
+        if not self.closing:
+            self.on_lost(MasterUnavailable(message))
+
+    def send(self, job: P.Job, jobid: Any = None) -> None:
+        """
+        Queue a job for the master; jobs sent in a burst share boxes.  A job
+        over the master's payload limit raises L{SubmitError} here.
+        """
+        if len(job.payload) > self.max_payload:
+            raise SubmitError(P.too_big(f"job {jobid!r}", len(job.payload), self.max_payload))
+        if self.proto is None:
+            raise MasterUnavailable(f"not connected to the cw master at {self.address}")
+        with self._lock:
+            self._pending[job.seq] = job
+            self._pending_bytes += len(job.payload)
+            wake = not self._flush_scheduled
+            self._flush_scheduled = True
+        if wake:
+            self.reactor.callFromThread(self._flush)
+
+    def wait_for_room(self, give_up: Callable[[], bool] = lambda: False) -> None:
+        """
+        Flow control: block while more than L{SEND_WINDOW} bytes of jobs, or
+        more jobs than the master queues per client, wait to be sent (the
+        master has no room for them yet, or it or the network is slower than
+        this client), rather than pile up pickled payloads.  Call before L{send}, holding no lock that the
+        reactor thread or a shutdown needs.  Returns early once C{give_up()}
+        is true or the session closes; raises L{MasterUnavailable} if the
+        connection is lost meanwhile.
+        """
+        with self._lock:
+            while self._backlog() > SEND_WINDOW or len(self._pending) > self._job_window:
+                if self.closing or give_up():
+                    return
+                if self.proto is None:
+                    raise MasterUnavailable(f"lost the connection to the cw master at {self.address}")
+                self._sent_some.wait(1.0)
+
+    def define(self, key: bytes, function: bytes) -> None:
+        """
+        Make sure the master has this cached function before the jobs sent
+        after this call (once per connection).
+        """
+        if key in self._defined:
+            return
+        if len(function) > self.max_payload:
+            raise SubmitError(P.too_big("the pickled function", len(function), self.max_payload))
+        with self._lock:
+            if key in self._defined:
+                return
+            self._defined.add(key)
+            self._defines.append((key, function))
+            wake = not self._flush_scheduled
+            self._flush_scheduled = True
+        if wake:
+            self.reactor.callFromThread(self._flush)
+
+    def _backlog(self) -> int:
+        proto = self.proto
+        return self._pending_bytes + (proto.outgoing_bytes if proto is not None else 0)
+
+    def room(self, more_bytes: int, more_jobs: int) -> None:
+        """The master has room for this many more bytes and jobs (L{P.JobRoom})."""
+        with self._lock:
+            self._room_bytes += more_bytes
+            self._room_jobs += more_jobs
+        self._flush()
+
+    def _held(self) -> bool:
+        """Whether jobs wait for room in the master's queue (call with the lock)."""
+        return self._room_bytes <= 0 or self._room_jobs <= 0
+
+    def sent_some(self) -> None:
+        """The connection wrote part of a big box: wake senders waiting for room."""
+        with self._lock:
+            self._sent_some.notify_all()
+
+    def cancel(self, seq: int) -> None:
+        """Ask the master to withdraw job C{seq}; cancellations are batched like jobs."""
+        with self._lock:
+            job = self._pending.pop(seq, None)
+            if job is not None:
+                # Not sent yet (held back by flow control): just drop it.
+                self._pending_bytes -= len(job.payload)
+                self._sent_some.notify_all()
+                return
+            self._cancels.append((0, seq))
+            wake = not self._flush_scheduled
+            self._flush_scheduled = True
+        if wake:
+            self.reactor.callFromThread(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            jobs = self._take_sendable()
+            cancels, self._cancels = self._cancels, []
+            defines, self._defines = self._defines, []
+            self._flush_scheduled = False
+        if self.proto is None:
+            return
+        for key, function in defines:
+            self.proto.callRemote(P.DefineFunction, client=0, key=key, function=function)
+        for batch in P.batches(jobs, P.job_size):
+            self.proto.callRemote(P.SubmitJobs, jobs=batch)
+        # After the jobs: a job submitted and cancelled in one burst is
+        # queued, then withdrawn.
+        for start in range(0, len(cancels), 50_000):
+            self.proto.callRemote(P.CancelJobs, keys=cancels[start : start + 50_000])
+
+    def _take_sendable(self) -> list[P.Job]:
+        """
+        Take the pending jobs that fit in the master's room (call with the
+        lock): jobs go while room is left, so at most the last one overshoots.
+        """
+        if self._held() or not self._pending:
+            return []
+        jobs = []
+        size = 0
+        for job in self._pending.values():
+            if self._room_bytes - size <= 0 or self._room_jobs - len(jobs) <= 0:
+                break
+            size += len(job.payload)
+            jobs.append(job)
+        taken = len(jobs)
+        for job in jobs:
+            del self._pending[job.seq]
+        self._pending_bytes -= size
+        self._room_bytes -= size
+        self._room_jobs -= taken
+        if taken:
+            self._sent_some.notify_all()
+        return jobs
+
+    def call(self, command, timeout: float = 30, **kwargs) -> dict:
+        """Call an answered command on the master and wait for the answer."""
+
+        def go():
+            if self.proto is None:
+                raise MasterUnavailable(f"not connected to the cw master at {self.address}")
+            d = self.proto.callRemote(command, **kwargs)
+            d.addTimeout(timeout, self.reactor)
+            return d
+
+        try:
+            return call_in_reactor(go, timeout=timeout + 30)
+        except defer.TimeoutError:
+            raise TimeoutError(
+                f"the cw master at {self.address} did not answer {command.__name__} within {timeout} s"
+            ) from None
+
+    def close(self, timeout: float = 10) -> None:
+        """Flush pending jobs and close the connection."""
+
+        def go():
+            self.closing = True
+            self.sent_some()
+            self._flush()
+            if self.proto is None:
+                return None
+            lost = self.proto.lost
+            self.proto.transport.loseConnection()
+            return lost
+
+        if not self.closing:
+            call_in_reactor(go, timeout=timeout)
+
+
+class _Jobs:
+    """
+    The jobs a client has in flight, by sequence number, and the thread that
+    delivers their results.  Shared by L{ClientThread} and
+    L{ClusterExecutor}.
+    """
+
+    def __init__(self) -> None:
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.entries: dict[int, Any] = {}
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        self._seq = itertools.count(1)
+
+    def add(self, entry: Any) -> int:
+        seq = next(self._seq)
+        with self.lock:
+            self.entries[seq] = entry
+        return seq
+
+    def forget(self, seq: int) -> None:
+        with self.lock:
+            self.entries.pop(seq, None)
+            if not self.entries:
+                self.idle.notify_all()
+
+    def pop(self, seq: int, entry: Any) -> Any:
+        """Forget C{seq} if it is C{entry}; return it, or None if it was not there."""
+        with self.lock:
+            if self.entries.get(seq) is not entry:
+                return None
+            del self.entries[seq]
+            if not self.entries:
+                self.idle.notify_all()
+            return entry
+
+    def take(self, seq: int) -> Any:
+        with self.lock:
+            return self.entries.get(seq)
+
+    def done(self, seq: int) -> None:
+        self.forget(seq)
+
+    def outstanding(self) -> int:
+        with self.lock:
+            return len(self.entries)
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        with self.lock:
+            return self.idle.wait_for(lambda: not self.entries, timeout)
+
+
+def decode_result(jobid: Any, result: P.Result) -> tuple[bool, Any]:
+    """C{(True, value)} for a success, C{(False, exception)} for a failure."""
+    if result.status == P.Outcome.OK:
+        try:
+            return True, cloudpickle.loads(result.payload)
+        except Exception as e:
+            return False, RemoteException(
+                jobid,
+                {
+                    "type": type(e).__name__,
+                    "message": f"the job's result could not be unpickled in the client: {e}",
+                },
+            )
+    report = P.read_error_report(result.payload)
+    cls = JobCrashed if result.status == P.Outcome.CRASHED else RemoteException
+    if result.status != P.Outcome.OK:
+        cls = REPORT_TYPES.get(report.get("type"), cls)
+    if result.status == P.Outcome.RAISED:
+        return False, remote_error(jobid, report, cls)
+    return False, cls(jobid, report)
+
+
+def master_status(host: str | None = None, port: int = P.PORT, timeout: float = 30, **auth: Any) -> dict:
+    """
+    The status snapshot of the master at C{host} (see
+    L{cw.master.service.Master.status}); C{auth}: C{secret_file}, C{insecure}.
+    """
+    session = Session(default_host(host), port, lambda r: None, lambda e: None, timeout, **auth)
+    try:
+        return session.call(P.GetStatus, timeout=timeout)["status"]
+    finally:
+        session.close()
+
+
+def wait_for_workers(
+    count: int, host: str | None = None, port: int = P.PORT, timeout: float = 60, **auth: Any
+) -> int:
+    """Block until the master has at least C{count} workers; return how many."""
+    session = Session(default_host(host), port, lambda r: None, lambda e: None, **auth)
+    try:
+        return session.call(P.AwaitWorkers, timeout=timeout, count=count)["workers"]
+    except TimeoutError:
+        raise TimeoutError(
+            f"the cw master at {session.address} did not get {count} workers within {timeout} s"
+        ) from None
+    finally:
+        session.close()

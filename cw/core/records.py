@@ -1,0 +1,358 @@
+"""
+Job, result and option records of cw and their binary framing: pure (no
+Twisted, no I/O).  The AMP commands that carry them are in cw.wire.commands.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+#: The TCP port a master listens on unless told otherwise.
+PORT = 5494
+
+
+#: Largest job or result payload a master accepts unless told otherwise
+#: (C{--max-payload}); clients refuse bigger jobs at submit.
+MAX_PAYLOAD = 4 << 30
+
+
+#: Bumped whenever a peer of an older version could misread a box.
+PROTOCOL_VERSION = 3
+
+
+#: Largest value AMP carries under one key.
+CHUNK = 0xFFFF  # amp.MAX_VALUE_LENGTH: cw.wire.commands asserts they are equal
+
+
+#: A batch box is closed once its records add up to this many bytes; more
+#: records go into the next box.  Keeps one box from growing without bound
+#: while still putting thousands of tiny jobs into one box.
+BATCH_BYTES = 1 << 20
+
+
+class Outcome:
+    """
+    How a job ended; carried in every result record.
+    """
+
+    #: The payload is the cloudpickled return value.
+    OK = 0
+    #: The job raised; the payload is a JSON error report.
+    RAISED = 1
+    #: The job's process died or could not run it; JSON error report.
+    CRASHED = 2
+    #: The master or worker could not run the job at all; JSON error report.
+    FAILED = 3
+
+
+def chunk_key(name: bytes, index: int, width: int) -> bytes:
+    """The key of chunk C{index} (2 or more) of a L{Blob} value under C{name}."""
+    return b"%s.%0*d" % (name, width, index)
+
+
+def _chunks(parts: list) -> Iterator:
+    """
+    Cut the concatenation of C{parts} into pieces of L{CHUNK} bytes:
+    views of the parts where a piece lies within one part, a small copy
+    where it straddles two.
+    """
+    pending: list = []
+    pending_size = 0
+    for part in parts:
+        view = memoryview(part)
+        start = 0
+        if pending:
+            take = min(CHUNK - pending_size, len(view))
+            pending.append(view[:take])
+            pending_size += take
+            start = take
+            if pending_size < CHUNK:
+                continue
+            yield b"".join(pending)
+            pending, pending_size = [], 0
+        while len(view) - start >= CHUNK:
+            yield view[start : start + CHUNK]
+            start += CHUNK
+        if start < len(view):
+            pending, pending_size = [view[start:]], len(view) - start
+    if pending:
+        yield b"".join(pending)
+
+
+#: Payloads at least this long are kept as views into the buffer they
+#: arrived in rather than copied out of it.
+VIEW_THRESHOLD = CHUNK
+
+
+def _piece(view: memoryview, start: int, end: int):
+    """C{view[start:end]}: a copy if short, a view of the same buffer if long."""
+    if end - start >= VIEW_THRESHOLD:
+        return view[start:end]
+    return bytes(view[start:end])
+
+
+@dataclass(slots=True)
+class Job:
+    """
+    One job as it travels: who sent it, its number within that client,
+    the opaque payload, options (JSON bytes, empty for defaults) and the
+    key of a cached function (empty for none).
+
+    C{client} is 0 on the client's own side; the master fills it in.
+
+    Without C{func}, the payload is a cloudpickled C{(function, args,
+    kwargs)}.  With it, the payload is a cloudpickled C{(args, kwargs)} and
+    the function is the one the client defined under that key
+    (L{DefineFunction}), sent to each worker and job process once rather
+    than with every job.
+    """
+
+    client: int
+    seq: int
+    payload: bytes
+    options: bytes = b""
+    func: bytes = b""
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.client, self.seq)
+
+
+def encode_options(**options: Any) -> bytes:
+    """
+    A job's options as they travel in L{Job.options}: JSON of the options
+    that are not C{None}, or nothing at all when every one is a default.
+
+    Known options: C{timeout} (seconds the job may run before its process is
+    killed) and C{max_attempts} (how many lost workers the job may outlive).
+    """
+    given = {k: v for k, v in options.items() if v is not None}
+    return json.dumps(given, separators=(",", ":")).encode("utf-8") if given else b""
+
+
+def valid_timeout(value: Any) -> bool:
+    """True if C{value} is usable as a job's C{timeout}: finite seconds > 0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
+def read_options(job: Job) -> dict:
+    """Undo L{encode_options}; malformed options count as no options."""
+    if not job.options:
+        return {}
+    try:
+        options = json.loads(job.options.decode("utf-8"))
+    except ValueError:
+        return {}
+    return options if isinstance(options, dict) else {}
+
+
+@dataclass(slots=True)
+class Result:
+    """
+    The outcome of one job: the same C{client} and C{seq} as its L{Job}, a
+    L{Outcome} code, and the payload that code describes.
+    """
+
+    client: int
+    seq: int
+    status: int
+    payload: bytes
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.client, self.seq)
+
+
+#: client, seq, options length, function key length, payload length.
+_JOB = struct.Struct("!IQHBQ")
+
+
+_RESULT = struct.Struct("!IQBQ")
+
+
+def encode_jobs(jobs: Iterable[Job]) -> bytes:
+    """Frame L{Job} records into one byte string."""
+    return b"".join(job_parts(jobs))
+
+
+def job_parts(jobs: Iterable[Job]) -> list:
+    """L{encode_jobs} as a list of pieces, the payloads not copied."""
+    parts = []
+    for job in jobs:
+        if len(job.options) > 0xFFFF:
+            raise ValueError(f"job {job.seq}: options exceed 65,535 bytes")
+        if len(job.func) > 0xFF:
+            raise ValueError(f"job {job.seq}: function key exceeds 255 bytes")
+        parts.append(_JOB.pack(job.client, job.seq, len(job.options), len(job.func), len(job.payload)))
+        parts.append(job.options)
+        parts.append(job.func)
+        parts.append(job.payload)
+    return parts
+
+
+def decode_jobs(data: bytes) -> list[Job]:
+    """Undo L{encode_jobs}; raise L{ValueError} on a malformed batch."""
+    jobs = []
+    view = memoryview(data)
+    offset, end = 0, len(data)
+    while offset < end:
+        if end - offset < _JOB.size:
+            raise ValueError("truncated job record header")
+        client, seq, olen, flen, plen = _JOB.unpack_from(data, offset)
+        offset += _JOB.size
+        if offset + olen + flen + plen > end:
+            raise ValueError("truncated job record")
+        options = bytes(view[offset : offset + olen])
+        offset += olen
+        func = bytes(view[offset : offset + flen])
+        offset += flen
+        payload = _piece(view, offset, offset + plen)
+        offset += plen
+        jobs.append(Job(client, seq, payload, options, func))
+    return jobs
+
+
+def encode_results(results: Iterable[Result]) -> bytes:
+    """Frame L{Result} records into one byte string."""
+    return b"".join(result_parts(results))
+
+
+def result_parts(results: Iterable[Result]) -> list:
+    """L{encode_results} as a list of pieces, the payloads not copied."""
+    parts = []
+    for r in results:
+        parts.append(_RESULT.pack(r.client, r.seq, r.status, len(r.payload)))
+        parts.append(r.payload)
+    return parts
+
+
+def decode_results(data: bytes) -> list[Result]:
+    """Undo L{encode_results}; raise L{ValueError} on a malformed batch."""
+    results = []
+    view = memoryview(data)
+    offset, end = 0, len(data)
+    while offset < end:
+        if end - offset < _RESULT.size:
+            raise ValueError("truncated result record header")
+        client, seq, status, plen = _RESULT.unpack_from(data, offset)
+        offset += _RESULT.size
+        if offset + plen > end:
+            raise ValueError("truncated result record")
+        results.append(Result(client, seq, status, _piece(view, offset, offset + plen)))
+        offset += plen
+    return results
+
+
+def batches(records: list, size=len, limit: int = BATCH_BYTES) -> Iterator[list]:
+    """
+    Split C{records} into consecutive lists whose C{size} adds up to at most
+    C{limit} (a single larger record gets a list of its own).
+    """
+    batch: list = []
+    total = 0
+    for record in records:
+        n = size(record)
+        if batch and total + n > limit:
+            yield batch
+            batch, total = [], 0
+        batch.append(record)
+        total += n
+    if batch:
+        yield batch
+
+
+def job_size(job: Job) -> int:
+    return _JOB.size + len(job.payload) + len(job.options) + len(job.func)
+
+
+def result_size(result: Result) -> int:
+    return _RESULT.size + len(result.payload)
+
+
+#: client, key length, function length.
+_FUNCTION = struct.Struct("!IBQ")
+
+
+def encode_functions(table: dict[tuple[int, bytes], bytes]) -> bytes:
+    """Frame C{{(client, key): pickled function}} into one byte string."""
+    return b"".join(function_parts(table))
+
+
+def function_parts(table: dict[tuple[int, bytes], bytes]) -> list:
+    """L{encode_functions} as a list of pieces, the functions not copied."""
+    parts = []
+    for (client, key), function in table.items():
+        parts.append(_FUNCTION.pack(client, len(key), len(function)))
+        parts.append(key)
+        parts.append(function)
+    return parts
+
+
+def decode_functions(data: bytes) -> dict[tuple[int, bytes], bytes]:
+    """Undo L{encode_functions}; raise L{ValueError} on a malformed table."""
+    table = {}
+    view = memoryview(data)
+    offset, end = 0, len(data)
+    while offset < end:
+        if end - offset < _FUNCTION.size:
+            raise ValueError("truncated function record header")
+        client, klen, flen = _FUNCTION.unpack_from(data, offset)
+        offset += _FUNCTION.size
+        if offset + klen + flen > end:
+            raise ValueError("truncated function record")
+        key = bytes(view[offset : offset + klen])
+        offset += klen
+        table[(client, key)] = _piece(view, offset, offset + flen)
+        offset += flen
+    return table
+
+
+_KEY = struct.Struct("!IQ")
+
+
+def encode_keys(keys: Iterable[tuple[int, int]]) -> bytes:
+    """Pack job keys C{(client, seq)}."""
+    return b"".join(_KEY.pack(client, seq) for client, seq in keys)
+
+
+def decode_keys(data: bytes) -> list[tuple[int, int]]:
+    """Undo L{encode_keys}; raise L{ValueError} on a malformed list."""
+    if len(data) % _KEY.size:
+        raise ValueError("truncated job key list")
+    return [key for key in _KEY.iter_unpack(data)]
+
+
+#: The key of a client's registration context that asks for L{JobsStarted}.
+RUNNING_NOTICES = "running_notices"
+
+
+def box_limit(max_payload: int) -> int:
+    """Largest AMP box (bytes of values) to accept when payloads may reach C{max_payload}."""
+    return max_payload + 2 * BATCH_BYTES
+
+
+def too_big(what: str, size: int, max_payload: int) -> str:
+    """The message for a payload over the master's limit."""
+    return f"{what} is {size:,} bytes, over the master's limit of {max_payload:,} (cw-master --max-payload)"
+
+
+def error_report(kind: str, message: str, traceback: str = "", **extra: Any) -> bytes:
+    """The JSON payload of a failed L{Result}."""
+    report = {"type": kind, "message": message, "traceback": traceback}
+    report.update(extra)
+    return json.dumps(report).encode("utf-8")
+
+
+def read_error_report(payload: bytes) -> dict:
+    """Parse an L{error_report}; tolerate garbage by wrapping it."""
+    try:
+        report = json.loads(str(payload, "utf-8"))
+        if isinstance(report, dict):
+            return report
+    except ValueError:
+        pass
+    return {"type": "Error", "message": repr(payload[:200]), "traceback": ""}

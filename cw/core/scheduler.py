@@ -1,0 +1,802 @@
+"""
+The master's decisions, with no I/O.
+
+L{Scheduler} holds the queue of pending jobs, the workers and their slots,
+and which client owns which job.  The master's protocol objects feed it
+events (a client arrived, jobs were submitted, a worker left, results came
+back) and carry out what it returns (send these jobs to that worker, deliver
+these results to that client).  Nothing here touches a socket, a clock or a
+payload's contents, so every rule is tested directly in
+L{cw.test.core.test_scheduler}.
+
+Dispatch rules:
+  - Jobs leave the queue round robin between clients with jobs queued
+    (weighted), by priority then in FIFO order within a client
+    (L{cw.core.fairqueue.FairQueue}): a small client is not stuck behind a big one.
+  - A worker with C{slots} slots holds at most C{slots} plus its credit of
+    prefetched jobs.  The credit is C{prefetch} per slot, or, once the
+    worker's rate of completed jobs is known, as many jobs as it completes
+    in C{horizon} seconds if that is more (up to C{MAX_CREDIT} per slot):
+    a worker racing through tiny jobs holds enough of them that batches
+    fill every hop, while a worker on slow jobs holds barely more than it
+    runs, so it does not hoard the queue.  Free slots anywhere are filled
+    before any worker gets prefetched jobs, so an idle worker is never
+    starved by another's prefetch.  Prefetching also stops once a worker
+    holds L{PREFETCH_BYTES} of payloads, so big jobs are not piled up
+    (in memory) on one worker.
+  - When a worker leaves, the jobs it held go back to the front of the queue
+    in their original order.  A result from a worker that no longer holds the
+    job (it left, or the job was requeued) is dropped, so each job's result is
+    delivered at most once.
+  - A worker that is stopping gracefully (draining) gets no more jobs; the
+    unstarted jobs it returns go back to the front of the queue without
+    counting an attempt.
+  - When a client leaves, its queued jobs are dropped at once and results of
+    its running jobs are discarded when they arrive.
+  - Flow control: a client has room in the queue for C{max_queued_bytes}
+    of payloads and C{max_queued_jobs} jobs, given when it registers; it
+    sends only while room is left (so it overshoots by one job at most),
+    and gets more once its queue, with the room it has not used yet, has
+    come down to half the limits (L{Scheduler.take_room}).
+  - Results a client does not read: while more than C{max_unsent_bytes}
+    of results wait to be read by a client, its jobs are not dispatched;
+    once it has read them down to half, they are.  A client that reads
+    nothing for C{read_timeout} seconds while results wait is to be
+    disconnected (L{Scheduler.unsent_results}).
+  - Poison jobs: a job that was running on a worker when that worker was
+    lost counts an attempt.  After C{max_attempts} attempts (the job's own
+    C{max_attempts} option, else the scheduler's) it is not requeued but
+    fails with a C{WorkerLost} error report naming the hosts and how they
+    were lost, made here without looking at the payload.  Which held jobs
+    were running is inferred, not reported by the worker: a worker starts
+    jobs in the order it was given them and reports each as it ends, so its
+    C{slots} oldest held jobs are the running ones and the rest are
+    prefetched, and only those count.  (A job that started while the result
+    of its predecessor was on the wire is missed: an undercount, never an
+    overcount.)
+  - Deadlines (the master's own, whatever the worker does): a job with a
+    C{timeout} option that a worker has been running (by the inference
+    above) for C{timeout + deadline_grace} seconds without reporting it is
+    taken back from that worker (its late result is dropped; the worker is
+    told to kill it) and requeued, counting an attempt, or failed with a
+    C{JobTimeout} report after C{max_attempts}.  If that worker has
+    returned no result at all since the job started, it is stalled: it
+    gets no more jobs and the master drops it (its other jobs go back as
+    a lost worker's).  With C{stall_timeout}, a worker that holds jobs and
+    returns no result for that long is stalled too, whatever its jobs'
+    timeouts.  L{expire} makes these decisions for the time it is given.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import islice
+
+from cw.core.fairqueue import FairQueue
+from cw.core.records import Job, Outcome, Result, error_report, read_options, valid_timeout
+
+#: Seconds over which a worker's rate of completed jobs is measured.
+RATE_WINDOW = 0.1
+
+#: Most prefetched jobs per slot that a worker's rate can earn it.
+MAX_CREDIT = 256
+
+#: A worker gets no more prefetched jobs once the payloads it holds add up
+#: to this many bytes (it still gets one job per free slot, of any size).
+PREFETCH_BYTES = 64 << 20
+
+
+class UnknownPeer(KeyError):
+    """An event named a client or worker that is not registered."""
+
+
+@dataclass
+class ClientState:
+    """What the scheduler knows about one client."""
+
+    id: int
+    queued: int = 0
+    running: int = 0
+    submitted: int = 0
+    completed: int = 0
+    #: Room given to the client so far (bytes, jobs) and what it has sent
+    #: (payload bytes, jobs): it may send while it has room left (see
+    #: L{Scheduler.take_room}).
+    granted_bytes: int = 0
+    granted_jobs: int = 0
+    received_bytes: int = 0
+    received_jobs: int = 0
+    #: Most bytes and jobs this client ever had queued at once.
+    peak_queued_bytes: int = 0
+    peak_queued: int = 0
+    #: Bytes of results sent towards the client that it has not read yet,
+    #: and the most it had read (see L{Scheduler.unsent_results}).
+    unsent: int = 0
+    read: int = 0
+    #: When the client was last seen reading (or with nothing to read).
+    last_read: float | None = None
+    #: Its jobs are not dispatched until it reads its results.
+    results_backed_up: bool = False
+
+
+@dataclass
+class WorkerState:
+    """What the scheduler knows about one worker."""
+
+    id: int
+    slots: int
+    prefetch: int
+    #: How the worker is named in error reports (host:pid).
+    name: str = ""
+    #: Jobs this worker holds (running or prefetched), by job key, in the
+    #: order they were assigned.
+    held: dict[tuple[int, int], Job] = field(default_factory=dict)
+    #: Bytes of the payloads in L{held}.
+    held_bytes: int = 0
+    #: Held jobs inferred to be running (its C{slots} oldest), by key: since
+    #: when; and the deadlines of those that have a timeout.
+    running_since: dict[tuple[int, int], float] = field(default_factory=dict)
+    deadlines: dict[tuple[int, int], float] = field(default_factory=dict)
+    #: When the worker last reported a result (of any kind), and since when
+    #: it holds jobs (None: it holds none); times as given to the scheduler.
+    last_result: float | None = None
+    holding_since: float | None = None
+    #: The worker made no progress in time (see L{Scheduler.expire}): it
+    #: gets no more jobs and is to be dropped.
+    stalled: bool = False
+    completed: int = 0
+    #: Jobs that ended in an error on this worker (raised, crashed, ...).
+    failed: int = 0
+    #: The worker is stopping gracefully: it gets no more jobs.
+    draining: bool = False
+    #: Jobs this worker completes per second (None: not measured yet), and
+    #: the measurement under way: its start and the jobs completed since.
+    rate: float | None = None
+    window_start: float | None = None
+    window_count: int = 0
+    #: Prefetched jobs this worker may hold beyond its slots.
+    credit: int = -1
+
+    def __post_init__(self) -> None:
+        if self.credit < 0:
+            self.credit = self.prefetch
+
+    @property
+    def capacity(self) -> int:
+        return self.slots + self.credit
+
+    def hold(self, job: Job) -> None:
+        self.held[job.key] = job
+        self.held_bytes += len(job.payload)
+
+    def release(self, key: tuple[int, int]) -> Job | None:
+        job = self.held.pop(key, None)
+        if job is not None:
+            self.held_bytes -= len(job.payload)
+            self.running_since.pop(key, None)
+            self.deadlines.pop(key, None)
+        return job
+
+    def room(self, limit: str) -> bool:
+        """Whether this worker takes another job: into a free slot, or prefetched."""
+        if limit == "slots":
+            return len(self.held) < self.slots
+        return len(self.held) < self.capacity and self.held_bytes < PREFETCH_BYTES
+
+    def observe(self, now: float, completed: int, horizon: float) -> None:
+        """
+        Count C{completed} jobs at time C{now}; at the end of each
+        L{RATE_WINDOW}, update L{rate} and L{credit}.  A long quiet spell
+        replaces the rate outright, so a worker that moved from tiny jobs
+        to long ones loses its large credit at the next event.
+        """
+        if self.window_start is None:
+            self.window_start = now
+        self.window_count += completed
+        elapsed = now - self.window_start
+        if elapsed < RATE_WINDOW:
+            return
+        measured = self.window_count / elapsed
+        if self.rate is None or elapsed > 10 * RATE_WINDOW:
+            self.rate = measured
+        else:
+            self.rate = (self.rate + measured) / 2
+        self.window_start, self.window_count = now, 0
+        earned = math.ceil(self.rate * horizon)
+        self.credit = max(self.prefetch, min(earned, MAX_CREDIT * self.slots))
+
+
+@dataclass
+class Expiry:
+    """What L{Scheduler.expire} decided, for the master to carry out."""
+
+    #: Jobs taken back from workers and requeued (each counted an attempt).
+    requeued: list[Job] = field(default_factory=list)
+    #: C{JobTimeout} results to deliver: jobs out of attempts.
+    failed: list[Result] = field(default_factory=list)
+    #: Per worker, the keys of the jobs taken back: it should kill them.
+    cancel: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    #: Workers to drop (connection closed, jobs requeued), and why.
+    stalled: dict[int, str] = field(default_factory=dict)
+
+
+class Scheduler:
+    """
+    Queue, slots and ownership for one master.
+
+    @param prefetch: extra jobs a worker may hold per slot, beyond one
+        running job per slot, so that it never waits on a round trip to the
+        master between two short jobs.
+    @param max_attempts: how many times a job may be running on a worker
+        that is lost before it fails (jobs may set their own).
+    @param horizon: seconds of work, at a worker's measured rate, that it
+        may hold prefetched (0: only C{prefetch}).  Rates are measured only
+        when L{complete} and L{dispatch} are given the time.
+    @param deadline_grace: seconds past a job's own C{timeout} that a worker
+        running it has to report it before it is taken back (see
+        L{expire}); covers moving the job and its result, and the worker's
+        own enforcement of the timeout.
+    @param stall_timeout: seconds a worker holding jobs may return no
+        result before it is stalled (0: no limit).  Deadlines and stalls
+        are judged only for the times that L{dispatch}, L{complete} and
+        L{expire} are given.
+    """
+
+    def __init__(
+        self,
+        prefetch: int = 1,
+        max_attempts: int = 3,
+        horizon: float = 0.05,
+        max_queued_bytes: int = 1 << 30,
+        max_queued_jobs: int = 10_000_000,
+        deadline_grace: float = 30.0,
+        stall_timeout: float = 0.0,
+        max_unsent_bytes: int = 64 << 20,
+        read_timeout: float = 60.0,
+    ) -> None:
+        if max_queued_bytes < 1 or max_queued_jobs < 1:
+            raise ValueError("max_queued_bytes and max_queued_jobs must be >= 1")
+        if max_unsent_bytes < 1 or read_timeout <= 0:
+            raise ValueError("max_unsent_bytes and read_timeout must be > 0")
+        self.max_unsent_bytes = max_unsent_bytes
+        self.read_timeout = read_timeout
+        #: Clients whose jobs are not dispatched: their results back up.
+        self._backed_up: set[int] = set()
+        self.max_queued_bytes = max_queued_bytes
+        self.max_queued_jobs = max_queued_jobs
+        #: Clients whose queue shrank since L{take_room} last looked.
+        self._shrunk: set[int] = set()
+        if prefetch < 0:
+            raise ValueError("prefetch must be >= 0")
+        if horizon < 0:
+            raise ValueError("horizon must be >= 0")
+        if deadline_grace < 0 or stall_timeout < 0:
+            raise ValueError("deadline_grace and stall_timeout must be >= 0")
+        self.deadline_grace = deadline_grace
+        self.stall_timeout = stall_timeout
+        #: Deadlines of running jobs: C{(deadline, worker, key)}, stale
+        #: entries (the job ended or moved) skipped when they come up.
+        self._deadlines: list[tuple[float, int, tuple[int, int]]] = []
+        #: Workers whose held jobs changed since their running jobs were
+        #: last tracked (see L{_track}).
+        self._dirty: set[int] = set()
+        self._compact_at = 1024
+        self.horizon = horizon
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.prefetch = prefetch
+        self.max_attempts = max_attempts
+        #: For each job that outlived a lost worker: where and how, in order.
+        self._losses: dict[tuple[int, int], list[str]] = {}
+        self._queue = FairQueue()
+        self._clients: dict[int, ClientState] = {}
+        self._workers: dict[int, WorkerState] = {}
+        self._next_client = 1
+        self._next_worker = 1
+        self._rotation = 0
+        self.completed = 0
+
+    # -- clients ---------------------------------------------------------
+
+    def add_client(self, weight: int = 1) -> int:
+        """
+        Register a client; return its id (never reused).  C{weight}: how
+        many jobs it gets per turn when several clients have jobs queued.
+        """
+        cid = self._next_client
+        self._next_client += 1
+        self._queue.set_weight(cid, weight)
+        self._clients[cid] = ClientState(
+            cid, granted_bytes=self.max_queued_bytes, granted_jobs=self.max_queued_jobs
+        )
+        return cid
+
+    def remove_client(self, client: int) -> int:
+        """
+        Forget a client: drop its queued jobs (returning how many) and make
+        results of its running jobs undeliverable.
+        """
+        state = self._clients.pop(client, None)
+        if state is None:
+            raise UnknownPeer(client)
+        self._shrunk.discard(client)
+        self._backed_up.discard(client)
+        self._queue.forget(client)
+        if self._losses:
+            self._losses = {key: v for key, v in self._losses.items() if key[0] != client}
+        return state.queued
+
+    def cancel(
+        self, client: int, seqs: Iterable[int] | None = None
+    ) -> tuple[int, dict[int, list[tuple[int, int]]]]:
+        """
+        Withdraw jobs of C{client} (C{seqs}, or all of them): queued ones are
+        dropped, held ones are taken back from their workers at once (their
+        slots are free again and a late result is ignored).  Return how many
+        queued jobs were dropped and, per worker, the keys it must kill.
+        """
+        state = self._client(client)
+        wanted = None if seqs is None else set(seqs)
+
+        def hit(key: tuple[int, int]) -> bool:
+            return key[0] == client and (wanted is None or key[1] in wanted)
+
+        dropped = self._queue.remove(client, lambda job: hit(job.key))
+        state.queued -= dropped
+        if dropped:
+            self._shrunk.add(client)
+        kill: dict[int, list[tuple[int, int]]] = {}
+        for worker in self._workers.values():
+            keys = [key for key in worker.held if hit(key)]
+            for key in keys:
+                worker.release(key)
+            if keys:
+                kill[worker.id] = keys
+                self._dirty.add(worker.id)
+                state.running -= len(keys)
+        if self._losses:
+            self._losses = {key: v for key, v in self._losses.items() if not hit(key)}
+        return dropped, kill
+
+    def submit(self, client: int, jobs: Iterable[Job], refused: Iterable[Job] = ()) -> None:
+        """
+        Queue jobs from C{client}; each job's C{client} field is set here.
+        C{refused}: jobs of the same batch that the master answered at once
+        with an error; they used the client's room all the same.
+        """
+        state = self._client(client)
+        n = size = 0
+        for job in jobs:
+            job.client = client
+            self._queue.append(job)
+            n += 1
+            size += len(job.payload)
+        state.queued += n
+        state.submitted += n
+        for job in refused:
+            state.received_jobs += 1
+            size += len(job.payload)
+            self._shrunk.add(client)
+        state.received_jobs += n
+        state.received_bytes += size
+        state.peak_queued = max(state.peak_queued, state.queued)
+        state.peak_queued_bytes = max(state.peak_queued_bytes, self._queue.bytes_of(client))
+
+    # -- flow control ----------------------------------------------------
+    #
+    # A client may send jobs only while it has room: the master gives it
+    # max_queued_bytes and max_queued_jobs when it registers, and more as
+    # its jobs leave the queue.  The client stops sending once its room is
+    # used up (it may overshoot by the one job that used the last of it),
+    # so what reaches the master is bounded whatever the network's delay;
+    # a client that ignores its room is stopped from sending at twice the
+    # limits (L{over_hard_limit}).
+
+    def _in_use(self, state: ClientState) -> tuple[int, int]:
+        """Bytes and jobs queued, plus room given that the client has not used yet."""
+        unused_bytes = max(0, state.granted_bytes - state.received_bytes)
+        unused_jobs = max(0, state.granted_jobs - state.received_jobs)
+        return self._queue.bytes_of(state.id) + unused_bytes, state.queued + unused_jobs
+
+    def held(self, client: int) -> bool:
+        """Whether C{client} has no room left: it holds further jobs back."""
+        state = self._client(client)
+        return state.granted_bytes <= state.received_bytes or state.granted_jobs <= state.received_jobs
+
+    def take_room(self) -> list[tuple[int, int, int]]:
+        """
+        More room for clients whose queues shrank: C{(client, bytes, jobs)}
+        for each that has come down to half its limits (in bytes or in
+        jobs), enough to fill its queue to the limits again.  Recorded as
+        given; the caller tells each client.
+        """
+        grants = []
+        for cid in sorted(self._shrunk):
+            state = self._clients[cid]
+            in_bytes, in_jobs = self._in_use(state)
+            more_bytes = max(0, self.max_queued_bytes - in_bytes)
+            more_jobs = max(0, self.max_queued_jobs - in_jobs)
+            if 2 * more_bytes >= self.max_queued_bytes or 2 * more_jobs >= self.max_queued_jobs:
+                state.granted_bytes += more_bytes
+                state.granted_jobs += more_jobs
+                grants.append((cid, more_bytes, more_jobs))
+        self._shrunk.clear()
+        return grants
+
+    # -- results a client does not read -----------------------------------
+    #
+    # The master reports, for each client, the bytes of results written
+    # towards it that it has not read yet (still in the master's buffers)
+    # and the running total it has read.  Over max_unsent_bytes unsent, the
+    # client's jobs stay queued (they would only add results it cannot
+    # take); once it has read them down to half, they go again.  A client
+    # that reads nothing for read_timeout seconds while results wait is to
+    # be disconnected: it is stopped (^Z) or hung, and its buffered results
+    # would otherwise stay in the master's memory.
+
+    def unsent_results(self, client: int, unsent: int, read: int, now: float) -> str:
+        """
+        Record that C{unsent} bytes of results wait to be read by C{client},
+        which has read C{read} bytes in all, at time C{now}.  Return
+        C{"drop"} if it has read nothing for longer than C{read_timeout}
+        while results waited, C{"resume"} if its jobs may be dispatched
+        again, else C{""}.
+        """
+        state = self._client(client)
+        state.unsent = unsent
+        if read > state.read or unsent == 0 or state.last_read is None:
+            state.read = max(state.read, read)
+            state.last_read = now
+        elif now - state.last_read > self.read_timeout:
+            return "drop"
+        if unsent > self.max_unsent_bytes and not state.results_backed_up:
+            state.results_backed_up = True
+            self._backed_up.add(client)
+        elif state.results_backed_up and 2 * unsent <= self.max_unsent_bytes:
+            state.results_backed_up = False
+            self._backed_up.discard(client)
+            return "resume"
+        return ""
+
+    def stalled_for(self, client: int, now: float) -> float:
+        """Seconds C{client} has read nothing while results waited for it (0: it reads)."""
+        state = self._client(client)
+        return 0.0 if state.last_read is None or not state.unsent else now - state.last_read
+
+    def over_hard_limit(self, client: int) -> bool:
+        """
+        Whether C{client} has sent more than the limits beyond the room it
+        was given (in bytes or in jobs), so that it has up to twice the
+        limits queued: only a client that ignores its room gets there (or
+        one whose single job is bigger than the limit), and the master
+        stops reading from it until room is given again.  Jobs requeued
+        from a lost worker do not count: they were sent within the room.
+        """
+        state = self._client(client)
+        return (
+            state.received_bytes - state.granted_bytes > self.max_queued_bytes
+            or state.received_jobs - state.granted_jobs > self.max_queued_jobs
+        )
+
+    # -- workers ---------------------------------------------------------
+
+    def add_worker(self, slots: int, name: str = "") -> int:
+        """Register a worker with C{slots} job slots; return its id."""
+        if slots < 1:
+            raise ValueError("a worker needs at least one slot")
+        wid = self._next_worker
+        self._next_worker += 1
+        self._workers[wid] = WorkerState(wid, slots, self.prefetch * slots, name or f"worker {wid}")
+        return wid
+
+    def remove_worker(self, worker: int) -> list[Job]:
+        """
+        Forget a worker (see L{lose_worker}); return the jobs requeued.
+        """
+        return self.lose_worker(worker)[0]
+
+    def lose_worker(self, worker: int, how: str = "lost") -> tuple[list[Job], list[Result]]:
+        """
+        Forget a worker.  Jobs it held go back to the front of the queue in
+        their original order (those of departed clients are dropped), except
+        running jobs that have now been lost C{max_attempts} times: those
+        fail.  Return the requeued jobs and the failure results to deliver.
+
+        @param how: how the worker was lost, for the error report.
+        """
+        state = self._workers.pop(worker, None)
+        if state is None:
+            raise UnknownPeer(worker)
+        self._dirty.discard(worker)
+        back: list[Job] = []
+        failed: list[Result] = []
+        for position, job in enumerate(state.held.values()):
+            client = self._clients.get(job.client)
+            if client is None:
+                self._losses.pop(job.key, None)
+                continue
+            client.running -= 1
+            # A stalled worker's window stopped moving when it stalled: jobs
+            # behind the ones taken back from it never ran.
+            if position < state.slots and (not state.stalled or job.key in state.running_since):
+                losses = self._losses.setdefault(job.key, [])
+                losses.append(f"{state.name} ({how})")
+                limit = self._max_attempts(job)
+                if len(losses) >= limit:
+                    del self._losses[job.key]
+                    client.completed += 1
+                    self.completed += 1
+                    failed.append(self._worker_lost(job, losses, limit))
+                    continue
+            client.queued += 1
+            back.append(job)
+        self._queue.push_front(back)
+        return back, failed
+
+    def return_jobs(self, worker: int, keys: Iterable[tuple[int, int]]) -> list[Job]:
+        """
+        C{worker} is draining (stopping gracefully): it gets no more jobs,
+        and the jobs named by C{keys}, which it will not start, go back to
+        the front of the queue in their original order without counting an
+        attempt (they never ran).  Keys it does not hold are ignored (the
+        job ended or was taken back meanwhile), as are jobs of departed
+        clients.  Return the jobs requeued.
+        """
+        state = self._worker(worker)
+        state.draining = True
+        self._dirty.add(worker)
+        wanted = set(keys)
+        back: list[Job] = []
+        for key in [key for key in state.held if key in wanted]:
+            job = state.release(key)
+            client = self._clients.get(job.client)
+            if client is None:
+                continue
+            client.running -= 1
+            client.queued += 1
+            back.append(job)
+        self._queue.push_front(back)
+        return back
+
+    def _max_attempts(self, job: Job) -> int:
+        """The job's own C{max_attempts} option if valid, else the scheduler's."""
+        limit = read_options(job).get("max_attempts") if job.options else None
+        valid = isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1
+        return limit if valid else self.max_attempts
+
+    @staticmethod
+    def _worker_lost(
+        job: Job, losses: list[str], limit: int, kind: str = "WorkerLost", what: str = "", **extra
+    ) -> Result:
+        hosts = [loss.rsplit(" (", 1)[0] for loss in losses]
+        what = what or f"the job was running on a worker that was lost {len(losses)} times"
+        message = f"{what} (max_attempts={limit}), so it was given up: " + "; ".join(losses)
+        report = error_report(kind, message, host=hosts[-1], hosts=hosts, attempts=len(losses), **extra)
+        return Result(job.client, job.seq, Outcome.CRASHED, report)
+
+    # -- the flow of jobs ------------------------------------------------
+
+    def dispatch(self, now: float | None = None) -> list[tuple[int, list[Job]]]:
+        """
+        Take queued jobs for workers with room; return C{(worker, jobs)}
+        pairs, at most one per worker.  Free slots are filled first, then
+        prefetch room; workers take turns so that load spreads evenly.
+        C{now} (seconds) lets workers' credit follow their rates.
+        """
+        workers = [w for w in self._workers.values() if not (w.draining or w.stalled)]
+        skip = self._backed_up
+        if not workers or not self._dispatchable(skip):
+            if now is not None:
+                self._track(now)
+            return []
+        if now is not None and self.horizon:
+            for w in workers:
+                w.observe(now, 0, self.horizon)
+        start = self._rotation % len(workers)
+        self._rotation += 1
+        workers = workers[start:] + workers[:start]
+        assigned: dict[int, list[Job]] = {}
+        for limit in ("slots", "capacity"):
+            # One job at a time per worker in turn, so that a short queue is
+            # spread over all free workers rather than filling the first.
+            hungry = [w for w in workers if w.room(limit)]
+            while hungry and self._dispatchable(skip):
+                still = []
+                for w in hungry:
+                    if not self._dispatchable(skip):
+                        break
+                    job = self._queue.popleft(skip)
+                    w.hold(job)
+                    assigned.setdefault(w.id, []).append(job)
+                    client = self._clients[job.client]
+                    client.queued -= 1
+                    client.running += 1
+                    self._shrunk.add(job.client)
+                    if w.room(limit):
+                        still.append(w)
+                hungry = still
+        self._dirty.update(assigned)
+        if now is not None:
+            self._track(now)
+        return list(assigned.items())
+
+    def _dispatchable(self, skip: set[int]) -> bool:
+        """Whether a queued job may go, its client's results not backed up."""
+        if not skip:
+            return bool(self._queue)
+        return self._queue.next_client(skip) is not None
+
+    def complete(self, worker: int, results: Iterable[Result], now: float | None = None) -> list[Result]:
+        """
+        Record results reported by C{worker} (at time C{now}, if given, to
+        measure its rate).  Return those to deliver to their clients:
+        results for jobs this worker does not hold, or whose client has
+        left, are dropped.
+        """
+        state = self._worker(worker)
+        before = state.completed
+        results = list(results)
+        deliver = self._complete(state, results)
+        if now is not None:
+            if self.horizon:
+                state.observe(now, state.completed - before, self.horizon)
+            if results:
+                state.last_result = now
+            self._dirty.add(worker)
+            self._track(now)
+        return deliver
+
+    def _complete(self, state: WorkerState, results: Iterable[Result]) -> list[Result]:
+        deliver = []
+        for result in results:
+            if state.release(result.key) is None:
+                continue
+            if self._losses:
+                self._losses.pop(result.key, None)
+            state.completed += 1
+            if result.status != Outcome.OK:
+                state.failed += 1
+            self.completed += 1
+            client = self._clients.get(result.client)
+            if client is None:
+                continue
+            client.running -= 1
+            client.completed += 1
+            deliver.append(result)
+        return deliver
+
+    # -- deadlines -------------------------------------------------------
+
+    def _track(self, now: float) -> None:
+        """
+        For each worker whose held jobs changed, note which of them it now
+        runs (its C{slots} oldest) from C{now} on, and the deadlines of
+        those that have a timeout.
+        """
+        for wid in self._dirty:
+            state = self._workers.get(wid)
+            if state is None or state.stalled:
+                continue
+            if not state.held:
+                state.holding_since = None
+                continue
+            if state.holding_since is None:
+                state.holding_since = now
+            for key in islice(state.held, state.slots):
+                if key in state.running_since:
+                    continue
+                state.running_since[key] = now
+                job = state.held[key]
+                if not job.options:
+                    continue
+                timeout = read_options(job).get("timeout")
+                if valid_timeout(timeout):
+                    deadline = now + timeout + self.deadline_grace
+                    state.deadlines[key] = deadline
+                    heapq.heappush(self._deadlines, (deadline, wid, key))
+        self._dirty.clear()
+        if len(self._deadlines) > self._compact_at:
+            # Mostly entries of jobs that ended in time: rebuild from the live ones.
+            self._deadlines = [(d, w.id, k) for w in self._workers.values() for k, d in w.deadlines.items()]
+            heapq.heapify(self._deadlines)
+            self._compact_at = max(1024, 2 * len(self._deadlines))
+
+    def expire(self, now: float) -> Expiry:
+        """
+        Enforce deadlines at time C{now} (see the module docstring): take
+        back the jobs that ran past their timeout plus C{deadline_grace}
+        without a result, requeueing them (an attempt each) or failing
+        them with C{JobTimeout}; stall the workers that returned no result
+        since such a job started, or (with C{stall_timeout}) for too long.
+        A stalled worker gets no more jobs; the caller drops it, and its
+        remaining jobs come back through L{lose_worker}.
+        """
+        self._track(now)
+        out = Expiry()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, wid, key = heapq.heappop(self._deadlines)
+            state = self._workers.get(wid)
+            if state is None or state.stalled or state.deadlines.get(key) != deadline:
+                continue  # stale: the job ended or moved, or its worker is being dropped
+            start = state.running_since[key]
+            job = state.release(key)
+            self._dirty.add(wid)
+            out.cancel.setdefault(wid, []).append(key)
+            ran, timeout = now - start, deadline - start - self.deadline_grace
+            if state.last_result is None or state.last_result < start:
+                state.stalled = True
+                out.stalled[wid] = (
+                    f"it returned no result for {ran:.1f} s, though it was running a job with a"
+                    f" timeout of {timeout:g} s (deadline grace {self.deadline_grace:g} s)"
+                )
+            client = self._clients.get(job.client)
+            if client is None:
+                continue
+            client.running -= 1
+            losses = self._losses.setdefault(key, [])
+            losses.append(f"{state.name} (no result {ran:.1f} s after the job started)")
+            limit = self._max_attempts(job)
+            if len(losses) >= limit:
+                del self._losses[key]
+                client.completed += 1
+                self.completed += 1
+                what = (
+                    f"the job has a timeout of {timeout:g} s, and {len(losses)} times its worker did not"
+                    f" report it within {self.deadline_grace:g} s more (the master's --deadline-grace)"
+                )
+                out.failed.append(self._worker_lost(job, losses, limit, "JobTimeout", what, timeout=timeout))
+                continue
+            client.queued += 1
+            out.requeued.append(job)
+        if self.stall_timeout:
+            for state in self._workers.values():
+                if state.stalled or state.holding_since is None:
+                    continue
+                since = max(state.holding_since, state.last_result or state.holding_since)
+                if now - since > self.stall_timeout:
+                    state.stalled = True
+                    out.stalled[state.id] = (
+                        f"it held jobs and returned no result for {now - since:.1f} s"
+                        f" (--stall-timeout {self.stall_timeout:g} s)"
+                    )
+        self._queue.push_front(out.requeued)
+        self._track(now)
+        return out
+
+    # -- inspection ------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Number of jobs waiting for a worker."""
+        return len(self._queue)
+
+    def queued_bytes(self, client: int) -> int:
+        """Bytes of the payloads of C{client}'s jobs waiting for a worker."""
+        return self._queue.bytes_of(client)
+
+    def worker(self, worker: int) -> WorkerState:
+        return self._worker(worker)
+
+    def workers(self) -> list[WorkerState]:
+        return list(self._workers.values())
+
+    def client(self, client: int) -> ClientState:
+        return self._client(client)
+
+    def clients(self) -> list[ClientState]:
+        return list(self._clients.values())
+
+    def _client(self, client: int) -> ClientState:
+        try:
+            return self._clients[client]
+        except KeyError:
+            raise UnknownPeer(client) from None
+
+    def _worker(self, worker: int) -> WorkerState:
+        try:
+            return self._workers[worker]
+        except KeyError:
+            raise UnknownPeer(worker) from None

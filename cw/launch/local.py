@@ -1,0 +1,261 @@
+"""
+A local cluster: a master and workers as child processes of this machine.
+
+C{start} launches them, each in its own session so that a terminal's ^C
+does not kill them halfway, and returns once the master accepts connections
+and every worker has registered.  Their PIDs go into pidfiles under a run
+directory; C{stop} signals exactly those PIDs (checking that each PID still
+belongs to the process that was started) and their process groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cw.client.session import Session, wait_for_workers
+from cw.core.records import PORT
+from cw.errors import ClusterError
+from cw.wire.commands import GetStatus
+
+#: Processes started by this Python process, by PID, so they can be reaped.
+_children: dict[int, subprocess.Popen] = {}
+
+
+def run_dir(port: int = PORT) -> Path:
+    """Where pidfiles, logs and the master's address live for C{port}."""
+    base = os.environ.get("CW_RUN_DIR")
+    if base:
+        return Path(base) / f"local-{port}"
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "cw" / f"local-{port}"
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of C{pid} (Linux), to tell a reused PID apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    popen = _children.get(pid)
+    if popen is not None:
+        return popen.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _write_pidfile(path: Path, pid: int) -> None:
+    path.write_text(f"{pid} {_start_time(pid) or '-'}\n")
+
+
+def _read_pidfile(path: Path) -> int | None:
+    """The PID in C{path} if that process is still the one we started."""
+    try:
+        pid_text, start = path.read_text().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    if not _alive(pid):
+        return None
+    if start != "-" and _start_time(pid) not in (None, start):
+        return None
+    return pid
+
+
+def _spawn(args: list[str], log: Path, pidfile: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        popen = subprocess.Popen(
+            [sys.executable, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    _children[popen.pid] = popen
+    _write_pidfile(pidfile, popen.pid)
+    return popen
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait_for_file(path: Path, popen: subprocess.Popen, log: Path, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        if path.exists():
+            text = path.read_text().strip()
+            if text:
+                return text
+        if popen.poll() is not None:
+            raise ClusterError(
+                f"the cw master exited with code {popen.returncode} before listening;"
+                f" its log ({log}) ends:\n{_tail(log)}"
+            )
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the cw master did not listen within {timeout} s; see {log}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def start(
+    nworkers: int = 1,
+    master: bool = True,
+    workers: bool = True,
+    master_options: list[str] = [],
+    worker_options: list[str] = [],
+    docker_image: str | None = None,
+    docker_args: str = "",
+    *,
+    port: int = PORT,
+    procs: int = 1,
+    timeout: float = 60,
+) -> str:
+    """
+    Start a master listening on C{port} (loopback only) and C{nworkers}
+    workers with C{procs} job slots each; return the master's address once
+    all workers have registered.  Raises L{ClusterError} if a cluster
+    already runs on this port or a process fails to come up (its processes
+    are stopped again).
+    """
+    if docker_image:
+        raise ClusterError("docker_image is only supported for SLURM clusters")
+    directory = run_dir(port)
+    # Private: its logs hold what jobs print.
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    address_file = directory / "master.address"
+    try:
+        if master:
+            existing = _read_pidfile(directory / "master.pid")
+            if existing is not None:
+                raise ClusterError(
+                    f"a local cw master already runs on port {port} (pid {existing});"
+                    " call cw.stop() first, or start on another port"
+                )
+            with contextlib.suppress(FileNotFoundError):
+                address_file.unlink()
+            log = directory / "master.log"
+            options = list(master_options)
+            if "--port" not in options and "-p" not in options:
+                options += ["--port", f"tcp:{port}:interface=127.0.0.1"]
+            popen = _spawn(
+                ["-m", "cw.master", "--address-file", str(address_file), *options],
+                log,
+                directory / "master.pid",
+            )
+            address = _wait_for_file(address_file, popen, log, timeout)
+        else:
+            address = f"localhost:{port}"
+        if workers and nworkers > 0:
+            _start_workers(directory, address, nworkers, procs, worker_options, timeout)
+    except BaseException:
+        stop(master=master, workers=workers, port=port)
+        raise
+    return address
+
+
+def _start_workers(
+    directory: Path, address: str, n: int, procs: int, options: list[str], timeout: float
+) -> None:
+    session = Session(address, None, lambda r: None, lambda e: None, connect_timeout=timeout)
+    try:
+        before = len(session.call(GetStatus)["status"]["workers"])
+    finally:
+        session.close()
+    first = 0
+    while (directory / f"worker-{first}.pid").exists():
+        first += 1
+    popens = []
+    for i in range(first, first + n):
+        args = ["-m", "cw.worker", "--master", address, *options]
+        if "--procs" not in options:
+            args += ["--procs", str(procs)]
+        log = directory / f"worker-{i}.log"
+        popens.append((_spawn(args, log, directory / f"worker-{i}.pid"), log))
+    deadline = time.monotonic() + timeout
+    while True:
+        for p, log in popens:
+            if p.poll() is not None:
+                raise ClusterError(
+                    f"a cw worker exited with code {p.returncode}; its log ({log}) ends:\n{_tail(log)}"
+                )
+        try:
+            # Short rounds, so that a worker dying at start is reported at once.
+            wait_for_workers(before + n, address, None, timeout=1)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"cw workers did not register within {timeout} s") from None
+
+
+def _stop_pids(pids: list[int], timeout: float) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    for pid in pids:
+        # Each process leads its own group; a worker's job processes lead
+        # groups of their own and die with it (cw.worker.containment).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        popen = _children.pop(pid, None)
+        if popen is not None:
+            popen.wait()
+
+
+def stop(master: bool = True, workers: bool = True, *, port: int = PORT, timeout: float = 40) -> None:
+    """
+    Stop the local cluster on C{port}: workers first (each finishes its
+    shutdown within C{timeout} seconds or is killed; the default leaves room
+    for a worker's 30-second drain of running jobs), then the master.
+    """
+    directory = run_dir(port)
+    if workers:
+        files = sorted(directory.glob("worker-*.pid"))
+        _stop_pids([pid for pid in map(_read_pidfile, files) if pid is not None], timeout)
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+    if master:
+        f = directory / "master.pid"
+        pid = _read_pidfile(f)
+        if pid is not None:
+            _stop_pids([pid], timeout)
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+
+
+@contextlib.contextmanager
+def allocate(nworkers: int = 1, *args, **kwargs):
+    """Context manager: L{start} on enter (yielding the master's address), L{stop} on exit."""
+    address = start(nworkers, *args, **kwargs)
+    try:
+        yield address
+    finally:
+        stop(**{k: kwargs[k] for k in ("port",) if k in kwargs})

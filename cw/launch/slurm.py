@@ -1,0 +1,510 @@
+"""
+SLURM support: run a cw cluster as SLURM jobs, and find its master.
+
+A cluster is two batch jobs submitted with C{sbatch}: the master job
+(named C{cmaster}) runs one master; the worker job (named C{cworkers}) has
+C{--ntasks=N} and runs one worker per task under C{srun}.  A cluster name
+(C{cluster=}, C{CW_SLURM_CLUSTER}) suffixes both names (C{cmaster-NAME},
+C{cworkers-NAME}), so that one user can run several clusters.
+
+Each cluster has a directory on the shared filesystem, L{cluster_dir}
+(C{$CW_SLURM_DIR/NAME}, default C{~/.cw/slurm/NAME}, where the default
+cluster's NAME is C{default}).  It holds:
+
+  - C{jobs.json}: the ids of the jobs L{start} submitted; L{stop} cancels
+    exactly those (workers first), never jobs found by name;
+  - C{master.json}: written by the master job once its master listens: the
+    node, port and secret file the master uses (see L{master_info});
+  - C{master-JOBID.log}, C{workers-JOBID.log}: the jobs' output.
+
+Workers and clients read C{master.json}; without it (no shared home
+directory) they ask C{squeue} for the running master job, whose comment the
+master job sets to its address.  A worker started before its master waits
+for it (L{wait_for_master}), for a bounded time.
+
+The worker job asks SLURM for C{SIGTERM} a while before its time limit
+(C{#SBATCH --signal=TERM@SECONDS}, sent to the C{srun} step, that is to the
+workers).  A worker drains on C{SIGTERM}: it hands its unstarted jobs back to
+the master and finishes its running ones, so a walltime loses no work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from cw.core.records import PORT
+from cw.discovery import _COMMENT, _info, _read_json, _run
+from cw.discovery import DEFAULT_CLUSTER as DEFAULT_CLUSTER
+from cw.discovery import FINISHED_STATES as FINISHED_STATES
+from cw.discovery import MASTER_HOST_WAIT as MASTER_HOST_WAIT
+from cw.discovery import MASTER_JOB as MASTER_JOB
+from cw.discovery import MASTER_WAIT as MASTER_WAIT
+from cw.discovery import WORKER_JOB as WORKER_JOB
+from cw.discovery import active_jobs as active_jobs
+from cw.discovery import cluster_dir as cluster_dir
+from cw.discovery import cluster_name as cluster_name
+from cw.discovery import job_names as job_names
+from cw.discovery import job_states as job_states
+from cw.discovery import master_address as master_address
+from cw.discovery import master_host as master_host
+from cw.discovery import master_info as master_info
+from cw.discovery import master_jobs as master_jobs
+from cw.discovery import wait_for_master as wait_for_master
+from cw.errors import SlurmError
+from cw.launch.twistd import run_twistd
+from cw.wire.secret import load_secret, secret_path
+
+#: Seconds before the time limit at which SLURM sends a worker job's
+#: workers SIGTERM, so that they drain (C{--signal=TERM@...}).  SLURM may
+#: send it up to a minute earlier than asked.
+WALLTIME_WARNING = 120
+
+
+# --- names and places -----------------------------------------------------
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write C{data} to C{path} atomically (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def recorded_jobs(cluster: str | None = None) -> dict[str, list[str]]:
+    """The job ids L{start} recorded: C{{"master": [...], "workers": [...]}}."""
+    data = _read_json(cluster_dir(cluster) / "jobs.json") or {}
+    return {kind: [str(i) for i in data.get(kind, [])] for kind in ("master", "workers")}
+
+
+def _record_jobs(cluster: str | None, jobs: dict[str, list[str]]) -> None:
+    path = cluster_dir(cluster) / "jobs.json"
+    if jobs["master"] or jobs["workers"]:
+        _write_json(path, jobs)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+# --- talking to SLURM -----------------------------------------------------
+
+
+def cancel(job_ids: Sequence[str], timeout: float = 60) -> None:
+    """
+    C{scancel} C{job_ids} (SIGTERM to their processes, SIGKILL after
+    SLURM's KillWait) and wait, up to C{timeout} seconds, until none is
+    active any more.  Raises L{SlurmError} if one still is.
+    """
+    alive = list(active_jobs(job_ids))
+    if not alive:
+        return
+    _run(["scancel", *alive])
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    while True:
+        left = active_jobs(alive)
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise SlurmError(
+                "SLURM jobs "
+                + ", ".join(f"{i} ({s})" for i, s in left.items())
+                + f" were still active {timeout:g} s after scancel; check them with squeue"
+            )
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+
+
+# --- finding the master ---------------------------------------------------
+
+
+# --- batch scripts --------------------------------------------------------
+
+
+def _checkout_root() -> str:
+    """The directory holding the C{cw} package, so that jobs run this very code."""
+    # this file is cw/launch/slurm.py
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _environment(cluster: str, directory: Path, secret_file: str | None) -> list[str]:
+    paths = [_checkout_root()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {
+        "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),
+        "CW_SLURM_DIR": str(directory.parent),
+        "CW_SLURM_CLUSTER": cluster,
+    }
+    if secret_file:
+        env["CW_SECRET_FILE"] = str(Path(secret_file).absolute())
+    return [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+
+
+def _cd(cwd: str | None) -> str:
+    """Go to the caller's directory (where jobs run, as locally), or fail saying why."""
+    where = shlex.quote(cwd or os.getcwd())
+    message = shlex.quote(
+        "cw: cannot enter the directory cw-slurm was run from; run it from a directory that every node shares"
+    )
+    return f'cd {where} || {{ echo {message} "(node $(hostname))" >&2; exit 1; }}'
+
+
+def _header(name: str, output: Path, time_limit: str | None, partition: str | None) -> list[str]:
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --output={output}"]
+    if time_limit:
+        lines.append(f"#SBATCH --time={time_limit}")
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    return lines
+
+
+def _extra(extra: Sequence[str]) -> list[str]:
+    lines = []
+    for option in extra:
+        if any(c in option for c in "\n\r"):
+            raise SlurmError(f"sbatch option {option!r} spans lines")
+        lines.append(f"#SBATCH {option}")
+    return lines
+
+
+def master_script(
+    cluster: str = "",
+    master_options: Sequence[str] = (),
+    *,
+    directory: Path | None = None,
+    port: int | None = None,
+    python: str | None = None,
+    cwd: str | None = None,
+    secret_file: str | None = None,
+    time_limit: str | None = None,
+    partition: str | None = None,
+    sbatch_options: Sequence[str] = (),
+) -> str:
+    """
+    The batch script of the master job: one task running
+    C{python -m cw.slurm master-job}, which runs the master and publishes
+    its address (see L{run_master_job}).  C{port} defaults to 5494 for the
+    default cluster and to a free port for a named one.  C{sbatch_options}
+    (C{--Xmaster}) become extra C{#SBATCH} lines.
+    """
+    cluster = cluster_name(cluster)
+    directory = directory or cluster_dir(cluster)
+    if port is None:
+        port = 0 if cluster else PORT
+    options = list(master_options)
+    if not any(o in ("-p", "--port") or o.startswith("--port=") for o in options):
+        options = ["--port", f"tcp:{port}", *options]
+    if secret_file and not any(o == "--secret-file" or o.startswith("--secret-file=") for o in options):
+        options = ["--secret-file", str(Path(secret_file).absolute()), *options]
+    lines = _header(job_names(cluster)[0], directory / "master-%j.log", time_limit, partition)
+    lines += ["#SBATCH --ntasks=1", *_extra(sbatch_options), ""]
+    lines += [_cd(cwd), *_environment(cluster, directory, secret_file)]
+    command = [python or sys.executable, "-m", "cw.slurm", "master-job", "--", *options]
+    lines.append("exec " + shlex.join(command))
+    return "\n".join(lines) + "\n"
+
+
+def worker_script(
+    nworkers: int,
+    cluster: str = "",
+    worker_options: Sequence[str] = (),
+    *,
+    directory: Path | None = None,
+    isolated: bool = False,
+    docker_image: str | None = None,
+    docker_args: str = "",
+    python: str | None = None,
+    docker_python: str = "python3",
+    cwd: str | None = None,
+    secret_file: str | None = None,
+    time_limit: str | None = None,
+    partition: str | None = None,
+    sbatch_options: Sequence[str] = (),
+    walltime_warning: int = WALLTIME_WARNING,
+    master_wait: float = MASTER_WAIT,
+) -> str:
+    """
+    The batch script of the worker job: C{--ntasks=nworkers} tasks (one per
+    node if C{isolated}), each a worker under C{srun} with as many job slots
+    as CPUs per task.  SLURM sends the workers SIGTERM C{walltime_warning}
+    seconds before the time limit; they drain within that time.
+
+    Without C{docker_image} each worker finds the master itself
+    (C{cw.worker --slurm}, waiting up to C{master_wait} seconds).  With it,
+    the script waits for the master once and runs each worker as
+    C{docker run -i --rm --net=host DOCKER_ARGS IMAGE python3 -m cw.worker
+    --master HOST:PORT}, with the secret file mounted read-only at the same
+    path (the image must have cw installed).
+    """
+    if nworkers < 1:
+        raise SlurmError(f"a worker job needs at least one worker, not {nworkers}")
+    cluster = cluster_name(cluster)
+    directory = directory or cluster_dir(cluster)
+    options = list(worker_options)
+    if not any(o == "--procs" or o.startswith("--procs=") for o in options):
+        options = ["--procs", "${SLURM_CPUS_PER_TASK:-1}", *options]
+    if walltime_warning and not any(o.startswith("--drain-timeout") for o in options):
+        # Leave the workers time to report back before SLURM kills the job.
+        options = ["--drain-timeout", str(max(walltime_warning - 30, walltime_warning // 2)), *options]
+    if secret_file and not any(o.startswith("--secret-file") for o in options):
+        options = ["--secret-file", str(Path(secret_file).absolute()), *options]
+    lines = _header(job_names(cluster)[1], directory / "workers-%j.log", time_limit, partition)
+    lines.append(f"#SBATCH --ntasks={nworkers}")
+    if isolated:
+        lines.append("#SBATCH --ntasks-per-node=1")
+    if walltime_warning:
+        lines.append(f"#SBATCH --signal=TERM@{walltime_warning}")
+    lines += [*_extra(sbatch_options), ""]
+    lines += [_cd(cwd), *_environment(cluster, directory, secret_file)]
+    quoted = " ".join(o if o == "${SLURM_CPUS_PER_TASK:-1}" else shlex.quote(o) for o in options)
+    python = python or sys.executable
+    if docker_image:
+        wait = [python, "-m", "cw.slurm", "wait-master", "--timeout", f"{master_wait:g}"]
+        lines.append(f"master=$({shlex.join(wait)}) || exit 1")
+        docker = ["docker", "run", "-i", "--rm", "--net=host", *shlex.split(docker_args)]
+        if secret_file:
+            path = str(Path(secret_file).absolute())
+            docker += ["-v", f"{path}:{path}:ro", "-e", f"CW_SECRET_FILE={path}"]
+        command = [*docker, docker_image, docker_python, "-m", "cw.worker", "--master"]
+        lines.append(f'srun {shlex.join(command)} "$master" {quoted}')
+    else:
+        command = [python, "-m", "cw.worker", "--slurm", "--slurm-wait", f"{master_wait:g}"]
+        lines.append(f"srun {shlex.join(command)} {quoted}")
+    return "\n".join(lines) + "\n"
+
+
+def submit(script: str, directory: Path) -> str:
+    """Submit C{script} with C{sbatch --parsable}; return the job id."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = _run(["sbatch", "--parsable"], input=script)
+    job_id = out.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise SlurmError(f"sbatch did not print a job id but {out.strip()!r}")
+    return job_id
+
+
+# --- starting and stopping ------------------------------------------------
+
+
+def start(
+    nworkers: int = 32,
+    master: bool = True,
+    workers: bool = True,
+    master_options: list[str] = [],
+    worker_options: list[str] = [],
+    docker_image: str | None = None,
+    docker_args: str = "",
+    *,
+    cluster: str | None = None,
+    isolated: bool = False,
+    time_limit: str | None = None,
+    partition: str | None = None,
+    master_sbatch: Sequence[str] = (),
+    worker_sbatch: Sequence[str] = (),
+    port: int | None = None,
+    procs: int | None = None,
+    secret_file: str | None = None,
+    walltime_warning: int = WALLTIME_WARNING,
+    master_wait: float = MASTER_WAIT,
+    wait: bool = True,
+    timeout: float = 300,
+) -> str | None:
+    """
+    Submit the cluster's master job and a worker job of C{nworkers} workers
+    (or only one of them: C{master}, C{workers}), record their ids, and
+    (if C{wait}) wait up to C{timeout} seconds for the master to listen;
+    return its address (C{HOST:PORT}), or None if not C{wait}.  Workers join
+    as SLURM starts them.
+
+    Each worker runs C{procs} jobs at once (default: as many as its task
+    has CPUs).  Calling it again with C{master=False} adds a worker job
+    (e.g. to replace one that reaches its time limit).  Raises
+    L{SlurmError} if the cluster's master job is already active and
+    C{master} is set, or if the master does not listen in time (the jobs
+    this call submitted are then cancelled again).
+    """
+    cluster = cluster_name(cluster)
+    directory = cluster_dir(cluster)
+    directory.mkdir(parents=True, exist_ok=True)
+    if "--insecure" not in master_options:
+        # Check (or create the default) secret here, where a user sees the error.
+        load_secret(secret_file)
+        secret_file = str(secret_path(secret_file)[0])
+    common = dict(directory=directory, secret_file=secret_file, time_limit=time_limit, partition=partition)
+    jobs = recorded_jobs(cluster)
+    submitted: list[str] = []
+    if master:
+        running = active_jobs(jobs["master"])
+        if running:
+            raise SlurmError(
+                f"the cw master job {job_names(cluster)[0]!r} ({', '.join(running)}) is already active;"
+                " stop it first ('cw-slurm stop'), or add workers with -M"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            (directory / "master.json").unlink()
+        script = master_script(cluster, master_options, port=port, sbatch_options=master_sbatch, **common)
+        jobs["master"] = [submit(script, directory)]
+        submitted += jobs["master"]
+        _record_jobs(cluster, jobs)
+    if workers and nworkers > 0:
+        if procs is not None:
+            worker_options = ["--procs", str(procs), *worker_options]
+        script = worker_script(
+            nworkers,
+            cluster,
+            worker_options,
+            isolated=isolated,
+            docker_image=docker_image,
+            docker_args=docker_args,
+            sbatch_options=worker_sbatch,
+            walltime_warning=walltime_warning,
+            master_wait=master_wait,
+            **common,
+        )
+        submitted.append(submit(script, directory))
+        jobs["workers"] = [*active_jobs(jobs["workers"]), submitted[-1]]
+        _record_jobs(cluster, jobs)
+    if not wait:
+        return None
+    try:
+        return wait_for_master(cluster, timeout)["address"]
+    except BaseException:
+        with contextlib.suppress(SlurmError):
+            cancel(submitted)
+        jobs = recorded_jobs(cluster)
+        _record_jobs(cluster, {k: [i for i in v if i not in submitted] for k, v in jobs.items()})
+        raise
+
+
+def stop(
+    master: bool = True, workers: bool = True, *, cluster: str | None = None, timeout: float = 120
+) -> None:
+    """
+    Cancel the jobs L{start} recorded for the cluster: the worker jobs
+    first (their workers drain: unstarted jobs go back to the master), and
+    once they have ended (or after C{timeout} seconds) the master job.
+    """
+    cluster = cluster_name(cluster)
+    jobs = recorded_jobs(cluster)
+    try:
+        if workers:
+            cancel(jobs["workers"], timeout)
+            jobs["workers"] = []
+        if master:
+            cancel(jobs["master"], timeout)
+            jobs["master"] = []
+            with contextlib.suppress(FileNotFoundError):
+                (cluster_dir(cluster) / "master.json").unlink()
+    finally:
+        _record_jobs(cluster, {k: list(active_jobs(v)) if v else [] for k, v in jobs.items()})
+
+
+@contextlib.contextmanager
+def allocate(nworkers: int = 32, *args, **kwargs) -> Iterator[str | None]:
+    """Context manager: L{start} on enter (yielding the master's address), L{stop} on exit."""
+    kwargs.setdefault("cluster", None)
+    address = start(nworkers, *args, **kwargs)
+    try:
+        yield address
+    finally:
+        stop(cluster=kwargs["cluster"])
+
+
+# --- inside the master job ------------------------------------------------
+
+
+def run_master_job(options: Sequence[str]) -> None:
+    """
+    Run a master (C{cw.master} with C{options}) in this SLURM job; once it
+    listens, publish its address: C{master.json} in L{cluster_dir}, and the
+    job's comment (for L{master_info}'s C{squeue} fallback).  The file is
+    removed when the master stops.
+    """
+    directory = cluster_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    host = socket.gethostname()
+    local = directory / f".master-{job_id or os.getpid()}.address"
+    with contextlib.suppress(FileNotFoundError):
+        local.unlink()
+    opts = list(options)
+    secret = None
+    if "--insecure" not in opts:
+        explicit = next((opts[i + 1] for i, o in enumerate(opts[:-1]) if o == "--secret-file"), None)
+        secret = str(secret_path(explicit)[0])
+    final = directory / "master.json"
+    published = threading.Event()
+
+    def publish() -> None:
+        deadline = time.monotonic() + 600
+        while not local.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            listening = local.read_text().strip()
+        except OSError:
+            return
+        port = re.search(r"port=(\d+)", listening) or re.search(r":(\d+)$", listening)
+        if port is None:
+            print(f"cw.slurm: cannot tell the master's port from {listening!r}", file=sys.stderr)
+            return
+        info = _info(host, int(port.group(1)), job_id=job_id, cluster=cluster_name(), secret_file=secret)
+        info["node"] = os.environ.get("SLURMD_NODENAME", host)
+        _write_json(final, info)
+        published.set()
+        print(f"cw.slurm: master job {job_id} listens at {info['address']}; wrote {final}", flush=True)
+        if job_id and shutil.which("scontrol"):
+            with contextlib.suppress(SlurmError):
+                _run(["scontrol", "update", f"JobId={job_id}", f"Comment={_COMMENT}{info['address']}"])
+
+    threading.Thread(target=publish, name="cw-slurm-publish", daemon=True).start()
+    try:
+        run_twistd("cw-master", ["--address-file", str(local), *opts])
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            local.unlink()
+        if published.is_set() and (_read_json(final) or {}).get("job_id") == job_id:
+            with contextlib.suppress(FileNotFoundError):
+                final.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    C{python -m cw.slurm master-job -- OPTIONS}: the master job's command.
+    C{python -m cw.slurm wait-master [--timeout S]}: wait for the master,
+    print its C{HOST:PORT}.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args.pop(0) if args else ""
+    if command == "master-job":
+        if args[:1] == ["--"]:
+            args = args[1:]
+        run_master_job(args)
+        return 0
+    if command == "wait-master":
+        timeout = float(args[args.index("--timeout") + 1]) if "--timeout" in args else MASTER_WAIT
+        try:
+            info = wait_for_master(timeout=timeout, report=lambda m: print(m, file=sys.stderr))
+        except SlurmError as e:
+            print(f"cw.slurm: {e}", file=sys.stderr)
+            return 1
+        print(info["address"])
+        return 0
+    print(
+        "usage: python -m cw.slurm master-job -- [MASTER OPTIONS] | wait-master [--timeout S]",
+        file=sys.stderr,
+    )
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

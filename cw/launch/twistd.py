@@ -1,0 +1,15 @@
+"""
+Running a twistd plugin (cw-master, cw-worker) in this process.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def run_twistd(tapname: str, argv: list[str]) -> None:
+    """Run C{twistd -n TAPNAME ARGV...} in this process (no pidfile)."""
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "--nodaemon", "--pidfile=", tapname, *argv]
+    run()

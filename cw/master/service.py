@@ -1,0 +1,1211 @@
+"""
+The master: routes jobs from clients to workers and results back.
+
+L{Master} owns one L{Scheduler} and the live connections; every connection is
+a L{MasterProtocol}, an AMP adapter that turns commands into scheduler events
+and carries out the scheduler's decisions.  Payloads are passed along as
+opaque bytes: the master never unpickles anything a peer sends.
+
+Run it with C{twistd -n cw-master [--port ENDPOINT]} or
+C{python -m cw.master [--port ENDPOINT]}.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python import usage
+
+from cw.core.limits import Admission, default_max_pending, default_per_address
+from cw.core.scheduler import Scheduler
+from cw.core.validation import (
+    MAX_AWAIT,
+    MAX_SLOTS,
+    check_context,
+    check_function_key,
+    check_jobs,
+    check_peer,
+    check_range,
+    check_results,
+)
+from cw.errors import BadCommand
+from cw.master.web import FailureLog, WebDashboard
+from cw.wire import commands as P
+from cw.wire.address import describe_listening, enable_keepalive, server_endpoint, stop_reactor
+from cw.wire.auth import AUTH_TIMEOUT, AuthGate, MasterAuth, WrongSecretLog
+from cw.wire.batching import Outbox
+from cw.wire.limits import descriptor_limit, log_descriptor_limit
+from cw.wire.liveness import HeartbeatMonitor, SignsOfLife
+from cw.wire.secret import load_options_secret
+from cw.wire.streaming import ChunkReceiver, StreamingSender
+
+log = Logger(namespace="cw.master")  # the namespace of its log lines before the layers
+
+#: Seconds over which the status reports a completion rate.
+RATE_WINDOW = 60
+
+
+#: Bytes of payloads, and jobs, a client may have queued
+#: (C{--max-queued-bytes}, C{--max-queued-jobs}); see L{P.JobRoom}.
+MAX_QUEUED_BYTES = 1 << 30
+MAX_QUEUED_JOBS = 10_000_000
+
+#: Seconds a client may stay silent (no answer to heartbeats, nothing sent)
+#: before the master drops it and its jobs (C{--client-timeout}).
+CLIENT_TIMEOUT = 60.0
+#: Bytes of results waiting to be read by a client beyond which its jobs are
+#: not dispatched (C{--max-unsent-bytes}), and seconds it may read nothing
+#: while results wait before it is disconnected (C{--client-read-timeout}).
+MAX_UNSENT_BYTES = 64 << 20
+CLIENT_READ_TIMEOUT = 60.0
+
+
+def transport_backlog(transport) -> int:
+    """
+    Bytes written to C{transport} that it has not yet handed to the kernel
+    (Twisted's write buffers, of this transport and of any it wraps, as a
+    TLS transport wraps TCP).  0 for a transport without such buffers.
+    """
+    total = 0
+    for _ in range(4):
+        if transport is None:
+            break
+        buffer = getattr(transport, "dataBuffer", None)
+        if buffer is not None:
+            total += len(buffer) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+        transport = getattr(transport, "transport", None)
+    return total
+
+
+#: Seconds past a job's own timeout that a worker has to report it before
+#: the master takes it back (C{--deadline-grace}; see L{Scheduler.expire}).
+DEADLINE_GRACE = 30.0
+
+#: Seconds between two checks of the jobs' deadlines.
+DEADLINE_TICK = 0.5
+
+
+class MasterProtocol(SignsOfLife, StreamingSender, AuthGate, MasterAuth, ChunkReceiver, amp.AMP):
+    """
+    One connection to the master, from a client or a worker.  The peer
+    first authenticates (L{cw.wire.auth}); which kind of peer it is becomes known
+    with its next command (L{P.RegisterClient} or L{P.RegisterWorker}).
+    Commands out of that order close the connection.
+    """
+
+    open_commands = MasterAuth.open_commands
+
+    def __init__(self, master: Master) -> None:
+        super().__init__()
+        self.master = master
+        self.secret = master.secret
+        self.wrong_secrets = master.wrong_secrets
+        self.max_box_bytes = P.box_limit(master.max_payload)
+        if self.secret is None:
+            self.mark_authenticated()
+        self.role: str | None = None
+        self.peer_id = 0
+        self.peer_name = "?"
+        self.outbox: Outbox | None = None
+        #: Clients whose context this worker has been sent.
+        self.contexts_sent: set[int] = set()
+        #: C{(client, key)} of the functions this worker has been sent.
+        self.functions_sent: set[tuple[int, bytes]] = set()
+        #: Flow control stopped reading from this client (see L{Master._throttle}).
+        self.reading_paused = False
+        #: Fires once the connection has closed.
+        self.closed: defer.Deferred = defer.Deferred()
+        #: Bytes handed to the transport so far (see L{unsent_bytes}).
+        self.written_bytes = 0
+
+    def connectionMade(self):
+        super().connectionMade()
+        # Heartbeats notice a peer that hangs; keepalive, one that vanished
+        # while heartbeats are off.
+        enable_keepalive(self.transport)
+        self._count_writes()
+        if not self.authenticated:
+            self.auth_timeout = self.master.auth_timeout
+            self.master.admit(self)
+            self.start_auth_timer(self.master.clock)
+
+    def _count_writes(self) -> None:
+        """Count the bytes written to the transport, so that what the peer read can be told."""
+        transport = self.transport
+        write, write_sequence = transport.write, transport.writeSequence
+
+        def counted_write(data) -> None:
+            self.written_bytes += len(data)
+            write(data)
+
+        def counted_sequence(pieces) -> None:
+            pieces = list(pieces)
+            self.written_bytes += sum(len(piece) for piece in pieces)
+            write_sequence(pieces)
+
+        transport.write, transport.writeSequence = counted_write, counted_sequence
+
+    def unsent_bytes(self) -> int:
+        """Bytes towards this peer still in the master: buffered, or in boxes being streamed."""
+        return transport_backlog(self.transport) + self.outgoing_bytes
+
+    def stop_reading(self) -> None:
+        """
+        Flow control: read nothing more from this peer, and parse nothing
+        more of what has arrived, until L{resume_reading}.
+        """
+        self.reading_paused = True
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        """
+        Undo L{stop_reading}: read again, and parse what arrived meanwhile
+        on the reactor's next turn (not from within the caller, which may be
+        in the middle of a dispatch).
+        """
+        self.reading_paused = False
+        self.paused = False
+        self.transport.resumeProducing()
+        self.master.clock.callLater(0, self._parse_buffered)
+
+    def _parse_buffered(self) -> None:
+        if not self.closed.called and not self.paused:
+            self.dataReceived(b"")
+
+    def stream_progress(self) -> None:
+        if self.role == "client":
+            self.master.watch_output(self)
+
+    def mark_authenticated(self) -> None:
+        super().mark_authenticated()
+        if self.transport is not None:
+            self.master.pending.pop(self, None)
+
+    def _claim(self, role: str) -> None:
+        """
+        Check that a peer registers once, in the role it authenticated as.
+        C{self.role} is set once registration has succeeded, so a peer
+        refused on the way is never treated as registered.
+        """
+        if self.role is not None:
+            raise BadCommand("registered a second time")
+        if self._challenge is not None and self._challenge[0] != role:
+            raise BadCommand(f"authenticated as a {self._challenge[0]!r} but registered as a {role}")
+
+    def _check_version(self, version: int) -> None:
+        if version != P.PROTOCOL_VERSION:
+            raise P.VersionMismatch(
+                f"master speaks cw protocol {P.PROTOCOL_VERSION}, peer speaks"
+                f" {version}: install the same cw version everywhere"
+            )
+
+    def _require(self, role: str) -> bool:
+        if self.role == role:
+            return True
+        self.reject(f"sent a {role} command before registering as a {role}")
+        return False
+
+    def locateResponder(self, name: bytes):
+        """
+        Every command's fields are checked (L{cw.core.validation}) before the
+        master acts on them: a malformed box or field from an authenticated
+        peer drops the connection with one log line.
+        """
+        responder = super().locateResponder(name)
+        if responder is None:
+            return None
+        command = name.decode("ascii", "replace")
+
+        def malformed(failure):
+            failure.trap(BadCommand)
+            self.reject(f"sent a malformed {command!r}: {failure.value}")
+            return defer.Deferred()  # the connection is gone: answer nothing
+
+        def checked(box):
+            try:
+                answer = responder(box)
+            except Exception as e:
+                # Raised while parsing the box's arguments (before the responder runs).
+                field = self._bad_argument(name, box)
+                self.reject(f"sent a malformed {command!r}: {field}: {e.__class__.__name__}: {e}")
+                return defer.Deferred()
+            if isinstance(answer, defer.Deferred):
+                answer.addErrback(malformed)
+            return answer
+
+        return checked
+
+    def _bad_argument(self, name: bytes, box) -> str:
+        """Which argument of command C{name} in C{box} does not parse, for the log."""
+        command = self._commandDispatch[name][0]
+        for argument, kind in command.arguments:
+            try:
+                kind.fromBox(argument, dict(box), {}, self)
+            except Exception:
+                return argument.decode("ascii", "replace")
+        return "the box"
+
+    @P.RegisterClient.responder
+    def register_client(self, version, host, pid, context):
+        self._check_version(version)
+        name = check_peer(host, pid)
+        weight = check_context(context)
+        self._claim("client")
+        self.peer_name = name
+        self.peer_id = self.master.client_joined(self, context, weight)
+        self.role = "client"
+        return {
+            "client_id": self.peer_id,
+            "max_payload": self.master.max_payload,
+            "room_bytes": self.master.max_queued_bytes,
+            "room_jobs": self.master.max_queued_jobs,
+        }
+
+    @P.SubmitJobs.responder
+    def submit_jobs(self, jobs):
+        if self._require("client"):
+            check_jobs(jobs)
+            self.master.submit(self.peer_id, jobs)
+        return {}
+
+    @P.DefineFunction.responder
+    def define_function(self, client, key, function):
+        if self._require("client"):
+            self.master.define_function(self.peer_id, check_function_key(key), function)
+        return {}
+
+    @P.RegisterWorker.responder
+    def register_worker(self, version, host, pid, slots):
+        self._check_version(version)
+        name = check_peer(host, pid)
+        check_range("slots", slots, 1, MAX_SLOTS)
+        self._claim("worker")
+        self.peer_name = name
+        self.peer_id = self.master.worker_joined(self, slots)
+        self.role = "worker"
+        return {"worker_id": self.peer_id, "max_payload": self.master.max_payload}
+
+    @P.CancelJobs.responder
+    def cancel_jobs(self, keys):
+        if self._require("client"):
+            self.master.cancel(self.peer_id, [seq for _, seq in keys])
+        return {}
+
+    @P.JobResults.responder
+    def job_results(self, results):
+        if self._require("worker"):
+            check_results(results)
+            self.master.results(self.peer_id, results)
+        return {}
+
+    @P.ReturnJobs.responder
+    def return_jobs(self, keys):
+        if self._require("worker"):
+            self.master.return_jobs(self.peer_id, keys)
+        return {}
+
+    @P.Heartbeat.responder
+    def heartbeat(self):
+        """A client checks that this master is alive (L{cw.wire.liveness})."""
+        return {}
+
+    @P.GetStatus.responder
+    def get_status(self):
+        return {"status": self.master.status()}
+
+    @P.AwaitWorkers.responder
+    def await_workers(self, count):
+        check_range("count", count, 0, MAX_AWAIT)
+        return self.master.await_workers(count).addCallback(lambda n: {"workers": n})
+
+    # -- sending ---------------------------------------------------------
+
+    def send_jobs(self, jobs: list[P.Job]) -> None:
+        """Send jobs to this worker, preceded by any client context or function it lacks."""
+        for job in jobs:
+            if job.client not in self.contexts_sent:
+                self.contexts_sent.add(job.client)
+                self.callRemote(
+                    P.ClientContext,
+                    client=job.client,
+                    context=self.master.contexts[job.client],
+                )
+            if job.func and (job.client, job.func) not in self.functions_sent:
+                function = self.master.functions.get(job.client, {}).get(job.func)
+                if function is not None:
+                    self.functions_sent.add((job.client, job.func))
+                    self.callRemote(P.DefineFunction, client=job.client, key=job.func, function=function)
+        for batch in P.batches(jobs, P.job_size):
+            self.callRemote(P.RunJobs, jobs=batch)
+
+    def send_results(self, results: list[P.Result], now: bool = False) -> None:
+        """Queue results for this client; they leave on the reactor's next turn, or C{now}."""
+        if self.outbox is None:
+            self.outbox = Outbox(
+                self.master.clock,
+                lambda batch: self.callRemote(P.JobResults, results=batch),
+                P.result_size,
+            )
+        self.outbox.extend(results)
+        if now:
+            self.outbox.flush()
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.master.pending.pop(self, None)
+        if self.outbox is not None:
+            self.outbox.discard()
+        if self.role == "client":
+            self.master.client_left(self)
+        elif self.role == "worker":
+            self.master.worker_left(self)
+        self.closed.callback(None)
+
+
+class MasterFactory(ServerFactory):
+    def __init__(self, master: Master) -> None:
+        self.master = master
+
+    def buildProtocol(self, addr):
+        return MasterProtocol(self.master)
+
+
+class Master:
+    """
+    The master's state: a L{Scheduler} plus the connections it routes
+    between.  Independent of how it listens, so tests run it in-process.
+    """
+
+    def __init__(
+        self,
+        clock=None,
+        prefetch: int = 1,
+        secret: bytes | None = None,
+        max_pending: int | None = None,
+        max_pending_per_address: int | None = None,
+        max_attempts: int = 3,
+        heartbeat: float = 5.0,
+        heartbeat_timeout: float | None = None,
+        client_timeout: float = CLIENT_TIMEOUT,
+        auth_timeout: float = AUTH_TIMEOUT,
+        max_payload: int = P.MAX_PAYLOAD,
+        prefetch_seconds: float = 0.05,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+        max_queued_jobs: int = MAX_QUEUED_JOBS,
+        deadline_grace: float = DEADLINE_GRACE,
+        stall_timeout: float = 0.0,
+        max_unsent_bytes: int = MAX_UNSENT_BYTES,
+        client_read_timeout: float = CLIENT_READ_TIMEOUT,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        #: Seconds between heartbeats to each worker and client (0: none),
+        #: and how long a worker, or a client, may go unheard before it is
+        #: declared lost (L{cw.wire.liveness}).
+        self.heartbeat = heartbeat
+        self.heartbeat_timeout = heartbeat_timeout or 3 * heartbeat
+        self.client_timeout = client_timeout
+        self.worker_beats = self.client_beats = None
+        if heartbeat > 0:
+            self.worker_beats = HeartbeatMonitor(
+                clock, heartbeat, self.heartbeat_timeout, self._worker_silent
+            )
+            if client_timeout > 0:
+                self.client_beats = HeartbeatMonitor(clock, heartbeat, client_timeout, self._client_silent)
+        #: The shared secret peers must prove they hold; None: --insecure.
+        self.secret = secret
+        #: When to warn about peers with another secret (rate-limited).
+        self.wrong_secrets = WrongSecretLog(clock)
+        #: Connections not yet authenticated, and how many of them may wait
+        #: (in all and per source address; see L{cw.wire.limits}).
+        self.max_pending = default_max_pending(descriptor_limit(), max_pending)
+        self.pending = Admission(
+            self.max_pending, max_pending_per_address or default_per_address(self.max_pending)
+        )
+        self.auth_timeout = auth_timeout
+        #: Largest job or result payload accepted, in bytes.
+        self.max_payload = max_payload
+        #: Room in the master's queue per client (flow control, L{P.JobRoom}).
+        self.max_queued_bytes = max_queued_bytes
+        self.max_queued_jobs = max_queued_jobs
+        #: Clients of which the master logged that they used up their room.
+        self._held_logged: set[int] = set()
+        self.scheduler = Scheduler(
+            prefetch=prefetch,
+            max_attempts=max_attempts,
+            horizon=prefetch_seconds,
+            max_queued_bytes=max_queued_bytes,
+            max_queued_jobs=max_queued_jobs,
+            deadline_grace=deadline_grace,
+            stall_timeout=stall_timeout,
+            max_unsent_bytes=max_unsent_bytes,
+            read_timeout=client_read_timeout,
+        )
+        self._output_watch: task.LoopingCall | None = None
+        self._deadline_checks: task.LoopingCall | None = None
+        self.clients: dict[int, MasterProtocol] = {}
+        #: Clients told which of their jobs were handed to workers (L{P.JobsStarted}).
+        self.running_notices: set[int] = set()
+        self.workers: dict[int, MasterProtocol] = {}
+        self.contexts: dict[int, dict] = {}
+        #: Each connected client's functions (opaque bytes) by key.
+        self.functions: dict[int, dict[bytes, bytes]] = {}
+        self.started = time.time()
+        self._dispatch_call = None
+        #: [second, jobs completed in it] for the last minute.
+        self._recent: deque[list[int]] = deque()
+        self._worker_waiters: list[tuple[int, defer.Deferred]] = []
+        #: Failed results delivered, for the dashboard (L{cw.master.web}).
+        self.failures = FailureLog()
+
+    # -- events from connections -----------------------------------------
+
+    def admit(self, proto: MasterProtocol) -> None:
+        """
+        Count a new unauthenticated connection.  If too many already wait
+        (in all, or from its address), drop those L{Admission} picks: a
+        flood of idle connections then can neither use up the master's
+        descriptors nor lock out a peer that authenticates promptly.
+        """
+        address = getattr(proto.transport.getPeer(), "host", "local")
+        for connection, why in self.pending.admit(proto, address):
+            connection.reject(why)
+
+    def client_joined(self, proto: MasterProtocol, context: dict, weight: int = 1) -> int:
+        cid = self.scheduler.add_client(weight)
+        self.clients[cid] = proto
+        self.contexts[cid] = context
+        if self.client_beats is not None:
+            self.client_beats.watch(proto)
+        if context.get(P.RUNNING_NOTICES):
+            self.running_notices.add(cid)
+        log.info("Client {cid} connected from {peer}", cid=cid, peer=proto.peer_name)
+        return cid
+
+    def client_left(self, proto: MasterProtocol) -> None:
+        cid = proto.peer_id
+        if self.client_beats is not None:
+            self.client_beats.forget(proto)
+        self.clients.pop(cid, None)
+        self.contexts.pop(cid, None)
+        self._held_logged.discard(cid)
+        self.running_notices.discard(cid)
+        functions = self.functions.pop(cid, {})
+        dropped, killed = self.cancel(cid)
+        self.scheduler.remove_client(cid)
+        for worker in self.workers.values():
+            if cid in worker.contexts_sent:
+                worker.contexts_sent.discard(cid)
+                worker.callRemote(P.ForgetClient, client=cid)
+            for key in functions:
+                worker.functions_sent.discard((cid, key))
+        log.info(
+            "Client {cid} ({peer}) disconnected; dropped {n} queued jobs and stopped {k} running",
+            cid=cid,
+            peer=proto.peer_name,
+            n=dropped,
+            k=killed,
+        )
+
+    def define_function(self, client: int, key: bytes, function: bytes) -> None:
+        """
+        Keep a client's function (opaque bytes) for its jobs that name
+        C{key}; it is sent to each worker once, before the first such job.
+        """
+        if len(function) > self.max_payload:
+            log.warn(
+                "Client {cid} defined a function of {n:,} bytes, over --max-payload; its jobs will fail",
+                cid=client,
+                n=len(function),
+            )
+            return
+        self.functions.setdefault(client, {})[key] = function
+
+    def cancel(self, client: int, seqs: list[int] | None = None) -> tuple[int, int]:
+        """
+        Withdraw jobs of C{client} (C{seqs}, or all): drop queued ones, tell
+        workers to kill held ones.  Return both counts.
+        """
+        dropped, kill = self.scheduler.cancel(client, seqs)
+        if dropped:
+            self._give_room()
+        for wid, keys in kill.items():
+            self.workers[wid].callRemote(P.CancelJobs, keys=keys)
+        if kill:
+            self.schedule_dispatch()
+        return dropped, sum(len(keys) for keys in kill.values())
+
+    def worker_joined(self, proto: MasterProtocol, slots: int) -> int:
+        wid = self.scheduler.add_worker(slots, proto.peer_name)
+        self.workers[wid] = proto
+        if self.worker_beats is not None:
+            self.worker_beats.watch(proto)
+        log.info(
+            "Worker {wid} joined from {peer} with {slots} slots ({n} workers)",
+            wid=wid,
+            peer=proto.peer_name,
+            slots=slots,
+            n=len(self.workers),
+        )
+        self._wake_worker_waiters()
+        self.schedule_dispatch()
+        return wid
+
+    def worker_left(self, proto: MasterProtocol) -> None:
+        wid = proto.peer_id
+        if self.worker_beats is not None:
+            self.worker_beats.forget(proto)
+        self.workers.pop(wid, None)
+        how = getattr(proto, "lost_how", None) or "its connection was lost"
+        requeued, failed = self.scheduler.lose_worker(wid, how)
+        log.info(
+            "Worker {wid} ({peer}) left ({how}); {n} of its jobs requeued ({left} workers)",
+            wid=wid,
+            peer=proto.peer_name,
+            how=how,
+            n=len(requeued),
+            left=len(self.workers),
+        )
+        if failed:
+            log.warn(
+                "{n} jobs failed: this was the last of the lost workers each may outlive",
+                n=len(failed),
+            )
+            self._deliver(failed)
+        self.schedule_dispatch()
+
+    def submit(self, client: int, jobs: list[P.Job]) -> None:
+        functions = self.functions.get(client, {})
+        refused = []
+        for job in jobs:
+            if len(job.payload) > self.max_payload:
+                # Clients check this limit at submit; this catches older or
+                # misbehaving ones without queueing what no worker may answer.
+                message = P.too_big("the job", len(job.payload), self.max_payload)
+                refused.append((job, "PayloadTooLarge", message))
+            elif job.func and job.func not in functions:
+                refused.append(
+                    (
+                        job,
+                        "UnknownFunction",
+                        "the job names a function its client did not define on this connection"
+                        " (or one over the master's --max-payload)",
+                    )
+                )
+        if refused:
+            bad = {id(job) for job, _, _ in refused}
+            jobs = [job for job in jobs if id(job) not in bad]
+            self.clients[client].send_results(
+                [
+                    P.Result(client, job.seq, P.Outcome.FAILED, P.error_report(kind, message))
+                    for job, kind, message in refused
+                ]
+            )
+        idle = not self.scheduler.queued
+        self.scheduler.submit(client, jobs, [job for job, _, _ in refused])
+        self._throttle(client)
+        if idle:
+            # Nothing was waiting, so nothing is gained by waiting for more:
+            # a lone job goes out at once.
+            self.dispatch_now()
+        else:
+            self.schedule_dispatch()
+
+    def _throttle(self, client: int) -> None:
+        """
+        Flow control (see L{P.JobRoom}): a client that has used all its room
+        holds further jobs by itself; one that ignores it and has sent more
+        than the limits beyond its room (so up to twice the limits queued)
+        is no longer read from (which stalls its other commands too) until
+        its queue has drained and it is given room again.
+        """
+        proto = self.clients[client]
+        if client not in self._held_logged and self.scheduler.held(client):
+            self._held_logged.add(client)
+            log.info(
+                "Client {cid} has used its room in the queue ({mib} MiB, {jobs:,} jobs);"
+                " it holds further jobs until its queue drains (logged once per client)",
+                cid=client,
+                mib=self.max_queued_bytes >> 20,
+                jobs=self.max_queued_jobs,
+            )
+        if self.scheduler.over_hard_limit(client) and not proto.reading_paused:
+            log.warn(
+                "Client {cid} ({peer}) sent past its room in the queue: not reading from it"
+                " until its queue drains",
+                cid=client,
+                peer=proto.peer_name,
+            )
+            proto.stop_reading()
+
+    def _give_room(self) -> None:
+        """Tell clients whose queues have drained how much more they may send."""
+        for cid, more_bytes, more_jobs in self.scheduler.take_room():
+            proto = self.clients.get(cid)
+            if proto is None:
+                continue
+            proto.callRemote(P.JobRoom, bytes=more_bytes, jobs=more_jobs)
+            if proto.reading_paused:
+                # Its queue has drained to half: read on (up to one more box
+                # if it still ignores its room).
+                proto.resume_reading()
+
+    def results(self, worker: int, results: list[P.Result]) -> None:
+        before = self.scheduler.completed
+        self._deliver(self.scheduler.complete(worker, results, self.clock.seconds()))
+        self._count_completed(self.scheduler.completed - before)
+        if worker in self.workers:
+            self.workers[worker].last_heard = self.clock.seconds()
+        self.schedule_dispatch()
+
+    def return_jobs(self, worker: int, keys: list[tuple[int, int]]) -> None:
+        """
+        A worker is stopping gracefully and will not start these jobs:
+        requeue them at once (see L{Scheduler.return_jobs}) and send it no
+        more.
+        """
+        if worker not in self.workers:
+            return
+        back = self.scheduler.return_jobs(worker, keys)
+        self.workers[worker].last_heard = self.clock.seconds()
+        log.info(
+            "Worker {wid} ({peer}) is draining; {n} of its unstarted jobs requeued",
+            wid=worker,
+            peer=self.workers[worker].peer_name,
+            n=len(back),
+        )
+        self.schedule_dispatch()
+
+    # -- heartbeats ------------------------------------------------------
+
+    def start_heartbeats(self) -> None:
+        """Ping every worker and client each C{heartbeat} seconds (unless 0)."""
+        for monitor in (self.worker_beats, self.client_beats):
+            if monitor is not None:
+                monitor.start()
+
+    def stop_heartbeats(self) -> None:
+        for monitor in (self.worker_beats, self.client_beats):
+            if monitor is not None:
+                monitor.stop()
+
+    def _worker_silent(self, proto: MasterProtocol, silent: float) -> None:
+        """
+        Drop a worker unheard for longer than C{heartbeat_timeout} (its TCP
+        connection may never close on its own): its jobs go elsewhere.
+        """
+        proto.lost_how = f"no answer to heartbeats for {silent:.1f} s"
+        log.warn(
+            "Worker {wid} ({peer}) gave no sign of life for {s:.1f} s; dropping it",
+            wid=proto.peer_id,
+            peer=proto.peer_name,
+            s=silent,
+        )
+        proto.transport.abortConnection()
+
+    def _client_silent(self, proto: MasterProtocol, silent: float) -> None:
+        """
+        Drop a client unheard for longer than C{client_timeout} (stopped,
+        hung, or behind a dead link): its jobs are dropped as for any client
+        that leaves.  Not one this master stopped reading from itself.
+        """
+        if proto.reading_paused:
+            proto.last_heard = self.clock.seconds()
+            return
+        log.warn(
+            "Client {cid} ({peer}) gave no sign of life for {s:.1f} s (--client-timeout {t:g});"
+            " dropping it and its jobs",
+            cid=proto.peer_id,
+            peer=proto.peer_name,
+            s=silent,
+            t=self.client_timeout,
+        )
+        proto.transport.abortConnection()
+
+    # -- deadlines -------------------------------------------------------
+
+    def start_deadlines(self) -> None:
+        """Enforce jobs' deadlines and stalled workers every L{DEADLINE_TICK} seconds."""
+        if self._deadline_checks is None:
+            self._deadline_checks = task.LoopingCall(self.enforce_deadlines)
+            self._deadline_checks.clock = self.clock
+            self._deadline_checks.start(DEADLINE_TICK, now=False)
+
+    def stop_deadlines(self) -> None:
+        if self._deadline_checks is not None and self._deadline_checks.running:
+            self._deadline_checks.stop()
+        self._deadline_checks = None
+
+    def enforce_deadlines(self) -> None:
+        """
+        Carry out L{Scheduler.expire}: tell workers to kill the jobs taken
+        back from them, drop stalled workers, deliver C{JobTimeout}s and
+        dispatch the requeued jobs.
+        """
+        expiry = self.scheduler.expire(self.clock.seconds())
+        for wid, keys in expiry.cancel.items():
+            proto = self.workers.get(wid)
+            if proto is None:
+                continue
+            log.warn(
+                "Worker {wid} ({peer}) did not report {n} jobs within their timeout plus"
+                " {grace:g} s (--deadline-grace); taking them back",
+                wid=wid,
+                peer=proto.peer_name,
+                n=len(keys),
+                grace=self.scheduler.deadline_grace,
+            )
+            if wid not in expiry.stalled:
+                proto.callRemote(P.CancelJobs, keys=keys)
+        for wid, how in expiry.stalled.items():
+            proto = self.workers.get(wid)
+            if proto is None:
+                continue
+            proto.lost_how = how
+            log.warn(
+                "Worker {wid} ({peer}) is stalled: {how}; dropping it", wid=wid, peer=proto.peer_name, how=how
+            )
+            proto.transport.abortConnection()
+        if expiry.failed:
+            self._deliver(expiry.failed)
+        if expiry.requeued:
+            self.schedule_dispatch()
+
+    def _deliver(self, results: list[P.Result]) -> None:
+        """Send results to their clients."""
+        self.failures.record(results)
+        by_client: dict[int, list[P.Result]] = {}
+        for result in results:
+            by_client.setdefault(result.client, []).append(result)
+        for cid, batch in by_client.items():
+            # Results arrive batched by the worker: pass each batch on at once.
+            proto = self.clients[cid]
+            proto.send_results(batch, now=True)
+            self.watch_output(proto)
+
+    # -- clients that do not read ----------------------------------------
+
+    def start_watching_clients(self) -> None:
+        """Check every client's unsent results every second (or quarter of the read timeout)."""
+        if self._output_watch is None:
+            self._output_watch = task.LoopingCall(self._watch_outputs)
+            self._output_watch.clock = self.clock
+            self._output_watch.start(min(1.0, self.scheduler.read_timeout / 4), now=False)
+
+    def stop_watching_clients(self) -> None:
+        if self._output_watch is not None and self._output_watch.running:
+            self._output_watch.stop()
+        self._output_watch = None
+
+    def _watch_outputs(self) -> None:
+        for proto in list(self.clients.values()):
+            self.watch_output(proto)
+
+    def watch_output(self, proto: MasterProtocol) -> None:
+        """
+        Tell the scheduler how much of its results C{proto}'s client has
+        not read: its jobs wait while that is over C{--max-unsent-bytes},
+        and a client that reads nothing for C{--client-read-timeout}
+        seconds is disconnected (L{Scheduler.unsent_results}).
+        """
+        cid = proto.peer_id
+        if self.clients.get(cid) is not proto or proto.transport is None:
+            return
+        unsent = proto.unsent_bytes()
+        now = self.clock.seconds()
+        verdict = self.scheduler.unsent_results(cid, unsent, proto.written_bytes - unsent, now)
+        if verdict == "resume":
+            self.schedule_dispatch()
+        elif verdict == "drop":
+            log.warn(
+                "Client {cid} ({peer}) read none of its results for over {t:g} s"
+                " ({mib:.1f} MiB wait): disconnecting it (--client-read-timeout)",
+                cid=cid,
+                peer=proto.peer_name,
+                t=self.scheduler.read_timeout,
+                mib=unsent / (1 << 20),
+            )
+            proto.transport.abortConnection()
+
+    # -- dispatch --------------------------------------------------------
+
+    def schedule_dispatch(self) -> None:
+        """Dispatch on the reactor's next turn, once for a burst of events."""
+        if self._dispatch_call is None:
+            self._dispatch_call = self.clock.callLater(0, self._dispatch)
+
+    def dispatch_now(self) -> None:
+        """Dispatch at once (a scheduled dispatch, if any, is dropped)."""
+        if self._dispatch_call is not None and self._dispatch_call.active():
+            self._dispatch_call.cancel()
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        self._dispatch_call = None
+        notify = self.running_notices
+        started: dict[int, list[tuple[int, int]]] = {}
+        for wid, jobs in self.scheduler.dispatch(self.clock.seconds()):
+            self.workers[wid].send_jobs(jobs)
+            if notify:
+                for job in jobs:
+                    if job.client in notify:
+                        started.setdefault(job.client, []).append((job.client, job.seq))
+        # After the jobs went out, before any of their results can come back.
+        for cid, keys in started.items():
+            self.clients[cid].callRemote(P.JobsStarted, keys=keys)
+        self._give_room()
+
+    # -- inspection ------------------------------------------------------
+
+    def await_workers(self, count: int) -> defer.Deferred:
+        """A Deferred firing with the number of workers once it is >= count."""
+        d = defer.Deferred()
+        self._worker_waiters.append((count, d))
+        self._wake_worker_waiters()
+        return d
+
+    def _wake_worker_waiters(self) -> None:
+        n = len(self.workers)
+        waiting = []
+        for count, d in self._worker_waiters:
+            if n >= count:
+                d.callback(n)
+            else:
+                waiting.append((count, d))
+        self._worker_waiters = waiting
+
+    def _count_completed(self, n: int) -> None:
+        """Remember completions per second, for the rate over the last minute."""
+        if not n:
+            return
+        second = int(self.clock.seconds())
+        if self._recent and self._recent[-1][0] == second:
+            self._recent[-1][1] += n
+        else:
+            self._recent.append([second, n])
+        while self._recent and self._recent[0][0] <= second - RATE_WINDOW:
+            self._recent.popleft()
+
+    def rate(self) -> float:
+        """Jobs completed per second over the last minute (or the uptime, if shorter)."""
+        now = self.clock.seconds()
+        done = sum(n for second, n in self._recent if second > now - RATE_WINDOW)
+        return done / max(1.0, min(RATE_WINDOW, time.time() - self.started))
+
+    def status(self) -> dict:
+        """A JSON-ready snapshot of the master's state."""
+        s = self.scheduler
+        return {
+            "uptime": time.time() - self.started,
+            "queued": s.queued,
+            "completed": s.completed,
+            "rate": self.rate(),
+            "workers": [
+                {
+                    "id": w.id,
+                    "peer": self.workers[w.id].peer_name,
+                    "slots": w.slots,
+                    "held": len(w.held),
+                    "busy": min(len(w.held), w.slots),
+                    "draining": w.draining,
+                    "completed": w.completed,
+                    "failed": w.failed,
+                }
+                for w in s.workers()
+            ],
+            "clients": [
+                {
+                    "id": c.id,
+                    "peer": self.clients[c.id].peer_name,
+                    "queued": c.queued,
+                    "queued_bytes": s.queued_bytes(c.id),
+                    "peak_queued": c.peak_queued,
+                    "peak_queued_bytes": c.peak_queued_bytes,
+                    "held": s.held(c.id),
+                    "unsent_bytes": c.unsent,
+                    "results_backed_up": c.results_backed_up,
+                    "running": c.running,
+                    "submitted": c.submitted,
+                    "completed": c.completed,
+                }
+                for c in s.clients()
+            ],
+        }
+
+    def disconnect_all(self) -> None:
+        for proto in [*self.clients.values(), *self.workers.values(), *list(self.pending)]:
+            proto.transport.loseConnection()
+
+    def shutdown(self, reason: str, timeout: float = 5.0) -> defer.Deferred:
+        """
+        Tell every client and worker that this master stops, and why
+        (L{P.MasterStopping}): clients then fail their outstanding jobs at
+        once instead of waiting for a connection error, workers reconnect
+        later.  Then close every connection, letting the notice out first.
+        Fires once all are closed; any still open after C{timeout} seconds
+        is aborted.
+        """
+        peers = [*self.clients.values(), *self.workers.values()]
+        log.info(
+            "Stopping ({reason}); telling {c} clients and {w} workers",
+            reason=reason,
+            c=len(self.clients),
+            w=len(self.workers),
+        )
+        for proto in peers:
+            proto.callRemote(P.MasterStopping, reason=reason)
+        peers += list(self.pending)
+        closed = defer.DeferredList([proto.closed for proto in peers])
+        self.disconnect_all()
+
+        def abort_stragglers() -> None:
+            for proto in peers:
+                if not proto.closed.called:
+                    proto.transport.abortConnection()
+
+        deadline = self.clock.callLater(timeout, abort_stragglers)
+        return closed.addCallback(lambda _: deadline.active() and deadline.cancel())
+
+
+class MasterService(service.Service):
+    """
+    Listen on an endpoint and run a L{Master} behind it.
+
+    @param listen: endpoint description (default C{tcp:5494}).
+    @param address_file: if given, the address clients should use is written
+        there (atomically) once the master listens; removed on stop.
+    @param web: if given, serve the dashboard, C{/api/status} and
+        C{/metrics} on this endpoint (L{cw.master.web.WebDashboard}), and write its
+        URL to C{web_address_file} if that is given.
+    @param web_options: more keyword arguments of L{cw.master.web.WebDashboard}
+        (C{token_file}, C{open_access}, C{hosts}).
+    @param options: passed on to L{Master}.
+    """
+
+    name = "cw-master"
+
+    def __init__(
+        self,
+        listen: str | None = None,
+        address_file: str | None = None,
+        web: str | None = None,
+        web_address_file: str | None = None,
+        web_options: dict | None = None,
+        **options: Any,
+    ) -> None:
+        self.listen = listen
+        self.address_file = address_file
+        #: Everything else (prefetch, secret, limits, heartbeats) is L{Master}'s.
+        self.master = Master(**options)
+        self.port = None
+        self.web = (
+            None if web is None else WebDashboard(self.master, web, web_address_file, **(web_options or {}))
+        )
+
+    def startService(self):
+        super().startService()
+        from twisted.internet import reactor
+
+        if self.master.secret is None:
+            log.warn(
+                "cw master running with --insecure: anyone who can connect can run"
+                " code on every worker; use it only on a trusted, isolated network"
+            )
+        self.master.start_heartbeats()
+        self.master.start_deadlines()
+        self.master.start_watching_clients()
+        if self.web is not None:
+            self.web.start(reactor)
+        endpoint = server_endpoint(reactor, self.listen)
+        d = endpoint.listen(MasterFactory(self.master))
+        d.addCallback(self._listening)
+        d.addErrback(self._failed)
+        return d
+
+    def _listening(self, port):
+        self.port = port
+        address = describe_listening(port)
+        host = port.getHost()
+        log.info(
+            "cw master listening on {where}; clients and workers on this machine can use {address}",
+            where=f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}".strip(":")
+            if hasattr(host, "port")
+            else address,
+            address=address,
+        )
+        if self.address_file:
+            tmp = f"{self.address_file}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(address + "\n")
+            os.replace(tmp, self.address_file)
+
+    def _failed(self, failure):
+        log.failure("cw master could not listen on {listen}", failure, listen=self.listen)
+        from twisted.internet import reactor
+
+        stop_reactor(reactor)
+
+    def stopService(self):
+        """
+        Stop (SIGTERM, SIGINT): tell clients and workers (L{Master.shutdown}),
+        close their connections and stop listening.
+        """
+        super().stopService()
+        self.master.stop_heartbeats()
+        self.master.stop_deadlines()
+        self.master.stop_watching_clients()
+        if self.address_file:
+            try:
+                os.unlink(self.address_file)
+            except FileNotFoundError:
+                pass
+        stopped = self.master.shutdown("the master was stopped")
+        if self.port is not None:
+            stopped = defer.gatherResults([stopped, defer.maybeDeferred(self.port.stopListening)])
+        if self.web is not None:
+            stopped = defer.gatherResults([stopped, self.web.stop()])
+        return stopped
+
+
+class Options(usage.Options):
+    synopsis = "[--port ENDPOINT] [--prefetch N] [--address-file PATH]"
+    longdesc = (
+        "Run a cw master: it queues jobs from clients and routes them to"
+        " workers.  ENDPOINT is a Twisted endpoint description such as"
+        " tcp:5494 (the default), tcp:5494:interface=127.0.0.1 or"
+        " unix:/path/to/socket."
+    )
+    optParameters = [
+        ["port", "p", None, "endpoint to listen on (default tcp:5494)"],
+        ["prefetch", None, 1, "extra jobs a worker may hold per slot, at least", int],
+        ["prefetch-seconds", None, 0.05, "also as many as a worker completes in this time", float],
+        ["address-file", None, None, "write the master's address here once listening"],
+        ["secret-file", None, None, "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"],
+        [
+            "max-pending",
+            None,
+            None,
+            "connections that may wait to authenticate (default: 1024, at most 1/4 of the fd limit)",
+            int,
+        ],
+        ["max-pending-per-address", None, None, "of those, from one address (default: a quarter)", int],
+        ["auth-timeout", None, AUTH_TIMEOUT, "seconds a new connection has to authenticate", float],
+        ["max-payload", None, P.MAX_PAYLOAD, "largest job or result payload, in bytes", int],
+        ["max-queued-bytes", None, MAX_QUEUED_BYTES, "bytes of jobs a client may have queued", int],
+        ["max-queued-jobs", None, MAX_QUEUED_JOBS, "jobs a client may have queued", int],
+        [
+            "max-unsent-bytes",
+            None,
+            MAX_UNSENT_BYTES,
+            "dispatch none of a client's jobs while it has this many bytes of results unread",
+            int,
+        ],
+        [
+            "client-read-timeout",
+            None,
+            CLIENT_READ_TIMEOUT,
+            "disconnect a client that reads none of its results for this long",
+            float,
+        ],
+        ["max-attempts", None, 3, "lost workers a running job may outlive before it fails", int],
+        ["heartbeat", None, 5.0, "seconds between heartbeats to each worker and client (0: none)", float],
+        ["heartbeat-timeout", None, None, "seconds a worker may stay silent (default: 3 heartbeats)", float],
+        ["client-timeout", None, CLIENT_TIMEOUT, "seconds a client may stay silent (0: no limit)", float],
+        [
+            "deadline-grace",
+            None,
+            DEADLINE_GRACE,
+            "seconds past a job's timeout before it is taken back",
+            float,
+        ],
+        [
+            "stall-timeout",
+            None,
+            0.0,
+            "drop a worker holding jobs that reports nothing this long (0: never)",
+            float,
+        ],
+        ["web", None, None, "serve the dashboard and /metrics on this endpoint, e.g. tcp:8494 (loopback)"],
+        ["web-address-file", None, None, "write the dashboard's URL here once it listens"],
+        ["web-token-file", None, None, "write the dashboard's token here (mode 0600; default ~/.cache/cw/)"],
+        ["web-host", None, "", "more names the dashboard answers to in Host headers, comma-separated"],
+    ]
+    optFlags = [
+        ["insecure", None, "accept peers without authentication (trusted networks only)"],
+        ["web-open", None, "serve the dashboard without its token (single-user machines only)"],
+    ]
+
+    def postOptions(self):
+        self["secret"] = load_options_secret(self)
+        for name in ("max-pending", "max-pending-per-address"):
+            if self[name] is not None and self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
+        if self["max-attempts"] < 1:
+            raise usage.UsageError("--max-attempts must be at least 1")
+        if self["max-unsent-bytes"] < 1 or self["client-read-timeout"] <= 0:
+            raise usage.UsageError("--max-unsent-bytes and --client-read-timeout must be positive")
+        if self["max-queued-bytes"] < 1 or self["max-queued-jobs"] < 1:
+            raise usage.UsageError("--max-queued-bytes and --max-queued-jobs must be at least 1")
+        if self["prefetch"] < 0 or self["prefetch-seconds"] < 0:
+            raise usage.UsageError("--prefetch and --prefetch-seconds must not be negative")
+        for name in ("deadline-grace", "stall-timeout", "client-timeout", "heartbeat"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must not be negative")
+        for option in ("web-address-file", "web-token-file", "web-host", "web-open"):
+            if self[option] and not self["web"]:
+                raise usage.UsageError(f"--{option} needs --web")
+
+
+def makeService(options: Options) -> MasterService:
+    log_descriptor_limit("master")
+    service = MasterService(
+        listen=options["port"],
+        prefetch=options["prefetch"],
+        prefetch_seconds=options["prefetch-seconds"],
+        address_file=options["address-file"],
+        secret=options["secret"],
+        max_pending=options["max-pending"],
+        max_pending_per_address=options["max-pending-per-address"],
+        max_attempts=options["max-attempts"],
+        heartbeat=options["heartbeat"],
+        heartbeat_timeout=options["heartbeat-timeout"],
+        client_timeout=options["client-timeout"],
+        auth_timeout=options["auth-timeout"],
+        max_payload=options["max-payload"],
+        max_queued_bytes=options["max-queued-bytes"],
+        max_queued_jobs=options["max-queued-jobs"],
+        deadline_grace=options["deadline-grace"],
+        stall_timeout=options["stall-timeout"],
+        max_unsent_bytes=options["max-unsent-bytes"],
+        client_read_timeout=options["client-read-timeout"],
+        web=options["web"],
+        web_address_file=options["web-address-file"],
+        web_options={
+            "token_file": options["web-token-file"],
+            "open_access": bool(options["web-open"]),
+            "hosts": [name for name in options["web-host"].split(",") if name.strip()],
+        },
+    )
+    asked = options["max-pending"]
+    if asked is not None and asked > service.master.max_pending:
+        log.warn(
+            "--max-pending {asked} is over a quarter of the descriptor limit; using {n}",
+            asked=asked,
+            n=service.master.max_pending,
+        )
+    log.info(
+        "At most {n} connections may wait to authenticate, {a} from one address (--max-pending)",
+        n=service.master.max_pending,
+        a=service.master.pending.per_address,
+    )
+    return service

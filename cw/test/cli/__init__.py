@@ -1,0 +1,1 @@
+"""Tests of the command lines (cw, cw-slurm), secret files and installation."""

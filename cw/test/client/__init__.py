@@ -1,0 +1,1 @@
+"""Tests of the client (cw.client): session, executor, maps, payloads."""

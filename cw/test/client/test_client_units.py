@@ -1,0 +1,352 @@
+"""
+Tests for the parts of L{cw.client} and L{cw.errors} that need no master:
+pickling calls, decoding results and remote exceptions.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import threading
+
+import cloudpickle
+from twisted.trial.unittest import SynchronousTestCase
+
+from cw.client.session import client_context, decode_result, describe_unpicklable, job_options, pickle_call
+from cw.core.records import Job, Outcome, Result, error_report, read_options
+from cw.errors import (
+    EXCEPTION_PICKLE_LIMIT,
+    CWError,
+    JobCrashed,
+    JobTimeout,
+    RemoteException,
+    SubmitError,
+    WorkerLost,
+    exception_fields,
+    remote_error,
+    typed_class,
+)
+from cw.worker import child as child
+from cw.worker.child import run_payload
+
+
+def failing_job():
+    raise LookupError("no such thing")
+
+
+class Unpicklable:
+    """An object that refuses to be pickled and has a long repr."""
+
+    def __reduce__(self):
+        raise TypeError("refusing to be pickled")
+
+    def __repr__(self):
+        return "Unpicklable(" + "x" * 200 + ")"
+
+
+class BadRepr(Unpicklable):
+    """An unpicklable object whose repr fails too."""
+
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+REPORT = {
+    "type": "ValueError",
+    "message": "bad value",
+    "traceback": (
+        'Traceback (most recent call last):\n  File "job.py", line 3, in compute\nValueError: bad value\n'
+    ),
+    "host": "node7",
+    "pid": 1234,
+}
+
+
+class RemoteExceptionTests(SynchronousTestCase):
+    """L{RemoteException} shows where and how a job failed."""
+
+    def test_attributes(self):
+        exc = RemoteException("job-1", REPORT)
+        self.assertEqual(
+            (exc.jobid, exc.type, exc.message, exc.host, exc.pid),
+            ("job-1", "ValueError", "bad value", "node7", 1234),
+        )
+        self.assertEqual(exc.traceback, REPORT["traceback"])
+
+    def test_str_shows_traceback_and_job(self):
+        text = str(RemoteException("job-1", REPORT))
+        self.assertIn("'job-1'", text)
+        self.assertIn("node7", text)
+        self.assertIn('File "job.py", line 3, in compute', text)
+        self.assertIn("ValueError: bad value", text)
+
+    def test_str_without_traceback(self):
+        text = str(RemoteException(42, {"type": "MemoryError", "message": "out of memory"}))
+        self.assertIn("42", text)
+        self.assertIn("MemoryError: out of memory", text)
+
+    def test_str_of_empty_report(self):
+        self.assertIn("job 5 failed", str(RemoteException(5, {})))
+
+    def test_args(self):
+        exc = RemoteException("job-1", REPORT)
+        self.assertEqual(exc.args, (str(exc),))
+
+    def test_is_a_cw_error(self):
+        self.assertIsInstance(RemoteException(1, {}), CWError)
+        self.assertIsInstance(JobCrashed(1, {}), RemoteException)
+
+    def test_picklable(self):
+        for cls in (RemoteException, JobCrashed):
+            exc = cls(("tuple", 1), REPORT)
+            copy = pickle.loads(pickle.dumps(exc))
+            self.assertIs(type(copy), cls)
+            self.assertEqual(copy.jobid, ("tuple", 1))
+            self.assertEqual(copy.report, REPORT)
+            self.assertEqual(str(copy), str(exc))
+
+    def test_cloudpicklable(self):
+        copy = cloudpickle.loads(cloudpickle.dumps(RemoteException("j", REPORT)))
+        self.assertEqual(str(copy), str(RemoteException("j", REPORT)))
+
+
+class PickleCallTests(SynchronousTestCase):
+    """L{pickle_call} makes a job payload or says what cannot be sent."""
+
+    def test_payload(self):
+        payload = pickle_call("j", divmod, (17, 5), {})
+        func, args, kwargs = cloudpickle.loads(payload)
+        self.assertEqual((func, args, kwargs), (divmod, (17, 5), {}))
+        self.assertEqual(func(*args, **kwargs), (3, 2))
+
+    def test_lambda_and_kwargs(self):
+        payload = pickle_call("j", lambda a, *, b: a - b, (10,), {"b": 3})
+        func, args, kwargs = cloudpickle.loads(payload)
+        self.assertEqual(func(*args, **kwargs), 7)
+
+    def test_not_callable(self):
+        error = self.assertRaises(SubmitError, pickle_call, "job-9", 42, (), {})
+        self.assertIn("'job-9'", str(error))
+        self.assertIn("42 is not callable", str(error))
+
+    def test_unpicklable_argument(self):
+        error = self.assertRaises(SubmitError, pickle_call, "job-9", print, (1, threading.Lock()), {})
+        text = str(error)
+        self.assertIn("'job-9'", text)
+        self.assertIn("argument 1 (lock", text)
+        self.assertIn("cannot be pickled", text)
+        self.assertIsInstance(error.__cause__, TypeError)
+
+    def test_unpicklable_keyword_argument(self):
+        error = self.assertRaises(SubmitError, pickle_call, 1, print, (1,), {"file": threading.Lock()})
+        self.assertIn("keyword argument 'file'", str(error))
+
+    def test_unpicklable_function(self):
+        lock = threading.Lock()
+
+        def uses_lock():
+            with lock:
+                return 1
+
+        error = self.assertRaises(SubmitError, pickle_call, 1, uses_lock, (), {})
+        self.assertIn("the function (function", str(error))
+
+    def test_submit_error_is_value_error(self):
+        self.assertRaises(ValueError, pickle_call, 1, None, (), {})
+        self.assertTrue(issubclass(SubmitError, CWError))
+
+
+class DescribeUnpicklableTests(SynchronousTestCase):
+    """L{describe_unpicklable} names the first part of a call that cannot be pickled."""
+
+    def test_first_offender(self):
+        text = describe_unpicklable(print, (1, 2, threading.Lock(), threading.Lock()), {})
+        self.assertTrue(text.startswith("argument 2 (lock"), text)
+
+    def test_long_repr_shortened(self):
+        text = describe_unpicklable(print, (Unpicklable(),), {})
+        self.assertIn("argument 0 (Unpicklable Unpicklable(xxx", text)
+        self.assertIn("...)", text)
+        self.assertNotIn("x" * 100, text)
+        self.assertIn("refusing to be pickled", text)
+
+    def test_failing_repr(self):
+        text = describe_unpicklable(print, (), {"k": BadRepr()})
+        self.assertIn("keyword argument 'k' (BadRepr <", text)
+        self.assertIn("refusing to be pickled", text)
+
+    def test_nothing_to_blame(self):
+        self.assertEqual(describe_unpicklable(print, (1,), {"a": 2}), "the call cannot be pickled")
+
+
+class DecodeResultTests(SynchronousTestCase):
+    """L{decode_result} turns a result record into a value or an exception."""
+
+    def test_ok(self):
+        result = Result(1, 1, Outcome.OK, cloudpickle.dumps({"v": [1, 2]}))
+        self.assertEqual(decode_result("j", result), (True, {"v": [1, 2]}))
+
+    def test_ok_but_unreadable(self):
+        ok, exc = decode_result("j", Result(1, 1, Outcome.OK, b"garbage"))
+        self.assertFalse(ok)
+        self.assertIsInstance(exc, RemoteException)
+        self.assertIn("could not be unpickled in the client", str(exc))
+        self.assertEqual(exc.jobid, "j")
+
+    def test_raised(self):
+        payload = error_report(
+            REPORT["type"], REPORT["message"], REPORT["traceback"], host=REPORT["host"], pid=REPORT["pid"]
+        )
+        ok, exc = decode_result("j", Result(1, 1, Outcome.RAISED, payload))
+        self.assertFalse(ok)
+        self.assertIs(type(exc), RemoteException)
+        self.assertEqual((exc.type, exc.message, exc.host), ("ValueError", "bad value", "node7"))
+
+    def test_crashed(self):
+        ok, exc = decode_result("j", Result(1, 1, Outcome.CRASHED, error_report("ProcessDied", "signal 9")))
+        self.assertFalse(ok)
+        self.assertIs(type(exc), JobCrashed)
+        self.assertIn("signal 9", str(exc))
+
+    def test_failed(self):
+        ok, exc = decode_result("j", Result(1, 1, Outcome.FAILED, error_report("OSError", "no cwd")))
+        self.assertFalse(ok)
+        self.assertIs(type(exc), RemoteException)
+
+    def test_garbage_report(self):
+        ok, exc = decode_result("j", Result(1, 1, Outcome.RAISED, b"\xffcore dumped"))
+        self.assertFalse(ok)
+        self.assertEqual(exc.type, "Error")
+        self.assertIn("core dumped", str(exc))
+
+    def test_job_process_exception_end_to_end(self):
+        """What a job raised in a job process reaches the client with its traceback."""
+        self.addCleanup(os.chdir, os.getcwd())
+        self.addCleanup(sys.path.__setitem__, slice(None), list(sys.path))
+        self.patch(child, "_inserted", [])
+        status, data = run_payload("", [], pickle_call("job-3", failing_job, (), {}))
+        ok, exc = decode_result("job-3", Result(1, 3, status, data))
+        self.assertFalse(ok)
+        text = str(exc)
+        self.assertIn("'job-3'", text)
+        self.assertIn("in failing_job", text)
+        self.assertIn("LookupError: no such thing", text)
+
+
+class ClientContextTests(SynchronousTestCase):
+    """L{client_context} captures where this client's jobs should run."""
+
+    def test_context(self):
+        cwd = os.getcwd()
+        self.patch(sys, "path", ["", "relative", "/abs/one", "/abs/one", cwd])
+        context = client_context()
+        self.assertEqual(context["cwd"], cwd)
+        self.assertEqual(context["path"], [cwd, os.path.abspath("relative"), "/abs/one"])
+
+
+class JobOptionTests(SynchronousTestCase):
+    """Per-job options: defaults, overrides, validation and error classes."""
+
+    class Owner:
+        timeout = None
+        max_attempts = None
+
+    def test_no_options_no_bytes(self):
+        self.assertEqual(job_options(self.Owner(), None, None), b"")
+
+    def test_given_options_travel_as_json(self):
+        options = job_options(self.Owner(), 2.5, 4)
+        self.assertEqual(read_options(Job(0, 1, b"", options)), {"timeout": 2.5, "max_attempts": 4})
+
+    def test_owner_defaults_and_overrides(self):
+        owner = self.Owner()
+        owner.timeout, owner.max_attempts = 10, 2
+        self.assertEqual(
+            read_options(Job(0, 1, b"", job_options(owner, None, None))), {"timeout": 10, "max_attempts": 2}
+        )
+        self.assertEqual(read_options(Job(0, 1, b"", job_options(owner, 1, None)))["timeout"], 1)
+
+    def test_bad_values_refused(self):
+        bad = [(0, None), (-1, None), ("1", None), (float("inf"), None), (float("nan"), None), (True, None)]
+        bad += [(None, 0), (None, 1.5), (None, "3"), (None, True)]
+        for timeout, attempts in bad:
+            self.assertRaises(SubmitError, job_options, self.Owner(), timeout, attempts)
+
+    def test_malformed_options_read_as_none(self):
+        for raw in [b"{", b"[1]", b"\xff"]:
+            self.assertEqual(read_options(Job(0, 1, b"", raw)), {})
+
+    def test_error_classes_by_report_type(self):
+        for kind, cls in [
+            ("JobTimeout", JobTimeout),
+            ("WorkerLost", WorkerLost),
+            ("JobProcessDied", JobCrashed),
+        ]:
+            result = Result(1, 1, Outcome.CRASHED, error_report(kind, "m", host="h"))
+            ok, error = decode_result("j", result)
+            self.assertFalse(ok)
+            self.assertIs(type(error), cls)
+            self.assertEqual(pickle.loads(pickle.dumps(error)).report, error.report)
+        self.assertTrue(issubclass(WorkerLost, JobCrashed))
+        self.assertFalse(issubclass(JobTimeout, JobCrashed))
+
+
+class HoldsALock(Exception):
+    """An exception whose state cannot be pickled."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class TypedRemoteErrorTests(SynchronousTestCase):
+    """L{exception_fields} in the job process and L{remote_error} in the client, without a master."""
+
+    def raised(self, exc: BaseException) -> RemoteException:
+        report = {"type": type(exc).__name__, "message": str(exc), "traceback": "tb", "host": "h", "pid": 1}
+        return remote_error("j", {**report, **exception_fields(exc)})
+
+    def test_class_made_once_per_type(self):
+        first, second = self.raised(KeyError("a")), self.raised(KeyError("b"))
+        self.assertIs(type(first), type(second))
+        self.assertIs(type(first), typed_class(KeyError))
+        self.assertEqual(type(first).__name__, "RemoteException(KeyError)")
+        self.assertIsInstance(first, KeyError)
+        self.assertEqual(first.args, ("a",))
+
+    def test_pickles(self):
+        """A typed exception pickles (plain pickle too) and comes back as the same class."""
+        error = self.raised(ValueError("bad"))
+        for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
+            copy = loads(dumps(error))
+            self.assertIs(type(copy), type(error))
+            self.assertEqual((copy.args, copy.jobid, copy.host), (("bad",), "j", "h"))
+
+    def test_unpicklable_state_dropped(self):
+        """State that cannot be pickled is left out; the class and args still arrive."""
+        error = self.raised(HoldsALock("locked"))
+        self.assertIsInstance(error, HoldsALock)
+        self.assertEqual(error.args, ("locked",))
+        self.assertFalse(hasattr(error, "lock"))
+
+    def test_too_big(self):
+        error = self.raised(ValueError(b"x" * (EXCEPTION_PICKLE_LIMIT + 1)))
+        self.assertIs(type(error), RemoteException)
+        self.assertIn("over", error.fallback)
+
+    def test_garbage(self):
+        """An exception field that is not a pickle: a plain RemoteException saying why."""
+        error = remote_error("j", {"type": "ValueError", "exception": "bm90IGEgcGlja2xl"})
+        self.assertIs(type(error), RemoteException)
+        self.assertIn("cannot be unpickled in the client", error.fallback)
+        self.assertIn("raised as RemoteException, not as ValueError", str(error))
+        self.assertNotIn("exception", error.report)
+
+    def test_not_an_exception_class(self):
+        import base64
+
+        data = base64.b64encode(cloudpickle.dumps((int, (1,), None))).decode()
+        error = remote_error("j", {"type": "int", "exception": data})
+        self.assertIs(type(error), RemoteException)
+        self.assertIn("is not an exception class", error.fallback)

@@ -1,0 +1,135 @@
+"""
+The function cache, end to end: C{ClusterExecutor.map} sends its function
+once per connection to the master, once per worker, and each job process
+unpickles it once, however many jobs use it.  Real twistd master and
+worker processes over TCP on loopback.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from twisted.internet import threads
+from twisted.trial import unittest
+
+from cw.test.jobs import child_counters
+from cw.test.procs import DEADLINE, Processes, executor
+
+
+def make_closure(size: int):
+    """A function closing over C{size} bytes, so that its pickle is big."""
+    blob = b"c" * size
+
+    def job(i):
+        pid, unpickled, jobs = child_counters()
+        return pid, unpickled, jobs, len(blob) + i
+
+    return job
+
+
+class FunctionCacheTests(unittest.TestCase):
+    timeout = 180
+
+    def setUp(self):
+        self.procs = Processes(self, self.mktemp())
+
+    def test_map_unpickles_function_once_per_job_process(self):
+        """
+        400 jobs of one 2 MB closure through map on two workers with two
+        job processes each: every job gets the right answer, and each job
+        process unpickled the function exactly once although most ran many
+        jobs.
+        """
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(2)
+            self.procs.start_worker(2)
+            job = make_closure(2 << 20)
+            with executor(self.procs.address) as ex:
+                results = list(ex.map(job, range(400), timeout=DEADLINE))
+            self.assertEqual([r[3] for r in results], [(2 << 20) + i for i in range(400)])
+            unpickled = collections.defaultdict(set)
+            jobs = collections.Counter()
+            for pid, count, _, _ in results:
+                unpickled[pid].add(count)
+                jobs[pid] += 1
+            self.assertEqual(
+                {pid: counts for pid, counts in unpickled.items()}, {pid: {1} for pid in unpickled}
+            )
+            self.assertGreater(max(jobs.values()), 1, "some job process ran several jobs")
+
+        return threads.deferToThread(body)
+
+    def test_submit_carries_function_with_each_job(self):
+        """
+        submit sends the function inside each job (nothing to cache, so
+        the cache is never used); map then caches it on the same processes.
+        """
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(1)
+            with executor(self.procs.address) as ex:
+                first = [ex.submit(child_counters).result(DEADLINE) for _ in range(5)]
+                self.assertEqual({count for _, count, _ in first}, {0})
+                mapped = list(ex.map(child_counters, range(50), timeout=DEADLINE))
+            self.assertEqual({count for _, count, _ in mapped}, {1})
+
+        return threads.deferToThread(body)
+
+    def test_two_clients_two_functions(self):
+        """
+        Two clients mapping different closures on one worker each get
+        their own function's results (a cache keyed by client and digest).
+        """
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(1)
+            small, big = make_closure(10), make_closure(20)
+            with executor(self.procs.address) as a, executor(self.procs.address) as b:
+                ra = a.map(small, range(100), timeout=DEADLINE)
+                rb = b.map(big, range(100), timeout=DEADLINE)
+                self.assertEqual([r[3] for r in ra], [10 + i for i in range(100)])
+                self.assertEqual([r[3] for r in rb], [20 + i for i in range(100)])
+
+        return threads.deferToThread(body)
+
+
+class CacheMirrorTests(unittest.SynchronousTestCase):
+    """
+    The worker's L{ChildLink} and the L{JobChild} keep the same function
+    cache, so the link never leaves out a function the child lacks, even
+    when far more functions than the cache holds come and go.
+    """
+
+    def test_random_sequence_in_sync(self):
+        import random
+
+        import cloudpickle
+
+        from cw.wire import commands as P
+        from cw.worker.child import FUNCTION_CACHE, JobChild
+        from cw.worker.pool import ChildLink
+
+        link, child = ChildLink(), JobChild()
+        functions = {}
+        for n in range(3 * FUNCTION_CACHE):
+            for client in (1, 2):
+                functions[(client, b"%d" % n)] = cloudpickle.dumps(lambda x, n=n: x + n)
+        keys = list(functions)
+        rng = random.Random(4)
+        seq = 0
+        for _ in range(300):
+            jobs = []
+            for _ in range(rng.randint(1, 40)):
+                seq += 1
+                client, key = rng.choice(keys[: rng.choice([8, len(keys)])])
+                jobs.append(P.Job(client, seq, cloudpickle.dumps(((seq,), {})), b"", key))
+            contexts, sent = link._missing(jobs, {}, functions, 0)
+            answer = child.run_batch(jobs, contexts, sent)
+            for job, result in zip(jobs, answer["results"], strict=True):
+                self.assertEqual(result.status, P.Outcome.OK, P.read_error_report(result.payload))
+                self.assertEqual(cloudpickle.loads(result.payload), job.seq + int(job.func))
+        self.assertEqual(list(link.functions.entries), list(child.functions.entries))

@@ -1,0 +1,1 @@
+"""End-to-end tests: client, master and workers as real processes over loopback."""

@@ -1,0 +1,1 @@
+"""Tests of the launchers (cw.launch, cw.mp, cw.slurm)."""

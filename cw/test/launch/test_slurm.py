@@ -1,0 +1,497 @@
+"""
+Tests of SLURM clusters (L{cw.slurm}, C{contrib/slurm/slurm.py}).
+
+The batch-script tests are pure.  The others run against a real SLURM on
+this machine (in CI, C{contrib/slurm/ci/up.sh} brings up a single-node one);
+they skip if C{scontrol ping} does not report a controller UP.  Each uses
+a cluster name of its own and a cluster directory under the test's
+temporary directory, and its cleanup cancels the job ids that were
+recorded, whether the test passed or not.  Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from twisted.internet import threads
+from twisted.trial import unittest
+
+import cw
+from cw import discovery, slurm
+from cw.cli.slurm import _join_passthrough
+from cw.test.procs import DEADLINE, ROOT, child_env, executor, wait_until
+
+SCRIPT = os.path.join(ROOT, "contrib", "slurm", "slurm.py")
+
+
+def slow_square(x, delay=0.02):
+    time.sleep(delay)
+    return x * x
+
+
+class ScriptTests(unittest.TestCase):
+    """The generated batch scripts (no SLURM needed)."""
+
+    def setUp(self):
+        self.directory = Path("/shared/cw/test")
+
+    def worker(self, n=4, **kwargs):
+        kwargs.setdefault("directory", self.directory)
+        kwargs.setdefault("python", "/venv/bin/python")
+        kwargs.setdefault("cwd", "/home/u/project")
+        return slurm.worker_script(n, **kwargs)
+
+    def master(self, **kwargs):
+        kwargs.setdefault("directory", self.directory)
+        kwargs.setdefault("python", "/venv/bin/python")
+        kwargs.setdefault("cwd", "/home/u/project")
+        return slurm.master_script(**kwargs)
+
+    def test_worker_job(self):
+        """
+        The worker job: named cworkers, N tasks, SIGTERM to the workers
+        before the time limit, each task a worker under srun that finds (and
+        waits for) the master, with a slot per CPU of its task, run by the
+        caller's Python in the caller's directory with this cw on its path.
+        """
+        script = self.worker(4, secret_file="/shared/secret")
+        lines = script.splitlines()
+        self.assertEqual(lines[0], "#!/bin/bash")
+        self.assertIn("#SBATCH --job-name=cworkers", lines)
+        self.assertIn("#SBATCH --ntasks=4", lines)
+        self.assertIn(f"#SBATCH --signal=TERM@{slurm.WALLTIME_WARNING}", lines)
+        self.assertIn("#SBATCH --output=/shared/cw/test/workers-%j.log", lines)
+        self.assertNotIn("#SBATCH --ntasks-per-node=1", lines)
+        self.assertTrue([line for line in lines if line.startswith("cd /home/u/project || {")], script)
+        self.assertIn(f"export PYTHONPATH={ROOT}", "\n".join(lines))
+        self.assertIn("export CW_SECRET_FILE=/shared/secret", lines)
+        srun = lines[-1]
+        self.assertTrue(srun.startswith("srun /venv/bin/python -m cw.worker --slurm --slurm-wait 600 "), srun)
+        self.assertIn("--procs ${SLURM_CPUS_PER_TASK:-1}", srun)
+        self.assertIn("--secret-file /shared/secret", srun)
+        self.assertIn(f"--drain-timeout {slurm.WALLTIME_WARNING - 30}", srun)
+        # Every #SBATCH line comes before the first command (sbatch stops there).
+        first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+        self.assertFalse([line for line in lines[first_command:] if line.startswith("#SBATCH")])
+
+    def test_isolated(self):
+        """-i: one worker per node."""
+        self.assertIn("#SBATCH --ntasks-per-node=1", self.worker(8, isolated=True).splitlines())
+
+    def test_docker(self):
+        """
+        -d IMAGE: the batch script waits for the master once, then runs each
+        worker in 'docker run -i --rm --net=host ARGS IMAGE', with the
+        secret file mounted read-only.
+        """
+        script = self.worker(
+            2, docker_image="me/cw:1", docker_args="--memory 4g -v /data:/data", secret_file="/shared/secret"
+        )
+        lines = script.splitlines()
+        self.assertIn("master=$(/venv/bin/python -m cw.slurm wait-master --timeout 600) || exit 1", lines)
+        self.assertEqual(
+            lines[-1],
+            "srun docker run -i --rm --net=host --memory 4g -v /data:/data"
+            " -v /shared/secret:/shared/secret:ro -e CW_SECRET_FILE=/shared/secret me/cw:1"
+            ' python3 -m cw.worker --master "$master" --secret-file /shared/secret'
+            f" --drain-timeout {slurm.WALLTIME_WARNING - 30} --procs ${{SLURM_CPUS_PER_TASK:-1}}",
+        )
+
+    def test_extra_sbatch_options(self):
+        """--Xworkers and --Xmaster become #SBATCH lines of their own job only."""
+        workers = self.worker(2, sbatch_options=["--mem=4G", "--account=lab"]).splitlines()
+        master = self.master(sbatch_options=["--mem=1G"]).splitlines()
+        self.assertIn("#SBATCH --mem=4G", workers)
+        self.assertIn("#SBATCH --account=lab", workers)
+        self.assertNotIn("#SBATCH --mem=1G", workers)
+        self.assertIn("#SBATCH --mem=1G", master)
+        self.assertNotIn("#SBATCH --mem=4G", master)
+        self.assertRaises(slurm.SlurmError, self.worker, 2, sbatch_options=["--mem=1G\nrm -rf ~"])
+
+    def test_time_partition_and_name(self):
+        """--time, --partition and a cluster name reach both jobs."""
+        common = dict(cluster="big", time_limit="8:00:00", partition="long")
+        for script, name in [
+            (self.worker(2, **common), "cworkers-big"),
+            (self.master(**common), "cmaster-big"),
+        ]:
+            lines = script.splitlines()
+            self.assertIn(f"#SBATCH --job-name={name}", lines)
+            self.assertIn("#SBATCH --time=8:00:00", lines)
+            self.assertIn("#SBATCH --partition=long", lines)
+            self.assertIn("export CW_SLURM_CLUSTER=big", lines)
+
+    def test_master_job(self):
+        """
+        The master job runs 'python -m cw.slurm master-job' with the master's
+        options; the default cluster listens on port 5494 (so that
+        'cw.worker HOST' and clients given only the host still work), a
+        named one on a free port (the address file tells which).
+        """
+        lines = self.master(master_options=["--prefetch", "2"], secret_file="/s").splitlines()
+        self.assertIn("#SBATCH --job-name=cmaster", lines)
+        self.assertIn("#SBATCH --ntasks=1", lines)
+        self.assertEqual(
+            lines[-1],
+            "exec /venv/bin/python -m cw.slurm master-job -- --secret-file /s --port tcp:5494 --prefetch 2",
+        )
+        self.assertTrue(self.master(cluster="two").splitlines()[-1].endswith("--port tcp:0"))
+        self.assertIn("--port tcp:7000", self.master(master_options=["--port", "tcp:7000"]).splitlines()[-1])
+        self.assertNotIn("tcp:5494", self.master(master_options=["--port", "tcp:7000"]))
+
+    def test_names(self):
+        """Job names and cluster directories; bad names are refused."""
+        self.assertEqual(slurm.job_names(""), ("cmaster", "cworkers"))
+        self.assertEqual(slurm.job_names("a.b-1"), ("cmaster-a.b-1", "cworkers-a.b-1"))
+        self.patch(os, "environ", {**os.environ, "CW_SLURM_DIR": "/x/y"})
+        self.assertEqual(slurm.cluster_dir(""), Path("/x/y/default"))
+        self.assertEqual(slurm.cluster_dir("c"), Path("/x/y/c"))
+        for bad in ["a b", "../x", "-x", "a;b"]:
+            self.assertRaises(slurm.SlurmError, slurm.job_names, bad)
+
+    def test_cli_passthrough(self):
+        """'--Xworkers --mem=4G' is read as one option with its value."""
+        self.assertEqual(
+            _join_passthrough(["-n", "4", "--Xworkers", "--mem=4G", "--Xmaster", "-A", "start"]),
+            ["-n", "4", "--Xworkers=--mem=4G", "--Xmaster=-A", "start"],
+        )
+
+    def test_master_file(self):
+        """
+        master_info reads master.json; master_host gives the bare host for
+        the default port and HOST:PORT otherwise.
+        """
+        directory = os.path.abspath(self.mktemp())
+        self.patch(os, "environ", {**os.environ, "CW_SLURM_DIR": directory})
+        self.patch(discovery, "active_jobs", lambda ids: {i: "RUNNING" for i in ids})
+        slurm._write_json(slurm.cluster_dir("a") / "master.json", slurm._info("node7", 5494, job_id="12"))
+        slurm._write_json(slurm.cluster_dir("b") / "master.json", slurm._info("node8", 40001, job_id="13"))
+        self.assertEqual(slurm.master_host("a"), "node7")
+        self.assertEqual(slurm.master_host("b"), "node8:40001")
+        self.assertEqual(slurm.master_address("a"), "node7:5494")
+        # A master job that is gone: its file is not believed.
+        self.patch(discovery, "active_jobs", lambda ids: {})
+        self.assertIsNone(slurm.master_info("a"))
+
+
+def _slurm_skip() -> str | None:
+    if not discovery._slurm_controller_up():
+        return (
+            "no SLURM controller answers here ('scontrol ping' does not say UP); as root on a"
+            " disposable machine, contrib/slurm/ci/up.sh brings up a single-node SLURM"
+        )
+    return None
+
+
+class SlurmClusterTests(unittest.TestCase):
+    """Clusters run as jobs of a real SLURM."""
+
+    timeout = 240
+    skip = _slurm_skip()
+    _counter = 0
+
+    def setUp(self):
+        SlurmClusterTests._counter += 1
+        self.name = f"t{os.getpid()}-{SlurmClusterTests._counter}"
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        env = {**os.environ, "CW_SLURM_DIR": self.directory, "CW_SLURM_CLUSTER": self.name}
+        env.pop("CW_BACKEND", None)
+        env.pop("CW_MASTER", None)
+        self.patch(os, "environ", env)
+        self.job_ids: list[str] = []
+        self.addCleanup(self.cancel_all)
+
+    def cancel_all(self):
+        """Cancel every job this test submitted (recorded or seen), and wait for them to end."""
+        jobs = slurm.recorded_jobs(self.name)
+        ids = list(dict.fromkeys(jobs["master"] + jobs["workers"] + self.job_ids))
+        return threads.deferToThread(slurm.cancel, ids, DEADLINE)
+
+    def env(self) -> dict[str, str]:
+        env = child_env(CW_SLURM_DIR=self.directory, CW_SLURM_CLUSTER=self.name)
+        env.pop("CW_BACKEND")
+        return env
+
+    def squeue(self) -> dict[str, str]:
+        """This test's active jobs: name by job id."""
+        out = subprocess.run(
+            ["squeue", "-h", "-n", ",".join(slurm.job_names(self.name)), "-o", "%i %j"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        jobs = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+        self.job_ids += [i for i in jobs if i not in self.job_ids]
+        return jobs
+
+    def run_command(self, *args: str) -> subprocess.CompletedProcess:
+        out = subprocess.run(
+            [sys.executable, SCRIPT, *args],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=DEADLINE * 2,
+        )
+        self.assertEqual(out.returncode, 0, f"slurm.py {' '.join(args)}:\n{out.stdout}{out.stderr}")
+        return out
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in sorted(Path(self.directory).rglob("*.log"))
+        )
+
+    def test_start_run_stop(self):
+        """
+        'slurm.py -n 4 start', as a user runs it: squeue shows cmaster and
+        cworkers; a client program given cw.slurm_master_host() runs 500
+        jobs and gets every result; 'slurm.py stop' leaves no job in squeue;
+        'slurm.py status' shows the jobs and the connected workers.
+        """
+
+        def body():
+            self.run_command("-n", "4", "start")
+            master, workers = slurm.job_names(self.name)
+            self.assertEqual(sorted(self.squeue().values()), [master, workers])
+            slurm.wait_for_master(self.name, timeout=DEADLINE)
+            client = textwrap.dedent(
+                """
+                import cw
+                from cw.client import ClusterExecutor, wait_for_workers
+
+                host = cw.slurm_master_host()
+                wait_for_workers(4, host, timeout=60)
+                with ClusterExecutor(host) as ex:
+                    results = list(ex.map(pow, range(500), [2] * 500, timeout=120))
+                assert results == [i * i for i in range(500)], results
+                print("ok", len(results), host)
+                """
+            )
+            out = subprocess.run(
+                [sys.executable, "-c", client],
+                capture_output=True,
+                text=True,
+                env=self.env(),
+                timeout=DEADLINE * 2,
+            )
+            self.assertEqual(out.returncode, 0, out.stderr + self.logs())
+            self.assertTrue(out.stdout.startswith("ok 500 "), out.stdout)
+            status = self.run_command("status").stdout
+            self.assertIn(master, status)
+            self.assertIn("RUNNING", status)
+            self.assertIn("workers  4 (4 slots", status)
+            self.run_command("stop")
+            self.assertEqual(self.squeue(), {})
+            self.assertEqual(slurm.recorded_jobs(self.name), {"master": [], "workers": []})
+
+        return threads.deferToThread(body)
+
+    def test_master_host_right_after_start(self):
+        """
+        'slurm.py -n 2 start' (the master job held back a few seconds with
+        --begin, so that it is surely still queued), then at once a program
+        written against the original API: cw.slurm_master_host() waits for
+        the queued master job, says so once, and never claims that squeue
+        has none; cw.client.SlurmExecutor() runs jobs on that master.
+        """
+
+        def body():
+            self.run_command("-n", "2", "--Xmaster", "--begin=now+5", "start")
+            self.assertIn("PENDING", slurm.master_jobs(self.name).values())
+            client = textwrap.dedent(
+                """
+                import cw
+                from cw.client import SlurmExecutor, wait_for_workers
+
+                assert cw.is_slurm_available()
+                host = cw.slurm_master_host()
+                wait_for_workers(2, host, timeout=60)
+                with SlurmExecutor() as ex:
+                    print("ok", sum(ex.map(abs, range(-5, 5))), host)
+                """
+            )
+            out = subprocess.run(
+                [sys.executable, "-c", client],
+                capture_output=True,
+                text=True,
+                env=self.env(),
+                timeout=DEADLINE * 2,
+            )
+            self.assertEqual(out.returncode, 0, out.stderr + self.logs())
+            self.assertTrue(out.stdout.startswith("ok 25 "), out.stdout)
+            self.assertEqual(out.stderr.count("has not started its master yet"), 1, out.stderr)
+            self.assertNotIn("none in squeue", out.stderr)
+            self.run_command("stop")
+            self.assertEqual(self.squeue(), {})
+
+        return threads.deferToThread(body)
+
+    def test_no_master_job(self):
+        """Without a master job in squeue, master_host fails at once, saying there is none."""
+
+        def body():
+            started = time.monotonic()
+            with self.assertRaises(slurm.SlurmError) as caught:
+                cw.slurm_master_host()
+            self.assertIn("none in squeue", str(caught.exception))
+            self.assertIn("start one with", str(caught.exception))
+            self.assertLess(time.monotonic() - started, 30)
+
+        return threads.deferToThread(body)
+
+    def test_allocate_picks_slurm(self):
+        """
+        With no CW_BACKEND and a SLURM controller answering, cw.allocate(4)
+        starts the cluster as SLURM jobs (the original looked for salloc on
+        PATH; cw asks the controller, see cw.launch.backend), and clients find its
+        master without being told; on exit the jobs are gone.
+        """
+
+        def body():
+            self.assertEqual(discovery.backend(), "slurm")
+            with cw.allocate(4) as address:
+                jobs = self.squeue()
+                self.assertEqual(sorted(jobs.values()), sorted(slurm.job_names(self.name)))
+                self.assertEqual(address, slurm.master_address())
+                from cw.client import wait_for_workers
+
+                wait_for_workers(4, timeout=DEADLINE)
+                with executor() as ex:
+                    self.assertEqual(
+                        list(ex.map(slow_square, range(40), timeout=DEADLINE)), [i * i for i in range(40)]
+                    )
+            self.assertEqual(self.squeue(), {})
+
+        return threads.deferToThread(body)
+
+    def test_workers_before_master(self):
+        """Workers submitted before their master wait for it, then join."""
+
+        def body():
+            slurm.start(2, master=False, wait=False)
+            worker_job = slurm.recorded_jobs(self.name)["workers"][0]
+            wait_until(
+                lambda: slurm.job_states([worker_job]).get(worker_job) == "RUNNING",
+                what="the worker job to run",
+            )
+            log = Path(self.directory, self.name, f"workers-{worker_job}.log")
+            wait_until(
+                lambda: log.exists() and "waiting up to" in log.read_text(), what=f"'waiting' in {log}"
+            )
+            time.sleep(1)  # the workers really are up before their master
+            self.assertEqual(slurm.job_states([worker_job]).get(worker_job), "RUNNING", self.logs())
+            address = slurm.start(0, workers=False, timeout=DEADLINE)
+            from cw.client import wait_for_workers
+
+            wait_for_workers(2, address, timeout=DEADLINE)
+            with executor(address) as ex:
+                self.assertEqual(
+                    list(ex.map(slow_square, range(20), timeout=DEADLINE)), [i * i for i in range(20)]
+                )
+            slurm.stop()
+            self.assertEqual(self.squeue(), {})
+
+        return threads.deferToThread(body)
+
+    def test_replace_cancelled_workers(self):
+        """
+        Cancel the worker job while it runs jobs, submit another worker job:
+        every job still comes back, exactly once.
+        """
+
+        def body():
+            from cw.client import wait_for_workers
+
+            address = slurm.start(2, timeout=DEADLINE)
+            wait_for_workers(2, address, timeout=DEADLINE)
+            first = slurm.recorded_jobs(self.name)["workers"][0]
+            with executor(address) as ex:
+                futures = [ex.submit(slow_square, i, 0.05) for i in range(200)]
+                wait_until(lambda: sum(f.done() for f in futures) >= 30, what="30 results")
+                subprocess.run(["scancel", first], check=True, timeout=30)
+                wait_until(lambda: not slurm.active_jobs([first]), what=f"worker job {first} to end")
+                done_before = sum(f.done() for f in futures)
+                self.assertLess(done_before, 200)
+                slurm.start(2, master=False, wait=False)
+                self.assertEqual(len(slurm.recorded_jobs(self.name)["workers"]), 1)
+                results = [f.result(timeout=DEADLINE) for f in futures]
+            self.assertEqual(results, [i * i for i in range(200)])
+            slurm.stop()
+            self.assertEqual(self.squeue(), {})
+
+        return threads.deferToThread(body)
+
+    def test_walltime_drain(self):
+        """
+        A worker job that reaches its time limit gets SIGTERM first
+        (--signal=TERM@...), and its worker drains: the job ends by itself
+        before the limit (not TIMEOUT), and a replacement worker job
+        finishes every job, none failed.  SLURM sends the signal up to a minute early, so
+        with a one-minute limit it comes within about 30 s.
+        """
+
+        def body():
+            from cw.client import wait_for_workers
+
+            address = slurm.start(0, workers=False, timeout=DEADLINE)
+            slurm.start(1, master=False, wait=False, time_limit="1", walltime_warning=55)
+            first = slurm.recorded_jobs(self.name)["workers"][0]
+            wait_for_workers(1, address, timeout=DEADLINE)
+            with executor(address) as ex:
+                futures = [ex.submit(slow_square, i, 0.5) for i in range(200)]
+                wait_until(
+                    lambda: not slurm.active_jobs([first]), timeout=90, what=f"worker job {first} to end"
+                )
+                # It ended on the signal, before SLURM's time limit.
+                self.assertNotEqual(slurm.job_states([first]).get(first), "TIMEOUT", self.logs())
+                self.assertLess(sum(f.done() for f in futures), 200)
+                log = Path(self.directory, self.name, f"workers-{first}.log").read_text()
+                self.assertIn("Received SIGTERM", log)
+                self.assertIn("Drained (", log)
+                slurm.start(1, master=False, wait=False, worker_options=["--procs", "8"])
+                results = [f.result(timeout=DEADLINE) for f in futures]
+            self.assertEqual(results, [i * i for i in range(200)])
+            slurm.stop()
+
+        return threads.deferToThread(body)
+
+
+class MasterFileTests(unittest.TestCase):
+    """What the master job publishes, checked against a real SLURM."""
+
+    timeout = 120
+    skip = _slurm_skip()
+
+    def test_published_and_removed(self):
+        """
+        The master job publishes master.json (host, port, secret file, job
+        id) and its address as the job comment (the fallback without a
+        shared directory); both lead to the same master; stopping the job
+        removes the file.
+        """
+        name = f"f{os.getpid()}"
+        directory = os.path.abspath(self.mktemp())
+        self.patch(os, "environ", {**os.environ, "CW_SLURM_DIR": directory, "CW_SLURM_CLUSTER": name})
+
+        def body():
+            address = slurm.start(0, workers=False, timeout=DEADLINE)
+            self.addCleanup(slurm.cancel, slurm.recorded_jobs(name)["master"], DEADLINE)
+            path = slurm.cluster_dir() / "master.json"
+            info = json.loads(path.read_text())
+            self.assertEqual(info["address"], address)
+            self.assertEqual(info["secret_file"], os.environ["CW_SECRET_FILE"])
+            self.assertEqual(info["job_id"], slurm.recorded_jobs(name)["master"][0])
+            self.assertEqual(discovery._master_from_squeue(name)["address"], address)
+            slurm.stop()
+            self.assertFalse(path.exists())
+            self.assertIsNone(slurm.master_info())
+
+        return threads.deferToThread(body)

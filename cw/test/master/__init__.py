@@ -1,0 +1,1 @@
+"""Tests of the master (cw.master): faults, limits, the web dashboard."""

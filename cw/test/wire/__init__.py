@@ -1,0 +1,1 @@
+"""Tests of the wire (cw.wire): commands, framing, streaming, addresses, MACs."""

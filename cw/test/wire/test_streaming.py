@@ -1,0 +1,103 @@
+"""
+Tests for L{cw.wire.streaming}: big boxes written piece by piece as the
+transport asks for more, and chunked values received into one buffer.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
+from twisted.trial.unittest import SynchronousTestCase
+
+from cw.test.peers import pattern
+from cw.wire import commands as P
+from cw.wire.streaming import PIECE, ChunkReceiver, StreamingSender
+
+
+class Sender(StreamingSender, amp.AMP):
+    pass
+
+
+class Receiver(ChunkReceiver, amp.AMP):
+    def __init__(self):
+        super().__init__()
+        self.boxes = []
+
+    def ampBoxReceived(self, box):
+        self.boxes.append(box)
+
+
+def jobs_box(jobs) -> amp.AmpBox:
+    box = amp.AmpBox()
+    P.JobBatch().toBox(b"jobs", box, {"jobs": jobs}, None)
+    return box
+
+
+class StreamingSenderTests(SynchronousTestCase):
+    def setUp(self):
+        self.transport = StringTransport()
+        self.sender = Sender()
+        self.sender.makeConnection(self.transport)
+
+    def pump(self) -> int:
+        """Let the transport ask for pieces until the sender is done; return how many."""
+        pieces = 0
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+            pieces += 1
+        return pieces
+
+    def test_small_box_written_at_once(self):
+        self.sender.sendBox(amp.AmpBox(a=b"1"))
+        self.assertIsNone(self.transport.producer)
+        self.assertEqual(self.transport.value(), amp.AmpBox(a=b"1").serialize())
+
+    def test_big_box_written_in_pieces_then_queued_boxes(self):
+        jobs = [P.Job(1, 1, pattern(5 * PIECE + 17)), P.Job(1, 2, b"small")]
+        big = jobs_box(jobs)
+        expected = big.serialize() + amp.AmpBox(after=b"x").serialize()
+        self.sender.sendBox(big)
+        self.assertIsNotNone(self.transport.producer, "a pull producer is registered")
+        self.assertLessEqual(len(self.transport.value()), PIECE)
+        self.assertGreater(self.sender.outgoing_bytes, 4 * PIECE)
+        self.sender.sendBox(amp.AmpBox(after=b"x"))  # waits its turn
+        self.assertGreaterEqual(self.pump(), 5)
+        self.assertEqual(self.transport.value(), expected)
+        self.assertEqual(self.sender.outgoing_bytes, 0)
+
+    def test_lost_connection_drops_the_rest(self):
+        self.sender.sendBox(jobs_box([P.Job(1, 1, pattern(3 * PIECE))]))
+        self.sender.stopProducing()
+        self.assertEqual(self.sender.outgoing_bytes, 0)
+        self.sender.resumeProducing()  # nothing left: no error
+
+
+class ChunkReceiverTests(SynchronousTestCase):
+    def receive(self, wire: bytes) -> Receiver:
+        receiver = Receiver()
+        receiver.makeConnection(StringTransport())
+        for start in range(0, len(wire), 7000):
+            receiver.dataReceived(wire[start : start + 7000])
+        return receiver
+
+    def test_chunks_joined_into_one_value(self):
+        jobs = [P.Job(3, 1, pattern(10 * P.CHUNK + 5), b"{}", b"k" * 16), P.Job(3, 2, b"tiny")]
+        [box] = self.receive(jobs_box(jobs).serialize()).boxes
+        self.assertEqual(sorted(box), [b"jobs"], "no chunk keys are left in the box")
+        self.assertIsInstance(box[b"jobs"], memoryview)
+        self.assertEqual(P.decode_jobs(box[b"jobs"]), jobs)
+
+    def test_parsed_by_blob(self):
+        payload = pattern(3 * P.CHUNK)
+        box = amp.AmpBox()
+        P.Blob().toBox(b"payload", box, {"payload": payload}, None)
+        [received] = self.receive(box.serialize()).boxes
+        objects = {}
+        P.Blob().fromBox(b"payload", dict(received), objects, None)
+        self.assertEqual(bytes(objects["payload"]), payload)
+
+    def test_missing_chunk_refused(self):
+        box = jobs_box([P.Job(3, 1, pattern(4 * P.CHUNK))])
+        del box[P.chunk_key(b"jobs", 3, 1)]
+        [received] = self.receive(box.serialize()).boxes
+        self.assertRaises((ValueError, KeyError), P.JobBatch().fromBox, b"jobs", dict(received), {}, None)

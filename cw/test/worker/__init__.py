@@ -1,0 +1,1 @@
+"""Tests of the worker (cw.worker): job children, the pool, containment."""

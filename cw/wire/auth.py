@@ -1,0 +1,481 @@
+"""
+Mutual authentication of cw connections on a shared secret.
+
+The connecting peer (client or worker) and the master prove to each other
+that they hold the same secret, with fresh nonces from both sides so that a
+recorded exchange cannot be replayed and neither side can be impersonated:
+
+    peer -> master   Challenge(role, nonce_p)
+    master -> peer   nonce_m, HMAC(secret, "master" | role | nonce_p | nonce_m)
+    peer -> master   Prove(HMAC(secret, role | nonce_m | nonce_p))
+
+The peer checks the master's proof before it sends its own (so a fake
+master learns nothing useful) and before it accepts any command from the
+master; the master accepts nothing but this exchange until the peer's proof
+checks out.  Comparisons are constant-time.  A peer whose check fails sends
+an empty proof, so that the master too learns that the two ends hold
+different secrets (and logs it).
+
+A proof of the secret alone can be relayed: a man in the middle forwards
+the handshake unchanged between a victim and the real master, then speaks
+for itself.  So the handshake is bound to everything after it.  Both ends
+derive one key per direction from the secret, the role and both nonces
+(L{session_keys}); every later box, both ways, ends with a C{_mac} value:
+the box's sequence number in its direction and an HMAC-SHA256 over the
+box's bytes and that number (L{BoxMac}).  A box with a wrong or missing
+MAC, or out of sequence, ends the connection.  A relay can then only pass
+bytes through unchanged.  This gives integrity and authenticity, not
+secrecy: that is TLS's job (C{ssl:} addresses).
+
+L{AuthGate} is the part every cw AMP protocol shares: it refuses commands
+before authentication, caps what an unauthenticated peer may send, and drops
+a peer that does not authenticate in time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+
+from twisted.internet import defer, error
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from cw.errors import AuthenticationFailed
+from cw.wire.address import no_delay
+from cw.wire.commands import Challenge, Prove
+
+log = Logger(namespace="cw.auth")  # the namespace of its log lines before the layers
+
+NONCE_BYTES = 32
+#: Bytes an unauthenticated peer may send before it is dropped.
+PREAUTH_BYTES = 16 * 1024
+#: Seconds a peer has to authenticate.
+AUTH_TIMEOUT = 10.0
+
+_DOMAIN = b"cw-auth-1"
+_SESSION_DOMAIN = b"cw-session-1"
+
+#: The roles a peer may authenticate as.
+ROLES = frozenset({"client", "worker"})
+
+#: The key of the MAC value that closes every box after the handshake.
+MAC_KEY = b"_mac"
+_SEQUENCE = struct.Struct("!Q")
+_LENGTH = struct.Struct("!H")
+#: Wire bytes of a box's C{_mac} key and of its value's length.
+_MAC_HEAD = _LENGTH.pack(len(MAC_KEY)) + MAC_KEY + _LENGTH.pack(_SEQUENCE.size + hashlib.sha256().digest_size)
+#: The empty key that ends a box.
+_END = _LENGTH.pack(0)
+
+#: Seconds between two "wrong secret" warnings about the same address.
+WRONG_SECRET_LOG_INTERVAL = 60.0
+#: Longest wait, in seconds, of a worker whose secret keeps being refused.
+REFUSED_RETRY_MAX = 60.0
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_BYTES)
+
+
+def proof(secret: bytes, *parts: bytes, domain: bytes = _DOMAIN) -> bytes:
+    """HMAC-SHA256 over the parts, each length-prefixed so none can blur into the next."""
+    mac = hmac.new(secret, domain, hashlib.sha256)
+    for part in parts:
+        mac.update(len(part).to_bytes(4, "big"))
+        mac.update(part)
+    return mac.digest()
+
+
+def master_proof(secret: bytes, role: str, peer_nonce: bytes, master_nonce: bytes) -> bytes:
+    return proof(secret, b"master", role.encode(), peer_nonce, master_nonce)
+
+
+def peer_proof(secret: bytes, role: str, peer_nonce: bytes, master_nonce: bytes) -> bytes:
+    return proof(secret, role.encode(), master_nonce, peer_nonce)
+
+
+def session_keys(secret: bytes, role: str, peer_nonce: bytes, master_nonce: bytes) -> tuple[bytes, bytes]:
+    """
+    The MAC keys of one authenticated connection: (peer to master, master
+    to peer).  Fresh for every connection (both nonces), apart from the
+    proofs (another domain), and one per direction, so that no box can be
+    reflected back to its sender or replayed on another connection.
+    """
+    parts = (role.encode(), peer_nonce, master_nonce)
+    return (
+        proof(secret, b"peer-to-master", *parts, domain=_SESSION_DOMAIN),
+        proof(secret, b"master-to-peer", *parts, domain=_SESSION_DOMAIN),
+    )
+
+
+class BoxMac:
+    """
+    The MACs of the boxes going one way on one connection: HMAC-SHA256,
+    under that direction's key, of a box's wire bytes (every key and value
+    before C{_mac}, with their length prefixes) followed by its sequence
+    number.  The hash is fed piece by piece as the box is written or read
+    (L{start}, then C{update}), so a big box is never held twice for it.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
+        #: Sequence number of the next box.
+        self.sequence = 0
+
+    def start(self):
+        """A fresh hash for the next box: C{update} it with the box's bytes."""
+        return self._keyed.copy()
+
+    def trailer(self, mac) -> bytes:
+        """
+        The wire bytes that close a box hashed into C{mac}: its C{_mac}
+        key and value, then the empty key.  Numbers the box.
+        """
+        sequence = _SEQUENCE.pack(self.sequence)
+        self.sequence += 1
+        mac.update(sequence)
+        return b"".join([_MAC_HEAD, sequence, mac.digest(), _END])
+
+    def sign(self, data) -> bytes:
+        """C{data}, the wire bytes of a whole box without its end, closed by L{trailer}."""
+        mac = self.start()
+        mac.update(data)
+        return b"".join([data, self.trailer(mac)])
+
+    def check(self, mac, value: bytes | None) -> str | None:
+        """
+        Check a received box hashed into C{mac} against its C{_mac}
+        C{value}; None if it is good (and the next is due), else why not.
+        """
+        if value is None:
+            return "sent a box without a MAC (an older cw, or not the peer that authenticated)"
+        if len(value) != _SEQUENCE.size + mac.digest_size:
+            return "sent a malformed MAC"
+        sequence = value[: _SEQUENCE.size]
+        mac.update(sequence)
+        if not hmac.compare_digest(mac.digest(), value[_SEQUENCE.size :]):
+            return (
+                "sent a box with a wrong MAC (changed in transit, or not sent by the peer that authenticated)"
+            )
+        (number,) = _SEQUENCE.unpack(sequence)
+        if number != self.sequence:
+            return f"sent box {number} out of sequence ({self.sequence} was due): replayed or reordered"
+        self.sequence += 1
+        return None
+
+
+def refused_retry_delay(refusals: int, base: float) -> float:
+    """
+    Seconds to wait before trying again after C{refusals} (1 or more)
+    handshakes in a row failed on a secret: C{base}, doubling each time, at
+    most L{REFUSED_RETRY_MAX} (or C{base} if that is longer).
+    """
+    return min(base * 2 ** min(refusals - 1, 32), max(REFUSED_RETRY_MAX, base))
+
+
+class WrongSecretLog:
+    """
+    Decides when the master warns that a peer holds another secret: once
+    per address, then at most once every L{WRONG_SECRET_LOG_INTERVAL}
+    seconds per address, counting the failures it kept quiet about.
+    Remembers at most C{size} addresses.
+    """
+
+    def __init__(self, clock, interval: float = WRONG_SECRET_LOG_INTERVAL, size: int = 4096) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.size = size
+        #: address -> [time of the last warning, failures since].
+        self._seen: dict[str, list] = {}
+
+    def failed(self, address: str) -> int | None:
+        """
+        A handshake from C{address} failed on the secret: None to stay
+        quiet, else the number of failures since the last warning.
+        """
+        now = self.clock.seconds()
+        seen = self._seen.get(address)
+        if seen is not None and now - seen[0] < self.interval:
+            seen[1] += 1
+            return None
+        quiet = seen[1] if seen is not None else 0
+        self._seen.pop(address, None)
+        if len(self._seen) >= self.size:
+            del self._seen[next(iter(self._seen))]
+        self._seen[address] = [now, 0]
+        return quiet
+
+
+def secret_source(secret: bytes) -> str:
+    """Where C{secret} came from, for messages: its file if known."""
+    path = getattr(secret, "path", None)
+    return f"secret file {path}" if path else "the secret it was given"
+
+
+class AuthGate:
+    """
+    Mixin for L{amp.AMP} subclasses: until C{self.authenticated} is true,
+    only the commands named in C{open_commands} are dispatched, at most
+    L{PREAUTH_BYTES} may arrive, and the peer has L{AUTH_TIMEOUT} seconds.
+
+    Anything else closes the connection with a log line naming the peer.
+    A protocol built with C{secret=None} (C{--insecure}) starts out
+    authenticated.
+
+    Once the handshake has agreed on keys (L{start_session}), every box sent
+    is closed with its MAC and every box received must carry a good one
+    (see the module docstring).  Boxes that L{cw.wire.streaming.StreamingSender}
+    writes piece by piece are signed as they are written (L{box_signer}).
+    """
+
+    authenticated = False
+    open_commands: frozenset[bytes] = frozenset()
+    #: Largest box (bytes of values) accepted, authenticated or not.
+    max_box_bytes = 1 << 62
+    _box_bytes = 0
+    preauth_bytes = PREAUTH_BYTES
+    auth_timeout = AUTH_TIMEOUT
+    _received = 0
+    _auth_timer = None
+    #: MACs of the boxes sent and received, once the session started.
+    box_signer: BoxMac | None = None
+    _box_checker: BoxMac | None = None
+    #: The hash of the box being received, and its C{_mac} value.
+    _box_hash = None
+    _box_mac: bytes | None = None
+    _reading_mac = False
+    #: Why this side dropped the connection (see L{reject}), for messages.
+    rejected: str | None = None
+
+    def connectionMade(self):
+        no_delay(self.transport)
+        super().connectionMade()
+
+    def peer_description(self) -> str:
+        peer = self.transport.getPeer() if self.transport else None
+        host = getattr(peer, "host", None)
+        return f"{host}:{peer.port}" if host and hasattr(peer, "port") else str(peer)
+
+    def reject(self, why: str, abort: bool = True) -> None:
+        """
+        Log why and drop the connection: at once (C{abort}), or after what
+        was already written, such as an error answer, has been sent.
+        """
+        if self.transport is None or getattr(self.transport, "disconnecting", False):
+            return
+        log.warn("{peer}: dropping the connection: {why}", peer=self.peer_description(), why=why)
+        self.rejected = why
+        self.paused = True  # parse nothing more of what is buffered
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    def start_auth_timer(self, clock) -> None:
+        if not self.authenticated:
+            self._auth_timer = clock.callLater(
+                self.auth_timeout,
+                self.reject,
+                f"did not authenticate within {self.auth_timeout:g} s",
+            )
+
+    def mark_authenticated(self) -> None:
+        self.authenticated = True
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
+        self._auth_timer = None
+
+    def start_session(self, send_key: bytes, receive_key: bytes) -> None:
+        """
+        From now on, sign every box sent with C{send_key} and accept only
+        boxes signed with C{receive_key} (see L{session_keys}).  Called
+        between boxes: right after sending the last unsigned box (the
+        connecting side's L{Prove}), or before answering it (the master).
+        """
+        self.box_signer = BoxMac(send_key)
+        self._box_checker = BoxMac(receive_key)
+
+    def sendBox(self, box):
+        signer = self.box_signer
+        if signer is None:
+            return super().sendBox(box)
+        if self.transport is None:
+            raise error.ConnectionLost()
+        self.transport.write(signer.sign(memoryview(box.serialize())[:-2]))
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.authenticated:
+            self._received += len(data)
+            if self._received > self.preauth_bytes:
+                self.reject(f"sent over {self.preauth_bytes} bytes without authenticating")
+                return
+        super().dataReceived(data)
+
+    def proto_value(self, string: bytes):
+        # Count each box's bytes as they arrive, so an oversized box is refused
+        # before it has been buffered whole.
+        self._box_bytes += len(string)
+        if self._box_bytes > self.max_box_bytes:
+            self.reject(f"sent a message of over {self.max_box_bytes:,} bytes")
+            return "value"
+        if self._box_hash is not None:
+            if self._reading_mac:
+                # The MAC closes the box: keep it out of the box and the hash.
+                self._reading_mac = False
+                self._box_mac = string
+                self._currentKey = None
+                self.MAX_LENGTH = self._MAX_KEY_LENGTH
+                return "key"
+            self._box_hash.update(_LENGTH.pack(len(string)))
+            self._box_hash.update(string)
+        return super().proto_value(string)
+
+    def proto_key(self, string: bytes):
+        checker = self._box_checker
+        if checker is not None:
+            if self._box_hash is None:
+                self._box_hash = checker.start()
+            if not string:
+                mac, value = self._box_hash, self._box_mac
+                self._box_hash = self._box_mac = None
+                why = checker.check(mac, value)
+                if why is not None:
+                    self.reject(why)
+                    return "init"
+            elif self._box_mac is not None:
+                self.reject("sent more of a box after its MAC")
+                return "init"
+            elif string == MAC_KEY:
+                self._reading_mac = True
+            else:
+                self._box_hash.update(_LENGTH.pack(len(string)))
+                self._box_hash.update(string)
+        if not string:
+            self._box_bytes = 0
+        return super().proto_key(string)
+
+    def locateResponder(self, name: bytes):
+        if not self.authenticated and name not in self.open_commands:
+            self.reject(f"sent {name.decode('ascii', 'replace')!r} before authenticating")
+            # The connection is gone: answer nothing, log no "unhandled command".
+            return lambda box: defer.Deferred()
+        return super().locateResponder(name)
+
+    def connectionLost(self, reason):
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
+        super().connectionLost(reason)
+
+
+@defer.inlineCallbacks
+def authenticate(proto: AuthGate, secret: bytes | None, role: str, address: str):
+    """
+    Run the connecting side of the handshake on C{proto}; mark it
+    authenticated and start its session (L{AuthGate.start_session}), or
+    fail with L{AuthenticationFailed}.  With C{secret=None} (insecure)
+    nothing is exchanged and nothing is signed.
+    """
+    if secret is None:
+        proto.mark_authenticated()
+        return
+    mine = new_nonce()
+    try:
+        answer = yield proto.callRemote(Challenge, role=role, nonce=mine)
+    except (AuthenticationFailed, amp.RemoteAmpError) as e:
+        # Whatever the peer said is unauthenticated: quoted (repr), never raw.
+        raise AuthenticationFailed(
+            f"the cw master at {address} refused to authenticate: {str(e)!r}"
+        ) from None
+    theirs = answer["nonce"]
+    if len(theirs) != NONCE_BYTES or not hmac.compare_digest(
+        answer["proof"], master_proof(secret, role, mine, theirs)
+    ):
+        # Tell the master too (an empty proof reveals nothing), so that it
+        # logs the mismatch; then give up whatever it answers.
+        proto.callRemote(Prove, proof=b"").addErrback(lambda _: None)
+        raise AuthenticationFailed(
+            f"the cw master at {address} and this {role} hold different secrets"
+            f" (this {role} used {secret_source(secret)}).  Either side may have the"
+            " wrong one: give both the same secret file (--secret-file /"
+            f" CW_SECRET_FILE), or check that {address} is your cw master"
+        )
+    signed = proto.callRemote(Prove, proof=peer_proof(secret, role, mine, theirs))
+    # Everything after this Prove is signed, its answer included.
+    proto.start_session(*session_keys(secret, role, mine, theirs))
+    try:
+        yield signed
+    except AuthenticationFailed:
+        raise AuthenticationFailed(
+            f"the cw master at {address} refused this {role}'s proof of the secret"
+            f" ({secret_source(secret)}); use the master's secret file"
+            " (--secret-file / CW_SECRET_FILE)"
+        ) from None
+    proto.mark_authenticated()
+
+
+class MasterAuth(amp.CommandLocator):
+    """
+    The master's side of the handshake, for one connection: a mixin for the
+    master's protocol next to L{AuthGate}.  Needs C{self.secret}.
+    """
+
+    open_commands = frozenset([b"Challenge", b"Prove"])
+    secret: bytes | None = None
+    _challenge: tuple[str, bytes, bytes] | None = None
+    #: Rate-limits the "wrong secret" warnings (None: warn every time).
+    wrong_secrets: WrongSecretLog | None = None
+
+    @Challenge.responder
+    def challenge(self, role, nonce):
+        if self.secret is None:
+            raise AuthenticationFailed(
+                "this master runs with --insecure; connect with insecure=True (CW_INSECURE=1)"
+            )
+        if self._challenge is not None or len(nonce) != NONCE_BYTES:
+            self.reject("sent a malformed or repeated Challenge")
+            raise AuthenticationFailed("malformed challenge")
+        if role not in ROLES:
+            # Unauthenticated input: logged with repr, never raw.
+            self.reject(f"sent a Challenge for the unknown role {role!r}")
+            raise AuthenticationFailed("unknown role")
+        mine = new_nonce()
+        self._challenge = (role, nonce, mine)
+        return {"nonce": mine, "proof": master_proof(self.secret, role, nonce, mine)}
+
+    @Prove.responder
+    def prove(self, proof):
+        if self._challenge is None or self.authenticated:
+            self.reject("sent Prove out of turn")
+            raise AuthenticationFailed("no challenge")
+        role, theirs, mine = self._challenge
+        if not hmac.compare_digest(proof, peer_proof(self.secret, role, theirs, mine)):
+            self._wrong_secret(role)
+            from twisted.internet import reactor
+
+            reactor.callLater(0, self.reject, "failed authentication", abort=False)
+            raise AuthenticationFailed("wrong secret")
+        self.start_session(*reversed(session_keys(self.secret, role, theirs, mine)))
+        self.mark_authenticated()
+        return {}
+
+    def _wrong_secret(self, role: str) -> None:
+        """Warn that a peer holds another secret: once per address, then rate-limited."""
+        peer = self.transport.getPeer() if self.transport else None
+        host = str(getattr(peer, "host", None) or peer)
+        quiet = 0 if self.wrong_secrets is None else self.wrong_secrets.failed(host)
+        if quiet is None:
+            return
+        log.warn(
+            "{peer}: a {role} failed to authenticate: it holds a different secret from this"
+            " master's ({source}); give both the same secret file.{since}  Further failures"
+            " from {host} are logged at most every {interval:g} s",
+            peer=self.peer_description(),
+            role=role,
+            source=secret_source(self.secret),
+            since=f"  {quiet} more failed since the last warning." if quiet else "",
+            host=host,
+            interval=WRONG_SECRET_LOG_INTERVAL if self.wrong_secrets is None else self.wrong_secrets.interval,
+        )

@@ -1,0 +1,404 @@
+"""
+The wire protocol shared by client, master, worker and job process.
+
+Every AMP command is declared here, once (the handshake's too), with the
+argument types.  The records they carry (jobs, results, options, status
+codes) and their framing are pure and live in L{cw.core.records}; they are
+re-exported here, so that one name serves both.  Master, worker and client
+import these names and never build boxes of their own, so a change of
+encoding (streaming, compression, authentication) happens here alone.
+
+Who talks to whom::
+
+    client --RegisterClient, SubmitJobs, GetStatus, AwaitWorkers--> master
+    master --JobResults, JobsStarted, JobRoom--> client
+    worker --RegisterWorker, JobResults, ReturnJobs--> master
+    master --ClientContext, RunJobs, Heartbeat--> worker
+    master --MasterStopping--> client, worker
+    master --Heartbeat--> client, worker;  client --Heartbeat--> master
+    client --DefineFunction--> master --DefineFunction, ForgetClient--> worker
+    worker --RunBatch--> job process (an ampoule child, over a pipe)
+
+Jobs and results travel in batches: one AMP box carries many records, framed
+with L{struct} headers.  AMP limits a single value to 65,535 bytes; the
+L{Blob} argument type spreads a longer value over numbered keys, so a batch
+or a payload of any size fits in one box.
+
+The master treats every payload as opaque bytes.  Job payloads are
+cloudpickles made by the client and opened only in a job process; result
+payloads are cloudpickles made in a job process and opened only by the
+client.  Error reports are UTF-8 JSON so that nobody has to unpickle them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.protocols import amp
+
+from cw.core.records import *  # noqa: F403 (re-exported: the wire's one namespace)
+from cw.core.records import (
+    CHUNK,
+    _chunks,
+    chunk_key,
+    decode_functions,
+    decode_jobs,
+    decode_keys,
+    decode_results,
+    encode_functions,
+    encode_jobs,
+    encode_keys,
+    encode_results,
+    function_parts,
+    job_parts,
+    result_parts,
+)
+from cw.errors import AuthenticationFailed, VersionMismatch
+
+# cw.core.records may not import Twisted, so it spells the AMP value limit out.
+assert CHUNK == amp.MAX_VALUE_LENGTH, (CHUNK, amp.MAX_VALUE_LENGTH)
+
+
+class Blob(amp.Argument):
+    """
+    A byte string of any length.
+
+    Values up to L{CHUNK} bytes travel under their own key.  A longer value
+    is cut into chunks: the first under C{name}, the rest under C{name.2},
+    C{name.3}, ..., and the number of chunks under C{name.n}.  The chunk
+    numbers are zero-padded to the width of the count (C{name.002} of
+    C{name.n = 150}) so that, as AMP sends keys in sorted order, chunks
+    arrive in order and a receiver can append each as it comes
+    (L{cw.wire.streaming.ChunkReceiver}).
+
+    Big values are not copied more than needed: the chunks sent are views
+    of the value (of its parts, for an L{Encoded} value made of several),
+    written piece by piece by L{cw.wire.streaming.StreamingSender}; payloads
+    received in a batch are views of the joined chunks (L{_piece}), so a
+    payload is a C{memoryview} or C{bytes}.  Everything that reads payloads
+    (C{len}, slicing, C{pickle.loads}, writing to a transport) takes
+    either.
+    """
+
+    def toBox(self, name, strings, objects, proto):
+        self._put(name, strings, [objects[amp._wireNameToPythonIdentifier(name)]])
+
+    @staticmethod
+    def _put(name: bytes, strings, parts: list) -> None:
+        """Put the concatenation of C{parts} into C{strings}, chunked."""
+        total = sum(len(part) for part in parts)
+        if total <= CHUNK:
+            strings[name] = parts[0] if len(parts) == 1 else b"".join(parts)
+            if not isinstance(strings[name], bytes):
+                strings[name] = bytes(strings[name])
+            return
+        count = -(-total // CHUNK)
+        width = len(str(count))
+        for index, chunk in enumerate(_chunks(parts), 1):
+            strings[name if index == 1 else chunk_key(name, index, width)] = chunk
+        strings[name + b".n"] = b"%d" % count
+
+    def fromBox(self, name, strings, objects, proto):
+        objects[amp._wireNameToPythonIdentifier(name)] = self._take(name, strings)
+
+    @staticmethod
+    def _take(name: bytes, strings):
+        first = strings.pop(name)
+        count = strings.pop(name + b".n", None)
+        if count is None:
+            return first
+        width = len(count)
+        rest = [strings.pop(chunk_key(name, i, width)) for i in range(2, int(count) + 1)]
+        return b"".join([first, *rest])
+
+
+class Encoded(Blob):
+    """
+    A L{Blob} that carries some other value: C{parts} turns it into a list
+    of byte strings (sent as if joined, without joining them), C{decode}
+    turns the received bytes back.  Subclasses set C{encode} (one byte
+    string) and may set C{parts} to avoid copying big payloads.
+    """
+
+    @staticmethod
+    def encode(value: Any) -> bytes:
+        raise NotImplementedError
+
+    def parts(self, value: Any) -> list:
+        return [self.encode(value)]
+
+    @staticmethod
+    def decode(data: bytes) -> Any:
+        raise NotImplementedError
+
+    def toBox(self, name, strings, objects, proto):
+        parts = self.parts(objects[amp._wireNameToPythonIdentifier(name)])
+        self._put(name, strings, parts or [b""])
+
+    def fromBox(self, name, strings, objects, proto):
+        objects[amp._wireNameToPythonIdentifier(name)] = self.decode(self._take(name, strings))
+
+
+class JobBatch(Encoded):
+    """A list of L{Job} records."""
+
+    encode = staticmethod(encode_jobs)
+    parts = staticmethod(job_parts)
+    decode = staticmethod(decode_jobs)
+
+
+class ResultBatch(Encoded):
+    """A list of L{Result} records."""
+
+    encode = staticmethod(encode_results)
+    parts = staticmethod(result_parts)
+    decode = staticmethod(decode_results)
+
+
+class FunctionTable(Encoded):
+    """Pickled functions by C{(client, key)}: those a job process lacks."""
+
+    encode = staticmethod(encode_functions)
+    parts = staticmethod(function_parts)
+    decode = staticmethod(decode_functions)
+
+
+class KeyList(Encoded):
+    """A list of job keys C{(client, seq)}."""
+
+    encode = staticmethod(encode_keys)
+    decode = staticmethod(decode_keys)
+
+
+class JSON(Encoded):
+    """A JSON-serialisable value (UTF-8 on the wire)."""
+
+    @staticmethod
+    def encode(value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+    @staticmethod
+    def decode(data: bytes) -> Any:
+        return json.loads(str(data, "utf-8"))
+
+
+class NotRegistered(Exception):
+    """A command arrived before the peer registered."""
+
+
+# -- Client <-> master ---------------------------------------------------
+
+
+class RegisterClient(amp.Command):
+    """
+    First command of a client connection.  C{context} is the client's working
+    directory and C{sys.path}, which every job of this client runs with.
+    """
+
+    arguments = [
+        (b"version", amp.Integer()),
+        (b"host", amp.Unicode()),
+        (b"pid", amp.Integer()),
+        (b"context", JSON()),
+    ]
+    response = [
+        (b"client_id", amp.Integer()),
+        (b"max_payload", amp.Integer()),
+        (b"room_bytes", amp.Integer()),
+        (b"room_jobs", amp.Integer()),
+    ]
+    errors = {VersionMismatch: b"VERSION_MISMATCH"}
+
+
+class SubmitJobs(amp.Command):
+    """Queue a batch of jobs.  Fire and forget: results come back later."""
+
+    arguments = [(b"jobs", JobBatch())]
+    requiresAnswer = False
+
+
+class DefineFunction(amp.Command):
+    """
+    Client to master, then master to worker: the cloudpickled function that
+    jobs name by C{key} (a digest of these bytes).  A client defines each
+    function once per connection, before the first job that uses it; the
+    master keeps it while the client is connected and sends it to a worker
+    before the first such job it gives that worker.  A client sends
+    C{client=0}; the master fills in the client's id.
+    """
+
+    arguments = [(b"client", amp.Integer()), (b"key", amp.String()), (b"function", Blob())]
+    requiresAnswer = False
+
+
+class JobRoom(amp.Command):
+    """
+    Master to client (flow control): room for C{bytes} more payload bytes
+    and C{jobs} more jobs in this client's queue.  A client starts with the
+    room its L{RegisterClient} answer gives (C{--max-queued-bytes},
+    C{--max-queued-jobs}), sends a job only while it has room left (so at
+    most one job beyond it), and keeps further jobs to itself (its
+    C{submit} blocks once it holds a few hundred megabytes) until this
+    command gives more, once its queue has drained to half.  Other
+    commands flow as usual.
+    """
+
+    arguments = [(b"bytes", amp.Integer()), (b"jobs", amp.Integer())]
+    requiresAnswer = False
+
+
+class GetStatus(amp.Command):
+    """Ask the master for a snapshot of its state (workers, queue, counts)."""
+
+    response = [(b"status", JSON())]
+
+
+class AwaitWorkers(amp.Command):
+    """Answered once at least C{count} workers are registered."""
+
+    arguments = [(b"count", amp.Integer())]
+    response = [(b"workers", amp.Integer())]
+
+
+# -- Worker <-> master ---------------------------------------------------
+
+
+class RegisterWorker(amp.Command):
+    """First command of a worker connection: who it is and how many slots."""
+
+    arguments = [
+        (b"version", amp.Integer()),
+        (b"host", amp.Unicode()),
+        (b"pid", amp.Integer()),
+        (b"slots", amp.Integer()),
+    ]
+    response = [(b"worker_id", amp.Integer()), (b"max_payload", amp.Integer())]
+    errors = {VersionMismatch: b"VERSION_MISMATCH"}
+
+
+class ClientContext(amp.Command):
+    """
+    Master to worker: the working directory and C{sys.path} of a client,
+    sent before that client's first job reaches this worker.
+    """
+
+    arguments = [(b"client", amp.Integer()), (b"context", JSON())]
+    requiresAnswer = False
+
+
+class ForgetClient(amp.Command):
+    """
+    Master to worker: this client left; drop its context and functions.
+    """
+
+    arguments = [(b"client", amp.Integer())]
+    requiresAnswer = False
+
+
+class RunJobs(amp.Command):
+    """Master to worker: run these jobs (within the worker's credit)."""
+
+    arguments = [(b"jobs", JobBatch())]
+    requiresAnswer = False
+
+
+class CancelJobs(amp.Command):
+    """
+    Client to master, and master to worker: withdraw these jobs.  A client
+    sends C{(0, seq)} keys; the master forwards C{(client, seq)} keys of jobs
+    a worker holds.  Queued jobs are dropped; running ones are killed.
+    """
+
+    arguments = [(b"keys", KeyList())]
+    requiresAnswer = False
+
+
+class JobResults(amp.Command):
+    """Worker to master, and master to client: jobs that ended."""
+
+    arguments = [(b"results", ResultBatch())]
+    requiresAnswer = False
+
+
+class JobsStarted(amp.Command):
+    """
+    Master to client: these jobs were handed to workers, so their futures
+    are running (and can no longer be cancelled, only killed).  Sent once
+    per dispatch round, one box for all of a client's jobs, and only to
+    clients that registered with L{RUNNING_NOTICES} in their context.
+    """
+
+    arguments = [(b"keys", KeyList())]
+    requiresAnswer = False
+
+
+class Heartbeat(amp.Command):
+    """
+    Master to worker and client, and client to master, every few seconds:
+    a peer that is not heard from in time is declared lost even if its TCP
+    connection looks open (a frozen machine, a stopped process, a cable
+    pulled, a half-open link).  Answered with an empty box; see
+    L{cw.wire.liveness}.
+    """
+
+
+class ReturnJobs(amp.Command):
+    """
+    Worker to master, when the worker is stopping gracefully: it will start
+    none of these jobs (its unstarted, prefetched ones) and wants no new
+    ones.  The master puts them back at the front of the queue at once,
+    without counting an attempt, and sends this worker nothing more; the
+    worker finishes its running jobs, reports them and leaves.  Sent again
+    for jobs that were on their way when the worker began to drain.
+    """
+
+    arguments = [(b"keys", KeyList())]
+
+
+class MasterStopping(amp.Command):
+    """
+    Master to clients and workers, just before a master that was told to
+    stop closes their connections: clients fail their outstanding jobs at
+    once with this reason, workers log it and keep trying to reconnect.
+    """
+
+    arguments = [(b"reason", amp.Unicode())]
+    requiresAnswer = False
+
+
+# -- Worker <-> job process ----------------------------------------------
+
+
+class RunBatch(amp.Command):
+    """
+    Run jobs one after another in a job process; answer with one result per
+    job, in order.  C{contexts} holds the working directory and C{sys.path}
+    (C{{"cwd": ..., "path": [...]}}) of each client, by client id as a
+    string, that this job process has not been sent before; C{functions}
+    holds the cached functions the jobs use that it does not hold (see
+    L{cw.worker.pool.ChildLink}, which tracks both).
+    """
+
+    arguments = [
+        (b"jobs", JobBatch()),
+        (b"contexts", JSON()),
+        (b"functions", FunctionTable()),
+    ]
+    response = [(b"results", ResultBatch())]
+
+
+class Challenge(amp.Command):
+    """Start the handshake: the peer's role and nonce."""
+
+    arguments = [(b"role", amp.Unicode()), (b"nonce", amp.String())]
+    response = [(b"nonce", amp.String()), (b"proof", amp.String())]
+    errors = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
+
+
+class Prove(amp.Command):
+    """Finish the handshake: the peer's proof over both nonces."""
+
+    arguments = [(b"proof", amp.String())]
+    response: list = []
+    errors = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}

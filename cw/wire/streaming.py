@@ -1,0 +1,202 @@
+"""
+Writing big AMP boxes a piece at a time, and receiving them without
+holding their chunks twice.
+
+L{amp.BinaryBoxProtocol.sendBox} serializes a box into one byte string and
+hands it to the transport, which keeps it (and may join it with whatever
+else is waiting) until the peer has read it all.  For a box carrying a
+payload of a gigabyte that is a second and a third copy of the payload,
+written as fast as the process can make them, however slowly the peer
+reads.
+
+L{StreamingSender} writes a box whose values add up to L{STREAM_ABOVE}
+bytes or more as a pull producer instead: the transport asks for the next
+L{PIECE} bytes only once it has sent the previous ones, and each piece is
+cut from the payload where it lies.  So a sender holds the payload and one
+piece, and sends no faster than its peer reads (TCP's own flow control, or
+a pipe's, reaches back to the sender).  Boxes sent meanwhile queue behind
+the big one, in order, as AMP requires.
+
+On an authenticated connection (L{cw.wire.auth.AuthGate}), each streamed box
+is signed as it is written: every piece goes into the box's MAC on its way
+to the transport, and the MAC closes the box (L{cw.wire.auth.BoxMac}).
+
+L{ChunkReceiver} is the receiving half: AMP keeps every value of a box in
+the box until the command's answer is sent, so a value chunked by
+L{cw.wire.commands.Blob} would be held as chunks for as long as the command runs
+(a whole job, in a job process) beside the joined value.  It appends each
+chunk to one buffer as it arrives and frees it, and puts the buffer in the
+box when the box is complete, so a receiver holds one copy.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import deque
+
+from twisted.internet import error
+from twisted.internet.interfaces import IPullProducer
+from zope.interface import implementer
+
+#: Boxes with at least this many bytes of values are streamed.
+STREAM_ABOVE = 1 << 20
+
+#: Bytes handed to the transport at a time while streaming.
+PIECE = 1 << 20
+
+_LENGTH = struct.Struct("!H")
+
+
+#: Stands in a sender's queue for the end of a box that is signed as it is
+#: written: replaced by the box's MAC and end when its turn comes.
+_SIGNED_END = object()
+
+
+def box_pieces(box, end=b"\0\0") -> list:
+    """The wire form of an AMP box as a list of pieces (values not copied)."""
+    pieces = []
+    for key, value in sorted(box.items(), key=lambda item: item[0]):
+        pieces += [_LENGTH.pack(len(key)), key, _LENGTH.pack(len(value)), value]
+    pieces.append(end)
+    return pieces
+
+
+@implementer(IPullProducer)
+class StreamingSender:
+    """
+    Mixin for L{amp.AMP} subclasses: big boxes are written piece by piece
+    as the transport drains (see the module docstring).  The transport must
+    accept a pull producer (TCP, TLS and pipe transports do); if it does
+    not, boxes are written whole.
+    """
+
+    _outgoing: deque | None = None
+    #: Bytes of streamed boxes not yet handed to the transport.
+    outgoing_bytes = 0
+    #: Signs boxes once a session started (see L{cw.wire.auth.AuthGate}); None: unsigned.
+    box_signer = None
+    #: The MAC of the streamed box being written.
+    _writing_mac = None
+
+    def stream_progress(self) -> None:
+        """Called after each piece is written; override to watch L{outgoing_bytes}."""
+
+    def sendBox(self, box):
+        if self._outgoing is None and sum(len(v) for v in box.values()) < STREAM_ABOVE:
+            return super().sendBox(box)
+        if self.transport is None:
+            raise error.ConnectionLost()
+        signed = self.box_signer is not None
+        pieces = box_pieces(box, _SIGNED_END if signed else b"\0\0")
+        size = sum(len(piece) for piece in pieces[:-1]) + 2
+        if self._outgoing is not None:
+            self._outgoing.extend(pieces)
+            self.outgoing_bytes += size
+            return
+        if not hasattr(self.transport, "registerProducer") or self._startingTLSBuffer is not None:
+            return super().sendBox(box)
+        try:
+            self._outgoing = deque(pieces)
+            self.outgoing_bytes = size
+            self.transport.registerProducer(self, False)
+        except RuntimeError:
+            # Someone else's producer is registered: write the box whole.
+            self._outgoing = None
+            self.outgoing_bytes = 0
+            if signed:
+                self.transport.write(self.box_signer.sign(b"".join(pieces[:-1])))
+            else:
+                self.transport.write(b"".join(pieces))
+
+    def resumeProducing(self) -> None:
+        outgoing = self._outgoing
+        if outgoing is None:
+            return
+        batch, size = [], 0
+        signer = self.box_signer
+        while outgoing and size < PIECE:
+            piece = outgoing.popleft()
+            if piece is _SIGNED_END:
+                piece = signer.trailer(self._writing_mac)
+                self._writing_mac = None
+                batch.append(piece)
+                size += 2  # as counted in sendBox
+                continue
+            if size + len(piece) > PIECE and len(piece) > PIECE:
+                # Cut a long value; the rest goes back to the front.
+                cut = PIECE - size
+                view = memoryview(piece)
+                outgoing.appendleft(view[cut:])
+                piece = view[:cut]
+            if signer is not None:
+                if self._writing_mac is None:
+                    self._writing_mac = signer.start()
+                self._writing_mac.update(piece)
+            batch.append(piece)
+            size += len(piece)
+        self.outgoing_bytes -= size
+        if not outgoing:
+            self._outgoing = None
+            self.outgoing_bytes = 0
+            self.transport.unregisterProducer()
+        self.transport.write(b"".join(batch))
+        self.stream_progress()
+
+    def pauseProducing(self) -> None:
+        pass  # a pull producer is only asked when the transport wants more
+
+    def stopProducing(self) -> None:
+        self._outgoing = None
+        self._writing_mac = None
+        self.outgoing_bytes = 0
+        self.stream_progress()
+
+
+_CHUNK_KEY = re.compile(rb"\A(.+)\.([0-9]+)\Z")
+
+
+class ChunkReceiver:
+    """
+    Mixin for L{amp.BinaryBoxProtocol} subclasses (listed after any mixin
+    that inspects incoming values, such as L{cw.wire.auth.AuthGate}): appends
+    the chunks of each L{cw.wire.commands.Blob} value to one buffer as they
+    arrive (in order: see L{cw.core.records.chunk_key}), each chunk freed at
+    once, and puts the whole value in the box when the box is complete, as
+    a read-only C{memoryview}.  Chunks out of order are left in the box,
+    where the argument parser refuses them.
+    """
+
+    #: Values being assembled in the current box: name -> [next index, buffer].
+    _assembling: dict | None = None
+
+    def proto_value(self, string):
+        match = _CHUNK_KEY.match(self._currentKey)
+        if match is None:
+            return super().proto_value(string)
+        name, index = match.group(1), int(match.group(2))
+        if self._assembling is None:
+            self._assembling = {}
+        assembly = self._assembling.get(name)
+        if assembly is None and index == 2 and isinstance(self._currentBox.get(name), bytes):
+            assembly = self._assembling[name] = [2, bytearray(self._currentBox[name])]
+        if assembly is None or index != assembly[0]:
+            return super().proto_value(string)
+        assembly[1] += string
+        assembly[0] += 1
+        self._currentKey = None
+        self.MAX_LENGTH = self._MAX_KEY_LENGTH
+        return "key"
+
+    def proto_key(self, string):
+        if not string and self._assembling:
+            assembling, self._assembling = self._assembling, None
+            box = self._currentBox
+            for name, (following, buffer) in assembling.items():
+                count = box.get(name + b".n", b"")
+                if count.isdigit() and int(count) == following - 1:
+                    del box[name + b".n"]
+                    box[name] = memoryview(buffer).toreadonly()
+                else:
+                    box[name + b".n"] = b"malformed"  # refused by the parser
+        return super().proto_key(string)

@@ -1,0 +1,239 @@
+"""
+The job process: an ampoule child that runs jobs one at a time, in the
+batches its worker sends (L{P.RunBatch}).
+
+Each job runs in its client's working directory with the client's
+C{sys.path} entries in front of the child's own.  The payload is opened
+here, and only here: the worker and master never unpickle user data.
+Whatever a job leaves running is killed when it returns
+(L{cw.worker.containment}).
+
+Functions that jobs share (C{ClusterExecutor.map}) arrive once and are kept
+in a small cache, least recently used first out, unpickled once in the
+context of the first job that uses them.  The worker's
+L{cw.worker.pool.ChildLink} keeps the same cache of keys with the same rule, so it
+knows which functions this process holds without asking.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import sys
+import traceback
+from collections import OrderedDict
+
+import cloudpickle
+from ampoule.child import AMPChild
+
+from cw.errors import exception_fields
+from cw.wire import commands as P
+from cw.wire.streaming import ChunkReceiver, StreamingSender
+from cw.worker.containment import kill_leftovers
+from cw.worker.pipes import bulk_pipe_reads
+
+_inserted: list[str] = []
+
+#: Unpickled functions a job process keeps (see L{FunctionCache}).
+FUNCTION_CACHE = 32
+
+#: Counters a job can read to see what its process did (used by tests).
+stats = {"functions_unpickled": 0, "jobs": 0}
+
+
+def enter_context(cwd: str, path: list[str]) -> None:
+    """Make C{cwd} the working directory and put C{path} in front of sys.path."""
+    global _inserted
+    if _inserted != path:
+        for entry in _inserted:
+            try:
+                sys.path.remove(entry)
+            except ValueError:
+                pass
+        fresh = [p for p in path if p not in sys.path]
+        sys.path[:0] = fresh
+        _inserted = fresh
+    if cwd and os.getcwd() != cwd:
+        os.chdir(cwd)
+
+
+class FunctionCache:
+    """
+    Up to C{size} functions by C{(client, key)}, least recently used
+    evicted first.  L{use} is called once per job that names a function, in
+    job order, here and in the worker's L{cw.worker.pool.ChildLink}: the same
+    sequence of calls leaves both with the same keys.
+    """
+
+    def __init__(self, size: int = FUNCTION_CACHE) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple[int, bytes], object] = OrderedDict()
+
+    def use(self, key: tuple[int, bytes], load) -> tuple[bool, object]:
+        """
+        The entry for C{key}, moved to the most recently used end; if
+        absent, C{load()} makes it (and the oldest entry beyond C{size} is
+        dropped).  Return C{(was_present, entry)}.
+        """
+        entries = self.entries
+        if key in entries:
+            entries.move_to_end(key)
+            return True, entries[key]
+        value = entries[key] = load()
+        while len(entries) > self.size:
+            entries.popitem(last=False)
+        return False, value
+
+
+def _failure(kind: str, message: str, **where) -> tuple[int, bytes]:
+    return P.Outcome.RAISED, P.error_report(kind, message, traceback.format_exc(), **where)
+
+
+def run_payload(cwd: str, path: list[str], payload: bytes, function: object = None) -> tuple[int, bytes]:
+    """
+    Run a job and return an L{P.Outcome} code with its payload: the
+    cloudpickled value, or a JSON error report carrying the remote
+    traceback.  The payload is a cloudpickled C{(func, args, kwargs)}, or,
+    when C{function} is given, C{(args, kwargs)} for that function (an
+    exception instead of a function: it could not be unpickled).
+    """
+    where = {"host": socket.gethostname(), "pid": os.getpid()}
+    stats["jobs"] += 1
+    try:
+        enter_context(cwd, path)
+    except OSError as e:
+        return P.Outcome.FAILED, P.error_report(
+            type(e).__name__,
+            f"cannot enter the client's working directory {cwd!r} on"
+            f" {where['host']}: {e}; run workers on a machine that shares"
+            " the client's filesystem",
+            **where,
+        )
+    if isinstance(function, BaseException):
+        return P.Outcome.RAISED, P.error_report(
+            type(function).__name__,
+            f"the job's function could not be unpickled on {where['host']}: {function}",
+            getattr(function, "cw_traceback", ""),
+            **where,
+        )
+    try:
+        if function is None:
+            func, args, kwargs = cloudpickle.loads(payload)
+        else:
+            func = function
+            args, kwargs = cloudpickle.loads(payload)
+    except BaseException as e:
+        return P.Outcome.RAISED, P.error_report(
+            type(e).__name__,
+            f"the job could not be unpickled on {where['host']}: {e}",
+            traceback.format_exc(),
+            **where,
+        )
+    try:
+        value = func(*args, **kwargs)
+    except BaseException as e:
+        tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
+        text = "".join(traceback.format_exception(type(e), e, tb))
+        fields = exception_fields(e)
+        return P.Outcome.RAISED, P.error_report(type(e).__name__, str(e), text, **where, **fields)
+    try:
+        return P.Outcome.OK, cloudpickle.dumps(value)
+    except BaseException as e:
+        return P.Outcome.RAISED, P.error_report(
+            type(e).__name__,
+            f"the job's return value ({type(value).__name__}) could not be pickled: {e}",
+            traceback.format_exc(),
+            **where,
+        )
+
+
+def load_function(data: bytes) -> object:
+    """Unpickle a cached function; an exception is returned, not raised."""
+    stats["functions_unpickled"] += 1
+    try:
+        return cloudpickle.loads(data)
+    except BaseException as e:
+        e.cw_traceback = traceback.format_exc()
+        return e
+
+
+class CachedFunction:
+    """
+    A function as L{FunctionCache} keeps it in a job process: its pickle,
+    unpickled on first use, in the context of the job that uses it (a
+    function may come from a module only on the client's C{sys.path}).  A
+    failed unpickling is not kept: the next job tries again.
+    """
+
+    def __init__(self, data: bytes | None) -> None:
+        self.data = data
+        self.function: object = None
+
+    def get(self) -> object:
+        """The function, or the exception that stopped it being unpickled."""
+        if self.function is not None:
+            return self.function
+        if self.data is None:
+            return _missing()
+        loaded = load_function(self.data)
+        if not isinstance(loaded, BaseException):
+            self.function = loaded
+        return loaded
+
+
+class JobChild(StreamingSender, ChunkReceiver, AMPChild):
+    """
+    The ampoule child class that workers start; answers L{P.RunBatch}.
+
+    @param memory_limit: the process's address-space limit in bytes
+        (C{RLIMIT_AS}; a decimal string, as ampoule passes it), "0" for none.
+    """
+
+    def __init__(self, memory_limit: str = "0") -> None:
+        super().__init__()
+        bulk_pipe_reads()
+        limit = int(memory_limit)
+        if limit > 0:
+            import resource
+
+            _, hard = resource.getrlimit(resource.RLIMIT_AS)
+            if hard != resource.RLIM_INFINITY:
+                limit = min(limit, hard)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        self.contexts: dict[int, dict] = {}
+        self.functions = FunctionCache()
+
+    @P.RunBatch.responder
+    def run_batch(self, jobs, contexts, functions):
+        for client, context in contexts.items():
+            self.contexts[int(client)] = context
+        results = []
+        for job in jobs:
+            context = self.contexts.get(job.client, {})
+            cwd, path = context.get("cwd", ""), context.get("path", [])
+            function = None
+            if job.func:
+                key = (job.client, job.func)
+                _, cached = self.functions.use(key, functools.partial(CachedFunction, functions.get(key)))
+                # The function is unpickled in its client's context.
+                try:
+                    enter_context(cwd, path)
+                except OSError:
+                    pass  # run_payload reports it
+                function = cached.get()
+            status, payload = run_payload(cwd, path, job.payload, function)
+            results.append(P.Result(job.client, job.seq, status, payload))
+            leftovers = kill_leftovers()
+            if leftovers:
+                print(
+                    f"cw: killed {leftovers} process(es) that job {job.seq} of client {job.client}"
+                    " left running",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return {"results": results}
+
+
+def _missing() -> Exception:
+    return LookupError("the worker did not send the job's function (a cw bug; please report it)")

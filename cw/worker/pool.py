@@ -1,0 +1,326 @@
+"""
+The worker's pool of job processes: ampoule's L{ProcessPool} with the fault
+handling cw needs.
+
+ampoule replaces a child whose call fails with L{error.ProcessTerminated}
+(killed by a signal, non-zero exit), but a child that exits with status 0
+in the middle of a call (C{os._exit(0)}) fails the call with
+L{error.ProcessDone}: ampoule then puts the dead child back among the ready
+ones and hands it the next job, which fails too, and never starts a
+replacement.  Here every call that ends with the child's death fails with a
+L{ChildExited} (a L{error.ProcessTerminated}), so ampoule always retires
+the dead child and starts a fresh one.
+
+Each child is talked to through a L{ChildLink}, the parent-side AMP object
+of one child.  It also carries out, per call:
+
+  - a timeout (C{_cw_timeout} seconds, counted from when the job reaches the
+    child; a job with a timeout is held until a new child is up): the child
+    is killed with SIGKILL, with every process its job started
+    (L{cw.worker.containment}), and the call fails with L{JobTimedOut};
+  - a memory check: after each job the child's resident size is read from
+    C{/proc}, and a child above the pool's C{max_rss} (or one whose job ran
+    out of memory) is retired before it gets another job;
+  - what the child already holds: the contexts (working directory and
+    C{sys.path}) of the clients whose jobs it ran, and which cached
+    functions it keeps (the same L{cw.worker.child.FunctionCache} rule as the
+    child's own), so that each L{P.RunBatch} carries only what is new.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from ampoule import commands, pool
+from twisted.internet import defer, error
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from cw.wire import commands as P
+from cw.wire.streaming import ChunkReceiver, StreamingSender
+from cw.worker.child import FunctionCache
+from cw.worker.containment import kill_job_process
+
+log = Logger(namespace="cw.pool")  # the namespace of its log lines before the layers
+
+
+class ChildExited(error.ProcessTerminated):
+    """The job process died (exit status 0 included) while running a call."""
+
+
+class JobTimedOut(error.ProcessTerminated):
+    """The job ran past its timeout and its process was killed."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(signal=signal.SIGKILL)
+        self.timeout = timeout
+
+    def __str__(self) -> str:
+        return f"the job ran longer than its timeout of {self.timeout:g} s"
+
+
+class JobCancelled(error.ProcessTerminated):
+    """The job was cancelled by its client and its process was killed."""
+
+    def __init__(self) -> None:
+        super().__init__(signal=signal.SIGKILL)
+
+    def __str__(self) -> str:
+        return "the job was cancelled"
+
+
+class JobWithdrawn(Exception):
+    """The job was cancelled before it reached a job process."""
+
+
+def resident_bytes(pid: int) -> int | None:
+    """The resident set size of process C{pid}, or C{None} if unknown."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
+    """
+    The worker's end of the connection to one job process.
+
+    C{retire} is set when this child should get no more jobs (it grew past
+    the pool's C{max_rss}, or its job ran out of memory); L{JobPool} then
+    replaces it.  C{dead} is set once its process has ended.
+    """
+
+    #: Set by L{JobPool} on every link it creates.
+    pool: JobPool | None = None
+
+    #: What times job timeouts (None: the global reactor; tests set a Clock).
+    clock = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.dead = False
+        self.retire = False
+        self.timed_out: float | None = None
+        self.cancelled = False
+        #: (generation, client) pairs whose context this child was sent.
+        self.contexts_sent: set[tuple[int, int]] = set()
+        #: The function keys this child holds, kept as the child keeps them.
+        self.functions = FunctionCache()
+        #: Set once the job process has answered its first box: it is up.
+        self.up = False
+        #: Calls held until it is up (see L{callRemote}).
+        self._when_up: list = []
+
+    def connectionMade(self):
+        super().connectionMade()
+        # The answer to this first box says the job process is running.
+        # (Echo: ampoule's Ping answers a str, which AMP refuses to send.)
+        d = super().callRemote(commands.Echo, data=b"")
+        if d is not None:
+            d.addBoth(self._is_up)
+
+    def _is_up(self, _) -> None:
+        """The job process answered (or died, and held calls then fail): send what was held."""
+        self.up = True
+        when_up, self._when_up = self._when_up, []
+        for send in when_up:
+            send()
+
+    @property
+    def pid(self) -> int | None:
+        """The job process's pid while it runs."""
+        process = getattr(self.transport, "transport", None)
+        return getattr(process, "pid", None)
+
+    def callRemote(
+        self,
+        command,
+        _cw_timeout: float | None = None,
+        _cw_handle: dict | None = None,
+        _cw_contexts: dict | None = None,
+        _cw_functions: dict | None = None,
+        _cw_generation: int = 0,
+        **kwargs,
+    ):
+        """
+        Call C{command} in the child.  C{_cw_handle}, if given, is a dict
+        that gets C{"link": self} so the caller can L{cancel} the call later;
+        a handle already marked C{"cancelled"} fails at once.
+
+        For L{P.RunBatch}, pass C{jobs} only: C{contexts} and C{functions}
+        are filled in here from C{_cw_contexts} (client contexts by client
+        id, of master connection C{_cw_generation}) and C{_cw_functions}
+        (pickled functions by C{(client, key)}), with what this child lacks.
+        """
+        from twisted.internet import reactor
+
+        if _cw_handle is not None:
+            if _cw_handle.get("cancelled"):
+                # Never started: fail the call without harming this child.
+                return defer.fail(JobWithdrawn())
+            _cw_handle["link"] = self
+        if self.dead:
+            return defer.fail(ChildExited(exitCode=None))
+        if _cw_timeout and not self.up:
+            # A job's timeout counts from when it reaches a running job
+            # process, not while the process starts (seconds on a loaded
+            # machine); and a job process answers nothing while it runs a
+            # job, so it must be known to be up before the job is sent.
+            held: defer.Deferred = defer.Deferred()
+            self._when_up.append(
+                lambda: self.callRemote(
+                    command,
+                    _cw_timeout,
+                    _cw_handle,
+                    _cw_contexts,
+                    _cw_functions,
+                    _cw_generation,
+                    **kwargs,
+                ).chainDeferred(held)
+            )
+            return held
+        if command is P.RunBatch:
+            kwargs["contexts"], kwargs["functions"] = self._missing(
+                kwargs["jobs"], _cw_contexts or {}, _cw_functions or {}, _cw_generation
+            )
+        d = super().callRemote(command, **kwargs)
+        if d is None:
+            return d
+        timer = None
+        if _cw_timeout is not None and _cw_timeout > 0:
+            timer = (self.clock or reactor).callLater(_cw_timeout, self._kill, _cw_timeout)
+
+        def ended(result):
+            if timer is not None and timer.active():
+                timer.cancel()
+            if _cw_handle is not None:
+                # The call is over: a late cancel must not kill this child's
+                # next job.
+                _cw_handle.pop("link", None)
+            if not isinstance(result, dict) or self.pool is None:
+                return result
+            limit = self.pool.max_rss
+            rss = resident_bytes(self.pid) if limit and self.pid else None
+            if rss is not None and rss > limit:
+                log.info(
+                    "Job process {pid} uses {mib} MiB, more than the limit of {limit} MiB; replacing it",
+                    pid=self.pid,
+                    mib=rss >> 20,
+                    limit=limit >> 20,
+                )
+                self.retire = True
+            else:
+                # A job that ran out of memory may leave its process damaged.
+                raised = [r for r in result.get("results", ()) if r.status == P.Outcome.RAISED]
+                if any(P.read_error_report(r.payload)["type"] == "MemoryError" for r in raised):
+                    self.retire = True
+            return result
+
+        def died(reason):
+            ended(None)
+            if self.cancelled:
+                return Failure(JobCancelled())
+            if self.timed_out is not None:
+                return Failure(JobTimedOut(self.timed_out))
+            if reason.check(error.ProcessTerminated):
+                return reason
+            if reason.check(error.ProcessDone, error.ConnectionDone, error.ConnectionLost):
+                # Exit status 0 in the middle of a call: still a death.
+                return Failure(ChildExited(exitCode=0))
+            return reason
+
+        return d.addCallbacks(ended, died)
+
+    def _missing(self, jobs, contexts: dict, functions: dict, generation: int) -> tuple[dict, dict]:
+        """The contexts and functions that C{jobs} need and this child lacks."""
+        send_contexts: dict[str, dict] = {}
+        send_functions: dict[tuple[int, bytes], bytes] = {}
+        for job in jobs:
+            if (generation, job.client) not in self.contexts_sent:
+                self.contexts_sent.add((generation, job.client))
+                send_contexts[str(job.client)] = contexts.get(job.client, {})
+            if job.func:
+                key = (job.client, job.func)
+                present, _ = self.functions.use(key, lambda: None)
+                if not present and key in functions:
+                    send_functions[key] = functions[key]
+        return send_contexts, send_functions
+
+    def cancel(self) -> None:
+        """Kill the job process: its current call fails with L{JobCancelled}."""
+        self.cancelled = True
+        # The call may have just ended, with the kill still on its way: make
+        # sure this child is not handed another job meanwhile.
+        self.retire = True
+        self.kill()
+
+    def _kill(self, timeout: float) -> None:
+        self.timed_out = timeout
+        self.retire = True  # as in L{cancel}: no new job for a child being killed
+        self.kill()
+
+    def kill(self) -> bool:
+        """
+        SIGKILL the job process with everything its jobs started (its
+        descendants and its process group, L{cw.worker.containment}); False if it
+        had already exited.
+        """
+        pid = self.pid
+        if pid is None:
+            return False
+        kill_job_process(pid)
+        return True
+
+    def connectionLost(self, reason):
+        self.dead = True
+        super().connectionLost(reason)
+
+
+class JobPool(pool.ProcessPool):
+    """
+    An ampoule L{ProcessPool} that never hands a job to a dead or retired
+    child.
+
+    @param max_rss: replace a child once its resident size passes this many
+        bytes after a job (0: no limit).
+    """
+
+    def __init__(self, *args, max_rss: int = 0, **kwargs) -> None:
+        pool_ = self
+
+        class Link(ChildLink):
+            pool = pool_
+
+        kwargs.setdefault("ampParent", Link)
+        super().__init__(*args, **kwargs)
+        self.max_rss = max_rss
+
+    def _retire_unusable(self) -> None:
+        """Stop ready children that must not run another job; start fresh ones."""
+        for child in [c for c in self.ready if c.dead or c.retire]:
+            self.ready.discard(child)
+            if child.dead:
+                continue  # ampoule prunes it when its process ends
+            self.stopAWorker(child).addCallback(lambda _: self.startAWorker())
+
+    def _catchUp(self):
+        self._retire_unusable()
+        # ampoule's _catchUp takes a ready child without looking: after
+        # retiring one there may be none (a replacement is on its way and
+        # catches up when it starts).
+        if self.ready:
+            return super()._catchUp()
+
+    def kill_busy(self) -> int:
+        """
+        Kill (SIGKILL) every child that is running a job, as a worker does
+        when its drain timeout passes; their calls fail.  Return how many.
+        """
+        return sum(child.kill() for child in list(self.busy))
+
+    def doWork(self, command, **kwargs):
+        self._retire_unusable()
+        return super().doWork(command, **kwargs)

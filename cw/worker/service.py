@@ -1,0 +1,908 @@
+"""
+The worker: one per machine, runs jobs from the master in a pool of job
+processes (ampoule children).
+
+L{Worker} keeps a local queue of jobs the master sent (up to the worker's
+slots plus a little prefetch), starts each in a free job process, and sends
+results back in batches.  A job that crashes or hangs takes down only its
+job process, never the worker.  The connection to the master is kept up by
+a L{ClientService}: a worker started before its master, or whose master
+restarts, connects (again) on its own, trying at least every
+C{--reconnect-delay} seconds.  SIGTERM or SIGINT stops a worker gracefully:
+it returns its unstarted jobs and finishes its running ones first
+(L{Worker.drain}).
+
+Run it with C{twistd -n cw-worker --master HOST[:PORT] [--procs N]} or
+C{python -m cw.worker [HOST]}.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections import deque
+
+from ampoule import main as ampoule_main
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, error
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python import usage
+
+from cw import discovery
+from cw.errors import AuthenticationFailed
+from cw.wire import commands as P
+from cw.wire.address import client_description, client_endpoint
+from cw.wire.auth import AuthGate, authenticate, refused_retry_delay
+from cw.wire.batching import Outbox
+from cw.wire.limits import log_descriptor_limit
+from cw.wire.liveness import SignsOfLife
+from cw.wire.secret import load_options_secret
+from cw.wire.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
+from cw.worker.child import JobChild
+from cw.worker.containment import kill_group, release_pipes
+from cw.worker.pipes import bulk_pipe_reads, widen_pipe
+from cw.worker.pool import JobCancelled, JobPool, JobTimedOut
+
+log = Logger(namespace="cw.worker")  # the namespace of its log lines before the layers
+
+#: Seconds a stopping worker lets its running jobs finish (C{--drain-timeout}).
+DRAIN_TIMEOUT = 30.0
+
+#: Most jobs handed to one job process in one call (L{P.RunBatch}).
+BATCH_JOBS = 64
+
+#: Jobs are batched only while they take less than this many seconds on
+#: average, and a batch holds about this much work at most: slow jobs go one
+#: by one, so that a draining worker can hand back the ones not started.
+BATCH_SECONDS = 0.02
+
+#: Longest wait, in seconds, between attempts to (re)connect to the master
+#: (C{--reconnect-delay}); the wait grows from 1 s by half each attempt up
+#: to this, plus up to 1 s of random jitter.
+RECONNECT_DELAY = 5.0
+
+
+def describe_crash(reason) -> str:
+    """Say in words why a job process failed a call."""
+    value = reason.value
+    if isinstance(value, error.ProcessTerminated):
+        if value.signal is not None:
+            import signal
+
+            try:
+                name = signal.Signals(value.signal).name
+            except ValueError:
+                name = str(value.signal)
+            hint = " (the kernel's out-of-memory killer sends this signal)" if name == "SIGKILL" else ""
+            return f"the job's process was killed by signal {value.signal} ({name}){hint}"
+        return f"the job's process exited with code {value.exitCode}"
+    if isinstance(value, (error.ProcessDone, error.ConnectionDone, error.ConnectionLost)):
+        return "the job's process exited while running the job"
+    return f"the job could not run in a job process: {reason.getErrorMessage()}"
+
+
+def crash_report(reason) -> bytes:
+    """
+    The error report for a job whose process failed it: L{JobTimedOut}
+    becomes a C{JobTimeout} report, any other death a C{JobProcessDied} one
+    naming the signal or exit status.  Both name this worker's host and pid.
+    """
+    host, pid = socket.gethostname(), os.getpid()
+    if reason.check(JobTimedOut):
+        return P.error_report(
+            "JobTimeout",
+            f"{reason.value} and was killed (worker {host} pid {pid})",
+            host=host,
+            timeout=reason.value.timeout,
+        )
+    return P.error_report(
+        "JobProcessDied",
+        f"{describe_crash(reason)} (worker {host} pid {pid})",
+        host=host,
+        signal=getattr(reason.value, "signal", None),
+        exit_code=getattr(reason.value, "exitCode", None),
+    )
+
+
+def join_master(proto: amp.AMP, secret: bytes | None, address: str, slots: int) -> defer.Deferred:
+    """
+    Authenticate C{proto}, a new connection to the master at C{address},
+    and register it as a worker with C{slots} slots.  Fires with the
+    L{P.RegisterWorker} answer (worker id and the master's payload limit).
+    """
+    d = authenticate(proto, secret, "worker", address)
+    d.addCallback(
+        lambda _: proto.callRemote(
+            P.RegisterWorker,
+            version=P.PROTOCOL_VERSION,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            slots=slots,
+        )
+    )
+    return d
+
+
+class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
+    """
+    The worker's connection to its master.  The master must prove it holds
+    the secret before this worker accepts any job from it.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def connectionMade(self):
+        super().connectionMade()
+        if self.worker.draining:
+            self.transport.loseConnection()  # stopping: join no master
+            return
+        d = join_master(self, self.worker.secret, self.worker.address, self.worker.procs)
+        d.addCallbacks(self._registered, self._refused)
+
+    def _registered(self, answer):
+        self.worker.max_payload = answer["max_payload"]
+        self.worker.connected(self, answer["worker_id"])
+
+    def _refused(self, failure):
+        retry = ""
+        if failure.check(AuthenticationFailed):
+            # Trying again at once would fail the same way: back off.
+            self.worker.refusals += 1
+            retry = f"; trying again in {self.worker.retry_delay(1):g} s"
+        log.error(
+            "Could not join the master at {address}: {why}{retry}",
+            address=self.worker.address,
+            why=failure.getErrorMessage(),
+            retry=retry,
+        )
+        self.transport.loseConnection()
+
+    @P.ClientContext.responder
+    def client_context(self, client, context):
+        self.worker.contexts[client] = context
+        return {}
+
+    @P.DefineFunction.responder
+    def define_function(self, client, key, function):
+        self.worker.functions[(client, key)] = function
+        return {}
+
+    @P.ForgetClient.responder
+    def forget_client(self, client):
+        self.worker.forget_client(client)
+        return {}
+
+    @P.RunJobs.responder
+    def run_jobs(self, jobs):
+        self.worker.enqueue(jobs)
+        return {}
+
+    @P.CancelJobs.responder
+    def cancel_jobs(self, keys):
+        self.worker.cancel(keys)
+        return {}
+
+    @P.MasterStopping.responder
+    def master_stopping(self, reason):
+        log.info(
+            "The master is shutting down ({reason}); this worker keeps trying to reconnect",
+            reason=reason,
+        )
+        return {}
+
+    @P.Heartbeat.responder
+    def heartbeat(self):
+        self.worker.heartbeat_received(self)
+        return {}
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.worker.disconnected(self)
+
+
+class Worker:
+    """
+    Runs jobs for one master connection at a time.
+
+    @param pool: a L{cw.worker.pool.JobPool} of L{cw.worker.child.JobChild} processes (or
+        anything with the same C{doWork}, including its C{_cw_timeout}
+        keyword for jobs with a timeout, and C{kill_busy} for L{drain}).
+    @param procs: how many jobs run at once.
+    """
+
+    def __init__(self, pool, procs: int, clock=None, secret: bytes | None = None, address: str = "") -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        #: The shared secret the master must prove it holds; None: --insecure.
+        self.secret = secret
+        self.address = address
+        self.pool = pool
+        self.procs = procs
+        self.proto: WorkerProtocol | None = None
+        self.worker_id = 0
+        self.contexts: dict[int, dict] = {}
+        self.queue: deque[P.Job] = deque()
+        #: Jobs handed to job processes and not yet ended.
+        self.running = 0
+        #: Calls (batches of jobs) in job processes, at most one per process.
+        self.calls = 0
+        self.completed = 0
+        #: Cached functions by C{(client, key)} (L{P.DefineFunction}).
+        self.functions: dict[tuple[int, bytes], bytes] = {}
+        #: Jobs to run alone: their batch's job process died.
+        self.solo: set[tuple[int, int]] = set()
+        #: Average seconds a job takes in a job process, once measured.
+        self.job_seconds: float | None = None
+        #: Handles of running jobs by key (see L{cw.worker.pool.ChildLink.callRemote}),
+        #: so that a cancelled job's process can be killed.
+        self.handles: dict[tuple[int, int], dict] = {}
+        #: Bumped on every new master connection; results of jobs started
+        #: under an earlier connection are not sent on a later one.
+        self.generation = 0
+        #: The master's payload limit, learnt at registration.
+        self.max_payload = P.MAX_PAYLOAD
+        #: Set when the worker shuts down, so a lost connection is expected.
+        self.stopping = False
+        #: Set once the worker drains (see L{drain}): it starts no more jobs.
+        self.draining = False
+        #: Set the moment SIGTERM arrives, before the reactor gets round to
+        #: stopping (see L{WorkerService.note_sigterm}).
+        self.terminating = False
+        self._drain_waiters: list[defer.Deferred] | None = []
+        self._drain_timer = None
+        #: Seconds a job may run when it does not set its own timeout
+        #: (None: no limit).
+        self.job_timeout: float | None = None
+        #: Once the master sends heartbeats, how long the worker waits for
+        #: the next before it drops the connection and reconnects (a
+        #: half-open link may otherwise never close on this side); at least
+        #: three of the master's heartbeat intervals; 0: never.
+        self.master_timeout: float = 30.0
+        self._master_watchdog = None
+        self._last_heartbeat: float | None = None
+        self.outbox = Outbox(clock, self._send_results, P.result_size)
+        #: Longest wait between tries to reach the master (see L{retry_delay}).
+        self.reconnect_delay = RECONNECT_DELAY
+        #: Handshakes in a row that failed on the secret.
+        self.refusals = 0
+
+    def retry_delay(self, attempt: int) -> float:
+        """
+        Seconds until the next try to reach the master: the usual back-off
+        after C{attempt} failed connections, or, after handshakes that
+        failed on the secret, L{refused_retry_delay} of them.
+        """
+        if self.refusals:
+            return refused_retry_delay(self.refusals, self.reconnect_delay)
+        return backoffPolicy(maxDelay=self.reconnect_delay)(attempt)
+
+    def connected(self, proto: WorkerProtocol, worker_id: int) -> None:
+        self.refusals = 0
+        self.proto = proto
+        self.worker_id = worker_id
+        # Anything from the master counts as a sign of life (L{cw.wire.liveness}):
+        # its heartbeat may wait behind a big box it is sending.
+        proto.liveness_clock = self.clock
+        proto.last_heard = self.clock.seconds()
+        peer = proto.transport.getPeer()
+        log.info(
+            "Registered with the master at {peer} as worker {wid} with {n} slots",
+            peer=getattr(peer, "host", peer),
+            wid=worker_id,
+            n=self.procs,
+        )
+
+    def heartbeat_received(self, proto: WorkerProtocol) -> None:
+        """The master is alive: (re)arm the watchdog for its next heartbeat."""
+        if proto is not self.proto or not self.master_timeout:
+            return
+        now = self.clock.seconds()
+        last, self._last_heartbeat = self._last_heartbeat, now
+        if last is None:
+            return  # armed from the second heartbeat on, once the interval is known
+        timeout = max(self.master_timeout, 3 * (now - last))
+        if self._master_watchdog is not None and self._master_watchdog.active():
+            self._master_watchdog.cancel()
+        self._master_watchdog = self.clock.callLater(timeout, self._master_silent, proto, timeout)
+
+    def _master_silent(self, proto: WorkerProtocol, timeout: float) -> None:
+        silent = self.clock.seconds() - getattr(proto, "last_heard", float("-inf"))
+        if silent < timeout:
+            # The master sent something since its last heartbeat (a big box
+            # that its next heartbeat waits behind): not silent yet.
+            self._master_watchdog = self.clock.callLater(
+                timeout - silent, self._master_silent, proto, timeout
+            )
+            return
+        log.warn(
+            "No heartbeat or anything else from the master for {s:g} s; dropping the connection to reconnect",
+            s=timeout,
+        )
+        proto.transport.abortConnection()
+
+    def disconnected(self, proto: WorkerProtocol) -> None:
+        if proto is not self.proto:
+            return
+        if self._master_watchdog is not None and self._master_watchdog.active():
+            self._master_watchdog.cancel()
+        self._master_watchdog = self._last_heartbeat = None
+        dropped = len(self.queue)
+        self.proto = None
+        self.generation += 1
+        self.queue.clear()
+        self.contexts.clear()
+        self.functions.clear()
+        self.solo.clear()
+        self.outbox.discard()
+        if self.draining:
+            # Nothing can be reported any more; the master requeues the rest.
+            self._drained(f"the master connection was lost with {self.running} jobs running", kill=True)
+            return
+        # The master requeues the running jobs too, and their results could
+        # not be sent: kill them rather than run them twice (this is also
+        # what a worker stopped past the master's heartbeat timeout does
+        # when it resumes).
+        killed = self.pool.kill_busy() if self.running else 0
+        log.info(
+            "Lost the master connection; dropped {n} queued jobs and killed {k} running ones"
+            " (the master requeues them); reconnecting",
+            n=dropped,
+            k=killed,
+        )
+
+    def forget_client(self, client: int) -> None:
+        """The master says this client left: drop its context and functions."""
+        self.contexts.pop(client, None)
+        for key in [key for key in self.functions if key[0] == client]:
+            del self.functions[key]
+
+    def enqueue(self, jobs: list[P.Job]) -> None:
+        if self.draining:
+            # Sent before the master learnt that this worker drains.
+            self._return(jobs)
+            return
+        self.queue.extend(jobs)
+        if sum(len(job.payload) for job in jobs) >= STREAM_ABOVE:
+            # Start them on the next turn, once the box they came in (which
+            # holds the payloads' chunks) is freed.
+            self.clock.callLater(0, self._pump)
+        else:
+            self._pump()
+
+    def drain(self, timeout: float) -> defer.Deferred:
+        """
+        Stop gracefully: start no more jobs and hand the unstarted ones back
+        to the master at once (L{P.ReturnJobs}: it requeues them without
+        counting an attempt and sends this worker nothing more), let the
+        running jobs finish and send their results.  Fires once nothing
+        runs.  Jobs still running after C{timeout} seconds have their
+        processes killed and no result sent: the master requeues them when
+        this worker leaves, as a lost worker's jobs (counting an attempt).
+        """
+        d: defer.Deferred = defer.Deferred()
+        if self.draining:
+            if self._drain_waiters is None:
+                d.callback(None)
+            else:
+                self._drain_waiters.append(d)
+            return d
+        self.draining = True
+        self._drain_waiters.append(d)
+        unstarted = list(self.queue)
+        self.queue.clear()
+        if self.proto is not None:
+            self._return(unstarted, always=True)
+        log.info(
+            "Draining: handed {n} unstarted jobs back to the master; waiting up to {t:g} s for"
+            " {r} running jobs",
+            n=len(unstarted),
+            t=timeout,
+            r=self.running,
+        )
+        if not self.running:
+            self._drained("no jobs were running")
+        elif self.proto is None:
+            self._drained("no master connection to report results on", kill=True)
+        else:
+            self._drain_timer = self.clock.callLater(timeout, self._drain_expired, timeout)
+        return d
+
+    def _return(self, jobs: list[P.Job], always: bool = False) -> None:
+        """Tell the master this worker will not start C{jobs} and wants no more."""
+        if self.proto is None or not (jobs or always):
+            return
+        d = self.proto.callRemote(P.ReturnJobs, keys=[job.key for job in jobs])
+        d.addErrback(
+            lambda f: (
+                None
+                if f.check(error.ConnectionDone, error.ConnectionLost)  # it requeues them itself
+                else log.info("Could not return jobs to the master: {f.value}", f=f)
+            )
+        )
+
+    def _drain_expired(self, timeout: float) -> None:
+        self._drain_timer = None
+        self._drained(
+            f"the drain timeout of {timeout:g} s passed with {self.running} jobs running;"
+            " killed their processes (the master requeues those jobs)",
+            kill=True,
+        )
+
+    def _drained(self, how: str, kill: bool = False) -> None:
+        """Finish draining: flush results (or kill what still runs), fire L{drain}'s Deferreds."""
+        if self._drain_waiters is None:
+            return
+        waiters, self._drain_waiters = self._drain_waiters, None
+        if self._drain_timer is not None and self._drain_timer.active():
+            self._drain_timer.cancel()
+        self._drain_timer = None
+        if kill:
+            self.generation += 1  # their results are not sent
+            self.pool.kill_busy()
+        self.outbox.flush()
+        log.info("Drained ({how}); leaving", how=how)
+        for d in waiters:
+            d.callback(None)
+
+    def cancel(self, keys: list[tuple[int, int]]) -> None:
+        """
+        Drop these jobs if still queued here; kill the processes of those
+        running (other jobs of the same batch run again).  The master has
+        already taken them back, so no result is sent for them.
+        """
+        wanted = set(keys)
+        self.queue = deque(job for job in self.queue if job.key not in wanted)
+        for key in wanted:
+            handle = self.handles.get(key)
+            if handle is None:
+                continue
+            handle["cancelled_keys"].add(key)
+            if handle["cancelled_keys"] >= handle["keys"]:
+                handle["cancelled"] = True  # not started yet: it never will be
+            link = handle.get("link")
+            if link is not None:
+                link.cancel()
+        log.info("Cancelled {n} jobs at the master's request", n=len(wanted))
+
+    def _pump(self) -> None:
+        while self.queue and self.calls < self.procs:
+            self._start(self._take_batch())
+        if self.draining and not self.running:
+            self._drained("every running job finished and was reported")
+
+    def _solo(self, job: P.Job) -> bool:
+        """
+        Whether C{job} must have a job process to itself: it has a timeout
+        (killing its process must not take other jobs along), it is being
+        re-run after a batch's process died, or job processes are recycled
+        after a number of calls (which then stays a number of jobs).
+        """
+        if self.job_timeout or getattr(self.pool, "recycleAfter", 0) or job.key in self.solo:
+            return True
+        return bool(job.options) and P.valid_timeout(P.read_options(job).get("timeout"))
+
+    def _take_batch(self) -> list[P.Job]:
+        """
+        The next jobs for one job process: a share of the queue for each
+        idle process (so a lone job goes alone, with no wait, and a deep
+        queue is spread over all processes), at most L{BATCH_JOBS} jobs,
+        about L{P.BATCH_BYTES} and about L{BATCH_SECONDS} of work.  Until
+        jobs are known to be short, each goes alone.
+        """
+        job = self.queue.popleft()
+        batch = [job]
+        if self.job_seconds is None or self.job_seconds > BATCH_SECONDS or self._solo(job):
+            return batch
+        share = -(-(len(self.queue) + 1) // max(1, self.procs - self.calls))
+        want = min(BATCH_JOBS, share, max(1, int(BATCH_SECONDS / max(self.job_seconds, 1e-6))))
+        size = P.job_size(job)
+        while len(batch) < want and self.queue:
+            job = self.queue[0]
+            size += P.job_size(job)
+            if size > P.BATCH_BYTES or self._solo(job):
+                break
+            batch.append(self.queue.popleft())
+        return batch
+
+    def _start(self, batch: list[P.Job]) -> None:
+        self.running += len(batch)
+        self.calls += 1
+        generation = self.generation
+        extra = {}
+        if len(batch) == 1:
+            timeout = P.read_options(batch[0]).get("timeout") if batch[0].options else None
+            if not P.valid_timeout(timeout):
+                timeout = self.job_timeout
+            if timeout:
+                extra["_cw_timeout"] = float(timeout)
+        handle: dict = {"keys": {job.key for job in batch}, "cancelled_keys": set()}
+        for job in batch:
+            self.handles[job.key] = handle
+        d = self.pool.doWork(
+            P.RunBatch,
+            jobs=batch,
+            _cw_handle=handle,
+            _cw_contexts=self.contexts,
+            _cw_functions=self.functions,
+            _cw_generation=generation,
+            **extra,
+        )
+        d.addCallbacks(
+            lambda answer: answer["results"],
+            lambda reason: self._batch_failed(batch, handle, reason, generation),
+        )
+        d.addCallback(self._finished, batch, handle, generation, self.clock.seconds())
+        d.addErrback(lambda f: log.failure("Bookkeeping of a finished job failed", f))
+
+    def _batch_failed(self, batch: list[P.Job], handle: dict, reason, generation: int) -> list[P.Result]:
+        """
+        The job process running C{batch} died (or never got it).  A lone
+        job gets a crash report.  Of a larger batch it is not known which
+        job was running, so the jobs not cancelled go back to the front of
+        the queue, each to run alone next time (unless the process was
+        killed to cancel one of them): the job that kills its process then
+        gets the report, and the others their results.
+        """
+        if len(batch) == 1:
+            if (self.draining or self.terminating) and not reason.check(JobCancelled, JobTimedOut):
+                # Its process died as this worker stops (SLURM signals every
+                # process of a job): not the job's fault; the master requeues it.
+                self._return(batch)
+                return []
+            return [P.Result(batch[0].client, batch[0].seq, P.Outcome.CRASHED, crash_report(reason))]
+        if generation == self.generation:
+            again = [job for job in batch if job.key not in handle["cancelled_keys"]]
+            if not reason.check(JobCancelled):
+                self.solo.update(job.key for job in again)
+            self.queue.extendleft(reversed(again))
+            log.info(
+                "A job process died running a batch of {n} jobs ({why}); running {m} of them again, alone",
+                n=len(batch),
+                why=describe_crash(reason),
+                m=len(again),
+            )
+        return []
+
+    def _finished(
+        self, results: list[P.Result], batch: list[P.Job], handle: dict, generation: int, started: float
+    ) -> None:
+        self.running -= len(batch)
+        self.calls -= 1
+        self.completed += len(results)
+        if results:
+            took = (self.clock.seconds() - started) / len(results)
+            self.job_seconds = took if self.job_seconds is None else 0.8 * self.job_seconds + 0.2 * took
+        for job in batch:
+            if self.handles.get(job.key) is handle:
+                del self.handles[job.key]
+        cancelled = handle["cancelled_keys"]
+        for result in results:
+            self.solo.discard(result.key)
+            if result.key in cancelled:
+                continue
+            if len(result.payload) > self.max_payload:
+                result = P.Result(
+                    result.client,
+                    result.seq,
+                    P.Outcome.FAILED,
+                    P.error_report(
+                        "PayloadTooLarge",
+                        P.too_big("the job's result", len(result.payload), self.max_payload),
+                        host=socket.gethostname(),
+                    ),
+                )
+            if generation == self.generation:
+                self.outbox.add(result)
+        # The job process answered for a whole batch: report it at once.
+        self.outbox.flush()
+        self._pump()
+
+    def _send_results(self, batch: list[P.Result]) -> None:
+        if self.proto is not None:
+            self.proto.callRemote(P.JobResults, results=batch)
+
+
+class JobConnector(ampoule_main.AMPConnector):
+    """
+    Log what a job process prints as info lines, not as errors; widen the
+    pipes to it (L{cw.worker.pipes}).  The job process's end is its exit, not the
+    end of its pipes (which something it started may hold): what is left
+    in its process group is then killed and its pipes closed
+    (L{cw.worker.containment}).
+    """
+
+    #: The job process's pid, which is also its process group's id.
+    pgid: int | None = None
+
+    def connectionMade(self):
+        self.pgid = self.transport.pid
+        for pipe in getattr(self.transport, "pipes", {}).values():
+            widen_pipe(pipe.fileno())
+        super().connectionMade()
+
+    def processExited(self, reason):
+        from twisted.internet import reactor
+
+        if self.pgid is not None:
+            # The job process's guard does this too (L{cw.worker.containment}); this
+            # covers a job process whose guard could not start.
+            kill_group(self.pgid)
+        # On the next turn, so that Twisted finishes its own bookkeeping of
+        # the exit first.
+        reactor.callLater(0, release_pipes, self.transport)
+
+    # Big boxes to the job process are streamed (L{cw.wire.streaming}) through
+    # the pipe that ampoule writes them to.
+
+    def registerProducer(self, producer, streaming):
+        self.transport.pipes[3].registerProducer(producer, streaming)
+
+    def unregisterProducer(self):
+        pipe = self.transport.pipes.get(3)
+        if pipe is not None:
+            pipe.unregisterProducer()
+
+    def errReceived(self, data):
+        for line in data.decode("utf-8", "replace").rstrip().splitlines():
+            log.info("job process {n}: {line}", n=self.name, line=line)
+
+
+class JobStarter(ampoule_main.ProcessStarter):
+    """
+    Starts job processes quietly (Twisted logs at warning level, so a job's
+    own output stands out) and without spelling the environment into the
+    worker's log.
+    """
+
+    connectorFactory = JobConnector
+
+    def __init__(self, env: dict[str, str]) -> None:
+        # Quiet Twisted's own logging in the child, and leave the job's
+        # stdout/stderr alone so that what a job prints reaches the worker.
+        bootstrap = ampoule_main.BOOTSTRAP.replace("LogLevel.info", "LogLevel.warn").replace(
+            "beginLoggingTo([filteringObserver])",
+            "beginLoggingTo([filteringObserver], redirectStandardIO=False)",
+        )
+        # First of all, the job process leads its own session and dies with
+        # this worker (L{cw.worker.containment}).
+        contain = (
+            f"from cw.worker.containment import contain_job_process\ncontain_job_process({os.getpid()})\n"
+        )
+        super().__init__(bootstrap=contain + bootstrap, env=env)
+
+    def __repr__(self) -> str:
+        return "JobStarter()"
+
+
+def job_process_env() -> dict[str, str]:
+    """
+    The environment for job processes: the worker's own, with the
+    directory holding the C{cw} package on C{PYTHONPATH} so that a job
+    process imports the same cw as its worker.
+    """
+    env = dict(os.environ)
+    # the directory holding cw (this file is cw/worker/service.py)
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = [here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+class WorkerService(service.MultiService):
+    """
+    A worker: a pool of job processes plus a (re)connecting link to the
+    master.
+
+    @param master: the master's address (see L{cw.wire.address}).
+    @param procs: jobs to run at once (default: the machine's cores).
+    @param recycle_after: restart a job process after this many jobs
+        (0: never).
+    @param job_timeout: seconds a job may run unless it sets its own
+        timeout; its process is then killed (None: no limit).
+    @param memory_limit: address-space limit of each job process in MiB
+        (C{RLIMIT_AS}); a job that allocates past it gets a C{MemoryError}
+        and its process is replaced (0: no limit).
+    @param recycle_memory: replace a job process whose resident size is
+        above this many MiB after a job (0: never).
+    @param master_timeout: reconnect when the master, having sent
+        heartbeats, falls silent for this many seconds (0: never).
+    @param drain_timeout: when stopped, seconds the running jobs may take to
+        finish before their processes are killed (see L{Worker.drain}).
+    @param reconnect_delay: longest wait between attempts to reach the
+        master, so that a worker rejoins a restarted master within about
+        this many seconds.
+    """
+
+    name = "cw-worker"
+
+    def __init__(
+        self,
+        master: str | None = None,
+        procs: int | None = None,
+        recycle_after: int = 0,
+        secret: bytes | None = None,
+        job_timeout: float | None = None,
+        memory_limit: int = 0,
+        recycle_memory: int = 0,
+        master_timeout: float = 30.0,
+        drain_timeout: float = DRAIN_TIMEOUT,
+        reconnect_delay: float = RECONNECT_DELAY,
+    ) -> None:
+        super().__init__()
+        self.drain_timeout = drain_timeout
+        self.reconnect_delay = reconnect_delay
+        self.job_timeout = job_timeout
+        self.master_timeout = master_timeout
+        self.memory_limit = memory_limit
+        self.recycle_memory = recycle_memory
+        self.secret = secret
+        self.master_address = client_description(master)
+        self.procs = procs or os.cpu_count() or 1
+        self.recycle_after = recycle_after
+        self.pool = None
+        self.worker: Worker | None = None
+        self.client_service: ClientService | None = None
+
+    def startService(self):
+        from twisted.internet import reactor
+
+        bulk_pipe_reads()
+        starter = JobStarter(job_process_env())
+        self.pool = JobPool(
+            JobChild,
+            min=self.procs,
+            max=self.procs,
+            maxIdle=3600,
+            recycleAfter=self.recycle_after,
+            starter=starter,
+            ampChildArgs=(str(self.memory_limit << 20),),
+            max_rss=self.recycle_memory << 20,
+        )
+        self.worker = Worker(self.pool, self.procs, secret=self.secret, address=self.master_address)
+        self.worker.job_timeout = self.job_timeout
+        self.worker.master_timeout = self.master_timeout
+        self.worker.reconnect_delay = self.reconnect_delay
+        if self.secret is None:
+            log.warn(
+                "cw worker running with --insecure: it runs jobs from any master it reaches"
+                " without checking who that is"
+            )
+        factory = Factory.forProtocol(lambda: WorkerProtocol(self.worker))
+        endpoint = client_endpoint(reactor, self.master_address)
+        self.client_service = ClientService(endpoint, factory, retryPolicy=self.worker.retry_delay)
+        self.client_service.setServiceParent(self)
+        log.info(
+            "cw worker starting {n} job processes; master at {master}",
+            n=self.procs,
+            master=self.master_address,
+        )
+        self.pool.start()
+        super().startService()
+        if self.note_sigterm:
+            reactor.callWhenRunning(self._note_sigterm)
+
+    #: Set by L{makeService} (twistd): see L{_note_sigterm}.
+    note_sigterm = False
+
+    def _note_sigterm(self) -> None:
+        """
+        Chain a handler in front of the reactor's SIGTERM handler that marks
+        the worker as terminating at once: under SLURM (scancel, the
+        walltime warning) the job processes get the same signal and may die
+        before the reactor stops this service, and their jobs must then go
+        back to the master rather than be reported as crashed.
+        """
+        import signal
+
+        previous = signal.getsignal(signal.SIGTERM)
+        if not callable(previous):
+            return
+
+        def handler(signum, frame):
+            if self.worker is not None:
+                self.worker.terminating = True
+            previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, handler)
+
+    def stopService(self):
+        """
+        Stop gracefully (SIGTERM, SIGINT): drain (L{Worker.drain}), then
+        close the master connection and stop the job processes.
+        """
+        if self.worker is None:
+            d = defer.succeed(None)
+        else:
+            self.worker.stopping = True
+            d = self.worker.drain(self.drain_timeout)
+        d.addCallback(lambda _: super(WorkerService, self).stopService())
+
+        def stop_pool(_):
+            if self.pool is not None:
+                return self.pool.stop()
+
+        return d.addCallback(stop_pool)
+
+
+class Options(usage.Options):
+    synopsis = "[--master HOST[:PORT] | --master ENDPOINT] [--procs N] [HOST]"
+    longdesc = (
+        "Run a cw worker: it connects to a master and runs its jobs in N job"
+        " processes.  The master is named as HOST, HOST:PORT or a Twisted"
+        " endpoint description (tcp:HOST:PORT, unix:PATH); default localhost."
+    )
+    optParameters = [
+        ["master", "m", None, "the master's address (default localhost:5494)"],
+        ["procs", None, None, "jobs to run at once (default: number of cores)", int],
+        ["recycle-after", None, 0, "restart a job process after this many jobs (0: never)", int],
+        ["job-timeout", None, None, "seconds a job may run unless it sets its own timeout", float],
+        ["memory-limit", None, 0, "address-space limit per job process, MiB (0: none)", int],
+        ["recycle-memory", None, 0, "restart a job process above this resident size, MiB (0: never)", int],
+        ["master-timeout", None, 30.0, "reconnect if master heartbeats stop this long (0: never)", float],
+        ["drain-timeout", None, DRAIN_TIMEOUT, "seconds running jobs may finish when stopped", float],
+        ["reconnect-delay", None, RECONNECT_DELAY, "most seconds between tries to reach the master", float],
+        ["secret-file", None, None, "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"],
+        ["slurm-wait", None, 600.0, "with --slurm: seconds to wait for the master job to start", float],
+    ]
+    optFlags = [
+        ["slurm", None, "find the master through SLURM (this user's job cmaster[-$CW_SLURM_CLUSTER])"],
+        ["insecure", None, "skip authentication (only with a master that runs --insecure)"],
+    ]
+
+    def parseOptions(self, options=None):
+        # Accept the original "cw.worker HOST --procs N" order too: getopt
+        # stops at the first positional argument, so move HOST to the end.
+        if options is None:
+            options = sys.argv[1:]
+        if options and not options[0].startswith("-"):
+            options = [*options[1:], options[0]]
+        super().parseOptions(options)
+
+    def parseArgs(self, host=None):
+        if host is not None:
+            if self["master"]:
+                raise usage.UsageError("give the master either as --master or as HOST, not both")
+            self["master"] = host
+
+    def postOptions(self):
+        if self["slurm"]:
+            if self["master"]:
+                raise usage.UsageError("give either --slurm or a master address, not both")
+            try:
+                # Started before the master: wait for it (bounded).
+                info = discovery.wait_for_master(
+                    timeout=self["slurm-wait"], report=lambda m: print(f"cw worker: {m}", file=sys.stderr)
+                )
+            except Exception as e:
+                raise usage.UsageError(f"--slurm: {e}") from None
+            self["master"] = info["address"]
+            if info.get("secret_file") and not self["secret-file"] and not self["insecure"]:
+                self["secret-file"] = info["secret_file"]
+        self["secret"] = load_options_secret(self, "cw-worker")
+        if self["procs"] is not None and self["procs"] < 1:
+            raise usage.UsageError("--procs must be at least 1")
+
+
+def makeService(options: Options) -> WorkerService:
+    log_descriptor_limit("worker")
+    worker = WorkerService(
+        master=options["master"],
+        procs=options["procs"],
+        recycle_after=options["recycle-after"],
+        secret=options["secret"],
+        job_timeout=options["job-timeout"],
+        memory_limit=options["memory-limit"],
+        recycle_memory=options["recycle-memory"],
+        master_timeout=options["master-timeout"],
+        drain_timeout=options["drain-timeout"],
+        reconnect_delay=options["reconnect-delay"],
+    )
+    worker.note_sigterm = True
+    return worker
