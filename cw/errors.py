@@ -1,8 +1,11 @@
 """
-Exceptions that cw raises in client programs, and the typed remote
+Every exception of cw, all deriving from L{CWError} (so that each command
+line catches C{CWError} and prints one line), and the typed remote
 exceptions: a job's own exception, pickled in its job process
 (L{exception_fields}) and raised in the client as an instance of both its
 class and L{RemoteException} (L{remote_error}).
+
+The bottom layer: imports nothing of cw.
 """
 
 from __future__ import annotations
@@ -235,15 +238,15 @@ def remote_error(
     return default(jobid, {**report, "exception_error": why})
 
 
-class VersionMismatch(Exception):
+class VersionMismatch(CWError):
     """The peer speaks another protocol version."""
 
 
-class AuthenticationFailed(Exception):
+class AuthenticationFailed(CWError):
     """The other side does not hold the same secret (or refused to check)."""
 
 
-class BadCommand(Exception):
+class BadCommand(CWError):
     """A field of a command from an authenticated peer is malformed."""
 
 

@@ -15,6 +15,7 @@ from twisted.internet import endpoints
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 
 from cw.core.records import PORT
+from cw.wire.private import set_ssl_context_factory, ssl_context_factory
 
 #: Endpoint types a client may name a master with.
 CLIENT_PREFIXES = ("tcp:", "unix:", "ssl:", "tls:")
@@ -84,19 +85,22 @@ def server_endpoint(reactor, listen: str | int | None = None) -> IStreamServerEn
     from twisted.internet import ssl
 
     endpoint = endpoints.serverFromString(reactor, description[: match.start()] + description[match.end() :])
-    base = endpoint._sslContextFactory
+    base = ssl_context_factory(endpoint)
     try:
         with open(match.group(1), "rb") as f:
             authorities = ssl.Certificate.loadPEM(f.read())
     except OSError as e:
         raise ValueError(f"cannot read caCerts file {match.group(1)!r}: {e}") from None
-    endpoint._sslContextFactory = ssl.CertificateOptions(
-        privateKey=base.privateKey,
-        certificate=base.certificate,
-        extraCertChain=base.extraCertChain,
-        verify=True,
-        requireCertificate=True,
-        caCerts=[authorities.original],
+    set_ssl_context_factory(
+        endpoint,
+        ssl.CertificateOptions(
+            privateKey=base.privateKey,
+            certificate=base.certificate,
+            extraCertChain=base.extraCertChain,
+            verify=True,
+            requireCertificate=True,
+            caCerts=[authorities.original],
+        ),
     )
     return endpoint
 

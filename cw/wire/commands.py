@@ -55,6 +55,7 @@ from cw.core.records import (
     result_parts,
 )
 from cw.errors import AuthenticationFailed, VersionMismatch
+from cw.wire.private import python_identifier
 
 # cw.core.records may not import Twisted, so it spells the AMP value limit out.
 assert CHUNK == amp.MAX_VALUE_LENGTH, (CHUNK, amp.MAX_VALUE_LENGTH)
@@ -82,7 +83,7 @@ class Blob(amp.Argument):
     """
 
     def toBox(self, name, strings, objects, proto):
-        self._put(name, strings, [objects[amp._wireNameToPythonIdentifier(name)]])
+        self._put(name, strings, [objects[python_identifier(name)]])
 
     @staticmethod
     def _put(name: bytes, strings, parts: list) -> None:
@@ -100,7 +101,7 @@ class Blob(amp.Argument):
         strings[name + b".n"] = b"%d" % count
 
     def fromBox(self, name, strings, objects, proto):
-        objects[amp._wireNameToPythonIdentifier(name)] = self._take(name, strings)
+        objects[python_identifier(name)] = self._take(name, strings)
 
     @staticmethod
     def _take(name: bytes, strings):
@@ -133,11 +134,11 @@ class Encoded(Blob):
         raise NotImplementedError
 
     def toBox(self, name, strings, objects, proto):
-        parts = self.parts(objects[amp._wireNameToPythonIdentifier(name)])
+        parts = self.parts(objects[python_identifier(name)])
         self._put(name, strings, parts or [b""])
 
     def fromBox(self, name, strings, objects, proto):
-        objects[amp._wireNameToPythonIdentifier(name)] = self.decode(self._take(name, strings))
+        objects[python_identifier(name)] = self.decode(self._take(name, strings))
 
 
 class JobBatch(Encoded):

@@ -221,9 +221,12 @@ def release_pipes(process) -> None:
     Twisted's C{Process.pipes} and its pipe classes are internal: this is
     the one place cw relies on them.
     """
+    # Imported here, not at the top: a job process imports this module first
+    # thing, before Twisted (contain_job_process), and must stay quick to contain.
     from twisted.internet import error
-    from twisted.internet.process import ProcessReader
     from twisted.python.failure import Failure
+
+    from cw.wire.private import ProcessReader
 
     for fd, pipe in list(getattr(process, "pipes", {}).items()):
         if isinstance(pipe, ProcessReader):

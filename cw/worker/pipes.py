@@ -17,7 +17,9 @@ import errno
 import fcntl
 import os
 
-from twisted.internet import main, process
+from twisted.internet import main
+
+from cw.wire.private import replace_pipe_reads
 
 #: Bytes read from a pipe at once.
 READ_SIZE = 1 << 16
@@ -43,7 +45,7 @@ def _do_read(self):
 
 def bulk_pipe_reads() -> None:
     """Read every child-process pipe of this process up to L{READ_SIZE} at a time."""
-    process.ProcessReader.doRead = _do_read
+    replace_pipe_reads(_do_read)
 
 
 def widen_pipe(fd: int) -> bool:

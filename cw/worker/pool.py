@@ -307,6 +307,8 @@ class JobPool(pool.ProcessPool):
             self.stopAWorker(child).addCallback(lambda _: self.startAWorker())
 
     def _catchUp(self):
+        # Overrides ampoule's private ProcessPool._catchUp (the one private name
+        # used outside cw.wire.private: an override has to live in the subclass).
         self._retire_unusable()
         # ampoule's _catchUp takes a ready child without looking: after
         # retiring one there may be none (a replacement is on its way and

@@ -40,6 +40,7 @@ from cw.wire.auth import AuthGate, authenticate, refused_retry_delay
 from cw.wire.batching import Outbox
 from cw.wire.limits import log_descriptor_limit
 from cw.wire.liveness import SignsOfLife
+from cw.wire.private import job_bootstrap
 from cw.wire.secret import load_options_secret
 from cw.wire.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
 from cw.worker.child import JobChild
@@ -664,18 +665,14 @@ class JobStarter(ampoule_main.ProcessStarter):
     connectorFactory = JobConnector
 
     def __init__(self, env: dict[str, str]) -> None:
-        # Quiet Twisted's own logging in the child, and leave the job's
-        # stdout/stderr alone so that what a job prints reaches the worker.
-        bootstrap = ampoule_main.BOOTSTRAP.replace("LogLevel.info", "LogLevel.warn").replace(
-            "beginLoggingTo([filteringObserver])",
-            "beginLoggingTo([filteringObserver], redirectStandardIO=False)",
-        )
         # First of all, the job process leads its own session and dies with
         # this worker (L{cw.worker.containment}).
         contain = (
             f"from cw.worker.containment import contain_job_process\ncontain_job_process({os.getpid()})\n"
         )
-        super().__init__(bootstrap=contain + bootstrap, env=env)
+        # Then ampoule's bootstrap, quieter and leaving the job's stdout/stderr
+        # alone (cw.wire.private.job_bootstrap).
+        super().__init__(bootstrap=job_bootstrap(contain), env=env)
 
     def __repr__(self) -> str:
         return "JobStarter()"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 
@@ -86,5 +87,28 @@ class StatusCommandTests(unittest.TestCase):
             done = self.cw("status", "--master", f"127.0.0.1:{free_port()}", "--timeout", "0.5")
             self.assertEqual(done.returncode, 1)
             self.assertIn("cw status: no cw master answers", done.stderr)
+
+        return threads.deferToThread(body)
+
+    def test_wrong_secret_one_line(self):
+        """
+        C{cw status} with a secret the master does not hold says so in one
+        line, with no traceback (L{cw.errors.AuthenticationFailed} is a
+        L{cw.errors.CWError}, which every command line catches).
+        """
+        procs = Processes(self, self.mktemp())
+        directory = os.path.abspath(self.mktemp())
+        os.mkdir(directory, 0o700)
+        other = os.path.join(directory, "secret")
+        with open(os.open(other, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+
+        def body():
+            address = procs.start_master()
+            done = self.cw("status", "--master", address, "--secret-file", other)
+            self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
+            lines = (done.stdout + done.stderr).strip().splitlines()
+            self.assertEqual(len(lines), 1, lines)
+            self.assertTrue(lines[0].startswith("cw status: "), lines)
 
         return threads.deferToThread(body)

@@ -1,0 +1,92 @@
+"""
+Every use cw makes of what Twisted and ampoule keep private, in one place,
+each with the reason and what breaks if it changes.  setup.cfg bounds the
+versions of both to the ones tested; a newer release that changes one of
+these fails here (loudly) or in the tests named beside it.
+
+One use cannot live here: L{cw.worker.pool.JobPool} overrides ampoule's
+private C{ProcessPool._catchUp} (a subclass hook has to be a method of the
+subclass); see the comment there.
+
+Imports Twisted and ampoule only; part of the wire layer so that master,
+worker and client may all use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ampoule import main as ampoule_main
+from twisted.internet import process
+from twisted.protocols import amp
+
+#: Twisted's reader of a child process's pipe (C{twisted.internet.process}
+#: is internal): cw reads the pipes faster (L{replace_pipe_reads}) and drains
+#: those of an exited job process (L{cw.worker.containment.release_pipes}).
+ProcessReader = process.ProcessReader
+
+
+def python_identifier(wire_name: bytes) -> str:
+    """
+    The key under which AMP puts the argument sent as C{wire_name} in a
+    command's arguments.  Private C{amp._wireNameToPythonIdentifier}: AMP's
+    own C{Argument.toBox}/C{fromBox} use it, and cw's chunked arguments
+    (L{cw.wire.commands.Blob}) override those, so they must map names alike
+    (cw.test.wire.test_protocol).
+    """
+    return amp._wireNameToPythonIdentifier(wire_name)
+
+
+def ssl_context_factory(endpoint):
+    """
+    The context factory of an C{ssl:} server endpoint made by
+    C{serverFromString}.  Private C{SSL4ServerEndpoint._sslContextFactory}:
+    the description's parser offers no way to require client certificates,
+    so cw reads the factory it built (and L{set_ssl_context_factory}
+    replaces it) (cw.test.wire.test_address).
+    """
+    return endpoint._sslContextFactory
+
+
+def set_ssl_context_factory(endpoint, factory) -> None:
+    """Give an C{ssl:} server endpoint another context factory (see L{ssl_context_factory})."""
+    endpoint._sslContextFactory = factory
+
+
+def replace_pipe_reads(do_read: Callable) -> None:
+    """
+    Make every child-process pipe of this process read with C{do_read}
+    (an C{IReadDescriptor.doRead}).  C{ProcessReader.doRead} is internal and
+    reads 8 KiB at a time; cw reads its job pipes in larger pieces
+    (L{cw.worker.pipes.bulk_pipe_reads}).  Process-wide, by design: only
+    worker and job processes call it.
+    """
+    ProcessReader.doRead = do_read
+
+
+#: Edits of ampoule's child bootstrap (C{ampoule.main.BOOTSTRAP}, source text
+#: that ampoule runs with C{python -c}): Twisted's logging in a job process
+#: at warn, and the job's stdout/stderr left alone so what a job prints
+#: reaches the worker.
+_BOOTSTRAP_EDITS = (
+    ("LogLevel.info", "LogLevel.warn"),
+    ("beginLoggingTo([filteringObserver])", "beginLoggingTo([filteringObserver], redirectStandardIO=False)"),
+)
+
+
+def job_bootstrap(prefix: str) -> str:
+    """
+    ampoule's bootstrap for a job process, edited (see C{_BOOTSTRAP_EDITS}),
+    after C{prefix} (source run first).  Raises C{RuntimeError} if ampoule's
+    text no longer holds what is edited, rather than silently running
+    children that log at info and swallow the job's output.
+    """
+    text = ampoule_main.BOOTSTRAP
+    for old, new in _BOOTSTRAP_EDITS:
+        if old not in text:
+            raise RuntimeError(
+                f"ampoule's child bootstrap no longer contains {old!r}: this ampoule version is"
+                " not one cw supports (see setup.cfg)"
+            )
+        text = text.replace(old, new)
+    return prefix + text
