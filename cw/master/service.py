@@ -44,6 +44,7 @@ from cw.wire.auth import AUTH_TIMEOUT, AuthGate, MasterAuth, WrongSecretLog
 from cw.wire.batching import Outbox
 from cw.wire.limits import descriptor_limit, log_descriptor_limit
 from cw.wire.liveness import HeartbeatMonitor, SignsOfLife
+from cw.wire.private import CheckedAnswers
 from cw.wire.secret import load_options_secret
 from cw.wire.streaming import ChunkReceiver, StreamingSender
 
@@ -93,7 +94,9 @@ DEADLINE_GRACE = 30.0
 DEADLINE_TICK = 0.5
 
 
-class MasterProtocol(SignsOfLife, StreamingSender, AuthGate, MasterAuth, ChunkReceiver, amp.AMP):
+class MasterProtocol(
+    SignsOfLife, StreamingSender, AuthGate, MasterAuth, ChunkReceiver, CheckedAnswers, amp.AMP
+):
     """
     One connection to the master, from a client or a worker.  The peer
     first authenticates (L{cw.wire.auth}); which kind of peer it is becomes known
@@ -243,6 +246,10 @@ class MasterProtocol(SignsOfLife, StreamingSender, AuthGate, MasterAuth, ChunkRe
             return answer
 
         return checked
+
+    def malformed_box(self, why: str) -> None:
+        """An answer to no question, or a box that is no command (L{CheckedAnswers})."""
+        self.reject(why)
 
     def _bad_argument(self, name: bytes, box) -> str:
         """Which argument of command C{name} in C{box} does not parse, for the log."""

@@ -53,6 +53,50 @@ def set_ssl_context_factory(endpoint, factory) -> None:
     endpoint._sslContextFactory = factory
 
 
+class CheckedAnswers:
+    """
+    Mixin for L{amp.AMP} subclasses (listed before it) that receive boxes
+    from peers they do not trust to be bug-free: a box that answers no
+    question this side asked, or that is neither a command nor an answer,
+    calls C{self.malformed_box(why)} (which should drop the connection)
+    instead of raising deep inside AMP.
+
+    Overrides AMP's private C{BoxDispatcher._answerReceived} and
+    C{_errorReceived}, and reads its private C{_outstandingRequests}: AMP
+    pops the answered question from that dict without checking, so an
+    answer with an unknown tag (or an error box without its code or
+    description) raises C{KeyError} and ends the connection with an
+    "Unhandled Error" traceback in the log (cw.test.master.test_limits,
+    ValidationTests).  C{ampBoxReceived} is public; it raises
+    C{NoEmptyBoxes} for a box without C{_answer}, C{_error} or C{_ask}.
+    """
+
+    def malformed_box(self, why: str) -> None:
+        raise NotImplementedError
+
+    def _unasked(self, tag: bytes) -> bool:
+        if tag in self._outstandingRequests:
+            return False
+        self.malformed_box(f"sent a malformed answer: its tag {tag!r:.40} answers no question asked")
+        return True
+
+    def ampBoxReceived(self, box) -> None:
+        if amp.ANSWER not in box and amp.ERROR not in box and amp.COMMAND not in box:
+            self.malformed_box("sent a malformed box: neither a command nor an answer")
+            return
+        super().ampBoxReceived(box)
+
+    def _answerReceived(self, box) -> None:
+        if not self._unasked(box[amp.ANSWER]):
+            super()._answerReceived(box)
+
+    def _errorReceived(self, box) -> None:
+        if amp.ERROR_CODE not in box or amp.ERROR_DESCRIPTION not in box:
+            self.malformed_box("sent a malformed error answer: no error code or description")
+        elif not self._unasked(box[amp.ERROR]):
+            super()._errorReceived(box)
+
+
 def replace_pipe_reads(do_read: Callable) -> None:
     """
     Make every child-process pipe of this process read with C{do_read}

@@ -127,6 +127,13 @@ class LooseRegisterWorker(amp.Command):
     response = [(b"worker_id", amp.Integer())]
 
 
+#: Answers to questions the master never asked (the tag is far past any
+#: it has used on a new connection), and an error answer missing its fields.
+UNASKED_ANSWER = amp.AmpBox(_answer=b"ffffff")
+UNASKED_ERROR = amp.AmpBox(_error=b"ffffff", _error_code=b"UNKNOWN", _error_description=b"no")
+BARE_ERROR = amp.AmpBox(_error=b"ffffff")
+
+
 class Peer(AuthGate, amp.AMP):
     """A hand-made peer that authenticates with the real secret, then says what a test wants."""
 
@@ -263,6 +270,11 @@ class ValidationTests(unittest.TestCase):
                 ),
             ),
             ("client", "count", after_client(lambda peer: peer.callRemote(P.AwaitWorkers, count=-1))),
+            # Boxes AMP itself would choke on (cw.wire.private.CheckedAnswers).
+            ("client", "answers no question", after_client(lambda peer: peer.sendBox(UNASKED_ANSWER))),
+            ("worker", "answers no question", after_worker(lambda peer: peer.sendBox(UNASKED_ERROR))),
+            ("worker", "no error code", after_worker(lambda peer: peer.sendBox(BARE_ERROR))),
+            ("client", "neither a command", lambda peer: peer.sendBox(amp.AmpBox(hello=b"x"))),
             (
                 "worker",
                 "unknown status",
