@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections import deque
 
 from ampoule import main as ampoule_main
 from twisted.application import service
@@ -33,6 +32,17 @@ from twisted.protocols import amp
 from twisted.python import usage
 
 from cw import discovery
+from cw.core.worker_state import (
+    CancelBatch,
+    Death,
+    Drained,
+    KillRunning,
+    ReturnJobs,
+    SendResults,
+    StartBatch,
+    StartDrainTimer,
+    WorkerState,
+)
 from cw.errors import AuthenticationFailed
 from cw.wire import commands as P
 from cw.wire.address import client_description, client_endpoint
@@ -52,14 +62,6 @@ log = Logger(namespace="cw.worker")  # the namespace of its log lines before the
 
 #: Seconds a stopping worker lets its running jobs finish (C{--drain-timeout}).
 DRAIN_TIMEOUT = 30.0
-
-#: Most jobs handed to one job process in one call (L{P.RunBatch}).
-BATCH_JOBS = 64
-
-#: Jobs are batched only while they take less than this many seconds on
-#: average, and a batch holds about this much work at most: slow jobs go one
-#: by one, so that a draining worker can hand back the ones not started.
-BATCH_SECONDS = 0.02
 
 #: Longest wait, in seconds, between attempts to (re)connect to the master
 #: (C{--reconnect-delay}); the wait grows from 1 s by half each attempt up
@@ -209,7 +211,11 @@ class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.
 
 class Worker:
     """
-    Runs jobs for one master connection at a time.
+    Runs jobs for one master connection at a time: the adapter between the
+    master connection, the pool of job processes and L{WorkerState}, which
+    makes every decision (what to start and as what batch, what to send,
+    return or kill, when a drain ends).  This class feeds it events and
+    carries out its instructions (L{Worker._carry_out}).
 
     @param pool: a L{cw.worker.pool.JobPool} of L{cw.worker.child.JobChild} processes (or
         anything with the same C{doWork}, including its C{_cw_timeout}
@@ -226,41 +232,23 @@ class Worker:
         self.address = address
         self.pool = pool
         self.procs = procs
+        self.state = WorkerState(
+            procs, host=socket.gethostname(), recycles=bool(getattr(pool, "recycleAfter", 0))
+        )
         self.proto: WorkerProtocol | None = None
         self.worker_id = 0
         self.contexts: dict[int, dict] = {}
-        self.queue: deque[P.Job] = deque()
-        #: Jobs handed to job processes and not yet ended.
-        self.running = 0
-        #: Calls (batches of jobs) in job processes, at most one per process.
-        self.calls = 0
-        self.completed = 0
         #: Cached functions by C{(client, key)} (L{P.DefineFunction}).
         self.functions: dict[tuple[int, bytes], bytes] = {}
-        #: Jobs to run alone: their batch's job process died.
-        self.solo: set[tuple[int, int]] = set()
-        #: Average seconds a job takes in a job process, once measured.
-        self.job_seconds: float | None = None
-        #: Handles of running jobs by key (see L{cw.worker.pool.ChildLink.callRemote}),
-        #: so that a cancelled job's process can be killed.
-        self.handles: dict[tuple[int, int], dict] = {}
-        #: Bumped on every new master connection; results of jobs started
-        #: under an earlier connection are not sent on a later one.
-        self.generation = 0
-        #: The master's payload limit, learnt at registration.
-        self.max_payload = P.MAX_PAYLOAD
+        #: The pool's handle of each running batch (see
+        #: L{cw.worker.pool.ChildLink.callRemote}), so that a cancelled
+        #: job's process can be killed.
+        self.handles: dict[int, dict] = {}
         #: Set when the worker shuts down, so a lost connection is expected.
         self.stopping = False
-        #: Set once the worker drains (see L{drain}): it starts no more jobs.
-        self.draining = False
-        #: Set the moment SIGTERM arrives, before the reactor gets round to
-        #: stopping (see L{WorkerService.note_sigterm}).
-        self.terminating = False
-        self._drain_waiters: list[defer.Deferred] | None = []
+        self._drain_waiters: list[defer.Deferred] = []
         self._drain_timer = None
-        #: Seconds a job may run when it does not set its own timeout
-        #: (None: no limit).
-        self.job_timeout: float | None = None
+        self._drain_timeout = DRAIN_TIMEOUT
         #: Once the master sends heartbeats, how long the worker waits for
         #: the next before it drops the connection and reconnects (a
         #: half-open link may otherwise never close on this side); at least
@@ -273,6 +261,52 @@ class Worker:
         self.reconnect_delay = RECONNECT_DELAY
         #: Handshakes in a row that failed on the secret.
         self.refusals = 0
+        #: Job processes killed by the last L{KillRunning}.
+        self._killed = 0
+
+    # What the rest of the worker reads and sets lives in the state.
+
+    @property
+    def queue(self):
+        """Jobs from the master not started yet."""
+        return self.state.queue
+
+    @property
+    def running(self) -> int:
+        """Jobs handed to job processes and not yet ended."""
+        return self.state.running
+
+    @property
+    def draining(self) -> bool:
+        """Set once the worker drains (see L{drain}): it starts no more jobs."""
+        return self.state.draining
+
+    @property
+    def terminating(self) -> bool:
+        """Set the moment SIGTERM arrives (see L{WorkerService._note_sigterm})."""
+        return self.state.terminating
+
+    @terminating.setter
+    def terminating(self, value: bool) -> None:
+        self.state.terminating = value
+
+    @property
+    def job_timeout(self) -> float | None:
+        """Seconds a job may run when it does not set its own timeout (None: no limit)."""
+        return self.state.job_timeout
+
+    @job_timeout.setter
+    def job_timeout(self, value: float | None) -> None:
+        self.state.job_timeout = value
+
+    @property
+    def max_payload(self) -> int:
+        """The master's payload limit, learnt at registration."""
+        return self.state.max_payload
+
+    @max_payload.setter
+    def max_payload(self, value: int) -> None:
+        self.state.max_payload = value
 
     def retry_delay(self, attempt: int) -> float:
         """
@@ -334,29 +368,25 @@ class Worker:
         if self._master_watchdog is not None and self._master_watchdog.active():
             self._master_watchdog.cancel()
         self._master_watchdog = self._last_heartbeat = None
-        dropped = len(self.queue)
+        dropped = len(self.state.queue)
         self.proto = None
-        self.generation += 1
-        self.queue.clear()
         self.contexts.clear()
         self.functions.clear()
-        self.solo.clear()
         self.outbox.discard()
-        if self.draining:
-            # Nothing can be reported any more; the master requeues the rest.
-            self._drained(f"the master connection was lost with {self.running} jobs running", kill=True)
-            return
-        # The master requeues the running jobs too, and their results could
-        # not be sent: kill them rather than run them twice (this is also
-        # what a worker stopped past the master's heartbeat timeout does
-        # when it resumes).
-        killed = self.pool.kill_busy() if self.running else 0
-        log.info(
-            "Lost the master connection; dropped {n} queued jobs and killed {k} running ones"
-            " (the master requeues them); reconnecting",
-            n=dropped,
-            k=killed,
-        )
+        draining = self.state.draining
+        self._killed = 0
+        self._carry_out(self.state.master_lost())
+        if not draining:
+            # The master requeues the running jobs too, and their results
+            # could not be sent: they were killed rather than run twice (this
+            # is also what a worker stopped past the master's heartbeat
+            # timeout does when it resumes).
+            log.info(
+                "Lost the master connection; dropped {n} queued jobs and killed {k} running ones"
+                " (the master requeues them); reconnecting",
+                n=dropped,
+                k=self._killed,
+            )
 
     def forget_client(self, client: int) -> None:
         """The master says this client left: drop its context and functions."""
@@ -365,17 +395,18 @@ class Worker:
             del self.functions[key]
 
     def enqueue(self, jobs: list[P.Job]) -> None:
-        if self.draining:
-            # Sent before the master learnt that this worker drains.
-            self._return(jobs)
+        self._carry_out(self.state.jobs_arrived(jobs))
+        if self.state.draining:
             return
-        self.queue.extend(jobs)
         if sum(len(job.payload) for job in jobs) >= STREAM_ABOVE:
             # Start them on the next turn, once the box they came in (which
             # holds the payloads' chunks) is freed.
             self.clock.callLater(0, self._pump)
         else:
             self._pump()
+
+    def _pump(self) -> None:
+        self._carry_out(self.state.start_jobs(self.clock.seconds()))
 
     def drain(self, timeout: float) -> defer.Deferred:
         """
@@ -388,38 +419,119 @@ class Worker:
         this worker leaves, as a lost worker's jobs (counting an attempt).
         """
         d: defer.Deferred = defer.Deferred()
-        if self.draining:
-            if self._drain_waiters is None:
-                d.callback(None)
-            else:
-                self._drain_waiters.append(d)
+        if self.state.drained:
+            d.callback(None)
             return d
-        self.draining = True
         self._drain_waiters.append(d)
-        unstarted = list(self.queue)
-        self.queue.clear()
-        if self.proto is not None:
-            self._return(unstarted, always=True)
+        if self.state.draining:
+            return d
+        self._drain_timeout = timeout
+        unstarted = len(self.state.queue)
+        instructions = self.state.drain(connected=self.proto is not None)
         log.info(
             "Draining: handed {n} unstarted jobs back to the master; waiting up to {t:g} s for"
             " {r} running jobs",
-            n=len(unstarted),
+            n=unstarted,
             t=timeout,
-            r=self.running,
+            r=self.state.running,
         )
-        if not self.running:
-            self._drained("no jobs were running")
-        elif self.proto is None:
-            self._drained("no master connection to report results on", kill=True)
-        else:
-            self._drain_timer = self.clock.callLater(timeout, self._drain_expired, timeout)
+        self._carry_out(instructions)
         return d
 
-    def _return(self, jobs: list[P.Job], always: bool = False) -> None:
-        """Tell the master this worker will not start C{jobs} and wants no more."""
-        if self.proto is None or not (jobs or always):
+    def _drain_expired(self, timeout: float) -> None:
+        self._drain_timer = None
+        self._carry_out(self.state.drain_expired(timeout))
+
+    def cancel(self, keys: list[tuple[int, int]]) -> None:
+        """
+        Drop these jobs if still queued here; kill the processes of those
+        running (other jobs of the same batch run again).  The master has
+        already taken them back, so no result is sent for them.
+        """
+        keys = list(keys)
+        self._carry_out(self.state.cancel(keys))
+        log.info("Cancelled {n} jobs at the master's request", n=len(set(keys)))
+
+    def _carry_out(self, instructions: list) -> None:
+        """Do what L{WorkerState} decided, in order."""
+        for instruction in instructions:
+            if isinstance(instruction, StartBatch):
+                self._start(instruction)
+            elif isinstance(instruction, SendResults):
+                self.outbox.extend(instruction.results)
+                self.outbox.flush()
+            elif isinstance(instruction, ReturnJobs):
+                self._return(instruction.keys)
+            elif isinstance(instruction, CancelBatch):
+                handle = self.handles.get(instruction.batch)
+                if handle is None:
+                    continue
+                if instruction.withdraw:
+                    handle["cancelled"] = True  # not started yet: it never will be
+                link = handle.get("link")
+                if link is not None:
+                    link.cancel()
+            elif isinstance(instruction, KillRunning):
+                self._killed = self.pool.kill_busy()
+            elif isinstance(instruction, StartDrainTimer):
+                self._drain_timer = self.clock.callLater(
+                    self._drain_timeout, self._drain_expired, self._drain_timeout
+                )
+            elif isinstance(instruction, Drained):
+                self._drained(instruction.how)
+            else:
+                raise TypeError(f"unknown instruction {instruction!r}")
+
+    def _start(self, start: StartBatch) -> None:
+        extra = {}
+        if start.timeout:
+            extra["_cw_timeout"] = start.timeout
+        handle: dict = {}
+        self.handles[start.batch] = handle
+        d = self.pool.doWork(
+            P.RunBatch,
+            jobs=list(start.jobs),
+            _cw_handle=handle,
+            _cw_contexts=self.contexts,
+            _cw_functions=self.functions,
+            _cw_generation=start.generation,
+            **extra,
+        )
+        d.addCallbacks(self._batch_finished, self._batch_failed, (start,), None, (start,))
+        d.addErrback(lambda f: log.failure("Bookkeeping of a finished job failed", f))
+
+    def _batch_finished(self, answer: dict, start: StartBatch) -> None:
+        self.handles.pop(start.batch, None)
+        self._carry_out(self.state.batch_finished(start.batch, answer["results"], self.clock.seconds()))
+
+    def _batch_failed(self, reason, start: StartBatch) -> None:
+        """
+        The job process running C{start}'s batch died (or never got it).
+        What becomes of its jobs is L{WorkerState.batch_failed}'s decision.
+        """
+        self.handles.pop(start.batch, None)
+        if reason.check(JobCancelled):
+            death = Death.CANCELLED
+        elif reason.check(JobTimedOut):
+            death = Death.TIMED_OUT
+        else:
+            death = Death.DIED
+        report = crash_report(reason) if len(start.jobs) == 1 else b""
+        if len(start.jobs) > 1 and start.generation == self.state.generation:
+            cancelled = self.state.batches[start.batch].cancelled
+            log.info(
+                "A job process died running a batch of {n} jobs ({why}); running {m} of them again, alone",
+                n=len(start.jobs),
+                why=describe_crash(reason),
+                m=len([job for job in start.jobs if job.key not in cancelled]),
+            )
+        self._carry_out(self.state.batch_failed(start.batch, death, report, self.clock.seconds()))
+
+    def _return(self, keys) -> None:
+        """Tell the master this worker will not start the jobs C{keys} and wants no more."""
+        if self.proto is None:
             return
-        d = self.proto.callRemote(P.ReturnJobs, keys=[job.key for job in jobs])
+        d = self.proto.callRemote(P.ReturnJobs, keys=list(keys))
         d.addErrback(
             lambda f: (
                 None
@@ -428,182 +540,16 @@ class Worker:
             )
         )
 
-    def _drain_expired(self, timeout: float) -> None:
-        self._drain_timer = None
-        self._drained(
-            f"the drain timeout of {timeout:g} s passed with {self.running} jobs running;"
-            " killed their processes (the master requeues those jobs)",
-            kill=True,
-        )
-
-    def _drained(self, how: str, kill: bool = False) -> None:
-        """Finish draining: flush results (or kill what still runs), fire L{drain}'s Deferreds."""
-        if self._drain_waiters is None:
-            return
-        waiters, self._drain_waiters = self._drain_waiters, None
+    def _drained(self, how: str) -> None:
+        """Finish draining: flush results, fire L{drain}'s Deferreds."""
         if self._drain_timer is not None and self._drain_timer.active():
             self._drain_timer.cancel()
         self._drain_timer = None
-        if kill:
-            self.generation += 1  # their results are not sent
-            self.pool.kill_busy()
         self.outbox.flush()
         log.info("Drained ({how}); leaving", how=how)
+        waiters, self._drain_waiters = self._drain_waiters, []
         for d in waiters:
             d.callback(None)
-
-    def cancel(self, keys: list[tuple[int, int]]) -> None:
-        """
-        Drop these jobs if still queued here; kill the processes of those
-        running (other jobs of the same batch run again).  The master has
-        already taken them back, so no result is sent for them.
-        """
-        wanted = set(keys)
-        self.queue = deque(job for job in self.queue if job.key not in wanted)
-        for key in wanted:
-            handle = self.handles.get(key)
-            if handle is None:
-                continue
-            handle["cancelled_keys"].add(key)
-            if handle["cancelled_keys"] >= handle["keys"]:
-                handle["cancelled"] = True  # not started yet: it never will be
-            link = handle.get("link")
-            if link is not None:
-                link.cancel()
-        log.info("Cancelled {n} jobs at the master's request", n=len(wanted))
-
-    def _pump(self) -> None:
-        while self.queue and self.calls < self.procs:
-            self._start(self._take_batch())
-        if self.draining and not self.running:
-            self._drained("every running job finished and was reported")
-
-    def _solo(self, job: P.Job) -> bool:
-        """
-        Whether C{job} must have a job process to itself: it has a timeout
-        (killing its process must not take other jobs along), it is being
-        re-run after a batch's process died, or job processes are recycled
-        after a number of calls (which then stays a number of jobs).
-        """
-        if self.job_timeout or getattr(self.pool, "recycleAfter", 0) or job.key in self.solo:
-            return True
-        return bool(job.options) and P.valid_timeout(P.read_options(job).get("timeout"))
-
-    def _take_batch(self) -> list[P.Job]:
-        """
-        The next jobs for one job process: a share of the queue for each
-        idle process (so a lone job goes alone, with no wait, and a deep
-        queue is spread over all processes), at most L{BATCH_JOBS} jobs,
-        about L{P.BATCH_BYTES} and about L{BATCH_SECONDS} of work.  Until
-        jobs are known to be short, each goes alone.
-        """
-        job = self.queue.popleft()
-        batch = [job]
-        if self.job_seconds is None or self.job_seconds > BATCH_SECONDS or self._solo(job):
-            return batch
-        share = -(-(len(self.queue) + 1) // max(1, self.procs - self.calls))
-        want = min(BATCH_JOBS, share, max(1, int(BATCH_SECONDS / max(self.job_seconds, 1e-6))))
-        size = P.job_size(job)
-        while len(batch) < want and self.queue:
-            job = self.queue[0]
-            size += P.job_size(job)
-            if size > P.BATCH_BYTES or self._solo(job):
-                break
-            batch.append(self.queue.popleft())
-        return batch
-
-    def _start(self, batch: list[P.Job]) -> None:
-        self.running += len(batch)
-        self.calls += 1
-        generation = self.generation
-        extra = {}
-        if len(batch) == 1:
-            timeout = P.read_options(batch[0]).get("timeout") if batch[0].options else None
-            if not P.valid_timeout(timeout):
-                timeout = self.job_timeout
-            if timeout:
-                extra["_cw_timeout"] = float(timeout)
-        handle: dict = {"keys": {job.key for job in batch}, "cancelled_keys": set()}
-        for job in batch:
-            self.handles[job.key] = handle
-        d = self.pool.doWork(
-            P.RunBatch,
-            jobs=batch,
-            _cw_handle=handle,
-            _cw_contexts=self.contexts,
-            _cw_functions=self.functions,
-            _cw_generation=generation,
-            **extra,
-        )
-        d.addCallbacks(
-            lambda answer: answer["results"],
-            lambda reason: self._batch_failed(batch, handle, reason, generation),
-        )
-        d.addCallback(self._finished, batch, handle, generation, self.clock.seconds())
-        d.addErrback(lambda f: log.failure("Bookkeeping of a finished job failed", f))
-
-    def _batch_failed(self, batch: list[P.Job], handle: dict, reason, generation: int) -> list[P.Result]:
-        """
-        The job process running C{batch} died (or never got it).  A lone
-        job gets a crash report.  Of a larger batch it is not known which
-        job was running, so the jobs not cancelled go back to the front of
-        the queue, each to run alone next time (unless the process was
-        killed to cancel one of them): the job that kills its process then
-        gets the report, and the others their results.
-        """
-        if len(batch) == 1:
-            if (self.draining or self.terminating) and not reason.check(JobCancelled, JobTimedOut):
-                # Its process died as this worker stops (SLURM signals every
-                # process of a job): not the job's fault; the master requeues it.
-                self._return(batch)
-                return []
-            return [P.Result(batch[0].client, batch[0].seq, P.Outcome.CRASHED, crash_report(reason))]
-        if generation == self.generation:
-            again = [job for job in batch if job.key not in handle["cancelled_keys"]]
-            if not reason.check(JobCancelled):
-                self.solo.update(job.key for job in again)
-            self.queue.extendleft(reversed(again))
-            log.info(
-                "A job process died running a batch of {n} jobs ({why}); running {m} of them again, alone",
-                n=len(batch),
-                why=describe_crash(reason),
-                m=len(again),
-            )
-        return []
-
-    def _finished(
-        self, results: list[P.Result], batch: list[P.Job], handle: dict, generation: int, started: float
-    ) -> None:
-        self.running -= len(batch)
-        self.calls -= 1
-        self.completed += len(results)
-        if results:
-            took = (self.clock.seconds() - started) / len(results)
-            self.job_seconds = took if self.job_seconds is None else 0.8 * self.job_seconds + 0.2 * took
-        for job in batch:
-            if self.handles.get(job.key) is handle:
-                del self.handles[job.key]
-        cancelled = handle["cancelled_keys"]
-        for result in results:
-            self.solo.discard(result.key)
-            if result.key in cancelled:
-                continue
-            if len(result.payload) > self.max_payload:
-                result = P.Result(
-                    result.client,
-                    result.seq,
-                    P.Outcome.FAILED,
-                    P.error_report(
-                        "PayloadTooLarge",
-                        P.too_big("the job's result", len(result.payload), self.max_payload),
-                        host=socket.gethostname(),
-                    ),
-                )
-            if generation == self.generation:
-                self.outbox.add(result)
-        # The job process answered for a whole batch: report it at once.
-        self.outbox.flush()
-        self._pump()
 
     def _send_results(self, batch: list[P.Result]) -> None:
         if self.proto is not None:
