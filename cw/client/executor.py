@@ -5,6 +5,8 @@ L{ClusterExecutor}: a C{concurrent.futures.Executor} over a cw master.
 from __future__ import annotations
 
 import functools
+import itertools
+import queue
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -15,7 +17,6 @@ from cw import discovery
 from cw.client.mapping import bounded_map
 from cw.client.session import (
     Session,
-    _Jobs,
     decode_result,
     job_options,
     pickle_arguments,
@@ -111,6 +112,8 @@ class ClusterFuture(futures.Future):
     _withdraw: Callable[[], None] | None = None
     #: The job's sequence number on its executor's connection.
     _seq = 0
+    #: The job's name in its errors: C{#seq}, or a L{ClientThread}'s job id.
+    _jobid: Any = None
 
     def cancel(self) -> bool:
         if not super().cancel():
@@ -119,6 +122,72 @@ class ClusterFuture(futures.Future):
         if self._withdraw is not None:
             self._withdraw()
         return True
+
+
+class _Jobs:
+    """
+    The futures an executor has outstanding, by sequence number, and the
+    inbox of its delivery thread.  Every access to the table is under its
+    lock, inside these methods.
+    """
+
+    def __init__(self) -> None:
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._entries: dict[int, ClusterFuture] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._seq = itertools.count(1)
+
+    def add(self, future: ClusterFuture) -> int:
+        seq = next(self._seq)
+        with self._lock:
+            self._entries[seq] = future
+        return seq
+
+    def forget(self, seq: int) -> None:
+        with self._lock:
+            self._entries.pop(seq, None)
+            if not self._entries:
+                self._idle.notify_all()
+
+    def pop(self, seq: int, future: ClusterFuture) -> ClusterFuture | None:
+        """Forget C{seq} if it is C{future}; return it, or None if it was not there."""
+        with self._lock:
+            if self._entries.get(seq) is not future:
+                return None
+            del self._entries[seq]
+            if not self._entries:
+                self._idle.notify_all()
+            return future
+
+    def get(self, seq: int) -> ClusterFuture | None:
+        with self._lock:
+            return self._entries.get(seq)
+
+    def get_many(self, seqs: Iterable[int]) -> list[ClusterFuture | None]:
+        with self._lock:
+            return [self._entries.get(seq) for seq in seqs]
+
+    def items(self) -> list[tuple[int, ClusterFuture]]:
+        """The outstanding C{(seq, future)} pairs, in submission order."""
+        with self._lock:
+            return list(self._entries.items())
+
+    def clear(self) -> list[ClusterFuture]:
+        """Forget every outstanding future; return them."""
+        with self._lock:
+            futures = list(self._entries.values())
+            self._entries.clear()
+            self._idle.notify_all()
+        return futures
+
+    def outstanding(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        with self._lock:
+            return self._idle.wait_for(lambda: not self._entries, timeout)
 
 
 class ClusterExecutor(futures.Executor):
@@ -140,6 +209,14 @@ class ClusterExecutor(futures.Executor):
     raises L{MasterUnavailable} (default C{CW_MASTER_TIMEOUT}, else
     L{MASTER_TIMEOUT}; 0: no limit).
     """
+
+    #: Ask the master for L{P.JobsStarted} notices, so that futures become
+    #: running when their jobs reach a worker (L{ClientThread} does not
+    #: need them and saves the messages).
+    _running_notices = True
+    #: Wait for the outstanding futures at interpreter exit (as the
+    #: standard executors do; a L{ClientThread} does not).
+    _wait_at_exit = True
 
     def __init__(
         self,
@@ -174,11 +251,12 @@ class ClusterExecutor(futures.Executor):
             insecure=insecure,
             weight=weight,
             master_timeout=master_timeout,
-            on_started=lambda seqs: self._jobs.inbox.put(_Started(seqs)),
+            on_started=(lambda seqs: self._jobs.inbox.put(_Started(seqs))) if self._running_notices else None,
         )
         self._thread = threading.Thread(target=self._deliver, name="cw-executor", daemon=True)
         self._thread.start()
-        _executors.add(self)
+        if self._wait_at_exit:
+            _executors.add(self)
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> futures.Future:
         return self.submit_with(fn, args, kwargs)
@@ -222,6 +300,24 @@ class ClusterExecutor(futures.Executor):
         sent once per connection and cached on workers, and each job
         carries only its arguments.
         """
+
+        def job(seq: int) -> P.Job:
+            if cached is None:
+                return P.Job(0, seq, pickle_call(f"#{seq}", fn, args, kwargs), options)
+            self.session.define(*cached)
+            return P.Job(0, seq, pickle_arguments(f"#{seq}", fn, args, kwargs), options, cached[0])
+
+        return self._send(job)
+
+    def _submit_pickled(self, jobid: Any, payload: bytes, options: bytes) -> ClusterFuture:
+        """Submit a job pickled by L{pickle_call}, named C{jobid} in its errors."""
+        return self._send(lambda seq: P.Job(0, seq, payload, options), jobid)
+
+    def _send(self, job: Callable[[int], P.Job], jobid: Any = None) -> ClusterFuture:
+        """
+        Make a future for C{job(seq)} and send the job; C{jobid} names it in
+        its errors (default C{#seq}).
+        """
         _refuse_after_interpreter_exit()
         # Outside the lock, so that a blocked submit never blocks shutdown.
         self.session.wait_for_room(lambda: self._shutdown)
@@ -231,14 +327,10 @@ class ClusterExecutor(futures.Executor):
             future = ClusterFuture()
             seq = self._jobs.add(future)
             future._seq = seq
+            future._jobid = f"#{seq}" if jobid is None else jobid
             future._withdraw = functools.partial(self._withdraw, seq)
             try:
-                if cached is None:
-                    job = P.Job(0, seq, pickle_call(f"#{seq}", fn, args, kwargs), options)
-                else:
-                    self.session.define(*cached)
-                    job = P.Job(0, seq, pickle_arguments(f"#{seq}", fn, args, kwargs), options, cached[0])
-                self.session.send(job, f"#{seq}")
+                self.session.send(job(seq), future._jobid)
             except BaseException:
                 self._jobs.forget(seq)
                 raise
@@ -271,7 +363,7 @@ class ClusterExecutor(futures.Executor):
         stopped = 0
         for future in fs:
             seq = getattr(future, "_seq", 0)
-            if self._jobs.take(seq) is not future:  # not this executor's, or done
+            if self._jobs.get(seq) is not future:  # not this executor's, or done
                 continue
             if future.cancel():
                 stopped += 1
@@ -318,9 +410,7 @@ class ClusterExecutor(futures.Executor):
                 return
 
     def _mark_started(self, seqs: list[int]) -> None:
-        with self._jobs.lock:
-            started = [self._jobs.entries.get(seq) for seq in seqs]
-        for future in started:
+        for future in self._jobs.get_many(seqs):
             if future is not None:
                 _mark_running(future)
 
@@ -328,22 +418,25 @@ class ClusterExecutor(futures.Executor):
         # Functions of their own, so that no future or result stays
         # referenced by the delivery thread once it is done with them.
         for result in results:
-            future = self._jobs.take(result.seq)
+            future = self._jobs.get(result.seq)
             if future is None:
                 continue
             if _mark_running(future):
-                _settle(future, *decode_result(f"#{result.seq}", result))
-            self._jobs.done(result.seq)
+                _settle(future, *decode_result(future._jobid, result))
+            self._jobs.forget(result.seq)
 
     def _fail_all(self, error: Exception) -> None:
         """The connection is lost: every outstanding future fails with C{error}."""
-        with self._jobs.lock:
-            pending = list(self._jobs.entries.values())
-            self._jobs.entries.clear()
-            self._jobs.idle.notify_all()
-        for future in pending:
+        for future in self._jobs.clear():
             if _mark_running(future):
                 _settle(future, False, error)
+
+    def outstanding(self) -> list[futures.Future]:
+        """
+        This executor's futures that are not done yet (queued or running),
+        in the order submitted: C{ex.kill(*ex.outstanding())} stops them all.
+        """
+        return [future for _, future in self._jobs.items()]
 
     def status(self) -> dict:
         """The master's status snapshot (workers, queue, counts)."""
@@ -429,6 +522,10 @@ class ClusterExecutor(futures.Executor):
             self._check_idle()
             return
         self._jobs.wait_idle(None)
+        self._close()
+
+    def _close(self) -> None:
+        """Close the connection (outstanding jobs are dropped) and end the delivery thread."""
         self.session.close()
         self._jobs.inbox.put(None)
         if threading.current_thread() is not self._thread:
@@ -436,10 +533,8 @@ class ClusterExecutor(futures.Executor):
 
     def _cancel_pending(self) -> None:
         """Cancel every future that is not running; withdraw their jobs in one go."""
-        with self._jobs.lock:
-            outstanding = list(self._jobs.entries.items())
         cancelled = []
-        for seq, future in outstanding:
+        for seq, future in self._jobs.items():
             if futures.Future.cancel(future):
                 _mark_running(future)
                 cancelled.append(seq)

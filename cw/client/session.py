@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import queue
 import socket
 import sys
 import threading
@@ -32,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
+from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, task
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -70,6 +70,9 @@ CONNECT_TIMEOUT = float(os.environ.get("CW_CONNECT_TIMEOUT", "10"))
 #: heartbeats, or anything else) before it fails its outstanding jobs with
 #: L{MasterUnavailable}; C{CW_MASTER_TIMEOUT} or C{master_timeout=} change it.
 MASTER_TIMEOUT = 20.0
+
+#: Seconds between attempts to reach the master: 0.05, doubling up to 1.
+_connect_delay = backoffPolicy(initialDelay=0.05, maxDelay=1.0, factor=2.0, jitter=lambda: 0)
 
 _setup_lock = threading.Lock()
 _setup_done = False
@@ -337,8 +340,7 @@ class Session:
         endpoint = client_endpoint(self.reactor, self.address)
         factory = Factory.forProtocol(lambda: ClientProtocol(self))
         deadline = self.reactor.seconds() + timeout
-        delay = 0.05
-        while True:
+        for attempt in itertools.count():
             try:
                 proto = yield endpoint.connect(factory)
                 break
@@ -350,8 +352,7 @@ class Session:
                         f" {e}); start one with 'twistd -n cw-master' or cw.start(),"
                         " or pass the master's host"
                     ) from None
-                yield task.deferLater(self.reactor, min(delay, left), lambda: None)
-                delay = min(delay * 2, 1.0)
+                yield task.deferLater(self.reactor, min(_connect_delay(attempt), left))
         try:
             yield authenticate(proto, self.secret, "client", self.address)
         except AuthenticationFailed:
@@ -602,58 +603,6 @@ class Session:
 
         if not self.closing:
             call_in_reactor(go, timeout=timeout)
-
-
-class _Jobs:
-    """
-    The jobs a client has in flight, by sequence number, and the thread that
-    delivers their results.  Shared by L{ClientThread} and
-    L{ClusterExecutor}.
-    """
-
-    def __init__(self) -> None:
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.entries: dict[int, Any] = {}
-        self.lock = threading.Lock()
-        self.idle = threading.Condition(self.lock)
-        self._seq = itertools.count(1)
-
-    def add(self, entry: Any) -> int:
-        seq = next(self._seq)
-        with self.lock:
-            self.entries[seq] = entry
-        return seq
-
-    def forget(self, seq: int) -> None:
-        with self.lock:
-            self.entries.pop(seq, None)
-            if not self.entries:
-                self.idle.notify_all()
-
-    def pop(self, seq: int, entry: Any) -> Any:
-        """Forget C{seq} if it is C{entry}; return it, or None if it was not there."""
-        with self.lock:
-            if self.entries.get(seq) is not entry:
-                return None
-            del self.entries[seq]
-            if not self.entries:
-                self.idle.notify_all()
-            return entry
-
-    def take(self, seq: int) -> Any:
-        with self.lock:
-            return self.entries.get(seq)
-
-    def done(self, seq: int) -> None:
-        self.forget(seq)
-
-    def outstanding(self) -> int:
-        with self.lock:
-            return len(self.entries)
-
-    def wait_idle(self, timeout: float | None) -> bool:
-        with self.lock:
-            return self.idle.wait_for(lambda: not self.entries, timeout)
 
 
 def decode_result(jobid: Any, result: P.Result) -> tuple[bool, Any]:

@@ -1,20 +1,36 @@
 """
 L{ClientThread}: the original callback-style client (results delivered on a
-thread of its own) over a L{cw.client.session.Session}.
+thread of its own), a thin layer over a L{ClusterExecutor}: each job is a
+future whose done callback puts it on this thread's queue, and this thread
+runs the callbacks.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
+from concurrent import futures
 from typing import Any
 
-from cw.client.executor import _refuse_after_interpreter_exit
+from cw.client.executor import ClusterExecutor, _refuse_after_interpreter_exit
 from cw.client.mapping import Progress
 from cw.client.mapping import progress as progress
-from cw.client.session import Session, _Jobs, decode_result, job_options, log, pickle_call
-from cw.discovery import default_host
+from cw.client.session import job_options, log, pickle_call
+from cw.errors import RemoteException
 from cw.wire import commands as P
+
+
+class _ThreadExecutor(ClusterExecutor):
+    """
+    The executor under a L{ClientThread}: no running notices (their futures
+    are only ever waited on whole, so the master is not asked for them) and
+    no wait at interpreter exit (a L{ClientThread} is a daemon thread whose
+    jobs end with the program unless it calls C{wait()}).
+    """
+
+    _running_notices = False
+    _wait_at_exit = False
 
 
 class ClientThread(threading.Thread):
@@ -29,8 +45,8 @@ class ClientThread(threading.Thread):
     @param host: the master (a host name, C{HOST:PORT} or an endpoint
         description); default: the SLURM master when SLURM is in use, else
         C{localhost}.
-    @param master_timeout: as for L{ClusterExecutor}; C{wait()} then
-        raises L{MasterUnavailable}.
+    @param master_timeout: as for L{ClusterExecutor}, as are the other
+        connection options; C{wait()} then raises L{MasterUnavailable}.
     """
 
     def __init__(
@@ -57,31 +73,37 @@ class ClientThread(threading.Thread):
         self.callback = callback
         self.host = host
         self.port = port
-        self.connect_timeout = connect_timeout
-        self._auth = {
+        #: L{ClusterExecutor}'s connection options, for L{start}.
+        self._connection = {
+            "connect_timeout": connect_timeout,
             "secret_file": secret_file,
             "insecure": insecure,
             "weight": weight,
             "master_timeout": master_timeout,
         }
-        self.session: Session | None = None
-        self._jobs = _Jobs()
+        self._executor: ClusterExecutor | None = None
+        #: Finished futures, put by their done callbacks; None ends the thread.
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        #: Jobs submitted and not yet delivered, under L{_idle}'s lock.
+        self._outstanding = 0
+        self._idle = threading.Condition()
         self._failures: list[BaseException] = []
+        #: The last connection failure recorded: every outstanding future
+        #: fails with the same one, which L{wait} raises once.
+        self._lost: BaseException | None = None
         self._start_lock = threading.Lock()
+
+    @property
+    def session(self):
+        """The L{Session} with the master once started, else None."""
+        return None if self._executor is None else self._executor.session
 
     def start(self) -> None:
         """Connect to the master (raising L{MasterUnavailable}) and start."""
         with self._start_lock:
-            if self.session is not None:
+            if self._executor is not None:
                 return
-            self.session = Session(
-                default_host(self.host),
-                self.port,
-                self._jobs.inbox.put,
-                self._jobs.inbox.put,
-                self.connect_timeout,
-                **self._auth,
-            )
+            self._executor = _ThreadExecutor(self.host, self.port, **self._connection)
             super().start()
 
     def submit(self, jobid: Any, func: Callable, *args: Any, **kwargs: Any) -> None:
@@ -107,34 +129,47 @@ class ClientThread(threading.Thread):
         _refuse_after_interpreter_exit()
         payload = pickle_call(jobid, func, tuple(args), dict(kwargs or {}))
         options = job_options(self, timeout, max_attempts, priority)
-        if self.session is None:
+        if self._executor is None:
             self.start()
-        self.session.wait_for_room()
-        seq = self._jobs.add(jobid)
+        with self._idle:
+            self._outstanding += 1
         self._progress.grow()
         try:
-            self.session.send(P.Job(0, seq, payload, options), jobid)
+            future = self._executor._submit_pickled(jobid, payload, options)
         except BaseException:
-            self._jobs.forget(seq)
+            self._delivered()
             raise
+        future.add_done_callback(self._done.put)
 
     def run(self) -> None:
-        inbox = self._jobs.inbox
         while True:
-            item = inbox.get()
-            if item is None:
+            future = self._done.get()
+            if future is None:
                 return
-            if isinstance(item, Exception):
-                self._fail_all(item)
-                continue
-            for result in item:
-                jobid = self._jobs.take(result.seq)
-                if jobid is None:
-                    continue
-                ok, value = decode_result(jobid, result)
-                self._completed(jobid, ok, value)
-                self._progress.tick(failed=not ok)
-                self._jobs.done(result.seq)
+            self._finished(future)
+            future = None  # a big result is not kept until the next one
+
+    def _finished(self, future: futures.Future) -> None:
+        """Deliver one finished job: to the callback, or to the failures L{wait} raises."""
+        try:
+            error = future.exception()
+            if error is None:
+                self._completed(future._jobid, True, future.result())
+                self._progress.tick()
+            elif isinstance(error, RemoteException):  # the job's own outcome
+                self._completed(future._jobid, False, error)
+                self._progress.tick(failed=True)
+            elif error is not self._lost:  # the connection: once for all its jobs
+                self._lost = error
+                self._failures.append(error)
+        finally:
+            self._delivered()
+
+    def _delivered(self) -> None:
+        with self._idle:
+            self._outstanding -= 1
+            if not self._outstanding:
+                self._idle.notify_all()
 
     def _completed(self, jobid: Any, ok: bool, value: Any) -> None:
         """A job ended: give a success to the callback, keep a failure for L{wait}."""
@@ -147,21 +182,15 @@ class ClientThread(threading.Thread):
         elif not ok:
             self._failures.append(value)
 
-    def _fail_all(self, exc: Exception) -> None:
-        with self._jobs.lock:
-            if self._jobs.entries:
-                self._failures.append(exc)
-            self._jobs.entries.clear()
-            self._jobs.idle.notify_all()
-
     def wait(self, timeout: float | None = None) -> None:
         """
         Block until every submitted job has finished and its callback ran.
         Raise the first failure (L{RemoteException}, L{MasterUnavailable} or
         an exception from the callback); the others are logged.
         """
-        if not self._jobs.wait_idle(timeout):
-            raise TimeoutError(f"{self._jobs.outstanding()} jobs still running after {timeout} s")
+        with self._idle:
+            if not self._idle.wait_for(lambda: not self._outstanding, timeout):
+                raise TimeoutError(f"{self._outstanding} jobs still running after {timeout} s")
         if self._failures:
             first, rest = self._failures[0], self._failures[1:]
             self._failures = []
@@ -172,9 +201,9 @@ class ClientThread(threading.Thread):
     def close(self) -> None:
         """Disconnect from the master and stop this thread."""
         self._progress.close()
-        if self.session is not None:
-            self.session.close()
-            self._jobs.inbox.put(None)
+        if self._executor is not None:
+            self._executor._close()
+            self._done.put(None)
 
     def __enter__(self) -> ClientThread:
         self.start()

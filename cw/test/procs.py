@@ -264,8 +264,7 @@ def executor(address: str | None = None, **options):
 
 def abandon(ex) -> None:
     """Shut a L{cw.client.ClusterExecutor} down at once: cancel its queued jobs, kill its running ones."""
-    with ex._jobs.lock:
-        outstanding = list(ex._jobs.entries.values())
+    outstanding = ex.outstanding()
     ex.shutdown(wait=False, cancel_futures=True)
     ex.kill(*outstanding)
     # The delivery thread closes the connection once nothing is outstanding,

@@ -191,7 +191,7 @@ class ExecutorTests(ContractCase):
         pids = [int(open(s).read()) for s in started]
         results.close()
         wait_until(lambda: not any(process_exists(p) for p in pids), what="the job processes to be killed")
-        self.assertEqual(self.executor._jobs.outstanding(), 0)
+        self.assertEqual(self.executor.outstanding(), [])
 
     @in_thread
     def test_shutdown_race_issue12456(self):
