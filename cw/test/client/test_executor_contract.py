@@ -664,6 +664,27 @@ class TypedExceptionTests(ContractCase):
         self.assertEqual(caught.exception.jobid, "j1")
 
     @in_thread
+    def test_client_thread_asks_no_running_notices(self):
+        """
+        A ClientThread is a layer over an executor that does not ask the
+        master for JobsStarted notices (it never shows a running job; a
+        throughput choice), where a ClusterExecutor does.
+        """
+        with ClientThread(None, self.address) as client:
+            self.assertIsNone(client.session.on_started)
+        self.assertIsNotNone(self.executor.session.on_started)
+
+    @in_thread
+    def test_outstanding(self):
+        """outstanding() lists the futures not done yet, in the order submitted."""
+        flag = self.event()
+        blocked = [self.executor.submit(jobs.block_until, flag.path) for _ in range(2)]
+        self.assertEqual(self.executor.submit(pow, 2, 5).result(DEADLINE), 32)
+        self.assertEqual(self.executor.outstanding(), blocked)
+        self.assertEqual(self.executor.kill(*self.executor.outstanding()), 2)
+        self.assertEqual(self.executor.outstanding(), [])
+
+    @in_thread
     def test_class_defined_in_main(self):
         """A client program's own exception class travels by value and is caught by name."""
         done = run_script(
