@@ -69,6 +69,7 @@ Dispatch rules:
 
 from __future__ import annotations
 
+import enum
 import heapq
 import math
 from collections.abc import Iterable
@@ -221,6 +222,17 @@ class Expiry:
     cancel: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     #: Workers to drop (connection closed, jobs requeued), and why.
     stalled: dict[int, str] = field(default_factory=dict)
+
+
+class Unsent(str, enum.Enum):
+    """What L{Scheduler.unsent_results} decided about a client's unread results."""
+
+    #: Nothing changes.
+    KEEP = ""
+    #: Its results have been read down: its jobs may be dispatched again.
+    RESUME = "resume"
+    #: It has read nothing for too long: disconnect it.
+    DROP = "drop"
 
 
 class Scheduler:
@@ -437,13 +449,13 @@ class Scheduler:
     # be disconnected: it is stopped (^Z) or hung, and its buffered results
     # would otherwise stay in the master's memory.
 
-    def unsent_results(self, client: int, unsent: int, read: int, now: float) -> str:
+    def unsent_results(self, client: int, unsent: int, read: int, now: float) -> Unsent:
         """
         Record that C{unsent} bytes of results wait to be read by C{client},
         which has read C{read} bytes in all, at time C{now}.  Return
-        C{"drop"} if it has read nothing for longer than C{read_timeout}
-        while results waited, C{"resume"} if its jobs may be dispatched
-        again, else C{""}.
+        L{Unsent.DROP} if it has read nothing for longer than C{read_timeout}
+        while results waited, L{Unsent.RESUME} if its jobs may be dispatched
+        again, else L{Unsent.KEEP}.
         """
         state = self._client(client)
         state.unsent = unsent
@@ -451,15 +463,15 @@ class Scheduler:
             state.read = max(state.read, read)
             state.last_read = now
         elif now - state.last_read > self.read_timeout:
-            return "drop"
+            return Unsent.DROP
         if unsent > self.max_unsent_bytes and not state.results_backed_up:
             state.results_backed_up = True
             self._backed_up.add(client)
         elif state.results_backed_up and 2 * unsent <= self.max_unsent_bytes:
             state.results_backed_up = False
             self._backed_up.discard(client)
-            return "resume"
-        return ""
+            return Unsent.RESUME
+        return Unsent.KEEP
 
     def stalled_for(self, client: int, now: float) -> float:
         """Seconds C{client} has read nothing while results waited for it (0: it reads)."""

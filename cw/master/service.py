@@ -13,7 +13,6 @@ C{python -m cw.master [--port ENDPOINT]}.
 from __future__ import annotations
 
 import os
-import time
 from collections import deque
 from typing import Any
 
@@ -24,8 +23,10 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python import usage
 
+from cw.core.flow import FlowControl
 from cw.core.limits import Admission, default_max_pending, default_per_address
-from cw.core.scheduler import Scheduler
+from cw.core.routing import Routing, SendContext
+from cw.core.scheduler import Scheduler, Unsent
 from cw.core.validation import (
     MAX_AWAIT,
     MAX_SLOTS,
@@ -118,12 +119,8 @@ class MasterProtocol(
         self.peer_id = 0
         self.peer_name = "?"
         self.outbox: Outbox | None = None
-        #: Clients whose context this worker has been sent.
-        self.contexts_sent: set[int] = set()
-        #: C{(client, key)} of the functions this worker has been sent.
-        self.functions_sent: set[tuple[int, bytes]] = set()
-        #: Flow control stopped reading from this client (see L{Master._throttle}).
-        self.reading_paused = False
+        #: Why the master dropped this worker, for the log and error reports.
+        self.lost_how: str | None = None
         #: Fires once the connection has closed.
         self.closed: defer.Deferred = defer.Deferred()
         #: Bytes handed to the transport so far (see L{unsent_bytes}).
@@ -165,7 +162,6 @@ class MasterProtocol(
         Flow control: read nothing more from this peer, and parse nothing
         more of what has arrived, until L{resume_reading}.
         """
-        self.reading_paused = True
         self.paused = True
         self.transport.pauseProducing()
 
@@ -175,7 +171,6 @@ class MasterProtocol(
         on the reactor's next turn (not from within the caller, which may be
         in the middle of a dispatch).
         """
-        self.reading_paused = False
         self.paused = False
         self.transport.resumeProducing()
         self.master.clock.callLater(0, self._parse_buffered)
@@ -337,20 +332,7 @@ class MasterProtocol(
     # -- sending ---------------------------------------------------------
 
     def send_jobs(self, jobs: list[P.Job]) -> None:
-        """Send jobs to this worker, preceded by any client context or function it lacks."""
-        for job in jobs:
-            if job.client not in self.contexts_sent:
-                self.contexts_sent.add(job.client)
-                self.callRemote(
-                    P.ClientContext,
-                    client=job.client,
-                    context=self.master.contexts[job.client],
-                )
-            if job.func and (job.client, job.func) not in self.functions_sent:
-                function = self.master.functions.get(job.client, {}).get(job.func)
-                if function is not None:
-                    self.functions_sent.add((job.client, job.func))
-                    self.callRemote(P.DefineFunction, client=job.client, key=job.func, function=function)
+        """Send jobs to this worker, in batches (what they need goes first: L{Master._dispatch})."""
         for batch in P.batches(jobs, P.job_size):
             self.callRemote(P.RunJobs, jobs=batch)
 
@@ -394,7 +376,7 @@ class Master:
 
     def __init__(
         self,
-        clock=None,
+        clock,
         prefetch: int = 1,
         secret: bytes | None = None,
         max_pending: int | None = None,
@@ -413,8 +395,7 @@ class Master:
         max_unsent_bytes: int = MAX_UNSENT_BYTES,
         client_read_timeout: float = CLIENT_READ_TIMEOUT,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
+        #: The reactor's clock (C{IReactorTime}): all the master's time comes from it.
         self.clock = clock
         #: Seconds between heartbeats to each worker and client (0: none),
         #: and how long a worker, or a client, may go unheard before it is
@@ -445,8 +426,6 @@ class Master:
         #: Room in the master's queue per client (flow control, L{P.JobRoom}).
         self.max_queued_bytes = max_queued_bytes
         self.max_queued_jobs = max_queued_jobs
-        #: Clients of which the master logged that they used up their room.
-        self._held_logged: set[int] = set()
         self.scheduler = Scheduler(
             prefetch=prefetch,
             max_attempts=max_attempts,
@@ -458,22 +437,22 @@ class Master:
             max_unsent_bytes=max_unsent_bytes,
             read_timeout=client_read_timeout,
         )
+        self.flow = FlowControl(self.scheduler)
+        #: Clients' contexts and functions, and which workers were sent them.
+        self.routing = Routing(max_payload)
         self._output_watch: task.LoopingCall | None = None
         self._deadline_checks: task.LoopingCall | None = None
         self.clients: dict[int, MasterProtocol] = {}
         #: Clients told which of their jobs were handed to workers (L{P.JobsStarted}).
         self.running_notices: set[int] = set()
         self.workers: dict[int, MasterProtocol] = {}
-        self.contexts: dict[int, dict] = {}
-        #: Each connected client's functions (opaque bytes) by key.
-        self.functions: dict[int, dict[bytes, bytes]] = {}
-        self.started = time.time()
+        self.started = clock.seconds()
         self._dispatch_call = None
         #: [second, jobs completed in it] for the last minute.
         self._recent: deque[list[int]] = deque()
         self._worker_waiters: list[tuple[int, defer.Deferred]] = []
         #: Failed results delivered, for the dashboard (L{cw.master.web}).
-        self.failures = FailureLog()
+        self.failures = FailureLog(clock=clock.seconds)
 
     # -- events from connections -----------------------------------------
 
@@ -491,7 +470,7 @@ class Master:
     def client_joined(self, proto: MasterProtocol, context: dict, weight: int = 1) -> int:
         cid = self.scheduler.add_client(weight)
         self.clients[cid] = proto
-        self.contexts[cid] = context
+        self.routing.client_joined(cid, context)
         if self.client_beats is not None:
             self.client_beats.watch(proto)
         if context.get(P.RUNNING_NOTICES):
@@ -504,18 +483,14 @@ class Master:
         if self.client_beats is not None:
             self.client_beats.forget(proto)
         self.clients.pop(cid, None)
-        self.contexts.pop(cid, None)
-        self._held_logged.discard(cid)
+        self.flow.forget(cid)
         self.running_notices.discard(cid)
-        functions = self.functions.pop(cid, {})
         dropped, killed = self.cancel(cid)
         self.scheduler.remove_client(cid)
-        for worker in self.workers.values():
-            if cid in worker.contexts_sent:
-                worker.contexts_sent.discard(cid)
+        for wid in self.routing.client_left(cid):
+            worker = self.workers.get(wid)
+            if worker is not None:
                 worker.callRemote(P.ForgetClient, client=cid)
-            for key in functions:
-                worker.functions_sent.discard((cid, key))
         log.info(
             "Client {cid} ({peer}) disconnected; dropped {n} queued jobs and stopped {k} running",
             cid=cid,
@@ -529,14 +504,12 @@ class Master:
         Keep a client's function (opaque bytes) for its jobs that name
         C{key}; it is sent to each worker once, before the first such job.
         """
-        if len(function) > self.max_payload:
+        if not self.routing.define(client, key, function):
             log.warn(
                 "Client {cid} defined a function of {n:,} bytes, over --max-payload; its jobs will fail",
                 cid=client,
                 n=len(function),
             )
-            return
-        self.functions.setdefault(client, {})[key] = function
 
     def cancel(self, client: int, seqs: list[int] | None = None) -> tuple[int, int]:
         """
@@ -555,6 +528,7 @@ class Master:
     def worker_joined(self, proto: MasterProtocol, slots: int) -> int:
         wid = self.scheduler.add_worker(slots, proto.peer_name)
         self.workers[wid] = proto
+        self.routing.worker_joined(wid)
         if self.worker_beats is not None:
             self.worker_beats.watch(proto)
         log.info(
@@ -573,7 +547,8 @@ class Master:
         if self.worker_beats is not None:
             self.worker_beats.forget(proto)
         self.workers.pop(wid, None)
-        how = getattr(proto, "lost_how", None) or "its connection was lost"
+        self.routing.worker_left(wid)
+        how = proto.lost_how or "its connection was lost"
         requeued, failed = self.scheduler.lose_worker(wid, how)
         log.info(
             "Worker {wid} ({peer}) left ({how}); {n} of its jobs requeued ({left} workers)",
@@ -592,7 +567,6 @@ class Master:
         self.schedule_dispatch()
 
     def submit(self, client: int, jobs: list[P.Job]) -> None:
-        functions = self.functions.get(client, {})
         refused = []
         for job in jobs:
             if len(job.payload) > self.max_payload:
@@ -600,7 +574,7 @@ class Master:
                 # misbehaving ones without queueing what no worker may answer.
                 message = P.too_big("the job", len(job.payload), self.max_payload)
                 refused.append((job, "PayloadTooLarge", message))
-            elif job.func and job.func not in functions:
+            elif job.func and not self.routing.defined(client, job.func):
                 refused.append(
                     (
                         job,
@@ -630,15 +604,13 @@ class Master:
 
     def _throttle(self, client: int) -> None:
         """
-        Flow control (see L{P.JobRoom}): a client that has used all its room
-        holds further jobs by itself; one that ignores it and has sent more
-        than the limits beyond its room (so up to twice the limits queued)
-        is no longer read from (which stalls its other commands too) until
-        its queue has drained and it is given room again.
+        Carry out flow control (L{cw.core.flow}, L{P.JobRoom}): log once
+        that a client has used its room; stop reading from one that sent
+        past it.
         """
         proto = self.clients[client]
-        if client not in self._held_logged and self.scheduler.held(client):
-            self._held_logged.add(client)
+        throttle = self.flow.submitted(client)
+        if throttle.first_held:
             log.info(
                 "Client {cid} has used its room in the queue ({mib} MiB, {jobs:,} jobs);"
                 " it holds further jobs until its queue drains (logged once per client)",
@@ -646,7 +618,7 @@ class Master:
                 mib=self.max_queued_bytes >> 20,
                 jobs=self.max_queued_jobs,
             )
-        if self.scheduler.over_hard_limit(client) and not proto.reading_paused:
+        if throttle.stop_reading:
             log.warn(
                 "Client {cid} ({peer}) sent past its room in the queue: not reading from it"
                 " until its queue drains",
@@ -657,12 +629,12 @@ class Master:
 
     def _give_room(self) -> None:
         """Tell clients whose queues have drained how much more they may send."""
-        for cid, more_bytes, more_jobs in self.scheduler.take_room():
-            proto = self.clients.get(cid)
+        for room in self.flow.give_room():
+            proto = self.clients.get(room.client)
             if proto is None:
                 continue
-            proto.callRemote(P.JobRoom, bytes=more_bytes, jobs=more_jobs)
-            if proto.reading_paused:
+            proto.callRemote(P.JobRoom, bytes=room.bytes, jobs=room.jobs)
+            if room.resume_reading:
                 # Its queue has drained to half: read on (up to one more box
                 # if it still ignores its room).
                 proto.resume_reading()
@@ -671,8 +643,7 @@ class Master:
         before = self.scheduler.completed
         self._deliver(self.scheduler.complete(worker, results, self.clock.seconds()))
         self._count_completed(self.scheduler.completed - before)
-        if worker in self.workers:
-            self.workers[worker].last_heard = self.clock.seconds()
+        self._heard_from_worker(worker)
         self.schedule_dispatch()
 
     def return_jobs(self, worker: int, keys: list[tuple[int, int]]) -> None:
@@ -684,7 +655,7 @@ class Master:
         if worker not in self.workers:
             return
         back = self.scheduler.return_jobs(worker, keys)
-        self.workers[worker].last_heard = self.clock.seconds()
+        self._heard_from_worker(worker)
         log.info(
             "Worker {wid} ({peer}) is draining; {n} of its unstarted jobs requeued",
             wid=worker,
@@ -694,6 +665,12 @@ class Master:
         self.schedule_dispatch()
 
     # -- heartbeats ------------------------------------------------------
+
+    def _heard_from_worker(self, worker: int) -> None:
+        """A worker's report is a sign of life, as any data from it is (L{SignsOfLife})."""
+        proto = self.workers.get(worker)
+        if proto is not None and self.worker_beats is not None:
+            self.worker_beats.heard(proto)
 
     def start_heartbeats(self) -> None:
         """Ping every worker and client each C{heartbeat} seconds (unless 0)."""
@@ -726,8 +703,8 @@ class Master:
         hung, or behind a dead link): its jobs are dropped as for any client
         that leaves.  Not one this master stopped reading from itself.
         """
-        if proto.reading_paused:
-            proto.last_heard = self.clock.seconds()
+        if self.flow.excused(proto.peer_id):
+            self.client_beats.heard(proto)
             return
         log.warn(
             "Client {cid} ({peer}) gave no sign of life for {s:.1f} s (--client-timeout {t:g});"
@@ -831,9 +808,9 @@ class Master:
         unsent = proto.unsent_bytes()
         now = self.clock.seconds()
         verdict = self.scheduler.unsent_results(cid, unsent, proto.written_bytes - unsent, now)
-        if verdict == "resume":
+        if verdict is Unsent.RESUME:
             self.schedule_dispatch()
-        elif verdict == "drop":
+        elif verdict is Unsent.DROP:
             log.warn(
                 "Client {cid} ({peer}) read none of its results for over {t:g} s"
                 " ({mib:.1f} MiB wait): disconnecting it (--client-read-timeout)",
@@ -862,7 +839,15 @@ class Master:
         notify = self.running_notices
         started: dict[int, list[tuple[int, int]]] = {}
         for wid, jobs in self.scheduler.dispatch(self.clock.seconds()):
-            self.workers[wid].send_jobs(jobs)
+            proto = self.workers[wid]
+            for send in self.routing.before(wid, jobs):
+                if isinstance(send, SendContext):
+                    proto.callRemote(P.ClientContext, client=send.client, context=send.context)
+                else:
+                    proto.callRemote(
+                        P.DefineFunction, client=send.client, key=send.key, function=send.function
+                    )
+            proto.send_jobs(jobs)
             if notify:
                 for job in jobs:
                     if job.client in notify:
@@ -907,13 +892,13 @@ class Master:
         """Jobs completed per second over the last minute (or the uptime, if shorter)."""
         now = self.clock.seconds()
         done = sum(n for second, n in self._recent if second > now - RATE_WINDOW)
-        return done / max(1.0, min(RATE_WINDOW, time.time() - self.started))
+        return done / max(1.0, min(RATE_WINDOW, now - self.started))
 
     def status(self) -> dict:
         """A JSON-ready snapshot of the master's state."""
         s = self.scheduler
         return {
-            "uptime": time.time() - self.started,
+            "uptime": self.clock.seconds() - self.started,
             "queued": s.queued,
             "completed": s.completed,
             "rate": self.rate(),
@@ -996,6 +981,7 @@ class MasterService(service.Service):
         URL to C{web_address_file} if that is given.
     @param web_options: more keyword arguments of L{cw.master.web.WebDashboard}
         (C{token_file}, C{open_access}, C{hosts}).
+    @param reactor: the reactor to listen with, and the L{Master}'s clock.
     @param options: passed on to L{Master}.
     """
 
@@ -1008,12 +994,15 @@ class MasterService(service.Service):
         web: str | None = None,
         web_address_file: str | None = None,
         web_options: dict | None = None,
+        *,
+        reactor,
         **options: Any,
     ) -> None:
+        self.reactor = reactor
         self.listen = listen
         self.address_file = address_file
         #: Everything else (prefetch, secret, limits, heartbeats) is L{Master}'s.
-        self.master = Master(**options)
+        self.master = Master(reactor, **options)
         self.port = None
         self.web = (
             None if web is None else WebDashboard(self.master, web, web_address_file, **(web_options or {}))
@@ -1021,8 +1010,7 @@ class MasterService(service.Service):
 
     def startService(self):
         super().startService()
-        from twisted.internet import reactor
-
+        reactor = self.reactor
         if self.master.secret is None:
             log.warn(
                 "cw master running with --insecure: anyone who can connect can run"
@@ -1058,9 +1046,7 @@ class MasterService(service.Service):
 
     def _failed(self, failure):
         log.failure("cw master could not listen on {listen}", failure, listen=self.listen)
-        from twisted.internet import reactor
-
-        stop_reactor(reactor)
+        stop_reactor(self.reactor)
 
     def stopService(self):
         """
@@ -1174,8 +1160,11 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> MasterService:
+    from twisted.internet import reactor  # twistd has installed the reactor it runs by now
+
     log_descriptor_limit("master")
     service = MasterService(
+        reactor=reactor,
         listen=options["port"],
         prefetch=options["prefetch"],
         prefetch_seconds=options["prefetch-seconds"],

@@ -39,7 +39,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode
 
-from twisted.internet import defer
+from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.web import resource, server
 
@@ -491,15 +491,11 @@ class WebDashboard:
         self.url: str | None = None
         self._wrote_token = False
 
-    def start(self, reactor=None) -> defer.Deferred:
+    def start(self, reactor) -> defer.Deferred:
         """
-        Listen; fires with the listening port.  A failure to listen, or to
-        write the token file, stops the reactor.
+        Listen with C{reactor}; fires with the listening port.  A failure to
+        listen, or to write the token file, stops the reactor.
         """
-        from twisted.internet import endpoints
-
-        if reactor is None:
-            from twisted.internet import reactor
         d = defer.maybeDeferred(
             lambda: endpoints.serverFromString(reactor, self.description).listen(self.site)
         )

@@ -6,7 +6,8 @@ behind a link that went quiet may stay open for ever: the kernel still
 answers keepalive probes for a stopped process.  So cw's peers check each
 other at the application level, with one mechanism:
 
-  - L{HeartbeatMonitor} sends each watched connection a L{P.Heartbeat}
+  - L{HeartbeatMonitor} (its bookkeeping in L{cw.core.liveness.Liveness})
+    sends each watched connection a L{P.Heartbeat}
     every C{interval} seconds (one at a time: no second ping while one is
     unanswered) and calls C{on_silent} for a connection it has not heard
     from for longer than C{timeout}.  Its bound: silence is noticed within
@@ -28,6 +29,7 @@ from typing import Any
 
 from twisted.internet import task
 
+from cw.core.liveness import Liveness
 from cw.wire import commands as P
 
 
@@ -37,17 +39,20 @@ class SignsOfLife:
     before C{amp.AMP}): any data from the peer is a sign of life.
     """
 
-    #: When the peer was last heard from (by the monitor's clock).
+    #: The monitor watching this connection, told of all data received.
+    heartbeat_monitor: HeartbeatMonitor | None = None
+    #: For a connection watched by hand (the worker's watchdog on its
+    #: master): when data last came, by C{liveness_clock}, if that is set.
     last_heard: float = 0.0
-    #: A heartbeat is on its way and not answered yet.
-    heartbeat_pending: bool = False
-    #: The watching monitor's clock; None while not watched.
     liveness_clock: Any = None
 
     def dataReceived(self, data):
         clock = self.liveness_clock
         if clock is not None:
             self.last_heard = clock.seconds()
+        monitor = self.heartbeat_monitor
+        if monitor is not None:
+            monitor.heard(self)
         super().dataReceived(data)
 
 
@@ -56,11 +61,12 @@ class HeartbeatMonitor:
     Ping connections every C{interval} seconds and report those silent for
     longer than C{timeout} to C{on_silent(proto, seconds)}, once per check
     until they are forgotten (the caller usually closes the connection,
-    and forgets it when it is lost).
+    and forgets it when it is lost).  Which to ping and which are silent is
+    decided by L{Liveness}; this class runs the timer and sends.
 
-    A watched protocol needs C{callRemote} and the attributes of
-    L{SignsOfLife} (which also sets L{SignsOfLife.last_heard} on data);
-    anything else that shows the peer is alive may set C{last_heard} too.
+    A watched protocol needs C{callRemote}; with L{SignsOfLife} any data
+    it receives counts as hearing from the peer, and anything else that
+    shows the peer is alive may call L{heard}.
     """
 
     def __init__(
@@ -74,20 +80,27 @@ class HeartbeatMonitor:
             raise ValueError("a heartbeat interval and timeout must be positive")
         self.clock = clock
         self.interval = interval
-        self.timeout = timeout
+        self.liveness = Liveness(timeout)
         self.on_silent = on_silent
-        self.peers: dict[Any, None] = {}
         self._loop: task.LoopingCall | None = None
+
+    @property
+    def timeout(self) -> float:
+        return self.liveness.timeout
 
     def watch(self, proto) -> None:
         """Start watching C{proto}: it counts as heard from now."""
-        proto.liveness_clock = self.clock
-        proto.last_heard = self.clock.seconds()
-        proto.heartbeat_pending = False
-        self.peers[proto] = None
+        proto.heartbeat_monitor = self
+        self.liveness.watch(proto, self.clock.seconds())
 
     def forget(self, proto) -> None:
-        self.peers.pop(proto, None)
+        self.liveness.forget(proto)
+        if getattr(proto, "heartbeat_monitor", None) is self:
+            proto.heartbeat_monitor = None
+
+    def heard(self, proto) -> None:
+        """Something came from C{proto}'s peer just now."""
+        self.liveness.heard(proto, self.clock.seconds())
 
     def start(self) -> None:
         if self._loop is None:
@@ -101,19 +114,14 @@ class HeartbeatMonitor:
         self._loop = None
 
     def _beat(self) -> None:
-        now = self.clock.seconds()
-        for proto in list(self.peers):
-            silent = now - proto.last_heard
-            if silent > self.timeout:
-                self.on_silent(proto, silent)
-            elif not proto.heartbeat_pending:
-                proto.heartbeat_pending = True
-                d = proto.callRemote(P.Heartbeat)
-                # Any answer, even an error, comes from a live peer; a lost
-                # connection is reported (and forgotten) by its owner.
-                d.addBoth(self._answered, proto)
+        beat = self.liveness.beat(self.clock.seconds())
+        for proto in beat.ping:
+            d = proto.callRemote(P.Heartbeat)
+            # Any answer, even an error, comes from a live peer; a lost
+            # connection is reported (and forgotten) by its owner.
+            d.addBoth(self._answered, proto)
+        for proto, silent in beat.silent:
+            self.on_silent(proto, silent)
 
     def _answered(self, _answer, proto) -> None:
-        proto.heartbeat_pending = False
-        if proto in self.peers:
-            proto.last_heard = self.clock.seconds()
+        self.liveness.answered(proto, self.clock.seconds())

@@ -140,7 +140,6 @@ class ClientPeer(FakePeer):
 
     def __init__(self, master, name):
         super().__init__(master, name)
-        self.reading_paused = False
         self.transport = self
         self.aborted = False
 
@@ -226,7 +225,7 @@ class MasterReactionTests(SynchronousTestCase):
 
     def test_client_not_read_from_is_not_silent(self):
         """A client the master stopped reading (flow control) cannot be heard: not its fault."""
-        self.client.reading_paused = True
+        self.master.flow.stop_reading(self.client.peer_id)
         self.clock.advance(60)
         self.assertFalse(self.client.aborted)
 

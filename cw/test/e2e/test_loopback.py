@@ -32,7 +32,7 @@ class LoopbackTests(unittest.TestCase):
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-        self.master = MasterService("tcp:0:interface=127.0.0.1", secret=load_secret())
+        self.master = MasterService("tcp:0:interface=127.0.0.1", reactor=reactor, secret=load_secret())
         d = defer.maybeDeferred(self.master.startService)
         self.addCleanup(self.master.stopService)
         return d

@@ -208,7 +208,9 @@ class AuthenticationTests(unittest.TestCase):
 
         port = reactor.listenTCP(0, Factory.forProtocol(Pusher), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        impostor = MasterService("tcp:0:interface=127.0.0.1", secret=load_secret(other_secret(self)))
+        impostor = MasterService(
+            "tcp:0:interface=127.0.0.1", reactor=reactor, secret=load_secret(other_secret(self))
+        )
 
         @defer.inlineCallbacks
         def run():
@@ -261,7 +263,7 @@ class AuthenticationTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_replay_fails(self):
         """Replaying a recorded handshake on a new connection does not authenticate."""
-        service = MasterService("tcp:0:interface=127.0.0.1", secret=load_secret())
+        service = MasterService("tcp:0:interface=127.0.0.1", reactor=reactor, secret=load_secret())
         yield service.startService()
         self.addCleanup(service.stopService)
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", service.port.getHost().port)

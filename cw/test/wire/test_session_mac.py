@@ -676,7 +676,7 @@ class HandshakeTests(unittest.TestCase):
         from cw.wire.auth import authenticate
         from cw.wire.secret import load_secret
 
-        service = MasterService("tcp:0:interface=127.0.0.1", secret=load_secret())
+        service = MasterService("tcp:0:interface=127.0.0.1", reactor=reactor, secret=load_secret())
         yield service.startService()
         self.addCleanup(service.stopService)
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", service.port.getHost().port)

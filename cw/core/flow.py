@@ -1,0 +1,97 @@
+"""
+The master's flow control towards each client, with no I/O.
+
+The L{Scheduler} counts the room each client was given and what it sent
+(L{Scheduler.held}, L{Scheduler.over_hard_limit}, L{Scheduler.take_room});
+L{FlowControl} adds what the master does about it, per client:
+
+  - A client that has used all its room holds further jobs by itself; the
+    master logs that once per client (L{Throttle.first_held}).
+  - A client that ignores its room and has sent more than the limits
+    beyond it (so up to twice the limits queued) is no longer read from
+    (L{Throttle.stop_reading}), which stalls its other commands too.
+  - Once its queue has drained to half, it is given room again
+    (L{Room}), and a client not read from is read again
+    (L{Room.resume_reading}).
+  - A client the master does not read from cannot be heard from: it is
+    not taken for a silent one (L{FlowControl.excused}).
+
+Unit-tested in L{cw.test.core.test_master_core}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cw.core.scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """What to do about a client after it submitted jobs."""
+
+    #: It has just used up its room for the first time: log that (once).
+    first_held: bool = False
+    #: It sent past its room: read nothing more from it until it has room again.
+    stop_reading: bool = False
+
+
+@dataclass(frozen=True)
+class Room:
+    """More room for a client whose queue has drained: tell it (L{P.JobRoom})."""
+
+    client: int
+    bytes: int
+    jobs: int
+    #: The master had stopped reading from it: read again.
+    resume_reading: bool = False
+
+
+class FlowControl:
+    """Per-client flow-control decisions on top of a L{Scheduler}'s counts."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        #: Clients of which the master logged that they used up their room.
+        self._held_logged: set[int] = set()
+        #: Clients the master does not read from.
+        self._not_read: set[int] = set()
+
+    def submitted(self, client: int) -> Throttle:
+        """C{client} has submitted jobs: whether to log that it is held, and to stop reading it."""
+        first_held = client not in self._held_logged and self.scheduler.held(client)
+        if first_held:
+            self._held_logged.add(client)
+        stop = client not in self._not_read and self.scheduler.over_hard_limit(client)
+        if stop:
+            self._not_read.add(client)
+        return Throttle(first_held, stop)
+
+    def give_room(self) -> list[Room]:
+        """More room for every client whose queue has drained to half (L{Scheduler.take_room})."""
+        rooms = []
+        for client, more_bytes, more_jobs in self.scheduler.take_room():
+            resume = client in self._not_read
+            self._not_read.discard(client)
+            rooms.append(Room(client, more_bytes, more_jobs, resume))
+        return rooms
+
+    def reading(self, client: int) -> bool:
+        """Whether the master reads from C{client} (false once L{Throttle.stop_reading})."""
+        return client not in self._not_read
+
+    def excused(self, client: int) -> bool:
+        """
+        Whether C{client}'s silence is the master's doing (it does not read
+        from it), so that it must not be dropped as a silent client.
+        """
+        return client in self._not_read
+
+    def stop_reading(self, client: int) -> None:
+        """Record that the master does not read from C{client} (as L{Throttle.stop_reading} does)."""
+        self._not_read.add(client)
+
+    def forget(self, client: int) -> None:
+        """C{client} has left."""
+        self._held_logged.discard(client)
+        self._not_read.discard(client)

@@ -1,0 +1,155 @@
+"""
+Tests for the master's pure decisions outside the scheduler: flow control
+(L{cw.core.flow}), heartbeat bookkeeping (L{cw.core.liveness}) and which
+worker is sent which context and function (L{cw.core.routing}).
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from cw.core.flow import FlowControl, Room, Throttle
+from cw.core.liveness import Beat, Liveness
+from cw.core.records import Job, Outcome, Result
+from cw.core.routing import Routing, SendContext, SendFunction
+from cw.core.scheduler import Scheduler
+
+
+class FlowControlTests(SynchronousTestCase):
+    """Room per client, the hard stop for one that ignores it, and reading again."""
+
+    def setUp(self):
+        self.s = Scheduler(max_queued_bytes=100, max_queued_jobs=10)
+        self.flow = FlowControl(self.s)
+        self.client = self.s.add_client()
+
+    def submit(self, first: int, last: int) -> Throttle:
+        self.s.submit(self.client, [Job(0, seq, b"x" * 10) for seq in range(first, last + 1)])
+        return self.flow.submitted(self.client)
+
+    def drain(self, n: int) -> None:
+        worker = self.s.add_worker(n, "w")
+        for _, jobs in self.s.dispatch(0.0):
+            self.s.complete(worker, [Result(job.client, job.seq, Outcome.OK, b"") for job in jobs], 0.0)
+
+    def test_within_room(self):
+        self.assertEqual(self.submit(1, 5), Throttle())
+        self.assertTrue(self.flow.reading(self.client))
+        self.assertEqual(self.flow.give_room(), [])
+
+    def test_held_logged_once(self):
+        self.assertEqual(self.submit(1, 10), Throttle(first_held=True))
+        self.assertEqual(self.submit(11, 11), Throttle(), "logged once per client")
+        self.assertTrue(self.flow.reading(self.client))
+
+    def test_room_ignored_stops_reading_until_room_given(self):
+        self.submit(1, 10)
+        self.assertEqual(self.submit(11, 20), Throttle())
+        self.assertEqual(self.submit(21, 21), Throttle(stop_reading=True))
+        self.assertFalse(self.flow.reading(self.client))
+        self.assertTrue(self.flow.excused(self.client), "its silence is the master's doing")
+        self.assertEqual(self.submit(22, 22), Throttle(), "stopped once")
+        self.drain(22)
+        [room] = self.flow.give_room()
+        self.assertEqual(room, Room(self.client, 100, 10, resume_reading=True))
+        self.assertTrue(self.flow.reading(self.client))
+        self.assertFalse(self.flow.excused(self.client))
+
+    def test_room_without_resume(self):
+        self.submit(1, 10)
+        self.drain(10)
+        self.assertEqual(self.flow.give_room(), [Room(self.client, 100, 10, resume_reading=False)])
+
+    def test_forget(self):
+        self.submit(1, 21)
+        self.flow.forget(self.client)
+        self.assertTrue(self.flow.reading(self.client))
+
+
+class LivenessTests(SynchronousTestCase):
+    """Which peers to ping, and which are silent: time is passed in."""
+
+    def setUp(self):
+        self.live = Liveness(timeout=3.0)
+        self.live.watch("a", 0.0)
+
+    def test_invalid(self):
+        self.assertRaises(ValueError, Liveness, 0)
+
+    def test_ping_once_until_answered(self):
+        self.assertEqual(self.live.beat(1.0), Beat(ping=["a"]))
+        self.assertEqual(self.live.beat(2.0), Beat())
+        self.live.answered("a", 2.5)
+        self.assertEqual(self.live.beat(3.0), Beat(ping=["a"]))
+        self.assertEqual(self.live.last_heard("a"), 2.5)
+
+    def test_silent_past_timeout(self):
+        self.live.beat(1.0)
+        self.assertEqual(self.live.beat(3.0), Beat())
+        self.assertEqual(self.live.beat(4.0), Beat(silent=[("a", 4.0)]))
+        self.assertEqual(self.live.beat(5.0), Beat(silent=[("a", 5.0)]), "reported until forgotten")
+        self.live.forget("a")
+        self.assertEqual(self.live.beat(9.0), Beat())
+        self.assertIsNone(self.live.last_heard("a"))
+
+    def test_any_data_counts(self):
+        self.live.beat(1.0)
+        for t in range(2, 20):
+            self.live.heard("a", float(t))
+            self.assertEqual(self.live.beat(t + 0.5).silent, [])
+
+    def test_unwatched_ignored(self):
+        self.live.heard("b", 1.0)
+        self.live.answered("b", 1.0)
+        self.assertEqual(self.live.beat(1.0), Beat(ping=["a"]))
+
+
+class RoutingTests(SynchronousTestCase):
+    """Contexts and functions go to each worker once, before the first job needing them."""
+
+    def setUp(self):
+        self.r = Routing(max_payload=100)
+        self.r.client_joined(1, {"cwd": "/a"})
+        self.r.client_joined(2, {"cwd": "/b"})
+        self.r.worker_joined(10)
+        self.r.worker_joined(11)
+
+    def test_context_once_per_worker(self):
+        jobs = [Job(1, 1, b""), Job(1, 2, b""), Job(2, 1, b"")]
+        self.assertEqual(
+            self.r.before(10, jobs), [SendContext(1, {"cwd": "/a"}), SendContext(2, {"cwd": "/b"})]
+        )
+        self.assertEqual(self.r.before(10, jobs), [])
+        self.assertEqual(self.r.before(11, jobs[:1]), [SendContext(1, {"cwd": "/a"})])
+
+    def test_function_once_after_context(self):
+        self.assertTrue(self.r.define(1, b"k", b"f"))
+        self.assertTrue(self.r.defined(1, b"k"))
+        self.assertFalse(self.r.defined(2, b"k"), "functions are per client")
+        jobs = [Job(1, 1, b"", func=b"k"), Job(1, 2, b"", func=b"k")]
+        self.assertEqual(
+            self.r.before(10, jobs), [SendContext(1, {"cwd": "/a"}), SendFunction(1, b"k", b"f")]
+        )
+        self.assertEqual(self.r.before(10, jobs), [])
+
+    def test_function_over_max_payload_not_kept(self):
+        self.assertFalse(self.r.define(1, b"k", b"f" * 101))
+        self.assertFalse(self.r.defined(1, b"k"))
+
+    def test_client_left(self):
+        self.r.define(1, b"k", b"f")
+        self.r.before(11, [Job(1, 1, b"", func=b"k")])
+        self.assertEqual(self.r.client_left(1), [11], "only the worker that has its context is told")
+        self.assertFalse(self.r.defined(1, b"k"))
+        # A client id is not reused, but were it, nothing would be thought sent.
+        self.r.client_joined(1, {"cwd": "/c"})
+        self.r.define(1, b"k", b"g")
+        self.assertEqual(
+            self.r.before(11, [Job(1, 1, b"", func=b"k")]),
+            [SendContext(1, {"cwd": "/c"}), SendFunction(1, b"k", b"g")],
+        )
+
+    def test_worker_left(self):
+        self.r.before(10, [Job(1, 1, b"")])
+        self.r.worker_left(10)
+        self.assertEqual(self.r.client_left(1), [])
