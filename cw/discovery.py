@@ -139,7 +139,7 @@ def _command(name: str) -> str:
     return path
 
 
-def _run(args: list[str], input: str | None = None, timeout: float = 30) -> str:
+def run_slurm(args: list[str], input: str | None = None, timeout: float = 30) -> str:
     """Run a SLURM command; its stdout, or L{SlurmError} naming the command and its complaint."""
     try:
         out = subprocess.run(
@@ -152,6 +152,20 @@ def _run(args: list[str], input: str | None = None, timeout: float = 30) -> str:
     return out.stdout
 
 
+def squeue_jobs(job_ids: Sequence[str], fields: str) -> str:
+    """
+    What C{squeue} says about C{job_ids}, finished ones included, one line
+    a job in its format C{fields} (C{-o}); jobs it has forgotten are left
+    out.  Raises L{SlurmError} if squeue fails otherwise.
+    """
+    try:
+        return run_slurm(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", fields])
+    except SlurmError as e:
+        if "Invalid job id" in str(e):
+            return ""  # all of them finished long ago
+        raise
+
+
 def job_states(job_ids: Sequence[str]) -> dict[str, str]:
     """
     The state (C{RUNNING}, C{PENDING}, ...) of each of C{job_ids} that
@@ -159,14 +173,8 @@ def job_states(job_ids: Sequence[str]) -> dict[str, str]:
     """
     if not job_ids:
         return {}
-    try:
-        out = _run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i %T"])
-    except SlurmError as e:
-        if "Invalid job id" in str(e):
-            return {}  # all of them finished long ago
-        raise
     states = {}
-    for line in out.splitlines():
+    for line in squeue_jobs(job_ids, "%i %T").splitlines():
         fields = line.split()
         if len(fields) == 2:
             states[fields[0]] = fields[1]
@@ -202,7 +210,7 @@ def _master_from_squeue(cluster: str | None) -> dict | None:
     if shutil.which("squeue") is None:
         return None
     name = job_names(cluster)[0]
-    out = _run(["squeue", "-h", "-u", getpass.getuser(), "-n", name, "-t", "RUNNING", "-o", "%i|%B|%k"])
+    out = run_slurm(["squeue", "-h", "-u", getpass.getuser(), "-n", name, "-t", "RUNNING", "-o", "%i|%B|%k"])
     for line in out.splitlines():
         job_id, _, rest = line.partition("|")
         node, _, comment = rest.partition("|")
@@ -267,7 +275,7 @@ def master_jobs(cluster: str | None = None) -> dict[str, str]:
     if shutil.which("squeue") is None:
         return {}
     name = job_names(cluster)[0]
-    out = _run(["squeue", "-h", "-u", getpass.getuser(), "-n", name, "-o", "%i %T"])
+    out = run_slurm(["squeue", "-h", "-u", getpass.getuser(), "-n", name, "-o", "%i %T"])
     jobs = {}
     for line in out.splitlines():
         fields = line.split()

@@ -15,6 +15,7 @@ import sys
 from cw import slurm
 from cw.cli.cw import format_status
 from cw.client.session import master_status
+from cw.discovery import squeue_jobs
 from cw.errors import CWError
 
 #: Options whose value is an sbatch option, so usually starts with "-".
@@ -109,9 +110,9 @@ def _jobs_table(cluster: str) -> list[str]:
     if not ids:
         return [f"jobs     none recorded in {slurm.cluster_dir(cluster) / 'jobs.json'}"]
     try:
-        out = slurm._run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%j|%T|%M|%l|%D|%R"])
+        out = squeue_jobs(ids, "%i|%j|%T|%M|%l|%D|%R")
     except CWError as e:
-        out = "" if "Invalid job id" in str(e) else str(e)
+        out = str(e)
     rows = {line.split("|")[0]: line.split("|") for line in out.splitlines() if line.count("|") == 6}
     lines = [
         f"jobs     {'JOBID':>8}  {'NAME':<20} {'STATE':<11} {'TIME':>10} {'LIMIT':>10} {'NODES':>5}  WHERE"

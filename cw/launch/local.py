@@ -21,6 +21,7 @@ from pathlib import Path
 from cw.client.session import Session, wait_for_workers
 from cw.core.records import PORT
 from cw.errors import ClusterError
+from cw.system import polling, proc_stat, sigkill, start_time
 from cw.wire.commands import GetStatus
 
 #: Processes started by this Python process, by PID, so they can be reaped.
@@ -36,15 +37,6 @@ def run_dir(port: int = PORT) -> Path:
     return Path(cache) / "cw" / f"local-{port}"
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of C{pid} (Linux), to tell a reused PID apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _alive(pid: int) -> bool:
     popen = _children.get(pid)
     if popen is not None:
@@ -55,15 +47,12 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+    fields = proc_stat(pid)
+    return fields is None or fields[0] != "Z"
 
 
 def _write_pidfile(path: Path, pid: int) -> None:
-    path.write_text(f"{pid} {_start_time(pid) or '-'}\n")
+    path.write_text(f"{pid} {start_time(pid) or '-'}\n")
 
 
 def _read_pidfile(path: Path) -> int | None:
@@ -75,7 +64,7 @@ def _read_pidfile(path: Path) -> int | None:
         return None
     if not _alive(pid):
         return None
-    if start != "-" and _start_time(pid) not in (None, start):
+    if start != "-" and start_time(pid) not in (None, start):
         return None
     return pid
 
@@ -103,8 +92,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 def _wait_for_file(path: Path, popen: subprocess.Popen, log: Path, timeout: float) -> str:
     deadline = time.monotonic() + timeout
-    delay = 0.01
-    while True:
+    for _ in polling(0.01, 0.2):
         if path.exists():
             text = path.read_text().strip()
             if text:
@@ -116,8 +104,6 @@ def _wait_for_file(path: Path, popen: subprocess.Popen, log: Path, timeout: floa
             )
         if time.monotonic() > deadline:
             raise ClusterError(f"the cw master did not listen within {timeout} s; see {log}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
 
 
 def start(
@@ -215,15 +201,13 @@ def _stop_pids(pids: list[int], timeout: float) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    delay = 0.01
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
+    for _ in polling(0.01, 0.2):
+        if not any(_alive(pid) for pid in pids) or time.monotonic() >= deadline:
+            break
     for pid in pids:
         # Each process leads its own group; a worker's job processes lead
         # groups of their own and die with it (cw.worker.containment).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+        sigkill(pid, group=True)
         popen = _children.pop(pid, None)
         if popen is not None:
             popen.wait()

@@ -44,7 +44,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cw.core.records import PORT
-from cw.discovery import _COMMENT, _info, _read_json, _run
+from cw.discovery import _COMMENT, _info, _read_json, run_slurm
 from cw.discovery import DEFAULT_CLUSTER as DEFAULT_CLUSTER
 from cw.discovery import FINISHED_STATES as FINISHED_STATES
 from cw.discovery import MASTER_HOST_WAIT as MASTER_HOST_WAIT
@@ -63,6 +63,7 @@ from cw.discovery import master_jobs as master_jobs
 from cw.discovery import wait_for_master as wait_for_master
 from cw.errors import SlurmError
 from cw.launch.twistd import run_twistd
+from cw.system import polling, with_cw_on_path, write_atomically
 from cw.wire.secret import load_secret, secret_path
 
 #: Seconds before the time limit at which SLURM sends a worker job's
@@ -77,9 +78,7 @@ WALLTIME_WARNING = 120
 def _write_json(path: Path, data: dict) -> None:
     """Write C{data} to C{path} atomically (readers never see half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(data, indent=2) + "\n", tmp_suffix=f".{socket.gethostname()}")
 
 
 def recorded_jobs(cluster: str | None = None) -> dict[str, list[str]]:
@@ -109,10 +108,9 @@ def cancel(job_ids: Sequence[str], timeout: float = 60) -> None:
     alive = list(active_jobs(job_ids))
     if not alive:
         return
-    _run(["scancel", *alive])
+    run_slurm(["scancel", *alive])
     deadline = time.monotonic() + timeout
-    delay = 0.1
-    while True:
+    for _ in polling(0.1, 1.0, factor=1.5):
         left = active_jobs(alive)
         if not left:
             return
@@ -122,8 +120,6 @@ def cancel(job_ids: Sequence[str], timeout: float = 60) -> None:
                 + ", ".join(f"{i} ({s})" for i, s in left.items())
                 + f" were still active {timeout:g} s after scancel; check them with squeue"
             )
-        time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
 
 
 # --- finding the master ---------------------------------------------------
@@ -132,16 +128,10 @@ def cancel(job_ids: Sequence[str], timeout: float = 60) -> None:
 # --- batch scripts --------------------------------------------------------
 
 
-def _checkout_root() -> str:
-    """The directory holding the C{cw} package, so that jobs run this very code."""
-    # this file is cw/launch/slurm.py
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def _environment(cluster: str, directory: Path, secret_file: str | None) -> list[str]:
-    paths = [_checkout_root()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = {
-        "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),
+        # jobs run this very code
+        "PYTHONPATH": with_cw_on_path(os.environ)["PYTHONPATH"],
         "CW_SLURM_DIR": str(directory.parent),
         "CW_SLURM_CLUSTER": cluster,
     }
@@ -286,7 +276,7 @@ def worker_script(
 def submit(script: str, directory: Path) -> str:
     """Submit C{script} with C{sbatch --parsable}; return the job id."""
     directory.mkdir(parents=True, exist_ok=True)
-    out = _run(["sbatch", "--parsable"], input=script)
+    out = run_slurm(["sbatch", "--parsable"], input=script)
     job_id = out.strip().split(";")[0]
     if not job_id.isdigit():
         raise SlurmError(f"sbatch did not print a job id but {out.strip()!r}")
@@ -464,7 +454,7 @@ def run_master_job(options: Sequence[str]) -> None:
         print(f"cw.slurm: master job {job_id} listens at {info['address']}; wrote {final}", flush=True)
         if job_id and shutil.which("scontrol"):
             with contextlib.suppress(SlurmError):
-                _run(["scontrol", "update", f"JobId={job_id}", f"Comment={_COMMENT}{info['address']}"])
+                run_slurm(["scontrol", "update", f"JobId={job_id}", f"Comment={_COMMENT}{info['address']}"])
 
     threading.Thread(target=publish, name="cw-slurm-publish", daemon=True).start()
     try:

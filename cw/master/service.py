@@ -39,6 +39,7 @@ from cw.core.validation import (
 )
 from cw.errors import BadCommand
 from cw.master.web import FailureLog, WebDashboard
+from cw.system import write_atomically
 from cw.wire import commands as P
 from cw.wire.address import describe_listening, enable_keepalive, server_endpoint, stop_reactor
 from cw.wire.auth import AUTH_TIMEOUT, AuthGate, MasterAuth, WrongSecretLog
@@ -1039,10 +1040,7 @@ class MasterService(service.Service):
             address=address,
         )
         if self.address_file:
-            tmp = f"{self.address_file}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(address + "\n")
-            os.replace(tmp, self.address_file)
+            write_atomically(self.address_file, address + "\n")
 
     def _failed(self, failure):
         log.failure("cw master could not listen on {listen}", failure, listen=self.listen)

@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from cw.errors import SecretError
+from cw.system import write_atomically
 from cw.wire import commands as P
 from cw.wire.address import stop_reactor
 from cw.wire.secret import write_private
@@ -533,10 +534,7 @@ class WebDashboard:
             self.url = "unix:" + os.fsdecode(host.name)
         self._log_address(host, token is not None)
         if self.address_file:
-            tmp = f"{self.address_file}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(self.url + "\n")
-            os.replace(tmp, self.address_file)
+            write_atomically(self.address_file, self.url + "\n")
         return port
 
     def _log_address(self, host, needs_token: bool) -> None:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import cw
+from cw.system import polling, proc_stat, sigkill, with_cw_on_path
 
 #: The directory that holds the C{cw} package under test (and, next to it,
 #: C{twisted/plugins}); put first on the children's PYTHONPATH so that they
@@ -41,9 +42,7 @@ DEADLINE = 60
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    paths = [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env = with_cw_on_path(os.environ)
     env["CW_BACKEND"] = "local"
     env.update(extra)
     return env
@@ -59,15 +58,12 @@ def free_port() -> int:
 def wait_until(predicate, timeout: float = DEADLINE, what: str = "condition"):
     """Poll C{predicate} with backoff until it returns a true value."""
     deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
+    for _ in polling(0.005, 0.1):
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
 
 
 def stop_process(popen: subprocess.Popen, timeout: float = 15) -> None:
@@ -79,18 +75,14 @@ def stop_process(popen: subprocess.Popen, timeout: float = 15) -> None:
             popen.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(popen.pid, signal.SIGKILL)
+    sigkill(popen.pid, group=True)
     popen.wait(timeout)
 
 
 def process_exists(pid: int) -> bool:
     """True if C{pid} is a live (not zombie) process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    fields = proc_stat(pid)
+    return bool(fields) and fields[0] != "Z"
 
 
 def _live_processes():
@@ -98,12 +90,8 @@ def _live_processes():
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
+        fields = proc_stat(entry)
+        if fields and fields[0] != "Z":
             yield int(entry), fields
 
 

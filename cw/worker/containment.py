@@ -43,6 +43,8 @@ import sys
 import time
 from collections import defaultdict
 
+from cw.system import proc_stat, sigkill
+
 #: C{prctl} options (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -127,11 +129,10 @@ def descendants(pid: int) -> list[int]:
     for entry in entries:
         if not entry.isdigit():
             continue
+        fields = proc_stat(entry)
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                # The command name (in parentheses) may hold spaces.
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+            ppid = int(fields[1])  # type: ignore[index]
+        except (TypeError, IndexError, ValueError):
             continue
         children[ppid].append(int(entry))
     found: list[int] = []
@@ -143,15 +144,9 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGKILL)
-
-
 def kill_group(pgid: int) -> None:
     """SIGKILL every process left in process group C{pgid}, if any."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+    sigkill(pgid, group=True)
 
 
 def kill_job_process(pid: int) -> None:
@@ -162,12 +157,12 @@ def kill_job_process(pid: int) -> None:
     out of reach.
     """
     for child in descendants(pid):
-        _kill(child)
+        sigkill(child)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         # Not yet a group leader (it had just started): the process alone.
-        _kill(pid)
+        sigkill(pid)
     except PermissionError:
         pass
 
@@ -197,7 +192,7 @@ def kill_leftovers(wait: float = REAP_WAIT) -> int:
         found = descendants(me)
         seen.update(found)
         for pid in found:
-            _kill(pid)
+            sigkill(pid)
         # Reap what died (this process adopts the orphans of those it kills).
         while True:
             try:

@@ -44,6 +44,7 @@ from cw.core.worker_state import (
     WorkerState,
 )
 from cw.errors import AuthenticationFailed
+from cw.system import with_cw_on_path
 from cw.wire import commands as P
 from cw.wire.address import client_description, client_endpoint
 from cw.wire.auth import AuthGate, authenticate, refused_retry_delay
@@ -630,12 +631,7 @@ def job_process_env() -> dict[str, str]:
     directory holding the C{cw} package on C{PYTHONPATH} so that a job
     process imports the same cw as its worker.
     """
-    env = dict(os.environ)
-    # the directory holding cw (this file is cw/worker/service.py)
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    paths = [here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    return env
+    return with_cw_on_path(os.environ)
 
 
 class WorkerService(service.MultiService):

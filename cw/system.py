@@ -1,0 +1,92 @@
+"""
+Operating-system helpers shared by the layers above: atomic file writes,
+reading C{/proc/PID/stat} (process states, parents and start times),
+SIGKILL that ignores processes already gone, polling with exponential
+back-off, and putting this cw on a child's C{PYTHONPATH}.
+
+Layer rule: imports nothing of cw (it sits between cw.wire and cw.core, see
+C{pyproject.toml}); no Twisted, no sockets: job processes import it.  The pure core must not import
+it (it does I/O).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+#: The directory holding the C{cw} package (this file is cw/system.py), so
+#: that child processes import this very code.
+CW_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_atomically(path: str | os.PathLike, text: str, tmp_suffix: str = "") -> None:
+    """
+    Write C{text} to C{path} through a temporary file in the same directory
+    and C{os.replace}, so that readers see the old file or the new one, never
+    half of one.  C{tmp_suffix} goes into the temporary name besides the PID
+    (a host name, where several machines share the directory).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{tmp_suffix}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def proc_stat(pid: int | str) -> list[str] | None:
+    """
+    The fields of C{/proc/PID/stat} after the command name (Linux): C{[0]}
+    is the state (C{Z} for a zombie), C{[1]} the parent's PID, C{[19]} the
+    start time.  None if the process is gone (or this is not Linux).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # The command name (in parentheses) may hold spaces and ")".
+            return f.read().rsplit(b")", 1)[1].decode("ascii", "replace").split()
+    except (OSError, IndexError):
+        return None
+
+
+def start_time(pid: int) -> str | None:
+    """The kernel's start time of C{pid} (Linux), to tell a reused PID apart; None if unknown."""
+    fields = proc_stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
+
+
+def sigkill(pid: int, group: bool = False) -> None:
+    """SIGKILL process C{pid} (or, if C{group}, process group C{pid}); ignore it being gone or not ours."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+
+
+def polling(first: float, most: float, factor: float = 2.0) -> Iterator[int]:
+    """
+    The rounds of a blocking polling loop: yields 0, 1, 2, ... and sleeps
+    between rounds, C{first} seconds at first, then C{factor} times longer
+    each round up to C{most}.  The loop's body checks its condition and
+    deadline and leaves the loop.  (For blocking code without a reactor;
+    reactor code uses Twisted's C{backoffPolicy}.)
+    """
+    delay = first
+    for attempt in itertools.count():
+        yield attempt
+        time.sleep(delay)
+        delay = min(delay * factor, most)
+
+
+def with_cw_on_path(env: Mapping[str, str]) -> dict[str, str]:
+    """
+    A copy of C{env} with L{CW_ROOT} first on C{PYTHONPATH} (each entry once),
+    so that a child process imports the same cw as this one.
+    """
+    env = dict(env)
+    paths = [CW_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
