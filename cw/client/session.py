@@ -561,14 +561,13 @@ class Session:
                 break
             size += len(job.payload)
             jobs.append(job)
-        taken = len(jobs)
+        # Not held, so the loop took at least one job.
         for job in jobs:
             del self._pending[job.seq]
         self._pending_bytes -= size
         self._room_bytes -= size
-        self._room_jobs -= taken
-        if taken:
-            self._sent_some.notify_all()
+        self._room_jobs -= len(jobs)
+        self._sent_some.notify_all()
         return jobs
 
     def call(self, command, timeout: float = 30, **kwargs) -> dict:

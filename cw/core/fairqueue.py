@@ -86,11 +86,6 @@ class FairQueue:
     def __bool__(self) -> bool:
         return self._size > 0
 
-    def __iter__(self):
-        for cid in self._turns:
-            for level in self._clients[cid].levels.values():
-                yield from level
-
     def bytes_of(self, client: int) -> int:
         """Bytes of C{client}'s queued payloads."""
         jobs = self._clients.get(client)
@@ -129,10 +124,6 @@ class FairQueue:
             self._turns.append(job.client)
         jobs.push(job)
         self._size += 1
-
-    def extend(self, jobs: Iterable[Job]) -> None:
-        for job in jobs:
-            self.append(job)
 
     def push_front(self, jobs: Iterable[Job]) -> None:
         """

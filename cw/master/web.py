@@ -57,8 +57,6 @@ RECENT_FAILURES = 50
 TRACEBACK_CHARS = 20_000
 #: Name of the cookie that carries the token after a C{?token=} visit.
 COOKIE = b"cw_dashboard"
-#: Where the master serves its dashboard unless told otherwise.
-DEFAULT_WEB = "tcp:8494"
 
 
 def dashboard_token(secret: bytes) -> str:

@@ -245,8 +245,6 @@ class Worker:
         #: L{cw.worker.pool.ChildLink.callRemote}), so that a cancelled
         #: job's process can be killed.
         self.handles: dict[int, dict] = {}
-        #: Set when the worker shuts down, so a lost connection is expected.
-        self.stopping = False
         self._drain_waiters: list[defer.Deferred] = []
         self._drain_timer = None
         self._drain_timeout = DRAIN_TIMEOUT
@@ -759,7 +757,6 @@ class WorkerService(service.MultiService):
         if self.worker is None:
             d = defer.succeed(None)
         else:
-            self.worker.stopping = True
             d = self.worker.drain(self.drain_timeout)
         d.addCallback(lambda _: super(WorkerService, self).stopService())
 

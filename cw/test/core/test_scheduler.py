@@ -1265,7 +1265,8 @@ class FairQueueTurnTests(SynchronousTestCase):
     def queue(self, counts: dict[int, int]) -> FairQueue:
         queue = FairQueue()
         for client, count in counts.items():
-            queue.extend(Job(client, seq, b"") for seq in range(1, count + 1))
+            for seq in range(1, count + 1):
+                queue.append(Job(client, seq, b""))
         return queue
 
     def test_round_robin_three_clients(self):
