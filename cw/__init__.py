@@ -11,6 +11,10 @@ C{is_slurm_available()}, and the submodules C{cw.mp} and C{cw.slurm} as
 attributes (the original imported both here; cw imports them on first
 use).  It imports nothing heavy, so that importing C{cw} installs no
 reactor.
+
+Layer rule: the package's front door, above every layer: imports
+cw.core.records at once, and cw.launch and cw.discovery only inside the
+functions that need them (so that C{import cw} stays light).
 """
 
 from __future__ import annotations

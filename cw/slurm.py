@@ -3,6 +3,8 @@ C{cw.slurm}: the public name of L{cw.launch.slurm} (the code lives there).
 
 Importing C{cw.slurm} gives that very module, so every name (and every
 patch a test makes) is shared; C{python -m cw.slurm} runs its C{main}.
+
+Layer rule: above cw.launch, like cw.cli; imports only cw.launch.slurm.
 """
 
 import sys

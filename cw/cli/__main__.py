@@ -1,4 +1,8 @@
-"""C{python -m cw.cli}: the C{cw} command."""
+"""
+C{python -m cw.cli}: the C{cw} command.
+
+Layer rule (cw.cli): the top layer; may import any of cw, and nothing in cw imports it.
+"""
 
 import sys
 

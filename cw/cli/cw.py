@@ -1,5 +1,7 @@
 """
 The C{cw} command: C{cw status [--json]} shows what a master is doing.
+
+Layer rule (cw.cli): the top layer; may import any of cw, and nothing in cw imports it.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ inspect a cw cluster that runs as SLURM jobs (see L{cw.slurm}).
     cw-slurm [-n N] [-M] [-W] [-i] [-d IMAGE] [--docker-args ARGS]
              [--Xworkers ARG]... [--Xmaster ARG]... [--time T] [--partition P]
              [--name NAME] start|stop|status
+
+Layer rule (cw.cli): the top layer; may import any of cw, and nothing in cw imports it.
 """
 
 from __future__ import annotations

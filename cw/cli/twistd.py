@@ -1,6 +1,8 @@
 """
 The C{cw-master} and C{cw-worker} commands (and C{python -m cw.master},
 C{python -m cw.worker}): twistd in this process with the role's plugin.
+
+Layer rule (cw.cli): the top layer; may import any of cw, and nothing in cw imports it.
 """
 
 from __future__ import annotations

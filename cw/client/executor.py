@@ -1,5 +1,7 @@
 """
 L{ClusterExecutor}: a C{concurrent.futures.Executor} over a cw master.
+
+Layer rule (cw.client): imports cw.discovery and below; never cw.master, cw.worker, cw.launch or cw.cli.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ in flight, in order or as they finish, optionally with a progress bar.
 
 Used by L{cw.client.ClusterExecutor.map} and C{map_unordered}; works with
 any L{concurrent.futures.Executor}.
+
+Layer rule (cw.client): imports cw.discovery and below; never cw.master, cw.worker, cw.launch or cw.cli.
 """
 
 from __future__ import annotations

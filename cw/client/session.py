@@ -17,6 +17,8 @@ reactor's.
 Jobs are pickled with cloudpickle in the caller's thread, so a job that
 cannot be pickled raises L{SubmitError} at C{submit}.  Results are unpickled
 in a delivery thread, never in the reactor thread.
+
+Layer rule (cw.client): imports cw.discovery and below; never cw.master, cw.worker, cw.launch or cw.cli.
 """
 
 from __future__ import annotations

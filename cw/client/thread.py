@@ -3,6 +3,8 @@ L{ClientThread}: the original callback-style client (results delivered on a
 thread of its own), a thin layer over a L{ClusterExecutor}: each job is a
 future whose done callback puts it on this thread's queue, and this thread
 runs the callbacks.
+
+Layer rule (cw.client): imports cw.discovery and below; never cw.master, cw.worker, cw.launch or cw.cli.
 """
 
 from __future__ import annotations

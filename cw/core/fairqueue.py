@@ -8,6 +8,8 @@ jobs it gets per turn (default 1).  Within one client, jobs of higher
 C{priority} go first, and jobs of equal priority keep their order.
 
 Pure data structure: no I/O, no clock; L{cw.core.scheduler.Scheduler} owns one.
+
+Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
 
 from __future__ import annotations

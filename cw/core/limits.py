@@ -2,6 +2,8 @@
 Decisions on connection limits: how many unauthenticated connections may wait
 and which to drop (L{Admission}).  Pure: the descriptor limit of the process is
 read and raised in cw.wire.limits.
+
+Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
 
 from __future__ import annotations

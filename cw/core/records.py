@@ -1,6 +1,8 @@
 """
 Job, result and option records of cw and their binary framing: pure (no
 Twisted, no I/O).  The AMP commands that carry them are in cw.wire.commands.
+
+Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
 
 from __future__ import annotations

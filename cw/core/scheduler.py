@@ -65,6 +65,8 @@ Dispatch rules:
     a lost worker's).  With C{stall_timeout}, a worker that holds jobs and
     returns no result for that long is stalled too, whatever its jobs'
     timeouts.  L{expire} makes these decisions for the time it is given.
+
+Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ check here raises L{BadCommand} naming the field and what was wrong; the
 master's protocol (L{cw.master.service.MasterProtocol}) turns that into a dropped
 connection.  Pure functions, no I/O: unit-tested in
 L{cw.test.master.test_limits}.
+
+Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
 
 from __future__ import annotations

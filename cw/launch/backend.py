@@ -9,6 +9,8 @@ installed) to SLURM by accident, so cw asks instead:
   2. otherwise SLURM is used only if a SLURM controller answers
      (C{scontrol ping} reports it UP within a few seconds);
   3. otherwise the cluster is local processes (L{cw.mp}).
+
+Layer rule (cw.launch): imports cw.client, cw.master, cw.worker and below; never cw.cli.
 """
 
 from __future__ import annotations

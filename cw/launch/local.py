@@ -6,6 +6,8 @@ does not kill them halfway, and returns once the master accepts connections
 and every worker has registered.  Their PIDs go into pidfiles under a run
 directory; C{stop} signals exactly those PIDs (checking that each PID still
 belongs to the process that was started) and their process groups.
+
+Layer rule (cw.launch): imports cw.client, cw.master, cw.worker and below; never cw.cli.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ The worker job asks SLURM for C{SIGTERM} a while before its time limit
 (C{#SBATCH --signal=TERM@SECONDS}, sent to the C{srun} step, that is to the
 workers).  A worker drains on C{SIGTERM}: it hands its unstarted jobs back to
 the master and finishes its running ones, so a walltime loses no work.
+
+Layer rule (cw.launch): imports cw.client, cw.master, cw.worker and below; never cw.cli.
 """
 
 from __future__ import annotations

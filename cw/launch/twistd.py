@@ -1,5 +1,7 @@
 """
 Running a twistd plugin (cw-master, cw-worker) in this process.
+
+Layer rule (cw.launch): imports cw.client, cw.master, cw.worker and below; never cw.cli.
 """
 
 from __future__ import annotations

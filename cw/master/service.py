@@ -8,6 +8,8 @@ opaque bytes: the master never unpickles anything a peer sends.
 
 Run it with C{twistd -n cw-master [--port ENDPOINT]} or
 C{python -m cw.master [--port ENDPOINT]}.
+
+Layer rule (cw.master): imports cw.discovery and below; never cw.client, cw.worker, cw.launch or cw.cli.
 """
 
 from __future__ import annotations

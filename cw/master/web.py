@@ -20,6 +20,8 @@ through DNS rebinding.  The token is never logged: the master writes it to
 a file only its user can read (mode 0600, L{cw.wire.secret.write_private}) and
 logs that file's path.  Like the rest of the master, the dashboard never
 unpickles anything: failures are shown from their JSON error reports.
+
+Layer rule (cw.master): imports cw.discovery and below; never cw.client, cw.worker, cw.launch or cw.cli.
 """
 
 from __future__ import annotations

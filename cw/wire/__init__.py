@@ -1,5 +1,6 @@
 """
 The wire: AMP commands and argument types, streaming of large values,
 authentication, addresses and secrets, heartbeats, batching.  Imports Twisted,
-cw.core and cw.errors; never cw.master, cw.worker, cw.client or above.
+cw.system, cw.core and cw.errors; never cw.discovery, cw.master, cw.worker,
+cw.client or above.
 """

@@ -5,6 +5,8 @@ A master address may be written as a host name (C{node12}), a host and port
 (C{node12:6000}, C{[::1]:6000}) or a full Twisted endpoint description
 (C{tcp:node12:6000}, C{unix:/run/cw.sock}, C{ssl:host=node12:port=6000}).
 Listening addresses are endpoint descriptions (C{tcp:5494}) or a bare port.
+
+Layer rule (cw.wire): imports Twisted, ampoule, cw.system, cw.core and cw.errors; nothing above.
 """
 
 from __future__ import annotations

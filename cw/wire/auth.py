@@ -30,6 +30,8 @@ secrecy: that is TLS's job (C{ssl:} addresses).
 L{AuthGate} is the part every cw AMP protocol shares: it refuses commands
 before authentication, caps what an unauthenticated peer may send, and drops
 a peer that does not authenticate in time.
+
+Layer rule (cw.wire): imports Twisted, ampoule, cw.system, cw.core and cw.errors; nothing above.
 """
 
 from __future__ import annotations

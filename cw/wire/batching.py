@@ -6,6 +6,8 @@ same way: records are appended to an L{Outbox}, and the first append after a
 flush schedules the next flush for the reactor's next turn
 (C{callLater(0)}).  A lone record therefore leaves immediately, with no timer
 adding latency, while records produced in one burst share boxes.
+
+Layer rule (cw.wire): imports Twisted, ampoule, cw.system, cw.core and cw.errors; nothing above.
 """
 
 from __future__ import annotations

@@ -1,19 +1,25 @@
 """
 The wire protocol shared by client, master, worker and job process.
 
-Every AMP command is declared here, once (the handshake's too), with the
+Every AMP command cw sends is declared here, once (the handshake's
+C{Challenge} and C{Prove} too; L{cw.wire.auth} implements it), with the
 argument types.  The records they carry (jobs, results, options, status
 codes) and their framing are pure and live in L{cw.core.records}; they are
 re-exported here, so that one name serves both.  Master, worker and client
 import these names and never build boxes of their own, so a change of
-encoding (streaming, compression, authentication) happens here alone.
+encoding happens in cw.wire alone (streaming of big boxes in
+L{cw.wire.streaming}, authentication in L{cw.wire.auth}).
+
+Layer rule: imports only Twisted's AMP, L{cw.core} and L{cw.errors}; never
+the master, worker, client or launchers.
 
 Who talks to whom::
 
-    client --RegisterClient, SubmitJobs, GetStatus, AwaitWorkers--> master
+    client, worker --Challenge, Prove--> master (the handshake, first)
+    client --RegisterClient, SubmitJobs, CancelJobs, GetStatus, AwaitWorkers--> master
     master --JobResults, JobsStarted, JobRoom--> client
     worker --RegisterWorker, JobResults, ReturnJobs--> master
-    master --ClientContext, RunJobs, Heartbeat--> worker
+    master --ClientContext, RunJobs, CancelJobs--> worker
     master --MasterStopping--> client, worker
     master --Heartbeat--> client, worker;  client --Heartbeat--> master
     client --DefineFunction--> master --DefineFunction, ForgetClient--> worker
@@ -182,10 +188,6 @@ class JSON(Encoded):
     @staticmethod
     def decode(data: bytes) -> Any:
         return json.loads(str(data, "utf-8"))
-
-
-class NotRegistered(Exception):
-    """A command arrived before the peer registered."""
 
 
 # -- Client <-> master ---------------------------------------------------

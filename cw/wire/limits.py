@@ -22,6 +22,8 @@ share, else of the address with most waiting), not the new one: a peer
 that authenticates promptly then always gets in, even from the address of
 a flood (on a shared login node every user's client comes from the same
 address).  L{Admission} makes these decisions without I/O.
+
+Layer rule (cw.wire): imports Twisted, ampoule, cw.system, cw.core and cw.errors; nothing above.
 """
 
 from __future__ import annotations

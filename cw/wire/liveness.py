@@ -20,6 +20,8 @@ other at the application level, with one mechanism:
 The master watches its workers and its clients with one monitor each, and
 each client watches its master (L{cw.client.Session}); the peers answer
 L{P.Heartbeat} with an empty box.
+
+Layer rule (cw.wire): imports Twisted, ampoule, cw.system, cw.core and cw.errors; nothing above.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ reading the file, is a L{SecretError} naming the path and the fix.
 
 L{write_private} is the same care for other private files (the dashboard's
 token file, L{cw.master.web}).
+
+Layer rule (cw.wire): imports Twisted, ampoule, cw.system, cw.core and cw.errors; nothing above.
 """
 
 from __future__ import annotations

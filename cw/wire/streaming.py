@@ -27,6 +27,8 @@ L{cw.wire.commands.Blob} would be held as chunks for as long as the command runs
 (a whole job, in a job process) beside the joined value.  It appends each
 chunk to one buffer as it arrives and frees it, and puts the buffer in the
 box when the box is complete, so a receiver holds one copy.
+
+Layer rule (cw.wire): imports Twisted, ampoule, cw.system, cw.core and cw.errors; nothing above.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ in a small cache, least recently used first out, unpickled once in the
 context of the first job that uses them.  The worker's
 L{cw.worker.pool.ChildLink} keeps the same cache of keys with the same rule, so it
 knows which functions this process holds without asking.
+
+Layer rule (cw.worker): imports cw.discovery and below; never cw.client, cw.master, cw.launch or cw.cli.
 """
 
 from __future__ import annotations

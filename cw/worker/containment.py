@@ -30,6 +30,8 @@ What is not promised: a descendant that leaves the job's process group
 (C{setsid}, C{setpgid}) and whose job process dies without being killed by
 its worker (a crash, or a worker killed with SIGKILL) is reparented to init
 and keeps running.
+
+Layer rule (cw.worker): imports cw.discovery and below; never cw.client, cw.master, cw.launch or cw.cli.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ each time.  L{bulk_pipe_reads} makes this process read
 its pipes up to L{READ_SIZE} at a time, and L{widen_pipe} lets a pipe hold
 L{PIPE_SIZE}; worker and job process both use them (the worker's sockets
 are not affected: TCP reads have their own size).
+
+Layer rule (cw.worker): imports cw.discovery and below; never cw.client, cw.master, cw.launch or cw.cli.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ of one child.  It also carries out, per call:
     C{sys.path}) of the clients whose jobs it ran, and which cached
     functions it keeps (the same L{cw.worker.child.FunctionCache} rule as the
     child's own), so that each L{P.RunBatch} carries only what is new.
+
+Layer rule (cw.worker): imports cw.discovery and below; never cw.client, cw.master, cw.launch or cw.cli.
 """
 
 from __future__ import annotations

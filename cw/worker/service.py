@@ -14,6 +14,8 @@ it returns its unstarted jobs and finishes its running ones first
 
 Run it with C{twistd -n cw-worker --master HOST[:PORT] [--procs N]} or
 C{python -m cw.worker [HOST]}.
+
+Layer rule (cw.worker): imports cw.discovery and below; never cw.client, cw.master, cw.launch or cw.cli.
 """
 
 from __future__ import annotations
