@@ -330,31 +330,42 @@ class Dashboard(resource.Resource):
         return page()
 
 
-class _Unauthorized(resource.Resource):
+class _Refusal(resource.Resource):
+    """A refused request: HTTP C{code} with a plain-text C{text} saying what to do."""
+
     isLeaf = True
 
-    def render(self, request) -> bytes:
-        request.setResponseCode(401)
-        request.setHeader(b"www-authenticate", b'Basic realm="cw dashboard"')
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return (
-            b"This cw dashboard needs its token: the master's log names the file that"
-            b" holds it (readable only by the master's user).  Open this URL with"
-            b" ?token=TOKEN, or give the token as the password (any user name).\n"
-        )
-
-
-class _Forbidden(resource.Resource):
-    isLeaf = True
+    def __init__(self, code: int, text: bytes, headers: dict[bytes, bytes] = {}) -> None:
+        super().__init__()
+        self.code = code
+        self.text = text
+        self.headers = headers
 
     def render(self, request) -> bytes:
-        request.setResponseCode(403)
+        request.setResponseCode(self.code)
+        for name, value in self.headers.items():
+            request.setHeader(name, value)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return (
-            b"This cw dashboard does not answer to this host name (a defence against DNS"
-            b" rebinding); use the address the master logged, or start it with"
-            b" --web-host NAME.\n"
-        )
+        return self.text
+
+
+def _unauthorized() -> _Refusal:
+    return _Refusal(
+        401,
+        b"This cw dashboard needs its token: the master's log names the file that"
+        b" holds it (readable only by the master's user).  Open this URL with"
+        b" ?token=TOKEN, or give the token as the password (any user name).\n",
+        {b"www-authenticate": b'Basic realm="cw dashboard"'},
+    )
+
+
+def _forbidden() -> _Refusal:
+    return _Refusal(
+        403,
+        b"This cw dashboard does not answer to this host name (a defence against DNS"
+        b" rebinding); use the address the master logged, or start it with"
+        b" --web-host NAME.\n",
+    )
 
 
 class _Admit(resource.Resource):
@@ -428,13 +439,13 @@ class TokenGuard(resource.Resource):
 
     def getChildWithDefault(self, path: bytes, request):
         if self.hosts is None or not self.hosts(request.getHeader(b"host")):
-            return _Forbidden()
+            return _forbidden()
         if self.required:
             query = self._query_token(request)
             if query is not None and self._matches(query):
                 return _Admit(self.token)
             if not self.allowed(request):
-                return _Unauthorized()
+                return _unauthorized()
         return self.wrapped.getChildWithDefault(path, request)
 
     def render(self, request):  # only reached for an empty path, which trees never see
