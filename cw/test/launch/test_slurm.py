@@ -24,7 +24,7 @@ from twisted.trial import unittest
 
 import cw
 from cw import discovery, slurm
-from cw.cli.slurm import _join_passthrough
+from cw.cli.slurm import _jobs_table, _join_passthrough
 from cw.test.procs import DEADLINE, ROOT, child_env, executor, wait_until
 
 SCRIPT = os.path.join(ROOT, "contrib", "slurm", "slurm.py")
@@ -178,6 +178,34 @@ class ScriptTests(unittest.TestCase):
         # A master job that is gone: its file is not believed.
         self.patch(discovery, "active_jobs", lambda ids: {})
         self.assertIsNone(slurm.master_info("a"))
+
+    def test_forgotten_jobs(self):
+        """
+        squeue's "Invalid job id" (every job asked about is long finished)
+        means no state, in job_states and in 'cw-slurm status' alike; any
+        other failure of squeue is raised.
+        """
+        asked = []
+
+        def forgotten(args, input=None, timeout=30):
+            asked.append(args)
+            raise slurm.SlurmError("squeue -h failed (exit 1): slurm_load_jobs error: Invalid job id")
+
+        self.patch(discovery, "run_slurm", forgotten)
+        self.assertEqual(slurm.job_states(["7", "8"]), {})
+        self.assertEqual(asked[-1][:6], ["squeue", "-h", "-t", "all", "-j", "7,8"])
+        directory = os.path.abspath(self.mktemp())
+        self.patch(os, "environ", {**os.environ, "CW_SLURM_DIR": directory})
+        slurm._write_json(slurm.cluster_dir("a") / "jobs.json", {"master": ["7"], "workers": ["8"]})
+        table = "\n".join(_jobs_table("a"))
+        self.assertIn("7  (finished; squeue no longer knows it)", table)
+        self.assertNotIn("Invalid", table)
+
+        def down(args, input=None, timeout=30):
+            raise slurm.SlurmError("squeue did not answer within 30 s: is slurmctld up?")
+
+        self.patch(discovery, "run_slurm", down)
+        self.assertRaises(slurm.SlurmError, slurm.job_states, ["7"])
 
 
 def _slurm_skip() -> str | None:
