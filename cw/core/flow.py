@@ -17,6 +17,8 @@ L{FlowControl} adds what the master does about it, per client:
     not taken for a silent one (L{FlowControl.excused}).
 
 Unit-tested in L{cw.test.core.test_master_core}.
+
+Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ L{cw.wire.liveness.HeartbeatMonitor} runs the timer and sends the
 heartbeats; it asks L{Liveness.beat} which peers to ping and which have
 been silent too long.  Peers are any hashable objects (connections);
 time is always passed in.  Unit-tested in L{cw.test.core.test_master_core}.
+
+Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
 
 from __future__ import annotations

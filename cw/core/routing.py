@@ -9,6 +9,8 @@ the workers that had its context are told to forget it.  L{Routing} keeps
 the contexts, the functions and what each worker was sent, and says what
 to send (L{SendContext}, L{SendFunction}) before a batch of jobs.
 Unit-tested in L{cw.test.core.test_master_core}.
+
+Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
 
 from __future__ import annotations
