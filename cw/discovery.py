@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cw.core.config import MASTER_WAIT as MASTER_WAIT  # seconds a worker waits for its master
 from cw.core.records import PORT
 from cw.errors import (
     SlurmError,
@@ -58,8 +59,6 @@ WORKER_JOB = "cworkers"
 DEFAULT_CLUSTER = "default"
 
 
-#: Seconds a worker started before its master waits for it (C{--slurm-wait}).
-MASTER_WAIT = 600.0
 
 
 #: Seconds L{master_host} waits for a master job that is queued or starting

@@ -254,6 +254,10 @@ class SecretError(CWError):
     """A secret file (the shared secret, the dashboard token) is missing, unsafe or unusable."""
 
 
+class OptionError(CWError, ValueError):
+    """A command-line option of a role is unknown or has a bad value."""
+
+
 class ClusterError(CWError):
     """The local cluster could not be started or stopped."""
 

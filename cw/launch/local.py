@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from cw.client.session import Session, wait_for_workers
+from cw.core.config import MasterConfig, WorkerConfig, parse_argv
 from cw.core.records import PORT
 from cw.errors import ClusterError
 from cw.system import polling, proc_stat, sigkill, start_time
@@ -146,7 +147,7 @@ def start(
                 address_file.unlink()
             log = directory / "master.log"
             options = list(master_options)
-            if "--port" not in options and "-p" not in options:
+            if "port" not in parse_argv(MasterConfig, options, "cw-master")[0]:
                 options += ["--port", f"tcp:{port}:interface=127.0.0.1"]
             popen = _spawn(
                 ["-m", "cw.master", "--address-file", str(address_file), *options],
@@ -172,13 +173,14 @@ def _start_workers(
         before = len(session.call(GetStatus)["status"]["workers"])
     finally:
         session.close()
+    procs_given = "procs" in parse_argv(WorkerConfig, options, "cw-worker")[0]
     first = 0
     while (directory / f"worker-{first}.pid").exists():
         first += 1
     popens = []
     for i in range(first, first + n):
         args = ["-m", "cw.worker", "--master", address, *options]
-        if "--procs" not in options:
+        if not procs_given:
             args += ["--procs", str(procs)]
         log = directory / f"worker-{i}.log"
         popens.append((_spawn(args, log, directory / f"worker-{i}.pid"), log))

@@ -45,6 +45,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from cw.core.config import MasterConfig, WorkerConfig, parse_argv
 from cw.core.records import PORT
 from cw.discovery import _COMMENT, _info, _read_json, run_slurm
 from cw.discovery import DEFAULT_CLUSTER as DEFAULT_CLUSTER
@@ -194,9 +195,10 @@ def master_script(
     if port is None:
         port = 0 if cluster else PORT
     options = list(master_options)
-    if not any(o in ("-p", "--port") or o.startswith("--port=") for o in options):
+    given = parse_argv(MasterConfig, options, "cw-master")[0]
+    if "port" not in given:
         options = ["--port", f"tcp:{port}", *options]
-    if secret_file and not any(o == "--secret-file" or o.startswith("--secret-file=") for o in options):
+    if secret_file and "secret_file" not in given:
         options = ["--secret-file", str(Path(secret_file).absolute()), *options]
     lines = _header(job_names(cluster)[0], directory / "master-%j.log", time_limit, partition)
     lines += ["#SBATCH --ntasks=1", *_extra(sbatch_options), ""]
@@ -243,12 +245,13 @@ def worker_script(
     cluster = cluster_name(cluster)
     directory = directory or cluster_dir(cluster)
     options = list(worker_options)
-    if not any(o == "--procs" or o.startswith("--procs=") for o in options):
+    given = parse_argv(WorkerConfig, options, "cw-worker")[0]
+    if "procs" not in given:
         options = ["--procs", "${SLURM_CPUS_PER_TASK:-1}", *options]
-    if walltime_warning and not any(o.startswith("--drain-timeout") for o in options):
+    if walltime_warning and "drain_timeout" not in given:
         # Leave the workers time to report back before SLURM kills the job.
         options = ["--drain-timeout", str(max(walltime_warning - 30, walltime_warning // 2)), *options]
-    if secret_file and not any(o.startswith("--secret-file") for o in options):
+    if secret_file and "secret_file" not in given:
         options = ["--secret-file", str(Path(secret_file).absolute()), *options]
     lines = _header(job_names(cluster)[1], directory / "workers-%j.log", time_limit, partition)
     lines.append(f"#SBATCH --ntasks={nworkers}")
@@ -328,7 +331,7 @@ def start(
     cluster = cluster_name(cluster)
     directory = cluster_dir(cluster)
     directory.mkdir(parents=True, exist_ok=True)
-    if "--insecure" not in master_options:
+    if not parse_argv(MasterConfig, master_options, "cw-master")[0].get("insecure"):
         # Check (or create the default) secret here, where a user sees the error.
         load_secret(secret_file)
         secret_file = str(secret_path(secret_file)[0])
@@ -415,6 +418,17 @@ def allocate(nworkers: int = 32, *args, **kwargs) -> Iterator[str | None]:
 # --- inside the master job ------------------------------------------------
 
 
+def published_secret(master_options: Sequence[str]) -> str | None:
+    """
+    The secret file a master started with C{master_options} uses, as
+    C{master.json} tells workers and clients (None: C{--insecure}).
+    """
+    given = parse_argv(MasterConfig, master_options, "cw-master")[0]
+    if given.get("insecure"):
+        return None
+    return str(secret_path(given.get("secret_file"))[0])
+
+
 def run_master_job(options: Sequence[str]) -> None:
     """
     Run a master (C{cw.master} with C{options}) in this SLURM job; once it
@@ -430,10 +444,7 @@ def run_master_job(options: Sequence[str]) -> None:
     with contextlib.suppress(FileNotFoundError):
         local.unlink()
     opts = list(options)
-    secret = None
-    if "--insecure" not in opts:
-        explicit = next((opts[i + 1] for i, o in enumerate(opts[:-1]) if o == "--secret-file"), None)
-        secret = str(secret_path(explicit)[0])
+    secret = published_secret(opts)
     final = directory / "master.json"
     published = threading.Event()
 

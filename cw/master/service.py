@@ -14,6 +14,7 @@ Layer rule (cw.master): imports cw.discovery and below; never cw.client, cw.work
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import deque
 from typing import Any
@@ -25,6 +26,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python import usage
 
+from cw.core.config import MasterConfig
 from cw.core.flow import FlowControl
 from cw.core.limits import Admission, default_max_pending, default_per_address
 from cw.core.routing import Routing, SendContext
@@ -44,33 +46,22 @@ from cw.master.web import FailureLog, WebDashboard
 from cw.system import write_atomically
 from cw.wire import commands as P
 from cw.wire.address import describe_listening, enable_keepalive, server_endpoint, stop_reactor
-from cw.wire.auth import AUTH_TIMEOUT, AuthGate, MasterAuth, WrongSecretLog
+from cw.wire.auth import AuthGate, MasterAuth, WrongSecretLog
 from cw.wire.batching import Outbox
 from cw.wire.limits import descriptor_limit, log_descriptor_limit
 from cw.wire.liveness import HeartbeatMonitor, SignsOfLife
+from cw.wire.options import ConfigOptions
 from cw.wire.private import CheckedAnswers
 from cw.wire.secret import load_options_secret
 from cw.wire.streaming import ChunkReceiver, StreamingSender
 
 log = Logger(namespace="cw.master")  # the namespace of its log lines before the layers
 
+#: The options' defaults (L{MasterConfig}), which L{Master}'s arguments share.
+_DEFAULTS = MasterConfig()
+
 #: Seconds over which the status reports a completion rate.
 RATE_WINDOW = 60
-
-
-#: Bytes of payloads, and jobs, a client may have queued
-#: (C{--max-queued-bytes}, C{--max-queued-jobs}); see L{P.JobRoom}.
-MAX_QUEUED_BYTES = 1 << 30
-MAX_QUEUED_JOBS = 10_000_000
-
-#: Seconds a client may stay silent (no answer to heartbeats, nothing sent)
-#: before the master drops it and its jobs (C{--client-timeout}).
-CLIENT_TIMEOUT = 60.0
-#: Bytes of results waiting to be read by a client beyond which its jobs are
-#: not dispatched (C{--max-unsent-bytes}), and seconds it may read nothing
-#: while results wait before it is disconnected (C{--client-read-timeout}).
-MAX_UNSENT_BYTES = 64 << 20
-CLIENT_READ_TIMEOUT = 60.0
 
 
 def transport_backlog(transport) -> int:
@@ -89,10 +80,6 @@ def transport_backlog(transport) -> int:
         transport = getattr(transport, "transport", None)
     return total
 
-
-#: Seconds past a job's own timeout that a worker has to report it before
-#: the master takes it back (C{--deadline-grace}; see L{Scheduler.expire}).
-DEADLINE_GRACE = 30.0
 
 #: Seconds between two checks of the jobs' deadlines.
 DEADLINE_TICK = 0.5
@@ -380,23 +367,23 @@ class Master:
     def __init__(
         self,
         clock,
-        prefetch: int = 1,
+        prefetch: int = _DEFAULTS.prefetch,
         secret: bytes | None = None,
-        max_pending: int | None = None,
-        max_pending_per_address: int | None = None,
-        max_attempts: int = 3,
-        heartbeat: float = 5.0,
-        heartbeat_timeout: float | None = None,
-        client_timeout: float = CLIENT_TIMEOUT,
-        auth_timeout: float = AUTH_TIMEOUT,
-        max_payload: int = P.MAX_PAYLOAD,
-        prefetch_seconds: float = 0.05,
-        max_queued_bytes: int = MAX_QUEUED_BYTES,
-        max_queued_jobs: int = MAX_QUEUED_JOBS,
-        deadline_grace: float = DEADLINE_GRACE,
-        stall_timeout: float = 0.0,
-        max_unsent_bytes: int = MAX_UNSENT_BYTES,
-        client_read_timeout: float = CLIENT_READ_TIMEOUT,
+        max_pending: int | None = _DEFAULTS.max_pending,
+        max_pending_per_address: int | None = _DEFAULTS.max_pending_per_address,
+        max_attempts: int = _DEFAULTS.max_attempts,
+        heartbeat: float = _DEFAULTS.heartbeat,
+        heartbeat_timeout: float | None = _DEFAULTS.heartbeat_timeout,
+        client_timeout: float = _DEFAULTS.client_timeout,
+        auth_timeout: float = _DEFAULTS.auth_timeout,
+        max_payload: int = _DEFAULTS.max_payload,
+        prefetch_seconds: float = _DEFAULTS.prefetch_seconds,
+        max_queued_bytes: int = _DEFAULTS.max_queued_bytes,
+        max_queued_jobs: int = _DEFAULTS.max_queued_jobs,
+        deadline_grace: float = _DEFAULTS.deadline_grace,
+        stall_timeout: float = _DEFAULTS.stall_timeout,
+        max_unsent_bytes: int = _DEFAULTS.max_unsent_bytes,
+        client_read_timeout: float = _DEFAULTS.client_read_timeout,
     ) -> None:
         #: The reactor's clock (C{IReactorTime}): all the master's time comes from it.
         self.clock = clock
@@ -1011,6 +998,33 @@ class MasterService(service.Service):
             None if web is None else WebDashboard(self.master, web, web_address_file, **(web_options or {}))
         )
 
+    @classmethod
+    def from_config(cls, config: MasterConfig, secret: bytes | None, reactor) -> MasterService:
+        """
+        The master that C{config} (the command line's options) describes,
+        holding C{secret} (None: C{--insecure}) and running on C{reactor};
+        the fields that are not the service's own go to L{Master} under the
+        same names.
+        """
+        fields = dataclasses.asdict(config)
+        for name in ("secret_file", "insecure"):  # made into C{secret}
+            del fields[name]
+        web = {name: fields.pop(name) for name in ("web", "web_address_file", "web_token_file", "web_host")}
+        return cls(
+            listen=fields.pop("port"),
+            address_file=fields.pop("address_file"),
+            web=web["web"],
+            web_address_file=web["web_address_file"],
+            web_options={
+                "token_file": web["web_token_file"],
+                "open_access": fields.pop("web_open"),
+                "hosts": [name for name in web["web_host"].split(",") if name.strip()],
+            },
+            secret=secret,
+            reactor=reactor,
+            **fields,
+        )
+
     def startService(self):
         super().startService()
         reactor = self.reactor
@@ -1070,7 +1084,7 @@ class MasterService(service.Service):
         return stopped
 
 
-class Options(usage.Options):
+class Options(ConfigOptions):
     synopsis = "[--port ENDPOINT] [--prefetch N] [--address-file PATH]"
     longdesc = (
         "Run a cw master: it queues jobs from clients and routes them to"
@@ -1078,65 +1092,7 @@ class Options(usage.Options):
         " tcp:5494 (the default), tcp:5494:interface=127.0.0.1 or"
         " unix:/path/to/socket."
     )
-    optParameters = [
-        ["port", "p", None, "endpoint to listen on (default tcp:5494)"],
-        ["prefetch", None, 1, "extra jobs a worker may hold per slot, at least", int],
-        ["prefetch-seconds", None, 0.05, "also as many as a worker completes in this time", float],
-        ["address-file", None, None, "write the master's address here once listening"],
-        ["secret-file", None, None, "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"],
-        [
-            "max-pending",
-            None,
-            None,
-            "connections that may wait to authenticate (default: 1024, at most 1/4 of the fd limit)",
-            int,
-        ],
-        ["max-pending-per-address", None, None, "of those, from one address (default: a quarter)", int],
-        ["auth-timeout", None, AUTH_TIMEOUT, "seconds a new connection has to authenticate", float],
-        ["max-payload", None, P.MAX_PAYLOAD, "largest job or result payload, in bytes", int],
-        ["max-queued-bytes", None, MAX_QUEUED_BYTES, "bytes of jobs a client may have queued", int],
-        ["max-queued-jobs", None, MAX_QUEUED_JOBS, "jobs a client may have queued", int],
-        [
-            "max-unsent-bytes",
-            None,
-            MAX_UNSENT_BYTES,
-            "dispatch none of a client's jobs while it has this many bytes of results unread",
-            int,
-        ],
-        [
-            "client-read-timeout",
-            None,
-            CLIENT_READ_TIMEOUT,
-            "disconnect a client that reads none of its results for this long",
-            float,
-        ],
-        ["max-attempts", None, 3, "lost workers a running job may outlive before it fails", int],
-        ["heartbeat", None, 5.0, "seconds between heartbeats to each worker and client (0: none)", float],
-        ["heartbeat-timeout", None, None, "seconds a worker may stay silent (default: 3 heartbeats)", float],
-        ["client-timeout", None, CLIENT_TIMEOUT, "seconds a client may stay silent (0: no limit)", float],
-        [
-            "deadline-grace",
-            None,
-            DEADLINE_GRACE,
-            "seconds past a job's timeout before it is taken back",
-            float,
-        ],
-        [
-            "stall-timeout",
-            None,
-            0.0,
-            "drop a worker holding jobs that reports nothing this long (0: never)",
-            float,
-        ],
-        ["web", None, None, "serve the dashboard and /metrics on this endpoint, e.g. tcp:8494 (loopback)"],
-        ["web-address-file", None, None, "write the dashboard's URL here once it listens"],
-        ["web-token-file", None, None, "write the dashboard's token here (mode 0600; default ~/.cache/cw/)"],
-        ["web-host", None, "", "more names the dashboard answers to in Host headers, comma-separated"],
-    ]
-    optFlags = [
-        ["insecure", None, "accept peers without authentication (trusted networks only)"],
-        ["web-open", None, "serve the dashboard without its token (single-user machines only)"],
-    ]
+    config_class = MasterConfig
 
     def postOptions(self):
         self["secret"] = load_options_secret(self)
@@ -1163,35 +1119,7 @@ def makeService(options: Options) -> MasterService:
     from twisted.internet import reactor  # twistd has installed the reactor it runs by now
 
     log_descriptor_limit("master")
-    service = MasterService(
-        reactor=reactor,
-        listen=options["port"],
-        prefetch=options["prefetch"],
-        prefetch_seconds=options["prefetch-seconds"],
-        address_file=options["address-file"],
-        secret=options["secret"],
-        max_pending=options["max-pending"],
-        max_pending_per_address=options["max-pending-per-address"],
-        max_attempts=options["max-attempts"],
-        heartbeat=options["heartbeat"],
-        heartbeat_timeout=options["heartbeat-timeout"],
-        client_timeout=options["client-timeout"],
-        auth_timeout=options["auth-timeout"],
-        max_payload=options["max-payload"],
-        max_queued_bytes=options["max-queued-bytes"],
-        max_queued_jobs=options["max-queued-jobs"],
-        deadline_grace=options["deadline-grace"],
-        stall_timeout=options["stall-timeout"],
-        max_unsent_bytes=options["max-unsent-bytes"],
-        client_read_timeout=options["client-read-timeout"],
-        web=options["web"],
-        web_address_file=options["web-address-file"],
-        web_options={
-            "token_file": options["web-token-file"],
-            "open_access": bool(options["web-open"]),
-            "hosts": [name for name in options["web-host"].split(",") if name.strip()],
-        },
-    )
+    service = MasterService.from_config(options.config(), options["secret"], reactor)
     asked = options["max-pending"]
     if asked is not None and asked > service.master.max_pending:
         log.warn(

@@ -45,6 +45,7 @@ from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from cw.core.config import AUTH_TIMEOUT as AUTH_TIMEOUT  # seconds a peer has to authenticate
 from cw.errors import AuthenticationFailed
 from cw.wire.address import no_delay
 from cw.wire.commands import Challenge, Prove
@@ -54,8 +55,6 @@ log = Logger(namespace="cw.auth")  # the namespace of its log lines before the l
 NONCE_BYTES = 32
 #: Bytes an unauthenticated peer may send before it is dropped.
 PREAUTH_BYTES = 16 * 1024
-#: Seconds a peer has to authenticate.
-AUTH_TIMEOUT = 10.0
 
 _DOMAIN = b"cw-auth-1"
 _SESSION_DOMAIN = b"cw-session-1"

@@ -20,6 +20,7 @@ Layer rule (cw.worker): imports cw.discovery and below; never cw.client, cw.mast
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import sys
@@ -34,6 +35,7 @@ from twisted.protocols import amp
 from twisted.python import usage
 
 from cw import discovery
+from cw.core.config import WorkerConfig
 from cw.core.worker_state import (
     CancelBatch,
     Death,
@@ -53,6 +55,7 @@ from cw.wire.auth import AuthGate, authenticate, refused_retry_delay
 from cw.wire.batching import Outbox
 from cw.wire.limits import log_descriptor_limit
 from cw.wire.liveness import SignsOfLife
+from cw.wire.options import ConfigOptions
 from cw.wire.private import job_bootstrap
 from cw.wire.secret import load_options_secret
 from cw.wire.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
@@ -63,13 +66,8 @@ from cw.worker.pool import JobCancelled, JobPool, JobTimedOut
 
 log = Logger(namespace="cw.worker")  # the namespace of its log lines before the layers
 
-#: Seconds a stopping worker lets its running jobs finish (C{--drain-timeout}).
-DRAIN_TIMEOUT = 30.0
-
-#: Longest wait, in seconds, between attempts to (re)connect to the master
-#: (C{--reconnect-delay}); the wait grows from 1 s by half each attempt up
-#: to this, plus up to 1 s of random jitter.
-RECONNECT_DELAY = 5.0
+#: The options' defaults (L{WorkerConfig}), which L{WorkerService}'s arguments share.
+_DEFAULTS = WorkerConfig()
 
 
 def describe_crash(reason) -> str:
@@ -249,17 +247,17 @@ class Worker:
         self.handles: dict[int, dict] = {}
         self._drain_waiters: list[defer.Deferred] = []
         self._drain_timer = None
-        self._drain_timeout = DRAIN_TIMEOUT
+        self._drain_timeout = _DEFAULTS.drain_timeout
         #: Once the master sends heartbeats, how long the worker waits for
         #: the next before it drops the connection and reconnects (a
         #: half-open link may otherwise never close on this side); at least
         #: three of the master's heartbeat intervals; 0: never.
-        self.master_timeout: float = 30.0
+        self.master_timeout: float = _DEFAULTS.master_timeout
         self._master_watchdog = None
         self._last_heartbeat: float | None = None
         self.outbox = Outbox(clock, self._send_results, P.result_size)
         #: Longest wait between tries to reach the master (see L{retry_delay}).
-        self.reconnect_delay = RECONNECT_DELAY
+        self.reconnect_delay = _DEFAULTS.reconnect_delay
         #: Handshakes in a row that failed on the secret.
         self.refusals = 0
         #: Job processes killed by the last L{KillRunning}.
@@ -663,16 +661,16 @@ class WorkerService(service.MultiService):
 
     def __init__(
         self,
-        master: str | None = None,
-        procs: int | None = None,
-        recycle_after: int = 0,
+        master: str | None = _DEFAULTS.master,
+        procs: int | None = _DEFAULTS.procs,
+        recycle_after: int = _DEFAULTS.recycle_after,
         secret: bytes | None = None,
-        job_timeout: float | None = None,
-        memory_limit: int = 0,
-        recycle_memory: int = 0,
-        master_timeout: float = 30.0,
-        drain_timeout: float = DRAIN_TIMEOUT,
-        reconnect_delay: float = RECONNECT_DELAY,
+        job_timeout: float | None = _DEFAULTS.job_timeout,
+        memory_limit: int = _DEFAULTS.memory_limit,
+        recycle_memory: int = _DEFAULTS.recycle_memory,
+        master_timeout: float = _DEFAULTS.master_timeout,
+        drain_timeout: float = _DEFAULTS.drain_timeout,
+        reconnect_delay: float = _DEFAULTS.reconnect_delay,
     ) -> None:
         super().__init__()
         self.drain_timeout = drain_timeout
@@ -688,6 +686,19 @@ class WorkerService(service.MultiService):
         self.pool = None
         self.worker: Worker | None = None
         self.client_service: ClientService | None = None
+
+    @classmethod
+    def from_config(cls, config: WorkerConfig, secret: bytes | None) -> WorkerService:
+        """
+        The worker that C{config} (the command line's options, with the
+        master resolved: C{--slurm} done) describes, holding C{secret}
+        (None: C{--insecure}); the fields go to L{WorkerService} under the
+        same names.
+        """
+        fields = dataclasses.asdict(config)
+        for name in ("secret_file", "insecure", "slurm", "slurm_wait"):  # used by Options
+            del fields[name]
+        return cls(secret=secret, **fields)
 
     def startService(self):
         from twisted.internet import reactor
@@ -769,30 +780,14 @@ class WorkerService(service.MultiService):
         return d.addCallback(stop_pool)
 
 
-class Options(usage.Options):
+class Options(ConfigOptions):
     synopsis = "[--master HOST[:PORT] | --master ENDPOINT] [--procs N] [HOST]"
     longdesc = (
         "Run a cw worker: it connects to a master and runs its jobs in N job"
         " processes.  The master is named as HOST, HOST:PORT or a Twisted"
         " endpoint description (tcp:HOST:PORT, unix:PATH); default localhost."
     )
-    optParameters = [
-        ["master", "m", None, "the master's address (default localhost:5494)"],
-        ["procs", None, None, "jobs to run at once (default: number of cores)", int],
-        ["recycle-after", None, 0, "restart a job process after this many jobs (0: never)", int],
-        ["job-timeout", None, None, "seconds a job may run unless it sets its own timeout", float],
-        ["memory-limit", None, 0, "address-space limit per job process, MiB (0: none)", int],
-        ["recycle-memory", None, 0, "restart a job process above this resident size, MiB (0: never)", int],
-        ["master-timeout", None, 30.0, "reconnect if master heartbeats stop this long (0: never)", float],
-        ["drain-timeout", None, DRAIN_TIMEOUT, "seconds running jobs may finish when stopped", float],
-        ["reconnect-delay", None, RECONNECT_DELAY, "most seconds between tries to reach the master", float],
-        ["secret-file", None, None, "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"],
-        ["slurm-wait", None, 600.0, "with --slurm: seconds to wait for the master job to start", float],
-    ]
-    optFlags = [
-        ["slurm", None, "find the master through SLURM (this user's job cmaster[-$CW_SLURM_CLUSTER])"],
-        ["insecure", None, "skip authentication (only with a master that runs --insecure)"],
-    ]
+    config_class = WorkerConfig
 
     def parseOptions(self, options=None):
         # Accept the original "cw.worker HOST --procs N" order too: getopt
@@ -830,17 +825,6 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> WorkerService:
     log_descriptor_limit("worker")
-    worker = WorkerService(
-        master=options["master"],
-        procs=options["procs"],
-        recycle_after=options["recycle-after"],
-        secret=options["secret"],
-        job_timeout=options["job-timeout"],
-        memory_limit=options["memory-limit"],
-        recycle_memory=options["recycle-memory"],
-        master_timeout=options["master-timeout"],
-        drain_timeout=options["drain-timeout"],
-        reconnect_delay=options["reconnect-delay"],
-    )
+    worker = WorkerService.from_config(options.config(), options["secret"])
     worker.note_sigterm = True
     return worker

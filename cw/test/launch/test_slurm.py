@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -25,6 +26,7 @@ from twisted.trial import unittest
 import cw
 from cw import discovery, slurm
 from cw.cli.slurm import _jobs_table, _join_passthrough
+from cw.errors import OptionError
 from cw.test.procs import DEADLINE, ROOT, child_env, executor, wait_until
 
 SCRIPT = os.path.join(ROOT, "contrib", "slurm", "slurm.py")
@@ -144,6 +146,54 @@ class ScriptTests(unittest.TestCase):
         self.assertTrue(self.master(cluster="two").splitlines()[-1].endswith("--port tcp:0"))
         self.assertIn("--port tcp:7000", self.master(master_options=["--port", "tcp:7000"]).splitlines()[-1])
         self.assertNotIn("tcp:5494", self.master(master_options=["--port", "tcp:7000"]))
+
+    def test_options_by_twistd_rules(self):
+        """
+        The user's options count however they are written ('--opt=value',
+        '--opt value', a prefix): none is given twice, and a mistyped one is
+        refused before anything is submitted.
+        """
+        last = self.master(master_options=["--secret-file=/mine", "--port=tcp:7000"], secret_file="/s")
+        command = last.splitlines()[-1]
+        self.assertTrue(command.endswith("master-job -- --secret-file=/mine --port=tcp:7000"), command)
+        command = self.worker(
+            worker_options=["--procs=3", "--drain=5", "--secret-file=/mine"], secret_file="/s"
+        )
+        command = command.splitlines()[-1]
+        self.assertNotIn("SLURM_CPUS_PER_TASK", command)
+        self.assertEqual(command.count("--drain"), 1)
+        self.assertEqual(command.count("--secret-file"), 1)
+        self.assertRaises(OptionError, self.master, master_options=["--prefech", "2"])
+        self.assertRaises(OptionError, self.worker, worker_options=["--procs", "all"])
+
+    def test_master_json_secret_file(self):
+        """
+        The master job publishes in master.json the secret file its master
+        uses, given as '--secret-file PATH' or '--secret-file=PATH' (which
+        the master reads alike), and none for --insecure.
+        """
+        directory = os.path.abspath(self.mktemp())
+        env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "CW_SECRET_FILE")}
+        self.patch(os, "environ", {**env, "CW_SLURM_DIR": directory, "CW_SLURM_CLUSTER": "s"})
+        published = []
+
+        def fake_twistd(tapname, argv):
+            # A master that listens at once, and stops once master.json is published.
+            address_file = argv[argv.index("--address-file") + 1]
+            Path(address_file).write_text("tcp:127.0.0.1:7001\n")
+            path = slurm.cluster_dir() / "master.json"
+            deadline = time.monotonic() + DEADLINE
+            while not path.exists():
+                self.assertLess(time.monotonic(), deadline, "master.json was not written")
+                time.sleep(0.01)
+            published.append(json.loads(path.read_text()))
+            path.unlink()  # the next round waits for its own
+
+        self.patch(slurm, "run_twistd", fake_twistd)
+        for options in (["--secret-file=/x/secret"], ["--secret-file", "/x/secret"], ["--insecure"]):
+            slurm.run_master_job(options)
+        self.assertEqual([info["secret_file"] for info in published], ["/x/secret", "/x/secret", None])
+        self.assertEqual(published[0]["address"], f"{socket.gethostname()}:7001")
 
     def test_names(self):
         """Job names and cluster directories; bad names are refused."""

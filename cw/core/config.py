@@ -1,0 +1,237 @@
+"""
+The options of each role, once: L{MasterConfig} (C{cw-master}) and
+L{WorkerConfig} (C{cw-worker}), dataclasses whose fields carry each option's
+name, type, default and help text.
+
+Everything else is built from them: the twistd C{usage.Options}
+(L{cw.wire.options}), the services (C{MasterService.from_config},
+C{WorkerService.from_config}), the launchers' reading of the options a user
+passes on (L{parse_argv}: C{cw.mp}, C{cw.slurm}), and the README's option
+tables, which a test compares with these fields.
+
+Pure: imports only the standard library and cw.errors (no Twisted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getopt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cw.core.records import MAX_PAYLOAD
+from cw.errors import OptionError
+
+# --- defaults named elsewhere too ------------------------------------------
+
+#: Seconds a peer has to authenticate (C{--auth-timeout}).
+AUTH_TIMEOUT = 10.0
+
+#: Bytes of payloads, and jobs, a client may have queued
+#: (C{--max-queued-bytes}, C{--max-queued-jobs}); see C{JobRoom}.
+MAX_QUEUED_BYTES = 1 << 30
+MAX_QUEUED_JOBS = 10_000_000
+
+#: Seconds a client may stay silent (no answer to heartbeats, nothing sent)
+#: before the master drops it and its jobs (C{--client-timeout}).
+CLIENT_TIMEOUT = 60.0
+#: Bytes of results waiting to be read by a client beyond which its jobs are
+#: not dispatched (C{--max-unsent-bytes}), and seconds it may read nothing
+#: while results wait before it is disconnected (C{--client-read-timeout}).
+MAX_UNSENT_BYTES = 64 << 20
+CLIENT_READ_TIMEOUT = 60.0
+
+#: Seconds past a job's own timeout that a worker has to report it before
+#: the master takes it back (C{--deadline-grace}; see C{Scheduler.expire}).
+DEADLINE_GRACE = 30.0
+
+#: Seconds a stopping worker lets its running jobs finish (C{--drain-timeout}).
+DRAIN_TIMEOUT = 30.0
+
+#: Longest wait, in seconds, between attempts to (re)connect to the master
+#: (C{--reconnect-delay}); the wait grows from 1 s by half each attempt up
+#: to this, plus up to 1 s of random jitter.
+RECONNECT_DELAY = 5.0
+
+#: Seconds a worker started before its master waits for it (C{--slurm-wait}).
+MASTER_WAIT = 600.0
+
+_SECRET_HELP = "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    short: str | None = None,
+    doc: str | None = None,
+) -> Any:
+    """
+    A config field that is a command-line option C{--NAME} (the field's
+    name with C{-} for C{_}).  C{doc} is the default as the README states
+    it, when the value alone would not say it (C{None} meaning "the number
+    of cores", C{1 << 30} written "1 GiB").
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "short": short, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a role, as read from its config field."""
+
+    #: The field's name (C{max_queued_bytes}).
+    name: str
+    #: The long option without dashes (C{max-queued-bytes}).
+    long: str
+    short: str | None
+    #: C{int}, C{float}, C{str}, or C{bool} for a flag (which takes no value).
+    kind: type
+    default: Any
+    help: str
+    #: The default as the README states it.
+    doc_default: str
+
+
+def _kind(annotation: str) -> type:
+    base = annotation.replace(" | None", "").strip()
+    return {"int": int, "float": float, "str": str, "bool": bool}[base]
+
+
+def _doc_default(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def options(config: type) -> list[Option]:
+    """The options of C{config} (L{MasterConfig} or L{WorkerConfig}), in order."""
+    found = []
+    for f in dataclasses.fields(config):
+        meta = f.metadata
+        found.append(
+            Option(
+                name=f.name,
+                long=f.name.replace("_", "-"),
+                short=meta.get("short"),
+                kind=_kind(f.type if isinstance(f.type, str) else f.type.__name__),
+                default=f.default,
+                help=meta["help"],
+                doc_default=meta.get("doc") or _doc_default(f.default),
+            )
+        )
+    return found
+
+
+def parse_argv(config: type, argv: Sequence[str], role: str) -> tuple[dict[str, Any], list[str]]:
+    """
+    Read C{argv}, options of C{config} for the program C{role}, by twistd's
+    rules (C{getopt}: C{--name value}, C{--name=value}, a unique prefix of a
+    name, C{-p value}, C{-pvalue}, flags without a value), anywhere among
+    the positional arguments.  Returns the options given, by field name and
+    converted to their type, and the positional arguments.  Raises
+    L{OptionError} naming the option for an unknown option or a bad value,
+    so that a launcher fails before it starts anything.
+    """
+    opts = options(config)
+    by_name = {f"--{o.long}": o for o in opts}
+    by_name.update({f"-{o.short}": o for o in opts if o.short})
+    shorts = "".join(o.short + ("" if o.kind is bool else ":") for o in opts if o.short)
+    longs = [o.long + ("" if o.kind is bool else "=") for o in opts]
+    try:
+        pairs, rest = getopt.gnu_getopt(list(argv), shorts, longs)
+    except getopt.GetoptError as e:
+        raise OptionError(f"{role}: {e} (see '{role} --help')") from None
+    given: dict[str, Any] = {}
+    for flag, value in pairs:
+        o = by_name[flag]
+        if o.kind is bool:
+            given[o.name] = True
+            continue
+        try:
+            given[o.name] = o.kind(value)
+        except ValueError:
+            raise OptionError(
+                f"{role}: --{o.long} takes {'a number' if o.kind is not str else 'a value'}, not {value!r}"
+            ) from None
+    return given, rest
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    """The options of C{cw-master} (C{twistd -n cw-master --help})."""
+
+    port: str | None = option(None, "endpoint to listen on (default tcp:5494)", short="p", doc="tcp:5494")
+    prefetch: int = option(1, "extra jobs a worker may hold per slot, at least")
+    prefetch_seconds: float = option(0.05, "also as many as a worker completes in this time")
+    address_file: str | None = option(None, "write the master's address here once listening", doc="none")
+    secret_file: str | None = option(None, _SECRET_HELP, doc="$CW_SECRET_FILE, else ~/.config/cw/secret")
+    max_pending: int | None = option(
+        None,
+        "connections that may wait to authenticate (default: 1024, at most 1/4 of the fd limit)",
+        doc="1024, at most 1/4 of the fd limit",
+    )
+    max_pending_per_address: int | None = option(
+        None, "of those, from one address (default: a quarter)", doc="a quarter of --max-pending"
+    )
+    auth_timeout: float = option(AUTH_TIMEOUT, "seconds a new connection has to authenticate")
+    max_payload: int = option(MAX_PAYLOAD, "largest job or result payload, in bytes", doc="4 GiB")
+    max_queued_bytes: int = option(MAX_QUEUED_BYTES, "bytes of jobs a client may have queued", doc="1 GiB")
+    max_queued_jobs: int = option(MAX_QUEUED_JOBS, "jobs a client may have queued", doc="10,000,000")
+    max_unsent_bytes: int = option(
+        MAX_UNSENT_BYTES,
+        "dispatch none of a client's jobs while it has this many bytes of results unread",
+        doc="64 MiB",
+    )
+    client_read_timeout: float = option(
+        CLIENT_READ_TIMEOUT, "disconnect a client that reads none of its results for this long"
+    )
+    max_attempts: int = option(3, "lost workers a running job may outlive before it fails")
+    heartbeat: float = option(5.0, "seconds between heartbeats to each worker and client (0: none)")
+    heartbeat_timeout: float | None = option(
+        None, "seconds a worker may stay silent (default: 3 heartbeats)", doc="three heartbeats"
+    )
+    client_timeout: float = option(CLIENT_TIMEOUT, "seconds a client may stay silent (0: no limit)")
+    deadline_grace: float = option(DEADLINE_GRACE, "seconds past a job's timeout before it is taken back")
+    stall_timeout: float = option(0.0, "drop a worker holding jobs that reports nothing this long (0: never)")
+    web: str | None = option(
+        None, "serve the dashboard and /metrics on this endpoint, e.g. tcp:8494 (loopback)", doc="none"
+    )
+    web_address_file: str | None = option(None, "write the dashboard's URL here once it listens", doc="none")
+    web_token_file: str | None = option(
+        None, "write the dashboard's token here (mode 0600; default ~/.cache/cw/)", doc="~/.cache/cw/"
+    )
+    web_host: str = option(
+        "", "more names the dashboard answers to in Host headers, comma-separated", doc="none"
+    )
+    insecure: bool = option(False, "accept peers without authentication (trusted networks only)", doc="off")
+    web_open: bool = option(
+        False, "serve the dashboard without its token (single-user machines only)", doc="off"
+    )
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The options of C{cw-worker} (C{twistd -n cw-worker --help})."""
+
+    master: str | None = option(
+        None, "the master's address (default localhost:5494)", short="m", doc="localhost"
+    )
+    procs: int | None = option(
+        None, "jobs to run at once (default: number of cores)", doc="the number of cores"
+    )
+    recycle_after: int = option(0, "restart a job process after this many jobs (0: never)")
+    job_timeout: float | None = option(
+        None, "seconds a job may run unless it sets its own timeout", doc="no limit"
+    )
+    memory_limit: int = option(0, "address-space limit per job process, MiB (0: none)")
+    recycle_memory: int = option(0, "restart a job process above this resident size, MiB (0: never)")
+    master_timeout: float = option(30.0, "reconnect if master heartbeats stop this long (0: never)")
+    drain_timeout: float = option(DRAIN_TIMEOUT, "seconds running jobs may finish when stopped")
+    reconnect_delay: float = option(RECONNECT_DELAY, "most seconds between tries to reach the master")
+    secret_file: str | None = option(None, _SECRET_HELP, doc="$CW_SECRET_FILE, else ~/.config/cw/secret")
+    slurm_wait: float = option(MASTER_WAIT, "with --slurm: seconds to wait for the master job to start")
+    slurm: bool = option(
+        False, "find the master through SLURM (this user's job cmaster[-$CW_SLURM_CLUSTER])", doc="off"
+    )
+    insecure: bool = option(False, "skip authentication (only with a master that runs --insecure)", doc="off")

@@ -1,0 +1,59 @@
+"""
+Tests of L{cw.wire.options}: twistd's options of master and worker are
+built from their config dataclasses, and the services from the parsed result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from twisted.internet import task
+from twisted.python import usage
+from twisted.trial import unittest
+
+from cw.core.config import MasterConfig, WorkerConfig, options
+from cw.master import service as master
+from cw.worker import service as worker
+
+
+class GeneratedOptionsTests(unittest.TestCase):
+    def test_every_field_is_an_option(self):
+        """Each field is a twistd option of the same name, default and help."""
+        for config, cls in ((MasterConfig, master.Options), (WorkerConfig, worker.Options)):
+            text = str(cls())
+            parsed = cls()
+            for o in options(config):
+                self.assertIn(f"--{o.long}", text)
+                if o.kind is not bool:
+                    self.assertEqual(parsed[o.long], o.default, o.long)
+
+    def test_master_config(self):
+        """Parsed master options become a MasterConfig, and the service is built from it."""
+        options_ = master.Options()
+        options_.parseOptions(
+            ["--insecure", "--prefetch=4", "--port", "tcp:0", "--web-host", "a,b", "--web", "tcp:0"]
+        )
+        config = options_.config()
+        self.assertEqual(
+            config,
+            dataclasses.replace(
+                MasterConfig(), insecure=True, prefetch=4, port="tcp:0", web_host="a,b", web="tcp:0"
+            ),
+        )
+        service = master.MasterService.from_config(config, None, task.Clock())
+        self.assertEqual(service.listen, "tcp:0")
+        self.assertEqual(service.master.scheduler.prefetch, 4)
+        self.assertIsNone(service.master.secret)
+
+    def test_worker_config(self):
+        """Parsed worker options become a WorkerConfig, and the service is built from it."""
+        options_ = worker.Options()
+        options_.parseOptions(["--insecure", "--procs", "3", "--master-timeout=7", "node1"])
+        config = options_.config()
+        self.assertEqual(
+            config,
+            dataclasses.replace(WorkerConfig(), insecure=True, procs=3, master_timeout=7.0, master="node1"),
+        )
+        service = worker.WorkerService.from_config(config, None)
+        self.assertEqual((service.procs, service.master_timeout), (3, 7.0))
+        self.assertRaises(usage.UsageError, worker.Options().parseOptions, ["--insecure", "--procs", "0"])

@@ -1,0 +1,50 @@
+"""
+twistd's C{usage.Options} built from a role's config dataclass
+(L{cw.core.config}): C{optParameters} and C{optFlags} come from its fields,
+and L{ConfigOptions.config} turns the parsed options back into one.
+
+Imports Twisted and cw.core only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from cw.core.config import options
+
+
+def twistd_parameters(config: type) -> tuple[list[list[Any]], list[list[Any]]]:
+    """C{(optParameters, optFlags)} of C{usage.Options} for the fields of C{config}."""
+    parameters: list[list[Any]] = []
+    flags: list[list[Any]] = []
+    for o in options(config):
+        if o.kind is bool:
+            flags.append([o.long, o.short, o.help])
+        else:
+            parameters.append([o.long, o.short, o.default, o.help, None if o.kind is str else o.kind])
+    return parameters, flags
+
+
+class ConfigOptions(usage.Options):
+    """
+    Options of a role whose class attribute C{config_class} is its config
+    dataclass: a subclass gets its C{optParameters} and C{optFlags} from
+    it, and adds only its checks (C{postOptions}) and positional arguments.
+    """
+
+    config_class: type
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_class" in cls.__dict__:
+            cls.optParameters, cls.optFlags = twistd_parameters(cls.config_class)
+
+    def config(self) -> Any:
+        """The parsed options as an instance of C{config_class}."""
+        values = {}
+        for o in options(self.config_class):
+            value = self[o.long]
+            values[o.name] = bool(value) if o.kind is bool else value
+        return self.config_class(**values)
