@@ -78,8 +78,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 
+from cw.core.config import MasterConfig
 from cw.core.fairqueue import FairQueue
 from cw.core.records import Job, Outcome, Result, error_report, read_options, valid_timeout
+
+#: The master's option defaults (C{--prefetch}, ...), which the scheduler's arguments share.
+_DEFAULTS = MasterConfig()
 
 #: Seconds over which a worker's rate of completed jobs is measured.
 RATE_WINDOW = 0.1
@@ -261,15 +265,15 @@ class Scheduler:
 
     def __init__(
         self,
-        prefetch: int = 1,
-        max_attempts: int = 3,
-        horizon: float = 0.05,
-        max_queued_bytes: int = 1 << 30,
-        max_queued_jobs: int = 10_000_000,
-        deadline_grace: float = 30.0,
-        stall_timeout: float = 0.0,
-        max_unsent_bytes: int = 64 << 20,
-        read_timeout: float = 60.0,
+        prefetch: int = _DEFAULTS.prefetch,
+        max_attempts: int = _DEFAULTS.max_attempts,
+        horizon: float = _DEFAULTS.prefetch_seconds,
+        max_queued_bytes: int = _DEFAULTS.max_queued_bytes,
+        max_queued_jobs: int = _DEFAULTS.max_queued_jobs,
+        deadline_grace: float = _DEFAULTS.deadline_grace,
+        stall_timeout: float = _DEFAULTS.stall_timeout,
+        max_unsent_bytes: int = _DEFAULTS.max_unsent_bytes,
+        read_timeout: float = _DEFAULTS.client_read_timeout,
     ) -> None:
         if max_queued_bytes < 1 or max_queued_jobs < 1:
             raise ValueError("max_queued_bytes and max_queued_jobs must be >= 1")
