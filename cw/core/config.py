@@ -9,7 +9,7 @@ C{WorkerService.from_config}), the launchers' reading of the options a user
 passes on (L{parse_argv}: C{cw.mp}, C{cw.slurm}), and the README's option
 tables, which a test compares with these fields.
 
-Pure: imports only the standard library and cw.errors (no Twisted).
+Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ twistd's C{usage.Options} built from a role's config dataclass
 (L{cw.core.config}): C{optParameters} and C{optFlags} come from its fields,
 and L{ConfigOptions.config} turns the parsed options back into one.
 
-Imports Twisted and cw.core only.
+Layer rule (cw.wire): imports Twisted, ampoule, cw.system, cw.core and cw.errors; nothing above.
 """
 
 from __future__ import annotations
