@@ -114,7 +114,7 @@ class ClusterFuture(futures.Future):
     _withdraw: Callable[[], None] | None = None
     #: The job's sequence number on its executor's connection.
     _seq = 0
-    #: The job's name in its errors: C{#seq}, or a L{ClientThread}'s job id.
+    #: The job's name in its errors.
     _jobid: Any = None
 
     def cancel(self) -> bool:
@@ -125,12 +125,34 @@ class ClusterFuture(futures.Future):
             self._withdraw()
         return True
 
+    # An entry of its executor's table (see L{_Jobs}):
+
+    def _attach(self, executor: ClusterExecutor, seq: int) -> str:
+        self._seq = seq
+        self._jobid = f"#{seq}"
+        self._withdraw = functools.partial(executor._withdraw, seq)
+        return self._jobid
+
+    def _start(self) -> None:
+        _mark_running(self)
+
+    def _finish(self, ok: bool, value: Any) -> None:
+        if _mark_running(self):
+            _settle(self, ok, value)
+
 
 class _Jobs:
     """
-    The futures an executor has outstanding, by sequence number, and the
-    inbox of its delivery thread.  Every access to the table is under its
-    lock, inside these methods.
+    The jobs an executor has outstanding, by sequence number, and the inbox
+    of its delivery thread.  Every access to the table is under its lock,
+    inside these methods.
+
+    An entry is a L{ClusterFuture}, or anything else with its entry
+    methods (a L{ClientThread}'s jobs, lighter than futures):
+    C{_attach(executor, seq)} as it enters the table, returning the job's
+    name for its errors; C{_jobid}, that name; C{_start()} when the master
+    hands the job to a worker; C{_finish(ok, value)} with its outcome (a
+    value, or an exception), in the delivery thread.
     """
 
     def __init__(self) -> None:
@@ -309,34 +331,24 @@ class ClusterExecutor(futures.Executor):
             self.session.define(*cached)
             return P.Job(0, seq, pickle_arguments(f"#{seq}", fn, args, kwargs), options, cached[0])
 
-        return self._send(job)
+        return self._send(job, ClusterFuture())
 
-    def _submit_pickled(self, jobid: Any, payload: bytes, options: bytes) -> ClusterFuture:
-        """Submit a job pickled by L{pickle_call}, named C{jobid} in its errors."""
-        return self._send(lambda seq: P.Job(0, seq, payload, options), jobid)
-
-    def _send(self, job: Callable[[int], P.Job], jobid: Any = None) -> ClusterFuture:
-        """
-        Make a future for C{job(seq)} and send the job; C{jobid} names it in
-        its errors (default C{#seq}).
-        """
+    def _send(self, job: Callable[[int], P.Job], entry: Any) -> Any:
+        """Enter C{entry} (see L{_Jobs}) in the table and send C{job(seq)}; return C{entry}."""
         _refuse_after_interpreter_exit()
         # Outside the lock, so that a blocked submit never blocks shutdown.
         self.session.wait_for_room(lambda: self._shutdown)
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            future = ClusterFuture()
-            seq = self._jobs.add(future)
-            future._seq = seq
-            future._jobid = f"#{seq}" if jobid is None else jobid
-            future._withdraw = functools.partial(self._withdraw, seq)
+            seq = self._jobs.add(entry)
+            jobid = entry._attach(self, seq)
             try:
-                self.session.send(job(seq), future._jobid)
+                self.session.send(job(seq), jobid)
             except BaseException:
                 self._jobs.forget(seq)
                 raise
-        return future
+        return entry
 
     def _mapper(self, fn: Callable) -> Callable[..., futures.Future]:
         """A submit function for L{map}: C{fn} is pickled once and cached on the workers."""
@@ -412,26 +424,24 @@ class ClusterExecutor(futures.Executor):
                 return
 
     def _mark_started(self, seqs: list[int]) -> None:
-        for future in self._jobs.get_many(seqs):
-            if future is not None:
-                _mark_running(future)
+        for entry in self._jobs.get_many(seqs):
+            if entry is not None:
+                entry._start()
 
     def _deliver_results(self, results: list[P.Result]) -> None:
         # Functions of their own, so that no future or result stays
         # referenced by the delivery thread once it is done with them.
         for result in results:
-            future = self._jobs.get(result.seq)
-            if future is None:
+            entry = self._jobs.get(result.seq)
+            if entry is None:
                 continue
-            if _mark_running(future):
-                _settle(future, *decode_result(future._jobid, result))
+            entry._finish(*decode_result(entry._jobid, result))
             self._jobs.forget(result.seq)
 
     def _fail_all(self, error: Exception) -> None:
-        """The connection is lost: every outstanding future fails with C{error}."""
-        for future in self._jobs.clear():
-            if _mark_running(future):
-                _settle(future, False, error)
+        """The connection is lost: every outstanding job fails with C{error}."""
+        for entry in self._jobs.clear():
+            entry._finish(False, error)
 
     def outstanding(self) -> list[futures.Future]:
         """

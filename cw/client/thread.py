@@ -1,8 +1,8 @@
 """
 L{ClientThread}: the original callback-style client (results delivered on a
-thread of its own), a thin layer over a L{ClusterExecutor}: each job is a
-future whose done callback puts it on this thread's queue, and this thread
-runs the callbacks.
+thread of its own), a thin layer over a L{ClusterExecutor}: the executor's
+delivery thread puts each job's outcome on this thread's queue, and this
+thread runs the callbacks.
 
 Layer rule (cw.client): imports cw.discovery and below; never cw.master, cw.worker, cw.launch or cw.cli.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from concurrent import futures
 from typing import Any
 
 from cw.client.executor import ClusterExecutor, _refuse_after_interpreter_exit
@@ -23,10 +22,35 @@ from cw.errors import RemoteException
 from cw.wire import commands as P
 
 
+class _Job:
+    """
+    A L{ClientThread}'s job in its executor's table (see
+    L{cw.client.executor._Jobs}): instead of a future (about 2 KB each,
+    which a client that queues a million jobs would feel), its outcome goes
+    straight to the L{ClientThread}'s queue.
+    """
+
+    __slots__ = ("_jobid", "_put")
+
+    def __init__(self, put: Callable[[tuple], None], jobid: Any) -> None:
+        self._put = put
+        self._jobid = jobid
+
+    def _attach(self, executor: ClusterExecutor, seq: int) -> Any:
+        return self._jobid
+
+    def _start(self) -> None:
+        pass
+
+    def _finish(self, ok: bool, value: Any) -> None:
+        self._put((self._jobid, ok, value))
+
+
 class _ThreadExecutor(ClusterExecutor):
     """
-    The executor under a L{ClientThread}: no running notices (their futures
-    are only ever waited on whole, so the master is not asked for them) and
+    The executor under a L{ClientThread}: no running notices (a
+    L{ClientThread} never shows a running job, so the master is not asked
+    for them: fewer messages) and
     no wait at interpreter exit (a L{ClientThread} is a daemon thread whose
     jobs end with the program unless it calls C{wait()}).
     """
@@ -84,7 +108,8 @@ class ClientThread(threading.Thread):
             "master_timeout": master_timeout,
         }
         self._executor: ClusterExecutor | None = None
-        #: Finished futures, put by their done callbacks; None ends the thread.
+        #: C{(jobid, ok, value)} of finished jobs, put by the executor's
+        #: delivery thread; None ends this thread.
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         #: Jobs submitted and not yet delivered, under L{_idle}'s lock.
         self._outstanding = 0
@@ -137,33 +162,25 @@ class ClientThread(threading.Thread):
             self._outstanding += 1
         self._progress.grow()
         try:
-            future = self._executor._submit_pickled(jobid, payload, options)
+            self._executor._send(lambda seq: P.Job(0, seq, payload, options), _Job(self._done.put, jobid))
         except BaseException:
             self._delivered()
             raise
-        future.add_done_callback(self._done.put)
 
     def run(self) -> None:
-        while True:
-            future = self._done.get()
-            if future is None:
-                return
-            self._finished(future)
-            future = None  # a big result is not kept until the next one
+        while (item := self._done.get()) is not None:
+            self._finished(*item)
+            item = None  # a big result is not kept until the next one
 
-    def _finished(self, future: futures.Future) -> None:
+    def _finished(self, jobid: Any, ok: bool, value: Any) -> None:
         """Deliver one finished job: to the callback, or to the failures L{wait} raises."""
         try:
-            error = future.exception()
-            if error is None:
-                self._completed(future._jobid, True, future.result())
-                self._progress.tick()
-            elif isinstance(error, RemoteException):  # the job's own outcome
-                self._completed(future._jobid, False, error)
-                self._progress.tick(failed=True)
-            elif error is not self._lost:  # the connection: once for all its jobs
-                self._lost = error
-                self._failures.append(error)
+            if ok or isinstance(value, RemoteException):  # the job's own outcome
+                self._completed(jobid, ok, value)
+                self._progress.tick(failed=not ok)
+            elif value is not self._lost:  # the connection: once for all its jobs
+                self._lost = value
+                self._failures.append(value)
         finally:
             self._delivered()
 
