@@ -5,7 +5,7 @@ Authentication proves that a peer holds the secret, not that it is bug-free
 or of the same version: a malformed field must end that one connection with
 one clear log line, never an unhandled error deep inside the master.  Each
 check here raises L{BadCommand} naming the field and what was wrong; the
-master's protocol (L{cw.master.service.MasterProtocol}) turns that into a dropped
+master's protocol (L{cw.master.protocol.MasterProtocol}) turns that into a dropped
 connection.  Pure functions, no I/O: unit-tested in
 L{cw.test.master.test_limits}.
 

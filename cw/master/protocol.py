@@ -1,0 +1,330 @@
+"""
+The master's protocol adapter: one L{MasterProtocol} per connection, from a
+client or a worker.  It checks each command's fields (L{cw.core.validation}),
+turns commands into calls on the L{cw.master.service.Master} it is given, and
+sends what the master decides.  It holds no decisions of its own.
+
+Layer rule (cw.master): imports cw.discovery and below; never cw.client, cw.worker, cw.launch or cw.cli.
+Within cw.master it imports nothing: the service imports it (a contract in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.protocol import ServerFactory
+from twisted.protocols import amp
+
+from cw.core.validation import (
+    MAX_AWAIT,
+    MAX_SLOTS,
+    check_context,
+    check_function_key,
+    check_jobs,
+    check_peer,
+    check_range,
+    check_results,
+)
+from cw.errors import BadCommand
+from cw.wire import commands as P
+from cw.wire.address import enable_keepalive
+from cw.wire.auth import AuthGate, MasterAuth
+from cw.wire.batching import Outbox
+from cw.wire.liveness import SignsOfLife
+from cw.wire.private import CheckedAnswers
+from cw.wire.streaming import ChunkReceiver, StreamingSender
+
+#: The L{cw.master.service.Master} a connection serves.  Passed in, never
+#: imported: the service imports this module, not the other way round.
+Master = Any
+
+
+def transport_backlog(transport) -> int:
+    """
+    Bytes written to C{transport} that it has not yet handed to the kernel
+    (Twisted's write buffers, of this transport and of any it wraps, as a
+    TLS transport wraps TCP).  0 for a transport without such buffers.
+    """
+    total = 0
+    for _ in range(4):
+        if transport is None:
+            break
+        buffer = getattr(transport, "dataBuffer", None)
+        if buffer is not None:
+            total += len(buffer) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+        transport = getattr(transport, "transport", None)
+    return total
+
+
+class MasterProtocol(
+    SignsOfLife, StreamingSender, AuthGate, MasterAuth, ChunkReceiver, CheckedAnswers, amp.AMP
+):
+    """
+    One connection to the master, from a client or a worker.  The peer
+    first authenticates (L{cw.wire.auth}); which kind of peer it is becomes known
+    with its next command (L{P.RegisterClient} or L{P.RegisterWorker}).
+    Commands out of that order close the connection.
+    """
+
+    open_commands = MasterAuth.open_commands
+
+    def __init__(self, master: Master) -> None:
+        super().__init__()
+        self.master = master
+        self.secret = master.secret
+        self.wrong_secrets = master.wrong_secrets
+        self.max_box_bytes = P.box_limit(master.max_payload)
+        if self.secret is None:
+            self.mark_authenticated()
+        self.role: str | None = None
+        self.peer_id = 0
+        self.peer_name = "?"
+        self.outbox: Outbox | None = None
+        #: Why the master dropped this worker, for the log and error reports.
+        self.lost_how: str | None = None
+        #: Fires once the connection has closed.
+        self.closed: defer.Deferred = defer.Deferred()
+        #: Bytes handed to the transport so far (see L{unsent_bytes}).
+        self.written_bytes = 0
+
+    def connectionMade(self):
+        super().connectionMade()
+        # Heartbeats notice a peer that hangs; keepalive, one that vanished
+        # while heartbeats are off.
+        enable_keepalive(self.transport)
+        self._count_writes()
+        if not self.authenticated:
+            self.auth_timeout = self.master.auth_timeout
+            self.master.admit(self)
+            self.start_auth_timer(self.master.clock)
+
+    def _count_writes(self) -> None:
+        """Count the bytes written to the transport, so that what the peer read can be told."""
+        transport = self.transport
+        write, write_sequence = transport.write, transport.writeSequence
+
+        def counted_write(data) -> None:
+            self.written_bytes += len(data)
+            write(data)
+
+        def counted_sequence(pieces) -> None:
+            pieces = list(pieces)
+            self.written_bytes += sum(len(piece) for piece in pieces)
+            write_sequence(pieces)
+
+        transport.write, transport.writeSequence = counted_write, counted_sequence
+
+    def unsent_bytes(self) -> int:
+        """Bytes towards this peer still in the master: buffered, or in boxes being streamed."""
+        return transport_backlog(self.transport) + self.outgoing_bytes
+
+    def stop_reading(self) -> None:
+        """
+        Flow control: read nothing more from this peer, and parse nothing
+        more of what has arrived, until L{resume_reading}.
+        """
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        """
+        Undo L{stop_reading}: read again, and parse what arrived meanwhile
+        on the reactor's next turn (not from within the caller, which may be
+        in the middle of a dispatch).
+        """
+        self.paused = False
+        self.transport.resumeProducing()
+        self.master.clock.callLater(0, self._parse_buffered)
+
+    def _parse_buffered(self) -> None:
+        if not self.closed.called and not self.paused:
+            self.dataReceived(b"")
+
+    def stream_progress(self) -> None:
+        if self.role == "client":
+            self.master.watch_output(self)
+
+    def mark_authenticated(self) -> None:
+        super().mark_authenticated()
+        if self.transport is not None:
+            self.master.pending.pop(self, None)
+
+    def _claim(self, role: str) -> None:
+        """
+        Check that a peer registers once, in the role it authenticated as.
+        C{self.role} is set once registration has succeeded, so a peer
+        refused on the way is never treated as registered.
+        """
+        if self.role is not None:
+            raise BadCommand("registered a second time")
+        if self._challenge is not None and self._challenge[0] != role:
+            raise BadCommand(f"authenticated as a {self._challenge[0]!r} but registered as a {role}")
+
+    def _check_version(self, version: int) -> None:
+        if version != P.PROTOCOL_VERSION:
+            raise P.VersionMismatch(
+                f"master speaks cw protocol {P.PROTOCOL_VERSION}, peer speaks"
+                f" {version}: install the same cw version everywhere"
+            )
+
+    def _require(self, role: str) -> bool:
+        if self.role == role:
+            return True
+        self.reject(f"sent a {role} command before registering as a {role}")
+        return False
+
+    def locateResponder(self, name: bytes):
+        """
+        Every command's fields are checked (L{cw.core.validation}) before the
+        master acts on them: a malformed box or field from an authenticated
+        peer drops the connection with one log line.
+        """
+        responder = super().locateResponder(name)
+        if responder is None:
+            return None
+        command = name.decode("ascii", "replace")
+
+        def malformed(failure):
+            failure.trap(BadCommand)
+            self.reject(f"sent a malformed {command!r}: {failure.value}")
+            return defer.Deferred()  # the connection is gone: answer nothing
+
+        def checked(box):
+            try:
+                answer = responder(box)
+            except Exception as e:
+                # Raised while parsing the box's arguments (before the responder runs).
+                field = self._bad_argument(name, box)
+                self.reject(f"sent a malformed {command!r}: {field}: {e.__class__.__name__}: {e}")
+                return defer.Deferred()
+            if isinstance(answer, defer.Deferred):
+                answer.addErrback(malformed)
+            return answer
+
+        return checked
+
+    def malformed_box(self, why: str) -> None:
+        """An answer to no question, or a box that is no command (L{CheckedAnswers})."""
+        self.reject(why)
+
+    def _bad_argument(self, name: bytes, box) -> str:
+        """Which argument of command C{name} in C{box} does not parse, for the log."""
+        command = self._commandDispatch[name][0]
+        for argument, kind in command.arguments:
+            try:
+                kind.fromBox(argument, dict(box), {}, self)
+            except Exception:
+                return argument.decode("ascii", "replace")
+        return "the box"
+
+    @P.RegisterClient.responder
+    def register_client(self, version, host, pid, context):
+        self._check_version(version)
+        name = check_peer(host, pid)
+        weight = check_context(context)
+        self._claim("client")
+        self.peer_name = name
+        self.peer_id = self.master.client_joined(self, context, weight)
+        self.role = "client"
+        return {
+            "client_id": self.peer_id,
+            "max_payload": self.master.max_payload,
+            "room_bytes": self.master.max_queued_bytes,
+            "room_jobs": self.master.max_queued_jobs,
+        }
+
+    @P.SubmitJobs.responder
+    def submit_jobs(self, jobs):
+        if self._require("client"):
+            check_jobs(jobs)
+            self.master.submit(self.peer_id, jobs)
+        return {}
+
+    @P.DefineFunction.responder
+    def define_function(self, client, key, function):
+        if self._require("client"):
+            self.master.define_function(self.peer_id, check_function_key(key), function)
+        return {}
+
+    @P.RegisterWorker.responder
+    def register_worker(self, version, host, pid, slots):
+        self._check_version(version)
+        name = check_peer(host, pid)
+        check_range("slots", slots, 1, MAX_SLOTS)
+        self._claim("worker")
+        self.peer_name = name
+        self.peer_id = self.master.worker_joined(self, slots)
+        self.role = "worker"
+        return {"worker_id": self.peer_id, "max_payload": self.master.max_payload}
+
+    @P.CancelJobs.responder
+    def cancel_jobs(self, keys):
+        if self._require("client"):
+            self.master.cancel(self.peer_id, [seq for _, seq in keys])
+        return {}
+
+    @P.JobResults.responder
+    def job_results(self, results):
+        if self._require("worker"):
+            check_results(results)
+            self.master.results(self.peer_id, results)
+        return {}
+
+    @P.ReturnJobs.responder
+    def return_jobs(self, keys):
+        if self._require("worker"):
+            self.master.return_jobs(self.peer_id, keys)
+        return {}
+
+    @P.Heartbeat.responder
+    def heartbeat(self):
+        """A client checks that this master is alive (L{cw.wire.liveness})."""
+        return {}
+
+    @P.GetStatus.responder
+    def get_status(self):
+        return {"status": self.master.status()}
+
+    @P.AwaitWorkers.responder
+    def await_workers(self, count):
+        check_range("count", count, 0, MAX_AWAIT)
+        return self.master.await_workers(count).addCallback(lambda n: {"workers": n})
+
+    # -- sending ---------------------------------------------------------
+
+    def send_jobs(self, jobs: list[P.Job]) -> None:
+        """Send jobs to this worker, in batches (what they need goes first: see C{Master._dispatch})."""
+        for batch in P.batches(jobs, P.job_size):
+            self.callRemote(P.RunJobs, jobs=batch)
+
+    def send_results(self, results: list[P.Result], now: bool = False) -> None:
+        """Queue results for this client; they leave on the reactor's next turn, or C{now}."""
+        if self.outbox is None:
+            self.outbox = Outbox(
+                self.master.clock,
+                lambda batch: self.callRemote(P.JobResults, results=batch),
+                P.result_size,
+            )
+        self.outbox.extend(results)
+        if now:
+            self.outbox.flush()
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.master.pending.pop(self, None)
+        if self.outbox is not None:
+            self.outbox.discard()
+        if self.role == "client":
+            self.master.client_left(self)
+        elif self.role == "worker":
+            self.master.worker_left(self)
+        self.closed.callback(None)
+
+
+class MasterFactory(ServerFactory):
+    def __init__(self, master: Master) -> None:
+        self.master = master
+
+    def buildProtocol(self, addr):
+        return MasterProtocol(self.master)
