@@ -111,6 +111,8 @@ class ClientThread(threading.Thread):
         #: C{(jobid, ok, value)} of finished jobs, put by the executor's
         #: delivery thread; None ends this thread.
         self._done: queue.SimpleQueue = queue.SimpleQueue()
+        #: One bound method for all the jobs' entries (not one each).
+        self._put_done = self._done.put
         #: Jobs submitted and not yet delivered, under L{_idle}'s lock.
         self._outstanding = 0
         self._idle = threading.Condition()
@@ -162,7 +164,7 @@ class ClientThread(threading.Thread):
             self._outstanding += 1
         self._progress.grow()
         try:
-            self._executor._send(lambda seq: P.Job(0, seq, payload, options), _Job(self._done.put, jobid))
+            self._executor._send(lambda seq: P.Job(0, seq, payload, options), _Job(self._put_done, jobid))
         except BaseException:
             self._delivered()
             raise

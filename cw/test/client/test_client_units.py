@@ -5,6 +5,7 @@ pickling calls, decoding results and remote exceptions.
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import sys
@@ -13,6 +14,7 @@ import threading
 import cloudpickle
 from twisted.trial.unittest import SynchronousTestCase
 
+from cw.client import ClientThread, ClusterExecutor
 from cw.client.session import client_context, decode_result, describe_unpicklable, job_options, pickle_call
 from cw.core.records import Job, Outcome, Result, error_report, read_options
 from cw.errors import (
@@ -350,3 +352,17 @@ class TypedRemoteErrorTests(SynchronousTestCase):
         error = remote_error("j", {"type": "int", "exception": data})
         self.assertIs(type(error), RemoteException)
         self.assertIn("is not an exception class", error.fallback)
+
+
+class ClientThreadOptionsTests(SynchronousTestCase):
+    """ClientThread passes its connection and job options on to the ClusterExecutor under it."""
+
+    def test_same_options_as_the_executor(self):
+        """Every ClusterExecutor option is a ClientThread option, of the same kind and default."""
+        executor = inspect.signature(ClusterExecutor).parameters
+        thread = inspect.signature(ClientThread).parameters
+        for name, parameter in executor.items():
+            self.assertIn(name, thread)
+            ours = (thread[name].kind, thread[name].default)
+            self.assertEqual(ours, (parameter.kind, parameter.default), name)
+        self.assertEqual(set(thread) - set(executor), {"callback", "progress"})
