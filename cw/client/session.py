@@ -1,12 +1,15 @@
 """
 Client programs: submit jobs to a master and get their results back.
 
-Two blocking APIs over one connection class:
+Two blocking APIs over one connection class (L{Session}, here) and one
+delivery engine (L{ClusterExecutor}'s):
 
+  - L{ClusterExecutor}: a L{concurrent.futures.Executor}.
   - L{ClientThread}: submit C{(jobid, func, args)} and receive
     C{callback(jobid, result)} for each job that succeeds; C{wait()} blocks
     until all jobs are done and raises L{RemoteException} for a failure.
-  - L{ClusterExecutor}: a L{concurrent.futures.Executor}.
+    A layer over a L{ClusterExecutor} whose delivery thread hands it each
+    job's outcome.
 
 Both talk to the master through the Twisted reactor.  If no reactor is
 running, crochet runs one in a background thread; if one already runs in
