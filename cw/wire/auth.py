@@ -49,6 +49,7 @@ from cw.core.config import AUTH_TIMEOUT as AUTH_TIMEOUT  # seconds a peer has to
 from cw.errors import AuthenticationFailed
 from cw.wire.address import no_delay
 from cw.wire.commands import Challenge, Prove
+from cw.wire.private import expect_key
 
 log = Logger(namespace="cw.auth")  # the namespace of its log lines before the layers
 
@@ -327,9 +328,7 @@ class AuthGate:
                 # The MAC closes the box: keep it out of the box and the hash.
                 self._reading_mac = False
                 self._box_mac = string
-                self._currentKey = None
-                self.MAX_LENGTH = self._MAX_KEY_LENGTH
-                return "key"
+                return expect_key(self)
             self._box_hash.update(_LENGTH.pack(len(string)))
             self._box_hash.update(string)
         return super().proto_value(string)

@@ -37,6 +37,70 @@ def python_identifier(wire_name: bytes) -> str:
     return amp._wireNameToPythonIdentifier(wire_name)
 
 
+# AMP's box parser (C{amp.BinaryBoxProtocol}) keeps its state in private
+# attributes.  cw's incoming-box mixins (L{cw.wire.streaming.ChunkReceiver},
+# L{cw.wire.auth.AuthGate}) override its public-looking C{proto_key} and
+# C{proto_value} states, and must read and reset that state to do so; they
+# do it through these functions, one call per key or value (no copies)
+# (cw.test.wire.test_streaming, cw.test.wire.test_auth).
+
+
+def current_key(proto) -> bytes | None:
+    """
+    The key whose value C{proto} (an C{amp.BinaryBoxProtocol}) is reading:
+    private C{_currentKey}, set by C{proto_key}, read by C{proto_value}.
+    """
+    return proto._currentKey
+
+
+def current_box(proto) -> dict:
+    """
+    The box C{proto} is filling, key by key: private C{_currentBox}; cw
+    joins chunked values in it, and finishes them when the box ends.
+    """
+    return proto._currentBox
+
+
+def expect_key(proto) -> str:
+    """
+    Take a value out of the box being read (cw's chunks and MACs): reset
+    C{proto}'s parser to read a key next, as C{proto_value} does after
+    storing a value (private C{_currentKey} cleared and C{MAX_LENGTH} set
+    back to private C{_MAX_KEY_LENGTH}); return the next state, C{"key"},
+    for C{proto_value} to return.
+    """
+    proto._currentKey = None
+    proto.MAX_LENGTH = proto._MAX_KEY_LENGTH
+    return "key"
+
+
+def tls_starting(proto) -> bool:
+    """
+    Whether C{proto} (an C{amp.AMP}) is starting TLS (private
+    C{_startingTLSBuffer} set): AMP then holds outgoing boxes in that buffer
+    until the handshake starts, so a streamed box must not bypass it.
+    """
+    return proto._startingTLSBuffer is not None
+
+
+#: Private Twisted and ampoule names that only this module may use
+#: (cw.test.wire.test_private scans cw's source for them).  C{_catchUp} is
+#: the one exception, in L{cw.worker.pool} (see the module docstring).
+PRIVATE_NAMES = (
+    "_currentKey",
+    "_currentBox",
+    "_MAX_KEY_LENGTH",
+    "_startingTLSBuffer",
+    "_wireNameToPythonIdentifier",
+    "_sslContextFactory",
+    "_outstandingRequests",
+    "_answerReceived",
+    "_errorReceived",
+    "_catchUp",
+    "BOOTSTRAP",
+)
+
+
 def ssl_context_factory(endpoint):
     """
     The context factory of an C{ssl:} server endpoint made by

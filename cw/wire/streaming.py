@@ -41,6 +41,8 @@ from twisted.internet import error
 from twisted.internet.interfaces import IPullProducer
 from zope.interface import implementer
 
+from cw.wire.private import current_box, current_key, expect_key, tls_starting
+
 #: Boxes with at least this many bytes of values are streamed.
 STREAM_ABOVE = 1 << 20
 
@@ -96,7 +98,7 @@ class StreamingSender:
             self._outgoing.extend(pieces)
             self.outgoing_bytes += size
             return
-        if not hasattr(self.transport, "registerProducer") or self._startingTLSBuffer is not None:
+        if not hasattr(self.transport, "registerProducer") or tls_starting(self):
             return super().sendBox(box)
         try:
             self._outgoing = deque(pieces)
@@ -173,27 +175,27 @@ class ChunkReceiver:
     _assembling: dict | None = None
 
     def proto_value(self, string):
-        match = _CHUNK_KEY.match(self._currentKey)
+        match = _CHUNK_KEY.match(current_key(self))
         if match is None:
             return super().proto_value(string)
         name, index = match.group(1), int(match.group(2))
         if self._assembling is None:
             self._assembling = {}
         assembly = self._assembling.get(name)
-        if assembly is None and index == 2 and isinstance(self._currentBox.get(name), bytes):
-            assembly = self._assembling[name] = [2, bytearray(self._currentBox[name])]
+        if assembly is None and index == 2:
+            first = current_box(self).get(name)
+            if isinstance(first, bytes):
+                assembly = self._assembling[name] = [2, bytearray(first)]
         if assembly is None or index != assembly[0]:
             return super().proto_value(string)
         assembly[1] += string
         assembly[0] += 1
-        self._currentKey = None
-        self.MAX_LENGTH = self._MAX_KEY_LENGTH
-        return "key"
+        return expect_key(self)
 
     def proto_key(self, string):
         if not string and self._assembling:
             assembling, self._assembling = self._assembling, None
-            box = self._currentBox
+            box = current_box(self)
             for name, (following, buffer) in assembling.items():
                 count = box.get(name + b".n", b"")
                 if count.isdigit() and int(count) == following - 1:
