@@ -74,6 +74,7 @@ class MasterProtocol(
         self.master = master
         self.secret = master.secret
         self.wrong_secrets = master.wrong_secrets
+        self.auth_clock = master.clock
         self.max_box_bytes = P.box_limit(master.max_payload)
         if self.secret is None:
             self.mark_authenticated()

@@ -419,7 +419,8 @@ def authenticate(proto: AuthGate, secret: bytes | None, role: str, address: str)
 class MasterAuth(amp.CommandLocator):
     """
     The master's side of the handshake, for one connection: a mixin for the
-    master's protocol next to L{AuthGate}.  Needs C{self.secret}.
+    master's protocol next to L{AuthGate}.  Needs C{self.secret} and
+    C{self.auth_clock}.
     """
 
     open_commands = frozenset([b"Challenge", b"Prove"])
@@ -427,6 +428,9 @@ class MasterAuth(amp.CommandLocator):
     _challenge: tuple[str, bytes, bytes] | None = None
     #: Rate-limits the "wrong secret" warnings (None: warn every time).
     wrong_secrets: WrongSecretLog | None = None
+    #: The clock (C{IReactorTime}) on whose next turn a refused proof hangs
+    #: up, once its error answer is written; the master's clock.
+    auth_clock = None
 
     @Challenge.responder
     def challenge(self, role, nonce):
@@ -453,9 +457,7 @@ class MasterAuth(amp.CommandLocator):
         role, theirs, mine = self._challenge
         if not hmac.compare_digest(proof, peer_proof(self.secret, role, theirs, mine)):
             self._wrong_secret(role)
-            from twisted.internet import reactor
-
-            reactor.callLater(0, self.reject, "failed authentication", abort=False)
+            self.auth_clock.callLater(0, self.reject, "failed authentication", abort=False)
             raise AuthenticationFailed("wrong secret")
         self.start_session(*reversed(session_keys(self.secret, role, theirs, mine)))
         self.mark_authenticated()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 import socket
 import sys
 import traceback
@@ -197,8 +198,6 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
         bulk_pipe_reads()
         limit = int(memory_limit)
         if limit > 0:
-            import resource
-
             _, hard = resource.getrlimit(resource.RLIMIT_AS)
             if hard != resource.RLIM_INFINITY:
                 limit = min(limit, hard)

@@ -98,7 +98,8 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
     #: Set by L{JobPool} on every link it creates.
     pool: JobPool | None = None
 
-    #: What times job timeouts (None: the global reactor; tests set a Clock).
+    #: What times job timeouts (C{IReactorTime}): set by L{JobPool} on every
+    #: link it creates (its C{clock}); tests set a Clock.
     clock = None
 
     def __init__(self, *args, **kwargs) -> None:
@@ -157,8 +158,6 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
         id, of master connection C{_cw_generation}) and C{_cw_functions}
         (pickled functions by C{(client, key)}), with what this child lacks.
         """
-        from twisted.internet import reactor
-
         if _cw_handle is not None:
             if _cw_handle.get("cancelled"):
                 # Never started: fail the call without harming this child.
@@ -193,7 +192,7 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
             return d
         timer = None
         if _cw_timeout is not None and _cw_timeout > 0:
-            timer = (self.clock or reactor).callLater(_cw_timeout, self._kill, _cw_timeout)
+            timer = self.clock.callLater(_cw_timeout, self._kill, _cw_timeout)
 
         def ended(result):
             if timer is not None and timer.active():
@@ -286,15 +285,18 @@ class JobPool(pool.ProcessPool):
     An ampoule L{ProcessPool} that never hands a job to a dead or retired
     child.
 
+    @param clock: what times its jobs' timeouts (C{IReactorTime}).
     @param max_rss: replace a child once its resident size passes this many
         bytes after a job (0: no limit).
     """
 
-    def __init__(self, *args, max_rss: int = 0, **kwargs) -> None:
+    def __init__(self, *args, clock, max_rss: int = 0, **kwargs) -> None:
         pool_ = self
 
         class Link(ChildLink):
             pool = pool_
+
+        Link.clock = clock
 
         kwargs.setdefault("ampParent", Link)
         super().__init__(*args, **kwargs)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import sys
 
@@ -75,8 +76,6 @@ def describe_crash(reason) -> str:
     value = reason.value
     if isinstance(value, error.ProcessTerminated):
         if value.signal is not None:
-            import signal
-
             try:
                 name = signal.Signals(value.signal).name
             except ValueError:
@@ -222,11 +221,10 @@ class Worker:
         anything with the same C{doWork}, including its C{_cw_timeout}
         keyword for jobs with a timeout, and C{kill_busy} for L{drain}).
     @param procs: how many jobs run at once.
+    @param clock: all the worker's time (C{IReactorTime}).
     """
 
-    def __init__(self, pool, procs: int, clock=None, secret: bytes | None = None, address: str = "") -> None:
-        if clock is None:
-            from twisted.internet import reactor as clock
+    def __init__(self, pool, procs: int, clock, secret: bytes | None = None, address: str = "") -> None:
         self.clock = clock
         #: The shared secret the master must prove it holds; None: --insecure.
         self.secret = secret
@@ -573,16 +571,18 @@ class JobConnector(ampoule_main.AMPConnector):
             widen_pipe(pipe.fileno())
         super().connectionMade()
 
-    def processExited(self, reason):
-        from twisted.internet import reactor
+    #: What schedules the release of an exited job process's pipes
+    #: (C{IReactorTime}): set by L{JobStarter} (its C{clock}).
+    clock = None
 
+    def processExited(self, reason):
         if self.pgid is not None:
             # The job process's guard does this too (L{cw.worker.containment}); this
             # covers a job process whose guard could not start.
             kill_group(self.pgid)
         # On the next turn, so that Twisted finishes its own bookkeeping of
         # the exit first.
-        reactor.callLater(0, release_pipes, self.transport)
+        self.clock.callLater(0, release_pipes, self.transport)
 
     # Big boxes to the job process are streamed (L{cw.wire.streaming}) through
     # the pipe that ampoule writes them to.
@@ -607,9 +607,9 @@ class JobStarter(ampoule_main.ProcessStarter):
     worker's log.
     """
 
-    connectorFactory = JobConnector
-
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], clock) -> None:
+        # ampoule builds each job process's connector from connectorFactory.
+        self.connectorFactory = type("JobConnector", (JobConnector,), {"clock": clock})
         # First of all, the job process leads its own session and dies with
         # this worker (L{cw.worker.containment}).
         contain = (
@@ -655,6 +655,8 @@ class WorkerService(service.MultiService):
     @param reconnect_delay: longest wait between attempts to reach the
         master, so that a worker rejoins a restarted master within about
         this many seconds.
+    @param reactor: the reactor to connect and start job processes with,
+        and the L{Worker}'s clock.
     """
 
     name = "cw-worker"
@@ -671,8 +673,11 @@ class WorkerService(service.MultiService):
         master_timeout: float = _DEFAULTS.master_timeout,
         drain_timeout: float = _DEFAULTS.drain_timeout,
         reconnect_delay: float = _DEFAULTS.reconnect_delay,
+        *,
+        reactor,
     ) -> None:
         super().__init__()
+        self.reactor = reactor
         self.drain_timeout = drain_timeout
         self.reconnect_delay = reconnect_delay
         self.job_timeout = job_timeout
@@ -688,7 +693,7 @@ class WorkerService(service.MultiService):
         self.client_service: ClientService | None = None
 
     @classmethod
-    def from_config(cls, config: WorkerConfig, secret: bytes | None) -> WorkerService:
+    def from_config(cls, config: WorkerConfig, secret: bytes | None, reactor) -> WorkerService:
         """
         The worker that C{config} (the command line's options, with the
         master resolved: C{--slurm} done) describes, holding C{secret}
@@ -698,13 +703,12 @@ class WorkerService(service.MultiService):
         fields = dataclasses.asdict(config)
         for name in ("secret_file", "insecure", "slurm", "slurm_wait"):  # used by Options
             del fields[name]
-        return cls(secret=secret, **fields)
+        return cls(secret=secret, reactor=reactor, **fields)
 
     def startService(self):
-        from twisted.internet import reactor
-
+        reactor = self.reactor
         bulk_pipe_reads()
-        starter = JobStarter(job_process_env())
+        starter = JobStarter(job_process_env(), reactor)
         self.pool = JobPool(
             JobChild,
             min=self.procs,
@@ -714,8 +718,9 @@ class WorkerService(service.MultiService):
             starter=starter,
             ampChildArgs=(str(self.memory_limit << 20),),
             max_rss=self.recycle_memory << 20,
+            clock=reactor,
         )
-        self.worker = Worker(self.pool, self.procs, secret=self.secret, address=self.master_address)
+        self.worker = Worker(self.pool, self.procs, reactor, secret=self.secret, address=self.master_address)
         self.worker.job_timeout = self.job_timeout
         self.worker.master_timeout = self.master_timeout
         self.worker.reconnect_delay = self.reconnect_delay
@@ -749,8 +754,6 @@ class WorkerService(service.MultiService):
         before the reactor stops this service, and their jobs must then go
         back to the master rather than be reported as crashed.
         """
-        import signal
-
         previous = signal.getsignal(signal.SIGTERM)
         if not callable(previous):
             return
@@ -825,6 +828,8 @@ class Options(ConfigOptions):
 
 def makeService(options: Options) -> WorkerService:
     log_descriptor_limit("worker")
-    worker = WorkerService.from_config(options.config(), options["secret"])
+    from twisted.internet import reactor  # twistd has installed the reactor it runs by now
+
+    worker = WorkerService.from_config(options.config(), options["secret"], reactor)
     worker.note_sigterm = True
     return worker

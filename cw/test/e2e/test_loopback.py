@@ -47,7 +47,7 @@ class LoopbackTests(unittest.TestCase):
         return [formatEvent(e) for e in self.events]
 
     def start_worker(self, procs=1):
-        worker = WorkerService(self.address, procs=procs, secret=load_secret())
+        worker = WorkerService(self.address, procs=procs, secret=load_secret(), reactor=reactor)
         worker.startService()
         self.addCleanup(lambda: worker.running and worker.stopService())
         return self.master.master.await_workers(len(self.master.master.workers) + 1).addCallback(

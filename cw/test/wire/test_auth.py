@@ -160,6 +160,7 @@ class FakeMasterSide(MasterAuth, AuthGate, amp.AMP):
     """The master's side of the handshake on an in-memory transport."""
 
     secret = SECRET
+    auth_clock = reactor
 
 
 class MasterAuthTests(unittest.TestCase):

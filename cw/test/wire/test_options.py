@@ -54,6 +54,6 @@ class GeneratedOptionsTests(unittest.TestCase):
             config,
             dataclasses.replace(WorkerConfig(), insecure=True, procs=3, master_timeout=7.0, master="node1"),
         )
-        service = worker.WorkerService.from_config(config, None)
+        service = worker.WorkerService.from_config(config, None, task.Clock())
         self.assertEqual((service.procs, service.master_timeout), (3, 7.0))
         self.assertRaises(usage.UsageError, worker.Options().parseOptions, ["--insecure", "--procs", "0"])

@@ -80,15 +80,16 @@ class PoolTests(unittest.TestCase):
             max=procs,
             maxIdle=3600,
             recycleAfter=0,
-            starter=JobStarter(job_process_env()),
+            starter=JobStarter(job_process_env(), reactor),
             ampChildArgs=(str(memory_limit << 20),),
             max_rss=recycle_memory << 20,
+            clock=reactor,
         )
         self.pids: set[int] = set()
         self.addCleanup(self._kill_leftovers)
         self.addCleanup(lambda: pool.stop().addTimeout(30, reactor))
         pool.start()
-        worker = Worker(pool, procs)
+        worker = Worker(pool, procs, reactor)
         worker.proto = self.proto = RecordingProtocol()
         self.seq = 0
         return worker
