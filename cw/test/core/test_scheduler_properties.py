@@ -190,8 +190,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         held = self.held_by(worker)
         junk = [(c, 10**6) for c in self.clients]
         keys = data.draw(st.lists(st.sampled_from(held + junk or [(0, 0)]), max_size=4))
+        order = list(self.scheduler.worker(worker).held)  # the order they were assigned in
         back = self.scheduler.return_jobs(worker, keys)
-        expected = [key for key in held if key in set(keys)]
+        expected = [key for key in order if key in set(keys)]
         assert [job.key for job in back] == [key for key in expected if key[0] in self.clients]
         for key in expected:
             self.taken_back(key)
