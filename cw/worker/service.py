@@ -412,8 +412,11 @@ class Worker:
         counting an attempt and sends this worker nothing more), let the
         running jobs finish and send their results.  Fires once nothing
         runs.  Jobs still running after C{timeout} seconds have their
-        processes killed and no result sent: the master requeues them when
-        this worker leaves, as a lost worker's jobs (counting an attempt).
+        processes killed and no result sent: a lone job whose process died
+        while draining is handed back (L{P.ReturnJobs}, no attempt counted)
+        if the connection still carries it; otherwise the master requeues
+        the job when this worker leaves, as a lost worker's (counting an
+        attempt).
         """
         d: defer.Deferred = defer.Deferred()
         if self.state.drained:
