@@ -1,11 +1,18 @@
 """
-Heartbeat bookkeeping, with no I/O: when each watched peer was last heard
-from and whether a heartbeat to it is unanswered.
+Heartbeat bookkeeping, with no I/O.
 
-L{cw.wire.liveness.HeartbeatMonitor} runs the timer and sends the
-heartbeats; it asks L{Liveness.beat} which peers to ping and which have
-been silent too long.  Peers are any hashable objects (connections);
-time is always passed in.  Unit-tested in L{cw.test.core.test_master_core}.
+  - L{Liveness} (the master's and the client's side): when each watched
+    peer was last heard from and whether a heartbeat to it is unanswered.
+    L{cw.wire.liveness.HeartbeatMonitor} runs the timer and sends the
+    heartbeats; it asks L{Liveness.beat} which peers to ping and which have
+    been silent too long.  Peers are any hashable objects (connections).
+    Unit-tested in L{cw.test.core.test_master_core}.
+  - L{MasterWatch} (the worker's side): whether the master, which sends the
+    heartbeats, has gone silent; the worker runs its one timer as told
+    (L{Recheck}) and drops the connection on L{MasterSilent}.  Unit-tested
+    in L{cw.test.core.test_liveness}.
+
+Time is always passed in.
 
 Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
@@ -85,3 +92,67 @@ class Liveness:
                 state.pinged = True
                 beat.ping.append(peer)
         return beat
+
+
+@dataclass(frozen=True)
+class Recheck:
+    """The master is not silent yet: look again in C{after} seconds."""
+
+    after: float
+
+
+@dataclass(frozen=True)
+class MasterSilent:
+    """Nothing came from the master for C{timeout} seconds: drop its connection."""
+
+    timeout: float
+
+
+class MasterWatch:
+    """
+    The worker's watchdog on its master's heartbeats.  It is armed from the
+    second heartbeat on, once their interval is known; its timeout is then
+    C{timeout} or three intervals, whichever is longer (a master that beats
+    slowly is not dropped between two beats).  Anything from the master
+    counts as a sign of life: its heartbeat may wait behind a big box it is
+    sending.
+
+    @param timeout: the least time without a word from the master before
+        it counts as silent; 0: never.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        #: When the last heartbeat came (None: none yet on this connection).
+        self.last_heartbeat: float | None = None
+        #: The timeout in force, known from the second heartbeat on.
+        self.current: float | None = None
+
+    def reset(self) -> None:
+        """A new (or no) connection: forget its heartbeats."""
+        self.last_heartbeat = self.current = None
+
+    def heartbeat(self, now: float) -> Recheck | None:
+        """
+        A heartbeat came at C{now}: when to check the master next (replacing
+        any earlier check), or None while the watchdog is not armed.
+        """
+        if not self.timeout:
+            return None
+        last, self.last_heartbeat = self.last_heartbeat, now
+        if last is None:
+            return None
+        self.current = max(self.timeout, 3 * (now - last))
+        return Recheck(self.current)
+
+    def check(self, now: float, last_heard: float) -> Recheck | MasterSilent | None:
+        """
+        The check asked for is due at C{now}; the master was last heard
+        from at C{last_heard}.  None if the watchdog is not armed.
+        """
+        if self.current is None:
+            return None
+        silent = now - last_heard
+        if silent < self.current:
+            return Recheck(self.current - silent)
+        return MasterSilent(self.current)

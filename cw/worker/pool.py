@@ -14,7 +14,7 @@ the dead child and starts a fresh one.
 Each child is talked to through a L{ChildLink}, the parent-side AMP object
 of one child.  It also carries out, per call:
 
-  - a timeout (C{_cw_timeout} seconds, counted from when the job reaches the
+  - a timeout (L{BatchCall.timeout} seconds, counted from when the job reaches the
     child; a job with a timeout is held until a new child is up): the child
     is killed with SIGKILL, with every process its job started
     (L{cw.worker.containment}), and the call fails with L{JobTimedOut};
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass, field
 
 from ampoule import commands, pool
 from twisted.internet import defer, error
@@ -75,6 +76,40 @@ class JobCancelled(error.ProcessTerminated):
 
 class JobWithdrawn(Exception):
     """The job was cancelled before it reached a job process."""
+
+
+@dataclass
+class BatchCall:
+    """
+    What one call into the pool carries besides its command's arguments:
+    the one object that passes through ampoule's C{doWork} (as C{_cw_call})
+    to the L{ChildLink} that runs it, and stays with the caller to cancel
+    the call.
+    """
+
+    #: Seconds the job may run once it reaches its job process (None or 0: no limit).
+    timeout: float | None = None
+    #: Client contexts by client id, of master connection C{generation};
+    #: a child is sent those it lacks.
+    contexts: dict[int, dict] = field(default_factory=dict)
+    #: Pickled functions by C{(client, key)}; a child is sent those it lacks.
+    functions: dict[tuple[int, bytes], bytes] = field(default_factory=dict)
+    #: The master connection the jobs came on.
+    generation: int = 0
+    #: Cancelled before it reached a job process: it never will.
+    withdrawn: bool = False
+    #: The child running the call, while it runs.
+    link: ChildLink | None = None
+
+    def cancel(self, withdraw: bool) -> None:
+        """
+        Kill the job process running this call, if any; with C{withdraw}
+        (the call has not started), make sure it never starts either.
+        """
+        if withdraw:
+            self.withdrawn = True
+        if self.link is not None:
+            self.link.cancel()
 
 
 def resident_bytes(pid: int) -> int | None:
@@ -138,69 +173,46 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
         process = getattr(self.transport, "transport", None)
         return getattr(process, "pid", None)
 
-    def callRemote(
-        self,
-        command,
-        _cw_timeout: float | None = None,
-        _cw_handle: dict | None = None,
-        _cw_contexts: dict | None = None,
-        _cw_functions: dict | None = None,
-        _cw_generation: int = 0,
-        **kwargs,
-    ):
+    def callRemote(self, command, _cw_call: BatchCall | None = None, **kwargs):
         """
-        Call C{command} in the child.  C{_cw_handle}, if given, is a dict
-        that gets C{"link": self} so the caller can L{cancel} the call later;
-        a handle already marked C{"cancelled"} fails at once.
+        Call C{command} in the child, carrying out C{_cw_call} (see
+        L{BatchCall}): its timeout, and its link so that the caller can
+        L{BatchCall.cancel} it later; a call already withdrawn fails at once.
 
         For L{P.RunBatch}, pass C{jobs} only: C{contexts} and C{functions}
-        are filled in here from C{_cw_contexts} (client contexts by client
-        id, of master connection C{_cw_generation}) and C{_cw_functions}
-        (pickled functions by C{(client, key)}), with what this child lacks.
+        are filled in here from C{_cw_call}'s, with what this child lacks.
         """
-        if _cw_handle is not None:
-            if _cw_handle.get("cancelled"):
-                # Never started: fail the call without harming this child.
-                return defer.fail(JobWithdrawn())
-            _cw_handle["link"] = self
+        call = _cw_call if _cw_call is not None else BatchCall()
+        if call.withdrawn:
+            # Never started: fail the call without harming this child.
+            return defer.fail(JobWithdrawn())
+        call.link = self
         if self.dead:
             return defer.fail(ChildExited(exitCode=None))
-        if _cw_timeout and not self.up:
+        if call.timeout and not self.up:
             # A job's timeout counts from when it reaches a running job
             # process, not while the process starts (seconds on a loaded
             # machine); and a job process answers nothing while it runs a
             # job, so it must be known to be up before the job is sent.
             held: defer.Deferred = defer.Deferred()
-            self._when_up.append(
-                lambda: self.callRemote(
-                    command,
-                    _cw_timeout,
-                    _cw_handle,
-                    _cw_contexts,
-                    _cw_functions,
-                    _cw_generation,
-                    **kwargs,
-                ).chainDeferred(held)
-            )
+            self._when_up.append(lambda: self.callRemote(command, call, **kwargs).chainDeferred(held))
             return held
         if command is P.RunBatch:
             kwargs["contexts"], kwargs["functions"] = self._missing(
-                kwargs["jobs"], _cw_contexts or {}, _cw_functions or {}, _cw_generation
+                kwargs["jobs"], call.contexts, call.functions, call.generation
             )
         d = super().callRemote(command, **kwargs)
         if d is None:
             return d
         timer = None
-        if _cw_timeout is not None and _cw_timeout > 0:
-            timer = self.clock.callLater(_cw_timeout, self._kill, _cw_timeout)
+        if call.timeout is not None and call.timeout > 0:
+            timer = self.clock.callLater(call.timeout, self._kill, call.timeout)
 
         def ended(result):
             if timer is not None and timer.active():
                 timer.cancel()
-            if _cw_handle is not None:
-                # The call is over: a late cancel must not kill this child's
-                # next job.
-                _cw_handle.pop("link", None)
+            # The call is over: a late cancel must not kill this child's next job.
+            call.link = None
             if not isinstance(result, dict) or self.pool is None:
                 return result
             limit = self.pool.max_rss

@@ -37,6 +37,7 @@ from twisted.python import usage
 
 from cw import discovery
 from cw.core.config import WorkerConfig
+from cw.core.liveness import MasterSilent, MasterWatch, Recheck
 from cw.core.worker_state import (
     CancelBatch,
     Death,
@@ -63,7 +64,7 @@ from cw.wire.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
 from cw.worker.child import JobChild
 from cw.worker.containment import kill_group, release_pipes
 from cw.worker.pipes import bulk_pipe_reads, widen_pipe
-from cw.worker.pool import JobCancelled, JobPool, JobTimedOut
+from cw.worker.pool import BatchCall, JobCancelled, JobPool, JobTimedOut
 
 log = Logger(namespace="cw.worker")  # the namespace of its log lines before the layers
 
@@ -218,8 +219,8 @@ class Worker:
     carries out its instructions (L{Worker._carry_out}).
 
     @param pool: a L{cw.worker.pool.JobPool} of L{cw.worker.child.JobChild} processes (or
-        anything with the same C{doWork}, including its C{_cw_timeout}
-        keyword for jobs with a timeout, and C{kill_busy} for L{drain}).
+        anything with the same C{doWork}, taking each call's L{BatchCall}
+        as its C{_cw_call} keyword, and C{kill_busy} for L{drain}).
     @param procs: how many jobs run at once.
     @param clock: all the worker's time (C{IReactorTime}).
     """
@@ -239,20 +240,16 @@ class Worker:
         self.contexts: dict[int, dict] = {}
         #: Cached functions by C{(client, key)} (L{P.DefineFunction}).
         self.functions: dict[tuple[int, bytes], bytes] = {}
-        #: The pool's handle of each running batch (see
-        #: L{cw.worker.pool.ChildLink.callRemote}), so that a cancelled
-        #: job's process can be killed.
-        self.handles: dict[int, dict] = {}
+        #: The pool call of each running batch, so that a cancelled job's
+        #: process can be killed.
+        self.calls: dict[int, BatchCall] = {}
         self._drain_waiters: list[defer.Deferred] = []
         self._drain_timer = None
         self._drain_timeout = _DEFAULTS.drain_timeout
-        #: Once the master sends heartbeats, how long the worker waits for
-        #: the next before it drops the connection and reconnects (a
-        #: half-open link may otherwise never close on this side); at least
-        #: three of the master's heartbeat intervals; 0: never.
-        self.master_timeout: float = _DEFAULTS.master_timeout
+        #: Whether the master has gone silent (its heartbeats stopped): a
+        #: half-open link may otherwise never close on this side.
+        self.master_watch = MasterWatch(_DEFAULTS.master_timeout)
         self._master_watchdog = None
-        self._last_heartbeat: float | None = None
         self.outbox = Outbox(clock, self._send_results, P.result_size)
         #: Longest wait between tries to reach the master (see L{retry_delay}).
         self.reconnect_delay = _DEFAULTS.reconnect_delay
@@ -305,6 +302,19 @@ class Worker:
     def max_payload(self, value: int) -> None:
         self.state.max_payload = value
 
+    @property
+    def master_timeout(self) -> float:
+        """
+        Once the master sends heartbeats, how long the worker waits for the
+        next before it drops the connection and reconnects; at least three
+        of the master's heartbeat intervals; 0: never (L{MasterWatch}).
+        """
+        return self.master_watch.timeout
+
+    @master_timeout.setter
+    def master_timeout(self, value: float) -> None:
+        self.master_watch.timeout = value
+
     def retry_delay(self, attempt: int) -> float:
         """
         Seconds until the next try to reach the master: the usual back-off
@@ -332,39 +342,39 @@ class Worker:
         )
 
     def heartbeat_received(self, proto: WorkerProtocol) -> None:
-        """The master is alive: (re)arm the watchdog for its next heartbeat."""
-        if proto is not self.proto or not self.master_timeout:
+        """The master is alive: (re)arm the watchdog as L{MasterWatch} says."""
+        if proto is not self.proto:
             return
-        now = self.clock.seconds()
-        last, self._last_heartbeat = self._last_heartbeat, now
-        if last is None:
-            return  # armed from the second heartbeat on, once the interval is known
-        timeout = max(self.master_timeout, 3 * (now - last))
+        self._watch_master(proto, self.master_watch.heartbeat(self.clock.seconds()))
+
+    def _check_master(self, proto: WorkerProtocol) -> None:
+        last_heard = getattr(proto, "last_heard", float("-inf"))
+        self._watch_master(proto, self.master_watch.check(self.clock.seconds(), last_heard))
+
+    def _watch_master(self, proto: WorkerProtocol, decision: Recheck | MasterSilent | None) -> None:
+        """Carry out L{MasterWatch}'s C{decision}."""
+        if isinstance(decision, Recheck):
+            self._stop_master_watchdog()
+            self._master_watchdog = self.clock.callLater(decision.after, self._check_master, proto)
+        elif isinstance(decision, MasterSilent):
+            self._master_watchdog = None
+            log.warn(
+                "No heartbeat or anything else from the master for {s:g} s;"
+                " dropping the connection to reconnect",
+                s=decision.timeout,
+            )
+            proto.transport.abortConnection()
+
+    def _stop_master_watchdog(self) -> None:
         if self._master_watchdog is not None and self._master_watchdog.active():
             self._master_watchdog.cancel()
-        self._master_watchdog = self.clock.callLater(timeout, self._master_silent, proto, timeout)
-
-    def _master_silent(self, proto: WorkerProtocol, timeout: float) -> None:
-        silent = self.clock.seconds() - getattr(proto, "last_heard", float("-inf"))
-        if silent < timeout:
-            # The master sent something since its last heartbeat (a big box
-            # that its next heartbeat waits behind): not silent yet.
-            self._master_watchdog = self.clock.callLater(
-                timeout - silent, self._master_silent, proto, timeout
-            )
-            return
-        log.warn(
-            "No heartbeat or anything else from the master for {s:g} s; dropping the connection to reconnect",
-            s=timeout,
-        )
-        proto.transport.abortConnection()
+        self._master_watchdog = None
 
     def disconnected(self, proto: WorkerProtocol) -> None:
         if proto is not self.proto:
             return
-        if self._master_watchdog is not None and self._master_watchdog.active():
-            self._master_watchdog.cancel()
-        self._master_watchdog = self._last_heartbeat = None
+        self._stop_master_watchdog()
+        self.master_watch.reset()
         dropped = len(self.state.queue)
         self.proto = None
         self.contexts.clear()
@@ -463,14 +473,9 @@ class Worker:
             elif isinstance(instruction, ReturnJobs):
                 self._return(instruction.keys)
             elif isinstance(instruction, CancelBatch):
-                handle = self.handles.get(instruction.batch)
-                if handle is None:
-                    continue
-                if instruction.withdraw:
-                    handle["cancelled"] = True  # not started yet: it never will be
-                link = handle.get("link")
-                if link is not None:
-                    link.cancel()
+                call = self.calls.get(instruction.batch)
+                if call is not None:
+                    call.cancel(withdraw=instruction.withdraw)
             elif isinstance(instruction, KillRunning):
                 self._killed = self.pool.kill_busy()
             elif isinstance(instruction, StartDrainTimer):
@@ -483,25 +488,14 @@ class Worker:
                 raise TypeError(f"unknown instruction {instruction!r}")
 
     def _start(self, start: StartBatch) -> None:
-        extra = {}
-        if start.timeout:
-            extra["_cw_timeout"] = start.timeout
-        handle: dict = {}
-        self.handles[start.batch] = handle
-        d = self.pool.doWork(
-            P.RunBatch,
-            jobs=list(start.jobs),
-            _cw_handle=handle,
-            _cw_contexts=self.contexts,
-            _cw_functions=self.functions,
-            _cw_generation=start.generation,
-            **extra,
-        )
+        call = BatchCall(start.timeout or None, self.contexts, self.functions, start.generation)
+        self.calls[start.batch] = call
+        d = self.pool.doWork(P.RunBatch, jobs=list(start.jobs), _cw_call=call)
         d.addCallbacks(self._batch_finished, self._batch_failed, (start,), None, (start,))
         d.addErrback(lambda f: log.failure("Bookkeeping of a finished job failed", f))
 
     def _batch_finished(self, answer: dict, start: StartBatch) -> None:
-        self.handles.pop(start.batch, None)
+        self.calls.pop(start.batch, None)
         self._carry_out(self.state.batch_finished(start.batch, answer["results"], self.clock.seconds()))
 
     def _batch_failed(self, reason, start: StartBatch) -> None:
@@ -509,7 +503,7 @@ class Worker:
         The job process running C{start}'s batch died (or never got it).
         What becomes of its jobs is L{WorkerState.batch_failed}'s decision.
         """
-        self.handles.pop(start.batch, None)
+        self.calls.pop(start.batch, None)
         if reason.check(JobCancelled):
             death = Death.CANCELLED
         elif reason.check(JobTimedOut):

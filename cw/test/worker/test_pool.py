@@ -19,7 +19,7 @@ from cw.test.jobs import allocate, exit_with, segfault, sys_exit
 from cw.test.procs import process_exists
 from cw.wire import commands as P
 from cw.worker.child import JobChild
-from cw.worker.pool import JobPool
+from cw.worker.pool import BatchCall, JobPool
 from cw.worker.service import JobStarter, Worker, job_process_env
 
 #: Upper bound, in seconds, for a batch of jobs in these tests.
@@ -291,7 +291,7 @@ class TimeoutStartTests(unittest.SynchronousTestCase):
     def test_held_until_process_is_up(self):
         from ampoule.commands import Echo
 
-        self.link.callRemote(Echo, data=b"job", _cw_timeout=1)
+        self.link.callRemote(Echo, data=b"job", _cw_call=BatchCall(timeout=1))
         self.clock.advance(10)
         self.assertIsNone(self.link.timed_out, "timed out while the process was starting")
         self.assertEqual(len(self.sent()), 1, "the job was sent before the process was up")
@@ -306,7 +306,7 @@ class TimeoutStartTests(unittest.SynchronousTestCase):
         from ampoule.commands import Echo
 
         self.answer_first_box()
-        self.link.callRemote(Echo, data=b"job", _cw_timeout=1)
+        self.link.callRemote(Echo, data=b"job", _cw_call=BatchCall(timeout=1))
         self.assertEqual(self.sent()[1][b"data"], b"job")
         self.clock.advance(1.1)
         self.assertEqual(self.link.timed_out, 1)
@@ -316,6 +316,63 @@ class TimeoutStartTests(unittest.SynchronousTestCase):
         from twisted.internet.error import ProcessTerminated
         from twisted.python.failure import Failure
 
-        d = self.link.callRemote(Echo, data=b"job", _cw_timeout=1)
+        d = self.link.callRemote(Echo, data=b"job", _cw_call=BatchCall(timeout=1))
         self.link.connectionLost(Failure(ProcessTerminated(signal=9)))
         self.failureResultOf(d, ProcessTerminated)
+
+
+class BatchCallTests(unittest.SynchronousTestCase):
+    """
+    A L{BatchCall} is the one object a call carries through the pool: it
+    holds the call's link while the call runs, so that it can be cancelled,
+    and withdraws a call that has not reached a job process.
+    """
+
+    def setUp(self):
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from cw.worker.pool import ChildLink
+
+        self.link = ChildLink()
+        self.link.clock = Clock()
+        self.transport = StringTransport()
+        self.link.makeConnection(self.transport)
+
+    def sent(self) -> list:
+        from twisted.protocols import amp
+
+        return amp.parseString(self.transport.value())
+
+    def test_withdrawn_call_never_sent(self):
+        from ampoule.commands import Echo
+
+        from cw.worker.pool import JobWithdrawn
+
+        call = BatchCall()
+        call.cancel(withdraw=True)
+        self.failureResultOf(self.link.callRemote(Echo, data=b"job", _cw_call=call), JobWithdrawn)
+        self.assertEqual(len(self.sent()), 1, "only the first box (is the process up?) was sent")
+        self.assertFalse(self.link.cancelled, "the child itself is unharmed")
+
+    def test_cancel_reaches_the_running_child(self):
+        from ampoule.commands import Echo
+
+        call = BatchCall()
+        self.link.callRemote(Echo, data=b"job", _cw_call=call)
+        self.assertIs(call.link, self.link)
+        call.cancel(withdraw=False)
+        self.assertTrue(self.link.cancelled)
+
+    def test_late_cancel_spares_the_next_job(self):
+        from ampoule.commands import Echo
+        from twisted.protocols import amp
+
+        call = BatchCall()
+        d = self.link.callRemote(Echo, data=b"job", _cw_call=call)
+        box = self.sent()[1]
+        self.link.dataReceived(amp.AmpBox(_answer=box[b"_ask"], response=b"job").serialize())
+        self.successResultOf(d)
+        self.assertIsNone(call.link)
+        call.cancel(withdraw=False)
+        self.assertFalse(self.link.cancelled)
