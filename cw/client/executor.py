@@ -231,7 +231,9 @@ class ClusterExecutor(futures.Executor):
     one gets that many jobs per turn (default 1).  C{master_timeout}: seconds
     without a sign of life from the master before every pending future
     raises L{MasterUnavailable} (default C{CW_MASTER_TIMEOUT}, else
-    L{MASTER_TIMEOUT}; 0: no limit).
+    L{MASTER_TIMEOUT}; 0: no limit).  C{session}: this executor's session
+    name, which the master knows its jobs by across reconnections (default:
+    a new random one, L{session_name}).
     """
 
     #: Ask the master for L{P.JobsStarted} notices, so that futures become
@@ -254,6 +256,7 @@ class ClusterExecutor(futures.Executor):
         max_attempts: int | None = None,
         weight: int = 1,
         master_timeout: float | None = None,
+        session: str | None = None,
     ) -> None:
         #: Defaults for every job of this executor (see L{submit_with}).
         self.timeout = timeout
@@ -275,12 +278,18 @@ class ClusterExecutor(futures.Executor):
             insecure=insecure,
             weight=weight,
             master_timeout=master_timeout,
+            session=session,
             on_started=(lambda seqs: self._jobs.inbox.put(_Started(seqs))) if self._running_notices else None,
         )
         self._thread = threading.Thread(target=self._deliver, name="cw-executor", daemon=True)
         self._thread.start()
         if self._wait_at_exit:
             _executors.add(self)
+
+    @property
+    def session_name(self) -> str:
+        """This executor's session name (the C{session} it was given, or a generated one)."""
+        return self.session.name
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> futures.Future:
         return self.submit_with(fn, args, kwargs)

@@ -32,6 +32,7 @@ import os
 import socket
 import sys
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -44,11 +45,12 @@ from twisted.protocols import amp
 from twisted.python import threadable
 
 from cw.client.mapping import progress as progress
-from cw.core.validation import MAX_WEIGHT
+from cw.core.validation import MAX_WEIGHT, check_session
 from cw.discovery import default_host
 from cw.errors import (
     REPORT_TYPES,
     AuthenticationFailed,
+    BadCommand,
     JobCrashed,
     MasterUnavailable,
     RemoteException,
@@ -222,6 +224,19 @@ def master_timeout_setting(value: float | None) -> float:
     return float(value)
 
 
+def session_name(session: str | None) -> str:
+    """
+    A client's session name: C{session} if given (1 to 128 printable
+    characters, else L{ValueError}), else a new random one.
+    """
+    if session is None:
+        return uuid.uuid4().hex
+    try:
+        return check_session(session)
+    except BadCommand as e:
+        raise ValueError(f"bad session name: {e}") from None
+
+
 def client_context() -> dict:
     """The working directory and sys.path that this client's jobs run with."""
     cwd = os.getcwd()
@@ -298,7 +313,11 @@ class Session:
         weight: int = 1,
         master_timeout: float | None = None,
         on_started: Callable[[list[int]], None] | None = None,
+        session: str | None = None,
     ) -> None:
+        #: The client's session name (L{session_name}), the same on every
+        #: connection: its jobs are known by C{(session, seq)}.
+        self.name = session_name(session)
         if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
             raise ValueError(f"weight must be an integer from 1 to {MAX_WEIGHT}, not {weight!r}")
         self.weight = weight
@@ -381,6 +400,7 @@ class Session:
                     "weight": self.weight,
                     P.RUNNING_NOTICES: self.on_started is not None,
                 },
+                session=self.name,
             )
         except Exception as e:
             proto.transport.loseConnection()

@@ -17,7 +17,7 @@ from typing import Any
 from cw.client.executor import ClusterExecutor, _refuse_after_interpreter_exit
 from cw.client.mapping import Progress
 from cw.client.mapping import progress as progress
-from cw.client.session import job_options, log, pickle_call
+from cw.client.session import job_options, log, pickle_call, session_name
 from cw.errors import RemoteException
 from cw.wire import commands as P
 
@@ -73,6 +73,7 @@ class ClientThread(threading.Thread):
         C{localhost}.
     @param master_timeout: as for L{ClusterExecutor}, as are the other
         connection options; C{wait()} then raises L{MasterUnavailable}.
+    @param session: as for L{ClusterExecutor}.
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class ClientThread(threading.Thread):
         progress: bool | dict = False,
         weight: int = 1,
         master_timeout: float | None = None,
+        session: str | None = None,
     ) -> None:
         super().__init__(name="cw-client", daemon=True)
         #: A tqdm bar over submitted and finished jobs, if asked for.
@@ -106,6 +108,8 @@ class ClientThread(threading.Thread):
             "insecure": insecure,
             "weight": weight,
             "master_timeout": master_timeout,
+            # Chosen now, so that it is known (and kept) before start().
+            "session": session_name(session),
         }
         self._executor: ClusterExecutor | None = None
         #: C{(jobid, ok, value)} of finished jobs, put by the executor's
@@ -121,6 +125,11 @@ class ClientThread(threading.Thread):
         #: fails with the same one, which L{wait} raises once.
         self._lost: BaseException | None = None
         self._start_lock = threading.Lock()
+
+    @property
+    def session_name(self) -> str:
+        """This client's session name (the C{session} it was given, or a generated one)."""
+        return self._connection["session"]
 
     @property
     def session(self):

@@ -39,6 +39,9 @@ MAX_AWAIT = 1_000_000
 #: Longest key of a cached function (the job record's field holds 255).
 MAX_FUNCTION_KEY = 255
 
+#: Longest client session name (L{P.RegisterClient}).
+MAX_SESSION = 128
+
 #: The status codes a result may carry.
 OUTCOMES = frozenset({P.Outcome.OK, P.Outcome.RAISED, P.Outcome.CRASHED, P.Outcome.FAILED})
 
@@ -67,6 +70,11 @@ def check_text(name: str, value: Any, limit: int, empty: bool = False, printable
     if printable and not value.isprintable():
         raise BadCommand(f"{name} holds control characters: {value!r:.80}")
     return value
+
+
+def check_session(session: Any) -> str:
+    """A client's session name: 1 to L{MAX_SESSION} printable characters."""
+    return check_text("session", session, MAX_SESSION)
 
 
 def check_peer(host: Any, pid: Any) -> str:

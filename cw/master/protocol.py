@@ -25,6 +25,7 @@ from cw.core.validation import (
     check_peer,
     check_range,
     check_results,
+    check_session,
 )
 from cw.errors import BadCommand
 from cw.wire import commands as P
@@ -81,6 +82,8 @@ class MasterProtocol(
         self.role: str | None = None
         self.peer_id = 0
         self.peer_name = "?"
+        #: A client's session name (L{P.RegisterClient}), once registered.
+        self.session: str | None = None
         self.outbox: Outbox | None = None
         #: Why the master dropped this worker, for the log and error reports.
         self.lost_how: str | None = None
@@ -220,13 +223,15 @@ class MasterProtocol(
         return "the box"
 
     @P.RegisterClient.responder
-    def register_client(self, version, host, pid, context):
+    def register_client(self, version, host, pid, context, session):
         self._check_version(version)
         name = check_peer(host, pid)
         weight = check_context(context)
+        check_session(session)
         self._claim("client")
         self.peer_name = name
-        self.peer_id = self.master.client_joined(self, context, weight)
+        self.session = session
+        self.peer_id = self.master.client_joined(self, context, weight, session)
         self.role = "client"
         return {
             "client_id": self.peer_id,

@@ -130,6 +130,8 @@ class Master:
         self._output_watch: task.LoopingCall | None = None
         self._deadline_checks: task.LoopingCall | None = None
         self.clients: dict[int, MasterProtocol] = {}
+        #: The registered client of each session (L{P.RegisterClient}).
+        self.sessions: dict[str, int] = {}
         #: Clients told which of their jobs were handed to workers (L{P.JobsStarted}).
         self.running_notices: set[int] = set()
         self.workers: dict[int, MasterProtocol] = {}
@@ -154,9 +156,34 @@ class Master:
         for connection, why in self.pending.admit(proto, address):
             connection.reject(why)
 
-    def client_joined(self, proto: MasterProtocol, context: dict, weight: int = 1) -> int:
+    def client_joined(
+        self, proto: MasterProtocol, context: dict, weight: int = 1, session: str | None = None
+    ) -> int:
+        """
+        Register a client connection; return its id.  C{session} names the
+        client across its connections (L{P.RegisterClient}): a connection of
+        a session that is still registered (the client reconnected before
+        this master noticed that its old connection died) is dropped, with
+        its jobs, which the client resubmits on the new one.  Workers are
+        sent the session with the client's context, so that results they
+        kept for it can be matched to the resubmitted jobs.
+        """
+        old = self.sessions.get(session) if session is not None else None
+        if old is not None and old in self.clients:
+            stale = self.clients[old]
+            log.info(
+                "Client {cid} ({peer}) of session {session} reconnected; dropping its old connection",
+                cid=old,
+                peer=stale.peer_name,
+                session=session,
+            )
+            self.client_left(stale)
+            stale.transport.abortConnection()
         cid = self.scheduler.add_client(weight)
         self.clients[cid] = proto
+        if session is not None:
+            self.sessions[session] = cid
+            context = {**context, "session": session}
         self.routing.client_joined(cid, context)
         if self.client_beats is not None:
             self.client_beats.watch(proto)
@@ -167,6 +194,11 @@ class Master:
 
     def client_left(self, proto: MasterProtocol) -> None:
         cid = proto.peer_id
+        if self.clients.get(cid) is not proto:
+            return  # replaced by a newer connection of its session, and forgotten then
+        session = getattr(proto, "session", None)
+        if session is not None and self.sessions.get(session) == cid:
+            del self.sessions[session]
         if self.client_beats is not None:
             self.client_beats.forget(proto)
         self.clients.pop(cid, None)
@@ -606,6 +638,7 @@ class Master:
                 {
                     "id": c.id,
                     "peer": self.clients[c.id].peer_name,
+                    "session": getattr(self.clients[c.id], "session", None),
                     "queued": c.queued,
                     "queued_bytes": s.queued_bytes(c.id),
                     "peak_queued": c.peak_queued,

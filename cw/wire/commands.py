@@ -197,6 +197,12 @@ class RegisterClient(amp.Command):
     """
     First command of a client connection.  C{context} is the client's working
     directory and C{sys.path}, which every job of this client runs with.
+    C{session} names the client object across its connections (one it was
+    given, or a generated one): a client that reconnects registers with the
+    same session and resubmits its jobs under the same sequence numbers, so
+    that a job is known by C{(session, seq)} whatever the connection.  A
+    second registration with a session already connected replaces that
+    connection (the master drops the old one and its jobs).
     """
 
     arguments = [
@@ -204,6 +210,7 @@ class RegisterClient(amp.Command):
         (b"host", amp.Unicode()),
         (b"pid", amp.Integer()),
         (b"context", JSON()),
+        (b"session", amp.Unicode()),
     ]
     response = [
         (b"client_id", amp.Integer()),

@@ -338,6 +338,7 @@ def mute_client(address: str):
         host=socket.gethostname(),
         pid=os.getpid(),
         context={"cwd": os.getcwd(), "path": []},
+        session="mute",
     )
     proto.callRemote(P.SubmitJobs, jobs=[P.Job(0, 1, b"never run")])
     proto.sent_last = time.monotonic()

@@ -139,6 +139,7 @@ class LoopbackTests(unittest.TestCase):
                 host="h",
                 pid=1,
                 context={"cwd": "/", "path": []},
+                session="s",
             ),
             P.VersionMismatch,
         )

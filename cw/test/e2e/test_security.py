@@ -171,6 +171,7 @@ class AuthenticationTests(unittest.TestCase):
                 host="evil",
                 pid=1,
                 context=client_context(),
+                session="evil",
             ) + raw_box(P.SubmitJobs, jobs=[job])
             with socket.create_connection(host_port(self.procs.address)) as sock:
                 sock.sendall(data)

@@ -92,6 +92,11 @@ class ValidationUnitTests(unittest.SynchronousTestCase):
         ):
             self.assertRaises(V.BadCommand, V.check_peer, host, pid)
 
+    def test_session(self):
+        self.assertEqual(V.check_session("run-7"), "run-7")
+        for bad in ("", "s" * (V.MAX_SESSION + 1), "a\nforged line", None, 7):
+            self.assertRaises(V.BadCommand, V.check_session, bad)
+
     def test_jobs(self):
         V.check_jobs([P.Job(0, 1, b"p", P.encode_options(timeout=2, max_attempts=1, priority=-3))])
         V.check_jobs([P.Job(0, 1, b"p", P.encode_options(max_attempts=10**30, priority=10**30))])
@@ -183,7 +188,13 @@ def ignore_answer(answer) -> None:
 
 
 def register_client(peer: Peer, **overrides) -> defer.Deferred:
-    fields = {"version": P.PROTOCOL_VERSION, "host": "test", "pid": os.getpid(), "context": client_context()}
+    fields = {
+        "version": P.PROTOCOL_VERSION,
+        "host": "test",
+        "pid": os.getpid(),
+        "context": client_context(),
+        "session": "test",
+    }
     return peer.callRemote(P.RegisterClient, **{**fields, **overrides})
 
 

@@ -329,10 +329,22 @@ class CommandTests(SynchronousTestCase):
     def test_register_client(self):
         context = {"cwd": "/tmp", "path": ["/tmp", "/usr/lib/python3"]}
         _, parsed = round_trip_arguments(
-            P.RegisterClient, version=P.PROTOCOL_VERSION, host="n\u00f6de12", pid=4321, context=context
+            P.RegisterClient,
+            version=P.PROTOCOL_VERSION,
+            host="n\u00f6de12",
+            pid=4321,
+            context=context,
+            session="s\u00e9ance",
         )
         self.assertEqual(
-            parsed, {"version": P.PROTOCOL_VERSION, "host": "n\u00f6de12", "pid": 4321, "context": context}
+            parsed,
+            {
+                "version": P.PROTOCOL_VERSION,
+                "host": "n\u00f6de12",
+                "pid": 4321,
+                "context": context,
+                "session": "s\u00e9ance",
+            },
         )
         answer = {"client_id": 7, "max_payload": 1 << 40, "room_bytes": 1 << 30, "room_jobs": 10**7}
         self.assertEqual(round_trip_response(P.RegisterClient, **answer), answer)
