@@ -86,8 +86,21 @@ class WorkerLost(JobCrashed):
     """
 
 
+class Unschedulable(RemoteException):
+    """
+    No connected worker could run the job (it asked for more cores,
+    memory, GPUs or custom resources than any has, or a tag none has) for
+    the master's C{--unschedulable-timeout}.  C{report["resources"]} says
+    what it asked for.
+    """
+
+
 #: Error report types that have an exception class of their own.
-REPORT_TYPES: dict[str, type[RemoteException]] = {"JobTimeout": JobTimeout, "WorkerLost": WorkerLost}
+REPORT_TYPES: dict[str, type[RemoteException]] = {
+    "JobTimeout": JobTimeout,
+    "WorkerLost": WorkerLost,
+    "Unschedulable": Unschedulable,
+}
 
 
 class JobKilled(CWError, futures.CancelledError):

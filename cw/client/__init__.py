@@ -41,6 +41,7 @@ from cw.errors import (
     RemoteException,
     SecretError,
     SubmitError,
+    Unschedulable,
     WorkerLost,
 )
 
@@ -62,6 +63,7 @@ __all__ = [
     "Session",
     "SlurmExecutor",
     "SubmitError",
+    "Unschedulable",
     "WorkerLost",
     "bounded_map",
     "master_status",

@@ -194,6 +194,12 @@ class MasterConfig:
     client_timeout: float = option(CLIENT_TIMEOUT, "seconds a client may stay silent (0: no limit)")
     deadline_grace: float = option(DEADLINE_GRACE, "seconds past a job's timeout before it is taken back")
     stall_timeout: float = option(0.0, "drop a worker holding jobs that reports nothing this long (0: never)")
+    reserve_after: float = option(
+        10.0, "keep a worker free for a job shape that found no room this long (0: never)"
+    )
+    unschedulable_timeout: float = option(
+        0.0, "fail jobs that no connected worker could run after this long (0: never)"
+    )
     web: str | None = option(
         None, "serve the dashboard and /metrics on this endpoint, e.g. tcp:8494 (loopback)", doc="none"
     )

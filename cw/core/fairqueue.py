@@ -15,9 +15,10 @@ Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard lib
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 from cw.core.records import Job, read_options
+from cw.core.resources import Shape, shape_of
 
 
 def job_priority(job: Job) -> int:
@@ -29,20 +30,32 @@ def job_priority(job: Job) -> int:
 
 
 class _ClientJobs:
-    """One client's queued jobs, by priority level."""
+    """
+    One client's queued jobs, by priority level: plain jobs in one queue
+    per level, sized jobs (L{cw.core.resources.Shape}) in one queue per
+    level and shape, so that the oldest job of a shape that fits a worker
+    is found without walking past the jobs of shapes that do not.
+    """
 
-    __slots__ = ("weight", "credit", "levels", "size", "bytes")
+    __slots__ = ("weight", "credit", "levels", "sized_levels", "size", "sized", "bytes")
 
     def __init__(self, weight: int) -> None:
         self.weight = weight
         self.credit = weight
         self.levels: dict[int, deque[Job]] = {}
+        self.sized_levels: dict[int, dict[Shape, deque[Job]]] = {}
         self.size = 0
+        #: How many of the queued jobs are sized.
+        self.sized = 0
         #: Bytes of the queued jobs' payloads.
         self.bytes = 0
 
-    def push(self, job: Job, front: bool = False) -> None:
-        level = self.levels.setdefault(job_priority(job), deque())
+    def push(self, job: Job, shape: Shape | None, front: bool = False) -> None:
+        if shape is None:
+            level = self.levels.setdefault(job_priority(job), deque())
+        else:
+            level = self.sized_levels.setdefault(job_priority(job), {}).setdefault(shape, deque())
+            self.sized += 1
         if front:
             level.appendleft(job)
         else:
@@ -60,17 +73,81 @@ class _ClientJobs:
         self.bytes -= len(job.payload)
         return job
 
-    def remove(self, unwanted: Callable[[Job], bool]) -> int:
-        before = self.size
+    def pop_fitting(self, fits: Callable[[Shape | None], bool]) -> tuple[Job, Shape | None] | None:
+        """
+        The first job, by priority and then age, whose shape C{fits} (plain
+        jobs have the shape C{None}); C{None} if none does.
+        """
+        best = None
+        if self.levels and fits(None):
+            top = max(self.levels)
+            best = (top, self.levels[top][0].seq, None, self.levels[top])
+        for priority, shapes in self.sized_levels.items():
+            if best is not None and priority < best[0]:
+                continue
+            for shape, level in shapes.items():
+                if best is not None and (priority, -level[0].seq) <= (best[0], -best[1]):
+                    continue
+                if fits(shape):
+                    best = (priority, level[0].seq, shape, level)
+        if best is None:
+            return None
+        priority, _, shape, level = best
+        job = level.popleft()
+        if not level:
+            if shape is None:
+                del self.levels[priority]
+            else:
+                del self.sized_levels[priority][shape]
+                if not self.sized_levels[priority]:
+                    del self.sized_levels[priority]
+        if shape is not None:
+            self.sized -= 1
+        self.size -= 1
+        self.bytes -= len(job.payload)
+        return job, shape
+
+    def shapes(self) -> Iterator[tuple[Shape, int]]:
+        """The sized jobs' shapes and how many of each are queued."""
+        for shapes in self.sized_levels.values():
+            for shape, level in shapes.items():
+                yield shape, len(level)
+
+    def remove(self, unwanted: Callable[[Job], bool]) -> list[Job]:
+        """Drop the jobs for which C{unwanted} is true; return them."""
+        dropped: list[Job] = []
+
+        def keep(level: deque[Job]) -> deque[Job]:
+            kept: deque[Job] = deque()
+            for job in level:
+                (dropped if unwanted(job) else kept).append(job)
+            return kept
+
         for priority in list(self.levels):
-            kept = deque(job for job in self.levels[priority] if not unwanted(job))
+            kept = keep(self.levels[priority])
             if kept:
                 self.levels[priority] = kept
             else:
                 del self.levels[priority]
+        for priority, shapes in list(self.sized_levels.items()):
+            for shape in list(shapes):
+                kept = keep(shapes[shape])
+                if kept:
+                    shapes[shape] = kept
+                else:
+                    del shapes[shape]
+            if not shapes:
+                del self.sized_levels[priority]
         self.size = sum(len(level) for level in self.levels.values())
-        self.bytes = sum(len(job.payload) for level in self.levels.values() for job in level)
-        return before - self.size
+        self.sized = sum(n for _, n in self.shapes())
+        self.size += self.sized
+        self.bytes = sum(len(job.payload) for level in self.levels.values() for job in level) + sum(
+            len(job.payload)
+            for shapes in self.sized_levels.values()
+            for level in shapes.values()
+            for job in level
+        )
+        return dropped
 
 
 class FairQueue:
@@ -81,6 +158,8 @@ class FairQueue:
         #: Clients with jobs queued, in turn order; the first one's turn is now.
         self._turns: deque[int] = deque()
         self._size = 0
+        #: How many queued jobs are sized (not plain).
+        self.sized = 0
 
     def __len__(self) -> int:
         return self._size
@@ -111,6 +190,7 @@ class FairQueue:
         if jobs.size:
             self._turns.remove(client)
             self._size -= jobs.size
+            self.sized -= jobs.sized
         return jobs.size
 
     def _jobs_of(self, client: int) -> _ClientJobs:
@@ -124,8 +204,11 @@ class FairQueue:
         jobs = self._jobs_of(job.client)
         if not jobs.size:
             self._turns.append(job.client)
-        jobs.push(job)
+        shape = shape_of(job) if job.options else None
+        jobs.push(job, shape)
         self._size += 1
+        if shape is not None:
+            self.sized += 1
 
     def push_front(self, jobs: Iterable[Job]) -> None:
         """
@@ -141,8 +224,11 @@ class FairQueue:
             elif self._turns[0] != job.client:
                 self._turns.remove(job.client)
                 self._turns.appendleft(job.client)
-            queue.push(job, front=True)
+            shape = shape_of(job) if job.options else None
+            queue.push(job, shape, front=True)
             self._size += 1
+            if shape is not None:
+                self.sized += 1
 
     def next_client(self, skip: Collection[int] = ()) -> int | None:
         """The client whose turn it is, passing over those in C{skip}; None if none has jobs."""
@@ -160,9 +246,40 @@ class FairQueue:
         client = self.next_client(skip) if skip else (self._turns[0] if self._turns else None)
         if client is None:
             raise IndexError("pop from an empty FairQueue")
-        first = client == self._turns[0]
         jobs = self._clients[client]
-        job = jobs.pop()
+        if jobs.sized:
+            job, shape = jobs.pop_fitting(lambda shape: True)
+            self.sized -= shape is not None
+        else:
+            job = jobs.pop()
+        self._took(client, jobs)
+        return job
+
+    def pop_fitting(
+        self, fits: Callable[[Shape | None], bool], skip: Collection[int] = ()
+    ) -> tuple[Job, Shape | None] | None:
+        """
+        The next job whose shape C{fits} (plain jobs have the shape
+        C{None}), with its shape: from the first client in turn order that
+        has one (by priority, then age), passing over those in C{skip}.
+        Clients passed over keep their place in the turns.  C{None} if no
+        queued job fits.
+        """
+        for client in self._turns:
+            if client in skip:
+                continue
+            jobs = self._clients[client]
+            found = jobs.pop_fitting(fits)
+            if found is not None:
+                if found[1] is not None:
+                    self.sized -= 1
+                self._took(client, jobs)
+                return found
+        return None
+
+    def _took(self, client: int, jobs: _ClientJobs) -> None:
+        """C{client} gave a job: move the turns on as its weight says."""
+        first = client == self._turns[0]
         self._size -= 1
         jobs.credit -= 1
         if not jobs.size:
@@ -178,15 +295,36 @@ class FairQueue:
             else:
                 self._turns.remove(client)
                 self._turns.append(client)
-        return job
+
+    def shape_counts(self) -> dict[Shape, int]:
+        """How many sized jobs of each shape are queued."""
+        counts: dict[Shape, int] = {}
+        if self.sized:
+            for client in self._turns:
+                for shape, n in self._clients[client].shapes():
+                    counts[shape] = counts.get(shape, 0) + n
+        return counts
+
+    def remove_shapes(self, shapes: Collection[Shape]) -> list[Job]:
+        """Drop every queued job of one of C{shapes}; return them."""
+        dropped: list[Job] = []
+        for client in list(self._turns):
+            if self._clients[client].sized:
+                dropped += self._remove(client, lambda job: shape_of(job) in shapes)
+        return dropped
 
     def remove(self, client: int, unwanted: Callable[[Job], bool]) -> int:
         """Drop C{client}'s jobs for which C{unwanted} is true; return how many."""
+        return len(self._remove(client, unwanted))
+
+    def _remove(self, client: int, unwanted: Callable[[Job], bool]) -> list[Job]:
         jobs = self._clients.get(client)
         if jobs is None or not jobs.size:
-            return 0
+            return []
+        sized = jobs.sized
         dropped = jobs.remove(unwanted)
-        self._size -= dropped
+        self._size -= len(dropped)
+        self.sized -= sized - jobs.sized
         if not jobs.size:
             self._turns.remove(client)
             jobs.credit = jobs.weight

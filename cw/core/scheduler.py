@@ -74,13 +74,14 @@ from __future__ import annotations
 import enum
 import heapq
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 
 from cw.core.config import MasterConfig
 from cw.core.fairqueue import FairQueue
-from cw.core.records import Job, Outcome, Result, error_report, read_options, valid_timeout
+from cw.core.records import Job, Outcome, Result, encode_options, error_report, read_options, valid_timeout
+from cw.core.resources import ALLOCATION, GPUS, Capacity, Ledger, Shape, shape_of
 
 #: The master's option defaults (C{--prefetch}, ...), which the scheduler's arguments share.
 _DEFAULTS = MasterConfig()
@@ -166,10 +167,19 @@ class WorkerState:
     window_count: int = 0
     #: Prefetched jobs this worker may hold beyond its slots.
     credit: int = -1
+    #: What the worker has (cores, memory, GPUs, ...; default: a core per
+    #: slot) and what of it the jobs it holds took.
+    resources: Capacity | None = None
+    ledger: Ledger = field(init=False)
+    #: The shapes of the sized jobs it holds, by key (plain jobs are not here).
+    shapes: dict[tuple[int, int], Shape] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.credit < 0:
             self.credit = self.prefetch
+        if self.resources is None:
+            self.resources = Capacity(cpus=self.slots)
+        self.ledger = Ledger(self.resources)
 
     @property
     def capacity(self) -> int:
@@ -178,10 +188,15 @@ class WorkerState:
     def hold(self, job: Job) -> None:
         self.held[job.key] = job
         self.held_bytes += len(job.payload)
+        shape = shape_of(job) if job.options else None
+        if shape is not None:
+            self.shapes[job.key] = shape
+        self.ledger.take(job.key, shape)
 
     def release(self, key: tuple[int, int]) -> Job | None:
         job = self.held.pop(key, None)
         if job is not None:
+            self.ledger.give_back(key, self.shapes.pop(key, None))
             self.held_bytes -= len(job.payload)
             self.running_since.pop(key, None)
             self.deadlines.pop(key, None)
@@ -228,6 +243,8 @@ class Expiry:
     cancel: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     #: Workers to drop (connection closed, jobs requeued), and why.
     stalled: dict[int, str] = field(default_factory=dict)
+    #: Shapes newly found unschedulable, in words, to warn of once each.
+    unschedulable: list[str] = field(default_factory=list)
 
 
 class Unsent(str, enum.Enum):
@@ -261,6 +278,11 @@ class Scheduler:
         result before it is stalled (0: no limit).  Deadlines and stalls
         are judged only for the times that L{dispatch}, L{complete} and
         L{expire} are given.
+    @param reserve_after: seconds a sized job's shape may stay blocked
+        (some worker could run it, none has room) before a worker is kept
+        free for it (0: never; see L{_reserve}).
+    @param unschedulable_timeout: seconds a shape that no connected worker
+        could run may stay queued before its jobs fail (0: they wait).
     """
 
     def __init__(
@@ -274,7 +296,20 @@ class Scheduler:
         stall_timeout: float = _DEFAULTS.stall_timeout,
         max_unsent_bytes: int = _DEFAULTS.max_unsent_bytes,
         read_timeout: float = _DEFAULTS.client_read_timeout,
+        reserve_after: float = _DEFAULTS.reserve_after,
+        unschedulable_timeout: float = _DEFAULTS.unschedulable_timeout,
     ) -> None:
+        if reserve_after < 0 or unschedulable_timeout < 0:
+            raise ValueError("reserve_after and unschedulable_timeout must be >= 0")
+        self.reserve_after = reserve_after
+        self.unschedulable_timeout = unschedulable_timeout
+        #: Sized shapes that some worker could run, queued and started
+        #: nowhere since when; the shape a worker is kept for, and which.
+        self._blocked: dict[Shape, float] = {}
+        self._reservation: tuple[Shape, int] | None = None
+        #: Shapes no connected worker could run: since when; those warned of.
+        self._infeasible: dict[Shape, float] = {}
+        self._warned: set[Shape] = set()
         if max_queued_bytes < 1 or max_queued_jobs < 1:
             raise ValueError("max_queued_bytes and max_queued_jobs must be >= 1")
         if max_unsent_bytes < 1 or read_timeout <= 0:
@@ -501,13 +536,19 @@ class Scheduler:
 
     # -- workers ---------------------------------------------------------
 
-    def add_worker(self, slots: int, name: str = "") -> int:
-        """Register a worker with C{slots} job slots; return its id."""
+    def add_worker(self, slots: int, name: str = "", capacity: Capacity | None = None) -> int:
+        """
+        Register a worker with C{slots} job slots (the most jobs it runs at
+        once) and C{capacity} (default: a core per slot, nothing else);
+        return its id.
+        """
         if slots < 1:
             raise ValueError("a worker needs at least one slot")
         wid = self._next_worker
         self._next_worker += 1
-        self._workers[wid] = WorkerState(wid, slots, self.prefetch * slots, name or f"worker {wid}")
+        self._workers[wid] = WorkerState(
+            wid, slots, self.prefetch * slots, name or f"worker {wid}", resources=capacity
+        )
         return wid
 
     def remove_worker(self, worker: int) -> list[Job]:
@@ -603,6 +644,13 @@ class Scheduler:
         pairs, at most one per worker.  Free slots are filled first, then
         prefetch room; workers take turns so that load spreads evenly.
         C{now} (seconds) lets workers' credit follow their rates.
+
+        Sized jobs (see L{cw.core.resources}) go only to a free slot of a
+        worker whose free capacity covers them now, never prefetched, and
+        are sent with the GPU ids allocated to them.  A worker that could
+        run a queued sized job gets no plain jobs prefetched, so its slots
+        come free for it; one kept for a blocked shape (L{_reserve}) gets
+        nothing but that shape's jobs until one starts there.
         """
         workers = [w for w in self._workers.values() if not (w.draining or w.stalled)]
         skip = self._backed_up
@@ -616,18 +664,39 @@ class Scheduler:
         start = self._rotation % len(workers)
         self._rotation += 1
         workers = workers[start:] + workers[:start]
+        shapes = self._queue.shape_counts() if self._queue.sized else {}
+        reserved = self._reservation[1] if self._reservation else None
+        placed: set[Shape] = set()
         assigned: dict[int, list[Job]] = {}
         for limit in ("slots", "capacity"):
             # One job at a time per worker in turn, so that a short queue is
             # spread over all free workers rather than filling the first.
             hungry = [w for w in workers if w.room(limit)]
+            if limit == "capacity" and shapes:
+                # No prefetching where a queued sized job could run.
+                hungry = [w for w in hungry if not any(w.ledger.could_run(shape) for shape in shapes)]
             while hungry and self._dispatchable(skip):
                 still = []
                 for w in hungry:
                     if not self._dispatchable(skip):
                         break
-                    job = self._queue.popleft(skip)
+                    if (
+                        not self._queue.sized
+                        and w.id != reserved
+                        and (limit == "capacity" or w.ledger.fits(None))
+                    ):
+                        job, shape = self._queue.popleft(skip), None
+                    else:
+                        found = self._queue.pop_fitting(self._fits(w, limit), skip)
+                        if found is None:
+                            continue
+                        job, shape = found
                     w.hold(job)
+                    if shape is not None:
+                        job = w.held[job.key] = self._allocated(job, w.ledger.given[job.key])
+                        placed.add(shape)
+                        if w.id == reserved:
+                            self._reservation = reserved = None
                     assigned.setdefault(w.id, []).append(job)
                     client = self._clients[job.client]
                     client.queued -= 1
@@ -636,10 +705,76 @@ class Scheduler:
                     if w.room(limit):
                         still.append(w)
                 hungry = still
+        if shapes and now is not None:
+            self._reserve(now, placed)
         self._dirty.update(assigned)
         if now is not None:
             self._track(now)
         return list(assigned.items())
+
+    def _fits(self, w: WorkerState, limit: str) -> Callable[[Shape | None], bool]:
+        """Which shapes worker C{w} takes now, into a free slot or prefetched."""
+        if self._reservation and self._reservation[1] == w.id:
+            wanted = self._reservation[0]
+            return lambda shape: shape == wanted and limit == "slots" and w.ledger.fits(shape)
+        if limit == "capacity":
+            return lambda shape: shape is None
+        return w.ledger.fits
+
+    @staticmethod
+    def _allocated(job: Job, gpus: tuple[str, ...]) -> Job:
+        """C{job} with the GPU ids allocated to it added to its options, for the worker."""
+        options = read_options(job)
+        options[ALLOCATION] = {GPUS: list(gpus)}
+        return Job(job.client, job.seq, job.payload, encode_options(**options), job.func)
+
+    def _reserve(self, now: float, placed: set[Shape]) -> None:
+        """
+        Against starvation (as SLURM's backfill does): a sized shape that
+        some worker could run but that has started nowhere for
+        C{reserve_after} seconds gets a worker kept for it (the one that
+        holds the fewest jobs), which takes no other job until one of that
+        shape starts there.
+        """
+        queued = self._queue.shape_counts()
+        live = [w for w in self._workers.values() if not (w.draining or w.stalled)]
+        blocked = self._blocked
+        for shape in list(blocked):
+            if shape not in queued or shape in placed:
+                del blocked[shape]
+        for shape in queued:
+            if shape not in blocked and any(w.ledger.could_run(shape) for w in live):
+                blocked[shape] = now
+        if self._reservation is not None:
+            shape, wid = self._reservation
+            w = self._workers.get(wid)
+            if shape in blocked and w is not None and not (w.draining or w.stalled):
+                return
+            self._reservation = None
+        if not self.reserve_after or not blocked:
+            return
+        shape, since = min(blocked.items(), key=lambda item: item[1])
+        if now - since < self.reserve_after:
+            return
+        candidates = [w for w in live if w.ledger.could_run(shape)]
+        if candidates:
+            w = min(candidates, key=lambda w: (len(w.held), w.id))
+            self._reservation = (shape, w.id)
+
+    def unschedulable(self) -> dict[Shape, int]:
+        """
+        Queued sized jobs, by shape, that no connected worker could ever run
+        (too big, or a tag none has).  Empty while no worker is connected:
+        workers may still be starting.
+        """
+        live = [w for w in self._workers.values() if not (w.draining or w.stalled)]
+        if not live or not self._queue.sized:
+            return {}
+        return {
+            shape: n
+            for shape, n in self._queue.shape_counts().items()
+            if not any(w.ledger.could_run(shape) for w in live)
+        }
 
     def _dispatchable(self, skip: set[int]) -> bool:
         """Whether a queued job may go, its client's results not backed up."""
@@ -781,8 +916,58 @@ class Scheduler:
                         f" (--stall-timeout {self.stall_timeout:g} s)"
                     )
         self._queue.push_front(out.requeued)
+        self._expire_unschedulable(now, out)
         self._track(now)
         return out
+
+    def _expire_unschedulable(self, now: float, out: Expiry) -> None:
+        """
+        Note the shapes no connected worker could run (a warning for each
+        the first time), and fail their jobs once they have been so for
+        C{unschedulable_timeout} seconds.
+        """
+        infeasible = self.unschedulable()
+        for shape in list(self._infeasible):
+            if shape not in infeasible:
+                del self._infeasible[shape]
+        if not infeasible:
+            return
+        have = "; ".join(sorted({w.resources.describe() for w in self._workers.values()}))
+        expired = set()
+        for shape, n in infeasible.items():
+            since = self._infeasible.setdefault(shape, now)
+            if shape not in self._warned:
+                self._warned.add(shape)
+                out.unschedulable.append(
+                    f"{n} jobs ask for {shape.describe()}, which no connected worker has"
+                    f" (workers have: {have}); they stay queued"
+                    + (
+                        f" for {self.unschedulable_timeout:g} s (--unschedulable-timeout)"
+                        if self.unschedulable_timeout
+                        else " until such a worker joins"
+                    )
+                )
+            if self.unschedulable_timeout and now - since >= self.unschedulable_timeout:
+                expired.add(shape)
+        if not expired:
+            return
+        for job in self._queue.remove_shapes(expired):
+            client = self._clients.get(job.client)
+            if client is None:
+                continue
+            client.queued -= 1
+            client.completed += 1
+            self.completed += 1
+            self._shrunk.add(job.client)
+            shape = shape_of(job)
+            message = (
+                f"job {job.seq} asks for {shape.describe()}, and no connected worker had that"
+                f" for {now - self._infeasible[shape]:.0f} s (the master's --unschedulable-timeout):"
+                f" workers have {have}; start a worker with such --cpus/--memory/--gpus/--resource/--tag,"
+                " or ask for less"
+            )
+            report = error_report("Unschedulable", message, resources=shape.describe())
+            out.failed.append(Result(job.client, job.seq, Outcome.FAILED, report))
 
     # -- inspection ------------------------------------------------------
 

@@ -15,9 +15,11 @@ Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard lib
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from cw.core import records as P
+from cw.core.resources import ALLOCATION, CPUS, GPUS, MEMORY, RESOURCES, TAGS, Capacity, parse_size
 from cw.errors import BadCommand
 
 #: Largest share weight a client may ask for.
@@ -123,6 +125,13 @@ def check_jobs(jobs: list[P.Job]) -> None:
         priority = options.get("priority")
         if priority is not None and not _integer(priority):
             raise BadCommand(f"job {job.seq}: priority must be an integer, not {priority!r:.40}")
+        if ALLOCATION in options:
+            raise BadCommand(f"job {job.seq}: {ALLOCATION!r} is the master's to set, not the client's")
+        if RESOURCES in options or TAGS in options:
+            try:
+                check_request(options.get(RESOURCES), options.get(TAGS))
+            except ValueError as e:
+                raise BadCommand(f"job {job.seq}: {e}") from None
 
 
 def check_results(results: list[P.Result]) -> None:
@@ -136,3 +145,105 @@ def check_function_key(key: Any) -> bytes:
     if not isinstance(key, bytes) or not 1 <= len(key) <= MAX_FUNCTION_KEY:
         raise BadCommand(f"a function key must be 1 to {MAX_FUNCTION_KEY} bytes")
     return key
+
+
+# -- resources (see cw.core.resources) --------------------------------------
+
+#: Longest name of a custom resource or tag, and most of them in one request.
+MAX_RESOURCE_NAME = 64
+MAX_RESOURCE_NAMES = 64
+
+#: Most GPUs one worker may declare.
+MAX_GPUS = 1024
+
+
+def _resource_name(what: str, name: Any) -> str:
+    if (
+        not isinstance(name, str)
+        or not 1 <= len(name) <= MAX_RESOURCE_NAME
+        or not all(c.isalnum() or c in "_-.:" for c in name)
+    ):
+        raise ValueError(
+            f"{what} names must be 1 to {MAX_RESOURCE_NAME} letters, digits or '_-.:', not {name!r:.80}"
+        )
+    return name
+
+
+def _count(name: str, value: Any, whole: bool) -> float:
+    ok = isinstance(value, int) if whole else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or not 0 <= value < float("inf"):
+        kind = "a whole number" if whole else "a number"
+        raise ValueError(f"resource {name!r} must be {kind} >= 0, not {value!r:.40}")
+    return value
+
+
+def check_request(resources: Any, tags: Any) -> tuple[dict, list[str]]:
+    """
+    Normalise what a job asks for (C{submit_with(..., resources=, tags=)}):
+    C{resources} a mapping of resource name to amount (C{cpus} and C{gpus}
+    whole numbers, C{cpus} at least 1; C{memory} bytes or a size such as
+    C{"16G"}; any other name a custom amount), C{tags} a collection of
+    names.  Returns the resources without defaults (C{cpus} 1, zero
+    amounts dropped) and the tags sorted, so that equal requests travel as
+    equal bytes.  Raises L{ValueError} saying what is wrong.
+    """
+    if resources is None:
+        resources = {}
+    if not isinstance(resources, Mapping):
+        raise ValueError(
+            f"resources must be a dict like {{'cpus': 4, 'memory': '16G'}}, not {resources!r:.80}"
+        )
+    if tags is None:
+        tags = ()
+    if isinstance(tags, str) or not isinstance(tags, Iterable):
+        raise ValueError(f"tags must be a set of names like {{'gpu'}}, not {tags!r:.80}")
+    tags = sorted({_resource_name("tag", tag) for tag in tags})
+    if len(resources) > MAX_RESOURCE_NAMES or len(tags) > MAX_RESOURCE_NAMES:
+        raise ValueError(f"a job may ask for at most {MAX_RESOURCE_NAMES} resources and tags")
+    normal: dict = {}
+    for name, value in resources.items():
+        _resource_name("resource", name)
+        if name == MEMORY:
+            amount = parse_size(value)
+        else:
+            amount = _count(name, value, whole=name in (CPUS, GPUS))
+        if name == CPUS:
+            if amount < 1:
+                raise ValueError(f"a job needs at least one cpu, not {value!r}")
+            if amount == 1:
+                continue
+        if amount:
+            normal[name] = amount
+    return dict(sorted(normal.items())), tags
+
+
+def check_capacity(data: Any) -> Capacity:
+    """
+    The capacity a registering worker advertises
+    (L{cw.core.resources.Capacity.to_json}), as a L{Capacity}; L{BadCommand}
+    naming the field if malformed.
+    """
+    if not isinstance(data, dict):
+        raise BadCommand(f"capacity must be a JSON object, not {type(data).__name__}")
+    try:
+        cpus = check_range("capacity cpus", data.get("cpus"), 1, MAX_SLOTS)
+        memory = check_range("capacity memory", data.get("memory", 0), 0, 1 << 62)
+        gpus = data.get("gpus", [])
+        if not isinstance(gpus, list) or len(gpus) > MAX_GPUS or len(set(gpus)) != len(gpus):
+            raise BadCommand(f"capacity gpus must be a list of at most {MAX_GPUS} distinct ids")
+        for gpu in gpus:
+            _resource_name("GPU id", gpu)
+        custom = data.get("custom", {})
+        if not isinstance(custom, dict) or len(custom) > MAX_RESOURCE_NAMES:
+            raise BadCommand(f"capacity custom must be an object of at most {MAX_RESOURCE_NAMES} names")
+        for name, amount in custom.items():
+            _resource_name("resource", name)
+            _count(name, amount, whole=False)
+        tags = data.get("tags", [])
+        if not isinstance(tags, list) or len(tags) > MAX_RESOURCE_NAMES:
+            raise BadCommand(f"capacity tags must be a list of at most {MAX_RESOURCE_NAMES} names")
+        for tag in tags:
+            _resource_name("tag", tag)
+    except ValueError as e:
+        raise BadCommand(f"capacity: {e}") from None
+    return Capacity.from_json({**data, "cpus": cpus, "memory": memory})

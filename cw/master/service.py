@@ -81,6 +81,8 @@ class Master:
         stall_timeout: float = _DEFAULTS.stall_timeout,
         max_unsent_bytes: int = _DEFAULTS.max_unsent_bytes,
         client_read_timeout: float = _DEFAULTS.client_read_timeout,
+        reserve_after: float = _DEFAULTS.reserve_after,
+        unschedulable_timeout: float = _DEFAULTS.unschedulable_timeout,
     ) -> None:
         #: The reactor's clock (C{IReactorTime}): all the master's time comes from it.
         self.clock = clock
@@ -123,6 +125,8 @@ class Master:
             stall_timeout=stall_timeout,
             max_unsent_bytes=max_unsent_bytes,
             read_timeout=client_read_timeout,
+            reserve_after=reserve_after,
+            unschedulable_timeout=unschedulable_timeout,
         )
         self.flow = FlowControl(self.scheduler)
         #: Clients' contexts and functions, and which workers were sent them.
@@ -456,6 +460,8 @@ class Master:
         dispatch the requeued jobs.
         """
         expiry = self.scheduler.expire(self.clock.seconds())
+        for warning in expiry.unschedulable:
+            log.warn("Unschedulable: {warning}", warning=warning)
         for wid, keys in expiry.cancel.items():
             proto = self.workers.get(wid)
             if proto is None:

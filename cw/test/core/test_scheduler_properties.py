@@ -2,7 +2,9 @@
 Property tests for L{cw.core.scheduler}: whatever the order of clients
 arriving and leaving, submits, workers joining, draining, stalling and
 being lost, results (late, duplicated or for jobs a worker does not hold),
-cancels and deadlines, no job is lost or run twice.
+cancels and deadlines, no job is lost or run twice; and with jobs that ask
+for cores, GPUs, custom resources and tags (L{cw.core.resources}), no
+worker is ever given more than it has.
 
 A L{hypothesis.stateful.RuleBasedStateMachine} drives the scheduler's
 public API and keeps its own model of where each job should be, built only
@@ -24,6 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from twisted.trial.unittest import SynchronousTestCase
 
 from cw.core.records import Job, Outcome, Result, encode_options, read_error_report
+from cw.core.resources import Capacity, allocation_of, shape_of
 from cw.core.scheduler import Scheduler, UnknownPeer
 
 #: Where a job can be, besides held by a worker (C{("held", worker)}).
@@ -45,7 +48,37 @@ def queued_keys(scheduler: Scheduler) -> list[tuple[int, int]]:
         for jobs in scheduler._queue._clients.values()
         for level in jobs.levels.values()
         for job in level
+    ] + [
+        job.key
+        for jobs in scheduler._queue._clients.values()
+        for shapes in jobs.sized_levels.values()
+        for level in shapes.values()
+        for job in level
     ]
+
+
+#: What jobs may ask for (None: nothing, a plain job).
+REQUESTS = [
+    None,
+    {"resources": {"cpus": 2}},
+    {"resources": {"cpus": 3, "gpus": 1}},
+    {"resources": {"gpus": 2}},
+    {"resources": {"licenses": 1}},
+    {"tags": ["t"]},
+    {"resources": {"cpus": 2, "memory": 1 << 30}, "tags": ["t"]},
+]
+
+#: A worker that can run every request, for the end.
+EVERYTHING = Capacity(4, 2 << 30, ("0", "1"), (("licenses", 2),), frozenset({"t"}))
+
+capacities = st.builds(
+    Capacity,
+    cpus=st.integers(1, 4),
+    memory=st.sampled_from([0, 1 << 30]),
+    gpus=st.sampled_from([(), ("0",), ("0", "1"), ("a", "b", "c")]),
+    custom=st.sampled_from([(), (("licenses", 1),)]),
+    tags=st.sampled_from([frozenset(), frozenset({"t"})]),
+)
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -53,7 +86,14 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.scheduler = Scheduler(prefetch=1, max_attempts=2, horizon=0, deadline_grace=GRACE)
+        self.scheduler = Scheduler(
+            prefetch=1,
+            max_attempts=2,
+            horizon=0,
+            deadline_grace=GRACE,
+            reserve_after=2,
+            unschedulable_timeout=20,
+        )
         self.now = 0.0
         self.clients: set[int] = set()
         self.departed: set[int] = set()
@@ -118,10 +158,10 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.clients)
     @rule(data=st.data(), n=st.integers(1, 6), timeout=st.sampled_from([None, 5]),
-          attempts=st.sampled_from([None, 1, 3]))
-    def submit(self, data, n, timeout, attempts):
+          attempts=st.sampled_from([None, 1, 3]), request=st.sampled_from(REQUESTS))
+    def submit(self, data, n, timeout, attempts, request=None):
         client = data.draw(st.sampled_from(sorted(self.clients)))
-        options = encode_options(timeout=timeout, max_attempts=attempts)
+        options = encode_options(timeout=timeout, max_attempts=attempts, **(request or {}))
         jobs = [Job(0, self.next_seq + i, b"p", options) for i in range(n)]
         self.next_seq += n
         self.scheduler.submit(client, jobs)
@@ -165,9 +205,9 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     # -- workers -----------------------------------------------------------
 
-    @rule(slots=st.integers(1, 3))
-    def add_worker(self, slots):
-        self.workers.add(self.scheduler.add_worker(slots))
+    @rule(slots=st.integers(1, 3), capacity=st.none() | capacities)
+    def add_worker(self, slots, capacity=None):
+        self.workers.add(self.scheduler.add_worker(slots, capacity=capacity))
 
     @precondition(lambda self: self.workers)
     @rule(data=st.data(), how=st.sampled_from(["lost", "stalled only"]))
@@ -250,6 +290,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.now += dt
         held = {key: place[1] for key, place in self.where.items() if place[0] == "held"}
         out = self.scheduler.expire(self.now)
+        unschedulable = [r for r in out.failed if read_error_report(r.payload)["type"] == "Unschedulable"]
+        for result in unschedulable:
+            assert self.where[result.key] == (QUEUED,), (result.key, self.where[result.key])
+            assert self.delivered[result.key] == 0
+            self.delivered[result.key] += 1
+            self.where[result.key] = (FAILED,)
+        out.failed = [r for r in out.failed if r not in unschedulable]
         requeued = [job.key for job in out.requeued]
         failed = [result.key for result in out.failed]
         taken = sorted(key for keys in out.cancel.values() for key in keys)
@@ -292,6 +339,26 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert set(queued) <= set(self.where) and set(holder) <= set(self.where)
 
     @invariant()
+    def never_more_allocated_than_a_worker_has(self):
+        """Sized jobs held by a worker fit in its capacity, with distinct GPUs of its own."""
+        for state in self.scheduler.workers():
+            capacity = state.resources
+            shapes = [shape_of(job) for job in state.held.values()]
+            sized = [(key, shape) for key, shape in zip(state.held, shapes, strict=True) if shape is not None]
+            assert sum(shape.cpus for _, shape in sized) <= capacity.cpus, (capacity, sized)
+            assert sum(shape.memory for _, shape in sized) <= capacity.memory, (capacity, sized)
+            for name, amount in capacity.custom:
+                assert sum(dict(shape.custom).get(name, 0) for _, shape in sized) <= amount
+            for _, shape in sized:
+                assert set(dict(shape.custom)) <= set(dict(capacity.custom)), (capacity, shape)
+                assert shape.tags <= capacity.tags, (capacity, shape)
+            gpus = [gpu for key, _ in sized for gpu in allocation_of(state.held[key])["gpus"]]
+            assert len(gpus) == len(set(gpus)) and set(gpus) <= set(capacity.gpus), (capacity, gpus)
+            assert sum(shape.gpus for _, shape in sized) == len(gpus)
+            assert sorted(gpus + state.ledger.gpus) == sorted(capacity.gpus)
+            assert state.ledger.plain == len(state.held) - len(sized)
+
+    @invariant()
     def client_counters(self):
         for client in self.clients:
             state = self.scheduler.client(client)
@@ -304,7 +371,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         """Workers finish everything: every job of a present client has one outcome, or was cancelled."""
         for worker in [w for w in sorted(self.workers) if self.scheduler.worker(w).stalled]:
             self.lose_worker_now(worker)
-        self.add_worker(2)
+        self.add_worker(2, EVERYTHING)
         for _ in range(10 * len(self.where) + 10):
             if not self.scheduler.queued and not any(s.held for s in self.scheduler.workers()):
                 break
