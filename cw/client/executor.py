@@ -303,6 +303,7 @@ class ClusterExecutor(futures.Executor):
         timeout: float | None = None,
         max_attempts: int | None = None,
         priority: int | None = None,
+        expected_duration: float | None = None,
     ) -> futures.Future:
         """
         Submit C{fn(*args, **kwargs)} with options for this job alone
@@ -316,8 +317,11 @@ class ClusterExecutor(futures.Executor):
             C{max_attempts}, else the master's C{--max-attempts}.
         @param priority: among this client's queued jobs, higher runs first
             (default 0); it does not jump ahead of other clients' turns.
+        @param expected_duration: seconds the job is expected to run: a
+            worker whose walltime ends sooner does not start it (adaptive
+            SLURM pools).  Jobs of a C{map} get the measured mean instead.
         """
-        options = job_options(self, timeout, max_attempts, priority)
+        options = job_options(self, timeout, max_attempts, priority, expected_duration)
         return self._submit(fn, tuple(args), dict(kwargs or {}), options)
 
     def _submit(

@@ -186,7 +186,11 @@ def client_secret(secret_file: str | None = None, insecure: bool | None = None) 
 
 
 def job_options(
-    owner: Any, timeout: float | None, max_attempts: int | None, priority: int | None = None
+    owner: Any,
+    timeout: float | None,
+    max_attempts: int | None,
+    priority: int | None = None,
+    expected_duration: float | None = None,
 ) -> bytes:
     """
     L{P.Job.options} for one job: the given options, else the defaults of
@@ -205,7 +209,14 @@ def job_options(
         raise SubmitError(f"max_attempts must be a positive integer, not {max_attempts!r}")
     if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
         raise SubmitError(f"priority must be an integer, not {priority!r}")
-    return P.encode_options(timeout=timeout, max_attempts=max_attempts, priority=priority or None)
+    if expected_duration is not None and not P.valid_timeout(expected_duration):
+        raise SubmitError(f"expected_duration must be positive seconds, not {expected_duration!r}")
+    return P.encode_options(
+        timeout=timeout,
+        max_attempts=max_attempts,
+        priority=priority or None,
+        expected_duration=expected_duration,
+    )
 
 
 def master_timeout_setting(value: float | None) -> float:

@@ -158,15 +158,16 @@ class ClientThread(threading.Thread):
         timeout: float | None = None,
         max_attempts: int | None = None,
         priority: int | None = None,
+        expected_duration: float | None = None,
     ) -> None:
         """
         Like L{submit}, with options for this job: C{timeout} overrides the
         client's default (see L{ClusterExecutor.submit_with}), as do
-        C{max_attempts} and C{priority}.
+        C{max_attempts}, C{priority} and C{expected_duration}.
         """
         _refuse_after_interpreter_exit()
         payload = pickle_call(jobid, func, tuple(args), dict(kwargs or {}))
-        options = job_options(self, timeout, max_attempts, priority)
+        options = job_options(self, timeout, max_attempts, priority, expected_duration)
         if self._executor is None:
             self.start()
         with self._idle:

@@ -130,7 +130,9 @@ def encode_options(**options: Any) -> bytes:
     that are not C{None}, or nothing at all when every one is a default.
 
     Known options: C{timeout} (seconds the job may run before its process is
-    killed) and C{max_attempts} (how many lost workers the job may outlive).
+    killed), C{max_attempts} (how many lost workers the job may outlive),
+    C{priority}, and C{expected_duration} (seconds it is expected to run;
+    see the scheduler's walltime rule).
     """
     given = {k: v for k, v in options.items() if v is not None}
     return json.dumps(given, separators=(",", ":")).encode("utf-8") if given else b""

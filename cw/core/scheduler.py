@@ -66,6 +66,17 @@ Dispatch rules:
     returns no result for that long is stalled too, whatever its jobs'
     timeouts.  L{expire} makes these decisions for the time it is given.
 
+  - Walltime: a worker with a known end (C{ends_at}, set by the adaptive
+    pool from its launch's walltime; L{Scheduler.set_end}) is given no job
+    whose expected duration is longer than what remains of its time.  A
+    job's expected duration is its C{expected_duration} option, else the
+    mean run time measured for its client's cached function (the jobs of
+    one C{map}); a job with neither goes anywhere.  The job stays at the
+    front of the queue for other workers, and that worker takes no more
+    jobs in that round.  Run times are measured from the inferred start
+    (below) to the result; L{job_seconds} is their moving mean over all
+    jobs, which the adaptive pool counts queued work in.
+
 Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
 
@@ -173,6 +184,8 @@ class WorkerState:
     ledger: Ledger = field(init=False)
     #: The shapes of the sized jobs it holds, by key (plain jobs are not here).
     shapes: dict[tuple[int, int], Shape] = field(default_factory=dict)
+    #: When this worker's walltime ends (None: no limit known); see L{Scheduler.set_end}.
+    ends_at: float | None = None
 
     def __post_init__(self) -> None:
         if self.credit < 0:
@@ -351,6 +364,10 @@ class Scheduler:
         self._next_worker = 1
         self._rotation = 0
         self.completed = 0
+        #: Moving mean of the jobs' measured run times (None: none measured
+        #: yet), and the same per client and cached function.
+        self.job_seconds: float | None = None
+        self._func_seconds: dict[tuple[int, bytes], float] = {}
 
     # -- clients ---------------------------------------------------------
 
@@ -380,6 +397,8 @@ class Scheduler:
         self._queue.forget(client)
         if self._losses:
             self._losses = {key: v for key, v in self._losses.items() if key[0] != client}
+        if self._func_seconds:
+            self._func_seconds = {key: v for key, v in self._func_seconds.items() if key[0] != client}
         return state.queued
 
     def cancel(
@@ -691,6 +710,13 @@ class Scheduler:
                         if found is None:
                             continue
                         job, shape = found
+                    if (
+                        w.ends_at is not None
+                        and now is not None
+                        and not self._fits_walltime(job, w.ends_at - now)
+                    ):
+                        self._queue.push_front([job])
+                        continue
                     w.hold(job)
                     if shape is not None:
                         job = w.held[job.key] = self._allocated(job, w.ledger.given[job.key])
@@ -776,6 +802,35 @@ class Scheduler:
             if not any(w.ledger.could_run(shape) for w in live)
         }
 
+    def set_end(self, worker: int, ends_at: float | None) -> None:
+        """Note when C{worker}'s walltime ends (None: not known): see the module docstring."""
+        state = self._workers.get(worker)
+        if state is not None:
+            state.ends_at = ends_at
+
+    def expected_seconds(self, job: Job) -> float | None:
+        """How long C{job} is expected to run: its option, else its map's measured mean."""
+        if job.options and b"expected_duration" in job.options:
+            value = read_options(job).get("expected_duration")
+            if valid_timeout(value):
+                return float(value)
+        if job.func:
+            return self._func_seconds.get((job.client, job.func))
+        return None
+
+    def _fits_walltime(self, job: Job, left: float) -> bool:
+        expected = self.expected_seconds(job)
+        return expected is None or expected <= left
+
+    def _measure(self, job: Job, seconds: float) -> None:
+        """Fold one job's run time into the moving means (weight 1/16 each)."""
+        mean = self.job_seconds
+        self.job_seconds = seconds if mean is None else mean + (seconds - mean) / 16
+        if job.func:
+            key = (job.client, job.func)
+            mean = self._func_seconds.get(key)
+            self._func_seconds[key] = seconds if mean is None else mean + (seconds - mean) / 16
+
     def _dispatchable(self, skip: set[int]) -> bool:
         """Whether a queued job may go, its client's results not backed up."""
         if not skip:
@@ -792,6 +847,11 @@ class Scheduler:
         state = self._worker(worker)
         before = state.completed
         results = list(results)
+        if now is not None:
+            for result in results:
+                since = state.running_since.get(result.key)
+                if since is not None:
+                    self._measure(state.held[result.key], now - since)
         deliver = self._complete(state, results)
         if now is not None:
             if self.horizon:

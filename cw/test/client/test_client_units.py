@@ -275,6 +275,12 @@ class JobOptionTests(SynchronousTestCase):
         for timeout, attempts in bad:
             self.assertRaises(SubmitError, job_options, self.Owner(), timeout, attempts)
 
+    def test_expected_duration(self):
+        options = job_options(self.Owner(), None, None, expected_duration=90)
+        self.assertEqual(read_options(Job(0, 1, b"", options)), {"expected_duration": 90})
+        for bad in (0, -1, "5", float("nan"), True):
+            self.assertRaises(SubmitError, job_options, self.Owner(), None, None, None, bad)
+
     def test_malformed_options_read_as_none(self):
         for raw in [b"{", b"[1]", b"\xff"]:
             self.assertEqual(read_options(Job(0, 1, b"", raw)), {})

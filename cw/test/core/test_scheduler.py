@@ -1284,3 +1284,54 @@ class FairQueueTurnTests(SynchronousTestCase):
         self.assertEqual(queue.popleft(skip={1}).client, 2)
         self.assertEqual([queue.popleft().client for _ in range(4)], [1, 3, 1, 3])
         self.assertEqual(len(queue), 0)
+
+
+class WalltimeTests(SynchronousTestCase):
+    """
+    A worker whose walltime ends soon is given no job expected to run
+    longer than what remains; run times are measured per map.
+    """
+
+    def setUp(self):
+        self.scheduler = Scheduler(prefetch=0)
+        self.client = self.scheduler.add_client()
+
+    def submit(self, seq: int, func: bytes = b"", **options) -> None:
+        self.scheduler.submit(self.client, [Job(0, seq, b"p", encode_options(**options), func)])
+
+    def test_expected_duration_longer_than_walltime_left(self):
+        ending = self.scheduler.add_worker(1)
+        self.scheduler.set_end(ending, 100.0)
+        self.submit(1, expected_duration=60)
+        self.assertEqual(self.scheduler.dispatch(now=50.0), [])
+        self.assertEqual(self.scheduler.queued, 1)
+        fresh = self.scheduler.add_worker(1)
+        self.assertEqual(assigned(self.scheduler.dispatch(now=50.0)), {fresh: [1]})
+
+    def test_expected_duration_that_fits(self):
+        ending = self.scheduler.add_worker(1)
+        self.scheduler.set_end(ending, 100.0)
+        self.submit(1, expected_duration=40)
+        self.assertEqual(assigned(self.scheduler.dispatch(now=50.0)), {ending: [1]})
+
+    def test_unknown_duration_goes_anywhere(self):
+        ending = self.scheduler.add_worker(1)
+        self.scheduler.set_end(ending, 1.0)
+        self.submit(1)
+        self.assertEqual(assigned(self.scheduler.dispatch(now=0.5)), {ending: [1]})
+
+    def test_map_durations_measured(self):
+        """Jobs of one cached function: their measured run time is what the next ones expect."""
+        worker = self.scheduler.add_worker(1)
+        self.submit(1, func=b"f")
+        [(_, [job])] = self.scheduler.dispatch(now=10.0)
+        self.scheduler.complete(worker, [result_for(job)], now=40.0)
+        self.assertEqual(self.scheduler.job_seconds, 30.0)
+        self.assertEqual(self.scheduler.expected_seconds(Job(self.client, 2, b"p", b"", b"f")), 30.0)
+        self.assertIsNone(self.scheduler.expected_seconds(Job(self.client, 2, b"p", b"", b"g")))
+        self.scheduler.set_end(worker, 60.0)
+        self.submit(2, func=b"f")
+        self.submit(3, func=b"g")
+        self.assertEqual(self.scheduler.dispatch(now=40.0), [])
+        self.scheduler.set_end(worker, None)
+        self.assertEqual(assigned(self.scheduler.dispatch(now=40.0))[worker][0], 2)
