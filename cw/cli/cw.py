@@ -54,6 +54,7 @@ def format_status(address: str, status: dict) -> str:
                 f"  {w['id']:>4}  {w['peer'] + state:<28} {w['slots']:>5}"
                 f" {_busy(w):>5} {w['completed']:>9,} {w.get('failed', 0):>7,}"
             )
+    lines += format_pool(status.get("pool"), status.get("uptime", 0))
     lines.append(f"clients  {len(clients)}")
     if clients:
         lines.append(f"  {'ID':>4}  {'CLIENT':<28} {'QUEUED':>7} {'ON WORKERS':>10} {'DONE':>9}")
@@ -62,6 +63,25 @@ def format_status(address: str, status: dict) -> str:
                 f"  {c['id']:>4}  {c['peer']:<28} {c['queued']:>7,} {c['running']:>10,} {c['completed']:>9,}"
             )
     return "\n".join(lines)
+
+
+def format_pool(pool: dict | None, uptime: float = 0) -> list[str]:
+    """The adaptive pool's lines of the status: its size and its recent decisions, with reasons."""
+    if not pool:
+        return []
+    lines = [
+        f"pool     target {pool['target']} (min {pool['min_workers']}, max {pool['max_workers']},"
+        f" idle timeout {pool['idle_timeout']:g} s): {pool['running']} running, {pool['pending']} pending,"
+        f" {pool['draining']} draining"
+    ]
+    calls = pool.get("calls") or {}
+    if calls:
+        lines.append("  SLURM calls: " + ", ".join(f"{k} {v}" for k, v in sorted(calls.items())))
+    now = pool.get("now")
+    for d in pool.get("decisions", []):
+        ago = f"{now - d['time']:>6.0f} s ago " if now is not None else ""
+        lines.append(f"  {ago}{d['action']}: {d['reason']}")
+    return lines
 
 
 def status_command(args: argparse.Namespace) -> int:

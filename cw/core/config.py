@@ -210,6 +210,9 @@ class MasterConfig:
     web_host: str = option(
         "", "more names the dashboard answers to in Host headers, comma-separated", doc="none"
     )
+    pool_file: str | None = option(
+        None, "run an adaptive worker pool as this JSON file describes (cw.mp, cw-slurm write it)", doc="none"
+    )
     insecure: bool = option(False, "accept peers without authentication (trusted networks only)", doc="off")
     web_open: bool = option(
         False, "serve the dashboard without its token (single-user machines only)", doc="off"

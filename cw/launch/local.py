@@ -13,6 +13,7 @@ Layer rule (cw.launch): imports cw.client, cw.master, cw.worker and below; never
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from pathlib import Path
 from cw.client.session import Session, wait_for_workers
 from cw.core.config import MasterConfig, WorkerConfig, parse_argv
 from cw.core.records import PORT
+from cw.core.scaling import IDLE_TIMEOUT, PoolBounds
 from cw.errors import ClusterError
 from cw.system import polling, proc_stat, sigkill, start_time
 from cw.wire.commands import GetStatus
@@ -121,6 +123,10 @@ def start(
     port: int = PORT,
     procs: int = 1,
     timeout: float = 60,
+    min_workers: int | None = None,
+    max_workers: int | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
+    time_limit: float | None = None,
 ) -> str:
     """
     Start a master listening on C{port} (loopback only) and C{nworkers}
@@ -128,9 +134,18 @@ def start(
     all workers have registered.  Raises L{ClusterError} if a cluster
     already runs on this port or a process fails to come up (its processes
     are stopped again).
+
+    With C{max_workers}, the master runs an adaptive pool instead
+    (C{nworkers} is ignored): it starts workers (C{procs} slots each) as
+    jobs queue up, between C{min_workers} (default 0) and C{max_workers},
+    and stops those idle for C{idle_timeout} seconds (see
+    L{cw.core.scaling}); this returns once the master listens.
+    C{time_limit} gives each worker a walltime in seconds, as a batch
+    system would (the pool replaces workers ahead of it).
     """
     if docker_image:
         raise ClusterError("docker_image is only supported for SLURM clusters")
+    adaptive = max_workers is not None
     directory = run_dir(port)
     # Private: its logs hold what jobs print.
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -149,6 +164,12 @@ def start(
             options = list(master_options)
             if "port" not in parse_argv(MasterConfig, options, "cw-master")[0]:
                 options += ["--port", f"tcp:{port}:interface=127.0.0.1"]
+            if adaptive:
+                pool = _pool_file(directory, min_workers or 0, max_workers, idle_timeout, time_limit)
+                pool["worker_args"] = _worker_args(worker_options, procs)
+                pool_file = directory / "pool.json"
+                pool_file.write_text(json.dumps(pool, indent=2) + "\n")
+                options += ["--pool-file", str(pool_file)]
             popen = _spawn(
                 ["-m", "cw.master", "--address-file", str(address_file), *options],
                 log,
@@ -157,12 +178,37 @@ def start(
             address = _wait_for_file(address_file, popen, log, timeout)
         else:
             address = f"localhost:{port}"
-        if workers and nworkers > 0:
+        if workers and nworkers > 0 and not adaptive:
             _start_workers(directory, address, nworkers, procs, worker_options, timeout)
     except BaseException:
         stop(master=master, workers=workers, port=port)
         raise
     return address
+
+
+def _worker_args(options: list[str], procs: int) -> list[str]:
+    """A worker's options: C{options}, with C{--procs procs} unless they give it."""
+    if "procs" in parse_argv(WorkerConfig, options, "cw-worker")[0]:
+        return list(options)
+    return [*options, "--procs", str(procs)]
+
+
+def _pool_file(
+    directory: Path, min_workers: int, max_workers: int, idle_timeout: float, time_limit: float | None
+) -> dict:
+    """The adaptive pool's description for the master (L{cw.master.pool.read_pool_file})."""
+    try:
+        PoolBounds(min_workers=min_workers, max_workers=max_workers, idle_timeout=idle_timeout)
+    except ValueError as e:
+        raise ClusterError(f"cw.mp.start: {e}") from None
+    return {
+        "launcher": "local",
+        "min_workers": min_workers,
+        "max_workers": max_workers,
+        "idle_timeout": idle_timeout,
+        "run_dir": str(directory),
+        "time_limit": time_limit,
+    }
 
 
 def _start_workers(
@@ -173,15 +219,12 @@ def _start_workers(
         before = len(session.call(GetStatus)["status"]["workers"])
     finally:
         session.close()
-    procs_given = "procs" in parse_argv(WorkerConfig, options, "cw-worker")[0]
     first = 0
     while (directory / f"worker-{first}.pid").exists():
         first += 1
     popens = []
     for i in range(first, first + n):
-        args = ["-m", "cw.worker", "--master", address, *options]
-        if not procs_given:
-            args += ["--procs", str(procs)]
+        args = ["-m", "cw.worker", "--master", address, *_worker_args(options, procs)]
         log = directory / f"worker-{i}.log"
         popens.append((_spawn(args, log, directory / f"worker-{i}.pid"), log))
     deadline = time.monotonic() + timeout
@@ -221,9 +264,17 @@ def stop(master: bool = True, workers: bool = True, *, port: int = PORT, timeout
     """
     Stop the local cluster on C{port}: workers first (each finishes its
     shutdown within C{timeout} seconds or is killed; the default leaves room
-    for a worker's 30-second drain of running jobs), then the master.
+    for a worker's 30-second drain of running jobs), then the master.  An
+    adaptive pool's master goes first: it stops its own workers.
     """
     directory = run_dir(port)
+    pool = directory / "pool.json"
+    if master and pool.exists():
+        # An adaptive pool's master would start workers again: it goes
+        # first, and stops its workers itself.
+        _stop_master(directory, timeout)
+        with contextlib.suppress(FileNotFoundError):
+            pool.unlink()
     if workers:
         files = sorted(directory.glob("worker-*.pid"))
         _stop_pids([pid for pid in map(_read_pidfile, files) if pid is not None], timeout)
@@ -231,12 +282,16 @@ def stop(master: bool = True, workers: bool = True, *, port: int = PORT, timeout
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
     if master:
-        f = directory / "master.pid"
-        pid = _read_pidfile(f)
-        if pid is not None:
-            _stop_pids([pid], timeout)
-        with contextlib.suppress(FileNotFoundError):
-            f.unlink()
+        _stop_master(directory, timeout)
+
+
+def _stop_master(directory: Path, timeout: float) -> None:
+    f = directory / "master.pid"
+    pid = _read_pidfile(f)
+    if pid is not None:
+        _stop_pids([pid], timeout)
+    with contextlib.suppress(FileNotFoundError):
+        f.unlink()
 
 
 @contextlib.contextmanager

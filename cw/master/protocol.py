@@ -26,6 +26,7 @@ from cw.core.validation import (
     check_range,
     check_results,
     check_session,
+    check_text,
 )
 from cw.errors import BadCommand
 from cw.wire import commands as P
@@ -80,6 +81,7 @@ class MasterProtocol(
         if self.secret is None:
             self.mark_authenticated()
         self.role: str | None = None
+        self.launch: str | None = None
         self.peer_id = 0
         self.peer_name = "?"
         #: A client's session name (L{P.RegisterClient}), once registered.
@@ -254,12 +256,16 @@ class MasterProtocol(
         return {}
 
     @P.RegisterWorker.responder
-    def register_worker(self, version, host, pid, slots):
+    def register_worker(self, version, host, pid, slots, launch=None):
         self._check_version(version)
         name = check_peer(host, pid)
         check_range("slots", slots, 1, MAX_SLOTS)
+        if launch is not None:
+            check_text("launch", launch, 200)
         self._claim("worker")
         self.peer_name = name
+        #: The adaptive pool's launch this worker belongs to, if any.
+        self.launch = launch
         self.peer_id = self.master.worker_joined(self, slots)
         self.role = "worker"
         return {"worker_id": self.peer_id, "max_payload": self.master.max_payload}

@@ -31,6 +31,7 @@ from cw.core.flow import FlowControl
 from cw.core.limits import Admission, default_max_pending, default_per_address
 from cw.core.routing import Routing, SendContext
 from cw.core.scheduler import Scheduler, Unsent
+from cw.master.pool import PoolService, bounds_from, make_launcher, read_pool_file
 from cw.master.protocol import MasterFactory, MasterProtocol
 from cw.master.web import FailureLog, WebDashboard
 from cw.system import write_atomically
@@ -140,6 +141,8 @@ class Master:
         self.running_notices: set[int] = set()
         self.workers: dict[int, MasterProtocol] = {}
         self.started = clock.seconds()
+        #: The adaptive worker pool's loop (L{cw.master.pool.PoolService}), if the master runs one.
+        self.pool = None
         self._dispatch_call = None
         #: [second, jobs completed in it] for the last minute.
         self._recent: deque[list[int]] = deque()
@@ -623,6 +626,7 @@ class Master:
         """A JSON-ready snapshot of the master's state."""
         s = self.scheduler
         return {
+            "pool": None if self.pool is None else self.pool.status(),
             "uptime": self.clock.seconds() - self.started,
             "queued": s.queued,
             "completed": s.completed,
@@ -635,6 +639,7 @@ class Master:
                     "held": len(w.held),
                     "busy": min(len(w.held), w.slots),
                     "draining": w.draining,
+                    "launch": getattr(self.workers[w.id], "launch", None),
                     "completed": w.completed,
                     "failed": w.failed,
                 }
@@ -707,6 +712,8 @@ class MasterService(service.Service):
         URL to C{web_address_file} if that is given.
     @param web_options: more keyword arguments of L{cw.master.web.WebDashboard}
         (C{token_file}, C{open_access}, C{hosts}).
+    @param pool_file: if given, run the adaptive worker pool it describes
+        (L{cw.master.pool}) once listening.
     @param reactor: the reactor to listen with, and the L{Master}'s clock.
     @param options: passed on to L{Master}.
     """
@@ -722,11 +729,17 @@ class MasterService(service.Service):
         web_options: dict | None = None,
         *,
         reactor,
+        pool_file: str | None = None,
         **options: Any,
     ) -> None:
         self.reactor = reactor
         self.listen = listen
         self.address_file = address_file
+        #: The adaptive pool's description (L{cw.master.pool.read_pool_file}), and its loop once listening.
+        self.pool_spec = None if pool_file is None else read_pool_file(pool_file)
+        if self.pool_spec is not None:
+            bounds_from(self.pool_spec)  # a bad file fails here, before listening
+        self.pool: PoolService | None = None
         #: Everything else (prefetch, secret, limits, heartbeats) is L{Master}'s.
         self.master = Master(reactor, **options)
         self.port = None
@@ -749,6 +762,7 @@ class MasterService(service.Service):
         return cls(
             listen=fields.pop("port"),
             address_file=fields.pop("address_file"),
+            pool_file=fields.pop("pool_file"),
             web=web["web"],
             web_address_file=web["web_address_file"],
             web_options={
@@ -793,6 +807,11 @@ class MasterService(service.Service):
         )
         if self.address_file:
             write_atomically(self.address_file, address + "\n")
+        if self.pool_spec is not None:
+            launcher = make_launcher(self.reactor, self.pool_spec, address)
+            self.pool = PoolService(self.master, launcher, bounds_from(self.pool_spec))
+            self.master.pool = self.pool
+            self.pool.start()
 
     def _failed(self, failure):
         log.failure("cw master could not listen on {listen}", failure, listen=self.listen)
@@ -813,6 +832,8 @@ class MasterService(service.Service):
             except FileNotFoundError:
                 pass
         stopped = self.master.shutdown("the master was stopped")
+        if self.pool is not None:
+            stopped = defer.gatherResults([stopped, self.pool.stop()])
         if self.port is not None:
             stopped = defer.gatherResults([stopped, defer.maybeDeferred(self.port.stopListening)])
         if self.web is not None:

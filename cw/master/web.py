@@ -250,6 +250,30 @@ def render_metrics(status: dict) -> str:
         ("cw_clients", "gauge", "Connected clients.", [({}, len(clients))]),
     ]
 
+    pool = status.get("pool")
+    if pool:
+        families += [
+            ("cw_pool_target_workers", "gauge", "Workers the adaptive pool wants.", [({}, pool["target"])]),
+            ("cw_pool_running_workers", "gauge", "The pool's running launches.", [({}, pool["running"])]),
+            (
+                "cw_pool_pending_workers",
+                "gauge",
+                "The pool's launches queued.",
+                [({}, pool["pending"])],
+            ),
+            (
+                "cw_pool_draining_workers",
+                "gauge",
+                "The pool's draining launches.",
+                [({}, pool["draining"])],
+            ),
+            ("cw_pool_min_workers", "gauge", "The pool's lower bound.", [({}, pool["min_workers"])]),
+            ("cw_pool_max_workers", "gauge", "The pool's upper bound.", [({}, pool["max_workers"])]),
+        ]
+        calls = [({"command": k}, v) for k, v in sorted((pool.get("calls") or {}).items())]
+        if calls:
+            families.append(("cw_pool_slurm_calls_total", "counter", "SLURM commands the pool ran.", calls))
+
     def per(items, field, key="id"):
         return [({"id": item[key], "peer": item["peer"]}, item[field]) for item in items]
 

@@ -282,6 +282,8 @@ class RegisterWorker(amp.Command):
         (b"host", amp.Unicode()),
         (b"pid", amp.Integer()),
         (b"slots", amp.Integer()),
+        # The adaptive pool's launch this worker belongs to (cw.master.pool).
+        (b"launch", amp.Unicode(optional=True)),
     ]
     response = [(b"worker_id", amp.Integer()), (b"max_payload", amp.Integer())]
     errors = {VersionMismatch: b"VERSION_MISMATCH"}

@@ -126,9 +126,23 @@ def join_master(proto: amp.AMP, secret: bytes | None, address: str, slots: int) 
             host=socket.gethostname(),
             pid=os.getpid(),
             slots=slots,
+            launch=launch_id(os.environ),
         )
     )
     return d
+
+
+def launch_id(environ) -> str | None:
+    """
+    Which launch of an adaptive pool this worker is (L{cw.master.pool}):
+    C{CW_LAUNCH_ID}, else its SLURM job (C{JOB_TASK} for an array task),
+    else None.
+    """
+    if environ.get("CW_LAUNCH_ID"):
+        return environ["CW_LAUNCH_ID"]
+    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    return environ.get("SLURM_JOB_ID") or None
 
 
 class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.AMP):

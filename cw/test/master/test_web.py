@@ -141,6 +141,21 @@ class FakeMaster:
         }
 
 
+#: An adaptive pool as the master's status shows it.
+POOL = {
+    "now": 1000.0,
+    "min_workers": 0,
+    "max_workers": 4,
+    "idle_timeout": 60.0,
+    "target": 3,
+    "running": 2,
+    "pending": 1,
+    "draining": 1,
+    "decisions": [{"time": 990.0, "action": "submit 2", "reason": "40 jobs queued"}],
+    "calls": {"sbatch": 2, "squeue": 7},
+}
+
+
 class PureTests(unittest.TestCase):
     def test_metrics_text(self):
         """
@@ -167,6 +182,22 @@ class PureTests(unittest.TestCase):
             [({"id": "1", "peer": 'a"b\\c:1'}, 2.0), ({"id": "2", "peer": "node2:7"}, 4.0)],
         )
         self.assertEqual(families["cw_worker_draining"]["samples"][1][1], 1.0)
+
+    def test_pool_metrics(self):
+        """An adaptive pool's size and bounds are gauges; its SLURM calls a counter per command."""
+        status = web.dashboard_status(FakeMaster())
+        status["pool"] = dict(POOL)
+        families = parse_prometheus(web.render_metrics(status))
+        self.assertEqual(total(families, "cw_pool_target_workers"), 3)
+        self.assertEqual(total(families, "cw_pool_running_workers"), 2)
+        self.assertEqual(total(families, "cw_pool_pending_workers"), 1)
+        self.assertEqual(total(families, "cw_pool_draining_workers"), 1)
+        self.assertEqual(total(families, "cw_pool_max_workers"), 4)
+        self.assertEqual(
+            families["cw_pool_slurm_calls_total"]["samples"],
+            [({"command": "sbatch"}, 2.0), ({"command": "squeue"}, 7.0)],
+        )
+        self.assertNotIn("cw_pool_target_workers", parse_prometheus(web.render_metrics(FakeMaster().status())))
 
     def test_failure_log(self):
         """

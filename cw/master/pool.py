@@ -1,0 +1,504 @@
+"""
+The master's adaptive worker pool: it starts and stops its own workers.
+
+L{PoolService} runs the scaling loop: every C{tick} it builds a
+L{PoolView} from the master's scheduler (queue, measured job duration,
+workers) and its launcher's launches, asks the pure L{ScalingPolicy}
+(L{cw.core.scaling}) what to do, and carries the decisions out through an
+L{IWorkerLauncher}:
+
+  - L{LocalLauncher}: workers as child processes of the master
+    (C{cw.mp.start(min_workers=..., max_workers=...)});
+  - L{SlurmLauncher}: workers as SLURM jobs, one worker per job or array
+    task (C{cw-slurm start --max-workers ...}).
+
+A worker says which launch it belongs to when it registers (its
+C{CW_LAUNCH_ID}, or its SLURM job id), so the pool knows which worker to
+drain.  Draining a worker is a SIGTERM (local) or C{scancel --signal=TERM}
+(SLURM): the worker hands back its unstarted jobs, finishes its running
+ones and exits; before signalling, the master stops giving it jobs.
+
+The pool is described by a JSON file (C{cw-master --pool-file}), written
+by the launchers (L{read_pool_file}).
+
+Layer rule (cw.master): imports cw.discovery and below; never cw.client, cw.worker, cw.launch or cw.cli.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, error, protocol, task, threads
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+from cw.core.scaling import Cancel, Drain, Launch, PoolBounds, PoolView, ScalingPolicy, Submit, Worker
+from cw.discovery import run_slurm
+from cw.errors import CWError, SlurmError
+from cw.system import start_time, with_cw_on_path, write_atomically
+
+log = Logger(namespace="cw.master.pool")
+
+#: Seconds between two rounds of the scaling loop.
+TICK = 1.0
+
+#: Default seconds between two looks at the batch system (one C{squeue} each).
+POLL_INTERVAL = 30.0
+
+#: Longest back-off, in seconds, after the batch system failed or was slow.
+MAX_BACKOFF = 600.0
+
+
+class IWorkerLauncher(Interface):
+    """Starts, drains and stops worker launches (one worker each) and reports on them."""
+
+    poll_interval = Attribute("Seconds between two calls of poll, at least.")
+
+    def submit(count: int) -> defer.Deferred:  # noqa: N805 (zope interface methods take no self)
+        """Start C{count} launches; fires with their ids."""
+
+    def drain(ids: Sequence[str]) -> defer.Deferred:  # noqa: N805 (zope interface methods take no self)
+        """Ask these launches' workers to drain (finish running jobs, then exit)."""
+
+    def cancel(ids: Sequence[str]) -> defer.Deferred:  # noqa: N805 (zope interface methods take no self)
+        """Cancel these launches (pending, or running no job)."""
+
+    def poll(ids: Sequence[str]) -> defer.Deferred:  # noqa: N805 (zope interface methods take no self)
+        """Fires with C{{id: Launch}} for those of C{ids} still pending or running."""
+
+    def stop() -> defer.Deferred:
+        """The master stops: end every launch."""
+
+
+# --- local processes ---------------------------------------------------------
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    def __init__(self, launcher: LocalLauncher, launch: str) -> None:
+        self.launcher = launcher
+        self.launch = launch
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def processEnded(self, reason) -> None:
+        self.launcher._ended(self.launch)
+        self.ended.callback(None)
+
+
+@implementer(IWorkerLauncher)
+class LocalLauncher:
+    """
+    Workers as child processes of the master, C{python -m cw.worker
+    --master ADDRESS ARGS}, each logging to C{run_dir/pool-worker-N.log}
+    with a pidfile next to it (C{cw.mp.stop} stops them).  C{time_limit}
+    (seconds) gives each a walltime, as a batch system would: it is killed
+    then, so a test can watch the pool replace workers ahead of it.
+    """
+
+    poll_interval = TICK
+
+    def __init__(
+        self,
+        reactor,
+        address: str,
+        args: Sequence[str] = (),
+        run_dir: str | None = None,
+        time_limit: float | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.address = address
+        self.args = list(args)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.time_limit = time_limit
+        self.launches: dict[str, tuple[Launch, Any, _WorkerProcess]] = {}
+        self._next = 0
+
+    def submit(self, count: int) -> defer.Deferred:
+        ids = [self._spawn() for _ in range(count)]
+        return defer.succeed(ids)
+
+    def _spawn(self) -> str:
+        self._next += 1
+        launch = f"local-{os.getpid()}-{self._next}"
+        env = with_cw_on_path(os.environ)
+        env["CW_LAUNCH_ID"] = launch
+        argv = [sys.executable, "-m", "cw.worker", "--master", self.address, *self.args]
+        child = _WorkerProcess(self, launch)
+        fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        out = None
+        if self.run_dir is not None:
+            out = open(self.run_dir / f"pool-worker-{self._next}.log", "ab")
+            fds = {0: "w", 1: out.fileno(), 2: out.fileno()}
+        try:
+            process = self.reactor.spawnProcess(child, sys.executable, argv, env, childFDs=fds)
+        finally:
+            if out is not None:
+                out.close()
+        now = self.reactor.seconds()
+        ends = None if self.time_limit is None else now + self.time_limit
+        self.launches[launch] = (Launch(launch, now, now, ends), process, child)
+        if self.run_dir is not None:
+            pidfile = self.run_dir / f"worker-pool-{self._next}.pid"
+            write_atomically(pidfile, f"{process.pid} {start_time(process.pid) or '-'}\n")
+            child.pidfile = pidfile
+        if self.time_limit is not None:
+            self.reactor.callLater(self.time_limit, self._signal, launch, signal.SIGKILL)
+        return launch
+
+    def _ended(self, launch: str) -> None:
+        entry = self.launches.pop(launch, None)
+        if entry is not None and getattr(entry[2], "pidfile", None) is not None:
+            try:
+                entry[2].pidfile.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _signal(self, launch: str, signum: int) -> None:
+        entry = self.launches.get(launch)
+        if entry is not None and entry[1].pid is not None:
+            try:
+                entry[1].signalProcess(signum)
+            except (OSError, error.ProcessExitedAlready):
+                pass
+
+    def drain(self, ids: Sequence[str]) -> defer.Deferred:
+        for launch in ids:
+            self._signal(launch, signal.SIGTERM)
+        return defer.succeed(None)
+
+    cancel = drain
+
+    def poll(self, ids: Sequence[str]) -> defer.Deferred:
+        return defer.succeed({i: self.launches[i][0] for i in ids if i in self.launches})
+
+    def stop(self) -> defer.Deferred:
+        """SIGTERM every worker; fires once all have exited (the master's stop waits)."""
+        ended = [entry[2].ended for entry in self.launches.values()]
+        for launch in list(self.launches):
+            self._signal(launch, signal.SIGTERM)
+        return defer.DeferredList(ended)
+
+
+# --- SLURM -------------------------------------------------------------------
+
+
+def parse_slurm_time(text: str) -> float | None:
+    """C{squeue}'s C{%L}/C{%l} time (C{[D-]HH:MM:SS}, C{MM:SS}) in seconds; None for none."""
+    text = text.strip()
+    if not text or text in ("UNLIMITED", "NOT_SET", "INVALID", "N/A"):
+        return None
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in text.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    h, m, s = parts[-3:]
+    return days * 86400 + h * 3600 + m * 60 + s
+
+
+def parse_slurm_clock(text: str) -> float | None:
+    """C{squeue}'s C{%S} (local time, C{YYYY-MM-DDTHH:MM:SS}) in seconds since the epoch; None if none."""
+    try:
+        return time.mktime(time.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def array_ids(job: str, count: int) -> list[str]:
+    """The launch ids of the C{count} tasks of array job C{job}."""
+    return [f"{job}_{i}" for i in range(count)] if count > 1 else [job]
+
+
+@implementer(IWorkerLauncher)
+class SlurmLauncher:
+    """
+    Workers as SLURM jobs: C{script} is the worker job's batch script (one
+    worker), submitted with C{sbatch --array=0-(N-1)} to start N at once.
+    One C{squeue} per C{poll_interval} at most, for all the pool's jobs at
+    once (C{-j} with the recorded ids, C{-r} to list array tasks one by
+    one); after an error or a slow answer the interval doubles, up to
+    L{MAX_BACKOFF}, and comes back once SLURM answers promptly.  The
+    launches are recorded in C{directory/pool-jobs.json}, so that
+    C{cw-slurm stop} cancels them too.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        script: str,
+        directory: str,
+        poll_interval: float = POLL_INTERVAL,
+        slow: float = 10.0,
+    ) -> None:
+        self.reactor = reactor
+        self.script = script
+        self.directory = Path(directory)
+        self.base_interval = self.poll_interval = poll_interval
+        self.slow = slow
+        self.submitted: dict[str, float] = {}
+        #: Calls made to each SLURM command (for the status and tests).
+        self.calls = {"sbatch": 0, "squeue": 0, "scancel": 0}
+
+    def _run(self, args: list[str], input: str | None = None) -> defer.Deferred:
+        self.calls[args[0]] = self.calls.get(args[0], 0) + 1
+        return threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), run_slurm, args, input=input
+        )
+
+    def _record(self) -> None:
+        write_atomically(
+            self.directory / "pool-jobs.json", json.dumps({"workers": sorted(self.submitted)}) + "\n"
+        )
+
+    @defer.inlineCallbacks
+    def submit(self, count: int):
+        args = ["sbatch", "--parsable"]
+        if count > 1:
+            args.append(f"--array=0-{count - 1}")
+        out = yield self._run(args, input=self.script)
+        job = out.strip().split(";")[0]
+        if not job.isdigit():
+            raise SlurmError(f"sbatch did not print a job id but {out.strip()!r}")
+        ids = array_ids(job, count)
+        now = self.reactor.seconds()
+        for launch in ids:
+            self.submitted[launch] = now
+        self._record()
+        return ids
+
+    def drain(self, ids: Sequence[str]) -> defer.Deferred:
+        # The signal goes to the job's steps: the worker under srun.
+        return self._run(["scancel", "--signal=TERM", *ids]) if ids else defer.succeed(None)
+
+    def cancel(self, ids: Sequence[str]) -> defer.Deferred:
+        return self._run(["scancel", *ids]) if ids else defer.succeed(None)
+
+    @defer.inlineCallbacks
+    def poll(self, ids: Sequence[str]):
+        if not ids:
+            return {}
+        jobs = sorted({i.split("_")[0] for i in ids})
+        began = self.reactor.seconds()
+        try:
+            out = yield self._run(["squeue", "-h", "-r", "-j", ",".join(jobs), "-o", "%i|%T|%S|%L"])
+        except SlurmError as e:
+            if "Invalid job id" not in str(e):
+                self.poll_interval = min(MAX_BACKOFF, self.poll_interval * 2)
+                log.warn("squeue failed ({e}); next look in {s:g} s", e=e, s=self.poll_interval)
+                raise
+            out = ""
+        now = self.reactor.seconds()
+        if now - began > self.slow:
+            self.poll_interval = min(MAX_BACKOFF, self.poll_interval * 2)
+            log.warn("squeue took {t:.1f} s; next look in {s:g} s", t=now - began, s=self.poll_interval)
+        else:
+            self.poll_interval = self.base_interval
+        found: dict[str, Launch] = {}
+        wanted = set(ids)
+        for line in out.splitlines():
+            fields = line.strip().split("|")
+            if len(fields) != 4 or fields[0] not in wanted:
+                continue
+            launch, state, start, left = fields
+            if state in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED"):
+                started = None
+                ends = None
+                if state != "PENDING":
+                    started = parse_slurm_clock(start) or now
+                    remaining = parse_slurm_time(left)
+                    ends = None if remaining is None else now + remaining
+                found[launch] = Launch(launch, self.submitted.get(launch, now), started, ends)
+        for gone in wanted - set(found):
+            self.submitted.pop(gone, None)
+        if wanted - set(found):
+            self._record()
+        return found
+
+    def stop(self) -> defer.Deferred:
+        ids = list(self.submitted)
+        if not ids:
+            return defer.succeed(None)
+        d = self.cancel(ids)
+        d.addErrback(lambda f: log.warn("could not cancel the pool's jobs: {e}", e=f.value))
+        return d
+
+
+# --- the loop ------------------------------------------------------------------
+
+
+def read_pool_file(path: str) -> dict:
+    """The pool description in C{path} (JSON), or L{CWError} saying what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise CWError(f"cannot read the pool file {path}: {e}") from None
+    if not isinstance(data, dict) or data.get("launcher") not in ("local", "slurm"):
+        raise CWError(f"the pool file {path} names no launcher ('local' or 'slurm')")
+    return data
+
+
+def bounds_from(data: dict) -> PoolBounds:
+    """The L{PoolBounds} a pool file gives (its other keys are the launcher's)."""
+    fields = set(PoolBounds.__dataclass_fields__)
+    try:
+        return PoolBounds(**{k: v for k, v in data.items() if k in fields})
+    except (TypeError, ValueError) as e:
+        raise CWError(f"bad pool bounds: {e}") from None
+
+
+def make_launcher(reactor, data: dict, address: str) -> IWorkerLauncher:
+    """The launcher a pool file describes; C{address} is the master's, for local workers."""
+    if data["launcher"] == "local":
+        return LocalLauncher(
+            reactor, address, data.get("worker_args", ()), data.get("run_dir"), data.get("time_limit")
+        )
+    return SlurmLauncher(
+        reactor, data["script"], data["directory"], float(data.get("poll_interval", POLL_INTERVAL))
+    )
+
+
+class PoolService:
+    """
+    The scaling loop of one pool (see the module docstring): C{master} is
+    the L{cw.master.service.Master}, C{launcher} an L{IWorkerLauncher}.
+    """
+
+    def __init__(self, master, launcher: IWorkerLauncher, bounds: PoolBounds, tick: float = TICK) -> None:
+        self.master = master
+        self.clock = master.clock
+        self.launcher = launcher
+        self.policy = ScalingPolicy(bounds)
+        self.tick_seconds = tick
+        #: The pool's launches, by id, as last seen (and just submitted).
+        self.launches: dict[str, Launch] = {}
+        self._idle: dict[int, tuple[float, int]] = {}
+        self._polled_at: float | None = None
+        self._busy = False
+        self._loop: task.LoopingCall | None = None
+
+    def start(self) -> None:
+        self._loop = task.LoopingCall(self.tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.tick_seconds, now=True)
+
+    def stop(self) -> defer.Deferred:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return defer.maybeDeferred(self.launcher.stop)
+
+    @defer.inlineCallbacks
+    def tick(self):
+        """One round: poll the launcher if due, decide, carry out."""
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            now = self.clock.seconds()
+            due = self._polled_at is None or now - self._polled_at >= self.launcher.poll_interval
+            if due and self.launches:
+                self._polled_at = now
+                seen = yield self.launcher.poll(list(self.launches))
+                for launch in list(self.launches):
+                    old = self.launches[launch]
+                    if launch in seen:
+                        self.launches[launch] = replace(seen[launch], draining=old.draining)
+                    else:
+                        del self.launches[launch]
+            now = self.clock.seconds()
+            for decision in self.policy.decide(self.view(now)):
+                yield self._carry_out(decision, now)
+        except Exception:
+            log.failure("The pool's scaling round failed; trying again next round")
+        finally:
+            self._busy = False
+
+    def view(self, now: float) -> PoolView:
+        """The L{PoolView} of the master's state and the launches at C{now}."""
+        scheduler = self.master.scheduler
+        workers = []
+        ends = {x.id: x.ends_at for x in self.launches.values()}
+        for state in scheduler.workers():
+            proto = self.master.workers.get(state.id)
+            launch = getattr(proto, "launch", None)
+            held = len(state.held)
+            if held:
+                self._idle.pop(state.id, None)
+                since = None
+            else:
+                since, completed = self._idle.get(state.id, (now, state.completed))
+                if completed != state.completed:
+                    since = now
+                self._idle[state.id] = (since, state.completed)
+            if launch in ends:
+                scheduler.set_end(state.id, ends[launch])
+            workers.append(Worker(state.id, launch, state.slots, held, since, state.draining))
+        for wid in set(self._idle) - {w.id for w in workers}:
+            del self._idle[wid]
+        return PoolView(
+            now=now,
+            queued=scheduler.queued,
+            job_seconds=scheduler.job_seconds,
+            workers=tuple(workers),
+            launches=tuple(self.launches.values()),
+        )
+
+    @defer.inlineCallbacks
+    def _carry_out(self, decision, now: float):
+        log.info("Pool: {decision}", decision=describe(decision))
+        if isinstance(decision, Submit):
+            ids = yield self.launcher.submit(decision.count)
+            for launch in ids:
+                self.launches[launch] = Launch(launch, now)
+        elif isinstance(decision, Drain):
+            if decision.worker is not None and decision.worker in self.master.workers:
+                # No more jobs for it before the signal gets there.
+                self.master.scheduler.return_jobs(decision.worker, [])
+            self._mark_draining(decision.launch)
+            yield self.launcher.drain([decision.launch])
+        elif isinstance(decision, Cancel):
+            self._mark_draining(decision.launch)
+            yield self.launcher.cancel([decision.launch])
+
+    def _mark_draining(self, launch: str) -> None:
+        if launch in self.launches:
+            self.launches[launch] = replace(self.launches[launch], draining=True)
+
+    def status(self) -> dict:
+        """The pool for the status: bounds, target, launches by state, recent decisions."""
+        launches = list(self.launches.values())
+        b = self.policy.bounds
+        return {
+            "now": self.clock.seconds(),
+            "min_workers": b.min_workers,
+            "max_workers": b.max_workers,
+            "idle_timeout": b.idle_timeout,
+            "target": self.policy.target,
+            "running": sum(1 for x in launches if x.started is not None and not x.draining),
+            "pending": sum(1 for x in launches if x.started is None and not x.draining),
+            "draining": sum(1 for x in launches if x.draining),
+            "decisions": [
+                {"time": t, "action": describe(d, reason=False), "reason": d.reason}
+                for t, d in list(self.policy.history)[-10:]
+            ],
+            "calls": dict(getattr(self.launcher, "calls", {})),
+        }
+
+
+def describe(decision, reason: bool = True) -> str:
+    """A decision in words, for the log and the status."""
+    if isinstance(decision, Submit):
+        what = f"submit {decision.count}" + (f" (replacing {decision.replaces})" if decision.replaces else "")
+    elif isinstance(decision, Drain):
+        what = f"drain {decision.launch}"
+    else:
+        what = f"cancel {decision.launch}" + (" (will retry)" if decision.retry else "")
+    return f"{what}: {decision.reason}" if reason else what

