@@ -197,7 +197,8 @@ class PureTests(unittest.TestCase):
             families["cw_pool_slurm_calls_total"]["samples"],
             [({"command": "sbatch"}, 2.0), ({"command": "squeue"}, 7.0)],
         )
-        self.assertNotIn("cw_pool_target_workers", parse_prometheus(web.render_metrics(FakeMaster().status())))
+        without = parse_prometheus(web.render_metrics(FakeMaster().status()))
+        self.assertNotIn("cw_pool_target_workers", without)
 
     def test_failure_log(self):
         """
