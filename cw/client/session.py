@@ -43,6 +43,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python import threadable
+from twisted.python.failure import Failure
 
 from cw.client.mapping import progress as progress
 from cw.core.validation import MAX_WEIGHT, check_session
@@ -113,11 +114,29 @@ def running_reactor():
 
 
 def call_in_reactor(func: Callable, *args, timeout: float | None = None, **kwargs) -> Any:
-    """Run C{func} (which may return a Deferred) in the reactor; wait for its result."""
-    import crochet
+    """
+    Run C{func} (which may return a Deferred) in the reactor; wait for its
+    result, at most C{timeout} seconds (then raise L{TimeoutError}).
 
-    running_reactor()
-    return crochet.run_in_reactor(func)(*args, **kwargs).wait(timeout)
+    Not crochet's C{run_in_reactor}: its results call the deprecated
+    C{Event.isSet()}, so that a program run with C{-W
+    error::DeprecationWarning} would never get one.
+    """
+    reactor = running_reactor()
+    done = threading.Event()
+    outcome: list = []
+
+    def finish(result: Any) -> None:
+        outcome.append(result)
+        done.set()
+
+    reactor.callFromThread(lambda: defer.maybeDeferred(func, *args, **kwargs).addBoth(finish))
+    if not done.wait(timeout):
+        name = getattr(func, "__name__", func)
+        raise TimeoutError(f"{name} did not finish in the reactor within {timeout} s")
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
 
 
 def describe_unpicklable(func: Callable, args: tuple, kwargs: dict) -> str:
@@ -505,12 +524,16 @@ class Session:
         connection is lost meanwhile.
         """
         with self._lock:
-            while self._backlog() > SEND_WINDOW or len(self._pending) > self._job_window:
+            while self.full():
                 if self.closing or give_up():
                     return
                 if self.proto is None:
                     raise MasterUnavailable(f"lost the connection to the cw master at {self.address}")
                 self._sent_some.wait(1.0)
+
+    def full(self) -> bool:
+        """Whether L{wait_for_room} would block now (for callers that must not block)."""
+        return self._backlog() > SEND_WINDOW or len(self._pending) > self._job_window
 
     def define(self, key: bytes, function: bytes) -> None:
         """
