@@ -99,6 +99,11 @@ class AsyncClusterExecutor:
         self._room: asyncio.Lock | None = None
         self._closed = False
 
+    def __repr__(self) -> str:
+        if self._executor is None:
+            return f"<AsyncClusterExecutor {self._host or 'default master'} not started>"
+        return "<Async" + repr(self._executor)[1:]
+
     async def __aenter__(self) -> AsyncClusterExecutor:
         await self.start()
         return self

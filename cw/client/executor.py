@@ -16,6 +16,7 @@ from concurrent import futures
 from typing import Any
 
 from cw import discovery
+from cw.client.display import executor_html, executor_text
 from cw.client.mapping import bounded_map
 from cw.client.session import (
     Session,
@@ -466,6 +467,33 @@ class ClusterExecutor(futures.Executor):
     def status(self) -> dict:
         """The master's status snapshot (workers, queue, counts)."""
         return self.session.call(P.GetStatus)["status"]
+
+    def _state(self) -> str:
+        if self._shutdown:
+            return "shut down"
+        return "connected" if self.session.proto is not None else "disconnected"
+
+    def __repr__(self) -> str:
+        """Where it is connected and how many jobs it has outstanding; asks the master nothing."""
+        return executor_text(
+            type(self).__name__, self.session.address, self._state(), self._jobs.outstanding()
+        )
+
+    def _repr_html_(self) -> str:
+        """
+        Jupyter's display: also the master's workers, slots, queue and
+        dashboard link, from its status (a master that does not answer
+        within 5 s is shown as such).
+        """
+        status = error = None
+        if self.session.proto is not None:
+            try:
+                status = self.session.call(P.GetStatus, timeout=5)["status"]
+            except Exception as e:
+                error = f"no status: {type(e).__name__}: {e}"
+        return executor_html(
+            type(self).__name__, self.session.address, self._state(), self._jobs.outstanding(), status, error
+        )
 
     def map(
         self,

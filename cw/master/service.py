@@ -143,6 +143,9 @@ class Master:
         self.started = clock.seconds()
         #: The adaptive worker pool's loop (L{cw.master.pool.PoolService}), if the master runs one.
         self.pool = None
+        #: The dashboard's URL once it listens (set by L{MasterService}),
+        #: for the clients' status (Jupyter links to it).
+        self.dashboard: str | None = None
         self._dispatch_call = None
         #: [second, jobs completed in it] for the last minute.
         self._recent: deque[list[int]] = deque()
@@ -631,6 +634,7 @@ class Master:
             "queued": s.queued,
             "completed": s.completed,
             "rate": self.rate(),
+            "dashboard": self.dashboard,
             "workers": [
                 {
                     "id": w.id,
@@ -787,12 +791,15 @@ class MasterService(service.Service):
         self.master.start_deadlines()
         self.master.start_watching_clients()
         if self.web is not None:
-            self.web.start(reactor)
+            self.web.start(reactor).addCallback(self._dashboard_listening)
         endpoint = server_endpoint(reactor, self.listen)
         d = endpoint.listen(MasterFactory(self.master))
         d.addCallback(self._listening)
         d.addErrback(self._failed)
         return d
+
+    def _dashboard_listening(self, port) -> None:
+        self.master.dashboard = self.web.url
 
     def _listening(self, port):
         self.port = port

@@ -261,19 +261,25 @@ def abandon(ex) -> None:
 
 
 def run_script(
-    testcase, source: str, *args: str, env: dict | None = None, timeout: float = DEADLINE * 2
+    testcase,
+    source: str,
+    *args: str,
+    env: dict | None = None,
+    timeout: float = DEADLINE * 2,
+    python_options: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """
     Run C{source} (dedented) as a Python script in its own session and
     return its outcome; it is killed by its process group in C{testcase}'s
-    cleanup if still running.
+    cleanup if still running.  C{python_options} go to the interpreter
+    (C{-W error::DeprecationWarning}).
     """
     path = os.path.abspath(testcase.mktemp()) + ".py"
     with open(path, "w") as f:
         f.write(textwrap.dedent(source))
     run_dir = os.path.abspath(testcase.mktemp())
     proc = subprocess.Popen(
-        [sys.executable, path, *args],
+        [sys.executable, *python_options, path, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

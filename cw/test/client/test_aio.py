@@ -4,9 +4,8 @@ plain C{asyncio.run} script (trial's own reactor runs in this process, so
 the programs are processes of their own, as a user's would be) against a
 real master and worker, and checks what the script printed.
 
-The scripts run with C{PYTHONWARNINGS=error::DeprecationWarning} (as
-C{python -W error::DeprecationWarning}): a deprecated call in crochet or
-cw fails them.
+The scripts run under C{python -W error::DeprecationWarning}: a deprecated
+call in crochet or cw fails them.
 
 The tests share one master with one worker of one job process, so that the
 order jobs run in is their submission order: a job that was not withdrawn
@@ -23,8 +22,8 @@ from twisted.trial import unittest
 
 from cw.test.procs import run_script, shared_cluster
 
-#: Run the scripts as `python -W error::DeprecationWarning` does.
-STRICT = {"PYTHONWARNINGS": "error::DeprecationWarning"}
+#: A deprecated call fails the scripts.
+STRICT = ("-W", "error::DeprecationWarning")
 
 #: Shared by the scripts: what the program has left once its executor is
 #: closed (threads other than the reactor's, tasks other than its own).
@@ -62,7 +61,7 @@ class AsyncioTests(unittest.TestCase):
         def run():
             address = shared_cluster("aio", slots=(1,)).address
             program = textwrap.dedent(first) + PRELUDE + textwrap.dedent(source)
-            return run_script(self, program, address, env=STRICT)
+            return run_script(self, program, address, python_options=STRICT)
 
         def check(result):
             self.assertEqual((result.returncode, result.stderr), (0, ""), f"stdout:\n{result.stdout}")
