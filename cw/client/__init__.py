@@ -1,8 +1,11 @@
 """
 The client: a session with the master over the reactor thread
 (L{cw.client.session}), the L{ClusterExecutor} (L{cw.client.executor}), the
-original L{ClientThread} (L{cw.client.thread}) and bounded maps
-(L{cw.client.mapping}).  Imports cw.wire, cw.core, cw.discovery; never
+original L{ClientThread} (L{cw.client.thread}), bounded maps
+(L{cw.client.mapping}) and how an executor displays (L{cw.client.display});
+layers over the executor, imported only by their public names: asyncio
+(L{cw.client.aio}, C{cw.aio}) and joblib (L{cw.client.joblib_backend},
+C{cw.joblib}).  Imports cw.wire, cw.core, cw.discovery; never
 cw.master, cw.worker, cw.launch or cw.cli.
 
 Every public name of C{cw.client}
