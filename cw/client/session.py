@@ -125,18 +125,59 @@ def call_in_reactor(func: Callable, *args, timeout: float | None = None, **kwarg
     reactor = running_reactor()
     done = threading.Event()
     outcome: list = []
+    name = getattr(func, "__name__", func)
 
     def finish(result: Any) -> None:
-        outcome.append(result)
+        if not outcome:
+            outcome.append(result)
         done.set()
 
-    reactor.callFromThread(lambda: defer.maybeDeferred(func, *args, **kwargs).addBoth(finish))
-    if not done.wait(timeout):
-        name = getattr(func, "__name__", func)
-        raise TimeoutError(f"{name} did not finish in the reactor within {timeout} s")
+    def stopped() -> None:
+        finish(Failure(MasterUnavailable(f"{name}: the reactor stopped (the program is exiting)")))
+
+    with _pending_lock:
+        _watch_shutdown(reactor)
+        if _reactor_stopping:
+            stopped()
+            _pending_calls.discard(stopped)
+        else:
+            _pending_calls.add(stopped)
+    try:
+        if not done.is_set():
+            reactor.callFromThread(lambda: defer.maybeDeferred(func, *args, **kwargs).addBoth(finish))
+        if not done.wait(timeout):
+            raise TimeoutError(f"{name} did not finish in the reactor within {timeout} s")
+    finally:
+        with _pending_lock:
+            _pending_calls.discard(stopped)
     if isinstance(outcome[0], Failure):
         outcome[0].raiseException()
     return outcome[0]
+
+
+# Blocking calls waiting on the reactor, failed at once when it shuts down
+# (at the program's exit) instead of each waiting out its timeout.
+_pending_lock = threading.Lock()
+_pending_calls: set[Callable[[], None]] = set()
+_reactor_stopping = False
+_shutdown_watched: set[int] = set()
+
+
+def _watch_shutdown(reactor: Any) -> None:
+    """Once per reactor: fail pending blocking calls when it begins to stop."""
+    if id(reactor) in _shutdown_watched:
+        return
+    _shutdown_watched.add(id(reactor))
+
+    def fail_pending() -> None:
+        global _reactor_stopping
+        with _pending_lock:
+            _reactor_stopping = True
+            pending = list(_pending_calls)
+        for stop in pending:
+            stop()
+
+    reactor.callFromThread(reactor.addSystemEventTrigger, "before", "shutdown", fail_pending)
 
 
 def describe_unpicklable(func: Callable, args: tuple, kwargs: dict) -> str:

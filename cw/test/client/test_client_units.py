@@ -5,9 +5,11 @@ pickling calls, decoding results and remote exceptions.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import os
 import pickle
+import subprocess
 import sys
 import threading
 
@@ -372,3 +374,61 @@ class ClientThreadOptionsTests(SynchronousTestCase):
             ours = (thread[name].kind, thread[name].default)
             self.assertEqual(ours, (parameter.kind, parameter.default), name)
         self.assertEqual(set(thread) - set(executor), {"callback", "progress"})
+
+
+_REACTOR_STOP_PROGRAM = r"""
+import threading, time
+from twisted.internet import defer
+from cw.client.session import call_in_reactor, running_reactor
+from cw.errors import MasterUnavailable
+
+reactor = running_reactor()
+assert call_in_reactor(lambda: 7, timeout=30) == 7
+outcomes = []
+
+def waiter():
+    started = time.monotonic()
+    try:
+        call_in_reactor(defer.Deferred, timeout=30)
+    except MasterUnavailable as e:
+        outcomes.append(("stopped", time.monotonic() - started, str(e)))
+    except BaseException as e:
+        outcomes.append((type(e).__name__, time.monotonic() - started, str(e)))
+
+thread = threading.Thread(target=waiter)
+thread.start()
+time.sleep(0.2)
+reactor.callFromThread(reactor.stop)
+thread.join(15)
+started = time.monotonic()
+try:
+    call_in_reactor(lambda: 1, timeout=15)
+    outcomes.append(("after: returned", 0, ""))
+except MasterUnavailable as e:
+    outcomes.append(("after: stopped", time.monotonic() - started, str(e)))
+print(outcomes)
+"""
+
+
+class ReactorStopTests(SynchronousTestCase):
+    """
+    A blocking call in flight when the reactor stops (the program exiting)
+    fails at once with L{cw.errors.MasterUnavailable}, and so does one made
+    afterwards, instead of each waiting out its (here 15-30 s) timeout.
+    """
+
+    def test_pending_and_later_calls_fail_at_once(self):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        done = subprocess.run(
+            [sys.executable, "-c", _REACTOR_STOP_PROGRAM],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        outcomes = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+        self.assertEqual([o[0] for o in outcomes], ["stopped", "after: stopped"], outcomes)
+        for kind, seconds, message in outcomes:
+            self.assertLess(seconds, 10, kind)
+            self.assertIn("reactor stopped", message)
