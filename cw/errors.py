@@ -95,11 +95,22 @@ class Unschedulable(RemoteException):
     """
 
 
+class IncompatibleWorker(RemoteException):
+    """
+    The job was sent to a worker whose Python (major.minor, implementation)
+    or cloudpickle (major) version differs from the client's, so it was not
+    run there: C{str()} names both versions and the worker.  Clients built
+    with C{version_mismatch="avoid"} are never sent to such workers.
+    C{report["client_versions"]} and C{report["worker_versions"]} hold both.
+    """
+
+
 #: Error report types that have an exception class of their own.
 REPORT_TYPES: dict[str, type[RemoteException]] = {
     "JobTimeout": JobTimeout,
     "WorkerLost": WorkerLost,
     "Unschedulable": Unschedulable,
+    "IncompatibleWorker": IncompatibleWorker,
 }
 
 
@@ -253,6 +264,14 @@ def remote_error(
 
 class VersionMismatch(CWError):
     """The peer speaks another protocol version."""
+
+
+class VersionConflict(CWError):
+    """
+    Workers run other versions of Python, cloudpickle or named packages
+    than the client (L{cw.client.ClusterExecutor.versions} with
+    C{check=True}); the message lists every difference.
+    """
 
 
 class AuthenticationFailed(CWError):

@@ -26,11 +26,14 @@ from cw.client.session import (
     pickle_call,
     pickle_function,
 )
+from cw.core.versions import short, table_conflicts
 from cw.discovery import default_host
 from cw.errors import (
     JobKilled,
+    VersionConflict,
 )
 from cw.wire import commands as P
+from cw.wire.versions import package_versions
 
 
 class _Started(list):
@@ -234,7 +237,12 @@ class ClusterExecutor(futures.Executor):
     raises L{MasterUnavailable} (default C{CW_MASTER_TIMEOUT}, else
     L{MASTER_TIMEOUT}; 0: no limit).  C{session}: this executor's session
     name, which the master knows its jobs by across reconnections (default:
-    a new random one, L{session_name}).
+    a new random one, L{session_name}).  C{version_mismatch}: jobs sent to a
+    worker whose Python (major.minor, implementation) or cloudpickle
+    (major) version differs from this client's fail with
+    L{IncompatibleWorker} naming both ("error", the default), or are never
+    sent to such workers ("avoid"); either way a warning is logged at
+    connect if there are such workers (see L{versions}).
     """
 
     #: Ask the master for L{P.JobsStarted} notices, so that futures become
@@ -258,6 +266,7 @@ class ClusterExecutor(futures.Executor):
         weight: int = 1,
         master_timeout: float | None = None,
         session: str | None = None,
+        version_mismatch: str = "error",
     ) -> None:
         #: Defaults for every job of this executor (see L{submit_with}).
         self.timeout = timeout
@@ -280,6 +289,7 @@ class ClusterExecutor(futures.Executor):
             weight=weight,
             master_timeout=master_timeout,
             session=session,
+            version_mismatch=version_mismatch,
             on_started=(lambda seqs: self._jobs.inbox.put(_Started(seqs))) if self._running_notices else None,
         )
         self._thread = threading.Thread(target=self._deliver, name="cw-executor", daemon=True)
@@ -494,6 +504,49 @@ class ClusterExecutor(futures.Executor):
         return executor_html(
             type(self).__name__, self.session.address, self._state(), self._jobs.outstanding(), status, error
         )
+
+    def versions(
+        self, packages: Iterable[str] = (), check: bool = False, timeout: float = 30
+    ) -> dict[str, Any]:
+        """
+        The versions of Python, its implementation, cw, cloudpickle and
+        Twisted of this client and of each worker, as Dask's
+        C{get_versions}: C{{"client": {...}, "workers": {"host:pid": {...}}}}.
+
+        @param packages: distribution names (C{["numpy"]}) whose installed
+            versions are added under C{"packages"} of each entry (None: not
+            installed); a worker looks them up as its jobs would import
+            them, with this client's C{sys.path} in front, without
+            importing them.
+        @param check: raise L{VersionConflict} listing every worker whose
+            Python or cloudpickle version is incompatible with this
+            client's (L{cw.core.versions}), or whose C{packages} differ.
+        @param timeout: seconds to wait for the workers' answers; a worker
+            that does not answer is listed with an C{"error"}.
+        """
+        packages = list(packages)
+        client = dict(self.session.versions)
+        if packages:
+            client["packages"] = package_versions(packages)
+        answers = self.session.probe_workers(packages, timeout=timeout)
+        workers = {}
+        for entry in answers:
+            report = entry.get("report")
+            if report is None:
+                workers[entry["peer"]] = {"error": entry.get("error", "no answer")}
+                continue
+            workers[entry["peer"]] = {**(report.get("versions") or {})}
+            if packages:
+                workers[entry["peer"]]["packages"] = report.get("packages", {})
+        table = {"client": client, "workers": workers}
+        if check:
+            conflicts = table_conflicts(table)
+            if conflicts:
+                raise VersionConflict(
+                    f"{len(conflicts)} worker(s) of the master at {self.session.address} differ from this"
+                    f" client ({short(client)}): " + "; ".join(conflicts)
+                )
+        return table
 
     def map(
         self,

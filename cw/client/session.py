@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 import socket
 import sys
@@ -47,6 +48,7 @@ from twisted.python.failure import Failure
 
 from cw.client.mapping import progress as progress
 from cw.core.validation import MAX_WEIGHT, check_session
+from cw.core.versions import CONTEXT_KEY, MISMATCH_MODES, short
 from cw.discovery import default_host
 from cw.errors import (
     REPORT_TYPES,
@@ -64,8 +66,13 @@ from cw.wire.auth import AuthGate, authenticate
 from cw.wire.liveness import HeartbeatMonitor, SignsOfLife
 from cw.wire.secret import load_secret
 from cw.wire.streaming import ChunkReceiver, StreamingSender
+from cw.wire.versions import local_versions
 
 log = Logger(namespace="cw.client")  # the namespace of its log lines before the layers
+
+#: Where a client warns about workers with incompatible versions (the
+#: standard library's logging, which a program sees without set-up).
+version_log = logging.getLogger("cw.client")
 
 #: Bytes of submitted jobs a client lets wait to be sent before submit
 #: blocks (one job of any size is always accepted).
@@ -385,10 +392,21 @@ class Session:
         master_timeout: float | None = None,
         on_started: Callable[[list[int]], None] | None = None,
         session: str | None = None,
+        version_mismatch: str = "error",
     ) -> None:
         #: The client's session name (L{session_name}), the same on every
         #: connection: its jobs are known by C{(session, seq)}.
         self.name = session_name(session)
+        if version_mismatch not in MISMATCH_MODES:
+            choices = " or ".join(map(repr, MISMATCH_MODES))
+            raise ValueError(f"version_mismatch must be {choices}, not {version_mismatch!r}")
+        #: What becomes of jobs sent to workers whose versions are
+        #: incompatible with this client's (L{cw.core.versions}).
+        self.version_mismatch = version_mismatch
+        #: This client's versions, as reported to the master.
+        self.versions = local_versions()
+        #: The incompatible workers the master named at registration.
+        self.mismatched: list[dict] = []
         if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
             raise ValueError(f"weight must be an integer from 1 to {MAX_WEIGHT}, not {weight!r}")
         self.weight = weight
@@ -470,8 +488,10 @@ class Session:
                     **client_context(),
                     "weight": self.weight,
                     P.RUNNING_NOTICES: self.on_started is not None,
+                    CONTEXT_KEY: self.version_mismatch,
                 },
                 session=self.name,
+                versions=self.versions,
             )
         except Exception as e:
             proto.transport.loseConnection()
@@ -493,7 +513,30 @@ class Session:
             self._beats.start()
         self.max_payload = answer["max_payload"]
         self._job_window = answer["room_jobs"]
+        self.mismatched = answer.get("mismatched") or []
+        if self.mismatched:
+            self._warn_mismatched()
         self.room(answer["room_bytes"], answer["room_jobs"])
+
+    def _warn_mismatched(self) -> None:
+        """Warn, once at connect, of the workers whose versions are incompatible with this client's."""
+        workers = "; ".join(f"{m['worker']} runs {short(m.get('versions'))}" for m in self.mismatched)
+        if self.version_mismatch == "avoid":
+            fate = "this client's jobs are not sent to them (version_mismatch='avoid')"
+        else:
+            fate = (
+                "jobs sent to them fail with IncompatibleWorker; pass version_mismatch='avoid'"
+                " to keep this client's jobs off them"
+            )
+        version_log.warning(
+            "cw: this client runs %s, but %d worker(s) of the master at %s are incompatible"
+            " (%s): %s; install the same Python and cloudpickle versions everywhere",
+            short(self.versions),
+            len(self.mismatched),
+            self.address,
+            workers,
+            fate,
+        )
 
     def results_arrived(self, results: list[P.Result]) -> None:
         self.on_results(results)
@@ -686,6 +729,24 @@ class Session:
             raise TimeoutError(
                 f"the cw master at {self.address} did not answer {command.__name__} within {timeout} s"
             ) from None
+
+    def probe_workers(
+        self, packages: list[str] = [], context: dict | None = None, timeout: float = 30
+    ) -> list[dict]:
+        """
+        Every worker's answer to L{P.Probe} (versions, C{packages}, clock,
+        and whether it sees C{context}'s paths), through the master
+        (L{P.ProbeWorkers}); workers that do not answer within C{timeout}
+        seconds are listed with an C{"error"}.
+        """
+        answer = self.call(
+            P.ProbeWorkers,
+            timeout=timeout + 10,
+            packages=list(packages),
+            context=context,
+            wait=float(timeout),
+        )
+        return answer["workers"]
 
     def close(self, timeout: float = 10) -> None:
         """Flush pending jobs and close the connection."""

@@ -72,7 +72,8 @@ class ClientThread(threading.Thread):
         description); default: the SLURM master when SLURM is in use, else
         C{localhost}.
     @param master_timeout: as for L{ClusterExecutor}, as are the other
-        connection options; C{wait()} then raises L{MasterUnavailable}.
+        connection options (C{version_mismatch} among them); C{wait()} then
+        raises L{MasterUnavailable}.
     @param session: as for L{ClusterExecutor}.
     """
 
@@ -91,6 +92,7 @@ class ClientThread(threading.Thread):
         weight: int = 1,
         master_timeout: float | None = None,
         session: str | None = None,
+        version_mismatch: str = "error",
     ) -> None:
         super().__init__(name="cw-client", daemon=True)
         #: A tqdm bar over submitted and finished jobs, if asked for.
@@ -110,6 +112,7 @@ class ClientThread(threading.Thread):
             "master_timeout": master_timeout,
             # Chosen now, so that it is known (and kept) before start().
             "session": session_name(session),
+            "version_mismatch": version_mismatch,
         }
         self._executor: ClusterExecutor | None = None
         #: C{(jobid, ok, value)} of finished jobs, put by the executor's

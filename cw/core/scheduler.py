@@ -28,6 +28,8 @@ Dispatch rules:
     in their original order.  A result from a worker that no longer holds the
     job (it left, or the job was requeued) is dropped, so each job's result is
     delivered at most once.
+  - A worker gets no jobs of a client told to avoid it (L{Scheduler.avoid}:
+    incompatible versions); they wait for other workers.
   - A worker that is stopping gracefully (draining) gets no more jobs; the
     unstarted jobs it returns go back to the front of the queue without
     counting an attempt.
@@ -186,6 +188,8 @@ class WorkerState:
     shapes: dict[tuple[int, int], Shape] = field(default_factory=dict)
     #: When this worker's walltime ends (None: no limit known); see L{Scheduler.set_end}.
     ends_at: float | None = None
+    #: Clients whose jobs this worker is never given (L{Scheduler.avoid}).
+    avoided: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.credit < 0:
@@ -394,6 +398,8 @@ class Scheduler:
             raise UnknownPeer(client)
         self._shrunk.discard(client)
         self._backed_up.discard(client)
+        for worker in self._workers.values():
+            worker.avoided.discard(client)
         self._queue.forget(client)
         if self._losses:
             self._losses = {key: v for key, v in self._losses.items() if key[0] != client}
@@ -570,6 +576,15 @@ class Scheduler:
         )
         return wid
 
+    def avoid(self, client: int, worker: int) -> None:
+        """
+        Never give C{client}'s jobs to C{worker} (their versions are
+        incompatible and the client asked to avoid such workers, see
+        L{cw.core.versions}); its jobs wait for other workers.
+        """
+        self._client(client)
+        self._worker(worker).avoided.add(client)
+
     def remove_worker(self, worker: int) -> list[Job]:
         """
         Forget a worker (see L{lose_worker}); return the jobs requeued.
@@ -699,14 +714,18 @@ class Scheduler:
                 for w in hungry:
                     if not self._dispatchable(skip):
                         break
+                    # Clients this worker must not be given are passed over for it alone.
+                    mine = (skip | w.avoided) if w.avoided else skip
+                    if mine is not skip and not self._dispatchable(mine):
+                        continue
                     if (
                         not self._queue.sized
                         and w.id != reserved
                         and (limit == "capacity" or w.ledger.fits(None))
                     ):
-                        job, shape = self._queue.popleft(skip), None
+                        job, shape = self._queue.popleft(mine), None
                     else:
-                        found = self._queue.pop_fitting(self._fits(w, limit), skip)
+                        found = self._queue.pop_fitting(self._fits(w, limit), mine)
                         if found is None:
                             continue
                         job, shape = found

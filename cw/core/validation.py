@@ -247,3 +247,44 @@ def check_capacity(data: Any) -> Capacity:
     except ValueError as e:
         raise BadCommand(f"capacity: {e}") from None
     return Capacity.from_json({**data, "cpus": cpus, "memory": memory})
+
+
+#: Most fields in a version report, and most packages one probe may ask about.
+MAX_VERSION_FIELDS = 64
+MAX_PACKAGES = 256
+
+#: Longest time, in seconds, a client may let the master wait for workers' probes.
+MAX_PROBE_TIMEOUT = 300.0
+
+
+def check_versions(versions: Any) -> dict | None:
+    """
+    A peer's version report (L{cw.core.versions}): None (an older peer), or
+    a JSON object of at most L{MAX_VERSION_FIELDS} printable names to
+    printable strings.
+    """
+    if versions is None:
+        return None
+    if not isinstance(versions, dict) or len(versions) > MAX_VERSION_FIELDS:
+        raise BadCommand(f"versions must be a JSON object of at most {MAX_VERSION_FIELDS} fields")
+    for name, value in versions.items():
+        check_text("versions field", name, MAX_NAME)
+        check_text(f"versions {name}", value, MAX_NAME, empty=True)
+    return versions
+
+
+def check_packages(packages: Any) -> list[str]:
+    """The distribution names a client asks workers about (L{P.ProbeWorkers})."""
+    if not isinstance(packages, list) or len(packages) > MAX_PACKAGES:
+        raise BadCommand(f"packages must be a list of at most {MAX_PACKAGES} names")
+    for name in packages:
+        check_text("package name", name, MAX_NAME)
+    return packages
+
+
+def check_probe_context(context: Any) -> dict | None:
+    """A probe's context: None, or a working directory and C{sys.path} entries (as L{check_context})."""
+    if context is None:
+        return None
+    check_context({**context, "weight": 1} if isinstance(context, dict) else context)
+    return context

@@ -18,15 +18,19 @@ from twisted.protocols import amp
 
 from cw.core.validation import (
     MAX_AWAIT,
+    MAX_PROBE_TIMEOUT,
     MAX_SLOTS,
     check_context,
     check_function_key,
     check_jobs,
+    check_packages,
     check_peer,
+    check_probe_context,
     check_range,
     check_results,
     check_session,
     check_text,
+    check_versions,
 )
 from cw.errors import BadCommand
 from cw.wire import commands as P
@@ -89,6 +93,8 @@ class MasterProtocol(
         self.outbox: Outbox | None = None
         #: Why the master dropped this worker, for the log and error reports.
         self.lost_how: str | None = None
+        #: What the peer reported at registration (L{cw.core.versions}), if anything.
+        self.versions: dict | None = None
         #: Fires once the connection has closed.
         self.closed: defer.Deferred = defer.Deferred()
         #: Bytes handed to the transport so far (see L{unsent_bytes}).
@@ -225,21 +231,23 @@ class MasterProtocol(
         return "the box"
 
     @P.RegisterClient.responder
-    def register_client(self, version, host, pid, context, session):
+    def register_client(self, version, host, pid, context, session, versions=None):
         self._check_version(version)
         name = check_peer(host, pid)
         weight = check_context(context)
         check_session(session)
+        versions = check_versions(versions)
         self._claim("client")
         self.peer_name = name
         self.session = session
-        self.peer_id = self.master.client_joined(self, context, weight, session)
+        self.peer_id = self.master.client_joined(self, context, weight, session, versions)
         self.role = "client"
         return {
             "client_id": self.peer_id,
             "max_payload": self.master.max_payload,
             "room_bytes": self.master.max_queued_bytes,
             "room_jobs": self.master.max_queued_jobs,
+            "mismatched": self.master.mismatched_workers(versions),
         }
 
     @P.SubmitJobs.responder
@@ -256,17 +264,18 @@ class MasterProtocol(
         return {}
 
     @P.RegisterWorker.responder
-    def register_worker(self, version, host, pid, slots, launch=None):
+    def register_worker(self, version, host, pid, slots, launch=None, versions=None):
         self._check_version(version)
         name = check_peer(host, pid)
         check_range("slots", slots, 1, MAX_SLOTS)
         if launch is not None:
             check_text("launch", launch, 200)
+        versions = check_versions(versions)
         self._claim("worker")
         self.peer_name = name
         #: The adaptive pool's launch this worker belongs to, if any.
         self.launch = launch
-        self.peer_id = self.master.worker_joined(self, slots)
+        self.peer_id = self.master.worker_joined(self, slots, versions)
         self.role = "worker"
         return {"worker_id": self.peer_id, "max_payload": self.master.max_payload}
 
@@ -297,6 +306,17 @@ class MasterProtocol(
     @P.GetStatus.responder
     def get_status(self):
         return {"status": self.master.status()}
+
+    @P.ProbeWorkers.responder
+    def probe_workers(self, packages, context, wait):
+        if not self._require("client"):
+            return defer.Deferred()  # the connection is gone: answer nothing
+        check_packages(packages)
+        check_probe_context(context)
+        if not 0 < wait <= MAX_PROBE_TIMEOUT:
+            raise BadCommand(f"wait must be above 0 and at most {MAX_PROBE_TIMEOUT:g} s, not {wait!r}")
+        d = self.master.probe_workers(packages, context, wait)
+        return d.addCallback(lambda workers: {"workers": workers})
 
     @P.AwaitWorkers.responder
     def await_workers(self, count):

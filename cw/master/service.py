@@ -31,6 +31,7 @@ from cw.core.flow import FlowControl
 from cw.core.limits import Admission, default_max_pending, default_per_address
 from cw.core.routing import Routing, SendContext
 from cw.core.scheduler import Scheduler, Unsent
+from cw.core.versions import CONTEXT_KEY, incompatible, short
 from cw.master.pool import PoolService, bounds_from, make_launcher, read_pool_file
 from cw.master.protocol import MasterFactory, MasterProtocol
 from cw.master.web import FailureLog, WebDashboard
@@ -137,6 +138,9 @@ class Master:
         self.clients: dict[int, MasterProtocol] = {}
         #: The registered client of each session (L{P.RegisterClient}).
         self.sessions: dict[str, int] = {}
+        #: Clients that asked never to be sent to workers with incompatible
+        #: versions (C{version_mismatch="avoid"}, L{cw.core.versions}).
+        self.avoiding: set[int] = set()
         #: Clients told which of their jobs were handed to workers (L{P.JobsStarted}).
         self.running_notices: set[int] = set()
         self.workers: dict[int, MasterProtocol] = {}
@@ -167,7 +171,12 @@ class Master:
             connection.reject(why)
 
     def client_joined(
-        self, proto: MasterProtocol, context: dict, weight: int = 1, session: str | None = None
+        self,
+        proto: MasterProtocol,
+        context: dict,
+        weight: int = 1,
+        session: str | None = None,
+        versions: dict | None = None,
     ) -> int:
         """
         Register a client connection; return its id.  C{session} names the
@@ -191,10 +200,18 @@ class Master:
             stale.transport.abortConnection()
         cid = self.scheduler.add_client(weight)
         self.clients[cid] = proto
+        proto.versions = versions
         if session is not None:
             self.sessions[session] = cid
             context = {**context, "session": session}
-        self.routing.client_joined(cid, context)
+        # Workers get the client's versions with its context, to refuse its
+        # jobs if they are incompatible (L{cw.core.versions}).
+        self.routing.client_joined(cid, {**context, "versions": versions} if versions else context)
+        if context.get(CONTEXT_KEY) == "avoid":
+            self.avoiding.add(cid)
+            for wid, worker in self.workers.items():
+                if incompatible(versions, worker.versions):
+                    self.scheduler.avoid(cid, wid)
         if self.client_beats is not None:
             self.client_beats.watch(proto)
         if context.get(P.RUNNING_NOTICES):
@@ -212,6 +229,7 @@ class Master:
         if self.client_beats is not None:
             self.client_beats.forget(proto)
         self.clients.pop(cid, None)
+        self.avoiding.discard(cid)
         self.flow.forget(cid)
         self.running_notices.discard(cid)
         dropped, killed = self.cancel(cid)
@@ -254,10 +272,25 @@ class Master:
             self.schedule_dispatch()
         return dropped, sum(len(keys) for keys in kill.values())
 
-    def worker_joined(self, proto: MasterProtocol, slots: int) -> int:
+    def worker_joined(self, proto: MasterProtocol, slots: int, versions: dict | None = None) -> int:
         wid = self.scheduler.add_worker(slots, proto.peer_name)
         self.workers[wid] = proto
+        proto.versions = versions
         self.routing.worker_joined(wid)
+        clashes = []
+        for cid, client in self.clients.items():
+            if incompatible(client.versions, versions):
+                clashes.append(f"{cid} ({client.peer_name})")
+                if cid in self.avoiding:
+                    self.scheduler.avoid(cid, wid)
+        if clashes:
+            log.warn(
+                "Worker {peer} runs {versions}, incompatible with clients {clients}:"
+                " their jobs fail there, or avoid it (version_mismatch='avoid')",
+                peer=proto.peer_name,
+                versions=short(versions),
+                clients=", ".join(clashes),
+            )
         if self.worker_beats is not None:
             self.worker_beats.watch(proto)
         log.info(
@@ -590,6 +623,36 @@ class Master:
 
     # -- inspection ------------------------------------------------------
 
+    def mismatched_workers(self, versions: dict | None) -> list[dict]:
+        """The workers whose versions are incompatible with C{versions} (a client's)."""
+        found = []
+        for worker in self.workers.values():
+            reasons = incompatible(versions, worker.versions)
+            if reasons:
+                found.append({"worker": worker.peer_name, "versions": worker.versions, "reasons": reasons})
+        return found
+
+    def probe_workers(self, packages: list[str], context: dict | None, timeout: float) -> defer.Deferred:
+        """
+        Ask every worker for its versions, those of C{packages}, and
+        whether it sees C{context}'s paths (L{P.Probe}); fires with one
+        entry per worker, C{"report"} or C{"error"} (no answer within
+        C{timeout} seconds, or the connection failed).
+        """
+
+        def ask(wid: int, proto: MasterProtocol) -> defer.Deferred:
+            entry = {"id": wid, "peer": proto.peer_name}
+            d = proto.callRemote(P.Probe, packages=packages, context=context)
+            d.addTimeout(timeout, self.clock)
+            d.addCallbacks(
+                lambda answer: {**entry, "report": answer["report"]},
+                lambda failure: {**entry, "error": f"no answer: {failure.getErrorMessage()}"},
+            )
+            return d
+
+        asked = [ask(wid, proto) for wid, proto in list(self.workers.items())]
+        return defer.gatherResults(asked)
+
     def await_workers(self, count: int) -> defer.Deferred:
         """A Deferred firing with the number of workers once it is >= count."""
         d = defer.Deferred()
@@ -630,6 +693,8 @@ class Master:
         s = self.scheduler
         return {
             "pool": None if self.pool is None else self.pool.status(),
+            # The master's clock, so that a client can tell their skew (cw doctor).
+            "time": self.clock.seconds(),
             "uptime": self.clock.seconds() - self.started,
             "queued": s.queued,
             "completed": s.completed,
@@ -646,6 +711,7 @@ class Master:
                     "launch": getattr(self.workers[w.id], "launch", None),
                     "completed": w.completed,
                     "failed": w.failed,
+                    "versions": self.workers[w.id].versions,
                 }
                 for w in s.workers()
             ],
@@ -664,6 +730,7 @@ class Master:
                     "running": c.running,
                     "submitted": c.submitted,
                     "completed": c.completed,
+                    "versions": self.clients[c.id].versions,
                 }
                 for c in s.clients()
             ],

@@ -125,10 +125,13 @@ class Processes:
         self.workers: list[subprocess.Popen] = []
         self._count = 0
 
-    def spawn(self, name: str, args: list[str], prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    def spawn(
+        self, name: str, args: list[str], prefix: tuple[str, ...] = (), env: dict | None = None
+    ) -> subprocess.Popen:
         """
         Run C{twistd ARGS}, behind C{prefix} if given (a command that execs
-        the rest in place, such as C{ip netns exec NS}, so the pid stays).
+        the rest in place, such as C{ip netns exec NS}, so the pid stays),
+        with C{env} added to its environment.
         """
         log = self.directory / f"{name}.log"
         with open(log, "ab") as out:
@@ -137,7 +140,7 @@ class Processes:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=child_env(),
+                env=child_env(**(env or {})),
                 cwd=str(self.directory),
                 start_new_session=True,
             )
@@ -183,8 +186,12 @@ class Processes:
         *options: str,
         address: str | None = None,
         prefix: tuple[str, ...] = (),
+        env: dict | None = None,
     ) -> subprocess.Popen:
-        """Start a worker (of this master, or at C{address}); wait until it registered."""
+        """
+        Start a worker (of this master, or at C{address}; behind C{prefix},
+        with C{env} added to its environment); wait until it registered.
+        """
         from cw.client import wait_for_workers
 
         self._count += 1
@@ -193,6 +200,7 @@ class Processes:
             f"worker-{self._count}",
             ["cw-worker", "--master", address or self.address, "--procs", str(procs), *options],
             prefix,
+            env,
         )
         self.workers.append(popen)
         if wait:

@@ -16,10 +16,10 @@ the master, worker, client or launchers.
 Who talks to whom::
 
     client, worker --Challenge, Prove--> master (the handshake, first)
-    client --RegisterClient, SubmitJobs, CancelJobs, GetStatus, AwaitWorkers--> master
+    client --RegisterClient, SubmitJobs, CancelJobs, GetStatus, AwaitWorkers, ProbeWorkers--> master
     master --JobResults, JobsStarted, JobRoom--> client
     worker --RegisterWorker, JobResults, ReturnJobs--> master
-    master --ClientContext, RunJobs, CancelJobs--> worker
+    master --ClientContext, RunJobs, CancelJobs, Probe--> worker
     master --MasterStopping--> client, worker
     master --Heartbeat--> client, worker;  client --Heartbeat--> master
     client --DefineFunction--> master --DefineFunction, ForgetClient--> worker
@@ -89,7 +89,10 @@ class Blob(amp.Argument):
     """
 
     def toBox(self, name, strings, objects, proto):
-        self._put(name, strings, [objects[python_identifier(name)]])
+        value = objects.get(python_identifier(name))
+        if value is None and self.optional:
+            return
+        self._put(name, strings, [value])
 
     @staticmethod
     def _put(name: bytes, strings, parts: list) -> None:
@@ -107,6 +110,9 @@ class Blob(amp.Argument):
         strings[name + b".n"] = b"%d" % count
 
     def fromBox(self, name, strings, objects, proto):
+        if self.optional and name not in strings:
+            objects[python_identifier(name)] = None
+            return
         objects[python_identifier(name)] = self._take(name, strings)
 
     @staticmethod
@@ -140,10 +146,15 @@ class Encoded(Blob):
         raise NotImplementedError
 
     def toBox(self, name, strings, objects, proto):
-        parts = self.parts(objects[python_identifier(name)])
-        self._put(name, strings, parts or [b""])
+        value = objects.get(python_identifier(name))
+        if value is None and self.optional:
+            return  # an optional argument left out: the receiver sees None
+        self._put(name, strings, self.parts(value) or [b""])
 
     def fromBox(self, name, strings, objects, proto):
+        if self.optional and name not in strings:
+            objects[python_identifier(name)] = None
+            return
         objects[python_identifier(name)] = self.decode(self._take(name, strings))
 
 
@@ -203,6 +214,11 @@ class RegisterClient(amp.Command):
     that a job is known by C{(session, seq)} whatever the connection.  A
     second registration with a session already connected replaces that
     connection (the master drops the old one and its jobs).
+    C{versions}: the client's Python, cloudpickle, ... versions
+    (L{cw.wire.versions.local_versions}); the master passes them on to
+    workers with the context, and answers with C{mismatched}, the workers
+    whose versions are incompatible with them (L{cw.core.versions}):
+    C{[{"worker": name, "versions": {...}, "reasons": [...]}]}.
     """
 
     arguments = [
@@ -211,12 +227,14 @@ class RegisterClient(amp.Command):
         (b"pid", amp.Integer()),
         (b"context", JSON()),
         (b"session", amp.Unicode()),
+        (b"versions", JSON(optional=True)),
     ]
     response = [
         (b"client_id", amp.Integer()),
         (b"max_payload", amp.Integer()),
         (b"room_bytes", amp.Integer()),
         (b"room_jobs", amp.Integer()),
+        (b"mismatched", JSON(optional=True)),
     ]
     errors = {VersionMismatch: b"VERSION_MISMATCH"}
 
@@ -271,11 +289,32 @@ class AwaitWorkers(amp.Command):
     response = [(b"workers", amp.Integer())]
 
 
+class ProbeWorkers(amp.Command):
+    """
+    Client to master (C{ClusterExecutor.versions()}, C{cw doctor}): ask
+    every worker, through L{Probe}, for its versions and those of the
+    distributions named in C{packages}, and, given a C{context} (a working
+    directory and C{sys.path} entries), whether it can enter and see them.
+    Answered once every worker answered or C{wait} seconds passed:
+    C{workers} is C{[{"id", "peer", "report"} or {"id", "peer", "error"}]}.
+    """
+
+    arguments = [
+        (b"packages", JSON()),
+        (b"context", JSON(optional=True)),
+        (b"wait", amp.Float()),
+    ]
+    response = [(b"workers", JSON())]
+
+
 # -- Worker <-> master ---------------------------------------------------
 
 
 class RegisterWorker(amp.Command):
-    """First command of a worker connection: who it is and how many slots."""
+    """
+    First command of a worker connection: who it is and how many slots;
+    C{versions}, as for L{RegisterClient} (L{cw.wire.versions.worker_versions}).
+    """
 
     arguments = [
         (b"version", amp.Integer()),
@@ -284,6 +323,7 @@ class RegisterWorker(amp.Command):
         (b"slots", amp.Integer()),
         # The adaptive pool's launch this worker belongs to (cw.master.pool).
         (b"launch", amp.Unicode(optional=True)),
+        (b"versions", JSON(optional=True)),
     ]
     response = [(b"worker_id", amp.Integer()), (b"max_payload", amp.Integer())]
     errors = {VersionMismatch: b"VERSION_MISMATCH"}
@@ -292,11 +332,25 @@ class RegisterWorker(amp.Command):
 class ClientContext(amp.Command):
     """
     Master to worker: the working directory and C{sys.path} of a client,
-    sent before that client's first job reaches this worker.
+    sent before that client's first job reaches this worker; with the
+    client's versions under C{"versions"} when it reported them (a worker
+    fails the jobs of an incompatible client, L{cw.core.versions}).
     """
 
     arguments = [(b"client", amp.Integer()), (b"context", JSON())]
     requiresAnswer = False
+
+
+class Probe(amp.Command):
+    """
+    Master to worker (for L{ProbeWorkers}): C{report} is
+    C{{"versions": ..., "packages": {name: version or None}, "time": the
+    worker's clock, "host": ...}}, plus C{"cwd_error"} and C{"missing"}
+    (L{cw.wire.versions.probe_paths}) when a C{context} is given.
+    """
+
+    arguments = [(b"packages", JSON()), (b"context", JSON(optional=True))]
+    response = [(b"report", JSON())]
 
 
 class ForgetClient(amp.Command):

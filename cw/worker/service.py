@@ -38,6 +38,7 @@ from twisted.python import usage
 from cw import discovery
 from cw.core.config import WorkerConfig
 from cw.core.liveness import MasterSilent, MasterWatch, Recheck
+from cw.core.versions import incompatible, mismatch_message
 from cw.core.worker_state import (
     CancelBatch,
     Death,
@@ -61,6 +62,7 @@ from cw.wire.options import ConfigOptions
 from cw.wire.private import job_bootstrap
 from cw.wire.secret import load_options_secret
 from cw.wire.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
+from cw.wire.versions import package_versions, probe_paths, worker_versions
 from cw.worker.child import JobChild
 from cw.worker.containment import kill_group, release_pipes
 from cw.worker.pipes import bulk_pipe_reads, widen_pipe
@@ -112,11 +114,14 @@ def crash_report(reason) -> bytes:
     )
 
 
-def join_master(proto: amp.AMP, secret: bytes | None, address: str, slots: int) -> defer.Deferred:
+def join_master(
+    proto: amp.AMP, secret: bytes | None, address: str, slots: int, versions: dict | None = None
+) -> defer.Deferred:
     """
     Authenticate C{proto}, a new connection to the master at C{address},
-    and register it as a worker with C{slots} slots.  Fires with the
-    L{P.RegisterWorker} answer (worker id and the master's payload limit).
+    and register it as a worker with C{slots} slots and C{versions}
+    (L{worker_versions}).  Fires with the L{P.RegisterWorker} answer
+    (worker id and the master's payload limit).
     """
     d = authenticate(proto, secret, "worker", address)
     d.addCallback(
@@ -127,6 +132,7 @@ def join_master(proto: amp.AMP, secret: bytes | None, address: str, slots: int) 
             pid=os.getpid(),
             slots=slots,
             launch=launch_id(os.environ),
+            versions=versions,
         )
     )
     return d
@@ -160,7 +166,9 @@ class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.
         if self.worker.draining:
             self.transport.loseConnection()  # stopping: join no master
             return
-        d = join_master(self, self.worker.secret, self.worker.address, self.worker.procs)
+        d = join_master(
+            self, self.worker.secret, self.worker.address, self.worker.procs, self.worker.versions
+        )
         d.addCallbacks(self._registered, self._refused)
 
     def _registered(self, answer):
@@ -190,6 +198,10 @@ class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.
     def define_function(self, client, key, function):
         self.worker.functions[(client, key)] = function
         return {}
+
+    @P.Probe.responder
+    def probe(self, packages, context):
+        return {"report": self.worker.probe(packages, context)}
 
     @P.ForgetClient.responder
     def forget_client(self, client):
@@ -271,6 +283,10 @@ class Worker:
         self.refusals = 0
         #: Job processes killed by the last L{KillRunning}.
         self._killed = 0
+        #: What this worker reports at registration (L{worker_versions}).
+        self.versions = worker_versions()
+        #: Per client: why its jobs cannot run here (L{cw.core.versions}), "" if they can.
+        self._mismatch: dict[int, str] = {}
 
     # What the rest of the worker reads and sets lives in the state.
 
@@ -392,6 +408,7 @@ class Worker:
         dropped = len(self.state.queue)
         self.proto = None
         self.contexts.clear()
+        self._mismatch.clear()
         self.functions.clear()
         self.outbox.discard()
         draining = self.state.draining
@@ -412,10 +429,63 @@ class Worker:
     def forget_client(self, client: int) -> None:
         """The master says this client left: drop its context and functions."""
         self.contexts.pop(client, None)
+        self._mismatch.pop(client, None)
         for key in [key for key in self.functions if key[0] == client]:
             del self.functions[key]
 
+    def probe(self, packages: list[str], context: dict | None) -> dict:
+        """The answer to L{P.Probe}: versions, C{packages}' versions, clock, and C{context}'s paths."""
+        path = context.get("path", []) if context else []
+        report = {
+            "host": socket.gethostname(),
+            "versions": self.versions,
+            "packages": package_versions(packages, path),
+            "time": self.clock.seconds(),
+        }
+        if context is not None:
+            report.update(probe_paths(context))
+        return report
+
+    def _refuse_incompatible(self, jobs: list[P.Job]) -> list[P.Job]:
+        """
+        Fail at once, unopened, the jobs of clients whose versions are
+        incompatible with this worker's (L{cw.core.versions}); return the rest.
+        """
+        refused = []
+        for job in jobs:
+            why = self._mismatch.get(job.client)
+            if why is None:
+                client = self.contexts.get(job.client, {}).get("versions")
+                why = self._mismatch[job.client] = (
+                    mismatch_message(client, self.versions, f"{socket.gethostname()}:{os.getpid()}")
+                    if incompatible(client, self.versions)
+                    else ""
+                )
+            if why:
+                refused.append(job)
+        if not refused:
+            return jobs
+        self.outbox.extend(
+            P.Result(
+                job.client,
+                job.seq,
+                P.Outcome.FAILED,
+                P.error_report(
+                    "IncompatibleWorker",
+                    self._mismatch[job.client],
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    client_versions=self.contexts.get(job.client, {}).get("versions"),
+                    worker_versions=self.versions,
+                ),
+            )
+            for job in refused
+        )
+        self.outbox.flush()
+        return [job for job in jobs if not self._mismatch.get(job.client)]
+
     def enqueue(self, jobs: list[P.Job]) -> None:
+        jobs = self._refuse_incompatible(jobs)
         self._carry_out(self.state.jobs_arrived(jobs))
         if self.state.draining:
             return
