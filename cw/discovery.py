@@ -341,6 +341,28 @@ def wait_for_master(
         time.sleep(min(interval, max(deadline - now, 0.01)))
 
 
+def locate_master(host: str | None = None, cluster: str | None = None) -> tuple[str, str]:
+    """
+    The master L{default_host} would use, and how it was found (for C{cw
+    doctor}), without waiting for a master job that has not started:
+    raises L{SlurmError} saying so, or that there is none.
+    """
+    if host:
+        return host, "given with --master"
+    env = os.environ.get("CW_MASTER")
+    if env:
+        return env, "from CW_MASTER"
+    if backend() != "slurm":
+        return "localhost", "the default: no --master, no CW_MASTER, SLURM not in use"
+    info = master_info(cluster)
+    if info is None:
+        if master_jobs(cluster):
+            raise SlurmError(_not_started(cluster, 0).replace("within 0 s", "yet"))
+        raise SlurmError(_no_master(cluster))
+    found = info["host"] if int(info["port"]) == PORT else info["address"]
+    return found, f"this user's SLURM master job {info.get('job_id', '?')} ({cluster_dir(cluster)})"
+
+
 def default_host(host: str | None) -> str | None:
     """
     The master to use when none is given: C{CW_MASTER} from the

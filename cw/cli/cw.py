@@ -1,5 +1,6 @@
 """
-The C{cw} command: C{cw status [--json]} shows what a master is doing.
+The C{cw} command: C{cw status [--json]} shows what a master is doing;
+C{cw doctor [--json]} checks what may be wrong (L{cw.cli.doctor}).
 
 Layer rule (cw.cli): the top layer; may import any of cw, and nothing in cw imports it.
 """
@@ -10,6 +11,7 @@ import argparse
 import json
 import sys
 
+from cw.cli import doctor
 from cw.client.session import master_status
 from cw.discovery import default_host
 from cw.errors import CWError
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=10, help="seconds to wait for the master (default 10)"
     )
     status.set_defaults(func=status_command)
+    doctor.add_parser(commands)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -344,9 +344,19 @@ class CommandTests(SynchronousTestCase):
                 "pid": 4321,
                 "context": context,
                 "session": "s\u00e9ance",
+                "versions": None,
             },
         )
         answer = {"client_id": 7, "max_payload": 1 << 40, "room_bytes": 1 << 30, "room_jobs": 10**7}
+        self.assertEqual(round_trip_response(P.RegisterClient, **answer), {**answer, "mismatched": None})
+        # The versions and the answer's mismatched workers are optional arguments (issue 17).
+        versions = {"python": "3.11.7", "cloudpickle": "3.1.3"}
+        box, parsed = round_trip_arguments(
+            P.RegisterClient, version=3, host="h", pid=1, context=context, session="s", versions=versions
+        )
+        self.assertEqual(parsed["versions"], versions)
+        mismatched = [{"worker": "w:1", "versions": versions, "reasons": ["x"]}]
+        answer["mismatched"] = mismatched
         self.assertEqual(round_trip_response(P.RegisterClient, **answer), answer)
 
     def test_job_room(self):
@@ -377,10 +387,24 @@ class CommandTests(SynchronousTestCase):
         for name, value in parsed.items():
             if name not in given:
                 self.assertIsNone(value, name)
+        _, parsed = round_trip_arguments(
+            P.RegisterWorker, version=1, host="w1", pid=99, slots=16, versions={"python": "3.12.0"}
+        )
+        self.assertEqual(parsed["versions"], {"python": "3.12.0"})
         self.assertEqual(
             round_trip_response(P.RegisterWorker, worker_id=2, max_payload=5),
             {"worker_id": 2, "max_payload": 5},
         )
+
+    def test_probes(self):
+        """L{P.ProbeWorkers} and L{P.Probe}: the context is optional."""
+        _, parsed = round_trip_arguments(P.ProbeWorkers, packages=["numpy"], wait=2.5)
+        self.assertEqual(parsed, {"packages": ["numpy"], "context": None, "wait": 2.5})
+        context = {"cwd": "/w", "path": ["/w"]}
+        _, parsed = round_trip_arguments(P.Probe, packages=[], context=context)
+        self.assertEqual(parsed, {"packages": [], "context": context})
+        workers = [{"id": 1, "peer": "w:1", "report": {"time": 1.5}}]
+        self.assertEqual(round_trip_response(P.ProbeWorkers, workers=workers), {"workers": workers})
 
     def test_client_context(self):
         context = {"cwd": "/work", "path": ["/work"]}
