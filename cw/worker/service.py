@@ -191,7 +191,7 @@ class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.
 
     @P.ClientContext.responder
     def client_context(self, client, context):
-        self.worker.contexts[client] = context
+        self.worker.client_context(client, context)
         return {}
 
     @P.DefineFunction.responder
@@ -285,7 +285,7 @@ class Worker:
         self._killed = 0
         #: What this worker reports at registration (L{worker_versions}).
         self.versions = worker_versions()
-        #: Per client: why its jobs cannot run here (L{cw.core.versions}), "" if they can.
+        #: Clients whose jobs cannot run here (L{cw.core.versions}): why.
         self._mismatch: dict[int, str] = {}
 
     # What the rest of the worker reads and sets lives in the state.
@@ -446,23 +446,26 @@ class Worker:
             report.update(probe_paths(context))
         return report
 
+    def client_context(self, client: int, context: dict) -> None:
+        """
+        Keep a client's context (L{P.ClientContext}); judge once whether its
+        versions are compatible with this worker's (L{cw.core.versions}).
+        """
+        self.contexts[client] = context
+        theirs = context.get("versions") if isinstance(context, dict) else None
+        if incompatible(theirs, self.versions):
+            where = f"{socket.gethostname()}:{os.getpid()}"
+            self._mismatch[client] = mismatch_message(theirs, self.versions, where)
+        else:
+            self._mismatch.pop(client, None)
+
     def _refuse_incompatible(self, jobs: list[P.Job]) -> list[P.Job]:
         """
         Fail at once, unopened, the jobs of clients whose versions are
-        incompatible with this worker's (L{cw.core.versions}); return the rest.
+        incompatible with this worker's (L{client_context}); return the rest.
         """
-        refused = []
-        for job in jobs:
-            why = self._mismatch.get(job.client)
-            if why is None:
-                client = self.contexts.get(job.client, {}).get("versions")
-                why = self._mismatch[job.client] = (
-                    mismatch_message(client, self.versions, f"{socket.gethostname()}:{os.getpid()}")
-                    if incompatible(client, self.versions)
-                    else ""
-                )
-            if why:
-                refused.append(job)
+        mismatch = self._mismatch
+        refused = [job for job in jobs if job.client in mismatch]
         if not refused:
             return jobs
         self.outbox.extend(
@@ -472,7 +475,7 @@ class Worker:
                 P.Outcome.FAILED,
                 P.error_report(
                     "IncompatibleWorker",
-                    self._mismatch[job.client],
+                    mismatch[job.client],
                     host=socket.gethostname(),
                     pid=os.getpid(),
                     client_versions=self.contexts.get(job.client, {}).get("versions"),
@@ -482,10 +485,11 @@ class Worker:
             for job in refused
         )
         self.outbox.flush()
-        return [job for job in jobs if not self._mismatch.get(job.client)]
+        return [job for job in jobs if job.client not in mismatch]
 
     def enqueue(self, jobs: list[P.Job]) -> None:
-        jobs = self._refuse_incompatible(jobs)
+        if self._mismatch:  # nothing to look at per job unless some client is incompatible
+            jobs = self._refuse_incompatible(jobs)
         self._carry_out(self.state.jobs_arrived(jobs))
         if self.state.draining:
             return

@@ -281,6 +281,19 @@ class ValidationTests(unittest.TestCase):
                 ),
             ),
             ("client", "count", after_client(lambda peer: peer.callRemote(P.AwaitWorkers, count=-1))),
+            # Version reports and probes (issue 17).
+            ("client", "versions", bad_register("client", versions=["3.11"])),
+            ("worker", "versions", bad_register("worker", versions={"python": "3\n11"})),
+            (
+                "client",
+                "packages",
+                after_client(lambda peer: peer.callRemote(P.ProbeWorkers, packages="numpy", wait=1.0)),
+            ),
+            (
+                "client",
+                "wait",
+                after_client(lambda peer: peer.callRemote(P.ProbeWorkers, packages=[], wait=-1.0)),
+            ),
             # Boxes AMP itself would choke on (cw.wire.private.CheckedAnswers).
             ("client", "answers no question", after_client(lambda peer: peer.sendBox(UNASKED_ANSWER))),
             ("worker", "answers no question", after_worker(lambda peer: peer.sendBox(UNASKED_ERROR))),
