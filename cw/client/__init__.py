@@ -37,6 +37,7 @@ from cw.client.thread import (
 )
 from cw.errors import (
     AuthenticationFailed,
+    IncompatibleWorker,
     JobCrashed,
     JobKilled,
     JobTimeout,
@@ -45,6 +46,7 @@ from cw.errors import (
     SecretError,
     SubmitError,
     Unschedulable,
+    VersionConflict,
     WorkerLost,
 )
 
@@ -56,6 +58,7 @@ __all__ = [
     "ClientThread",
     "ClusterExecutor",
     "ClusterFuture",
+    "IncompatibleWorker",
     "JobCrashed",
     "JobKilled",
     "JobTimeout",
@@ -67,6 +70,7 @@ __all__ = [
     "SlurmExecutor",
     "SubmitError",
     "Unschedulable",
+    "VersionConflict",
     "WorkerLost",
     "bounded_map",
     "master_status",
