@@ -59,8 +59,6 @@ WORKER_JOB = "cworkers"
 DEFAULT_CLUSTER = "default"
 
 
-
-
 #: Seconds L{master_host} waits for a master job that is queued or starting
 #: (C{CW_MASTER_WAIT}).
 MASTER_HOST_WAIT = 300.0

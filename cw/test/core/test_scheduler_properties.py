@@ -157,8 +157,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.clients.add(self.scheduler.add_client(weight))
 
     @precondition(lambda self: self.clients)
-    @rule(data=st.data(), n=st.integers(1, 6), timeout=st.sampled_from([None, 5]),
-          attempts=st.sampled_from([None, 1, 3]), request=st.sampled_from(REQUESTS))
+    @rule(
+        data=st.data(),
+        n=st.integers(1, 6),
+        timeout=st.sampled_from([None, 5]),
+        attempts=st.sampled_from([None, 1, 3]),
+        request=st.sampled_from(REQUESTS),
+    )
     def submit(self, data, n, timeout, attempts, request=None):
         client = data.draw(st.sampled_from(sorted(self.clients)))
         options = encode_options(timeout=timeout, max_attempts=attempts, **(request or {}))
