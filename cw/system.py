@@ -11,10 +11,12 @@ it (it does I/O).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -90,3 +92,28 @@ def with_cw_on_path(env: Mapping[str, str]) -> dict[str, str]:
     paths = [CW_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
+
+
+#: The status L{exit_with_status} asked for (None: leave the exit status alone).
+_exit_status: int | None = None
+
+
+def exit_with_status(status: int) -> None:
+    """
+    Make this process exit with C{status} once it has finished normally:
+    twistd returns 0 whenever its reactor stops, so a service that could not
+    start (a port in use) would otherwise look like a clean exit.  The exit
+    comes after twistd has removed its pidfile and flushed its log, and after
+    every exit handler registered since cw.system was imported.
+    """
+    global _exit_status
+    _exit_status = status
+
+
+@atexit.register
+def _exit_if_asked() -> None:
+    if _exit_status is not None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(_exit_status)

@@ -37,7 +37,7 @@ from cw.master.protocol import MasterFactory, MasterProtocol
 from cw.master.web import FailureLog, WebDashboard
 from cw.system import write_atomically
 from cw.wire import commands as P
-from cw.wire.address import describe_listening, server_endpoint, stop_reactor
+from cw.wire.address import describe_listening, listen_failed, server_description, server_endpoint
 from cw.wire.auth import WrongSecretLog
 from cw.wire.limits import descriptor_limit, log_descriptor_limit
 from cw.wire.liveness import HeartbeatMonitor
@@ -888,8 +888,7 @@ class MasterService(service.Service):
             self.pool.start()
 
     def _failed(self, failure):
-        log.failure("cw master could not listen on {listen}", failure, listen=self.listen)
-        stop_reactor(self.reactor)
+        listen_failed(self.reactor, "cw master", server_description(self.listen), "--port", failure)
 
     def stopService(self):
         """

@@ -48,7 +48,7 @@ from twisted.web import resource, server
 from cw.errors import SecretError
 from cw.system import write_atomically
 from cw.wire import commands as P
-from cw.wire.address import stop_reactor
+from cw.wire.address import listen_failed, stop_reactor
 from cw.wire.secret import write_private
 
 log = Logger(namespace="cw.web")  # the namespace of its log lines before the layers
@@ -540,9 +540,9 @@ class WebDashboard:
         def failed(failure):
             if failure.check(SecretError):
                 log.error("cw dashboard: {error}", error=str(failure.value))
+                stop_reactor(reactor, status=1)
             else:
-                log.failure("cw dashboard could not listen on {listen}", failure, listen=self.description)
-            stop_reactor(reactor)
+                listen_failed(reactor, "cw dashboard", self.description, "--web", failure)
 
         d.addErrback(failed)
         return d

@@ -14,13 +14,18 @@ from __future__ import annotations
 import re
 
 from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.logger import Logger
 
 from cw.core.records import PORT
+from cw.system import exit_with_status
 from cw.wire.private import set_ssl_context_factory, ssl_context_factory
 
 #: Endpoint types a client may name a master with.
 CLIENT_PREFIXES = ("tcp:", "unix:", "ssl:", "tls:")
+
+log = Logger()
 
 
 def is_endpoint(address: str) -> bool:
@@ -129,17 +134,40 @@ def describe_listening(port) -> str:
     return str(host)
 
 
-def stop_reactor(reactor) -> None:
+def stop_reactor(reactor, status: int | None = None) -> None:
     """
     Stop C{reactor} now if it runs, else as soon as it starts: twistd starts
     services before the reactor runs, so a service that cannot listen at
     start-up must not wait for a reactor that is not running yet (the
-    process would go on without it).
+    process would go on without it).  With C{status}, the process then
+    exits with that status (L{exit_with_status}) rather than twistd's 0.
     """
+    if status is not None:
+        exit_with_status(status)
     if reactor.running:
         reactor.stop()
     else:
         reactor.callWhenRunning(reactor.stop)
+
+
+def listen_failed(reactor, what: str, listen: str, option: str, failure) -> None:
+    """
+    C{what} (C{"cw master"}) could not listen on C{listen}: log one line
+    naming the address, the reason and what to do, stop the reactor and
+    exit with status 1.
+    """
+    reason = failure.getErrorMessage()
+    if failure.check(CannotListenError) and failure.value.socketError is not None:
+        reason = str(failure.value.socketError)
+    log.error(
+        "{what} could not listen on {listen} ({reason}): stop whatever uses that address"
+        " or choose another with {option}",
+        what=what,
+        listen=listen,
+        reason=reason,
+        option=option,
+    )
+    stop_reactor(reactor, status=1)
 
 
 #: TCP keepalive for connections without application heartbeats (clients):
