@@ -111,10 +111,7 @@ def _jobs_table(cluster: str) -> list[str]:
     ids = jobs["master"] + jobs["workers"]
     if not ids:
         return [f"jobs     none recorded in {slurm.cluster_dir(cluster) / 'jobs.json'}"]
-    try:
-        out = squeue_jobs(ids, "%i|%j|%T|%M|%l|%D|%R")
-    except CWError as e:
-        out = str(e)
+    out = squeue_jobs(ids, "%i|%j|%T|%M|%l|%D|%R")  # SlurmError if the controller cannot be asked
     rows = {line.split("|")[0]: line.split("|") for line in out.splitlines() if line.count("|") == 6}
     lines = [
         f"jobs     {'JOBID':>8}  {'NAME':<20} {'STATE':<11} {'TIME':>10} {'LIMIT':>10} {'NODES':>5}  WHERE"
@@ -134,7 +131,16 @@ def _jobs_table(cluster: str) -> list[str]:
 def status(args: argparse.Namespace) -> int:
     cluster = slurm.cluster_name(args.name)
     print(f"cluster  {cluster or '(default)'} in {slurm.cluster_dir(cluster)}")
-    print("\n".join(_jobs_table(cluster)))
+    try:
+        print("\n".join(_jobs_table(cluster)))
+    except CWError as e:
+        # Not "finished": a controller that does not answer knows nothing of them.
+        jobs = slurm.recorded_jobs(cluster)
+        ids = ", ".join(jobs["master"] + jobs["workers"])
+        print(
+            f"jobs     {ids}: state unknown, SLURM could not be asked ({e}); retry when 'scontrol ping' says UP"
+        )
+        return 1
     info = slurm.master_info(cluster)
     if info is None:
         print("master   not running (yet): no address published")

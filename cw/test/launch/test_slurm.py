@@ -11,6 +11,7 @@ recorded, whether the test passed or not.  Every wait is bounded.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ from twisted.trial import unittest
 
 import cw
 from cw import discovery, slurm
+from cw.cli import slurm as cli_slurm
 from cw.cli.slurm import _jobs_table, _join_passthrough
 from cw.errors import OptionError
 from cw.test.procs import DEADLINE, ROOT, child_env, executor, wait_until
@@ -256,6 +258,38 @@ class ScriptTests(unittest.TestCase):
 
         self.patch(discovery, "run_slurm", down)
         self.assertRaises(slurm.SlurmError, slurm.job_states, ["7"])
+
+    def test_status_controller_down(self):
+        """
+        'cw-slurm status' with an squeue that fails (the controller down):
+        one line saying the jobs' state is unknown and why, exit status 1,
+        and no job called finished.
+        """
+        bin_dir = Path(self.mktemp()).absolute()
+        bin_dir.mkdir()
+        squeue = bin_dir / "squeue"
+        squeue.write_text(
+            "#!/bin/sh\n"
+            "echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2\n"
+            "exit 1\n"
+        )
+        squeue.chmod(0o755)
+        directory = os.path.abspath(self.mktemp())
+        self.patch(
+            os,
+            "environ",
+            {**os.environ, "CW_SLURM_DIR": directory, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+        )
+        slurm._write_json(slurm.cluster_dir("a") / "jobs.json", {"master": ["7"], "workers": ["8"]})
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        status = cli_slurm.main(["status", "--name", "a"])
+        lines = out.getvalue().splitlines()
+        self.assertEqual(status, 1, out.getvalue())
+        self.assertNotIn("finished", out.getvalue())
+        [jobs] = [line for line in lines if line.startswith("jobs")]
+        self.assertIn("7, 8: state unknown", jobs)
+        self.assertIn("Unable to contact slurm controller", jobs)
 
 
 def _slurm_skip() -> str | None:
