@@ -53,7 +53,8 @@ TITLES = {
 COMMON_ROWS = [
     ("submit", "{jobs} no-op jobs, `submit` one by one, then wait", "jobs/s", True, 0),
     ("map", "{jobs} no-op jobs, `map` (ProcessPool, ipyparallel: chunksize=1)", "jobs/s", True, 0),
-    ("map100", "{jobs} no-op jobs, `map` chunksize=100 (cw: its `map`)", "jobs/s", True, 0),
+    ("map100", "{map_items} no-op calls, `map` chunksize=100", "calls/s", True, 0),
+    ("map_auto", '{map_items} no-op calls, `map` chunksize="auto" (cw only)', "calls/s", True, 0),
     ("lat_p50", "round trip of a lone no-op job ({latency} in a row), p50", "ms", False, 2),
     ("lat_p99", "round trip of a lone no-op job ({latency} in a row), p99", "ms", False, 2),
     ("arg", "one job with a {payload} MB argument", "MB/s", True, 0),
@@ -156,15 +157,11 @@ def table(results: dict, systems: list[str], extra: dict, sizes: dict) -> str:
     lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] * 3 + ["--:"] * (len(heads) - 3)) + "|"]
 
     def value(system: str, key: str):
-        r = results.get(system, {})
-        if key == "map100" and system == "cw":
-            key = "map"  # cw batches on its own: its map is its best map
-        return r.get(key)
+        return results.get(system, {}).get(key)
 
     for key, label, unit, higher, decimals in COMMON_ROWS:
-        if not any(value(s, key) is not None for s in systems if s != "cw"):
-            if key == "map100":
-                continue
+        if not any(value(s, key) is not None for s in systems):
+            continue
         cells = [label.format(**sizes), unit, "higher" if higher else "lower"]
         for s in systems:
             r = results.get(s, {})
@@ -252,7 +249,7 @@ def cw_only_rows(queue: dict | None, fakes: list[dict], big: dict | None) -> lis
     return rows
 
 
-def targets(results: dict, queue: dict | None, big: dict | None) -> list[str]:
+def targets(results: dict, queue: dict | None, big: dict | None, fakes: list[dict] = ()) -> list[str]:
     cw = results.get("cw", {})
     out = []
 
@@ -293,7 +290,28 @@ def targets(results: dict, queue: dict | None, big: dict | None) -> list[str]:
         )
     else:
         check("1 GB argument round trip at 200 MB/s or more", None, "not measured: --big, on in a full run")
+    m100, p100 = cw.get("map100"), results.get("ppe", {}).get("map100")
+    check(
+        "`map(chunksize=100)` at least 300,000 calls/s and 0.4x `ProcessPoolExecutor.map(chunksize=100)`"
+        " (issue 18)",
+        None if m100 is None or p100 is None else (m100 >= 300_000 and m100 >= 0.4 * p100),
+        "not measured" if m100 is None or p100 is None else f"{m100:,.0f} calls/s, {m100 / p100:.2f}x",
+    )
+    if fakes:
+        by_n = {f["connections"]: f["submit"] for f in fakes if "error" not in f}
+        few, many = by_n.get(2), max((n for n in by_n if n != 2), default=None)
+        check(
+            f"`submit` with {many} fake worker connections at least 80% of that with 2 (issue 18)",
+            None if few is None or many is None else by_n[many] >= 0.8 * few,
+            "not measured" if few is None or many is None else f"{by_n[many] / few:.2f}",
+        )
     if queue is not None and "error" not in queue:
+        check(
+            f"master peak RSS at most 250 MiB with {queue['queued']:,} jobs of one function queued"
+            " (issue 18)",
+            queue["master_hwm_mb"] <= 250,
+            f"{queue['master_hwm_mb']:,.0f} MiB",
+        )
         check(
             f"master RSS under 1 GB with {queue['queued']:,} jobs queued",
             queue["master_hwm_mb"] < 1024,
@@ -476,7 +494,12 @@ def main() -> None:
 
     results = {s: best_of(rs) for s, rs in rounds_by_system.items()}
     extra = {"rows": cw_only_rows(queue, fakes, big)}
-    sizes = {"jobs": f"{jobs:,}", "latency": f"{latency:,}", "payload": f"{args.payload / 1e6:g}"}
+    sizes = {
+        "jobs": f"{jobs:,}",
+        "map_items": f"{10 * jobs:,}",  # bench/systems.py's CHUNKED_MAP_FACTOR
+        "latency": f"{latency:,}",
+        "payload": f"{args.payload / 1e6:g}",
+    }
     text = table(results, systems, extra, sizes)
     minutes = (time.monotonic() - started) / 60
     notes = []
@@ -509,7 +532,7 @@ def main() -> None:
             "",
         ]
     if "cw" in systems:
-        report += ["Targets of issue 3:", "", *targets(results, queue, big), ""]
+        report += ["Targets (issues 3 and 18):", "", *targets(results, queue, big, fakes), ""]
     report += [
         "How: every round starts each system afresh in its own process (`bench/systems.py`), warms it"
         " up with 200 jobs, then runs the measures in the order of the rows; the job function is"

@@ -17,7 +17,7 @@ from typing import Any
 
 from cw import discovery
 from cw.client.display import executor_html, executor_text
-from cw.client.mapping import bounded_map
+from cw.client.mapping import bounded_map, check_chunksize, run_chunk
 from cw.client.session import (
     Session,
     decode_result,
@@ -553,53 +553,74 @@ class ClusterExecutor(futures.Executor):
         fn: Callable,
         *iterables: Iterable,
         timeout: float | None = None,
-        chunksize: int = 1,
+        chunksize: int | str = 1,
         buffersize: int | None = None,
         progress: bool | dict = False,
     ) -> Iterator[Any]:
         """
         Like L{concurrent.futures.Executor.map}: results in input order.
 
-        @param buffersize: keep at most this many jobs in flight, submitting
-            the next as each result is taken (as Python 3.14 added), so that
-            an iterable of any length, even an endless generator, runs in
-            bounded memory.  Default: submit everything at once.
+        @param chunksize: calls per job, as in
+            L{concurrent.futures.ProcessPoolExecutor.map}: C{chunksize}
+            calls travel, run and return as one job (results are still
+            yielded one by one; a call that raised fails at its own item,
+            after the items of its chunk before it, and the calls after it
+            in its chunk are not made).  C{"auto"}: one call runs first,
+            then the chunks are sized from the measured duration of the
+            calls so that one takes about 20 ms.  For many short calls.
+        @param buffersize: keep at most this many jobs (chunks) in flight,
+            submitting the next as each result is taken (as Python 3.14
+            added), so that an iterable of any length, even an endless
+            generator, runs in bounded memory.  Default: submit everything
+            at once.
         @param progress: show a tqdm bar (done, failed, rate, time left);
             a dict is passed on to tqdm as options.
-        @param chunksize: accepted for compatibility; cw batches on its own.
 
         C{fn} is pickled once and sent to each worker once (each job carries
         only its arguments), so a function that closes over large data costs
         that data once per worker, not once per job.
         """
-        return bounded_map(
-            self._mapper(fn),
-            fn,
-            iterables,
-            timeout=timeout,
-            buffersize=buffersize,
-            progress=progress,
-            stop=self.kill,
-        )
+        return self._map(fn, iterables, timeout, chunksize, buffersize, True, progress)
 
     def map_unordered(
         self,
         fn: Callable,
         *iterables: Iterable,
         timeout: float | None = None,
+        chunksize: int | str = 1,
         buffersize: int | None = None,
         progress: bool | dict = False,
     ) -> Iterator[Any]:
-        """Like L{map}, but yield each result as soon as its job finishes."""
+        """Like L{map}, but yield each result as soon as its job (chunk) finishes."""
+        return self._map(fn, iterables, timeout, chunksize, buffersize, False, progress)
+
+    def _map(
+        self,
+        fn: Callable,
+        iterables: tuple[Iterable, ...],
+        timeout: float | None,
+        chunksize: int | str,
+        buffersize: int | None,
+        ordered: bool,
+        progress: bool | dict,
+    ) -> Iterator[Any]:
+        check_chunksize(chunksize)
+        submit_chunk = None
+        if chunksize != 1:
+            chunk_fn = functools.partial(run_chunk, fn)
+            submit = self._mapper(chunk_fn)
+            submit_chunk = functools.partial(submit, chunk_fn)
         return bounded_map(
-            self._mapper(fn),
+            None if chunksize != 1 else self._mapper(fn),
             fn,
             iterables,
             timeout=timeout,
             buffersize=buffersize,
-            ordered=False,
+            ordered=ordered,
             progress=progress,
             stop=self.kill,
+            chunksize=chunksize,
+            submit_chunk=submit_chunk,
         )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

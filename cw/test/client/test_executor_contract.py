@@ -167,6 +167,16 @@ class ExecutorTests(ContractCase):
             i.__next__()
 
     @in_thread
+    def test_map_exception_in_chunk(self):
+        """With chunks, a call that raises fails at its own item, after the items before it."""
+        i = self.executor.map(divmod, [1, 1, 1, 1, 1], [2, 3, 0, 5, 6], chunksize=4)
+        self.assertEqual(i.__next__(), (0, 1))
+        self.assertEqual(i.__next__(), (0, 1))
+        with self.assertRaises(ZeroDivisionError):
+            i.__next__()
+        self.assertRaises(StopIteration, i.__next__)
+
+    @in_thread
     def test_map_timeout(self):
         event = self.event()
         results = []

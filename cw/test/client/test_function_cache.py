@@ -61,6 +61,36 @@ class FunctionCacheTests(unittest.TestCase):
 
         return threads.deferToThread(body)
 
+    def test_map_chunks(self):
+        """
+        map(chunksize=100) of 1,000 calls of a 2 MB closure sends 10 jobs,
+        whose function (the closure in its chunk runner) each job process
+        unpickles once; results in order, one per item.  chunksize="auto"
+        and map_unordered give the same results.
+        """
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(2)
+            job = make_closure(2 << 20)
+            with executor(self.procs.address) as ex:
+                results = list(ex.map(job, range(1000), chunksize=100, timeout=DEADLINE))
+                self.assertEqual([r[3] for r in results], [(2 << 20) + i for i in range(1000)])
+                self.assertEqual({r[1] for r in results}, {1})
+                (client,) = ex.status()["clients"]
+                self.assertEqual(client["submitted"], 10)
+                self.assertEqual(
+                    [r[3] for r in ex.map(job, range(2000), chunksize="auto", timeout=DEADLINE)],
+                    [(2 << 20) + i for i in range(2000)],
+                )
+                self.assertLess(ex.status()["clients"][0]["submitted"], 10 + 200)
+                self.assertEqual(
+                    sorted(r[3] for r in ex.map_unordered(job, range(300), chunksize=7, buffersize=4)),
+                    [(2 << 20) + i for i in range(300)],
+                )
+
+        return threads.deferToThread(body)
+
     def test_submit_carries_function_with_each_job(self):
         """
         submit sends the function inside each job (nothing to cache, so

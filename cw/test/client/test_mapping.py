@@ -14,7 +14,7 @@ from twisted.internet import threads
 from twisted.trial import unittest
 
 from cw.client import RemoteException, master_status, progress
-from cw.client.mapping import bounded_map
+from cw.client.mapping import AUTO_CHUNK_MAX, auto_chunksize, bounded_map, run_chunk
 from cw.test.jobs import square
 from cw.test.procs import DEADLINE, Processes, executor, rss_kib, wait_until
 
@@ -117,6 +117,132 @@ class BoundedMapTests(unittest.SynchronousTestCase):
         fs = [self.pool.submit(square, x) for x in range(5)]
         self.assertEqual(sorted(f.result() for f in progress(fs, file=out)), [0, 1, 4, 9, 16])
         self.assertIn("5/5", out.getvalue())
+
+
+class ChunkedMapTests(unittest.SynchronousTestCase):
+    """C{bounded_map(..., chunksize=N)}: calls travel and run in chunks, results come one by one."""
+
+    def setUp(self):
+        self.pool = futures.ThreadPoolExecutor(4)
+        self.addCleanup(self.pool.shutdown)
+
+    def chunked(self, **options):
+        """A submit_chunk that records the chunks it was given."""
+        chunks = []
+
+        def submit_chunk(chunk):
+            chunks.append(list(chunk))
+            return self.pool.submit(run_chunk, options.get("fn", square), chunk)
+
+        return chunks, submit_chunk
+
+    def test_chunks_in_order(self):
+        """N calls per job, the last chunk shorter; the results in input order, one per item."""
+        chunks, submit_chunk = self.chunked()
+        results = list(bounded_map(None, square, (range(250),), chunksize=100, submit_chunk=submit_chunk))
+        self.assertEqual(results, [x * x for x in range(250)])
+        self.assertEqual([len(c) for c in chunks], [100, 100, 50])
+        self.assertEqual(chunks[1][0], (100,))
+
+    def test_default_submit_chunk(self):
+        """Without submit_chunk, any executor's submit runs the chunks (several iterables zipped)."""
+        results = bounded_map(self.pool.submit, pow, (range(10), range(10)), chunksize=3)
+        self.assertEqual(list(results), list(map(pow, range(10), range(10))))
+
+    def test_buffersize_counts_chunks(self):
+        """buffersize bounds the chunks in flight, as in the standard library; endless inputs work."""
+        submit = CountingSubmit(self.pool)
+        results = bounded_map(submit, square, (itertools.count(),), chunksize=10, buffersize=3)
+        self.assertEqual(submit.submitted, 3)
+        self.assertEqual(list(itertools.islice(results, 95)), [x * x for x in range(95)])
+        results.close()
+        self.assertLessEqual(submit.submitted, 10 + 3)
+
+    def test_failure_at_its_item(self):
+        """
+        A call that raises fails at its own item: the items of its chunk
+        before it are yielded first; the calls after it in its chunk are not
+        made (as ProcessPoolExecutor's chunks).
+        """
+        calls = []
+
+        def record(x):
+            calls.append(x)
+            return fail_on_three(x)
+
+        results = bounded_map(self.pool.submit, record, (range(10),), chunksize=5)
+        self.assertEqual([next(results) for _ in range(3)], [0, 1, 2])
+        with self.assertRaises(ValueError) as caught:
+            next(results)
+        self.assertIn("three", str(caught.exception))
+        self.assertRaises(StopIteration, next, results)
+        self.assertNotIn(4, calls)
+
+    def test_unordered(self):
+        results = bounded_map(
+            self.pool.submit, square, (range(1000),), chunksize=7, buffersize=5, ordered=False
+        )
+        self.assertEqual(sorted(results), [x * x for x in range(1000)])
+
+    def test_auto(self):
+        """chunksize="auto": one call first, then chunks sized from its measured duration."""
+        chunks, submit_chunk = self.chunked()
+        results = bounded_map(None, square, (range(5000),), chunksize="auto", submit_chunk=submit_chunk)
+        self.assertEqual(list(results), [x * x for x in range(5000)])
+        self.assertEqual(len(chunks[0]), 1)
+        self.assertGreater(len(chunks[1]), 100, "a fast call gets big chunks")
+        chunks, submit_chunk = self.chunked()
+        results = bounded_map(
+            None,
+            square,
+            (range(3000),),
+            chunksize="auto",
+            buffersize=2,
+            ordered=False,
+            submit_chunk=submit_chunk,
+        )
+        self.assertEqual(sorted(results), [x * x for x in range(3000)])
+        self.assertEqual(len(chunks[0]), 1)
+        self.assertGreater(max(len(c) for c in chunks), 100)
+
+    def test_auto_chunksize(self):
+        """About 20 ms per chunk, between 1 and AUTO_CHUNK_MAX calls."""
+        self.assertEqual(auto_chunksize(0.001, 1), 20)
+        self.assertEqual(auto_chunksize(0.5, 1), 1)
+        self.assertEqual(auto_chunksize(0.0, 10), AUTO_CHUNK_MAX)
+        self.assertEqual(auto_chunksize(1e-6 * 1000, 1000), AUTO_CHUNK_MAX)
+        self.assertEqual(auto_chunksize(0.001, 0), 1)
+
+    def test_bad_chunksize(self):
+        for bad in (0, -1, 1.5, "fast", True):
+            self.assertRaises(ValueError, bounded_map, self.pool.submit, square, (range(3),), chunksize=bad)
+
+    def test_progress_counts_items(self):
+        """The bar counts calls, not chunks, and each failed or unmade call of a failed chunk."""
+        out = io.StringIO()
+        with self.assertRaises(ValueError):
+            list(
+                bounded_map(
+                    self.pool.submit, fail_on_three, (range(10),), chunksize=5, progress={"file": out}
+                )
+            )
+        text = out.getvalue()
+        self.assertIn("/10", text)
+        self.assertIn("failed=2", text)
+
+    def test_leaving_stops_chunks(self):
+        """Closing the iterator early stops the chunks still in flight."""
+        submitted = []
+
+        def submit_chunk(chunk):
+            future = futures.Future() if chunk[0][0] >= 20 else self.pool.submit(run_chunk, square, chunk)
+            submitted.append(future)
+            return future
+
+        results = bounded_map(None, square, (range(100),), chunksize=10, submit_chunk=submit_chunk)
+        self.assertEqual([next(results) for _ in range(15)], [x * x for x in range(15)])
+        results.close()
+        self.assertTrue(all(f.cancelled() for f in submitted[2:]))
 
 
 def in_flight(address: str) -> int:
