@@ -6,6 +6,7 @@ Layer rule (cw.client): imports cw.discovery and below; never cw.master, cw.work
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import queue
@@ -30,6 +31,7 @@ from cw.core.versions import short, table_conflicts
 from cw.discovery import default_host
 from cw.errors import (
     JobKilled,
+    SubmitError,
     VersionConflict,
 )
 from cw.wire import commands as P
@@ -99,6 +101,43 @@ def _settle(future: futures.Future, ok: bool, value: Any) -> None:
             future.set_exception(value)
     except futures.InvalidStateError:
         pass
+
+
+#: How many recently submitted functions L{RecentFunctions} remembers.
+RECENT_FUNCTIONS = 256
+
+
+class RecentFunctions:
+    """
+    Which functions C{submit} sends by reference: those whose pickle (the
+    same bytes, so a closure whose captured values changed is another
+    function) was submitted before, among the last L{RECENT_FUNCTIONS}.
+    Such a function is defined once per connection and its jobs carry only
+    their arguments, so that a queued job costs the master its arguments
+    alone.  A function submitted once travels inside its job, as before:
+    a program submitting a new closure with every job does not fill the
+    master with definitions used once.
+    """
+
+    def __init__(self, size: int = RECENT_FUNCTIONS) -> None:
+        self.size = size
+        self._keys: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def seen(self, fn: Callable) -> tuple[bytes, bytes] | None:
+        """C{(key, pickle)} of C{fn} if it was seen recently; note it and return None if not."""
+        try:
+            key, data = pickle_function(fn)
+        except SubmitError:
+            return None  # pickle_call names the job and what cannot be pickled
+        with self._lock:
+            if key in self._keys:
+                self._keys.move_to_end(key)
+                return key, data
+            self._keys[key] = None
+            if len(self._keys) > self.size:
+                self._keys.popitem(last=False)
+        return None
 
 
 class ClusterFuture(futures.Future):
@@ -272,6 +311,7 @@ class ClusterExecutor(futures.Executor):
         self.timeout = timeout
         self.max_attempts = max_attempts
         self._jobs = _Jobs()
+        self._recent = RecentFunctions()
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
         #: shutdown(wait=False) was called: close the connection once idle.
@@ -350,12 +390,27 @@ class ClusterExecutor(futures.Executor):
         """
 
         def job(seq: int) -> P.Job:
-            if cached is None:
-                return P.Job(0, seq, pickle_call(f"#{seq}", fn, args, kwargs), options)
-            self.session.define(*cached)
-            return P.Job(0, seq, pickle_arguments(f"#{seq}", fn, args, kwargs), options, cached[0])
+            payload, func = self._pickle(f"#{seq}", fn, args, kwargs, cached)
+            return P.Job(0, seq, payload, options, func)
 
         return self._send(job, ClusterFuture())
+
+    def _pickle(
+        self, jobid: Any, fn: Callable, args: tuple, kwargs: dict, cached: tuple[bytes, bytes] | None = None
+    ) -> tuple[bytes, bytes]:
+        """
+        A job's C{(payload, function key)}: with C{cached}, or when
+        C{fn}'s pickle was submitted recently (L{RecentFunctions}), the
+        function is defined on this connection (once) and the payload holds
+        only the arguments; otherwise the payload holds the whole call and
+        the key is empty.
+        """
+        if cached is None:
+            cached = self._recent.seen(fn)
+        if cached is None:
+            return pickle_call(jobid, fn, args, kwargs), b""
+        self.session.define(*cached)
+        return pickle_arguments(jobid, fn, args, kwargs), cached[0]
 
     def _send(self, job: Callable[[int], P.Job], entry: Any) -> Any:
         """Enter C{entry} (see L{_Jobs}) in the table and send C{job(seq)}; return C{entry}."""

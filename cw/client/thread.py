@@ -17,7 +17,7 @@ from typing import Any
 from cw.client.executor import ClusterExecutor, _refuse_after_interpreter_exit
 from cw.client.mapping import Progress
 from cw.client.mapping import progress as progress
-from cw.client.session import job_options, log, pickle_call, session_name
+from cw.client.session import job_options, log, session_name
 from cw.errors import RemoteException
 from cw.wire import commands as P
 
@@ -169,15 +169,17 @@ class ClientThread(threading.Thread):
         C{max_attempts}, C{priority} and C{expected_duration}.
         """
         _refuse_after_interpreter_exit()
-        payload = pickle_call(jobid, func, tuple(args), dict(kwargs or {}))
         options = job_options(self, timeout, max_attempts, priority, expected_duration)
         if self._executor is None:
             self.start()
+        payload, func = self._executor._pickle(jobid, func, tuple(args), dict(kwargs or {}))
         with self._idle:
             self._outstanding += 1
         self._progress.grow()
         try:
-            self._executor._send(lambda seq: P.Job(0, seq, payload, options), _Job(self._put_done, jobid))
+            self._executor._send(
+                lambda seq: P.Job(0, seq, payload, options, func), _Job(self._put_done, jobid)
+            )
         except BaseException:
             self._delivered()
             raise

@@ -12,6 +12,7 @@ import collections
 from twisted.internet import threads
 from twisted.trial import unittest
 
+from cw.client import ClientThread
 from cw.test.jobs import child_counters
 from cw.test.procs import DEADLINE, Processes, executor
 
@@ -25,6 +26,17 @@ def make_closure(size: int):
         return pid, unpickled, jobs, len(blob) + i
 
     return job
+
+
+def make_adder():
+    """A closure adding C{state["add"]}, and that state, which the test changes between submits."""
+    state = {"add": 1}
+
+    def job(i):
+        _, unpickled, _ = child_counters()
+        return unpickled, i + state["add"]
+
+    return job, state
 
 
 class FunctionCacheTests(unittest.TestCase):
@@ -91,20 +103,43 @@ class FunctionCacheTests(unittest.TestCase):
 
         return threads.deferToThread(body)
 
-    def test_submit_carries_function_with_each_job(self):
+    def test_submit_sends_repeated_function_once(self):
         """
-        submit sends the function inside each job (nothing to cache, so
-        the cache is never used); map then caches it on the same processes.
+        submit sends a function inside its first job; once the same
+        function (the same pickle) is submitted again, it is defined once
+        and its jobs carry only their arguments, so the job process
+        unpickles it once for all of them.  A closure whose captured value
+        changes between submits is another function: its jobs use the new
+        value.  ClientThread does the same.  map then reuses the definition.
         """
 
         def body():
             self.procs.start_master()
             self.procs.start_worker(1)
+            job, state = make_adder()
             with executor(self.procs.address) as ex:
-                first = [ex.submit(child_counters).result(DEADLINE) for _ in range(5)]
-                self.assertEqual({count for _, count, _ in first}, {0})
-                mapped = list(ex.map(child_counters, range(50), timeout=DEADLINE))
-            self.assertEqual({count for _, count, _ in mapped}, {1})
+                first = [ex.submit(job, i).result(DEADLINE) for i in range(5)]
+                self.assertEqual([value for _, value in first], [i + 1 for i in range(5)])
+                self.assertEqual([count for count, _ in first], [0, 1, 1, 1, 1])
+                state["add"] = 100
+                second = [ex.submit(job, i).result(DEADLINE) for i in range(5)]
+                self.assertEqual([value for _, value in second], [i + 100 for i in range(5)])
+                self.assertEqual([count for count, _ in second], [1, 2, 2, 2, 2])
+                mapped = list(ex.map(job, range(50), timeout=DEADLINE))
+                self.assertEqual({count for count, _ in mapped}, {2})
+                self.assertEqual([value for _, value in mapped], [i + 100 for i in range(50)])
+            state["add"] = 7
+            results = {}
+            client = ClientThread(lambda jobid, value: results.__setitem__(jobid, value), self.procs.address)
+            try:
+                for i in range(5):
+                    client.submit(i, job, i)
+                client.wait(timeout=DEADLINE)
+            finally:
+                client.close()
+            self.assertEqual({i: value for i, (_, value) in results.items()}, {i: i + 7 for i in range(5)})
+            # A new connection: its first job carries the function, the next ones load it once.
+            self.assertEqual([results[i][0] for i in range(5)], [2, 3, 3, 3, 3])
 
         return threads.deferToThread(body)
 
