@@ -1,9 +1,10 @@
 """
 Every exception of cw, all deriving from L{CWError} (so that each command
-line catches C{CWError} and prints one line), and the typed remote
-exceptions: a job's own exception, pickled in its job process
-(L{exception_fields}) and raised in the client as an instance of both its
-class and L{RemoteException} (L{remote_error}).
+line catches C{CWError} and prints one line), the kinds of error report
+cw itself makes (L{ReportKind}), and the typed remote exceptions: a job's
+own exception, pickled in its job process (L{exception_fields}) and raised
+in the client as an instance of both its class and L{RemoteException}
+(L{remote_error}).
 
 The bottom layer: imports nothing of cw.
 """
@@ -11,6 +12,7 @@ The bottom layer: imports nothing of cw.
 from __future__ import annotations
 
 import base64
+import enum
 import threading
 from concurrent import futures
 from typing import Any
@@ -22,6 +24,35 @@ EXCEPTION_PICKLE_LIMIT = 1 << 20
 
 class CWError(Exception):
     """Base class of cw's own errors."""
+
+
+class ReportKind(str, enum.Enum):
+    """
+    The C{type} of each error report cw itself makes, rather than a job's
+    own exception (reported under its class's name).  The values are the
+    strings on the wire (L{cw.core.records.error_report}); being strings,
+    members compare equal to them.
+    """
+
+    #: The job was running on workers lost as many times as it may be attempted.
+    WORKER_LOST = "WorkerLost"
+    #: The job ran past its timeout, as many times as it may be attempted.
+    JOB_TIMEOUT = "JobTimeout"
+    #: The job's process died (signal, exit) while running it.
+    JOB_PROCESS_DIED = "JobProcessDied"
+    #: The job or its result is over the master's C{--max-payload}.
+    PAYLOAD_TOO_LARGE = "PayloadTooLarge"
+    #: The job names a function its client did not define on its connection.
+    UNKNOWN_FUNCTION = "UnknownFunction"
+    #: The job asks for more resources than any worker could ever offer.
+    UNSCHEDULABLE = "Unschedulable"
+    #: The job's client and the worker run incompatible Python or cloudpickle versions.
+    INCOMPATIBLE_WORKER = "IncompatibleWorker"
+    #: A report that could not be read (or has no type).
+    ERROR = "Error"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class RemoteException(CWError):
@@ -45,7 +76,7 @@ class RemoteException(CWError):
     def _set_report(self, jobid: Any, report: dict) -> None:
         self.jobid = jobid
         self.report = report
-        self.type = report.get("type", "Error")
+        self.type = report.get("type", ReportKind.ERROR.value)
         self.message = report.get("message", "")
         self.traceback = report.get("traceback", "")
         self.host = report.get("host")
@@ -107,10 +138,10 @@ class IncompatibleWorker(RemoteException):
 
 #: Error report types that have an exception class of their own.
 REPORT_TYPES: dict[str, type[RemoteException]] = {
-    "JobTimeout": JobTimeout,
-    "WorkerLost": WorkerLost,
-    "Unschedulable": Unschedulable,
-    "IncompatibleWorker": IncompatibleWorker,
+    ReportKind.JOB_TIMEOUT: JobTimeout,
+    ReportKind.WORKER_LOST: WorkerLost,
+    ReportKind.UNSCHEDULABLE: Unschedulable,
+    ReportKind.INCOMPATIBLE_WORKER: IncompatibleWorker,
 }
 
 

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from cw.errors import ReportKind
+
 #: The TCP port a master listens on unless told otherwise.
 PORT = 5494
 
@@ -345,8 +347,11 @@ def too_big(what: str, size: int, max_payload: int) -> str:
 
 
 def error_report(kind: str, message: str, traceback: str = "", **extra: Any) -> bytes:
-    """The JSON payload of a failed L{Result}."""
-    report = {"type": kind, "message": message, "traceback": traceback}
+    """
+    The JSON payload of a failed L{Result}: C{kind} is a L{ReportKind} or
+    the class name of a job's own exception.
+    """
+    report = {"type": str(kind), "message": message, "traceback": traceback}
     report.update(extra)
     return json.dumps(report).encode("utf-8")
 
@@ -359,4 +364,4 @@ def read_error_report(payload: bytes) -> dict:
             return report
     except ValueError:
         pass
-    return {"type": "Error", "message": repr(payload[:200]), "traceback": ""}
+    return {"type": ReportKind.ERROR.value, "message": repr(payload[:200]), "traceback": ""}

@@ -95,6 +95,7 @@ from cw.core.config import MasterConfig
 from cw.core.fairqueue import FairQueue
 from cw.core.records import Job, Outcome, Result, encode_options, error_report, read_options, valid_timeout
 from cw.core.resources import ALLOCATION, GPUS, Capacity, Ledger, Shape, shape_of
+from cw.errors import ReportKind
 
 #: The master's option defaults (C{--prefetch}, ...), which the scheduler's arguments share.
 _DEFAULTS = MasterConfig()
@@ -662,7 +663,12 @@ class Scheduler:
 
     @staticmethod
     def _worker_lost(
-        job: Job, losses: list[str], limit: int, kind: str = "WorkerLost", what: str = "", **extra
+        job: Job,
+        losses: list[str],
+        limit: int,
+        kind: ReportKind = ReportKind.WORKER_LOST,
+        what: str = "",
+        **extra,
     ) -> Result:
         hosts = [loss.rsplit(" (", 1)[0] for loss in losses]
         what = what or f"the job was running on a worker that was lost {len(losses)} times"
@@ -979,7 +985,9 @@ class Scheduler:
                     f"the job has a timeout of {timeout:g} s, and {len(losses)} times its worker did not"
                     f" report it within {self.deadline_grace:g} s more (the master's --deadline-grace)"
                 )
-                out.failed.append(self._worker_lost(job, losses, limit, "JobTimeout", what, timeout=timeout))
+                out.failed.append(
+                    self._worker_lost(job, losses, limit, ReportKind.JOB_TIMEOUT, what, timeout=timeout)
+                )
                 continue
             client.queued += 1
             out.requeued.append(job)
@@ -1045,7 +1053,7 @@ class Scheduler:
                 f" workers have {have}; start a worker with such --cpus/--memory/--gpus/--resource/--tag,"
                 " or ask for less"
             )
-            report = error_report("Unschedulable", message, resources=shape.describe())
+            report = error_report(ReportKind.UNSCHEDULABLE, message, resources=shape.describe())
             out.failed.append(Result(job.client, job.seq, Outcome.FAILED, report))
 
     # -- inspection ------------------------------------------------------

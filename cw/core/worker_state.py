@@ -59,6 +59,7 @@ from cw.core.records import (
     too_big,
     valid_timeout,
 )
+from cw.errors import ReportKind
 
 #: Most jobs handed to one job process in one call.
 BATCH_JOBS = 64
@@ -391,7 +392,7 @@ class WorkerState:
                     result.seq,
                     Outcome.FAILED,
                     error_report(
-                        "PayloadTooLarge",
+                        ReportKind.PAYLOAD_TOO_LARGE,
                         too_big("the job's result", len(result.payload), self.max_payload),
                         host=self.host,
                     ),

@@ -32,6 +32,7 @@ from cw.core.limits import Admission, default_max_pending, default_per_address
 from cw.core.routing import Routing, SendContext
 from cw.core.scheduler import Scheduler, Unsent
 from cw.core.versions import CONTEXT_KEY, incompatible, short
+from cw.errors import ReportKind
 from cw.master.pool import PoolService, bounds_from, make_launcher, read_pool_file
 from cw.master.protocol import MasterFactory, MasterProtocol
 from cw.master.web import FailureLog, WebDashboard
@@ -335,12 +336,12 @@ class Master:
                 # Clients check this limit at submit; this catches older or
                 # misbehaving ones without queueing what no worker may answer.
                 message = P.too_big("the job", len(job.payload), self.max_payload)
-                refused.append((job, "PayloadTooLarge", message))
+                refused.append((job, ReportKind.PAYLOAD_TOO_LARGE, message))
             elif job.func and not self.routing.defined(client, job.func):
                 refused.append(
                     (
                         job,
-                        "UnknownFunction",
+                        ReportKind.UNKNOWN_FUNCTION,
                         "the job names a function its client did not define on this connection"
                         " (or one over the master's --max-payload)",
                     )

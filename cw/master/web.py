@@ -45,7 +45,7 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from cw.errors import SecretError
+from cw.errors import ReportKind, SecretError
 from cw.system import write_atomically
 from cw.wire import commands as P
 from cw.wire.address import listen_failed, stop_reactor
@@ -180,7 +180,7 @@ class FailureLog:
             self.recent.append(
                 {
                     "key": [result.client, result.seq],
-                    "type": str(report.get("type", "Error")),
+                    "type": str(report.get("type", ReportKind.ERROR)),
                     "message": str(report.get("message", ""))[:TRACEBACK_CHARS],
                     "traceback": str(report.get("traceback", ""))[-TRACEBACK_CHARS:],
                     "host": str(report.get("host", "")),

@@ -228,7 +228,7 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
             else:
                 # A job that ran out of memory may leave its process damaged.
                 raised = [r for r in result.get("results", ()) if r.status == P.Outcome.RAISED]
-                if any(P.read_error_report(r.payload)["type"] == "MemoryError" for r in raised):
+                if any(P.read_error_report(r.payload)["type"] == MemoryError.__name__ for r in raised):
                     self.retire = True
             return result
 

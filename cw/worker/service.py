@@ -50,7 +50,7 @@ from cw.core.worker_state import (
     StartDrainTimer,
     WorkerState,
 )
-from cw.errors import AuthenticationFailed
+from cw.errors import AuthenticationFailed, ReportKind
 from cw.system import with_cw_on_path
 from cw.wire import commands as P
 from cw.wire.address import client_description, client_endpoint
@@ -100,13 +100,13 @@ def crash_report(reason) -> bytes:
     host, pid = socket.gethostname(), os.getpid()
     if reason.check(JobTimedOut):
         return P.error_report(
-            "JobTimeout",
+            ReportKind.JOB_TIMEOUT,
             f"{reason.value} and was killed (worker {host} pid {pid})",
             host=host,
             timeout=reason.value.timeout,
         )
     return P.error_report(
-        "JobProcessDied",
+        ReportKind.JOB_PROCESS_DIED,
         f"{describe_crash(reason)} (worker {host} pid {pid})",
         host=host,
         signal=getattr(reason.value, "signal", None),
@@ -474,7 +474,7 @@ class Worker:
                 job.seq,
                 P.Outcome.FAILED,
                 P.error_report(
-                    "IncompatibleWorker",
+                    ReportKind.INCOMPATIBLE_WORKER,
                     mismatch[job.client],
                     host=socket.gethostname(),
                     pid=os.getpid(),
