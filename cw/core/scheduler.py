@@ -116,7 +116,7 @@ class UnknownPeer(KeyError):
 
 
 @dataclass
-class ClientState:
+class ClientRecord:
     """What the scheduler knows about one client."""
 
     id: int
@@ -145,8 +145,11 @@ class ClientState:
 
 
 @dataclass
-class WorkerState:
-    """What the scheduler knows about one worker."""
+class WorkerRecord:
+    """
+    What the scheduler knows about one worker (the master's view; the
+    worker's own decisions are L{cw.core.worker_state.WorkerRecord}).
+    """
 
     id: int
     slots: int
@@ -363,8 +366,8 @@ class Scheduler:
         #: For each job that outlived a lost worker: where and how, in order.
         self._losses: dict[tuple[int, int], list[str]] = {}
         self._queue = FairQueue()
-        self._clients: dict[int, ClientState] = {}
-        self._workers: dict[int, WorkerState] = {}
+        self._clients: dict[int, ClientRecord] = {}
+        self._workers: dict[int, WorkerRecord] = {}
         self._next_client = 1
         self._next_worker = 1
         self._rotation = 0
@@ -384,7 +387,7 @@ class Scheduler:
         cid = self._next_client
         self._next_client += 1
         self._queue.set_weight(cid, weight)
-        self._clients[cid] = ClientState(
+        self._clients[cid] = ClientRecord(
             cid, granted_bytes=self.max_queued_bytes, granted_jobs=self.max_queued_jobs
         )
         return cid
@@ -474,7 +477,7 @@ class Scheduler:
     # a client that ignores its room is stopped from sending at twice the
     # limits (L{over_hard_limit}).
 
-    def _in_use(self, state: ClientState) -> tuple[int, int]:
+    def _in_use(self, state: ClientRecord) -> tuple[int, int]:
         """Bytes and jobs queued, plus room given that the client has not used yet."""
         unused_bytes = max(0, state.granted_bytes - state.received_bytes)
         unused_jobs = max(0, state.granted_jobs - state.received_jobs)
@@ -572,7 +575,7 @@ class Scheduler:
             raise ValueError("a worker needs at least one slot")
         wid = self._next_worker
         self._next_worker += 1
-        self._workers[wid] = WorkerState(
+        self._workers[wid] = WorkerRecord(
             wid, slots, self.prefetch * slots, name or f"worker {wid}", resources=capacity
         )
         return wid
@@ -763,7 +766,7 @@ class Scheduler:
             self._track(now)
         return list(assigned.items())
 
-    def _fits(self, w: WorkerState, limit: str) -> Callable[[Shape | None], bool]:
+    def _fits(self, w: WorkerRecord, limit: str) -> Callable[[Shape | None], bool]:
         """Which shapes worker C{w} takes now, into a free slot or prefetched."""
         if self._reservation and self._reservation[1] == w.id:
             wanted = self._reservation[0]
@@ -887,7 +890,7 @@ class Scheduler:
             self._track(now)
         return deliver
 
-    def _complete(self, state: WorkerState, results: Iterable[Result]) -> list[Result]:
+    def _complete(self, state: WorkerRecord, results: Iterable[Result]) -> list[Result]:
         deliver = []
         for result in results:
             if state.release(result.key) is None:
@@ -1067,25 +1070,25 @@ class Scheduler:
         """Bytes of the payloads of C{client}'s jobs waiting for a worker."""
         return self._queue.bytes_of(client)
 
-    def worker(self, worker: int) -> WorkerState:
+    def worker(self, worker: int) -> WorkerRecord:
         return self._worker(worker)
 
-    def workers(self) -> list[WorkerState]:
+    def workers(self) -> list[WorkerRecord]:
         return list(self._workers.values())
 
-    def client(self, client: int) -> ClientState:
+    def client(self, client: int) -> ClientRecord:
         return self._client(client)
 
-    def clients(self) -> list[ClientState]:
+    def clients(self) -> list[ClientRecord]:
         return list(self._clients.values())
 
-    def _client(self, client: int) -> ClientState:
+    def _client(self, client: int) -> ClientRecord:
         try:
             return self._clients[client]
         except KeyError:
             raise UnknownPeer(client) from None
 
-    def _worker(self, worker: int) -> WorkerState:
+    def _worker(self, worker: int) -> WorkerRecord:
         try:
             return self._workers[worker]
         except KeyError:

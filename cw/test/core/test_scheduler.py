@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cw.core.fairqueue import FairQueue
 from cw.core.records import Job, Outcome, Result, encode_options, read_error_report
-from cw.core.scheduler import Scheduler, UnknownPeer, WorkerState
+from cw.core.scheduler import Scheduler, UnknownPeer, WorkerRecord
 
 
 def make_jobs(first: int, last: int) -> list[Job]:
@@ -50,7 +50,7 @@ class ConstructionTests(SynchronousTestCase):
     def test_capacity_is_slots_plus_prefetch_per_slot(self):
         scheduler = Scheduler(prefetch=2)
         worker = scheduler.worker(scheduler.add_worker(3))
-        self.assertIsInstance(worker, WorkerState)
+        self.assertIsInstance(worker, WorkerRecord)
         self.assertEqual((worker.slots, worker.prefetch, worker.capacity), (3, 6, 9))
 
     def test_ids_are_never_reused(self):
