@@ -175,7 +175,7 @@ def exception_fields(exc: BaseException) -> dict[str, str]:
     class's C{__init__}, which may require other arguments than the
     exception's C{args} (see L{remote_error}).
     """
-    import cloudpickle
+    import cloudpickle  # here, not at the top: see L{remote_error}
 
     cls = type(exc)
     if not isinstance(exc, Exception):
@@ -277,6 +277,9 @@ def remote_error(
     data = report.get("exception")
     if data is None:
         return default(jobid, report)
+    # Imported here, not at the top: C{import cw} imports this module
+    # (through cw.core.records) and must stay light; cloudpickle (which
+    # loads pickle, dis, inspect, ...) is needed only for a job's exception.
     import cloudpickle
 
     try:

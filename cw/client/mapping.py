@@ -37,6 +37,8 @@ class Progress:
         self.failed = 0
         if enabled:
             try:
+                # Imported only when a bar is asked for: tqdm.auto probes for
+                # Jupyter and its widgets, which takes a while.
                 from tqdm.auto import tqdm
             except ImportError:
                 raise ImportError("progress bars need tqdm: pip install tqdm") from None

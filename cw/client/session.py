@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
+import crochet
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, task
 from twisted.internet.protocol import Factory
@@ -102,7 +103,9 @@ def running_reactor():
     blocking call would deadlock.
     """
     global _setup_done
-    import crochet
+    # Imported here, not at the top: importing the reactor installs the
+    # default one, and a program (or twistd, or trial) that imports cw.client
+    # must still be able to install its own reactor first.
     from twisted.internet import reactor
 
     with _setup_lock:

@@ -37,7 +37,7 @@ Rules:
   - A lost master connection drops the queue and kills running jobs (the
     master requeues both).
 
-This module must import nothing but the standard library and L{cw.core}.
+This module must import nothing but the standard library, L{cw.core} and L{cw.errors}.
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
+from twisted.scripts.twistd import run
+
 
 def run_twistd(tapname: str, argv: list[str]) -> None:
     """Run C{twistd -n TAPNAME ARGV...} in this process (no pidfile)."""
-    from twisted.scripts.twistd import run
-
     sys.argv = ["twistd", "--nodaemon", "--pidfile=", tapname, *argv]
     run()

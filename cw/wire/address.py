@@ -12,6 +12,7 @@ Layer rule (cw.wire): imports Twisted, ampoule, cw.system, cw.core and cw.errors
 from __future__ import annotations
 
 import re
+import socket
 
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
@@ -89,6 +90,8 @@ def server_endpoint(reactor, listen: str | int | None = None) -> IStreamServerEn
     match = _CA_CERTS.search(description) if description.startswith("ssl:") else None
     if match is None:
         return endpoints.serverFromString(reactor, description)
+    # Imported here, not at the top: twisted.internet.ssl needs pyOpenSSL,
+    # an optional dependency that only C{caCerts=} listening uses.
     from twisted.internet import ssl
 
     endpoint = endpoints.serverFromString(reactor, description[: match.start()] + description[match.end() :])
@@ -184,8 +187,6 @@ def no_delay(transport) -> bool:
     each waits for an answer, which Nagle's algorithm would delay.  Returns
     False for transports that are not TCP sockets.
     """
-    import socket
-
     handle = getattr(transport, "getHandle", lambda: None)()
     if not isinstance(handle, socket.socket) or handle.family not in (socket.AF_INET, socket.AF_INET6):
         return False
@@ -199,8 +200,6 @@ def enable_keepalive(transport) -> bool:
     without closing (a half-open link) is noticed within about 25 seconds.
     Returns False for transports that are not TCP sockets.
     """
-    import socket
-
     handle = getattr(transport, "getHandle", lambda: None)()
     if not isinstance(handle, socket.socket) or handle.family not in (socket.AF_INET, socket.AF_INET6):
         return False

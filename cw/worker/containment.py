@@ -41,6 +41,7 @@ import ctypes
 import functools
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -97,8 +98,6 @@ def start_guard() -> None:
     guard kills the group, itself included.  Called by
     L{contain_job_process} before this process becomes a subreaper.
     """
-    import subprocess
-
     if os.getpgrp() != os.getpid():
         return  # not a group leader: the group is not this process's own
     read_end, write_end = os.pipe()  # not inherited by what jobs start
