@@ -1,6 +1,7 @@
 """
 The C{cw-slurm} command (also C{contrib/slurm/slurm.py}): start, stop and
-inspect a cw cluster that runs as SLURM jobs (see L{cw.slurm}).
+inspect a cw cluster that runs as SLURM jobs (see L{cw.slurm}).  Its
+options are built from L{cw.core.config.SlurmConfig}.
 
     cw-slurm [-n N] [-M] [-W] [-i] [-d IMAGE] [--docker-args ARGS]
              [--Xworkers ARG]... [--Xmaster ARG]... [--time T] [--partition P]
@@ -17,11 +18,12 @@ import sys
 from cw import slurm
 from cw.cli.cw import format_status
 from cw.client.session import master_status
+from cw.core.config import SlurmConfig, options
 from cw.discovery import squeue_jobs
 from cw.errors import CWError
 
 #: Options whose value is an sbatch option, so usually starts with "-".
-_PASSTHROUGH = ("--Xworkers", "--Xmaster")
+_PASSTHROUGH = tuple(f"--{o.long}" for o in options(SlurmConfig) if o.kind is tuple)
 
 
 def _join_passthrough(argv: list[str]) -> list[str]:
@@ -40,6 +42,29 @@ def _join_passthrough(argv: list[str]) -> list[str]:
     return out
 
 
+def add_options(p: argparse.ArgumentParser, config: type) -> None:
+    """
+    Add the options of C{config} (a config dataclass, L{cw.core.config})
+    to C{p}, each with its field's name, type, default and help.
+    """
+    for o in options(config):
+        flags = [f"-{o.short}"] if o.short else []
+        flags.append(f"--{o.long}")
+        keywords: dict = {"dest": o.name, "help": o.help}
+        if o.kind is bool:
+            keywords["action"] = "store_true"
+        else:
+            keywords["default"] = o.default
+            keywords["help"] = f"{o.help} (default: {o.doc_default})"
+            keywords["metavar"] = o.metavar
+            if o.kind is tuple:
+                keywords["action"] = "append"
+                keywords["default"] = None  # argparse appends to a default list in place
+            else:
+                keywords["type"] = o.kind
+        p.add_argument(*flags, **keywords)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cw-slurm",
@@ -49,61 +74,17 @@ def parser() -> argparse.ArgumentParser:
         " $CW_SLURM_DIR/NAME (default ~/.cw/slurm/default).",
     )
     p.add_argument("command", choices=["start", "stop", "status"])
-    p.add_argument("-n", "--workers", type=int, default=32, metavar="N", help="workers to start (default 32)")
-    p.add_argument("-M", "--no-master", action="store_true", help="leave the master job alone")
-    p.add_argument("-W", "--no-workers", action="store_true", help="leave the worker jobs alone")
-    p.add_argument("-i", "--isolated", action="store_true", help="one worker per node (--ntasks-per-node=1)")
-    p.add_argument(
-        "-d",
-        "--docker-image",
-        metavar="IMAGE",
-        help="run each worker in 'docker run -i --rm --net=host IMAGE' (cw installed in the image)",
-    )
-    p.add_argument("--docker-args", default="", metavar="ARGS", help="more 'docker run' arguments")
-    p.add_argument(
-        "--Xworkers",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="an extra sbatch option for the worker job, e.g. --Xworkers --mem=4G (repeatable)",
-    )
-    p.add_argument(
-        "--Xmaster",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="an extra sbatch option for the master job",
-    )
-    p.add_argument("--time", metavar="LIMIT", help="the jobs' time limit (sbatch --time), e.g. 8:00:00")
-    p.add_argument("--partition", metavar="P", help="the SLURM partition to run in")
-    p.add_argument(
-        "--name",
-        default=None,
-        help="cluster name, to run several clusters: jobs cmaster-NAME, cworkers-NAME"
-        " (default $CW_SLURM_CLUSTER, else none)",
-    )
-    p.add_argument(
-        "--port", type=int, help="the master's port (default 5494; a free one for a named cluster)"
-    )
-    p.add_argument(
-        "--walltime-warning",
-        type=int,
-        default=slurm.WALLTIME_WARNING,
-        metavar="S",
-        help="workers drain this many seconds before the time limit (default %(default)s; 0: no signal)",
-    )
-    p.add_argument("--secret-file", help="the shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)")
-    p.add_argument(
-        "--wait",
-        type=float,
-        default=0,
-        metavar="S",
-        help="start: wait up to S seconds for the master to listen and print its address (default: do not)",
-    )
-    p.add_argument(
-        "--timeout", type=float, default=120, metavar="S", help="stop: seconds to wait for each job to end"
-    )
+    add_options(p, SlurmConfig)
     return p
+
+
+def read_config(args: argparse.Namespace) -> SlurmConfig:
+    """The parsed options as a L{SlurmConfig}, whose checks raise L{OptionError}."""
+    values = {o.name: getattr(args, o.name) for o in options(SlurmConfig)}
+    for o in options(SlurmConfig):
+        if o.kind is tuple:
+            values[o.name] = tuple(values[o.name] or ())
+    return SlurmConfig(**values)
 
 
 def _jobs_table(cluster: str) -> list[str]:
@@ -128,8 +109,8 @@ def _jobs_table(cluster: str) -> list[str]:
     return lines
 
 
-def status(args: argparse.Namespace) -> int:
-    cluster = slurm.cluster_name(args.name)
+def status(config: SlurmConfig) -> int:
+    cluster = slurm.cluster_name(config.name)
     print(f"cluster  {cluster or '(default)'} in {slurm.cluster_dir(cluster)}")
     try:
         print("\n".join(_jobs_table(cluster)))
@@ -138,7 +119,8 @@ def status(args: argparse.Namespace) -> int:
         jobs = slurm.recorded_jobs(cluster)
         ids = ", ".join(jobs["master"] + jobs["workers"])
         print(
-            f"jobs     {ids}: state unknown, SLURM could not be asked ({e}); retry when 'scontrol ping' says UP"
+            f"jobs     {ids}: state unknown, SLURM could not be asked ({e});"
+            " retry when 'scontrol ping' says UP"
         )
         return 1
     info = slurm.master_info(cluster)
@@ -146,7 +128,7 @@ def status(args: argparse.Namespace) -> int:
         print("master   not running (yet): no address published")
         return 1
     try:
-        snapshot = master_status(info["address"], timeout=10, secret_file=args.secret_file)
+        snapshot = master_status(info["address"], timeout=10, secret_file=config.secret_file)
     except (CWError, TimeoutError, OSError) as e:
         print(f"master   {info['address']}: cannot get its status: {e}")
         return 1
@@ -157,9 +139,10 @@ def status(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(_join_passthrough(list(sys.argv[1:] if argv is None else argv)))
     try:
-        cluster = slurm.cluster_name(args.name)
+        config = read_config(args)
+        cluster = slurm.cluster_name(config.name)
         if args.command == "status":
-            return status(args)
+            return status(config)
         if args.command == "stop":
             jobs = slurm.recorded_jobs(cluster)
             if not (jobs["master"] or jobs["workers"]):
@@ -167,25 +150,28 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"cw-slurm: no jobs recorded in {where}; nothing to stop")
                 return 0
             slurm.stop(
-                master=not args.no_master, workers=not args.no_workers, cluster=cluster, timeout=args.timeout
+                master=not config.no_master,
+                workers=not config.no_workers,
+                cluster=cluster,
+                timeout=config.timeout,
             )
             print(f"cw-slurm: stopped the jobs recorded in {slurm.cluster_dir(cluster) / 'jobs.json'}")
             return 0
         slurm.start(
-            args.workers,
-            master=not args.no_master,
-            workers=not args.no_workers,
-            docker_image=args.docker_image,
-            docker_args=args.docker_args,
+            config.workers,
+            master=not config.no_master,
+            workers=not config.no_workers,
+            docker_image=config.docker_image,
+            docker_args=config.docker_args,
             cluster=cluster,
-            isolated=args.isolated,
-            time_limit=args.time,
-            partition=args.partition,
-            master_sbatch=args.Xmaster,
-            worker_sbatch=args.Xworkers,
-            port=args.port,
-            secret_file=args.secret_file,
-            walltime_warning=args.walltime_warning,
+            isolated=config.isolated,
+            time_limit=config.time,
+            partition=config.partition,
+            master_sbatch=config.x_master,
+            worker_sbatch=config.x_workers,
+            port=config.port,
+            secret_file=config.secret_file,
+            walltime_warning=config.walltime_warning,
             wait=False,
         )
         jobs = slurm.recorded_jobs(cluster)
@@ -194,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             f" {', '.join(jobs['workers']) or '-'} (logs in {slurm.cluster_dir(cluster)})",
             flush=True,
         )
-        if args.wait > 0:
+        if config.wait > 0:
             # The jobs stay queued if this gives up: 'cw-slurm status' shows them.
-            address = slurm.wait_for_master(cluster, args.wait)["address"]
+            address = slurm.wait_for_master(cluster, config.wait)["address"]
             print(f"cw-slurm: the master listens at {address}")
         return 0
     except CWError as e:

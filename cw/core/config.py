@@ -1,13 +1,16 @@
 """
-The options of each role, once: L{MasterConfig} (C{cw-master}) and
-L{WorkerConfig} (C{cw-worker}), dataclasses whose fields carry each option's
-name, type, default and help text.
+The options of each role, once: L{MasterConfig} (C{cw-master}),
+L{WorkerConfig} (C{cw-worker}) and L{SlurmConfig} (C{cw-slurm}),
+dataclasses whose fields carry each option's name, type, default and help
+text, and whose construction checks the values (L{Checked}: the one place
+for range checks, each failing with a one-line L{OptionError}).
 
 Everything else is built from them: the twistd C{usage.Options}
-(L{cw.wire.options}), the services (C{MasterService.from_config},
-C{WorkerService.from_config}), the launchers' reading of the options a user
-passes on (L{parse_argv}: C{cw.mp}, C{cw.slurm}), and the README's option
-tables, which a test compares with these fields.
+(L{cw.wire.options}), C{cw-slurm}'s argparse (L{cw.cli.slurm}), the
+services (C{MasterService.from_config}, C{WorkerService.from_config}), the
+launchers' reading of the options a user passes on (L{parse_argv}:
+C{cw.mp}, C{cw.slurm}), and the README's option tables, which a test
+compares with these fields.
 
 Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
@@ -57,6 +60,12 @@ RECONNECT_DELAY = 5.0
 #: Seconds a worker started before its master waits for it (C{--slurm-wait}).
 MASTER_WAIT = 600.0
 
+#: Seconds before the time limit at which SLURM sends a worker job's
+#: workers SIGTERM, so that they drain (C{--signal=TERM@...},
+#: C{cw-slurm --walltime-warning}).  SLURM may send it up to a minute
+#: earlier than asked.
+WALLTIME_WARNING = 120
+
 _SECRET_HELP = "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"
 
 
@@ -66,14 +75,18 @@ def option(
     *,
     short: str | None = None,
     doc: str | None = None,
+    long: str | None = None,
+    metavar: str | None = None,
 ) -> Any:
     """
     A config field that is a command-line option C{--NAME} (the field's
-    name with C{-} for C{_}).  C{doc} is the default as the README states
-    it, when the value alone would not say it (C{None} meaning "the number
-    of cores", C{1 << 30} written "1 GiB").
+    name with C{-} for C{_}, unless C{long} names it otherwise).  C{doc} is
+    the default as the README states it, when the value alone would not say
+    it (C{None} meaning "the number of cores", C{1 << 30} written "1 GiB").
+    A field of type C{tuple[str, ...]} is an option that may be repeated.
     """
-    return dataclasses.field(default=default, metadata={"help": help, "short": short, "doc": doc})
+    metadata = {"help": help, "short": short, "doc": doc, "long": long, "metavar": metavar}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -85,17 +98,20 @@ class Option:
     #: The long option without dashes (C{max-queued-bytes}).
     long: str
     short: str | None
-    #: C{int}, C{float}, C{str}, or C{bool} for a flag (which takes no value).
+    #: C{int}, C{float}, C{str}, C{bool} for a flag (which takes no value),
+    #: or C{tuple} for a repeatable option (of strings).
     kind: type
     default: Any
     help: str
     #: The default as the README states it.
     doc_default: str
+    #: What the option's value is called in help texts (None: the usual).
+    metavar: str | None = None
 
 
 def _kind(annotation: str) -> type:
     base = annotation.replace(" | None", "").strip()
-    return {"int": int, "float": float, "str": str, "bool": bool}[base]
+    return {"int": int, "float": float, "str": str, "bool": bool, "tuple[str, ...]": tuple}[base]
 
 
 def _doc_default(value: Any) -> str:
@@ -112,12 +128,13 @@ def options(config: type) -> list[Option]:
         found.append(
             Option(
                 name=f.name,
-                long=f.name.replace("_", "-"),
+                long=meta.get("long") or f.name.replace("_", "-"),
                 short=meta.get("short"),
                 kind=_kind(f.type if isinstance(f.type, str) else f.type.__name__),
                 default=f.default,
                 help=meta["help"],
                 doc_default=meta.get("doc") or _doc_default(f.default),
+                metavar=meta.get("metavar"),
             )
         )
     return found
@@ -130,8 +147,9 @@ def parse_argv(config: type, argv: Sequence[str], role: str) -> tuple[dict[str, 
     name, C{-p value}, C{-pvalue}, flags without a value), anywhere among
     the positional arguments.  Returns the options given, by field name and
     converted to their type, and the positional arguments.  Raises
-    L{OptionError} naming the option for an unknown option or a bad value,
-    so that a launcher fails before it starts anything.
+    L{OptionError} naming the option for an unknown option or a bad value
+    (of its type, or out of range: L{Checked}), so that a launcher fails
+    before it starts anything.
     """
     opts = options(config)
     by_name = {f"--{o.long}": o for o in opts}
@@ -148,17 +166,47 @@ def parse_argv(config: type, argv: Sequence[str], role: str) -> tuple[dict[str, 
         if o.kind is bool:
             given[o.name] = True
             continue
+        if o.kind is tuple:
+            given[o.name] = (*given.get(o.name, ()), value)
+            continue
         try:
             given[o.name] = o.kind(value)
         except ValueError:
             raise OptionError(
                 f"{role}: --{o.long} takes {'a number' if o.kind is not str else 'a value'}, not {value!r}"
             ) from None
+    try:
+        config(**given)
+    except OptionError as e:
+        raise OptionError(f"{role}: {e}") from None
     return given, rest
 
 
+class Checked:
+    """
+    A config whose values are checked when it is made: L{problems} lists
+    what is wrong, and the first problem is raised as an L{OptionError}
+    (one line, naming the option).  The twistd options
+    (L{cw.wire.options.ConfigOptions}), C{cw-slurm} and the launchers
+    (L{parse_argv}) all check through here.
+    """
+
+    def __post_init__(self) -> None:
+        for problem in self.problems():
+            raise OptionError(problem)
+
+    def problems(self) -> list[str]:
+        """What is wrong with the values, as messages naming the options."""
+        return []
+
+
+def _negative(config: Any, *names: str) -> list[str]:
+    """A problem for each of the fields C{names} of C{config} below zero."""
+    return [f"--{name.replace('_', '-')} must not be negative" for name in names if getattr(config, name) < 0]
+
+
 @dataclass(frozen=True)
-class MasterConfig:
+class MasterConfig(Checked):
     """The options of C{cw-master} (C{twistd -n cw-master --help})."""
 
     port: str | None = option(None, "endpoint to listen on (default tcp:5494)", short="p", doc="tcp:5494")
@@ -218,9 +266,35 @@ class MasterConfig:
         False, "serve the dashboard without its token (single-user machines only)", doc="off"
     )
 
+    def problems(self) -> list[str]:
+        found = [
+            f"--{name} must be at least 1"
+            for name, value in (
+                ("max-pending", self.max_pending),
+                ("max-pending-per-address", self.max_pending_per_address),
+            )
+            if value is not None and value < 1
+        ]
+        if self.max_attempts < 1:
+            found.append("--max-attempts must be at least 1")
+        if self.max_unsent_bytes < 1 or self.client_read_timeout <= 0:
+            found.append("--max-unsent-bytes and --client-read-timeout must be positive")
+        if self.max_queued_bytes < 1 or self.max_queued_jobs < 1:
+            found.append("--max-queued-bytes and --max-queued-jobs must be at least 1")
+        if self.prefetch < 0 or self.prefetch_seconds < 0:
+            found.append("--prefetch and --prefetch-seconds must not be negative")
+        found += _negative(self, "deadline_grace", "stall_timeout", "client_timeout", "heartbeat")
+        if not self.web:
+            found += [
+                f"--{name.replace('_', '-')} needs --web"
+                for name in ("web_address_file", "web_token_file", "web_host", "web_open")
+                if getattr(self, name)
+            ]
+        return found
+
 
 @dataclass(frozen=True)
-class WorkerConfig:
+class WorkerConfig(Checked):
     """The options of C{cw-worker} (C{twistd -n cw-worker --help})."""
 
     master: str | None = option(
@@ -244,3 +318,67 @@ class WorkerConfig:
         False, "find the master through SLURM (this user's job cmaster[-$CW_SLURM_CLUSTER])", doc="off"
     )
     insecure: bool = option(False, "skip authentication (only with a master that runs --insecure)", doc="off")
+
+    def problems(self) -> list[str]:
+        return ["--procs must be at least 1"] if self.procs is not None and self.procs < 1 else []
+
+
+@dataclass(frozen=True)
+class SlurmConfig(Checked):
+    """
+    The options of C{cw-slurm} (besides its command: start, stop or
+    status); C{cw.slurm.start} and C{stop} take the same defaults.
+    """
+
+    workers: int = option(32, "workers to start", short="n", metavar="N")
+    no_master: bool = option(False, "leave the master job alone", short="M", doc="off")
+    no_workers: bool = option(False, "leave the worker jobs alone", short="W", doc="off")
+    isolated: bool = option(False, "one worker per node (--ntasks-per-node=1)", short="i", doc="off")
+    docker_image: str | None = option(
+        None,
+        "run each worker in 'docker run -i --rm --net=host IMAGE' (cw installed in the image)",
+        short="d",
+        doc="none",
+        metavar="IMAGE",
+    )
+    docker_args: str = option("", "more 'docker run' arguments", doc="none", metavar="ARGS")
+    x_workers: tuple[str, ...] = option(
+        (),
+        "an extra sbatch option for the worker job, e.g. --Xworkers --mem=4G (repeatable)",
+        long="Xworkers",
+        doc="none",
+        metavar="ARG",
+    )
+    x_master: tuple[str, ...] = option(
+        (),
+        "an extra sbatch option for the master job (repeatable)",
+        long="Xmaster",
+        doc="none",
+        metavar="ARG",
+    )
+    time: str | None = option(
+        None, "the jobs' time limit (sbatch --time), e.g. 8:00:00", doc="the partition's", metavar="LIMIT"
+    )
+    partition: str | None = option(None, "the SLURM partition to run in", doc="SLURM's", metavar="P")
+    name: str | None = option(
+        None,
+        "cluster name, to run several clusters: jobs cmaster-NAME, cworkers-NAME",
+        doc="$CW_SLURM_CLUSTER, else none",
+    )
+    port: int | None = option(None, "the master's port", doc="5494; a free one for a named cluster")
+    walltime_warning: int = option(
+        WALLTIME_WARNING, "workers drain this many seconds before the time limit (0: no signal)", metavar="S"
+    )
+    secret_file: str | None = option(
+        None, "the shared secret", doc="$CW_SECRET_FILE, else ~/.config/cw/secret"
+    )
+    wait: float = option(
+        0.0,
+        "start: wait up to S seconds for the master to listen and print its address",
+        doc="0: do not wait",
+        metavar="S",
+    )
+    timeout: float = option(120.0, "stop: seconds to wait for each job to end", metavar="S")
+
+    def problems(self) -> list[str]:
+        return _negative(self, "walltime_warning", "wait", "timeout")

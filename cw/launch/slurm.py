@@ -45,7 +45,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from cw.core.config import MasterConfig, WorkerConfig, parse_argv
+from cw.core.config import WALLTIME_WARNING as WALLTIME_WARNING
+from cw.core.config import MasterConfig, SlurmConfig, WorkerConfig, parse_argv
 from cw.core.records import PORT
 from cw.discovery import _COMMENT, _info, _read_json, run_slurm
 from cw.discovery import DEFAULT_CLUSTER as DEFAULT_CLUSTER
@@ -69,10 +70,8 @@ from cw.launch.twistd import run_twistd
 from cw.system import polling, with_cw_on_path, write_atomically
 from cw.wire.secret import load_secret, secret_path
 
-#: Seconds before the time limit at which SLURM sends a worker job's
-#: workers SIGTERM, so that they drain (C{--signal=TERM@...}).  SLURM may
-#: send it up to a minute earlier than asked.
-WALLTIME_WARNING = 120
+#: C{cw-slurm}'s defaults, which L{start} and L{stop} share.
+_DEFAULTS = SlurmConfig()
 
 
 # --- names and places -----------------------------------------------------
@@ -292,7 +291,7 @@ def submit(script: str, directory: Path) -> str:
 
 
 def start(
-    nworkers: int = 32,
+    nworkers: int = _DEFAULTS.workers,
     master: bool = True,
     workers: bool = True,
     master_options: list[str] = [],
@@ -382,7 +381,11 @@ def start(
 
 
 def stop(
-    master: bool = True, workers: bool = True, *, cluster: str | None = None, timeout: float = 120
+    master: bool = True,
+    workers: bool = True,
+    *,
+    cluster: str | None = None,
+    timeout: float = _DEFAULTS.timeout,
 ) -> None:
     """
     Cancel the jobs L{start} recorded for the cluster: the worker jobs
@@ -405,7 +408,7 @@ def stop(
 
 
 @contextlib.contextmanager
-def allocate(nworkers: int = 32, *args, **kwargs) -> Iterator[str | None]:
+def allocate(nworkers: int = _DEFAULTS.workers, *args, **kwargs) -> Iterator[str | None]:
     """Context manager: L{start} on enter (yielding the master's address), L{stop} on exit."""
     kwargs.setdefault("cluster", None)
     address = start(nworkers, *args, **kwargs)

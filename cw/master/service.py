@@ -24,7 +24,6 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from twisted.python import usage
 
 from cw.core.config import MasterConfig
 from cw.core.flow import FlowControl
@@ -926,24 +925,8 @@ class Options(ConfigOptions):
     config_class = MasterConfig
 
     def postOptions(self):
+        super().postOptions()  # the values' checks (MasterConfig)
         self["secret"] = load_options_secret(self)
-        for name in ("max-pending", "max-pending-per-address"):
-            if self[name] is not None and self[name] < 1:
-                raise usage.UsageError(f"--{name} must be at least 1")
-        if self["max-attempts"] < 1:
-            raise usage.UsageError("--max-attempts must be at least 1")
-        if self["max-unsent-bytes"] < 1 or self["client-read-timeout"] <= 0:
-            raise usage.UsageError("--max-unsent-bytes and --client-read-timeout must be positive")
-        if self["max-queued-bytes"] < 1 or self["max-queued-jobs"] < 1:
-            raise usage.UsageError("--max-queued-bytes and --max-queued-jobs must be at least 1")
-        if self["prefetch"] < 0 or self["prefetch-seconds"] < 0:
-            raise usage.UsageError("--prefetch and --prefetch-seconds must not be negative")
-        for name in ("deadline-grace", "stall-timeout", "client-timeout", "heartbeat"):
-            if self[name] < 0:
-                raise usage.UsageError(f"--{name} must not be negative")
-        for option in ("web-address-file", "web-token-file", "web-host", "web-open"):
-            if self[option] and not self["web"]:
-                raise usage.UsageError(f"--{option} needs --web")
 
 
 def makeService(options: Options) -> MasterService:

@@ -13,6 +13,7 @@ from typing import Any
 from twisted.python import usage
 
 from cw.core.config import options
+from cw.errors import OptionError
 
 
 def twistd_parameters(config: type) -> tuple[list[list[Any]], list[list[Any]]]:
@@ -31,7 +32,9 @@ class ConfigOptions(usage.Options):
     """
     Options of a role whose class attribute C{config_class} is its config
     dataclass: a subclass gets its C{optParameters} and C{optFlags} from
-    it, and adds only its checks (C{postOptions}) and positional arguments.
+    it, and adds only its positional arguments and what its options make it
+    do (C{postOptions}, calling this one first).  The values are checked by
+    the config dataclass itself (L{cw.core.config.Checked}).
     """
 
     config_class: type
@@ -40,6 +43,13 @@ class ConfigOptions(usage.Options):
         super().__init_subclass__(**kwargs)
         if "config_class" in cls.__dict__:
             cls.optParameters, cls.optFlags = twistd_parameters(cls.config_class)
+
+    def postOptions(self) -> None:
+        """Check the values: a bad one is a L{usage.UsageError} with the config's one-line message."""
+        try:
+            self.config()
+        except OptionError as e:
+            raise usage.UsageError(str(e)) from None
 
     def config(self) -> Any:
         """The parsed options as an instance of C{config_class}."""

@@ -893,6 +893,7 @@ class Options(ConfigOptions):
             self["master"] = host
 
     def postOptions(self):
+        super().postOptions()  # the values' checks (WorkerConfig), before any wait for the master
         if self["slurm"]:
             if self["master"]:
                 raise usage.UsageError("give either --slurm or a master address, not both")
@@ -907,8 +908,6 @@ class Options(ConfigOptions):
             if info.get("secret_file") and not self["secret-file"] and not self["insecure"]:
                 self["secret-file"] = info["secret_file"]
         self["secret"] = load_options_secret(self, "cw-worker")
-        if self["procs"] is not None and self["procs"] < 1:
-            raise usage.UsageError("--procs must be at least 1")
 
 
 def makeService(options: Options) -> WorkerService:

@@ -11,7 +11,7 @@ import re
 
 from twisted.trial import unittest
 
-from cw.core.config import MasterConfig, WorkerConfig, options, parse_argv
+from cw.core.config import MasterConfig, SlurmConfig, WorkerConfig, options, parse_argv
 from cw.errors import CWError, OptionError
 from cw.test.procs import ROOT
 
@@ -106,3 +106,50 @@ class ParseTests(unittest.TestCase):
         self.assertEqual(by_name["port"].short, "p")
         self.assertIs(by_name["insecure"].kind, bool)
         self.assertEqual(WorkerConfig().master_timeout, 30.0)
+
+
+class CheckTests(unittest.TestCase):
+    """
+    The values' checks live in the config dataclasses (L{cw.core.config.Checked}):
+    one line naming the option, wherever the config is made.
+    """
+
+    def test_master_checks(self):
+        for changes, message in [
+            ({"max_pending": 0}, "--max-pending must be at least 1"),
+            ({"max_pending_per_address": 0}, "--max-pending-per-address must be at least 1"),
+            ({"max_attempts": 0}, "--max-attempts must be at least 1"),
+            ({"max_unsent_bytes": 0}, "--max-unsent-bytes and --client-read-timeout must be positive"),
+            ({"client_read_timeout": 0.0}, "--max-unsent-bytes and --client-read-timeout must be positive"),
+            ({"max_queued_jobs": 0}, "--max-queued-bytes and --max-queued-jobs must be at least 1"),
+            ({"prefetch_seconds": -1.0}, "--prefetch and --prefetch-seconds must not be negative"),
+            ({"stall_timeout": -1.0}, "--stall-timeout must not be negative"),
+            ({"heartbeat": -1.0}, "--heartbeat must not be negative"),
+            ({"web_open": True}, "--web-open needs --web"),
+            ({"web_host": "a"}, "--web-host needs --web"),
+        ]:
+            e = self.assertRaises(OptionError, MasterConfig, **changes)
+            self.assertEqual(str(e), message)
+        MasterConfig(web="tcp:0", web_open=True, heartbeat=0.0, max_pending=1)
+
+    def test_worker_checks(self):
+        e = self.assertRaises(OptionError, WorkerConfig, procs=0)
+        self.assertEqual(str(e), "--procs must be at least 1")
+        WorkerConfig(procs=1)
+
+    def test_slurm_checks(self):
+        e = self.assertRaises(OptionError, SlurmConfig, walltime_warning=-1)
+        self.assertEqual(str(e), "--walltime-warning must not be negative")
+        SlurmConfig(walltime_warning=0, wait=0.0)
+
+    def test_launchers_check_too(self):
+        """parse_argv, which the launchers use, fails on a bad value before anything starts."""
+        e = self.assertRaises(OptionError, parse_argv, MasterConfig, ["--max-attempts=0"], "cw-master")
+        self.assertEqual(str(e), "cw-master: --max-attempts must be at least 1")
+        e = self.assertRaises(OptionError, parse_argv, WorkerConfig, ["--procs", "0"], "cw-worker")
+        self.assertEqual(str(e), "cw-worker: --procs must be at least 1")
+
+    def test_repeatable(self):
+        """A tuple field is an option that may be given again and again."""
+        given, _ = parse_argv(SlurmConfig, ["--Xworkers", "--mem=4G", "--Xworkers=-A", "start"], "cw-slurm")
+        self.assertEqual(given, {"x_workers": ("--mem=4G", "-A")})

@@ -11,6 +11,7 @@ recorded, whether the test passed or not.  Every wait is bounded.
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -28,6 +29,8 @@ import cw
 from cw import discovery, slurm
 from cw.cli import slurm as cli_slurm
 from cw.cli.slurm import _jobs_table, _join_passthrough
+from cw.core import config as cw_config
+from cw.core.config import SlurmConfig
 from cw.errors import OptionError
 from cw.test.procs import DEADLINE, ROOT, child_env, executor, wait_until
 
@@ -213,6 +216,61 @@ class ScriptTests(unittest.TestCase):
             _join_passthrough(["-n", "4", "--Xworkers", "--mem=4G", "--Xmaster", "-A", "start"]),
             ["-n", "4", "--Xworkers=--mem=4G", "--Xmaster=-A", "start"],
         )
+
+    def test_cli_built_from_config(self):
+        """cw-slurm's options are SlurmConfig's fields, with its defaults."""
+        args = cli_slurm.parser().parse_args(["start"])
+        self.assertEqual(set(vars(args)), {"command"} | {o.name for o in cw_config.options(SlurmConfig)})
+        self.assertEqual(cli_slurm.read_config(args), SlurmConfig())
+        argv = ["-n", "4", "-M", "-i", "--Xworkers", "--mem=4G", "--Xworkers", "-A", "--time", "1:00", "stop"]
+        config = cli_slurm.read_config(cli_slurm.parser().parse_args(_join_passthrough(argv)))
+        self.assertEqual(
+            config,
+            SlurmConfig(workers=4, no_master=True, isolated=True, x_workers=("--mem=4G", "-A"), time="1:00"),
+        )
+
+    def test_cli_defaults_once(self):
+        """
+        cw.slurm.start and stop, which cw-slurm calls, default to what
+        SlurmConfig says; cw-slurm's parser names no default of its own.
+        """
+        defaults = SlurmConfig()
+        start = inspect.signature(slurm.start).parameters
+        stop = inspect.signature(slurm.stop).parameters
+        for field, parameter in [
+            ("workers", start["nworkers"]),
+            ("docker_image", start["docker_image"]),
+            ("docker_args", start["docker_args"]),
+            ("isolated", start["isolated"]),
+            ("time", start["time_limit"]),
+            ("partition", start["partition"]),
+            ("x_master", start["master_sbatch"]),
+            ("x_workers", start["worker_sbatch"]),
+            ("port", start["port"]),
+            ("secret_file", start["secret_file"]),
+            ("walltime_warning", start["walltime_warning"]),
+            ("walltime_warning", inspect.signature(slurm.worker_script).parameters["walltime_warning"]),
+            ("timeout", stop["timeout"]),
+        ]:
+            self.assertEqual(parameter.default, getattr(defaults, field), f"{parameter.name} vs {field}")
+        source = inspect.getsource(cli_slurm)
+        self.assertNotIn("default=", source, "a default written in cw.cli.slurm, not taken from SlurmConfig")
+
+    def test_cli_bad_value_one_line(self):
+        """A bad value ends cw-slurm with one line naming the option, before it does anything."""
+        self.patch(slurm, "start", lambda *a, **k: self.fail("started with a bad option"))
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.assertEqual(cli_slurm.main(["--walltime-warning", "-5", "start"]), 1)
+        self.assertEqual(err.getvalue(), "cw-slurm: --walltime-warning must not be negative\n")
+
+    def test_cli_options_in_readme(self):
+        """The README's cw-slurm section names every cw-slurm option."""
+        with open(os.path.join(ROOT, "README.rst")) as f:
+            readme = f.read()
+        for o in cw_config.options(SlurmConfig):
+            names = [f"``--{o.long}", *([f"``-{o.short}"] if o.short else [])]
+            self.assertTrue(any(name in readme for name in names), f"cw-slurm --{o.long} in the README")
 
     def test_master_file(self):
         """

@@ -57,3 +57,14 @@ class GeneratedOptionsTests(unittest.TestCase):
         service = worker.WorkerService.from_config(config, None, task.Clock())
         self.assertEqual((service.procs, service.master_timeout), (3, 7.0))
         self.assertRaises(usage.UsageError, worker.Options().parseOptions, ["--insecure", "--procs", "0"])
+
+    def test_checks_are_the_configs(self):
+        """A bad value is a UsageError with the config's own one-line message."""
+        for cls, argv, message in [
+            (master.Options, ["--max-attempts", "0"], "--max-attempts must be at least 1"),
+            (master.Options, ["--heartbeat=-1"], "--heartbeat must not be negative"),
+            (master.Options, ["--web-open"], "--web-open needs --web"),
+            (worker.Options, ["--procs", "0"], "--procs must be at least 1"),
+        ]:
+            e = self.assertRaises(usage.UsageError, cls().parseOptions, ["--insecure", *argv])
+            self.assertEqual(str(e), message)
