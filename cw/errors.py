@@ -44,7 +44,7 @@ class ReportKind(str, enum.Enum):
     PAYLOAD_TOO_LARGE = "PayloadTooLarge"
     #: The job names a function its client did not define on its connection.
     UNKNOWN_FUNCTION = "UnknownFunction"
-    #: The job asks for more resources than any worker could ever offer.
+    #: No connected worker could run the job for --unschedulable-timeout.
     UNSCHEDULABLE = "Unschedulable"
     #: The job's client and the worker run incompatible Python or cloudpickle versions.
     INCOMPATIBLE_WORKER = "IncompatibleWorker"

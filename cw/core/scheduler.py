@@ -148,7 +148,7 @@ class ClientRecord:
 class WorkerRecord:
     """
     What the scheduler knows about one worker (the master's view; the
-    worker's own decisions are L{cw.core.worker_state.WorkerRecord}).
+    worker's own decisions are L{cw.core.worker_state.WorkerState}).
     """
 
     id: int
