@@ -142,6 +142,9 @@ class ClientRecord:
     last_read: float | None = None
     #: Its jobs are not dispatched until it reads its results.
     results_backed_up: bool = False
+    #: Seqs of its jobs queued or held by a worker: a job with one of
+    #: these seqs is a duplicate (L{Scheduler.submit}).
+    live: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -441,18 +444,44 @@ class Scheduler:
                 state.running -= len(keys)
         if self._losses:
             self._losses = {key: v for key, v in self._losses.items() if not hit(key)}
+        if wanted is None:
+            state.live.clear()
+        else:
+            state.live -= wanted
         return dropped, kill
 
-    def submit(self, client: int, jobs: Iterable[Job], refused: Iterable[Job] = ()) -> None:
+    def submit(self, client: int, jobs: Iterable[Job], refused: Iterable[Job] = ()) -> list[Result]:
         """
         Queue jobs from C{client}; each job's C{client} field is set here.
         C{refused}: jobs of the same batch that the master answered at once
         with an error; they used the client's room all the same.
+
+        A job whose seq is that of a job of this client still queued or
+        running is a duplicate (a client bug: two jobs, one key): it is not
+        queued, and the returned failed results, one a duplicate, tell the
+        client so.  The job already there runs on.  A client that
+        reconnects resubmits its jobs with their old seqs as a new client,
+        so that is not a duplicate.
         """
         state = self._client(client)
         n = size = 0
+        duplicates: list[Result] = []
         for job in jobs:
             job.client = client
+            if job.seq in state.live:
+                state.received_jobs += 1
+                size += len(job.payload)
+                self._shrunk.add(client)
+                message = (
+                    f"job {job.seq} was submitted while a job with the same number from this client"
+                    " was still queued or running, so it was refused: each job needs a number of its"
+                    " own (a bug in the client program; the first job runs on)"
+                )
+                duplicates.append(
+                    Result(client, job.seq, Outcome.FAILED, error_report("DuplicateJob", message))
+                )
+                continue
+            state.live.add(job.seq)
             self._queue.append(job)
             n += 1
             size += len(job.payload)
@@ -466,6 +495,7 @@ class Scheduler:
         state.received_bytes += size
         state.peak_queued = max(state.peak_queued, state.queued)
         state.peak_queued_bytes = max(state.peak_queued_bytes, self._queue.bytes_of(client))
+        return duplicates
 
     # -- flow control ----------------------------------------------------
     #
@@ -625,6 +655,7 @@ class Scheduler:
                 if len(losses) >= limit:
                     del self._losses[job.key]
                     client.completed += 1
+                    client.live.discard(job.seq)
                     self.completed += 1
                     failed.append(self._worker_lost(job, losses, limit))
                     continue
@@ -906,6 +937,7 @@ class Scheduler:
                 continue
             client.running -= 1
             client.completed += 1
+            client.live.discard(result.seq)
             deliver.append(result)
         return deliver
 
@@ -983,6 +1015,7 @@ class Scheduler:
             if len(losses) >= limit:
                 del self._losses[key]
                 client.completed += 1
+                client.live.discard(job.seq)
                 self.completed += 1
                 what = (
                     f"the job has a timeout of {timeout:g} s, and {len(losses)} times its worker did not"
@@ -1047,6 +1080,7 @@ class Scheduler:
                 continue
             client.queued -= 1
             client.completed += 1
+            client.live.discard(job.seq)
             self.completed += 1
             self._shrunk.add(job.client)
             shape = shape_of(job)

@@ -355,7 +355,16 @@ class Master:
                 ]
             )
         idle = not self.scheduler.queued
-        self.scheduler.submit(client, jobs, [job for job, _, _ in refused])
+        duplicates = self.scheduler.submit(client, jobs, [job for job, _, _ in refused])
+        if duplicates:
+            log.warn(
+                "Client {cid} ({name}) submitted jobs {seqs} while jobs with those numbers were"
+                " queued or running; refused them (DuplicateJob)",
+                cid=client,
+                name=self.clients[client].peer_name,
+                seqs=", ".join(str(result.seq) for result in duplicates[:10]),
+            )
+            self.clients[client].send_results(duplicates)
         self._throttle(client)
         if idle:
             # Nothing was waiting, so nothing is gained by waiting for more:

@@ -511,6 +511,96 @@ class PoisonJobTests(SynchronousTestCase):
         self.assertEqual(scheduler.remove_worker(worker), [])
 
 
+class DuplicateSeqTests(SynchronousTestCase):
+    """
+    A client's job whose seq is that of one of its jobs still queued or
+    running is refused with a DuplicateJob result; the first job runs on.
+    Once a job has ended, or after a reconnect (a new client), its seq may
+    come again.
+    """
+
+    def setUp(self):
+        self.s = Scheduler(prefetch=0)
+        self.client = self.s.add_client()
+
+    def assert_refused(self, results, *expected: int) -> None:
+        self.assertEqual([r.seq for r in results], list(expected))
+        for result in results:
+            self.assertEqual((result.client, result.status), (self.client, Outcome.FAILED))
+            report = read_error_report(result.payload)
+            self.assertEqual(report["type"], "DuplicateJob")
+            self.assertIn(f"job {result.seq} ", report["message"])
+
+    def test_queued_duplicate_refused(self):
+        self.assertEqual(self.s.submit(self.client, make_jobs(1, 2)), [])
+        self.assert_refused(self.s.submit(self.client, make_jobs(2, 3)), 2)
+        self.assertEqual(self.s.queued, 3)
+        self.assertEqual(self.s.client(self.client).submitted, 3)
+
+    def test_duplicate_in_one_batch_refused(self):
+        self.assert_refused(self.s.submit(self.client, make_jobs(1, 2) + make_jobs(1, 1)), 1)
+        self.assertEqual(self.s.queued, 2)
+
+    def test_running_duplicate_refused(self):
+        """A held job's seq is taken too; its worker's slots are not counted twice."""
+        worker = self.s.add_worker(2)
+        self.s.submit(self.client, make_jobs(1, 1))
+        self.s.dispatch()
+        self.assert_refused(self.s.submit(self.client, make_jobs(1, 1)), 1)
+        self.assertEqual(self.s.dispatch(), [])
+        self.assertEqual(len(self.s.worker(worker).held), 1)
+
+    def test_refused_use_room(self):
+        """Refused duplicates used the client's room, as other refused jobs do."""
+        self.s.submit(self.client, make_jobs(1, 1))
+        before = self.s.client(self.client).received_jobs
+        self.s.submit(self.client, make_jobs(1, 1))
+        self.assertEqual(self.s.client(self.client).received_jobs, before + 1)
+
+    def test_seq_free_again_after_result(self):
+        worker = self.s.add_worker(1)
+        self.s.submit(self.client, make_jobs(1, 1))
+        [(_, [job])] = self.s.dispatch()
+        self.s.complete(worker, [result_for(job)])
+        self.assertEqual(self.s.submit(self.client, make_jobs(1, 1)), [])
+        self.assertEqual(self.s.queued, 1)
+
+    def test_seq_free_again_after_cancel(self):
+        self.s.add_worker(1)
+        self.s.submit(self.client, make_jobs(1, 3))
+        self.s.dispatch()
+        self.s.cancel(self.client, [1, 2])
+        self.assertEqual(self.s.submit(self.client, make_jobs(1, 2)), [])
+        self.s.cancel(self.client)
+        self.assertEqual(self.s.submit(self.client, make_jobs(1, 3)), [])
+
+    def test_seq_free_again_after_failure(self):
+        """A job failed by the scheduler (its worker lost too often) frees its seq."""
+        s = Scheduler(prefetch=0, max_attempts=1)
+        client = s.add_client()
+        worker = s.add_worker(1)
+        s.submit(client, make_jobs(1, 1))
+        s.dispatch()
+        _, failed = s.lose_worker(worker)
+        self.assertEqual([r.seq for r in failed], [1])
+        self.assertEqual(s.submit(client, make_jobs(1, 1)), [])
+
+    def test_requeued_job_keeps_its_seq(self):
+        """A job requeued from a lost worker is still live: its seq is still taken."""
+        worker = self.s.add_worker(1)
+        self.s.submit(self.client, make_jobs(1, 1))
+        self.s.dispatch()
+        self.s.lose_worker(worker)
+        self.assert_refused(self.s.submit(self.client, make_jobs(1, 1)), 1)
+
+    def test_reconnected_client_resubmits(self):
+        """A reconnecting client is a new client: its old seqs are not duplicates."""
+        self.s.submit(self.client, make_jobs(1, 3))
+        self.s.remove_client(self.client)
+        again = self.s.add_client()
+        self.assertEqual(self.s.submit(again, make_jobs(1, 3)), [])
+
+
 class ResultTests(SynchronousTestCase):
     """Each job's result is delivered at most once, and only by the worker holding the job."""
 

@@ -369,6 +369,13 @@ class SchedulerMachine(RuleBasedStateMachine):
             state = self.scheduler.client(client)
             places = Counter(place[0] for key, place in self.where.items() if key[0] == client)
             assert (state.queued, state.running) == (places[QUEUED], places["held"]), (state, places)
+            # A seq is taken (a resubmission is a duplicate) while its job is queued or held.
+            live = {
+                key[1]
+                for key, place in self.where.items()
+                if key[0] == client and place[0] in (QUEUED, "held")
+            }
+            assert state.live == live, (state.live, live)
 
     # -- the end -----------------------------------------------------------
 

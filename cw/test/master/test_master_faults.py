@@ -127,6 +127,34 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertFalse(peer.transport.aborted)
 
 
+class DuplicateJobTests(SynchronousTestCase):
+    def test_duplicate_answered_once_first_runs_on(self):
+        """
+        A client's second job with the seq of one still running gets one
+        DuplicateJob result; the first job stays with its worker.
+        """
+        clock = Clock()
+        master = Master(clock=clock, heartbeat=0)
+        client = FakePeer(master, "c:1")
+        client.peer_id = master.client_joined(client, {"cwd": "", "path": []})
+        worker = FakePeer(master, "w:1")
+        worker.peer_id = master.worker_joined(worker, 2)
+        master.submit(client.peer_id, [P.Job(0, 1, b"p")])
+        clock.advance(0)
+        master.submit(client.peer_id, [P.Job(0, 1, b"q")])
+        clock.advance(0)
+        [result] = client.results
+        self.assertEqual((result.seq, result.status), (1, P.Outcome.FAILED))
+        self.assertEqual(P.read_error_report(result.payload)["type"], "DuplicateJob")
+        sent = [
+            job.payload
+            for command, kwargs, _ in worker.calls
+            if command is P.RunJobs
+            for job in kwargs["jobs"]
+        ]
+        self.assertEqual(sent, [b"p"])
+
+
 class WorkerLostTests(SynchronousTestCase):
     def test_failure_delivered_after_max_attempts(self):
         clock = Clock()
