@@ -48,6 +48,8 @@ class ReportKind(str, enum.Enum):
     UNSCHEDULABLE = "Unschedulable"
     #: The job's client and the worker run incompatible Python or cloudpickle versions.
     INCOMPATIBLE_WORKER = "IncompatibleWorker"
+    #: The job's client had a job with its number queued or running already.
+    DUPLICATE_JOB = "DuplicateJob"
     #: A report that could not be read (or has no type).
     ERROR = "Error"
 

@@ -478,7 +478,7 @@ class Scheduler:
                     " own (a bug in the client program; the first job runs on)"
                 )
                 duplicates.append(
-                    Result(client, job.seq, Outcome.FAILED, error_report("DuplicateJob", message))
+                    Result(client, job.seq, Outcome.FAILED, error_report(ReportKind.DUPLICATE_JOB, message))
                 )
                 continue
             state.live.add(job.seq)

@@ -359,10 +359,11 @@ class Master:
         if duplicates:
             log.warn(
                 "Client {cid} ({name}) submitted jobs {seqs} while jobs with those numbers were"
-                " queued or running; refused them (DuplicateJob)",
+                " queued or running; refused them ({kind})",
                 cid=client,
                 name=self.clients[client].peer_name,
                 seqs=", ".join(str(result.seq) for result in duplicates[:10]),
+                kind=ReportKind.DUPLICATE_JOB,
             )
             self.clients[client].send_results(duplicates)
         self._throttle(client)

@@ -26,6 +26,7 @@ class ReportKindTests(SynchronousTestCase):
                 "UNKNOWN_FUNCTION": "UnknownFunction",
                 "UNSCHEDULABLE": "Unschedulable",
                 "INCOMPATIBLE_WORKER": "IncompatibleWorker",
+                "DUPLICATE_JOB": "DuplicateJob",
                 "ERROR": "Error",
             },
         )
