@@ -2,18 +2,21 @@
 Tests of the layered layout's rules that C{lint-imports} does not check
 (README "Architecture"): no import cycle between cw's modules, every module
 opens with a docstring saying what it holds and what it may import, and
-every import inside a function says why it is there.
+every import inside a function says why it is there; and the paths that
+setup.cfg names (mutation testing) exist.
 """
 
 from __future__ import annotations
 
 import ast
+import configparser
 from pathlib import Path
 
 import grimp
 from twisted.trial.unittest import SynchronousTestCase
 
 import cw
+from cw.test.procs import ROOT
 
 #: cw's own modules (not its tests), as paths.
 SOURCES = sorted(p for p in Path(cw.__file__).parent.rglob("*.py") if "test" not in p.parts)
@@ -112,3 +115,19 @@ class LayoutTests(SynchronousTestCase):
     def test_bare_inner_import_found(self):
         source = "def f():\n    import os\n\n    # why\n    import sys\n    import re  # why\n"
         self.assertEqual(unexplained_inner_imports(source), [2])
+
+
+class SetupCfgTests(SynchronousTestCase):
+    def test_mutmut_paths_exist(self):
+        """setup.cfg's [mutmut] names files (and test classes) that exist in this layout."""
+        parser = configparser.ConfigParser()
+        parser.read(Path(ROOT) / "setup.cfg")
+        section = parser["mutmut"]
+        named = section["only_mutate"].split() + section["pytest_add_cli_args_test_selection"].split()
+        self.assertTrue(named)
+        for entry in named:
+            path, _, test_class = entry.partition("::")
+            source = Path(ROOT) / path
+            self.assertTrue(source.is_file(), f"setup.cfg [mutmut] names {path}, which does not exist")
+            if test_class:
+                self.assertIn(f"class {test_class}(", source.read_text(), entry)
