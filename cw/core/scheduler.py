@@ -32,7 +32,15 @@ Dispatch rules:
     incompatible versions); they wait for other workers.
   - A worker that is stopping gracefully (draining) gets no more jobs; the
     unstarted jobs it returns go back to the front of the queue without
-    counting an attempt.
+    counting an attempt.  So do the jobs it still holds when it leaves:
+    they were killed by its drain timeout (or with it, if it was stopped
+    outright), which says nothing against them.  One rule, whatever the
+    timing: a job killed at the drain timeout that the worker hands back
+    (L{return_jobs}) before its connection closes, and one it does not,
+    are requeued alike (the master cannot tell a worker that drained and
+    left from one lost while draining, and does not need to: a draining
+    worker takes no new jobs, so a job can count no attempt this way only
+    on workers already stopping).
   - When a client leaves, its queued jobs are dropped at once and results of
     its running jobs are discarded when they arrive.
   - Flow control: a client has room in the queue for C{max_queued_bytes}
@@ -46,10 +54,11 @@ Dispatch rules:
     nothing for C{read_timeout} seconds while results wait is to be
     disconnected (L{Scheduler.unsent_results}).
   - Poison jobs: a job that was running on a worker when that worker was
-    lost counts an attempt.  After C{max_attempts} attempts (the job's own
-    C{max_attempts} option, else the scheduler's) it is not requeued but
-    fails with a C{WorkerLost} error report naming the hosts and how they
-    were lost, made here without looking at the payload.  Which held jobs
+    lost counts an attempt (unless the worker was draining, above).  After
+    C{max_attempts} attempts (the job's own C{max_attempts} option, else
+    the scheduler's) it is not requeued but fails with a C{WorkerLost}
+    error report naming the hosts and how they were lost, made here
+    without looking at the payload.  Which held jobs
     were running is inferred, not reported by the worker: a worker starts
     jobs in the order it was given them and reports each as it ends, so its
     C{slots} oldest held jobs are the running ones and the rest are
@@ -630,7 +639,9 @@ class Scheduler:
         Forget a worker.  Jobs it held go back to the front of the queue in
         their original order (those of departed clients are dropped), except
         running jobs that have now been lost C{max_attempts} times: those
-        fail.  Return the requeued jobs and the failure results to deliver.
+        fail.  A draining worker's jobs count no attempt (see the module's
+        docstring).  Return the requeued jobs and the failure results to
+        deliver.
 
         @param how: how the worker was lost, for the error report.
         """
@@ -648,7 +659,11 @@ class Scheduler:
             client.running -= 1
             # A stalled worker's window stopped moving when it stalled: jobs
             # behind the ones taken back from it never ran.
-            if position < state.slots and (not state.stalled or job.key in state.running_since):
+            if (
+                not state.draining
+                and position < state.slots
+                and (not state.stalled or job.key in state.running_since)
+            ):
                 losses = self._losses.setdefault(job.key, [])
                 losses.append(f"{state.name} ({how})")
                 limit = self._max_attempts(job)

@@ -510,11 +510,10 @@ class Worker:
         counting an attempt and sends this worker nothing more), let the
         running jobs finish and send their results.  Fires once nothing
         runs.  Jobs still running after C{timeout} seconds have their
-        processes killed and no result sent: a lone job whose process died
-        while draining is handed back (L{P.ReturnJobs}, no attempt counted)
-        if the connection still carries it; otherwise the master requeues
-        the job when this worker leaves, as a lost worker's (counting an
-        attempt).
+        processes killed and no result sent; the master requeues them
+        without counting an attempt, whether this worker hands a killed job
+        back (L{P.ReturnJobs}) before its connection closes or leaves still
+        holding it (one rule: L{cw.core.scheduler}'s, on draining workers).
         """
         d: defer.Deferred = defer.Deferred()
         if self.state.drained:

@@ -795,12 +795,34 @@ class DrainTests(SynchronousTestCase):
         self.assertEqual(self.scheduler.queued, 4)
 
     def test_returned_jobs_count_no_attempt(self):
-        """With max_attempts=1, a returned job still runs again, later losses count."""
+        """With max_attempts=1, a returned job still runs again."""
         self.scheduler.return_jobs(self.worker, self.keys(2, 3))
-        back, failed = self.scheduler.lose_worker(self.worker, "drain timeout")
-        self.assertEqual((back, seqs(failed)), ([], [1]))
         other = self.scheduler.add_worker(1)
         self.assertEqual(assigned(self.scheduler.dispatch()), {other: [2, 3, 4]})
+
+    def test_killed_at_drain_timeout_one_rule(self):
+        """
+        A job killed at the drain timeout is requeued without counting an
+        attempt, whether the worker handed it back before its connection
+        closed or left still holding it; losses elsewhere still count.
+        """
+        outcomes = []
+        for hands_back in (True, False):
+            scheduler = Scheduler(prefetch=2, max_attempts=1)
+            client = scheduler.add_client()
+            worker = scheduler.add_worker(1, name="draining:1")
+            scheduler.submit(client, make_jobs(1, 5))
+            scheduler.dispatch()
+            scheduler.return_jobs(worker, [(client, 2), (client, 3)])  # the drain: unstarted back
+            if hands_back:
+                scheduler.return_jobs(worker, [(client, 1)])  # killed, handed back
+            _, failed = scheduler.lose_worker(worker, "its connection was lost")
+            other = scheduler.add_worker(1, name="other:2")
+            dispatched = assigned(scheduler.dispatch())[other]
+            _, failed_later = scheduler.lose_worker(other, "killed")
+            outcomes.append((seqs(failed), dispatched, seqs(failed_later)))
+        self.assertEqual(outcomes[0], outcomes[1])
+        self.assertEqual(outcomes[0], ([], [1, 2, 3], [1]))
 
     def test_counters(self):
         self.scheduler.return_jobs(self.worker, self.keys(2, 3))
