@@ -183,7 +183,9 @@ class AsyncioTests(unittest.TestCase):
                     running = asyncio.create_task(
                         ex.submit(run_then_mark, {started!r}, {release!r}, {finished!r})
                     )
+                    deadline = time.monotonic() + 60
                     while not os.path.exists({started!r}):
+                        assert time.monotonic() < deadline, "the job never started"
                         await asyncio.sleep(0.01)
                     running.cancel()
                     try:

@@ -537,7 +537,9 @@ class ShutdownTests(ContractCase):
 
             t = ClusterExecutor(sys.argv[1])
             f = t.submit(block_until, sys.argv[2] + ".never", sys.argv[2], 120)
+            deadline = time.monotonic() + 60
             while not f.running():
+                assert time.monotonic() < deadline, "the job never started"
                 time.sleep(0.01)
             t.shutdown(wait=False, cancel_futures=True)
             print("exiting", flush=True)

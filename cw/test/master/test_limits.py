@@ -2,8 +2,9 @@
 Limits the master keeps against peers that misbehave or overwhelm it:
 malformed commands from authenticated peers (L{cw.core.validation}), descriptors
 and unauthenticated connections, a client's queued jobs (bytes and count)
-and its unsent results.  Pure checks are tested directly; the promises are
-tested end to end against real C{twistd} processes on loopback.
+and its unsent results.  Pure checks are tested directly; malformed
+commands against the master's protocol connected in memory; the other
+promises end to end against real C{twistd} processes on loopback.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import time
 import cloudpickle
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import connectProtocol
-from twisted.logger import Logger
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.protocols import amp
 from twisted.trial import unittest
 
@@ -30,7 +32,9 @@ from cw.client import ClusterExecutor, master_status
 from cw.client.session import client_context
 from cw.core import limits as core_limits
 from cw.core import validation as V
+from cw.master.service import Master
 from cw.test.jobs import square
+from cw.test.peers import authenticated_to_master
 from cw.test.procs import (
     DEADLINE,
     Processes,
@@ -203,44 +207,47 @@ def register_worker(peer: Peer, **overrides) -> defer.Deferred:
     return peer.callRemote(P.RegisterWorker, **{**fields, **overrides})
 
 
-class ValidationTests(unittest.TestCase):
+class ValidationTests(unittest.SynchronousTestCase):
     """
-    Malformed commands from authenticated peers, against a real master:
-    each ends its connection with one clear log line and no unhandled
-    error, and the master keeps serving a legitimate client.
+    Malformed commands from authenticated peers, against a real master
+    (L{Master} and its L{MasterProtocol}, connected in memory): each ends
+    its connection with one clear log line naming what was wrong and no
+    unhandled error (trial fails a test that logs one), and the master
+    keeps serving a legitimate client.
     """
-
-    timeout = 180
 
     def setUp(self):
-        self.procs = Processes(self, self.mktemp())
+        self.master = Master(Clock(), secret=os.urandom(32), heartbeat=0)
+        self.warnings: list[str] = []
 
-    def master_log(self) -> str:
-        return self.procs.log_tail(self.procs.master, 100_000)
+        def observe(event):
+            if event.get("log_level") is LogLevel.warn:
+                self.warnings.append(formatEvent(event))
 
-    @defer.inlineCallbacks
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def answered(self, pump, d: defer.Deferred):
+        """Flush C{pump}; C{d} must have fired with an answer."""
+        pump.flush()
+        return self.successResultOf(d)
+
     def test_malformed_commands_drop_the_connection(self):
-        yield threads.deferToThread(self.procs.start_master)
-        yield threads.deferToThread(self.procs.start_worker)
-        address = self.procs.address
-
         def bad_register(role, **fields):
             register = register_client if role == "client" else register_worker
-            return lambda peer: register(peer, **fields)
+            return lambda peer, pump: register(peer, **fields)
 
         def after_client(send):
-            @defer.inlineCallbacks
-            def go(peer):
-                yield register_client(peer).addTimeout(STEP, reactor)
-                ignore_answer(send(peer))
+            def go(peer, pump):
+                self.answered(pump, register_client(peer))
+                return send(peer)
 
             return go
 
         def after_worker(send):
-            @defer.inlineCallbacks
-            def go(peer):
-                yield register_worker(peer).addTimeout(STEP, reactor)
-                ignore_answer(send(peer))
+            def go(peer, pump):
+                self.answered(pump, register_worker(peer))
+                return send(peer)
 
             return go
 
@@ -253,7 +260,7 @@ class ValidationTests(unittest.TestCase):
             (
                 "worker",
                 "slots",
-                lambda peer: peer.callRemote(
+                lambda peer, pump: peer.callRemote(
                     LooseRegisterWorker, version=P.PROTOCOL_VERSION, host="h", pid=1, slots=b"two"
                 ),
             ),
@@ -298,7 +305,7 @@ class ValidationTests(unittest.TestCase):
             ("client", "answers no question", after_client(lambda peer: peer.sendBox(UNASKED_ANSWER))),
             ("worker", "answers no question", after_worker(lambda peer: peer.sendBox(UNASKED_ERROR))),
             ("worker", "no error code", after_worker(lambda peer: peer.sendBox(BARE_ERROR))),
-            ("client", "neither a command", lambda peer: peer.sendBox(amp.AmpBox(hello=b"x"))),
+            ("client", "neither a command", lambda peer, pump: peer.sendBox(amp.AmpBox(hello=b"x"))),
             (
                 "worker",
                 "unknown status",
@@ -306,29 +313,28 @@ class ValidationTests(unittest.TestCase):
             ),
         ]
         for role, what, send in cases:
-            before = self.master_log().count("sent a malformed")
-            peer = yield authenticated_peer(address, role)
-            ignore_answer(send(peer))
-            yield peer.lost.addTimeout(STEP, reactor)
-            yield threads.deferToThread(
-                wait_until,
-                lambda before=before: self.master_log().count("sent a malformed") > before,
-                STEP,
-                f"the master to log the malformed command ({what})",
-            )
-            lines = [line for line in self.master_log().splitlines() if "sent a malformed" in line]
-            self.assertEqual(len(lines), before + 1, lines)
-            self.assertIn(what, lines[-1])
-        log = self.master_log()
-        self.assertNotIn("Unhandled", log)
-        self.assertNotIn("Traceback", log)
-        self.assertFalse(re.search(r"^CLIENT 1 connected from forged", log, re.M))
+            before = len(self.warnings)
+            peer = Peer()
+            server, pump = authenticated_to_master(self.master, peer, role)
+            ignore_answer(send(peer, pump))
+            pump.flush()
+            self.assertTrue(peer.lost.called, f"the connection stayed up ({what})")
+            self.assertIn("sent a malformed", server.rejected or "", what)
+            self.assertIn(what, server.rejected, what)
+            new = self.warnings[before:]
+            lines = [line for line in new if "sent a malformed" in line]
+            self.assertEqual(len(lines), 1, (what, new))
+            self.assertIn(what, lines[0])
+        self.assertFalse(
+            [line for line in self.warnings if re.search(r"^CLIENT 1 connected from forged", line, re.M)]
+        )
 
-        def legitimate():
-            with executor(self.procs.address) as ex:
-                self.assertEqual(ex.submit(square, 6).result(DEADLINE), 36)
-
-        yield threads.deferToThread(legitimate)
+        # The master still serves a legitimate client.
+        peer = Peer()
+        _, pump = authenticated_to_master(self.master, peer, "client")
+        self.assertIn("client_id", self.answered(pump, register_client(peer)))
+        self.assertIn("status", self.answered(pump, peer.callRemote(P.GetStatus)))
+        self.assertFalse(peer.lost.called)
 
 
 class QueueLimitTests(unittest.TestCase):

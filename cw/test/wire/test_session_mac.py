@@ -17,8 +17,9 @@ import threading
 import time
 
 import cloudpickle
-from twisted.internet import defer, reactor, threads
+from twisted.internet import reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -29,8 +30,10 @@ from twisted.trial import unittest
 from cw.client import ClusterExecutor, MasterUnavailable
 from cw.client.session import client_context
 from cw.errors import AuthenticationFailed
+from cw.master.service import Master
 from cw.test.e2e.test_security import host_port, other_secret, raw_box, recv_until_closed
 from cw.test.jobs import digest, square, touch
+from cw.test.peers import GatedAMP, authenticated_to_master
 from cw.test.procs import DEADLINE, Processes, executor, wait_until
 from cw.test.wire.test_streaming import pattern
 from cw.wire import commands as P
@@ -660,29 +663,23 @@ class WorkerLogHygieneTests(unittest.TestCase):
         return threads.deferToThread(body)
 
 
-class HandshakeTests(unittest.TestCase):
+class HandshakeTests(unittest.SynchronousTestCase):
     """Signing is not optional once the handshake is done."""
 
-    @defer.inlineCallbacks
     def test_unsigned_box_after_handshake_refused_by_master(self):
         """
         A peer that authenticates properly but then sends unsigned boxes
-        (as an old cw would) is dropped by the master: signing is not optional.
+        (as an old cw would) is dropped by the master (connected in
+        memory): signing is not optional.
         """
-        from twisted.internet.error import ConnectionClosed
-
-        from cw.master.service import MasterService
-        from cw.test.e2e.test_security import GatedAMP
-        from cw.wire.auth import authenticate
-        from cw.wire.secret import load_secret
-
-        service = MasterService("tcp:0:interface=127.0.0.1", reactor=reactor, secret=load_secret())
-        yield service.startService()
-        self.addCleanup(service.stopService)
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", service.port.getHost().port)
-        peer = yield connectProtocol(endpoint, GatedAMP())
-        self.addCleanup(peer.transport.loseConnection)
-        yield authenticate(peer, load_secret(), "client", "test")
+        master = Master(Clock(), secret=os.urandom(32), heartbeat=0)
+        peer = GatedAMP()
+        server, pump = authenticated_to_master(master, peer, "client")
+        signed = peer.callRemote(P.GetStatus)
+        pump.flush()
+        self.assertIn("status", self.successResultOf(signed))
         peer.box_signer = None  # stop signing
-        status = peer.callRemote(P.GetStatus).addTimeout(30, reactor)
-        yield self.assertFailure(status, ConnectionClosed)
+        status = peer.callRemote(P.GetStatus)
+        pump.flush()
+        self.failureResultOf(status, ConnectionClosed)
+        self.assertIn("without a MAC", server.rejected)
