@@ -187,7 +187,16 @@ def _watch_shutdown(reactor: Any) -> None:
         for stop in pending:
             stop()
 
+    def started() -> None:
+        # A reactor that stopped cannot start again, but one whose shutdown
+        # event was only fired can: trial -j fires it after every test
+        # (TrialSuite._bail) and runs the next in the same reactor.
+        global _reactor_stopping
+        with _pending_lock:
+            _reactor_stopping = False
+
     reactor.callFromThread(reactor.addSystemEventTrigger, "before", "shutdown", fail_pending)
+    reactor.callFromThread(reactor.addSystemEventTrigger, "after", "startup", started)
 
 
 def describe_unpicklable(func: Callable, args: tuple, kwargs: dict) -> str:

@@ -432,3 +432,45 @@ class ReactorStopTests(SynchronousTestCase):
         for kind, seconds, message in outcomes:
             self.assertLess(seconds, 10, kind)
             self.assertIn("reactor stopped", message)
+
+
+_TRIAL_J_MODULE = """
+from twisted.internet import threads
+from twisted.trial import unittest
+
+from cw.client.session import call_in_reactor
+
+
+class T(unittest.TestCase):
+    def test_a(self):
+        return threads.deferToThread(call_in_reactor, lambda: 7, timeout=10)
+
+    def test_b(self):
+        return threads.deferToThread(call_in_reactor, lambda: 7, timeout=10)
+"""
+
+
+class TrialJobsTests(SynchronousTestCase):
+    """
+    C{trial -j N} fires the reactor's shutdown event after every test
+    (C{TrialSuite._bail}) and runs the next one in the same reactor: the
+    blocking client API keeps working there (it took that event for the
+    program's exit, and failed every later call with MasterUnavailable).
+    """
+
+    def test_second_test_in_a_trial_worker(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "cw_trial_j_module.py"), "w") as f:
+            f.write(_TRIAL_J_MODULE)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([directory, *sys.path]))
+        done = subprocess.run(
+            [sys.executable, "-m", "twisted.trial", "-j1", "cw_trial_j_module"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=directory,
+        )
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn("PASSED (successes=2)", done.stdout)
