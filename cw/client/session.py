@@ -48,7 +48,16 @@ from twisted.python import threadable
 from twisted.python.failure import Failure
 
 from cw.client.mapping import progress as progress
-from cw.core.validation import MAX_WEIGHT, check_session
+from cw.core.validation import (
+    MAX_NUMBER,
+    MAX_REASON,
+    MAX_WEIGHT,
+    check_range,
+    check_registered,
+    check_results,
+    check_session,
+    check_text,
+)
 from cw.core.versions import CONTEXT_KEY, MISMATCH_MODES, short
 from cw.discovery import default_host
 from cw.errors import (
@@ -64,6 +73,7 @@ from cw.errors import (
 from cw.wire import commands as P
 from cw.wire.address import client_description, client_endpoint, enable_keepalive
 from cw.wire.auth import AuthGate, authenticate
+from cw.wire.checked import CheckedCommands
 from cw.wire.liveness import HeartbeatMonitor, SignsOfLife
 from cw.wire.secret import load_secret
 from cw.wire.streaming import ChunkReceiver, StreamingSender
@@ -334,8 +344,13 @@ def client_context() -> dict:
     return {"cwd": cwd, "path": list(dict.fromkeys(path))}
 
 
-class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
-    """A client's connection to the master; accepts results only once the master is authenticated."""
+class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, CheckedCommands, amp.AMP):
+    """
+    A client's connection to the master; accepts results only once the
+    master is authenticated.  What the master sends is checked as the master
+    checks its peers (L{CheckedCommands}): a malformed command ends the
+    connection with one log line.
+    """
 
     def __init__(self, session: Session) -> None:
         super().__init__()
@@ -355,11 +370,14 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.
 
     @P.JobResults.responder
     def job_results(self, results):
+        check_results(results)
         self.session.results_arrived(results)
         return {}
 
     @P.JobRoom.responder
     def job_room(self, bytes, jobs):
+        check_range("bytes", bytes, 0, MAX_NUMBER)
+        check_range("jobs", jobs, 0, MAX_NUMBER)
         self.session.room(bytes, jobs)
         return {}
 
@@ -374,6 +392,7 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.
 
     @P.MasterStopping.responder
     def master_stopping(self, reason):
+        check_text("reason", reason, MAX_REASON)
         self.session.master_stopping(self, reason)
         return {}
 
@@ -514,6 +533,14 @@ class Session:
             )
             raise MasterUnavailable(
                 f"the cw master at {self.address} refused this client{hint}: {e}"
+            ) from None
+        try:
+            check_registered(answer, "client_id")
+        except BadCommand as e:
+            proto.transport.loseConnection()
+            raise MasterUnavailable(
+                f"the cw master at {self.address} answered this client's registration with a"
+                f" malformed field: {e}; install the same cw version everywhere"
             ) from None
         self.proto = proto
         self.client_id = answer["client_id"]

@@ -1,5 +1,6 @@
 """
-Checks on every field an authenticated peer sends the master.
+Checks on every field an authenticated peer sends: the master checks its
+clients and workers, and they check the master (L{cw.wire.checked}).
 
 Authentication proves that a peer holds the secret, not that it is bug-free
 or of the same version: a malformed field must end that one connection with
@@ -43,6 +44,12 @@ MAX_FUNCTION_KEY = 255
 
 #: Longest client session name (L{P.RegisterClient}).
 MAX_SESSION = 128
+
+#: Largest id, payload limit or room (bytes, jobs) a master may send.
+MAX_NUMBER = (1 << 63) - 1
+
+#: Longest reason a stopping master may give (L{P.MasterStopping}).
+MAX_REASON = 4096
 
 #: The status codes a result may carry.
 OUTCOMES = frozenset({P.Outcome.OK, P.Outcome.RAISED, P.Outcome.CRASHED, P.Outcome.FAILED})
@@ -102,9 +109,15 @@ def check_context(context: Any) -> int:
     return check_range("context weight", context.get("weight", 1), 1, MAX_WEIGHT)
 
 
-def check_jobs(jobs: list[P.Job]) -> None:
-    """Check the options of each submitted job (framing was checked on decoding)."""
+def check_jobs(jobs: list[P.Job], from_master: bool = False) -> None:
+    """
+    Check the options of each submitted job (framing was checked on
+    decoding); C{from_master}: jobs the master sends a worker, which carry
+    their client's id and may carry the master's allocation.
+    """
     for job in jobs:
+        if from_master and job.client < 1:
+            raise BadCommand(f"job {job.key}: client ids start at 1")
         if job.seq < 1:
             raise BadCommand(f"job {job.seq}: sequence numbers start at 1")
         if not job.options:
@@ -125,7 +138,7 @@ def check_jobs(jobs: list[P.Job]) -> None:
         priority = options.get("priority")
         if priority is not None and not _integer(priority):
             raise BadCommand(f"job {job.seq}: priority must be an integer, not {priority!r:.40}")
-        if ALLOCATION in options:
+        if ALLOCATION in options and not from_master:
             raise BadCommand(f"job {job.seq}: {ALLOCATION!r} is the master's to set, not the client's")
         if RESOURCES in options or TAGS in options:
             try:
@@ -139,6 +152,19 @@ def check_results(results: list[P.Result]) -> None:
     for result in results:
         if result.status not in OUTCOMES:
             raise BadCommand(f"result of job {result.key}: unknown status {result.status}")
+
+
+def check_registered(answer: Any, id_name: str) -> None:
+    """
+    The master's answer to L{P.RegisterClient} (C{id_name} C{client_id})
+    or L{P.RegisterWorker} (C{worker_id}): a positive id and payload limit,
+    and room that is not negative.
+    """
+    check_range(id_name, answer.get(id_name), 1, MAX_NUMBER)
+    check_range("max_payload", answer.get("max_payload"), 1, MAX_NUMBER)
+    for name in ("room_bytes", "room_jobs"):
+        if name in answer:
+            check_range(name, answer[name], 0, MAX_NUMBER)
 
 
 def check_function_key(key: Any) -> bytes:

@@ -37,8 +37,8 @@ from cw.wire import commands as P
 from cw.wire.address import enable_keepalive
 from cw.wire.auth import AuthGate, MasterAuth
 from cw.wire.batching import Outbox
+from cw.wire.checked import CheckedCommands
 from cw.wire.liveness import SignsOfLife
-from cw.wire.private import CheckedAnswers
 from cw.wire.streaming import ChunkReceiver, StreamingSender
 
 #: The L{cw.master.service.Master} a connection serves.  Passed in, never
@@ -64,7 +64,7 @@ def transport_backlog(transport) -> int:
 
 
 class MasterProtocol(
-    SignsOfLife, StreamingSender, AuthGate, MasterAuth, ChunkReceiver, CheckedAnswers, amp.AMP
+    SignsOfLife, StreamingSender, AuthGate, MasterAuth, ChunkReceiver, CheckedCommands, amp.AMP
 ):
     """
     One connection to the master, from a client or a worker.  The peer
@@ -185,50 +185,6 @@ class MasterProtocol(
             return True
         self.reject(f"sent a {role} command before registering as a {role}")
         return False
-
-    def locateResponder(self, name: bytes):
-        """
-        Every command's fields are checked (L{cw.core.validation}) before the
-        master acts on them: a malformed box or field from an authenticated
-        peer drops the connection with one log line.
-        """
-        responder = super().locateResponder(name)
-        if responder is None:
-            return None
-        command = name.decode("ascii", "replace")
-
-        def malformed(failure):
-            failure.trap(BadCommand)
-            self.reject(f"sent a malformed {command!r}: {failure.value}")
-            return defer.Deferred()  # the connection is gone: answer nothing
-
-        def checked(box):
-            try:
-                answer = responder(box)
-            except Exception as e:
-                # Raised while parsing the box's arguments (before the responder runs).
-                field = self._bad_argument(name, box)
-                self.reject(f"sent a malformed {command!r}: {field}: {e.__class__.__name__}: {e}")
-                return defer.Deferred()
-            if isinstance(answer, defer.Deferred):
-                answer.addErrback(malformed)
-            return answer
-
-        return checked
-
-    def malformed_box(self, why: str) -> None:
-        """An answer to no question, or a box that is no command (L{CheckedAnswers})."""
-        self.reject(why)
-
-    def _bad_argument(self, name: bytes, box) -> str:
-        """Which argument of command C{name} in C{box} does not parse, for the log."""
-        command = self._commandDispatch[name][0]
-        for argument, kind in command.arguments:
-            try:
-                kind.fromBox(argument, dict(box), {}, self)
-            except Exception:
-                return argument.decode("ascii", "replace")
-        return "the box"
 
     @P.RegisterClient.responder
     def register_client(self, version, host, pid, context, session, versions=None):

@@ -161,6 +161,17 @@ class CheckedAnswers:
             super()._errorReceived(box)
 
 
+def command_named(protocol: amp.AMP, name: bytes) -> type[amp.Command]:
+    """
+    The command class C{protocol} answers under C{name}.  Private
+    C{CommandLocator._commandDispatch}: AMP offers the responder for a name,
+    not its command, and L{cw.wire.checked.CheckedCommands} reparses a bad
+    box's arguments one by one to name the one that is malformed
+    (cw.test.master.test_limits, ValidationTests).
+    """
+    return protocol._commandDispatch[name][0]
+
+
 def replace_pipe_reads(do_read: Callable) -> None:
     """
     Make every child-process pipe of this process read with C{do_read}

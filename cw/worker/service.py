@@ -38,6 +38,18 @@ from twisted.python import usage
 from cw import discovery
 from cw.core.config import WorkerConfig
 from cw.core.liveness import MasterSilent, MasterWatch, Recheck
+from cw.core.validation import (
+    MAX_NUMBER,
+    MAX_REASON,
+    check_context,
+    check_function_key,
+    check_jobs,
+    check_packages,
+    check_probe_context,
+    check_range,
+    check_registered,
+    check_text,
+)
 from cw.core.versions import incompatible, mismatch_message
 from cw.core.worker_state import (
     CancelBatch,
@@ -50,12 +62,13 @@ from cw.core.worker_state import (
     StartDrainTimer,
     WorkerState,
 )
-from cw.errors import AuthenticationFailed, ReportKind
+from cw.errors import AuthenticationFailed, BadCommand, ReportKind
 from cw.system import with_cw_on_path
 from cw.wire import commands as P
 from cw.wire.address import client_description, client_endpoint
 from cw.wire.auth import AuthGate, authenticate, refused_retry_delay
 from cw.wire.batching import Outbox
+from cw.wire.checked import CheckedCommands
 from cw.wire.limits import log_descriptor_limit
 from cw.wire.liveness import SignsOfLife
 from cw.wire.options import ConfigOptions
@@ -135,7 +148,18 @@ def join_master(
             versions=versions,
         )
     )
+    d.addCallback(_checked_registration)
     return d
+
+
+def _checked_registration(answer: dict) -> dict:
+    try:
+        check_registered(answer, "worker_id")
+    except BadCommand as e:
+        raise BadCommand(
+            f"a malformed answer to RegisterWorker: {e}; install the same cw version everywhere"
+        ) from None
+    return answer
 
 
 def launch_id(environ) -> str | None:
@@ -151,10 +175,12 @@ def launch_id(environ) -> str | None:
     return environ.get("SLURM_JOB_ID") or None
 
 
-class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
+class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, CheckedCommands, amp.AMP):
     """
     The worker's connection to its master.  The master must prove it holds
-    the secret before this worker accepts any job from it.
+    the secret before this worker accepts any job from it, and what it sends
+    is checked as the master checks its peers (L{CheckedCommands}): a
+    malformed command ends the connection with one log line.
     """
 
     def __init__(self, worker: Worker) -> None:
@@ -191,25 +217,33 @@ class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.
 
     @P.ClientContext.responder
     def client_context(self, client, context):
+        check_range("client", client, 1, MAX_NUMBER)
+        check_context(context)
         self.worker.client_context(client, context)
         return {}
 
     @P.DefineFunction.responder
     def define_function(self, client, key, function):
+        check_range("client", client, 1, MAX_NUMBER)
+        check_function_key(key)
         self.worker.functions[(client, key)] = function
         return {}
 
     @P.Probe.responder
     def probe(self, packages, context):
+        check_packages(packages)
+        check_probe_context(context)
         return {"report": self.worker.probe(packages, context)}
 
     @P.ForgetClient.responder
     def forget_client(self, client):
+        check_range("client", client, 1, MAX_NUMBER)
         self.worker.forget_client(client)
         return {}
 
     @P.RunJobs.responder
     def run_jobs(self, jobs):
+        check_jobs(jobs, from_master=True)
         self.worker.enqueue(jobs)
         return {}
 
@@ -220,6 +254,7 @@ class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, amp.
 
     @P.MasterStopping.responder
     def master_stopping(self, reason):
+        check_text("reason", reason, MAX_REASON)
         log.info(
             "The master is shutting down ({reason}); this worker keeps trying to reconnect",
             reason=reason,
