@@ -6,9 +6,10 @@ process, no socket), and payloads whose corruption shows.
 
 from __future__ import annotations
 
+from twisted.internet.address import IPv4Address
 from twisted.protocols import amp
 from twisted.python.failure import Failure
-from twisted.test.iosim import IOPump, connectedServerAndClient
+from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
 
 from cw.master.protocol import MasterProtocol
 from cw.wire.auth import AuthGate, authenticate
@@ -30,12 +31,18 @@ def pattern(size: int) -> bytes:
 def connect_to_master(master, peer: amp.AMP) -> tuple[MasterProtocol, IOPump]:
     """
     Connect C{peer} to a new L{MasterProtocol} of C{master} (a
-    L{cw.master.service.Master} on a C{Clock}) in memory; return the
-    master's side and the pump that moves bytes between them
-    (C{pump.flush()}).
+    L{cw.master.service.Master} on a C{Clock}) in memory, as if from
+    127.0.0.1:40000 to 127.0.0.1:5494; return the master's side and the
+    pump that moves bytes between them (C{pump.flush()}).
     """
+    master_address = IPv4Address("TCP", "127.0.0.1", 5494)
+    peer_address = IPv4Address("TCP", "127.0.0.1", 40000)
     _, server, pump = connectedServerAndClient(
-        lambda: MasterProtocol(master), lambda: peer, clock=master.clock
+        lambda: MasterProtocol(master),
+        lambda: peer,
+        clientTransportFactory=lambda p: FakeTransport(p, False, peer_address, master_address),
+        serverTransportFactory=lambda p: FakeTransport(p, True, master_address, peer_address),
+        clock=master.clock,
     )
     return server, pump
 
