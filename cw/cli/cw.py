@@ -12,6 +12,7 @@ import json
 import sys
 
 from cw.cli import doctor
+from cw.cli.common import add_master_options
 from cw.client.session import master_status
 from cw.discovery import default_host
 from cw.errors import CWError
@@ -106,20 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cw", description="Inspect a cw cluster.")
     commands = parser.add_subparsers(dest="command", required=True)
     status = commands.add_parser("status", help="show a master's workers, queue and throughput")
-    status.add_argument(
-        "--master",
-        "-m",
-        help="the master (HOST, HOST:PORT or an endpoint description); default: $CW_MASTER,"
-        " the SLURM master, or localhost",
-    )
-    status.add_argument("--json", action="store_true", help="print the status as JSON, for scripts")
-    status.add_argument(
-        "--secret-file", help="the shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"
-    )
-    status.add_argument("--insecure", action="store_true", help="for a master running --insecure")
-    status.add_argument(
-        "--timeout", type=float, default=10, help="seconds to wait for the master (default 10)"
-    )
+    add_master_options(status, "print the status as JSON, for scripts", "seconds to wait for the master")
     status.set_defaults(func=status_command)
     doctor.add_parser(commands)
     args = parser.parse_args(argv)

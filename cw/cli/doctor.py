@@ -43,6 +43,7 @@ from concurrent import futures
 from typing import Any
 
 from cw import discovery
+from cw.cli.common import add_master_options
 from cw.client import ClusterExecutor
 from cw.client.session import client_context
 from cw.core.versions import incompatible, short
@@ -497,18 +498,5 @@ def doctor_command(args: argparse.Namespace, out: Callable[[str], Any] = print) 
 def add_parser(commands) -> None:
     """The C{doctor} subcommand of C{cw}."""
     doctor = commands.add_parser("doctor", help="check the secret, master, clocks, workers and SLURM")
-    doctor.add_argument(
-        "--master",
-        "-m",
-        help="the master (HOST, HOST:PORT or an endpoint description); default: $CW_MASTER,"
-        " the SLURM master, or localhost",
-    )
-    doctor.add_argument("--json", action="store_true", help="print the checks as JSON, for scripts")
-    doctor.add_argument(
-        "--secret-file", help="the shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"
-    )
-    doctor.add_argument("--insecure", action="store_true", help="for a master running --insecure")
-    doctor.add_argument(
-        "--timeout", type=float, default=10, help="seconds to wait for each answer (default 10)"
-    )
+    add_master_options(doctor, "print the checks as JSON, for scripts", "seconds to wait for each answer")
     doctor.set_defaults(func=doctor_command)

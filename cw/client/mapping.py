@@ -229,6 +229,34 @@ def _deadline(timeout: float | None) -> Callable[[], float | None]:
     return left
 
 
+def _next_done(
+    window: collections.deque[futures.Future],
+    finished: queue.SimpleQueue,
+    ordered: bool,
+    left: Callable[[], float | None],
+) -> tuple[futures.Future, Any]:
+    """
+    Take the next finished future out of C{window}: its oldest if
+    C{ordered}, else the first to finish (those put in C{finished} by
+    their done callbacks); return it with its result, waiting at most
+    C{left()} seconds (then L{futures.TimeoutError}).
+    """
+    if ordered:
+        # Left in the window until it gives its result, so that a timeout
+        # stops it too.
+        future = window[0]
+        value = future.result(left())
+        window.popleft()
+    else:
+        try:
+            future = finished.get(timeout=left())
+        except queue.Empty:
+            raise futures.TimeoutError() from None
+        window.remove(future)
+        value = future.result()
+    return future, value
+
+
 def _map_single(
     submit: Callable[..., futures.Future],
     fn: Callable,
@@ -263,18 +291,7 @@ def _map_single(
     def take() -> Any:
         # The next result, in a frame of its own: once it is yielded, no
         # local variable of the generator below refers to it or its future.
-        if ordered:
-            # Left in the window until it gives its result, so that a timeout
-            # stops it too.
-            value = window[0].result(left())
-            window.popleft()
-        else:
-            try:
-                future = finished.get(timeout=left())
-            except queue.Empty:
-                raise futures.TimeoutError() from None
-            window.remove(future)
-            value = future.result()
+        value = _next_done(window, finished, ordered, left)[1]
         if buffersize is not None:
             launch(1)
         return value
@@ -393,17 +410,7 @@ def _map_chunks(
                 if launcher["error"] is not None:
                     raise launcher["error"]
                 return None
-        if ordered:
-            future = window[0]
-            outcome = future.result(left())
-            window.popleft()
-        else:
-            try:
-                future = finished.get(timeout=left())
-            except queue.Empty:
-                raise futures.TimeoutError() from None
-            window.remove(future)
-            outcome = future.result()
+        future, outcome = _next_done(window, finished, ordered, left)
         if outcome[1] is not None:
             failure = remote_error(getattr(future, "_jobid", None), outcome[1])
             return outcome[0], failure
