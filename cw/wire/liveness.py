@@ -15,7 +15,11 @@ other at the application level, with one mechanism:
   - L{SignsOfLife} is the protocol side: every byte received from the peer
     counts as hearing from it, not only heartbeat answers, so a peer busy
     sending a large box (whose answer waits behind it) is not taken for a
-    silent one.
+    silent one.  So does the peer taking in a large box this side streams
+    to it (L{cw.wire.streaming.StreamingSender.stream_drained}): a heartbeat
+    sent meanwhile waits behind that box, and the peer, busy receiving it,
+    sends nothing, for as long as a slow link needs.  A peer that stops
+    reading stops taking it in once the kernels' socket buffers are full.
 
 The master watches its workers and its clients with one monitor each, and
 each client watches its master (L{cw.client.Session}); the peers answer
@@ -49,13 +53,21 @@ class SignsOfLife:
     liveness_clock: Any = None
 
     def dataReceived(self, data):
+        self.heard_from_peer()
+        super().dataReceived(data)
+
+    def stream_drained(self) -> None:
+        """The peer took in a piece of a box streamed to it (L{cw.wire.streaming}): it is alive."""
+        self.heard_from_peer()
+
+    def heard_from_peer(self) -> None:
+        """The peer is alive now."""
         clock = self.liveness_clock
         if clock is not None:
             self.last_heard = clock.seconds()
         monitor = self.heartbeat_monitor
         if monitor is not None:
             monitor.heard(self)
-        super().dataReceived(data)
 
 
 class HeartbeatMonitor:

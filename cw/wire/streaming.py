@@ -82,9 +82,18 @@ class StreamingSender:
     box_signer = None
     #: The MAC of the streamed box being written.
     _writing_mac = None
+    #: A piece of the streamed boxes was written (and may not have drained yet).
+    _wrote_piece = False
 
     def stream_progress(self) -> None:
         """Called after each piece is written; override to watch L{outgoing_bytes}."""
+
+    def stream_drained(self) -> None:
+        """
+        Called when the transport asks for more of a streamed box after
+        writing the last piece: the peer's side took that piece in.
+        L{cw.wire.liveness.SignsOfLife} counts it as hearing from the peer.
+        """
 
     def sendBox(self, box):
         if self._outgoing is None and sum(len(v) for v in box.values()) < STREAM_ABOVE:
@@ -103,6 +112,7 @@ class StreamingSender:
         try:
             self._outgoing = deque(pieces)
             self.outgoing_bytes = size
+            self._wrote_piece = False  # the first call of resumeProducing follows at once
             self.transport.registerProducer(self, False)
         except RuntimeError:
             # Someone else's producer is registered: write the box whole.
@@ -117,6 +127,8 @@ class StreamingSender:
         outgoing = self._outgoing
         if outgoing is None:
             return
+        if self._wrote_piece:
+            self.stream_drained()
         batch, size = [], 0
         signer = self.box_signer
         while outgoing and size < PIECE:
@@ -145,6 +157,7 @@ class StreamingSender:
             self.outgoing_bytes = 0
             self.transport.unregisterProducer()
         self.transport.write(b"".join(batch))
+        self._wrote_piece = True
         self.stream_progress()
 
     def pauseProducing(self) -> None:

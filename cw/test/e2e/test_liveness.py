@@ -12,13 +12,15 @@ client that stops answering.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
 from concurrent import futures
 
 from twisted.internet import defer, reactor, threads
-from twisted.internet.protocol import Factory
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.protocols import amp
 from twisted.trial import unittest
@@ -487,5 +489,102 @@ class HeartbeatEndToEndTests(unittest.TestCase):
             self.assertLessEqual(silent, client_timeout + heartbeat + SLACK)
             self.assertGreaterEqual(silent, client_timeout - heartbeat)
             self.assertIn("gave no sign of life", self.procs.log_tail(self.procs.master, 200))
+
+        return threads.deferToThread(body)
+
+
+# -- a slow link -------------------------------------------------------------
+
+
+class _Forward(Protocol):
+    """One side of L{ThrottledProxy}: writes what it receives to its peer side."""
+
+    peer: _Forward | None = None
+
+    def __init__(self, rate: float | None = None) -> None:
+        self.rate = rate
+        self.received = 0
+        self.started: float | None = None
+
+    def dataReceived(self, data):
+        self.peer.transport.write(data)
+        if self.rate is None:
+            return
+        if self.started is None:
+            self.started = reactor.seconds()
+        self.received += len(data)
+        delay = self.started + self.received / self.rate - reactor.seconds()
+        if delay > 0:
+            # Read no more until the link would have carried this: the sender's
+            # kernel buffers fill and its writes wait, as on a slow link.
+            self.transport.pauseProducing()
+            reactor.callLater(delay, self.transport.resumeProducing)
+
+    def connectionLost(self, reason):
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.loseConnection()
+
+
+class _Inbound(_Forward):
+    """The side a worker connects to; the master's replies come through slowly."""
+
+    def __init__(self, master_port: int, rate: float) -> None:
+        super().__init__()
+        self.master_port = master_port
+        self.link_rate = rate
+
+    def connectionMade(self):
+        self.transport.pauseProducing()  # until the master's side is up
+        outbound = _Forward(self.link_rate)
+        outbound.peer, self.peer = self, outbound
+        d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.master_port), outbound)
+
+        def connected(proto):
+            # Small buffers, so that the link's rate shows at once.
+            proto.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            self.transport.resumeProducing()
+
+        d.addCallbacks(connected, lambda _: self.transport.loseConnection())
+
+
+def throttled_proxy(testcase, master_address: str, rate: float) -> int:
+    """Listen on a loopback port whose connections reach the master, the master's side at C{rate} B/s."""
+    master_port = int(re.search(r"([0-9]+)$", master_address).group(1))
+    factory = Factory.forProtocol(lambda: _Inbound(master_port, rate))
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    testcase.addCleanup(port.stopListening)
+    return port.getHost().port
+
+
+class SlowLinkTests(unittest.TestCase):
+    """
+    A big job on a slow link to its worker: the master's heartbeat waits
+    behind the job's payload, and the worker, busy receiving it, sends
+    nothing; the worker taking the payload in is a sign of life, so it is
+    not dropped as silent however long the transfer takes.
+    """
+
+    timeout = 180
+
+    def setUp(self):
+        self.procs = Processes(self, self.mktemp())
+
+    def test_big_job_on_slow_link(self):
+        heartbeat, silence, size, rate = 0.5, 2.0, 24 << 20, 3 << 20
+
+        def body():
+            address = self.procs.start_master(
+                "--heartbeat", str(heartbeat), "--heartbeat-timeout", str(silence), "--max-attempts", "1"
+            )
+            proxy = threads.blockingCallFromThread(reactor, throttled_proxy, self, address, rate)
+            self.procs.start_worker(1, True, address=f"127.0.0.1:{proxy}")
+            with executor(address) as ex:
+                started = time.monotonic()
+                self.assertEqual(ex.submit(len, bytes(size)).result(120), size)
+                took = time.monotonic() - started
+            log = self.procs.log_tail(self.procs.master, 300)
+            self.assertNotIn("no answer to heartbeats", log)
+            # The transfer outlasted the heartbeat timeout several times over.
+            self.assertGreater(took, 3 * silence)
 
         return threads.deferToThread(body)
