@@ -5,12 +5,14 @@ transport asks for more, and chunked values received into one buffer.
 
 from __future__ import annotations
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
 from cw.test.peers import pattern
 from cw.wire import commands as P
+from cw.wire.liveness import SignsOfLife
 from cw.wire.streaming import PIECE, ChunkReceiver, StreamingSender
 
 
@@ -70,6 +72,31 @@ class StreamingSenderTests(SynchronousTestCase):
         self.sender.stopProducing()
         self.assertEqual(self.sender.outgoing_bytes, 0)
         self.sender.resumeProducing()  # nothing left: no error
+
+
+class WatchedSender(SignsOfLife, StreamingSender, amp.AMP):
+    pass
+
+
+class DrainedTests(SynchronousTestCase):
+    def test_peer_taking_in_a_streamed_box_is_a_sign_of_life(self):
+        """
+        Each time the transport asks for more of a streamed box, the peer
+        took in the last piece: it counts as hearing from it (its heartbeat
+        answer waits behind the box); writing the first piece does not.
+        """
+        clock = Clock()
+        transport = StringTransport()
+        sender = WatchedSender()
+        sender.liveness_clock = clock
+        sender.makeConnection(transport)
+        sender.sendBox(jobs_box([P.Job(1, 1, pattern(3 * PIECE))]))
+        clock.advance(10)
+        transport.producer.resumeProducing()
+        self.assertEqual(sender.last_heard, 0.0, "nothing taken in yet")
+        clock.advance(10)
+        transport.producer.resumeProducing()
+        self.assertEqual(sender.last_heard, 20.0)
 
 
 class ChunkReceiverTests(SynchronousTestCase):
