@@ -63,7 +63,9 @@ class RemoteException(CWError):
 
     C{str()} shows the remote traceback.  Attributes: C{jobid} (the job's id
     as the client knows it), C{type} (the remote exception's class name),
-    C{message}, C{traceback} (text), C{host} and C{pid} (where it ran).
+    C{message}, C{traceback} (text), C{host} and C{pid} (where it ran),
+    C{stdout} and C{stderr} (text: what the job wrote before it failed,
+    the last megabyte of each; empty when its process died).
 
     A job's own exception is raised as an instance of both its class and
     this one (see L{remote_error}): C{except ZeroDivisionError} and C{except
@@ -84,6 +86,8 @@ class RemoteException(CWError):
         self.host = report.get("host")
         self.pid = report.get("pid")
         self.fallback = report.get("exception_error") or None
+        self.stdout = report.get("stdout", "")
+        self.stderr = report.get("stderr", "")
 
     def __str__(self) -> str:
         where = f" on {self.host}" if self.host else ""

@@ -26,6 +26,7 @@ from cw.client.mapping import (
 )
 from cw.client.session import (
     ClientProtocol,
+    JobOutput,
     Session,
     master_status,
     wait_for_workers,
@@ -61,6 +62,7 @@ __all__ = [
     "IncompatibleWorker",
     "JobCrashed",
     "JobKilled",
+    "JobOutput",
     "JobTimeout",
     "MasterUnavailable",
     "Progress",

@@ -20,12 +20,15 @@ from cw import discovery
 from cw.client.display import executor_html, executor_text
 from cw.client.mapping import bounded_map, check_chunksize, run_chunk
 from cw.client.session import (
+    NO_OUTPUT,
+    JobOutput,
     Session,
     decode_result,
     job_options,
     pickle_arguments,
     pickle_call,
     pickle_function,
+    result_output,
 )
 from cw.core.versions import short, table_conflicts
 from cw.discovery import default_host
@@ -152,8 +155,13 @@ class ClusterFuture(futures.Future):
     Cancelling a pending future withdraws its job from the master's queue
     (should the master have handed it to a worker in the same instant, that
     job's process is killed).
+
+    Once done, C{stdout} and C{stderr} hold what the job wrote to them
+    (text; see L{JobOutput}); empty before, and for a job whose process
+    died or that never ran.
     """
 
+    _output: JobOutput = NO_OUTPUT
     _withdraw: Callable[[], None] | None = None
     #: The job's sequence number on its executor's connection.
     _seq = 0
@@ -179,8 +187,19 @@ class ClusterFuture(futures.Future):
     def _start(self) -> None:
         _mark_running(self)
 
-    def _finish(self, ok: bool, value: Any) -> None:
+    @property
+    def stdout(self) -> str:
+        """What the job wrote to its standard output (the last megabyte), once done."""
+        return self._output.stdout
+
+    @property
+    def stderr(self) -> str:
+        """What the job wrote to its standard error (the last megabyte), once done."""
+        return self._output.stderr
+
+    def _finish(self, ok: bool, value: Any, output: JobOutput = NO_OUTPUT) -> None:
         if _mark_running(self):
+            self._output = output
             _settle(self, ok, value)
 
 
@@ -194,8 +213,9 @@ class _Jobs:
     methods (a L{ClientThread}'s jobs, lighter than futures):
     C{_attach(executor, seq)} as it enters the table, returning the job's
     name for its errors; C{_jobid}, that name; C{_start()} when the master
-    hands the job to a worker; C{_finish(ok, value)} with its outcome (a
-    value, or an exception), in the delivery thread.
+    hands the job to a worker; C{_finish(ok, value, output)} with its
+    outcome (a value, or an exception) and its L{JobOutput} (left out when
+    the job did not end on a worker), in the delivery thread.
     """
 
     def __init__(self) -> None:
@@ -514,7 +534,8 @@ class ClusterExecutor(futures.Executor):
             entry = self._jobs.get(result.seq)
             if entry is None:
                 continue
-            entry._finish(*decode_result(entry._jobid, result))
+            ok, value = decode_result(entry._jobid, result)
+            entry._finish(ok, value, result_output(result))
             self._jobs.forget(result.seq)
 
     def _fail_all(self, error: Exception) -> None:

@@ -35,6 +35,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -804,8 +805,41 @@ class Session:
             call_in_reactor(go, timeout=timeout)
 
 
+@dataclass(frozen=True)
+class JobOutput:
+    """
+    What a job wrote to its standard output and standard error (text, the
+    last megabyte of each by default: see C{cw-worker --output-limit}).
+    """
+
+    stdout: str = ""
+    stderr: str = ""
+
+
+#: The output of a job that wrote nothing (shared).
+NO_OUTPUT = JobOutput()
+
+
+def _text(data: bytes) -> str:
+    return str(data, "utf-8", "replace")
+
+
+def result_output(result: P.Result) -> JobOutput:
+    """The L{JobOutput} that C{result} carries."""
+    if not result.stdout and not result.stderr:
+        return NO_OUTPUT
+    return JobOutput(_text(result.stdout), _text(result.stderr))
+
+
 def decode_result(jobid: Any, result: P.Result) -> tuple[bool, Any]:
-    """C{(True, value)} for a success, C{(False, exception)} for a failure."""
+    """
+    C{(True, value)} for a success, C{(False, exception)} for a failure
+    (whose C{stdout} and C{stderr} are what the job wrote).
+    """
+    if result.stdout or result.stderr:
+        output = {"stdout": _text(result.stdout), "stderr": _text(result.stderr)}
+    else:
+        output = {}
     if result.status == P.Outcome.OK:
         try:
             return True, cloudpickle.loads(result.payload)
@@ -815,9 +849,12 @@ def decode_result(jobid: Any, result: P.Result) -> tuple[bool, Any]:
                 {
                     "type": type(e).__name__,
                     "message": f"the job's result could not be unpickled in the client: {e}",
+                    **output,
                 },
             )
     report = P.read_error_report(result.payload)
+    if output:
+        report.update(output)
     cls = JobCrashed if result.status == P.Outcome.CRASHED else RemoteException
     if result.status != P.Outcome.OK:
         cls = REPORT_TYPES.get(report.get("type"), cls)

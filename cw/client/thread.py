@@ -9,6 +9,7 @@ Layer rule (cw.client): imports cw.discovery and below; never cw.master, cw.work
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 from collections.abc import Callable
@@ -17,9 +18,39 @@ from typing import Any
 from cw.client.executor import ClusterExecutor, _refuse_after_interpreter_exit
 from cw.client.mapping import Progress
 from cw.client.mapping import progress as progress
-from cw.client.session import job_options, log, session_name
+from cw.client.session import NO_OUTPUT, JobOutput, job_options, log, session_name
 from cw.errors import RemoteException
 from cw.wire import commands as P
+
+
+def takes_output(callback: Callable | None) -> bool:
+    """
+    Whether C{callback} can be called with three positional arguments
+    C{(jobid, result, output)} rather than two (looked at once, when a
+    L{ClientThread} is made).
+    """
+    if callback is None:
+        return False
+    try:
+        signature = inspect.signature(callback)
+    except (TypeError, ValueError):  # a builtin without a signature: the original two
+        return False
+    try:
+        signature.bind(None, None, None)
+    except TypeError:
+        return False
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        return True
+    # Both fit (a third parameter with a default, or *args): pass the
+    # output only to a callback that names a third positional parameter.
+    positional = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(positional) >= 3
 
 
 class _Job:
@@ -42,8 +73,8 @@ class _Job:
     def _start(self) -> None:
         pass
 
-    def _finish(self, ok: bool, value: Any) -> None:
-        self._put((self._jobid, ok, value))
+    def _finish(self, ok: bool, value: Any, output: JobOutput = NO_OUTPUT) -> None:
+        self._put((self._jobid, ok, value, output))
 
 
 class _ThreadExecutor(ClusterExecutor):
@@ -66,7 +97,10 @@ class ClientThread(threading.Thread):
     Use as a context manager (enter starts, exit waits) or call C{start()},
     C{submit(...)} and C{wait()}.  Callbacks run in this thread, one at a
     time.  A failed job is not given to the callback: C{wait()} raises it as
-    L{RemoteException} once every job has finished.
+    L{RemoteException} (whose C{stdout} and C{stderr} hold what the job
+    wrote) once every job has finished.  A callback that takes a third
+    argument, C{callback(jobid, result, output)}, gets the job's
+    L{JobOutput} there (C{output.stdout}, C{output.stderr}).
 
     @param host: the master (a host name, C{HOST:PORT} or an endpoint
         description); default: the SLURM master when SLURM is in use, else
@@ -79,7 +113,7 @@ class ClientThread(threading.Thread):
 
     def __init__(
         self,
-        callback: Callable[[Any, Any], Any] | None = None,
+        callback: Callable[..., Any] | None = None,
         host: str | None = None,
         port: int = P.PORT,
         connect_timeout: float | None = None,
@@ -101,6 +135,8 @@ class ClientThread(threading.Thread):
         self.timeout = timeout
         self.max_attempts = max_attempts
         self.callback = callback
+        #: Whether C{callback} takes the job's output as a third argument.
+        self._with_output = takes_output(callback)
         self.host = host
         self.port = port
         #: L{ClusterExecutor}'s connection options, for L{start}.
@@ -189,11 +225,11 @@ class ClientThread(threading.Thread):
             self._finished(*item)
             item = None  # a big result is not kept until the next one
 
-    def _finished(self, jobid: Any, ok: bool, value: Any) -> None:
+    def _finished(self, jobid: Any, ok: bool, value: Any, output: JobOutput) -> None:
         """Deliver one finished job: to the callback, or to the failures L{wait} raises."""
         try:
             if ok or isinstance(value, RemoteException):  # the job's own outcome
-                self._completed(jobid, ok, value)
+                self._completed(jobid, ok, value, output)
                 self._progress.tick(failed=not ok)
             elif value is not self._lost:  # the connection: once for all its jobs
                 self._lost = value
@@ -207,11 +243,14 @@ class ClientThread(threading.Thread):
             if not self._outstanding:
                 self._idle.notify_all()
 
-    def _completed(self, jobid: Any, ok: bool, value: Any) -> None:
+    def _completed(self, jobid: Any, ok: bool, value: Any, output: JobOutput) -> None:
         """A job ended: give a success to the callback, keep a failure for L{wait}."""
         if ok and self.callback is not None:
             try:
-                self.callback(jobid, value)
+                if self._with_output:
+                    self.callback(jobid, value, output)
+                else:
+                    self.callback(jobid, value)
             except BaseException as e:
                 log.failure("callback for job {jobid!r} raised", jobid=jobid)
                 self._failures.append(e)
@@ -294,7 +333,7 @@ class BaseClientThread(ClientThread, Client):
         if not started:
             self.connection_ready()
 
-    def _completed(self, jobid: Any, ok: bool, value: Any) -> None:
+    def _completed(self, jobid: Any, ok: bool, value: Any, output: JobOutput) -> None:
         try:
             self.job_callback(jobid, ok, value)
         except BaseException as e:

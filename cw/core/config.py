@@ -57,6 +57,10 @@ DRAIN_TIMEOUT = 30.0
 #: to this, plus up to 1 s of random jitter.
 RECONNECT_DELAY = 5.0
 
+#: Bytes of a job's stdout, and of its stderr, that go back with its result
+#: (the last ones; C{--output-limit}).
+OUTPUT_LIMIT = 1 << 20
+
 #: Seconds a worker started before its master waits for it (C{--slurm-wait}).
 MASTER_WAIT = 600.0
 
@@ -309,6 +313,9 @@ class WorkerConfig(Checked):
     )
     memory_limit: int = option(0, "address-space limit per job process, MiB (0: none)")
     recycle_memory: int = option(0, "restart a job process above this resident size, MiB (0: never)")
+    output_limit: int = option(
+        OUTPUT_LIMIT, "bytes of a job's stdout, and of its stderr, sent back (the last ones)", doc="1 MiB"
+    )
     master_timeout: float = option(30.0, "reconnect if master heartbeats stop this long (0: never)")
     drain_timeout: float = option(DRAIN_TIMEOUT, "seconds running jobs may finish when stopped")
     reconnect_delay: float = option(RECONNECT_DELAY, "most seconds between tries to reach the master")

@@ -160,13 +160,18 @@ def read_options(job: Job) -> dict:
 class Result:
     """
     The outcome of one job: the same C{client} and C{seq} as its L{Job}, a
-    L{Outcome} code, and the payload that code describes.
+    L{Outcome} code, and the payload that code describes.  C{stdout} and
+    C{stderr} are what the job wrote to them (bounded by its job process,
+    see C{cw-worker --output-limit}): bytes of text, never pickled, so the
+    master can show them (the dashboard's failures).
     """
 
     client: int
     seq: int
     status: int
     payload: bytes
+    stdout: bytes = b""
+    stderr: bytes = b""
 
     @property
     def key(self) -> tuple[int, int]:
@@ -177,7 +182,8 @@ class Result:
 _JOB = struct.Struct("!IQHBQ")
 
 
-_RESULT = struct.Struct("!IQBQ")
+#: client, seq, status, payload length, stdout length, stderr length.
+_RESULT = struct.Struct("!IQBQII")
 
 
 def encode_jobs(jobs: Iterable[Job]) -> bytes:
@@ -231,8 +237,12 @@ def result_parts(results: Iterable[Result]) -> list:
     """L{encode_results} as a list of pieces, the payloads not copied."""
     parts = []
     for r in results:
-        parts.append(_RESULT.pack(r.client, r.seq, r.status, len(r.payload)))
+        parts.append(_RESULT.pack(r.client, r.seq, r.status, len(r.payload), len(r.stdout), len(r.stderr)))
         parts.append(r.payload)
+        if r.stdout:
+            parts.append(r.stdout)
+        if r.stderr:
+            parts.append(r.stderr)
     return parts
 
 
@@ -244,12 +254,17 @@ def decode_results(data: bytes) -> list[Result]:
     while offset < end:
         if end - offset < _RESULT.size:
             raise ValueError("truncated result record header")
-        client, seq, status, plen = _RESULT.unpack_from(data, offset)
+        client, seq, status, plen, olen, elen = _RESULT.unpack_from(data, offset)
         offset += _RESULT.size
-        if offset + plen > end:
+        if offset + plen + olen + elen > end:
             raise ValueError("truncated result record")
-        results.append(Result(client, seq, status, _piece(view, offset, offset + plen)))
+        payload = _piece(view, offset, offset + plen)
         offset += plen
+        stdout = bytes(view[offset : offset + olen]) if olen else b""
+        offset += olen
+        stderr = bytes(view[offset : offset + elen]) if elen else b""
+        offset += elen
+        results.append(Result(client, seq, status, payload, stdout, stderr))
     return results
 
 
@@ -276,7 +291,7 @@ def job_size(job: Job) -> int:
 
 
 def result_size(result: Result) -> int:
-    return _RESULT.size + len(result.payload)
+    return _RESULT.size + len(result.payload) + len(result.stdout) + len(result.stderr)
 
 
 #: client, key length, function length.

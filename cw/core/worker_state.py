@@ -396,6 +396,8 @@ class WorkerState:
                         too_big("the job's result", len(result.payload), self.max_payload),
                         host=self.host,
                     ),
+                    result.stdout,
+                    result.stderr,
                 )
             if running.generation == self.generation:
                 send.append(result)

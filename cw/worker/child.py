@@ -30,9 +30,11 @@ from collections import OrderedDict
 import cloudpickle
 from ampoule.child import AMPChild
 
+from cw.core.config import OUTPUT_LIMIT
 from cw.errors import exception_fields
 from cw.wire import commands as P
 from cw.wire.streaming import ChunkReceiver, StreamingSender
+from cw.worker.capture import OutputCapture
 from cw.worker.containment import kill_leftovers
 from cw.worker.pipes import bulk_pipe_reads
 
@@ -191,9 +193,11 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
 
     @param memory_limit: the process's address-space limit in bytes
         (C{RLIMIT_AS}; a decimal string, as ampoule passes it), "0" for none.
+    @param output_limit: bytes of each job's stdout, and of its stderr,
+        that go back with its result (the last ones; a decimal string).
     """
 
-    def __init__(self, memory_limit: str = "0") -> None:
+    def __init__(self, memory_limit: str = "0", output_limit: str = str(OUTPUT_LIMIT)) -> None:
         super().__init__()
         bulk_pipe_reads()
         limit = int(memory_limit)
@@ -204,11 +208,23 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
             resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
         self.contexts: dict[int, dict] = {}
         self.functions = FunctionCache()
+        self.output_limit = int(output_limit)
+        #: Catches what jobs write to fd 1 and 2 (L{cw.worker.capture}):
+        #: set once connected to the worker (not in a test that makes a
+        #: JobChild in its own process).
+        self.output: OutputCapture | None = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.output = OutputCapture(self.output_limit)
 
     @P.RunBatch.responder
     def run_batch(self, jobs, contexts, functions):
         for client, context in contexts.items():
             self.contexts[int(client)] = context
+        output = self.output
+        if output is not None:
+            output.stray()
         results = []
         for job in jobs:
             context = self.contexts.get(job.client, {})
@@ -224,15 +240,18 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
                     pass  # run_payload reports it
                 function = cached.get()
             status, payload = run_payload(cwd, path, job.payload, function)
-            results.append(P.Result(job.client, job.seq, status, payload))
             leftovers = kill_leftovers()
+            stdout, stderr = output.take() if output is not None else (b"", b"")
+            results.append(P.Result(job.client, job.seq, status, payload, stdout, stderr))
             if leftovers:
-                print(
+                message = (
                     f"cw: killed {leftovers} process(es) that job {job.seq} of client {job.client}"
-                    " left running",
-                    file=sys.stderr,
-                    flush=True,
+                    " left running"
                 )
+                if output is not None:
+                    output.to_worker_log(message.encode() + b"\n")
+                else:
+                    print(message, file=sys.stderr, flush=True)
         return {"results": results}
 
 

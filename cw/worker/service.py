@@ -774,6 +774,8 @@ class WorkerService(service.MultiService):
     @param reconnect_delay: longest wait between attempts to reach the
         master, so that a worker rejoins a restarted master within about
         this many seconds.
+    @param output_limit: bytes of each job's stdout, and of its stderr,
+        that go back with its result (the last ones; L{cw.worker.capture}).
     @param reactor: the reactor to connect and start job processes with,
         and the L{Worker}'s clock.
     """
@@ -792,10 +794,12 @@ class WorkerService(service.MultiService):
         master_timeout: float = _DEFAULTS.master_timeout,
         drain_timeout: float = _DEFAULTS.drain_timeout,
         reconnect_delay: float = _DEFAULTS.reconnect_delay,
+        output_limit: int = _DEFAULTS.output_limit,
         *,
         reactor,
     ) -> None:
         super().__init__()
+        self.output_limit = output_limit
         self.reactor = reactor
         self.drain_timeout = drain_timeout
         self.reconnect_delay = reconnect_delay
@@ -835,7 +839,7 @@ class WorkerService(service.MultiService):
             maxIdle=3600,
             recycleAfter=self.recycle_after,
             starter=starter,
-            ampChildArgs=(str(self.memory_limit << 20),),
+            ampChildArgs=(str(self.memory_limit << 20), str(self.output_limit)),
             max_rss=self.recycle_memory << 20,
             clock=reactor,
         )

@@ -237,8 +237,8 @@ class ResultRecordTests(SynchronousTestCase):
 
     def setUp(self):
         self.results = [
-            Result(1, 1, Outcome.OK, b"value"),
-            Result(1, 2, Outcome.RAISED, error_report("ValueError", "bad")),
+            Result(1, 1, Outcome.OK, b"value", b"printed\n", b"warned\n"),
+            Result(1, 2, Outcome.RAISED, error_report("ValueError", "bad"), b"before failing\n"),
             Result(1, 3, Outcome.CRASHED, b""),
             Result(2**32 - 1, 2**64 - 1, Outcome.FAILED, pattern(CHUNK * 2)),
         ]
