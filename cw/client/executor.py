@@ -18,6 +18,7 @@ from typing import Any
 
 from cw import discovery
 from cw.client.display import executor_html, executor_text
+from cw.client.echo import Echo
 from cw.client.mapping import bounded_map, check_chunksize, run_chunk
 from cw.client.session import (
     NO_OUTPUT,
@@ -25,6 +26,7 @@ from cw.client.session import (
     Session,
     decode_result,
     job_options,
+    logging_level,
     pickle_arguments,
     pickle_call,
     pickle_function,
@@ -43,6 +45,10 @@ from cw.wire.versions import package_versions
 
 class _Started(list):
     """An inbox item: sequence numbers of jobs the master handed to workers."""
+
+
+class _Wrote(tuple):
+    """An inbox item: C{(host, outputs)} of a L{P.OutputNotice}."""
 
 
 #: An inbox item: close the connection if no job is outstanding any more.
@@ -302,6 +308,14 @@ class ClusterExecutor(futures.Executor):
     L{IncompatibleWorker} naming both ("error", the default), or are never
     sent to such workers ("avoid"); either way a warning is logged at
     connect if there are such workers (see L{versions}).
+
+    Each future's C{stdout} and C{stderr} hold what its job wrote.
+    C{echo=True} also writes that to this process's standard output and
+    error while the jobs run, each line prefixed with the job and its host
+    (C{[#12 node7] ...}); C{forward_logging=LEVEL} (C{logging.INFO} or
+    C{"INFO"}) hands the jobs' C{logging} records at or above C{LEVEL} to
+    this process's C{logging}, under C{cw.job.<their logger's name>}, as
+    they come.  Both are defaults for every job (see L{submit_with}).
     """
 
     #: Ask the master for L{P.JobsStarted} notices, so that futures become
@@ -326,10 +340,17 @@ class ClusterExecutor(futures.Executor):
         master_timeout: float | None = None,
         session: str | None = None,
         version_mismatch: str = "error",
+        echo: bool = False,
+        forward_logging: int | str | None = None,
     ) -> None:
         #: Defaults for every job of this executor (see L{submit_with}).
         self.timeout = timeout
         self.max_attempts = max_attempts
+        self.echo = echo
+        self.forward_logging = forward_logging
+        logging_level(forward_logging)  # a bad level fails here, not at the first submit
+        #: Shows the output of jobs with C{echo} or C{forward_logging}.
+        self._echo = Echo()
         self._jobs = _Jobs()
         self._recent = RecentFunctions()
         self._shutdown = False
@@ -352,6 +373,7 @@ class ClusterExecutor(futures.Executor):
             version_mismatch=version_mismatch,
             on_started=(lambda seqs: self._jobs.inbox.put(_Started(seqs))) if self._running_notices else None,
         )
+        self.session.on_output = lambda host, outputs: self._jobs.inbox.put(_Wrote((host, outputs)))
         self._thread = threading.Thread(target=self._deliver, name="cw-executor", daemon=True)
         self._thread.start()
         if self._wait_at_exit:
@@ -375,10 +397,14 @@ class ClusterExecutor(futures.Executor):
         max_attempts: int | None = None,
         priority: int | None = None,
         expected_duration: float | None = None,
+        echo: bool | None = None,
+        forward_logging: int | str | None = None,
     ) -> futures.Future:
         """
         Submit C{fn(*args, **kwargs)} with options for this job alone
         (L{submit} cannot take them: its keyword arguments belong to C{fn}).
+        C{echo} and C{forward_logging} override the executor's (see
+        L{ClusterExecutor}; C{forward_logging=False}: not for this job).
 
         @param timeout: seconds the job may run; then its process is killed
             and the future raises L{JobTimeout}.  Default: the executor's
@@ -392,7 +418,15 @@ class ClusterExecutor(futures.Executor):
             worker whose walltime ends sooner does not start it (adaptive
             SLURM pools).  Jobs of a C{map} get the measured mean instead.
         """
-        options = job_options(self, timeout, max_attempts, priority, expected_duration)
+        options = job_options(
+            self,
+            timeout,
+            max_attempts,
+            priority,
+            expected_duration,
+            echo=echo,
+            forward_logging=forward_logging,
+        )
         return self._submit(fn, tuple(args), dict(kwargs or {}), options)
 
     def _submit(
@@ -513,6 +547,8 @@ class ClusterExecutor(futures.Executor):
                     return
             elif isinstance(item, _Started):
                 self._mark_started(item)
+            elif isinstance(item, _Wrote):
+                self._show_output(*item)
             elif isinstance(item, Exception):
                 self._fail_all(item)
             else:
@@ -527,10 +563,23 @@ class ClusterExecutor(futures.Executor):
             if entry is not None:
                 entry._start()
 
+    def _show_output(self, host: str, outputs: list[P.Output]) -> None:
+        """Show what running jobs wrote (L{Echo})."""
+        for output in outputs:
+            entry = self._jobs.get(output.seq)
+            if entry is not None:
+                self._echo.show(self._echo_label(entry), host, output)
+
+    def _echo_label(self, entry: Any) -> str:
+        """How lines of C{entry}'s job are prefixed: C{#12}."""
+        return entry._jobid
+
     def _deliver_results(self, results: list[P.Result]) -> None:
         # Functions of their own, so that no future or result stays
         # referenced by the delivery thread once it is done with them.
+        echo = self._echo
         for result in results:
+            echo.finish(result.seq)
             entry = self._jobs.get(result.seq)
             if entry is None:
                 continue

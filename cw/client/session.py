@@ -275,12 +275,31 @@ def client_secret(secret_file: str | None = None, insecure: bool | None = None) 
     return load_secret(secret_file)
 
 
+def logging_level(value: Any) -> int | None:
+    """
+    A C{forward_logging} setting as a level number (None: off), or
+    L{SubmitError}: a level (C{logging.INFO}, 20) or its name (C{"INFO"}).
+    """
+    if value is None or value is False:
+        return None
+    if isinstance(value, str):
+        level = logging.getLevelName(value.upper())
+        if isinstance(level, int):
+            return level
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise SubmitError(f"forward_logging must be a logging level (logging.INFO, 'INFO'), not {value!r}")
+
+
 def job_options(
     owner: Any,
     timeout: float | None,
     max_attempts: int | None,
     priority: int | None = None,
     expected_duration: float | None = None,
+    *,
+    echo: bool | None = None,
+    forward_logging: int | str | None = None,
 ) -> bytes:
     """
     L{P.Job.options} for one job: the given options, else the defaults of
@@ -291,6 +310,11 @@ def job_options(
         timeout = getattr(owner, "timeout", None)
     if max_attempts is None:
         max_attempts = getattr(owner, "max_attempts", None)
+    if echo is None:
+        echo = getattr(owner, "echo", False)
+    if forward_logging is None:
+        forward_logging = getattr(owner, "forward_logging", None)
+    level = logging_level(forward_logging)
     if timeout is not None and not P.valid_timeout(timeout):
         raise SubmitError(f"timeout must be a positive number of seconds, not {timeout!r}")
     if max_attempts is not None and (
@@ -306,6 +330,8 @@ def job_options(
         max_attempts=max_attempts,
         priority=priority or None,
         expected_duration=expected_duration,
+        echo=bool(echo) or None,
+        log=level,
     )
 
 
@@ -382,6 +408,12 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
         self.session.room(bytes, jobs)
         return {}
 
+    @P.OutputNotice.responder
+    def output_notice(self, host, outputs):
+        if self.session.on_output is not None:
+            self.session.on_output(host, outputs)
+        return {}
+
     @P.JobsStarted.responder
     def jobs_started(self, keys):
         if self.session.on_started is not None:
@@ -408,8 +440,12 @@ class Session:
     One registered connection to a master, usable from any non-reactor
     thread.  C{on_results(list)} and C{on_lost(exc)} are called in the
     reactor thread and must not block; so is C{on_started(seqs)}, if given,
-    with the jobs the master handed to workers (L{P.JobsStarted}).
+    with the jobs the master handed to workers (L{P.JobsStarted}), and
+    C{on_output(host, outputs)}, if set, with what running jobs wrote
+    (L{P.OutputNotice}).
     """
+
+    on_output: Callable[[str, list[P.Output]], None] | None = None
 
     def __init__(
         self,

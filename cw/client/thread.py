@@ -18,7 +18,7 @@ from typing import Any
 from cw.client.executor import ClusterExecutor, _refuse_after_interpreter_exit
 from cw.client.mapping import Progress
 from cw.client.mapping import progress as progress
-from cw.client.session import NO_OUTPUT, JobOutput, job_options, log, session_name
+from cw.client.session import NO_OUTPUT, JobOutput, job_options, log, logging_level, session_name
 from cw.errors import RemoteException
 from cw.wire import commands as P
 
@@ -89,6 +89,9 @@ class _ThreadExecutor(ClusterExecutor):
     _running_notices = False
     _wait_at_exit = False
 
+    def _echo_label(self, entry: Any) -> str:
+        return f"#{entry._jobid}"
+
 
 class ClientThread(threading.Thread):
     """
@@ -109,6 +112,11 @@ class ClientThread(threading.Thread):
         connection options (C{version_mismatch} among them); C{wait()} then
         raises L{MasterUnavailable}.
     @param session: as for L{ClusterExecutor}.
+    @param echo: write what the jobs write to this process's standard
+        output and error as it comes, each line prefixed with the job's id
+        and host (C{[#jobid node7] ...}), as L{ClusterExecutor} does.
+    @param forward_logging: hand the jobs' C{logging} records at or above
+        this level to this process's C{logging} (under C{cw.job.<name>}).
     """
 
     def __init__(
@@ -127,8 +135,13 @@ class ClientThread(threading.Thread):
         master_timeout: float | None = None,
         session: str | None = None,
         version_mismatch: str = "error",
+        echo: bool = False,
+        forward_logging: int | str | None = None,
     ) -> None:
         super().__init__(name="cw-client", daemon=True)
+        logging_level(forward_logging)  # a bad level fails here, not at the first submit
+        self.echo = echo
+        self.forward_logging = forward_logging
         #: A tqdm bar over submitted and finished jobs, if asked for.
         self._progress = Progress(progress, 0)
         #: Defaults for every job of this client (see L{submit_with}).
@@ -198,14 +211,25 @@ class ClientThread(threading.Thread):
         max_attempts: int | None = None,
         priority: int | None = None,
         expected_duration: float | None = None,
+        echo: bool | None = None,
+        forward_logging: int | str | None = None,
     ) -> None:
         """
         Like L{submit}, with options for this job: C{timeout} overrides the
         client's default (see L{ClusterExecutor.submit_with}), as do
-        C{max_attempts}, C{priority} and C{expected_duration}.
+        C{max_attempts}, C{priority}, C{expected_duration}, C{echo} and
+        C{forward_logging}.
         """
         _refuse_after_interpreter_exit()
-        options = job_options(self, timeout, max_attempts, priority, expected_duration)
+        options = job_options(
+            self,
+            timeout,
+            max_attempts,
+            priority,
+            expected_duration,
+            echo=echo,
+            forward_logging=forward_logging,
+        )
         if self._executor is None:
             self.start()
         payload, func = self._executor._pickle(jobid, func, tuple(args), dict(kwargs or {}))

@@ -133,8 +133,10 @@ def encode_options(**options: Any) -> bytes:
 
     Known options: C{timeout} (seconds the job may run before its process is
     killed), C{max_attempts} (how many lost workers the job may outlive),
-    C{priority}, and C{expected_duration} (seconds it is expected to run;
-    see the scheduler's walltime rule).
+    C{priority}, C{expected_duration} (seconds it is expected to run; see
+    the scheduler's walltime rule), C{echo} (send its output while it runs)
+    and C{log} (send its C{logging} records at or above this level while it
+    runs).
     """
     given = {k: v for k, v in options.items() if v is not None}
     return json.dumps(given, separators=(",", ":")).encode("utf-8") if given else b""
@@ -292,6 +294,142 @@ def job_size(job: Job) -> int:
 
 def result_size(result: Result) -> int:
     return _RESULT.size + len(result.payload) + len(result.stdout) + len(result.stderr)
+
+
+class Stream:
+    """What an L{Output} record carries; the first two are the file descriptors."""
+
+    #: Bytes the job wrote to its standard output.
+    STDOUT = 1
+    #: Bytes the job wrote to its standard error.
+    STDERR = 2
+    #: A C{logging} record of the job: UTF-8 JSON (L{log_entry}).
+    LOG = 3
+
+
+@dataclass(slots=True)
+class Output:
+    """
+    A piece of what a running job wrote (L{Stream}), sent while it runs to a
+    client that asked to see it as it comes (C{echo}, C{forward_logging}).
+    """
+
+    client: int
+    seq: int
+    stream: int
+    data: bytes
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.client, self.seq)
+
+
+#: client, seq, stream, data length.
+_OUTPUT = struct.Struct("!IQBI")
+
+#: Starts every L{Output} record a job process writes on the pipe to its
+#: worker (L{output_frames}), so that stray bytes on that pipe are told apart.
+OUTPUT_MAGIC = b"\x1ecw"
+
+
+def encode_outputs(outputs: Iterable[Output]) -> bytes:
+    """Frame L{Output} records into one byte string."""
+    return b"".join(
+        part for o in outputs for part in (_OUTPUT.pack(o.client, o.seq, o.stream, len(o.data)), o.data)
+    )
+
+
+def decode_outputs(data: bytes) -> list[Output]:
+    """Undo L{encode_outputs}; raise L{ValueError} on a malformed batch."""
+    outputs = []
+    offset, end = 0, len(data)
+    while offset < end:
+        if end - offset < _OUTPUT.size:
+            raise ValueError("truncated output record header")
+        client, seq, stream, size = _OUTPUT.unpack_from(data, offset)
+        offset += _OUTPUT.size
+        if offset + size > end:
+            raise ValueError("truncated output record")
+        outputs.append(Output(client, seq, stream, bytes(data[offset : offset + size])))
+        offset += size
+    return outputs
+
+
+def output_size(output: Output) -> int:
+    return _OUTPUT.size + len(output.data)
+
+
+def output_frame(output: Output) -> bytes:
+    """One L{Output} record as a job process writes it to its worker (see L{OutputFrames})."""
+    return OUTPUT_MAGIC + encode_outputs([output])
+
+
+class OutputFrames:
+    """
+    Reads L{output_frame}s from a byte stream that arrives in pieces (a job
+    process's pipe to its worker).  Bytes that are not a frame (something
+    the job process printed before it caught its output) are handed back
+    as text, to be logged.
+    """
+
+    #: A frame claiming more data than this is not one.
+    MAX_DATA = 64 << 20
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> tuple[list[Output], bytes]:
+        """Take C{data}; return the records now complete and any stray bytes."""
+        buffer = self._buffer
+        buffer += data
+        outputs: list[Output] = []
+        stray = bytearray()
+        head = len(OUTPUT_MAGIC) + _OUTPUT.size
+        while buffer:
+            if not buffer.startswith(OUTPUT_MAGIC):
+                at = buffer.find(OUTPUT_MAGIC, 1)
+                if at < 0:
+                    # Keep a tail that may be the start of the magic.
+                    keep = next(
+                        (n for n in range(len(OUTPUT_MAGIC) - 1, 0, -1) if buffer.endswith(OUTPUT_MAGIC[:n])),
+                        0,
+                    )
+                    at = len(buffer) - keep
+                    if not at:
+                        break
+                stray += buffer[:at]
+                del buffer[:at]
+                continue
+            if len(buffer) < head:
+                break
+            client, seq, stream, size = _OUTPUT.unpack_from(buffer, len(OUTPUT_MAGIC))
+            if size > self.MAX_DATA or stream not in (Stream.STDOUT, Stream.STDERR, Stream.LOG):
+                stray += buffer[:1]
+                del buffer[:1]
+                continue
+            if len(buffer) < head + size:
+                break
+            outputs.append(Output(client, seq, stream, bytes(buffer[head : head + size])))
+            del buffer[: head + size]
+        return outputs, bytes(stray)
+
+
+def log_entry(name: str, level: int, message: str, created: float, exc_text: str = "") -> bytes:
+    """The data of a L{Stream.LOG} record: a job's C{logging} record, as UTF-8 JSON."""
+    return json.dumps(
+        {"name": name, "level": level, "message": message, "created": created, "exc_text": exc_text}
+    ).encode("utf-8")
+
+
+def read_log_entry(data: bytes) -> dict | None:
+    """Undo L{log_entry}; None if C{data} is not one."""
+    try:
+        entry = json.loads(str(data, "utf-8"))
+    except ValueError:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("level"), int):
+        return None
+    return entry
 
 
 #: client, key length, function length.

@@ -102,7 +102,16 @@ from itertools import islice
 
 from cw.core.config import MasterConfig
 from cw.core.fairqueue import FairQueue
-from cw.core.records import Job, Outcome, Result, encode_options, error_report, read_options, valid_timeout
+from cw.core.records import (
+    Job,
+    Outcome,
+    Output,
+    Result,
+    encode_options,
+    error_report,
+    read_options,
+    valid_timeout,
+)
 from cw.core.resources import ALLOCATION, GPUS, Capacity, Ledger, Shape, shape_of
 from cw.errors import ReportKind
 
@@ -910,6 +919,18 @@ class Scheduler:
         if not skip:
             return bool(self._queue)
         return self._queue.next_client(skip) is not None
+
+    def holding(self, worker: int, outputs: Iterable[Output]) -> list[Output]:
+        """
+        Of C{outputs} (what running jobs wrote, reported by C{worker}), those
+        of jobs C{worker} holds whose client is still here: the ones to pass
+        on.
+        """
+        state = self._workers.get(worker)
+        if state is None:
+            return []
+        held = state.held
+        return [output for output in outputs if output.key in held and output.client in self._clients]
 
     def complete(self, worker: int, results: Iterable[Result], now: float | None = None) -> list[Result]:
         """

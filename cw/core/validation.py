@@ -145,6 +145,12 @@ def check_jobs(jobs: list[P.Job], from_master: bool = False) -> None:
                 check_request(options.get(RESOURCES), options.get(TAGS))
             except ValueError as e:
                 raise BadCommand(f"job {job.seq}: {e}") from None
+        echo = options.get("echo")
+        if echo is not None and not isinstance(echo, bool):
+            raise BadCommand(f"job {job.seq}: echo must be true or false, not {echo!r:.40}")
+        level = options.get("log")
+        if level is not None and (not _integer(level) or level < 0):
+            raise BadCommand(f"job {job.seq}: log must be a logging level (an integer), not {level!r:.40}")
 
 
 def check_results(results: list[P.Result]) -> None:

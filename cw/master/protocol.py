@@ -18,6 +18,7 @@ from twisted.protocols import amp
 
 from cw.core.validation import (
     MAX_AWAIT,
+    MAX_NAME,
     MAX_PROBE_TIMEOUT,
     MAX_SLOTS,
     check_context,
@@ -246,6 +247,12 @@ class MasterProtocol(
         if self._require("worker"):
             check_results(results)
             self.master.results(self.peer_id, results)
+        return {}
+
+    @P.OutputNotice.responder
+    def output_notice(self, host, outputs):
+        if self._require("worker"):
+            self.master.job_output(self.peer_id, check_text("host", host, MAX_NAME), outputs)
         return {}
 
     @P.ReturnJobs.responder

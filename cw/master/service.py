@@ -418,6 +418,17 @@ class Master:
         self._heard_from_worker(worker)
         self.schedule_dispatch()
 
+    def job_output(self, worker: int, host: str, outputs: list[P.Output]) -> None:
+        """
+        Pass what running jobs of C{worker} (on C{host}) wrote on to their
+        clients at once (L{P.OutputNotice}); nothing is kept.
+        """
+        by_client: dict[int, list[P.Output]] = {}
+        for output in self.scheduler.holding(worker, outputs):
+            by_client.setdefault(output.client, []).append(output)
+        for cid, batch in by_client.items():
+            self.clients[cid].callRemote(P.OutputNotice, host=host, outputs=batch)
+
     def return_jobs(self, worker: int, keys: list[tuple[int, int]]) -> None:
         """
         A worker is stopping gracefully and will not start these jobs:

@@ -57,6 +57,10 @@ log = Logger(namespace="cw.web")  # the namespace of its log lines before the la
 RECENT_FAILURES = 50
 #: Longest traceback kept per failure, in characters (the tail is kept).
 TRACEBACK_CHARS = 20_000
+#: Of a failed job's stdout and stderr, the dashboard keeps the last this
+#: many lines, and at most this many characters of them.
+OUTPUT_LINES = 20
+OUTPUT_CHARS = 4_000
 #: Name of the cookie that carries the token after a C{?token=} visit.
 COOKIE = b"cw_dashboard"
 
@@ -162,7 +166,9 @@ def default_token_file(bound) -> Path:
 class FailureLog:
     """
     Failed results as the master delivers them: a count since start and the
-    last L{RECENT_FAILURES} reports (JSON-ready dicts), for the dashboard.
+    last L{RECENT_FAILURES} reports (JSON-ready dicts), for the dashboard,
+    each with the last lines the job wrote to stdout and stderr
+    (L{output_tail}).
     """
 
     def __init__(self, size: int = RECENT_FAILURES, clock=time.time) -> None:
@@ -186,8 +192,21 @@ class FailureLog:
                     "host": str(report.get("host", "")),
                     "pid": report.get("pid"),
                     "time": self._clock(),
+                    "stdout": output_tail(result.stdout),
+                    "stderr": output_tail(result.stderr),
                 }
             )
+
+
+def output_tail(data: bytes, lines: int = OUTPUT_LINES, chars: int = OUTPUT_CHARS) -> str:
+    """
+    The last C{lines} lines of a job's output (bytes of text, as its result
+    carries it; never unpickled), at most C{chars} characters of them.
+    """
+    if not data:
+        return ""
+    text = str(bytes(data[-4 * chars :]), "utf-8", "replace")
+    return "".join(text.splitlines(keepends=True)[-lines:])[-chars:]
 
 
 def dashboard_status(master) -> dict:

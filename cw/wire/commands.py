@@ -17,8 +17,8 @@ Who talks to whom::
 
     client, worker --Challenge, Prove--> master (the handshake, first)
     client --RegisterClient, SubmitJobs, CancelJobs, GetStatus, AwaitWorkers, ProbeWorkers--> master
-    master --JobResults, JobsStarted, JobRoom--> client
-    worker --RegisterWorker, JobResults, ReturnJobs--> master
+    master --JobResults, JobsStarted, JobRoom, OutputNotice--> client
+    worker --RegisterWorker, JobResults, ReturnJobs, OutputNotice--> master
     master --ClientContext, RunJobs, CancelJobs, Probe--> worker
     master --MasterStopping--> client, worker
     master --Heartbeat--> client, worker;  client --Heartbeat--> master
@@ -51,10 +51,12 @@ from cw.core.records import (
     decode_functions,
     decode_jobs,
     decode_keys,
+    decode_outputs,
     decode_results,
     encode_functions,
     encode_jobs,
     encode_keys,
+    encode_outputs,
     encode_results,
     function_parts,
     job_parts,
@@ -172,6 +174,13 @@ class ResultBatch(Encoded):
     encode = staticmethod(encode_results)
     parts = staticmethod(result_parts)
     decode = staticmethod(decode_results)
+
+
+class OutputBatch(Encoded):
+    """A list of L{Output} records."""
+
+    encode = staticmethod(encode_outputs)
+    decode = staticmethod(decode_outputs)
 
 
 class FunctionTable(Encoded):
@@ -396,6 +405,20 @@ class JobsStarted(amp.Command):
     """
 
     arguments = [(b"keys", KeyList())]
+    requiresAnswer = False
+
+
+class OutputNotice(amp.Command):
+    """
+    Worker to master, and master to client: what running jobs wrote since
+    the last notice (L{Output} records), on worker C{host}.  Sent only for
+    jobs whose client asked to see their output as it comes (the job
+    options C{echo} and C{log}), about twice a second while each runs, and
+    before the job's result; the master passes them on at once and keeps
+    nothing.
+    """
+
+    arguments = [(b"host", amp.Unicode()), (b"outputs", OutputBatch())]
     requiresAnswer = False
 
 

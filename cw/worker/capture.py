@@ -17,13 +17,23 @@ Layer rule (cw.worker): imports cw.discovery and below; never cw.client, cw.mast
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import select
 import sys
 import tempfile
+import threading
+
+from cw.core.records import Output, Stream, log_entry, output_frame
 
 #: The descriptors caught, in the order L{OutputCapture.take} returns them.
-STREAMS = (1, 2)
+STREAMS = (Stream.STDOUT, Stream.STDERR)
+
+#: Seconds between two notices of a job's output while it runs (L{Watcher}).
+INTERVAL = 0.5
+
+#: Longest message (and traceback) of a forwarded logging record, in characters.
+LOG_MESSAGE_CHARS = 64_000
 
 
 def cut_marker(cut: int, kept: int) -> bytes:
@@ -55,12 +65,16 @@ class OutputCapture:
                 # the file needs no seek.
                 fcntl.fcntl(spool.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
                 os.dup2(spool.fileno(), fd)
+        self._notify_lock = threading.Lock()
         #: The Python streams over fd 1 and 2, put back after a job that
         #: replaced them.
         self.stdout = sys.stdout
         self.stderr = sys.stderr
+        # Tell the worker, which holds back jobs until then (an empty notice
+        # of no job: L{cw.worker.service.JobConnector}).
+        self.notify([Output(0, 0, Stream.STDOUT, b"")])
 
-    def _flush_python(self) -> None:
+    def flush_python(self) -> None:
         """Write out what Python buffers for fd 1 and 2; undo a job's replacement of sys.stdout/stderr."""
         for current in (sys.stdout, sys.stderr):
             try:
@@ -96,7 +110,7 @@ class OutputCapture:
 
     def take(self) -> tuple[bytes, bytes]:
         """What was written to fd 1 and fd 2 since the last call (each bounded); empties both."""
-        self._flush_python()
+        self.flush_python()
         return self._take(1), self._take(2)
 
     def stray(self) -> None:
@@ -111,13 +125,130 @@ class OutputCapture:
 
     def to_worker_log(self, data: bytes) -> None:
         """Write C{data} to the worker's log (the pipe fd 2 was)."""
-        view = memoryview(data)
-        while view:
+        _write_all(self.worker_err, data)
+
+    def notify(self, outputs: list[Output]) -> None:
+        """Send C{outputs} to the worker now (framed, on the pipe fd 1 was; any thread)."""
+        data = b"".join(output_frame(output) for output in outputs)
+        with self._notify_lock:
+            _write_all(self.worker_out, data)
+
+    def watch(self, client: int, seq: int, echo: bool, level: int | None) -> Watcher:
+        """Start sending job C{(client, seq)}'s output as it comes (see L{Watcher})."""
+        return Watcher(self, client, seq, echo, level)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)
+            continue
+        except OSError:
+            return  # the worker is gone
+        view = view[written:]
+
+
+class _Forward(logging.Handler):
+    """Keeps the C{logging} records of a job as L{log_entry} data, for its L{Watcher}."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.entries: list[bytes] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()[:LOG_MESSAGE_CHARS]
+            exc_text = record.exc_text or ""
+            if record.exc_info and not exc_text:
+                exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.stack_info:
+                exc_text = (exc_text + "\n" + record.stack_info).strip()
+            entry = log_entry(
+                record.name, record.levelno, message, record.created, exc_text[-LOG_MESSAGE_CHARS:]
+            )
+            self.entries.append(entry)
+        except Exception:
+            self.handleError(record)
+
+    def take(self) -> list[bytes]:
+        entries, self.entries = self.entries, []
+        return entries
+
+
+class Watcher:
+    """
+    While one job runs, a thread that sends what it writes to its worker
+    every L{INTERVAL} seconds: with C{echo}, the new bytes of fd 1 and 2
+    (at most the capture's limit of each per turn, the rest skipped with a
+    marker), and with a C{level}, the job's C{logging} records at or above
+    it (a handler on the root logger for the job's duration).  L{stop}
+    sends the rest, before the job's result leaves.
+    """
+
+    def __init__(self, capture: OutputCapture, client: int, seq: int, echo: bool, level: int | None) -> None:
+        self.capture = capture
+        self.client = client
+        self.seq = seq
+        self.echo = echo
+        #: Bytes of fd 1 and 2 sent so far.
+        self.sent = [0, 0]
+        self.handler: _Forward | None = None
+        if level is not None:
+            self.handler = _Forward(level)
+            root = logging.getLogger()
+            self._root_level = root.level
+            if root.getEffectiveLevel() > level:
+                root.setLevel(level)
+            root.addHandler(self.handler)
+        if echo:
+            # Python's buffer of sys.stdout must reach fd 1 line by line to
+            # be seen while the job runs.
+            self._line_buffering = capture.stdout.line_buffering
+            capture.stdout.reconfigure(line_buffering=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cw-job-output", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(INTERVAL):
             try:
-                written = os.write(self.worker_err, view)
-            except BlockingIOError:
-                select.select([], [self.worker_err], [], 1.0)
-                continue
-            except OSError:
-                return  # the worker is gone
-            view = view[written:]
+                self._send()
+            except Exception:
+                return  # the pipe to the worker is gone: nothing to watch for
+
+    def _send(self) -> None:
+        outputs = []
+        if self.echo:
+            limit = self.capture.limit
+            for index, fd in enumerate(STREAMS):
+                size = os.lseek(fd, 0, os.SEEK_END)
+                start = self.sent[index]
+                if size <= start:
+                    continue
+                if size - start > limit:
+                    data = cut_marker(size - limit - start, limit) + os.pread(fd, limit, size - limit)
+                else:
+                    data = os.pread(fd, size - start, start)
+                self.sent[index] = size
+                outputs.append(Output(self.client, self.seq, fd, data))
+        if self.handler is not None:
+            for entry in self.handler.take():
+                outputs.append(Output(self.client, self.seq, Stream.LOG, entry))
+        if outputs:
+            self.capture.notify(outputs)
+
+    def stop(self) -> None:
+        """The job ended: stop the thread, send what is left, undo the job's logging handler."""
+        self._stop.set()
+        self._thread.join()
+        if self.handler is not None:
+            root = logging.getLogger()
+            root.removeHandler(self.handler)
+            root.setLevel(self._root_level)
+        if self.echo:
+            self.capture.flush_python()
+            self.capture.stdout.reconfigure(line_buffering=self._line_buffering)
+        self._send()

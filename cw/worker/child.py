@@ -34,7 +34,7 @@ from cw.core.config import OUTPUT_LIMIT
 from cw.errors import exception_fields
 from cw.wire import commands as P
 from cw.wire.streaming import ChunkReceiver, StreamingSender
-from cw.worker.capture import OutputCapture
+from cw.worker.capture import OutputCapture, Watcher
 from cw.worker.containment import kill_leftovers
 from cw.worker.pipes import bulk_pipe_reads
 
@@ -239,7 +239,10 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
                 except OSError:
                     pass  # run_payload reports it
                 function = cached.get()
+            watcher = watch(output, job) if job.options and output is not None else None
             status, payload = run_payload(cwd, path, job.payload, function)
+            if watcher is not None:
+                watcher.stop()
             leftovers = kill_leftovers()
             stdout, stderr = output.take() if output is not None else (b"", b"")
             results.append(P.Result(job.client, job.seq, status, payload, stdout, stderr))
@@ -253,6 +256,22 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
                 else:
                     print(message, file=sys.stderr, flush=True)
         return {"results": results}
+
+
+def watch(output: OutputCapture, job: P.Job) -> Watcher | None:
+    """
+    A L{Watcher} sending C{job}'s output while it runs, if its options ask
+    for it: C{echo} (its stdout and stderr) or C{log} (its logging records
+    at or above that level).
+    """
+    options = P.read_options(job)
+    echo = options.get("echo") is True
+    level = options.get("log")
+    if not isinstance(level, int) or isinstance(level, bool):
+        level = None
+    if not echo and level is None:
+        return None
+    return output.watch(job.client, job.seq, echo, level)
 
 
 def _missing() -> Exception:

@@ -24,6 +24,7 @@ import dataclasses
 import os
 import signal
 import socket
+import stat
 import sys
 
 from ampoule import main as ampoule_main
@@ -78,7 +79,7 @@ from cw.wire.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
 from cw.wire.versions import package_versions, probe_paths, worker_versions
 from cw.worker.child import JobChild
 from cw.worker.containment import kill_group, release_pipes
-from cw.worker.pipes import bulk_pipe_reads, widen_pipe
+from cw.worker.pipes import READ_SIZE, bulk_pipe_reads, widen_pipe
 from cw.worker.pool import BatchCall, JobCancelled, JobPool, JobTimedOut
 
 log = Logger(namespace="cw.worker")  # the namespace of its log lines before the layers
@@ -667,6 +668,12 @@ class Worker:
         for d in waiters:
             d.callback(None)
 
+    def job_output(self, outputs: list[P.Output]) -> None:
+        """Pass what running jobs wrote on to the master at once (L{P.OutputNotice})."""
+        if self.proto is not None:
+            for batch in P.batches(outputs, P.output_size):
+                self.proto.callRemote(P.OutputNotice, host=self.state.host, outputs=batch)
+
     def _send_results(self, batch: list[P.Result]) -> None:
         if self.proto is not None:
             self.proto.callRemote(P.JobResults, results=batch)
@@ -684,11 +691,22 @@ class JobConnector(ampoule_main.AMPConnector):
     #: The job process's pid, which is also its process group's id.
     pgid: int | None = None
 
+    _held: list[bytes] | None = None
+
     def connectionMade(self):
         self.pgid = self.transport.pid
         for pipe in getattr(self.transport, "pipes", {}).values():
             widen_pipe(pipe.fileno())
+        #: What is written to the job process until it has caught its output
+        #: (see L{_output_received}); then None.
+        self._held: list[bytes] | None = []
         super().connectionMade()
+
+    def write(self, data):
+        if self._held is not None:
+            self._held.append(data)
+            return
+        super().write(data)
 
     #: What schedules the release of an exited job process's pipes
     #: (C{IReactorTime}): set by L{JobStarter} (its C{clock}).
@@ -699,6 +717,7 @@ class JobConnector(ampoule_main.AMPConnector):
             # The job process's guard does this too (L{cw.worker.containment}); this
             # covers a job process whose guard could not start.
             kill_group(self.pgid)
+        self._last_words()
         # On the next turn, so that Twisted finishes its own bookkeeping of
         # the exit first.
         self.clock.callLater(0, release_pipes, self.transport)
@@ -718,6 +737,98 @@ class JobConnector(ampoule_main.AMPConnector):
         for line in data.decode("utf-8", "replace").rstrip().splitlines():
             log.info("job process {n}: {line}", n=self.name, line=line)
 
+    #: Called with the L{P.Output} records the job process sends while its
+    #: jobs run (L{cw.worker.capture.Watcher}): set by L{JobStarter}.
+    on_output = None
+
+    _frames: P.OutputFrames | None = None
+
+    def childDataReceived(self, fd, data):
+        if fd == 1:
+            self._output_received(data)
+            return
+        if fd == ampoule_main.FROM_CHILD:
+            # The job process writes a job's last output notices before its
+            # result: take them first, so that they reach the client first.
+            self._drain_output()
+        super().childDataReceived(fd, data)
+
+    def _output_received(self, data: bytes) -> None:
+        """
+        Output notices (and anything else) on the job process's first pipe.
+        The first notice is empty (of no job): the job process sends it
+        once it has caught its output (L{cw.worker.capture}), before it
+        reads anything.  Only then does it get what was written to it
+        meanwhile, once its capture files are opened here too
+        (L{_open_spools}): no job can run, and its process die, before.
+        """
+        if self._frames is None:
+            self._frames = P.OutputFrames()
+        outputs, stray = self._frames.feed(data)
+        if stray:
+            self.errReceived(stray)
+        if not outputs:
+            return
+        if self._held is not None:
+            self._open_spools()
+            held, self._held = self._held, None
+            for box in held:
+                super().write(box)
+        outputs = [output for output in outputs if output.client]
+        if outputs and self.on_output is not None:
+            self.on_output(outputs)
+
+    #: The job process's fd 1 and 2 (the files its jobs' output is caught
+    #: in, L{cw.worker.capture}), opened here too once it runs, so that what
+    #: a job wrote before its process died is not lost with it.
+    _spools: list[tuple[str, int]] = []
+
+    def _open_spools(self) -> None:
+        self._spools = []
+        for name, fd in (("stdout", 1), ("stderr", 2)):
+            try:
+                spool = os.open(f"/proc/{self.pgid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            if stat.S_ISREG(os.fstat(spool).st_mode):
+                self._spools.append((name, spool))
+            else:  # not caught (yet): a pipe, which is not to be read here
+                os.close(spool)
+
+    def _last_words(self) -> None:
+        """The job process ended: log the end of what its last job wrote and did not report."""
+        spools, self._spools = self._spools, []
+        self._held = None
+        for name, spool in spools:
+            try:
+                size = os.lseek(spool, 0, os.SEEK_END)
+                data = os.pread(spool, LAST_WORDS, max(0, size - LAST_WORDS)) if size else b""
+            except OSError:
+                data = b""
+            finally:
+                os.close(spool)
+            for line in data.decode("utf-8", "replace").rstrip().splitlines():
+                log.info("job process {n} ended; its job's {name}: {line}", n=self.name, name=name, line=line)
+
+    def _drain_output(self) -> None:
+        """Read what waits on the job process's first pipe, now."""
+        reader = getattr(self.transport, "pipes", {}).get(1)
+        if reader is None:
+            return
+        while True:
+            try:
+                data = os.read(reader.fileno(), READ_SIZE)
+            except OSError:  # nothing more now (EAGAIN), or closed
+                return
+            if not data:
+                return  # the end: the reactor sees it too
+            self._output_received(data)
+
+
+#: Bytes of its job's stdout, and of its stderr, that a job process which
+#: died leaves in its worker's log (the last ones).
+LAST_WORDS = 16 << 10
+
 
 class JobStarter(ampoule_main.ProcessStarter):
     """
@@ -726,9 +837,11 @@ class JobStarter(ampoule_main.ProcessStarter):
     worker's log.
     """
 
-    def __init__(self, env: dict[str, str], clock) -> None:
+    def __init__(self, env: dict[str, str], clock, on_output=None) -> None:
         # ampoule builds each job process's connector from connectorFactory.
-        self.connectorFactory = type("JobConnector", (JobConnector,), {"clock": clock})
+        self.connectorFactory = type(
+            "JobConnector", (JobConnector,), {"clock": clock, "on_output": staticmethod(on_output)}
+        )
         # First of all, the job process leads its own session and dies with
         # this worker (L{cw.worker.containment}).
         contain = (
@@ -831,7 +944,7 @@ class WorkerService(service.MultiService):
     def startService(self):
         reactor = self.reactor
         bulk_pipe_reads()
-        starter = JobStarter(job_process_env(), reactor)
+        starter = JobStarter(job_process_env(), reactor, lambda outputs: self.worker.job_output(outputs))
         self.pool = JobPool(
             JobChild,
             min=self.procs,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import inspect
+import io
+import logging
 import os
 import pickle
 import subprocess
@@ -17,8 +19,17 @@ import cloudpickle
 from twisted.trial.unittest import SynchronousTestCase
 
 from cw.client import ClientThread, ClusterExecutor
-from cw.client.session import client_context, decode_result, describe_unpicklable, job_options, pickle_call
-from cw.core.records import Job, Outcome, Result, error_report, read_options
+from cw.client.echo import Echo
+from cw.client.session import (
+    client_context,
+    decode_result,
+    describe_unpicklable,
+    job_options,
+    logging_level,
+    pickle_call,
+)
+from cw.client.thread import takes_output
+from cw.core.records import Job, Outcome, Output, Result, Stream, error_report, read_options
 from cw.errors import (
     EXCEPTION_PICKLE_LIMIT,
     CWError,
@@ -474,3 +485,70 @@ class TrialJobsTests(SynchronousTestCase):
         )
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         self.assertIn("PASSED (successes=2)", done.stdout)
+
+
+class OutputOptionTests(SynchronousTestCase):
+    """The job options echo and forward_logging, and the parts of live output that need no master."""
+
+    class Owner:
+        timeout = max_attempts = None
+        echo = False
+        forward_logging = None
+
+    def options(self, owner=None, **given) -> dict:
+        return read_options(Job(0, 1, b"", job_options(owner or self.Owner(), None, None, **given)))
+
+    def test_job_options(self):
+        self.assertEqual(self.options(), {})
+        self.assertEqual(self.options(echo=True, forward_logging="info"), {"echo": True, "log": logging.INFO})
+        owner = self.Owner()
+        owner.echo, owner.forward_logging = True, logging.WARNING
+        self.assertEqual(self.options(owner), {"echo": True, "log": logging.WARNING})
+        self.assertEqual(self.options(owner, echo=False, forward_logging=False), {})
+        for bad in ("LOUD", -1, 2.5, True, object()):
+            self.assertRaises(SubmitError, logging_level, bad)
+            self.assertRaises(SubmitError, job_options, self.Owner(), None, None, forward_logging=bad)
+
+    def test_takes_output(self):
+        """A callback gets the output only if it takes a third positional argument."""
+
+        def two(jobid, result):
+            pass
+
+        def three(jobid, result, output):
+            pass
+
+        def optional(jobid, result, output=None):
+            pass
+
+        def star(*args):
+            pass
+
+        class Callable:
+            def __call__(self, jobid, result, output):
+                pass
+
+        self.assertEqual(
+            [takes_output(f) for f in (None, two, three, optional, star, Callable(), print)],
+            [False, False, True, True, False, True, False],
+        )
+
+    def test_echo_lines(self):
+        """Echo prefixes whole lines, keeps a line's start until its end, decodes split UTF-8."""
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        echo = Echo()
+        snow = "\u2603".encode()
+        echo.show("#3", "n7", Output(1, 3, Stream.STDOUT, b"one\ntw"))
+        echo.show("#4", "n8", Output(1, 4, Stream.STDOUT, b"other job\n"))
+        echo.show("#3", "n7", Output(1, 3, Stream.STDOUT, b"o " + snow[:1]))
+        echo.show("#3", "n7", Output(1, 3, Stream.STDERR, b"an error\n"))
+        self.assertEqual(out.getvalue(), "[#3 n7] one\n[#4 n8] other job\n")
+        echo.show("#3", "n7", Output(1, 3, Stream.STDOUT, snow[1:] + b"\nthree"))
+        echo.finish(3)
+        echo.finish(4)
+        self.assertEqual(
+            out.getvalue(), "[#3 n7] one\n[#4 n8] other job\n[#3 n7] two \u2603\n[#3 n7] three\n"
+        )
+        self.assertEqual(err.getvalue(), "[#3 n7] an error\n")

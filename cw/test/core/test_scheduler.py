@@ -1447,3 +1447,28 @@ class WalltimeTests(SynchronousTestCase):
         self.assertEqual(self.scheduler.dispatch(now=40.0), [])
         self.scheduler.set_end(worker, None)
         self.assertEqual(assigned(self.scheduler.dispatch(now=40.0))[worker][0], 2)
+
+
+class OutputRoutingTests(SynchronousTestCase):
+    """L{Scheduler.holding}: what running jobs wrote goes on only for jobs the reporting worker holds."""
+
+    def test_only_held_jobs_of_present_clients(self):
+        from cw.core.records import Output, Stream
+
+        scheduler = Scheduler(prefetch=0)
+        client, other = scheduler.add_client(), scheduler.add_client()
+        first, second = scheduler.add_worker(1), scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(1, 1))
+        scheduler.submit(other, make_jobs(1, 1))
+        self.assertEqual(assigned(scheduler.dispatch()), {first: [1], second: [1]})
+        mine = Output(client, 1, Stream.STDOUT, b"x")
+        theirs = Output(other, 1, Stream.STDOUT, b"y")
+        self.assertEqual(
+            scheduler.holding(first, [mine, theirs, Output(client, 2, Stream.STDOUT, b"z")]), [mine]
+        )
+        self.assertEqual(scheduler.holding(second, [mine, theirs]), [theirs])
+        self.assertEqual(scheduler.holding(99, [mine]), [])
+        scheduler.remove_client(other)
+        self.assertEqual(scheduler.holding(second, [theirs]), [])
+        scheduler.complete(first, [Result(client, 1, Outcome.OK, b"")])
+        self.assertEqual(scheduler.holding(first, [mine]), [])

@@ -15,7 +15,7 @@ from concurrent.futures import as_completed
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from cw.client import ClientThread, ClusterExecutor, RemoteException, SubmitError, master_status
+from cw.client import ClientThread, ClusterExecutor, JobCrashed, RemoteException, SubmitError, master_status
 from cw.test.jobs import square, wait_for_file, worker_pid
 from cw.test.procs import DEADLINE, Processes, executor, wait_until
 
@@ -271,22 +271,46 @@ def shout(text):
     return len(text)
 
 
+def shout_and_die(text):
+    print(text, flush=True)
+    print("and on stderr", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), 9)
+
+
 class JobOutputTests(unittest.TestCase):
     """What a job prints is not lost."""
 
     timeout = 120
 
-    def test_print_reaches_worker_log(self):
-        """A job's print() shows up in its worker's log."""
+    def test_print_reaches_client(self):
+        """A job's print() comes back to its client (see also cw.test.e2e.test_output)."""
+        procs = Processes(self, self.mktemp())
+
+        def body():
+            procs.start_master()
+            procs.start_worker()
+            with executor(procs.address) as ex:
+                future = ex.submit(shout, "hello from job 4711")
+                self.assertEqual(future.result(60), 19)
+                self.assertEqual(future.stdout, "hello from job 4711\n")
+
+        return threads.deferToThread(body)
+
+    def test_dead_job_process_output_in_worker_log(self):
+        """What a job printed before its process died shows up in its worker's log."""
         procs = Processes(self, self.mktemp())
 
         def body():
             procs.start_master()
             worker = procs.start_worker()
             with executor(procs.address) as ex:
-                self.assertEqual(ex.submit(shout, "hello from job 4711").result(60), 19)
+                error = ex.submit(shout_and_die, "last words of 4711").exception(60)
+                self.assertIsInstance(error, JobCrashed)
             wait_until(
-                lambda: "hello from job 4711" in procs.log_tail(worker, 200),
+                lambda: (
+                    "its job's stdout: last words of 4711" in (tail := procs.log_tail(worker, 200))
+                    and "its job's stderr: and on stderr" in tail
+                ),
                 what="the job's output in the worker log",
             )
 

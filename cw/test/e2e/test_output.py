@@ -9,17 +9,33 @@ module.
 from __future__ import annotations
 
 import io
+import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
+from unittest import mock
 
 from twisted.internet import threads
 from twisted.trial import unittest
 
 from cw.client import ClientThread, ClusterExecutor, JobOutput, RemoteException
-from cw.test.procs import DEADLINE, abandon, shared_cluster
+from cw.test.jobs import block_until
+from cw.test.procs import DEADLINE, abandon, executor, shared_cluster
 
 MIB = 1 << 20
+
+
+def output_cluster():
+    """
+    The shared master and one-slot worker of these tests, run as a user's
+    would be: without C{PYTHONUNBUFFERED} (which CI may set), so that a job
+    process's sys.stdout buffers as it does by default.
+    """
+    with mock.patch.dict(os.environ):
+        os.environ.pop("PYTHONUNBUFFERED", None)
+        return shared_cluster("output", (1,))
 
 
 def three_lines():
@@ -74,7 +90,7 @@ class OutputTests(unittest.TestCase):
 
     def setUp(self):
         def connect():
-            self.cluster = shared_cluster("output", (1,))
+            self.cluster = output_cluster()
             self.executor = ClusterExecutor(self.cluster.address)
 
         return threads.deferToThread(connect)
@@ -182,5 +198,192 @@ class OutputTests(unittest.TestCase):
             with self.assertRaises(RemoteException) as caught, client:
                 client.submit("c", print_then_fail)
             self.assertEqual(caught.exception.stdout, "about to divide\n")
+
+        return threads.deferToThread(body)
+
+
+def talk_until(flag):
+    """Write a line to each stream, then wait for C{flag}; end with a line left open."""
+    print("starting")
+    print("warming up", file=sys.stderr)
+    block_until(flag)
+    sys.stdout.write("done, no newline")
+    return "finished"
+
+
+def log_things():
+    log = logging.getLogger("cw_test_job")
+    log.debug("a debug line")
+    log.info("an info line")
+    log.warning("a warning with %s", "arguments")
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        logging.getLogger("cw_test_job.inner").exception("it failed")
+    return "logged"
+
+
+def log_many(n):
+    """Log C{n} records of about 100 bytes each, as fast as possible, then return."""
+    log = logging.getLogger("cw_test_job")
+    for i in range(n):
+        log.warning("record %06d %s", i, "." * 80)
+    return n
+
+
+class Collector:
+    """A stand-in for sys.stdout or sys.stderr that the test can wait on."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.changed = threading.Condition()
+
+    def write(self, text: str) -> int:
+        with self.changed:
+            self.text += text
+            self.changed.notify_all()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def wait_for(self, text: str, timeout: float = 10) -> None:
+        with self.changed:
+            if not self.changed.wait_for(lambda: text in self.text, timeout):
+                raise AssertionError(f"{text!r} not written within {timeout} s; written: {self.text!r}")
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class LiveOutputTests(unittest.TestCase):
+    """echo=True and forward_logging, on the same shared cluster."""
+
+    timeout = 120
+
+    def setUp(self):
+        self.out, self.err = Collector(), Collector()
+        self.patch(sys, "stdout", self.out)
+        self.patch(sys, "stderr", self.err)
+        self.host = socket.gethostname()
+
+        def connect():
+            self.cluster = output_cluster()
+
+        return threads.deferToThread(connect)
+
+    def test_echo_while_running(self):
+        """
+        With echo=True, a running job's lines reach this process's stdout
+        and stderr, prefixed, before the job ends; the open last line
+        follows with the result.
+        """
+        flag = os.path.abspath(self.mktemp())
+        self.addCleanup(lambda: open(flag, "w").close())
+
+        def body():
+            with executor(self.cluster.address, echo=True) as ex:
+                future = ex.submit(talk_until, flag)
+                prefix = f"[{future._jobid} {self.host}] "
+                self.out.wait_for(prefix + "starting\n")
+                self.err.wait_for(prefix + "warming up\n")
+                self.assertFalse(future.done())
+                open(flag, "w").close()
+                self.assertEqual(future.result(DEADLINE), "finished")
+                self.out.wait_for(prefix + "done, no newline\n")
+                self.assertEqual(self.out.text, prefix + "starting\n" + prefix + "done, no newline\n")
+                self.assertEqual(future.stdout, "starting\ndone, no newline")
+
+        return threads.deferToThread(body)
+
+    def test_no_echo(self):
+        """Without echo, nothing of a job's output is written here (nor sent while it runs)."""
+
+        def body():
+            with executor(self.cluster.address) as ex:
+                notices = []
+                on_output = ex.session.on_output
+                ex.session.on_output = lambda host, outputs: (
+                    notices.append(outputs),
+                    on_output(host, outputs),
+                )
+                future = ex.submit(three_lines)
+                self.assertEqual(future.result(DEADLINE), 7)
+                echoed = ex.submit_with(three_lines, echo=True)
+                echoed.result(DEADLINE)
+            self.assertEqual(
+                self.out.text, f"[{echoed._jobid} {self.host}] one\n[{echoed._jobid} {self.host}] three\n"
+            )
+            self.assertEqual([o.seq for batch in notices for o in batch], [echoed._seq, echoed._seq])
+
+        return threads.deferToThread(body)
+
+    def test_client_thread_echo(self):
+        """ClientThread(echo=True) prefixes lines with the job's id."""
+
+        def body():
+            with ClientThread(None, self.cluster.address, echo=True) as client:
+                client.submit("job-a", three_lines)
+            self.assertEqual(self.out.text, f"[#job-a {self.host}] one\n[#job-a {self.host}] three\n")
+            self.assertEqual(self.err.text, f"[#job-a {self.host}] two\n[#job-a {self.host}] four\n")
+
+        return threads.deferToThread(body)
+
+    def test_forward_logging(self):
+        """
+        forward_logging=INFO: the job's records at INFO and above reach this
+        process's logging under cw.job.<name>, before its result; DEBUG does
+        not; forward_logging=False turns it off for one job.
+        """
+        records = Records()
+        parent = logging.getLogger("cw.job")
+        self.addCleanup(parent.removeHandler, records)
+        self.addCleanup(parent.setLevel, parent.level)
+        parent.addHandler(records)
+        parent.setLevel(logging.DEBUG)
+
+        def body():
+            with executor(self.cluster.address, forward_logging="INFO") as ex:
+                future = ex.submit(log_things)
+                self.assertEqual(future.result(DEADLINE), "logged")
+                got = [(r.name, r.levelno, r.getMessage()) for r in records.records]
+                prefix = f"[{future._jobid} {self.host}] "
+                self.assertEqual(
+                    got,
+                    [
+                        ("cw.job.cw_test_job", logging.INFO, prefix + "an info line"),
+                        ("cw.job.cw_test_job", logging.WARNING, prefix + "a warning with arguments"),
+                        ("cw.job.cw_test_job.inner", logging.ERROR, prefix + "it failed"),
+                    ],
+                )
+                self.assertIn("ZeroDivisionError", records.records[-1].exc_text)
+                self.assertEqual(future.stderr, "")  # forwarded, not printed
+                del records.records[:]
+                ex.submit_with(log_things, forward_logging=False).result(DEADLINE)
+                self.assertEqual(records.records, [])
+
+        return threads.deferToThread(body)
+
+    def test_records_before_result(self):
+        """
+        Records a job logs just before it returns (megabytes: more than
+        the pipe from its process holds) all arrive before its result.
+        """
+        records = Records()
+        parent = logging.getLogger("cw.job")
+        self.addCleanup(parent.removeHandler, records)
+        parent.addHandler(records)
+
+        def body():
+            with executor(self.cluster.address, forward_logging=logging.WARNING) as ex:
+                self.assertEqual(ex.submit(log_many, 30000).result(DEADLINE), 30000)
+                self.assertEqual(len(records.records), 30000)
+                self.assertIn("record 029999", records.records[-1].getMessage())
 
         return threads.deferToThread(body)

@@ -104,7 +104,17 @@ class ValidationUnitTests(unittest.SynchronousTestCase):
     def test_jobs(self):
         V.check_jobs([P.Job(0, 1, b"p", P.encode_options(timeout=2, max_attempts=1, priority=-3))])
         V.check_jobs([P.Job(0, 1, b"p", P.encode_options(max_attempts=10**30, priority=10**30))])
-        for options in (b"[]", b"{bad", b'{"timeout": -1}', b'{"max_attempts": 0}', b'{"priority": "high"}'):
+        V.check_jobs([P.Job(0, 1, b"p", P.encode_options(echo=True, log=20))])
+        for options in (
+            b"[]",
+            b"{bad",
+            b'{"timeout": -1}',
+            b'{"max_attempts": 0}',
+            b'{"priority": "high"}',
+            b'{"echo": 1}',
+            b'{"log": "INFO"}',
+            b'{"log": -1}',
+        ):
             self.assertRaises(V.BadCommand, V.check_jobs, [P.Job(0, 1, b"p", options)])
         self.assertRaises(V.BadCommand, V.check_jobs, [P.Job(0, 0, b"p")])
 

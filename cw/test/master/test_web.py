@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +32,8 @@ SECRET = b"0123456789abcdef0123456789abcdef"
 
 
 def fail_loudly(n):
+    print(f"working on {n}")
+    print(f"giving up on {n}", file=sys.stderr)
     raise ValueError(f"dashboard test failure {n}")
 
 
@@ -235,9 +238,30 @@ class PureTests(unittest.TestCase):
                 "host": "h",
                 "pid": 5,
                 "time": 103,
+                "stdout": "",
+                "stderr": "",
             },
         )
         json.dumps(list(failures.recent))
+
+    def test_failure_output(self):
+        """
+        A failure keeps the last lines its job wrote, bounded in lines and
+        characters, decoded without trust (bad UTF-8 is replaced).
+        """
+        failures = web.FailureLog()
+        many = b"".join(b"line %d\n" % n for n in range(1000))
+        failures.record(
+            [
+                P.Result(1, 1, P.Outcome.RAISED, P.error_report("E", "m"), many, b"bad \xff byte\n"),
+                P.Result(1, 2, P.Outcome.RAISED, P.error_report("E", "m"), b"x" * 100_000),
+            ]
+        )
+        first, second = failures.recent
+        self.assertEqual(first["stdout"].splitlines(), [f"line {n}" for n in range(980, 1000)])
+        self.assertEqual(first["stderr"], "bad \ufffd byte\n")
+        self.assertEqual(second["stdout"], "x" * web.OUTPUT_CHARS)
+        self.assertEqual(second["stderr"], "")
 
     def test_web_description(self):
         """The dashboard listens on loopback unless an interface is named."""
@@ -497,6 +521,8 @@ class RealMasterTests(unittest.TestCase):
                 self.assertEqual(failure["message"], "dashboard test failure 7")
                 self.assertIn("Traceback", failure["traceback"])
                 self.assertIn("fail_loudly", failure["traceback"])
+                self.assertEqual(failure["stdout"], "working on 7\n")
+                self.assertEqual(failure["stderr"], "giving up on 7\n")
                 self.assertTrue(failure["host"])
                 self.assertLess(abs(failure["time"] - time.time()), 60)
 
@@ -577,6 +603,8 @@ class RealMasterTests(unittest.TestCase):
                 self.assertIn(f":{worker.pid}", workers_text)
             self.assertIn("dashboard test failure 1", failures_text)
             self.assertIn("Traceback", failures_text)
+            self.assertIn("working on 1", failures_text)
+            self.assertIn("giving up on 1", failures_text)
             self.assertGreater(shot.stat().st_size, 10_000)
             if os.environ.get("CW_UPDATE_SCREENSHOT") == "1":
                 target = Path(ROOT) / "docs" / "dashboard.png"

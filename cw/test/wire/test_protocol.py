@@ -267,6 +267,62 @@ class ResultRecordTests(SynchronousTestCase):
         self.assertEqual(Result(4, 9, Outcome.OK, b"").key, Job(4, 9, b"").key)
 
 
+class OutputRecordTests(SynchronousTestCase):
+    """L{P.Output} records: their framing in boxes, and on the pipe from a job process."""
+
+    def setUp(self):
+        self.outputs = [
+            P.Output(1, 2, P.Stream.STDOUT, b"a line\n"),
+            P.Output(1, 3, P.Stream.STDERR, b""),
+            P.Output(2**32 - 1, 2**64 - 1, P.Stream.LOG, P.log_entry("job", 20, "hi", 1.5)),
+        ]
+
+    def test_round_trip(self):
+        self.assertEqual(P.decode_outputs(P.encode_outputs(self.outputs)), self.outputs)
+        for output in self.outputs:
+            self.assertEqual(P.output_size(output), len(P.encode_outputs([output])))
+
+    def test_truncated(self):
+        data = P.encode_outputs(self.outputs[:1])
+        for cut in range(1, len(data)):
+            self.assertRaises(ValueError, P.decode_outputs, data[:cut])
+
+    def test_command(self):
+        box, parsed = round_trip_arguments(P.OutputNotice, host="node7", outputs=self.outputs)
+        self.assertEqual(parsed, {"host": "node7", "outputs": self.outputs})
+
+    def test_frames_in_pieces(self):
+        """Frames split anywhere come out whole, in order; stray bytes come back as such."""
+        stream = b"".join(P.output_frame(o) for o in self.outputs)
+        stream = b"a warning printed early\n" + stream[:40] + stream[40:]
+        for step in (1, 2, 7, 1000):
+            frames = P.OutputFrames()
+            got, stray = [], b""
+            for start in range(0, len(stream), step):
+                outputs, junk = frames.feed(stream[start : start + step])
+                got += outputs
+                stray += junk
+            self.assertEqual(got, self.outputs)
+            self.assertEqual(stray, b"a warning printed early\n")
+
+    def test_bad_frame_skipped(self):
+        """A frame with an unknown stream is stray bytes, and the next one still reads."""
+        bad = P.OUTPUT_MAGIC + P.encode_outputs([P.Output(1, 1, 9, b"x")])
+        good = P.output_frame(self.outputs[0])
+        outputs, stray = P.OutputFrames().feed(bad + good)
+        self.assertEqual(outputs, [self.outputs[0]])
+        self.assertEqual(stray, bad)
+
+    def test_log_entry(self):
+        entry = P.read_log_entry(P.log_entry("a.b", 30, "careful", 12.5, "Traceback..."))
+        self.assertEqual(
+            entry,
+            {"name": "a.b", "level": 30, "message": "careful", "created": 12.5, "exc_text": "Traceback..."},
+        )
+        for garbage in (b"\xff", b"[]", b'{"level": "high"}'):
+            self.assertIsNone(P.read_log_entry(garbage))
+
+
 class BatchesTests(SynchronousTestCase):
     """L{batches} splits records into consecutive lists under a byte limit."""
 
