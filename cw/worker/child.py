@@ -264,6 +264,8 @@ def watch(output: OutputCapture, job: P.Job) -> Watcher | None:
     for it: C{echo} (its stdout and stderr) or C{log} (its logging records
     at or above that level).
     """
+    if b'"echo"' not in job.options and b'"log"' not in job.options:
+        return None  # other options only: not worth parsing here
     options = P.read_options(job)
     echo = options.get("echo") is True
     level = options.get("log")
