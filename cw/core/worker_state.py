@@ -231,10 +231,13 @@ class WorkerState:
         """Batch C{batch}'s job process answered with C{results}."""
         return self._finished(batch, list(results), now)
 
-    def batch_failed(self, batch: int, death: Death, report: bytes, now: float) -> list[Instruction]:
+    def batch_failed(
+        self, batch: int, death: Death, report: bytes, now: float, output: tuple[bytes, bytes] = (b"", b"")
+    ) -> list[Instruction]:
         """
         The job process running batch C{batch} died (or never got it) for
-        C{death}; C{report} is the crash report a lone job gets.
+        C{death}; C{report} is the crash report a lone job gets, with
+        C{output}, what it wrote to stdout and stderr before its process died.
         """
         running = self.batches[batch]
         jobs = running.jobs
@@ -246,7 +249,7 @@ class WorkerState:
                 # process of a job): not the job's fault; the master requeues it.
                 out.append(ReturnJobs((jobs[0].key,)))
             else:
-                results = [Result(jobs[0].client, jobs[0].seq, Outcome.CRASHED, report)]
+                results = [Result(jobs[0].client, jobs[0].seq, Outcome.CRASHED, report, *output)]
         elif running.generation == self.generation:
             again = [job for job in jobs if job.key not in running.cancelled]
             if death is not Death.CANCELLED:

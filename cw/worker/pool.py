@@ -100,6 +100,18 @@ class BatchCall:
     withdrawn: bool = False
     #: The child running the call, while it runs.
     link: ChildLink | None = None
+    #: The child the call last ran in (kept after it ended: its process's
+    #: last output, should it have died, see L{last_output}).
+    ran_in: ChildLink | None = None
+
+    def last_output(self) -> tuple[bytes, bytes]:
+        """
+        What the job process this call ran in left in its stdout and stderr
+        when it died (its connector's C{last_words}, see
+        L{cw.worker.service.JobConnector}), else empty.
+        """
+        connector = getattr(self.ran_in, "transport", None)
+        return getattr(connector, "last_words", (b"", b""))
 
     def cancel(self, withdraw: bool) -> None:
         """
@@ -186,7 +198,7 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
         if call.withdrawn:
             # Never started: fail the call without harming this child.
             return defer.fail(JobWithdrawn())
-        call.link = self
+        call.link = call.ran_in = self
         if self.dead:
             return defer.fail(ChildExited(exitCode=None))
         if call.timeout and not self.up:

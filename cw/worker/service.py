@@ -37,7 +37,7 @@ from twisted.protocols import amp
 from twisted.python import usage
 
 from cw import discovery
-from cw.core.config import WorkerConfig
+from cw.core.config import OUTPUT_LIMIT, WorkerConfig
 from cw.core.liveness import MasterSilent, MasterWatch, Recheck
 from cw.core.validation import (
     MAX_NUMBER,
@@ -77,6 +77,7 @@ from cw.wire.private import job_bootstrap
 from cw.wire.secret import load_options_secret
 from cw.wire.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
 from cw.wire.versions import package_versions, probe_paths, worker_versions
+from cw.worker.capture import cut_marker
 from cw.worker.child import JobChild
 from cw.worker.containment import kill_group, release_pipes
 from cw.worker.pipes import READ_SIZE, bulk_pipe_reads, widen_pipe
@@ -626,7 +627,7 @@ class Worker:
         The job process running C{start}'s batch died (or never got it).
         What becomes of its jobs is L{WorkerState.batch_failed}'s decision.
         """
-        self.calls.pop(start.batch, None)
+        call = self.calls.pop(start.batch, None)
         if reason.check(JobCancelled):
             death = Death.CANCELLED
         elif reason.check(JobTimedOut):
@@ -642,7 +643,8 @@ class Worker:
                 why=describe_crash(reason),
                 m=len([job for job in start.jobs if job.key not in cancelled]),
             )
-        self._carry_out(self.state.batch_failed(start.batch, death, report, self.clock.seconds()))
+        output = call.last_output() if call is not None and len(start.jobs) == 1 else (b"", b"")
+        self._carry_out(self.state.batch_failed(start.batch, death, report, self.clock.seconds(), output))
 
     def _return(self, keys) -> None:
         """Tell the master this worker will not start the jobs C{keys} and wants no more."""
@@ -795,20 +797,37 @@ class JobConnector(ampoule_main.AMPConnector):
             else:  # not caught (yet): a pipe, which is not to be read here
                 os.close(spool)
 
+    #: What the job process's last job wrote to stdout and stderr and did
+    #: not report, read when the process ended (L{_last_words}); its
+    #: worker puts it in the crash report of a lone job.
+    last_words: tuple[bytes, bytes] = (b"", b"")
+
+    #: Bytes of each stream kept in L{last_words} (C{cw-worker --output-limit}):
+    #: set by L{JobStarter}.
+    output_limit = OUTPUT_LIMIT
+
     def _last_words(self) -> None:
-        """The job process ended: log the end of what its last job wrote and did not report."""
+        """The job process ended: keep, and log the end of, what its last job wrote and did not report."""
         spools, self._spools = self._spools, []
         self._held = None
+        words = {"stdout": b"", "stderr": b""}
         for name, spool in spools:
             try:
                 size = os.lseek(spool, 0, os.SEEK_END)
-                data = os.pread(spool, LAST_WORDS, max(0, size - LAST_WORDS)) if size else b""
+                if size > self.output_limit:
+                    kept = self.output_limit
+                    data = cut_marker(size - kept, kept) + os.pread(spool, kept, size - kept)
+                else:
+                    data = os.pread(spool, size, 0) if size else b""
             except OSError:
                 data = b""
             finally:
                 os.close(spool)
-            for line in data.decode("utf-8", "replace").rstrip().splitlines():
+            words[name] = data
+            tail = data[-LAST_WORDS:].decode("utf-8", "replace").rstrip()
+            for line in tail.splitlines():
                 log.info("job process {n} ended; its job's {name}: {line}", n=self.name, name=name, line=line)
+        self.last_words = (words["stdout"], words["stderr"])
 
     def _drain_output(self) -> None:
         """Read what waits on the job process's first pipe, now."""
@@ -837,10 +856,12 @@ class JobStarter(ampoule_main.ProcessStarter):
     worker's log.
     """
 
-    def __init__(self, env: dict[str, str], clock, on_output=None) -> None:
+    def __init__(self, env: dict[str, str], clock, on_output=None, output_limit: int = OUTPUT_LIMIT) -> None:
         # ampoule builds each job process's connector from connectorFactory.
         self.connectorFactory = type(
-            "JobConnector", (JobConnector,), {"clock": clock, "on_output": staticmethod(on_output)}
+            "JobConnector",
+            (JobConnector,),
+            {"clock": clock, "on_output": staticmethod(on_output), "output_limit": output_limit},
         )
         # First of all, the job process leads its own session and dies with
         # this worker (L{cw.worker.containment}).
@@ -944,7 +965,9 @@ class WorkerService(service.MultiService):
     def startService(self):
         reactor = self.reactor
         bulk_pipe_reads()
-        starter = JobStarter(job_process_env(), reactor, lambda outputs: self.worker.job_output(outputs))
+        starter = JobStarter(
+            job_process_env(), reactor, lambda outputs: self.worker.job_output(outputs), self.output_limit
+        )
         self.pool = JobPool(
             JobChild,
             min=self.procs,

@@ -148,6 +148,15 @@ class FailureTests(SynchronousTestCase):
         [send] = [i for i in out if isinstance(i, SendResults)]
         self.assertEqual(send.results, (Result(5, 1, Outcome.CRASHED, b"report"),))
 
+    def test_lone_job_gets_its_last_output(self):
+        """What the dead job wrote goes with its report; a larger batch's jobs run again without it."""
+        state = WorkerState(1)
+        state.jobs_arrived(jobs(1, 1))
+        [start] = starts(state.start_jobs(0.0))
+        out = state.batch_failed(start.batch, Death.TIMED_OUT, b"report", 1.0, (b"out", b"err"))
+        [send] = [i for i in out if isinstance(i, SendResults)]
+        self.assertEqual(send.results, (Result(5, 1, Outcome.CRASHED, b"report", b"out", b"err"),))
+
     def test_dead_batch_rerun_alone_at_the_front(self):
         out = self.state.batch_failed(self.first.batch, Death.DIED, b"", 1.0)
         self.assertEqual(sent(out), [])

@@ -15,12 +15,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from unittest import mock
 
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from cw.client import ClientThread, ClusterExecutor, JobOutput, RemoteException
+from cw.client import ClientThread, ClusterExecutor, JobCrashed, JobOutput, JobTimeout, RemoteException
 from cw.test.jobs import block_until
 from cw.test.procs import DEADLINE, abandon, executor, shared_cluster
 
@@ -68,6 +69,18 @@ def print_then_fail():
     print("about to divide")
     print("by zero", file=sys.stderr)
     return 1 / 0
+
+
+def print_then_die():
+    print("about to die")
+    print("dying", file=sys.stderr)
+    sys.stdout.flush()
+    os.kill(os.getpid(), 9)
+
+
+def print_then_hang():
+    print("about to hang", flush=True)
+    time.sleep(60)
 
 
 def untidy():
@@ -152,6 +165,25 @@ class OutputTests(unittest.TestCase):
             self.assertEqual(error.stdout, "about to divide\n")
             self.assertEqual(error.stderr, "by zero\n")
             self.assertEqual(future.stdout, "about to divide\n")
+
+        return threads.deferToThread(body)
+
+    def test_process_died(self):
+        """
+        A job whose process dies (killed, or past its timeout): the error
+        holds what it wrote before.
+        """
+
+        def body():
+            error = self.run_job(print_then_die).exception()
+            self.assertIsInstance(error, JobCrashed)
+            self.assertEqual((error.stdout, error.stderr), ("about to die\n", "dying\n"))
+            future = self.executor.submit_with(print_then_hang, timeout=2)
+            error = future.exception(DEADLINE)
+            self.assertIsInstance(error, JobTimeout)
+            self.assertEqual((error.stdout, error.stderr), ("about to hang\n", ""))
+            # The next job in the new job process starts clean.
+            self.assertEqual(self.run_job(tidy).stdout, "the next job's line\n")
 
         return threads.deferToThread(body)
 
