@@ -65,7 +65,7 @@ class RemoteException(CWError):
     as the client knows it), C{type} (the remote exception's class name),
     C{message}, C{traceback} (text), C{host} and C{pid} (where it ran),
     C{stdout} and C{stderr} (text: what the job wrote before it failed,
-    the last megabyte of each; empty when its process died).
+    the last megabyte of each).
 
     A job's own exception is raised as an instance of both its class and
     this one (see L{remote_error}): C{except ZeroDivisionError} and C{except

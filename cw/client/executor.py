@@ -163,8 +163,8 @@ class ClusterFuture(futures.Future):
     job's process is killed).
 
     Once done, C{stdout} and C{stderr} hold what the job wrote to them
-    (text; see L{JobOutput}); empty before, and for a job whose process
-    died or that never ran.
+    (text; see L{JobOutput}); empty before, and for a job that never ran
+    or whose worker was lost.
     """
 
     _output: JobOutput = NO_OUTPUT
