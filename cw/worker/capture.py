@@ -7,8 +7,11 @@ them is caught: C{print}, C{sys.stderr}, C{os.write(1, ...)}, C extensions
 and the subprocesses it starts (which inherit the descriptors).  After each
 job, the files are read (the last C{limit} bytes of each, after a marker
 saying how much was cut) and emptied: two C{lseek} calls when the job wrote
-nothing (about 3 microseconds in all).  The pipes fd 1 and 2 led to before (to the worker) stay open
-under other numbers: the worker's log gets what a job process writes
+nothing (about 3 microseconds in all).  The pipes fd 1 and 2 led to before
+(to the worker) stay open under other numbers: the first carries framed
+L{Output} notices (L{OutputCapture.notify}: the first, empty, says the
+capture is in place; then, for jobs that ask, what they write while they
+run, L{Watcher}), the second the worker's log: what a job process writes
 between jobs (L{OutputCapture.stray}) and what cw itself reports there.
 
 Layer rule (cw.worker): imports cw.discovery and below; never cw.client, cw.master, cw.launch or cw.cli.
