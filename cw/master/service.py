@@ -427,7 +427,9 @@ class Master:
         for output in self.scheduler.holding(worker, outputs):
             by_client.setdefault(output.client, []).append(output)
         for cid, batch in by_client.items():
-            self.clients[cid].callRemote(P.OutputNotice, host=host, outputs=batch)
+            proto = self.clients.get(cid)
+            if proto is not None:
+                proto.callRemote(P.OutputNotice, host=host, outputs=batch)
 
     def return_jobs(self, worker: int, keys: list[tuple[int, int]]) -> None:
         """
