@@ -53,6 +53,7 @@ from cw.core.validation import (
     MAX_NUMBER,
     MAX_REASON,
     MAX_WEIGHT,
+    check_outputs,
     check_range,
     check_registered,
     check_results,
@@ -410,6 +411,7 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
 
     @P.OutputNotice.responder
     def output_notice(self, host, outputs):
+        check_outputs(host, outputs)
         if self.session.on_output is not None:
             self.session.on_output(host, outputs)
         return {}

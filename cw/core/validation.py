@@ -54,6 +54,9 @@ MAX_REASON = 4096
 #: The status codes a result may carry.
 OUTCOMES = frozenset({P.Outcome.OK, P.Outcome.RAISED, P.Outcome.CRASHED, P.Outcome.FAILED})
 
+#: The streams an output record may carry.
+OUTPUT_STREAMS = frozenset({P.Stream.STDOUT, P.Stream.STDERR, P.Stream.LOG})
+
 
 def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -158,6 +161,15 @@ def check_results(results: list[P.Result]) -> None:
     for result in results:
         if result.status not in OUTCOMES:
             raise BadCommand(f"result of job {result.key}: unknown status {result.status}")
+
+
+def check_outputs(host: Any, outputs: list[P.Output]) -> str:
+    """Check an L{P.OutputNotice}: the host's name and each record's stream; return the host."""
+    check_text("host", host, MAX_NAME)
+    for output in outputs:
+        if output.stream not in OUTPUT_STREAMS:
+            raise BadCommand(f"output of job {output.key}: unknown stream {output.stream}")
+    return host
 
 
 def check_registered(answer: Any, id_name: str) -> None:

@@ -18,12 +18,12 @@ from twisted.protocols import amp
 
 from cw.core.validation import (
     MAX_AWAIT,
-    MAX_NAME,
     MAX_PROBE_TIMEOUT,
     MAX_SLOTS,
     check_context,
     check_function_key,
     check_jobs,
+    check_outputs,
     check_packages,
     check_peer,
     check_probe_context,
@@ -252,7 +252,7 @@ class MasterProtocol(
     @P.OutputNotice.responder
     def output_notice(self, host, outputs):
         if self._require("worker"):
-            self.master.job_output(self.peer_id, check_text("host", host, MAX_NAME), outputs)
+            self.master.job_output(self.peer_id, check_outputs(host, outputs), outputs)
         return {}
 
     @P.ReturnJobs.responder

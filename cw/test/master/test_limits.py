@@ -118,6 +118,13 @@ class ValidationUnitTests(unittest.SynchronousTestCase):
             self.assertRaises(V.BadCommand, V.check_jobs, [P.Job(0, 1, b"p", options)])
         self.assertRaises(V.BadCommand, V.check_jobs, [P.Job(0, 0, b"p")])
 
+    def test_outputs(self):
+        ok = [P.Output(1, 1, P.Stream.STDOUT, b"x"), P.Output(1, 1, P.Stream.LOG, b"{}")]
+        self.assertEqual(V.check_outputs("node7", ok), "node7")
+        self.assertRaises(V.BadCommand, V.check_outputs, "node7", [P.Output(1, 1, 7, b"x")])
+        for host in ("", "a\nforged line", "h" * 300):
+            self.assertRaises(V.BadCommand, V.check_outputs, host, ok)
+
     def test_results_and_keys(self):
         V.check_results([P.Result(1, 1, P.Outcome.CRASHED, b"")])
         self.assertRaises(V.BadCommand, V.check_results, [P.Result(1, 1, 9, b"")])
