@@ -37,7 +37,13 @@ from cw.master.protocol import MasterFactory, MasterProtocol
 from cw.master.web import FailureLog, WebDashboard
 from cw.system import write_atomically
 from cw.wire import commands as P
-from cw.wire.address import describe_listening, listen_failed, server_description, server_endpoint
+from cw.wire.address import (
+    describe_listening,
+    listen_failed,
+    server_description,
+    server_endpoint,
+    stop_reactor,
+)
 from cw.wire.auth import WrongSecretLog
 from cw.wire.limits import descriptor_limit, log_descriptor_limit
 from cw.wire.liveness import HeartbeatMonitor
@@ -884,8 +890,8 @@ class MasterService(service.Service):
             self.web.start(reactor).addCallback(self._dashboard_listening)
         endpoint = server_endpoint(reactor, self.listen)
         d = endpoint.listen(MasterFactory(self.master))
-        d.addCallback(self._listening)
-        d.addErrback(self._failed)
+        d.addCallbacks(self._listening, self._failed)
+        d.addErrback(self._start_failed)
         return d
 
     def _dashboard_listening(self, port) -> None:
@@ -912,6 +918,11 @@ class MasterService(service.Service):
 
     def _failed(self, failure):
         listen_failed(self.reactor, "cw master", server_description(self.listen), "--port", failure)
+
+    def _start_failed(self, failure):
+        """Listening, but what follows failed (the address file, the pool): stop, exit status 1."""
+        log.error("cw master could not start: {error}", error=failure.getErrorMessage())
+        stop_reactor(self.reactor, status=1)
 
     def stopService(self):
         """

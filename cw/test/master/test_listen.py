@@ -1,6 +1,6 @@
 """
-A master that cannot listen (its port, or its dashboard's, in use) says so
-in one line and exits non-zero, as a real twistd process.
+A master that cannot listen (its port, or its dashboard's, in use) or
+start says so in one line and exits non-zero, as a real twistd process.
 """
 
 from __future__ import annotations
@@ -52,3 +52,12 @@ class BusyPortTests(unittest.TestCase):
         web = f"tcp:{self.busy_port()}:interface=127.0.0.1"
         status, log = self.run_master("--port", "tcp:0:interface=127.0.0.1", "--web", web)
         self.assert_one_line(status, log, web, "--web")
+
+    def test_address_file_unwritable(self):
+        """Listening, but its --address-file cannot be written: one line, exit status 1."""
+        missing = self.mktemp() + "/no/such/dir/master.address"
+        status, log = self.run_master("--port", "tcp:0:interface=127.0.0.1", "--address-file", missing)
+        self.assertEqual(status, 1, log)
+        self.assertNotIn("Traceback", log)
+        [line] = [line for line in log.splitlines() if "could not start" in line]
+        self.assertIn("master.address", line)
