@@ -108,6 +108,19 @@ class MasterCommandTests(unittest.TestCase):
             self.assertEqual(len(warnings), 1, (name, what, events))
         self.flushLoggedErrors()
 
+    def test_boxes_amp_would_choke_on(self):
+        """An answer to no question, an error without its code, a box that is no command: one line each."""
+        for role in ("client", "worker"):
+            for box, what in (
+                (amp.AmpBox(_answer=b"99"), "answers no question"),
+                (amp.AmpBox(_error=b"99"), "no error code"),
+                (amp.AmpBox(hello=b"x"), "neither a command nor an answer"),
+            ):
+                proto, transport, peer = self.connect(role)
+                proto.ampBoxReceived(box)
+                self.assertTrue(transport.disconnecting, (role, what))
+                self.assertIn(what, proto.rejected, role)
+
     def test_good_commands_pass(self):
         """The same commands, well formed, reach the session and the worker."""
         proto, transport, peer = self.connect("client")
