@@ -93,6 +93,7 @@ Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard lib
 
 from __future__ import annotations
 
+import collections
 import enum
 import heapq
 import math
@@ -127,6 +128,38 @@ MAX_CREDIT = 256
 #: A worker gets no more prefetched jobs once the payloads it holds add up
 #: to this many bytes (it still gets one job per free slot, of any size).
 PREFETCH_BYTES = 64 << 20
+
+
+class Turns:
+    """
+    Worker ids in turn order, each at most once: the workers that may have
+    room, visited round robin by L{Scheduler.dispatch} (a worker found
+    without room leaves; events that may give it room add it again), so
+    that dispatching costs nothing for workers that have no room, and
+    stops at the first workers that do once the queue is empty.
+    """
+
+    def __init__(self) -> None:
+        self._order: collections.deque[int] = collections.deque()
+        self._members: set[int] = set()
+
+    def add(self, wid: int) -> None:
+        """Add C{wid} at the end of the turns (if it is not in them)."""
+        if wid not in self._members:
+            self._members.add(wid)
+            self._order.append(wid)
+
+    def pop(self) -> int:
+        """Take the worker whose turn it is."""
+        wid = self._order.popleft()
+        self._members.discard(wid)
+        return wid
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, wid: int) -> bool:
+        return wid in self._members
 
 
 class UnknownPeer(KeyError):
@@ -391,7 +424,13 @@ class Scheduler:
         self._workers: dict[int, WorkerRecord] = {}
         self._next_client = 1
         self._next_worker = 1
-        self._rotation = 0
+        #: Workers that may have a free slot, and that may have room at all
+        #: (a free slot or prefetch room), in turn order (see L{Turns}).
+        self._free = Turns()
+        self._ready = Turns()
+        #: Workers visited by L{dispatch} so far: what a dispatch costs,
+        #: for the tests (it does not grow with the workers that have no room).
+        self.visits = 0
         self.completed = 0
         #: Moving mean of the jobs' measured run times (None: none measured
         #: yet), and the same per client and cached function.
@@ -459,6 +498,7 @@ class Scheduler:
             if keys:
                 kill[worker.id] = keys
                 self._dirty.add(worker.id)
+                self._wake(worker.id)
                 state.running -= len(keys)
         if self._losses:
             self._losses = {key: v for key, v in self._losses.items() if not hit(key)}
@@ -626,6 +666,7 @@ class Scheduler:
         self._workers[wid] = WorkerRecord(
             wid, slots, self.prefetch * slots, name or f"worker {wid}", resources=capacity
         )
+        self._wake(wid)
         return wid
 
     def avoid(self, client: int, worker: int) -> None:
@@ -750,30 +791,23 @@ class Scheduler:
         come free for it; one kept for a blocked shape (L{_reserve}) gets
         nothing but that shape's jobs until one starts there.
         """
-        workers = [w for w in self._workers.values() if not (w.draining or w.stalled)]
         skip = self._backed_up
-        if not workers or not self._dispatchable(skip):
+        if not (self._free or self._ready) or not self._dispatchable(skip):
             if now is not None:
                 self._track(now)
             return []
-        if now is not None and self.horizon:
-            for w in workers:
-                w.observe(now, 0, self.horizon)
-        start = self._rotation % len(workers)
-        self._rotation += 1
-        workers = workers[start:] + workers[:start]
+        observe = now is not None and self.horizon
         shapes = self._queue.shape_counts() if self._queue.sized else {}
         reserved = self._reservation[1] if self._reservation else None
         placed: set[Shape] = set()
         assigned: dict[int, list[Job]] = {}
-        for limit in ("slots", "capacity"):
+        for limit, turns in (("slots", self._free), ("capacity", self._ready)):
             # One job at a time per worker in turn, so that a short queue is
-            # spread over all free workers rather than filling the first.
-            hungry = [w for w in workers if w.room(limit)]
-            if limit == "capacity" and shapes:
-                # No prefetching where a queued sized job could run.
-                hungry = [w for w in hungry if not any(w.ledger.could_run(shape) for shape in shapes)]
-            while hungry and self._dispatchable(skip):
+            # spread over all free workers rather than filling the first;
+            # the workers in turn order (L{Turns}), each moved to the end
+            # once visited, so that load spreads evenly.
+            hungry = self._turns(turns, limit, now if observe else None, shapes)
+            while self._dispatchable(skip):
                 still = []
                 for w in hungry:
                     if not self._dispatchable(skip):
@@ -813,6 +847,8 @@ class Scheduler:
                     self._shrunk.add(job.client)
                     if w.room(limit):
                         still.append(w)
+                if not still:
+                    break
                 hungry = still
         if shapes and now is not None:
             self._reserve(now, placed)
@@ -820,6 +856,38 @@ class Scheduler:
         if now is not None:
             self._track(now)
         return list(assigned.items())
+
+    def _wake(self, wid: int) -> None:
+        """Worker C{wid} may have room now (it joined, or jobs left it): give it turns."""
+        self._free.add(wid)
+        self._ready.add(wid)
+
+    def _turns(
+        self, turns: Turns, limit: str, now: float | None, shapes: dict[Shape, int]
+    ) -> Iterable[WorkerRecord]:
+        """
+        The workers of C{turns} that have room by C{limit}, each once, in
+        turn order, lazily: a dispatch that runs out of jobs visits no more
+        of them.  Each visited worker goes to the end of its turns, or
+        leaves them if it has no room (by C{limit}; draining, stalled or
+        gone).  C{now}: its rate is observed first (see
+        L{WorkerRecord.observe}).
+        """
+        for _ in range(len(turns)):
+            wid = turns.pop()
+            self.visits += 1
+            w = self._workers.get(wid)
+            if w is None or w.draining or w.stalled:
+                continue
+            if now is not None:
+                w.observe(now, 0, self.horizon)
+            if not w.room(limit):
+                continue
+            turns.add(wid)
+            # No prefetching where a queued sized job could run.
+            if limit == "capacity" and shapes and any(w.ledger.could_run(shape) for shape in shapes):
+                continue
+            yield w
 
     def _fits(self, w: WorkerRecord, limit: str) -> Callable[[Shape | None], bool]:
         """Which shapes worker C{w} takes now, into a free slot or prefetched."""
@@ -948,6 +1016,7 @@ class Scheduler:
                 if since is not None:
                     self._measure(state.held[result.key], now - since)
         deliver = self._complete(state, results)
+        self._wake(worker)
         if now is not None:
             if self.horizon:
                 state.observe(now, state.completed - before, self.horizon)
@@ -1033,6 +1102,7 @@ class Scheduler:
             start = state.running_since[key]
             job = state.release(key)
             self._dirty.add(wid)
+            self._wake(wid)
             out.cancel.setdefault(wid, []).append(key)
             ran, timeout = now - start, deadline - start - self.deadline_grace
             if state.last_result is None or state.last_result < start:

@@ -601,6 +601,70 @@ class DuplicateSeqTests(SynchronousTestCase):
         self.assertEqual(self.s.submit(again, make_jobs(1, 3)), [])
 
 
+class DispatchCostTests(SynchronousTestCase):
+    """
+    What a dispatch costs (L{Scheduler.visits}: workers looked at) does not
+    grow with the workers that have no job to take: a lone job among 2,000
+    idle workers, or a stream of jobs through 2,000 busy ones, costs what it
+    costs with 2 workers.
+    """
+
+    def visits_per_job(self, workers: int, jobs: int, queued: int) -> float:
+        """
+        Per job, the visits of a steady stream: C{queued} jobs queued at
+        first, then each result brings one more job, dispatched with the
+        time (so rates are measured).
+        """
+        scheduler = Scheduler(max_queued_jobs=10 * (jobs + queued))
+        for _ in range(workers):
+            scheduler.add_worker(1)
+        client = scheduler.add_client()
+        scheduler.submit(client, make_jobs(1, queued))
+        now = 0.0
+        held = {}
+        for wid, batch in scheduler.dispatch(now):
+            held.setdefault(wid, []).extend(batch)
+        before = scheduler.visits
+        seq = queued
+        for _ in range(jobs):
+            now += 0.001
+            wid = next(iter(held))
+            job = held[wid].pop(0)
+            if not held[wid]:
+                del held[wid]
+            scheduler.complete(wid, [result_for(job)], now)
+            seq += 1
+            scheduler.submit(client, make_jobs(seq, seq))
+            for w, batch in scheduler.dispatch(now):
+                held.setdefault(w, []).extend(batch)
+        return (scheduler.visits - before) / jobs
+
+    def test_lone_jobs_among_idle_workers(self):
+        """One job at a time: one worker looked at, with 2 workers or 2,000."""
+        few = self.visits_per_job(2, 2_000, 1)
+        many = self.visits_per_job(2_000, 2_000, 1)
+        self.assertLessEqual(few, 2)
+        self.assertLessEqual(many, few + 0.01)
+
+    def test_stream_through_busy_workers(self):
+        """A queue longer than the workers' room: each job costs a few visits, whatever their number."""
+        few = self.visits_per_job(2, 5_000, 10_000)
+        many = self.visits_per_job(2_000, 5_000, 10_000)
+        self.assertLessEqual(few, 4)
+        self.assertLessEqual(many, 4)
+
+    def test_first_dispatch_stops_with_the_queue(self):
+        """Ten jobs, 2,000 idle workers: ten workers looked at, each given one job."""
+        scheduler = Scheduler()
+        for _ in range(2_000):
+            scheduler.add_worker(1)
+        client = scheduler.add_client()
+        scheduler.submit(client, make_jobs(1, 10))
+        dispatched = scheduler.dispatch(0.0)
+        self.assertEqual(sorted(len(jobs) for _, jobs in dispatched), [1] * 10)
+        self.assertLessEqual(scheduler.visits, 11)
+
+
 class ResultTests(SynchronousTestCase):
     """Each job's result is delivered at most once, and only by the worker holding the job."""
 
