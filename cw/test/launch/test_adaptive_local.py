@@ -71,12 +71,12 @@ try:
         assert first.result(30)[0] == 9
         up = time.monotonic() - began
         results = list(ex.map(square, range(300)))
+    done = time.monotonic()  # the workers are idle from here (or a little before)
     assert [r[0] for r in results] == [x * x for x in range(300)], results
     workers = {r[1] for r in results}
     text = cw_status()
     assert "pool     target" in text and "submit 1:" in text and "jobs queued" in text, text
     assert "cw_pool_max_workers 3" in metrics()
-    done = time.monotonic()
     wait(lambda: not status()["workers"] and status()["pool"]["running"] == 0, 30, "no workers")
     down = time.monotonic() - done
     pool = status()["pool"]
