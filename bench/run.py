@@ -406,6 +406,11 @@ def main() -> None:
         action="store_true",
         help="cw without authentication and MACs (--insecure), to measure what they cost",
     )
+    parser.add_argument(
+        "--state",
+        action="store_true",
+        help="cw's master with a state file (--state, the durable queue), to measure what it costs",
+    )
     args = parser.parse_args()
 
     quick = args.quick
@@ -433,6 +438,9 @@ def main() -> None:
     os.environ.pop("CW_INSECURE", None)
     if args.insecure:
         os.environ["CW_INSECURE"] = "1"
+    os.environ.pop("CW_BENCH_STATE", None)
+    if args.state:
+        os.environ["CW_BENCH_STATE"] = str(workdir / "state.db")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     common = ["--jobs", str(jobs), "--latency", str(latency), "--payload", str(args.payload)]

@@ -103,6 +103,21 @@ def insecure() -> list[str]:
     return ["--insecure"] if os.environ.get("CW_INSECURE") == "1" else []
 
 
+def state() -> list[str]:
+    """
+    C{["--state", PATH]} when C{CW_BENCH_STATE} names a file (C{run.py
+    --state}): cw's master with its durable queue, to measure what it costs.
+    Each start begins with a new file.
+    """
+    path = os.environ.get("CW_BENCH_STATE")
+    if not path:
+        return []
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.unlink(path + suffix)
+    return ["--state", path]
+
+
 class CW(System):
     name = "cw"
 
@@ -114,7 +129,9 @@ class CW(System):
         import cw.mp
         from cw.client import ClusterExecutor
 
-        cw.mp.start(2, port=self.port, procs=1, master_options=insecure(), worker_options=insecure())
+        cw.mp.start(
+            2, port=self.port, procs=1, master_options=insecure() + state(), worker_options=insecure()
+        )
         self.executor = ClusterExecutor("localhost", port=self.port)
 
     def stop(self) -> None:

@@ -159,6 +159,13 @@ class JobKilled(CWError, futures.CancelledError):
     """
 
 
+class JobDetached(CWError):
+    """
+    The job was left with the master (L{ClusterExecutor.detach}): this
+    future will not get its result; a client of the same session does.
+    """
+
+
 class MasterUnavailable(CWError, ConnectionError):
     """No master answered, or the connection to it was lost."""
 
@@ -336,3 +343,7 @@ class ClusterError(CWError):
 
 class SlurmError(CWError):
     """SLURM could not do what cw asked."""
+
+
+class StateFileError(CWError):
+    """The master's state file (C{--state}) cannot be opened, read or written."""

@@ -36,6 +36,10 @@ def _busy(worker: dict) -> int:
     return min(worker["held"], worker["slots"])
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
 def format_status(address: str, status: dict) -> str:
     """The human-readable form of a master's status snapshot."""
     workers = status.get("workers", [])
@@ -58,7 +62,16 @@ def format_status(address: str, status: dict) -> str:
                 f" {_busy(w):>5} {w['completed']:>9,} {w.get('failed', 0):>7,}"
             )
     lines += format_pool(status.get("pool"), status.get("uptime", 0))
-    lines.append(f"clients  {len(clients)}")
+    state = status.get("state")
+    if state:
+        lines.append(
+            f"state    {state['path']}: {_mib(state['bytes'])} on disk; {state['stored_results']:,} results"
+            f" ({_mib(state['stored_results_bytes'])}) wait for absent clients"
+            + (f", {state['dropped_results']:,} dropped" if state.get("dropped_results") else "")
+            + (" (WRITES FAIL: see the master's log)" if state.get("failing") else "")
+        )
+    away = sum(1 for c in clients if c.get("peer") == "away")
+    lines.append(f"clients  {len(clients)}" + (f" ({away} away: their jobs wait for them)" if away else ""))
     if clients:
         lines.append(f"  {'ID':>4}  {'CLIENT':<28} {'QUEUED':>7} {'ON WORKERS':>10} {'DONE':>9}")
         for c in clients:

@@ -5,6 +5,7 @@ options are built from L{cw.core.config.SlurmConfig}.
 
     cw-slurm [-n N] [-M] [-W] [-i] [-d IMAGE] [--docker-args ARGS]
              [--Xworkers ARG]... [--Xmaster ARG]... [--time T] [--partition P]
+             [--state PATH [--master-time T]]
              [--name NAME] start|stop|status
 
 Layer rule (cw.cli): the top layer; may import any of cw, and nothing in cw imports it.
@@ -13,6 +14,7 @@ Layer rule (cw.cli): the top layer; may import any of cw, and nothing in cw impo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cw import slurm
@@ -172,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             port=config.port,
             secret_file=config.secret_file,
             walltime_warning=config.walltime_warning,
+            master_time=config.master_time,
+            master_options=["--state", os.path.abspath(config.state)] if config.state else [],
             wait=False,
         )
         jobs = slurm.recorded_jobs(cluster)

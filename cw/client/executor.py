@@ -35,6 +35,7 @@ from cw.client.session import (
 from cw.core.versions import short, table_conflicts
 from cw.discovery import default_host
 from cw.errors import (
+    JobDetached,
     JobKilled,
     SubmitError,
     VersionConflict,
@@ -49,6 +50,10 @@ class _Started(list):
 
 class _Wrote(tuple):
     """An inbox item: C{(host, outputs)} of a L{P.OutputNotice}."""
+
+
+class _Adopt(list):
+    """An inbox item: numbers of this session's jobs the master holds (L{P.SessionJobs})."""
 
 
 #: An inbox item: close the connection if no job is outstanding any more.
@@ -184,6 +189,11 @@ class ClusterFuture(futures.Future):
 
     # An entry of its executor's table (see L{_Jobs}):
 
+    @property
+    def number(self) -> int:
+        """The job's number in its executor's session (from 1, in the order submitted)."""
+        return self._seq
+
     def _attach(self, executor: ClusterExecutor, seq: int) -> str:
         self._seq = seq
         self._jobid = f"#{seq}"
@@ -232,10 +242,25 @@ class _Jobs:
         self._seq = itertools.count(1)
 
     def add(self, future: ClusterFuture) -> int:
-        seq = next(self._seq)
         with self._lock:
+            seq = next(self._seq)
             self._entries[seq] = future
         return seq
+
+    def number_after(self, seqs: list[int]) -> None:
+        """Number new jobs after C{seqs} (jobs of this session that an earlier client left)."""
+        with self._lock:
+            highest = max(seqs, default=0)
+            nxt = next(self._seq)
+            self._seq = itertools.count(max(nxt, highest + 1))
+
+    def adopt(self, seq: int, future: ClusterFuture) -> bool:
+        """Enter C{future} under C{seq} unless an entry has it; return whether it was entered."""
+        with self._lock:
+            if seq in self._entries:
+                return False
+            self._entries[seq] = future
+            return True
 
     def forget(self, seq: int) -> None:
         with self._lock:
@@ -359,6 +384,10 @@ class ClusterExecutor(futures.Executor):
         self._close_when_idle = False
         #: shutdown(wait=False, cancel_futures=True): do not wait at exit.
         self._abandoned = False
+        #: Futures of jobs that earlier clients of this session left with
+        #: the master (L{results_of_session}), by job number.
+        self._adopted: dict[int, ClusterFuture] = {}
+        self._adopted_ready = threading.Event()
         self.session = Session(
             default_host(host),
             port,
@@ -372,6 +401,7 @@ class ClusterExecutor(futures.Executor):
             session=session,
             version_mismatch=version_mismatch,
             on_started=(lambda seqs: self._jobs.inbox.put(_Started(seqs))) if self._running_notices else None,
+            on_session_jobs=self._session_jobs,
         )
         self.session.on_output = lambda host, outputs: self._jobs.inbox.put(_Wrote((host, outputs)))
         self._thread = threading.Thread(target=self._deliver, name="cw-executor", daemon=True)
@@ -489,6 +519,76 @@ class ClusterExecutor(futures.Executor):
         options = job_options(self, None, None)
         return lambda fn, *args: self._submit(fn, args, {}, options, cached)
 
+    def _session_jobs(self, seqs: list[int]) -> None:
+        """
+        Registered (reactor thread, before any result): number new jobs
+        after the session's, and give futures to those this executor did
+        not submit (in the delivery thread, in order with the results).
+        """
+        self._jobs.number_after(seqs)
+        self._jobs.inbox.put(_Adopt(seqs))
+
+    def _adopt(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            future = ClusterFuture()
+            if self._jobs.adopt(seq, future):
+                future._attach(self, seq)
+                self._adopted[seq] = future
+        self._adopted_ready.set()
+
+    def results_of_session(self, timeout: float | None = 60) -> dict[int, futures.Future]:
+        """
+        The jobs that earlier clients of this executor's session left with
+        the master (C{ClusterExecutor(..., session="NAME")} in another
+        process, gone since; see L{detach}), as futures by job number: the
+        numbers they had in that client (L{ClusterFuture.number}), from 1 in
+        the order submitted.  Those whose results waited at the master are
+        done already; the others complete as their jobs finish, and are
+        outstanding jobs of this executor (C{shutdown} waits for them,
+        C{kill} stops them).  Empty unless the master runs with C{--state}:
+        without it, nothing outlives a client.
+
+        @param timeout: seconds to wait for the master's list (it comes with
+            the registration, so this rarely waits).
+        """
+        if not self._adopted_ready.wait(timeout):
+            raise TimeoutError(f"the cw master at {self.session.address} did not list the session's jobs")
+        return dict(self._adopted)
+
+    def detach(self, timeout: float = 60) -> list[futures.Future]:
+        """
+        Leave this executor's outstanding jobs with the master and close
+        the connection, once the master has them on disk: they run
+        whatever becomes of this process, and a later
+        C{ClusterExecutor(..., session=ex.session_name)} collects their
+        results with L{results_of_session}.  Submitting is refused from
+        now on; the outstanding futures raise L{JobDetached}.  Return them.
+
+        Needs a master with a state file (C{--state}); raises
+        L{SubmitError} otherwise, L{TimeoutError} if the master has not
+        stored every job within C{timeout} seconds.
+        """
+        if not self.session.durable:
+            raise SubmitError(
+                f"the cw master at {self.session.address} keeps no state file (--state): jobs"
+                " left with it would be dropped when this client leaves; wait for them instead"
+            )
+        with self._shutdown_lock:
+            self._shutdown = True
+        if not self.session.wait_stored(timeout):
+            raise TimeoutError(
+                f"the cw master at {self.session.address} did not store this client's jobs within {timeout} s"
+            )
+        left = self._jobs.clear()
+        self._close()
+        error = JobDetached(
+            f"the job was left with the cw master under session {self.session_name!r}; collect its"
+            f" result with ClusterExecutor(..., session={self.session_name!r}).results_of_session()"
+        )
+        for entry in left:
+            entry._finish(False, error)
+        return left
+
     def _withdraw(self, seq: int) -> None:
         """A future was cancelled: forget it and withdraw its job from the cluster."""
         self._jobs.forget(seq)
@@ -549,6 +649,8 @@ class ClusterExecutor(futures.Executor):
                 self._mark_started(item)
             elif isinstance(item, _Wrote):
                 self._show_output(*item)
+            elif isinstance(item, _Adopt):
+                self._adopt(item)
             elif isinstance(item, Exception):
                 self._fail_all(item)
             else:

@@ -416,6 +416,11 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
             self.session.on_output(host, outputs)
         return {}
 
+    @P.JobsStored.responder
+    def jobs_stored(self, keys):
+        self.session.stored([seq for _, seq in keys])
+        return {}
+
     @P.JobsStarted.responder
     def jobs_started(self, keys):
         if self.session.on_started is not None:
@@ -463,6 +468,7 @@ class Session:
         on_started: Callable[[list[int]], None] | None = None,
         session: str | None = None,
         version_mismatch: str = "error",
+        on_session_jobs: Callable[[list[int]], None] | None = None,
     ) -> None:
         #: The client's session name (L{session_name}), the same on every
         #: connection: its jobs are known by C{(session, seq)}.
@@ -490,6 +496,15 @@ class Session:
         self.on_results = on_results
         self.on_lost = on_lost
         self.on_started = on_started
+        #: Called in the reactor thread, right after each registration and
+        #: before any result, with the numbers of this session's jobs that
+        #: the master holds (L{P.SessionJobs}).
+        self.on_session_jobs = on_session_jobs
+        #: Whether the master keeps a state file (C{--state}): then jobs it
+        #: has acknowledged (L{P.JobsStored}) outlive it and this client.
+        self.durable = False
+        #: Jobs sent to a durable master that it has not acknowledged yet.
+        self._unstored: set[int] = set()
         self.proto: ClientProtocol | None = None
         self.client_id = 0
         #: The master's payload limit, learnt at registration.
@@ -595,6 +610,10 @@ class Session:
         if self.mismatched:
             self._warn_mismatched()
         self.room(answer["room_bytes"], answer["room_jobs"])
+        held = yield proto.callRemote(P.SessionJobs)
+        self.durable = held["durable"]
+        if self.on_session_jobs is not None:
+            self.on_session_jobs([seq for _, seq in held["keys"]])
 
     def _warn_mismatched(self) -> None:
         """Warn, once at connect, of the workers whose versions are incompatible with this client's."""
@@ -731,6 +750,31 @@ class Session:
         """Whether jobs wait for room in the master's queue (call with the lock)."""
         return self._room_bytes <= 0 or self._room_jobs <= 0
 
+    def stored(self, seqs: list[int]) -> None:
+        """The master committed these jobs to its state file (L{P.JobsStored})."""
+        with self._lock:
+            self._unstored.difference_update(seqs)
+            self._sent_some.notify_all()
+
+    def wait_stored(self, timeout: float) -> bool:
+        """
+        Block until every job sent so far is on the master's disk (sent,
+        and acknowledged by a master with C{--state}); False if that takes
+        over C{timeout} seconds.  Raises L{MasterUnavailable} if the
+        connection is lost meanwhile.
+        """
+        self.reactor.callFromThread(self._flush)
+        with self._lock:
+            done = self._sent_some.wait_for(
+                lambda: self.proto is None or not (self._pending or self._unstored), timeout
+            )
+            if self.proto is None and (self._pending or self._unstored):
+                raise MasterUnavailable(
+                    f"lost the connection to the cw master at {self.address} before it stored"
+                    f" {len(self._pending) + len(self._unstored)} jobs"
+                )
+            return done
+
     def sent_some(self) -> None:
         """The connection wrote part of a big box: wake senders waiting for room."""
         with self._lock:
@@ -759,6 +803,9 @@ class Session:
             self._flush_scheduled = False
         if self.proto is None:
             return
+        if self.durable and jobs:
+            with self._lock:
+                self._unstored.update(job.seq for job in jobs)
         for key, function in defines:
             self.proto.callRemote(P.DefineFunction, client=0, key=key, function=function)
         for batch in P.batches(jobs, P.job_size):

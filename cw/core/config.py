@@ -45,6 +45,10 @@ CLIENT_TIMEOUT = 60.0
 MAX_UNSENT_BYTES = 64 << 20
 CLIENT_READ_TIMEOUT = 60.0
 
+#: Bytes of results a master with a state file keeps on disk for clients
+#: that are away (C{--max-stored-results-bytes}); the oldest go first.
+MAX_STORED_RESULTS_BYTES = 1 << 30
+
 #: Seconds past a job's own timeout that a worker has to report it before
 #: the master takes it back (C{--deadline-grace}; see C{Scheduler.expire}).
 DEADLINE_GRACE = 30.0
@@ -66,8 +70,9 @@ MASTER_WAIT = 600.0
 
 #: Seconds before the time limit at which SLURM sends a worker job's
 #: workers SIGTERM, so that they drain (C{--signal=TERM@...},
-#: C{cw-slurm --walltime-warning}).  SLURM may send it up to a minute
-#: earlier than asked.
+#: C{cw-slurm --walltime-warning}), and a master job with a state file
+#: SIGUSR2, so that it submits its replacement.  SLURM may send it up to a
+#: minute earlier than asked.
 WALLTIME_WARNING = 120
 
 _SECRET_HELP = "shared secret (default $CW_SECRET_FILE or ~/.config/cw/secret)"
@@ -252,6 +257,14 @@ class MasterConfig(Checked):
     unschedulable_timeout: float = option(
         0.0, "fail jobs that no connected worker could run after this long (0: never)"
     )
+    state: str | None = option(
+        None, "keep the queue in this SQLite file: jobs outlive a restart and their clients", doc="none"
+    )
+    max_stored_results_bytes: int = option(
+        MAX_STORED_RESULTS_BYTES,
+        "bytes of results kept for absent clients (--state; oldest dropped)",
+        doc="1 GiB",
+    )
     web: str | None = option(
         None, "serve the dashboard and /metrics on this endpoint, e.g. tcp:8494 (loopback)", doc="none"
     )
@@ -366,6 +379,18 @@ class SlurmConfig(Checked):
     time: str | None = option(
         None, "the jobs' time limit (sbatch --time), e.g. 8:00:00", doc="the partition's", metavar="LIMIT"
     )
+    master_time: str | None = option(
+        None,
+        "the master job's time limit; a master with --state replaces itself before it",
+        doc="--time",
+        metavar="LIMIT",
+    )
+    state: str | None = option(
+        None,
+        "the master keeps its queue in this file (cw-master --state), on a shared filesystem",
+        doc="none",
+        metavar="PATH",
+    )
     partition: str | None = option(None, "the SLURM partition to run in", doc="SLURM's", metavar="P")
     name: str | None = option(
         None,
@@ -374,7 +399,10 @@ class SlurmConfig(Checked):
     )
     port: int | None = option(None, "the master's port", doc="5494; a free one for a named cluster")
     walltime_warning: int = option(
-        WALLTIME_WARNING, "workers drain this many seconds before the time limit (0: no signal)", metavar="S"
+        WALLTIME_WARNING,
+        "workers drain, and a master with --state is replaced, this many seconds before the time limit"
+        " (0: no signal)",
+        metavar="S",
     )
     secret_file: str | None = option(
         None, "the shared secret", doc="$CW_SECRET_FILE, else ~/.config/cw/secret"

@@ -452,6 +452,16 @@ class Scheduler:
         )
         return cid
 
+    def renew_room(self, client: int) -> None:
+        """
+        A new connection of C{client} (its session re-attached) starts with
+        the full room its registration gives, whatever the jobs it already
+        has queued: from now on it is given room as any client is.
+        """
+        state = self._client(client)
+        state.granted_bytes = state.received_bytes + self.max_queued_bytes
+        state.granted_jobs = state.received_jobs + self.max_queued_jobs
+
     def remove_client(self, client: int) -> int:
         """
         Forget a client: drop its queued jobs (returning how many) and make

@@ -27,6 +27,17 @@ The worker job asks SLURM for C{SIGTERM} a while before its time limit
 workers).  A worker drains on C{SIGTERM}: it hands its unstarted jobs back to
 the master and finishes its running ones, so a walltime loses no work.
 
+A master with a state file (C{--state}) outlives any walltime: its job
+asks for C{SIGUSR2} as long before its time limit (C{--signal=B:USR2@...},
+to the batch shell, which is the master job's own process) and on it
+submits a replacement master job (the same script, C{master.sbatch} in the
+cluster directory).  The replacement, once it runs, asks the old master to
+hand over (C{SIGTERM} to its batch step: it stops accepting, tells its
+peers, commits the state file and exits), waits for the state file's lock,
+then reloads the queue from it and publishes its own C{master.json}.  On
+the same node it listens on the old master's port.  Workers and clients
+find it as they found the first one.
+
 Layer rule (cw.launch): imports cw.client, cw.master, cw.worker and below; never cw.cli.
 """
 
@@ -38,6 +49,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -67,11 +79,20 @@ from cw.discovery import master_jobs as master_jobs
 from cw.discovery import wait_for_master as wait_for_master
 from cw.errors import SlurmError
 from cw.launch.twistd import run_twistd
+from cw.master.store import locked
 from cw.system import polling, with_cw_on_path, write_atomically
 from cw.wire.secret import load_secret, secret_path
 
 #: C{cw-slurm}'s defaults, which L{start} and L{stop} share.
 _DEFAULTS = SlurmConfig()
+
+#: Seconds a replacement master waits for the master it replaces to hand
+#: its state file over.
+HANDOVER_WAIT = 300
+
+#: The master job's script, kept in the cluster directory so that the
+#: master job can submit its own replacement.
+MASTER_SCRIPT = "master.sbatch"
 
 
 # --- names and places -----------------------------------------------------
@@ -181,13 +202,16 @@ def master_script(
     time_limit: str | None = None,
     partition: str | None = None,
     sbatch_options: Sequence[str] = (),
+    walltime_warning: int = WALLTIME_WARNING,
 ) -> str:
     """
     The batch script of the master job: one task running
     C{python -m cw.slurm master-job}, which runs the master and publishes
     its address (see L{run_master_job}).  C{port} defaults to 5494 for the
     default cluster and to a free port for a named one.  C{sbatch_options}
-    (C{--Xmaster}) become extra C{#SBATCH} lines.
+    (C{--Xmaster}) become extra C{#SBATCH} lines.  A master with a state
+    file (C{--state}) and a time limit is sent C{SIGUSR2}
+    C{walltime_warning} seconds before it, and submits its replacement.
     """
     cluster = cluster_name(cluster)
     directory = directory or cluster_dir(cluster)
@@ -200,7 +224,10 @@ def master_script(
     if secret_file and "secret_file" not in given:
         options = ["--secret-file", str(Path(secret_file).absolute()), *options]
     lines = _header(job_names(cluster)[0], directory / "master-%j.log", time_limit, partition)
-    lines += ["#SBATCH --ntasks=1", *_extra(sbatch_options), ""]
+    lines.append("#SBATCH --ntasks=1")
+    if time_limit and walltime_warning and "state" in given:
+        lines.append(f"#SBATCH --signal=B:USR2@{walltime_warning}")
+    lines += [*_extra(sbatch_options), ""]
     lines += [_cd(cwd), *_environment(cluster, directory, secret_file)]
     command = [python or sys.executable, "-m", "cw.slurm", "master-job", "--", *options]
     lines.append("exec " + shlex.join(command))
@@ -312,6 +339,7 @@ def start(
     master_wait: float = MASTER_WAIT,
     wait: bool = True,
     timeout: float = 300,
+    master_time: str | None = _DEFAULTS.master_time,
 ) -> str | None:
     """
     Submit the cluster's master job and a worker job of C{nworkers} workers
@@ -321,7 +349,9 @@ def start(
     as SLURM starts them.
 
     Each worker runs C{procs} jobs at once (default: as many as its task
-    has CPUs).  Calling it again with C{master=False} adds a worker job
+    has CPUs).  C{master_time}: the master job's time limit, if not
+    C{time_limit}; a master with C{--state} in C{master_options} replaces
+    itself before it (see the module's docstring).  Calling it again with C{master=False} adds a worker job
     (e.g. to replace one that reaches its time limit).  Raises
     L{SlurmError} if the cluster's master job is already active and
     C{master} is set, or if the master does not listen in time (the jobs
@@ -346,7 +376,15 @@ def start(
             )
         with contextlib.suppress(FileNotFoundError):
             (directory / "master.json").unlink()
-        script = master_script(cluster, master_options, port=port, sbatch_options=master_sbatch, **common)
+        script = master_script(
+            cluster,
+            master_options,
+            port=port,
+            sbatch_options=master_sbatch,
+            walltime_warning=walltime_warning,
+            **{**common, "time_limit": master_time or time_limit},
+        )
+        write_atomically(directory / MASTER_SCRIPT, script)
         jobs["master"] = [submit(script, directory)]
         submitted += jobs["master"]
         _record_jobs(cluster, jobs)
@@ -472,6 +510,10 @@ def run_master_job(options: Sequence[str]) -> None:
             with contextlib.suppress(SlurmError):
                 run_slurm(["scontrol", "update", f"JobId={job_id}", f"Comment={_COMMENT}{info['address']}"])
 
+    state = parse_argv(MasterConfig, opts, "cw-master")[0].get("state")
+    if state:
+        opts = take_over(state, opts, directory, host)
+        signal.signal(signal.SIGUSR2, lambda signum, frame: _replace_soon(directory, job_id))
     threading.Thread(target=publish, name="cw-slurm-publish", daemon=True).start()
     try:
         run_twistd("cw-master", ["--address-file", str(local), *opts])
@@ -481,6 +523,76 @@ def run_master_job(options: Sequence[str]) -> None:
         if published.is_set() and (_read_json(final) or {}).get("job_id") == job_id:
             with contextlib.suppress(FileNotFoundError):
                 final.unlink()
+
+
+_replacing = threading.Lock()
+
+
+def _replace_soon(directory: Path, job_id: str) -> None:
+    """SIGUSR2 (the master job's time limit nears): submit the replacement, once, off the signal handler."""
+    if _replacing.acquire(blocking=False):
+        threading.Thread(target=replace_master, args=(directory, job_id), name="cw-slurm-replace").start()
+
+
+def replace_master(directory: Path, job_id: str) -> str | None:
+    """
+    Submit a replacement of master job C{job_id} (the script L{start}
+    kept in C{directory}) and record it; return its id (None if that
+    failed, which is printed).
+    """
+    try:
+        script = (directory / MASTER_SCRIPT).read_text()
+        new = submit(script, directory)
+    except (OSError, SlurmError) as e:
+        print(
+            f"cw.slurm: cannot submit a replacement for master job {job_id}: {e}", file=sys.stderr, flush=True
+        )
+        return None
+    jobs = recorded_jobs()
+    jobs["master"] = [*[i for i in jobs["master"] if i != new], new]
+    _record_jobs(cluster_name(), jobs)
+    print(
+        f"cw.slurm: master job {job_id} nears its time limit; submitted replacement master job {new},"
+        " which takes over the state file once it runs",
+        flush=True,
+    )
+    return new
+
+
+def take_over(state: str, options: list[str], directory: Path, host: str) -> list[str]:
+    """
+    Before a master starts on the state file C{state}: if another master
+    holds it (the master job this one replaces), ask that one to hand over
+    (C{SIGTERM} to its job's batch step) and wait, up to L{HANDOVER_WAIT}
+    seconds, until it has let go.  On the old master's node, listen on its
+    port (unless C{options} name one): return the options to run with.
+    """
+    old = _read_json(directory / "master.json") or {}
+    if not locked(state):
+        return options
+    old_job = str(old.get("job_id") or "")
+    print(
+        f"cw.slurm: the state file {state} is held by master job {old_job or '?'}; asking it to hand over",
+        flush=True,
+    )
+    if old_job:
+        with contextlib.suppress(SlurmError):
+            run_slurm(["scancel", "--batch", "--signal=TERM", old_job])
+    deadline = time.monotonic() + HANDOVER_WAIT
+    for _ in polling(0.05, 1.0):
+        if not locked(state):
+            break
+        if time.monotonic() > deadline:
+            raise SlurmError(
+                f"the master holding the state file {state} (job {old_job or '?'}) did not hand over"
+                f" within {HANDOVER_WAIT} s; cancel it, and this master job takes over"
+            )
+    print(f"cw.slurm: master job {old_job or '?'} handed over the state file", flush=True)
+    port = old.get("port")
+    given = parse_argv(MasterConfig, options, "cw-master")[0]
+    if port and old.get("host") == host and given.get("port") in (None, "tcp:0"):
+        options = [*options, "--port", f"tcp:{port}"]
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -214,6 +214,11 @@ class MasterProtocol(
             self.master.submit(self.peer_id, jobs)
         return {}
 
+    @P.SessionJobs.responder
+    def session_jobs(self):
+        keys = [(0, seq) for seq in self.master.session_jobs(self.peer_id)] if self._require("client") else []
+        return {"keys": keys, "durable": self.master.durable is not None}
+
     @P.DefineFunction.responder
     def define_function(self, client, key, function):
         if self._require("client"):

@@ -32,6 +32,7 @@ from cw.core.routing import Routing, SendContext
 from cw.core.scheduler import Scheduler, Unsent
 from cw.core.versions import CONTEXT_KEY, incompatible, short
 from cw.errors import ReportKind
+from cw.master.durable import DurableQueue
 from cw.master.pool import PoolService, bounds_from, make_launcher, read_pool_file
 from cw.master.protocol import MasterFactory, MasterProtocol
 from cw.master.web import FailureLog, WebDashboard
@@ -91,6 +92,8 @@ class Master:
         client_read_timeout: float = _DEFAULTS.client_read_timeout,
         reserve_after: float = _DEFAULTS.reserve_after,
         unschedulable_timeout: float = _DEFAULTS.unschedulable_timeout,
+        state: str | None = _DEFAULTS.state,
+        max_stored_results_bytes: int = _DEFAULTS.max_stored_results_bytes,
     ) -> None:
         #: The reactor's clock (C{IReactorTime}): all the master's time comes from it.
         self.clock = clock
@@ -162,6 +165,11 @@ class Master:
         self._worker_waiters: list[tuple[int, defer.Deferred]] = []
         #: Failed results delivered, for the dashboard (L{cw.master.web}).
         self.failures = FailureLog(clock=clock.seconds)
+        #: The durable queue (C{--state}), reloaded from its file; None: in memory only.
+        self.durable: DurableQueue | None = None
+        if state is not None:
+            self.durable = DurableQueue(self, state, max_stored_results_bytes)
+            self.durable.reload()
 
     # -- events from connections -----------------------------------------
 
@@ -191,7 +199,9 @@ class Master:
         this master noticed that its old connection died) is dropped, with
         its jobs, which the client resubmits on the new one.  Workers are
         sent the session with the client's context, so that results they
-        kept for it can be matched to the resubmitted jobs.
+        kept for it can be matched to the resubmitted jobs.  With
+        C{--state}, a session whose jobs waited here while it was away
+        takes them over (L{DurableQueue}).
         """
         old = self.sessions.get(session) if session is not None else None
         if old is not None and old in self.clients:
@@ -204,7 +214,14 @@ class Master:
             )
             self.client_left(stale)
             stale.transport.abortConnection()
-        cid = self.scheduler.add_client(weight)
+        durable = self.durable if session is not None else None
+        cid = durable.client_id(session) if durable is not None else None
+        new = cid is None
+        if new:
+            cid = self.scheduler.add_client(weight)
+        else:
+            # Its session's jobs waited here: it takes them over, with a full room.
+            self.scheduler.renew_room(cid)
         self.clients[cid] = proto
         proto.versions = versions
         if session is not None:
@@ -212,12 +229,16 @@ class Master:
             context = {**context, "session": session}
         # Workers get the client's versions with its context, to refuse its
         # jobs if they are incompatible (L{cw.core.versions}).
-        self.routing.client_joined(cid, {**context, "versions": versions} if versions else context)
+        routed = {**context, "versions": versions} if versions else context
+        if new:
+            self.routing.client_joined(cid, routed)
         if context.get(CONTEXT_KEY) == "avoid":
             self.avoiding.add(cid)
             for wid, worker in self.workers.items():
                 if incompatible(versions, worker.versions):
                     self.scheduler.avoid(cid, wid)
+        if durable is not None:
+            durable.joined(session, cid, routed, weight)
         if self.client_beats is not None:
             self.client_beats.watch(proto)
         if context.get(P.RUNNING_NOTICES):
@@ -238,12 +259,22 @@ class Master:
         self.avoiding.discard(cid)
         self.flow.forget(cid)
         self.running_notices.discard(cid)
+        if self.durable is not None and self.durable.left(cid):
+            # Its session keeps its jobs; their results wait on disk for it.
+            self.scheduler.unsent_results(cid, 0, 0, self.clock.seconds())
+            state = self.scheduler.client(cid)
+            log.info(
+                "Client {cid} ({peer}) disconnected; its session keeps {n} queued and {k} running jobs"
+                " (--state)",
+                cid=cid,
+                peer=proto.peer_name,
+                n=state.queued,
+                k=state.running,
+            )
+            self.schedule_dispatch()
+            return
         dropped, killed = self.cancel(cid)
-        self.scheduler.remove_client(cid)
-        for wid in self.routing.client_left(cid):
-            worker = self.workers.get(wid)
-            if worker is not None:
-                worker.callRemote(P.ForgetClient, client=cid)
+        self.forget_client(cid)
         log.info(
             "Client {cid} ({peer}) disconnected; dropped {n} queued jobs and stopped {k} running",
             cid=cid,
@@ -252,12 +283,26 @@ class Master:
             k=killed,
         )
 
+    def forget_client(self, cid: int) -> None:
+        """
+        Forget a departed client whose jobs are gone: the scheduler's
+        record, and the workers' copies of its context and functions.
+        """
+        self.scheduler.remove_client(cid)
+        for wid in self.routing.client_left(cid):
+            worker = self.workers.get(wid)
+            if worker is not None:
+                worker.callRemote(P.ForgetClient, client=cid)
+
     def define_function(self, client: int, key: bytes, function: bytes) -> None:
         """
         Keep a client's function (opaque bytes) for its jobs that name
         C{key}; it is sent to each worker once, before the first such job.
         """
-        if not self.routing.define(client, key, function):
+        kept = self.routing.define(client, key, function)
+        if kept and self.durable is not None:
+            self.durable.function(client, key, function)
+        if not kept:
             log.warn(
                 "Client {cid} defined a function of {n:,} bytes, over --max-payload; its jobs will fail",
                 cid=client,
@@ -270,6 +315,8 @@ class Master:
         workers to kill held ones.  Return both counts.
         """
         dropped, kill = self.scheduler.cancel(client, seqs)
+        if self.durable is not None and seqs is not None:
+            self.durable.withdrawn(client, seqs)
         if dropped:
             self._give_room()
         for wid, keys in kill.items():
@@ -351,6 +398,9 @@ class Master:
                         " (or one over the master's --max-payload)",
                     )
                 )
+            elif self.durable is not None and self.durable.too_big(job):
+                message = P.too_big("the job", len(job.payload), self.durable.store.max_blob)
+                refused.append((job, "PayloadTooLarge", message + " (what the master's --state file holds)"))
         if refused:
             bad = {id(job) for job, _, _ in refused}
             jobs = [job for job in jobs if id(job) not in bad]
@@ -360,6 +410,8 @@ class Master:
                     for job, kind, message in refused
                 ]
             )
+        if self.durable is not None:
+            jobs = self.durable.accept(client, jobs)
         idle = not self.scheduler.queued
         duplicates = self.scheduler.submit(client, jobs, [job for job, _, _ in refused])
         if duplicates:
@@ -559,8 +611,10 @@ class Master:
             self.schedule_dispatch()
 
     def _deliver(self, results: list[P.Result]) -> None:
-        """Send results to their clients."""
+        """Send results to their clients (with C{--state}, store those of absent ones)."""
         self.failures.record(results)
+        if self.durable is not None:
+            results = self.durable.ended(results, self.clients.keys())
         by_client: dict[int, list[P.Result]] = {}
         for result in results:
             by_client.setdefault(result.client, []).append(result)
@@ -569,6 +623,26 @@ class Master:
             proto = self.clients[cid]
             proto.send_results(batch, now=True)
             self.watch_output(proto)
+
+    def jobs_stored(self, acks: dict[int, list[int]]) -> None:
+        """A commit of the state file holds these clients' jobs: tell them (L{P.JobsStored})."""
+        for cid, seqs in acks.items():
+            proto = self.clients.get(cid)
+            if proto is not None and seqs:
+                for start in range(0, len(seqs), 50_000):
+                    proto.callRemote(P.JobsStored, keys=[(0, seq) for seq in seqs[start : start + 50_000]])
+
+    def session_jobs(self, cid: int) -> list[int]:
+        """
+        The numbers of client C{cid}'s session's jobs that this master holds
+        (L{P.SessionJobs}); the results that waited for it follow the answer.
+        """
+        if self.durable is None:
+            return []
+        seqs, waiting = self.durable.session_jobs(cid)
+        if waiting:
+            self.clients[cid].send_results(waiting)
+        return seqs
 
     # -- clients that do not read ----------------------------------------
 
@@ -717,13 +791,28 @@ class Master:
         done = sum(n for second, n in self._recent if second > now - RATE_WINDOW)
         return done / max(1.0, min(RATE_WINDOW, now - self.started))
 
+    def _client_name(self, cid: int) -> str:
+        """A client's C{host:pid}, or C{away} for a session whose client is away (C{--state})."""
+        proto = self.clients.get(cid)
+        if proto is not None:
+            return proto.peer_name
+        return "away" if self.durable is not None else "?"
+
+    def _session_name(self, cid: int) -> str | None:
+        """A client's session name (that of a client away, with C{--state}, too)."""
+        proto = self.clients.get(cid)
+        if proto is not None:
+            return getattr(proto, "session", None)
+        return self.durable.names.get(cid) if self.durable is not None else None
+
     def status(self) -> dict:
-        """A JSON-ready snapshot of the master's state."""
+        """A JSON-ready snapshot of the master's state (C{state}: the state file's, or None)."""
         s = self.scheduler
         return {
             "pool": None if self.pool is None else self.pool.status(),
             # The master's clock, so that a client can tell their skew (cw doctor).
             "time": self.clock.seconds(),
+            "state": None if self.durable is None else self.durable.status(),
             "uptime": self.clock.seconds() - self.started,
             "queued": s.queued,
             "completed": s.completed,
@@ -747,8 +836,8 @@ class Master:
             "clients": [
                 {
                     "id": c.id,
-                    "peer": self.clients[c.id].peer_name,
-                    "session": getattr(self.clients[c.id], "session", None),
+                    "peer": self._client_name(c.id),
+                    "session": self._session_name(c.id),
                     "queued": c.queued,
                     "queued_bytes": s.queued_bytes(c.id),
                     "peak_queued": c.peak_queued,
@@ -945,7 +1034,15 @@ class MasterService(service.Service):
             stopped = defer.gatherResults([stopped, defer.maybeDeferred(self.port.stopListening)])
         if self.web is not None:
             stopped = defer.gatherResults([stopped, self.web.stop()])
+        if self.master.durable is not None:
+            # Once every connection is closed: what they did is in the file.
+            stopped.addBoth(self._close_state)
         return stopped
+
+    def _close_state(self, passthrough):
+        self.master.durable.close()
+        log.info("State file {path} committed and closed", path=self.master.durable.store.path)
+        return passthrough
 
 
 class Options(ConfigOptions):

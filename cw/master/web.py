@@ -292,6 +292,29 @@ def render_metrics(status: dict) -> str:
         calls = [({"command": k}, v) for k, v in sorted((pool.get("calls") or {}).items())]
         if calls:
             families.append(("cw_pool_slurm_calls_total", "counter", "SLURM commands the pool ran.", calls))
+    state = status.get("state")
+    if state:
+        families += [
+            ("cw_state_bytes", "gauge", "Bytes of the state file (--state).", [({}, state["bytes"])]),
+            (
+                "cw_stored_results",
+                "gauge",
+                "Results waiting in the state file for absent clients.",
+                [({}, state["stored_results"])],
+            ),
+            (
+                "cw_stored_results_bytes",
+                "gauge",
+                "Bytes of the results waiting for absent clients.",
+                [({}, state["stored_results_bytes"])],
+            ),
+            (
+                "cw_stored_results_dropped_total",
+                "counter",
+                "Stored results dropped over --max-stored-results-bytes.",
+                [({}, state["dropped_results"])],
+            ),
+        ]
 
     def per(items, field, key="id"):
         return [({"id": item[key], "peer": item["peer"]}, item[field]) for item in items]

@@ -305,6 +305,39 @@ def run_script(
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+#: A script: submit N jobs (job i sleeps DELAY s and returns i * i) under
+#: session S to the master at ADDRESS, leave them there (C{detach}) and
+#: print how many were left and the jobs' lowest and highest numbers.
+SUBMIT_AND_DETACH = """
+import sys
+from cw.client import ClusterExecutor
+from cw.test.jobs import sleep_and_return
+
+address, session, n, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+ex = ClusterExecutor(address, session=session)
+futures = [ex.submit(sleep_and_return, delay, i * i) for i in range(n)]
+left = ex.detach(timeout=20)
+print(len(left), min(f.number for f in futures), max(f.number for f in futures))
+"""
+
+#: A script: re-attach to session S at ADDRESS and print, as JSON, how many
+#: of its jobs did not finish within 30 s and the results of the others.
+COLLECT_SESSION = """
+import json, sys
+from concurrent import futures as cf
+from cw.client import ClusterExecutor
+
+address, session = sys.argv[1], sys.argv[2]
+with ClusterExecutor(address, session=session) as ex:
+    jobs = ex.results_of_session()
+    done, pending = cf.wait(jobs.values(), timeout=30)
+    if pending:
+        ex.kill(*pending)
+    results = {n: f.result() for n, f in jobs.items() if f.done()}
+    print(json.dumps({"pending": len(pending), "results": results}))
+"""
+
+
 class _AtExit:
     """Cleanups run when the test process exits (for processes shared by many tests)."""
 

@@ -285,6 +285,32 @@ class JobRoom(amp.Command):
     requiresAnswer = False
 
 
+class JobsStored(amp.Command):
+    """
+    Master to client, from a master with a state file (C{--state}): these
+    jobs are committed to it, so they survive the master's crash even while
+    the client is away.  Sent once per commit, for the jobs of every
+    L{SubmitJobs} box that commit holds (a resubmitted job the master
+    already had is acknowledged too).
+    """
+
+    arguments = [(b"keys", KeyList())]
+    requiresAnswer = False
+
+
+class SessionJobs(amp.Command):
+    """
+    Client to master: the numbers of the jobs of this client's session
+    that the master holds (queued, running, or with a result waiting for
+    it, which follows in L{JobResults}), so that a client re-attaching to
+    its session from a new process can give them futures and number its
+    own jobs after them.  C{durable}: whether the master keeps a state
+    file (C{--state}), without which nothing outlives a connection.
+    """
+
+    response = [(b"keys", KeyList()), (b"durable", amp.Boolean())]
+
+
 class GetStatus(amp.Command):
     """Ask the master for a snapshot of its state (workers, queue, counts)."""
 

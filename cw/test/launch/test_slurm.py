@@ -32,7 +32,16 @@ from cw.cli.slurm import _jobs_table, _join_passthrough
 from cw.core import config as cw_config
 from cw.core.config import SlurmConfig
 from cw.errors import OptionError
-from cw.test.procs import DEADLINE, ROOT, child_env, executor, wait_until
+from cw.test.procs import (
+    COLLECT_SESSION,
+    DEADLINE,
+    ROOT,
+    SUBMIT_AND_DETACH,
+    child_env,
+    executor,
+    run_script,
+    wait_until,
+)
 
 SCRIPT = os.path.join(ROOT, "contrib", "slurm", "slurm.py")
 
@@ -629,6 +638,53 @@ class SlurmClusterTests(unittest.TestCase):
                 slurm.start(1, master=False, wait=False, worker_options=["--procs", "8"])
                 results = [f.result(timeout=DEADLINE) for f in futures]
             self.assertEqual(results, [i * i for i in range(200)])
+            slurm.stop()
+
+        return threads.deferToThread(body)
+
+    def test_master_replaced_before_walltime(self):
+        """
+        A master job with --state and a one-minute limit submits its
+        replacement before the limit (SIGUSR2, --signal=B:USR2@...); the
+        replacement has it hand the state file over: the first job ends by
+        itself, not TIMEOUT, and the new master reloads the queue and
+        listens on the same port, so the worker follows it.  None of the 200
+        jobs a client left with the first master is lost: a client of the
+        same session collects all 200 right results from the second.
+        """
+
+        def body():
+            state = os.path.join(self.directory, "state.db")
+            address = slurm.start(
+                1, master_options=["--state", state], master_time="1", walltime_warning=50, timeout=DEADLINE
+            )
+            [first] = slurm.recorded_jobs(self.name)["master"]
+            out = run_script(self, SUBMIT_AND_DETACH, address, "walltime", "200", "0.1")
+            self.assertEqual(out.returncode, 0, out.stderr)
+
+            def replaced():
+                info = discovery.master_info(self.name) or {}
+                return info.get("job_id") not in (None, first) and info
+
+            info = wait_until(replaced, timeout=150, what="a replacement master to take over")
+            second = info["job_id"]
+            # Push the replacement's own limit back: one handover per test.
+            subprocess.run(["scontrol", "update", f"JobId={second}", "TimeLimit=10"], check=True, timeout=30)
+            wait_until(lambda: not slurm.active_jobs([first]), timeout=60, what=f"master job {first} to end")
+            self.assertNotEqual(slurm.job_states([first]).get(first), "TIMEOUT", self.logs())
+            old = Path(self.directory, self.name, f"master-{first}.log").read_text()
+            self.assertIn(f"submitted replacement master job {second}", old)
+            self.assertIn("committed and closed", old)
+            new = Path(self.directory, self.name, f"master-{second}.log").read_text()
+            self.assertIn(f"master job {first} handed over the state file", new)
+            self.assertIn("Reloaded the state file", new)
+            self.assertEqual(info["address"], address)
+            out = run_script(self, COLLECT_SESSION, info["address"], "walltime")
+            self.assertEqual(out.returncode, 0, out.stderr + self.logs())
+            report = json.loads(out.stdout)
+            self.assertEqual(report["pending"], 0, self.logs())
+            results = {int(n): value for n, value in report["results"].items()}
+            self.assertEqual(results, {n: (n - 1) ** 2 for n in range(1, 201)})
             slurm.stop()
 
         return threads.deferToThread(body)

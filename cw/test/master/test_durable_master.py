@@ -1,0 +1,151 @@
+"""
+The master's durable queue (L{cw.master.durable}) in process, on a real
+state file and a fake clock: acknowledgements after the commit, sessions
+kept while their client is away, results stored within the bound and
+handed to the session's next client, resubmissions not queued twice, and
+a restart on the file.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from cw.core.durable import LAZY_COMMIT
+from cw.master.service import Master
+from cw.test.master.test_master_faults import FakePeer
+from cw.test.master.test_store import crash
+from cw.wire import commands as P
+
+CONTEXT = {"cwd": "/", "path": []}
+
+
+class DurableMasterTests(SynchronousTestCase):
+    def setUp(self):
+        self.path = os.path.join(os.path.abspath(self.mktemp()), "state.db")
+        os.makedirs(os.path.dirname(self.path))
+        self.clock = Clock()
+        self.master = self.start()
+
+    def start(self, **options) -> Master:
+        master = Master(clock=self.clock, heartbeat=0, state=self.path, **options)
+        self.addCleanup(lambda: master.durable.store._lock is not None and crash(master.durable.store))
+        return master
+
+    def restart(self, **options) -> Master:
+        """A new master on the file, as after a SIGKILL (nothing closed)."""
+        crash(self.master.durable.store)
+        self.master = self.start(**options)
+        return self.master
+
+    def client(self, session: str, master: Master | None = None) -> FakePeer:
+        master = master or self.master
+        peer = FakePeer(master, f"{session}:1")
+        peer.session = session
+        peer.peer_id = master.client_joined(peer, CONTEXT, 1, session)
+        master.clients[peer.peer_id] = peer
+        return peer
+
+    def worker(self, slots: int = 4) -> FakePeer:
+        peer = FakePeer(self.master, "w:1")
+        peer.peer_id = self.master.worker_joined(peer, slots)
+        return peer
+
+    def leave(self, peer: FakePeer) -> None:
+        self.master.client_left(peer)
+
+    def submit(self, peer: FakePeer, seqs) -> None:
+        self.master.submit(peer.peer_id, [P.Job(0, seq, b"payload %d" % seq) for seq in seqs])
+
+    def stored_acks(self, peer: FakePeer) -> list[int]:
+        return [seq for command, kw, _ in peer.calls if command is P.JobsStored for _, seq in kw["keys"]]
+
+    def run_all(self, worker: FakePeer) -> list[P.Result]:
+        """Answer every job the worker was sent with a result of its number."""
+        self.clock.advance(0)
+        jobs = [job for command, kw, _ in worker.calls if command is P.RunJobs for job in kw["jobs"]]
+        worker.calls.clear()
+        results = [P.Result(job.client, job.seq, P.Outcome.OK, b"r%09d" % job.seq) for job in jobs]
+        self.master.results(worker.peer_id, results)
+        self.clock.advance(0)
+        return results
+
+    def test_acknowledged_after_commit(self):
+        """Jobs are acknowledged (JobsStored) once their turn's commit has run: one commit for two boxes."""
+        peer = self.client("s")
+        self.submit(peer, range(1, 4))
+        self.submit(peer, range(4, 6))
+        self.assertEqual(self.stored_acks(peer), [])
+        self.assertEqual(self.master.durable.commits, 0)
+        self.clock.advance(0)
+        self.assertEqual(self.stored_acks(peer), [1, 2, 3, 4, 5])
+        self.assertEqual(self.master.durable.commits, 1)
+        self.assertEqual(len(self.restart().durable.store.load().jobs), 5)
+
+    def test_away_session_keeps_jobs_and_results(self):
+        """
+        A session's jobs run while its client is away; their results wait,
+        and go to the session's next client, which does not get jobs it
+        resubmits queued twice.
+        """
+        peer = self.client("s")
+        self.submit(peer, range(1, 11))
+        self.clock.advance(0)
+        self.leave(peer)
+        self.assertEqual(self.master.scheduler.queued, 10)
+        worker = self.worker()
+        done = self.run_all(worker)
+        while len(done) < 10:
+            done += self.run_all(worker)
+        self.assertEqual(self.master.status()["state"]["stored_results"], 10)
+        again = self.client("s")
+        self.assertEqual(again.peer_id, peer.peer_id)
+        self.submit(again, range(1, 11))  # resubmitted by a client after a reconnect
+        self.assertEqual(self.master.scheduler.queued, 0)
+        seqs = self.master.session_jobs(again.peer_id)
+        self.assertEqual(seqs, list(range(1, 11)))
+        self.assertEqual(
+            sorted((r.seq, bytes(r.payload)) for r in again.results), [(n, b"r%09d" % n) for n in seqs]
+        )
+        self.clock.advance(LAZY_COMMIT)
+        self.assertEqual(self.master.status()["state"]["stored_results"], 0)
+        self.assertEqual(self.restart().durable.store.load().results, [])
+
+    def test_stored_results_bounded_oldest_dropped(self):
+        """
+        Over --max-stored-results-bytes the oldest results go first; a
+        session left with nothing is forgotten.
+        """
+        self.master = self.restart(max_stored_results_bytes=15)
+        a, b = self.client("a"), self.client("b")
+        self.submit(a, [1, 2])
+        self.submit(b, [1])
+        self.clock.advance(0)
+        self.leave(a)
+        self.leave(b)
+        worker = self.worker(slots=1)
+        for _ in range(3):  # jobs go round robin: a1, b1, a2; results of 10 bytes
+            self.run_all(worker)
+        state = self.master.status()["state"]
+        self.assertEqual(
+            (state["stored_results"], state["stored_results_bytes"], state["dropped_results"]), (1, 10, 2)
+        )
+        self.assertNotIn("b", self.master.durable.cids)  # nothing of it is left: forgotten
+        self.assertEqual([c["session"] for c in self.master.status()["clients"]], ["a"])
+        self.clock.advance(LAZY_COMMIT)
+        loaded = self.restart().durable.store.load()
+        self.assertEqual((loaded.results, list(loaded.sessions)), ([("a", 2, 10)], ["a"]))
+
+    def test_restart_requeues(self):
+        """A master started on the file requeues its jobs (running ones too) for their away sessions."""
+        peer = self.client("s")
+        self.submit(peer, range(1, 6))
+        self.clock.advance(0)
+        self.worker(slots=2)
+        self.clock.advance(0)
+        master = self.restart()
+        self.assertEqual(master.scheduler.queued, 5)
+        self.assertEqual(master.status()["clients"][0]["peer"], "away")
+        self.assertEqual(master.status()["clients"][0]["session"], "s")
