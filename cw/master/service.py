@@ -31,7 +31,7 @@ from cw.core.limits import Admission, default_max_pending, default_per_address
 from cw.core.routing import Routing, SendContext
 from cw.core.scheduler import Scheduler, Unsent
 from cw.core.versions import CONTEXT_KEY, incompatible, short
-from cw.errors import ReportKind
+from cw.errors import ReportKind, StateFileError
 from cw.master.durable import DurableQueue
 from cw.master.pool import PoolService, bounds_from, make_launcher, read_pool_file
 from cw.master.protocol import MasterFactory, MasterProtocol
@@ -1064,7 +1064,10 @@ def makeService(options: Options) -> MasterService:
     from twisted.internet import reactor  # twistd has installed the reactor it runs by now
 
     log_descriptor_limit("master")
-    service = MasterService.from_config(options.config(), options["secret"], reactor)
+    try:
+        service = MasterService.from_config(options.config(), options["secret"], reactor)
+    except StateFileError as e:
+        raise SystemExit(f"cw-master: {e}") from None
     asked = options["max-pending"]
     if asked is not None and asked > service.master.max_pending:
         log.warn(

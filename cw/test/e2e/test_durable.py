@@ -16,7 +16,14 @@ from twisted.trial import unittest
 from cw.cli.cw import format_status
 from cw.client import master_status
 from cw.master.web import render_metrics
-from cw.test.procs import COLLECT_SESSION, SUBMIT_AND_DETACH, Processes, run_script, wait_until
+from cw.test.procs import (
+    COLLECT_SESSION,
+    DEADLINE,
+    SUBMIT_AND_DETACH,
+    Processes,
+    run_script,
+    wait_until,
+)
 
 
 class DurableQueueTests(unittest.TestCase):
@@ -25,6 +32,23 @@ class DurableQueueTests(unittest.TestCase):
     def setUp(self):
         self.procs = Processes(self, self.mktemp())
         self.state = str(self.procs.directory / "state.db")
+
+    def test_one_master_per_state_file(self):
+        """
+        A second master on a state file in use exits at once with one line
+        naming the master that holds it, and no traceback.
+        """
+
+        def body():
+            self.procs.start_master("--state", self.state)
+            second = self.procs.spawn("second", ["cw-master", "--port", "tcp:0", "--state", self.state])
+            self.assertEqual(second.wait(DEADLINE), 1)
+            log = second.log.read_text()
+            self.assertIn(f"cw-master: the state file {self.state} is in use by another master (", log)
+            self.assertIn(f":{self.procs.master.pid})", log)
+            self.assertNotIn("Traceback", log)
+
+        return threads.deferToThread(body)
 
     def test_jobs_outlive_master_crash_and_their_client(self):
         """
