@@ -848,7 +848,7 @@ class Master:
                     "running": c.running,
                     "submitted": c.submitted,
                     "completed": c.completed,
-                    "versions": self.clients[c.id].versions,
+                    "versions": getattr(self.clients.get(c.id), "versions", None),
                 }
                 for c in s.clients()
             ],
