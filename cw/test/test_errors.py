@@ -5,10 +5,13 @@ one typed set whose wire values never change.
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+import cw
 from cw.core.records import error_report, read_error_report
 from cw.errors import REPORT_TYPES, JobTimeout, ReportKind, WorkerLost
 
@@ -44,3 +47,38 @@ class ReportKindTests(SynchronousTestCase):
         self.assertIs(REPORT_TYPES.get(report["type"]), JobTimeout)
         self.assertIs(REPORT_TYPES.get("WorkerLost"), WorkerLost)
         self.assertEqual(read_error_report(b"\xff")["type"], ReportKind.ERROR)
+
+
+def report_kind_literals(source: str) -> list[int]:
+    """Lines of C{source} that spell a report kind as a string (outside C{__all__})."""
+    kinds = {kind.value for kind in ReportKind} - {ReportKind.ERROR.value}
+    tree = ast.parse(source)
+    exported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == "__all__" for target in node.targets
+        ):
+            exported.update(id(constant) for constant in ast.walk(node.value))
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and node.value in kinds and id(node) not in exported
+    ]
+
+
+class OnePlaceTests(SynchronousTestCase):
+    def test_kinds_spelled_only_in_errors(self):
+        """Outside cw.errors, cw names report kinds by ReportKind, never by their strings."""
+        root = Path(cw.__file__).parent
+        spelled = {}
+        for path in sorted(root.rglob("*.py")):
+            if "test" in path.relative_to(root).parts or path == root / "errors.py":
+                continue
+            lines = report_kind_literals(path.read_text())
+            if lines:
+                spelled[str(path.relative_to(root))] = lines
+        self.assertEqual(spelled, {})
+
+    def test_literal_found(self):
+        source = '__all__ = ["WorkerLost"]\nkind = "JobTimeout"\nother = "Error"\n'
+        self.assertEqual(report_kind_literals(source), [2])
