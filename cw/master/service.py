@@ -400,7 +400,9 @@ class Master:
                 )
             elif self.durable is not None and self.durable.too_big(job):
                 message = P.too_big("the job", len(job.payload), self.durable.store.max_blob)
-                refused.append((job, "PayloadTooLarge", message + " (what the master's --state file holds)"))
+                refused.append(
+                    (job, ReportKind.PAYLOAD_TOO_LARGE, message + " (what the master's --state file holds)")
+                )
         if refused:
             bad = {id(job) for job, _, _ in refused}
             jobs = [job for job in jobs if id(job) not in bad]
