@@ -610,7 +610,14 @@ class Session:
         if self.mismatched:
             self._warn_mismatched()
         self.room(answer["room_bytes"], answer["room_jobs"])
-        held = yield proto.callRemote(P.SessionJobs)
+        try:
+            held = yield proto.callRemote(P.SessionJobs)
+        except Exception as e:
+            proto.transport.loseConnection()
+            raise MasterUnavailable(
+                f"the connection to the cw master at {self.address} broke right after this client"
+                f" registered ({e.__class__.__name__}: {e})"
+            ) from None
         self.durable = held["durable"]
         if self.on_session_jobs is not None:
             self.on_session_jobs([seq for _, seq in held["keys"]])
