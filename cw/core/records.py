@@ -213,6 +213,9 @@ def decode_jobs(data: bytes) -> list[Job]:
     jobs = []
     view = memoryview(data)
     offset, end = 0, len(data)
+    # Jobs of a batch mostly share their options and function key: one
+    # object each, not one per job (a queued job costs the master less).
+    shared: dict[bytes, bytes] = {}
     while offset < end:
         if end - offset < _JOB.size:
             raise ValueError("truncated job record header")
@@ -221,8 +224,10 @@ def decode_jobs(data: bytes) -> list[Job]:
         if offset + olen + flen + plen > end:
             raise ValueError("truncated job record")
         options = bytes(view[offset : offset + olen])
+        options = shared.setdefault(options, options)
         offset += olen
         func = bytes(view[offset : offset + flen])
+        func = shared.setdefault(func, func)
         offset += flen
         payload = _piece(view, offset, offset + plen)
         offset += plen

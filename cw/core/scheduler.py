@@ -114,6 +114,7 @@ from cw.core.records import (
     valid_timeout,
 )
 from cw.core.resources import ALLOCATION, GPUS, Capacity, Ledger, Shape, shape_of
+from cw.core.seqset import SeqSet
 from cw.errors import ReportKind
 
 #: The master's option defaults (C{--prefetch}, ...), which the scheduler's arguments share.
@@ -195,7 +196,7 @@ class ClientRecord:
     results_backed_up: bool = False
     #: Seqs of its jobs queued or held by a worker: a job with one of
     #: these seqs is a duplicate (L{Scheduler.submit}).
-    live: set[int] = field(default_factory=set)
+    live: SeqSet = field(default_factory=SeqSet)
 
 
 @dataclass
