@@ -117,3 +117,103 @@ def _exit_if_asked() -> None:
             with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(_exit_status)
+
+
+# -- what this machine (or SLURM allocation) gives a worker -------------------
+
+
+def affinity_cores() -> list[int]:
+    """The cores this process may run on (its CPU affinity), in order."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def detect_cpus(env: Mapping[str, str], cores: list[int]) -> int:
+    """
+    Cores a worker has: under SLURM, its task's C{SLURM_CPUS_PER_TASK}
+    (the allocation, whatever the affinity says where SLURM does not bind
+    tasks); else those in C{cores} (its affinity), no more than
+    C{SLURM_CPUS_ON_NODE} if set.
+    """
+    count = len(cores) or 1
+    per_task = env.get("SLURM_CPUS_PER_TASK", "").strip()
+    if per_task.isdigit() and int(per_task) > 0:
+        return int(per_task)
+    on_node = env.get("SLURM_CPUS_ON_NODE", "").strip()
+    if on_node.isdigit() and int(on_node) > 0:
+        return min(count, int(on_node))
+    return count
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def cgroup_memory_limit(
+    proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> int | None:
+    """
+    This process's cgroup memory limit in bytes (cgroup v2 C{memory.max},
+    or v1 C{memory.limit_in_bytes}), or None when there is none.
+    """
+    text = _read(proc) or ""
+    limits = []
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        path = path.lstrip("/")
+        if controllers == "":
+            candidates = [root / path / "memory.max", root / "memory.max"]
+        elif "memory" in controllers.split(","):
+            candidates = [
+                root / "memory" / path / "memory.limit_in_bytes",
+                root / "memory" / "memory.limit_in_bytes",
+            ]
+        else:
+            continue
+        for candidate in candidates:
+            value = _read(candidate)
+            if value is not None:
+                if value.isdigit() and int(value) < 1 << 60:
+                    limits.append(int(value))
+                break
+    return min(limits) if limits else None
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def detect_memory(env: Mapping[str, str], cgroup: int | None, physical: int) -> int:
+    """
+    Memory a worker has: the cgroup limit if there is one, else physical
+    memory, and under SLURM no more than C{SLURM_MEM_PER_NODE} (MiB).
+    """
+    memory = cgroup if cgroup else physical
+    value = env.get("SLURM_MEM_PER_NODE", "").strip()
+    if value.isdigit() and int(value) > 0:
+        memory = min(memory, int(value) << 20) if memory else int(value) << 20
+    return memory
+
+
+def detect_gpus(env: Mapping[str, str]) -> tuple[str, ...]:
+    """
+    The ids of the GPUs a worker was given: C{CUDA_VISIBLE_DEVICES} if set
+    (C{NoDevFiles} or an empty value: none), else SLURM's
+    C{SLURM_STEP_GPUS}, else C{SLURM_JOB_GPUS}; none without any.
+    """
+    for name in ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+        if name in env:
+            value = env[name].strip()
+            if value in ("", "NoDevFiles") or value.startswith("-1"):
+                return ()
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+    return ()

@@ -49,7 +49,9 @@ def format_status(address: str, status: dict) -> str:
     lines = [
         f"master   {address}",
         f"uptime   {_duration(status.get('uptime', 0))}",
-        f"jobs     {status.get('queued', 0):,} queued, {status.get('completed', 0):,} done,"
+        f"jobs     {status.get('queued', 0):,} queued"
+        + (f" ({status['unschedulable']:,} unschedulable)" if status.get("unschedulable") else "")
+        + f", {status.get('completed', 0):,} done,"
         f" {status.get('rate', 0.0):,.1f}/s over the last minute",
         f"workers  {len(workers)} ({slots} slots, {busy} busy)",
     ]

@@ -6,6 +6,7 @@ options are built from L{cw.core.config.SlurmConfig}.
     cw-slurm [-n N] [-M] [-W] [-i] [-d IMAGE] [--docker-args ARGS]
              [--Xworkers ARG]... [--Xmaster ARG]... [--time T] [--partition P]
              [--state PATH [--master-time T]]
+             [--pool NAME:n=N,cpus=C,mem=M,gres=G,tag=T]...
              [--name NAME] start|stop|status
 
 Layer rule (cw.cli): the top layer; may import any of cw, and nothing in cw imports it.
@@ -20,7 +21,7 @@ import sys
 from cw import slurm
 from cw.cli.cw import format_status
 from cw.client.session import master_status
-from cw.core.config import SlurmConfig, options
+from cw.core.config import SlurmConfig, options, parse_pool
 from cw.discovery import squeue_jobs
 from cw.errors import CWError
 
@@ -91,6 +92,7 @@ def read_config(args: argparse.Namespace) -> SlurmConfig:
 
 def _jobs_table(cluster: str) -> list[str]:
     jobs = slurm.recorded_jobs(cluster)
+    pools = slurm.recorded_pools(cluster)
     ids = jobs["master"] + jobs["workers"]
     if not ids:
         return [f"jobs     none recorded in {slurm.cluster_dir(cluster) / 'jobs.json'}"]
@@ -108,6 +110,9 @@ def _jobs_table(cluster: str) -> list[str]:
             lines.append(
                 f"         {job_id:>8}  {name:<20} {state:<11} {used:>10} {limit:>10} {nodes:>5}  {where}"
             )
+    if pools:
+        lines.append(f"pools    {'JOBID':>8}  DEFINITION")
+        lines += [f"         {job_id:>8}  {spec}" for job_id, spec in pools.items()]
     return lines
 
 
@@ -177,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             master_time=config.master_time,
             master_options=["--state", os.path.abspath(config.state)] if config.state else [],
             wait=False,
+            pools=[parse_pool(text) for text in config.pool],
         )
         jobs = slurm.recorded_jobs(cluster)
         print(

@@ -12,7 +12,7 @@ import itertools
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent import futures
 from typing import Any
 
@@ -429,6 +429,8 @@ class ClusterExecutor(futures.Executor):
         expected_duration: float | None = None,
         echo: bool | None = None,
         forward_logging: int | str | None = None,
+        resources: Mapping[str, Any] | None = None,
+        tags: Iterable[str] | None = None,
     ) -> futures.Future:
         """
         Submit C{fn(*args, **kwargs)} with options for this job alone
@@ -447,6 +449,13 @@ class ClusterExecutor(futures.Executor):
         @param expected_duration: seconds the job is expected to run: a
             worker whose walltime ends sooner does not start it (adaptive
             SLURM pools).  Jobs of a C{map} get the measured mean instead.
+        @param resources: what the job needs of its worker, e.g.
+            C{{"cpus": 4, "memory": "16G", "gpus": 1}} or custom names
+            (C{{"licenses": 1}}); it runs only where that much is free, and
+            gets that many cores and exactly its GPUs (see "Resources" in
+            the README).  Default: one cpu, no memory, no GPU.
+        @param tags: names the worker must have (its C{--tag}s), e.g.
+            C{{"avx512"}}.
         """
         options = job_options(
             self,
@@ -456,6 +465,8 @@ class ClusterExecutor(futures.Executor):
             expected_duration,
             echo=echo,
             forward_logging=forward_logging,
+            resources=resources,
+            tags=tags,
         )
         return self._submit(fn, tuple(args), dict(kwargs or {}), options)
 
@@ -513,10 +524,15 @@ class ClusterExecutor(futures.Executor):
                 raise
         return entry
 
-    def _mapper(self, fn: Callable) -> Callable[..., futures.Future]:
-        """A submit function for L{map}: C{fn} is pickled once and cached on the workers."""
+    def _mapper(
+        self, fn: Callable, resources: Mapping[str, Any] | None = None, tags: Iterable[str] | None = None
+    ) -> Callable[..., futures.Future]:
+        """
+        A submit function for L{map}: C{fn} is pickled once and cached on
+        the workers; every job asks for C{resources} and C{tags}.
+        """
+        options = job_options(self, None, None, resources=resources, tags=tags)
         cached = pickle_function(fn)
-        options = job_options(self, None, None)
         return lambda fn, *args: self._submit(fn, args, {}, options, cached)
 
     def _session_jobs(self, seqs: list[int]) -> None:
@@ -783,6 +799,8 @@ class ClusterExecutor(futures.Executor):
         chunksize: int | str = 1,
         buffersize: int | None = None,
         progress: bool | dict = False,
+        resources: Mapping[str, Any] | None = None,
+        tags: Iterable[str] | None = None,
     ) -> Iterator[Any]:
         """
         Like L{concurrent.futures.Executor.map}: results in input order.
@@ -802,12 +820,14 @@ class ClusterExecutor(futures.Executor):
             at once.
         @param progress: show a tqdm bar (done, failed, rate, time left);
             a dict is passed on to tqdm as options.
+        @param resources: what each job needs of its worker (see L{submit_with}).
+        @param tags: names each job's worker must have (see L{submit_with}).
 
         C{fn} is pickled once and sent to each worker once (each job carries
         only its arguments), so a function that closes over large data costs
         that data once per worker, not once per job.
         """
-        return self._map(fn, iterables, timeout, chunksize, buffersize, True, progress)
+        return self._map(fn, iterables, timeout, chunksize, buffersize, True, progress, resources, tags)
 
     def map_unordered(
         self,
@@ -817,9 +837,11 @@ class ClusterExecutor(futures.Executor):
         chunksize: int | str = 1,
         buffersize: int | None = None,
         progress: bool | dict = False,
+        resources: Mapping[str, Any] | None = None,
+        tags: Iterable[str] | None = None,
     ) -> Iterator[Any]:
         """Like L{map}, but yield each result as soon as its job (chunk) finishes."""
-        return self._map(fn, iterables, timeout, chunksize, buffersize, False, progress)
+        return self._map(fn, iterables, timeout, chunksize, buffersize, False, progress, resources, tags)
 
     def _map(
         self,
@@ -830,15 +852,17 @@ class ClusterExecutor(futures.Executor):
         buffersize: int | None,
         ordered: bool,
         progress: bool | dict,
+        resources: Mapping[str, Any] | None = None,
+        tags: Iterable[str] | None = None,
     ) -> Iterator[Any]:
         check_chunksize(chunksize)
         submit_chunk = None
         if chunksize != 1:
             chunk_fn = functools.partial(run_chunk, fn)
-            submit = self._mapper(chunk_fn)
+            submit = self._mapper(chunk_fn, resources, tags)
             submit_chunk = functools.partial(submit, chunk_fn)
         return bounded_map(
-            None if chunksize != 1 else self._mapper(fn),
+            None if chunksize != 1 else self._mapper(fn, resources, tags),
             fn,
             iterables,
             timeout=timeout,

@@ -34,7 +34,7 @@ import socket
 import sys
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,7 @@ from cw.core.validation import (
     check_outputs,
     check_range,
     check_registered,
+    check_request,
     check_results,
     check_session,
     check_text,
@@ -301,12 +302,19 @@ def job_options(
     *,
     echo: bool | None = None,
     forward_logging: int | str | None = None,
+    resources: Mapping[str, Any] | None = None,
+    tags: Iterable[str] | None = None,
 ) -> bytes:
     """
     L{P.Job.options} for one job: the given options, else the defaults of
     C{owner} (a L{ClientThread} or L{ClusterExecutor}); checked here so that
-    a bad value raises L{SubmitError} in the caller.
+    a bad value raises L{SubmitError} in the caller.  C{resources} and
+    C{tags}: what the job asks of its worker (L{check_request}).
     """
+    try:
+        resources, tags = check_request(resources, tags)
+    except ValueError as e:
+        raise SubmitError(f"{e}") from None
     if timeout is None:
         timeout = getattr(owner, "timeout", None)
     if max_attempts is None:
@@ -333,6 +341,8 @@ def job_options(
         expected_duration=expected_duration,
         echo=bool(echo) or None,
         log=level,
+        resources=resources or None,
+        tags=tags or None,
     )
 
 

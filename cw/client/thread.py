@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from cw.client.executor import ClusterExecutor, _refuse_after_interpreter_exit
@@ -213,12 +213,14 @@ class ClientThread(threading.Thread):
         expected_duration: float | None = None,
         echo: bool | None = None,
         forward_logging: int | str | None = None,
+        resources: Mapping[str, Any] | None = None,
+        tags: Iterable[str] | None = None,
     ) -> None:
         """
         Like L{submit}, with options for this job: C{timeout} overrides the
         client's default (see L{ClusterExecutor.submit_with}), as do
-        C{max_attempts}, C{priority}, C{expected_duration}, C{echo} and
-        C{forward_logging}.
+        C{max_attempts}, C{priority}, C{expected_duration}, C{echo},
+        C{forward_logging}, C{resources} and C{tags}.
         """
         _refuse_after_interpreter_exit()
         options = job_options(
@@ -229,6 +231,8 @@ class ClientThread(threading.Thread):
             expected_duration,
             echo=echo,
             forward_logging=forward_logging,
+            resources=resources,
+            tags=tags,
         )
         if self._executor is None:
             self.start()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cw.core.records import MAX_PAYLOAD
+from cw.core.resources import Capacity, build_capacity, parse_resource, parse_size
 from cw.errors import OptionError
 
 # --- defaults named elsewhere too ------------------------------------------
@@ -300,7 +301,15 @@ class MasterConfig(Checked):
             found.append("--max-queued-bytes and --max-queued-jobs must be at least 1")
         if self.prefetch < 0 or self.prefetch_seconds < 0:
             found.append("--prefetch and --prefetch-seconds must not be negative")
-        found += _negative(self, "deadline_grace", "stall_timeout", "client_timeout", "heartbeat")
+        found += _negative(
+            self,
+            "deadline_grace",
+            "stall_timeout",
+            "client_timeout",
+            "heartbeat",
+            "reserve_after",
+            "unschedulable_timeout",
+        )
         if not self.web:
             found += [
                 f"--{name.replace('_', '-')} needs --web"
@@ -338,9 +347,31 @@ class WorkerConfig(Checked):
         False, "find the master through SLURM (this user's job cmaster[-$CW_SLURM_CLUSTER])", doc="off"
     )
     insecure: bool = option(False, "skip authentication (only with a master that runs --insecure)", doc="off")
+    cpus: int | None = option(
+        None,
+        "cores jobs may use (default: the cores this process may run on, or SLURM's; at least --procs)",
+        doc="the cores it may use",
+    )
+    memory: str | None = option(
+        None,
+        "memory jobs may ask for, e.g. 64G (default: the cgroup limit, else physical)",
+        doc="all",
+    )
+    gpus: str | None = option(
+        None,
+        "GPUs: a count or ids, e.g. 0,1 (default: $CUDA_VISIBLE_DEVICES, else SLURM's, else none)",
+        doc="those it was given",
+    )
+    resource: tuple[str, ...] = option((), "a custom resource NAME=N jobs may ask for (repeatable)")
+    tag: tuple[str, ...] = option((), "a tag jobs may ask for (repeatable)")
 
     def problems(self) -> list[str]:
-        return ["--procs must be at least 1"] if self.procs is not None and self.procs < 1 else []
+        found = ["--procs must be at least 1"] if self.procs is not None and self.procs < 1 else []
+        try:
+            build_capacity(self.cpus, self.memory, self.gpus, self.resource, self.tag, 1, Capacity(cpus=1))
+        except ValueError as e:
+            found.append(str(e))
+        return found
 
 
 @dataclass(frozen=True)
@@ -414,6 +445,89 @@ class SlurmConfig(Checked):
         metavar="S",
     )
     timeout: float = option(120.0, "stop: seconds to wait for each job to end", metavar="S")
+    pool: tuple[str, ...] = option(
+        (),
+        "start: a pool of workers, its own worker job, instead of -n (repeatable): n workers, each with"
+        " cpus cores, mem memory, gres (e.g. gpu:1), tags and resources NAME=N, e.g."
+        " gpu:n=4,gres=gpu:1,cpus=8,mem=64G,tag=gpu",
+        doc="none",
+        metavar="NAME:KEY=VALUE,...",
+    )
 
     def problems(self) -> list[str]:
-        return _negative(self, "walltime_warning", "wait", "timeout")
+        found = _negative(self, "walltime_warning", "wait", "timeout")
+        for text in self.pool:
+            try:
+                parse_pool(text)
+            except OptionError as e:
+                found.append(str(e))
+        return found
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """
+    One pool of workers on SLURM (C{cw-slurm start --pool NAME:KEY=VALUE,...}):
+    its own worker job of C{n} workers, each with C{cpus} cores
+    (C{--cpus-per-task}), C{mem} memory (a size such as C{64G}), the
+    generic resources C{gres} (C{--gres}, e.g. C{gpu:1}), and the C{tags}
+    and custom C{resources} (C{NAME=N}) its workers advertise.  Parsed by
+    L{parse_pool}; L{spec} gives the text back.
+    """
+
+    name: str
+    n: int = 1
+    cpus: int | None = None
+    mem: str | None = None
+    gres: str | None = None
+    tags: tuple[str, ...] = ()
+    resources: tuple[str, ...] = ()
+
+    def spec(self) -> str:
+        """The definition as C{--pool} takes it."""
+        parts = [f"n={self.n}"]
+        parts += [
+            f"{key}={value}"
+            for key, value in (("cpus", self.cpus), ("mem", self.mem), ("gres", self.gres))
+            if value
+        ]
+        parts += [f"tag={tag}" for tag in self.tags] + [f"resource={r}" for r in self.resources]
+        return f"{self.name}:" + ",".join(parts)
+
+
+def parse_pool(text: str) -> PoolSpec:
+    """
+    A L{PoolSpec} from C{NAME:KEY=VALUE,...} (keys C{n}, C{cpus}, C{mem},
+    C{gres}, C{tag} and C{resource}, the last two repeatable), e.g.
+    C{gpu:n=4,gres=gpu:1,cpus=8,mem=64G,tag=gpu}.  Raises L{OptionError}
+    saying what is wrong.
+    """
+    name, _, rest = text.partition(":")
+    if not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise OptionError(f"--pool {text!r}: start with a name of letters, digits, '_' or '-', then ':'")
+    fields: dict[str, Any] = {"tags": [], "resources": []}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise OptionError(f"--pool {text!r}: {item!r} is not KEY=VALUE")
+        if key in ("n", "cpus"):
+            if not value.isdigit() or int(value) < 1:
+                raise OptionError(f"--pool {text!r}: {key} must be a positive whole number, not {value!r}")
+            fields[key] = int(value)
+        elif key in ("mem", "gres"):
+            fields[key] = value
+        elif key == "tag":
+            fields["tags"].append(value)
+        elif key == "resource":
+            fields["resources"].append(value)
+        else:
+            raise OptionError(f"--pool {text!r}: unknown key {key!r} (n, cpus, mem, gres, tag, resource)")
+    fields["tags"], fields["resources"] = tuple(fields["tags"]), tuple(fields["resources"])
+    try:
+        if "mem" in fields:
+            parse_size(fields["mem"])
+        for resource in fields["resources"]:
+            parse_resource(resource)
+    except ValueError as e:
+        raise OptionError(f"--pool {text!r}: {e}") from None
+    return PoolSpec(name, **fields)

@@ -269,3 +269,60 @@ class Ledger:
         # Keep the order of the capacity, so the lowest free ids go first.
         order = {gpu: i for i, gpu in enumerate(self.capacity.gpus)}
         self.gpus = sorted(self.gpus + list(gpus), key=order.__getitem__)
+
+
+def parse_gpus(value: str) -> tuple[str, ...]:
+    """C{--gpus}: a count (C{"2"}: ids 0 and 1) or comma-separated ids (C{"0,3"})."""
+    value = value.strip()
+    if value.isdigit():
+        return tuple(str(i) for i in range(int(value)))
+    ids = tuple(part.strip() for part in value.split(","))
+    if not all(ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"--gpus takes a count or distinct ids like 0,1, not {value!r}")
+    return ids
+
+
+def parse_resource(text: str) -> tuple[str, float]:
+    """C{--resource NAME=N}: a custom resource and its amount."""
+    name, sep, amount = text.partition("=")
+    try:
+        value = float(amount)
+    except ValueError:
+        value = -1.0
+    if not sep or not name.strip() or not 0 <= value < float("inf"):
+        raise ValueError(f"--resource takes NAME=N (e.g. licenses=4), not {text!r}")
+    return name.strip(), int(value) if value.is_integer() else value
+
+
+def build_capacity(
+    cpus: int | None,
+    memory: str | None,
+    gpus: str | None,
+    resources: Iterable[str],
+    tags: Iterable[str],
+    procs: int,
+    machine: Capacity,
+) -> Capacity:
+    """
+    A worker's capacity from its options (C{None}: not given), with the
+    C{machine}'s detected cores, memory and GPUs as defaults; cores default
+    to at least C{procs}, so that C{--procs} alone keeps meaning the most
+    jobs at once.  Raises L{ValueError} naming the option.
+    """
+    if cpus is not None and cpus < 1:
+        raise ValueError(f"--cpus must be at least 1, not {cpus}")
+    try:
+        size = machine.memory if memory is None else parse_size(memory)
+    except ValueError as e:
+        raise ValueError(f"--memory: {e}") from None
+    custom = dict(parse_resource(text) for text in resources)
+    for name in [*custom, *tags]:
+        if not name or not all(c.isalnum() or c in "_-.:" for c in name) or name in (CPUS, MEMORY, GPUS):
+            raise ValueError(f"not a resource or tag name: {name!r} (letters, digits or '_-.:')")
+    return Capacity(
+        cpus=cpus if cpus is not None else max(machine.cpus, procs),
+        memory=size,
+        gpus=machine.gpus if gpus is None else parse_gpus(gpus),
+        custom=tuple(sorted(custom.items())),
+        tags=frozenset(tags),
+    )

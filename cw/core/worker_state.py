@@ -36,6 +36,13 @@ Rules:
     and their results not sent).
   - A lost master connection drops the queue and kills running jobs (the
     master requeues both).
+  - Resources (L{cw.core.resources}): a sized job comes only when the master
+    found room for it here, so it starts as soon as a job process is free,
+    ahead of queued plain jobs, alone, pinned to as many of the worker's
+    cores as it asked for (the least used ones; only when the worker owns
+    more) and told its GPUs.  A batch of plain jobs takes one core: it
+    starts only while the cores in use (its own and the sized jobs') leave
+    one free.
 
 This module must import nothing but the standard library, L{cw.core} and L{cw.errors}.
 """
@@ -53,12 +60,14 @@ from cw.core.records import (
     Job,
     Outcome,
     Result,
+    encode_options,
     error_report,
     job_size,
     read_options,
     too_big,
     valid_timeout,
 )
+from cw.core.resources import ALLOCATION, Shape, shape_of
 from cw.errors import ReportKind
 
 #: Most jobs handed to one job process in one call.
@@ -153,6 +162,9 @@ class Batch:
     generation: int
     started: float
     cancelled: set[Key] = field(default_factory=set)
+    #: Cores it counts as using, and those it is pinned to.
+    cpus: int = 1
+    cores: tuple[int, ...] = ()
 
 
 class WorkerState:
@@ -165,12 +177,28 @@ class WorkerState:
         timeout (None: no limit).
     @param recycles: job processes are restarted after a number of calls,
         so every job goes alone (the count stays one of jobs).
+    @param cpus: cores jobs may use (default: one per slot).
+    @param cores: the ids of the cores this worker owns, to pin sized jobs to.
     """
 
     def __init__(
-        self, slots: int, host: str = "", job_timeout: float | None = None, recycles: bool = False
+        self,
+        slots: int,
+        host: str = "",
+        job_timeout: float | None = None,
+        recycles: bool = False,
+        cpus: int | None = None,
+        cores: Iterable[int] = (),
     ) -> None:
         self.slots = slots
+        self.cpus = cpus or slots
+        #: Cores counted as in use by running batches.
+        self.cpus_used = 0
+        self.cores = list(cores)
+        #: How many running sized jobs are pinned to each core.
+        self.pinned: dict[int, int] = dict.fromkeys(self.cores, 0)
+        #: Sized jobs in L{queue}.
+        self.queued_sized = 0
         self.host = host
         self.job_timeout = job_timeout
         self.recycles = recycles
@@ -216,13 +244,19 @@ class WorkerState:
         if self.draining:
             return [ReturnJobs(tuple(job.key for job in jobs))] if jobs else []
         self.queue.extend(jobs)
+        self.queued_sized += sum(1 for job in jobs if job.options and shape_of(job) is not None)
         return []
 
     def start_jobs(self, now: float) -> list[Instruction]:
         """Start queued jobs in free job processes; end a drain once nothing runs."""
         out: list[Instruction] = []
         while self.queue and self.calls < self.slots:
-            out.append(self._start(self._take_batch(), now))
+            if self.queued_sized:
+                out.append(self._start_sized(now))
+            elif self.cpus_used < self.cpus:
+                out.append(self._start(self._take_batch(), now))
+            else:
+                break
         if self.draining and not self.running:
             out += self._drained("every running job finished and was reported")
         return out
@@ -255,6 +289,7 @@ class WorkerState:
             if death is not Death.CANCELLED:
                 self.solo.update(job.key for job in again)
             self.queue.extendleft(reversed(again))
+            self._count_sized()
         return out + self._finished(batch, results, now)
 
     def cancel(self, keys: Iterable[Key]) -> list[Instruction]:
@@ -264,6 +299,7 @@ class WorkerState:
         """
         wanted = set(keys)
         self.queue = deque(job for job in self.queue if job.key not in wanted)
+        self._count_sized()
         out: list[Instruction] = []
         hit: dict[int, None] = {}
         for key in wanted:
@@ -287,6 +323,7 @@ class WorkerState:
             return []
         self.draining = True
         unstarted, self.queue = self.queue, deque()
+        self.queued_sized = 0
         out: list[Instruction] = []
         if connected:
             out.append(ReturnJobs(tuple(job.key for job in unstarted)))
@@ -313,6 +350,7 @@ class WorkerState:
         """
         self.generation += 1
         self.queue.clear()
+        self.queued_sized = 0
         self.solo.clear()
         if self.draining:
             # Nothing can be reported any more; the master requeues the rest.
@@ -332,7 +370,9 @@ class WorkerState:
         """
         if self.job_timeout or self.recycles or job.key in self.solo:
             return True
-        return bool(job.options) and valid_timeout(read_options(job).get("timeout"))
+        if not job.options:
+            return False
+        return shape_of(job) is not None or valid_timeout(read_options(job).get("timeout"))
 
     def _take_batch(self) -> list[Job]:
         """
@@ -366,10 +406,34 @@ class WorkerState:
             timeout = self.job_timeout
         return float(timeout) if timeout else None
 
-    def _start(self, jobs: list[Job], now: float) -> StartBatch:
+    def _count_sized(self) -> None:
+        self.queued_sized = sum(1 for job in self.queue if job.options and shape_of(job) is not None)
+
+    def _start_sized(self, now: float) -> StartBatch:
+        """
+        Start the first queued sized job, alone, pinned to the least used
+        of this worker's cores when it owns more than the job asked for
+        (the cores go into the job's allocation, for its job process).
+        """
+        job, shape = next((job, shape_of(job)) for job in self.queue if job.options and shape_of(job))
+        self.queue.remove(job)
+        self.queued_sized -= 1
+        cores: tuple[int, ...] = ()
+        if len(self.cores) > shape.cpus:
+            cores = tuple(sorted(sorted(self.cores, key=self.pinned.__getitem__)[: shape.cpus]))
+            for core in cores:
+                self.pinned[core] += 1
+        options = read_options(job)
+        options[ALLOCATION] = {**options.get(ALLOCATION, {}), "cores": list(cores), "cpus": shape.cpus}
+        job = Job(job.client, job.seq, job.payload, encode_options(**options), job.func)
+        return self._start([job], now, shape, cores)
+
+    def _start(self, jobs: list[Job], now: float, shape: Shape | None = None, cores=()) -> StartBatch:
         batch = self._next_batch
         self._next_batch += 1
-        self.batches[batch] = Batch(tuple(jobs), self.generation, now)
+        cpus = 1 if shape is None else shape.cpus
+        self.cpus_used += cpus
+        self.batches[batch] = Batch(tuple(jobs), self.generation, now, cpus=cpus, cores=tuple(cores))
         for job in jobs:
             self.running_in[job.key] = batch
         self.running += len(jobs)
@@ -378,6 +442,9 @@ class WorkerState:
     def _finished(self, batch: int, results: list[Result], now: float) -> list[Instruction]:
         running = self.batches.pop(batch)
         self.running -= len(running.jobs)
+        self.cpus_used -= running.cpus
+        for core in running.cores:
+            self.pinned[core] -= 1
         if results:
             took = (now - running.started) / len(results)
             self.job_seconds = took if self.job_seconds is None else 0.8 * self.job_seconds + 0.2 * took

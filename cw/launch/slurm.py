@@ -58,8 +58,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cw.core.config import WALLTIME_WARNING as WALLTIME_WARNING
-from cw.core.config import MasterConfig, SlurmConfig, WorkerConfig, parse_argv
+from cw.core.config import MasterConfig, PoolSpec, SlurmConfig, WorkerConfig, parse_argv
 from cw.core.records import PORT
+from cw.core.resources import parse_size
 from cw.discovery import _COMMENT, _info, _read_json, run_slurm
 from cw.discovery import DEFAULT_CLUSTER as DEFAULT_CLUSTER
 from cw.discovery import FINISHED_STATES as FINISHED_STATES
@@ -110,10 +111,22 @@ def recorded_jobs(cluster: str | None = None) -> dict[str, list[str]]:
     return {kind: [str(i) for i in data.get(kind, [])] for kind in ("master", "workers")}
 
 
-def _record_jobs(cluster: str | None, jobs: dict[str, list[str]]) -> None:
+def recorded_pools(cluster: str | None = None) -> dict[str, str]:
+    """The pools of the worker jobs L{start} recorded: C{{job id: pool definition}}."""
+    data = _read_json(cluster_dir(cluster) / "jobs.json") or {}
+    workers = set(recorded_jobs(cluster)["workers"])
+    return {job: spec for job, spec in (data.get("pools") or {}).items() if job in workers}
+
+
+def _record_jobs(
+    cluster: str | None, jobs: dict[str, list[str]], pools: dict[str, str] | None = None
+) -> None:
     path = cluster_dir(cluster) / "jobs.json"
+    if pools is None:
+        pools = recorded_pools(cluster)
+    pools = {job: spec for job, spec in pools.items() if job in jobs["workers"]}
     if jobs["master"] or jobs["workers"]:
-        _write_json(path, jobs)
+        _write_json(path, {**jobs, "pools": pools} if pools else jobs)
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -252,6 +265,7 @@ def worker_script(
     sbatch_options: Sequence[str] = (),
     walltime_warning: int = WALLTIME_WARNING,
     master_wait: float = MASTER_WAIT,
+    pool: PoolSpec | None = None,
 ) -> str:
     """
     The batch script of the worker job: C{--ntasks=nworkers} tasks (one per
@@ -265,7 +279,14 @@ def worker_script(
     C{docker run -i --rm --net=host DOCKER_ARGS IMAGE python3 -m cw.worker
     --master HOST:PORT}, with the secret file mounted read-only at the same
     path (the image must have cw installed).
+
+    With C{pool}, the job is that pool's (L{pool_job}): named
+    C{cworkers[-CLUSTER].POOL}, its size and options from the pool.
     """
+    name = job_names(cluster)[1]
+    if pool is not None:
+        nworkers, worker_options, sbatch_options = pool_job(pool, worker_options, sbatch_options)
+        name = f"{job_names(cluster)[1]}.{pool.name}"
     if nworkers < 1:
         raise SlurmError(f"a worker job needs at least one worker, not {nworkers}")
     cluster = cluster_name(cluster)
@@ -279,7 +300,7 @@ def worker_script(
         options = ["--drain-timeout", str(max(walltime_warning - 30, walltime_warning // 2)), *options]
     if secret_file and "secret_file" not in given:
         options = ["--secret-file", str(Path(secret_file).absolute()), *options]
-    lines = _header(job_names(cluster)[1], directory / "workers-%j.log", time_limit, partition)
+    lines = _header(name, directory / "workers-%j.log", time_limit, partition)
     lines.append(f"#SBATCH --ntasks={nworkers}")
     if isolated:
         lines.append("#SBATCH --ntasks-per-node=1")
@@ -302,6 +323,33 @@ def worker_script(
         command = [python, "-m", "cw.worker", "--slurm", "--slurm-wait", f"{master_wait:g}"]
         lines.append(f"srun {shlex.join(command)} {quoted}")
     return "\n".join(lines) + "\n"
+
+
+def pool_job(
+    pool: PoolSpec, worker_options: Sequence[str], sbatch_options: Sequence[str]
+) -> tuple[int, list[str], list[str]]:
+    """
+    A pool's worker job: how many workers, their options (its tags, custom
+    resources and memory, which SLURM's environment does not tell them)
+    and the job's sbatch options (C{--cpus-per-task}, C{--mem-per-cpu},
+    C{--gres}, with one worker per node so that a node's GPUs are its
+    worker's).  Cores and GPUs the workers find in SLURM's environment.
+    """
+    options = list(worker_options)
+    for tag in pool.tags:
+        options += ["--tag", tag]
+    for resource in pool.resources:
+        options += ["--resource", resource]
+    sbatch = list(sbatch_options)
+    if pool.cpus:
+        sbatch.append(f"--cpus-per-task={pool.cpus}")
+    if pool.mem:
+        options += ["--memory", pool.mem]
+        per_cpu = -(-parse_size(pool.mem) // (pool.cpus or 1))
+        sbatch.append(f"--mem-per-cpu={-(-per_cpu >> 20)}M")
+    if pool.gres:
+        sbatch += [f"--gres={pool.gres}", "--ntasks-per-node=1"]
+    return pool.n, options, sbatch
 
 
 def submit(script: str, directory: Path) -> str:
@@ -340,6 +388,7 @@ def start(
     wait: bool = True,
     timeout: float = 300,
     master_time: str | None = _DEFAULTS.master_time,
+    pools: Sequence[PoolSpec] = (),
 ) -> str | None:
     """
     Submit the cluster's master job and a worker job of C{nworkers} workers
@@ -356,6 +405,10 @@ def start(
     L{SlurmError} if the cluster's master job is already active and
     C{master} is set, or if the master does not listen in time (the jobs
     this call submitted are then cancelled again).
+
+    With C{pools} (L{PoolSpec}, C{--pool}), each pool is a worker job of
+    its own instead of the one of C{nworkers}; their ids and definitions
+    are recorded (L{recorded_pools}).
     """
     cluster = cluster_name(cluster)
     directory = cluster_dir(cluster)
@@ -388,24 +441,29 @@ def start(
         jobs["master"] = [submit(script, directory)]
         submitted += jobs["master"]
         _record_jobs(cluster, jobs)
-    if workers and nworkers > 0:
+    if workers and (nworkers > 0 or pools):
         if procs is not None:
             worker_options = ["--procs", str(procs), *worker_options]
-        script = worker_script(
-            nworkers,
-            cluster,
-            worker_options,
-            isolated=isolated,
-            docker_image=docker_image,
-            docker_args=docker_args,
-            sbatch_options=worker_sbatch,
-            walltime_warning=walltime_warning,
-            master_wait=master_wait,
-            **common,
-        )
-        submitted.append(submit(script, directory))
-        jobs["workers"] = [*active_jobs(jobs["workers"]), submitted[-1]]
-        _record_jobs(cluster, jobs)
+        pool_ids = recorded_pools(cluster)
+        for pool in pools or [None]:
+            script = worker_script(
+                nworkers,
+                cluster,
+                worker_options,
+                isolated=isolated,
+                docker_image=docker_image,
+                docker_args=docker_args,
+                sbatch_options=worker_sbatch,
+                walltime_warning=walltime_warning,
+                master_wait=master_wait,
+                pool=pool,
+                **common,
+            )
+            submitted.append(submit(script, directory))
+            if pool is not None:
+                pool_ids[submitted[-1]] = pool.spec()
+            jobs["workers"] = [*active_jobs(jobs["workers"]), submitted[-1]]
+            _record_jobs(cluster, jobs, pool_ids)
     if not wait:
         return None
     try:

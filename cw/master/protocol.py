@@ -20,6 +20,7 @@ from cw.core.validation import (
     MAX_AWAIT,
     MAX_PROBE_TIMEOUT,
     MAX_SLOTS,
+    check_capacity,
     check_context,
     check_function_key,
     check_jobs,
@@ -226,10 +227,11 @@ class MasterProtocol(
         return {}
 
     @P.RegisterWorker.responder
-    def register_worker(self, version, host, pid, slots, launch=None, versions=None):
+    def register_worker(self, version, host, pid, slots, launch=None, versions=None, capacity=None):
         self._check_version(version)
         name = check_peer(host, pid)
         check_range("slots", slots, 1, MAX_SLOTS)
+        resources = None if capacity is None else check_capacity(capacity)
         if launch is not None:
             check_text("launch", launch, 200)
         versions = check_versions(versions)
@@ -237,7 +239,7 @@ class MasterProtocol(
         self.peer_name = name
         #: The adaptive pool's launch this worker belongs to, if any.
         self.launch = launch
-        self.peer_id = self.master.worker_joined(self, slots, versions)
+        self.peer_id = self.master.worker_joined(self, slots, versions, resources)
         self.role = "worker"
         return {"worker_id": self.peer_id, "max_payload": self.master.max_payload}
 

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from cw.core.config import MasterConfig
 from cw.core.flow import FlowControl
 from cw.core.limits import Admission, default_max_pending, default_per_address
+from cw.core.resources import Capacity
 from cw.core.routing import Routing, SendContext
 from cw.core.scheduler import Scheduler, Unsent
 from cw.core.versions import CONTEXT_KEY, incompatible, short
@@ -325,8 +326,14 @@ class Master:
             self.schedule_dispatch()
         return dropped, sum(len(keys) for keys in kill.values())
 
-    def worker_joined(self, proto: MasterProtocol, slots: int, versions: dict | None = None) -> int:
-        wid = self.scheduler.add_worker(slots, proto.peer_name)
+    def worker_joined(
+        self,
+        proto: MasterProtocol,
+        slots: int,
+        versions: dict | None = None,
+        capacity: Capacity | None = None,
+    ) -> int:
+        wid = self.scheduler.add_worker(slots, proto.peer_name, capacity)
         self.workers[wid] = proto
         proto.versions = versions
         self.routing.worker_joined(wid)
@@ -347,10 +354,11 @@ class Master:
         if self.worker_beats is not None:
             self.worker_beats.watch(proto)
         log.info(
-            "Worker {wid} joined from {peer} with {slots} slots ({n} workers)",
+            "Worker {wid} joined from {peer} with {slots} slots, {capacity} ({n} workers)",
             wid=wid,
             peer=proto.peer_name,
             slots=slots,
+            capacity=self.scheduler.worker(wid).resources.describe(),
             n=len(self.workers),
         )
         self._wake_worker_waiters()
@@ -817,6 +825,7 @@ class Master:
             "state": None if self.durable is None else self.durable.status(),
             "uptime": self.clock.seconds() - self.started,
             "queued": s.queued,
+            "unschedulable": sum(s.unschedulable().values()),
             "completed": s.completed,
             "rate": self.rate(),
             "dashboard": self.dashboard,
@@ -832,6 +841,8 @@ class Master:
                     "completed": w.completed,
                     "failed": w.failed,
                     "versions": self.workers[w.id].versions,
+                    "capacity": w.resources.to_json(),
+                    "free": {"cpus": w.ledger.cpus - w.ledger.plain, "gpus": list(w.ledger.gpus)},
                 }
                 for w in s.workers()
             ],

@@ -258,6 +258,12 @@ def render_metrics(status: dict) -> str:
         ),
         ("cw_jobs_queued", "gauge", "Jobs waiting for a worker.", [({}, status.get("queued", 0))]),
         (
+            "cw_jobs_unschedulable",
+            "gauge",
+            "Queued jobs that no connected worker could run.",
+            [({}, status.get("unschedulable", 0))],
+        ),
+        (
             "cw_jobs_rate",
             "gauge",
             "Jobs completed per second over the last minute.",

@@ -220,3 +220,24 @@ def append_line(path, line):
 def allocate(mib):
     """Allocate C{mib} MiB (a MemoryError past the worker's --memory-limit); return the bytes."""
     return len(bytearray(mib << 20))
+
+
+def probe(seconds=0.0):
+    """
+    What a job sees of its resources: the worker that ran it, the devices
+    and thread counts in its environment, its affinity, and when it ran.
+    """
+    start = time.time()
+    time.sleep(seconds)
+    return {
+        "worker": os.getppid(),
+        "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "rocr": os.environ.get("ROCR_VISIBLE_DEVICES"),
+        "omp": os.environ.get("OMP_NUM_THREADS"),
+        "mkl": os.environ.get("MKL_NUM_THREADS"),
+        "openblas": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "slurm_cpus": os.environ.get("SLURM_CPUS_PER_TASK"),
+        "start": start,
+        "end": time.time(),
+    }

@@ -72,3 +72,56 @@ class PythonPathTests(unittest.TestCase):
         self.assertEqual(env["A"], "1")
         self.assertTrue(os.path.isdir(os.path.join(system.CW_ROOT, "cw")))
         self.assertEqual(system.with_cw_on_path({})["PYTHONPATH"], system.CW_ROOT)
+
+
+class MachineResourceTests(unittest.TestCase):
+    """What a worker finds it has, from fake environments and cgroup files."""
+
+    def test_cpus(self):
+        self.assertEqual(system.detect_cpus({}, [0, 1, 2, 3]), 4)
+        self.assertEqual(
+            system.detect_cpus({"SLURM_CPUS_PER_TASK": "2", "SLURM_CPUS_ON_NODE": "3"}, [0, 1, 2, 3]), 2
+        )
+        self.assertEqual(system.detect_cpus({"SLURM_CPUS_ON_NODE": "3"}, [0, 1, 2, 3]), 3)
+        self.assertEqual(system.detect_cpus({"SLURM_CPUS_ON_NODE": "16"}, [0, 1]), 2)
+        self.assertEqual(system.detect_cpus({"SLURM_CPUS_PER_TASK": "x"}, [5]), 1)
+        self.assertEqual(system.detect_cpus({"SLURM_CPUS_PER_TASK": "8"}, [0, 1]), 8)
+
+    def test_gpus(self):
+        self.assertEqual(system.detect_gpus({}), ())
+        self.assertEqual(
+            system.detect_gpus({"CUDA_VISIBLE_DEVICES": "2,3", "SLURM_JOB_GPUS": "0"}), ("2", "3")
+        )
+        self.assertEqual(system.detect_gpus({"CUDA_VISIBLE_DEVICES": ""}), ())
+        self.assertEqual(system.detect_gpus({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}), ())
+        self.assertEqual(system.detect_gpus({"CUDA_VISIBLE_DEVICES": "-1"}), ())
+        self.assertEqual(system.detect_gpus({"SLURM_STEP_GPUS": "1", "SLURM_JOB_GPUS": "0,1"}), ("1",))
+        self.assertEqual(system.detect_gpus({"SLURM_JOB_GPUS": "0,1"}), ("0", "1"))
+
+    def cgroup(self, lines: str, files: dict[str, str]):
+        root = Path(self.mktemp())
+        root.mkdir(parents=True)
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        proc = root / "proc-cgroup"
+        proc.write_text(lines)
+        return system.cgroup_memory_limit(proc, root)
+
+    def test_cgroup_v2(self):
+        self.assertEqual(self.cgroup("0::/job/step\n", {"job/step/memory.max": "1073741824\n"}), 1 << 30)
+        self.assertIsNone(self.cgroup("0::/job\n", {"job/memory.max": "max\n"}))
+        self.assertIsNone(self.cgroup("0::/\n", {}))
+
+    def test_cgroup_v1(self):
+        lines = "4:memory:/slurm/uid_0/job_7\n3:cpu,cpuacct:/slurm\n"
+        files = {"memory/slurm/uid_0/job_7/memory.limit_in_bytes": "2147483648"}
+        self.assertEqual(self.cgroup(lines, files), 2 << 30)
+        unlimited = {"memory/slurm/uid_0/job_7/memory.limit_in_bytes": str((1 << 63) - 4096)}
+        self.assertIsNone(self.cgroup(lines, unlimited))
+
+    def test_memory(self):
+        self.assertEqual(system.detect_memory({}, None, 8 << 30), 8 << 30)
+        self.assertEqual(system.detect_memory({}, 2 << 30, 8 << 30), 2 << 30)
+        self.assertEqual(system.detect_memory({"SLURM_MEM_PER_NODE": "1024"}, None, 8 << 30), 1 << 30)
+        self.assertGreater(system.physical_memory(), 0)

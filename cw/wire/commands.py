@@ -347,8 +347,11 @@ class ProbeWorkers(amp.Command):
 
 class RegisterWorker(amp.Command):
     """
-    First command of a worker connection: who it is and how many slots;
-    C{versions}, as for L{RegisterClient} (L{cw.wire.versions.worker_versions}).
+    First command of a worker connection: who it is and how many slots
+    (the most jobs it runs at once); C{versions}, as for L{RegisterClient}
+    (L{cw.wire.versions.worker_versions}); C{capacity}, what it has
+    (L{cw.core.resources.Capacity.to_json}: cores, memory, GPU ids, custom
+    resources, tags; default a core per slot).
     """
 
     arguments = [
@@ -359,6 +362,7 @@ class RegisterWorker(amp.Command):
         # The adaptive pool's launch this worker belongs to (cw.master.pool).
         (b"launch", amp.Unicode(optional=True)),
         (b"versions", JSON(optional=True)),
+        (b"capacity", JSON(optional=True)),
     ]
     response = [(b"worker_id", amp.Integer()), (b"max_payload", amp.Integer())]
     errors = {VersionMismatch: b"VERSION_MISMATCH"}

@@ -23,9 +23,21 @@ def twistd_parameters(config: type) -> tuple[list[list[Any]], list[list[Any]]]:
     for o in options(config):
         if o.kind is bool:
             flags.append([o.long, o.short, o.help])
+        elif o.kind is tuple:
+            continue  # repeatable: an opt_ method (see ConfigOptions)
         else:
             parameters.append([o.long, o.short, o.default, o.help, None if o.kind is str else o.kind])
     return parameters, flags
+
+
+def _repeatable(name: str, help: str):
+    """An C{opt_} method collecting every value of the option C{--name}."""
+
+    def collect(self, value: str) -> None:
+        self[name] = (*self.get(name, ()), value)
+
+    collect.__doc__ = help
+    return collect
 
 
 class ConfigOptions(usage.Options):
@@ -43,6 +55,9 @@ class ConfigOptions(usage.Options):
         super().__init_subclass__(**kwargs)
         if "config_class" in cls.__dict__:
             cls.optParameters, cls.optFlags = twistd_parameters(cls.config_class)
+            for o in options(cls.config_class):
+                if o.kind is tuple:
+                    setattr(cls, "opt_" + o.long.replace("-", "_"), _repeatable(o.long, o.help))
 
     def postOptions(self) -> None:
         """Check the values: a bad one is a L{usage.UsageError} with the config's one-line message."""
@@ -55,6 +70,9 @@ class ConfigOptions(usage.Options):
         """The parsed options as an instance of C{config_class}."""
         values = {}
         for o in options(self.config_class):
+            if o.kind is tuple:
+                values[o.name] = tuple(self.get(o.long, o.default))
+                continue
             value = self[o.long]
             values[o.name] = bool(value) if o.kind is bool else value
         return self.config_class(**values)

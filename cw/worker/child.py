@@ -8,6 +8,13 @@ here, and only here: the worker and master never unpickle user data.
 Whatever a job leaves running is killed when it returns
 (L{cw.worker.containment}).
 
+A job that asked for resources (L{cw.core.resources}) runs with exactly
+what it was given (L{job_limits}): C{CUDA_VISIBLE_DEVICES} and
+C{ROCR_VISIBLE_DEVICES} its GPUs, an affinity of its cores, its cpus as
+C{OMP_NUM_THREADS}, C{MKL_NUM_THREADS} and C{OPENBLAS_NUM_THREADS}, and an
+address-space limit of its memory beyond what the process used before;
+all restored once it returns.
+
 Functions that jobs share (C{ClusterExecutor.map}) arrive once and are kept
 in a small cache, least recently used first out, unpickled once in the
 context of the first job that uses them.  The worker's
@@ -19,18 +26,22 @@ Layer rule (cw.worker): imports cw.discovery and below; never cw.client, cw.mast
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import resource
 import socket
 import sys
 import traceback
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import cloudpickle
 from ampoule.child import AMPChild
 
 from cw.core.config import OUTPUT_LIMIT
+from cw.core.resources import allocation_of, format_size, shape_of
 from cw.errors import exception_fields
 from cw.wire import commands as P
 from cw.wire.streaming import ChunkReceiver, StreamingSender
@@ -240,7 +251,10 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
                     pass  # run_payload reports it
                 function = cached.get()
             watcher = watch(output, job) if job.options and output is not None else None
-            status, payload = run_payload(cwd, path, job.payload, function)
+            with job_limits(job) as memory:
+                status, payload = run_payload(cwd, path, job.payload, function)
+            if memory and status == P.Outcome.RAISED:
+                payload = explain_memory_error(payload, memory)
             if watcher is not None:
                 watcher.stop()
             leftovers = kill_leftovers()
@@ -274,6 +288,89 @@ def watch(output: OutputCapture, job: P.Job) -> Watcher | None:
     if not echo and level is None:
         return None
     return output.watch(job.client, job.seq, echo, level)
+
+
+#: Environment variables that tell numerical libraries how many threads to start.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+#: Environment variables that select GPUs (NVIDIA's and AMD's).
+GPU_VARIABLES = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES")
+
+
+def _virtual_size() -> int:
+    """This process's address-space size in bytes (0 if unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+@contextlib.contextmanager
+def job_limits(job: P.Job) -> Iterator[int]:
+    """
+    Run the body with what a sized job was given (see the module
+    docstring); yields the bytes of memory it asked for (0: no limit).
+    Plain jobs run as they are.
+    """
+    shape = shape_of(job) if job.options else None
+    if shape is None:
+        yield 0
+        return
+    allocation = allocation_of(job)
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES + GPU_VARIABLES}
+    gpus = ",".join(str(gpu) for gpu in allocation.get("gpus", []))
+    for name in GPU_VARIABLES:
+        os.environ[name] = gpus
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(shape.cpus)
+    affinity = None
+    cores = allocation.get("cores") or []
+    if cores and hasattr(os, "sched_setaffinity"):
+        affinity = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, cores)
+    limits = None
+    if shape.memory:
+        limits = resource.getrlimit(resource.RLIMIT_AS)
+        soft = _virtual_size() + shape.memory
+        if limits[1] != resource.RLIM_INFINITY:
+            soft = min(soft, limits[1])
+        if limits[0] != resource.RLIM_INFINITY:
+            soft = min(soft, limits[0])
+        resource.setrlimit(resource.RLIMIT_AS, (soft, limits[1]))
+    try:
+        yield shape.memory
+    finally:
+        if limits is not None:
+            resource.setrlimit(resource.RLIMIT_AS, limits)
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def explain_memory_error(payload: bytes, memory: int) -> bytes:
+    """A job's C{MemoryError} report, saying it went past the memory it asked for."""
+    report = json.loads(payload)
+    if report.get("type") != "MemoryError":
+        return payload
+    report["message"] = (
+        f"the job asked for memory={format_size(memory)} and went past it (its address-space limit"
+        f" on {socket.gethostname()}); ask for more memory in its resources"
+        + (f" ({report['message']})" if report.get("message") else "")
+    )
+    report["memory"] = memory
+    lines = report.get("traceback", "").rstrip().splitlines()
+    if lines and lines[-1].startswith("MemoryError"):
+        lines[-1] = f"MemoryError: {report['message']}"
+        report["traceback"] = "\n".join(lines) + "\n"
+    return json.dumps(report).encode("utf-8")
 
 
 def _missing() -> Exception:

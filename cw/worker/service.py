@@ -39,6 +39,7 @@ from twisted.python import usage
 from cw import discovery
 from cw.core.config import OUTPUT_LIMIT, WorkerConfig
 from cw.core.liveness import MasterSilent, MasterWatch, Recheck
+from cw.core.resources import Capacity, build_capacity
 from cw.core.validation import (
     MAX_NUMBER,
     MAX_REASON,
@@ -64,7 +65,15 @@ from cw.core.worker_state import (
     WorkerState,
 )
 from cw.errors import AuthenticationFailed, BadCommand, ReportKind
-from cw.system import with_cw_on_path
+from cw.system import (
+    affinity_cores,
+    cgroup_memory_limit,
+    detect_cpus,
+    detect_gpus,
+    detect_memory,
+    physical_memory,
+    with_cw_on_path,
+)
 from cw.wire import commands as P
 from cw.wire.address import client_description, client_endpoint
 from cw.wire.auth import AuthGate, authenticate, refused_retry_delay
@@ -129,15 +138,35 @@ def crash_report(reason) -> bytes:
     )
 
 
+def machine_capacity(env=os.environ) -> Capacity:
+    """
+    What this machine, or SLURM allocation, gives a worker when its options
+    do not say: the cores it may run on (SLURM's), the cgroup memory limit
+    else physical memory, and the GPUs it was given.
+    """
+    return Capacity(
+        cpus=detect_cpus(env, affinity_cores()),
+        memory=detect_memory(env, cgroup_memory_limit(), physical_memory()),
+        gpus=detect_gpus(env),
+    )
+
+
 def join_master(
-    proto: amp.AMP, secret: bytes | None, address: str, slots: int, versions: dict | None = None
+    proto: amp.AMP,
+    secret: bytes | None,
+    address: str,
+    slots: int,
+    versions: dict | None = None,
+    capacity: Capacity | None = None,
 ) -> defer.Deferred:
     """
     Authenticate C{proto}, a new connection to the master at C{address},
-    and register it as a worker with C{slots} slots and C{versions}
-    (L{worker_versions}).  Fires with the L{P.RegisterWorker} answer
+    and register it as a worker with C{slots} slots, C{versions}
+    (L{worker_versions}) and C{capacity} (default: a core per slot).
+    Fires with the L{P.RegisterWorker} answer
     (worker id and the master's payload limit).
     """
+    capacity = capacity or Capacity(cpus=slots)
     d = authenticate(proto, secret, "worker", address)
     d.addCallback(
         lambda _: proto.callRemote(
@@ -148,6 +177,7 @@ def join_master(
             slots=slots,
             launch=launch_id(os.environ),
             versions=versions,
+            capacity=capacity.to_json(),
         )
     )
     d.addCallback(_checked_registration)
@@ -195,7 +225,12 @@ class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
             self.transport.loseConnection()  # stopping: join no master
             return
         d = join_master(
-            self, self.worker.secret, self.worker.address, self.worker.procs, self.worker.versions
+            self,
+            self.worker.secret,
+            self.worker.address,
+            self.worker.procs,
+            self.worker.versions,
+            self.worker.capacity,
         )
         d.addCallbacks(self._registered, self._refused)
 
@@ -288,15 +323,30 @@ class Worker:
     @param clock: all the worker's time (C{IReactorTime}).
     """
 
-    def __init__(self, pool, procs: int, clock, secret: bytes | None = None, address: str = "") -> None:
+    def __init__(
+        self,
+        pool,
+        procs: int,
+        clock,
+        secret: bytes | None = None,
+        address: str = "",
+        capacity: Capacity | None = None,
+        cores: list[int] = (),
+    ) -> None:
         self.clock = clock
+        #: What this worker advertises (default: a core per slot).
+        self.capacity = capacity or Capacity(cpus=procs)
         #: The shared secret the master must prove it holds; None: --insecure.
         self.secret = secret
         self.address = address
         self.pool = pool
         self.procs = procs
         self.state = WorkerState(
-            procs, host=socket.gethostname(), recycles=bool(getattr(pool, "recycleAfter", 0))
+            procs,
+            host=socket.gethostname(),
+            recycles=bool(getattr(pool, "recycleAfter", 0)),
+            cpus=self.capacity.cpus,
+            cores=cores,
         )
         self.proto: WorkerProtocol | None = None
         self.worker_id = 0
@@ -402,10 +452,11 @@ class Worker:
         proto.last_heard = self.clock.seconds()
         peer = proto.transport.getPeer()
         log.info(
-            "Registered with the master at {peer} as worker {wid} with {n} slots",
+            "Registered with the master at {peer} as worker {wid} with {n} slots, {capacity}",
             peer=getattr(peer, "host", peer),
             wid=worker_id,
             n=self.procs,
+            capacity=self.capacity.describe(),
         )
 
     def heartbeat_received(self, proto: WorkerProtocol) -> None:
@@ -929,8 +980,14 @@ class WorkerService(service.MultiService):
         drain_timeout: float = _DEFAULTS.drain_timeout,
         reconnect_delay: float = _DEFAULTS.reconnect_delay,
         output_limit: int = _DEFAULTS.output_limit,
+        cpus: int | None = _DEFAULTS.cpus,
+        memory: str | None = _DEFAULTS.memory,
+        gpus: str | None = _DEFAULTS.gpus,
+        resource: tuple[str, ...] = _DEFAULTS.resource,
+        tag: tuple[str, ...] = _DEFAULTS.tag,
         *,
         reactor,
+        machine: Capacity | None = None,
     ) -> None:
         super().__init__()
         self.output_limit = output_limit
@@ -943,7 +1000,12 @@ class WorkerService(service.MultiService):
         self.recycle_memory = recycle_memory
         self.secret = secret
         self.master_address = client_description(master)
-        self.procs = procs or os.cpu_count() or 1
+        machine = machine or machine_capacity()
+        self.procs = procs or machine.cpus
+        #: What this worker advertises; raises ValueError for a bad option.
+        self.capacity = build_capacity(cpus, memory, gpus, resource, tag, self.procs, machine)
+        #: The cores it owns, to pin jobs that ask for fewer to.
+        self.cores = affinity_cores()[: self.capacity.cpus]
         self.recycle_after = recycle_after
         self.pool = None
         self.worker: Worker | None = None
@@ -979,7 +1041,15 @@ class WorkerService(service.MultiService):
             max_rss=self.recycle_memory << 20,
             clock=reactor,
         )
-        self.worker = Worker(self.pool, self.procs, reactor, secret=self.secret, address=self.master_address)
+        self.worker = Worker(
+            self.pool,
+            self.procs,
+            reactor,
+            secret=self.secret,
+            address=self.master_address,
+            capacity=self.capacity,
+            cores=self.cores,
+        )
         self.worker.job_timeout = self.job_timeout
         self.worker.master_timeout = self.master_timeout
         self.worker.reconnect_delay = self.reconnect_delay
@@ -993,8 +1063,9 @@ class WorkerService(service.MultiService):
         self.client_service = ClientService(endpoint, factory, retryPolicy=self.worker.retry_delay)
         self.client_service.setServiceParent(self)
         log.info(
-            "cw worker starting {n} job processes; master at {master}",
+            "cw worker starting {n} job processes ({capacity}); master at {master}",
             n=self.procs,
+            capacity=self.capacity.describe(),
             master=self.master_address,
         )
         self.pool.start()

@@ -552,3 +552,12 @@ class OutputOptionTests(SynchronousTestCase):
             out.getvalue(), "[#3 n7] one\n[#4 n8] other job\n[#3 n7] two \u2603\n[#3 n7] three\n"
         )
         self.assertEqual(err.getvalue(), "[#3 n7] an error\n")
+
+
+class ResourceRequestTests(SynchronousTestCase):
+    """What a job asks for is checked where it is submitted."""
+
+    def test_client_refuses_bad_request(self):
+        e = self.assertRaises(SubmitError, job_options, None, None, None, resources={"memory": "16Q"})
+        self.assertIn("16Q", str(e))
+        self.assertEqual(job_options(None, None, None, resources={"cpus": 1}, tags=()), b"")

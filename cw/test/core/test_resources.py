@@ -410,3 +410,87 @@ class FairQueueShapeTests(SynchronousTestCase):
             q.append(job)
         self.assertEqual([j.seq for j in q.remove_shapes({Shape(cpus=4)})], [3])
         self.assertEqual((len(q), q.sized), (2, 1))
+
+
+class WorkerCapacityTests(SynchronousTestCase):
+    """A worker's capacity from its options, with the machine's as defaults."""
+
+    machine = Capacity(2, 8 << 30, ("3",))
+
+    def build(self, cpus=None, memory=None, gpus=None, resources=(), tags=(), procs=1):
+        from cw.core.resources import build_capacity
+
+        return build_capacity(cpus, memory, gpus, resources, tags, procs, self.machine)
+
+    def test_defaults_from_machine(self):
+        self.assertEqual(self.build(), self.machine)
+
+    def test_cpus_at_least_procs(self):
+        self.assertEqual(self.build(procs=6).cpus, 6)
+        self.assertEqual(self.build(cpus=1, procs=6).cpus, 1)
+
+    def test_options(self):
+        capacity = self.build(4, "64G", "0,1", ["licenses=2", "tokens=0.5"], ["gpu", "avx512"])
+        self.assertEqual(
+            capacity,
+            Capacity(
+                4, 64 << 30, ("0", "1"), (("licenses", 2), ("tokens", 0.5)), frozenset({"gpu", "avx512"})
+            ),
+        )
+        self.assertEqual(self.build(gpus="3").gpus, ("0", "1", "2"))
+        self.assertEqual(self.build(gpus="0").gpus, ())
+
+    def test_bad_options(self):
+        for kwargs, text in [
+            ({"memory": "lots"}, "--memory"),
+            ({"gpus": "0,0"}, "--gpus"),
+            ({"gpus": "0,,1"}, "--gpus"),
+            ({"resources": ["licenses"]}, "--resource"),
+            ({"resources": ["licenses=x"]}, "--resource"),
+            ({"tags": ["a b"]}, "'a b'"),
+            ({"cpus": 0}, "--cpus"),
+        ]:
+            e = self.assertRaises(ValueError, self.build, **kwargs)
+            self.assertIn(text, str(e))
+
+    def test_repeatable_options(self):
+        from cw.core.config import WorkerConfig, parse_argv
+
+        given, _ = parse_argv(
+            WorkerConfig, ["--tag", "a", "--resource", "x=1", "--tag=b", "--gpus", "0,1"], "cw-worker"
+        )
+        self.assertEqual(given, {"tag": ("a", "b"), "resource": ("x=1",), "gpus": "0,1"})
+
+
+class WorkerSideTests(SynchronousTestCase):
+    """The worker's own rules (L{cw.core.worker_state}) for sized jobs."""
+
+    def test_sized_job_starts_first_alone_and_pinned(self):
+        from cw.core.worker_state import StartBatch, WorkerState
+
+        state = WorkerState(4, cpus=4, cores=[0, 1, 2, 3])
+        state.job_seconds = 0.001  # short jobs: plain ones are batched
+        jobs = [plain(1), plain(2), sized(3, cpus=2), plain(4)]
+        state.jobs_arrived([Job(1, j.seq, j.payload, j.options) for j in jobs])
+        started = [i for i in state.start_jobs(0.0) if isinstance(i, StartBatch)]
+        self.assertEqual([j.seq for j in started[0].jobs], [3])
+        self.assertEqual(allocation_of(started[0].jobs[0])["cores"], [0, 1])
+        self.assertEqual(state.cpus_used, 2 + len(started) - 1)
+        second = WorkerState(4, cpus=4, cores=[0, 1, 2, 3])
+        second.jobs_arrived(
+            [Job(1, 1, b"", sized(1, cpus=2).options), Job(1, 2, b"", sized(2, cpus=2).options)]
+        )
+        a, b = second.start_jobs(0.0)
+        self.assertEqual([allocation_of(x.jobs[0])["cores"] for x in (a, b)], [[0, 1], [2, 3]])
+        second.batch_finished(a.batch, [], 1.0)
+        self.assertEqual(second.pinned, {0: 0, 1: 0, 2: 1, 3: 1})
+
+    def test_plain_batches_limited_by_cpus(self):
+        from cw.core.worker_state import StartBatch, WorkerState
+
+        state = WorkerState(4, cpus=2)
+        state.jobs_arrived([Job(1, i, b"") for i in range(1, 6)])
+        started = [i for i in state.start_jobs(0.0) if isinstance(i, StartBatch)]
+        self.assertEqual(len(started), 2)
+        more = state.batch_finished(started[0].batch, [Result(1, 1, Outcome.OK, b"")], 1.0)
+        self.assertEqual(len([i for i in more if isinstance(i, StartBatch)]), 1)

@@ -452,7 +452,7 @@ class BadInputTests(unittest.TestCase):
             valid = [
                 raw_box(Challenge, role="client", nonce=os.urandom(32)),
                 raw_box(P.SubmitJobs, jobs=[P.Job(0, 1, b"x" * 100)]),
-                raw_box(P.RegisterWorker, version=1, host="h", pid=1, slots=2),
+                raw_box(P.RegisterWorker, version=1, host="h", pid=1, slots=2, capacity={"cpus": 2}),
                 raw_box(P.GetStatus),
             ]
 

@@ -96,6 +96,37 @@ class ScriptTests(unittest.TestCase):
         first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
         self.assertFalse([line for line in lines[first_command:] if line.startswith("#SBATCH")])
 
+    def test_pool_jobs(self):
+        """
+        --pool: each pool its own worker job, named after it, with its
+        cores, memory and GRES for SLURM and its tags, custom resources and
+        memory for its workers.
+        """
+        from cw.core.config import parse_pool
+
+        gpu = parse_pool("gpu:n=4,gres=gpu:1,cpus=8,mem=64G,tag=gpu,tag=fast,resource=licenses=2")
+        self.assertEqual(
+            (gpu.name, gpu.n, gpu.cpus, gpu.mem, gpu.gres, gpu.tags, gpu.resources),
+            ("gpu", 4, 8, "64G", "gpu:1", ("gpu", "fast"), ("licenses=2",)),
+        )
+        self.assertEqual(parse_pool(gpu.spec()), gpu)
+        lines = self.worker(1, cluster="c", pool=gpu).splitlines()
+        for line in [
+            "#SBATCH --job-name=cworkers-c.gpu",
+            "#SBATCH --ntasks=4",
+            "#SBATCH --cpus-per-task=8",
+            "#SBATCH --mem-per-cpu=8192M",
+            "#SBATCH --gres=gpu:1",
+            "#SBATCH --ntasks-per-node=1",
+        ]:
+            self.assertIn(line, lines)
+        self.assertIn("--tag gpu --tag fast --resource licenses=2 --memory 64G", lines[-1])
+        cpu = self.worker(1, pool=parse_pool("cpu:n=32")).splitlines()
+        self.assertIn("#SBATCH --ntasks=32", cpu)
+        self.assertFalse([line for line in cpu if "cpus-per-task" in line or "--gres" in line])
+        for bad in [":n=1", "gpu:n=0", "gpu:n=x", "gpu:mem=lots", "gpu:colour=red", "gpu:resource=x"]:
+            self.assertRaises(OptionError, parse_pool, bad)
+
     def test_isolated(self):
         """-i: one worker per node."""
         self.assertIn("#SBATCH --ntasks-per-node=1", self.worker(8, isolated=True).splitlines())
@@ -605,6 +636,43 @@ class SlurmClusterTests(unittest.TestCase):
             self.assertEqual(results, [i * i for i in range(200)])
             slurm.stop()
             self.assertEqual(self.squeue(), {})
+
+        return threads.deferToThread(body)
+
+    def test_pools_route_jobs(self):
+        """
+        'cw-slurm --pool small:n=1,cpus=1 --pool big:n=1,cpus=4,tag=wide
+        start': two worker jobs whose workers advertise what SLURM gave
+        them; jobs asking for four cores or the tag run in the big pool,
+        plain jobs in both; 'cw-slurm status' lists the pools.
+        """
+
+        def body():
+            from cw.client import wait_for_workers
+            from cw.test.jobs import probe
+
+            self.run_command("--pool", "small:n=1,cpus=1", "--pool", "big:n=1,cpus=4,tag=wide", "start")
+            pools = slurm.recorded_pools(self.name)
+            self.assertEqual(sorted(pools.values()), ["big:n=1,cpus=4,tag=wide", "small:n=1,cpus=1"])
+            self.assertEqual(sorted(pools), sorted(slurm.recorded_jobs(self.name)["workers"]))
+            address = slurm.wait_for_master(self.name, timeout=DEADLINE)["address"]
+            wait_for_workers(2, address, timeout=DEADLINE)
+            with executor(address) as ex:
+                capacities = sorted(
+                    (w["capacity"]["cpus"], w["capacity"]["tags"]) for w in ex.status()["workers"]
+                )
+                self.assertEqual(capacities, [(1, []), (4, ["wide"])], self.logs())
+                wide = [ex.submit_with(probe, (0.02,), resources={"cpus": 4}) for _ in range(8)]
+                self.assertEqual({f.result(DEADLINE)["slurm_cpus"] for f in wide}, {"4"})
+                tagged = list(ex.map(probe, [0.01] * 8, tags={"wide"}, timeout=DEADLINE))
+                self.assertEqual({r["slurm_cpus"] for r in tagged}, {"4"})
+                plain = list(ex.map(probe, [0.05] * 40, timeout=DEADLINE))
+                self.assertEqual({r["slurm_cpus"] for r in plain}, {"1", "4"})
+            status = self.run_command("status").stdout
+            self.assertIn("pools", status)
+            self.assertIn("big:n=1,cpus=4,tag=wide", status)
+            self.run_command("stop")
+            self.assertEqual(slurm.recorded_pools(self.name), {})
 
         return threads.deferToThread(body)
 

@@ -149,6 +149,7 @@ class LooseRegisterWorker(amp.Command):
         (b"host", amp.Unicode()),
         (b"pid", amp.Integer()),
         (b"slots", amp.String()),
+        (b"capacity", P.JSON(optional=True)),
     ]
     response = [(b"worker_id", amp.Integer())]
 
@@ -220,7 +221,13 @@ def register_client(peer: Peer, **overrides) -> defer.Deferred:
 
 
 def register_worker(peer: Peer, **overrides) -> defer.Deferred:
-    fields = {"version": P.PROTOCOL_VERSION, "host": "test", "pid": os.getpid(), "slots": 1}
+    fields = {
+        "version": P.PROTOCOL_VERSION,
+        "host": "test",
+        "pid": os.getpid(),
+        "slots": 1,
+        "capacity": {"cpus": 1},
+    }
     return peer.callRemote(P.RegisterWorker, **{**fields, **overrides})
 
 
@@ -274,6 +281,8 @@ class ValidationTests(unittest.SynchronousTestCase):
             ("client", "host", bad_register("client", host="a\nCLIENT 1 connected from forged")),
             ("client", "pid", bad_register("client", pid=-5)),
             ("worker", "slots", bad_register("worker", slots=0)),
+            ("worker", "capacity", bad_register("worker", capacity={"cpus": 1, "gpus": "0,1"})),
+            ("worker", "capacity", bad_register("worker", capacity={"cpus": 1, "tags": ["x\nforged"]})),
             (
                 "worker",
                 "slots",

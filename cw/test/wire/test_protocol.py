@@ -447,6 +447,11 @@ class CommandTests(SynchronousTestCase):
             P.RegisterWorker, version=1, host="w1", pid=99, slots=16, versions={"python": "3.12.0"}
         )
         self.assertEqual(parsed["versions"], {"python": "3.12.0"})
+        capacity = {"cpus": 16, "gpus": ["0"], "tags": ["gpu"]}
+        _, parsed = round_trip_arguments(
+            P.RegisterWorker, version=1, host="w1", pid=99, slots=16, capacity=capacity
+        )
+        self.assertEqual(parsed["capacity"], capacity)
         self.assertEqual(
             round_trip_response(P.RegisterWorker, worker_id=2, max_payload=5),
             {"worker_id": 2, "max_payload": 5},
