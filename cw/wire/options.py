@@ -59,6 +59,12 @@ class ConfigOptions(usage.Options):
                 if o.kind is tuple:
                     setattr(cls, "opt_" + o.long.replace("-", "_"), _repeatable(o.long, o.help))
 
+    def __init__(self) -> None:
+        super().__init__()
+        for o in options(self.config_class):
+            if o.kind is tuple:
+                self[o.long] = o.default
+
     def postOptions(self) -> None:
         """Check the values: a bad one is a L{usage.UsageError} with the config's one-line message."""
         try:

@@ -68,3 +68,21 @@ class GeneratedOptionsTests(unittest.TestCase):
         ]:
             e = self.assertRaises(usage.UsageError, cls().parseOptions, ["--insecure", *argv])
             self.assertEqual(str(e), message)
+
+    def test_worker_resources(self):
+        """--cpus, --memory, --gpus and the repeatable --resource and --tag make the worker's capacity."""
+        options_ = worker.Options()
+        options_.parseOptions(
+            ["--insecure", "--cpus", "2", "--memory", "1G", "--gpus", "0,1", "--tag", "a", "--tag", "b"]
+            + ["--resource", "licenses=2", "node1"]
+        )
+        config = options_.config()
+        self.assertEqual((config.tag, config.resource, config.gpus), (("a", "b"), ("licenses=2",), "0,1"))
+        service = worker.WorkerService.from_config(config, None, task.Clock())
+        self.assertEqual(
+            service.capacity.to_json(),
+            {"cpus": 2, "memory": 1 << 30, "gpus": ["0", "1"], "custom": {"licenses": 2}, "tags": ["a", "b"]},
+        )
+        for bad in (["--memory", "lots"], ["--gpus", "0,0"], ["--resource", "x"], ["--tag", "a b"]):
+            error = self.assertRaises(usage.UsageError, worker.Options().parseOptions, ["--insecure", *bad])
+            self.assertIn(bad[0], str(error) + bad[0] * (bad[0] == "--tag"))
