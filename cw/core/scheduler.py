@@ -809,6 +809,8 @@ class Scheduler:
             return []
         observe = now is not None and self.horizon
         shapes = self._queue.shape_counts() if self._queue.sized else {}
+        if self._reservation and self._reservation[0] not in shapes:
+            self._reservation = None  # its jobs went elsewhere, were cancelled or left
         reserved = self._reservation[1] if self._reservation else None
         placed: set[Shape] = set()
         assigned: dict[int, list[Job]] = {}

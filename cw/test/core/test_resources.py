@@ -322,6 +322,20 @@ class StarvationTests(SynchronousTestCase):
         """The test above can fail: with no reservation, the big job never starts."""
         self.assertIsNone(self.run_stream(reserve_after=0))
 
+    def test_reservation_ends_when_its_jobs_are_gone(self):
+        """A worker kept for a shape whose jobs were cancelled takes other jobs again."""
+        s = Scheduler(prefetch=0, reserve_after=1)
+        c = s.add_client()
+        a = s.add_worker(2, "a", Capacity(2))
+        s.submit(c, [plain(1), plain(2), sized(3, cpus=2)])
+        s.dispatch(0.0)
+        s.dispatch(2.0)
+        self.assertEqual(s._reservation[1], a)
+        s.cancel(c, [3])
+        done(s, a, s.worker(a).held.copy().values(), 3.0)
+        s.submit(c, [plain(4)])
+        self.assertEqual(by_worker(s.dispatch(3.0)), {a: [4]})
+
     def test_reservation_moves_when_worker_leaves(self):
         s = Scheduler(prefetch=0, reserve_after=1)
         c = s.add_client()
