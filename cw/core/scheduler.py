@@ -262,17 +262,24 @@ class WorkerRecord:
         return self.slots + self.credit
 
     def hold(self, job: Job) -> None:
-        self.held[job.key] = job
+        key = job.key
+        self.held[key] = job
         self.held_bytes += len(job.payload)
         shape = shape_of(job) if job.options else None
-        if shape is not None:
-            self.shapes[job.key] = shape
-        self.ledger.take(job.key, shape)
+        if shape is None:
+            self.ledger.plain += 1
+        else:
+            self.shapes[key] = shape
+            self.ledger.take(key, shape)
 
     def release(self, key: tuple[int, int]) -> Job | None:
         job = self.held.pop(key, None)
         if job is not None:
-            self.ledger.give_back(key, self.shapes.pop(key, None))
+            shape = self.shapes.pop(key, None) if self.shapes else None
+            if shape is None:
+                self.ledger.plain -= 1
+            else:
+                self.ledger.give_back(key, shape)
             self.held_bytes -= len(job.payload)
             self.running_since.pop(key, None)
             self.deadlines.pop(key, None)
@@ -832,7 +839,7 @@ class Scheduler:
                     if (
                         not self._queue.sized
                         and w.id != reserved
-                        and (limit == "capacity" or w.ledger.fits(None))
+                        and (limit == "capacity" or w.ledger.cpus > w.ledger.plain)
                     ):
                         job, shape = self._queue.popleft(mine), None
                     else:
