@@ -10,11 +10,22 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from cw.core.config import WorkerConfig, parse_argv
 from cw.core.fairqueue import FairQueue
 from cw.core.records import Job, Outcome, Result, encode_options, read_error_report
-from cw.core.resources import Capacity, Ledger, Shape, allocation_of, format_size, parse_size, shape_of
+from cw.core.resources import (
+    Capacity,
+    Ledger,
+    Shape,
+    allocation_of,
+    build_capacity,
+    format_size,
+    parse_size,
+    shape_of,
+)
 from cw.core.scheduler import Scheduler
 from cw.core.validation import check_capacity, check_jobs, check_request
+from cw.core.worker_state import StartBatch, WorkerState
 from cw.errors import BadCommand
 
 
@@ -432,8 +443,6 @@ class WorkerCapacityTests(SynchronousTestCase):
     machine = Capacity(2, 8 << 30, ("3",))
 
     def build(self, cpus=None, memory=None, gpus=None, resources=(), tags=(), procs=1):
-        from cw.core.resources import build_capacity
-
         return build_capacity(cpus, memory, gpus, resources, tags, procs, self.machine)
 
     def test_defaults_from_machine(self):
@@ -468,8 +477,6 @@ class WorkerCapacityTests(SynchronousTestCase):
             self.assertIn(text, str(e))
 
     def test_repeatable_options(self):
-        from cw.core.config import WorkerConfig, parse_argv
-
         given, _ = parse_argv(
             WorkerConfig, ["--tag", "a", "--resource", "x=1", "--tag=b", "--gpus", "0,1"], "cw-worker"
         )
@@ -480,8 +487,6 @@ class WorkerSideTests(SynchronousTestCase):
     """The worker's own rules (L{cw.core.worker_state}) for sized jobs."""
 
     def test_sized_job_starts_first_alone_and_pinned(self):
-        from cw.core.worker_state import StartBatch, WorkerState
-
         state = WorkerState(4, cpus=4, cores=[0, 1, 2, 3])
         state.job_seconds = 0.001  # short jobs: plain ones are batched
         jobs = [plain(1), plain(2), sized(3, cpus=2), plain(4)]
@@ -500,8 +505,6 @@ class WorkerSideTests(SynchronousTestCase):
         self.assertEqual(second.pinned, {0: 0, 1: 0, 2: 1, 3: 1})
 
     def test_plain_batches_limited_by_cpus(self):
-        from cw.core.worker_state import StartBatch, WorkerState
-
         state = WorkerState(4, cpus=2)
         state.jobs_arrived([Job(1, i, b"") for i in range(1, 6)])
         started = [i for i in state.start_jobs(0.0) if isinstance(i, StartBatch)]

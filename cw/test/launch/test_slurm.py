@@ -30,8 +30,9 @@ from cw import discovery, slurm
 from cw.cli import slurm as cli_slurm
 from cw.cli.slurm import _jobs_table, _join_passthrough
 from cw.core import config as cw_config
-from cw.core.config import SlurmConfig
+from cw.core.config import SlurmConfig, parse_pool
 from cw.errors import OptionError
+from cw.test.jobs import probe
 from cw.test.procs import (
     COLLECT_SESSION,
     DEADLINE,
@@ -102,8 +103,6 @@ class ScriptTests(unittest.TestCase):
         cores, memory and GRES for SLURM and its tags, custom resources and
         memory for its workers.
         """
-        from cw.core.config import parse_pool
-
         gpu = parse_pool("gpu:n=4,gres=gpu:1,cpus=8,mem=64G,tag=gpu,tag=fast,resource=licenses=2")
         self.assertEqual(
             (gpu.name, gpu.n, gpu.cpus, gpu.mem, gpu.gres, gpu.tags, gpu.resources),
@@ -649,7 +648,6 @@ class SlurmClusterTests(unittest.TestCase):
 
         def body():
             from cw.client import wait_for_workers
-            from cw.test.jobs import probe
 
             self.run_command("--pool", "small:n=1,cpus=1", "--pool", "big:n=1,cpus=4,tag=wide", "start")
             pools = slurm.recorded_pools(self.name)
