@@ -362,8 +362,10 @@ class WorkerConfig(Checked):
         "GPUs: a count or ids, e.g. 0,1 (default: $CUDA_VISIBLE_DEVICES, else SLURM's, else none)",
         doc="those it was given",
     )
-    resource: tuple[str, ...] = option((), "a custom resource NAME=N jobs may ask for (repeatable)")
-    tag: tuple[str, ...] = option((), "a tag jobs may ask for (repeatable)")
+    resource: tuple[str, ...] = option(
+        (), "a custom resource NAME=N jobs may ask for (repeatable)", doc="none", metavar="NAME=N"
+    )
+    tag: tuple[str, ...] = option((), "a tag jobs may ask for (repeatable)", doc="none", metavar="NAME")
 
     def problems(self) -> list[str]:
         found = ["--procs must be at least 1"] if self.procs is not None and self.procs < 1 else []
