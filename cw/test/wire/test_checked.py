@@ -29,6 +29,7 @@ class Recorder:
     address = "master:5494"
     procs = 1
     versions = None
+    capacity = None
 
     def __init__(self) -> None:
         self.calls: list[str] = []
