@@ -39,7 +39,7 @@ from cw.worker.service import join_master
 RESULT = cloudpickle.dumps(None)
 
 #: Commands a worker sends (never receives): not expected from the master.
-WORKER_SENDS = frozenset({"RegisterWorker", "JobResults", "ReturnJobs"})
+WORKER_SENDS = frozenset({"RegisterWorker", "JobResults", "ReturnJobs", "HandOverResults"})
 
 #: Connections authenticating at once (the master drops the oldest pending
 #: connection from one address beyond its --max-pending-per-address).

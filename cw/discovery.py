@@ -361,11 +361,86 @@ def locate_master(host: str | None = None, cluster: str | None = None) -> tuple[
     return found, f"this user's SLURM master job {info.get('job_id', '?')} ({cluster_dir(cluster)})"
 
 
+#: A master address naming a file that holds the address (C{file:PATH}):
+#: what C{cw-master --address-file PATH} writes once it listens.
+FILE_PREFIX = "file:"
+
+
+def read_address_file(path: str) -> str | None:
+    """The address in C{path} (written by C{cw-master --address-file}), or None if there is none."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def is_address_file(host: str | None) -> bool:
+    """Whether C{host} names an address file (C{file:PATH}) rather than the master itself."""
+    return bool(host) and host.startswith(FILE_PREFIX)
+
+
+class MasterSource:
+    """
+    Where a client or worker finds its master again before each attempt to
+    reconnect (the master may come back on another node or port): called,
+    it returns the master's address now, or None if it cannot be found at
+    the moment (keep the last one).  It may block briefly (a file read, or
+    C{squeue}): call it off the reactor thread.
+    """
+
+    def __init__(self, find, description: str) -> None:
+        self._find = find
+        #: How the master is found, for messages ("the address file X").
+        self.description = description
+
+    def __call__(self) -> str | None:
+        try:
+            return self._find()
+        except (OSError, SlurmError):
+            return None
+
+    def __str__(self) -> str:
+        return self.description
+
+
+def address_file_source(path: str) -> MasterSource:
+    """The master whose address is in the file C{path}, read anew each time."""
+    return MasterSource(lambda: read_address_file(path), f"the address file {path}")
+
+
+def slurm_source(cluster: str | None = None) -> MasterSource:
+    """The cluster's SLURM master (its C{master.json}, else C{squeue}), looked up anew each time."""
+
+    def find() -> str | None:
+        info = master_info(cluster)
+        return None if info is None else info["address"]
+
+    return MasterSource(find, f"SLURM ({cluster_dir(cluster) / 'master.json'})")
+
+
+def master_source(host: str | None) -> MasterSource | None:
+    """
+    How to find the master named by C{host} (as for L{default_host}) again
+    on reconnecting: an address file (C{file:PATH}, given or in
+    C{CW_MASTER}) is read again, the SLURM master looked up again; None
+    for an address given outright (it is retried as given).
+    """
+    chosen = host or os.environ.get("CW_MASTER") or ""
+    if chosen.startswith(FILE_PREFIX):
+        return address_file_source(chosen[len(FILE_PREFIX) :])
+    if not chosen and backend() == "slurm":
+        return slurm_source()
+    return None
+
+
 def default_host(host: str | None) -> str | None:
     """
     The master to use when none is given: C{CW_MASTER} from the
     environment, else the SLURM master when SLURM is in use, else
-    C{localhost}.
+    C{localhost}.  A C{file:PATH} address stands for the address in that
+    file (L{master_source}).
     """
     if host:
         return host

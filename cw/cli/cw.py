@@ -74,6 +74,12 @@ def format_status(address: str, status: dict) -> str:
         )
     away = sum(1 for c in clients if c.get("peer") == "away")
     lines.append(f"clients  {len(clients)}" + (f" ({away} away: their jobs wait for them)" if away else ""))
+    if status.get("unclaimed_results"):
+        # Handed over by workers for clients that have not reconnected (yet).
+        lines[-1] += (
+            f"; {status['unclaimed_results']:,} results ({status.get('unclaimed_bytes', 0):,} bytes)"
+            " kept for clients not back yet"
+        )
     if clients:
         lines.append(f"  {'ID':>4}  {'CLIENT':<28} {'QUEUED':>7} {'ON WORKERS':>10} {'DONE':>9}")
         for c in clients:

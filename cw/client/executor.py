@@ -22,6 +22,7 @@ from cw.client.echo import Echo
 from cw.client.mapping import bounded_map, check_chunksize, run_chunk
 from cw.client.session import (
     NO_OUTPUT,
+    RECONNECT_TIMEOUT,
     JobOutput,
     Session,
     decode_result,
@@ -37,6 +38,7 @@ from cw.discovery import default_host
 from cw.errors import (
     JobDetached,
     JobKilled,
+    MasterUnavailable,
     SubmitError,
     VersionConflict,
 )
@@ -341,6 +343,16 @@ class ClusterExecutor(futures.Executor):
     C{"INFO"}) hands the jobs' C{logging} records at or above C{LEVEL} to
     this process's C{logging}, under C{cw.job.<their logger's name>}, as
     they come.  Both are defaults for every job (see L{submit_with}).
+
+    C{reconnect_timeout}: when the connection to the master is lost (it
+    stopped, crashed or restarted, or the network failed), keep trying to
+    reach it again for this many seconds (default L{RECONNECT_TIMEOUT}; 0:
+    fail at once), finding it again first if it was found through an
+    address file or SLURM, and resubmit every job whose result has not
+    arrived.  Futures stay pending meanwhile and L{status} says
+    C{"reconnecting"}; only after that time do they raise
+    L{MasterUnavailable}.  A job may so run more than once, but its future
+    gets one result.
     """
 
     #: Ask the master for L{P.JobsStarted} notices, so that futures become
@@ -367,6 +379,7 @@ class ClusterExecutor(futures.Executor):
         version_mismatch: str = "error",
         echo: bool = False,
         forward_logging: int | str | None = None,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
     ) -> None:
         #: Defaults for every job of this executor (see L{submit_with}).
         self.timeout = timeout
@@ -400,6 +413,8 @@ class ClusterExecutor(futures.Executor):
             master_timeout=master_timeout,
             session=session,
             version_mismatch=version_mismatch,
+            reconnect_timeout=reconnect_timeout,
+            find=self._master_source(host),
             on_started=(lambda seqs: self._jobs.inbox.put(_Started(seqs))) if self._running_notices else None,
             on_session_jobs=self._session_jobs,
         )
@@ -408,6 +423,10 @@ class ClusterExecutor(futures.Executor):
         self._thread.start()
         if self._wait_at_exit:
             _executors.add(self)
+
+    def _master_source(self, host: str | None) -> discovery.MasterSource | None:
+        """How to find the master again on reconnecting (see L{discovery.master_source})."""
+        return discovery.master_source(host)
 
     @property
     def session_name(self) -> str:
@@ -608,8 +627,7 @@ class ClusterExecutor(futures.Executor):
     def _withdraw(self, seq: int) -> None:
         """A future was cancelled: forget it and withdraw its job from the cluster."""
         self._jobs.forget(seq)
-        if self.session.proto is not None:
-            self.session.cancel(seq)
+        self.session.cancel(seq)
         self._check_idle()
 
     def kill(self, *fs: futures.Future) -> int:
@@ -633,8 +651,7 @@ class ClusterExecutor(futures.Executor):
                 continue
             if future.done() or self._jobs.pop(seq, future) is None:
                 continue
-            if self.session.proto is not None:
-                self.session.cancel(seq)
+            self.session.cancel(seq)
             try:
                 future.set_exception(
                     JobKilled(f"job #{seq} was killed while running, by ClusterExecutor.kill()")
@@ -718,12 +735,29 @@ class ClusterExecutor(futures.Executor):
         return [future for _, future in self._jobs.items()]
 
     def status(self) -> dict:
-        """The master's status snapshot (workers, queue, counts)."""
-        return self.session.call(P.GetStatus)["status"]
+        """
+        The master's status snapshot (workers, queue, counts), with this
+        client's C{connection} (C{"connected"}), C{session} and C{master}.
+        While the client is reconnecting (see C{reconnect_timeout}) the
+        master cannot be asked: then only the client's side, with
+        C{connection} C{"reconnecting"} (C{"lost"} once it gave up), the
+        C{reason}, C{reconnecting_for} and C{gives_up_in} seconds, and
+        C{outstanding} jobs.
+        """
+        if self.session.state == "connected":
+            try:
+                status = self.session.call(P.GetStatus)["status"]
+            except MasterUnavailable:
+                pass  # lost just now: say how things stand
+            else:
+                return {**status, **self.session.connection_status()}
+        return {**self.session.connection_status(), "outstanding": self._jobs.outstanding()}
 
     def _state(self) -> str:
         if self._shutdown:
             return "shut down"
+        if self.session.state == "reconnecting":
+            return "reconnecting"
         return "connected" if self.session.proto is not None else "disconnected"
 
     def __repr__(self) -> str:
@@ -887,12 +921,16 @@ class ClusterExecutor(futures.Executor):
         @param cancel_futures: cancel the futures that are not running
             (their jobs leave the master's queue); running ones finish
             (L{kill} stops those).  With C{wait=False} too, nothing is
-            waited for at interpreter exit.
+            waited for at interpreter exit, and the running ones fail at
+            once if the master connection is lost (no reconnecting).
         """
         with self._shutdown_lock:
             self._shutdown = True
             if cancel_futures and not wait:
                 self._abandoned = True
+        if self._abandoned:
+            # Its remaining jobs are not worth resubmitting to another master.
+            self.session.stop_reconnecting()
         if cancel_futures:
             self._cancel_pending()
         if not wait:
@@ -920,7 +958,7 @@ class ClusterExecutor(futures.Executor):
             self._jobs.forget(seq)
         # With nothing left running, the connection closes next, and the
         # master drops all of this client's jobs then.
-        if self._jobs.outstanding() and self.session.proto is not None:
+        if self._jobs.outstanding():
             for seq in cancelled:
                 self.session.cancel(seq)
 
@@ -945,4 +983,8 @@ class SlurmExecutor(ClusterExecutor):
     """
 
     def __init__(self, cluster: str | None = None, **options: Any) -> None:
+        self._cluster = cluster
         super().__init__(discovery.master_host(cluster), **options)
+
+    def _master_source(self, host: str | None) -> discovery.MasterSource | None:
+        return discovery.slurm_source(self._cluster)

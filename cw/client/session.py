@@ -42,6 +42,7 @@ import cloudpickle
 import crochet
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -62,7 +63,7 @@ from cw.core.validation import (
     check_text,
 )
 from cw.core.versions import CONTEXT_KEY, MISMATCH_MODES, short
-from cw.discovery import default_host
+from cw.discovery import MasterSource, default_host, is_address_file, master_source
 from cw.errors import (
     REPORT_TYPES,
     AuthenticationFailed,
@@ -74,7 +75,7 @@ from cw.errors import (
     remote_error,
 )
 from cw.wire import commands as P
-from cw.wire.address import client_description, client_endpoint, enable_keepalive
+from cw.wire.address import FindingEndpoint, client_description, enable_keepalive
 from cw.wire.auth import AuthGate, authenticate
 from cw.wire.checked import CheckedCommands
 from cw.wire.liveness import HeartbeatMonitor, SignsOfLife
@@ -99,6 +100,11 @@ CONNECT_TIMEOUT = float(os.environ.get("CW_CONNECT_TIMEOUT", "10"))
 #: heartbeats, or anything else) before it fails its outstanding jobs with
 #: L{MasterUnavailable}; C{CW_MASTER_TIMEOUT} or C{master_timeout=} change it.
 MASTER_TIMEOUT = 20.0
+
+#: Seconds a client keeps trying to get its master back after losing it
+#: (reconnecting, resubmitting its jobs) before its jobs fail with
+#: L{MasterUnavailable}; C{reconnect_timeout=} changes it, 0 turns it off.
+RECONNECT_TIMEOUT = 300.0
 
 #: Seconds between attempts to reach the master: 0.05, doubling up to 1.
 _connect_delay = backoffPolicy(initialDelay=0.05, maxDelay=1.0, factor=2.0, jitter=lambda: 0)
@@ -346,6 +352,17 @@ def job_options(
     )
 
 
+class _NoAnswer(Exception):
+    """Nothing answered at the master's address (or there is no address yet): worth trying again."""
+
+
+def seconds_setting(name: str, value: Any) -> float:
+    """C{value} as a number of seconds >= 0, else L{ValueError} naming the setting."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a number of seconds >= 0, not {value!r}")
+    return float(value)
+
+
 def master_timeout_setting(value: float | None) -> float:
     """
     A client's C{master_timeout}: C{value}, else C{CW_MASTER_TIMEOUT} from
@@ -357,9 +374,7 @@ def master_timeout_setting(value: float | None) -> float:
             value = float(text) if text else MASTER_TIMEOUT
         except ValueError:
             raise ValueError(f"CW_MASTER_TIMEOUT must be a number of seconds, not {text!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ValueError(f"master_timeout must be a number of seconds >= 0, not {value!r}")
-    return float(value)
+    return seconds_setting("master_timeout", value)
 
 
 def session_name(session: str | None) -> str:
@@ -446,6 +461,11 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
         self.session.master_stopping(self, reason)
         return {}
 
+    @P.SessionReplaced.responder
+    def session_replaced(self, reason):
+        self.session.replaced(self, reason)
+        return {}
+
     def connectionLost(self, reason):
         super().connectionLost(reason)
         self.session.connection_lost(self, reason)
@@ -454,12 +474,21 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
 
 class Session:
     """
-    One registered connection to a master, usable from any non-reactor
+    One client's connection to a master, usable from any non-reactor
     thread.  C{on_results(list)} and C{on_lost(exc)} are called in the
     reactor thread and must not block; so is C{on_started(seqs)}, if given,
     with the jobs the master handed to workers (L{P.JobsStarted}), and
     C{on_output(host, outputs)}, if set, with what running jobs wrote
     (L{P.OutputNotice}).
+
+    With a C{reconnect_timeout} (seconds, 0: off), a lost connection is not
+    the end: the session finds the master again (C{find}, a
+    L{cw.discovery.MasterSource}, before each attempt; else the same
+    address), with back-off, for up to that long, registers under the same
+    session name and resends every job it has no result for, with its
+    options and the functions they use.  Only then does C{on_lost} get
+    L{MasterUnavailable}.  To resend them it keeps each job it sent until
+    the job's result arrives.
     """
 
     on_output: Callable[[str, list[P.Output]], None] | None = None
@@ -479,6 +508,8 @@ class Session:
         session: str | None = None,
         version_mismatch: str = "error",
         on_session_jobs: Callable[[list[int]], None] | None = None,
+        reconnect_timeout: float = 0,
+        find: MasterSource | None = None,
     ) -> None:
         #: The client's session name (L{session_name}), the same on every
         #: connection: its jobs are known by C{(session, seq)}.
@@ -499,10 +530,19 @@ class Session:
         #: Seconds without a sign of life from the master before its jobs
         #: fail (0: no limit); see L{cw.wire.liveness}.
         self.master_timeout = master_timeout_setting(master_timeout)
+        #: Seconds to keep trying to reach the master again after losing
+        #: it, before its jobs fail (0: fail at once).
+        self.reconnect_timeout = seconds_setting("reconnect_timeout", reconnect_timeout)
         self._beats: HeartbeatMonitor | None = None
         self.secret = client_secret(secret_file, insecure)
         self.reactor = running_reactor()
-        self.address = client_description(host, port)
+        #: How to find the master again (None: the same address).
+        self.find = find if find is not None else master_source(host)
+        #: The master's address (an endpoint description); None until an
+        #: address file or SLURM has given one.
+        self.address: str | None = None if is_address_file(host) else client_description(host, port)
+        #: Connects to the master, found again first if it was found through discovery.
+        self._endpoint = FindingEndpoint(self.reactor, self.address, self.find, self._found)
         self.on_results = on_results
         self.on_lost = on_lost
         self.on_started = on_started
@@ -520,14 +560,31 @@ class Session:
         #: The master's payload limit, learnt at registration.
         self.max_payload = P.MAX_PAYLOAD
         self.closing = False
+        #: C{"connecting"}, C{"connected"}, C{"reconnecting"} (the
+        #: connection was lost and the session tries to get it back),
+        #: C{"lost"} (for good) or C{"closed"}.
+        self.state = "connecting"
+        #: While reconnecting: when the connection was lost, and why.
+        self.lost_at: float | None = None
+        self.lost_why = ""
+        #: Connections made after the first.
+        self.reconnects = 0
+        #: When the reconnect window opened: the first loss since a result arrived.
+        self._window_start: float | None = None
         self._lock = threading.Lock()
         #: Jobs not sent yet, by sequence number, in the order submitted.
         self._pending: dict[int, P.Job] = {}
+        #: Jobs sent whose results have not arrived, kept to resend them on
+        #: another connection (only with a reconnect_timeout).
+        self._sent: dict[int, P.Job] = {}
         self._cancels: list[tuple[int, int]] = []
         #: Functions to define before the pending jobs, and the keys defined
         #: on this connection.
         self._defines: list[tuple[bytes, bytes]] = []
         self._defined: set[bytes] = set()
+        #: Every function defined, by key, to define again on another
+        #: connection (only with a reconnect_timeout).
+        self._functions: dict[bytes, bytes] = {}
         #: Payload bytes of L{_pending}; with what the connection has yet to
         #: write, it is what L{send} keeps under L{SEND_WINDOW}.
         self._pending_bytes = 0
@@ -543,33 +600,42 @@ class Session:
         timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
         call_in_reactor(self._connect, timeout, timeout=timeout + 30)
 
+    @property
+    def where(self) -> str:
+        """The master's address for messages, and how it was found."""
+        address = self.address or "(no address yet)"
+        return address if self.find is None else f"{address} (found through {self.find})"
+
+    def _found(self, address: str) -> None:
+        self.address = address
+
+    @property
+    def _keep_sent(self) -> bool:
+        return self.reconnect_timeout > 0
+
     @defer.inlineCallbacks
-    def _connect(self, timeout: float):
-        endpoint = client_endpoint(self.reactor, self.address)
+    def _open(self, timeout: float):
+        """
+        One attempt: find the master, connect, authenticate and register.
+        Fires with C{(proto, answer)}; fails with L{_NoAnswer} if nothing
+        answers at the address, else with L{AuthenticationFailed} or
+        L{MasterUnavailable} saying what went wrong.
+        """
         factory = Factory.forProtocol(lambda: ClientProtocol(self))
-        deadline = self.reactor.seconds() + timeout
-        for attempt in itertools.count():
-            try:
-                proto = yield endpoint.connect(factory)
-                break
-            except Exception as e:
-                left = deadline - self.reactor.seconds()
-                if left <= 0:
-                    raise MasterUnavailable(
-                        f"no cw master answers at {self.address} ({e.__class__.__name__}:"
-                        f" {e}); start one with 'twistd -n cw-master' or cw.start(),"
-                        " or pass the master's host"
-                    ) from None
-                yield task.deferLater(self.reactor, min(_connect_delay(attempt), left))
         try:
-            yield authenticate(proto, self.secret, "client", self.address)
+            proto = yield self._endpoint.connect(factory).addTimeout(max(timeout, 0.1), self.reactor)
+        except Exception as e:
+            raise _NoAnswer(f"{e.__class__.__name__}: {e}") from None
+        address = self.address
+        try:
+            yield authenticate(proto, self.secret, "client", address)
         except AuthenticationFailed:
             proto.transport.loseConnection()
             raise
         except Exception as e:
             proto.transport.loseConnection()
             raise MasterUnavailable(
-                f"the connection to the cw master at {self.address} broke while"
+                f"the connection to the cw master at {self.where} broke while"
                 f" authenticating ({e.__class__.__name__}: {e}); for ssl: addresses"
                 " check the certificates, otherwise check that this is a cw master"
             ) from None
@@ -595,19 +661,49 @@ class Session:
                 if self.secret is None
                 else ""
             )
-            raise MasterUnavailable(
-                f"the cw master at {self.address} refused this client{hint}: {e}"
-            ) from None
+            raise MasterUnavailable(f"the cw master at {self.where} refused this client{hint}: {e}") from None
         try:
             check_registered(answer, "client_id")
         except BadCommand as e:
             proto.transport.loseConnection()
             raise MasterUnavailable(
-                f"the cw master at {self.address} answered this client's registration with a"
+                f"the cw master at {self.where} answered this client's registration with a"
                 f" malformed field: {e}; install the same cw version everywhere"
             ) from None
+        return proto, answer
+
+    @defer.inlineCallbacks
+    def _connect(self, timeout: float):
+        """The first connection: retry while nothing answers, for up to C{timeout} seconds."""
+        deadline = self.reactor.seconds() + timeout
+        for attempt in itertools.count():
+            try:
+                proto, answer = yield self._open(deadline - self.reactor.seconds())
+                break
+            except _NoAnswer as e:
+                left = deadline - self.reactor.seconds()
+                if left <= 0:
+                    raise MasterUnavailable(
+                        f"no cw master answers at {self.where} ({e}); start one with"
+                        " 'twistd -n cw-master' or cw.start(), or pass the master's host"
+                    ) from None
+                yield task.deferLater(self.reactor, min(_connect_delay(attempt), left))
+        try:
+            yield self._adopt(proto, answer)
+        except MasterUnavailable:
+            self.closing = True  # the constructor fails: nothing to reconnect for
+            raise
+
+    @defer.inlineCallbacks
+    def _adopt(self, proto: ClientProtocol, answer: dict):
+        """
+        Make C{proto}, just registered, this session's connection; learn
+        which of the session's jobs the master holds (L{P.SessionJobs}), and
+        resend those of the last connection it does not hold.
+        """
         self.proto = proto
         self.client_id = answer["client_id"]
+        self.state = "connected"
         if self.master_timeout:
             self._beats = HeartbeatMonitor(
                 self.reactor, self.master_timeout / 4, self.master_timeout, self._master_silent
@@ -619,18 +715,38 @@ class Session:
         self.mismatched = answer.get("mismatched") or []
         if self.mismatched:
             self._warn_mismatched()
-        self.room(answer["room_bytes"], answer["room_jobs"])
         try:
             held = yield proto.callRemote(P.SessionJobs)
         except Exception as e:
             proto.transport.loseConnection()
             raise MasterUnavailable(
-                f"the connection to the cw master at {self.address} broke right after this client"
+                f"the connection to the cw master at {self.where} broke right after this client"
                 f" registered ({e.__class__.__name__}: {e})"
             ) from None
         self.durable = held["durable"]
+        seqs = [seq for _, seq in held["keys"]]
+        with self._lock:
+            # The last connection's unacknowledged jobs go again (below) or
+            # are held by this master already.
+            self._unstored = set()
+            if self._sent:
+                # Every job without a result that this master does not hold
+                # (one with --state may) goes again, in the order first
+                # submitted, ahead of those submitted since.
+                for seq in seqs:
+                    self._sent.pop(seq, None)
+                again = {**self._sent, **self._pending}
+                self._pending = {seq: again[seq] for seq in sorted(again)}
+                self._pending_bytes += sum(len(job.payload) for job in self._sent.values())
+                self._sent = {}
+            # Functions are defined once per connection: again on this one,
+            # those that jobs still to be sent use.
+            needed = {job.func for job in self._pending.values() if job.func}
+            self._defined = set(needed)
+            self._defines = [(key, self._functions[key]) for key in needed if key in self._functions]
         if self.on_session_jobs is not None:
-            self.on_session_jobs([seq for _, seq in held["keys"]])
+            self.on_session_jobs(seqs)
+        self.room(answer["room_bytes"], answer["room_jobs"])
 
     def _warn_mismatched(self) -> None:
         """Warn, once at connect, of the workers whose versions are incompatible with this client's."""
@@ -653,21 +769,45 @@ class Session:
         )
 
     def results_arrived(self, results: list[P.Result]) -> None:
+        self._window_start = None
+        if self._sent:
+            with self._lock:
+                for result in results:
+                    self._sent.pop(result.seq, None)
         self.on_results(results)
 
     def connection_lost(self, proto: ClientProtocol, reason) -> None:
         why = proto.rejected or reason.getErrorMessage()  # rejected: this side dropped it, and why
-        self._lost(proto, f"lost the connection to the cw master at {self.address}: {why}")
+        # A master this client refused (a box without a valid MAC: forged or
+        # corrupted on the way) is not one to resend jobs to.
+        self._lost(
+            proto, f"lost the connection to the cw master at {self.where}: {why}", final=bool(proto.rejected)
+        )
 
     def master_stopping(self, proto: ClientProtocol, reason: str) -> None:
         """
         The master announced that it shuts down: fail every outstanding job
-        now, saying so, rather than on the connection error that follows.
+        now, saying so, rather than on the connection error that follows
+        (or, with a reconnect_timeout, wait for a master to come back).
         """
         self._lost(
             proto,
-            f"the cw master at {self.address} shut down ({reason}); the jobs it had"
+            f"the cw master at {self.where} shut down ({reason}); the jobs it had"
             " not finished are lost, submit them again once a master is back",
+        )
+        proto.transport.loseConnection()
+
+    def replaced(self, proto: ClientProtocol, reason: str) -> None:
+        """
+        Another client registered this session (L{P.SessionReplaced}): this
+        one's jobs are dropped, and it does not reconnect (the two would
+        otherwise take the session from each other for ever).
+        """
+        self._lost(
+            proto,
+            f"the cw master at {self.where} dropped this client: {reason}; its jobs are lost"
+            f" (give each client a session name of its own)",
+            final=True,
         )
         proto.transport.loseConnection()
 
@@ -675,34 +815,121 @@ class Session:
         """The master gave no sign of life for too long: fail its jobs now and drop it."""
         self._lost(
             proto,
-            f"the cw master at {self.address} gave no sign of life for {silent:.1f} s"
+            f"the cw master at {self.where} gave no sign of life for {silent:.1f} s"
             f" (master_timeout / CW_MASTER_TIMEOUT: {self.master_timeout:g} s): it is hung,"
             " stopped or unreachable; the jobs it had not finished are lost, submit them"
             " again to a master that works",
         )
         proto.transport.abortConnection()
 
-    def _lost(self, proto: ClientProtocol, message: str) -> None:
-        """Report the end of the registered connection C{proto}, once."""
+    def _lost(self, proto: ClientProtocol, message: str, final: bool = False) -> None:
+        """
+        Handle the end of the registered connection C{proto}, once: reconnect
+        (unless C{final}), or fail its jobs.
+        """
         if proto is not self.proto:
             return
         if self._beats is not None:
             self._beats.stop()
             self._beats = None
         self.proto = None
+        with self._lock:
+            # The next master gives room of its own; cancellations were for this one.
+            self._room_bytes = self._room_jobs = 0
+            self._cancels = []
         self.sent_some()
-        if not self.closing:
-            self.on_lost(MasterUnavailable(message))
+        if self.closing:
+            return
+        if self._keep_sent and not final:
+            self._reconnect(message)
+            return
+        self.state = "lost"
+        self.on_lost(MasterUnavailable(message))
+
+    @defer.inlineCallbacks
+    def _reconnect(self, message: str):
+        """Find and reach the master again, for up to L{reconnect_timeout} seconds."""
+        self.state = "reconnecting"
+        self.lost_at = self.reactor.seconds()
+        self.lost_why = message
+        if self._window_start is None:
+            self._window_start = self.lost_at
+        # The window runs from the first loss since a result last arrived, so
+        # that a connection lost again and again before any result (a job the
+        # master keeps refusing) ends too.
+        deadline = self._window_start + self.reconnect_timeout
+        log.warn(
+            "cw client session {name}: {message}; reconnecting for up to {t:g} s (reconnect_timeout)",
+            name=self.name,
+            message=message,
+            t=self.reconnect_timeout,
+        )
+        last = ""
+        for attempt in itertools.count():
+            left = deadline - self.reactor.seconds()
+            if self.closing or left <= 0 or not self.reconnect_timeout:
+                break
+            try:
+                proto, answer = yield self._open(min(left, 30.0))
+            except Exception as e:
+                last = str(e)
+                left = deadline - self.reactor.seconds()
+                if left > 0 and not self.closing:
+                    yield task.deferLater(self.reactor, min(_connect_delay(attempt), left))
+                continue
+            if self.closing:
+                proto.transport.loseConnection()
+                return
+            self.reconnects += 1
+            outstanding = len(self._sent) + len(self._pending)
+            try:
+                yield self._adopt(proto, answer)
+            except MasterUnavailable:
+                return  # lost again at once: that loss reconnects anew
+            log.info(
+                "cw client session {name}: reconnected to the cw master at {where} after {s:.1f} s;"
+                " resubmitted {n} jobs",
+                name=self.name,
+                where=self.where,
+                s=self.reactor.seconds() - self.lost_at,
+                n=outstanding,
+            )
+            self.lost_at = None
+            return
+        if self.closing:
+            return
+        self.state = "lost"
+        self.on_lost(
+            MasterUnavailable(
+                f"{message}; no cw master answered at {self.where} within {self.reconnect_timeout:g} s"
+                f" (reconnect_timeout; last try: {last or 'none'}): the jobs without a result are"
+                " lost. Start a master there (or point the address file, CW_MASTER or SLURM at"
+                " one), then submit them again with a new client, or allow a longer"
+                " reconnect_timeout"
+            )
+        )
+
+    def stop_reconnecting(self) -> None:
+        """
+        Ride through no more losses (as C{reconnect_timeout=0}): the next
+        loss, or the one being ridden out, fails the outstanding jobs.
+        """
+        self.reconnect_timeout = 0.0
+
+    def _check_usable(self) -> None:
+        """Raise L{MasterUnavailable} unless jobs can be sent now or after reconnecting."""
+        if self.state == "lost" or (self.proto is None and self.state != "reconnecting"):
+            raise MasterUnavailable(f"not connected to the cw master at {self.where}")
 
     def send(self, job: P.Job, jobid: Any = None) -> None:
         """
         Queue a job for the master; jobs sent in a burst share boxes.  A job
-        over the master's payload limit raises L{SubmitError} here.
+        over the master's payload limit raises L{SubmitError} here.  While
+        reconnecting, jobs wait for the next connection.
         """
         if len(job.payload) > self.max_payload:
             raise SubmitError(P.too_big(f"job {jobid!r}", len(job.payload), self.max_payload))
-        if self.proto is None:
-            raise MasterUnavailable(f"not connected to the cw master at {self.address}")
+        self._check_usable()
         with self._lock:
             self._pending[job.seq] = job
             self._pending_bytes += len(job.payload)
@@ -719,14 +946,14 @@ class Session:
         this client), rather than pile up pickled payloads.  Call before L{send}, holding no lock that the
         reactor thread or a shutdown needs.  Returns early once C{give_up()}
         is true or the session closes; raises L{MasterUnavailable} if the
-        connection is lost meanwhile.
+        connection is lost meanwhile (for good, when reconnecting).
         """
         with self._lock:
             while self.full():
                 if self.closing or give_up():
                     return
-                if self.proto is None:
-                    raise MasterUnavailable(f"lost the connection to the cw master at {self.address}")
+                if self.state == "lost" or (self.proto is None and self.state != "reconnecting"):
+                    raise MasterUnavailable(f"lost the connection to the cw master at {self.where}")
                 self._sent_some.wait(1.0)
 
     def full(self) -> bool:
@@ -747,6 +974,8 @@ class Session:
                 return
             self._defined.add(key)
             self._defines.append((key, function))
+            if self._keep_sent:
+                self._functions[key] = function
             wake = not self._flush_scheduled
             self._flush_scheduled = True
         if wake:
@@ -798,13 +1027,20 @@ class Session:
             self._sent_some.notify_all()
 
     def cancel(self, seq: int) -> None:
-        """Ask the master to withdraw job C{seq}; cancellations are batched like jobs."""
+        """
+        Ask the master to withdraw job C{seq}; cancellations are batched like
+        jobs.  A job not sent yet, or sent on a connection since lost, is
+        just forgotten (it is not sent again).
+        """
         with self._lock:
+            self._sent.pop(seq, None)
             job = self._pending.pop(seq, None)
             if job is not None:
                 # Not sent yet (held back by flow control): just drop it.
                 self._pending_bytes -= len(job.payload)
                 self._sent_some.notify_all()
+                return
+            if self.proto is None:
                 return
             self._cancels.append((0, seq))
             wake = not self._flush_scheduled
@@ -814,14 +1050,14 @@ class Session:
 
     def _flush(self) -> None:
         with self._lock:
+            self._flush_scheduled = False
+            if self.proto is None:
+                # Everything waits for the next connection, if any.
+                return
             jobs = self._take_sendable()
             cancels, self._cancels = self._cancels, []
             defines, self._defines = self._defines, []
-            self._flush_scheduled = False
-        if self.proto is None:
-            return
-        if self.durable and jobs:
-            with self._lock:
+            if self.durable and jobs:
                 self._unstored.update(job.seq for job in jobs)
         for key, function in defines:
             self.proto.callRemote(P.DefineFunction, client=0, key=key, function=function)
@@ -847,29 +1083,48 @@ class Session:
             size += len(job.payload)
             jobs.append(job)
         # Not held, so the loop took at least one job.
+        keep = self._keep_sent
         for job in jobs:
             del self._pending[job.seq]
+            if keep:
+                self._sent[job.seq] = job
         self._pending_bytes -= size
         self._room_bytes -= size
         self._room_jobs -= len(jobs)
         self._sent_some.notify_all()
         return jobs
 
+    def connection_status(self) -> dict:
+        """The client's side: its state, session and master, and while reconnecting, since when and why."""
+        status = {"connection": self.state, "session": self.name, "master": self.where}
+        if self.state == "reconnecting" and self.lost_at is not None:
+            lost_for = self.reactor.seconds() - self.lost_at
+            status.update(
+                reason=self.lost_why,
+                reconnecting_for=lost_for,
+                gives_up_in=max(0.0, self.reconnect_timeout - lost_for),
+            )
+        return status
+
     def call(self, command, timeout: float = 30, **kwargs) -> dict:
         """Call an answered command on the master and wait for the answer."""
 
         def go():
             if self.proto is None:
-                raise MasterUnavailable(f"not connected to the cw master at {self.address}")
+                raise MasterUnavailable(f"not connected to the cw master at {self.where}")
             d = self.proto.callRemote(command, **kwargs)
             d.addTimeout(timeout, self.reactor)
             return d
 
         try:
             return call_in_reactor(go, timeout=timeout + 30)
+        except ConnectionClosed:
+            raise MasterUnavailable(
+                f"lost the connection to the cw master at {self.where} before it answered {command.__name__}"
+            ) from None
         except defer.TimeoutError:
             raise TimeoutError(
-                f"the cw master at {self.address} did not answer {command.__name__} within {timeout} s"
+                f"the cw master at {self.where} did not answer {command.__name__} within {timeout} s"
             ) from None
 
     def probe_workers(
@@ -891,10 +1146,11 @@ class Session:
         return answer["workers"]
 
     def close(self, timeout: float = 10) -> None:
-        """Flush pending jobs and close the connection."""
+        """Flush pending jobs and close the connection (or stop reconnecting)."""
 
         def go():
             self.closing = True
+            self.state = "closed"
             self.sent_some()
             self._flush()
             if self.proto is None:

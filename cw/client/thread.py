@@ -18,7 +18,15 @@ from typing import Any
 from cw.client.executor import ClusterExecutor, _refuse_after_interpreter_exit
 from cw.client.mapping import Progress
 from cw.client.mapping import progress as progress
-from cw.client.session import NO_OUTPUT, JobOutput, job_options, log, logging_level, session_name
+from cw.client.session import (
+    NO_OUTPUT,
+    RECONNECT_TIMEOUT,
+    JobOutput,
+    job_options,
+    log,
+    logging_level,
+    session_name,
+)
 from cw.errors import RemoteException
 from cw.wire import commands as P
 
@@ -117,6 +125,9 @@ class ClientThread(threading.Thread):
         and host (C{[#jobid node7] ...}), as L{ClusterExecutor} does.
     @param forward_logging: hand the jobs' C{logging} records at or above
         this level to this process's C{logging} (under C{cw.job.<name>}).
+    @param reconnect_timeout: as for L{ClusterExecutor}: jobs outlive a
+        master restart within this many seconds (default 300); C{wait()}
+        raises L{MasterUnavailable} only after it.
     """
 
     def __init__(
@@ -137,6 +148,7 @@ class ClientThread(threading.Thread):
         version_mismatch: str = "error",
         echo: bool = False,
         forward_logging: int | str | None = None,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
     ) -> None:
         super().__init__(name="cw-client", daemon=True)
         logging_level(forward_logging)  # a bad level fails here, not at the first submit
@@ -159,6 +171,7 @@ class ClientThread(threading.Thread):
             "insecure": insecure,
             "weight": weight,
             "master_timeout": master_timeout,
+            "reconnect_timeout": reconnect_timeout,
             # Chosen now, so that it is known (and kept) before start().
             "session": session_name(session),
             "version_mismatch": version_mismatch,
@@ -195,6 +208,15 @@ class ClientThread(threading.Thread):
                 return
             self._executor = _ThreadExecutor(self.host, self.port, **self._connection)
             super().start()
+
+    def status(self) -> dict:
+        """
+        As L{ClusterExecutor.status}: the master's status with this client's
+        C{connection} (C{"connected"}, C{"reconnecting"} or C{"lost"}).
+        """
+        if self._executor is None:
+            return {"connection": "not started", "session": self.session_name}
+        return self._executor.status()
 
     def submit(self, jobid: Any, func: Callable, *args: Any, **kwargs: Any) -> None:
         """Queue C{func(*args, **kwargs)} under C{jobid}; returns at once."""

@@ -66,6 +66,10 @@ RECONNECT_DELAY = 5.0
 #: (the last ones; C{--output-limit}).
 OUTPUT_LIMIT = 1 << 20
 
+#: Bytes of results a worker keeps, of jobs that finished while its master
+#: was away, to hand to the next master (C{--keep-results}).
+KEEP_RESULTS = 64 << 20
+
 #: Seconds a worker started before its master waits for it (C{--slurm-wait}).
 MASTER_WAIT = 600.0
 
@@ -341,6 +345,11 @@ class WorkerConfig(Checked):
     master_timeout: float = option(30.0, "reconnect if master heartbeats stop this long (0: never)")
     drain_timeout: float = option(DRAIN_TIMEOUT, "seconds running jobs may finish when stopped")
     reconnect_delay: float = option(RECONNECT_DELAY, "most seconds between tries to reach the master")
+    keep_results: int = option(
+        KEEP_RESULTS,
+        "bytes of results of jobs finished while the master is away, for the next one (0: kill the jobs)",
+        doc="64 MiB",
+    )
     secret_file: str | None = option(None, _SECRET_HELP, doc="$CW_SECRET_FILE, else ~/.config/cw/secret")
     slurm_wait: float = option(MASTER_WAIT, "with --slurm: seconds to wait for the master job to start")
     slurm: bool = option(

@@ -185,6 +185,24 @@ def check_registered(answer: Any, id_name: str) -> None:
             check_range(name, answer[name], 0, MAX_NUMBER)
 
 
+def check_handover(results: list[P.Result] | None, sessions: Any) -> list[str]:
+    """
+    Check results a worker hands over (L{P.HandOverResults}): each names
+    its client's session by its index, from 1, in C{sessions}.  Returns
+    the sessions (an empty list for none).
+    """
+    if results is None and sessions is None:
+        return []
+    if results is None or not isinstance(sessions, list):
+        raise BadCommand("handed-over results need both results and a list of sessions")
+    for session in sessions:
+        check_session(session)
+    check_results(results)
+    for result in results:
+        check_range(f"result of job {result.key}: session index", result.client, 1, len(sessions))
+    return sessions
+
+
 def check_function_key(key: Any) -> bytes:
     if not isinstance(key, bytes) or not 1 <= len(key) <= MAX_FUNCTION_KEY:
         raise BadCommand(f"a function key must be 1 to {MAX_FUNCTION_KEY} bytes")

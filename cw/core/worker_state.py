@@ -54,6 +54,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from cw.core.handover import KeptResults
 from cw.core.records import (
     BATCH_BYTES,
     MAX_PAYLOAD,
@@ -130,6 +131,14 @@ class SendResults:
 
 
 @dataclass(frozen=True)
+class HandOver:
+    """
+    Results of jobs of a lost master connection were kept
+    (L{WorkerState.kept}): hand them to the master if connected.
+    """
+
+
+@dataclass(frozen=True)
 class ReturnJobs:
     """
     Tell the master this worker will not run these jobs and wants no more
@@ -151,7 +160,9 @@ class Drained:
     how: str
 
 
-Instruction = StartBatch | CancelBatch | KillRunning | SendResults | ReturnJobs | StartDrainTimer | Drained
+Instruction = (
+    StartBatch | CancelBatch | KillRunning | SendResults | HandOver | ReturnJobs | StartDrainTimer | Drained
+)
 
 
 @dataclass
@@ -179,6 +190,9 @@ class WorkerState:
         so every job goes alone (the count stays one of jobs).
     @param cpus: cores jobs may use (default: one per slot).
     @param cores: the ids of the cores this worker owns, to pin sized jobs to.
+    @param keep_bytes: when the master connection is lost, let the running
+        jobs finish and keep up to this many bytes of their results for the
+        next master (L{kept}); 0: kill them.
     """
 
     def __init__(
@@ -189,6 +203,7 @@ class WorkerState:
         recycles: bool = False,
         cpus: int | None = None,
         cores: Iterable[int] = (),
+        keep_bytes: int = 0,
     ) -> None:
         self.slots = slots
         self.cpus = cpus or slots
@@ -227,6 +242,12 @@ class WorkerState:
         #: Set the moment SIGTERM arrives (SLURM signals the job processes
         #: too): a lone job whose process dies then goes back to the master.
         self.terminating = False
+        #: Results of jobs that finished after their master connection was
+        #: lost, for the next master (None: such jobs are killed instead).
+        self.kept: KeptResults | None = KeptResults(keep_bytes) if keep_bytes > 0 else None
+        #: The session of each client, by client id, of every lost
+        #: connection (by generation) whose jobs still run.
+        self.lost_sessions: dict[int, dict[int, str]] = {}
 
     @property
     def calls(self) -> int:
@@ -278,9 +299,14 @@ class WorkerState:
         out: list[Instruction] = []
         results: list[Result] = []
         if len(jobs) == 1:
-            if (self.draining or self.terminating) and death is Death.DIED:
+            if (
+                (self.draining or self.terminating)
+                and death is Death.DIED
+                and running.generation not in self.lost_sessions
+            ):
                 # Its process died as this worker stops (SLURM signals every
-                # process of a job): not the job's fault; the master requeues it.
+                # process of a job): not the job's fault; the master requeues
+                # it (not a job of a lost connection: no master knows it).
                 out.append(ReturnJobs((jobs[0].key,)))
             else:
                 results = [Result(jobs[0].client, jobs[0].seq, Outcome.CRASHED, report, *output)]
@@ -343,11 +369,16 @@ class WorkerState:
             kill=True,
         )
 
-    def master_lost(self) -> list[Instruction]:
+    def master_lost(self, sessions: dict[int, str] | None = None) -> list[Instruction]:
         """
         The master connection is gone: drop the queue (the master requeues
-        it) and kill the running jobs rather than run them twice.
+        it; the clients resubmit it to the next one).  The running jobs are
+        killed rather than run twice, unless results are kept (C{keep_bytes}):
+        then they run on until a master is back (L{master_back}), and the
+        results of those that finish meanwhile, with their clients' session
+        (C{sessions}, by client id), wait in L{kept} for it.
         """
+        lost = self.generation
         self.generation += 1
         self.queue.clear()
         self.queued_sized = 0
@@ -357,7 +388,36 @@ class WorkerState:
             return self._drained(
                 f"the master connection was lost with {self.running} jobs running", kill=True
             )
+        if not self.running:
+            return []
+        if self.kept is None:
+            return [KillRunning()]
+        self.lost_sessions[lost] = dict(sessions or {})
+        # The next master numbers its clients afresh: its keys must not
+        # reach these jobs (a cancel of its client 1's job 5 is not for this
+        # connection's client 1).
+        for key, batch in list(self.running_in.items()):
+            if self.batches[batch].generation == lost:
+                del self.running_in[key]
+        return []
+
+    def master_back(self) -> list[Instruction]:
+        """
+        A master connection is registered again: the results kept so far
+        went to it.  Jobs of a lost connection still running are killed
+        now, and their results not kept: their clients have resubmitted
+        them (this master cannot know them, nor cancel them, and they would
+        hold slots for its jobs).  Only jobs of lost connections can run at
+        this moment, so every running job process is killed.
+        """
+        if not self.lost_sessions:
+            return []
+        self.lost_sessions.clear()
         return [KillRunning()] if self.running else []
+
+    def running_orphans(self) -> int:
+        """Jobs still running for a lost master connection (their results are kept)."""
+        return sum(len(b.jobs) for b in self.batches.values() if b.generation in self.lost_sessions)
 
     # Decisions.
 
@@ -452,6 +512,7 @@ class WorkerState:
             if self.running_in.get(job.key) == batch:
                 del self.running_in[job.key]
         send = []
+        kept = False
         for result in results:
             self.solo.discard(result.key)
             if result.key in running.cancelled:
@@ -471,8 +532,18 @@ class WorkerState:
                 )
             if running.generation == self.generation:
                 send.append(result)
+            elif running.generation in self.lost_sessions and self.kept is not None:
+                kept = (
+                    self.kept.keep(self.lost_sessions[running.generation].get(result.client), result) or kept
+                )
+        if running.generation in self.lost_sessions and not any(
+            b.generation == running.generation for b in self.batches.values()
+        ):
+            del self.lost_sessions[running.generation]
         # The job process answered for a whole batch: report it at once.
         out: list[Instruction] = [SendResults(tuple(send))]
+        if kept:
+            out.append(HandOver())
         return out + self.start_jobs(now)
 
     def _drained(self, how: str, kill: bool = False) -> list[Instruction]:

@@ -23,6 +23,7 @@ from cw.core.validation import (
     check_capacity,
     check_context,
     check_function_key,
+    check_handover,
     check_jobs,
     check_outputs,
     check_packages,
@@ -227,7 +228,18 @@ class MasterProtocol(
         return {}
 
     @P.RegisterWorker.responder
-    def register_worker(self, version, host, pid, slots, launch=None, versions=None, capacity=None):
+    def register_worker(
+        self,
+        version,
+        host,
+        pid,
+        slots,
+        launch=None,
+        versions=None,
+        capacity=None,
+        results=None,
+        sessions=None,
+    ):
         self._check_version(version)
         name = check_peer(host, pid)
         check_range("slots", slots, 1, MAX_SLOTS)
@@ -235,12 +247,16 @@ class MasterProtocol(
         if launch is not None:
             check_text("launch", launch, 200)
         versions = check_versions(versions)
+        sessions = check_handover(results, sessions)
         self._claim("worker")
         self.peer_name = name
         #: The adaptive pool's launch this worker belongs to, if any.
         self.launch = launch
         self.peer_id = self.master.worker_joined(self, slots, versions, resources)
         self.role = "worker"
+        if results:
+            # Before any job is dispatched to it (on the reactor's next turn).
+            self.master.handed_over(self.peer_id, results, sessions)
         return {"worker_id": self.peer_id, "max_payload": self.master.max_payload}
 
     @P.CancelJobs.responder
@@ -260,6 +276,13 @@ class MasterProtocol(
     def output_notice(self, host, outputs):
         if self._require("worker"):
             self.master.job_output(self.peer_id, check_outputs(host, outputs), outputs)
+        return {}
+
+    @P.HandOverResults.responder
+    def hand_over_results(self, results, sessions):
+        if self._require("worker"):
+            sessions = check_handover(results, sessions)
+            self.master.handed_over(self.peer_id, results, sessions)
         return {}
 
     @P.ReturnJobs.responder

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from cw.core.config import MasterConfig
 from cw.core.flow import FlowControl
+from cw.core.handover import Unclaimed
 from cw.core.limits import Admission, default_max_pending, default_per_address
 from cw.core.resources import Capacity
 from cw.core.routing import Routing, SendContext
@@ -151,6 +152,8 @@ class Master:
         #: Clients that asked never to be sent to workers with incompatible
         #: versions (C{version_mismatch="avoid"}, L{cw.core.versions}).
         self.avoiding: set[int] = set()
+        #: Results workers handed over (L{handed_over}) for clients not back yet.
+        self.unclaimed = Unclaimed()
         #: Clients told which of their jobs were handed to workers (L{P.JobsStarted}).
         self.running_notices: set[int] = set()
         self.workers: dict[int, MasterProtocol] = {}
@@ -214,7 +217,13 @@ class Master:
                 session=session,
             )
             self.client_left(stale)
-            stale.transport.abortConnection()
+            stale.callRemote(
+                P.SessionReplaced,
+                reason=f"another client registered its session {session!r} (from {proto.peer_name})",
+            )
+            stale.transport.loseConnection()
+            # A half-open link would never close: do not keep it past the notice.
+            self.clock.callLater(5, lambda: stale.closed.called or stale.transport.abortConnection())
         durable = self.durable if session is not None else None
         cid = durable.client_id(session) if durable is not None else None
         new = cid is None
@@ -389,7 +398,57 @@ class Master:
             self._deliver(failed)
         self.schedule_dispatch()
 
+    def handed_over(self, worker: int, results: list[P.Result], sessions: list[str]) -> None:
+        """
+        Results a worker kept from a previous master connection (this
+        master's or another's), each naming its client by session
+        (C{result.client} is an index, from 1, in C{sessions}): a connected
+        client of that session gets them, and its resubmitted copies of
+        those jobs are withdrawn (it drops a result it has already had);
+        for a client not back yet they are kept a while (L{Unclaimed}) and
+        answer its jobs when it resubmits them.
+        """
+        now = self.clock.seconds()
+        by_client: dict[int, list[P.Result]] = {}
+        kept = 0
+        for result in results:
+            session = sessions[result.client - 1]
+            cid = self.sessions.get(session)
+            if cid is None:
+                self.unclaimed.add(session, result, now)
+                kept += 1
+            else:
+                by_client.setdefault(cid, []).append(P.Result(cid, result.seq, result.status, result.payload))
+        for cid, batch in by_client.items():
+            self.cancel(cid, [result.seq for result in batch])
+            self._deliver(batch)
+        log.info(
+            "Worker {wid} handed over {n} results of jobs that finished while it had no master:"
+            " {r} to their clients, {k} kept for clients not back yet",
+            wid=worker,
+            n=len(results),
+            r=len(results) - kept,
+            k=kept,
+        )
+
+    def _claim_results(self, client: int, jobs: list[P.Job]) -> tuple[list[P.Job], list[P.Result]]:
+        """Of C{jobs}, those that a worker's handed-over result answers already, and those results."""
+        session = getattr(self.clients[client], "session", None)
+        if not len(self.unclaimed) or session is None:
+            return [], []
+        answered, results = [], []
+        for job in jobs:
+            result = self.unclaimed.take(session, job.seq)
+            if result is not None:
+                answered.append(job)
+                results.append(P.Result(client, job.seq, result.status, result.payload))
+        return answered, results
+
     def submit(self, client: int, jobs: list[P.Job]) -> None:
+        answered, handed = self._claim_results(client, jobs)
+        if answered:
+            done = {id(job) for job in answered}
+            jobs = [job for job in jobs if id(job) not in done]
         refused = []
         for job in jobs:
             if len(job.payload) > self.max_payload:
@@ -420,10 +479,12 @@ class Master:
                     for job, kind, message in refused
                 ]
             )
+        if handed:
+            self._deliver(handed)
         if self.durable is not None:
             jobs = self.durable.accept(client, jobs)
         idle = not self.scheduler.queued
-        duplicates = self.scheduler.submit(client, jobs, [job for job, _, _ in refused])
+        duplicates = self.scheduler.submit(client, jobs, [job for job, _, _ in refused] + answered)
         if duplicates:
             log.warn(
                 "Client {cid} ({name}) submitted jobs {seqs} while jobs with those numbers were"
@@ -592,6 +653,7 @@ class Master:
         expiry = self.scheduler.expire(self.clock.seconds())
         for warning in expiry.unschedulable:
             log.warn("Unschedulable: {warning}", warning=warning)
+        self.unclaimed.expire(self.clock.seconds())
         for wid, keys in expiry.cancel.items():
             proto = self.workers.get(wid)
             if proto is None:
@@ -826,6 +888,9 @@ class Master:
             "uptime": self.clock.seconds() - self.started,
             "queued": s.queued,
             "unschedulable": sum(s.unschedulable().values()),
+            # Results workers handed over for clients not back yet (L{handed_over}).
+            "unclaimed_results": len(self.unclaimed),
+            "unclaimed_bytes": self.unclaimed.bytes,
             "completed": s.completed,
             "rate": self.rate(),
             "dashboard": self.dashboard,

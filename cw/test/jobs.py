@@ -241,3 +241,21 @@ def probe(seconds=0.0):
         "start": start,
         "end": time.time(),
     }
+
+
+def nap_square(x, seconds=0.005):
+    """Sleep C{seconds} (a small job of known length), then return C{x * x}."""
+    time.sleep(seconds)
+    return x * x
+
+
+def count_run_then_wait(marker_dir, flag, name="job"):
+    """
+    Record one run of this job (a new file in C{marker_dir}, named by its
+    pid), wait until C{flag} exists, and return C{name}: a long job whose
+    runs a test can count.
+    """
+    with open(os.path.join(marker_dir, f"{name}-run-{os.getpid()}-{time.monotonic_ns()}"), "w"):
+        pass
+    block_until(flag)
+    return name

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Callable
 
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints, error, threads
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from cw.core.records import PORT
 from cw.system import exit_with_status
@@ -68,6 +70,44 @@ def client_description(host: str | None = None, port: int | None = None) -> str:
 def client_endpoint(reactor, host: str | None = None, port: int | None = None) -> IStreamClientEndpoint:
     """A client endpoint for the master named by C{host} and C{port}."""
     return endpoints.clientFromString(reactor, client_description(host, port))
+
+
+@implementer(IStreamClientEndpoint)
+class FindingEndpoint:
+    """
+    A client endpoint for a master that may move: before each connection
+    it asks C{find} (a L{cw.discovery.MasterSource}: an address file,
+    SLURM), in a thread, where the master is now, and connects there; if
+    C{find} knows no address at the moment, the last one found (or
+    C{address}) is used.  Without C{find}, it always connects to
+    C{address}.  C{on_found(description)} is told each address used.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        address: str | None,
+        find: Callable[[], str | None] | None = None,
+        on_found: Callable[[str], None] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.address = address
+        self.find = find
+        self.on_found = on_found
+
+    def connect(self, factory):
+        d = threads.deferToThread(self.find) if self.find is not None else defer.succeed(None)
+
+        def found(address: str | None):
+            if address:
+                self.address = client_description(address)
+            if self.address is None:
+                raise error.ConnectError(string=f"{self.find} gives no master address yet")
+            if self.on_found is not None:
+                self.on_found(self.address)
+            return endpoints.clientFromString(self.reactor, self.address).connect(factory)
+
+        return d.addCallback(found)
 
 
 def server_description(listen: str | int | None = None) -> str:

@@ -18,9 +18,9 @@ Who talks to whom::
     client, worker --Challenge, Prove--> master (the handshake, first)
     client --RegisterClient, SubmitJobs, CancelJobs, GetStatus, AwaitWorkers, ProbeWorkers--> master
     master --JobResults, JobsStarted, JobRoom, OutputNotice--> client
-    worker --RegisterWorker, JobResults, ReturnJobs, OutputNotice--> master
+    worker --RegisterWorker, JobResults, ReturnJobs, OutputNotice, HandOverResults--> master
     master --ClientContext, RunJobs, CancelJobs, Probe--> worker
-    master --MasterStopping--> client, worker
+    master --MasterStopping--> client, worker;  master --SessionReplaced--> client
     master --Heartbeat--> client, worker;  client --Heartbeat--> master
     client --DefineFunction--> master --DefineFunction, ForgetClient--> worker
     worker --RunBatch--> job process (an ampoule child, over a pipe)
@@ -342,6 +342,17 @@ class ProbeWorkers(amp.Command):
     response = [(b"workers", JSON())]
 
 
+class SessionReplaced(amp.Command):
+    """
+    Master to client, before it drops the connection: another connection
+    registered this client's session (L{RegisterClient}), so this one's
+    jobs are dropped.  The client fails its jobs and does not reconnect.
+    """
+
+    arguments = [(b"reason", amp.Unicode())]
+    requiresAnswer = False
+
+
 # -- Worker <-> master ---------------------------------------------------
 
 
@@ -363,9 +374,29 @@ class RegisterWorker(amp.Command):
         (b"launch", amp.Unicode(optional=True)),
         (b"versions", JSON(optional=True)),
         (b"capacity", JSON(optional=True)),
+        # Results of jobs that finished while this worker had no master,
+        # each with its client's session (see HandOverResults).
+        (b"results", ResultBatch(optional=True)),
+        (b"sessions", JSON(optional=True)),
     ]
     response = [(b"worker_id", amp.Integer()), (b"max_payload", amp.Integer())]
     errors = {VersionMismatch: b"VERSION_MISMATCH"}
+
+
+class HandOverResults(amp.Command):
+    """
+    Worker to master: results of jobs that a previous master gave this
+    worker and that finished after that connection was lost (the first
+    such results travel in L{RegisterWorker}, so that the master has them
+    before it hands this worker any job).  Each result's C{client} is the
+    index, from 1, of its client's session in C{sessions}; the master gives
+    each to the client of that session that resubmitted the job (by its
+    C{seq}), keeps it a while for a client not back yet, and otherwise
+    drops it.
+    """
+
+    arguments = [(b"results", ResultBatch()), (b"sessions", JSON())]
+    requiresAnswer = False
 
 
 class ClientContext(amp.Command):

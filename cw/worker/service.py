@@ -38,6 +38,7 @@ from twisted.python import usage
 
 from cw import discovery
 from cw.core.config import OUTPUT_LIMIT, WorkerConfig
+from cw.core.handover import KeptResults
 from cw.core.liveness import MasterSilent, MasterWatch, Recheck
 from cw.core.resources import Capacity, build_capacity
 from cw.core.validation import (
@@ -57,6 +58,7 @@ from cw.core.worker_state import (
     CancelBatch,
     Death,
     Drained,
+    HandOver,
     KillRunning,
     ReturnJobs,
     SendResults,
@@ -75,7 +77,7 @@ from cw.system import (
     with_cw_on_path,
 )
 from cw.wire import commands as P
-from cw.wire.address import client_description, client_endpoint
+from cw.wire.address import FindingEndpoint, client_description
 from cw.wire.auth import AuthGate, authenticate, refused_retry_delay
 from cw.wire.batching import Outbox
 from cw.wire.checked import CheckedCommands
@@ -158,18 +160,24 @@ def join_master(
     slots: int,
     versions: dict | None = None,
     capacity: Capacity | None = None,
+    kept: KeptResults | None = None,
 ) -> defer.Deferred:
     """
     Authenticate C{proto}, a new connection to the master at C{address},
     and register it as a worker with C{slots} slots, C{versions}
-    (L{worker_versions}) and C{capacity} (default: a core per slot).
-    Fires with the L{P.RegisterWorker} answer
-    (worker id and the master's payload limit).
+    (L{worker_versions}) and C{capacity} (default: a core per slot),
+    handing over the results C{kept} holds.  Fires with the
+    L{P.RegisterWorker} answer (worker id and the master's payload limit).
     """
     capacity = capacity or Capacity(cpus=slots)
-    d = authenticate(proto, secret, "worker", address)
-    d.addCallback(
-        lambda _: proto.callRemote(
+
+    def register(_):
+        handover = {}
+        if kept is not None and kept.results:
+            sessions, results = kept.take()
+            handover = {"results": results, "sessions": sessions}
+            log.info("Handing {n} results of jobs from the lost master connection over", n=len(results))
+        return proto.callRemote(
             P.RegisterWorker,
             version=P.PROTOCOL_VERSION,
             host=socket.gethostname(),
@@ -178,10 +186,14 @@ def join_master(
             launch=launch_id(os.environ),
             versions=versions,
             capacity=capacity.to_json(),
+            **handover,
         )
+
+    return (
+        authenticate(proto, secret, "worker", address)
+        .addCallback(register)
+        .addCallback(_checked_registration)
     )
-    d.addCallback(_checked_registration)
-    return d
 
 
 def _checked_registration(answer: dict) -> dict:
@@ -231,6 +243,7 @@ class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
             self.worker.procs,
             self.worker.versions,
             self.worker.capacity,
+            self.worker.state.kept,
         )
         d.addCallbacks(self._registered, self._refused)
 
@@ -332,6 +345,7 @@ class Worker:
         address: str = "",
         capacity: Capacity | None = None,
         cores: list[int] = (),
+        keep_results: int = _DEFAULTS.keep_results,
     ) -> None:
         self.clock = clock
         #: What this worker advertises (default: a core per slot).
@@ -347,6 +361,7 @@ class Worker:
             recycles=bool(getattr(pool, "recycleAfter", 0)),
             cpus=self.capacity.cpus,
             cores=cores,
+            keep_bytes=keep_results,
         )
         self.proto: WorkerProtocol | None = None
         self.worker_id = 0
@@ -458,6 +473,18 @@ class Worker:
             n=self.procs,
             capacity=self.capacity.describe(),
         )
+        # Kept results of jobs that finished while registering; the jobs of
+        # the lost connection still running are killed (their clients
+        # resubmitted them).
+        self._hand_over()
+        running = self.state.running_orphans()
+        self._carry_out(self.state.master_back())
+        if running:
+            log.info(
+                "Killed {n} jobs of the lost master connection that were still running"
+                " (their clients resubmit them)",
+                n=running,
+            )
 
     def heartbeat_received(self, proto: WorkerProtocol) -> None:
         """The master is alive: (re)arm the watchdog as L{MasterWatch} says."""
@@ -495,14 +522,29 @@ class Worker:
         self.master_watch.reset()
         dropped = len(self.state.queue)
         self.proto = None
+        # Which session each client is: the results of jobs still running
+        # are handed to the next master under it.
+        sessions = {cid: context.get("session") for cid, context in self.contexts.items()}
         self.contexts.clear()
         self._mismatch.clear()
         self.functions.clear()
         self.outbox.discard()
         draining = self.state.draining
         self._killed = 0
-        self._carry_out(self.state.master_lost())
-        if not draining:
+        self._carry_out(self.state.master_lost(sessions))
+        if draining:
+            return
+        if self.state.kept is not None:
+            # The running jobs finish; their results go to the next master
+            # (L{P.RegisterWorker}), which gives them to the clients that
+            # resubmitted those jobs.
+            log.info(
+                "Lost the master connection; dropped {n} queued jobs, {r} running ones go on"
+                " (their results are kept for the next master); reconnecting",
+                n=dropped,
+                r=self.state.running_orphans(),
+            )
+        else:
             # The master requeues the running jobs too, and their results
             # could not be sent: they were killed rather than run twice (this
             # is also what a worker stopped past the master's heartbeat
@@ -653,6 +695,8 @@ class Worker:
                     call.cancel(withdraw=instruction.withdraw)
             elif isinstance(instruction, KillRunning):
                 self._killed = self.pool.kill_busy()
+            elif isinstance(instruction, HandOver):
+                self._hand_over()
             elif isinstance(instruction, StartDrainTimer):
                 self._drain_timer = self.clock.callLater(
                     self._drain_timeout, self._drain_expired, self._drain_timeout
@@ -726,6 +770,25 @@ class Worker:
         if self.proto is not None:
             for batch in P.batches(outputs, P.output_size):
                 self.proto.callRemote(P.OutputNotice, host=self.state.host, outputs=batch)
+
+    def _hand_over(self) -> None:
+        """
+        Send the master the results kept from a lost connection (jobs that
+        finished after it registered; the others went with its registration).
+        """
+        kept = self.state.kept
+        if kept is None or not kept.results:
+            return
+        if self.proto is None:
+            log.info(
+                "Keeping the results of {n} jobs ({b:,} bytes) that finished with no master, for the next",
+                n=len(kept.results),
+                b=kept.bytes,
+            )
+            return
+        sessions, results = kept.take()
+        for batch in P.batches(results, P.result_size):
+            self.proto.callRemote(P.HandOverResults, results=batch, sessions=sessions)
 
     def _send_results(self, batch: list[P.Result]) -> None:
         if self.proto is not None:
@@ -985,21 +1048,28 @@ class WorkerService(service.MultiService):
         gpus: str | None = _DEFAULTS.gpus,
         resource: tuple[str, ...] = _DEFAULTS.resource,
         tag: tuple[str, ...] = _DEFAULTS.tag,
+        keep_results: int = _DEFAULTS.keep_results,
         *,
         reactor,
         machine: Capacity | None = None,
+        find: discovery.MasterSource | None = None,
     ) -> None:
         super().__init__()
         self.output_limit = output_limit
         self.reactor = reactor
         self.drain_timeout = drain_timeout
         self.reconnect_delay = reconnect_delay
+        self.keep_results = keep_results
         self.job_timeout = job_timeout
         self.master_timeout = master_timeout
         self.memory_limit = memory_limit
         self.recycle_memory = recycle_memory
         self.secret = secret
-        self.master_address = client_description(master)
+        #: How to find the master again before each connection: C{find},
+        #: else the address file that C{master} names (C{file:PATH}); None:
+        #: C{master} as given.
+        self.find = find or discovery.master_source(master or "localhost")
+        self.master_address = None if discovery.is_address_file(master) else client_description(master)
         machine = machine or machine_capacity()
         self.procs = procs or machine.cpus
         #: What this worker advertises; raises ValueError for a bad option.
@@ -1049,6 +1119,7 @@ class WorkerService(service.MultiService):
             address=self.master_address,
             capacity=self.capacity,
             cores=self.cores,
+            keep_results=self.keep_results,
         )
         self.worker.job_timeout = self.job_timeout
         self.worker.master_timeout = self.master_timeout
@@ -1059,19 +1130,32 @@ class WorkerService(service.MultiService):
                 " without checking who that is"
             )
         factory = Factory.forProtocol(lambda: WorkerProtocol(self.worker))
-        endpoint = client_endpoint(reactor, self.master_address)
+        endpoint = FindingEndpoint(reactor, self.master_address, self.find, self._found)
         self.client_service = ClientService(endpoint, factory, retryPolicy=self.worker.retry_delay)
         self.client_service.setServiceParent(self)
         log.info(
             "cw worker starting {n} job processes ({capacity}); master at {master}",
             n=self.procs,
             capacity=self.capacity.describe(),
-            master=self.master_address,
+            master=self.master_address
+            if self.find is None
+            else f"{self.master_address} (found through {self.find})",
         )
         self.pool.start()
         super().startService()
         if self.note_sigterm:
             reactor.callWhenRunning(self._note_sigterm)
+
+    def _found(self, address: str) -> None:
+        """The master was found (again) at C{address}: connect there."""
+        if address != self.master_address:
+            if self.master_address is not None:
+                log.info(
+                    "The master is now at {address} (found through {find})", address=address, find=self.find
+                )
+            self.master_address = address
+        if self.worker is not None:
+            self.worker.address = address
 
     #: Set by L{makeService} (twistd): see L{_note_sigterm}.
     note_sigterm = False
@@ -1160,5 +1244,8 @@ def makeService(options: Options) -> WorkerService:
     from twisted.internet import reactor  # twistd has installed the reactor it runs by now
 
     worker = WorkerService.from_config(options.config(), options["secret"], reactor)
+    if options["slurm"]:
+        # Found through SLURM at start: found again there before each reconnection.
+        worker.find = discovery.slurm_source()
     worker.note_sigterm = True
     return worker

@@ -11,6 +11,7 @@ import sys
 from twisted.internet import threads
 from twisted.trial import unittest
 
+from cw.cli.cw import format_status
 from cw.client import ClusterExecutor
 from cw.test.jobs import block_until, touch
 from cw.test.procs import Processes, child_env, free_port, wait_until
@@ -112,3 +113,11 @@ class StatusCommandTests(unittest.TestCase):
             self.assertTrue(lines[0].startswith("cw status: "), lines)
 
         return threads.deferToThread(body)
+
+
+class FormatStatusTests(unittest.SynchronousTestCase):
+    def test_unclaimed_results(self):
+        """Results workers handed over for clients not back yet are shown with the clients."""
+        text = format_status("m", {"clients": [], "unclaimed_results": 2, "unclaimed_bytes": 1500})
+        self.assertIn("clients  0; 2 results (1,500 bytes) kept for clients not back yet", text)
+        self.assertNotIn("kept for clients", format_status("m", {"clients": []}))

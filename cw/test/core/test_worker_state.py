@@ -16,6 +16,7 @@ from cw.core.worker_state import (
     CancelBatch,
     Death,
     Drained,
+    HandOver,
     KillRunning,
     ReturnJobs,
     SendResults,
@@ -251,6 +252,66 @@ class MasterLostTests(SynchronousTestCase):
         state.master_lost()
         self.assertEqual(starts(state.batch_failed(start.batch, Death.DIED, b"", 1.0)), [])
         self.assertEqual(len(state.queue), 0)
+
+
+class KeptResultsTests(SynchronousTestCase):
+    """With C{keep_bytes}: running jobs outlive their master connection and their results are kept."""
+
+    def lose_running(self, keep_bytes: int = 100):
+        state = WorkerState(2, keep_bytes=keep_bytes)
+        state.jobs_arrived(jobs(1, 3))
+        started = starts(state.start_jobs(0.0))
+        self.assertEqual([seqs(s) for s in started], [[1], [2]])
+        self.assertEqual(state.master_lost({5: "session-a"}), [], "nothing is killed")
+        self.assertEqual(len(state.queue), 0, "the unstarted job is dropped")
+        self.assertEqual(state.running_orphans(), 2)
+        return state, started
+
+    def test_results_kept_with_their_session_not_sent(self):
+        state, (first, second) = self.lose_running()
+        out = state.batch_finished(first.batch, ok(first), 1.0)
+        self.assertEqual(sent(out), [])
+        self.assertIn(HandOver(), out)
+        sessions, results = state.kept.take()
+        self.assertEqual(sessions, ["session-a"])
+        self.assertEqual([(r.client, r.seq, r.payload) for r in results], [(1, 1, b"v")])
+        state.batch_finished(second.batch, ok(second), 2.0)
+        self.assertEqual(state.lost_sessions, {}, "forgotten once its last job ended")
+
+    def test_bounded_by_bytes(self):
+        state, (first, second) = self.lose_running(keep_bytes=1)
+        state.batch_finished(first.batch, ok(first), 1.0)
+        out = state.batch_finished(second.batch, ok(second), 1.0)
+        self.assertNotIn(HandOver(), out)
+        self.assertEqual([r.seq for _, r in state.kept.results], [1])
+        self.assertEqual(state.kept.dropped, 1)
+
+    def test_new_connection_keys_do_not_reach_old_jobs(self):
+        """The next master numbers clients afresh: its cancel of (5, 1) is not for the old job (5, 1)."""
+        state, (first, _) = self.lose_running()
+        self.assertEqual(state.cancel([(5, 1)]), [])
+        state.batch_finished(first.batch, ok(first), 1.0)
+        self.assertEqual([r.seq for _, r in state.kept.results], [1])
+
+    def test_back_kills_the_rest_and_keeps_nothing_more(self):
+        """Once a master is back, jobs of the lost connection still running are killed, results dropped."""
+        state, (first, second) = self.lose_running()
+        state.batch_finished(first.batch, ok(first), 1.0)
+        self.assertEqual(state.master_back(), [KillRunning()])
+        self.assertEqual(state.master_back(), [])
+        out = state.batch_failed(second.batch, Death.CANCELLED, b"report", 2.0)
+        self.assertEqual((sent(out), [r.seq for _, r in state.kept.results]), ([], [1]))
+        self.assertEqual(state.running, 0)
+
+    def test_back_with_nothing_lost(self):
+        self.assertEqual(WorkerState(1, keep_bytes=100).master_back(), [])
+
+    def test_crashed_old_job_not_returned_nor_rerun(self):
+        state, (first, _) = self.lose_running()
+        state.terminating = True
+        out = state.batch_failed(first.batch, Death.DIED, b"report", 1.0)
+        self.assertEqual([i for i in out if isinstance(i, ReturnJobs)], [])
+        self.assertEqual([r.status for _, r in state.kept.results], [Outcome.CRASHED])
 
 
 class DrainTests(SynchronousTestCase):

@@ -402,7 +402,7 @@ import json, sys, time
 from cw.client import ClusterExecutor
 from cw.test.jobs import square
 
-ex = ClusterExecutor(sys.argv[1], master_timeout=float(sys.argv[2]))
+ex = ClusterExecutor(sys.argv[1], master_timeout=float(sys.argv[2]), reconnect_timeout=0)
 future = ex.submit(square, 3)
 print("queued", flush=True)
 error = future.exception(120)

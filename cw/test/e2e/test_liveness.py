@@ -438,8 +438,8 @@ class HeartbeatEndToEndTests(unittest.TestCase):
 
         def body():
             address = self.procs.start_master()
-            ex = ClusterExecutor(address, master_timeout=bound)
-            thread = ClientThread(host=address, master_timeout=bound)
+            ex = ClusterExecutor(address, master_timeout=bound, reconnect_timeout=0)
+            thread = ClientThread(host=address, master_timeout=bound, reconnect_timeout=0)
             try:
                 thread.start()
                 future = ex.submit(square, 3)  # no worker: it stays queued

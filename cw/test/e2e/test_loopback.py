@@ -164,7 +164,7 @@ class LoopbackTests(unittest.TestCase):
         """When the master goes away, pending futures fail with MasterUnavailable."""
 
         def submit():
-            ex = ClusterExecutor(self.address)
+            ex = ClusterExecutor(self.address, reconnect_timeout=0)
             return ex, ex.submit(triple, 1)
 
         ex, future = yield threads.deferToThread(submit)

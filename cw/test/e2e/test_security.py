@@ -522,7 +522,8 @@ class LimitTests(unittest.TestCase):
         def body():
             procs.start_master("--max-payload", "100000")
             procs.start_worker()
-            with executor(procs.address) as ex:
+            # Dropped peers do not come back here (see test_failover for reconnecting).
+            with executor(procs.address, reconnect_timeout=0) as ex:
                 with self.assertRaises(SubmitError) as caught:
                     ex.submit(len, b"x" * 200000)
                 self.assertIn("over the master's limit of 100,000", str(caught.exception))

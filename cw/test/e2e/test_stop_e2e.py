@@ -119,8 +119,8 @@ class StopTests(unittest.TestCase):
         def body():
             address = self.procs.start_master()
             worker = self.procs.start_worker(1)
-            ex = ClusterExecutor(address)
-            client = ClientThread(None, address)
+            ex = ClusterExecutor(address, reconnect_timeout=0)
+            client = ClientThread(None, address, reconnect_timeout=0)
             client.start()
             try:
                 futures = [ex.submit(wait_for_file, self.flag) for _ in range(3)]
@@ -159,7 +159,7 @@ class StopTests(unittest.TestCase):
             listen = f"tcp:{free_port()}:interface=127.0.0.1"
             address = self.procs.start_master(listen=listen)
             worker = self.procs.start_worker(1)
-            old = ClusterExecutor(address)
+            old = ClusterExecutor(address, reconnect_timeout=0)
             try:
                 self.assertEqual(old.submit(square, 3).result(60), 9)
                 pending = old.submit(wait_for_file, self.flag)

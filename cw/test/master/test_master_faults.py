@@ -494,3 +494,82 @@ class BatchTests(SynchronousTestCase):
         self.finish(1)
         self.finish(2)
         self.assertEqual(sorted(self.sent()), [1, 2, 4, 5])
+
+
+class HandOverTests(SynchronousTestCase):
+    """
+    Results a worker kept from a lost master connection (L{Master.handed_over}):
+    routed by session and sequence number, whichever comes first, the
+    worker or the client's resubmission.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.master = Master(clock=self.clock, heartbeat=0)
+
+    def client(self, session: str) -> FakePeer:
+        client = FakePeer(self.master, "c:1")
+        client.session = session
+        client.peer_id = self.master.client_joined(client, {"cwd": "", "path": []}, session=session)
+        return client
+
+    def worker(self, name: str = "w:1", results=None, sessions=None) -> FakePeer:
+        worker = FakePeer(self.master, name)
+        worker.peer_id = self.master.worker_joined(worker, 1)
+        if results:
+            self.master.handed_over(worker.peer_id, results, sessions)
+        return worker
+
+    def kept(self, seq: int, value: bytes = b"kept") -> P.Result:
+        return P.Result(1, seq, P.Outcome.OK, value)
+
+    def run_jobs(self, worker: FakePeer) -> list[int]:
+        return [
+            job.seq for command, kwargs, _ in worker.calls if command is P.RunJobs for job in kwargs["jobs"]
+        ]
+
+    def test_client_resubmitted_first(self):
+        """The resubmitted job waits in the queue: the handed-over result answers it, and it never runs."""
+        client = self.client("s")
+        self.master.submit(client.peer_id, [P.Job(0, 3, b"p"), P.Job(0, 4, b"p")])
+        self.worker("w:1", [self.kept(3)], ["s"])
+        self.clock.advance(0)
+        self.assertEqual(
+            [(r.client, r.seq, r.payload) for r in client.results], [(client.peer_id, 3, b"kept")]
+        )
+        other = self.worker("w:2")
+        self.clock.advance(0)
+        self.assertEqual(self.run_jobs(other) + self.run_jobs(self.master.workers[1]), [4])
+
+    def test_worker_first(self):
+        """A result handed over before its client is back answers the job when it is resubmitted."""
+        worker = self.worker("w:1", [self.kept(3)], ["s"])
+        self.assertEqual(self.master.status()["unclaimed_results"], 1)
+        client = self.client("s")
+        self.master.submit(client.peer_id, [P.Job(0, 3, b"p"), P.Job(0, 4, b"p")])
+        self.clock.advance(0)
+        self.assertEqual([(r.seq, r.payload) for r in client.results], [(3, b"kept")])
+        self.assertEqual(self.run_jobs(worker), [4])
+        self.assertEqual(self.master.status()["unclaimed_results"], 0)
+
+    def test_running_copy_is_killed(self):
+        """The resubmitted copy already runs elsewhere: it is cancelled there, the kept result delivered."""
+        client = self.client("s")
+        busy = self.worker("w:1")
+        self.master.submit(client.peer_id, [P.Job(0, 3, b"p")])
+        self.clock.advance(0)
+        self.assertEqual(self.run_jobs(busy), [3])
+        self.master.handed_over(self.worker("w:2").peer_id, [self.kept(3)], ["s"])
+        self.assertEqual([r.seq for r in client.results], [3])
+        [(_, kwargs, _)] = [c for c in busy.calls if c[0] is P.CancelJobs]
+        self.assertEqual(kwargs["keys"], [(client.peer_id, 3)])
+
+    def test_other_sessions_untouched(self):
+        """A result of another session's job is not given to this client (same seq, same old client id)."""
+        client = self.client("s")
+        self.master.submit(client.peer_id, [P.Job(0, 3, b"p")])
+        worker = self.worker("w:1", [self.kept(3)], ["t"])
+        self.clock.advance(0)
+        self.assertEqual(client.results, [])
+        self.assertEqual(self.run_jobs(worker), [3])
+        self.assertEqual(self.master.status()["unclaimed_results"], 1)

@@ -303,7 +303,7 @@ class RelayTests(unittest.TestCase):
             self.procs.start_master()
             self.procs.start_worker()
             relay = blockingCallFromThread(reactor, Relay, self, host_port(self.procs.address), tamper)
-            ex = ClusterExecutor(relay.address)
+            ex = ClusterExecutor(relay.address, reconnect_timeout=0)
             try:
                 future = ex.submit(digest, data)
                 error = future.exception(DEADLINE)
@@ -326,7 +326,7 @@ class RelayTests(unittest.TestCase):
         self.procs.start_master()
         self.procs.start_worker()
         relay = blockingCallFromThread(reactor, Relay, self, host_port(self.procs.address), tamper)
-        ex = ClusterExecutor(relay.address)
+        ex = ClusterExecutor(relay.address, reconnect_timeout=0)
         try:
             first = ex.submit(square, 3)
             self.assertTrue(held.wait(DEADLINE), "the relay saw no SubmitJobs")
@@ -398,7 +398,7 @@ class RelayTests(unittest.TestCase):
             self.procs.start_worker()
             relay = blockingCallFromThread(reactor, Relay, self, host_port(self.procs.address), tamper)
             with self.assertRaises(MasterUnavailable):
-                with executor(relay.address) as ex:
+                with executor(relay.address, reconnect_timeout=0) as ex:
                     ex.submit(square, 2).result(DEADLINE)
             self.assertRegex(
                 self.procs.log_tail(self.procs.master, 200),

@@ -2,9 +2,10 @@
 Job processes cannot escape (L{cw.worker.containment}): what a job starts dies
 with it on a timeout, a cancel, a crash or a normal return, a job process
 dies with its worker, and a worker that lost its master kills its running
-jobs.  Real twistd master and worker processes over TCP on loopback; every
-process a job starts is found by the pid the job records, and killed in
-the cleanup if it survived.
+jobs (with --keep-results, once it has a master again).  Real twistd
+master and worker processes over TCP on loopback; every process a job
+starts is found by the pid the job records, and killed in the cleanup if
+it survived.
 """
 
 from __future__ import annotations
@@ -170,8 +171,8 @@ class ContainmentTests(unittest.TestCase):
         A worker stopped (SIGSTOP) past the master's heartbeat timeout: the
         master gives its job up (or runs it elsewhere) while its job
         process runs on; once resumed, the worker finds its master
-        connection gone, kills that job process with all it started, and
-        rejoins.
+        connection gone, rejoins, and kills that job process with all it
+        started (its result would come too late: it was given up).
         """
 
         def body():
@@ -203,13 +204,32 @@ class LostMasterTests(unittest.SynchronousTestCase):
         from cw.worker.service import Worker
 
         pool = FakePool()
-        worker = Worker(pool, 1, clock=Clock())
+        worker = Worker(pool, 1, clock=Clock(), keep_results=0)
         link = worker.proto = FakeMasterLink()
         worker.enqueue([P.Job(5, seq, b"p") for seq in (1, 2)])
         worker.disconnected(link)
         self.assertEqual(pool.killed, 1)
         self.assertEqual(len(pool.calls), 1, "the queued job was not started")
         self.assertEqual(link.of(P.JobResults), [], "no result is sent for a killed job")
+
+    def test_running_jobs_run_on_until_a_master_is_back(self):
+        """With --keep-results (the default) the running job goes on, and is killed once a master is back."""
+        from twisted.internet.task import Clock
+
+        from cw.test.master.test_master_faults import FakeMasterLink, FakePool
+        from cw.wire import commands as P
+        from cw.worker.service import Worker
+
+        pool = FakePool()
+        worker = Worker(pool, 1, clock=Clock())
+        link = worker.proto = FakeMasterLink()
+        worker.enqueue([P.Job(5, seq, b"p") for seq in (1, 2)])
+        worker.disconnected(link)
+        self.assertEqual(pool.killed, 0)
+        self.assertEqual(len(pool.calls), 1, "the queued job was not started")
+        link.getPeer = lambda: "master"
+        worker.connected(link, 2)
+        self.assertEqual(pool.killed, 1)
 
 
 def resume(pid: int) -> None:
