@@ -569,6 +569,8 @@ class Session:
         self.lost_why = ""
         #: Connections made after the first.
         self.reconnects = 0
+        #: Jobs sent again on the last new connection.
+        self.resubmitted = 0
         #: When the reconnect window opened: the first loss since a result arrived.
         self._window_start: float | None = None
         self._lock = threading.Lock()
@@ -735,6 +737,7 @@ class Session:
                 # submitted, ahead of those submitted since.
                 for seq in seqs:
                     self._sent.pop(seq, None)
+                self.resubmitted = len(self._sent)
                 again = {**self._sent, **self._pending}
                 self._pending = {seq: again[seq] for seq in sorted(again)}
                 self._pending_bytes += sum(len(job.payload) for job in self._sent.values())
@@ -859,9 +862,9 @@ class Session:
         # master keeps refusing) ends too.
         deadline = self._window_start + self.reconnect_timeout
         log.warn(
-            "cw client session {name}: {message}; reconnecting for up to {t:g} s (reconnect_timeout)",
+            "cw client session {name}: {why}; reconnecting for up to {t:g} s (reconnect_timeout)",
             name=self.name,
-            message=message,
+            why=message,
             t=self.reconnect_timeout,
         )
         last = ""
@@ -880,19 +883,19 @@ class Session:
             if self.closing:
                 proto.transport.loseConnection()
                 return
-            self.reconnects += 1
-            outstanding = len(self._sent) + len(self._pending)
+            self.resubmitted = 0
             try:
                 yield self._adopt(proto, answer)
             except MasterUnavailable:
                 return  # lost again at once: that loss reconnects anew
+            self.reconnects += 1
             log.info(
                 "cw client session {name}: reconnected to the cw master at {where} after {s:.1f} s;"
                 " resubmitted {n} jobs",
                 name=self.name,
                 where=self.where,
                 s=self.reactor.seconds() - self.lost_at,
-                n=outstanding,
+                n=self.resubmitted,
             )
             self.lost_at = None
             return

@@ -185,6 +185,7 @@ class RestartTests(unittest.TestCase):
                 self.assertEqual(recovery.count, JOBS)
                 self.assertEqual(ex.outstanding(), [])
                 self.assertEqual(ex.session.reconnects, 1)
+                self.assertGreater(ex.session.resubmitted, 0)
             recovery.report(self, "ClusterExecutor")
 
         return threads.deferToThread(body)
@@ -374,5 +375,44 @@ class HandOverTests(unittest.TestCase):
                 self.assertEqual(ex.submit(square, 5).result(30), 25)
                 self.assertEqual(len(os.listdir(runs)), 1, "the job ran again")
             self.assertIn("handed over 1 results", self.procs.log_tail(self.procs.master, 100))
+
+        return threads.deferToThread(body)
+
+
+class DurableRestartTests(unittest.TestCase):
+    """A client riding through the restart of a master with --state resubmits only what it lost."""
+
+    timeout = 180
+
+    def setUp(self):
+        self.procs = Processes(self, self.mktemp())
+
+    def test_jobs_the_master_kept_are_not_sent_again(self):
+        """
+        Jobs queued on a master with --state outlive its SIGKILL: after the
+        restart the client sends none of them again (the master would
+        refuse them as duplicates) and every future gets its value.
+        """
+        state = os.path.abspath(self.mktemp())
+
+        def body():
+            listen = f"tcp:{free_port()}:interface=127.0.0.1"
+            address = self.procs.start_master("--state", state, listen=listen)
+            with executor(address, reconnect_timeout=60) as ex:
+                futures = [ex.submit(square, i) for i in range(50)]
+                ex.session.wait_stored(30)
+                self.procs.master.kill()
+                self.procs.master.wait(30)
+                wait_until(
+                    lambda: ex.status()["connection"] == "reconnecting", timeout=10, what="reconnecting"
+                )
+                self.procs.start_master("--state", state, listen=listen)
+                wait_until(lambda: ex.session.reconnects, timeout=30, what="the client to reconnect")
+                self.assertEqual(ex.session.resubmitted, 0, "jobs the master kept were sent again")
+                self.procs.start_worker(1)
+                deadline = time.monotonic() + 60
+                for i, future in enumerate(futures):
+                    self.assertEqual(future.result(max(0.1, deadline - time.monotonic())), i * i)
+            self.assertNotIn("refused them", self.procs.log_tail(self.procs.master, 200))
 
         return threads.deferToThread(body)
