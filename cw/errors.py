@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import enum
 import threading
+import types
 from concurrent import futures
 from typing import Any
 
@@ -78,16 +79,25 @@ class RemoteException(CWError):
         super().__init__(str(self))
 
     def _set_report(self, jobid: Any, report: dict) -> None:
-        self.jobid = jobid
-        self.report = report
-        self.type = report.get("type", ReportKind.ERROR.value)
-        self.message = report.get("message", "")
-        self.traceback = report.get("traceback", "")
-        self.host = report.get("host")
-        self.pid = report.get("pid")
-        self.fallback = report.get("exception_error") or None
-        self.stdout = report.get("stdout", "")
-        self.stderr = report.get("stderr", "")
+        fields = {
+            "jobid": jobid,
+            "report": report,
+            "type": report.get("type", ReportKind.ERROR.value),
+            "message": report.get("message", ""),
+            "traceback": report.get("traceback", ""),
+            "host": report.get("host"),
+            "pid": report.get("pid"),
+            "fallback": report.get("exception_error") or None,
+            "stdout": report.get("stdout", ""),
+            "stderr": report.get("stderr", ""),
+        }
+        for name, value in fields.items():
+            try:
+                setattr(self, name, value)
+            except AttributeError:
+                # A read-only attribute of the job's exception class (an
+                # ExceptionGroup's message): the class's own value stays.
+                pass
 
     def __str__(self) -> str:
         where = f" on {self.host}" if self.host else ""
@@ -255,6 +265,27 @@ def _builtin_init(cls: type):
     return BaseException.__init__
 
 
+def _constructor(typed: type) -> Any:
+    """
+    The C{__new__} that calling C{typed} would run.  Looked up by name, a
+    built-in class's C{__new__} (C{MemoryError}'s) may be one Python calls
+    unsafe for C{typed}, whose layout comes from its first base
+    (L{RemoteException}); then the C{__new__} of the nearest built-in class
+    that C{typed}'s layout derives from is the one C{typed()} uses.
+    """
+    new = typed.__new__
+    if not isinstance(new, types.BuiltinFunctionType):
+        return new  # a Python __new__ of the job's class
+    klass = typed
+    while klass.__flags__ & _HEAP_TYPE and "__new__" not in vars(klass):
+        klass = klass.__base__
+    return klass.__new__
+
+
+#: C{Py_TPFLAGS_HEAPTYPE}: set on classes made by class statements, not on built-in ones.
+_HEAP_TYPE = 1 << 9
+
+
 def _rebuild(cls: Any, args: tuple, state: Any, jobid: Any, report: dict) -> RemoteException | str:
     """The typed exception for L{remote_error}, or why it cannot be made."""
     if not (isinstance(cls, type) and issubclass(cls, Exception)):
@@ -264,7 +295,7 @@ def _rebuild(cls: Any, args: tuple, state: Any, jobid: Any, report: dict) -> Rem
     except TypeError as e:
         return str(e)
     try:
-        error = typed.__new__(typed, *args)
+        error = _constructor(typed)(typed, *args)
         _builtin_init(cls)(error, *args)
         if state:
             error.__setstate__(state)

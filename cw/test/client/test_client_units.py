@@ -6,6 +6,7 @@ pickling calls, decoding results and remote exceptions.
 from __future__ import annotations
 
 import ast
+import builtins
 import inspect
 import io
 import logging
@@ -16,6 +17,8 @@ import sys
 import threading
 
 import cloudpickle
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from cw.client import ClientThread, ClusterExecutor
@@ -371,6 +374,81 @@ class TypedRemoteErrorTests(SynchronousTestCase):
         error = remote_error("j", {"type": "int", "exception": data})
         self.assertIs(type(error), RemoteException)
         self.assertIn("is not an exception class", error.fallback)
+
+
+#: Every built-in class a job may raise (C{Exception} and below).
+BUILTIN_EXCEPTIONS = sorted(
+    {
+        value
+        for value in vars(builtins).values()
+        if isinstance(value, type) and issubclass(value, Exception) and not issubclass(value, Warning)
+    },
+    key=lambda cls: cls.__name__,
+) + [Warning, UserWarning, DeprecationWarning]
+
+
+#: Python 3.11's exception groups (none before).
+EXCEPTION_GROUP = getattr(builtins, "BaseExceptionGroup", ())
+
+
+def builtin_instance(cls: type, text: str) -> Exception:
+    """An instance of the built-in exception class C{cls} with C{text} and the arguments it requires."""
+    if issubclass(cls, UnicodeDecodeError):
+        return cls("utf-8", b"\xff" + text.encode(), 0, 1, text)
+    if issubclass(cls, UnicodeEncodeError):
+        return cls("ascii", "\xe9" + text, 0, 1, text)
+    if issubclass(cls, UnicodeTranslateError):
+        return cls("\xe9" + text, 0, 1, text)
+    if issubclass(cls, EXCEPTION_GROUP):
+        return cls(text, [ValueError(text)])
+    if issubclass(cls, OSError):
+        return cls(2, text, "/no/" + text)
+    return cls(text)
+
+
+class BuiltinRemoteErrorTests(SynchronousTestCase):
+    """
+    A job's built-in exception comes back as an instance of both its class
+    and L{RemoteException}, including the classes whose C{__new__} Python
+    refuses to call for a class made from them by name (C{MemoryError}) and
+    those with required arguments or read-only attributes.
+    """
+
+    def check(self, cls: type, text: str) -> None:
+        original = builtin_instance(cls, text)
+        cls = type(original)  # OSError(2, ...) is a FileNotFoundError
+        report = {"type": cls.__name__, "message": str(original), "traceback": f"{cls.__name__}: tb\n"}
+        error = remote_error("j", {**report, "host": "h", **exception_fields(original)})
+        self.assertIsInstance(error, cls)
+        self.assertIsInstance(error, RemoteException)
+        self.assertIs(type(error), typed_class(cls))
+        self.assertIsNone(error.fallback)
+        self.assertEqual(repr(error.args), repr(original.args))
+        self.assertEqual((error.type, error.jobid, error.host), (cls.__name__, "j", "h"))
+        self.assertEqual(str(error), f"job 'j' failed on h; remote traceback:\n{cls.__name__}: tb")
+        if issubclass(cls, OSError):
+            self.assertEqual((error.errno, error.filename), (original.errno, original.filename))
+        if issubclass(cls, EXCEPTION_GROUP):
+            self.assertEqual(repr(error.exceptions), repr(original.exceptions))
+        copy = pickle.loads(pickle.dumps(error))
+        self.assertEqual((type(copy), repr(copy.args)), (type(error), repr(error.args)))
+
+    def test_memory_error(self):
+        """C{except MemoryError} catches a job's MemoryError (whose C{__new__} refuses a subclass)."""
+        try:
+            raise remote_error("j", {"type": "MemoryError", **exception_fields(MemoryError("out"))})
+        except MemoryError as e:
+            self.assertIsInstance(e, RemoteException)
+            self.assertEqual(e.args, ("out",))
+
+    def test_every_builtin_class(self):
+        for cls in BUILTIN_EXCEPTIONS:
+            with self.subTest(cls=cls.__name__):
+                self.check(cls, "text")
+
+    @given(st.sampled_from(BUILTIN_EXCEPTIONS), st.text(max_size=20))
+    def test_builtin_classes_and_texts(self, cls, text):
+        self.check(cls, text)
 
 
 class ClientThreadOptionsTests(SynchronousTestCase):

@@ -14,6 +14,7 @@ from twisted.trial import unittest
 
 from cw.cli.cw import format_status
 from cw.client import master_status
+from cw.errors import RemoteException
 from cw.test.jobs import allocate, probe
 from cw.test.procs import DEADLINE, Processes, executor, wait_until
 
@@ -115,7 +116,9 @@ class ResourceTests(unittest.TestCase):
             with executor(self.procs.address) as ex:
                 failed = ex.submit_with(allocate, (1024,), resources={"memory": "200M"})
                 error = failed.exception(DEADLINE)
-                # As for --memory-limit (test_faults_e2e): the report's type.
+                # Both a MemoryError and a RemoteException (like other typed errors).
+                self.assertIsInstance(error, MemoryError)
+                self.assertIsInstance(error, RemoteException)
                 self.assertEqual(error.type, "MemoryError")
                 self.assertIn("asked for memory=200M and went past it", str(error))
                 # The limit was the job's alone: the same process runs a bigger one after.
