@@ -450,6 +450,7 @@ class ClusterExecutor(futures.Executor):
         forward_logging: int | str | None = None,
         resources: Mapping[str, Any] | None = None,
         tags: Iterable[str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> futures.Future:
         """
         Submit C{fn(*args, **kwargs)} with options for this job alone
@@ -475,6 +476,10 @@ class ClusterExecutor(futures.Executor):
             the README).  Default: one cpu, no memory, no GPU.
         @param tags: names the worker must have (its C{--tag}s), e.g.
             C{{"avx512"}}.
+        @param env: environment variables the job runs with, e.g.
+            C{{"OMP_NUM_THREADS": "1"}} (names and values strings); set in
+            its job process for this job alone and restored afterwards,
+            they override what its C{resources} set.
         """
         options = job_options(
             self,
@@ -486,6 +491,7 @@ class ClusterExecutor(futures.Executor):
             forward_logging=forward_logging,
             resources=resources,
             tags=tags,
+            env=env,
         )
         return self._submit(fn, tuple(args), dict(kwargs or {}), options)
 
@@ -544,13 +550,17 @@ class ClusterExecutor(futures.Executor):
         return entry
 
     def _mapper(
-        self, fn: Callable, resources: Mapping[str, Any] | None = None, tags: Iterable[str] | None = None
+        self,
+        fn: Callable,
+        resources: Mapping[str, Any] | None = None,
+        tags: Iterable[str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Callable[..., futures.Future]:
         """
         A submit function for L{map}: C{fn} is pickled once and cached on
-        the workers; every job asks for C{resources} and C{tags}.
+        the workers; every job asks for C{resources}, C{tags} and C{env}.
         """
-        options = job_options(self, None, None, resources=resources, tags=tags)
+        options = job_options(self, None, None, resources=resources, tags=tags, env=env)
         cached = pickle_function(fn)
         return lambda fn, *args: self._submit(fn, args, {}, options, cached)
 
@@ -835,6 +845,7 @@ class ClusterExecutor(futures.Executor):
         progress: bool | dict = False,
         resources: Mapping[str, Any] | None = None,
         tags: Iterable[str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Iterator[Any]:
         """
         Like L{concurrent.futures.Executor.map}: results in input order.
@@ -856,12 +867,13 @@ class ClusterExecutor(futures.Executor):
             a dict is passed on to tqdm as options.
         @param resources: what each job needs of its worker (see L{submit_with}).
         @param tags: names each job's worker must have (see L{submit_with}).
+        @param env: environment variables each job runs with (see L{submit_with}).
 
         C{fn} is pickled once and sent to each worker once (each job carries
         only its arguments), so a function that closes over large data costs
         that data once per worker, not once per job.
         """
-        return self._map(fn, iterables, timeout, chunksize, buffersize, True, progress, resources, tags)
+        return self._map(fn, iterables, timeout, chunksize, buffersize, True, progress, resources, tags, env)
 
     def map_unordered(
         self,
@@ -873,9 +885,10 @@ class ClusterExecutor(futures.Executor):
         progress: bool | dict = False,
         resources: Mapping[str, Any] | None = None,
         tags: Iterable[str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Iterator[Any]:
         """Like L{map}, but yield each result as soon as its job (chunk) finishes."""
-        return self._map(fn, iterables, timeout, chunksize, buffersize, False, progress, resources, tags)
+        return self._map(fn, iterables, timeout, chunksize, buffersize, False, progress, resources, tags, env)
 
     def _map(
         self,
@@ -888,15 +901,16 @@ class ClusterExecutor(futures.Executor):
         progress: bool | dict,
         resources: Mapping[str, Any] | None = None,
         tags: Iterable[str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Iterator[Any]:
         check_chunksize(chunksize)
         submit_chunk = None
         if chunksize != 1:
             chunk_fn = functools.partial(run_chunk, fn)
-            submit = self._mapper(chunk_fn, resources, tags)
+            submit = self._mapper(chunk_fn, resources, tags, env)
             submit_chunk = functools.partial(submit, chunk_fn)
         return bounded_map(
-            None if chunksize != 1 else self._mapper(fn, resources, tags),
+            None if chunksize != 1 else self._mapper(fn, resources, tags, env),
             fn,
             iterables,
             timeout=timeout,

@@ -54,6 +54,7 @@ from cw.core.validation import (
     MAX_NUMBER,
     MAX_REASON,
     MAX_WEIGHT,
+    check_env,
     check_outputs,
     check_range,
     check_registered,
@@ -310,15 +311,18 @@ def job_options(
     forward_logging: int | str | None = None,
     resources: Mapping[str, Any] | None = None,
     tags: Iterable[str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> bytes:
     """
     L{P.Job.options} for one job: the given options, else the defaults of
     C{owner} (a L{ClientThread} or L{ClusterExecutor}); checked here so that
     a bad value raises L{SubmitError} in the caller.  C{resources} and
-    C{tags}: what the job asks of its worker (L{check_request}).
+    C{tags}: what the job asks of its worker (L{check_request}); C{env}:
+    environment variables it runs with (L{check_env}).
     """
     try:
         resources, tags = check_request(resources, tags)
+        env = check_env(env)
     except ValueError as e:
         raise SubmitError(f"{e}") from None
     if timeout is None:
@@ -349,6 +353,7 @@ def job_options(
         log=level,
         resources=resources or None,
         tags=tags or None,
+        env=env or None,
     )
 
 

@@ -237,12 +237,13 @@ class ClientThread(threading.Thread):
         forward_logging: int | str | None = None,
         resources: Mapping[str, Any] | None = None,
         tags: Iterable[str] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """
         Like L{submit}, with options for this job: C{timeout} overrides the
         client's default (see L{ClusterExecutor.submit_with}), as do
         C{max_attempts}, C{priority}, C{expected_duration}, C{echo},
-        C{forward_logging}, C{resources} and C{tags}.
+        C{forward_logging}, C{resources}, C{tags} and C{env}.
         """
         _refuse_after_interpreter_exit()
         options = job_options(
@@ -255,6 +256,7 @@ class ClientThread(threading.Thread):
             forward_logging=forward_logging,
             resources=resources,
             tags=tags,
+            env=env,
         )
         if self._executor is None:
             self.start()

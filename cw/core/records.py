@@ -136,7 +136,8 @@ def encode_options(**options: Any) -> bytes:
     C{priority}, C{expected_duration} (seconds it is expected to run; see
     the scheduler's walltime rule), C{echo} (send its output while it runs)
     and C{log} (send its C{logging} records at or above this level while it
-    runs).
+    runs); C{resources} and C{tags} (see L{cw.core.resources}) and C{env}
+    (environment variables it runs with, L{cw.core.validation.check_env}).
     """
     given = {k: v for k, v in options.items() if v is not None}
     return json.dumps(given, separators=(",", ":")).encode("utf-8") if given else b""

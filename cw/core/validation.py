@@ -148,12 +148,67 @@ def check_jobs(jobs: list[P.Job], from_master: bool = False) -> None:
                 check_request(options.get(RESOURCES), options.get(TAGS))
             except ValueError as e:
                 raise BadCommand(f"job {job.seq}: {e}") from None
+        if ENV in options:
+            try:
+                check_env(options[ENV])
+            except ValueError as e:
+                raise BadCommand(f"job {job.seq}: {e}") from None
         echo = options.get("echo")
         if echo is not None and not isinstance(echo, bool):
             raise BadCommand(f"job {job.seq}: echo must be true or false, not {echo!r:.40}")
         level = options.get("log")
         if level is not None and (not _integer(level) or level < 0):
             raise BadCommand(f"job {job.seq}: log must be a logging level (an integer), not {level!r:.40}")
+
+
+#: The job option holding the environment variables a job runs with
+#: (C{submit_with(..., env=)}; applied by L{cw.worker.child.job_limits}).
+ENV = "env"
+
+#: Most variables in a job's C{env}, and the most bytes of their JSON (a
+#: job's options travel in at most 65,535 bytes, L{P.job_parts}).
+MAX_ENV_VARIABLES = 256
+MAX_ENV_BYTES = 32 * 1024
+
+
+def _environment_text(what: str, text: Any) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"env {what}s must be strings, not {type(text).__name__}: {text!r:.80}")
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ValueError(f"env {what} {text!r:.80} cannot be encoded for the environment") from None
+    if "\0" in text:
+        raise ValueError(f"env {what} {text!r:.80} holds a NUL character")
+    return text
+
+
+def check_env(env: Any) -> dict[str, str]:
+    """
+    The environment variables a job asks to run with (C{submit_with(...,
+    env={"NAME": "value"})}): a mapping of names (not empty, without C{=})
+    to values, all strings, at most L{MAX_ENV_VARIABLES} of them and
+    L{MAX_ENV_BYTES} bytes as JSON.  Returns them sorted by name, so that
+    equal requests travel as equal bytes; raises L{ValueError} saying what
+    is wrong.
+    """
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        raise ValueError(f"env must be a dict like {{'OMP_NUM_THREADS': '1'}}, not {env!r:.80}")
+    if len(env) > MAX_ENV_VARIABLES:
+        raise ValueError(f"env may set at most {MAX_ENV_VARIABLES} variables, not {len(env):,}")
+    for name, value in env.items():
+        if not _environment_text("name", name) or "=" in name:
+            raise ValueError(f"env names must be non-empty and without '=', not {name!r:.80}")
+        _environment_text("value", value)
+    normal = dict(sorted(env.items()))
+    size = len(json.dumps(normal))
+    if size > MAX_ENV_BYTES:
+        raise ValueError(
+            f"env is {size:,} bytes as JSON, over {MAX_ENV_BYTES:,}; pass large data as arguments"
+        )
+    return normal
 
 
 def check_results(results: list[P.Result]) -> None:

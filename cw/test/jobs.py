@@ -224,13 +224,16 @@ def allocate(mib):
 
 def probe(seconds=0.0):
     """
-    What a job sees of its resources: the worker that ran it, the devices
-    and thread counts in its environment, its affinity, and when it ran.
+    What a job sees of its resources: the worker and process that ran it,
+    the devices and thread counts in its environment (and C{CW_TEST_ENV}),
+    its affinity, and when it ran.
     """
     start = time.time()
     time.sleep(seconds)
     return {
         "worker": os.getppid(),
+        "pid": os.getpid(),
+        "env": os.environ.get("CW_TEST_ENV"),
         "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "rocr": os.environ.get("ROCR_VISIBLE_DEVICES"),
         "omp": os.environ.get("OMP_NUM_THREADS"),

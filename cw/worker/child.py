@@ -12,8 +12,9 @@ A job that asked for resources (L{cw.core.resources}) runs with exactly
 what it was given (L{job_limits}): C{CUDA_VISIBLE_DEVICES} and
 C{ROCR_VISIBLE_DEVICES} its GPUs, an affinity of its cores, its cpus as
 C{OMP_NUM_THREADS}, C{MKL_NUM_THREADS} and C{OPENBLAS_NUM_THREADS}, and an
-address-space limit of its memory beyond what the process used before;
-all restored once it returns.
+address-space limit of its memory beyond what the process used before.
+A job's own C{env} option (C{submit_with(..., env=)}) is set after that,
+overriding it.  All of it is restored once the job returns.
 
 Functions that jobs share (C{ClusterExecutor.map}) arrive once and are kept
 in a small cache, least recently used first out, unpickled once in the
@@ -42,6 +43,7 @@ from ampoule.child import AMPChild
 
 from cw.core.config import OUTPUT_LIMIT
 from cw.core.resources import allocation_of, format_size, shape_of
+from cw.core.validation import ENV
 from cw.errors import exception_fields
 from cw.wire import commands as P
 from cw.wire.streaming import ChunkReceiver, StreamingSender
@@ -309,40 +311,58 @@ def _virtual_size() -> int:
     return 0
 
 
+_ENV_KEY = json.dumps(ENV).encode()
+
+
+def job_env(job: P.Job) -> dict[str, str]:
+    """The environment variables C{job}'s options ask for (checked by L{cw.core.validation.check_env})."""
+    if not job.options or _ENV_KEY not in job.options:
+        return {}  # no env option: not worth parsing
+    env = P.read_options(job).get(ENV)
+    if not isinstance(env, dict):
+        return {}
+    return {name: value for name, value in env.items() if isinstance(value, str)}
+
+
 @contextlib.contextmanager
 def job_limits(job: P.Job) -> Iterator[int]:
     """
-    Run the body with what a sized job was given (see the module
-    docstring); yields the bytes of memory it asked for (0: no limit).
-    Plain jobs run as they are.
+    Run the body with what a sized job was given and the environment
+    variables a job asked for (see the module docstring); yields the bytes
+    of memory it asked for (0: no limit).  Other jobs run as they are.
     """
     shape = shape_of(job) if job.options else None
-    if shape is None:
+    env = job_env(job)
+    if shape is None and not env:
         yield 0
         return
-    allocation = allocation_of(job)
-    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES + GPU_VARIABLES}
-    gpus = ",".join(str(gpu) for gpu in allocation.get("gpus", []))
-    for name in GPU_VARIABLES:
-        os.environ[name] = gpus
-    for name in THREAD_VARIABLES:
-        os.environ[name] = str(shape.cpus)
+    names = (THREAD_VARIABLES + GPU_VARIABLES if shape is not None else ()) + tuple(env)
+    saved = {name: os.environ.get(name) for name in names}
+    allocation = allocation_of(job) if shape is not None else {}
+    if shape is not None:
+        gpus = ",".join(str(gpu) for gpu in allocation.get("gpus", []))
+        for name in GPU_VARIABLES:
+            os.environ[name] = gpus
+        for name in THREAD_VARIABLES:
+            os.environ[name] = str(shape.cpus)
+    os.environ.update(env)  # the job's own, over what its resources set
     affinity = None
     cores = allocation.get("cores") or []
     if cores and hasattr(os, "sched_setaffinity"):
         affinity = os.sched_getaffinity(0)
         os.sched_setaffinity(0, cores)
     limits = None
-    if shape.memory:
+    memory = shape.memory if shape is not None else 0
+    if memory:
         limits = resource.getrlimit(resource.RLIMIT_AS)
-        soft = _virtual_size() + shape.memory
+        soft = _virtual_size() + memory
         if limits[1] != resource.RLIM_INFINITY:
             soft = min(soft, limits[1])
         if limits[0] != resource.RLIM_INFINITY:
             soft = min(soft, limits[0])
         resource.setrlimit(resource.RLIMIT_AS, (soft, limits[1]))
     try:
-        yield shape.memory
+        yield memory
     finally:
         if limits is not None:
             resource.setrlimit(resource.RLIMIT_AS, limits)

@@ -297,6 +297,14 @@ class JobOptionTests(SynchronousTestCase):
         for bad in (0, -1, "5", float("nan"), True):
             self.assertRaises(SubmitError, job_options, self.Owner(), None, None, None, bad)
 
+    def test_env(self):
+        """C{env} travels sorted; a bad one raises SubmitError saying what is wrong."""
+        options = job_options(self.Owner(), None, None, env={"B": "2", "A": "1"})
+        self.assertEqual(options, b'{"env":{"A":"1","B":"2"}}')
+        for bad, text in [({"A": 1}, "env values must be strings"), ("A=1", "env must be a dict")]:
+            e = self.assertRaises(SubmitError, job_options, self.Owner(), None, None, env=bad)
+            self.assertIn(text, str(e))
+
     def test_malformed_options_read_as_none(self):
         for raw in [b"{", b"[1]", b"\xff"]:
             self.assertEqual(read_options(Job(0, 1, b"", raw)), {})

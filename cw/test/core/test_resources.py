@@ -24,7 +24,14 @@ from cw.core.resources import (
     shape_of,
 )
 from cw.core.scheduler import Scheduler
-from cw.core.validation import check_capacity, check_jobs, check_request
+from cw.core.validation import (
+    MAX_ENV_BYTES,
+    MAX_ENV_VARIABLES,
+    check_capacity,
+    check_env,
+    check_jobs,
+    check_request,
+)
 from cw.core.worker_state import StartBatch, WorkerState
 from cw.errors import BadCommand
 
@@ -70,6 +77,41 @@ class SizeTests(SynchronousTestCase):
     def test_format(self):
         self.assertEqual(format_size(16 << 30), "16G")
         self.assertEqual(format_size(1000), "1000")
+
+
+class EnvTests(SynchronousTestCase):
+    """L{check_env}: the environment variables a job asks for (C{submit_with(..., env=)})."""
+
+    def test_normalised(self):
+        self.assertEqual(check_env({"B": "2", "A": ""}), {"A": "", "B": "2"})
+        self.assertEqual(list(check_env({"B": "2", "A": "1"})), ["A", "B"])
+        self.assertEqual(check_env(None), {})
+
+    def test_errors(self):
+        cases = [
+            ([("A", "1")], "env must be a dict"),
+            ("A=1", "env must be a dict"),
+            ({"A": 1}, "env values must be strings, not int"),
+            ({1: "a"}, "env names must be strings"),
+            ({"": "a"}, "non-empty and without '='"),
+            ({"A=B": "a"}, "non-empty and without '='"),
+            ({"A": "a\0b"}, "NUL"),
+            ({"A\0": "a"}, "NUL"),
+            ({"A": "\ud800"}, "cannot be encoded"),
+            ({f"V{i}": "" for i in range(MAX_ENV_VARIABLES + 1)}, f"at most {MAX_ENV_VARIABLES} variables"),
+            ({"A": "x" * MAX_ENV_BYTES}, "bytes as JSON"),
+        ]
+        for env, text in cases:
+            e = self.assertRaises(ValueError, check_env, env)
+            self.assertIn(text, str(e))
+
+    def test_master_checks_env(self):
+        """A job whose env is malformed is refused by the master (and by a worker from a master)."""
+        for env in ({"A": 1}, ["A"], {"A=": "1"}):
+            bad = Job(0, 1, b"", json.dumps({"env": env}).encode())
+            e = self.assertRaises(BadCommand, check_jobs, [bad])
+            self.assertIn("job 1: env", str(e))
+        check_jobs([Job(0, 2, b"", encode_options(env={"OMP_NUM_THREADS": "1"}))])
 
 
 class RequestTests(SynchronousTestCase):

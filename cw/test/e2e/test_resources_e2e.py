@@ -107,6 +107,31 @@ class ResourceTests(unittest.TestCase):
 
         return self.in_thread(body)
 
+    def test_env_per_job(self):
+        """
+        A job's env overrides what its resources set (a cpus=2 job with
+        OMP_NUM_THREADS=1 sees 1) and is its alone: the next job of the
+        same job process does not see it; every job of a map gets it.
+        """
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(1, True, "--cpus", "2", "--gpus", "0")
+            with executor(self.procs.address) as ex:
+                env = {"OMP_NUM_THREADS": "1", "CW_TEST_ENV": "job"}
+                sized = ex.submit_with(probe, resources={"cpus": 2}, env=env).result(DEADLINE)
+                self.assertEqual((sized["omp"], sized["mkl"], sized["openblas"]), ("1", "2", "2"))
+                self.assertEqual(sized["env"], "job")
+                after = ex.submit(probe).result(DEADLINE)
+                self.assertEqual(after["pid"], sized["pid"])
+                self.assertEqual(after["omp"], os.environ.get("OMP_NUM_THREADS"))
+                self.assertEqual(after["env"], os.environ.get("CW_TEST_ENV"))
+                mapped = list(ex.map(probe, [0] * 5, timeout=DEADLINE, env={"CW_TEST_ENV": "map"}))
+                self.assertEqual({(r["pid"], r["env"]) for r in mapped}, {(sized["pid"], "map")})
+                self.assertEqual(ex.submit(probe).result(DEADLINE)["env"], os.environ.get("CW_TEST_ENV"))
+
+        return self.in_thread(body)
+
     def test_memory_limit_per_job(self):
         """A job that goes past the memory it asked for fails with a MemoryError saying so."""
 
