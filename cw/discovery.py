@@ -149,14 +149,16 @@ def run_slurm(args: list[str], input: str | None = None, timeout: float = 30) ->
     return out.stdout
 
 
-def squeue_jobs(job_ids: Sequence[str], fields: str) -> str:
+def squeue_jobs(job_ids: Sequence[str], fields: str, every_task: bool = False) -> str:
     """
     What C{squeue} says about C{job_ids}, finished ones included, one line
     a job in its format C{fields} (C{-o}); jobs it has forgotten are left
-    out.  Raises L{SlurmError} if squeue fails otherwise.
+    out.  With C{every_task}, one line per task of a job array (C{-r}).
+    Raises L{SlurmError} if squeue fails otherwise.
     """
     try:
-        return run_slurm(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", fields])
+        tasks = ["-r"] if every_task else []
+        return run_slurm(["squeue", "-h", *tasks, "-t", "all", "-j", ",".join(job_ids), "-o", fields])
     except SlurmError as e:
         if "Invalid job id" in str(e):
             return ""  # all of them finished long ago

@@ -7,7 +7,8 @@ options are built from L{cw.core.config.SlurmConfig}.
              [--Xworkers ARG]... [--Xmaster ARG]... [--time T] [--partition P]
              [--state PATH [--master-time T]]
              [--pool NAME:n=N,cpus=C,mem=M,gres=G,tag=T]...
-             [--name NAME] start|stop|status
+             [--min-workers A --max-workers B --idle-timeout S --poll-interval S]
+             [--name NAME] start|stop|status|adapt
 
 Layer rule (cw.cli): the top layer; may import any of cw, and nothing in cw imports it.
 """
@@ -76,7 +77,12 @@ def parser() -> argparse.ArgumentParser:
         epilog="Job ids, the master's address and the jobs' logs are kept in"
         " $CW_SLURM_DIR/NAME (default ~/.cw/slurm/default).",
     )
-    p.add_argument("command", choices=["start", "stop", "status"])
+    p.add_argument(
+        "command",
+        choices=["start", "stop", "status", "adapt"],
+        help="adapt: run the adaptive pool's loop here in the foreground (for clusters whose compute"
+        " nodes cannot sbatch); starts the master job if needed",
+    )
     add_options(p, SlurmConfig)
     return p
 
@@ -93,10 +99,11 @@ def read_config(args: argparse.Namespace) -> SlurmConfig:
 def _jobs_table(cluster: str) -> list[str]:
     jobs = slurm.recorded_jobs(cluster)
     pools = slurm.recorded_pools(cluster)
-    ids = jobs["master"] + jobs["workers"]
+    ids = jobs["master"] + jobs["workers"] + slurm.pool_jobs(cluster)
     if not ids:
         return [f"jobs     none recorded in {slurm.cluster_dir(cluster) / 'jobs.json'}"]
-    out = squeue_jobs(ids, "%i|%j|%T|%M|%l|%D|%R")  # SlurmError if the controller cannot be asked
+    # SlurmError if the controller cannot be asked.
+    out = squeue_jobs(ids, "%i|%j|%T|%M|%l|%D|%R", every_task=True)
     rows = {line.split("|")[0]: line.split("|") for line in out.splitlines() if line.count("|") == 6}
     lines = [
         f"jobs     {'JOBID':>8}  {'NAME':<20} {'STATE':<11} {'TIME':>10} {'LIMIT':>10} {'NODES':>5}  WHERE"
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             return status(config)
         if args.command == "stop":
             jobs = slurm.recorded_jobs(cluster)
-            if not (jobs["master"] or jobs["workers"]):
+            if not (jobs["master"] or jobs["workers"] or slurm.pool_jobs(cluster)):
                 where = slurm.cluster_dir(cluster) / "jobs.json"
                 print(f"cw-slurm: no jobs recorded in {where}; nothing to stop")
                 return 0
@@ -163,6 +170,30 @@ def main(argv: list[str] | None = None) -> int:
                 timeout=config.timeout,
             )
             print(f"cw-slurm: stopped the jobs recorded in {slurm.cluster_dir(cluster) / 'jobs.json'}")
+            return 0
+        pool = dict(
+            min_workers=config.min_workers if config.max_workers is not None else None,
+            max_workers=config.max_workers,
+            idle_timeout=config.idle_timeout,
+            poll_interval=config.poll_interval,
+            pending_timeout=config.pending_timeout,
+        )
+        if args.command == "adapt":
+            slurm.adapt(
+                cluster,
+                secret_file=config.secret_file,
+                docker_image=config.docker_image,
+                docker_args=config.docker_args,
+                time_limit=config.time,
+                partition=config.partition,
+                master_sbatch=config.x_master,
+                worker_sbatch=config.x_workers,
+                port=config.port,
+                walltime_warning=config.walltime_warning,
+                master_time=config.master_time,
+                master_options=["--state", os.path.abspath(config.state)] if config.state else [],
+                **pool,
+            )
             return 0
         slurm.start(
             config.workers,
@@ -183,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             master_options=["--state", os.path.abspath(config.state)] if config.state else [],
             wait=False,
             pools=[parse_pool(text) for text in config.pool],
+            **pool,
         )
         jobs = slurm.recorded_jobs(cluster)
         print(

@@ -25,6 +25,7 @@ from typing import Any
 
 from cw.core.records import MAX_PAYLOAD
 from cw.core.resources import Capacity, build_capacity, parse_resource, parse_size
+from cw.core.scaling import IDLE_TIMEOUT, PENDING_TIMEOUT, POLL_INTERVAL
 from cw.errors import OptionError
 
 # --- defaults named elsewhere too ------------------------------------------
@@ -465,8 +466,24 @@ class SlurmConfig(Checked):
         metavar="NAME:KEY=VALUE,...",
     )
 
+    min_workers: int = option(0, "adaptive pool: workers kept at least", metavar="A")
+    max_workers: int | None = option(
+        None,
+        "an adaptive pool of at most B worker jobs of one worker each, started and drained as work"
+        " comes and goes (-n is then ignored)",
+        doc="none: a fixed pool of -n workers",
+        metavar="B",
+    )
+    idle_timeout: float = option(IDLE_TIMEOUT, "adaptive pool: drain a worker idle this long", metavar="S")
+    poll_interval: float = option(
+        POLL_INTERVAL, "adaptive pool: one squeue per S seconds at most", metavar="S"
+    )
+    pending_timeout: float = option(
+        PENDING_TIMEOUT, "adaptive pool: cancel and resubmit a worker job pending this long", metavar="S"
+    )
+
     def problems(self) -> list[str]:
-        found = _negative(self, "walltime_warning", "wait", "timeout")
+        found = _negative(self, "walltime_warning", "wait", "timeout", "min_workers", "idle_timeout")
         for text in self.pool:
             try:
                 parse_pool(text)

@@ -59,6 +59,9 @@ PENDING_TIMEOUT = 1800.0
 REPLACE_LEAD = 300.0
 DRAIN_LEAD = 120.0
 
+#: Default seconds between two looks at the batch system (one C{squeue} each).
+POLL_INTERVAL = 30.0
+
 #: Recent decisions kept for the status.
 HISTORY = 50
 

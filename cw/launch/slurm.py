@@ -61,7 +61,8 @@ from cw.core.config import WALLTIME_WARNING as WALLTIME_WARNING
 from cw.core.config import MasterConfig, PoolSpec, SlurmConfig, WorkerConfig, parse_argv
 from cw.core.records import PORT
 from cw.core.resources import parse_size
-from cw.discovery import _COMMENT, _info, _read_json, run_slurm
+from cw.core.scaling import IDLE_TIMEOUT, PENDING_TIMEOUT, PoolBounds
+from cw.discovery import _COMMENT, _info, _read_json, run_slurm, squeue_jobs
 from cw.discovery import DEFAULT_CLUSTER as DEFAULT_CLUSTER
 from cw.discovery import FINISHED_STATES as FINISHED_STATES
 from cw.discovery import MASTER_HOST_WAIT as MASTER_HOST_WAIT
@@ -80,6 +81,7 @@ from cw.discovery import master_jobs as master_jobs
 from cw.discovery import wait_for_master as wait_for_master
 from cw.errors import SlurmError
 from cw.launch.twistd import run_twistd
+from cw.master.pool import POLL_INTERVAL
 from cw.master.store import locked
 from cw.system import polling, with_cw_on_path, write_atomically
 from cw.wire.secret import load_secret, secret_path
@@ -389,6 +391,11 @@ def start(
     timeout: float = 300,
     master_time: str | None = _DEFAULTS.master_time,
     pools: Sequence[PoolSpec] = (),
+    min_workers: int | None = None,
+    max_workers: int | None = None,
+    idle_timeout: float = IDLE_TIMEOUT,
+    poll_interval: float = POLL_INTERVAL,
+    pending_timeout: float = PENDING_TIMEOUT,
 ) -> str | None:
     """
     Submit the cluster's master job and a worker job of C{nworkers} workers
@@ -396,6 +403,15 @@ def start(
     (if C{wait}) wait up to C{timeout} seconds for the master to listen;
     return its address (C{HOST:PORT}), or None if not C{wait}.  Workers join
     as SLURM starts them.
+
+    With C{max_workers}, the master job runs an adaptive pool instead of
+    the worker job (C{nworkers} is ignored): it submits worker jobs of one
+    worker each (job arrays for several at once) as work queues up, between
+    C{min_workers} (default 0) and C{max_workers}, drains those idle for
+    C{idle_timeout} seconds, replaces them ahead of their walltime
+    (C{time_limit}, which then applies to the worker jobs only), and asks
+    C{squeue} at most once per C{poll_interval} seconds (see
+    L{cw.master.pool}, L{cw.core.scaling}).
 
     Each worker runs C{procs} jobs at once (default: as many as its task
     has CPUs).  C{master_time}: the master job's time limit, if not
@@ -420,6 +436,40 @@ def start(
     common = dict(directory=directory, secret_file=secret_file, time_limit=time_limit, partition=partition)
     jobs = recorded_jobs(cluster)
     submitted: list[str] = []
+    master_common = common
+    if max_workers is not None:
+        if not master:
+            raise SlurmError("an adaptive pool (--max-workers) is run by a master job: drop -M")
+        if procs is not None:
+            worker_options = ["--procs", str(procs), *worker_options]
+        script = worker_script(
+            1,
+            cluster,
+            worker_options,
+            docker_image=docker_image,
+            docker_args=docker_args,
+            sbatch_options=worker_sbatch,
+            walltime_warning=walltime_warning,
+            master_wait=master_wait,
+            **common,
+        )
+        pool_file = directory / "pool.json"
+        _write_json(
+            pool_file,
+            pool_description(
+                script,
+                directory,
+                min_workers or 0,
+                max_workers,
+                idle_timeout,
+                poll_interval,
+                pending_timeout,
+                walltime_warning,
+            ),
+        )
+        master_options = [*master_options, "--pool-file", str(pool_file)]
+        master_common = {**common, "time_limit": None}
+        workers = False
     if master:
         running = active_jobs(jobs["master"])
         if running:
@@ -435,7 +485,7 @@ def start(
             port=port,
             sbatch_options=master_sbatch,
             walltime_warning=walltime_warning,
-            **{**common, "time_limit": master_time or time_limit},
+            **{**master_common, "time_limit": master_time or master_common["time_limit"]},
         )
         write_atomically(directory / MASTER_SCRIPT, script)
         jobs["master"] = [submit(script, directory)]
@@ -476,6 +526,67 @@ def start(
         raise
 
 
+def pool_description(
+    script: str,
+    directory: Path,
+    min_workers: int,
+    max_workers: int,
+    idle_timeout: float,
+    poll_interval: float,
+    pending_timeout: float,
+    walltime_warning: int,
+) -> dict:
+    """
+    The adaptive pool's description for the master job
+    (L{cw.master.pool.read_pool_file}): the one-worker batch script and the
+    policy's bounds.  A worker drains C{walltime_warning} seconds before its
+    end (SLURM's signal, or the pool's own if that does not come), and its
+    replacement is submitted a minute earlier than that plus the queue wait
+    seen, since SLURM may signal up to a minute early.
+    """
+    try:
+        PoolBounds(min_workers=min_workers, max_workers=max_workers, idle_timeout=idle_timeout)
+    except ValueError as e:
+        raise SlurmError(f"bad adaptive pool: {e}") from None
+    if poll_interval <= 0 or pending_timeout <= 0:
+        raise SlurmError("--poll-interval and --pending-timeout must be positive")
+    return {
+        "launcher": "slurm",
+        "script": script,
+        "directory": str(directory),
+        "min_workers": min_workers,
+        "max_workers": max_workers,
+        "idle_timeout": idle_timeout,
+        "poll_interval": poll_interval,
+        "pending_timeout": pending_timeout,
+        "drain_lead": walltime_warning,
+        "replace_lead": walltime_warning + 60,
+    }
+
+
+def pool_jobs(cluster: str | None = None) -> list[str]:
+    """The worker jobs (or array tasks, C{JOB_TASK}) an adaptive pool's master recorded."""
+    data = _read_json(cluster_dir(cluster) / "pool-jobs.json") or {}
+    return [str(i) for i in data.get("workers", [])]
+
+
+def _cancel_pool(cluster: str, timeout: float) -> None:
+    """Cancel the pool's worker jobs (their workers drain) and wait for them to end."""
+    ids = pool_jobs(cluster)
+    jobs = sorted({i.split("_")[0] for i in ids})
+    if jobs:
+        with contextlib.suppress(SlurmError):
+            run_slurm(["scancel", *jobs])
+        deadline = time.monotonic() + timeout
+        for _ in polling(0.1, 1.0, factor=1.5):
+            out = squeue_jobs(jobs, "%i %T", every_task=True)
+            left = [line for line in out.splitlines() if line.split()[-1] not in FINISHED_STATES]
+            if not left or time.monotonic() > deadline:
+                break
+    with contextlib.suppress(FileNotFoundError):
+        (cluster_dir(cluster) / "pool-jobs.json").unlink()
+
+
 def stop(
     master: bool = True,
     workers: bool = True,
@@ -486,10 +597,20 @@ def stop(
     """
     Cancel the jobs L{start} recorded for the cluster: the worker jobs
     first (their workers drain: unstarted jobs go back to the master), and
-    once they have ended (or after C{timeout} seconds) the master job.
+    once they have ended (or after C{timeout} seconds) the master job.  An
+    adaptive pool's master job goes first (it would start workers again),
+    then the worker jobs it recorded.
     """
     cluster = cluster_name(cluster)
     jobs = recorded_jobs(cluster)
+    pool = cluster_dir(cluster) / "pool.json"
+    if master and pool.exists():
+        cancel(jobs["master"], timeout)
+        _cancel_pool(cluster, timeout)
+        with contextlib.suppress(FileNotFoundError):
+            pool.unlink()
+    elif workers:
+        _cancel_pool(cluster, timeout)
     try:
         if workers:
             cancel(jobs["workers"], timeout)

@@ -40,7 +40,17 @@ from twisted.internet import defer, error, protocol, task, threads
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from cw.core.scaling import Cancel, Drain, Launch, PoolBounds, PoolView, ScalingPolicy, Submit, Worker
+from cw.core.scaling import (
+    POLL_INTERVAL,
+    Cancel,
+    Drain,
+    Launch,
+    PoolBounds,
+    PoolView,
+    ScalingPolicy,
+    Submit,
+    Worker,
+)
 from cw.discovery import run_slurm
 from cw.errors import CWError, SlurmError
 from cw.system import start_time, with_cw_on_path, write_atomically
@@ -49,9 +59,6 @@ log = Logger(namespace="cw.master.pool")
 
 #: Seconds between two rounds of the scaling loop.
 TICK = 1.0
-
-#: Default seconds between two looks at the batch system (one C{squeue} each).
-POLL_INTERVAL = 30.0
 
 #: Longest back-off, in seconds, after the batch system failed or was slow.
 MAX_BACKOFF = 600.0

@@ -1,0 +1,242 @@
+"""
+Adaptive pools on a real SLURM (C{cw-slurm start --max-workers ...}): the
+master job submits worker jobs as work arrives, drains them when idle,
+replaces them ahead of their walltime, and asks C{squeue} at most once per
+polling interval.  They skip without a SLURM controller (CI brings one up:
+C{contrib/slurm/ci/up.sh}).  The walltime test takes over five minutes and
+runs only with C{CW_LONG_TESTS=1}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from twisted.internet import threads
+from twisted.trial import unittest
+
+from cw import slurm
+from cw.client import master_status
+from cw.test.launch.test_slurm import SCRIPT, SlurmClusterTests, _slurm_skip
+from cw.test.procs import DEADLINE, child_env, wait_until
+
+#: A PATH entry whose squeue logs each call (time, calling job, arguments) to $CW_SQUEUE_LOG.
+SQUEUE_WRAPPER = """#!/bin/bash
+echo "$(date +%s.%N) ${{SLURM_JOB_NAME:-login}} $*" >> "$CW_SQUEUE_LOG"
+exec {real} "$@"
+"""
+
+#: The format of the pool's own squeue call (cw.master.pool.SlurmLauncher.poll).
+POOL_FORMAT = "%i|%T|%S|%L"
+
+
+class AdaptiveSlurmTests(unittest.TestCase):
+    timeout = 420
+    skip = _slurm_skip()
+
+    setUp = SlurmClusterTests.setUp
+    squeue = SlurmClusterTests.squeue
+    logs = SlurmClusterTests.logs
+
+    def cancel_all(self):
+        """Cancel every job of this test: recorded, the pool's, or seen."""
+        jobs = slurm.recorded_jobs(self.name)
+        pool = sorted({i.split("_")[0] for i in slurm.pool_jobs(self.name)})
+        ids = list(dict.fromkeys(jobs["master"] + pool + [i.split("_")[0] for i in self.job_ids]))
+        return threads.deferToThread(slurm.cancel, ids, DEADLINE)
+
+    def env(self) -> dict[str, str]:
+        """The environment of cw-slurm and the clients: squeue through the logging wrapper."""
+        env = child_env(CW_SLURM_DIR=self.directory, CW_SLURM_CLUSTER=self.name)
+        env.pop("CW_BACKEND")
+        wrappers = Path(self.directory) / "bin"
+        if not wrappers.exists():
+            wrappers.mkdir()
+            wrapper = wrappers / "squeue"
+            wrapper.write_text(SQUEUE_WRAPPER.format(real=shutil.which("squeue")))
+            wrapper.chmod(0o755)
+        env["PATH"] = f"{wrappers}:{env['PATH']}"
+        env["CW_SQUEUE_LOG"] = str(Path(self.directory) / "squeue.log")
+        return env
+
+    def run_command(self, *args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, SCRIPT, *args]
+        out = subprocess.run(command, capture_output=True, text=True, env=self.env(), timeout=DEADLINE * 2)
+        self.assertEqual(out.returncode, 0, f"slurm.py {' '.join(args)}:\n{out.stdout}{out.stderr}")
+        return out
+
+    def pool_polls(self) -> list[float]:
+        """When the master job called squeue for the pool."""
+        try:
+            lines = (Path(self.directory) / "squeue.log").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        master = slurm.job_names(self.name)[0]
+        return [float(line.split()[0]) for line in lines if f" {master} " in line and POOL_FORMAT in line]
+
+    def worker_jobs(self) -> list[str]:
+        workers = slurm.job_names(self.name)[1]
+        return [i for i, name in self.squeue().items() if name == workers]
+
+    def status(self) -> dict:
+        info = slurm.master_info(self.name)
+        return master_status(info["address"], timeout=30)
+
+    def test_scale_up_and_down(self):
+        """
+        --min-workers 0 --max-workers 3, 300 jobs of 0.2 s: worker jobs
+        appear in squeue, every result arrives, the worker jobs are gone
+        after the idle timeout, and the master called squeue at most once
+        per polling interval (counted by a squeue on PATH that logs each
+        call).
+        """
+        poll = 2.0
+        idle = 8.0
+
+        def body():
+            self.run_command(
+                "start", "--min-workers", "0", "--max-workers", "3", "--idle-timeout", str(idle),
+                "--poll-interval", str(poll), "--Xworkers", "--cpus-per-task=2", "--wait", str(DEADLINE),
+            )  # fmt: skip
+            began = time.time()
+            self.assertEqual(self.worker_jobs(), [])
+            client = textwrap.dedent(
+                """
+                import json, sys, time
+                import cw
+                from cw.client import ClusterExecutor
+
+                def nap(x):
+                    time.sleep(0.2)
+                    return x * x
+
+                with ClusterExecutor(cw.slurm_master_host()) as ex:
+                    t0 = time.time()
+                    futures = [ex.submit(nap, i) for i in range(300)]
+                    first = futures[0].result(120)
+                    t1 = time.time()
+                    results = [f.result(120) for f in futures]
+                assert results == [i * i for i in range(300)], results
+                print(json.dumps({"submitted": t0, "first": t1, "done": time.time()}))
+                """
+            )
+            proc = subprocess.Popen(
+                [sys.executable, "-c", client], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env=self.env(),
+            )  # fmt: skip
+            self.addCleanup(lambda: proc.poll() is None and proc.kill())
+            seen = wait_until(self.worker_jobs, timeout=DEADLINE, what="worker jobs in squeue")
+            out, err = proc.communicate(timeout=DEADLINE * 3)
+            self.assertEqual(proc.returncode, 0, err + self.logs())
+            times = json.loads(out.strip().splitlines()[-1])
+            peak = len(self.status()["workers"])
+            wait_until(lambda: not self.worker_jobs(), timeout=idle + 60, what="the worker jobs to end")
+            gone = time.time()
+            status = self.status()
+            polls = self.pool_polls()
+            elapsed = time.time() - began
+            self.run_command("stop")
+            self.assertEqual(self.squeue(), {})
+            self.assertTrue(seen)
+            # At most one squeue per polling interval (the first round may poll at once).
+            self.assertGreater(len(polls), 0)
+            self.assertLessEqual(len(polls), elapsed / poll + 2, polls)
+            gaps = [b - a for a, b in zip(polls, polls[1:], strict=False)]
+            self.assertGreaterEqual(min(gaps), poll * 0.9, gaps)
+            self.assertEqual(status["pool"]["calls"]["squeue"], len(polls))
+            self.assertEqual(status["pool"]["running"], 0)
+            actions = [d["action"] for d in status["pool"]["decisions"]]
+            self.assertTrue(any(a.startswith("drain") for a in actions), actions)
+            self.assertGreaterEqual(gone - times["done"], idle - 1)
+            report = {
+                "scale_up_s": round(times["first"] - times["submitted"], 1),
+                "all_done_s": round(times["done"] - times["submitted"], 1),
+                "scale_down_s": round(gone - times["done"], 1),
+                "peak_workers": peak,
+                "squeue_calls": len(polls),
+                "elapsed_s": round(elapsed, 1),
+                "poll_interval_s": poll,
+                "sbatch_calls": status["pool"]["calls"].get("sbatch"),
+            }
+            print("adaptive SLURM measurements:", json.dumps(report))
+
+        return threads.deferToThread(body)
+
+    def test_walltime_replacement(self):
+        """
+        A pool of worker jobs with a 2-minute --time serves a 5-minute
+        stream of jobs: each job runs exactly once (a marker line per run),
+        none fails, and the pool never dips to zero workers once up.
+        """
+        if os.environ.get("CW_LONG_TESTS") != "1":
+            raise unittest.SkipTest("takes over 5 minutes: set CW_LONG_TESTS=1")
+        self.timeout = 900
+        markers = Path(self.directory) / "markers"
+        markers.mkdir()
+
+        def body():
+            self.run_command(
+                "start", "--min-workers", "2", "--max-workers", "3", "--idle-timeout", "60",
+                "--poll-interval", "5", "--time", "2", "--walltime-warning", "20", "--wait", str(DEADLINE),
+            )  # fmt: skip
+            client = textwrap.dedent(
+                """
+                import json, os, sys, time
+                import cw
+                from cw.client import ClusterExecutor
+
+                markers = sys.argv[1]
+
+                def job(i):
+                    with open(os.path.join(markers, str(i)), "a") as f:
+                        f.write(f"{os.getpid()}\\n")
+                    time.sleep(0.5)
+                    return i
+
+                with ClusterExecutor(cw.slurm_master_host()) as ex:
+                    end = time.time() + 300
+                    futures = []
+                    i = 0
+                    while time.time() < end:
+                        futures += [ex.submit(job, i + k) for k in range(4)]
+                        i += 4
+                        time.sleep(0.5)
+                    results = [f.result(300) for f in futures]
+                assert results == list(range(i)), results
+                print(json.dumps({"jobs": i}))
+                """
+            )
+            proc = subprocess.Popen(
+                [sys.executable, "-c", client, str(markers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, env=self.env(),
+            )  # fmt: skip
+            self.addCleanup(lambda: proc.poll() is None and proc.kill())
+            wait_until(lambda: self.status()["workers"], timeout=DEADLINE, what="a first worker")
+            sizes = []
+            actions = set()
+            while proc.poll() is None:
+                status = self.status()
+                sizes.append(sum(1 for w in status["workers"] if not w["draining"]))
+                actions.update(d["action"] for d in status["pool"]["decisions"])
+                time.sleep(1)
+            out, err = proc.communicate()
+            self.assertEqual(proc.returncode, 0, err + self.logs())
+            jobs = json.loads(out.strip().splitlines()[-1])["jobs"]
+            runs = {p.name: len(p.read_text().splitlines()) for p in markers.iterdir()}
+            self.run_command("stop")
+            self.assertEqual(len(runs), jobs)
+            self.assertEqual(set(runs.values()), {1}, {k: v for k, v in runs.items() if v != 1})
+            self.assertGreater(min(sizes), 0, sizes)
+            self.assertTrue([a for a in actions if "replacing" in a], actions)
+            print(
+                "walltime test:",
+                json.dumps({"jobs": jobs, "min_workers_seen": min(sizes), "samples": len(sizes)}),
+            )
+
+        return threads.deferToThread(body)
