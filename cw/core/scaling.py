@@ -22,8 +22,8 @@ L{Cancel} decisions, each with its reason; the scaling service
     seconds, while nothing is queued, down to C{min_workers}: they are
     drained (L{Drain}; a draining worker hands back unstarted jobs and
     finishes running ones), never killed, at most C{max_cancel} per
-    C{cancel_interval}.  Launches still pending are cancelled when the
-    queue has been empty for C{idle_timeout}.  Scaling up needs queued work
+    C{cancel_interval}.  Launches still pending are cancelled when nothing
+    has been queued or running for C{idle_timeout}.  Scaling up needs queued work
     and scaling down needs an empty queue and idle workers, so the two
     never alternate on a steady load (hysteresis).
   - B{Pending too long}: a launch pending for C{pending_timeout} seconds
@@ -205,6 +205,7 @@ class ScalingPolicy:
         self._replaced: dict[str, float] = {}
         #: Longest wait between submission and start seen so far.
         self.queue_wait = 0.0
+        #: Since when nothing is queued and no worker holds a job.
         self._empty_since: float | None = None
 
     def decide(self, view: PoolView) -> list[Decision]:
@@ -214,7 +215,7 @@ class ScalingPolicy:
         known = {launch.id for launch in view.launches}
         for gone in set(self._replaced) - known:
             del self._replaced[gone]
-        if view.queued:
+        if view.queued or any(w.held for w in view.workers):
             self._empty_since = None
         elif self._empty_since is None:
             self._empty_since = now
@@ -272,14 +273,16 @@ class ScalingPolicy:
                 capacity += slots_each
         foreign = [w for w in view.workers if w.launch is None or w.launch not in known]
         capacity += sum(w.slots for w in foreign if not w.draining)
-        busy = sum(min(w.held, w.slots) for w in view.workers if not w.draining)
+        # The jobs of workers on their way out finish there: not demand on the others.
+        leaving = {x.id for x in view.launches if x.draining or x.id in self._replaced}
+        busy = sum(min(w.held, w.slots) for w in view.workers if not w.draining and w.launch not in leaving)
         if view.job_seconds is None:
             wanted = view.queued
         else:
             wanted = min(view.queued, math.ceil(view.queued * view.job_seconds / b.horizon))
         demand = busy + wanted
         need = math.ceil(max(0, demand - capacity) / slots_each)
-        count = len(staying)
+        count = len(staying) + replacements
         self.target = max(b.min_workers, min(b.max_workers, count + need))
         add = max(0, self.target - count)
         if add:
@@ -297,7 +300,7 @@ class ScalingPolicy:
         # Scale down: idle workers only, drained, with an empty queue.
         if not view.queued and not add:
             quiet = self._empty_since is not None and now - self._empty_since >= b.idle_timeout
-            count = len(staying)
+            count = len(staying) + replacements
             room = max(0, b.max_cancel - self._cancels.used(now))
             taken = 0
             for launch in sorted(staying, key=lambda x: x.submitted, reverse=True):
@@ -306,7 +309,7 @@ class ScalingPolicy:
                 connected = workers_of.get(launch.id)
                 if not connected:
                     if quiet:
-                        why = f"not needed: the queue has been empty for {b.idle_timeout:g} s"
+                        why = f"not needed: no job queued or running for {b.idle_timeout:g} s"
                         decisions.append(Cancel(launch.id, why))
                         count -= 1
                         taken += 1

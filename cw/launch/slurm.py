@@ -57,6 +57,10 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from twisted.internet import threads
+from twisted.logger import globalLogBeginner, textFileLogObserver
+
+from cw.client.session import Session, call_in_reactor
 from cw.core.config import WALLTIME_WARNING as WALLTIME_WARNING
 from cw.core.config import MasterConfig, PoolSpec, SlurmConfig, WorkerConfig, parse_argv
 from cw.core.records import PORT
@@ -81,9 +85,17 @@ from cw.discovery import master_jobs as master_jobs
 from cw.discovery import wait_for_master as wait_for_master
 from cw.errors import SlurmError
 from cw.launch.twistd import run_twistd
-from cw.master.pool import POLL_INTERVAL
+from cw.master.pool import (
+    POLL_INTERVAL,
+    PoolService,
+    SlurmLauncher,
+    StatusSource,
+    bounds_from,
+    read_pool_file,
+)
 from cw.master.store import locked
 from cw.system import polling, with_cw_on_path, write_atomically
+from cw.wire.commands import GetStatus
 from cw.wire.secret import load_secret, secret_path
 
 #: C{cw-slurm}'s defaults, which L{start} and L{stop} share.
@@ -396,6 +408,7 @@ def start(
     idle_timeout: float = IDLE_TIMEOUT,
     poll_interval: float = POLL_INTERVAL,
     pending_timeout: float = PENDING_TIMEOUT,
+    pool_in_master: bool = True,
 ) -> str | None:
     """
     Submit the cluster's master job and a worker job of C{nworkers} workers
@@ -411,7 +424,8 @@ def start(
     C{idle_timeout} seconds, replaces them ahead of their walltime
     (C{time_limit}, which then applies to the worker jobs only), and asks
     C{squeue} at most once per C{poll_interval} seconds (see
-    L{cw.master.pool}, L{cw.core.scaling}).
+    L{cw.master.pool}, L{cw.core.scaling}).  Without C{pool_in_master}
+    the pool is only described, for L{adapt} to run here.
 
     Each worker runs C{procs} jobs at once (default: as many as its task
     has CPUs).  C{master_time}: the master job's time limit, if not
@@ -438,7 +452,7 @@ def start(
     submitted: list[str] = []
     master_common = common
     if max_workers is not None:
-        if not master:
+        if not master and pool_in_master:
             raise SlurmError("an adaptive pool (--max-workers) is run by a master job: drop -M")
         if procs is not None:
             worker_options = ["--procs", str(procs), *worker_options]
@@ -467,7 +481,8 @@ def start(
                 walltime_warning,
             ),
         )
-        master_options = [*master_options, "--pool-file", str(pool_file)]
+        if pool_in_master:
+            master_options = [*master_options, "--pool-file", str(pool_file)]
         master_common = {**common, "time_limit": None}
         workers = False
     if master:
@@ -633,6 +648,55 @@ def allocate(nworkers: int = _DEFAULTS.workers, *args, **kwargs) -> Iterator[str
         yield address
     finally:
         stop(cluster=kwargs["cluster"])
+
+
+def adapt(cluster: str | None = None, *, secret_file: str | None = None, **start_options) -> None:
+    """
+    C{cw-slurm adapt}: run the adaptive pool's scaling loop here, in the
+    foreground, where compute nodes may not call C{sbatch} (so the master
+    job cannot): the master job is submitted if it does not run yet (with
+    C{start_options}, which must give C{max_workers}), and this process
+    reads the master's status each second, decides with the same policy
+    (L{cw.core.scaling}) and submits, drains and cancels the worker jobs
+    itself.  On SIGINT or SIGTERM it cancels its worker jobs (they drain)
+    and returns; the master job stays (C{cw-slurm stop} ends it).
+    """
+    cluster = cluster_name(cluster)
+    if start_options.get("max_workers") is None:
+        raise SlurmError("cw-slurm adapt needs --max-workers")
+    master = not master_info(cluster)
+    start(0, master=master, workers=False, cluster=cluster, secret_file=secret_file, wait=False,
+          pool_in_master=False, **start_options)  # fmt: skip
+    info = wait_for_master(cluster, start_options.get("timeout", 300))
+    spec = read_pool_file(str(cluster_dir(cluster) / "pool.json"))
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    session = Session(
+        info["address"], None, lambda r: None, lambda e: None, 60, secret_file=info.get("secret_file")
+    )
+    reactor = session.reactor
+
+    def status():
+        call = lambda: session.call(GetStatus, timeout=30)["status"]  # noqa: E731
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), call)
+
+    launcher = SlurmLauncher(reactor, spec["script"], spec["directory"], float(spec["poll_interval"]))
+    pool = PoolService(StatusSource(status), launcher, bounds_from(spec), reactor)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(
+        f"cw-slurm adapt: managing the worker jobs of the master at {info['address']}; ^C stops", flush=True
+    )
+    call_in_reactor(pool.start)
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        print("cw-slurm adapt: cancelling the pool's worker jobs", flush=True)
+        call_in_reactor(pool.stop, timeout=120)
+        session.close()
 
 
 # --- inside the master job ------------------------------------------------

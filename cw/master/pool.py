@@ -373,15 +373,85 @@ def make_launcher(reactor, data: dict, address: str) -> IWorkerLauncher:
     )
 
 
-class PoolService:
+class MasterSource:
     """
-    The scaling loop of one pool (see the module docstring): C{master} is
-    the L{cw.master.service.Master}, C{launcher} an L{IWorkerLauncher}.
+    What the scaling loop reads of the master it runs in: its scheduler's
+    queue and workers.  It also keeps a drained worker from getting more
+    jobs and tells the scheduler the workers' walltime ends.
     """
 
-    def __init__(self, master, launcher: IWorkerLauncher, bounds: PoolBounds, tick: float = TICK) -> None:
+    def __init__(self, master) -> None:
         self.master = master
-        self.clock = master.clock
+
+    def snapshot(self) -> defer.Deferred:
+        """
+        Fires with C{(queued, job_seconds, workers)}, each worker as
+        C{(id, launch, slots, held, completed, draining)}.
+        """
+        scheduler = self.master.scheduler
+        workers = [
+            (
+                w.id,
+                getattr(self.master.workers.get(w.id), "launch", None),
+                w.slots,
+                len(w.held),
+                w.completed,
+                w.draining,
+            )
+            for w in scheduler.workers()
+        ]
+        return defer.succeed((scheduler.queued, scheduler.job_seconds, workers))
+
+    def set_end(self, worker: int, ends_at: float | None) -> None:
+        self.master.scheduler.set_end(worker, ends_at)
+
+    def stop_dispatch(self, worker: int) -> None:
+        if worker in self.master.workers:
+            self.master.scheduler.return_jobs(worker, [])
+
+
+class StatusSource:
+    """
+    The same read from a master elsewhere, through its status
+    (C{cw-slurm adapt} on a login node): C{get_status()} fires with
+    L{cw.master.service.Master.status}.  It cannot stop dispatch or set
+    walltime ends: a drained worker may get a job just before its signal
+    (it hands it back, unstarted), and jobs' expected durations are not
+    matched against walltimes.
+    """
+
+    def __init__(self, get_status) -> None:
+        self.get_status = get_status
+
+    @defer.inlineCallbacks
+    def snapshot(self):
+        status = yield self.get_status()
+        workers = [
+            (w["id"], w.get("launch"), w["slots"], w["held"], w["completed"], w["draining"])
+            for w in status["workers"]
+        ]
+        return (status["queued"], status.get("job_seconds"), workers)
+
+    def set_end(self, worker: int, ends_at: float | None) -> None:
+        pass
+
+    def stop_dispatch(self, worker: int) -> None:
+        pass
+
+
+class PoolService:
+    """
+    The scaling loop of one pool (see the module docstring): C{source} is
+    what it reads of the master (L{MasterSource} in the master,
+    L{StatusSource} elsewhere), C{launcher} an L{IWorkerLauncher}, C{clock}
+    the reactor.
+    """
+
+    def __init__(
+        self, source, launcher: IWorkerLauncher, bounds: PoolBounds, clock, tick: float = TICK
+    ) -> None:
+        self.source = source
+        self.clock = clock
         self.launcher = launcher
         self.policy = ScalingPolicy(bounds)
         self.tick_seconds = tick
@@ -420,41 +490,38 @@ class PoolService:
                         self.launches[launch] = replace(seen[launch], draining=old.draining)
                     else:
                         del self.launches[launch]
+            inputs = yield self.source.snapshot()
             now = self.clock.seconds()
-            for decision in self.policy.decide(self.view(now)):
+            for decision in self.policy.decide(self.view(now, *inputs)):
                 yield self._carry_out(decision, now)
         except Exception:
             log.failure("The pool's scaling round failed; trying again next round")
         finally:
             self._busy = False
 
-    def view(self, now: float) -> PoolView:
-        """The L{PoolView} of the master's state and the launches at C{now}."""
-        scheduler = self.master.scheduler
-        workers = []
+    def view(self, now: float, queued: int, job_seconds: float | None, workers: list) -> PoolView:
+        """The L{PoolView} at C{now} of the master's queue and workers (as L{MasterSource} gives them)."""
+        seen = []
         ends = {x.id: x.ends_at for x in self.launches.values()}
-        for state in scheduler.workers():
-            proto = self.master.workers.get(state.id)
-            launch = getattr(proto, "launch", None)
-            held = len(state.held)
+        for wid, launch, slots, held, completed, draining in workers:
             if held:
-                self._idle.pop(state.id, None)
+                self._idle.pop(wid, None)
                 since = None
             else:
-                since, completed = self._idle.get(state.id, (now, state.completed))
-                if completed != state.completed:
+                since, before = self._idle.get(wid, (now, completed))
+                if before != completed:
                     since = now
-                self._idle[state.id] = (since, state.completed)
+                self._idle[wid] = (since, completed)
             if launch in ends:
-                scheduler.set_end(state.id, ends[launch])
-            workers.append(Worker(state.id, launch, state.slots, held, since, state.draining))
-        for wid in set(self._idle) - {w.id for w in workers}:
+                self.source.set_end(wid, ends[launch])
+            seen.append(Worker(wid, launch, slots, held, since, draining))
+        for wid in set(self._idle) - {w.id for w in seen}:
             del self._idle[wid]
         return PoolView(
             now=now,
-            queued=scheduler.queued,
-            job_seconds=scheduler.job_seconds,
-            workers=tuple(workers),
+            queued=queued,
+            job_seconds=job_seconds,
+            workers=tuple(seen),
             launches=tuple(self.launches.values()),
         )
 
@@ -466,9 +533,9 @@ class PoolService:
             for launch in ids:
                 self.launches[launch] = Launch(launch, now)
         elif isinstance(decision, Drain):
-            if decision.worker is not None and decision.worker in self.master.workers:
+            if decision.worker is not None:
                 # No more jobs for it before the signal gets there.
-                self.master.scheduler.return_jobs(decision.worker, [])
+                self.source.stop_dispatch(decision.worker)
             self._mark_draining(decision.launch)
             yield self.launcher.drain([decision.launch])
         elif isinstance(decision, Cancel):

@@ -35,7 +35,7 @@ from cw.core.scheduler import Scheduler, Unsent
 from cw.core.versions import CONTEXT_KEY, incompatible, short
 from cw.errors import ReportKind, StateFileError
 from cw.master.durable import DurableQueue
-from cw.master.pool import PoolService, bounds_from, make_launcher, read_pool_file
+from cw.master.pool import MasterSource, PoolService, bounds_from, make_launcher, read_pool_file
 from cw.master.protocol import MasterFactory, MasterProtocol
 from cw.master.web import FailureLog, WebDashboard
 from cw.system import write_atomically
@@ -891,6 +891,7 @@ class Master:
             # Results workers handed over for clients not back yet (L{handed_over}).
             "unclaimed_results": len(self.unclaimed),
             "unclaimed_bytes": self.unclaimed.bytes,
+            "job_seconds": s.job_seconds,
             "completed": s.completed,
             "rate": self.rate(),
             "dashboard": self.dashboard,
@@ -1079,7 +1080,9 @@ class MasterService(service.Service):
             write_atomically(self.address_file, address + "\n")
         if self.pool_spec is not None:
             launcher = make_launcher(self.reactor, self.pool_spec, address)
-            self.pool = PoolService(self.master, launcher, bounds_from(self.pool_spec))
+            self.pool = PoolService(
+                MasterSource(self.master), launcher, bounds_from(self.pool_spec), self.reactor
+            )
             self.master.pool = self.pool
             self.pool.start()
 

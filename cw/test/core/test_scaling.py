@@ -269,6 +269,25 @@ class PolicyTests(SynchronousTestCase):
         drains = [d for _, d in sim.decisions if isinstance(d, Drain)]
         self.assertTrue(drains and all(d.reason.startswith("walltime") for d in drains))
 
+    def test_replacements_under_a_light_stream(self):
+        """
+        A stream that needs two slots and leaves the queue mostly empty, on
+        workers with a 300 s walltime and a minimum of 2: the pool submits
+        only replacements once it is up, never cancels one of them while it
+        waits in the queue, and never dips.
+        """
+        bounds = PoolBounds(min_workers=2, max_workers=3, idle_timeout=60, replace_lead=60, drain_lead=20)
+        sim = Cluster(self, bounds, queue_wait=5, walltime=300)
+        sim.run(1500, lambda sim: sim.add_jobs(1, 1.5))
+        self.assertEqual([d for _, d in sim.decisions if isinstance(d, Cancel)], [])
+        extra = [d for t, d in sim.decisions if isinstance(d, Submit) and not d.replaces and t > 100]
+        self.assertEqual(extra, [])
+        first_up = sim.sizes.index(2)
+        self.assertGreaterEqual(min(sim.sizes[first_up:]), 2, "capacity dipped")
+        self.assertLessEqual(max(sim.launch_counts), 3 + 2)
+        self.assertEqual(sim.lost, 0)
+        self.assertGreaterEqual(len(sim.replaced), 8)
+
     def test_gives_up_on_a_long_pending_launch(self):
         bounds = PoolBounds(min_workers=0, max_workers=2, pending_timeout=100)
         sim = Cluster(self, bounds, queue_wait=10_000)

@@ -168,6 +168,49 @@ class AdaptiveSlurmTests(unittest.TestCase):
 
         return threads.deferToThread(body)
 
+    def test_adapt_on_the_login_node(self):
+        """
+        'cw-slurm adapt' starts the master job (with no pool of its own)
+        and runs the loop in the foreground: with --min-workers 1 it
+        submits a worker job, which serves a client; on SIGINT it cancels
+        its worker jobs and exits 0, the master job staying.
+        """
+
+        def body():
+            command = [SCRIPT, "adapt", "--min-workers", "1", "--max-workers", "2", "--poll-interval", "2"]
+            proc = subprocess.Popen(
+                [sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env=self.env(),
+            )  # fmt: skip
+            self.addCleanup(lambda: proc.poll() is None and proc.kill())
+            workers = wait_until(self.worker_jobs, timeout=DEADLINE, what="a worker job from cw-slurm adapt")
+            master = slurm.recorded_jobs(self.name)["master"]
+            self.assertEqual(len(master), 1)
+            info = slurm.master_info(self.name)
+            self.assertNotIn(
+                "--pool-file", Path(self.directory, self.name, f"master-{master[0]}.log").read_text()
+            )
+            self.assertIsNone(self.status()["pool"])
+            client = "import cw; from cw.client import ClusterExecutor\n" + (
+                "with ClusterExecutor(cw.slurm_master_host()) as ex:\n"
+                "    print(sum(ex.map(abs, range(-50, 50), timeout=120)))\n"
+            )
+            run = [sys.executable, "-c", client]
+            out = subprocess.run(run, capture_output=True, text=True, env=self.env(), timeout=DEADLINE * 2)
+            self.assertEqual(out.stdout.strip(), "2500", out.stderr)
+            proc.send_signal(2)
+            output, _ = proc.communicate(timeout=DEADLINE * 2)
+            self.assertEqual(proc.returncode, 0, output)
+            self.assertIn("cancelling the pool's worker jobs", output)
+            self.assertIn("submit 1", output)
+            wait_until(lambda: not self.worker_jobs(), timeout=DEADLINE, what="the worker jobs to end")
+            self.assertTrue(slurm.active_jobs(master), "the master job ended too")
+            self.assertTrue(workers and info)
+            self.run_command("stop")
+            self.assertEqual(self.squeue(), {})
+
+        return threads.deferToThread(body)
+
     def test_walltime_replacement(self):
         """
         A pool of worker jobs with a 2-minute --time serves a 5-minute

@@ -1,0 +1,181 @@
+"""
+Tests for L{cw.master.pool}'s pieces that need no processes: the SLURM
+launcher's reading of squeue and its back-off, and the scaling loop's view
+of a master (idle times, launches), with a fake clock.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, task
+from twisted.trial import unittest
+
+from cw.core.scaling import Drain, Launch, PoolBounds, Submit
+from cw.errors import SlurmError
+from cw.master import pool
+
+
+class FakeSlurm(pool.SlurmLauncher):
+    """A SlurmLauncher whose commands are answered by C{answer(args)}, taking C{delay} seconds."""
+
+    def __init__(self, clock, answer, delay=0.0):
+        super().__init__(clock, "#!/bin/bash\n", "/nonexistent", poll_interval=30)
+        self.answer = answer
+        self.delay = delay
+        self.commands = []
+
+    def _run(self, args, input=None):
+        self.commands.append(args)
+        self.calls[args[0]] = self.calls.get(args[0], 0) + 1
+        self.reactor.advance(self.delay)
+        try:
+            return defer.succeed(self.answer(args))
+        except SlurmError as e:
+            return defer.fail(e)
+
+    def _record(self):
+        pass
+
+
+class SlurmLauncherTests(unittest.TestCase):
+    def test_times(self):
+        self.assertEqual(pool.parse_slurm_time("1-02:03:04"), 93784)
+        self.assertEqual(pool.parse_slurm_time("05:06"), 306)
+        self.assertEqual(pool.parse_slurm_time("1:00:00"), 3600)
+        self.assertIsNone(pool.parse_slurm_time("UNLIMITED"))
+        self.assertEqual(pool.array_ids("12", 3), ["12_0", "12_1", "12_2"])
+        self.assertEqual(pool.array_ids("12", 1), ["12"])
+
+    def test_submit_an_array_and_poll_once(self):
+        """N launches are one sbatch --array; one squeue (-r, -j the jobs) reports on all of them."""
+        clock = task.Clock()
+        clock.advance(1000)
+        lines = "7_0|RUNNING|2026-11-30T10:00:00|10:00\n7_1|PENDING|N/A|20:00\n99|RUNNING|N/A|1:00\n"
+        slurm = FakeSlurm(clock, lambda args: "7\n" if args[0] == "sbatch" else lines)
+        ids = self.successResultOf(slurm.submit(3))
+        self.assertEqual(ids, ["7_0", "7_1", "7_2"])
+        self.assertEqual(slurm.commands[0], ["sbatch", "--parsable", "--array=0-2"])
+        seen = self.successResultOf(slurm.poll(ids))
+        self.assertEqual(slurm.commands[1][:5], ["squeue", "-h", "-r", "-j", "7"])
+        self.assertEqual(sorted(seen), ["7_0", "7_1"])
+        self.assertIsNone(seen["7_1"].started)
+        self.assertEqual(seen["7_0"].ends_at, 1600.0)
+        self.assertIsNotNone(seen["7_0"].started)
+        # 7_2 is gone: forgotten.
+        self.assertEqual(sorted(slurm.submitted), ["7_0", "7_1"])
+
+    def test_back_off(self):
+        """After an error or a slow answer the interval doubles (up to a bound); a prompt answer resets it."""
+        clock = task.Clock()
+        answers = []
+
+        def answer(args):
+            outcome = answers.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+        slurm = FakeSlurm(clock, answer)
+        answers.append(SlurmError("squeue failed (exit 1): slurm_load_jobs error: Socket timed out"))
+        self.failureResultOf(slurm.poll(["1"]), SlurmError)
+        self.assertEqual(slurm.poll_interval, 60)
+        answers.append(SlurmError("again"))
+        self.failureResultOf(slurm.poll(["1"]), SlurmError)
+        self.assertEqual(slurm.poll_interval, 120)
+        slurm.delay = 15
+        answers.append("")
+        self.successResultOf(slurm.poll(["1"]))
+        self.assertEqual(slurm.poll_interval, 240)
+        for _ in range(5):
+            answers.append(SlurmError("down"))
+            self.failureResultOf(slurm.poll(["1"]), SlurmError)
+        self.assertEqual(slurm.poll_interval, pool.MAX_BACKOFF)
+        slurm.delay = 0
+        answers.append("")
+        self.successResultOf(slurm.poll(["1"]))
+        self.assertEqual(slurm.poll_interval, 30)
+
+
+class FakeLauncher:
+    """An IWorkerLauncher that records what it is asked, its launches pending until started."""
+
+    poll_interval = 5.0
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.launches = {}
+        self.drained = []
+        self.polls = 0
+        self.n = 0
+
+    def submit(self, count):
+        ids = []
+        for _ in range(count):
+            self.n += 1
+            ids.append(f"L{self.n}")
+            self.launches[ids[-1]] = Launch(ids[-1], self.clock.seconds())
+        return defer.succeed(ids)
+
+    def drain(self, ids):
+        self.drained += ids
+        return defer.succeed(None)
+
+    cancel = drain
+
+    def poll(self, ids):
+        self.polls += 1
+        return defer.succeed({i: self.launches[i] for i in ids if i in self.launches})
+
+    def stop(self):
+        return defer.succeed(None)
+
+
+class FakeSource:
+    def __init__(self):
+        self.queued = 0
+        self.workers = []
+        self.stopped = []
+
+    def snapshot(self):
+        return defer.succeed((self.queued, None, list(self.workers)))
+
+    def set_end(self, worker, ends_at):
+        pass
+
+    def stop_dispatch(self, worker):
+        self.stopped.append(worker)
+
+
+class PoolServiceTests(unittest.TestCase):
+    def test_loop(self):
+        """
+        The loop polls the launcher once per its interval at most, submits
+        for queued work, counts a worker idle from its last completion, and
+        drains it (dispatch stopped first) after the idle timeout.
+        """
+        clock = task.Clock()
+        source = FakeSource()
+        launcher = FakeLauncher(clock)
+        service = pool.PoolService(source, launcher, PoolBounds(max_workers=2, idle_timeout=10), clock)
+        service.start()
+        source.queued = 1
+        clock.advance(1)
+        self.assertEqual(list(service.launches), ["L1"])
+        self.assertIsInstance(service.policy.history[-1][1], Submit)
+        launcher.launches["L1"] = Launch("L1", 1.0, started=2.0)
+        source.queued = 0
+        source.workers = [(1, "L1", 1, 1, 0, False)]
+        for _ in range(20):
+            clock.advance(1)
+        self.assertLessEqual(launcher.polls, 21 / launcher.poll_interval + 1)
+        self.assertEqual(launcher.drained, [])
+        source.workers = [(1, "L1", 1, 0, 1, False)]  # finished its job: idle from t=22
+        for _ in range(10):
+            clock.advance(1)
+        self.assertEqual(launcher.drained, [])
+        clock.advance(1)
+        self.assertEqual(launcher.drained, ["L1"])
+        self.assertEqual(source.stopped, [1])
+        self.assertIsInstance(service.policy.history[-1][1], Drain)
+        status = service.status()
+        self.assertEqual((status["draining"], status["running"]), (1, 0))
+        self.successResultOf(service.stop())
