@@ -30,10 +30,11 @@ L{Cancel} decisions, each with its reason; the scaling service
     is cancelled (L{Cancel} with C{retry}); the scale-up rule then submits
     another if the work still needs it.
   - B{Walltime}: a launch with a known end gets its replacement submitted
-    C{replace_lead} seconds, plus the longest queue wait seen so far,
-    before its end (if the pool still needs it: work queued or held, or the
-    pool at its minimum); at C{drain_lead} seconds before its end it is
-    drained (SLURM's C{--signal} usually did so already).
+    C{replace_lead} seconds, plus the longest wait seen so far from a
+    submission to its worker's connection, before its end (if the pool
+    still needs it: work queued or held, or the pool at its minimum); at
+    C{drain_lead} seconds before its end it is drained (SLURM's
+    C{--signal} usually did so already).
 
 Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
@@ -203,8 +204,10 @@ class ScalingPolicy:
         self._cancels = _Window(bounds.cancel_interval)
         #: Launches replaced ahead of their walltime: by id, the time.
         self._replaced: dict[str, float] = {}
-        #: Longest wait between submission and start seen so far.
+        #: Longest wait between a launch's submission and its worker's
+        #: connection seen so far, and the launches seen connected.
         self.queue_wait = 0.0
+        self._joined: set[str] = set()
         #: Since when nothing is queued and no worker holds a job.
         self._empty_since: float | None = None
 
@@ -223,11 +226,18 @@ class ScalingPolicy:
         for w in view.workers:
             if w.launch is not None:
                 workers_of.setdefault(w.launch, []).append(w)
+        # The wait that counts is from submission until the worker connects
+        # (the batch queue, then the worker's start-up).
+        waiting = []
         for launch in view.launches:
-            if launch.started is not None:
-                self.queue_wait = max(self.queue_wait, launch.started - launch.submitted)
-        pending_ages = [now - x.submitted for x in view.launches if x.started is None and not x.draining]
-        wait = max([self.queue_wait, *pending_ages])
+            if launch.id in workers_of:
+                if launch.id not in self._joined:
+                    self._joined.add(launch.id)
+                    self.queue_wait = max(self.queue_wait, now - launch.submitted)
+            elif not launch.draining:
+                waiting.append(now - launch.submitted)
+        self._joined &= known
+        wait = max([self.queue_wait, *waiting])
         live = [x for x in view.launches if not x.draining]
 
         # Walltime: drain at the end, replace ahead of it.
@@ -308,7 +318,9 @@ class ScalingPolicy:
                     break
                 connected = workers_of.get(launch.id)
                 if not connected:
-                    if quiet:
+                    # Only a launch still pending: one that started has a
+                    # worker on its way, which may hold jobs before a cancel lands.
+                    if quiet and launch.started is None:
                         why = f"not needed: no job queued or running for {b.idle_timeout:g} s"
                         decisions.append(Cancel(launch.id, why))
                         count -= 1

@@ -24,7 +24,7 @@ from pathlib import Path
 from cw.client.session import Session, wait_for_workers
 from cw.core.config import MasterConfig, WorkerConfig, parse_argv
 from cw.core.records import PORT
-from cw.core.scaling import IDLE_TIMEOUT, PoolBounds
+from cw.core.scaling import DRAIN_LEAD, IDLE_TIMEOUT, REPLACE_LEAD, PoolBounds
 from cw.errors import ClusterError
 from cw.system import polling, proc_stat, sigkill, start_time
 from cw.wire.commands import GetStatus
@@ -201,7 +201,7 @@ def _pool_file(
         PoolBounds(min_workers=min_workers, max_workers=max_workers, idle_timeout=idle_timeout)
     except ValueError as e:
         raise ClusterError(f"cw.mp.start: {e}") from None
-    return {
+    pool = {
         "launcher": "local",
         "min_workers": min_workers,
         "max_workers": max_workers,
@@ -209,6 +209,11 @@ def _pool_file(
         "run_dir": str(directory),
         "time_limit": time_limit,
     }
+    if time_limit is not None:
+        # Short walltimes (tests): replace a third of the way before the end, drain at a sixth.
+        pool["replace_lead"] = min(REPLACE_LEAD, time_limit / 3)
+        pool["drain_lead"] = min(DRAIN_LEAD, time_limit / 6)
+    return pool
 
 
 def _start_workers(

@@ -405,6 +405,10 @@ class MasterSource:
     def set_end(self, worker: int, ends_at: float | None) -> None:
         self.master.scheduler.set_end(worker, ends_at)
 
+    def workers_of(self, launch: str) -> list[int]:
+        """The connected workers of C{launch}, now."""
+        return [wid for wid, proto in self.master.workers.items() if getattr(proto, "launch", None) == launch]
+
     def stop_dispatch(self, worker: int) -> None:
         if worker in self.master.workers:
             self.master.scheduler.return_jobs(worker, [])
@@ -434,6 +438,9 @@ class StatusSource:
 
     def set_end(self, worker: int, ends_at: float | None) -> None:
         pass
+
+    def workers_of(self, launch: str) -> list[int]:
+        return []
 
     def stop_dispatch(self, worker: int) -> None:
         pass
@@ -540,7 +547,14 @@ class PoolService:
             yield self.launcher.drain([decision.launch])
         elif isinstance(decision, Cancel):
             self._mark_draining(decision.launch)
-            yield self.launcher.cancel([decision.launch])
+            workers = self.source.workers_of(decision.launch)
+            if workers:
+                # Its worker connected since the policy looked: drain it rather than kill its jobs.
+                for worker in workers:
+                    self.source.stop_dispatch(worker)
+                yield self.launcher.drain([decision.launch])
+            else:
+                yield self.launcher.cancel([decision.launch])
 
     def _mark_draining(self, launch: str) -> None:
         if launch in self.launches:

@@ -185,11 +185,13 @@ def replace_pipe_reads(do_read: Callable) -> None:
 
 #: Edits of ampoule's child bootstrap (C{ampoule.main.BOOTSTRAP}, source text
 #: that ampoule runs with C{python -c}): Twisted's logging in a job process
-#: at warn, and the job's stdout/stderr left alone so what a job prints
-#: reaches the worker.
+#: at warn, the job's stdout/stderr left alone so what a job prints
+#: reaches the worker, and no signal handlers from the reactor (a job
+#: process keeps the SIGTERM handler of cw.worker.containment).
 _BOOTSTRAP_EDITS = (
     ("LogLevel.info", "LogLevel.warn"),
     ("beginLoggingTo([filteringObserver])", "beginLoggingTo([filteringObserver], redirectStandardIO=False)"),
+    ("reactor.run()", "reactor.run(installSignalHandlers=False)"),
 )
 
 

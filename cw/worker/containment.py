@@ -17,7 +17,13 @@ anything else.  It then:
     with SIGKILL either);
   - adopts its orphaned descendants (C{PR_SET_CHILD_SUBREAPER}, Linux), so
     that a process a job leaves behind, even one that left the group, stays
-    among its descendants while the job process lives.
+    among its descendants while the job process lives;
+  - survives SIGTERM (a handler that does nothing; its reactor installs
+    none, see L{cw.wire.private.job_bootstrap}): SLURM's walltime warning
+    and C{scancel --signal=TERM} reach every process of a job step, and
+    the job running must finish while its worker drains.  The worker kills
+    job processes with SIGKILL; the job's own subprocesses get the default
+    SIGTERM (a handler does not survive C{exec}).
 
 After each job, L{kill_leftovers} kills whatever the job left running.  On
 the worker's side, L{kill_job_process} kills a job process with its
@@ -84,9 +90,14 @@ def contain_job_process(worker_pid: int) -> None:
     start_guard()
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    signal.signal(signal.SIGTERM, _survive_sigterm)
     # PDEATHSIG only covers a parent that dies from now on.
     if os.getppid() != worker_pid:
         os._exit(1)
+
+
+def _survive_sigterm(signum, frame) -> None:
+    """A job process's SIGTERM handler: the job goes on (see the module docstring)."""
 
 
 def start_guard() -> None:

@@ -8,6 +8,7 @@ walltime replaced ahead of it with no job lost or run twice.
 from __future__ import annotations
 
 import json
+import os
 
 from twisted.internet import threads
 from twisted.trial import unittest
@@ -90,6 +91,40 @@ finally:
 )
 
 
+WALLTIME = (
+    PRELUDE
+    + """
+markers = sys.argv[2]
+
+def job(i):
+    with open(os.path.join(markers, str(i)), "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(0.3)
+    return i
+
+cw.mp.start(port=port, min_workers=1, max_workers=2, idle_timeout=60, procs=2, time_limit=9)
+try:
+    wait(lambda: status()["workers"], 30, "a first worker")
+    sizes, actions = [], set()
+    with ClusterExecutor(port=port) as ex:
+        futures, i = [], 0
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            futures += [ex.submit(job, i), ex.submit(job, i + 1)]
+            i += 2
+            st = status()
+            sizes.append(sum(1 for w in st["workers"] if not w["draining"]))
+            actions.update(d["action"] for d in st["pool"]["decisions"])
+            time.sleep(0.25)
+        results = [f.result(60) for f in futures]
+    assert results == list(range(i)), results
+    print(json.dumps({"jobs": i, "sizes": sizes, "actions": sorted(actions)}))
+finally:
+    cw.mp.stop(port=port)
+"""
+)
+
+
 class AdaptiveLocalTests(unittest.TestCase):
     timeout = 180
 
@@ -114,5 +149,31 @@ class AdaptiveLocalTests(unittest.TestCase):
             self.assertTrue(any(a.startswith("submit") for a in actions), actions)
             self.assertTrue(any(a.startswith("drain") for a in actions), actions)
             print(report)
+
+        return threads.deferToThread(body)
+
+    def test_walltime_replacement(self):
+        """
+        Workers with a 9 s walltime serving a 20 s stream: each is replaced
+        ahead of its end, every job runs exactly once (a marker line per
+        run), and the pool never dips to zero workers.
+        """
+        port = free_port()
+        markers = os.path.abspath(self.mktemp())
+        os.makedirs(markers)
+
+        def body():
+            done = run_script(self, WALLTIME, str(port), markers, timeout=DEADLINE * 2)
+            self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+            report = json.loads(done.stdout.strip().splitlines()[-1])
+            runs = {}
+            for name in os.listdir(markers):
+                with open(os.path.join(markers, name)) as f:
+                    runs[name] = len(f.read().splitlines())
+            self.assertEqual(len(runs), report["jobs"])
+            self.assertEqual(set(runs.values()), {1}, {k: v for k, v in runs.items() if v != 1})
+            self.assertGreater(min(report["sizes"]), 0, report["sizes"])
+            replacing = [a for a in report["actions"] if "replacing" in a]
+            self.assertGreaterEqual(len(replacing), 2, report["actions"])
 
         return threads.deferToThread(body)

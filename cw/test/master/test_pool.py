@@ -144,6 +144,9 @@ class FakeSource:
     def stop_dispatch(self, worker):
         self.stopped.append(worker)
 
+    def workers_of(self, launch):
+        return [w[0] for w in self.workers if w[1] == launch]
+
 
 class PoolServiceTests(unittest.TestCase):
     def test_loop(self):

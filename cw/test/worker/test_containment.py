@@ -28,6 +28,17 @@ from cw.test.procs import Processes, executor, process_exists, wait_until
 GONE_WITHIN = 5
 
 
+def terminated_midway() -> str:
+    """
+    As SLURM's walltime warning does (it signals every process of the
+    job step): SIGTERM to this job process and to its worker, then finish.
+    """
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getppid(), signal.SIGTERM)
+    time.sleep(1)
+    return "finished"
+
+
 class ContainmentTests(unittest.TestCase):
     timeout = 120
 
@@ -102,6 +113,22 @@ class ContainmentTests(unittest.TestCase):
                 timeout=GONE_WITHIN,
                 what="the worker to log the killed leftovers",
             )
+
+        return threads.deferToThread(body)
+
+    def test_job_survives_sigterm_while_worker_drains(self):
+        """
+        SIGTERM to the job process and its worker at once (SLURM's
+        --signal, scancel --signal=TERM): the job runs to its end and its
+        result arrives, and the worker then exits.
+        """
+
+        def body():
+            self.procs.start_master()
+            worker = self.procs.start_worker(1)
+            with executor(self.procs.address) as ex:
+                self.assertEqual(ex.submit(terminated_midway).result(30), "finished")
+            wait_until(lambda: worker.poll() is not None, timeout=30, what="the worker to exit")
 
         return threads.deferToThread(body)
 
