@@ -132,6 +132,9 @@ class AdaptiveSlurmTests(unittest.TestCase):
             )  # fmt: skip
             self.addCleanup(lambda: proc.poll() is None and proc.kill())
             seen = wait_until(self.worker_jobs, timeout=DEADLINE, what="worker jobs in squeue")
+            text = self.run_command("status").stdout
+            self.assertIn("pool     target", text)
+            self.assertIn(f"{seen[0]} ", text)  # the pool's jobs in the jobs table
             out, err = proc.communicate(timeout=DEADLINE * 3)
             self.assertEqual(proc.returncode, 0, err + self.logs())
             times = json.loads(out.strip().splitlines()[-1])
