@@ -134,7 +134,7 @@ class AdaptiveSlurmTests(unittest.TestCase):
             seen = wait_until(self.worker_jobs, timeout=DEADLINE, what="worker jobs in squeue")
             text = self.run_command("status").stdout
             self.assertIn("pool     target", text)
-            self.assertIn(f"{seen[0]} ", text)  # the pool's jobs in the jobs table
+            self.assertIn(slurm.job_names(self.name)[1], text)  # the pool's jobs in the jobs table
             out, err = proc.communicate(timeout=DEADLINE * 3)
             self.assertEqual(proc.returncode, 0, err + self.logs())
             times = json.loads(out.strip().splitlines()[-1])
