@@ -454,6 +454,8 @@ def start(
     if max_workers is not None:
         if not master and pool_in_master:
             raise SlurmError("an adaptive pool (--max-workers) is run by a master job: drop -M")
+        if pools:
+            raise SlurmError("--max-workers with --pool: adaptive bounds per pool are not supported yet")
         if procs is not None:
             worker_options = ["--procs", str(procs), *worker_options]
         script = worker_script(
