@@ -35,6 +35,17 @@ L{Cancel} decisions, each with its reason; the scaling service
     still needs it: work queued or held, or the pool at its minimum); at
     C{drain_lead} seconds before its end it is drained (SLURM's
     C{--signal} usually did so already).
+  - B{Several pools} (C{--pool gpu:min=0,max=4,...}): each pool has its own
+    policy and sees only its own workers and its share of the queue,
+    L{route_queued}: every queued job counts toward exactly one pool, the
+    pool with the fewest resources (GPUs, then tags, then custom
+    resources, then cores, then memory; then the order given) whose
+    workers could run it.  So plain jobs scale the plainest pool, a
+    GPU-tagged job only a pool with GPUs and that tag; a job no pool
+    could run scales none (the master reports it unschedulable).  A job
+    counts as the share of a worker's slots it takes (a 1-GPU job on an
+    8-core, 1-GPU worker counts 8 slots), so the pool is sized by the
+    resource the job runs out first.
 
 Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
@@ -43,7 +54,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from cw.core.resources import Capacity, Ledger, Shape
 
 #: Default seconds a worker may stay idle before the pool drains it (C{--idle-timeout}).
 IDLE_TIMEOUT = 180.0
@@ -354,3 +368,69 @@ class ScalingPolicy:
         if view.job_seconds is None:
             return "durations not measured yet"
         return f"{view.queued * view.job_seconds:.1f} slot-seconds"
+
+
+# --- several pools -------------------------------------------------------------
+
+
+def pool_capacity(
+    cpus: int | None,
+    memory: int | None,
+    gpus: int,
+    tags: Sequence[str] = (),
+    custom: Mapping[str, float] | None = None,
+) -> Capacity:
+    """
+    What one worker of a pool will have, for L{route_queued}: C{cpus}
+    cores (None: one), C{memory} bytes (None: not said, counted as
+    enough, since the worker advertises its node's), C{gpus} devices.
+    """
+    return Capacity(
+        cpus=cpus or 1,
+        memory=memory if memory is not None else 2**62,
+        gpus=tuple(str(i) for i in range(gpus)),
+        custom=tuple(sorted((custom or {}).items())),
+        tags=frozenset(tags),
+    )
+
+
+def _plainness(capacity: Capacity) -> tuple:
+    """The order of L{route_queued}'s rule: the fewest resources first."""
+    return (len(capacity.gpus), len(capacity.tags), len(capacity.custom), capacity.cpus, capacity.memory)
+
+
+def _per_worker(capacity: Capacity, shape: Shape) -> int:
+    """How many jobs of C{shape} one worker of C{capacity} runs at once (at least 1)."""
+    counts = [capacity.cpus // max(1, shape.cpus)]
+    if shape.gpus:
+        counts.append(len(capacity.gpus) // shape.gpus)
+    if shape.memory and capacity.memory < 2**62:
+        counts.append(capacity.memory // shape.memory)
+    have = dict(capacity.custom)
+    counts += [int(have[name] // amount) for name, amount in shape.custom if amount > 0]
+    return max(1, min(counts))
+
+
+def route_queued(
+    plain: int, shapes: Mapping[Shape, int], pools: Sequence[tuple[str, Capacity]]
+) -> dict[str, int]:
+    """
+    Each pool's share of the queue, in slots (see the module docstring):
+    C{plain} jobs asking for nothing and C{shapes} the sized ones queued
+    (as L{cw.core.fairqueue.FairQueue.shape_counts} gives them), routed
+    to C{pools} (C{(name, one worker's capacity)}, in the order given).
+    Every pool is in the answer, with 0 if no queued job is its.
+    """
+    order = sorted(range(len(pools)), key=lambda i: (_plainness(pools[i][1]), i))
+    share = {name: 0.0 for name, _ in pools}
+    work: list[tuple[Shape | None, int]] = [(None, plain), *shapes.items()]
+    for shape, count in work:
+        if count <= 0:
+            continue
+        for i in order:
+            name, capacity = pools[i]
+            if Ledger(capacity).could_run(shape):
+                slots = 1.0 if shape is None else capacity.cpus / _per_worker(capacity, shape)
+                share[name] += count * slots
+                break
+    return {name: math.ceil(n - 1e-9) for name, n in share.items()}

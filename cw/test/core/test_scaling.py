@@ -10,7 +10,19 @@ from dataclasses import dataclass, field
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cw.core.scaling import Cancel, Drain, Launch, PoolBounds, PoolView, ScalingPolicy, Submit, Worker
+from cw.core.resources import Ledger, Shape
+from cw.core.scaling import (
+    Cancel,
+    Drain,
+    Launch,
+    PoolBounds,
+    PoolView,
+    ScalingPolicy,
+    Submit,
+    Worker,
+    pool_capacity,
+    route_queued,
+)
 
 
 @dataclass
@@ -319,3 +331,156 @@ class PolicyTests(SynchronousTestCase):
     def test_bounds_checked(self):
         self.assertRaises(ValueError, PoolBounds, min_workers=3, max_workers=2)
         self.assertRaises(ValueError, PoolBounds, max_workers=0)
+
+
+GPU_JOB = Shape(gpus=1, tags=frozenset({"gpu"}))
+
+
+class RouteQueuedTests(SynchronousTestCase):
+    """L{route_queued}: each queued job counts toward one pool, the plainest that could run it."""
+
+    pools = [
+        ("gpu", pool_capacity(8, None, 1, ["gpu"])),
+        ("cpu", pool_capacity(2, None, 0)),
+        ("big", pool_capacity(16, 64 << 30, 0)),
+    ]
+
+    def test_plain_jobs_go_to_the_plainest_pool(self):
+        self.assertEqual(route_queued(5, {}, self.pools), {"gpu": 0, "cpu": 5, "big": 0})
+
+    def test_tagged_jobs_go_only_where_they_can_run(self):
+        """A 1-GPU job takes a whole 8-core GPU worker: 8 slots each."""
+        shares = route_queued(0, {GPU_JOB: 3, Shape(tags=frozenset({"gpu"})): 2}, self.pools)
+        self.assertEqual(shares, {"gpu": 3 * 8 + 2, "cpu": 0, "big": 0})
+
+    def test_sized_jobs_go_to_the_smallest_pool_that_fits(self):
+        """
+        4 cores: not the 2-core pool; the 16-core pool has fewer GPUs and
+        tags than the GPU pool.  Two 4-core 32G jobs fill a 64G worker:
+        each counts half its 16 slots.  A pool that does not say its
+        memory counts as having enough.
+        """
+        shapes = {Shape(cpus=4): 3, Shape(cpus=4, memory=32 << 30): 1, Shape(memory=1 << 30): 2}
+        shares = route_queued(0, shapes, self.pools)
+        self.assertEqual(shares, {"gpu": 0, "cpu": 2, "big": 3 * 4 + 16 // 2})
+
+    def test_jobs_no_pool_can_run_count_nowhere(self):
+        shares = route_queued(0, {Shape(tags=frozenset({"fpga"})): 7}, self.pools)
+        self.assertEqual(shares, {"gpu": 0, "cpu": 0, "big": 0})
+
+    def test_ties_go_to_the_first_pool_given(self):
+        pools = [("a", pool_capacity(1, None, 0)), ("b", pool_capacity(1, None, 0))]
+        self.assertEqual(route_queued(3, {}, pools), {"a": 3, "b": 0})
+
+
+class TwoPools:
+    """
+    Two adaptive pools in simulated time, each with its own policy and its
+    share of the queue (L{route_queued}): launches connect after
+    C{queue_wait} seconds as a one-slot worker of their pool; workers take
+    the queued jobs they could run.
+    """
+
+    def __init__(self, test, bounds, queue_wait=3.0):
+        self.test = test
+        self.pools = [("gpu", pool_capacity(1, None, 1, ["gpu"])), ("cpu", pool_capacity(1, None, 0))]
+        self.policies = {name: ScalingPolicy(bounds) for name, _ in self.pools}
+        self.capacity = dict(self.pools)
+        self.now = 0.0
+        self.queue_wait = queue_wait
+        self.jobs: list[tuple[Shape | None, float]] = []
+        #: Per pool, launch id: [submitted, started, job end or None, draining].
+        self.launches: dict[str, dict[str, list]] = {name: {} for name, _ in self.pools}
+        self.submitted = {name: 0 for name, _ in self.pools}
+        self.idle: dict[str, float] = {}
+        self.done = 0
+        self.next_id = 0
+
+    def tick(self) -> None:
+        self.now += 1
+        for name, launches in self.launches.items():
+            ledger = Ledger(self.capacity[name])
+            for lid, x in list(launches.items()):
+                if x[1] is None and self.now - x[0] >= self.queue_wait:
+                    x[1] = self.now
+                    self.idle[lid] = self.now
+                if x[1] is None:
+                    continue
+                if x[2] is not None and x[2] <= self.now:
+                    x[2] = None
+                    self.done += 1
+                    self.idle[lid] = self.now
+                if x[2] is None and x[3]:
+                    del launches[lid]
+                    continue
+                if x[2] is None and not x[3]:
+                    for i, (shape, seconds) in enumerate(self.jobs):
+                        if ledger.could_run(shape):
+                            del self.jobs[i]
+                            x[2] = self.now + seconds
+                            self.idle.pop(lid, None)
+                            break
+        plain = sum(1 for shape, _ in self.jobs if shape is None)
+        shapes: dict[Shape, int] = {}
+        for shape, _ in self.jobs:
+            if shape is not None:
+                shapes[shape] = shapes.get(shape, 0) + 1
+        shares = route_queued(plain, shapes, self.pools)
+        for name, launches in self.launches.items():
+            view = PoolView(
+                now=self.now,
+                queued=shares[name],
+                job_seconds=None,
+                workers=tuple(
+                    Worker(hash(lid), lid, 1, int(x[2] is not None), self.idle.get(lid), x[3])
+                    for lid, x in launches.items()
+                    if x[1] is not None
+                ),
+                launches=tuple(Launch(lid, x[0], x[1], None, x[3]) for lid, x in launches.items()),
+            )
+            for d in self.policies[name].decide(view):
+                if isinstance(d, Submit):
+                    for _ in range(d.count):
+                        self.next_id += 1
+                        launches[f"{name}{self.next_id}"] = [self.now, None, None, False]
+                        self.submitted[name] += 1
+                elif isinstance(d, Drain):
+                    self.test.assertIsNone(launches[d.launch][2], f"drained a busy worker: {d}")
+                    launches[d.launch][3] = True
+                else:
+                    del launches[d.launch]
+
+    def size(self, name: str) -> int:
+        return sum(1 for x in self.launches[name].values() if not x[3])
+
+
+class TwoPoolTests(SynchronousTestCase):
+    """Two adaptive pools: each scales for the queued work only its workers could run."""
+
+    bounds = PoolBounds(min_workers=0, max_workers=2, idle_timeout=10)
+
+    def run_jobs(self, shape, count):
+        sim = TwoPools(self, self.bounds)
+        sim.jobs = [(shape, 4.0)] * count
+        peak = {"gpu": 0, "cpu": 0}
+        while sim.jobs or sim.done < count:
+            sim.tick()
+            for name in peak:
+                peak[name] = max(peak[name], sim.size(name))
+            self.assertLess(sim.now, 200)
+        for _ in range(15):
+            sim.tick()
+        self.assertEqual(sim.done, count)
+        self.assertEqual((sim.size("gpu"), sim.size("cpu")), (0, 0), "not back to zero when idle")
+        return sim, peak
+
+    def test_gpu_jobs_scale_only_the_gpu_pool(self):
+        sim, peak = self.run_jobs(GPU_JOB, 10)
+        self.assertEqual(peak, {"gpu": 2, "cpu": 0})
+        self.assertEqual(sim.submitted["cpu"], 0)
+
+    def test_plain_jobs_scale_only_the_cpu_pool(self):
+        """A GPU worker could run them too, but they count toward the plainer pool."""
+        sim, peak = self.run_jobs(None, 10)
+        self.assertEqual(peak, {"gpu": 0, "cpu": 2})
+        self.assertEqual(sim.submitted["gpu"], 0)
