@@ -7,6 +7,7 @@ Layer rule (cw.client): imports cw.discovery and below; never cw.master, cw.work
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import queue
@@ -118,6 +119,10 @@ def _settle(future: futures.Future, ok: bool, value: Any) -> None:
     except futures.InvalidStateError:
         pass
 
+
+#: Results up to this many bytes (pickled) may be delivered in the reactor
+#: thread, without a switch to the delivery thread (L{_Jobs.deliver_now}).
+DELIVER_NOW_BYTES = 16 * 1024
 
 #: How many recently submitted functions L{RecentFunctions} remembers.
 RECENT_FUNCTIONS = 256
@@ -237,11 +242,84 @@ class _Jobs:
     """
 
     def __init__(self) -> None:
+        #: Items for the delivery thread: put them with L{put}.
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        #: Held by whoever delivers an item (the delivery thread, or the
+        #: reactor thread delivering a result at once, see L{deliver_now}).
+        self.delivering = threading.Lock()
+        #: Items put and not delivered yet (under C{_count_lock}).
+        self._waiting = 0
+        self._count_lock = threading.Lock()
         self._entries: dict[int, ClusterFuture] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._seq = itertools.count(1)
+
+    def put(self, item: Any) -> None:
+        """Hand C{item} to the delivery thread (it calls L{delivered} once it has)."""
+        with self._count_lock:
+            self._waiting += 1
+        self.inbox.put(item)
+
+    def delivered(self) -> None:
+        """The delivery thread has delivered an item (call holding C{delivering})."""
+        with self._count_lock:
+            self._waiting -= 1
+
+    def deliver_now(self, item: Any, deliver: Callable[[Any], None]) -> bool:
+        """
+        Deliver C{item} (no results: a notice that runs no user code) in this
+        thread rather than through the delivery thread, if nothing waits to
+        be delivered before it and nobody is delivering; return whether it
+        was delivered.
+        """
+        if not self.delivering.acquire(blocking=False):
+            return False
+        try:
+            with self._count_lock:
+                if self._waiting:
+                    return False
+            deliver(item)
+            return True
+        finally:
+            self.delivering.release()
+
+    def deliver_results_now(self, results: list[P.Result], deliver: Callable[[list[P.Result]], None]) -> bool:
+        """
+        Deliver C{results} in this thread (the reactor's) rather than through
+        the delivery thread, saving a lone job's result a thread switch, when
+        that keeps every promise of the delivery thread: nothing is waiting
+        to be delivered before them (order), nobody is delivering (one
+        deliverer at a time), their payloads are small (unpickling them
+        cannot hold up the reactor) and their futures have no done-callbacks
+        (user code, which may block or submit, never runs in the reactor
+        thread).  Return whether they were delivered.
+        """
+        if sum(len(r.payload) for r in results) > DELIVER_NOW_BYTES:
+            return False
+        if not self.delivering.acquire(blocking=False):
+            return False
+        try:
+            with self._count_lock:
+                if self._waiting:
+                    return False
+            with contextlib.ExitStack() as held:
+                with self._lock:
+                    entries = [self._entries.get(result.seq) for result in results]
+                for entry in entries:
+                    if entry is None:
+                        continue
+                    if type(entry) is not ClusterFuture:
+                        return False
+                    # Held until delivered: a done-callback added meanwhile
+                    # runs in the thread that adds it, the future being done.
+                    held.enter_context(entry._condition)
+                    if entry._done_callbacks:
+                        return False
+                deliver(results)
+            return True
+        finally:
+            self.delivering.release()
 
     def add(self, future: ClusterFuture) -> int:
         with self._lock:
@@ -404,8 +482,8 @@ class ClusterExecutor(futures.Executor):
         self.session = Session(
             default_host(host),
             port,
-            self._jobs.inbox.put,
-            self._jobs.inbox.put,
+            self._results_arrived,
+            self._jobs.put,
             connect_timeout,
             secret_file=secret_file,
             insecure=insecure,
@@ -415,10 +493,10 @@ class ClusterExecutor(futures.Executor):
             version_mismatch=version_mismatch,
             reconnect_timeout=reconnect_timeout,
             find=self._master_source(host),
-            on_started=(lambda seqs: self._jobs.inbox.put(_Started(seqs))) if self._running_notices else None,
+            on_started=self._started if self._running_notices else None,
             on_session_jobs=self._session_jobs,
         )
-        self.session.on_output = lambda host, outputs: self._jobs.inbox.put(_Wrote((host, outputs)))
+        self.session.on_output = lambda host, outputs: self._jobs.put(_Wrote((host, outputs)))
         self._thread = threading.Thread(target=self._deliver, name="cw-executor", daemon=True)
         self._thread.start()
         if self._wait_at_exit:
@@ -571,7 +649,7 @@ class ClusterExecutor(futures.Executor):
         not submit (in the delivery thread, in order with the results).
         """
         self._jobs.number_after(seqs)
-        self._jobs.inbox.put(_Adopt(seqs))
+        self._jobs.put(_Adopt(seqs))
 
     def _adopt(self, seqs: list[int]) -> None:
         for seq in seqs:
@@ -675,33 +753,57 @@ class ClusterExecutor(futures.Executor):
     def _check_idle(self) -> None:
         """After shutdown(wait=False): close the connection once no job is outstanding."""
         if self._close_when_idle and not self._jobs.outstanding():
-            self._jobs.inbox.put(_CLOSE_IF_IDLE)
+            self._jobs.put(_CLOSE_IF_IDLE)
+
+    def _results_arrived(self, results: list[P.Result]) -> None:
+        """Results from the master (reactor thread): deliver them at once if that is safe, else queue them."""
+        if self._jobs.deliver_results_now(results, self._deliver_results):
+            self._check_idle()
+        else:
+            self._jobs.put(results)
+
+    def _started(self, seqs: list[int]) -> None:
+        """Jobs handed to workers (reactor thread): mark their futures running, at once if that is safe."""
+        item = _Started(seqs)
+        if not self._jobs.deliver_now(item, self._mark_started):
+            self._jobs.put(item)
 
     def _deliver(self) -> None:
         """The delivery thread: running notices, results and failures, in arrival order."""
         inbox = self._jobs.inbox
         while True:
             item = inbox.get()
-            if item is None:
-                return
-            if item is _CLOSE_IF_IDLE:
-                if not self._jobs.outstanding():
-                    self.session.close()
-                    return
-            elif isinstance(item, _Started):
-                self._mark_started(item)
-            elif isinstance(item, _Wrote):
-                self._show_output(*item)
-            elif isinstance(item, _Adopt):
-                self._adopt(item)
-            elif isinstance(item, Exception):
-                self._fail_all(item)
-            else:
-                self._deliver_results(item)
+            with self._jobs.delivering:
+                try:
+                    stop = self._deliver_item(item)
+                finally:
+                    self._jobs.delivered()
             item = None  # a big result's payload is not kept until the next item
-            if self._close_when_idle and not self._jobs.outstanding():
-                self.session.close()
+            if stop:
                 return
+
+    def _deliver_item(self, item: Any) -> bool:
+        """Deliver one inbox item; True when the delivery thread ends."""
+        if item is None:
+            return True
+        if item is _CLOSE_IF_IDLE:
+            if not self._jobs.outstanding():
+                self.session.close()
+                return True
+        elif isinstance(item, _Started):
+            self._mark_started(item)
+        elif isinstance(item, _Wrote):
+            self._show_output(*item)
+        elif isinstance(item, _Adopt):
+            self._adopt(item)
+        elif isinstance(item, Exception):
+            self._fail_all(item)
+        else:
+            self._deliver_results(item)
+        if self._close_when_idle and not self._jobs.outstanding():
+            self.session.close()
+            return True
+        return False
 
     def _mark_started(self, seqs: list[int]) -> None:
         for entry in self._jobs.get_many(seqs):
@@ -957,7 +1059,7 @@ class ClusterExecutor(futures.Executor):
     def _close(self) -> None:
         """Close the connection (outstanding jobs are dropped) and end the delivery thread."""
         self.session.close()
-        self._jobs.inbox.put(None)
+        self._jobs.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join()
 

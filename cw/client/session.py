@@ -80,6 +80,7 @@ from cw.wire.address import FindingEndpoint, client_description, enable_keepaliv
 from cw.wire.auth import AuthGate, authenticate
 from cw.wire.checked import CheckedCommands
 from cw.wire.liveness import HeartbeatMonitor, SignsOfLife
+from cw.wire.private import push
 from cw.wire.secret import load_secret
 from cw.wire.streaming import ChunkReceiver, StreamingSender
 from cw.wire.versions import local_versions
@@ -1075,6 +1076,8 @@ class Session:
         # queued, then withdrawn.
         for start in range(0, len(cancels), 50_000):
             self.proto.callRemote(P.CancelJobs, keys=cancels[start : start + 50_000])
+        if self.proto is not None:
+            push(self.proto.transport)  # written now, not on the reactor's next turn
 
     def _take_sendable(self) -> list[P.Job]:
         """

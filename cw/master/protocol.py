@@ -42,6 +42,7 @@ from cw.wire.auth import AuthGate, MasterAuth
 from cw.wire.batching import Outbox
 from cw.wire.checked import CheckedCommands
 from cw.wire.liveness import SignsOfLife
+from cw.wire.private import push
 from cw.wire.streaming import ChunkReceiver, StreamingSender
 
 #: The L{cw.master.service.Master} a connection serves.  Passed in, never
@@ -330,6 +331,7 @@ class MasterProtocol(
                 self.master.clock,
                 lambda batch: self.callRemote(P.JobResults, results=batch),
                 P.result_size,
+                after_flush=lambda: push(self.transport),
             )
         self.outbox.extend(results)
         if now:

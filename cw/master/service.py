@@ -51,6 +51,7 @@ from cw.wire.auth import WrongSecretLog
 from cw.wire.limits import descriptor_limit, log_descriptor_limit
 from cw.wire.liveness import HeartbeatMonitor
 from cw.wire.options import ConfigOptions
+from cw.wire.private import push
 from cw.wire.secret import load_options_secret
 
 log = Logger(namespace="cw.master")  # the namespace of its log lines before the layers
@@ -156,6 +157,10 @@ class Master:
         self.unclaimed = Unclaimed()
         #: Clients told which of their jobs were handed to workers (L{P.JobsStarted}).
         self.running_notices: set[int] = set()
+        #: Jobs handed to workers whose clients are yet to be told, by client
+        #: (L{P.RUNNING_NOTICE_DELAY}); and the call that tells them.
+        self._started: dict[int, dict[int, None]] = {}
+        self._started_call = None
         self.workers: dict[int, MasterProtocol] = {}
         self.started = clock.seconds()
         #: The adaptive worker pool's loop (L{cw.master.pool.PoolService}), if the master runs one.
@@ -269,6 +274,7 @@ class Master:
         self.avoiding.discard(cid)
         self.flow.forget(cid)
         self.running_notices.discard(cid)
+        self._started.pop(cid, None)
         if self.durable is not None and self.durable.left(cid):
             # Its session keeps its jobs; their results wait on disk for it.
             self.scheduler.unsent_results(cid, 0, 0, self.clock.seconds())
@@ -691,6 +697,10 @@ class Master:
         for result in results:
             by_client.setdefault(result.client, []).append(result)
         for cid, batch in by_client.items():
+            notices = self._started.get(cid)
+            if notices:
+                for result in batch:
+                    notices.pop(result.seq, None)
             # Results arrive batched by the worker: pass each batch on at once.
             proto = self.clients[cid]
             proto.send_results(batch, now=True)
@@ -787,14 +797,27 @@ class Master:
                         P.DefineFunction, client=send.client, key=send.key, function=send.function
                     )
             proto.send_jobs(jobs)
+            push(proto.transport)  # the worker gets its jobs now, before any notice to clients
             if notify:
                 for job in jobs:
                     if job.client in notify:
                         started.setdefault(job.client, []).append((job.client, job.seq))
-        # After the jobs went out, before any of their results can come back.
+        # Told a little later, and not at all for jobs whose results come
+        # first (the result says it): a short job costs one message less.
         for cid, keys in started.items():
-            self.clients[cid].callRemote(P.JobsStarted, keys=keys)
+            self._started.setdefault(cid, {}).update(dict.fromkeys(seq for _, seq in keys))
+        if started and self._started_call is None:
+            self._started_call = self.clock.callLater(P.RUNNING_NOTICE_DELAY, self._send_started)
         self._give_room()
+
+    def _send_started(self) -> None:
+        """Tell clients which of their jobs were handed to workers (L{P.JobsStarted})."""
+        self._started_call = None
+        started, self._started = self._started, {}
+        for cid, seqs in started.items():
+            proto = self.clients.get(cid)
+            if proto is not None and seqs:
+                proto.callRemote(P.JobsStarted, keys=[(cid, seq) for seq in seqs])
 
     # -- inspection ------------------------------------------------------
 

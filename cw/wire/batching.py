@@ -5,7 +5,9 @@ Master, worker and client all turn many small records into few AMP boxes the
 same way: records are appended to an L{Outbox}, and the first append after a
 flush schedules the next flush for the reactor's next turn
 (C{callLater(0)}).  A lone record therefore leaves immediately, with no timer
-adding latency, while records produced in one burst share boxes.
+adding latency, while records produced in one burst share boxes; with
+C{after_flush} pushing the transport (L{cw.wire.private.push}), the boxes
+are written in that same turn, not on the next.
 
 Layer rule (cw.wire): imports Twisted, ampoule, cw.system, cw.core and cw.errors; nothing above.
 """
@@ -34,11 +36,14 @@ class Outbox(Generic[T]):
         send: Callable[[list[T]], object],
         size: Callable[[T], int],
         limit: int = BATCH_BYTES,
+        after_flush: Callable[[], object] | None = None,
     ) -> None:
         self._clock = clock
         self._send = send
         self._size = size
         self._limit = limit
+        #: Called once after a flush sent something (to write it out now, L{cw.wire.private.push}).
+        self._after_flush = after_flush
         self._records: list[T] = []
         self._call = None
 
@@ -63,6 +68,8 @@ class Outbox(Generic[T]):
         records, self._records = self._records, []
         for batch in batches(records, self._size, self._limit):
             self._send(batch)
+        if records and self._after_flush is not None:
+            self._after_flush()
 
     def discard(self) -> list[T]:
         """Drop and return what has not been sent (the peer is gone)."""

@@ -457,11 +457,20 @@ class JobResults(amp.Command):
     requiresAnswer = False
 
 
+#: Seconds the master waits before telling a client its jobs were handed to
+#: workers (L{JobsStarted}): the notices of many dispatch rounds share a
+#: box, and a job whose result comes first needs none (its result says it
+#: ran), so a short lone job costs one message less (issue 18, item 4).
+RUNNING_NOTICE_DELAY = 0.005
+
+
 class JobsStarted(amp.Command):
     """
     Master to client: these jobs were handed to workers, so their futures
-    are running (and can no longer be cancelled, only killed).  Sent once
-    per dispatch round, one box for all of a client's jobs, and only to
+    are running (and can no longer be cancelled, only killed; a job
+    cancelled before its notice arrives is killed on its worker).  Sent
+    L{RUNNING_NOTICE_DELAY} after the jobs were handed out, one box for all
+    of a client's jobs, none for jobs whose results came first, and only to
     clients that registered with L{RUNNING_NOTICES} in their context.
     """
 

@@ -46,6 +46,7 @@ from cw.core.resources import allocation_of, format_size, shape_of
 from cw.core.validation import ENV
 from cw.errors import exception_fields
 from cw.wire import commands as P
+from cw.wire.private import push
 from cw.wire.streaming import ChunkReceiver, StreamingSender
 from cw.worker.capture import OutputCapture, Watcher
 from cw.worker.containment import kill_leftovers
@@ -230,6 +231,11 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
     def connectionMade(self):
         super().connectionMade()
         self.output = OutputCapture(self.output_limit)
+
+    def sendBox(self, box) -> None:
+        """Send C{box} (an answer, a chunk) to the worker now, not on the reactor's next turn."""
+        super().sendBox(box)
+        push(self.transport)
 
     @P.RunBatch.responder
     def run_batch(self, jobs, contexts, functions):

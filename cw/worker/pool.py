@@ -42,6 +42,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from cw.wire import commands as P
+from cw.wire.private import push
 from cw.wire.streaming import ChunkReceiver, StreamingSender
 from cw.worker.child import FunctionCache
 from cw.worker.containment import kill_job_process
@@ -214,6 +215,7 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
                 kwargs["jobs"], call.contexts, call.functions, call.generation
             )
         d = super().callRemote(command, **kwargs)
+        push(self.transport)  # to the job process now, not on the reactor's next turn
         if d is None:
             return d
         timer = None

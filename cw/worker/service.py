@@ -84,7 +84,7 @@ from cw.wire.checked import CheckedCommands
 from cw.wire.limits import log_descriptor_limit
 from cw.wire.liveness import SignsOfLife
 from cw.wire.options import ConfigOptions
-from cw.wire.private import job_bootstrap
+from cw.wire.private import job_bootstrap, push
 from cw.wire.secret import load_options_secret
 from cw.wire.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
 from cw.wire.versions import package_versions, probe_paths, worker_versions
@@ -378,7 +378,7 @@ class Worker:
         #: half-open link may otherwise never close on this side.
         self.master_watch = MasterWatch(_DEFAULTS.master_timeout)
         self._master_watchdog = None
-        self.outbox = Outbox(clock, self._send_results, P.result_size)
+        self.outbox = Outbox(clock, self._send_results, P.result_size, after_flush=self._push)
         #: Longest wait between tries to reach the master (see L{retry_delay}).
         self.reconnect_delay = _DEFAULTS.reconnect_delay
         #: Handshakes in a row that failed on the secret.
@@ -793,6 +793,11 @@ class Worker:
     def _send_results(self, batch: list[P.Result]) -> None:
         if self.proto is not None:
             self.proto.callRemote(P.JobResults, results=batch)
+
+    def _push(self) -> None:
+        """Write the results just sent now, not on the reactor's next turn."""
+        if self.proto is not None:
+            push(self.proto.transport)
 
 
 class JobConnector(ampoule_main.AMPConnector):

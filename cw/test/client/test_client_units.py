@@ -647,3 +647,51 @@ class ResourceRequestTests(SynchronousTestCase):
         e = self.assertRaises(SubmitError, job_options, None, None, None, resources={"memory": "16Q"})
         self.assertIn("16Q", str(e))
         self.assertEqual(job_options(None, None, None, resources={"cpus": 1}, tags=()), b"")
+
+
+class DeliverNowTests(SynchronousTestCase):
+    """
+    L{cw.client.executor._Jobs.deliver_results_now}: a result is delivered
+    in the reactor thread (no switch to the delivery thread) only when that
+    keeps the delivery thread's promises.
+    """
+
+    def setUp(self):
+        from cw.client.executor import ClusterFuture, _Jobs
+
+        self.jobs = _Jobs()
+        self.future = ClusterFuture()
+        self.seq = self.jobs.add(self.future)
+        self.delivered: list = []
+
+    def now(self, payload: bytes = b"x") -> bool:
+        results = [Result(0, self.seq, Outcome.OK, payload)]
+        return self.jobs.deliver_results_now(results, self.delivered.append)
+
+    def test_idle(self):
+        self.assertTrue(self.now())
+        self.assertEqual(len(self.delivered), 1)
+
+    def test_not_before_waiting_items(self):
+        """Order: nothing overtakes an item the delivery thread has yet to deliver."""
+        self.jobs.put("earlier")
+        self.assertFalse(self.now())
+        self.jobs.inbox.get()
+        with self.jobs.delivering:
+            self.jobs.delivered()
+        self.assertTrue(self.now())
+
+    def test_not_while_delivering(self):
+        with self.jobs.delivering:
+            self.assertFalse(self.now())
+
+    def test_not_with_done_callbacks(self):
+        """User code (a done-callback) never runs in the reactor thread."""
+        self.future.add_done_callback(lambda f: None)
+        self.assertFalse(self.now())
+
+    def test_not_big(self):
+        from cw.client.executor import DELIVER_NOW_BYTES
+
+        self.assertFalse(self.now(b"x" * (DELIVER_NOW_BYTES + 1)))
+        self.assertEqual(self.delivered, [])

@@ -573,3 +573,50 @@ class HandOverTests(SynchronousTestCase):
         self.assertEqual(client.results, [])
         self.assertEqual(self.run_jobs(worker), [3])
         self.assertEqual(self.master.status()["unclaimed_results"], 1)
+
+
+class RunningNoticeTests(SynchronousTestCase):
+    """
+    Clients that ask for running notices get them L{P.RUNNING_NOTICE_DELAY}
+    after their jobs were handed out, in one box, and none for jobs whose
+    results came first (a short lone job costs one message less).
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.master = Master(clock=self.clock, heartbeat=0)
+        self.client = FakePeer(self.master, "c:1")
+        self.client.peer_id = self.master.client_joined(
+            self.client, {"cwd": "", "path": [], P.RUNNING_NOTICES: True}
+        )
+        self.worker = FakePeer(self.master, "w:1")
+        self.worker.peer_id = self.master.worker_joined(self.worker, 4)
+
+    def notices(self) -> list[list[int]]:
+        return [
+            [seq for _, seq in kw["keys"]] for command, kw, _ in self.client.calls if command is P.JobsStarted
+        ]
+
+    def test_notice_after_delay(self):
+        self.master.submit(self.client.peer_id, [P.Job(0, 1, b"p"), P.Job(0, 2, b"q")])
+        self.clock.advance(0)
+        self.assertIn(P.RunJobs, [command for command, _, _ in self.worker.calls])  # handed out at once
+        self.assertEqual(self.notices(), [])
+        self.clock.advance(P.RUNNING_NOTICE_DELAY)
+        self.assertEqual(self.notices(), [[1, 2]])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_notice_for_job_whose_result_came_first(self):
+        self.master.submit(self.client.peer_id, [P.Job(0, 1, b"p"), P.Job(0, 2, b"q")])
+        self.clock.advance(0)
+        self.master.results(self.worker.peer_id, [P.Result(self.client.peer_id, 1, P.Outcome.OK, b"r")])
+        self.clock.advance(P.RUNNING_NOTICE_DELAY)
+        self.assertEqual(self.notices(), [[2]])
+        self.assertEqual([r.seq for r in self.client.results], [1])
+
+    def test_no_notice_to_client_gone(self):
+        self.master.submit(self.client.peer_id, [P.Job(0, 1, b"p")])
+        self.clock.advance(0)
+        self.master.client_left(self.client)
+        self.clock.advance(P.RUNNING_NOTICE_DELAY)
+        self.assertEqual(self.notices(), [])

@@ -6,6 +6,8 @@ import pathlib
 import re
 
 from ampoule import main as ampoule_main
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.protocols import amp
 from twisted.trial import unittest
 
@@ -61,8 +63,69 @@ class PrivateNamesTests(unittest.TestCase):
         import inspect
 
         from ampoule import pool
-        from twisted.internet import endpoints
+        from twisted.internet import _posixstdio, abstract, endpoints, posixbase
 
-        sources = "".join(inspect.getsource(module) for module in (amp, endpoints, pool, ampoule_main))
+        modules = (amp, endpoints, pool, ampoule_main, abstract, posixbase, _posixstdio)
+        sources = "".join(inspect.getsource(module) for module in modules)
         for name in private.PRIVATE_NAMES:
             self.assertRegex(sources, rf"\b{name}\b")
+
+
+class PushTests(unittest.TestCase):
+    """
+    L{private.push} writes what a transport has buffered at once, not when
+    the reactor next finds it writable; through wrappers too.
+    """
+
+    def connect(self, protocol_factory):
+        """Listen on loopback, connect C{protocol_factory()}: a Deferred of it and of what arrives."""
+        received = defer.Deferred()
+
+        class Sink(protocol.Protocol):
+            def dataReceived(self, data):
+                if not received.called:
+                    received.callback(data)
+
+        server = protocol.Factory.forProtocol(Sink)
+        d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server)
+
+        def listening(port):
+            self.addCleanup(port.stopListening)
+            return TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+                protocol.Factory.forProtocol(protocol_factory)
+            )
+
+        def connected(proto):
+            self.addCleanup(proto.transport.loseConnection)
+            return proto, received
+
+        return d.addCallback(listening).addCallback(connected)
+
+    def check(self, wrap):
+        def sent(result):
+            proto, received = result
+            transport = proto.transport
+            transport.write(b"hello")
+            self.assertTrue(transport._tempDataBuffer or transport.dataBuffer)
+            private.push(wrap(transport))
+            self.assertFalse(transport._tempDataBuffer or transport.dataBuffer)
+            return received.addCallback(self.assertEqual, b"hello")
+
+        return self.connect(protocol.Protocol).addCallback(sent)
+
+    def test_tcp(self):
+        return self.check(lambda transport: transport)
+
+    def test_through_wrapper(self):
+        """A wrapper whose C{transport} is the connection (TLS, a protocol wrapper) is looked through."""
+
+        class Wrapper:
+            def __init__(self, transport):
+                self.transport = transport
+
+        return self.check(Wrapper)
+
+    def test_nothing_buffered(self):
+        """Nothing to write, or no transport at all: nothing happens."""
+        private.push(None)
+        private.push(object())
