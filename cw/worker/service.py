@@ -797,7 +797,7 @@ class Worker:
     def _push(self) -> None:
         """Write the results just sent now, not on the reactor's next turn."""
         if self.proto is not None:
-            push(self.proto.transport)
+            push(getattr(self.proto, "transport", None))
 
 
 class JobConnector(ampoule_main.AMPConnector):
