@@ -124,6 +124,11 @@ def _settle(future: futures.Future, ok: bool, value: Any) -> None:
 #: thread, without a switch to the delivery thread (L{_Jobs.deliver_now}).
 DELIVER_NOW_BYTES = 16 * 1024
 
+#: ... and batches of up to this many results: bigger ones come from bursts
+#: of jobs, where the delivery thread unpickling them while the reactor
+#: thread sends and receives keeps the throughput up.
+DELIVER_NOW_RESULTS = 4
+
 #: How many recently submitted functions L{RecentFunctions} remembers.
 RECENT_FUNCTIONS = 256
 
@@ -291,11 +296,12 @@ class _Jobs:
         that keeps every promise of the delivery thread: nothing is waiting
         to be delivered before them (order), nobody is delivering (one
         deliverer at a time), their payloads are small (unpickling them
-        cannot hold up the reactor) and their futures have no done-callbacks
+        cannot hold up the reactor), they are few (a lone job's, not a
+        burst's) and their futures have no done-callbacks
         (user code, which may block or submit, never runs in the reactor
         thread).  Return whether they were delivered.
         """
-        if sum(len(r.payload) for r in results) > DELIVER_NOW_BYTES:
+        if len(results) > DELIVER_NOW_RESULTS or sum(len(r.payload) for r in results) > DELIVER_NOW_BYTES:
             return False
         if not self.delivering.acquire(blocking=False):
             return False

@@ -695,3 +695,12 @@ class DeliverNowTests(SynchronousTestCase):
 
         self.assertFalse(self.now(b"x" * (DELIVER_NOW_BYTES + 1)))
         self.assertEqual(self.delivered, [])
+
+    def test_not_a_burst(self):
+        """Many results at once (a burst) go to the delivery thread, which overlaps with the reactor's I/O."""
+        from cw.client.executor import DELIVER_NOW_RESULTS, ClusterFuture
+
+        results = []
+        for _ in range(DELIVER_NOW_RESULTS + 1):
+            results.append(Result(0, self.jobs.add(ClusterFuture()), Outcome.OK, b"x"))
+        self.assertFalse(self.jobs.deliver_results_now(results, self.delivered.append))
