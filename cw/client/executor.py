@@ -1089,7 +1089,14 @@ class ClusterExecutor(futures.Executor):
         At interpreter exit: wait for the outstanding futures (unless
         L{shutdown} was told C{wait=False, cancel_futures=True}), as the
         standard executors do, then close the connection.
+
+        A program that ends with jobs outstanding is not kept waiting for a
+        master that may never come back: from here on a lost connection is
+        not ridden out (C{reconnect_timeout} no longer applies), and one
+        being ridden out now fails the outstanding jobs with
+        L{MasterUnavailable} at the next reconnect attempt.
         """
+        self.session.stop_reconnecting()
         if not self._abandoned and self.session.reactor.running:
             self._jobs.wait_idle(None)
         if self.session.reactor.running:
