@@ -63,7 +63,8 @@ def format_status(address: str, status: dict) -> str:
                 f"  {w['id']:>4}  {w['peer'] + state:<28} {w['slots']:>5}"
                 f" {_busy(w):>5} {w['completed']:>9,} {w.get('failed', 0):>7,}"
             )
-    lines += format_pool(status.get("pool"), status.get("uptime", 0))
+    for pool in status.get("pools") or [status.get("pool")]:
+        lines += format_pool(pool, status.get("uptime", 0))
     state = status.get("state")
     if state:
         lines.append(
@@ -93,8 +94,9 @@ def format_pool(pool: dict | None, uptime: float = 0) -> list[str]:
     """The adaptive pool's lines of the status: its size and its recent decisions, with reasons."""
     if not pool:
         return []
+    name = f"{pool['name']}: " if pool.get("name") else ""
     lines = [
-        f"pool     target {pool['target']} (min {pool['min_workers']}, max {pool['max_workers']},"
+        f"pool     {name}target {pool['target']} (min {pool['min_workers']}, max {pool['max_workers']},"
         f" idle timeout {pool['idle_timeout']:g} s): {pool['running']} running, {pool['pending']} pending,"
         f" {pool['draining']} draining"
     ]

@@ -6,7 +6,7 @@ options are built from L{cw.core.config.SlurmConfig}.
     cw-slurm [-n N] [-M] [-W] [-i] [-d IMAGE] [--docker-args ARGS]
              [--Xworkers ARG]... [--Xmaster ARG]... [--time T] [--partition P]
              [--state PATH [--master-time T]]
-             [--pool NAME:n=N,cpus=C,mem=M,gres=G,tag=T]...
+             [--pool NAME:n=N|min=A,max=B,cpus=C,mem=M,gres=G,tag=T]...
              [--min-workers A --max-workers B --idle-timeout S --poll-interval S]
              [--name NAME] start|stop|status|adapt
 
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             pending_timeout=config.pending_timeout,
         )
         if args.command == "adapt":
+            if config.pool:
+                raise CWError("cw-slurm adapt runs one pool; several pools (--pool) run in the master job")
             slurm.adapt(
                 cluster,
                 secret_file=config.secret_file,

@@ -461,7 +461,8 @@ class SlurmConfig(Checked):
         (),
         "start: a pool of workers, its own worker job, instead of -n (repeatable): n workers, each with"
         " cpus cores, mem memory, gres (e.g. gpu:1), tags and resources NAME=N, e.g."
-        " gpu:n=4,gres=gpu:1,cpus=8,mem=64G,tag=gpu",
+        " gpu:n=4,gres=gpu:1,cpus=8,mem=64G,tag=gpu; min=A,max=B instead of n: an adaptive pool of"
+        " A to B worker jobs of one worker each",
         doc="none",
         metavar="NAME:KEY=VALUE,...",
     )
@@ -499,8 +500,11 @@ class PoolSpec:
     its own worker job of C{n} workers, each with C{cpus} cores
     (C{--cpus-per-task}), C{mem} memory (a size such as C{64G}), the
     generic resources C{gres} (C{--gres}, e.g. C{gpu:1}), and the C{tags}
-    and custom C{resources} (C{NAME=N}) its workers advertise.  Parsed by
-    L{parse_pool}; L{spec} gives the text back.
+    and custom C{resources} (C{NAME=N}) its workers advertise.  With
+    C{max_workers} (C{max=}) the pool is adaptive: between C{min_workers}
+    (C{min=}, default 0) and C{max_workers} worker jobs of one worker
+    each, as the queued work it could run needs (L{cw.core.scaling}).
+    Parsed by L{parse_pool}; L{spec} gives the text back.
     """
 
     name: str
@@ -510,10 +514,17 @@ class PoolSpec:
     gres: str | None = None
     tags: tuple[str, ...] = ()
     resources: tuple[str, ...] = ()
+    min_workers: int | None = None
+    max_workers: int | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the pool scales itself (C{max=} given)."""
+        return self.max_workers is not None
 
     def spec(self) -> str:
         """The definition as C{--pool} takes it."""
-        parts = [f"n={self.n}"]
+        parts = [f"min={self.min_workers or 0},max={self.max_workers}" if self.adaptive else f"n={self.n}"]
         parts += [
             f"{key}={value}"
             for key, value in (("cpus", self.cpus), ("mem", self.mem), ("gres", self.gres))
@@ -523,11 +534,17 @@ class PoolSpec:
         return f"{self.name}:" + ",".join(parts)
 
 
+#: C{--pool} keys that name a field otherwise.
+_POOL_KEYS = {"max": "max_workers"}
+
+
 def parse_pool(text: str) -> PoolSpec:
     """
-    A L{PoolSpec} from C{NAME:KEY=VALUE,...} (keys C{n}, C{cpus}, C{mem},
-    C{gres}, C{tag} and C{resource}, the last two repeatable), e.g.
-    C{gpu:n=4,gres=gpu:1,cpus=8,mem=64G,tag=gpu}.  Raises L{OptionError}
+    A L{PoolSpec} from C{NAME:KEY=VALUE,...} (keys C{n}, or C{min} and
+    C{max} for an adaptive pool, C{cpus}, C{mem}, C{gres}, C{tag} and
+    C{resource}, the last two repeatable), e.g.
+    C{gpu:n=4,gres=gpu:1,cpus=8,mem=64G,tag=gpu} or
+    C{gpu:min=0,max=4,gres=gpu:1,tag=gpu}.  Raises L{OptionError}
     saying what is wrong.
     """
     name, _, rest = text.partition(":")
@@ -538,10 +555,14 @@ def parse_pool(text: str) -> PoolSpec:
         key, sep, value = item.partition("=")
         if not sep or not value:
             raise OptionError(f"--pool {text!r}: {item!r} is not KEY=VALUE")
-        if key in ("n", "cpus"):
+        if key in ("n", "cpus", "max"):
             if not value.isdigit() or int(value) < 1:
                 raise OptionError(f"--pool {text!r}: {key} must be a positive whole number, not {value!r}")
-            fields[key] = int(value)
+            fields[_POOL_KEYS.get(key, key)] = int(value)
+        elif key == "min":
+            if not value.isdigit():
+                raise OptionError(f"--pool {text!r}: min must be a whole number, not {value!r}")
+            fields["min_workers"] = int(value)
         elif key in ("mem", "gres"):
             fields[key] = value
         elif key == "tag":
@@ -549,8 +570,19 @@ def parse_pool(text: str) -> PoolSpec:
         elif key == "resource":
             fields["resources"].append(value)
         else:
-            raise OptionError(f"--pool {text!r}: unknown key {key!r} (n, cpus, mem, gres, tag, resource)")
+            raise OptionError(
+                f"--pool {text!r}: unknown key {key!r} (n, min, max, cpus, mem, gres, tag, resource)"
+            )
     fields["tags"], fields["resources"] = tuple(fields["tags"]), tuple(fields["resources"])
+    if "min_workers" in fields and "max_workers" not in fields:
+        raise OptionError(f"--pool {text!r}: min= needs max= (an adaptive pool)")
+    if "max_workers" in fields:
+        if "n" in fields:
+            raise OptionError(
+                f"--pool {text!r}: give n= (a fixed pool) or min= and max= (adaptive), not both"
+            )
+        if fields.get("min_workers", 0) > fields["max_workers"]:
+            raise OptionError(f"--pool {text!r}: min must not exceed max")
     try:
         if "mem" in fields:
             parse_size(fields["mem"])

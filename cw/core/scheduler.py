@@ -1226,6 +1226,11 @@ class Scheduler:
         """Number of jobs waiting for a worker."""
         return len(self._queue)
 
+    def queued_shapes(self) -> tuple[int, dict[Shape, int]]:
+        """The queued jobs: how many plain ones, and the sized ones by shape (for adaptive pools)."""
+        shapes = self._queue.shape_counts()
+        return len(self._queue) - sum(shapes.values()), shapes
+
     def queued_bytes(self, client: int) -> int:
         """Bytes of the payloads of C{client}'s jobs waiting for a worker."""
         return self._queue.bytes_of(client)

@@ -65,7 +65,7 @@ from cw.core.config import WALLTIME_WARNING as WALLTIME_WARNING
 from cw.core.config import MasterConfig, PoolSpec, SlurmConfig, WorkerConfig, parse_argv
 from cw.core.records import PORT
 from cw.core.resources import parse_size
-from cw.core.scaling import IDLE_TIMEOUT, PENDING_TIMEOUT, PoolBounds
+from cw.core.scaling import IDLE_TIMEOUT, PENDING_TIMEOUT, PoolBounds, spec_capacity
 from cw.discovery import _COMMENT, _info, _read_json, run_slurm, squeue_jobs
 from cw.discovery import DEFAULT_CLUSTER as DEFAULT_CLUSTER
 from cw.discovery import FINISHED_STATES as FINISHED_STATES
@@ -111,6 +111,10 @@ MASTER_SCRIPT = "master.sbatch"
 
 
 # --- names and places -----------------------------------------------------
+
+
+#: Why C{--max-workers} and C{--pool} do not go together.
+_PER_POOL_BOUNDS = "--max-workers with --pool: give each pool its bounds (--pool NAME:min=0,max=4,...)"
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -451,11 +455,51 @@ def start(
     jobs = recorded_jobs(cluster)
     submitted: list[str] = []
     master_common = common
+    adaptive = [pool for pool in pools if pool.adaptive]
+    if adaptive:
+        if max_workers is not None:
+            raise SlurmError(_PER_POOL_BOUNDS)
+        if not master and pool_in_master:
+            raise SlurmError("adaptive pools (--pool NAME:max=...) are run by a master job: drop -M")
+        options = ["--procs", str(procs), *worker_options] if procs is not None else list(worker_options)
+        entries = []
+        for pool in adaptive:
+            script = worker_script(
+                1,
+                cluster,
+                options,
+                docker_image=docker_image,
+                docker_args=docker_args,
+                sbatch_options=worker_sbatch,
+                walltime_warning=walltime_warning,
+                master_wait=master_wait,
+                pool=pool,
+                **common,
+            )
+            description = pool_description(
+                script,
+                directory,
+                pool.min_workers or 0,
+                pool.max_workers,
+                idle_timeout,
+                poll_interval,
+                pending_timeout,
+                walltime_warning,
+            )
+            entries.append({**description, "name": pool.name, "capacity": spec_capacity(pool).to_json()})
+        pool_file = directory / "pool.json"
+        _write_json(pool_file, {"launcher": "slurm", "directory": str(directory), "pools": entries})
+        if pool_in_master:
+            master_options = [*master_options, "--pool-file", str(pool_file)]
+        master_common = {**common, "time_limit": None}
+        # The fixed pools' jobs are submitted below, as without adaptive ones.
+        pools = [pool for pool in pools if not pool.adaptive]
+        workers = workers and bool(pools)
     if max_workers is not None:
         if not master and pool_in_master:
             raise SlurmError("an adaptive pool (--max-workers) is run by a master job: drop -M")
         if pools:
-            raise SlurmError("--max-workers with --pool: adaptive bounds per pool are not supported yet")
+            raise SlurmError(_PER_POOL_BOUNDS)
         if procs is not None:
             worker_options = ["--procs", str(procs), *worker_options]
         script = worker_script(
@@ -581,10 +625,17 @@ def pool_description(
     }
 
 
+def _pool_records(cluster: str | None) -> list[Path]:
+    """The files where adaptive pools record their jobs: C{pool-jobs.json}, C{pool-jobs-NAME.json}."""
+    return sorted(cluster_dir(cluster).glob("pool-jobs*.json"))
+
+
 def pool_jobs(cluster: str | None = None) -> list[str]:
-    """The worker jobs (or array tasks, C{JOB_TASK}) an adaptive pool's master recorded."""
-    data = _read_json(cluster_dir(cluster) / "pool-jobs.json") or {}
-    return [str(i) for i in data.get("workers", [])]
+    """The worker jobs (or array tasks, C{JOB_TASK}) the adaptive pools' master recorded."""
+    ids: list[str] = []
+    for path in _pool_records(cluster):
+        ids += [str(i) for i in (_read_json(path) or {}).get("workers", [])]
+    return ids
 
 
 def _cancel_pool(cluster: str, timeout: float) -> None:
@@ -600,8 +651,9 @@ def _cancel_pool(cluster: str, timeout: float) -> None:
             left = [line for line in out.splitlines() if line.split()[-1] not in FINISHED_STATES]
             if not left or time.monotonic() > deadline:
                 break
-    with contextlib.suppress(FileNotFoundError):
-        (cluster_dir(cluster) / "pool-jobs.json").unlink()
+    for path in _pool_records(cluster):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def stop(

@@ -40,6 +40,7 @@ from twisted.internet import defer, error, protocol, task, threads
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
+from cw.core.resources import Capacity
 from cw.core.scaling import (
     POLL_INTERVAL,
     Cancel,
@@ -50,6 +51,7 @@ from cw.core.scaling import (
     ScalingPolicy,
     Submit,
     Worker,
+    route_queued,
 )
 from cw.discovery import run_slurm
 from cw.errors import CWError, SlurmError
@@ -234,8 +236,8 @@ class SlurmLauncher:
     once (C{-j} with the recorded ids, C{-r} to list array tasks one by
     one); after an error or a slow answer the interval doubles, up to
     L{MAX_BACKOFF}, and comes back once SLURM answers promptly.  The
-    launches are recorded in C{directory/pool-jobs.json}, so that
-    C{cw-slurm stop} cancels them too.
+    launches are recorded in C{directory/pool-jobs.json} (C{pool-jobs-NAME.json}
+    for the pool C{name} of several), so that C{cw-slurm stop} cancels them too.
     """
 
     def __init__(
@@ -245,8 +247,10 @@ class SlurmLauncher:
         directory: str,
         poll_interval: float = POLL_INTERVAL,
         slow: float = 10.0,
+        name: str | None = None,
     ) -> None:
         self.reactor = reactor
+        self.record = f"pool-jobs-{name}.json" if name else "pool-jobs.json"
         self.script = script
         self.directory = Path(directory)
         self.base_interval = self.poll_interval = poll_interval
@@ -262,9 +266,7 @@ class SlurmLauncher:
         )
 
     def _record(self) -> None:
-        write_atomically(
-            self.directory / "pool-jobs.json", json.dumps({"workers": sorted(self.submitted)}) + "\n"
-        )
+        write_atomically(self.directory / self.record, json.dumps({"workers": sorted(self.submitted)}) + "\n")
 
     @defer.inlineCallbacks
     def submit(self, count: int):
@@ -369,8 +371,43 @@ def make_launcher(reactor, data: dict, address: str) -> IWorkerLauncher:
             reactor, address, data.get("worker_args", ()), data.get("run_dir"), data.get("time_limit")
         )
     return SlurmLauncher(
-        reactor, data["script"], data["directory"], float(data.get("poll_interval", POLL_INTERVAL))
+        reactor,
+        data["script"],
+        data["directory"],
+        float(data.get("poll_interval", POLL_INTERVAL)),
+        name=data.get("name"),
     )
+
+
+def pools_in(data: dict) -> list[dict]:
+    """
+    The pools a pool file describes, each as a one-pool description: the
+    file itself, or for several (C{"pools"}, each named, with its worker's
+    C{"capacity"}) each entry with the file's other keys as defaults.
+    """
+    if "pools" not in data:
+        return [data]
+    common = {k: v for k, v in data.items() if k != "pools"}
+    return [{**common, **pool} for pool in data["pools"]]
+
+
+def start_pools(data: dict, source, launcher_for, clock) -> list[PoolService]:
+    """
+    The L{PoolService}s of the pool file C{data} (not started): one, or one
+    per pool of several, each reading C{source} through its L{PoolShare}.
+    C{launcher_for(description)} makes each pool's launcher.
+    """
+    pools = pools_in(data)
+    if len(pools) == 1 and "name" not in pools[0]:
+        return [PoolService(source, launcher_for(pools[0]), bounds_from(pools[0]), clock)]
+    capacities = [(p["name"], Capacity.from_json(p["capacity"])) for p in pools]
+    services = []
+    for pool in pools:
+        share = PoolShare(source, pool["name"], capacities)
+        service = PoolService(share, launcher_for(pool), bounds_from(pool), clock, name=pool["name"])
+        share.service = service
+        services.append(service)
+    return services
 
 
 class MasterSource:
@@ -412,6 +449,43 @@ class MasterSource:
     def stop_dispatch(self, worker: int) -> None:
         if worker in self.master.workers:
             self.master.scheduler.return_jobs(worker, [])
+
+    def queued_shapes(self) -> tuple[int, dict]:
+        """The queued jobs: how many plain, and the sized ones by shape."""
+        return self.master.scheduler.queued_shapes()
+
+
+class PoolShare:
+    """
+    What one of several pools reads of the master (C{source}, a
+    L{MasterSource}): its share of the queue (L{route_queued} over
+    C{pools}, C{(name, one worker's capacity)}), and only its own
+    workers (those of C{service}'s launches), so that each pool scales
+    for the work only it would run, with its own workers.
+    """
+
+    def __init__(self, source, name: str, pools: list[tuple[str, Capacity]]) -> None:
+        self.source = source
+        self.name = name
+        self.pools = pools
+        self.service: PoolService | None = None
+
+    @defer.inlineCallbacks
+    def snapshot(self):
+        _, job_seconds, workers = yield self.source.snapshot()
+        plain, shapes = self.source.queued_shapes()
+        share = route_queued(plain, shapes, self.pools)[self.name]
+        own = self.service.launches if self.service is not None else {}
+        return (share, job_seconds, [w for w in workers if w[1] in own])
+
+    def set_end(self, worker: int, ends_at: float | None) -> None:
+        self.source.set_end(worker, ends_at)
+
+    def workers_of(self, launch: str) -> list[int]:
+        return self.source.workers_of(launch)
+
+    def stop_dispatch(self, worker: int) -> None:
+        self.source.stop_dispatch(worker)
 
 
 class StatusSource:
@@ -455,8 +529,16 @@ class PoolService:
     """
 
     def __init__(
-        self, source, launcher: IWorkerLauncher, bounds: PoolBounds, clock, tick: float = TICK
+        self,
+        source,
+        launcher: IWorkerLauncher,
+        bounds: PoolBounds,
+        clock,
+        tick: float = TICK,
+        name: str | None = None,
     ) -> None:
+        #: The pool's name when there are several (C{--pool NAME:...}).
+        self.name = name
         self.source = source
         self.clock = clock
         self.launcher = launcher
@@ -534,7 +616,9 @@ class PoolService:
 
     @defer.inlineCallbacks
     def _carry_out(self, decision, now: float):
-        log.info("Pool: {decision}", decision=describe(decision))
+        log.info(
+            "Pool{name}: {decision}", name=f" {self.name}" if self.name else "", decision=describe(decision)
+        )
         if isinstance(decision, Submit):
             ids = yield self.launcher.submit(decision.count)
             for launch in ids:
@@ -565,6 +649,7 @@ class PoolService:
         launches = list(self.launches.values())
         b = self.policy.bounds
         return {
+            "name": self.name,
             "now": self.clock.seconds(),
             "min_workers": b.min_workers,
             "max_workers": b.max_workers,

@@ -35,7 +35,15 @@ from cw.core.scheduler import Scheduler, Unsent
 from cw.core.versions import CONTEXT_KEY, incompatible, short
 from cw.errors import ReportKind, StateFileError
 from cw.master.durable import DurableQueue
-from cw.master.pool import MasterSource, PoolService, bounds_from, make_launcher, read_pool_file
+from cw.master.pool import (
+    MasterSource,
+    PoolService,
+    bounds_from,
+    make_launcher,
+    pools_in,
+    read_pool_file,
+    start_pools,
+)
 from cw.master.protocol import MasterFactory, MasterProtocol
 from cw.master.web import FailureLog, WebDashboard
 from cw.system import write_atomically
@@ -165,6 +173,8 @@ class Master:
         self.started = clock.seconds()
         #: The adaptive worker pool's loop (L{cw.master.pool.PoolService}), if the master runs one.
         self.pool = None
+        #: Every pool's loop, when there are several (C{--pool NAME:min=..,max=..}).
+        self.pools: list = []
         #: The dashboard's URL once it listens (set by L{MasterService}),
         #: for the clients' status (Jupyter links to it).
         self.dashboard: str | None = None
@@ -905,6 +915,7 @@ class Master:
         s = self.scheduler
         return {
             "pool": None if self.pool is None else self.pool.status(),
+            "pools": [pool.status() for pool in self.pools],
             # The master's clock, so that a client can tell their skew (cw doctor).
             "time": self.clock.seconds(),
             "state": None if self.durable is None else self.durable.status(),
@@ -1029,7 +1040,8 @@ class MasterService(service.Service):
         #: The adaptive pool's description (L{cw.master.pool.read_pool_file}), and its loop once listening.
         self.pool_spec = None if pool_file is None else read_pool_file(pool_file)
         if self.pool_spec is not None:
-            bounds_from(self.pool_spec)  # a bad file fails here, before listening
+            for pool in pools_in(self.pool_spec):
+                bounds_from(pool)  # a bad file fails here, before listening
         self.pool: PoolService | None = None
         #: Everything else (prefetch, secret, limits, heartbeats) is L{Master}'s.
         self.master = Master(reactor, **options)
@@ -1102,12 +1114,17 @@ class MasterService(service.Service):
         if self.address_file:
             write_atomically(self.address_file, address + "\n")
         if self.pool_spec is not None:
-            launcher = make_launcher(self.reactor, self.pool_spec, address)
-            self.pool = PoolService(
-                MasterSource(self.master), launcher, bounds_from(self.pool_spec), self.reactor
+            pools = start_pools(
+                self.pool_spec,
+                MasterSource(self.master),
+                lambda data: make_launcher(self.reactor, data, address),
+                self.reactor,
             )
+            self.pool = pools[0]
             self.master.pool = self.pool
-            self.pool.start()
+            self.master.pools = pools
+            for pool in pools:
+                pool.start()
 
     def _failed(self, failure):
         listen_failed(self.reactor, "cw master", server_description(self.listen), "--port", failure)
@@ -1133,7 +1150,7 @@ class MasterService(service.Service):
                 pass
         stopped = self.master.shutdown("the master was stopped")
         if self.pool is not None:
-            stopped = defer.gatherResults([stopped, self.pool.stop()])
+            stopped = defer.gatherResults([stopped, *(pool.stop() for pool in self.master.pools)])
         if self.port is not None:
             stopped = defer.gatherResults([stopped, defer.maybeDeferred(self.port.stopListening)])
         if self.web is not None:

@@ -275,27 +275,26 @@ def render_metrics(status: dict) -> str:
         ("cw_clients", "gauge", "Connected clients.", [({}, len(clients))]),
     ]
 
-    pool = status.get("pool")
-    if pool:
+    # One sample per pool, labelled with its name when there are several.
+    pools = [p for p in (status.get("pools") or [status.get("pool")]) if p]
+    if pools:
+
+        def each(key: str) -> list:
+            return [({"pool": p["name"]} if p.get("name") else {}, p[key]) for p in pools]
+
         families += [
-            ("cw_pool_target_workers", "gauge", "Workers the adaptive pool wants.", [({}, pool["target"])]),
-            ("cw_pool_running_workers", "gauge", "The pool's running launches.", [({}, pool["running"])]),
-            (
-                "cw_pool_pending_workers",
-                "gauge",
-                "The pool's launches queued.",
-                [({}, pool["pending"])],
-            ),
-            (
-                "cw_pool_draining_workers",
-                "gauge",
-                "The pool's draining launches.",
-                [({}, pool["draining"])],
-            ),
-            ("cw_pool_min_workers", "gauge", "The pool's lower bound.", [({}, pool["min_workers"])]),
-            ("cw_pool_max_workers", "gauge", "The pool's upper bound.", [({}, pool["max_workers"])]),
+            ("cw_pool_target_workers", "gauge", "Workers the adaptive pool wants.", each("target")),
+            ("cw_pool_running_workers", "gauge", "The pool's running launches.", each("running")),
+            ("cw_pool_pending_workers", "gauge", "The pool's launches queued.", each("pending")),
+            ("cw_pool_draining_workers", "gauge", "The pool's draining launches.", each("draining")),
+            ("cw_pool_min_workers", "gauge", "The pool's lower bound.", each("min_workers")),
+            ("cw_pool_max_workers", "gauge", "The pool's upper bound.", each("max_workers")),
         ]
-        calls = [({"command": k}, v) for k, v in sorted((pool.get("calls") or {}).items())]
+        calls = [
+            ({**({"pool": p["name"]} if p.get("name") else {}), "command": k}, v)
+            for p in pools
+            for k, v in sorted((p.get("calls") or {}).items())
+        ]
         if calls:
             families.append(("cw_pool_slurm_calls_total", "counter", "SLURM commands the pool ran.", calls))
     state = status.get("state")

@@ -23,8 +23,9 @@ from twisted.trial import unittest
 
 from cw import slurm
 from cw.client import master_status
+from cw.test.jobs import probe
 from cw.test.launch.test_slurm import SCRIPT, SlurmClusterTests, _slurm_skip
-from cw.test.procs import DEADLINE, child_env, wait_until
+from cw.test.procs import DEADLINE, child_env, executor, wait_until
 
 #: A PATH entry whose squeue logs each call (time, calling job, arguments) to $CW_SQUEUE_LOG.
 SQUEUE_WRAPPER = """#!/bin/bash
@@ -168,6 +169,65 @@ class AdaptiveSlurmTests(unittest.TestCase):
                 "sbatch_calls": status["pool"]["calls"].get("sbatch"),
             }
             print("adaptive SLURM measurements:", json.dumps(report))
+
+        return threads.deferToThread(body)
+
+    def pool_jobs_named(self, *pools: str) -> list[str]:
+        """The worker jobs of the pools C{pools} in squeue (any of them: C{plain} and C{wide})."""
+        names = [f"{slurm.job_names(self.name)[1]}.{pool}" for pool in pools or ("plain", "wide")]
+        out = subprocess.run(
+            ["squeue", "-h", "-n", ",".join(names), "-o", "%i"], capture_output=True, text=True, timeout=30
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        return out.stdout.split()
+
+    def test_two_adaptive_pools(self):
+        """
+        Two adaptive pools, 0 to 2 workers each: jobs tagged 'wide' bring
+        up only the tagged pool's worker jobs, then plain jobs only the
+        other's (route_queued: the plainest pool that can run them); every
+        result is right, each ran in its pool, 'cw-slurm status' shows
+        each pool, and both pools are back to no job after the idle timeout.
+        """
+        idle = 5.0
+
+        def body():
+            self.run_command(
+                "--pool", "plain:min=0,max=2,cpus=1", "--pool", "wide:min=0,max=2,cpus=2,tag=wide",
+                "start", "--idle-timeout", str(idle), "--poll-interval", "1", "--wait", str(DEADLINE),
+            )  # fmt: skip
+            began = time.time()
+            pool_file = json.loads(Path(self.directory, self.name, "pool.json").read_text())
+            self.assertEqual([p["name"] for p in pool_file["pools"]], ["plain", "wide"])
+            self.assertEqual(self.worker_jobs(), [])
+            address = slurm.master_info(self.name)["address"]
+            with executor(address) as ex:
+                tagged = [ex.submit_with(probe, (0.5,), tags={"wide"}) for _ in range(6)]
+                wide = wait_until(lambda: self.pool_jobs_named("wide"), timeout=DEADLINE, what="wide jobs")
+                self.assertEqual(self.pool_jobs_named("plain"), [])
+                self.assertEqual({f.result(DEADLINE)["slurm_cpus"] for f in tagged}, {"2"})
+                self.assertEqual(self.pool_jobs_named("plain"), [], "plain pool started for tagged jobs")
+                self.assertLessEqual(len(wide), 2)
+                text = self.run_command("status").stdout
+                self.assertIn("pool     wide: target", text)
+                self.assertIn("pool     plain: target 0", text)
+                # Plain jobs, once the wide pool has drained: only the plain pool grows.
+                gone = lambda: not self.pool_jobs_named("wide")  # noqa: E731
+                wait_until(gone, timeout=idle + DEADLINE, what="the wide pool to drain")
+                plain = list(ex.map(probe, [0.2] * 20, timeout=DEADLINE))
+                self.assertEqual({r["slurm_cpus"] for r in plain}, {"1"})
+                self.assertEqual(self.pool_jobs_named("wide"), [], "wide pool started for plain jobs")
+                status = ex.status()
+            pools = {p["name"]: p for p in status["pools"]}
+            self.assertEqual(sorted(pools), ["plain", "wide"])
+            self.assertGreaterEqual(pools["plain"]["calls"].get("sbatch", 0), 1)
+            self.assertEqual(pools["wide"]["max_workers"], 2)
+            wait_until(lambda: not self.pool_jobs_named(), timeout=idle + DEADLINE, what="both pools idle")
+            elapsed = time.time() - began
+            self.run_command("stop")
+            self.assertEqual(self.squeue(), {})
+            self.assertEqual(self.pool_jobs_named(), [])
+            print("two adaptive pools:", json.dumps({"elapsed_s": round(elapsed, 1)}))
 
         return threads.deferToThread(body)
 
