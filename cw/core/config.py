@@ -25,7 +25,7 @@ from typing import Any
 
 from cw.core.records import MAX_PAYLOAD
 from cw.core.resources import Capacity, build_capacity, parse_resource, parse_size
-from cw.core.scaling import IDLE_TIMEOUT, PENDING_TIMEOUT, POLL_INTERVAL
+from cw.core.scaling import IDLE_TIMEOUT, PENDING_TIMEOUT, POLL_INTERVAL, pool_capacity
 from cw.errors import OptionError
 
 # --- defaults named elsewhere too ------------------------------------------
@@ -521,6 +521,20 @@ class PoolSpec:
     def adaptive(self) -> bool:
         """Whether the pool scales itself (C{max=} given)."""
         return self.max_workers is not None
+
+    def capacity(self) -> Capacity:
+        """
+        What one of its workers will have, for routing queued work to
+        pools (L{cw.core.scaling.route_queued}): GPUs counted from C{gres}
+        (C{gpu:2}, C{gpu:a100:2}).
+        """
+        gpus = 0
+        for item in filter(None, (self.gres or "").split(",")):
+            parts = item.split(":")
+            if parts[0] == "gpu":
+                gpus += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+        memory = parse_size(self.mem) if self.mem else None
+        return pool_capacity(self.cpus, memory, gpus, self.tags, dict(map(parse_resource, self.resources)))
 
     def spec(self) -> str:
         """The definition as C{--pool} takes it."""

@@ -56,12 +56,8 @@ import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from cw.core.resources import Capacity, Ledger, Shape, parse_resource, parse_size
-
-if TYPE_CHECKING:  # cw.core.config imports this module's defaults
-    from cw.core.config import PoolSpec
+from cw.core.resources import Capacity, Ledger, Shape
 
 #: Default seconds a worker may stay idle before the pool drains it (C{--idle-timeout}).
 IDLE_TIMEOUT = 180.0
@@ -396,17 +392,6 @@ def pool_capacity(
         custom=tuple(sorted((custom or {}).items())),
         tags=frozenset(tags),
     )
-
-
-def spec_capacity(spec: PoolSpec) -> Capacity:
-    """L{pool_capacity} of a C{--pool} definition, its GPUs counted from C{gres} (C{gpu:2}, C{gpu:a100:2})."""
-    gpus = 0
-    for item in filter(None, (spec.gres or "").split(",")):
-        parts = item.split(":")
-        if parts[0] == "gpu":
-            gpus += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
-    memory = parse_size(spec.mem) if spec.mem else None
-    return pool_capacity(spec.cpus, memory, gpus, spec.tags, dict(map(parse_resource, spec.resources)))
 
 
 def _plainness(capacity: Capacity) -> tuple:

@@ -65,7 +65,7 @@ from cw.core.config import WALLTIME_WARNING as WALLTIME_WARNING
 from cw.core.config import MasterConfig, PoolSpec, SlurmConfig, WorkerConfig, parse_argv
 from cw.core.records import PORT
 from cw.core.resources import parse_size
-from cw.core.scaling import IDLE_TIMEOUT, PENDING_TIMEOUT, PoolBounds, spec_capacity
+from cw.core.scaling import IDLE_TIMEOUT, PENDING_TIMEOUT, PoolBounds
 from cw.discovery import _COMMENT, _info, _read_json, run_slurm, squeue_jobs
 from cw.discovery import DEFAULT_CLUSTER as DEFAULT_CLUSTER
 from cw.discovery import FINISHED_STATES as FINISHED_STATES
@@ -486,7 +486,7 @@ def start(
                 pending_timeout,
                 walltime_warning,
             )
-            entries.append({**description, "name": pool.name, "capacity": spec_capacity(pool).to_json()})
+            entries.append({**description, "name": pool.name, "capacity": pool.capacity().to_json()})
         pool_file = directory / "pool.json"
         _write_json(pool_file, {"launcher": "slurm", "directory": str(directory), "pools": entries})
         if pool_in_master:

@@ -126,6 +126,26 @@ class ScriptTests(unittest.TestCase):
         for bad in [":n=1", "gpu:n=0", "gpu:n=x", "gpu:mem=lots", "gpu:colour=red", "gpu:resource=x"]:
             self.assertRaises(OptionError, parse_pool, bad)
 
+    def test_adaptive_pools(self):
+        """
+        --pool NAME:min=A,max=B: an adaptive pool (n= or min=/max=, not
+        both); its definition round-trips; its worker's capacity (GPUs
+        from gres) is what the master routes queued work by.
+        """
+        gpu = parse_pool("gpu:min=1,max=4,cpus=8,gres=gpu:a100:2,mem=64G,tag=gpu,resource=lic=2")
+        self.assertTrue(gpu.adaptive)
+        self.assertEqual((gpu.min_workers, gpu.max_workers), (1, 4))
+        self.assertEqual(parse_pool(gpu.spec()), gpu)
+        capacity = gpu.capacity()
+        self.assertEqual(
+            (capacity.cpus, capacity.memory, capacity.gpus, capacity.custom, capacity.tags),
+            (8, 64 << 30, ("0", "1"), (("lic", 2),), frozenset({"gpu"})),
+        )
+        self.assertFalse(parse_pool("cpu:n=2").adaptive)
+        self.assertEqual(parse_pool("cpu:max=2").min_workers, None)
+        for bad in ["gpu:min=1", "gpu:n=2,max=3", "gpu:min=3,max=2", "gpu:max=0", "gpu:min=x,max=2"]:
+            self.assertRaises(OptionError, parse_pool, bad)
+
     def test_isolated(self):
         """-i: one worker per node."""
         self.assertIn("#SBATCH --ntasks-per-node=1", self.worker(8, isolated=True).splitlines())

@@ -9,6 +9,7 @@ from __future__ import annotations
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
+from cw.core.resources import Shape
 from cw.core.scaling import Drain, Launch, PoolBounds, Submit
 from cw.errors import SlurmError
 from cw.master import pool
@@ -182,3 +183,57 @@ class PoolServiceTests(unittest.TestCase):
         status = service.status()
         self.assertEqual((status["draining"], status["running"]), (1, 0))
         self.successResultOf(service.stop())
+
+
+class FakeMaster:
+    """What L{pool.PoolShare} reads: a snapshot and the queued jobs by shape."""
+
+    def __init__(self, plain, shapes, workers):
+        self.plain, self.shapes, self.workers = plain, shapes, workers
+
+    def snapshot(self):
+        return defer.succeed((self.plain + sum(self.shapes.values()), 2.0, self.workers))
+
+    def queued_shapes(self):
+        return self.plain, self.shapes
+
+
+class SeveralPoolsTests(unittest.TestCase):
+    def test_each_pool_sees_its_share_and_its_workers(self):
+        """
+        A pool file with several pools: one L{pool.PoolService} each, named,
+        each reading its share of the queue and only its own workers.
+        """
+        data = {
+            "launcher": "slurm",
+            "directory": "/nonexistent",
+            "pools": [
+                {"name": "cpu", "script": "c", "max_workers": 2, "capacity": {"cpus": 1}},
+                {"name": "gpu", "script": "g", "max_workers": 3, "capacity": {"cpus": 8, "gpus": ["0"]}},
+            ],
+        }
+        self.assertEqual([p["name"] for p in pool.pools_in(data)], ["cpu", "gpu"])
+        gpu_job = Shape(gpus=1)
+        workers = [(1, "11", 1, 0, 0, False), (2, "22", 8, 1, 0, False), (3, None, 4, 0, 0, False)]
+        source = FakeMaster(5, {gpu_job: 2}, workers)
+        made = []
+        services = pool.start_pools(
+            data, source, lambda d: made.append(d["script"]) or d["name"], task.Clock()
+        )
+        self.assertEqual(made, ["c", "g"])
+        cpu, gpu = services
+        self.assertEqual((cpu.name, gpu.name), ("cpu", "gpu"))
+        self.assertEqual((cpu.policy.bounds.max_workers, gpu.policy.bounds.max_workers), (2, 3))
+        cpu.launches["11"] = Launch("11", 0.0)
+        gpu.launches["22"] = Launch("22", 0.0)
+        queued, _, seen = self.successResultOf(cpu.source.snapshot())
+        self.assertEqual((queued, [w[0] for w in seen]), (5, [1]))
+        queued, _, seen = self.successResultOf(gpu.source.snapshot())
+        self.assertEqual((queued, [w[0] for w in seen]), (2 * 8, [2]))
+        self.assertEqual(gpu.status()["name"], "gpu")
+
+    def test_one_pool_is_unnamed(self):
+        data = {"launcher": "slurm", "script": "s", "directory": "/nonexistent", "max_workers": 2}
+        (only,) = pool.start_pools(data, FakeMaster(0, {}, []), lambda d: None, task.Clock())
+        self.assertIsNone(only.name)
+        self.assertEqual(only.status()["name"], None)
