@@ -8,6 +8,8 @@ nor the worker.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
@@ -33,6 +35,8 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        #: A worker's state: no results kept from an earlier master.
+        self.state = SimpleNamespace(kept=None)
 
     def __getattr__(self, name: str):
         if name.startswith("_"):
