@@ -24,7 +24,8 @@ from twisted.trial import unittest
 from cw import slurm
 from cw.client import master_status
 from cw.test.jobs import probe
-from cw.test.launch.test_slurm import SCRIPT, SlurmClusterTests, _slurm_skip
+from cw.test.launch import test_slurm
+from cw.test.launch.test_slurm import SCRIPT, _slurm_skip
 from cw.test.procs import DEADLINE, child_env, executor, wait_until
 
 #: A PATH entry whose squeue logs each call (time, calling job, arguments) to $CW_SQUEUE_LOG.
@@ -41,9 +42,11 @@ class AdaptiveSlurmTests(unittest.TestCase):
     timeout = 420
     skip = _slurm_skip()
 
-    setUp = SlurmClusterTests.setUp
-    squeue = SlurmClusterTests.squeue
-    logs = SlurmClusterTests.logs
+    # Borrowed through the module: a test class imported by name would be
+    # collected, and run, a second time here.
+    setUp = test_slurm.SlurmClusterTests.setUp
+    squeue = test_slurm.SlurmClusterTests.squeue
+    logs = test_slurm.SlurmClusterTests.logs
 
     def cancel_all(self):
         """Cancel every job of this test: recorded, the pool's, or seen."""
