@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import cw
-from cw.system import polling, proc_stat, sigkill, with_cw_on_path
+from cw.system import polling, proc_stat, sigkill, start_time, with_cw_on_path
 
 #: The directory that holds the C{cw} package under test (and, next to it,
 #: C{twisted/plugins}); put first on the children's PYTHONPATH so that they
@@ -268,6 +268,22 @@ def abandon(ex) -> None:
     ex._thread.join(DEADLINE)
 
 
+def stop_pidfiles(directory: str) -> None:
+    """
+    SIGKILL, with their process groups, the processes that cw's pidfiles
+    (C{PID START}, as L{cw.launch.local} writes them) under C{directory}
+    name, when each is still the process started (same start time).
+    """
+    for path in Path(directory).rglob("*.pid"):
+        try:
+            pid_text, start = path.read_text().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue
+        if start != "-" and start_time(pid) == start:
+            sigkill(pid, group=True)
+
+
 def run_script(
     testcase,
     source: str,
@@ -299,6 +315,10 @@ def run_script(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        # What the script started in sessions of their own (cw.mp's master
+        # and workers) outlives its group when it was killed before its own
+        # cleanup ran: stop those by their pidfiles.
+        stop_pidfiles(run_dir)
 
     testcase.addCleanup(reap)
     out, err = proc.communicate(timeout=timeout)
