@@ -456,6 +456,88 @@ class ProtectionTests(unittest.TestCase):
         self.assertFalse(dashboard.guard.required)
 
 
+class PoolsPageTests(unittest.TestCase):
+    """The page's pools, in headless Chromium, from an in-process site."""
+
+    timeout = 120
+
+    serve = ProtectionTests.serve
+
+    def test_every_pool_in_chromium(self):
+        """
+        With several adaptive pools in the status, the page shows each one
+        (not only the first): its name, target, running, pending and
+        draining workers, bounds, and its recent decisions with their
+        reasons, newest first; with no pool the section is hidden.
+        """
+        if CHROMIUM is None:
+            raise unittest.SkipTest(
+                "chromium is not installed (apt-get install chromium chromium-driver; .ci/run does)"
+            )
+        plain = {**POOL, "name": "plain"}
+        gpu = {
+            **POOL,
+            "name": "gpu",
+            "target": 5,
+            "running": 4,
+            "pending": 7,
+            "draining": 6,
+            "min_workers": 1,
+            "max_workers": 8,
+            "decisions": [
+                {"time": 980.0, "action": "submit 3", "reason": "12 jobs queued (gpu share)"},
+                {"time": 995.0, "action": "drain 77_1", "reason": "idle for 61 s (--idle-timeout 60)"},
+            ],
+        }
+        master = FakeMaster()
+        status = {**master.status(), "pool": plain, "pools": [plain, gpu]}
+        master.status = lambda: status
+        url = self.serve(master)
+        token = web.dashboard_token(SECRET)
+
+        def body():
+            browser = Browser(self, Path(self.mktemp()).absolute())
+            browser.navigate(f"{url}?token={token}")
+            read = (
+                "[...document.querySelectorAll('#pools .pool')].map((p) => ({name: p.dataset.name,"
+                " text: p.innerText, numbers: Object.fromEntries([...p.querySelectorAll('[data-key]')]"
+                ".map((d) => [d.dataset.key, d.querySelector('b').textContent])),"
+                " decisions: [...p.querySelectorAll('tbody tr')].map((r) => r.innerText)}))"
+            )
+            pools = wait_until(lambda: browser.evaluate(read), timeout=30, what="the pools on the page")
+            hidden = browser.evaluate("document.getElementById('pool-section').hidden")
+            status["pools"], status["pool"] = [], None
+            wait_until(
+                lambda: browser.evaluate("document.getElementById('pool-section').hidden"),
+                timeout=30,
+                what="the pool section to hide",
+            )
+            errors = browser.console_errors()
+            self.assertEqual(errors, [])
+            self.assertFalse(hidden)
+            self.assertEqual([p["name"] for p in pools], ["plain", "gpu"])
+            first, second = pools
+            self.assertIn("pool plain", first["text"])
+            self.assertEqual(
+                first["numbers"],
+                {"target": "3", "running": "2", "pending": "1", "draining": "1", "bounds": "0 – 4"},
+            )
+            self.assertIn("40 jobs queued", first["text"])
+            self.assertIn("pool gpu", second["text"])
+            self.assertEqual(
+                second["numbers"],
+                {"target": "5", "running": "4", "pending": "7", "draining": "6", "bounds": "1 – 8"},
+            )
+            self.assertEqual(len(second["decisions"]), 2)
+            self.assertIn("drain 77_1", second["decisions"][0])
+            self.assertIn("idle for 61 s", second["decisions"][0])
+            self.assertIn("5 s ago", second["decisions"][0])
+            self.assertIn("12 jobs queued (gpu share)", second["decisions"][1])
+            self.assertNotIn("gpu share", first["text"])
+
+        return threads.deferToThread(body)
+
+
 # -- a real master -------------------------------------------------------------
 
 
