@@ -50,6 +50,7 @@ from twisted.python import threadable
 from twisted.python.failure import Failure
 
 from cw.client.mapping import progress as progress
+from cw.core.payload import Segments
 from cw.core.validation import (
     MAX_NUMBER,
     MAX_REASON,
@@ -76,6 +77,7 @@ from cw.errors import (
     remote_error,
 )
 from cw.wire import commands as P
+from cw.wire import pickling
 from cw.wire.address import FindingEndpoint, client_description, enable_keepalive
 from cw.wire.auth import AuthGate, authenticate
 from cw.wire.checked import CheckedCommands
@@ -241,12 +243,16 @@ def _short_repr(obj: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def pickle_call(jobid: Any, func: Callable, args: tuple, kwargs: dict) -> bytes:
-    """The job payload for C{func(*args, **kwargs)}, or L{SubmitError}."""
+def pickle_call(jobid: Any, func: Callable, args: tuple, kwargs: dict) -> bytes | Segments:
+    """
+    The job payload for C{func(*args, **kwargs)}, or L{SubmitError}: its
+    big buffers are not copied (L{cw.wire.pickling}), so the caller must
+    not change them until the job's result arrives.
+    """
     if not callable(func):
         raise SubmitError(f"job {jobid!r}: {_short_repr(func)} is not callable")
     try:
-        return cloudpickle.dumps((func, args, kwargs))
+        return pickling.dumps(pickling.call_value(func, args, kwargs))
     except Exception as e:
         raise SubmitError(f"job {jobid!r} cannot be sent: {describe_unpicklable(func, args, kwargs)}") from e
 
@@ -265,10 +271,10 @@ def pickle_function(func: Callable) -> tuple[bytes, bytes]:
     return hashlib.blake2b(data, digest_size=16).digest(), data
 
 
-def pickle_arguments(jobid: Any, func: Callable, args: tuple, kwargs: dict) -> bytes:
-    """The payload of a job whose function is cached: its pickled arguments."""
+def pickle_arguments(jobid: Any, func: Callable, args: tuple, kwargs: dict) -> bytes | Segments:
+    """The payload of a job whose function is cached: its pickled arguments (as in L{pickle_call})."""
     try:
-        return cloudpickle.dumps((args, kwargs))
+        return pickling.dumps(pickling.arguments_value(args, kwargs))
     except Exception as e:
         raise SubmitError(f"job {jobid!r} cannot be sent: {describe_unpicklable(func, args, kwargs)}") from e
 
@@ -1211,7 +1217,7 @@ def decode_result(jobid: Any, result: P.Result) -> tuple[bool, Any]:
         output = {}
     if result.status == P.Outcome.OK:
         try:
-            return True, cloudpickle.loads(result.payload)
+            return True, pickling.loads(result.payload)
         except Exception as e:
             return False, RemoteException(
                 jobid,

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from cw.core.payload import Segments
 from cw.errors import ReportKind
 
 #: The TCP port a master listens on unless told otherwise.
@@ -189,6 +190,14 @@ _JOB = struct.Struct("!IQHBQ")
 _RESULT = struct.Struct("!IQBQII")
 
 
+def _add_payload(parts: list, payload) -> None:
+    """Append a payload to C{parts}: its own parts if it is a L{Segments} (not joined)."""
+    if type(payload) is Segments:
+        parts += payload.parts
+    else:
+        parts.append(payload)
+
+
 def encode_jobs(jobs: Iterable[Job]) -> bytes:
     """Frame L{Job} records into one byte string."""
     return b"".join(job_parts(jobs))
@@ -205,7 +214,7 @@ def job_parts(jobs: Iterable[Job]) -> list:
         parts.append(_JOB.pack(job.client, job.seq, len(job.options), len(job.func), len(job.payload)))
         parts.append(job.options)
         parts.append(job.func)
-        parts.append(job.payload)
+        _add_payload(parts, job.payload)
     return parts
 
 
@@ -246,7 +255,7 @@ def result_parts(results: Iterable[Result]) -> list:
     parts = []
     for r in results:
         parts.append(_RESULT.pack(r.client, r.seq, r.status, len(r.payload), len(r.stdout), len(r.stderr)))
-        parts.append(r.payload)
+        _add_payload(parts, r.payload)
         if r.stdout:
             parts.append(r.stdout)
         if r.stderr:

@@ -180,8 +180,10 @@ class ChunkReceiver:
     the chunks of each L{cw.wire.commands.Blob} value to one buffer as they
     arrive (in order: see L{cw.core.records.chunk_key}), each chunk freed at
     once, and puts the whole value in the box when the box is complete, as
-    a read-only C{memoryview}.  Chunks out of order are left in the box,
-    where the argument parser refuses them.
+    a C{memoryview}.  The view is writable, so that the NumPy arrays a
+    payload carries out of band (L{cw.wire.pickling}) load writable
+    without a copy.  Chunks out of order are left in the box, where the
+    argument parser refuses them.
     """
 
     #: Values being assembled in the current box: name -> [next index, buffer].
@@ -213,7 +215,7 @@ class ChunkReceiver:
                 count = box.get(name + b".n", b"")
                 if count.isdigit() and int(count) == following - 1:
                     del box[name + b".n"]
-                    box[name] = memoryview(buffer).toreadonly()
+                    box[name] = memoryview(buffer)
                 else:
                     box[name + b".n"] = b"malformed"  # refused by the parser
         return super().proto_key(string)

@@ -42,10 +42,12 @@ import cloudpickle
 from ampoule.child import AMPChild
 
 from cw.core.config import OUTPUT_LIMIT
+from cw.core.payload import Segments
 from cw.core.resources import allocation_of, format_size, shape_of
 from cw.core.validation import ENV
 from cw.errors import exception_fields
 from cw.wire import commands as P
+from cw.wire import pickling
 from cw.wire.private import push
 from cw.wire.streaming import ChunkReceiver, StreamingSender
 from cw.worker.capture import OutputCapture, Watcher
@@ -109,13 +111,17 @@ def _failure(kind: str, message: str, **where) -> tuple[int, bytes]:
     return P.Outcome.RAISED, P.error_report(kind, message, traceback.format_exc(), **where)
 
 
-def run_payload(cwd: str, path: list[str], payload: bytes, function: object = None) -> tuple[int, bytes]:
+def run_payload(
+    cwd: str, path: list[str], payload: bytes, function: object = None
+) -> tuple[int, bytes | Segments]:
     """
     Run a job and return an L{P.Outcome} code with its payload: the
     cloudpickled value, or a JSON error report carrying the remote
     traceback.  The payload is a cloudpickled C{(func, args, kwargs)}, or,
     when C{function} is given, C{(args, kwargs)} for that function (an
-    exception instead of a function: it could not be unpickled).
+    exception instead of a function: it could not be unpickled).  Both
+    ways, big buffers travel out of band, not copied (L{cw.wire.pickling}):
+    the value's may be a L{Segments} of views of the value's buffers.
     """
     where = {"host": socket.gethostname(), "pid": os.getpid()}
     stats["jobs"] += 1
@@ -138,10 +144,10 @@ def run_payload(cwd: str, path: list[str], payload: bytes, function: object = No
         )
     try:
         if function is None:
-            func, args, kwargs = cloudpickle.loads(payload)
+            func, args, kwargs = pickling.loads(payload)
         else:
             func = function
-            args, kwargs = cloudpickle.loads(payload)
+            args, kwargs = pickling.loads(payload)
     except BaseException as e:
         return P.Outcome.RAISED, P.error_report(
             type(e).__name__,
@@ -157,7 +163,7 @@ def run_payload(cwd: str, path: list[str], payload: bytes, function: object = No
         fields = exception_fields(e)
         return P.Outcome.RAISED, P.error_report(type(e).__name__, str(e), text, **where, **fields)
     try:
-        return P.Outcome.OK, cloudpickle.dumps(value)
+        return P.Outcome.OK, pickling.dumps(pickling.out_of_band(value))
     except BaseException as e:
         return P.Outcome.RAISED, P.error_report(
             type(e).__name__,

@@ -1,0 +1,151 @@
+"""
+The framing of payloads that carry big buffers out of band: pure (no
+pickling, no I/O).
+
+A payload (a job's arguments, a job's result) is a pickle.  With pickle
+protocol 5, big buffers (NumPy arrays, C{bytearray}, C{bytes},
+C{memoryview}, C{array.array}) need not be copied into the pickle: the
+pickler hands them out (its C{buffer_callback}) and the loader takes them
+back (its C{buffers=}); L{cw.wire.pickling} does that.  Such a payload
+travels as one byte string laid out as::
+
+    MAGIC  count (u32)  pickle length (u64)     the header, L{_HEAD}
+    count x (length (u64), flags (u8))          one entry per buffer, L{_SEGMENT}
+    the pickle
+    the buffers, in order
+
+all integers big-endian.  The sender never joins it: a L{Segments} is the
+list of its parts (the header, the pickle, and views of the buffers where
+they lie), which the wire writes one after the other (see
+L{cw.core.records.job_parts}).  The receiver gets it in one buffer and
+L{unframe} cuts views of that buffer, so the loader copies nothing.
+
+A plain pickle (no buffer big enough to travel apart: the common case of
+small jobs) is sent as it is; L{MAGIC} begins with a zero byte, which no
+pickle does, so L{is_framed} tells the two apart.  The master never looks
+inside: to it a framed payload is opaque bytes like any other, its length
+(L{Segments.__len__}: every part) counted against its limits.
+
+Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
+"""
+
+from __future__ import annotations
+
+import array
+import struct
+from typing import Any
+
+#: The first bytes of a framed payload (no pickle begins with a zero byte).
+MAGIC = b"\x00cw\x05"
+
+#: Buffers of at least this many bytes travel out of band; smaller ones
+#: are copied into the pickle, which costs less than a frame.
+OUT_OF_BAND_ABOVE = 1 << 16
+
+#: Most buffers one payload may carry out of band (a bound on the header a
+#: receiver parses; more buffers than that travel in the pickle).
+MAX_BUFFERS = 1 << 16
+
+#: Flag of a buffer that was writable where it was pickled.
+WRITABLE = 1
+
+#: magic, number of buffers, length of the pickle.
+_HEAD = struct.Struct("!4sIQ")
+
+#: length of a buffer, flags.
+_SEGMENT = struct.Struct("!QB")
+
+
+class Segments:
+    """
+    A framed payload as the list of its parts, not joined: C{len} is its
+    length on the wire, C{bytes} joins it (for tests and small uses).
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list) -> None:
+        #: The header, the pickle and the buffers: byte strings or 1-D byte views.
+        self.parts = parts
+        #: Bytes of all parts.
+        self.size = sum(len(part) for part in parts)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def __repr__(self) -> str:
+        return f"<Segments of {self.size:,} bytes in {len(self.parts)} parts>"
+
+
+def byte_view(buffer: Any) -> memoryview:
+    """A 1-D view of C{buffer}'s bytes (C{buffer} must be contiguous)."""
+    view = memoryview(buffer)
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    return view
+
+
+def frame(pickled: Any, buffers: list[memoryview]) -> Segments:
+    """
+    The payload of a pickle with its out-of-band C{buffers} (contiguous
+    buffers, in the order the pickler gave them out), not copied.
+    """
+    if len(buffers) > MAX_BUFFERS:
+        raise ValueError(f"{len(buffers):,} out-of-band buffers: at most {MAX_BUFFERS:,}")
+    views = [byte_view(buffer) for buffer in buffers]
+    header = [_HEAD.pack(MAGIC, len(views), len(pickled))]
+    header += [_SEGMENT.pack(len(view), 0 if view.readonly else WRITABLE) for view in views]
+    return Segments([b"".join(header), pickled, *views])
+
+
+def is_framed(data: Any) -> bool:
+    """True if C{data} (bytes or a view) is a framed payload, not a plain pickle."""
+    return len(data) >= _HEAD.size and data[:4] == MAGIC
+
+
+def unframe(data: Any) -> tuple[memoryview, list[tuple[memoryview, int]]]:
+    """
+    Undo L{frame}: C{(pickle, [(buffer, flags), ...])}, each a view of
+    C{data} (nothing copied); L{ValueError} if C{data} is not a well-formed
+    framed payload (its lengths must add up to exactly its length).
+    """
+    view = byte_view(data)
+    total = len(view)
+    if total < _HEAD.size:
+        raise ValueError("truncated payload header")
+    magic, count, pickle_length = _HEAD.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise ValueError("not a framed payload")
+    if count > MAX_BUFFERS:
+        raise ValueError(f"payload declares {count:,} buffers: at most {MAX_BUFFERS:,}")
+    offset = _HEAD.size + count * _SEGMENT.size
+    if offset > total:
+        raise ValueError("truncated payload header")
+    entries = [_SEGMENT.unpack_from(view, _HEAD.size + i * _SEGMENT.size) for i in range(count)]
+    if offset + pickle_length + sum(length for length, _ in entries) != total:
+        raise ValueError("payload lengths do not add up to its size")
+    pickled = view[offset : offset + pickle_length]
+    offset += pickle_length
+    buffers = []
+    for length, flags in entries:
+        buffers.append((view[offset : offset + length], flags))
+        offset += length
+    return pickled, buffers
+
+
+def array_from_buffer(typecode: str, buffer: Any) -> array.array:
+    """An C{array.array} of C{typecode} holding a copy of C{buffer} (its loader, by reference)."""
+    made = array.array(typecode)
+    made.frombytes(buffer)
+    return made
+
+
+def memoryview_from_buffer(buffer: Any, format: str, shape: tuple[int, ...]) -> memoryview:
+    """A view of C{buffer} with C{format} and C{shape}, not copied (a memoryview's loader, by reference)."""
+    view = byte_view(buffer)
+    if format == "B" and len(shape) == 1:
+        return view
+    return view.cast(format, shape)

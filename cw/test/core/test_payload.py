@@ -1,0 +1,146 @@
+"""
+The framing of payloads with out-of-band buffers (L{cw.core.payload}):
+layout, parsing, limits.  Pure: no pickling, no sockets.
+"""
+
+from __future__ import annotations
+
+import array
+import pickle
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial import unittest
+
+from cw.core import payload
+from cw.core.payload import (
+    MAGIC,
+    MAX_BUFFERS,
+    WRITABLE,
+    Segments,
+    array_from_buffer,
+    frame,
+    is_framed,
+    memoryview_from_buffer,
+    unframe,
+)
+from cw.core.records import Job, Result, decode_jobs, decode_results, encode_jobs, encode_results, job_parts
+
+buffers = st.lists(st.tuples(st.binary(max_size=300), st.booleans()), max_size=6)
+
+
+def _views(items):
+    """Views of C{items} (C{(bytes, writable)}): writable ones over a bytearray."""
+    return [memoryview(bytearray(data)) if writable else memoryview(data) for data, writable in items]
+
+
+class FrameTests(unittest.TestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(pickled=st.binary(max_size=300), items=buffers)
+    def test_round_trip(self, pickled, items):
+        """What L{frame} makes, L{unframe} takes apart: the pickle, each buffer, whether it was writable."""
+        framed = frame(pickled, _views(items))
+        data = bytes(framed)
+        self.assertEqual(len(framed), len(data))
+        self.assertTrue(is_framed(data))
+        got_pickle, got = unframe(data)
+        self.assertEqual(bytes(got_pickle), pickled)
+        self.assertEqual([(bytes(view), bool(flags & WRITABLE)) for view, flags in got], items)
+
+    @settings(max_examples=200, deadline=None)
+    @given(pickled=st.binary(max_size=100), items=buffers, cut=st.integers(min_value=1, max_value=50))
+    def test_truncated_or_extended_refused(self, pickled, items, cut):
+        """A frame cut short, or with bytes after it, is a L{ValueError}, never a wrong answer."""
+        data = bytes(frame(pickled, _views(items)))
+        self.assertRaises(ValueError, unframe, data[: max(0, len(data) - cut)])
+        self.assertRaises(ValueError, unframe, data + b"\0" * cut)
+
+    @settings(max_examples=200, deadline=None)
+    @given(data=st.binary(max_size=200))
+    def test_garbage_refused_or_parsed_whole(self, data):
+        """Any bytes after the magic either parse into parts that add up to them, or are refused."""
+        data = MAGIC + data
+        try:
+            got_pickle, got = unframe(data)
+        except ValueError:
+            return
+        self.assertLessEqual(len(got_pickle) + sum(len(view) for view, _ in got), len(data))
+
+    def test_views_not_copies(self):
+        """The parts L{unframe} gives are views of the received buffer, and writable when it is."""
+        received = bytearray(bytes(frame(b"pickle", [memoryview(b"x" * 1000)])))
+        got_pickle, [(view, flags)] = unframe(memoryview(received))
+        self.assertFalse(view.readonly)
+        view[0] = ord("y")
+        self.assertIn(b"y" + b"x" * 999, bytes(received))
+        self.assertIs(view.obj, received)
+
+    def test_parts_not_joined(self):
+        """L{frame} keeps the buffers as views of the originals: nothing copied."""
+        big = bytearray(1 << 20)
+        framed = frame(b"pickle", [memoryview(big)])
+        self.assertIsInstance(framed, Segments)
+        self.assertIs(framed.parts[-1].obj, big)
+        self.assertEqual(len(framed), len(framed.parts[0]) + len(b"pickle") + len(big))
+
+    def test_plain_pickles_not_framed(self):
+        """No pickle is taken for a frame, of any protocol, nor a short byte string."""
+        for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+            self.assertFalse(is_framed(pickle.dumps((1, "a", b"b"), protocol=protocol)))
+        self.assertFalse(is_framed(MAGIC))
+        self.assertFalse(is_framed(b""))
+
+    def test_buffer_count_bounded(self):
+        """A header declaring more than L{MAX_BUFFERS} buffers is refused before it is read."""
+        data = struct.pack("!4sIQ", MAGIC, MAX_BUFFERS + 1, 0)
+        with self.assertRaises(ValueError) as caught:
+            unframe(data)
+        self.assertIn("buffers", str(caught.exception))
+        self.assertRaises(ValueError, frame, b"", [memoryview(b"")] * (MAX_BUFFERS + 1))
+
+    def test_multidimensional_buffers_as_bytes(self):
+        """A buffer of another format or shape is framed as its bytes (its length in bytes)."""
+        values = array.array("d", [1.0, 2.0, 3.0])
+        framed = frame(b"p", [memoryview(values)])
+        self.assertEqual(framed.parts[-1].nbytes, 24)
+        self.assertEqual(len(framed.parts[-1]), 24)
+
+
+class SegmentsInRecordsTests(unittest.TestCase):
+    """A L{Segments} payload is written part by part into job and result batches, and reads back whole."""
+
+    def test_job_batch(self):
+        framed = frame(b"pickle", [memoryview(b"a" * 100_000), memoryview(bytearray(b"b" * 70_000))])
+        jobs = [Job(0, 1, b"small"), Job(0, 2, framed, b'{"x":1}', b"key"), Job(0, 3, b"")]
+        parts = job_parts(jobs)
+        # The buffers themselves are among the parts, not copies of them.
+        self.assertTrue(any(part is framed.parts[-1] for part in parts))
+        decoded = decode_jobs(encode_jobs(jobs))
+        self.assertEqual(bytes(decoded[1].payload), bytes(framed))
+        self.assertEqual([bytes(job.payload) for job in (decoded[0], decoded[2])], [b"small", b""])
+
+    def test_result_batch(self):
+        framed = frame(b"pickle", [memoryview(b"c" * 100_000)])
+        results = [Result(0, 1, 0, framed, b"out"), Result(0, 2, 0, b"x")]
+        decoded = decode_results(encode_results(results))
+        self.assertEqual(bytes(decoded[0].payload), bytes(framed))
+        self.assertEqual(decoded[0].stdout, b"out")
+
+
+class LoaderTests(unittest.TestCase):
+    """The reconstructors that pickles name by reference."""
+
+    def test_array(self):
+        self.assertEqual(
+            array_from_buffer("i", array.array("i", [1, 2, 3]).tobytes()), array.array("i", [1, 2, 3])
+        )
+
+    def test_memoryview_shape(self):
+        data = bytearray(array.array("d", range(6)).tobytes())
+        view = memoryview_from_buffer(memoryview(data), "d", (2, 3))
+        self.assertEqual(view.tolist(), [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+        self.assertIs(view.obj, data)
+
+    def test_threshold_positive(self):
+        self.assertGreater(payload.OUT_OF_BAND_ABOVE, 0)

@@ -1,0 +1,159 @@
+"""
+Pickling payloads with their big buffers out of band (pickle protocol 5).
+
+L{dumps} pickles a job's call or a job's result with cloudpickle; every
+buffer of at least L{OUT_OF_BAND_ABOVE} bytes (a NumPy array, a
+C{memoryview}, an C{array.array}, and C{bytes} or C{bytearray} passed
+directly as an argument or returned directly; elsewhere, these two are
+written into the pickle by the pickler itself) is left out of the pickle
+and travels beside it, in a L{cw.core.payload} frame whose parts are views
+of the buffers where they lie: nothing is copied on the sending side.
+L{loads} takes a received payload (a plain pickle or a frame) and loads it
+with the buffers as views of the received bytes, so a NumPy array is not
+copied out either.  C{bytes}, C{bytearray} and C{array.array} own their
+memory, so loading one copies it once (as loading it from a pickle does).
+
+Arrays come back writable, as from C{ProcessPoolExecutor}: the receiving
+sides assemble a payload in a writable buffer
+(L{cw.wire.streaming.ChunkReceiver}); a buffer that was writable where it
+was pickled but arrives read-only (a short payload, received as C{bytes})
+is copied into a writable one.
+
+The client pickles with L{dumps} and loads results with L{loads}; the job
+process does the reverse.  The master and worker never unpickle: to them a
+payload stays opaque bytes.
+
+Layer rule (cw.wire): imports Twisted, ampoule, cloudpickle, cw.system, cw.core and cw.errors; nothing above.
+"""
+
+from __future__ import annotations
+
+import array
+import io
+import pickle
+from typing import Any
+
+import cloudpickle
+
+from cw.core.payload import (
+    MAX_BUFFERS,
+    OUT_OF_BAND_ABOVE,
+    WRITABLE,
+    Segments,
+    array_from_buffer,
+    frame,
+    is_framed,
+    memoryview_from_buffer,
+    unframe,
+)
+
+#: The pickle protocol of payloads: 5, the first with out-of-band buffers.
+PROTOCOL = 5
+
+
+class OutOfBand:
+    """
+    Stands for a C{bytes} or C{bytearray} value while it is pickled, so
+    that it travels out of band: the pickler writes those two types itself,
+    without asking how to reduce them.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: int):
+        # Read-only: the loader copies it into a new bytes or bytearray anyway.
+        return type(self.data), (pickle.PickleBuffer(memoryview(self.data).toreadonly()),)
+
+
+def _big_bytes(value: Any) -> bool:
+    kind = type(value)
+    return (kind is bytes or kind is bytearray) and len(value) >= OUT_OF_BAND_ABOVE
+
+
+def out_of_band(value: Any) -> Any:
+    """C{value}, in an L{OutOfBand} if it is C{bytes} or C{bytearray} big enough to travel out of band."""
+    return OutOfBand(value) if _big_bytes(value) else value
+
+
+def call_value(func: Any, args: tuple, kwargs: dict) -> tuple:
+    """
+    C{(func, args, kwargs)} to pickle, its big C{bytes} and C{bytearray}
+    arguments marked to travel out of band (cheap when there are none: the
+    common case).
+    """
+    return (func, *arguments_value(args, kwargs))
+
+
+def arguments_value(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """C{(args, kwargs)} to pickle, their big C{bytes} and C{bytearray} marked as in L{call_value}."""
+    if any(_big_bytes(a) for a in args):
+        args = tuple(out_of_band(a) for a in args)
+    if kwargs and any(_big_bytes(v) for v in kwargs.values()):
+        kwargs = {k: out_of_band(v) for k, v in kwargs.items()}
+    return args, kwargs
+
+
+class Pickler(cloudpickle.Pickler):
+    """cloudpickle's pickler, with C{memoryview} and C{array.array} reduced to buffers."""
+
+    def reducer_override(self, obj: Any):
+        kind = type(obj)
+        if kind is memoryview:
+            return _reduce_memoryview(obj)
+        elif kind is array.array:
+            if obj.itemsize * len(obj) >= OUT_OF_BAND_ABOVE:
+                return array_from_buffer, (obj.typecode, pickle.PickleBuffer(memoryview(obj).toreadonly()))
+        return super().reducer_override(obj)
+
+
+def _reduce_memoryview(view: memoryview):
+    """A memoryview travels as its bytes, format and shape; loaded, it is a view of the received buffer."""
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes()).cast("B").cast(view.format, view.shape)
+    try:
+        memoryview_from_buffer(view, view.format, view.shape)
+    except (TypeError, ValueError) as e:
+        raise pickle.PicklingError(f"cannot pickle a memoryview of format {view.format!r}: {e}") from None
+    return memoryview_from_buffer, (pickle.PickleBuffer(view), view.format, view.shape)
+
+
+def dumps(value: Any) -> bytes | Segments:
+    """
+    C{value} pickled with cloudpickle: plain bytes, or, if it holds
+    buffers of at least L{OUT_OF_BAND_ABOVE} bytes, a L{Segments} whose
+    parts are the pickle and views of those buffers (see the module docstring).
+    """
+    buffers: list[memoryview] = []
+
+    def apart(buffer: pickle.PickleBuffer) -> bool:
+        raw = buffer.raw()
+        if raw.nbytes < OUT_OF_BAND_ABOVE or len(buffers) >= MAX_BUFFERS:
+            return True  # in the pickle
+        buffers.append(raw)
+        return False
+
+    with io.BytesIO() as file:
+        Pickler(file, protocol=PROTOCOL, buffer_callback=apart).dump(value)
+        pickled = file.getvalue()
+    if not buffers:
+        return pickled
+    return frame(pickled, buffers)
+
+
+def loads(data: Any) -> Any:
+    """
+    Undo L{dumps}: C{data} is the received payload (C{bytes} or a view);
+    out-of-band buffers are views of it, copied only where a writable one
+    arrived read-only.
+    """
+    if not is_framed(data):
+        return pickle.loads(data)
+    pickled, segments = unframe(data)
+    buffers = [
+        memoryview(bytearray(view)) if flags & WRITABLE and view.readonly else view
+        for view, flags in segments
+    ]
+    return pickle.loads(pickled, buffers=buffers)
