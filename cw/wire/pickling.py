@@ -4,8 +4,9 @@ Pickling payloads with their big buffers out of band (pickle protocol 5).
 L{dumps} pickles a job's call or a job's result with cloudpickle; every
 buffer of at least L{OUT_OF_BAND_ABOVE} bytes (a NumPy array, a
 C{memoryview}, an C{array.array}, and C{bytes} or C{bytearray} passed
-directly as an argument or returned directly; elsewhere, these two are
-written into the pickle by the pickler itself) is left out of the pickle
+as an argument or returned, or in a short tuple or list that is: see
+L{out_of_band}; deeper, these two are written into the pickle by the
+pickler itself) is left out of the pickle
 and travels beside it, in a L{cw.core.payload} frame whose parts are views
 of the buffers where they lie: nothing is copied on the sending side.
 L{loads} takes a received payload (a plain pickle or a frame) and loads it
@@ -68,30 +69,50 @@ class OutOfBand:
         return type(self.data), (pickle.PickleBuffer(memoryview(self.data).toreadonly()),)
 
 
+#: Tuples and lists up to this long are looked into for big C{bytes} (see L{out_of_band}).
+LOOK_INTO = 16
+
+
 def _big_bytes(value: Any) -> bool:
     kind = type(value)
     return (kind is bytes or kind is bytearray) and len(value) >= OUT_OF_BAND_ABOVE
 
 
+def _holds_big_bytes(value: Any) -> bool:
+    if _big_bytes(value):
+        return True
+    kind = type(value)
+    return (kind is tuple or kind is list) and len(value) <= LOOK_INTO and any(_big_bytes(v) for v in value)
+
+
 def out_of_band(value: Any) -> Any:
-    """C{value}, in an L{OutOfBand} if it is C{bytes} or C{bytearray} big enough to travel out of band."""
-    return OutOfBand(value) if _big_bytes(value) else value
+    """
+    C{value} with big C{bytes} and C{bytearray} marked to travel out of
+    band (L{OutOfBand}): C{value} itself, or the items of a tuple or list
+    of at most L{LOOK_INTO} items.  Elsewhere they travel in the pickle.
+    """
+    if _big_bytes(value):
+        return OutOfBand(value)
+    kind = type(value)
+    if (kind is tuple or kind is list) and len(value) <= LOOK_INTO and any(_big_bytes(v) for v in value):
+        return kind(OutOfBand(v) if _big_bytes(v) else v for v in value)
+    return value
 
 
 def call_value(func: Any, args: tuple, kwargs: dict) -> tuple:
     """
-    C{(func, args, kwargs)} to pickle, its big C{bytes} and C{bytearray}
-    arguments marked to travel out of band (cheap when there are none: the
-    common case).
+    C{(func, args, kwargs)} to pickle, big C{bytes} and C{bytearray} among
+    its arguments marked to travel out of band (L{out_of_band} of each
+    argument; cheap when there are none: the common case).
     """
     return (func, *arguments_value(args, kwargs))
 
 
 def arguments_value(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """C{(args, kwargs)} to pickle, their big C{bytes} and C{bytearray} marked as in L{call_value}."""
-    if any(_big_bytes(a) for a in args):
+    if any(_holds_big_bytes(a) for a in args):
         args = tuple(out_of_band(a) for a in args)
-    if kwargs and any(_big_bytes(v) for v in kwargs.values()):
+    if kwargs and any(_holds_big_bytes(v) for v in kwargs.values()):
         kwargs = {k: out_of_band(v) for k, v in kwargs.items()}
     return args, kwargs
 

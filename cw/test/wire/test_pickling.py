@@ -66,6 +66,20 @@ class RoundTripTests(unittest.TestCase):
         )
         self.assertEqual(kwargs, {"key": blob})
 
+    def test_bytes_in_short_containers(self):
+        """Big bytes in a short tuple or list (argument or result) travel apart; deeper, in the pickle."""
+        blob = b"z" * OUT_OF_BAND_ABOVE
+        value = pickling.out_of_band((1, blob, [blob]))
+        data = pickling.dumps(value)
+        self.assertEqual(len(data.parts), 3)  # header, pickle, one buffer
+        self.assertEqual(pickling.loads(received(data)), (1, blob, [blob]))
+        _, args, kwargs = pickling.loads(
+            received(pickling.dumps(pickling.call_value(len, ([blob],), {"k": (blob,)})))
+        )
+        self.assertEqual((args, kwargs), (([blob],), {"k": (blob,)}))
+        long = [blob] * (pickling.LOOK_INTO + 1)
+        self.assertIs(pickling.out_of_band(long), long)
+
     def test_multidimensional_memoryview(self):
         """A memoryview keeps its format and shape."""
         view = memoryview(bytearray(array.array("i", range(OUT_OF_BAND_ABOVE)).tobytes())).cast(
