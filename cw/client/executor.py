@@ -841,9 +841,15 @@ class ClusterExecutor(futures.Executor):
             self._jobs.forget(result.seq)
 
     def _fail_all(self, error: Exception) -> None:
-        """The connection is lost: every outstanding job fails with C{error}."""
+        """
+        The connection is lost: every outstanding job fails with C{error}
+        (a L{MasterUnavailable} as one of its own, that names the job).
+        """
         for entry in self._jobs.clear():
-            entry._finish(False, error)
+            if type(error) is MasterUnavailable:
+                entry._finish(False, MasterUnavailable(f"job {entry._jobid}: {error}"))
+            else:
+                entry._finish(False, error)
 
     def outstanding(self) -> list[futures.Future]:
         """
