@@ -179,8 +179,6 @@ def main(argv: list[str] | None = None) -> int:
             pending_timeout=config.pending_timeout,
         )
         if args.command == "adapt":
-            if config.pool:
-                raise CWError("cw-slurm adapt runs one pool; several pools (--pool) run in the master job")
             slurm.adapt(
                 cluster,
                 secret_file=config.secret_file,
@@ -194,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 walltime_warning=config.walltime_warning,
                 master_time=config.master_time,
                 master_options=["--state", os.path.abspath(config.state)] if config.state else [],
+                pools=[parse_pool(text) for text in config.pool],
                 **pool,
             )
             return 0

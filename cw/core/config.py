@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import getopt
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -462,7 +463,8 @@ class SlurmConfig(Checked):
         "start: a pool of workers, its own worker job, instead of -n (repeatable): n workers, each with"
         " cpus cores, mem memory, gres (e.g. gpu:1), tags and resources NAME=N, e.g."
         " gpu:n=4,gres=gpu:1,cpus=8,mem=64G,tag=gpu; min=A,max=B instead of n: an adaptive pool of"
-        " A to B worker jobs of one worker each",
+        " A to B worker jobs of one worker each, with idle=S, poll=S, pending=S its own"
+        " --idle-timeout, --poll-interval, --pending-timeout",
         doc="none",
         metavar="NAME:KEY=VALUE,...",
     )
@@ -503,8 +505,11 @@ class PoolSpec:
     and custom C{resources} (C{NAME=N}) its workers advertise.  With
     C{max_workers} (C{max=}) the pool is adaptive: between C{min_workers}
     (C{min=}, default 0) and C{max_workers} worker jobs of one worker
-    each, as the queued work it could run needs (L{cw.core.scaling}).
-    Parsed by L{parse_pool}; L{spec} gives the text back.
+    each, as the queued work it could run needs (L{cw.core.scaling}); its
+    C{idle_timeout} (C{idle=}), C{poll_interval} (C{poll=}) and
+    C{pending_timeout} (C{pending=}), in seconds, override the common
+    C{--idle-timeout}, C{--poll-interval} and C{--pending-timeout} (None:
+    the common one).  Parsed by L{parse_pool}; L{spec} gives the text back.
     """
 
     name: str
@@ -516,6 +521,9 @@ class PoolSpec:
     resources: tuple[str, ...] = ()
     min_workers: int | None = None
     max_workers: int | None = None
+    idle_timeout: float | None = None
+    poll_interval: float | None = None
+    pending_timeout: float | None = None
 
     @property
     def adaptive(self) -> bool:
@@ -545,11 +553,19 @@ class PoolSpec:
             if value
         ]
         parts += [f"tag={tag}" for tag in self.tags] + [f"resource={r}" for r in self.resources]
+        parts += [
+            f"{key}={getattr(self, field):g}"
+            for key, field in _POOL_TIMES.items()
+            if getattr(self, field) is not None
+        ]
         return f"{self.name}:" + ",".join(parts)
 
 
 #: C{--pool} keys that name a field otherwise.
 _POOL_KEYS = {"max": "max_workers"}
+
+#: C{--pool} keys of an adaptive pool's own times, in seconds (C{idle=0} allowed).
+_POOL_TIMES = {"idle": "idle_timeout", "poll": "poll_interval", "pending": "pending_timeout"}
 
 
 def parse_pool(text: str) -> PoolSpec:
@@ -577,6 +593,17 @@ def parse_pool(text: str) -> PoolSpec:
             if not value.isdigit():
                 raise OptionError(f"--pool {text!r}: min must be a whole number, not {value!r}")
             fields["min_workers"] = int(value)
+        elif key in _POOL_TIMES:
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = math.nan
+            if not (seconds > 0 or (key == "idle" and seconds == 0)) or math.isinf(seconds):
+                least = "0 or more" if key == "idle" else "more than 0"
+                raise OptionError(
+                    f"--pool {text!r}: {key} must be a number of seconds, {least}, not {value!r}"
+                )
+            fields[_POOL_TIMES[key]] = seconds
         elif key in ("mem", "gres"):
             fields[key] = value
         elif key == "tag":
@@ -585,11 +612,13 @@ def parse_pool(text: str) -> PoolSpec:
             fields["resources"].append(value)
         else:
             raise OptionError(
-                f"--pool {text!r}: unknown key {key!r} (n, min, max, cpus, mem, gres, tag, resource)"
+                f"--pool {text!r}: unknown key {key!r}"
+                " (n, min, max, idle, poll, pending, cpus, mem, gres, tag, resource)"
             )
     fields["tags"], fields["resources"] = tuple(fields["tags"]), tuple(fields["resources"])
-    if "min_workers" in fields and "max_workers" not in fields:
-        raise OptionError(f"--pool {text!r}: min= needs max= (an adaptive pool)")
+    for key, field in [("min", "min_workers"), *_POOL_TIMES.items()]:
+        if field in fields and "max_workers" not in fields:
+            raise OptionError(f"--pool {text!r}: {key}= needs max= (an adaptive pool)")
     if "max_workers" in fields:
         if "n" in fields:
             raise OptionError(

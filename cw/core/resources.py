@@ -49,6 +49,27 @@ class Shape:
     custom: tuple[tuple[str, float], ...] = ()
     tags: frozenset[str] = frozenset()
 
+    def to_json(self) -> dict:
+        """The request as the master's status shows it (C{queued_shapes}, for C{cw-slurm adapt})."""
+        return {
+            CPUS: self.cpus,
+            MEMORY: self.memory,
+            GPUS: self.gpus,
+            "custom": dict(self.custom),
+            TAGS: sorted(self.tags),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Shape:
+        """Undo L{to_json}."""
+        return cls(
+            cpus=data.get(CPUS, 1),
+            memory=data.get(MEMORY, 0),
+            gpus=data.get(GPUS, 0),
+            custom=tuple(sorted(data.get("custom", {}).items())),
+            tags=frozenset(data.get(TAGS, ())),
+        )
+
     def describe(self) -> str:
         """The request in words, as a user would write it (C{cpus=2, gpus=1, tags=gpu})."""
         parts = [f"cpus={self.cpus}"]

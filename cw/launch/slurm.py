@@ -57,7 +57,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from cw.client.session import Session, call_in_reactor
@@ -87,11 +87,10 @@ from cw.errors import SlurmError
 from cw.launch.twistd import run_twistd
 from cw.master.pool import (
     POLL_INTERVAL,
-    PoolService,
-    SlurmLauncher,
     StatusSource,
-    bounds_from,
+    launcher_factory,
     read_pool_file,
+    start_pools,
 )
 from cw.master.store import locked
 from cw.system import polling, with_cw_on_path, write_atomically
@@ -481,9 +480,9 @@ def start(
                 directory,
                 pool.min_workers or 0,
                 pool.max_workers,
-                idle_timeout,
-                poll_interval,
-                pending_timeout,
+                idle_timeout if pool.idle_timeout is None else pool.idle_timeout,
+                poll_interval if pool.poll_interval is None else pool.poll_interval,
+                pending_timeout if pool.pending_timeout is None else pool.pending_timeout,
                 walltime_warning,
             )
             entries.append({**description, "name": pool.name, "capacity": pool.capacity().to_json()})
@@ -706,18 +705,27 @@ def allocate(nworkers: int = _DEFAULTS.workers, *args, **kwargs) -> Iterator[str
 
 def adapt(cluster: str | None = None, *, secret_file: str | None = None, **start_options) -> None:
     """
-    C{cw-slurm adapt}: run the adaptive pool's scaling loop here, in the
+    C{cw-slurm adapt}: run the adaptive pools' scaling loops here, in the
     foreground, where compute nodes may not call C{sbatch} (so the master
     job cannot): the master job is submitted if it does not run yet (with
-    C{start_options}, which must give C{max_workers}), and this process
-    reads the master's status each second, decides with the same policy
-    (L{cw.core.scaling}) and submits, drains and cancels the worker jobs
-    itself.  On SIGINT or SIGTERM it cancels its worker jobs (they drain)
+    C{start_options}, which must give C{max_workers} or adaptive C{pools},
+    L{PoolSpec}), and this process reads the master's status each second
+    (once for all the pools), decides with the same policy
+    (L{cw.core.scaling}) and submits, drains and cancels every pool's
+    worker jobs itself, with one C{squeue} per polling interval for all
+    of them.  On SIGINT or SIGTERM it cancels its worker jobs (they drain)
     and returns; the master job stays (C{cw-slurm stop} ends it).
     """
     cluster = cluster_name(cluster)
-    if start_options.get("max_workers") is None:
-        raise SlurmError("cw-slurm adapt needs --max-workers")
+    pools = list(start_options.get("pools") or ())
+    if start_options.get("max_workers") is None and not pools:
+        raise SlurmError("cw-slurm adapt needs --max-workers, or adaptive pools (--pool NAME:min=A,max=B)")
+    fixed = [pool.name for pool in pools if not pool.adaptive]
+    if fixed:
+        raise SlurmError(
+            f"cw-slurm adapt runs adaptive pools only (NAME:min=A,max=B), not {', '.join(fixed)}:"
+            " start fixed pools with 'cw-slurm start'"
+        )
     master = not master_info(cluster)
     start(0, master=master, workers=False, cluster=cluster, secret_file=secret_file, wait=False,
           pool_in_master=False, **start_options)  # fmt: skip
@@ -733,14 +741,23 @@ def adapt(cluster: str | None = None, *, secret_file: str | None = None, **start
         call = lambda: session.call(GetStatus, timeout=30)["status"]  # noqa: E731
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), call)
 
-    launcher = SlurmLauncher(reactor, spec["script"], spec["directory"], float(spec["poll_interval"]))
-    pool = PoolService(StatusSource(status), launcher, bounds_from(spec), reactor)
+    services = start_pools(
+        spec, StatusSource(status, reactor), launcher_factory(reactor, info["address"]), reactor
+    )
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    names = ", ".join(s.name for s in services if s.name)
     print(
-        f"cw-slurm adapt: managing the worker jobs of the master at {info['address']}; ^C stops", flush=True
+        f"cw-slurm adapt: managing the worker jobs{' of the pools ' + names if names else ''} of the master"
+        f" at {info['address']}; ^C stops",
+        flush=True,
     )
-    call_in_reactor(pool.start)
+
+    def start_all():
+        for service in services:
+            service.start()
+
+    call_in_reactor(start_all)
     try:
         while not stop.wait(0.5):
             pass
@@ -749,7 +766,7 @@ def adapt(cluster: str | None = None, *, secret_file: str | None = None, **start
     finally:
         signal.signal(signal.SIGTERM, previous)
         print("cw-slurm adapt: cancelling the pool's worker jobs", flush=True)
-        call_in_reactor(pool.stop, timeout=120)
+        call_in_reactor(lambda: defer.gatherResults([s.stop() for s in services]), timeout=120)
         session.close()
 
 

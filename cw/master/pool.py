@@ -38,9 +38,10 @@ from typing import Any
 
 from twisted.internet import defer, error, protocol, task, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from cw.core.resources import Capacity
+from cw.core.resources import Capacity, Shape
 from cw.core.scaling import (
     POLL_INTERVAL,
     Cancel,
@@ -227,17 +228,94 @@ def array_ids(job: str, count: int) -> list[str]:
     return [f"{job}_{i}" for i in range(count)] if count > 1 else [job]
 
 
+class SqueuePoller:
+    """
+    The one C{squeue} of several pools (L{SlurmLauncher}s sharing it): a
+    pool's poll that finds an answer younger than its interval gets that
+    answer, so all the pools together call C{squeue} once per interval
+    (for all of their jobs at once: C{-j} with every recorded id, C{-r} to
+    list array tasks one by one).  After an error or a slow answer (over
+    C{slow} seconds) the interval doubles, up to L{MAX_BACKOFF}, and comes
+    back once SLURM answers promptly.
+    """
+
+    def __init__(self, reactor, slow: float = 10.0) -> None:
+        self.reactor = reactor
+        self.slow = slow
+        #: What the interval is multiplied by (the back-off).
+        self.backoff = 1.0
+        self.launchers: list[SlurmLauncher] = []
+        #: The last answer: C{(time, ids asked for, {id: squeue fields})}.
+        self.answer: tuple[float, set[str], dict[str, list[str]]] | None = None
+        self._waiting: list[defer.Deferred] | None = None
+
+    def rows(self, launcher: SlurmLauncher, ids: Sequence[str], max_age: float) -> defer.Deferred:
+        """
+        Fires with the last answer (see L{answer}) if younger than
+        C{max_age} seconds; else asks C{squeue} (through C{launcher}, which
+        counts the call) about the jobs of every launcher and C{ids}.  A
+        call already on its way is shared.
+        """
+        now = self.reactor.seconds()
+        if self.answer is not None and now - self.answer[0] < max_age:
+            return defer.succeed(self.answer)
+        d: defer.Deferred = defer.Deferred()
+        if self._waiting is not None:
+            self._waiting.append(d)
+            return d
+        self._waiting = [d]
+        wanted = set(ids).union(*(x.submitted for x in self.launchers))
+        self._ask(launcher, wanted).addBoth(self._answered)
+        return d
+
+    def _answered(self, result) -> None:
+        waiting, self._waiting = self._waiting or [], None
+        for d in waiting:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+        if isinstance(result, Failure):
+            return None
+
+    @defer.inlineCallbacks
+    def _ask(self, launcher: SlurmLauncher, wanted: set[str]):
+        jobs = sorted({i.split("_")[0] for i in wanted})
+        began = self.reactor.seconds()
+        try:
+            out = yield launcher._run(["squeue", "-h", "-r", "-j", ",".join(jobs), "-o", "%i|%T|%S|%L"])
+        except SlurmError as e:
+            if "Invalid job id" not in str(e):
+                self.backoff = min(MAX_BACKOFF, self.backoff * 2)
+                log.warn("squeue failed ({e}); next look in {s:g} s", e=e, s=launcher.poll_interval)
+                raise
+            out = ""
+        now = self.reactor.seconds()
+        if now - began > self.slow:
+            self.backoff = min(MAX_BACKOFF, self.backoff * 2)
+            log.warn("squeue took {t:.1f} s; next look in {s:g} s", t=now - began, s=launcher.poll_interval)
+        else:
+            self.backoff = 1.0
+        rows = {}
+        for line in out.splitlines():
+            fields = line.strip().split("|")
+            if len(fields) == 4 and fields[0] in wanted:
+                rows[fields[0]] = fields
+        self.answer = (now, wanted, rows)
+        return self.answer
+
+
 @implementer(IWorkerLauncher)
 class SlurmLauncher:
     """
     Workers as SLURM jobs: C{script} is the worker job's batch script (one
     worker), submitted with C{sbatch --array=0-(N-1)} to start N at once.
     One C{squeue} per C{poll_interval} at most, for all the pool's jobs at
-    once (C{-j} with the recorded ids, C{-r} to list array tasks one by
-    one); after an error or a slow answer the interval doubles, up to
-    L{MAX_BACKOFF}, and comes back once SLURM answers promptly.  The
-    launches are recorded in C{directory/pool-jobs.json} (C{pool-jobs-NAME.json}
-    for the pool C{name} of several), so that C{cw-slurm stop} cancels them too.
+    once, and for those of the other pools sharing its C{poller}
+    (L{SqueuePoller}: one call per interval for all the master's pools).
+    The launches are recorded in C{directory/pool-jobs.json}
+    (C{pool-jobs-NAME.json} for the pool C{name} of several), so that
+    C{cw-slurm stop} cancels them too.
     """
 
     def __init__(
@@ -248,16 +326,24 @@ class SlurmLauncher:
         poll_interval: float = POLL_INTERVAL,
         slow: float = 10.0,
         name: str | None = None,
+        poller: SqueuePoller | None = None,
     ) -> None:
         self.reactor = reactor
         self.record = f"pool-jobs-{name}.json" if name else "pool-jobs.json"
         self.script = script
         self.directory = Path(directory)
-        self.base_interval = self.poll_interval = poll_interval
-        self.slow = slow
+        self.base_interval = poll_interval
+        self.poller = poller if poller is not None else SqueuePoller(reactor, slow)
+        self.poller.launchers.append(self)
         self.submitted: dict[str, float] = {}
+        self.answered_at: float | None = None
         #: Calls made to each SLURM command (for the status and tests).
         self.calls = {"sbatch": 0, "squeue": 0, "scancel": 0}
+
+    @property
+    def poll_interval(self) -> float:
+        """Seconds between two looks: the pool's interval, longer while SLURM is slow or fails."""
+        return min(MAX_BACKOFF, self.base_interval * self.poller.backoff)
 
     def _run(self, args: list[str], input: str | None = None) -> defer.Deferred:
         self.calls[args[0]] = self.calls.get(args[0], 0) + 1
@@ -295,40 +381,31 @@ class SlurmLauncher:
     def poll(self, ids: Sequence[str]):
         if not ids:
             return {}
-        jobs = sorted({i.split("_")[0] for i in ids})
-        began = self.reactor.seconds()
-        try:
-            out = yield self._run(["squeue", "-h", "-r", "-j", ",".join(jobs), "-o", "%i|%T|%S|%L"])
-        except SlurmError as e:
-            if "Invalid job id" not in str(e):
-                self.poll_interval = min(MAX_BACKOFF, self.poll_interval * 2)
-                log.warn("squeue failed ({e}); next look in {s:g} s", e=e, s=self.poll_interval)
-                raise
-            out = ""
-        now = self.reactor.seconds()
-        if now - began > self.slow:
-            self.poll_interval = min(MAX_BACKOFF, self.poll_interval * 2)
-            log.warn("squeue took {t:.1f} s; next look in {s:g} s", t=now - began, s=self.poll_interval)
-        else:
-            self.poll_interval = self.base_interval
+        when, asked, rows = yield self.poller.rows(self, ids, self.poll_interval)
+        #: When the answer was asked for (for the loop's next look: see L{PoolService.tick}).
+        self.answered_at = when
         found: dict[str, Launch] = {}
-        wanted = set(ids)
-        for line in out.splitlines():
-            fields = line.strip().split("|")
-            if len(fields) != 4 or fields[0] not in wanted:
+        for launch in ids:
+            if launch not in asked:
+                # Submitted since that squeue: pending, until the next one says.
+                found[launch] = Launch(launch, self.submitted.get(launch, when))
                 continue
-            launch, state, start, left = fields
+            fields = rows.get(launch)
+            if fields is None:
+                continue
+            _, state, start, left = fields
             if state in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED"):
                 started = None
                 ends = None
                 if state != "PENDING":
-                    started = parse_slurm_clock(start) or now
+                    started = parse_slurm_clock(start) or when
                     remaining = parse_slurm_time(left)
-                    ends = None if remaining is None else now + remaining
-                found[launch] = Launch(launch, self.submitted.get(launch, now), started, ends)
-        for gone in wanted - set(found):
-            self.submitted.pop(gone, None)
-        if wanted - set(found):
+                    ends = None if remaining is None else when + remaining
+                found[launch] = Launch(launch, self.submitted.get(launch, when), started, ends)
+        gone = [launch for launch in ids if launch not in found]
+        for launch in gone:
+            self.submitted.pop(launch, None)
+        if gone:
             self._record()
         return found
 
@@ -364,8 +441,11 @@ def bounds_from(data: dict) -> PoolBounds:
         raise CWError(f"bad pool bounds: {e}") from None
 
 
-def make_launcher(reactor, data: dict, address: str) -> IWorkerLauncher:
-    """The launcher a pool file describes; C{address} is the master's, for local workers."""
+def make_launcher(reactor, data: dict, address: str, poller: SqueuePoller | None = None) -> IWorkerLauncher:
+    """
+    The launcher a pool file describes; C{address} is the master's, for
+    local workers; SLURM launchers sharing C{poller} share their C{squeue}.
+    """
     if data["launcher"] == "local":
         return LocalLauncher(
             reactor, address, data.get("worker_args", ()), data.get("run_dir"), data.get("time_limit")
@@ -376,7 +456,18 @@ def make_launcher(reactor, data: dict, address: str) -> IWorkerLauncher:
         data["directory"],
         float(data.get("poll_interval", POLL_INTERVAL)),
         name=data.get("name"),
+        poller=poller,
     )
+
+
+def launcher_factory(reactor, address: str):
+    """
+    C{launcher_for(description)} for L{start_pools}: L{make_launcher}, the
+    SLURM launchers of all the pools sharing one L{SqueuePoller} (one
+    C{squeue} per interval for all of them).
+    """
+    poller = SqueuePoller(reactor)
+    return lambda data: make_launcher(reactor, data, address, poller)
 
 
 def pools_in(data: dict) -> list[dict]:
@@ -492,23 +583,61 @@ class StatusSource:
     """
     The same read from a master elsewhere, through its status
     (C{cw-slurm adapt} on a login node): C{get_status()} fires with
-    L{cw.master.service.Master.status}.  It cannot stop dispatch or set
-    walltime ends: a drained worker may get a job just before its signal
-    (it hands it back, unstarted), and jobs' expected durations are not
-    matched against walltimes.
+    L{cw.master.service.Master.status}.  The pools of one C{cw-slurm
+    adapt} share one: a status younger than C{max_age} seconds (or one on
+    its way) serves them all.  It cannot stop dispatch or set walltime
+    ends: a drained worker may get a job just before its signal (it hands
+    it back, unstarted), and jobs' expected durations are not matched
+    against walltimes.
     """
 
-    def __init__(self, get_status) -> None:
+    def __init__(self, get_status, clock, max_age: float = TICK / 2) -> None:
         self.get_status = get_status
+        self.clock = clock
+        self.max_age = max_age
+        self.last: tuple[float, dict] | None = None
+        self._waiting: list[defer.Deferred] | None = None
+
+    def _status(self) -> defer.Deferred:
+        now = self.clock.seconds()
+        if self.last is not None and now - self.last[0] < self.max_age:
+            return defer.succeed(self.last[1])
+        d: defer.Deferred = defer.Deferred()
+        if self._waiting is not None:
+            self._waiting.append(d)
+            return d
+        self._waiting = [d]
+
+        def done(result):
+            waiting, self._waiting = self._waiting or [], None
+            if not isinstance(result, Failure):
+                self.last = (now, result)
+            for each in waiting:
+                if isinstance(result, Failure):
+                    each.errback(result)
+                else:
+                    each.callback(result)
+
+        defer.maybeDeferred(self.get_status).addBoth(done)
+        return d
 
     @defer.inlineCallbacks
     def snapshot(self):
-        status = yield self.get_status()
+        status = yield self._status()
         workers = [
             (w["id"], w.get("launch"), w["slots"], w["held"], w["completed"], w["draining"])
             for w in status["workers"]
         ]
         return (status["queued"], status.get("job_seconds"), workers)
+
+    def queued_shapes(self) -> tuple[int, dict]:
+        """The queued jobs of the last status: how many plain, and the sized ones by shape."""
+        status = self.last[1] if self.last else {}
+        shapes: dict[Shape, int] = {}
+        for entry in status.get("queued_shapes") or []:
+            shape = Shape.from_json(entry)
+            shapes[shape] = shapes.get(shape, 0) + entry["count"]
+        return status.get("queued", 0) - sum(shapes.values()), shapes
 
     def set_end(self, worker: int, ends_at: float | None) -> None:
         pass
@@ -573,6 +702,10 @@ class PoolService:
             if due and self.launches:
                 self._polled_at = now
                 seen = yield self.launcher.poll(list(self.launches))
+                # A launcher sharing its look with other pools' (L{SqueuePoller}) may
+                # answer with an earlier look: the next is due an interval after that.
+                answered = getattr(self.launcher, "answered_at", None)
+                self._polled_at = now if answered is None else answered
                 for launch in list(self.launches):
                     old = self.launches[launch]
                     if launch in seen:

@@ -39,7 +39,7 @@ from cw.master.pool import (
     MasterSource,
     PoolService,
     bounds_from,
-    make_launcher,
+    launcher_factory,
     pools_in,
     read_pool_file,
     start_pools,
@@ -922,6 +922,9 @@ class Master:
             "uptime": self.clock.seconds() - self.started,
             "queued": s.queued,
             "unschedulable": sum(s.unschedulable().values()),
+            # The sized jobs queued, by shape (the rest ask for nothing): for
+            # the pools of 'cw-slurm adapt', each scaled for its share.
+            "queued_shapes": [{**shape.to_json(), "count": n} for shape, n in s.queued_shapes()[1].items()],
             # Results workers handed over for clients not back yet (L{handed_over}).
             "unclaimed_results": len(self.unclaimed),
             "unclaimed_bytes": self.unclaimed.bytes,
@@ -1117,7 +1120,7 @@ class MasterService(service.Service):
             pools = start_pools(
                 self.pool_spec,
                 MasterSource(self.master),
-                lambda data: make_launcher(self.reactor, data, address),
+                launcher_factory(self.reactor, address),
                 self.reactor,
             )
             self.pool = pools[0]

@@ -75,14 +75,14 @@ class AdaptiveSlurmTests(unittest.TestCase):
         self.assertEqual(out.returncode, 0, f"slurm.py {' '.join(args)}:\n{out.stdout}{out.stderr}")
         return out
 
-    def pool_polls(self) -> list[float]:
-        """When the master job called squeue for the pool."""
+    def pool_polls(self, caller: str | None = None) -> list[float]:
+        """When the master job (or C{caller}: C{login} for 'cw-slurm adapt') called squeue for the pools."""
         try:
             lines = (Path(self.directory) / "squeue.log").read_text().splitlines()
         except FileNotFoundError:
             return []
-        master = slurm.job_names(self.name)[0]
-        return [float(line.split()[0]) for line in lines if f" {master} " in line and POOL_FORMAT in line]
+        caller = caller or slurm.job_names(self.name)[0]
+        return [float(line.split()[0]) for line in lines if f" {caller} " in line and POOL_FORMAT in line]
 
     def worker_jobs(self) -> list[str]:
         workers = slurm.job_names(self.name)[1]
@@ -227,6 +227,12 @@ class AdaptiveSlurmTests(unittest.TestCase):
             self.assertEqual(pools["wide"]["max_workers"], 2)
             wait_until(lambda: not self.pool_jobs_named(), timeout=idle + DEADLINE, what="both pools idle")
             elapsed = time.time() - began
+            # One squeue per polling interval (1 s) for both pools together.
+            counted = sum(p["calls"]["squeue"] for p in self.status()["pools"])
+            polls = self.pool_polls()
+            gaps = [b - a for a, b in zip(polls, polls[1:], strict=False)]
+            self.assertGreaterEqual(min(gaps), 0.9, gaps)
+            self.assertIn(counted, (len(polls), len(polls) - 1))
             self.run_command("stop")
             self.assertEqual(self.squeue(), {})
             self.assertEqual(self.pool_jobs_named(), [])
@@ -236,44 +242,61 @@ class AdaptiveSlurmTests(unittest.TestCase):
 
     def test_adapt_on_the_login_node(self):
         """
-        'cw-slurm adapt' starts the master job (with no pool of its own)
-        and runs the loop in the foreground: with --min-workers 1 it
-        submits a worker job, which serves a client; on SIGINT it cancels
-        its worker jobs and exits 0, the master job staying.
+        'cw-slurm adapt' with two adaptive pools starts the master job
+        (with no pool of its own) and runs every pool's loop in the
+        foreground: the plain pool's --min 1 worker job serves plain jobs,
+        tagged jobs bring up the tagged pool's worker jobs (and run there),
+        all with one squeue per polling interval for both pools; on SIGINT
+        it cancels the worker jobs and exits 0, the master job staying.
         """
+        poll = 2.0
 
         def body():
-            command = [SCRIPT, "adapt", "--min-workers", "1", "--max-workers", "2", "--poll-interval", "2"]
+            command = [
+                SCRIPT, "--pool", "plain:min=1,max=2,cpus=1", "--pool", "wide:min=0,max=2,cpus=2,tag=wide",
+                "adapt", "--poll-interval", str(poll),
+            ]  # fmt: skip
             proc = subprocess.Popen(
                 [sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                 env=self.env(),
             )  # fmt: skip
             self.addCleanup(lambda: proc.poll() is None and proc.kill())
-            workers = wait_until(self.worker_jobs, timeout=DEADLINE, what="a worker job from cw-slurm adapt")
+            plain = wait_until(
+                lambda: self.pool_jobs_named("plain"), timeout=DEADLINE, what="a plain worker job from adapt"
+            )
+            self.assertEqual(self.pool_jobs_named("wide"), [])
             master = slurm.recorded_jobs(self.name)["master"]
             self.assertEqual(len(master), 1)
             info = slurm.master_info(self.name)
             self.assertNotIn(
                 "--pool-file", Path(self.directory, self.name, f"master-{master[0]}.log").read_text()
             )
-            self.assertIsNone(self.status()["pool"])
-            client = "import cw; from cw.client import ClusterExecutor\n" + (
-                "with ClusterExecutor(cw.slurm_master_host()) as ex:\n"
-                "    print(sum(ex.map(abs, range(-50, 50), timeout=120)))\n"
-            )
-            run = [sys.executable, "-c", client]
-            out = subprocess.run(run, capture_output=True, text=True, env=self.env(), timeout=DEADLINE * 2)
-            self.assertEqual(out.stdout.strip(), "2500", out.stderr)
+            status = self.status()
+            self.assertEqual((status["pool"], status["pools"]), (None, []))
+            with executor(info["address"]) as ex:
+                self.assertEqual(sum(ex.map(abs, range(-50, 50), timeout=DEADLINE)), 2500)
+                tagged = [ex.submit_with(probe, (0.5,), tags={"wide"}) for _ in range(6)]
+                wide = wait_until(lambda: self.pool_jobs_named("wide"), timeout=DEADLINE, what="wide jobs")
+                self.assertEqual({f.result(DEADLINE)["slurm_cpus"] for f in tagged}, {"2"})
             proc.send_signal(2)
             output, _ = proc.communicate(timeout=DEADLINE * 2)
             self.assertEqual(proc.returncode, 0, output)
+            self.assertIn("of the pools plain, wide", output)
             self.assertIn("cancelling the pool's worker jobs", output)
-            self.assertIn("submit 1", output)
-            wait_until(lambda: not self.worker_jobs(), timeout=DEADLINE, what="the worker jobs to end")
+            self.assertIn("Pool plain: submit 1", output)
+            self.assertIn("Pool wide: submit", output)
+            wait_until(lambda: not self.pool_jobs_named(), timeout=DEADLINE, what="the worker jobs to end")
             self.assertTrue(slurm.active_jobs(master), "the master job ended too")
-            self.assertTrue(workers and info)
+            self.assertTrue(plain and wide and info)
+            # One squeue per polling interval for both pools together.
+            polls = self.pool_polls("login")
+            gaps = [b - a for a, b in zip(polls, polls[1:], strict=False)]
+            self.assertGreater(len(polls), 2, polls)
+            self.assertGreaterEqual(min(gaps), poll * 0.9, gaps)
             self.run_command("stop")
             self.assertEqual(self.squeue(), {})
+            report = {"squeue_calls": len(polls), "shortest_gap_s": round(min(gaps), 2)}
+            print("cw-slurm adapt, two pools:", json.dumps(report))
 
         return threads.deferToThread(body)
 

@@ -146,6 +146,38 @@ class ScriptTests(unittest.TestCase):
         for bad in ["gpu:min=1", "gpu:n=2,max=3", "gpu:min=3,max=2", "gpu:max=0", "gpu:min=x,max=2"]:
             self.assertRaises(OptionError, parse_pool, bad)
 
+    def test_adaptive_pool_times(self):
+        """
+        An adaptive pool's own idle=, poll= and pending= (seconds) override
+        the common --idle-timeout, --poll-interval and --pending-timeout in
+        the pool file the master reads; they round-trip, need max=, and
+        out-of-range values are refused with the pool's text.
+        """
+        gpu = parse_pool("gpu:min=0,max=4,idle=30,poll=5.5,pending=600,tag=gpu")
+        self.assertEqual((gpu.idle_timeout, gpu.poll_interval, gpu.pending_timeout), (30, 5.5, 600))
+        self.assertEqual(parse_pool(gpu.spec()), gpu)
+        self.assertEqual(parse_pool("cpu:max=2,idle=0").idle_timeout, 0)
+        self.assertIsNone(parse_pool("cpu:max=2").idle_timeout)
+        for bad in [
+            "gpu:n=2,idle=30", "gpu:idle=30", "gpu:max=2,idle=-1", "gpu:max=2,poll=0", "gpu:max=2,pending=0",
+            "gpu:max=2,poll=x", "gpu:max=2,idle=nan", "gpu:max=2,pending=inf", "gpu:max=2,poll=",
+        ]:  # fmt: skip
+            with self.assertRaises(OptionError, msg=bad) as caught:
+                parse_pool(bad)
+            self.assertIn(repr(bad), str(caught.exception))
+        directory = self.mktemp()
+        self.patch(os, "environ", {**os.environ, "CW_SLURM_DIR": directory})
+        slurm.start(
+            0, master=False, workers=False, wait=False, pool_in_master=False, cluster="t",
+            master_options=["--insecure"], pools=[gpu, parse_pool("cpu:max=2")],
+            idle_timeout=100, poll_interval=20, pending_timeout=900,
+        )  # fmt: skip
+        data = json.loads((slurm.cluster_dir("t") / "pool.json").read_text())
+        times = {
+            p["name"]: (p["idle_timeout"], p["poll_interval"], p["pending_timeout"]) for p in data["pools"]
+        }
+        self.assertEqual(times, {"gpu": (30, 5.5, 600), "cpu": (100, 20, 900)})
+
     def test_isolated(self):
         """-i: one worker per node."""
         self.assertIn("#SBATCH --ntasks-per-node=1", self.worker(8, isolated=True).splitlines())

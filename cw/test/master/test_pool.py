@@ -76,24 +76,76 @@ class SlurmLauncherTests(unittest.TestCase):
             return outcome
 
         slurm = FakeSlurm(clock, answer)
+
+        def poll():
+            # Once the interval has passed: within it, the last answer serves.
+            clock.advance(slurm.poll_interval)
+            return slurm.poll(["1"])
+
         answers.append(SlurmError("squeue failed (exit 1): slurm_load_jobs error: Socket timed out"))
-        self.failureResultOf(slurm.poll(["1"]), SlurmError)
+        self.failureResultOf(poll(), SlurmError)
         self.assertEqual(slurm.poll_interval, 60)
         answers.append(SlurmError("again"))
-        self.failureResultOf(slurm.poll(["1"]), SlurmError)
+        self.failureResultOf(poll(), SlurmError)
         self.assertEqual(slurm.poll_interval, 120)
         slurm.delay = 15
         answers.append("")
-        self.successResultOf(slurm.poll(["1"]))
+        self.successResultOf(poll())
         self.assertEqual(slurm.poll_interval, 240)
         for _ in range(5):
             answers.append(SlurmError("down"))
-            self.failureResultOf(slurm.poll(["1"]), SlurmError)
+            self.failureResultOf(poll(), SlurmError)
         self.assertEqual(slurm.poll_interval, pool.MAX_BACKOFF)
         slurm.delay = 0
         answers.append("")
-        self.successResultOf(slurm.poll(["1"]))
+        self.successResultOf(poll())
         self.assertEqual(slurm.poll_interval, 30)
+
+    def test_pools_share_one_squeue(self):
+        """
+        Launchers sharing a L{pool.SqueuePoller} (the pools of one master,
+        or of 'cw-slurm adapt') make one squeue per interval for all their
+        jobs: a pool polling within the interval gets the last answer, its
+        jobs submitted since then are pending until the next look, and a
+        job the answer lacks is gone.
+        """
+        clock = task.Clock()
+        clock.advance(1000)
+        poller = pool.SqueuePoller(clock)
+        lines = {"text": "7|RUNNING|2026-11-30T10:00:00|10:00\n8|PENDING|N/A|20:00\n"}  # no 9 yet
+        commands = []
+        jobs = iter(["7", "8", "9"])
+
+        def answer(args):
+            commands.append(args)
+            return next(jobs) + "\n" if args[0] == "sbatch" else lines["text"]
+
+        a, b = (FakeSlurm(clock, answer) for _ in range(2))
+        for launcher in (a, b):
+            launcher.poller = poller
+            poller.launchers.append(launcher)
+        self.assertEqual(self.successResultOf(a.submit(1)), ["7"])
+        self.assertEqual(self.successResultOf(b.submit(1)), ["8"])
+        seen_a = self.successResultOf(a.poll(["7"]))
+        self.assertEqual(commands[-1][:5], ["squeue", "-h", "-r", "-j", "7,8"])
+        clock.advance(1)
+        self.assertEqual(self.successResultOf(b.submit(1)), ["9"])
+        seen_b = self.successResultOf(b.poll(["8", "9"]))
+        squeues = [c for c in commands if c[0] == "squeue"]
+        self.assertEqual(len(squeues), 1)
+        self.assertEqual((a.calls["squeue"], b.calls["squeue"]), (1, 0))
+        self.assertIsNotNone(seen_a["7"].started)
+        self.assertIsNone(seen_b["8"].started)
+        self.assertIsNone(seen_b["9"].started)  # submitted after that look: pending
+        self.assertEqual(b.answered_at, 1000)
+        clock.advance(30)
+        seen_b = self.successResultOf(b.poll(["8", "9"]))
+        self.assertEqual(len([c for c in commands if c[0] == "squeue"]), 2)
+        self.assertEqual(commands[-1][4], "7,8,9")
+        self.assertEqual(sorted(seen_b), ["8"])  # 9 is not in squeue: gone
+        self.assertEqual(sorted(b.submitted), ["8"])
+        self.successResultOf(a.poll(["7"]))
+        self.assertEqual(len([c for c in commands if c[0] == "squeue"]), 2)
 
 
 class FakeLauncher:
@@ -231,6 +283,51 @@ class SeveralPoolsTests(unittest.TestCase):
         queued, _, seen = self.successResultOf(gpu.source.snapshot())
         self.assertEqual((queued, [w[0] for w in seen]), (2 * 8, [2]))
         self.assertEqual(gpu.status()["name"], "gpu")
+
+    def test_pools_from_a_status(self):
+        """
+        The pools of 'cw-slurm adapt' read the master's status (its queued
+        jobs by shape included): one status per round serves them all, and
+        each pool gets its share of the queue and its own workers.
+        """
+        clock = task.Clock()
+        gpu_job = Shape(cpus=2, gpus=1, tags=frozenset({"gpu"}))
+        status = {
+            "queued": 7,
+            "job_seconds": 2.0,
+            "queued_shapes": [{**gpu_job.to_json(), "count": 2}],
+            "workers": [
+                {"id": 1, "launch": "11", "slots": 1, "held": 0, "completed": 3, "draining": False},
+                {"id": 2, "launch": "22", "slots": 8, "held": 1, "completed": 0, "draining": False},
+            ],
+        }
+        asked = []
+        source = pool.StatusSource(lambda: asked.append(1) or defer.succeed(status), clock)
+        data = {
+            "launcher": "slurm",
+            "directory": "/nonexistent",
+            "pools": [
+                {"name": "cpu", "script": "c", "max_workers": 2, "capacity": {"cpus": 1}},
+                {
+                    "name": "gpu",
+                    "script": "g",
+                    "max_workers": 3,
+                    "capacity": {"cpus": 8, "gpus": ["0"], "tags": ["gpu"]},
+                },
+            ],
+        }
+        cpu, gpu = pool.start_pools(data, source, lambda d: d["name"], clock)
+        cpu.launches["11"] = Launch("11", 0.0)
+        gpu.launches["22"] = Launch("22", 0.0)
+        queued, seconds, seen = self.successResultOf(cpu.source.snapshot())
+        self.assertEqual((queued, seconds, [w[0] for w in seen]), (5, 2.0, [1]))
+        queued, _, seen = self.successResultOf(gpu.source.snapshot())
+        self.assertEqual((queued, [w[0] for w in seen]), (2 * 8, [2]))
+        self.assertEqual(len(asked), 1)
+        clock.advance(1)
+        self.successResultOf(gpu.source.snapshot())
+        self.assertEqual(len(asked), 2)
+        self.assertEqual(Shape.from_json(gpu_job.to_json()), gpu_job)
 
     def test_one_pool_is_unnamed(self):
         data = {"launcher": "slurm", "script": "s", "directory": "/nonexistent", "max_workers": 2}
