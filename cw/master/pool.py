@@ -87,6 +87,13 @@ class IWorkerLauncher(Interface):
     def stop() -> defer.Deferred:
         """The master stops: end every launch."""
 
+    def adopt() -> list[Launch]:
+        """
+        The launches a previous master of this pool started and recorded
+        (a master replaced, or restarted after a crash): this launcher's
+        own from now on.  The next poll says which still run.
+        """
+
 
 # --- local processes ---------------------------------------------------------
 
@@ -102,14 +109,20 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.ended.callback(None)
 
 
+#: The pidfile of a local pool's worker, in the run directory: C{worker-pool-LAUNCH.pid}.
+_POOL_PIDFILE = "worker-pool-"
+
+
 @implementer(IWorkerLauncher)
 class LocalLauncher:
     """
     Workers as child processes of the master, C{python -m cw.worker
-    --master ADDRESS ARGS}, each logging to C{run_dir/pool-worker-N.log}
-    with a pidfile next to it (C{cw.mp.stop} stops them).  C{time_limit}
-    (seconds) gives each a walltime, as a batch system would: it is killed
-    then, so a test can watch the pool replace workers ahead of it.
+    --master ADDRESS ARGS}, each logging to C{run_dir/pool-worker-LAUNCH.log}
+    with a pidfile next to it, C{worker-pool-LAUNCH.pid} (C{cw.mp.stop}
+    stops them; a master started again adopts them, L{adopt}).
+    C{time_limit} (seconds) gives each a walltime, as a batch system
+    would: it is killed then, so a test can watch the pool replace
+    workers ahead of it.
     """
 
     poll_interval = TICK
@@ -128,6 +141,8 @@ class LocalLauncher:
         self.run_dir = Path(run_dir) if run_dir else None
         self.time_limit = time_limit
         self.launches: dict[str, tuple[Launch, Any, _WorkerProcess]] = {}
+        #: Workers a previous master started (L{adopt}): by launch, C{(launch, pid, start time)}.
+        self.adopted: dict[str, tuple[Launch, int, str]] = {}
         self._next = 0
 
     def submit(self, count: int) -> defer.Deferred:
@@ -144,7 +159,7 @@ class LocalLauncher:
         fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         out = None
         if self.run_dir is not None:
-            out = open(self.run_dir / f"pool-worker-{self._next}.log", "ab")
+            out = open(self.run_dir / f"pool-worker-{launch}.log", "ab")
             fds = {0: "w", 1: out.fileno(), 2: out.fileno()}
         try:
             process = self.reactor.spawnProcess(child, sys.executable, argv, env, childFDs=fds)
@@ -155,12 +170,46 @@ class LocalLauncher:
         ends = None if self.time_limit is None else now + self.time_limit
         self.launches[launch] = (Launch(launch, now, now, ends), process, child)
         if self.run_dir is not None:
-            pidfile = self.run_dir / f"worker-pool-{self._next}.pid"
+            pidfile = self.run_dir / f"{_POOL_PIDFILE}{launch}.pid"
             write_atomically(pidfile, f"{process.pid} {start_time(process.pid) or '-'}\n")
             child.pidfile = pidfile
         if self.time_limit is not None:
             self.reactor.callLater(self.time_limit, self._signal, launch, signal.SIGKILL)
         return launch
+
+    def adopt(self) -> list[Launch]:
+        """
+        The workers a previous master of this run directory started that
+        still run (their pidfiles, the PID's start time matching): this
+        pool's from now on, counted, drained and stopped as its own.
+        """
+        if self.run_dir is None:
+            return []
+        now = self.reactor.seconds()
+        for pidfile in sorted(self.run_dir.glob(f"{_POOL_PIDFILE}*.pid")):
+            launch = pidfile.name[len(_POOL_PIDFILE) : -len(".pid")]
+            if launch in self.launches or launch in self.adopted:
+                continue
+            try:
+                pid_text, started = pidfile.read_text().split()
+                pid = int(pid_text)
+            except (OSError, ValueError):
+                continue
+            if started != "-" and start_time(pid) == started:
+                self.adopted[launch] = (Launch(launch, now, now), pid, started)
+            else:
+                pidfile.unlink(missing_ok=True)
+        return [entry[0] for entry in self.adopted.values()]
+
+    def _adopted_alive(self, launch: str) -> bool:
+        """Whether the adopted worker C{launch} still runs (forgotten, its pidfile removed, if not)."""
+        _, pid, started = self.adopted[launch]
+        if start_time(pid) == started:
+            return True
+        del self.adopted[launch]
+        if self.run_dir is not None:
+            (self.run_dir / f"{_POOL_PIDFILE}{launch}.pid").unlink(missing_ok=True)
+        return False
 
     def _ended(self, launch: str) -> None:
         entry = self.launches.pop(launch, None)
@@ -177,6 +226,11 @@ class LocalLauncher:
                 entry[1].signalProcess(signum)
             except (OSError, error.ProcessExitedAlready):
                 pass
+        elif launch in self.adopted and self._adopted_alive(launch):
+            try:
+                os.kill(self.adopted[launch][1], signum)
+            except OSError:
+                pass
 
     def drain(self, ids: Sequence[str]) -> defer.Deferred:
         for launch in ids:
@@ -186,12 +240,18 @@ class LocalLauncher:
     cancel = drain
 
     def poll(self, ids: Sequence[str]) -> defer.Deferred:
-        return defer.succeed({i: self.launches[i][0] for i in ids if i in self.launches})
+        found = {i: self.launches[i][0] for i in ids if i in self.launches}
+        found.update({i: self.adopted[i][0] for i in ids if i in self.adopted and self._adopted_alive(i)})
+        return defer.succeed(found)
 
     def stop(self) -> defer.Deferred:
-        """SIGTERM every worker; fires once all have exited (the master's stop waits)."""
+        """
+        SIGTERM every worker; fires once all its children have exited (the
+        master's stop waits; adopted workers, not its children, get the
+        signal only: C{cw.mp.stop} then waits for them by their pidfiles).
+        """
         ended = [entry[2].ended for entry in self.launches.values()]
-        for launch in list(self.launches):
+        for launch in [*self.launches, *self.adopted]:
             self._signal(launch, signal.SIGTERM)
         return defer.DeferredList(ended)
 
@@ -369,6 +429,23 @@ class SlurmLauncher:
             self.submitted[launch] = now
         self._record()
         return ids
+
+    def adopt(self) -> list[Launch]:
+        """
+        The worker jobs recorded in this pool's record file by a previous
+        master (replaced, or crashed): pending as far as this master knows,
+        until its first C{squeue} (at once) says more.  The record keeps
+        them (it is merged, not overwritten) until they are gone.
+        """
+        try:
+            recorded = json.loads((self.directory / self.record).read_text()).get("workers", [])
+        except (OSError, ValueError, AttributeError):
+            return []
+        now = self.reactor.seconds()
+        adopted = [str(i) for i in recorded if str(i) not in self.submitted]
+        for launch in adopted:
+            self.submitted[launch] = now
+        return [Launch(launch, now) for launch in adopted]
 
     def drain(self, ids: Sequence[str]) -> defer.Deferred:
         # The signal goes to the job's steps: the worker under srun.
@@ -681,6 +758,16 @@ class PoolService:
         self._loop: task.LoopingCall | None = None
 
     def start(self) -> None:
+        adopted = self.launcher.adopt() if hasattr(self.launcher, "adopt") else []
+        for launch in adopted:
+            self.launches[launch.id] = launch
+        if adopted:
+            log.info(
+                "Pool{name}: adopted {n} worker launches of a previous master: {ids}",
+                name=f" {self.name}" if self.name else "",
+                n=len(adopted),
+                ids=", ".join(x.id for x in adopted),
+            )
         self._loop = task.LoopingCall(self.tick)
         self._loop.clock = self.clock
         self._loop.start(self.tick_seconds, now=True)

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+from pathlib import Path
 
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from cw.test.procs import DEADLINE, free_port, run_script
+from cw.client import master_status
+from cw.test.jobs import sleep_and_return
+from cw.test.procs import DEADLINE, Processes, executor, free_port, process_exists, run_script, wait_until
 
 #: Shared by the scripts: bounded waits on the master's status.
 PRELUDE = """
@@ -175,5 +179,62 @@ class AdaptiveLocalTests(unittest.TestCase):
             self.assertGreater(min(report["sizes"]), 0, report["sizes"])
             replacing = [a for a in report["actions"] if "replacing" in a]
             self.assertGreaterEqual(len(replacing), 1, report["actions"])
+
+        return threads.deferToThread(body)
+
+    def test_replaced_master_adopts_the_pools_workers(self):
+        """
+        A master with --state and an adaptive pool dies (SIGKILL) with its
+        two workers running; the master started again in its place adopts
+        them (their pidfiles): it counts them (no submission for its
+        --min-workers 1, which they satisfy), and drains one once idle,
+        down to its minimum, so no worker of the old master is orphaned.
+        """
+        procs = Processes(self, self.mktemp())
+        run = procs.directory / "run"
+        run.mkdir()
+        state = str(procs.directory / "state.db")
+        pool_file = procs.directory / "pool.json"
+        pool = {"launcher": "local", "run_dir": str(run), "worker_args": ["--procs", "1"], "max_workers": 2}
+        listen = f"tcp:{free_port()}:interface=127.0.0.1"
+
+        def body():
+            # The first master: no draining while the test kills it.
+            pool_file.write_text(json.dumps({**pool, "min_workers": 0, "idle_timeout": 600}))
+            procs.start_master("--state", state, "--pool-file", str(pool_file), listen=listen)
+            first = procs.master
+            with executor(procs.address) as ex:
+                self.assertEqual(
+                    list(ex.map(sleep_and_return, [0.2] * 10, range(10), timeout=DEADLINE)), list(range(10))
+                )
+            launches = wait_until(
+                lambda: (ws := master_status(procs.address)["workers"]) and len(ws) == 2 and ws,
+                what="two pool workers",
+            )
+            pidfiles = sorted(run.glob("worker-pool-*.pid"))
+            self.assertEqual(len(pidfiles), 2)
+            pids = [int(f.read_text().split()[0]) for f in pidfiles]
+            first.send_signal(signal.SIGKILL)
+            first.wait(DEADLINE)
+            self.assertTrue(all(process_exists(pid) for pid in pids))
+            # Its replacement, on the same port and state file, at least one worker, quick to drain.
+            pool_file.write_text(json.dumps({**pool, "min_workers": 1, "idle_timeout": 2}))
+            procs.start_master("--state", state, "--pool-file", str(pool_file), listen=listen)
+
+            def drained_to_one():
+                status = master_status(procs.address)
+                alive = [pid for pid in pids if process_exists(pid)]
+                running = status["pool"]["running"]
+                return len(alive) == 1 and len(status["workers"]) == 1 and running == 1 and (status, alive)
+
+            status, _ = wait_until(drained_to_one, timeout=DEADLINE, what="one adopted worker drained")
+            (left,) = status["workers"]
+            self.assertIn(left["launch"], {w["launch"] for w in launches})
+            actions = [d["action"] for d in status["pool"]["decisions"]]
+            self.assertFalse([a for a in actions if a.startswith("submit")], actions)
+            self.assertEqual(len([a for a in actions if a.startswith("drain local-")]), 1, actions)
+            self.assertIn("adopted 2 worker launches", Path(procs.master.log).read_text())
+            # The drained worker's pidfile goes at the next look (cw.mp.stop stops the other).
+            wait_until(lambda: len(list(run.glob("worker-pool-*.pid"))) == 1, what="one pidfile left")
 
         return threads.deferToThread(body)

@@ -6,6 +6,9 @@ of a master (idle times, launches), with a fake clock.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
@@ -146,6 +149,38 @@ class SlurmLauncherTests(unittest.TestCase):
         self.assertEqual(sorted(b.submitted), ["8"])
         self.successResultOf(a.poll(["7"]))
         self.assertEqual(len([c for c in commands if c[0] == "squeue"]), 2)
+
+
+class SlurmAdoptionTests(unittest.TestCase):
+    def test_replacement_adopts_recorded_jobs(self):
+        """
+        A master started after another (replaced, or crashed) adopts the
+        worker jobs its pool's record lists: they are its launches (the
+        loop's too, from its start), the record stays merged as it submits
+        more, and a job squeue no longer lists leaves the record.
+        """
+        clock = task.Clock()
+        clock.advance(50)
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        (directory / "pool-jobs-gpu.json").write_text(json.dumps({"workers": ["5_0", "6"]}))
+        lines = {"text": "6|RUNNING|2026-11-30T10:00:00|10:00\n"}
+
+        class Recording(FakeSlurm):
+            _record = pool.SlurmLauncher._record
+
+        slurm = Recording(clock, lambda args: "9\n" if args[0] == "sbatch" else lines["text"])
+        slurm.directory, slurm.record = directory, "pool-jobs-gpu.json"
+        service = pool.PoolService(FakeSource(), slurm, PoolBounds(max_workers=4), clock, name="gpu")
+        service.start()
+        # The first round looked at once, at both: 5_0 is gone, 6 runs.
+        self.assertEqual(slurm.commands[0][:5], ["squeue", "-h", "-r", "-j", "5,6"])
+        self.assertEqual(list(service.launches), ["6"])
+        self.assertIsNotNone(service.launches["6"].started)
+        self.successResultOf(slurm.submit(1))
+        recorded = json.loads((directory / "pool-jobs-gpu.json").read_text())["workers"]
+        self.assertEqual(recorded, ["6", "9"])
+        self.successResultOf(service.stop())
 
 
 class FakeLauncher:
