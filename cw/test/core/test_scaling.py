@@ -6,7 +6,7 @@ simulated cluster in simulated time (no processes, no clock).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -248,6 +248,50 @@ class PolicyTests(SynchronousTestCase):
         drains = [d for _, d in sim.decisions if isinstance(d, Drain)]
         self.assertEqual(len(drains), 2)
         self.assertTrue(all("idle for" in d.reason for d in drains))
+
+    def test_no_scale_down_while_jobs_are_queued(self):
+        """
+        Workers idle past the idle timeout are not drained while jobs are
+        queued (say, jobs the master cannot hand them yet): they are once
+        the queue is empty, at once, their idle time being long past.
+        """
+        policy = ScalingPolicy(PoolBounds(min_workers=0, max_workers=4, idle_timeout=10))
+        launches = {x: Launch(x, 0.0, 1.0) for x in "ab"}
+        workers = (Worker(1, "a", 4, idle_since=1.0), Worker(2, "b", 4, idle_since=1.0))
+        decided = []
+        for t in range(2, 80):
+            view = PoolView(
+                now=float(t),
+                queued=3 if t < 60 else 0,
+                job_seconds=1.0,
+                workers=workers,
+                launches=tuple(launches.values()),
+            )
+            decided += [(t, d) for d in policy.decide(view)]
+            for _, d in decided:
+                if isinstance(d, Drain):
+                    launches[d.launch] = replace(launches[d.launch], draining=True)
+        kinds = sorted((t, type(d).__name__, getattr(d, "launch", None)) for t, d in decided)
+        self.assertEqual(kinds, [(60, "Drain", "a"), (60, "Drain", "b")])
+
+    def test_pending_launch_cancelled_after_the_queue_is_empty_for_the_idle_timeout(self):
+        """
+        A launch still pending is cancelled only once nothing has been
+        queued (or running) for the idle timeout: the clock starts when
+        the queue empties, not before.
+        """
+        policy = ScalingPolicy(PoolBounds(min_workers=0, max_workers=1, idle_timeout=10))
+        launches = {"p": Launch("p", 0.0)}
+        decided = []
+        for t in range(1, 60):
+            view = PoolView(now=float(t), queued=2 if t < 30 else 0, launches=tuple(launches.values()))
+            decided += [(t, d) for d in policy.decide(view)]
+            for _, d in decided:
+                if isinstance(d, Cancel):
+                    launches[d.launch] = replace(launches[d.launch], draining=True)
+        kinds = [(t, type(d).__name__, getattr(d, "launch", None)) for t, d in decided]
+        self.assertEqual(kinds, [(40, "Cancel", "p")])
+        self.assertIn("no job queued or running for 10 s", decided[0][1].reason)
 
     def test_no_drain_below_min(self):
         bounds = PoolBounds(min_workers=2, max_workers=4, idle_timeout=5)
