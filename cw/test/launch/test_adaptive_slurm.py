@@ -139,6 +139,11 @@ class AdaptiveSlurmTests(unittest.TestCase):
             text = self.run_command("status").stdout
             self.assertIn("pool     target", text)
             self.assertIn(slurm.job_names(self.name)[1], text)  # the pool's jobs in the jobs table
+            full = None  # when all three workers were connected (a measurement, not a check)
+            while proc.poll() is None and full is None:
+                if len(self.status()["workers"]) >= 3:
+                    full = time.time()
+                time.sleep(0.2)
             out, err = proc.communicate(timeout=DEADLINE * 3)
             self.assertEqual(proc.returncode, 0, err + self.logs())
             times = json.loads(out.strip().splitlines()[-1])
@@ -163,6 +168,7 @@ class AdaptiveSlurmTests(unittest.TestCase):
             self.assertGreaterEqual(gone - times["done"], idle - 1)
             report = {
                 "scale_up_s": round(times["first"] - times["submitted"], 1),
+                "all_workers_s": None if full is None else round(full - times["submitted"], 1),
                 "all_done_s": round(times["done"] - times["submitted"], 1),
                 "scale_down_s": round(gone - times["done"], 1),
                 "peak_workers": peak,
