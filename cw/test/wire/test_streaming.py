@@ -114,6 +114,17 @@ class ChunkReceiverTests(SynchronousTestCase):
         self.assertIsInstance(box[b"jobs"], memoryview)
         self.assertEqual(P.decode_jobs(box[b"jobs"]), jobs)
 
+    def test_payloads_writable(self):
+        """
+        A big payload is a writable view of the received buffer, so that
+        arrays a payload carries out of band load writable without a copy
+        (L{cw.wire.pickling}).
+        """
+        [box] = self.receive(jobs_box([P.Job(3, 1, pattern(3 * P.CHUNK))]).serialize()).boxes
+        [job] = P.decode_jobs(box[b"jobs"])
+        self.assertIsInstance(job.payload, memoryview)
+        self.assertFalse(job.payload.readonly)
+
     def test_parsed_by_blob(self):
         payload = pattern(3 * P.CHUNK)
         box = amp.AmpBox()
