@@ -113,7 +113,9 @@ class Job:
     kwargs)}.  With it, the payload is a cloudpickled C{(args, kwargs)} and
     the function is the one the client defined under that key
     (L{DefineFunction}), sent to each worker and job process once rather
-    than with every job.
+    than with every job.  Either pickle may carry big buffers beside it
+    (L{cw.core.payload}); where it is made, such a payload is a
+    L{Segments}, written part by part without being joined.
     """
 
     client: int

@@ -33,7 +33,9 @@ or a payload of any size fits in one box.
 The master treats every payload as opaque bytes.  Job payloads are
 cloudpickles made by the client and opened only in a job process; result
 payloads are cloudpickles made in a job process and opened only by the
-client.  Error reports are UTF-8 JSON so that nobody has to unpickle them.
+client.  Big buffers may travel beside the pickle, in the same payload
+(L{cw.core.payload}, L{cw.wire.pickling}); that too is opaque here.
+Error reports are UTF-8 JSON so that nobody has to unpickle them.
 """
 
 from __future__ import annotations
