@@ -12,11 +12,14 @@ travels as one byte string laid out as::
     MAGIC  count (u32)  pickle length (u64)     the header, L{_HEAD}
     count x (length (u64), flags (u8))          one entry per buffer, L{_SEGMENT}
     the pickle
-    the buffers, in order
+    the buffers, in order, each after zero bytes that put it at a
+    multiple of L{ALIGN} bytes from the payload's start
 
-all integers big-endian.  The sender never joins it: a L{Segments} is the
-list of its parts (the header, the pickle, and views of the buffers where
-they lie), which the wire writes one after the other (see
+all integers big-endian.  The padding keeps arrays aligned wherever the
+payload itself starts aligned (as in its own allocation or mapping).  The
+sender never joins it: a L{Segments} is the list of its parts (the
+header, the pickle, and views of the buffers where they lie), which the
+wire writes one after the other (see
 L{cw.core.records.job_parts}).  The receiver gets it in one buffer and
 L{unframe} cuts views of that buffer, so the loader copies nothing.
 
@@ -45,6 +48,11 @@ OUT_OF_BAND_ABOVE = 1 << 16
 #: Most buffers one payload may carry out of band (a bound on the header a
 #: receiver parses; more buffers than that travel in the pickle).
 MAX_BUFFERS = 1 << 16
+
+#: Buffers start at a multiple of this many bytes from the payload's start.
+ALIGN = 64
+
+_PADDING = bytes(ALIGN)
 
 #: Flag of a buffer that was writable where it was pickled.
 WRITABLE = 1
@@ -98,7 +106,15 @@ def frame(pickled: Any, buffers: list[memoryview]) -> Segments:
     views = [byte_view(buffer) for buffer in buffers]
     header = [_HEAD.pack(MAGIC, len(views), len(pickled))]
     header += [_SEGMENT.pack(len(view), 0 if view.readonly else WRITABLE) for view in views]
-    return Segments([b"".join(header), pickled, *views])
+    parts = [b"".join(header), pickled]
+    offset = len(parts[0]) + len(pickled)
+    for view in views:
+        pad = -offset % ALIGN
+        if pad:
+            parts.append(_PADDING[:pad])
+        parts.append(view)
+        offset += pad + len(view)
+    return Segments(parts)
 
 
 def is_framed(data: Any) -> bool:
@@ -125,14 +141,15 @@ def unframe(data: Any) -> tuple[memoryview, list[tuple[memoryview, int]]]:
     if offset > total:
         raise ValueError("truncated payload header")
     entries = [_SEGMENT.unpack_from(view, _HEAD.size + i * _SEGMENT.size) for i in range(count)]
-    if offset + pickle_length + sum(length for length, _ in entries) != total:
-        raise ValueError("payload lengths do not add up to its size")
     pickled = view[offset : offset + pickle_length]
     offset += pickle_length
     buffers = []
     for length, flags in entries:
+        offset += -offset % ALIGN
         buffers.append((view[offset : offset + length], flags))
         offset += length
+    if offset != total:
+        raise ValueError("payload lengths do not add up to its size")
     return pickled, buffers
 
 

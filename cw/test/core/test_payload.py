@@ -6,6 +6,7 @@ layout, parsing, limits.  Pure: no pickling, no sockets.
 from __future__ import annotations
 
 import array
+import ctypes
 import pickle
 import struct
 
@@ -15,6 +16,7 @@ from twisted.trial import unittest
 
 from cw.core import payload
 from cw.core.payload import (
+    ALIGN,
     MAGIC,
     MAX_BUFFERS,
     WRITABLE,
@@ -67,6 +69,17 @@ class FrameTests(unittest.TestCase):
             return
         self.assertLessEqual(len(got_pickle) + sum(len(view) for view, _ in got), len(data))
 
+    @settings(max_examples=100, deadline=None)
+    @given(pickled=st.binary(max_size=300), items=buffers)
+    def test_buffers_aligned(self, pickled, items):
+        """Each buffer starts at a multiple of L{ALIGN} bytes from the payload's start."""
+        data = bytearray(bytes(frame(pickled, _views(items))))
+        _, got = unframe(memoryview(data))
+        base = ctypes.addressof(ctypes.c_char.from_buffer(data))
+        for view, _ in got:
+            if len(view):
+                self.assertEqual((ctypes.addressof(ctypes.c_char.from_buffer(view)) - base) % ALIGN, 0)
+
     def test_views_not_copies(self):
         """The parts L{unframe} gives are views of the received buffer, and writable when it is."""
         received = bytearray(bytes(frame(b"pickle", [memoryview(b"x" * 1000)])))
@@ -82,7 +95,11 @@ class FrameTests(unittest.TestCase):
         framed = frame(b"pickle", [memoryview(big)])
         self.assertIsInstance(framed, Segments)
         self.assertIs(framed.parts[-1].obj, big)
-        self.assertEqual(len(framed), len(framed.parts[0]) + len(b"pickle") + len(big))
+        self.assertEqual(len(framed), len(bytes(framed)))
+        self.assertEqual(
+            len(framed) - len(big) - len(b"pickle") - len(framed.parts[0]),
+            -(len(framed.parts[0]) + 6) % ALIGN,
+        )
 
     def test_plain_pickles_not_framed(self):
         """No pickle is taken for a frame, of any protocol, nor a short byte string."""

@@ -29,6 +29,11 @@ def received(payload) -> memoryview:
     return memoryview(bytearray(bytes(payload)))
 
 
+def apart(data: Segments) -> int:
+    """How many buffers travel beside the pickle in C{data} (not counting padding)."""
+    return sum(1 for part in data.parts[2:] if len(part) >= OUT_OF_BAND_ABOVE)
+
+
 def needs_numpy(test):
     if numpy is None:
         test.skip = "NumPy is not installed"
@@ -53,7 +58,7 @@ class RoundTripTests(unittest.TestCase):
         args = (blob, bytearray(blob), memoryview(bytearray(blob)), doubles, memoryview(doubles))
         data = pickling.dumps(pickling.call_value(len, args, {"key": blob}))
         self.assertIsInstance(data, Segments)
-        self.assertEqual(len(data.parts), 2 + 6)  # header, pickle and the six buffers
+        self.assertEqual(apart(data), 6)
         func, got, kwargs = pickling.loads(received(data))
         self.assertIs(func, len)
         self.assertEqual([type(a) for a in got], [bytes, bytearray, memoryview, array.array, memoryview])
@@ -71,7 +76,7 @@ class RoundTripTests(unittest.TestCase):
         blob = b"z" * OUT_OF_BAND_ABOVE
         value = pickling.out_of_band((1, blob, [blob]))
         data = pickling.dumps(value)
-        self.assertEqual(len(data.parts), 3)  # header, pickle, one buffer
+        self.assertEqual(apart(data), 1)
         self.assertEqual(pickling.loads(received(data)), (1, blob, [blob]))
         _, args, kwargs = pickling.loads(
             received(pickling.dumps(pickling.call_value(len, ([blob],), {"k": (blob,)})))
