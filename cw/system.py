@@ -1,6 +1,7 @@
 """
 Operating-system helpers shared by the layers above: atomic file writes,
 reading C{/proc/PID/stat} (process states, parents and start times),
+pidfiles that tell a process from a later one reusing its PID,
 SIGKILL that ignores processes already gone, polling with exponential
 back-off, and putting this cw on a child's C{PYTHONPATH}.
 
@@ -57,6 +58,42 @@ def start_time(pid: int) -> str | None:
     """The kernel's start time of C{pid} (Linux), to tell a reused PID apart; None if unknown."""
     fields = proc_stat(pid)
     return fields[19] if fields is not None and len(fields) > 19 else None
+
+
+def write_pidfile(path: str | os.PathLike, pid: int) -> None:
+    """
+    Record C{pid} in the pidfile C{path} as C{PID START}, START being the
+    kernel's start time of the process (C{-} if unknown), so that
+    L{read_pidfile} can tell the process started from a later one that
+    reuses its PID.
+    """
+    Path(path).write_text(f"{pid} {start_time(pid) or '-'}\n")
+
+
+def read_pidfile(path: str | os.PathLike) -> int | None:
+    """
+    The PID in the pidfile C{path} (as L{write_pidfile} writes it) if that
+    process still runs and is the one started: not a zombie, and the same
+    start time where both are known.  None if the file is missing or
+    garbled, the process is gone, or its PID now belongs to another one.
+    """
+    try:
+        pid_text, start = Path(path).read_text().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    fields = proc_stat(pid)
+    if fields is not None and fields[0] == "Z":
+        return None
+    if start != "-" and start_time(pid) not in (None, start):
+        return None
+    return pid
 
 
 def sigkill(pid: int, group: bool = False) -> None:

@@ -26,7 +26,7 @@ from cw.core.config import MasterConfig, WorkerConfig, parse_argv
 from cw.core.records import PORT
 from cw.core.scaling import DRAIN_LEAD, IDLE_TIMEOUT, REPLACE_LEAD, PoolBounds
 from cw.errors import ClusterError
-from cw.system import polling, proc_stat, sigkill, start_time
+from cw.system import polling, proc_stat, read_pidfile, sigkill, write_pidfile
 from cw.wire.commands import GetStatus
 
 #: Processes started by this Python process, by PID, so they can be reaped.
@@ -56,24 +56,6 @@ def _alive(pid: int) -> bool:
     return fields is None or fields[0] != "Z"
 
 
-def _write_pidfile(path: Path, pid: int) -> None:
-    path.write_text(f"{pid} {start_time(pid) or '-'}\n")
-
-
-def _read_pidfile(path: Path) -> int | None:
-    """The PID in C{path} if that process is still the one we started."""
-    try:
-        pid_text, start = path.read_text().split()
-        pid = int(pid_text)
-    except (OSError, ValueError):
-        return None
-    if not _alive(pid):
-        return None
-    if start != "-" and start_time(pid) not in (None, start):
-        return None
-    return pid
-
-
 def _spawn(args: list[str], log: Path, pidfile: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
         popen = subprocess.Popen(
@@ -84,7 +66,7 @@ def _spawn(args: list[str], log: Path, pidfile: Path) -> subprocess.Popen:
             start_new_session=True,
         )
     _children[popen.pid] = popen
-    _write_pidfile(pidfile, popen.pid)
+    write_pidfile(pidfile, popen.pid)
     return popen
 
 
@@ -152,7 +134,7 @@ def start(
     address_file = directory / "master.address"
     try:
         if master:
-            existing = _read_pidfile(directory / "master.pid")
+            existing = read_pidfile(directory / "master.pid")
             if existing is not None:
                 raise ClusterError(
                     f"a local cw master already runs on port {port} (pid {existing});"
@@ -282,7 +264,7 @@ def stop(master: bool = True, workers: bool = True, *, port: int = PORT, timeout
             pool.unlink()
     if workers:
         files = sorted(directory.glob("worker-*.pid"))
-        _stop_pids([pid for pid in map(_read_pidfile, files) if pid is not None], timeout)
+        _stop_pids([pid for pid in map(read_pidfile, files) if pid is not None], timeout)
         for f in files:
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
@@ -292,7 +274,7 @@ def stop(master: bool = True, workers: bool = True, *, port: int = PORT, timeout
 
 def _stop_master(directory: Path, timeout: float) -> None:
     f = directory / "master.pid"
-    pid = _read_pidfile(f)
+    pid = read_pidfile(f)
     if pid is not None:
         _stop_pids([pid], timeout)
     with contextlib.suppress(FileNotFoundError):

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import cw
-from cw.system import polling, proc_stat, sigkill, start_time, with_cw_on_path
+from cw.system import polling, proc_stat, read_pidfile, sigkill, with_cw_on_path
 
 #: The directory that holds the C{cw} package under test (and, next to it,
 #: C{twisted/plugins}); put first on the children's PYTHONPATH so that they
@@ -271,16 +271,12 @@ def abandon(ex) -> None:
 def stop_pidfiles(directory: str) -> None:
     """
     SIGKILL, with their process groups, the processes that cw's pidfiles
-    (C{PID START}, as L{cw.launch.local} writes them) under C{directory}
-    name, when each is still the process started (same start time).
+    under C{directory} name (L{cw.system.read_pidfile}: each only while it
+    is still the process started).
     """
     for path in Path(directory).rglob("*.pid"):
-        try:
-            pid_text, start = path.read_text().split()
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            continue
-        if start != "-" and start_time(pid) == start:
+        pid = read_pidfile(path)
+        if pid is not None:
             sigkill(pid, group=True)
 
 

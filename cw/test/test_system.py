@@ -54,6 +54,56 @@ class ProcStatTests(unittest.TestCase):
         system.sigkill(child.pid, group=True)
 
 
+class PidfileTests(unittest.TestCase):
+    """
+    L{system.write_pidfile} and L{system.read_pidfile}: a PID only while it
+    is still the process started.
+    """
+
+    def setUp(self):
+        self.path = Path(self.mktemp())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def test_running(self):
+        system.write_pidfile(self.path, os.getpid())
+        self.assertEqual(self.path.read_text(), f"{os.getpid()} {system.start_time(os.getpid())}\n")
+        self.assertEqual(system.read_pidfile(self.path), os.getpid())
+
+    def test_unknown_start_time(self):
+        """A pidfile written where the start time was unknown names a running process."""
+        self.path.write_text(f"{os.getpid()} -\n")
+        self.assertEqual(system.read_pidfile(self.path), os.getpid())
+
+    def test_missing_or_garbled(self):
+        self.assertIsNone(system.read_pidfile(self.path))
+        for text in ("", "12\n", "x 1\n", "1 2 3\n"):
+            self.path.write_text(text)
+            self.assertIsNone(system.read_pidfile(self.path), text)
+
+    def test_pid_reused(self):
+        """The PID's process started at another time: not the one started."""
+        self.path.write_text(f"{os.getpid()} 1\n")
+        self.assertIsNone(system.read_pidfile(self.path))
+
+    def test_gone(self):
+        child = subprocess.Popen(["true"])
+        system.write_pidfile(self.path, child.pid)
+        child.wait()
+        self.assertIsNone(system.read_pidfile(self.path))
+
+    def test_zombie(self):
+        """A child that exited but is not reaped yet counts as gone."""
+        code = "import sys; sys.stdin.read()"
+        child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+        system.write_pidfile(self.path, child.pid)
+        self.assertEqual(system.read_pidfile(self.path), child.pid)
+        child.stdin.close()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        self.assertEqual(system.proc_stat(child.pid)[0], "Z")
+        self.assertIsNone(system.read_pidfile(self.path))
+        child.wait()
+
+
 class PollingTests(unittest.TestCase):
     def test_delays_grow_to_the_most(self):
         slept: list[float] = []
