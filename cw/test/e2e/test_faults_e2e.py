@@ -238,38 +238,66 @@ class FaultTests(unittest.TestCase):
 
     def test_chaos(self):
         """
-        10,000 jobs of 1-5 ms while a worker is killed with SIGKILL every
-        second and a replacement started: every future resolves with the
-        right value, and the master delivered each result once.
+        10,000 jobs of 1-5 ms while a worker is killed with SIGKILL each time
+        another eighth of the results has come (on progress, not on a
+        clock, so that a loaded machine does not kill replacements before
+        they serve) and a replacement started: every future resolves with
+        the right value, and the master delivered each result once.
         """
         count = 10_000
+        step = count // 8
 
         def body():
             address = self.procs.start_master("--max-attempts", "1000")
             for _ in range(3):
                 self.procs.start_worker(2)
+            progress = threading.Condition()
+            done = [0]
             stop = threading.Event()
             killed = []
+            stalled = []
+
+            def arrived(future):
+                with progress:
+                    done[0] += 1
+                    progress.notify_all()
+
+            def reach(n):
+                """Wait until C{n} results came or the run stopped; False after C{DEADLINE} s without."""
+                with progress:
+                    return progress.wait_for(lambda: stop.is_set() or done[0] >= n, DEADLINE)
 
             def killer():
-                while not stop.wait(1.0):
+                target = step
+                while target < count:
+                    if not reach(target):
+                        stalled.append(f"{done[0]} results, then none more within {DEADLINE} s")
+                        return
+                    if stop.is_set():
+                        return
                     victim = self.procs.workers[0]
                     os.kill(victim.pid, signal.SIGKILL)
                     victim.wait(30)
                     self.procs.workers.remove(victim)
                     killed.append(victim.pid)
                     self.procs.start_worker(2, False)
+                    target = done[0] + step
 
             thread = threading.Thread(target=killer, name="chaos")
             with executor(address) as ex:
                 futures = [ex.submit(short_job, i) for i in range(count)]
+                for f in futures:
+                    f.add_done_callback(arrived)
                 thread.start()
                 try:
                     values = [f.result(120) for f in futures]
                 finally:
                     stop.set()
+                    with progress:
+                        progress.notify_all()
                     thread.join(60)
                 status = ex.status()
+            self.assertEqual(stalled, [])
             self.assertEqual(values, list(range(count)))
             self.assertEqual(status["completed"], count)
             self.assertGreaterEqual(len(killed), 2, "the run ended before two workers were killed")
