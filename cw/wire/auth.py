@@ -333,6 +333,22 @@ class AuthGate:
             self._box_hash.update(string)
         return super().proto_value(string)
 
+    def chunk_started(self, length: int) -> bool:
+        # A chunk read straight into its buffer (L{cw.wire.streaming.ChunkReceiver}):
+        # counted and hashed as C{proto_value} counts and hashes other values.
+        self._box_bytes += length
+        if self._box_bytes > self.max_box_bytes:
+            self.reject(f"sent a message of over {self.max_box_bytes:,} bytes")
+            return False
+        if self._box_hash is not None:
+            self._box_hash.update(_LENGTH.pack(length))
+        return super().chunk_started(length)
+
+    def chunk_piece(self, piece) -> None:
+        if self._box_hash is not None:
+            self._box_hash.update(piece)
+        super().chunk_piece(piece)
+
     def proto_key(self, string: bytes):
         checker = self._box_checker
         if checker is not None:

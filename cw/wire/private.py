@@ -74,6 +74,17 @@ def expect_key(proto) -> str:
     return "key"
 
 
+def data_arrived(proto) -> None:
+    """
+    What C{amp.BinaryBoxProtocol.dataReceived} does before it parses, for
+    a parser that replaces its parsing (L{cw.wire.streaming.ChunkReceiver}):
+    clear private C{_justStartedTLS}, which tells C{connectionLost} that a
+    connection closed before any byte came after STARTTLS
+    (cw.test.wire.test_streaming).
+    """
+    proto._justStartedTLS = False
+
+
 def tls_starting(proto) -> bool:
     """
     Whether C{proto} (an C{amp.AMP}) is starting TLS (private
@@ -91,6 +102,7 @@ PRIVATE_NAMES = (
     "_currentBox",
     "_MAX_KEY_LENGTH",
     "_startingTLSBuffer",
+    "_justStartedTLS",
     "_wireNameToPythonIdentifier",
     "_sslContextFactory",
     "_outstandingRequests",

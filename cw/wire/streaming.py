@@ -41,7 +41,7 @@ from twisted.internet import error
 from twisted.internet.interfaces import IPullProducer
 from zope.interface import implementer
 
-from cw.wire.private import current_box, current_key, expect_key, tls_starting
+from cw.wire.private import current_box, current_key, data_arrived, expect_key, tls_starting
 
 #: Boxes with at least this many bytes of values are streamed.
 STREAM_ABOVE = 1 << 20
@@ -184,28 +184,160 @@ class ChunkReceiver:
     payload carries out of band (L{cw.wire.pickling}) load writable
     without a copy.  Chunks out of order are left in the box, where the
     argument parser refuses them.
+
+    It also parses what arrives itself, rather than through
+    C{Int16StringReceiver.dataReceived}, which joins what is left of the
+    last read with each new one and slices every value out of that (two
+    copies of every byte of a payload, on every hop).  Here the bytes of
+    a chunk being assembled go from the read straight into the value's
+    buffer, as they arrive, with no copy of their own: a mixin that
+    inspects values sees them through L{chunk_started} and L{chunk_piece}
+    instead of C{proto_value}.  Keys and other values (small) are parsed
+    as AMP does and go through the C{proto_*} states as before.
     """
 
     #: Values being assembled in the current box: name -> [next index, buffer].
     _assembling: dict | None = None
+    #: The assembly receiving the chunk being read, and its bytes still to come.
+    _chunk: list | None = None
+    _chunk_left = 0
+    #: A key or value (with its length prefix) that has partly arrived.
+    _partial: bytearray | None = None
+    #: What arrived while the parser was paused, to parse once resumed.
+    _held = b""
 
-    def proto_value(self, string):
-        match = _CHUNK_KEY.match(current_key(self))
+    def chunk_started(self, length: int) -> bool:
+        """
+        A chunk of C{length} bytes (after its 2-byte length prefix) starts;
+        False to refuse it (after dropping the connection).
+        """
+        return True
+
+    def chunk_piece(self, piece) -> None:
+        """The next bytes of the chunk being read (a C{memoryview}, valid only during the call)."""
+
+    def _assembly(self, key: bytes, claim: bool) -> list | None:
+        """
+        The assembly that C{key}'s value continues, if it is the next
+        chunk of one (starting one at chunk 2 if C{claim}), else None.
+        """
+        match = _CHUNK_KEY.match(key)
         if match is None:
-            return super().proto_value(string)
+            return None
         name, index = match.group(1), int(match.group(2))
-        if self._assembling is None:
-            self._assembling = {}
-        assembly = self._assembling.get(name)
+        assembly = self._assembling.get(name) if self._assembling else None
         if assembly is None and index == 2:
             first = current_box(self).get(name)
-            if isinstance(first, bytes):
-                assembly = self._assembling[name] = [2, bytearray(first)]
+            if not isinstance(first, bytes):
+                return None
+            assembly = [2, bytearray(first)]
+            if claim:
+                if self._assembling is None:
+                    self._assembling = {}
+                self._assembling[name] = assembly
         if assembly is None or index != assembly[0]:
+            return None
+        return assembly
+
+    def proto_value(self, string):
+        assembly = self._assembly(current_key(self), True)
+        if assembly is None:
             return super().proto_value(string)
         assembly[1] += string
         assembly[0] += 1
         return expect_key(self)
+
+    def _start_chunk(self, length: int) -> bool:
+        """
+        If the value of C{length} bytes that starts now is the next chunk
+        of an assembly, read it straight into that (True); else False.
+        """
+        if self.state != "value" or length > self.MAX_LENGTH:
+            return False
+        assembly = self._assembly(current_key(self), True)
+        if assembly is None:
+            return False
+        if not self.chunk_started(length):
+            self.paused = True  # refused: parse nothing more
+            return True
+        self._chunk, self._chunk_left = assembly, length
+        if not length:
+            self._end_chunk()
+        return True
+
+    def _chunk_bytes(self, view) -> int:
+        """Take what C{view} holds of the chunk being read; return how many bytes."""
+        piece = view[: self._chunk_left]
+        self.chunk_piece(piece)
+        self._chunk[1] += piece
+        self._chunk_left -= len(piece)
+        if not self._chunk_left:
+            self._end_chunk()
+        return len(piece)
+
+    def _end_chunk(self) -> None:
+        self._chunk[0] += 1
+        self._chunk = None
+        self.state = expect_key(self)
+
+    def dataReceived(self, data):
+        if self.innerProtocol is not None:
+            return super().dataReceived(data)
+        data_arrived(self)
+        if self._held:
+            data, self._held = self._held + data, b""
+        view = memoryview(data)
+        size, offset = len(view), 0
+        while offset < size:
+            if self.paused:
+                self._held = bytes(view[offset:])
+                return
+            if self._chunk is not None:
+                offset += self._chunk_bytes(view[offset:])
+                continue
+            partial = self._partial
+            if partial is not None:
+                # Complete the length prefix, then the item, from this read.
+                need = 2 - len(partial) if len(partial) < 2 else 0
+                if need:
+                    partial += view[offset : offset + need]
+                    offset += min(need, size - offset)
+                    if len(partial) < 2:
+                        return
+                    (length,) = _LENGTH.unpack(partial)
+                    if length > self.MAX_LENGTH:
+                        self._partial = None
+                        self.lengthLimitExceeded(length)
+                        return
+                    if self._start_chunk(length):
+                        self._partial = None
+                        continue
+                (length,) = _LENGTH.unpack(partial[:2])
+                take = min(2 + length - len(partial), size - offset)
+                partial += view[offset : offset + take]
+                offset += take
+                if len(partial) < 2 + length:
+                    return
+                self._partial = None
+                self.stringReceived(bytes(partial[2:]))
+                continue
+            if size - offset < 2:
+                self._partial = bytearray(view[offset:])
+                return
+            (length,) = _LENGTH.unpack(view[offset : offset + 2])
+            if length > self.MAX_LENGTH:
+                self.lengthLimitExceeded(length)
+                return
+            if self._start_chunk(length):
+                offset += 2
+                continue
+            end = offset + 2 + length
+            if end > size:
+                self._partial = bytearray(view[offset:])
+                return
+            string = bytes(view[offset + 2 : end])
+            offset = end
+            self.stringReceived(string)
 
     def proto_key(self, string):
         if not string and self._assembling:

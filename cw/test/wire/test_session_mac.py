@@ -528,6 +528,27 @@ class SignedStreamTests(unittest.SynchronousTestCase):
         self.assertIn("wrong MAC", self.receiver.rejected)
         self.assertEqual(self.receiver.boxes, [])
 
+    def test_changed_byte_refused_however_cut(self):
+        """
+        A changed byte inside a chunk that the receiver reads straight into
+        its buffer (L{cw.wire.streaming.ChunkReceiver}) fails the MAC, however
+        the bytes are cut into reads, and no box is dispatched.
+        """
+        keys = session_keys(b"s" * 32, "client", b"p" * 32, b"m" * 32)
+        big = amp.AmpBox()
+        P.JobBatch().toBox(b"jobs", big, {"jobs": [P.Job(1, 1, pattern(2 * PIECE))]}, None)
+        wire = bytearray(self.send(big))
+        wire[PIECE + 3] ^= 1
+        for size in (1000, P.CHUNK + 2, 1 << 16):
+            receiver = SignedPeer()
+            receiver.makeConnection(StringTransport())
+            receiver.start_session(*reversed(keys))
+            receiver.mark_authenticated()
+            for at in range(0, len(wire), size):
+                receiver.dataReceived(bytes(wire[at : at + size]))
+            self.assertIn("wrong MAC", receiver.rejected or "", f"reads of {size}")
+            self.assertEqual(receiver.boxes, [])
+
 
 class WrongSecretTests(unittest.TestCase):
     """Either end with another secret is told so, and nobody hammers anybody."""

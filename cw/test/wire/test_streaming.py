@@ -139,3 +139,94 @@ class ChunkReceiverTests(SynchronousTestCase):
         del box[P.chunk_key(b"jobs", 3, 1)]
         [received] = self.receive(box.serialize()).boxes
         self.assertRaises((ValueError, KeyError), P.JobBatch().fromBox, b"jobs", dict(received), {}, None)
+
+
+class PlainReceiver(amp.AMP):
+    """Twisted's own box parser, to compare with L{ChunkReceiver}'s."""
+
+    def __init__(self):
+        super().__init__()
+        self.boxes = []
+
+    def ampBoxReceived(self, box):
+        self.boxes.append(box)
+
+
+def joined(box) -> dict:
+    """C{box} with each chunked value joined under its name, as L{ChunkReceiver} leaves it."""
+    out = {key: bytes(value) for key, value in box.items()}
+    for key in [key for key in out if key.endswith(b".n")]:
+        name, count = key[:-2], int(out.pop(key))
+        width = len(str(count))
+        out[name] += b"".join(out.pop(P.chunk_key(name, i, width)) for i in range(2, count + 1))
+    return out
+
+
+class ParserTests(SynchronousTestCase):
+    """
+    L{ChunkReceiver} parses what arrives itself: however the bytes are cut
+    into reads, it yields the boxes Twisted's parser yields (chunked
+    values joined), keys and values of every size, and refuses what
+    Twisted refuses.
+    """
+
+    def boxes(self) -> list:
+        small = amp.AmpBox(_command=b"x", a=b"", b=b"1" * 300)
+        blobs = amp.AmpBox(_command=b"y")
+        P.Blob().toBox(b"one", blobs, {"one": pattern(5 * P.CHUNK + 77)}, None)
+        P.Blob().toBox(b"two", blobs, {"two": pattern(2 * P.CHUNK)}, None)
+        P.Blob().toBox(b"three", blobs, {"three": pattern(P.CHUNK)}, None)  # one full chunk
+        big = jobs_box([P.Job(1, 1, pattern(12 * P.CHUNK + 1)), P.Job(1, 2, b"z")])
+        return [small, blobs, big, amp.AmpBox(_answer=b"1", k=b"v" * P.CHUNK)]
+
+    def feed(self, receiver, wire: bytes, sizes) -> None:
+        receiver.makeConnection(StringTransport())
+        at, turn = 0, 0
+        while at < len(wire):
+            size = sizes[turn % len(sizes)]
+            receiver.dataReceived(wire[at : at + size])
+            at, turn = at + size, turn + 1
+
+    def test_same_boxes_as_twisted_however_cut(self):
+        boxes = self.boxes()
+        wire = b"".join(box.serialize() for box in boxes)
+        plain = PlainReceiver()
+        self.feed(plain, wire, [len(wire)])
+        expected = [joined(box) for box in plain.boxes]
+        self.assertEqual(len(expected), len(boxes))
+        for sizes in (
+            [1],
+            [2],
+            [3, 1],
+            [7000],
+            [P.CHUNK],
+            [P.CHUNK + 2, 1],
+            [1 << 16],
+            [1 << 20],
+            [len(wire)],
+        ):
+            receiver = Receiver()
+            self.feed(receiver, wire, sizes)
+            self.assertEqual([joined(box) for box in receiver.boxes], expected, f"reads of {sizes}")
+
+    def test_paused_parses_nothing_until_resumed(self):
+        boxes = self.boxes()
+        wire = b"".join(box.serialize() for box in boxes)
+        receiver = Receiver()
+        receiver.makeConnection(StringTransport())
+        receiver.dataReceived(wire[:100])
+        receiver.paused = True
+        receiver.dataReceived(wire[100:])
+        self.assertEqual(receiver.boxes, [])
+        receiver.paused = False
+        receiver.dataReceived(b"")
+        self.assertEqual(len(receiver.boxes), len(boxes))
+        self.assertEqual(joined(receiver.boxes[2]), joined(boxes[2]))
+
+    def test_overlong_key_refused(self):
+        transport = StringTransport()
+        receiver = Receiver()
+        receiver.makeConnection(transport)
+        receiver.dataReceived(b"\x01\x00" + b"k" * 256)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(receiver.boxes, [])
