@@ -360,6 +360,13 @@ class BadCommand(CWError):
     """A field of a command from an authenticated peer is malformed."""
 
 
+class SharedMemoryRefused(CWError):
+    """
+    A job process could not open the memory file its worker put a payload
+    in (L{cw.worker.shared}); the worker then sends it through the pipe.
+    """
+
+
 class SecretError(CWError):
     """A secret file (the shared secret, the dashboard token) is missing, unsafe or unusable."""
 

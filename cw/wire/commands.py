@@ -64,7 +64,7 @@ from cw.core.records import (
     job_parts,
     result_parts,
 )
-from cw.errors import AuthenticationFailed, VersionMismatch
+from cw.errors import AuthenticationFailed, SharedMemoryRefused, VersionMismatch
 from cw.wire.private import python_identifier
 
 # cw.core.records may not import Twisted, so it spells the AMP value limit out.
@@ -539,14 +539,25 @@ class RunBatch(amp.Command):
     string, that this job process has not been sent before; C{functions}
     holds the cached functions the jobs use that it does not hold (see
     L{cw.worker.pool.ChildLink}, which tracks both).
+
+    C{shared} says which payloads lie in shared memory rather than in the
+    box (L{cw.worker.shared}): in the call, C{pid} (the worker's), C{fd},
+    C{size} and C{jobs} (C{[index, offset, length]} of each job whose
+    payload lies in that file, its payload in the box empty), and
+    C{reply}, the file to put big results in from now on; in the answer,
+    C{size} and C{results} (the same triples, of the results in the reply
+    file).  A job process that cannot open the file refuses the call
+    (L{SharedMemoryRefused}) before running anything.
     """
 
     arguments = [
         (b"jobs", JobBatch()),
         (b"contexts", JSON()),
         (b"functions", FunctionTable()),
+        (b"shared", JSON(optional=True)),
     ]
-    response = [(b"results", ResultBatch())]
+    response = [(b"results", ResultBatch()), (b"shared", JSON(optional=True))]
+    errors = {SharedMemoryRefused: b"SHARED_MEMORY_REFUSED"}
 
 
 class Challenge(amp.Command):

@@ -45,7 +45,7 @@ from cw.core.config import OUTPUT_LIMIT
 from cw.core.payload import Segments
 from cw.core.resources import allocation_of, format_size, shape_of
 from cw.core.validation import ENV
-from cw.errors import exception_fields
+from cw.errors import SharedMemoryRefused, exception_fields
 from cw.wire import commands as P
 from cw.wire import pickling
 from cw.wire.private import push
@@ -53,6 +53,7 @@ from cw.wire.streaming import ChunkReceiver, StreamingSender
 from cw.worker.capture import OutputCapture, Watcher
 from cw.worker.containment import kill_leftovers
 from cw.worker.pipes import bulk_pipe_reads
+from cw.worker.shared import THRESHOLD, map_private, peer_path, release, write_parts
 
 _inserted: list[str] = []
 
@@ -60,7 +61,7 @@ _inserted: list[str] = []
 FUNCTION_CACHE = 32
 
 #: Counters a job can read to see what its process did (used by tests).
-stats = {"functions_unpickled": 0, "jobs": 0}
+stats = {"functions_unpickled": 0, "jobs": 0, "shared_in": 0, "shared_out": 0}
 
 
 def enter_context(cwd: str, path: list[str]) -> None:
@@ -233,6 +234,9 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
         #: set once connected to the worker (not in a test that makes a
         #: JobChild in its own process).
         self.output: OutputCapture | None = None
+        #: C{(worker pid, fd)} of the memory file to put big results in
+        #: (L{cw.worker.shared}), until it is used; None: none given.
+        self.reply: tuple[int, int] | None = None
 
     def connectionMade(self):
         super().connectionMade()
@@ -244,7 +248,77 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
         push(self.transport)
 
     @P.RunBatch.responder
-    def run_batch(self, jobs, contexts, functions):
+    def run_batch(self, jobs, contexts, functions, shared=None):
+        mapping = self.receive_shared(jobs, shared) if shared else None
+        try:
+            answer = self.run_jobs(jobs, contexts, functions)
+        finally:
+            for job in jobs:
+                job.payload = b""
+            release(mapping)
+        if self.reply is not None:
+            self.reply_shared(answer)
+        return answer
+
+    def receive_shared(self, jobs: list[P.Job], shared: dict) -> memoryview | None:
+        """
+        Take what C{shared} (see L{P.RunBatch}) says: the reply file to
+        keep, and the payloads that lie in the worker's memory file, mapped
+        here copy-on-write (L{map_private}), each job's payload a view of
+        its part.  Return the mapping (None if no payload is shared).
+        """
+        pid = shared["pid"]
+        if "reply" in shared:
+            self.reply = (pid, shared["reply"])
+        if "fd" not in shared:
+            return None
+        try:
+            mapping = map_private(pid, shared["fd"], shared["size"])
+        except OSError as e:
+            self.reply = None
+            raise SharedMemoryRefused(
+                f"job process {os.getpid()} cannot map its worker's memory file"
+                f" {peer_path(pid, shared['fd'])}: {e}"
+            ) from None
+        for index, offset, length in shared["jobs"]:
+            jobs[index].payload = mapping[offset : offset + length]
+        stats["shared_in"] += len(shared["jobs"])
+        return mapping
+
+    def reply_shared(self, answer: dict) -> None:
+        """
+        Move the big result payloads of C{answer} into the reply file and
+        say where in C{answer["shared"]}; if the file cannot be opened,
+        they stay in the answer (and no reply file is used any more).
+        """
+        results = answer["results"]
+        big = [i for i, result in enumerate(results) if len(result.payload) >= THRESHOLD]
+        if not big:
+            return
+        pid, fd = self.reply
+        self.reply = None  # used once: the worker gives a new one
+        where, offset = [], 0
+        try:
+            handle = os.open(peer_path(pid, fd), os.O_RDWR | os.O_CLOEXEC)
+            try:
+                for i in big:
+                    end = write_parts(handle, [results[i].payload], offset)
+                    where.append([i, offset, end - offset])
+                    offset = end
+            finally:
+                os.close(handle)
+        except OSError as e:
+            message = f"cw: results go through the pipe: cannot write the worker's memory file: {e}\n"
+            if self.output is not None:
+                self.output.to_worker_log(message.encode())
+            return
+        for i in big:
+            results[i].payload = b""
+        answer["shared"] = {"size": offset, "results": where}
+        stats["shared_out"] += len(big)
+
+    def run_jobs(self, jobs: list[P.Job], contexts: dict, functions: dict) -> dict:
+        """Run C{jobs} one after another; the answer to L{P.RunBatch}."""
         for client, context in contexts.items():
             self.contexts[int(client)] = context
         output = self.output

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 
 from ampoule import commands, pool
@@ -41,9 +42,11 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from cw.errors import SharedMemoryRefused
 from cw.wire import commands as P
 from cw.wire.private import push
 from cw.wire.streaming import ChunkReceiver, StreamingSender
+from cw.worker import shared
 from cw.worker.child import FunctionCache
 from cw.worker.containment import kill_job_process
 
@@ -164,6 +167,13 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
         self.up = False
         #: Calls held until it is up (see L{callRemote}).
         self._when_up: list = []
+        #: Big payloads go to and from this job process through shared
+        #: memory (L{cw.worker.shared}): unless the machine cannot, or the
+        #: job process could not open a memory file of this worker.
+        self.shares = shared.supported()
+        #: The memory file this job process puts big results in (it was told
+        #: with the call that created it); None: none made yet, or used.
+        self.reply_fd: int | None = None
 
     def connectionMade(self):
         super().connectionMade()
@@ -214,8 +224,7 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
             kwargs["contexts"], kwargs["functions"] = self._missing(
                 kwargs["jobs"], call.contexts, call.functions, call.generation
             )
-        d = super().callRemote(command, **kwargs)
-        push(self.transport)  # to the job process now, not on the reactor's next turn
+        d = self._send(command, kwargs)
         if d is None:
             return d
         timer = None
@@ -261,6 +270,121 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
 
         return d.addCallbacks(ended, died)
 
+    #: The process whose memory files the job process opens (this one; tests change it).
+    owner_pid = staticmethod(os.getpid)
+
+    def _send(self, command, kwargs: dict):
+        """
+        Send C{command} with C{kwargs} to the job process; for
+        L{P.RunBatch}, with big payloads in shared memory (L{_share}), and
+        the big results of its answer mapped from it (L{_take_shared}).
+        """
+        sharing = command is P.RunBatch and self.shares
+        payload_fd = None
+        sent = kwargs
+        if sharing:
+            sent, payload_fd = self._share(kwargs)
+        d = super().callRemote(command, **sent)
+        push(self.transport)  # to the job process now, not on the reactor's next turn
+        if d is None or not sharing:
+            return d
+        if payload_fd is not None:
+            # The call is over (answered, or its process is gone): the job
+            # process no longer opens the file.
+            d.addBoth(_closing, payload_fd)
+
+        def refused(reason):
+            reason.trap(SharedMemoryRefused)
+            log.info(
+                "Job process {pid} cannot map this worker's memory files ({why});"
+                " its payloads go through the pipe",
+                pid=self.pid,
+                why=reason.getErrorMessage(),
+            )
+            self.shares = False
+            self._close_reply()
+            return self._send(command, kwargs)
+
+        return d.addCallbacks(self._take_shared, refused)
+
+    def _share(self, kwargs: dict) -> tuple[dict, int | None]:
+        """
+        C{kwargs} of a L{P.RunBatch} with the big payloads of its jobs in a
+        sealed memory file (their payloads in the box left empty), and a
+        reply file if the job process has none; and the memory file's
+        descriptor (None: no payload is big).
+        """
+        jobs = kwargs["jobs"]
+        description: dict = {}
+        big = [i for i, job in enumerate(jobs) if len(job.payload) >= shared.THRESHOLD]
+        payload_fd = None
+        if big:
+            where, offset = [], 0
+            try:
+                payload_fd = shared.create()
+                for i in big:
+                    end = shared.write_parts(payload_fd, [jobs[i].payload], offset)
+                    where.append([i, offset, end - offset])
+                    offset = end
+                shared.seal(payload_fd)
+            except OSError as e:
+                log.info("Payloads go through the pipe: no memory file for them ({e})", e=e)
+                _closing(None, payload_fd)
+                payload_fd = None
+            else:
+                jobs = list(jobs)
+                for i in big:
+                    job = jobs[i]
+                    jobs[i] = P.Job(job.client, job.seq, b"", job.options, job.func)
+                description.update(fd=payload_fd, size=offset, jobs=where)
+        if self.reply_fd is None:
+            try:
+                self.reply_fd = description["reply"] = shared.create()
+            except OSError as e:
+                log.info("Results go through the pipe: no memory file for them ({e})", e=e)
+        if not description:
+            return kwargs, None
+        description["pid"] = self.owner_pid()
+        return {**kwargs, "jobs": jobs, "shared": description}, payload_fd
+
+    def _take_shared(self, answer: dict) -> dict:
+        """
+        Put the big results that L{P.RunBatch}'s C{answer} says lie in the
+        reply file into their records, as views of the file mapped here
+        (the file is closed: the mapping keeps it as long as they need it).
+        """
+        where = answer.get("shared")
+        if not where:
+            return answer
+        fd, self.reply_fd = self.reply_fd, None
+        results = answer["results"]
+        view, problem = None, None
+        try:
+            if fd is None:
+                raise ValueError("no reply file was given")
+            shared.seal(fd)
+            view = shared.map_shared(fd, where["size"])
+        except (OSError, ValueError) as e:
+            problem = e
+        finally:
+            _closing(None, fd)
+        for i, offset, length in where["results"]:
+            result = results[i]
+            if view is not None:
+                result.payload = view[offset : offset + length]
+            else:
+                result.status = P.Outcome.RAISED
+                result.payload = P.error_report(
+                    "SharedMemoryError",
+                    f"job {result.seq}'s result ({length:,} bytes) could not be read from its job"
+                    f" process's memory file on {socket.gethostname()}: {problem}; run it again",
+                )
+        return answer
+
+    def _close_reply(self) -> None:
+        fd, self.reply_fd = self.reply_fd, None
+        _closing(None, fd)
+
     def _missing(self, jobs, contexts: dict, functions: dict, generation: int) -> tuple[dict, dict]:
         """The contexts and functions that C{jobs} need and this child lacks."""
         send_contexts: dict[str, dict] = {}
@@ -304,6 +428,16 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
     def connectionLost(self, reason):
         self.dead = True
         super().connectionLost(reason)
+        # Its process has ended (ampoule calls this from processEnded): no
+        # one opens the reply file any more.
+        self._close_reply()
+
+
+def _closing(passed, fd: int | None):
+    """Close C{fd} (if any); return C{passed} (a Deferred's result)."""
+    if fd is not None:
+        os.close(fd)
+    return passed
 
 
 class JobPool(pool.ProcessPool):

@@ -490,10 +490,16 @@ class CommandTests(SynchronousTestCase):
             "functions": {(3, b"k" * 16): pattern(CHUNK + 5), (4, b"q"): b""},
         }
         _, parsed = round_trip_arguments(P.RunBatch, **arguments)
-        self.assertEqual(parsed, arguments)
+        self.assertEqual(parsed, {**arguments, "shared": None})
+        shared = {"pid": 12, "fd": 5, "size": 10, "jobs": [[1, 0, 10]], "reply": 6}
+        _, parsed = round_trip_arguments(P.RunBatch, **arguments, shared=shared)
+        self.assertEqual(parsed, {**arguments, "shared": shared})
         results = [Result(3, 1, Outcome.RAISED, payload), Result(4, 2, Outcome.OK, b"")]
         answer = round_trip_response(P.RunBatch, results=results)
-        self.assertEqual(answer, {"results": results})
+        self.assertEqual(answer, {"results": results, "shared": None})
+        shared = {"size": 10, "results": [[1, 0, 10]]}
+        answer = round_trip_response(P.RunBatch, results=results, shared=shared)
+        self.assertEqual(answer, {"results": results, "shared": shared})
 
     def test_define_function(self):
         arguments = {"client": 7, "key": b"\x00" * 16, "function": pattern(CHUNK * 2 + 3)}

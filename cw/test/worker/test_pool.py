@@ -68,10 +68,11 @@ class RecordingProtocol:
         return d.addTimeout(DEADLINE, reactor)
 
 
-class PoolTests(unittest.TestCase):
-    """Jobs that kill, exit, overrun or bloat their process."""
-
-    timeout = 120
+class PoolHarness:
+    """
+    A test case's real L{Worker} with real job processes, its master
+    connection a L{RecordingProtocol} (C{self.proto}).
+    """
 
     def make_worker(self, procs: int = 1, memory_limit: int = 0, recycle_memory: int = 0) -> Worker:
         pool = JobPool(
@@ -139,6 +140,12 @@ class PoolTests(unittest.TestCase):
         after = yield self.assert_serves_normally(worker)
         self.assertEqual(worker.running, 0)
         return before, result, after
+
+
+class PoolTests(PoolHarness, unittest.TestCase):
+    """Jobs that kill, exit, overrun or bloat their process."""
+
+    timeout = 120
 
     @defer.inlineCallbacks
     def test_segfault(self):

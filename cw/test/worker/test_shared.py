@@ -1,0 +1,256 @@
+"""
+Tests for L{cw.worker.shared}: big payloads between a real worker (this
+process, L{PoolHarness}) and its real job processes cross through memory
+files, and no file outlives its use, whatever dies when.
+"""
+
+from __future__ import annotations
+
+import gc
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cloudpickle
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from cw.test.worker.test_pool import DEADLINE, PoolHarness
+from cw.wire import commands as P
+from cw.worker import child, shared
+from cw.worker.pool import BatchCall, ChildLink
+
+#: Bytes of the big payloads in these tests (past L{shared.THRESHOLD}).
+BIG = 3 * shared.THRESHOLD + 7
+
+
+def memory_files(pid_: int | str = "self") -> int:
+    """How many descriptors of process C{pid_} are cw's memory files."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid_}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid_}/fd/{fd}").startswith(f"/memfd:{shared.NAME}"):
+                count += 1
+        except OSError:
+            pass  # closed meanwhile
+    return count
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def dev_shm() -> set[str]:
+    """
+    The files in /dev/shm that shared payloads could leave: cw's own names
+    and C{multiprocessing.shared_memory}'s (others, such as joblib's, are
+    left by other tests running on the machine).  cw's memory files have
+    no name there at all: this guards against a change that gives them one.
+    """
+    if not os.path.isdir("/dev/shm"):
+        return set()
+    return {name for name in os.listdir("/dev/shm") if "cw" in name or name.startswith("psm_")}
+
+
+def reverse_and_report(data):
+    """C{data} reversed, with how its job process got payloads and what it holds."""
+    return bytes(data[::-1]), child.stats["shared_in"], memory_files()
+
+
+def report():
+    """This job process's counts of shared payloads and the memory files it holds."""
+    return child.stats["shared_in"], child.stats["shared_out"], memory_files()
+
+
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+
+
+class KillsOnArrival:
+    """Unpickling this kills the process doing it (halfway through its payload)."""
+
+    def __reduce__(self):
+        return (kill_self, ())
+
+
+def sleep_with(data, seconds):
+    time.sleep(seconds)
+    return len(data)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+class SharedMemoryTests(PoolHarness, unittest.TestCase):
+    timeout = 120
+
+    def setUp(self):
+        if not shared.supported():
+            raise unittest.SkipTest("no memfd_create or /proc here: payloads go through the pipe")
+        self.shm_before = dev_shm()
+
+    def forget_results(self) -> None:
+        """Drop the payloads of the results received so far (their count stays)."""
+        results = self.proto.results
+        for seq in results:
+            results[seq] = None
+
+    def links(self, worker) -> list[ChildLink]:
+        return list(worker.pool.processes)
+
+    def assert_no_stray_files(self, worker) -> None:
+        """
+        The worker holds a memory file for each job process's reply and
+        nothing else (results dropped), and nothing was left in /dev/shm.
+        """
+        gc.collect()
+        expected = sum(link.reply_fd is not None for link in self.links(worker))
+        self.assertEqual(memory_files(), expected)
+        self.assertEqual(dev_shm() - self.shm_before, set())
+
+    @defer.inlineCallbacks
+    def warm(self, worker) -> int:
+        """Run a job on each job process; return the number of open fds then."""
+        yield self.assert_serves_normally(worker, len(self.links(worker)))
+        self.forget_results()
+        gc.collect()
+        return open_fds()
+
+    @defer.inlineCallbacks
+    def test_big_payloads_both_ways(self):
+        """
+        A big argument reaches the job process through a memory file, its
+        big result comes back through one, both intact; afterwards neither
+        side holds a file it does not need and the worker's fd count is
+        back where it was.
+        """
+        worker = self.make_worker()
+        baseline = yield self.warm(worker)
+        blob = os.urandom(BIG)
+        (result,) = yield self.run_jobs(worker, [(reverse_and_report, blob)])
+        self.assertEqual(result.status, P.Outcome.OK)
+        self.assertIsInstance(result.payload, memoryview)
+        self.assertIsInstance(result.payload.obj, mmap.mmap, "the result did not come through shared memory")
+        value, shared_in, held = cloudpickle.loads(result.payload)
+        self.assertEqual(value, blob[::-1])
+        self.assertEqual(shared_in, 1)
+        self.assertEqual(held, 1, "the job process holds its argument's file (mapped) while it runs")
+        del result, value
+        self.forget_results()
+        (after,) = yield self.run_jobs(worker, [(report,)])
+        shared_in, shared_out, held = cloudpickle.loads(after.payload)
+        self.assertEqual((shared_in, shared_out, held), (1, 1, 0))
+        self.forget_results()
+        self.assert_no_stray_files(worker)
+        self.assertEqual(open_fds(), baseline)
+
+    @defer.inlineCallbacks
+    def test_batch_of_small_and_big(self):
+        """Small and big payloads in one batch each reach their job, results in order."""
+        worker = self.make_worker()
+        yield self.warm(worker)
+        blobs = [b"small", os.urandom(BIG), b"", os.urandom(shared.THRESHOLD), b"x" * 100]
+        jobs = [
+            P.Job(1, 1000 + i, cloudpickle.dumps((reverse_and_report, (blob,), {})))
+            for i, blob in enumerate(blobs)
+        ]
+        d = worker.pool.doWork(P.RunBatch, jobs=jobs, _cw_call=BatchCall()).addTimeout(DEADLINE, reactor)
+        # What the answer held, not the answer (a yielded Deferred keeps its result).
+        d.addCallback(
+            lambda answer: [
+                (
+                    r.seq,
+                    cloudpickle.loads(r.payload)[0],
+                    isinstance(getattr(r.payload, "obj", None), mmap.mmap),
+                )
+                for r in answer["results"]
+            ]
+        )
+        results = yield d
+        self.assertEqual(
+            results,
+            [
+                (job.seq, blob[::-1], len(blob) >= shared.THRESHOLD)
+                for job, blob in zip(jobs, blobs, strict=True)
+            ],
+        )
+        self.assert_no_stray_files(worker)
+
+    @defer.inlineCallbacks
+    def test_job_process_killed_while_receiving(self):
+        """
+        A job process killed halfway through unpickling an argument that
+        lies in shared memory: the job reports the crash, the worker goes
+        on, and the memory file is gone with the call.
+        """
+        worker = self.make_worker()
+        baseline = yield self.warm(worker)
+        (victim,) = self.links(worker)
+        victim_pid = victim.pid
+        (result,) = yield self.run_jobs(
+            worker, [(sleep_with, [os.urandom(BIG), KillsOnArrival(), b"y" * BIG], 0)]
+        )
+        self.assertEqual(result.status, P.Outcome.CRASHED)
+        self.assertIn("SIGKILL", P.read_error_report(result.payload)["message"])
+        self.forget_results()
+        pids = yield self.assert_serves_normally(worker, 10)
+        self.assertNotIn(victim_pid, pids)
+        self.forget_results()
+        self.assert_no_stray_files(worker)
+        self.assertEqual(open_fds(), baseline)
+
+    @defer.inlineCallbacks
+    def test_job_killed_at_its_timeout(self):
+        """A job killed at its timeout while its argument is mapped leaves no file behind."""
+        worker = self.make_worker()
+        baseline = yield self.warm(worker)
+        (result,) = yield self.run_jobs(worker, [(sleep_with, os.urandom(BIG), 60)], timeout=0.5)
+        self.assertEqual(result.status, P.Outcome.CRASHED)
+        self.forget_results()
+        yield self.assert_serves_normally(worker, 1)
+        self.forget_results()
+        self.assert_no_stray_files(worker)
+        self.assertEqual(open_fds(), baseline)
+
+    @defer.inlineCallbacks
+    def test_refused_goes_through_the_pipe(self):
+        """
+        A job process that cannot open the worker's memory files refuses
+        the call; the worker sends it again through the pipe, and from then
+        on sends that process everything through the pipe.
+        """
+        gone = dead_pid()
+        self.patch(ChildLink, "owner_pid", staticmethod(lambda: gone))
+        worker = self.make_worker()
+        yield self.warm(worker)
+        (link,) = self.links(worker)
+        blob = os.urandom(BIG)
+        (result,) = yield self.run_jobs(worker, [(reverse_and_report, blob)])
+        self.assertEqual(result.status, P.Outcome.OK)
+        value, shared_in, held = cloudpickle.loads(result.payload)
+        self.assertEqual((value, shared_in, held), (blob[::-1], 0, 0))
+        self.assertFalse(link.shares)
+        self.assertNotIsInstance(getattr(result.payload, "obj", None), mmap.mmap)
+        del result
+        self.forget_results()
+        self.assertEqual(memory_files(), 0)
+
+    @defer.inlineCallbacks
+    def test_unsupported_goes_through_the_pipe(self):
+        """Where memory files cannot be made, big payloads go through the pipe."""
+        self.patch(shared, "_supported", False)
+        worker = self.make_worker()
+        yield self.warm(worker)
+        blob = os.urandom(BIG)
+        (result,) = yield self.run_jobs(worker, [(reverse_and_report, blob)])
+        value, shared_in, _ = cloudpickle.loads(result.payload)
+        self.assertEqual((value, shared_in), (blob[::-1], 0))
+        self.assertEqual(memory_files(), 0)
