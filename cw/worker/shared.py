@@ -41,6 +41,8 @@ import fcntl
 import mmap
 import os
 
+from cw.core.payload import Segments
+
 #: Payloads of this many bytes or more travel through shared memory.
 THRESHOLD = 1 << 20
 
@@ -97,11 +99,15 @@ def peer_path(pid: int, fd: int) -> str:
     return f"/proc/{pid}/fd/{fd}"
 
 
-def write_parts(fd: int, parts, offset: int = 0) -> int:
+def write_parts(fd: int, payloads, offset: int = 0) -> int:
     """
-    Write the bytes-like C{parts}, one after another, at C{offset} of file
-    C{fd}; return the offset after them.
+    Write C{payloads} (bytes-like, or L{Segments} written part by part,
+    never joined), one after another, at C{offset} of file C{fd}; return
+    the offset after them.
     """
+    parts = []
+    for payload in payloads:
+        parts += payload.parts if isinstance(payload, Segments) else [payload]
     for part in parts:
         view = memoryview(part).cast("B")
         done = 0

@@ -18,6 +18,7 @@ from twisted.trial import unittest
 from cw.test.jobs import allocate, exit_with, segfault, sys_exit
 from cw.test.procs import process_exists
 from cw.wire import commands as P
+from cw.wire import pickling
 from cw.worker.child import JobChild
 from cw.worker.pool import BatchCall, JobPool
 from cw.worker.service import JobStarter, Worker, job_process_env
@@ -118,7 +119,7 @@ class PoolHarness:
             out = [results[s] for s in range(first, self.seq + 1)]
             for r in out:
                 if r.status == P.Outcome.OK:
-                    value = cloudpickle.loads(r.payload)
+                    value = pickling.loads(r.payload)
                     if isinstance(value, int):
                         self.pids.add(value)
             return out
@@ -130,7 +131,7 @@ class PoolHarness:
         """The worker still runs C{count} ordinary jobs; return their pids."""
         results = yield self.run_jobs(worker, [(pid,)] * count)
         self.assertEqual({r.status for r in results}, {P.Outcome.OK})
-        return {cloudpickle.loads(r.payload) for r in results}
+        return {pickling.loads(r.payload) for r in results}
 
     @defer.inlineCallbacks
     def crash_then_serve(self, calls, **worker_options):

@@ -20,6 +20,7 @@ from twisted.trial import unittest
 
 from cw.test.worker.test_pool import DEADLINE, PoolHarness
 from cw.wire import commands as P
+from cw.wire import pickling
 from cw.worker import child, shared
 from cw.worker.pool import BatchCall, ChildLink
 
@@ -139,14 +140,14 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
         self.assertEqual(result.status, P.Outcome.OK)
         self.assertIsInstance(result.payload, memoryview)
         self.assertIsInstance(result.payload.obj, mmap.mmap, "the result did not come through shared memory")
-        value, shared_in, held = cloudpickle.loads(result.payload)
+        value, shared_in, held = pickling.loads(result.payload)
         self.assertEqual(value, blob[::-1])
         self.assertEqual(shared_in, 1)
         self.assertEqual(held, 1, "the job process holds its argument's file (mapped) while it runs")
         del result, value
         self.forget_results()
         (after,) = yield self.run_jobs(worker, [(report,)])
-        shared_in, shared_out, held = cloudpickle.loads(after.payload)
+        shared_in, shared_out, held = pickling.loads(after.payload)
         self.assertEqual((shared_in, shared_out, held), (1, 1, 0))
         self.forget_results()
         self.assert_no_stray_files(worker)
@@ -168,7 +169,7 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
             lambda answer: [
                 (
                     r.seq,
-                    cloudpickle.loads(r.payload)[0],
+                    pickling.loads(r.payload)[0],
                     isinstance(getattr(r.payload, "obj", None), mmap.mmap),
                 )
                 for r in answer["results"]
@@ -235,7 +236,7 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
         blob = os.urandom(BIG)
         (result,) = yield self.run_jobs(worker, [(reverse_and_report, blob)])
         self.assertEqual(result.status, P.Outcome.OK)
-        value, shared_in, held = cloudpickle.loads(result.payload)
+        value, shared_in, held = pickling.loads(result.payload)
         self.assertEqual((value, shared_in, held), (blob[::-1], 0, 0))
         self.assertFalse(link.shares)
         self.assertNotIsInstance(getattr(result.payload, "obj", None), mmap.mmap)
@@ -251,6 +252,6 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
         yield self.warm(worker)
         blob = os.urandom(BIG)
         (result,) = yield self.run_jobs(worker, [(reverse_and_report, blob)])
-        value, shared_in, _ = cloudpickle.loads(result.payload)
+        value, shared_in, _ = pickling.loads(result.payload)
         self.assertEqual((value, shared_in), (blob[::-1], 0))
         self.assertEqual(memory_files(), 0)
