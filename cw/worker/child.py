@@ -53,7 +53,7 @@ from cw.wire.streaming import ChunkReceiver, StreamingSender
 from cw.worker.capture import OutputCapture, Watcher
 from cw.worker.containment import kill_leftovers
 from cw.worker.pipes import bulk_pipe_reads
-from cw.worker.shared import THRESHOLD, map_private, peer_path, release, write_parts
+from cw.worker.shared import THRESHOLD, aligned, map_private, peer_path, release, write_parts
 
 _inserted: list[str] = []
 
@@ -302,6 +302,7 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
             handle = os.open(peer_path(pid, fd), os.O_RDWR | os.O_CLOEXEC)
             try:
                 for i in big:
+                    offset = aligned(offset)
                     end = write_parts(handle, [results[i].payload], offset)
                     where.append([i, offset, end - offset])
                     offset = end

@@ -323,6 +323,7 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
             try:
                 payload_fd = shared.create()
                 for i in big:
+                    offset = shared.aligned(offset)
                     end = shared.write_parts(payload_fd, [jobs[i].payload], offset)
                     where.append([i, offset, end - offset])
                     offset = end

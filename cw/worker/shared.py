@@ -59,6 +59,11 @@ _SEALS = (
 )
 _F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
 
+#: Each payload in a memory file starts at a multiple of this many bytes
+#: (as out-of-band buffers do within a payload, see L{cw.core.payload}):
+#: arrays loaded from the mapping are aligned.
+ALIGN = 64
+
 #: Bytes given to one C{pwrite} (Linux writes at most about 2 GiB at once).
 _WRITE = 1 << 30
 
@@ -115,6 +120,11 @@ def write_parts(fd: int, payloads, offset: int = 0) -> int:
             done += os.pwrite(fd, view[done : done + _WRITE], offset + done)
         offset += done
     return offset
+
+
+def aligned(offset: int) -> int:
+    """The first offset at or after C{offset} where a payload may start (L{ALIGN})."""
+    return -(-offset // ALIGN) * ALIGN
 
 
 def seal(fd: int) -> None:

@@ -15,6 +15,11 @@ import sys
 import time
 
 import cloudpickle
+
+try:
+    import numpy
+except ImportError:  # NumPy is optional (the test extra)
+    numpy = None
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
@@ -64,6 +69,20 @@ def reverse_and_report(data):
 def report():
     """This job process's counts of shared payloads and the memory files it holds."""
     return child.stats["shared_in"], child.stats["shared_out"], memory_files()
+
+
+def inspect_array(array):
+    """
+    Where C{array} lies (its address modulo 64), whether it is writable and
+    a view of a memory file's mapping, and its sum.
+    """
+    mapped = False
+    base = array
+    while base is not None:
+        mapped = mapped or isinstance(getattr(base, "obj", None), mmap.mmap)
+        base = getattr(base, "base", None) if not isinstance(base, memoryview) else None
+    array[0] += 0  # raises if read-only
+    return array.ctypes.data % 64, array.flags.writeable, mapped, int(array.sum())
 
 
 def kill_self():
@@ -184,6 +203,28 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
             ],
         )
         self.assert_no_stray_files(worker)
+
+    @defer.inlineCallbacks
+    def test_arrays_aligned_and_writable(self):
+        """
+        A NumPy array that follows a payload of odd length in the batch's
+        memory file loads aligned (at a multiple of 64 bytes) and
+        writable, without a copy: a view of the mapping.
+        """
+        if numpy is None:
+            raise unittest.SkipTest("NumPy is not installed")
+        worker = self.make_worker()
+        yield self.warm(worker)
+        array = numpy.arange(shared.THRESHOLD // 4, dtype="u4")
+        calls = [(len, os.urandom(BIG)), (inspect_array, array)]
+        jobs = [
+            P.Job(1, 2000 + i, pickling.dumps(pickling.call_value(f, (a,), {})))
+            for i, (f, a) in enumerate(calls)
+        ]
+        d = worker.pool.doWork(P.RunBatch, jobs=jobs, _cw_call=BatchCall()).addTimeout(DEADLINE, reactor)
+        d.addCallback(lambda answer: [pickling.loads(r.payload) for r in answer["results"]])
+        results = yield d
+        self.assertEqual(results, [BIG, (0, True, True, int(array.sum()))])
 
     @defer.inlineCallbacks
     def test_job_process_killed_while_receiving(self):
