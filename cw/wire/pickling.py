@@ -79,11 +79,21 @@ def _big_bytes(value: Any) -> bool:
     return (kind is bytes or kind is bytearray) and len(value) >= OUT_OF_BAND_ABOVE
 
 
-def _holds_big_bytes(value: Any) -> bool:
-    if _big_bytes(value):
-        return True
-    kind = type(value)
-    return (kind is tuple or kind is list) and len(value) <= LOOK_INTO and any(_big_bytes(v) for v in value)
+def _any_big_bytes(values) -> bool:
+    """True if C{values} (an iterable) holds big C{bytes}, directly or in a short tuple or list."""
+    for value in values:
+        kind = type(value)
+        if kind is bytes or kind is bytearray:
+            if len(value) >= OUT_OF_BAND_ABOVE:
+                return True
+        elif (kind is tuple or kind is list) and len(value) <= LOOK_INTO:
+            for item in value:
+                if type(item) in _BYTES and len(item) >= OUT_OF_BAND_ABOVE:
+                    return True
+    return False
+
+
+_BYTES = (bytes, bytearray)
 
 
 def out_of_band(value: Any) -> Any:
@@ -106,14 +116,15 @@ def call_value(func: Any, args: tuple, kwargs: dict) -> tuple:
     its arguments marked to travel out of band (L{out_of_band} of each
     argument; cheap when there are none: the common case).
     """
-    return (func, *arguments_value(args, kwargs))
+    args, kwargs = arguments_value(args, kwargs)
+    return func, args, kwargs
 
 
 def arguments_value(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """C{(args, kwargs)} to pickle, their big C{bytes} and C{bytearray} marked as in L{call_value}."""
-    if any(_holds_big_bytes(a) for a in args):
+    if _any_big_bytes(args):
         args = tuple(out_of_band(a) for a in args)
-    if kwargs and any(_holds_big_bytes(v) for v in kwargs.values()):
+    if kwargs and _any_big_bytes(kwargs.values()):
         kwargs = {k: out_of_band(v) for k, v in kwargs.items()}
     return args, kwargs
 
@@ -143,8 +154,9 @@ class Pickler(cloudpickle.Pickler):
     the pickler calls for every object (small jobs would pay for it).
     """
 
+    # One level, as cloudpickle's own: the pickler looks up every object's type here.
     dispatch_table = ChainMap(
-        {memoryview: _reduce_memoryview, array.array: _reduce_array}, cloudpickle.Pickler.dispatch_table
+        {memoryview: _reduce_memoryview, array.array: _reduce_array}, *cloudpickle.Pickler.dispatch_table.maps
     )
 
 
