@@ -18,7 +18,8 @@ master with no worker (its peak RSS, then the drain once two workers join),
 and a master with 200 fake worker connections (L{bench/fake_workers.py}).
 
 The table is printed as markdown; a full run also writes it, with the date
-and the machine, to C{bench/RESULTS.md} (C{--results PATH} to choose).
+and the machine, to C{bench/RESULTS.md} (C{--results PATH} to choose): as
+the first section under the title, above the earlier runs, which stay.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ COMMON_ROWS = [
     ("lat_p99", "round trip of a lone no-op job ({latency} in a row), p99", "ms", False, 2),
     ("arg", "one job with a {payload} MB argument", "MB/s", True, 0),
     ("res", "one job with a {payload} MB result", "MB/s", True, 0),
+    ("medium_submit", "{medium} jobs of a 1 MB NumPy array each (its sum), `submit`", "jobs/s", True, 0),
+    ("medium_map", "{medium} jobs of a 1 MB NumPy array each (its sum), `map`", "jobs/s", True, 0),
 ]
 
 PACKAGES = [
@@ -190,8 +193,20 @@ def cw_only_rows(queue: dict | None, fakes: list[dict], big: dict | None) -> lis
             )
         else:
             size = f"{big['big'] / 1e9:g} GB"
-            rows.append((f"one job with a {size} argument", "MB/s", True, fmt(big["big_arg"], 0)))
-            rows.append((f"one job with a {size} result", "MB/s", True, fmt(big["big_res"], 0)))
+            for key, what in (("big_arg", "argument"), ("big_res", "result")):
+                rows.append((f"one job with a {size} {what}", "MB/s", True, fmt(big[key], 0)))
+                peaks = big.get(f"{key}_peaks", {})
+                for role in ("master", "worker"):
+                    if role in peaks:
+                        rows.append(
+                            (
+                                f"... {role}'s peak RSS (VmHWM) during it; copies of the payload above"
+                                " its RSS before",
+                                "MiB",
+                                False,
+                                f"{peaks[role]['peak_mb']:,.0f}; {peaks[role]['copies']:.2f}",
+                            )
+                        )
     if queue is not None:
         if "error" in queue:
             rows.append(("1M queued jobs (master alone)", "", False, f"failed: {queue['error']}"))
@@ -280,6 +295,26 @@ def targets(results: dict, queue: dict | None, big: dict | None, fakes: list[dic
         None if p50 is None else p50 < 1,
         "not measured" if p50 is None else f"{p50:.2f} ms",
     )
+    p99 = cw.get("lat_p99")
+    check(
+        "lone no-op round trip p50 at most 0.6 ms and p99 at most 1.5 ms (issue 18)",
+        None if p50 is None or p99 is None else (p50 <= 0.6 and p99 <= 1.5),
+        "not measured" if p50 is None or p99 is None else f"p50 {p50:.2f} ms, p99 {p99:.2f} ms",
+    )
+    for key, what in (("arg", "argument"), ("res", "result")):
+        r = pair(key, "ray")
+        check(
+            f"one job with a big {what} at least Ray's rate (issue 18)",
+            None if r is None else r >= 1,
+            "not measured" if r is None else f"{r:.2f}x",
+        )
+    for key, peer, how in (("medium_submit", "ray", "`submit`"), ("medium_map", "ppe", "`map`")):
+        r = pair(key, peer)
+        check(
+            f"1 MB NumPy jobs with {how} at least {TITLES[peer]}'s rate (issue 18)",
+            None if r is None else r >= 1,
+            "not measured" if r is None else f"{cw[key]:,.0f} jobs/s, {r:.2f}x",
+        )
     if big is not None and "error" not in big:
         mb = big["big"] / 1e6
         both = 2 * mb / (mb / big["big_arg"] + mb / big["big_res"])
@@ -288,6 +323,15 @@ def targets(results: dict, queue: dict | None, big: dict | None, fakes: list[dic
             both >= 200,
             f"{both:,.0f} MB/s over both jobs",
         )
+        for key, what in (("big_arg", "argument"), ("big_res", "result")):
+            peaks = big.get(f"{key}_peaks", {})
+            copies = {role: peaks[role]["copies"] for role in ("master", "worker") if role in peaks}
+            check(
+                f"{mb / 1000:g} GB {what} at 600 MB/s or more, the master and the worker each peaking at"
+                " no more than one copy (issue 18)",
+                big[key] >= 600 and len(copies) == 2 and max(copies.values()) <= 1,
+                f"{big[key]:,.0f} MB/s; copies: " + ", ".join(f"{r} {c:.2f}" for r, c in copies.items()),
+            )
     else:
         check("1 GB argument round trip at 200 MB/s or more", None, "not measured: --big, on in a full run")
     m100, p100 = cw.get("map100"), results.get("ppe", {}).get("map100")
@@ -320,6 +364,25 @@ def targets(results: dict, queue: dict | None, big: dict | None, fakes: list[dic
     else:
         check("master RSS under 1 GB with 1,000,000 jobs queued", None, "not measured")
     return out
+
+
+#: The first line of C{bench/RESULTS.md}; each run is a section (C{## ...}) below it.
+TITLE = "# cw benchmark"
+
+
+def with_new_run(old: str, section: str) -> str:
+    """
+    The text of a results file (C{old}: its earlier runs, possibly empty)
+    with the run C{section} first under the title, and everything that
+    was there before kept below it, so a full run adds to the record
+    rather than replacing it.
+    """
+    lines = old.splitlines()
+    if lines and lines[0].strip() == TITLE:
+        lines = lines[1:]
+    earlier = "\n".join(lines).strip("\n")
+    parts = [TITLE, section.strip("\n")] + ([earlier] if earlier else [])
+    return "\n\n".join(parts) + "\n"
 
 
 def machine(load_before: tuple) -> list[str]:
@@ -394,6 +457,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=None, help="jobs per throughput measure (20,000)")
     parser.add_argument("--latency", type=int, default=None, help="sequential round trips (1,000)")
     parser.add_argument("--payload", type=int, default=50_000_000, help="bytes of the big argument/result")
+    parser.add_argument("--medium", type=int, default=1_000, help="jobs of a 1 MB NumPy array (0: skip)")
     parser.add_argument("--queued", type=int, default=None, help="jobs queued on a lone master (1,000,000)")
     parser.add_argument("--connections", type=int, default=200, help="fake worker connections (200)")
     parser.add_argument("--big", type=int, default=None, help="bytes of cw's big payload (1e9; 0: skip)")
@@ -444,6 +508,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     common = ["--jobs", str(jobs), "--latency", str(latency), "--payload", str(args.payload)]
+    common += ["--medium", str(args.medium)]
     rounds_by_system: dict[str, list[dict]] = {s: [] for s in systems}
     queue = None
     big = None
@@ -507,6 +572,7 @@ def main() -> None:
         "map_items": f"{10 * jobs:,}",  # bench/systems.py's CHUNKED_MAP_FACTOR
         "latency": f"{latency:,}",
         "payload": f"{args.payload / 1e6:g}",
+        "medium": f"{args.medium:,}",
     }
     text = table(results, systems, extra, sizes)
     minutes = (time.monotonic() - started) / 60
@@ -517,10 +583,11 @@ def main() -> None:
             notes.append(f"- {TITLES[s]}: n/a: {r['error']}")
         elif "note" in r:
             notes.append(f"- {TITLES[s]}: {r['note']}")
+    command = " ".join(["python", "bench/run.py", *sys.argv[1:]])
     report = [
-        "# cw benchmark",
+        f"## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: `{command}`",
         "",
-        f"`{' '.join(['python', 'bench/run.py', *sys.argv[1:]])}`: {', '.join(TITLES[s] for s in systems)},"
+        f"`{command}`: {', '.join(TITLES[s] for s in systems)},"
         f" each with 2 worker processes; best of {rounds} round(s), systems alternating; {minutes:.1f} min.",
         "",
         *machine(load_before),
@@ -553,14 +620,18 @@ def main() -> None:
         " `/proc/<master pid>/status`, growth measured from the idle master), then two one-slot"
         " workers join; a master with fake worker connections (`bench/fake_workers.py`: the real"
         " handshake and protocol, every job answered at once and never run), whose round trip is cw's"
-        " without a worker's job process.",
+        " without a worker's job process.  The 1 MB jobs each get an array of their own (float64, made"
+        " before the clock starts) and return its sum.  The peak RSS of the 1 GB rows is each"
+        " process's `VmHWM`, reset before each job (`/proc/<pid>/clear_refs`), and the copies are its"
+        " growth over its RSS before the job, in payloads.",
         "",
     ]
     output = "\n".join(report)
     print(output)
     if results_path:
-        Path(results_path).write_text(output)
-        log(f"written to {results_path}")
+        path = Path(results_path)
+        path.write_text(with_new_run(path.read_text() if path.exists() else "", output))
+        log(f"written to {results_path}, above the earlier runs")
 
 
 if __name__ == "__main__":

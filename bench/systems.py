@@ -47,6 +47,16 @@ def make_bytes(n):
     return bytes(n)
 
 
+def array_sum(array):
+    return float(array.sum())
+
+
+#: The medium-payload measure (issue 18): this many jobs, each taking a
+#: NumPy array of MEDIUM_BYTES and returning its sum.
+MEDIUM_JOBS = 1_000
+MEDIUM_BYTES = 1_000_000
+
+
 # -- measurements shared by all systems -------------------------------------
 
 
@@ -85,6 +95,15 @@ class System:
 
     def call(self, fn, arg):
         return self.executor.submit(fn, arg).result()
+
+    def submit_each(self, fn, items: list) -> list:
+        """C{fn} of each item, submitted one by one; the results once all are done."""
+        futures = [self.executor.submit(fn, item) for item in items]
+        return [f.result() for f in futures]
+
+    def map_each(self, fn, items: list) -> list:
+        """C{fn} of each item through the system's C{map} (one call a job)."""
+        return list(self.executor.map(fn, items))
 
     def maps(self) -> dict:
         """Row key -> function(n) mapping noop over range(n)."""
@@ -195,6 +214,12 @@ class Dask(System):
     def call(self, fn, arg):
         return self.client.submit(fn, arg, pure=False).result()
 
+    def submit_each(self, fn, items: list) -> list:
+        return self.client.gather([self.client.submit(fn, item, pure=False) for item in items])
+
+    def map_each(self, fn, items: list) -> list:
+        return self.client.gather(self.client.map(fn, items, pure=False))
+
     def maps(self) -> dict:
         return {"map": lambda n: self.client.gather(self.client.map(noop, range(n), pure=False))}
 
@@ -214,7 +239,7 @@ class Ray(System):
 
         self.ray = ray
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
-        self.remote = {f: ray.remote(f) for f in (noop, size_of, make_bytes)}
+        self.remote = {f: ray.remote(f) for f in (noop, size_of, make_bytes, array_sum)}
 
     def stop(self) -> None:
         if getattr(self, "ray", None) is not None:
@@ -227,8 +252,14 @@ class Ray(System):
     def call(self, fn, arg):
         return self.ray.get(self.remote[fn].remote(arg))
 
+    def submit_each(self, fn, items: list) -> list:
+        f = self.remote[fn]
+        return self.ray.get([f.remote(item) for item in items])
+
+    # Ray has no map: a map is the same remote calls.
+    map_each = submit_each
+
     def maps(self) -> dict:
-        # Ray has no map: a map is the same remote calls.
         return {"map": self.submit_all}
 
     def info(self) -> dict:
@@ -263,6 +294,13 @@ class IPP(System):
 
     def call(self, fn, arg):
         return self.view.apply_sync(fn, arg)
+
+    def submit_each(self, fn, items: list) -> list:
+        results = [self.view.apply_async(fn, item) for item in items]
+        return [r.get() for r in results]
+
+    def map_each(self, fn, items: list) -> list:
+        return self.view.map_sync(fn, items, chunksize=1)
 
     def maps(self) -> dict:
         return {
@@ -309,6 +347,29 @@ def measure(system: System, args) -> dict:
         start = time.perf_counter()
         assert len(system.call(make_bytes, size)) == size
         out["res"] = size / MB / (time.perf_counter() - start)
+    if args.medium:
+        out.update(medium(system, args.medium))
+    return out
+
+
+def medium(system: System, n: int) -> dict:
+    """
+    Medium payloads (issue 18): C{n} jobs each taking a 1 MB NumPy array and
+    returning its sum, submitted one by one, then through C{map}: jobs/s of
+    each.  Every job gets an array of its own (made before the clock
+    starts), as a program's jobs would get different data.
+    """
+    import numpy
+
+    count = MEDIUM_BYTES // 8
+    arrays = [numpy.full(count, float(i)) for i in range(n)]
+    expected = [float(i) * count for i in range(n)]
+    out = {}
+    for key, run in (("medium_submit", system.submit_each), ("medium_map", system.map_each)):
+        start = time.perf_counter()
+        results = run(array_sum, arrays)
+        out[key] = rate(n, start)
+        assert list(results) == expected, f"{key}: wrong sums"
     return out
 
 
@@ -461,20 +522,76 @@ def cw_fake(args) -> dict:
                 cw.mp.stop(port=args.port)
 
 
+def cluster_pids(port: int) -> dict[str, list[int]]:
+    """The cw.mp cluster on C{port}: its master's and its workers' PIDs (from their pidfiles)."""
+    import cw.mp
+    from cw.system import read_pidfile
+
+    workers = [pid for pid in map(read_pidfile, sorted(cw.mp.run_dir(port).glob("worker-*.pid"))) if pid]
+    return {"master": [master_pid(port)], "worker": workers}
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset C{pid}'s VmHWM to its current RSS (Linux's clear_refs 5); False where not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peaks_during(pids: dict[str, list[int]], size: int, run) -> dict:
+    """
+    Run C{run()} and return, for each role of C{pids}, the highest peak RSS
+    (VmHWM) one of its processes reached meanwhile, in MiB, and how many
+    copies of C{size} bytes that peak held above the process's RSS before.
+    Where VmHWM cannot be reset, it is the peak since the process started.
+    """
+    before = {pid: proc_status(pid) for role in pids.values() for pid in role}
+    reset = all([reset_peak(pid) for pid in before])
+    run()
+    out: dict = {"peak_reset": reset}
+    for role, role_pids in pids.items():
+        figures = []
+        for pid in role_pids:
+            try:
+                hwm = proc_status(pid)["VmHWM"]
+            except (OSError, KeyError):
+                continue  # gone
+            figures.append((hwm / 1024, (hwm - before[pid]["VmRSS"]) * 1024 / size))
+        if figures:
+            out[role] = {"peak_mb": max(f[0] for f in figures), "copies": max(f[1] for f in figures)}
+    return out
+
+
 def cw_big(args) -> dict:
-    """One job with an C{args.big}-byte argument, then one with such a result, on cw."""
+    """
+    One job with an C{args.big}-byte argument, then one with such a result,
+    on cw: the rate of each, and the peak RSS (VmHWM) of the master and the
+    workers during each.
+    """
     system = CW(args.port)
     try:
         system.start()
         assert system.call(noop, 1) == 1
-        blob = os.urandom(args.big)
-        start = time.perf_counter()
-        assert system.call(size_of, blob) == args.big
-        out = {"big": args.big, "big_arg": args.big / MB / (time.perf_counter() - start)}
-        del blob
-        start = time.perf_counter()
-        assert len(system.call(make_bytes, args.big)) == args.big
-        out["big_res"] = args.big / MB / (time.perf_counter() - start)
+        pids = cluster_pids(args.port)
+        blob = [os.urandom(args.big)]
+        out: dict = {"big": args.big}
+
+        def argument():
+            start = time.perf_counter()
+            assert system.call(size_of, blob[0]) == args.big
+            out["big_arg"] = args.big / MB / (time.perf_counter() - start)
+
+        out["big_arg_peaks"] = peaks_during(pids, args.big, argument)
+        blob.clear()
+
+        def result():
+            start = time.perf_counter()
+            assert len(system.call(make_bytes, args.big)) == args.big
+            out["big_res"] = args.big / MB / (time.perf_counter() - start)
+
+        out["big_res_peaks"] = peaks_during(pids, args.big, result)
         out["client_peak_mb"] = client_peak_rss_mb()
         return out
     finally:
@@ -492,6 +609,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--latency", type=int, default=1000)
     parser.add_argument("--payload", type=int, default=50_000_000)
+    parser.add_argument("--medium", type=int, default=MEDIUM_JOBS, help="1 MB NumPy jobs (0: skip)")
     parser.add_argument("--queued", type=int, default=1_000_000)
     parser.add_argument("--drain-limit", type=float, default=600)
     parser.add_argument("--connections", type=int, default=200)

@@ -1,0 +1,75 @@
+"""
+Tests of the benchmark's pure parts (C{bench/run.py}, loaded from the
+checkout by path: C{bench} is not a package): a full run adds its section to
+C{bench/RESULTS.md} above the earlier runs instead of replacing them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from cw.test.procs import ROOT
+
+
+def load_run():
+    """C{bench/run.py} as a module."""
+    spec = importlib.util.spec_from_file_location("cw_bench_run", os.path.join(ROOT, "bench", "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run = load_run()
+
+EARLIER = """# cw benchmark
+
+## 30 November 2026: issue 18
+
+| measure | cw |
+|---|--:|
+| submit | 8,510 |
+
+Notes.
+
+## 25 November 2026
+
+| measure | cw |
+|---|--:|
+| submit | 25,159 |
+"""
+
+NEW = "## 2026-12-01 10:00 UTC: `python bench/run.py`\n\n| measure | cw |\n|---|--:|\n| submit | 9,000 |\n"
+
+
+class WithNewRunTests(SynchronousTestCase):
+    def test_new_run_first_earlier_kept(self):
+        """The new section comes right under the title; every earlier line follows, in order."""
+        text = run.with_new_run(EARLIER, NEW)
+        self.assertEqual(text, "# cw benchmark\n\n" + NEW + "\n" + EARLIER[len("# cw benchmark\n\n") :])
+        self.assertEqual(text.count("# cw benchmark\n"), 1)
+
+    def test_twice(self):
+        """A second run goes above the first: three sections, newest first."""
+        second = NEW.replace("2026-12-01", "2026-12-02")
+        text = run.with_new_run(run.with_new_run(EARLIER, NEW), second)
+        heads = [line for line in text.splitlines() if line.startswith("## ")]
+        self.assertEqual(
+            heads,
+            [
+                "## 2026-12-02 10:00 UTC: `python bench/run.py`",
+                "## 2026-12-01 10:00 UTC: `python bench/run.py`",
+                "## 30 November 2026: issue 18",
+                "## 25 November 2026",
+            ],
+        )
+
+    def test_no_file_yet(self):
+        self.assertEqual(run.with_new_run("", NEW), "# cw benchmark\n\n" + NEW)
+
+    def test_file_without_title(self):
+        """Text above which no title stands is kept whole, below the new run."""
+        text = run.with_new_run("old notes\n", NEW)
+        self.assertEqual(text, "# cw benchmark\n\n" + NEW + "\nold notes\n")
