@@ -627,7 +627,9 @@ class ClusterExecutor(futures.Executor):
             seq = self._jobs.add(entry)
             jobid = entry._attach(self, seq)
             try:
-                self.session.send(job(seq), jobid)
+                # A lone job (nothing else outstanding) is written by this
+                # thread; jobs of a burst share boxes the reactor thread sends.
+                self.session.send(job(seq), jobid, now=self._jobs.outstanding() == 1)
             except BaseException:
                 self._jobs.forget(seq)
                 raise

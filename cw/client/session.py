@@ -42,7 +42,7 @@ import cloudpickle
 import crochet
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, task
-from twisted.internet.error import ConnectionClosed
+from twisted.internet.error import ConnectionClosed, ConnectionLost
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -82,9 +82,9 @@ from cw.wire.address import FindingEndpoint, client_description, enable_keepaliv
 from cw.wire.auth import AuthGate, authenticate
 from cw.wire.checked import CheckedCommands
 from cw.wire.liveness import HeartbeatMonitor, SignsOfLife
-from cw.wire.private import push
+from cw.wire.private import can_write_now, push, tls_starting, write_now
 from cw.wire.secret import load_secret
-from cw.wire.streaming import ChunkReceiver, StreamingSender
+from cw.wire.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
 from cw.wire.versions import local_versions
 
 log = Logger(namespace="cw.client")  # the namespace of its log lines before the layers
@@ -421,6 +421,68 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
         super().__init__()
         self.session = session
         self.lost = defer.Deferred()
+        #: Boxes that another thread sent while it could not write them
+        #: itself (and the unwritten end of one it wrote in part): the
+        #: reactor thread sends them, in order, before anything else.
+        self._backlog: list = []
+        self._backlog_call = False
+
+    def sendBox(self, box):
+        """
+        Send C{box}.  From the reactor thread, as AMP does, after anything
+        other threads left for it.  From another thread (L{Session.send}'s
+        lone job, which then needs no wake-up of the reactor thread):
+        straight to the socket when nothing is ahead of it
+        (L{cw.wire.private.write_now}), else handed to the reactor thread,
+        in order.  Under the session's C{send_lock} either way, so that
+        boxes go out in the order they were signed and numbered.
+        """
+        with self.session.send_lock:
+            if threadable.isInIOThread():
+                if self._backlog:
+                    self._send_backlog()
+                super().sendBox(box)
+                return
+            if (
+                not self._backlog
+                and self._outgoing is None
+                and not tls_starting(self)
+                and can_write_now(self.transport)
+                and sum(len(value) for value in box.values()) < STREAM_ABOVE
+            ):
+                data = self.box_bytes(box)
+                written = write_now(self.transport, data)
+                if written == len(data):
+                    return
+                box = data[written:]
+            self._backlog.append(box)
+            if not self._backlog_call:
+                self._backlog_call = True
+                self.session.reactor.callFromThread(self._drain_backlog)
+
+    def _drain_backlog(self) -> None:
+        with self.session.send_lock:
+            self._backlog_call = False
+            self._send_backlog()
+        push(self.transport)
+
+    def _send_backlog(self) -> None:
+        """Send what other threads left (reactor thread, holding C{send_lock})."""
+        backlog, self._backlog = self._backlog, []
+        for item in backlog:
+            try:
+                if isinstance(item, bytes):
+                    if self.transport is not None:
+                        self.transport.write(item)
+                else:
+                    super().sendBox(item)
+            except ConnectionLost:
+                return  # the session handles the loss
+
+    def resumeProducing(self) -> None:
+        """Write the next piece of a streamed box (under C{send_lock}, as L{sendBox})."""
+        with self.session.send_lock:
+            super().resumeProducing()
 
     def connectionMade(self):
         super().connectionMade()
@@ -611,6 +673,9 @@ class Session:
         #: master's job limit, learnt at registration.
         self._job_window = 1
         self._flush_scheduled = False
+        #: Held while boxes are put on this session's connection, by the
+        #: reactor thread and by L{send}'s caller (L{ClientProtocol.sendBox}).
+        self.send_lock = threading.RLock()
         timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
         call_in_reactor(self._connect, timeout, timeout=timeout + 30)
 
@@ -936,11 +1001,14 @@ class Session:
         if self.state == "lost" or (self.proto is None and self.state != "reconnecting"):
             raise MasterUnavailable(f"not connected to the cw master at {self.where}")
 
-    def send(self, job: P.Job, jobid: Any = None) -> None:
+    def send(self, job: P.Job, jobid: Any = None, now: bool = False) -> None:
         """
         Queue a job for the master; jobs sent in a burst share boxes.  A job
         over the master's payload limit raises L{SubmitError} here.  While
-        reconnecting, jobs wait for the next connection.
+        reconnecting, jobs wait for the next connection.  With C{now} (a
+        lone job: its caller has nothing else outstanding), this thread
+        writes it to the connection itself when it can, rather than waking
+        the reactor thread to do it: one thread switch less per round trip.
         """
         if len(job.payload) > self.max_payload:
             raise SubmitError(P.too_big(f"job {jobid!r}", len(job.payload), self.max_payload))
@@ -951,7 +1019,10 @@ class Session:
             wake = not self._flush_scheduled
             self._flush_scheduled = True
         if wake:
-            self.reactor.callFromThread(self._flush)
+            if now and not threadable.isInIOThread():
+                self._flush()
+            else:
+                self.reactor.callFromThread(self._flush)
 
     def wait_for_room(self, give_up: Callable[[], bool] = lambda: False) -> None:
         """
@@ -1064,26 +1135,32 @@ class Session:
             self.reactor.callFromThread(self._flush)
 
     def _flush(self) -> None:
-        with self._lock:
-            self._flush_scheduled = False
-            if self.proto is None:
-                # Everything waits for the next connection, if any.
-                return
-            jobs = self._take_sendable()
-            cancels, self._cancels = self._cancels, []
-            defines, self._defines = self._defines, []
-            if self.durable and jobs:
-                self._unstored.update(job.seq for job in jobs)
-        for key, function in defines:
-            self.proto.callRemote(P.DefineFunction, client=0, key=key, function=function)
-        for batch in P.batches(jobs, P.job_size):
-            self.proto.callRemote(P.SubmitJobs, jobs=batch)
-        # After the jobs: a job submitted and cancelled in one burst is
-        # queued, then withdrawn.
-        for start in range(0, len(cancels), 50_000):
-            self.proto.callRemote(P.CancelJobs, keys=cancels[start : start + 50_000])
-        if self.proto is not None:
-            push(self.proto.transport)  # written now, not on the reactor's next turn
+        """
+        Send what waits (in the reactor thread, or in L{send}'s caller's);
+        under C{send_lock}, so that two flushes cannot overtake each other.
+        """
+        with self.send_lock:
+            with self._lock:
+                self._flush_scheduled = False
+                proto = self.proto
+                if proto is None:
+                    # Everything waits for the next connection, if any.
+                    return
+                jobs = self._take_sendable()
+                cancels, self._cancels = self._cancels, []
+                defines, self._defines = self._defines, []
+                if self.durable and jobs:
+                    self._unstored.update(job.seq for job in jobs)
+            for key, function in defines:
+                proto.callRemote(P.DefineFunction, client=0, key=key, function=function)
+            for batch in P.batches(jobs, P.job_size):
+                proto.callRemote(P.SubmitJobs, jobs=batch)
+            # After the jobs: a job submitted and cancelled in one burst is
+            # queued, then withdrawn.
+            for start in range(0, len(cancels), 50_000):
+                proto.callRemote(P.CancelJobs, keys=cancels[start : start + 50_000])
+            if threadable.isInIOThread() and self.proto is not None:
+                push(self.proto.transport)  # written now, not on the reactor's next turn
 
     def _take_sendable(self) -> list[P.Job]:
         """

@@ -300,13 +300,23 @@ class AuthGate:
         self.box_signer = BoxMac(send_key)
         self._box_checker = BoxMac(receive_key)
 
-    def sendBox(self, box):
+    def box_bytes(self, box) -> bytes:
+        """
+        C{box}'s wire bytes as L{sendBox} writes them: signed and numbered
+        once the session has started, so boxes must be written in the order
+        this is called.
+        """
         signer = self.box_signer
         if signer is None:
+            return box.serialize()
+        return signer.sign(memoryview(box.serialize())[:-2])
+
+    def sendBox(self, box):
+        if self.box_signer is None:
             return super().sendBox(box)
         if self.transport is None:
             raise error.ConnectionLost()
-        self.transport.write(signer.sign(memoryview(box.serialize())[:-2]))
+        self.transport.write(self.box_bytes(box))
 
     def dataReceived(self, data: bytes) -> None:
         if not self.authenticated:

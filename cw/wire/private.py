@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ampoule import main as ampoule_main
-from twisted.internet import abstract, process
+from twisted.internet import abstract, interfaces, process, tcp
 from twisted.protocols import amp
 
 #: Twisted's reader of a child process's pipe (C{twisted.internet.process}
@@ -270,3 +270,40 @@ def _push_descriptor(descriptor: abstract.FileDescriptor) -> None:
     why = descriptor.doWrite()
     if why:
         descriptor.reactor._disconnectSelectable(descriptor, why, False)
+
+
+def can_write_now(transport) -> bool:
+    """
+    Whether L{write_now} may write to C{transport} from a thread other than
+    the reactor's: a plain TCP connection (no TLS: its bytes go through
+    OpenSSL's buffers, owned by the reactor thread), connected, with no
+    producer and nothing buffered.  The caller must hold a lock that every
+    writer to C{transport} holds while it adds to the transport's buffers
+    (the reactor only ever drains them without it, which cannot make
+    buffered bytes look sent).  Private: C{FileDescriptor._tempDataBuffer},
+    read before C{dataBuffer} (C{doWrite} moves bytes from the former to the
+    latter, so this order never sees both empty while bytes wait)
+    (cw.test.wire.test_push).
+    """
+    if not isinstance(transport, tcp.Connection) or interfaces.ISSLTransport.providedBy(transport):
+        return False
+    if not transport.connected or transport.disconnecting or transport.producer is not None:
+        return False
+    return not transport._tempDataBuffer and not transport.dataBuffer
+
+
+def write_now(transport, data: bytes) -> int:
+    """
+    Write C{data} to C{transport}'s socket at once, from any thread, where
+    L{can_write_now} allows it (checked first, under the same lock); return
+    how many bytes the socket took (0 when none, or when it cannot be
+    written here): the caller hands the rest to the reactor thread, ahead
+    of anything written after it.  Saves a lone job's submit the wake-up of
+    the reactor thread (issue 18).
+    """
+    if not can_write_now(transport):
+        return 0
+    try:
+        return transport.socket.send(data)
+    except OSError:
+        return 0  # full (EAGAIN) or broken: the reactor thread writes it, or finds the connection lost

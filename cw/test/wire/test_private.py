@@ -129,3 +129,57 @@ class PushTests(unittest.TestCase):
         """Nothing to write, or no transport at all: nothing happens."""
         private.push(None)
         private.push(object())
+
+
+class WriteNowTests(unittest.TestCase):
+    """
+    L{private.write_now} writes to a plain TCP connection's socket at once
+    (from any thread) only while nothing is buffered ahead; L{private.can_write_now}
+    says when.
+    """
+
+    connect = PushTests.connect
+
+    def test_writes_when_nothing_buffered(self):
+        def sent(result):
+            proto, received = result
+            self.assertTrue(private.can_write_now(proto.transport))
+            self.assertEqual(private.write_now(proto.transport, b"hello"), 5)
+            return received.addCallback(self.assertEqual, b"hello")
+
+        return self.connect(protocol.Protocol).addCallback(sent)
+
+    def test_not_behind_buffered_bytes(self):
+        """Bytes buffered for the reactor go first: nothing is written ahead of them."""
+
+        def sent(result):
+            proto, received = result
+            proto.transport.write(b"first")
+            self.assertFalse(private.can_write_now(proto.transport))
+            self.assertEqual(private.write_now(proto.transport, b"second"), 0)
+            private.push(proto.transport)
+            self.assertTrue(private.can_write_now(proto.transport))
+            return received.addCallback(self.assertEqual, b"first")
+
+        return self.connect(protocol.Protocol).addCallback(sent)
+
+    def test_not_tls_or_closing(self):
+        """TLS (its bytes pass through OpenSSL), a closing connection, or no TCP connection: never."""
+        from twisted.internet import interfaces
+        from zope.interface import directlyProvides
+
+        self.assertFalse(private.can_write_now(None))
+        self.assertFalse(private.can_write_now(object()))
+        self.assertEqual(private.write_now(object(), b"x"), 0)
+
+        def sent(result):
+            proto, received = result
+            transport = proto.transport
+            directlyProvides(transport, interfaces.ISSLTransport)
+            self.assertFalse(private.can_write_now(transport))
+            directlyProvides(transport)
+            self.assertTrue(private.can_write_now(transport))
+            transport.loseConnection()
+            self.assertFalse(private.can_write_now(transport))
+
+        return self.connect(protocol.Protocol).addCallback(sent)
