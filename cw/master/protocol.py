@@ -333,9 +333,10 @@ class MasterProtocol(
                 P.result_size,
                 after_flush=lambda: push(self.transport),
             )
-        self.outbox.extend(results)
         if now:
-            self.outbox.flush()
+            self.outbox.send_now(results)
+        else:
+            self.outbox.extend(results)
 
     def connectionLost(self, reason):
         super().connectionLost(reason)

@@ -685,8 +685,7 @@ class Worker:
             if isinstance(instruction, StartBatch):
                 self._start(instruction)
             elif isinstance(instruction, SendResults):
-                self.outbox.extend(instruction.results)
-                self.outbox.flush()
+                self.outbox.send_now(instruction.results)
             elif isinstance(instruction, ReturnJobs):
                 self._return(instruction.keys)
             elif isinstance(instruction, CancelBatch):

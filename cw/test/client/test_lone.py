@@ -73,7 +73,7 @@ class LoneSubmitTests(unittest.TestCase):
 
     @in_thread
     def test_lone_jobs_written_by_their_caller(self):
-        """Each lone job is flushed by the submitting thread and written at once (nothing left to the reactor)."""
+        """Each lone job is flushed and written at once by the submitting thread, none left to the reactor."""
         for i in range(20):
             self.assertEqual(self.executor.submit(square, i).result(DEADLINE), i * i)
         self.assertEqual(self.mine(), 20)

@@ -32,6 +32,22 @@ class OutboxTests(SynchronousTestCase):
         self.assertEqual(len(self.outbox), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_send_now_sets_no_timer(self):
+        """L{Outbox.send_now} sends at once, without setting (and cancelling) a timer."""
+        timers = []
+        set_timer = self.clock.callLater
+        self.clock.callLater = lambda *args: timers.append(args) or set_timer(*args)
+        self.outbox.send_now([b"a"])
+        self.assertEqual(self.sent, [[b"a"]])
+        self.assertEqual(timers, [])
+
+    def test_send_now_after_collected(self):
+        """What was collected goes first, in the same batch; no timer is left."""
+        self.outbox.add(b"a")
+        self.outbox.send_now([b"b", b"c"])
+        self.assertEqual(self.sent, [[b"a", b"b", b"c"]])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_burst_shares_one_batch(self):
         for record in [b"a", b"b", b"c"]:
             self.outbox.add(record)
