@@ -627,9 +627,8 @@ class ClusterExecutor(futures.Executor):
             seq = self._jobs.add(entry)
             jobid = entry._attach(self, seq)
             try:
-                # A lone job (nothing else outstanding) is written by this
-                # thread; jobs of a burst share boxes the reactor thread sends.
-                self.session.send(job(seq), jobid, now=self._jobs.outstanding() == 1)
+                # A lone job may be written by this thread (see Session.send).
+                self.session.send(job(seq), jobid, now=True)
             except BaseException:
                 self._jobs.forget(seq)
                 raise

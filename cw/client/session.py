@@ -426,6 +426,12 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
         #: reactor thread sends them, in order, before anything else.
         self._backlog: list = []
         self._backlog_call = False
+        #: Held while boxes are put on this connection: by the reactor
+        #: thread, and by L{Session.send}'s caller (see L{sendBox}).
+        self.send_lock = threading.RLock()
+        #: The thread that L{Session.send} lets write its lone job itself,
+        #: while it does (under C{send_lock}).
+        self.writer: int | None = None
 
     def sendBox(self, box):
         """
@@ -434,11 +440,11 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
         lone job, which then needs no wake-up of the reactor thread):
         straight to the socket when nothing is ahead of it
         (L{cw.wire.private.write_now}), else handed to the reactor thread,
-        in order.  Under the session's C{send_lock} either way, so that
-        boxes go out in the order they were signed and numbered.
+        in order.  Under C{send_lock} either way, so that boxes go out in
+        the order they were signed and numbered.
         """
-        with self.session.send_lock:
-            if threadable.isInIOThread():
+        with self.send_lock:
+            if self.writer != threading.get_ident():
                 if self._backlog:
                     self._send_backlog()
                 super().sendBox(box)
@@ -461,7 +467,7 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
                 self.session.reactor.callFromThread(self._drain_backlog)
 
     def _drain_backlog(self) -> None:
-        with self.session.send_lock:
+        with self.send_lock:
             self._backlog_call = False
             self._send_backlog()
         push(self.transport)
@@ -481,7 +487,7 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
 
     def resumeProducing(self) -> None:
         """Write the next piece of a streamed box (under C{send_lock}, as L{sendBox})."""
-        with self.session.send_lock:
+        with self.send_lock:
             super().resumeProducing()
 
     def connectionMade(self):
@@ -673,9 +679,10 @@ class Session:
         #: master's job limit, learnt at registration.
         self._job_window = 1
         self._flush_scheduled = False
-        #: Held while boxes are put on this session's connection, by the
-        #: reactor thread and by L{send}'s caller (L{ClientProtocol.sendBox}).
-        self.send_lock = threading.RLock()
+        #: Jobs sent on this connection whose results have not arrived (a
+        #: cancelled job counts as arrived): a job sent while none is out
+        #: is a lone job, which L{send} may write from its caller's thread.
+        self._in_flight = 0
         timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
         call_in_reactor(self._connect, timeout, timeout=timeout + 30)
 
@@ -808,6 +815,7 @@ class Session:
             # The last connection's unacknowledged jobs go again (below) or
             # are held by this master already.
             self._unstored = set()
+            self._in_flight = 0
             if self._sent:
                 # Every job without a result that this master does not hold
                 # (one with --state may) goes again, in the order first
@@ -850,8 +858,9 @@ class Session:
 
     def results_arrived(self, results: list[P.Result]) -> None:
         self._window_start = None
-        if self._sent:
-            with self._lock:
+        with self._lock:
+            self._in_flight = max(0, self._in_flight - len(results))
+            if self._sent:
                 for result in results:
                     self._sent.pop(result.seq, None)
         self.on_results(results)
@@ -1005,10 +1014,12 @@ class Session:
         """
         Queue a job for the master; jobs sent in a burst share boxes.  A job
         over the master's payload limit raises L{SubmitError} here.  While
-        reconnecting, jobs wait for the next connection.  With C{now} (a
-        lone job: its caller has nothing else outstanding), this thread
-        writes it to the connection itself when it can, rather than waking
-        the reactor thread to do it: one thread switch less per round trip.
+        reconnecting, jobs wait for the next connection.  With C{now}, a
+        lone job (no other job of this session is out) is written to the
+        connection by this thread itself where it can, rather than by the
+        reactor thread woken up to do it: one thread switch less per round
+        trip.  Jobs sent while others are out are left to the reactor
+        thread, which sends those of a burst in shared boxes.
         """
         if len(job.payload) > self.max_payload:
             raise SubmitError(P.too_big(f"job {jobid!r}", len(job.payload), self.max_payload))
@@ -1018,11 +1029,12 @@ class Session:
             self._pending_bytes += len(job.payload)
             wake = not self._flush_scheduled
             self._flush_scheduled = True
-        if wake:
-            if now and not threadable.isInIOThread():
-                self._flush()
-            else:
-                self.reactor.callFromThread(self._flush)
+            # (Even with a flush scheduled: by define, for this job's function.)
+            here = now and not self._in_flight and len(self._pending) == 1
+        if here and not threadable.isInIOThread():
+            self._flush(here=True)
+        elif wake:
+            self.reactor.callFromThread(self._flush)
 
     def wait_for_room(self, give_up: Callable[[], bool] = lambda: False) -> None:
         """
@@ -1128,39 +1140,55 @@ class Session:
                 return
             if self.proto is None:
                 return
+            self._in_flight = max(0, self._in_flight - 1)
             self._cancels.append((0, seq))
             wake = not self._flush_scheduled
             self._flush_scheduled = True
         if wake:
             self.reactor.callFromThread(self._flush)
 
-    def _flush(self) -> None:
+    def _flush(self, here: bool = False) -> None:
         """
-        Send what waits (in the reactor thread, or in L{send}'s caller's);
-        under C{send_lock}, so that two flushes cannot overtake each other.
+        Send what waits: in the reactor thread, or, C{here}, in L{send}'s
+        caller's, which then writes to the connection itself where it can;
+        under the connection's C{send_lock}, so that two flushes cannot
+        overtake each other.
         """
-        with self.send_lock:
+        proto = self.proto
+        if proto is None:
             with self._lock:
                 self._flush_scheduled = False
-                proto = self.proto
-                if proto is None:
-                    # Everything waits for the next connection, if any.
-                    return
-                jobs = self._take_sendable()
-                cancels, self._cancels = self._cancels, []
-                defines, self._defines = self._defines, []
-                if self.durable and jobs:
-                    self._unstored.update(job.seq for job in jobs)
-            for key, function in defines:
-                proto.callRemote(P.DefineFunction, client=0, key=key, function=function)
-            for batch in P.batches(jobs, P.job_size):
-                proto.callRemote(P.SubmitJobs, jobs=batch)
-            # After the jobs: a job submitted and cancelled in one burst is
-            # queued, then withdrawn.
-            for start in range(0, len(cancels), 50_000):
-                proto.callRemote(P.CancelJobs, keys=cancels[start : start + 50_000])
-            if threadable.isInIOThread() and self.proto is not None:
-                push(self.proto.transport)  # written now, not on the reactor's next turn
+            return  # everything waits for the next connection, if any
+        with proto.send_lock:
+            if here:
+                proto.writer = threading.get_ident()
+                try:
+                    self._send_waiting(proto)
+                finally:
+                    proto.writer = None
+            else:
+                self._send_waiting(proto)
+                push(proto.transport)  # written now, not on the reactor's next turn
+
+    def _send_waiting(self, proto: ClientProtocol) -> None:
+        """L{_flush}'s work, holding C{proto}'s C{send_lock}."""
+        with self._lock:
+            self._flush_scheduled = False
+            if self.proto is not proto:
+                return  # lost meanwhile: a new connection flushes once registered
+            jobs = self._take_sendable()
+            cancels, self._cancels = self._cancels, []
+            defines, self._defines = self._defines, []
+            if self.durable and jobs:
+                self._unstored.update(job.seq for job in jobs)
+        for key, function in defines:
+            proto.callRemote(P.DefineFunction, client=0, key=key, function=function)
+        for batch in P.batches(jobs, P.job_size):
+            proto.callRemote(P.SubmitJobs, jobs=batch)
+        # After the jobs: a job submitted and cancelled in one burst is
+        # queued, then withdrawn.
+        for start in range(0, len(cancels), 50_000):
+            proto.callRemote(P.CancelJobs, keys=cancels[start : start + 50_000])
 
     def _take_sendable(self) -> list[P.Job]:
         """
@@ -1185,6 +1213,7 @@ class Session:
         self._pending_bytes -= size
         self._room_bytes -= size
         self._room_jobs -= len(jobs)
+        self._in_flight += len(jobs)
         self._sent_some.notify_all()
         return jobs
 

@@ -49,9 +49,9 @@ class LoneSubmitTests(unittest.TestCase):
             self.drains = 0
             flush = session._flush
 
-            def recording_flush():
+            def recording_flush(here=False):
                 self.flushes.append(threading.get_ident())
-                flush()
+                flush(here)
 
             session._flush = recording_flush
             proto = session.proto
