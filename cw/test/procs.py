@@ -55,6 +55,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on C{host}:C{port} (a master started without waiting)."""
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
 def wait_until(predicate, timeout: float = DEADLINE, what: str = "condition"):
     """Poll C{predicate} with backoff until it returns a true value."""
     deadline = time.monotonic() + timeout

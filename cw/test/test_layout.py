@@ -131,3 +131,16 @@ class SetupCfgTests(SynchronousTestCase):
             self.assertTrue(source.is_file(), f"setup.cfg [mutmut] names {path}, which does not exist")
             if test_class:
                 self.assertIn(f"class {test_class}(", source.read_text(), entry)
+
+
+class TestCommandTests(SynchronousTestCase):
+    def test_ci_runs_the_readme_command(self):
+        """.ci/run runs README.rst's test command verbatim (CI runs what the README says)."""
+        readme = (Path(ROOT) / "README.rst").read_text()
+        [command] = [
+            line.strip()
+            for line in readme.splitlines()
+            if line.startswith("    python3 -m venv .venv && ") and "twisted.trial" in line
+        ]
+        ci = (Path(ROOT) / ".ci" / "run").read_text()
+        self.assertIn(f"\n{command} 2>&1 | tee ", ci)

@@ -20,6 +20,7 @@ from cw.test.procs import (
     executor,
     free_port,
     group_members,
+    listening,
     process_exists,
     run_script,
     wait_until,
@@ -217,6 +218,8 @@ class ScriptTests(unittest.TestCase):
 
             spawn("cw.master", "--port", f"tcp:{port}:interface=127.0.0.1")
             spawn("cw.worker", f"localhost:{port}", "--procs", "2")
+            # A client does not retry a refused connection: wait until the master listens.
+            wait_until(lambda: listening(port), what=f"the master to listen on port {port}")
             self.assertEqual(wait_for_workers(1, port=port, timeout=DEADLINE), 1)
             with executor(port=port) as ex:
                 self.assertEqual(list(ex.map(abs, [-1, -2, -3], timeout=DEADLINE)), [1, 2, 3])

@@ -762,7 +762,7 @@ class SlurmClusterTests(unittest.TestCase):
 
     def test_master_replaced_before_walltime(self):
         """
-        A master job with --state and a one-minute limit submits its
+        A master job with --state and a two-minute limit submits its
         replacement before the limit (SIGUSR2, --signal=B:USR2@...); the
         replacement has it hand the state file over: the first job ends by
         itself, not TIMEOUT, and the new master reloads the queue and
@@ -773,8 +773,11 @@ class SlurmClusterTests(unittest.TestCase):
 
         def body():
             state = os.path.join(self.directory, "state.db")
+            # SLURM sends the warning up to a minute early: with 2 minutes and
+            # 50 s, at least 10 s after the job starts, once the master has its
+            # handler (with 1 minute, it could come before: the job died of it).
             address = slurm.start(
-                1, master_options=["--state", state], master_time="1", walltime_warning=50, timeout=DEADLINE
+                1, master_options=["--state", state], master_time="2", walltime_warning=50, timeout=DEADLINE
             )
             [first] = slurm.recorded_jobs(self.name)["master"]
             out = run_script(self, SUBMIT_AND_DETACH, address, "walltime", "200", "0.1")
