@@ -284,6 +284,11 @@ class AdaptiveSlurmTests(unittest.TestCase):
                 tagged = [ex.submit_with(probe, (0.5,), tags={"wide"}) for _ in range(6)]
                 wide = wait_until(lambda: self.pool_jobs_named("wide"), timeout=DEADLINE, what="wide jobs")
                 self.assertEqual({f.result(DEADLINE)["slurm_cpus"] for f in tagged}, {"2"})
+            # Enough rounds for the gaps between squeue calls to say something
+            # (on a quiet machine the jobs above can be done within two).
+            wait_until(
+                lambda: len(self.pool_polls("login")) > 2, timeout=DEADLINE, what="3 squeue calls by adapt"
+            )
             proc.send_signal(2)
             output, _ = proc.communicate(timeout=DEADLINE * 2)
             self.assertEqual(proc.returncode, 0, output)
