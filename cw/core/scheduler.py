@@ -24,23 +24,6 @@ Dispatch rules:
     starved by another's prefetch.  Prefetching also stops once a worker
     holds L{PREFETCH_BYTES} of payloads, so big jobs are not piled up
     (in memory) on one worker.
-  - Many workers, short jobs: a worker that reports more results at once
-    than it has slots ran several jobs within one hop, so its jobs are
-    short whatever a hop costs (it is I{fast}).  A fast worker is given
-    jobs only once at least half its capacity is free, as many as it has
-    room for at once, and its credit is at least twice its last report:
-    each box to it carries many jobs, where one job per connection would
-    cost the master (and the worker) a box, a write and a read per job.
-    While the fast workers, at full credit, could hold the whole queue,
-    and one of them reported within L{RATE_WINDOW}, the other workers
-    wait (their free slots too): spreading short jobs over idle
-    connections only adds boxes.  A fast worker stops being fast once it
-    holds jobs for L{RATE_WINDOW} without a report, or reports no more
-    than its slots; and, as any worker, after a long idle spell.  To find
-    fast workers, a free slot of a worker that completed its last jobs
-    quickly (L{WorkerRecord.quick}) takes a second job at once while more
-    jobs are queued than workers have free slots.  Long jobs come back
-    one per report, so they are spread one per free slot as before.
   - When a worker leaves, the jobs it held go back to the front of the queue
     in their original order.  A result from a worker that no longer holds the
     job (it left, or the job was requeued) is dropped, so each job's result is
@@ -249,23 +232,11 @@ class WorkerRecord:
     failed: int = 0
     #: The worker is stopping gracefully: it gets no more jobs.
     draining: bool = False
-    #: Jobs this worker completes per second it holds jobs (None: not
-    #: measured yet), and the measurement under way: the seconds it held
-    #: jobs and the jobs completed since it started.
+    #: Jobs this worker completes per second (None: not measured yet), and
+    #: the measurement under way: its start and the jobs completed since.
     rate: float | None = None
-    window_busy: float = 0.0
+    window_start: float | None = None
     window_count: int = 0
-    #: When it was last observed, and whether it held jobs since.
-    seen: float | None = None
-    busy_until_seen: bool = False
-    #: Its last report held more results than it has slots, and the
-    #: credit that earned it (twice that report).
-    batched: bool = False
-    batch_credit: int = 0
-    #: Seconds it held jobs since its last report.
-    unreported: float = 0.0
-    #: Its slots as counted in L{Scheduler}'s total of fast workers' slots.
-    counted_slots: int = 0
     #: Prefetched jobs this worker may hold beyond its slots.
     credit: int = -1
     #: What the worker has (cores, memory, GPUs, ...; default: a core per
@@ -322,71 +293,25 @@ class WorkerRecord:
 
     def observe(self, now: float, completed: int, horizon: float) -> None:
         """
-        Count C{completed} jobs (one report of the worker's) at time C{now},
-        and the time since the last call if the worker held jobs meanwhile
-        (its busy time); update L{rate}, L{batched} and L{credit}.
-
-        The rate is jobs completed per busy second, measured once
-        L{RATE_WINDOW} of busy time has passed or the worker has completed
-        everything it held.  A long busy spell without results replaces the
-        rate outright, so a worker that moved from tiny jobs to long ones
-        loses its large credit at the next event; so does a long idle
-        spell (what it measured may not hold for the next jobs).
+        Count C{completed} jobs at time C{now}; at the end of each
+        L{RATE_WINDOW}, update L{rate} and L{credit}.  A long quiet spell
+        replaces the rate outright, so a worker that moved from tiny jobs
+        to long ones loses its large credit at the next event.
         """
-        if self.seen is not None:
-            if self.busy_until_seen:
-                self.window_busy += now - self.seen
-                self.unreported += now - self.seen
-                if self.unreported >= RATE_WINDOW:
-                    # Busy with no report for that long: its jobs are no longer short.
-                    self.batched, self.batch_credit = False, 0
-            elif now - self.seen > 10 * RATE_WINDOW:
-                self.rate, self.batched, self.batch_credit = None, False, 0
-                self.window_busy, self.window_count = 0.0, 0
-        self.seen = now
-        self.busy_until_seen = bool(self.held)
-        if completed:
-            self.unreported = 0.0
-            # More results in one report than slots: it ran several jobs
-            # within one hop, so they are short whatever the hop costs.
-            self.batched = completed > self.slots
-            self.batch_credit = min(2 * completed, MAX_CREDIT * self.slots) if self.batched else 0
+        if self.window_start is None:
+            self.window_start = now
         self.window_count += completed
-        busy = self.window_busy
-        if busy > 0 and (busy >= RATE_WINDOW or (self.window_count and not self.held)):
-            measured = self.window_count / busy
-            if self.rate is None or busy > 10 * RATE_WINDOW:
-                self.rate = measured
-            else:
-                self.rate = (self.rate + measured) / 2
-            self.window_busy, self.window_count = 0.0, 0
-        earned = 0 if self.rate is None else min(math.ceil(self.rate * horizon), MAX_CREDIT * self.slots)
-        self.credit = max(self.prefetch, earned, self.batch_credit)
-
-    def fill(self) -> bool:
-        """
-        Whether this fast worker is to be given jobs now: its room is at
-        least half its capacity (or it holds nothing), so that each box to
-        it carries many jobs, not a few to top it up.
-        """
-        return self.batched and (not self.held or 2 * (self.capacity - len(self.held)) >= self.capacity)
-
-    @property
-    def quick(self) -> bool:
-        """
-        Whether its measured rate earned it more than the least credit: it
-        may be fast, so a free slot of it takes a second job at once, to
-        find out (see L{Scheduler.dispatch}).
-        """
-        return self.rate is not None and self.credit > self.prefetch
-
-    @property
-    def fast(self) -> bool:
-        """
-        Whether its jobs are known to be short: its last report held more
-        results than it has slots (see L{Scheduler.dispatch}).
-        """
-        return self.batched
+        elapsed = now - self.window_start
+        if elapsed < RATE_WINDOW:
+            return
+        measured = self.window_count / elapsed
+        if self.rate is None or elapsed > 10 * RATE_WINDOW:
+            self.rate = measured
+        else:
+            self.rate = (self.rate + measured) / 2
+        self.window_start, self.window_count = now, 0
+        earned = math.ceil(self.rate * horizon)
+        self.credit = max(self.prefetch, min(earned, MAX_CREDIT * self.slots))
 
 
 @dataclass
@@ -511,16 +436,6 @@ class Scheduler:
         #: (a free slot or prefetch room), in turn order (see L{Turns}).
         self._free = Turns()
         self._ready = Turns()
-        #: Fast workers (L{WorkerRecord.fast}), those of them that may be
-        #: filled, in turn order, and their slots.
-        self._fast: set[int] = set()
-        self._fast_turns = Turns()
-        self._fast_slots = 0
-        #: When a fast worker last reported.
-        self._fast_heard = -math.inf
-        #: Workers told to avoid some client (L{avoid}): while there are
-        #: any, the others do not wait for fast workers.
-        self._avoiding: set[int] = set()
         #: Workers visited by L{dispatch} so far: what a dispatch costs,
         #: for the tests (it does not grow with the workers that have no room).
         self.visits = 0
@@ -567,8 +482,6 @@ class Scheduler:
         self._backed_up.discard(client)
         for worker in self._workers.values():
             worker.avoided.discard(client)
-            if not worker.avoided:
-                self._avoiding.discard(worker.id)
         self._queue.forget(client)
         if self._losses:
             self._losses = {key: v for key, v in self._losses.items() if key[0] != client}
@@ -782,7 +695,6 @@ class Scheduler:
         """
         self._client(client)
         self._worker(worker).avoided.add(client)
-        self._avoiding.add(worker)
 
     def remove_worker(self, worker: int) -> list[Job]:
         """
@@ -805,8 +717,6 @@ class Scheduler:
         if state is None:
             raise UnknownPeer(worker)
         self._dirty.discard(worker)
-        self._unfast(state)
-        self._avoiding.discard(worker)
         back: list[Job] = []
         failed: list[Result] = []
         for position, job in enumerate(state.held.values()):
@@ -848,7 +758,6 @@ class Scheduler:
         """
         state = self._worker(worker)
         state.draining = True
-        self._unfast(state)
         self._dirty.add(worker)
         wanted = set(keys)
         back: list[Job] = []
@@ -889,11 +798,9 @@ class Scheduler:
     def dispatch(self, now: float | None = None) -> list[tuple[int, list[Job]]]:
         """
         Take queued jobs for workers with room; return C{(worker, jobs)}
-        pairs, at most one per worker.  Fast workers (see the module
-        docstring) are filled first, each at once; then, unless the fast
-        ones can take the queue, free slots, then prefetch room; workers
-        take turns so that load spreads evenly.  C{now} (seconds) lets
-        workers' credit follow their rates.
+        pairs, at most one per worker.  Free slots are filled first, then
+        prefetch room; workers take turns so that load spreads evenly.
+        C{now} (seconds) lets workers' credit follow their rates.
 
         Sized jobs (see L{cw.core.resources}) go only to a free slot of a
         worker whose free capacity covers them now, never prefetched, and
@@ -914,18 +821,7 @@ class Scheduler:
         reserved = self._reservation[1] if self._reservation else None
         placed: set[Shape] = set()
         assigned: dict[int, list[Job]] = {}
-        phases = (("slots", self._free), ("capacity", self._ready))
-        if self._fast and not shapes and reserved is None:
-            if (
-                self._dispatch_fast(skip, now if observe else None, assigned)
-                and self._fast
-                and not self._avoiding
-                and len(self._queue) <= self._fast_slots * (MAX_CREDIT + 1)
-                and now is not None
-                and now - self._fast_heard < RATE_WINDOW
-            ):
-                phases = ()  # the other workers wait: the fast ones get through the queue soon
-        for limit, turns in phases:
+        for limit, turns in (("slots", self._free), ("capacity", self._ready)):
             # One job at a time per worker in turn, so that a short queue is
             # spread over all free workers rather than filling the first;
             # the workers in turn order (L{Turns}), each moved to the end
@@ -964,21 +860,11 @@ class Scheduler:
                         placed.add(shape)
                         if w.id == reserved:
                             self._reservation = reserved = None
-                    self._assign(w, job, assigned)
-                    if (
-                        limit == "slots"
-                        and shape is None
-                        and not self._queue.sized
-                        and w.quick
-                        and not w.fast
-                        and len(w.held) == w.slots
-                        and w.room("capacity")
-                        and len(self._queue) > len(turns)
-                        and self._dispatchable(mine)
-                    ):
-                        # A probe, while more jobs are queued than there are
-                        # workers with free slots: is it fast?  (L{WorkerRecord.quick}.)
-                        self._take_plain(w, mine, now, assigned)
+                    assigned.setdefault(w.id, []).append(job)
+                    client = self._clients[job.client]
+                    client.queued -= 1
+                    client.running += 1
+                    self._shrunk.add(job.client)
                     if w.room(limit):
                         still.append(w)
                 if not still:
@@ -988,77 +874,16 @@ class Scheduler:
             self._reserve(now, placed)
         self._dirty.update(assigned)
         if now is not None:
-            for wid in assigned:
-                self._workers[wid].busy_until_seen = True
             self._track(now)
         return list(assigned.items())
-
-    def _assign(self, w: WorkerRecord, job: Job, assigned: dict[int, list[Job]]) -> None:
-        """Count C{job}, just held by C{w}, as running for its client, and add it to C{w}'s share."""
-        assigned.setdefault(w.id, []).append(job)
-        client = self._clients[job.client]
-        client.queued -= 1
-        client.running += 1
-        self._shrunk.add(job.client)
-
-    def _dispatch_fast(self, skip: set[int], now: float | None, assigned: dict[int, list[Job]]) -> bool:
-        """
-        Give fast workers (L{WorkerRecord.fast}), in turn, as many plain jobs
-        as they have room for, each its share at once: see L{dispatch}.
-        Return False if a job was left for lack of walltime (slower
-        workers may take it).
-        """
-        for w in self._turns(self._fast_turns, "capacity", now, {}, fast=True):
-            mine = (skip | w.avoided) if w.avoided else skip
-            while w.room("capacity") and self._dispatchable(mine):
-                if not self._take_plain(w, mine, now, assigned):
-                    return False
-            if not self._dispatchable(skip):
-                break
-        return True
-
-    def _take_plain(
-        self, w: WorkerRecord, skip: set[int], now: float | None, assigned: dict[int, list[Job]]
-    ) -> bool:
-        """
-        Give C{w} the next plain job (none of the clients in C{skip});
-        return False if it does not fit what remains of C{w}'s walltime
-        (it stays at the front of the queue).
-        """
-        job = self._queue.popleft(skip)
-        if w.ends_at is not None and now is not None and not self._fits_walltime(job, w.ends_at - now):
-            self._queue.push_front([job])
-            return False
-        w.hold(job)
-        self._assign(w, job, assigned)
-        return True
-
-    def _note_fast(self, w: WorkerRecord) -> None:
-        """Keep L{_fast}, its turns and its total of slots up to date with C{w}."""
-        if w.fast and not (w.draining or w.stalled):
-            if w.id not in self._fast:
-                self._fast.add(w.id)
-                self._fast_turns.add(w.id)
-            self._fast_slots += w.slots - w.counted_slots
-            w.counted_slots = w.slots
-        else:
-            self._unfast(w)
-
-    def _unfast(self, w: WorkerRecord) -> None:
-        if w.id in self._fast:
-            self._fast.discard(w.id)
-            self._fast_slots -= w.counted_slots
-            w.counted_slots = 0
 
     def _wake(self, wid: int) -> None:
         """Worker C{wid} may have room now (it joined, or jobs left it): give it turns."""
         self._free.add(wid)
         self._ready.add(wid)
-        if wid in self._fast:
-            self._fast_turns.add(wid)
 
     def _turns(
-        self, turns: Turns, limit: str, now: float | None, shapes: dict[Shape, int], fast: bool = False
+        self, turns: Turns, limit: str, now: float | None, shapes: dict[Shape, int]
     ) -> Iterable[WorkerRecord]:
         """
         The workers of C{turns} that have room by C{limit}, each once, in
@@ -1073,13 +898,10 @@ class Scheduler:
             self.visits += 1
             w = self._workers.get(wid)
             if w is None or w.draining or w.stalled:
-                if w is not None:
-                    self._unfast(w)
                 continue
             if now is not None:
                 w.observe(now, 0, self.horizon)
-                self._note_fast(w)
-            if not (w.fill() if fast else w.room(limit)):
+            if not w.room(limit):
                 continue
             turns.add(wid)
             # No prefetching where a queued sized job could run.
@@ -1218,9 +1040,6 @@ class Scheduler:
         if now is not None:
             if self.horizon:
                 state.observe(now, state.completed - before, self.horizon)
-                self._note_fast(state)
-                if state.batched:
-                    self._fast_heard = now
             if results:
                 state.last_result = now
             self._dirty.add(worker)
@@ -1308,7 +1127,6 @@ class Scheduler:
             ran, timeout = now - start, deadline - start - self.deadline_grace
             if state.last_result is None or state.last_result < start:
                 state.stalled = True
-                self._unfast(state)
                 out.stalled[wid] = (
                     f"it returned no result for {ran:.1f} s, though it was running a job with a"
                     f" timeout of {timeout:g} s (deadline grace {self.deadline_grace:g} s)"
@@ -1342,7 +1160,6 @@ class Scheduler:
                 since = max(state.holding_since, state.last_result or state.holding_since)
                 if now - since > self.stall_timeout:
                     state.stalled = True
-                    self._unfast(state)
                     out.stalled[state.id] = (
                         f"it held jobs and returned no result for {now - since:.1f} s"
                         f" (--stall-timeout {self.stall_timeout:g} s)"
