@@ -271,6 +271,23 @@ class _Jobs:
         with self._count_lock:
             self._waiting -= 1
 
+    @contextlib.contextmanager
+    def _first_in_line(self) -> Iterator[bool]:
+        """
+        Whether this thread may deliver now, out of the delivery thread:
+        nobody is delivering (C{delivering} is held until the block ends)
+        and nothing waits to be delivered before.
+        """
+        if not self.delivering.acquire(blocking=False):
+            yield False
+            return
+        try:
+            with self._count_lock:
+                first = not self._waiting
+            yield first
+        finally:
+            self.delivering.release()
+
     def deliver_now(self, item: Any, deliver: Callable[[Any], None]) -> bool:
         """
         Deliver C{item} (no results: a notice that runs no user code) in this
@@ -278,16 +295,10 @@ class _Jobs:
         be delivered before it and nobody is delivering; return whether it
         was delivered.
         """
-        if not self.delivering.acquire(blocking=False):
-            return False
-        try:
-            with self._count_lock:
-                if self._waiting:
-                    return False
-            deliver(item)
-            return True
-        finally:
-            self.delivering.release()
+        with self._first_in_line() as first:
+            if first:
+                deliver(item)
+            return first
 
     def deliver_results_now(self, results: list[P.Result], deliver: Callable[[list[P.Result]], None]) -> bool:
         """
@@ -303,12 +314,9 @@ class _Jobs:
         """
         if len(results) > DELIVER_NOW_RESULTS or sum(len(r.payload) for r in results) > DELIVER_NOW_BYTES:
             return False
-        if not self.delivering.acquire(blocking=False):
-            return False
-        try:
-            with self._count_lock:
-                if self._waiting:
-                    return False
+        with self._first_in_line() as first:
+            if not first:
+                return False
             with contextlib.ExitStack() as held:
                 with self._lock:
                     entries = [self._entries.get(result.seq) for result in results]
@@ -324,8 +332,6 @@ class _Jobs:
                         return False
                 deliver(results)
             return True
-        finally:
-            self.delivering.release()
 
     def add(self, future: ClusterFuture) -> int:
         with self._lock:
