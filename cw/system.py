@@ -254,3 +254,20 @@ def detect_gpus(env: Mapping[str, str]) -> tuple[str, ...]:
                 return ()
             return tuple(part.strip() for part in value.split(",") if part.strip())
     return ()
+
+
+def machine_identity() -> str | None:
+    """
+    What two processes share when each can open the other's memory files
+    through C{/proc/PID/fd/N}: the same running kernel (its boot id), the
+    same PID namespace (so a PID names the same process for both) and the
+    same user.  Two processes with equal identities are on one machine
+    and can pass big payloads through shared memory instead of sockets;
+    C{None} where there is no C{/proc} (no such shortcut).
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return f"{boot}:{namespace}:{os.getuid()}"

@@ -175,3 +175,27 @@ class MachineResourceTests(unittest.TestCase):
         self.assertEqual(system.detect_memory({}, 2 << 30, 8 << 30), 2 << 30)
         self.assertEqual(system.detect_memory({"SLURM_MEM_PER_NODE": "1024"}, None, 8 << 30), 1 << 30)
         self.assertGreater(system.physical_memory(), 0)
+
+
+class MachineIdentityTests(unittest.TestCase):
+    def test_same_in_a_child_process(self):
+        """A child process on this machine has the same identity (so it may map our memory files)."""
+        mine = system.machine_identity()
+        self.assertIsNotNone(mine)
+        child = subprocess.run(
+            [sys.executable, "-c", "from cw.system import machine_identity; print(machine_identity())"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=system.with_cw_on_path(os.environ),
+            check=True,
+        )
+        self.assertEqual(child.stdout.strip(), mine)
+
+    def test_differs_for_another_user(self):
+        """The user is part of it: another user's process may not open our files."""
+        real = os.getuid
+        self.addCleanup(setattr, os, "getuid", real)
+        mine = system.machine_identity()
+        os.getuid = lambda: real() + 1
+        self.assertNotEqual(system.machine_identity(), mine)
