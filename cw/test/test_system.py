@@ -199,3 +199,14 @@ class MachineIdentityTests(unittest.TestCase):
         mine = system.machine_identity()
         os.getuid = lambda: real() + 1
         self.assertNotEqual(system.machine_identity(), mine)
+
+    def test_environment_replaces_it(self):
+        """CW_MACHINE_IDENTITY plays another machine, or turns the shortcut off with "none"."""
+        self.addCleanup(os.environ.pop, "CW_MACHINE_IDENTITY", None)
+        mine = system.machine_identity()
+        os.environ["CW_MACHINE_IDENTITY"] = "elsewhere"
+        self.assertEqual(system.machine_identity(), "elsewhere")
+        os.environ["CW_MACHINE_IDENTITY"] = "none"
+        self.assertIsNone(system.machine_identity())
+        os.environ["CW_MACHINE_IDENTITY"] = ""
+        self.assertEqual(system.machine_identity(), mine)
