@@ -7,7 +7,10 @@ cw against its peers on this machine, in one run: one command, one table.
     python bench/run.py --only cw,dask --quick
 
 Systems, each with 2 worker processes: cw (a local master and two one-slot
-workers, L{cw.mp}), C{concurrent.futures.ProcessPoolExecutor(2)}, Dask
+workers, L{cw.mp}), cw-remote (the same, its client playing a process on
+another machine, so that payloads take the sockets through the master
+rather than the same-machine shared-memory shortcut),
+C{concurrent.futures.ProcessPoolExecutor(2)}, Dask
 distributed (C{LocalCluster(n_workers=2, threads_per_worker=1)}), Ray
 (C{ray.init(num_cpus=2)}) and ipyparallel (C{Cluster(n=2)}).  A system that
 is not installed is reported as such.  Each round starts every system afresh
@@ -40,10 +43,11 @@ from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PEERS = ["ppe", "dask", "ray", "ipp"]
+PEERS = ["cw-remote", "ppe", "dask", "ray", "ipp"]
 SYSTEMS = ["cw", *PEERS]
 TITLES = {
     "cw": "cw",
+    "cw-remote": "cw, client on another machine",
     "ppe": "ProcessPool",
     "dask": "Dask",
     "ray": "Ray",
