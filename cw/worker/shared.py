@@ -28,148 +28,30 @@ worker closes its own).
    answer; the worker seals and maps it (L{map_shared}) and passes the
    mapping on to the master without copying it into bytes.
 
-L{supported} tells whether this machine can (Linux's C{memfd_create} and
-C{/proc}); where it cannot, or a job process finds it cannot open the
-worker's file, payloads travel through the pipe as before.
+The files' primitives are in L{cw.wire.memfile}.  L{supported} tells
+whether this machine can (Linux's C{memfd_create} and C{/proc}); where
+it cannot, or a job process finds it cannot open the worker's file,
+payloads travel through the pipe as before.
 
 Layer rule (cw.worker): imports cw.discovery and below; never cw.client, cw.master, cw.launch or cw.cli.
 """
 
 from __future__ import annotations
 
-import fcntl
-import mmap
-import os
-
-from cw.core.payload import Segments
+# The memory files themselves live a layer down (the client makes some too).
+from cw.wire.memfile import (  # noqa: F401 (this module's names, as before)
+    ALIGN,
+    NAME,
+    aligned,
+    create,
+    map_private,
+    map_shared,
+    peer_path,
+    release,
+    seal,
+    supported,
+    write_parts,
+)
 
 #: Payloads of this many bytes or more travel through shared memory.
 THRESHOLD = 1 << 20
-
-#: What a worker's memory files are called in C{/proc/PID/fd} (their only name).
-NAME = "cw-payload"
-
-#: Once sealed, a file cannot be written, grown or shrunk (so a mapping of
-#: it never faults past its end) nor unsealed.
-_SEALS = (
-    getattr(fcntl, "F_SEAL_WRITE", 8)
-    | getattr(fcntl, "F_SEAL_GROW", 4)
-    | getattr(fcntl, "F_SEAL_SHRINK", 2)
-    | getattr(fcntl, "F_SEAL_SEAL", 1)
-)
-_F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
-
-#: Each payload in a memory file starts at a multiple of this many bytes
-#: (as out-of-band buffers do within a payload, see L{cw.core.payload}):
-#: arrays loaded from the mapping are aligned.
-ALIGN = 64
-
-#: Bytes given to one C{pwrite} (Linux writes at most about 2 GiB at once).
-_WRITE = 1 << 30
-
-_supported: bool | None = None
-
-
-def supported() -> bool:
-    """
-    True if this process can create memory files that its children can
-    open through C{/proc} (tried once, on a file of its own).
-    """
-    global _supported
-    if _supported is None:
-        _supported = False
-        if hasattr(os, "memfd_create"):
-            try:
-                fd = create()
-            except OSError:
-                pass
-            else:
-                try:
-                    os.close(os.open(peer_path(os.getpid(), fd), os.O_RDONLY | os.O_CLOEXEC))
-                    _supported = True
-                except OSError:
-                    pass
-                finally:
-                    os.close(fd)
-    return _supported
-
-
-def create() -> int:
-    """A new, empty memory file's descriptor (closed on exec, sealable)."""
-    return os.memfd_create(NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-
-
-def peer_path(pid: int, fd: int) -> str:
-    """The path through which another process opens descriptor C{fd} of process C{pid}."""
-    return f"/proc/{pid}/fd/{fd}"
-
-
-def write_parts(fd: int, payloads, offset: int = 0) -> int:
-    """
-    Write C{payloads} (bytes-like, or L{Segments} written part by part,
-    never joined), one after another, at C{offset} of file C{fd}; return
-    the offset after them.
-    """
-    parts = []
-    for payload in payloads:
-        parts += payload.parts if isinstance(payload, Segments) else [payload]
-    for part in parts:
-        view = memoryview(part).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done : done + _WRITE], offset + done)
-        offset += done
-    return offset
-
-
-def aligned(offset: int) -> int:
-    """The first offset at or after C{offset} where a payload may start (L{ALIGN})."""
-    return -(-offset // ALIGN) * ALIGN
-
-
-def seal(fd: int) -> None:
-    """Forbid any change to file C{fd} from now on (see L{_SEALS})."""
-    fcntl.fcntl(fd, _F_ADD_SEALS, _SEALS)
-
-
-def map_shared(fd: int, length: int) -> memoryview:
-    """
-    A read-only view of the first C{length} bytes of the sealed file
-    C{fd}, mapped with its pages in place (so that reading it takes no
-    page faults); the mapping lasts as long as a view of it does.
-    """
-    if os.fstat(fd).st_size < length:
-        raise ValueError(f"the memory file holds fewer than the {length:,} bytes announced")
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    return memoryview(mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ))
-
-
-def map_private(pid: int, fd: int, length: int) -> memoryview:
-    """
-    A writable, copy-on-write view of the first C{length} bytes of the
-    worker C{pid}'s file C{fd}: pages are shared with the file until
-    written.  Raise L{OSError} if it cannot be opened.
-    """
-    handle = os.open(peer_path(pid, fd), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if os.fstat(handle).st_size < length:
-            raise OSError(f"the worker's memory file holds fewer than the {length:,} bytes announced")
-        mapping = mmap.mmap(handle, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        os.close(handle)
-    return memoryview(mapping)
-
-
-def release(view: memoryview | None) -> None:
-    """
-    Unmap what C{view} (of L{map_private} or L{map_shared}) maps now if
-    nothing else uses it; otherwise it goes when its last user does.
-    """
-    if view is None:
-        return
-    mapping = view.obj
-    try:
-        view.release()
-        mapping.close()
-    except BufferError:
-        pass  # still exported (a job kept part of its argument): left to the garbage collector

@@ -25,7 +25,7 @@ from twisted.trial import unittest
 
 from cw.test.worker.test_pool import DEADLINE, PoolHarness
 from cw.wire import commands as P
-from cw.wire import pickling
+from cw.wire import memfile, pickling
 from cw.worker import child, shared
 from cw.worker.pool import BatchCall, ChildLink
 
@@ -288,7 +288,7 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
     @defer.inlineCallbacks
     def test_unsupported_goes_through_the_pipe(self):
         """Where memory files cannot be made, big payloads go through the pipe."""
-        self.patch(shared, "_supported", False)
+        self.patch(memfile, "_supported", False)
         worker = self.make_worker()
         yield self.warm(worker)
         blob = os.urandom(BIG)
