@@ -471,7 +471,12 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
     checks = [check_secret(args.secret_file, args.insecure)]
     address_check, address = check_address(args.master, args.timeout)
     checks.append(address_check)
-    if address is not None:
+    if checks[0].ok is False:
+        # Connecting would create the default secret file (as a client does
+        # on first use): a doctor only looks, and a new secret would not be
+        # the master's anyway.
+        checks.append(Check("master authenticates", None, "not tried without a usable secret file"))
+    elif address is not None:
         checks += check_cluster(address, args)
     else:
         checks.append(Check("master authenticates", None, "no master to ask"))

@@ -205,6 +205,24 @@ class DoctorCommandTests(unittest.TestCase):
 
         return threads.deferToThread(body)
 
+    def test_missing_default_secret_is_not_created(self):
+        """Without the default secret file, doctor says so and does not create one by connecting."""
+        config = os.path.abspath(self.mktemp())
+        os.mkdir(config, 0o700)
+
+        def body():
+            address = self.procs.start_master()
+            done = self.doctor("--master", address, XDG_CONFIG_HOME=config, CW_SECRET_FILE="")
+            self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
+            lines = self.lines(done)
+            self.assertTrue(lines["secret file"].startswith("PROBLEM "), lines)
+            self.assertIn("does not exist", lines["secret file"])
+            self.assertTrue(lines["master address"].startswith("OK "), lines)
+            self.assertEqual(lines["master authenticates"], "SKIPPED not tried without a usable secret file")
+            self.assertEqual(os.listdir(config), [])
+
+        return threads.deferToThread(body)
+
     def test_other_secret(self):
         """A master holding another secret: the authentication check names it and what to do."""
         directory = os.path.abspath(self.mktemp())
