@@ -81,7 +81,9 @@ def unexplained_inner_imports(source: str) -> list[int]:
 
 class LayoutTests(SynchronousTestCase):
     def test_no_import_cycle(self):
-        graph = grimp.build_graph("cw")
+        # Imports under "if TYPE_CHECKING:" never run, so they make no cycle
+        # (a type hint may name a class of a module that imports this one).
+        graph = grimp.build_graph("cw", exclude_type_checking_imports=True)
         modules = sorted(m for m in graph.modules if not m.startswith("cw.test"))
         self.assertEqual(import_cycles(graph, modules), [])
 
