@@ -50,7 +50,7 @@ from twisted.python import threadable
 from twisted.python.failure import Failure
 
 from cw.client.mapping import progress as progress
-from cw.core.payload import Segments
+from cw.core.payload import Segments, read_result_reference
 from cw.core.validation import (
     MAX_NUMBER,
     MAX_REASON,
@@ -73,15 +73,18 @@ from cw.errors import (
     JobCrashed,
     MasterUnavailable,
     RemoteException,
+    ReportKind,
     SubmitError,
     remote_error,
 )
+from cw.system import machine_identity
 from cw.wire import commands as P
 from cw.wire import pickling
 from cw.wire.address import FindingEndpoint, client_description, enable_keepalive
 from cw.wire.auth import AuthGate, authenticate
 from cw.wire.checked import CheckedCommands
 from cw.wire.liveness import HeartbeatMonitor, SignsOfLife
+from cw.wire.memfile import map_private
 from cw.wire.private import can_write_now, push, tls_starting, write_now
 from cw.wire.secret import load_secret
 from cw.wire.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
@@ -683,6 +686,12 @@ class Session:
         #: cancelled job counts as arrived): a job sent while none is out
         #: is a lone job, which L{send} may write from its caller's thread.
         self._in_flight = 0
+        #: This machine (L{machine_identity}): workers on it lend this
+        #: client big results from their memory instead of sending them.
+        self.machine = machine_identity()
+        #: Jobs sent again because their result could not be taken from
+        #: the worker's memory (each is, once).
+        self._unreachable: set[int] = set()
         timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
         call_in_reactor(self._connect, timeout, timeout=timeout + 30)
 
@@ -736,6 +745,7 @@ class Session:
                     "weight": self.weight,
                     P.RUNNING_NOTICES: self.on_started is not None,
                     CONTEXT_KEY: self.version_mismatch,
+                    P.MACHINE: self.machine,
                 },
                 session=self.name,
                 versions=self.versions,
@@ -858,12 +868,83 @@ class Session:
 
     def results_arrived(self, results: list[P.Result]) -> None:
         self._window_start = None
+        if self.machine is not None:
+            results = self._take_lent(results)
         with self._lock:
             self._in_flight = max(0, self._in_flight - len(results))
             if self._sent:
                 for result in results:
                     self._sent.pop(result.seq, None)
         self.on_results(results)
+
+    def _take_lent(self, results: list[P.Result]) -> list[P.Result]:
+        """
+        C{results} with those a worker on this machine lent by reference
+        (L{cw.core.payload.ResultReference}) mapped from its memory file,
+        which it is then told to close (L{P.ReleaseResults}).  A result
+        whose file cannot be opened (its worker died meanwhile) is not
+        lost: its job is sent again (once), or fails saying so.
+        """
+        released = []
+        taken = []
+        for result in results:
+            where = read_result_reference(result.payload) if result.status == P.Outcome.OK else None
+            if where is None:
+                taken.append(result)
+                continue
+            released.append((where.worker, result.seq))
+            try:
+                result.payload = map_private(
+                    where.pid, where.fd, where.length, where.inode, "worker", where.offset
+                )
+            except OSError as e:
+                if not self._resend_unreachable(result.seq, where, e):
+                    taken.append(self._unreachable_result(result, where, e))
+                continue
+            taken.append(result)
+        proto = self.proto
+        if released and proto is not None:
+            proto.callRemote(P.ReleaseResults, keys=released)
+        return taken
+
+    def _resend_unreachable(self, seq: int, where, error: OSError) -> bool:
+        """
+        Send job C{seq} again, whose result could not be taken from its
+        worker's memory (C{where}); False if it cannot be (it is not kept,
+        see C{reconnect_timeout}, or it was sent again for this already).
+        """
+        with self._lock:
+            job = self._sent.pop(seq, None)
+            if job is None or seq in self._unreachable:
+                return False
+            self._unreachable.add(seq)
+            self._in_flight = max(0, self._in_flight - 1)
+            self._pending[seq] = job
+            self._pending_bytes += len(job.payload)
+            wake = not self._flush_scheduled
+            self._flush_scheduled = True
+        log.warn(
+            "cw client session {name}: job {seq}'s result could not be taken from the memory of"
+            " worker process {pid} on this machine ({e}); running the job again",
+            name=self.name,
+            seq=seq,
+            pid=where.pid,
+            e=error,
+        )
+        if wake:
+            self.reactor.callLater(0, self._flush)
+        return True
+
+    @staticmethod
+    def _unreachable_result(result: P.Result, where, error: OSError) -> P.Result:
+        """The failure of a job whose result could not be taken from its worker's memory."""
+        message = (
+            f"job {result.seq}'s result ({where.length:,} bytes) lay in the memory of worker process"
+            f" {where.pid} on {socket.gethostname()}, which this client could not open: {error}"
+            " (the worker died or was restarted meanwhile); submit the job again"
+        )
+        report = P.error_report(ReportKind.WORKER_LOST, message, host=socket.gethostname(), pid=where.pid)
+        return P.Result(result.client, result.seq, P.Outcome.FAILED, report, result.stdout, result.stderr)
 
     def connection_lost(self, proto: ClientProtocol, reason) -> None:
         why = proto.rejected or reason.getErrorMessage()  # rejected: this side dropped it, and why

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import array
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 #: The first bytes of a framed payload (no pickle begins with a zero byte).
 MAGIC = b"\x00cw\x05"
@@ -166,3 +166,50 @@ def memoryview_from_buffer(buffer: Any, format: str, shape: tuple[int, ...]) -> 
     if format == "B" and len(shape) == 1:
         return view
     return view.cast(format, shape)
+
+
+# -- result references: a big result left in its worker's memory ----------
+#
+# A job's big result lies in a sealed memory file that its job process
+# wrote and its worker holds (L{cw.worker.shared}).  When the job's client
+# is on the worker's machine (L{cw.system.machine_identity}), the worker
+# sends this reference in the result's place instead of the bytes; the
+# master forwards it like any payload, and the client maps the file
+# itself, then tells the worker it may close it (L{cw.wire.commands.ReleaseResults}).
+
+
+class ResultReference(NamedTuple):
+    """Where a result lies: bytes C{offset} to C{offset + length} of descriptor C{fd} of process C{pid}."""
+
+    #: The worker process holding the file, and its descriptor of it.
+    pid: int
+    fd: int
+    #: The file's inode: the descriptor must still be this file.
+    inode: int
+    offset: int
+    length: int
+    #: The worker's id at its master (a release names it).
+    worker: int
+
+
+#: The first bytes of a result reference (no pickle begins with a zero
+#: byte, and L{MAGIC} differs in its last byte).
+RESULT_REFERENCE_MAGIC = b"\x00cwr"
+
+#: magic, then the fields of L{ResultReference}.
+_RESULT_REFERENCE = struct.Struct("!4sIIQQQI")
+
+#: Bytes of a result reference on the wire.
+RESULT_REFERENCE_SIZE = _RESULT_REFERENCE.size
+
+
+def result_reference(where: ResultReference) -> bytes:
+    """The payload that stands for the result lying C{where}."""
+    return _RESULT_REFERENCE.pack(RESULT_REFERENCE_MAGIC, *where)
+
+
+def read_result_reference(payload: Any) -> ResultReference | None:
+    """The L{ResultReference} that C{payload} is, or None for any other payload."""
+    if len(payload) != RESULT_REFERENCE_SIZE or payload[:4] != RESULT_REFERENCE_MAGIC:
+        return None
+    return ResultReference(*_RESULT_REFERENCE.unpack(payload)[1:])

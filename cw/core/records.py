@@ -505,6 +505,15 @@ def decode_keys(data: bytes) -> list[tuple[int, int]]:
 #: The key of a client's registration context that asks for L{JobsStarted}.
 RUNNING_NOTICES = "running_notices"
 
+#: The key of a client's registration context that says on which machine
+#: it runs (L{cw.system.machine_identity}): workers on the same one lend it
+#: big results from their memory (L{cw.core.payload.ResultReference}) ...
+MACHINE = "machine"
+
+#: ... unless the master sets this key in the context it passes on: it may
+#: have to store results for the client (C{--state}), so it needs their bytes.
+RESULTS_STORED = "results_stored"
+
 
 def box_limit(max_payload: int) -> int:
     """Largest AMP box (bytes of values) to accept when payloads may reach C{max_payload}."""

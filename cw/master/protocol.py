@@ -266,6 +266,12 @@ class MasterProtocol(
             self.master.cancel(self.peer_id, [seq for _, seq in keys])
         return {}
 
+    @P.ReleaseResults.responder
+    def release_results(self, keys):
+        if self._require("client"):
+            self.master.release_results(self.peer_id, keys)
+        return {}
+
     @P.JobResults.responder
     def job_results(self, results):
         if self._require("worker"):

@@ -252,6 +252,10 @@ class Master:
         if session is not None:
             self.sessions[session] = cid
             context = {**context, "session": session}
+        if self.durable is not None:
+            # Results that may have to wait on disk for their client cannot
+            # stay in a worker's memory: workers send them all as bytes.
+            context = {**context, P.RESULTS_STORED: True}
         # Workers get the client's versions with its context, to refuse its
         # jobs if they are incompatible (L{cw.core.versions}).
         routed = {**context, "versions": versions} if versions else context
@@ -319,6 +323,20 @@ class Master:
             worker = self.workers.get(wid)
             if worker is not None:
                 worker.callRemote(P.ForgetClient, client=cid)
+
+    def release_results(self, client: int, keys: list[tuple[int, int]]) -> None:
+        """
+        C{client} has taken these results that came by reference (keys
+        C{(worker, seq)}, see L{P.ReleaseResults}): let each worker close
+        their memory files.  A worker gone since closed its files then.
+        """
+        by_worker: dict[int, list[tuple[int, int]]] = {}
+        for wid, seq in keys:
+            by_worker.setdefault(wid, []).append((client, seq))
+        for wid, released in by_worker.items():
+            worker = self.workers.get(wid)
+            if worker is not None:
+                worker.callRemote(P.ReleaseResults, keys=released)
 
     def define_function(self, client: int, key: bytes, function: bytes) -> None:
         """

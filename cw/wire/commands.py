@@ -23,6 +23,7 @@ Who talks to whom::
     master --MasterStopping--> client, worker;  master --SessionReplaced--> client
     master --Heartbeat--> client, worker;  client --Heartbeat--> master
     client --DefineFunction--> master --DefineFunction, ForgetClient--> worker
+    client --ReleaseResults--> master --ReleaseResults--> worker
     worker --RunBatch--> job process (an ampoule child, over a pipe)
 
 Jobs and results travel in batches: one AMP box carries many records, framed
@@ -458,9 +459,31 @@ class CancelJobs(amp.Command):
 
 
 class JobResults(amp.Command):
-    """Worker to master, and master to client: jobs that ended."""
+    """
+    Worker to master, and master to client: jobs that ended.  A big
+    result whose client is on the worker's machine may come as a reference
+    to the worker's memory file instead of its bytes
+    (L{cw.core.payload.ResultReference}, status L{Outcome.OK}); the master
+    forwards it as any payload, and the client maps the file, then sends
+    L{ReleaseResults}.
+    """
 
     arguments = [(b"results", ResultBatch())]
+    requiresAnswer = False
+
+
+class ReleaseResults(amp.Command):
+    """
+    Client to master, then master to worker: the worker may close the
+    memory files of these results sent by reference (L{JobResults}): the
+    client has mapped them (or given up on them).  A client sends
+    C{(worker, seq)} keys, C{worker} being the reference's worker id; the
+    master forwards C{(client, seq)} keys to each worker.  A worker also
+    closes a client's files when told to forget it (L{ForgetClient}), and
+    all of them when it loses its master.
+    """
+
+    arguments = [(b"keys", KeyList())]
     requiresAnswer = False
 
 

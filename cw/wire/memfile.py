@@ -110,40 +110,52 @@ def seal(fd: int) -> None:
     fcntl.fcntl(fd, _F_ADD_SEALS, _SEALS)
 
 
-def map_shared(fd: int, length: int) -> memoryview:
+def map_shared(fd: int, length: int, populate: bool = True) -> memoryview:
     """
     A read-only view of the first C{length} bytes of the sealed file
     C{fd}, mapped with its pages in place (so that reading it takes no
-    page faults); the mapping lasts as long as a view of it does.
+    page faults; unless not C{populate}: for a file that may not be read
+    here at all); the mapping lasts as long as a view of it does.
     """
     if os.fstat(fd).st_size < length:
         raise ValueError(f"the memory file holds fewer than the {length:,} bytes announced")
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
     return memoryview(mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ))
 
 
 def map_private(
-    pid: int, fd: int, length: int, inode: int | None = None, whose: str = "worker"
+    pid: int, fd: int, length: int, inode: int | None = None, whose: str = "worker", offset: int = 0
 ) -> memoryview:
     """
-    A writable, copy-on-write view of the first C{length} bytes of
+    A writable, copy-on-write view of C{length} bytes from C{offset} of
     process C{pid}'s file C{fd}: pages are shared with the file until
-    written.  With C{inode}, the file must be that one (not another that
+    written (only the pages holding them are mapped).  With C{inode}, the
+    file must be that one (not another that
     took the descriptor's number since, nor one of another process that
     took the pid).  Raise L{OSError} if it cannot be opened or is not the
     file announced (C{whose}: the process's role, for the message).
     """
     handle = os.open(peer_path(pid, fd), os.O_RDONLY | os.O_CLOEXEC)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
     try:
         status = os.fstat(handle)
         if inode is not None and status.st_ino != inode:
             raise OSError(f"descriptor {fd} of the {whose} (pid {pid}) is not the memory file announced")
-        if status.st_size < length:
-            raise OSError(f"the {whose}'s memory file holds fewer than the {length:,} bytes announced")
-        mapping = mmap.mmap(handle, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        if status.st_size < offset + length:
+            raise OSError(
+                f"the {whose}'s memory file holds fewer than the {offset + length:,} bytes announced"
+            )
+        mapping = mmap.mmap(
+            handle,
+            offset + length - start,
+            flags=mmap.MAP_PRIVATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=start,
+        )
     finally:
         os.close(handle)
-    return memoryview(mapping)
+    view = memoryview(mapping)
+    return view if start == offset else view[offset - start :]
 
 
 def release(view: memoryview | None) -> None:

@@ -100,6 +100,10 @@ class BatchCall:
     functions: dict[tuple[int, bytes], bytes] = field(default_factory=dict)
     #: The master connection the jobs came on.
     generation: int = 0
+    #: Clients on this machine: their big results may be lent to them
+    #: from the job process's reply file rather than sent (the call's answer
+    #: then holds the file open, as a L{shared.ReplyFile} under C{"reply"}).
+    local: frozenset[int] = frozenset()
     #: Cancelled before it reached a job process: it never will.
     withdrawn: bool = False
     #: The child running the call, while it runs.
@@ -224,7 +228,7 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
             kwargs["contexts"], kwargs["functions"] = self._missing(
                 kwargs["jobs"], call.contexts, call.functions, call.generation
             )
-        d = self._send(command, kwargs)
+        d = self._send(command, kwargs, call.local)
         if d is None:
             return d
         timer = None
@@ -273,11 +277,12 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
     #: The process whose memory files the job process opens (this one; tests change it).
     owner_pid = staticmethod(os.getpid)
 
-    def _send(self, command, kwargs: dict):
+    def _send(self, command, kwargs: dict, local: frozenset[int] = frozenset()):
         """
         Send C{command} with C{kwargs} to the job process; for
         L{P.RunBatch}, with big payloads in shared memory (L{_share}), and
-        the big results of its answer mapped from it (L{_take_shared}).
+        the big results of its answer mapped from it (L{_take_shared}; for
+        the C{local} clients, see L{BatchCall.local}).
         """
         sharing = command is P.RunBatch and self.shares
         payload_fd = None
@@ -305,7 +310,7 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
             self._close_reply()
             return self._send(command, kwargs)
 
-        return d.addCallbacks(self._take_shared, refused)
+        return d.addCallbacks(self._take_shared, refused, callbackArgs=(local,))
 
     def _share(self, kwargs: dict) -> tuple[dict, int | None]:
         """
@@ -348,23 +353,35 @@ class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
         description["pid"] = self.owner_pid()
         return {**kwargs, "jobs": jobs, "shared": description}, payload_fd
 
-    def _take_shared(self, answer: dict) -> dict:
+    def _take_shared(self, answer: dict, local: frozenset[int] = frozenset()) -> dict:
         """
         Put the big results that L{P.RunBatch}'s C{answer} says lie in the
         reply file into their records, as views of the file mapped here
-        (the file is closed: the mapping keeps it as long as they need it).
+        (the file is closed: the mapping keeps it as long as they need it;
+        unless some are results of C{local} clients, which may be lent to
+        them: the file then stays open in C{answer["reply"]}, a
+        L{shared.ReplyFile} its taker must L{drop<shared.ReplyFile.drop>}).
         """
         where = answer.get("shared")
         if not where:
             return answer
         fd, self.reply_fd = self.reply_fd, None
         results = answer["results"]
+        lendable = [
+            results[i].client in local and results[i].status == P.Outcome.OK for i, _, _ in where["results"]
+        ]
         view, problem = None, None
         try:
             if fd is None:
                 raise ValueError("no reply file was given")
             shared.seal(fd)
-            view = shared.map_shared(fd, where["size"])
+            # Results that may never be read here are not paged in.
+            view = shared.map_shared(fd, where["size"], populate=not all(lendable))
+            if any(lendable):
+                answer["reply"] = shared.ReplyFile(
+                    fd, {results[i].key: (offset, length) for i, offset, length in where["results"]}
+                )
+                fd = None
         except (OSError, ValueError) as e:
             problem = e
         finally:

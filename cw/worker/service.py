@@ -40,6 +40,7 @@ from cw import discovery
 from cw.core.config import OUTPUT_LIMIT, WorkerConfig
 from cw.core.handover import KeptResults
 from cw.core.liveness import MasterSilent, MasterWatch, Recheck
+from cw.core.payload import result_reference
 from cw.core.resources import Capacity, build_capacity
 from cw.core.validation import (
     MAX_NUMBER,
@@ -73,6 +74,7 @@ from cw.system import (
     detect_cpus,
     detect_gpus,
     detect_memory,
+    machine_identity,
     physical_memory,
     with_cw_on_path,
 )
@@ -93,6 +95,7 @@ from cw.worker.child import JobChild
 from cw.worker.containment import kill_group, release_pipes
 from cw.worker.pipes import READ_SIZE, bulk_pipe_reads, widen_pipe
 from cw.worker.pool import BatchCall, JobCancelled, JobPool, JobTimedOut
+from cw.worker.shared import LentResults, ReplyFile
 
 log = Logger(namespace="cw.worker")  # the namespace of its log lines before the layers
 
@@ -291,6 +294,11 @@ class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
         self.worker.forget_client(client)
         return {}
 
+    @P.ReleaseResults.responder
+    def release_results(self, keys):
+        self.worker.lent.release(keys)
+        return {}
+
     @P.RunJobs.responder
     def run_jobs(self, jobs):
         check_jobs(jobs, from_master=True)
@@ -366,6 +374,14 @@ class Worker:
         self.proto: WorkerProtocol | None = None
         self.worker_id = 0
         self.contexts: dict[int, dict] = {}
+        #: This machine (L{machine_identity}), and the clients that share it:
+        #: their big results are lent to them from the job processes'
+        #: memory files (L{LentResults}) rather than sent.
+        self.machine = machine_identity()
+        self.local_clients: set[int] = set()
+        self.lent = LentResults()
+        #: While a batch's answer is handled: its reply file, if it may lend results.
+        self._reply: ReplyFile | None = None
         #: Cached functions by C{(client, key)} (L{P.DefineFunction}).
         self.functions: dict[tuple[int, bytes], bytes] = {}
         #: The pool call of each running batch, so that a cancelled job's
@@ -526,6 +542,8 @@ class Worker:
         # are handed to the next master under it.
         sessions = {cid: context.get("session") for cid, context in self.contexts.items()}
         self.contexts.clear()
+        self.local_clients.clear()
+        self.lent.clear()
         self._mismatch.clear()
         self.functions.clear()
         self.outbox.discard()
@@ -559,6 +577,8 @@ class Worker:
     def forget_client(self, client: int) -> None:
         """The master says this client left: drop its context and functions."""
         self.contexts.pop(client, None)
+        self.local_clients.discard(client)
+        self.lent.forget_client(client)
         self._mismatch.pop(client, None)
         for key in [key for key in self.functions if key[0] == client]:
             del self.functions[key]
@@ -582,6 +602,14 @@ class Worker:
         versions are compatible with this worker's (L{cw.core.versions}).
         """
         self.contexts[client] = context
+        if (
+            self.machine is not None
+            and context.get(P.MACHINE) == self.machine
+            and not context.get(P.RESULTS_STORED)
+        ):
+            self.local_clients.add(client)
+        else:
+            self.local_clients.discard(client)
         theirs = context.get("versions") if isinstance(context, dict) else None
         if incompatible(theirs, self.versions):
             where = f"{socket.gethostname()}:{os.getpid()}"
@@ -685,7 +713,10 @@ class Worker:
             if isinstance(instruction, StartBatch):
                 self._start(instruction)
             elif isinstance(instruction, SendResults):
-                self.outbox.send_now(instruction.results)
+                results = instruction.results
+                if self._reply is not None:
+                    results = self._lend(results, self._reply)
+                self.outbox.send_now(results)
             elif isinstance(instruction, ReturnJobs):
                 self._return(instruction.keys)
             elif isinstance(instruction, CancelBatch):
@@ -707,6 +738,8 @@ class Worker:
 
     def _start(self, start: StartBatch) -> None:
         call = BatchCall(start.timeout or None, self.contexts, self.functions, start.generation)
+        if self.local_clients:
+            call.local = frozenset(self.local_clients)
         self.calls[start.batch] = call
         d = self.pool.doWork(P.RunBatch, jobs=list(start.jobs), _cw_call=call)
         d.addCallbacks(self._batch_finished, self._batch_failed, (start,), None, (start,))
@@ -714,7 +747,43 @@ class Worker:
 
     def _batch_finished(self, answer: dict, start: StartBatch) -> None:
         self.calls.pop(start.batch, None)
-        self._carry_out(self.state.batch_finished(start.batch, answer["results"], self.clock.seconds()))
+        self._reply = answer.get("reply")
+        try:
+            self._carry_out(self.state.batch_finished(start.batch, answer["results"], self.clock.seconds()))
+        finally:
+            reply, self._reply = self._reply, None
+            if reply is not None:
+                reply.drop()
+
+    def _lend(self, results, reply: ReplyFile) -> list[P.Result]:
+        """
+        C{results} with those lying in C{reply} whose clients are on this
+        machine replaced by references to where they lie (the file held
+        until they are released): their bytes go through no socket.
+        """
+        if self.proto is None:
+            return list(results)
+        lent = []
+        for result in results:
+            place = reply.places.get(result.key)
+            if (
+                place is not None
+                and result.status == P.Outcome.OK
+                and result.client in self.local_clients
+                and len(result.payload) == place[1]
+            ):
+                self.lent.lend(result.key, reply)
+                where = reply.reference(result.key, self.worker_id)
+                result = P.Result(
+                    result.client,
+                    result.seq,
+                    result.status,
+                    result_reference(where),
+                    result.stdout,
+                    result.stderr,
+                )
+            lent.append(result)
+        return lent
 
     def _batch_failed(self, reason, start: StartBatch) -> None:
         """

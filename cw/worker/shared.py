@@ -38,6 +38,11 @@ Layer rule (cw.worker): imports cw.discovery and below; never cw.client, cw.mast
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
+
+from cw.core.payload import ResultReference
+
 # The memory files themselves live a layer down (the client makes some too).
 from cw.wire.memfile import (  # noqa: F401 (this module's names, as before)
     ALIGN,
@@ -55,3 +60,71 @@ from cw.wire.memfile import (  # noqa: F401 (this module's names, as before)
 
 #: Payloads of this many bytes or more travel through shared memory.
 THRESHOLD = 1 << 20
+
+
+class ReplyFile:
+    """
+    A job process's reply file, sealed, whose big results its worker may
+    lend to their clients (L{LentResults}) rather than send: open while
+    the batch's answer is handled or any lent result is not released.
+    """
+
+    def __init__(self, fd: int, places: dict[tuple[int, int], tuple[int, int]]) -> None:
+        self.fd = fd
+        self.inode = os.fstat(fd).st_ino
+        #: C{(offset, length)} of each big result in it, by job key.
+        self.places = places
+        self._users = 1
+
+    def reference(self, key: tuple[int, int], worker: int) -> ResultReference:
+        """Where the result of job C{key} lies, for worker id C{worker}."""
+        offset, length = self.places[key]
+        return ResultReference(os.getpid(), self.fd, self.inode, offset, length, worker)
+
+    def hold(self) -> None:
+        self._users += 1
+
+    def drop(self) -> None:
+        """One user less: the last closes the file (mappings of it stay valid)."""
+        self._users -= 1
+        if self._users == 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class LentResults:
+    """
+    The reply files of results a worker sent by reference, by job key
+    C{(client, seq)}, held until the client releases them
+    (L{cw.wire.commands.ReleaseResults}), the master forgets the client
+    or the master connection is lost.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[tuple[int, int], ReplyFile] = {}
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def lend(self, key: tuple[int, int], file: ReplyFile) -> None:
+        """Hold C{file} for the result of job C{key}."""
+        file.hold()
+        old = self._files.pop(key, None)
+        self._files[key] = file
+        if old is not None:
+            old.drop()
+
+    def release(self, keys: Iterable[tuple[int, int]]) -> None:
+        """These results are taken: close their files once nothing else needs them."""
+        for key in keys:
+            file = self._files.pop(key, None)
+            if file is not None:
+                file.drop()
+
+    def forget_client(self, client: int) -> None:
+        """Release every result lent to C{client}."""
+        self.release([key for key in self._files if key[0] == client])
+
+    def clear(self) -> None:
+        """Release them all."""
+        self.release(list(self._files))
