@@ -161,3 +161,24 @@ class LoaderTests(unittest.TestCase):
 
     def test_threshold_positive(self):
         self.assertGreater(payload.OUT_OF_BAND_ABOVE, 0)
+
+
+class ResultReferenceTests(unittest.TestCase):
+    """L{payload.result_reference}: where a lent result lies, told apart from any other payload."""
+
+    def test_round_trip(self):
+        where = payload.ResultReference(4321, 17, 1 << 40, 128, 50_000_000, 3)
+        self.assertEqual(payload.read_result_reference(payload.result_reference(where)), where)
+        self.assertEqual(payload.read_result_reference(memoryview(payload.result_reference(where))), where)
+
+    def test_other_payloads(self):
+        """Pickles, frames and error reports are not references, even of the reference's length."""
+        size = payload.RESULT_REFERENCE_SIZE
+        for other in (
+            pickle.dumps(b"x" * size, protocol=5),
+            bytes(frame(b"pickle", [memoryview(b"c" * 100_000)])),
+            b'{"type": "Error"}',
+            pickle.dumps(b"x" * 20)[:size].ljust(size, b"x"),
+            payload.MAGIC + bytes(size - len(payload.MAGIC)),
+        ):
+            self.assertIsNone(payload.read_result_reference(other))

@@ -296,3 +296,52 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
         value, shared_in, _ = pickling.loads(result.payload)
         self.assertEqual((value, shared_in), (blob[::-1], 0))
         self.assertEqual(memory_files(), 0)
+
+
+class LentResultsTests(unittest.TestCase):
+    """L{shared.LentResults}: a reply file stays open while any result lent from it is not released."""
+
+    def reply(self, *keys):
+        fd = shared.create()
+        shared.write_parts(fd, [b"a" * 100, b"b" * 100])
+        shared.seal(fd)
+        return shared.ReplyFile(fd, {key: (i * 100, 100) for i, key in enumerate(keys)})
+
+    def test_closed_when_all_released(self):
+        before = memory_files()
+        lent = shared.LentResults()
+        reply = self.reply((1, 1), (2, 1))
+        lent.lend((1, 1), reply)
+        lent.lend((2, 1), reply)
+        reply.drop()  # the batch's answer was handled
+        self.assertEqual(memory_files(), before + 1)
+        lent.release([(1, 1), (9, 9)])
+        self.assertEqual(memory_files(), before + 1)
+        lent.release([(2, 1)])
+        self.assertEqual((memory_files(), len(lent)), (before, 0))
+
+    def test_forget_client_and_clear(self):
+        before = memory_files()
+        lent = shared.LentResults()
+        first, second = self.reply((1, 1)), self.reply((2, 1))
+        lent.lend((1, 1), first)
+        lent.lend((2, 1), second)
+        first.drop()
+        second.drop()
+        lent.forget_client(1)
+        self.assertEqual(memory_files(), before + 1)
+        lent.clear()
+        self.assertEqual(memory_files(), before)
+
+    def test_reference_maps_the_result(self):
+        """A client maps exactly the result a reference names (L{memfile.map_private} with an offset)."""
+        reply = self.reply((1, 1), (1, 2))
+        where = reply.reference((1, 2), 5)
+        self.assertEqual((where.pid, where.offset, where.length, where.worker), (os.getpid(), 100, 100, 5))
+        view = memfile.map_private(where.pid, where.fd, where.length, where.inode, "worker", where.offset)
+        self.assertEqual(bytes(view), b"b" * 100)
+        with self.assertRaises(OSError):
+            memfile.map_private(where.pid, where.fd, where.length, where.inode + 1, "worker", where.offset)
+        reply.drop()
+        # The mapping outlives the file's descriptor.
+        self.assertEqual(bytes(view), b"b" * 100)
