@@ -97,6 +97,11 @@ from cw.worker.pipes import READ_SIZE, bulk_pipe_reads, widen_pipe
 from cw.worker.pool import BatchCall, JobCancelled, JobPool, JobTimedOut
 from cw.worker.shared import LentResults, ReplyFile
 
+#: Seconds a drained worker waits for its clients to take the results it
+#: lent them (they release them within milliseconds: this bounds a client
+#: that is stuck or gone without its master noticing yet).
+LENT_WAIT = 10.0
+
 log = Logger(namespace="cw.worker")  # the namespace of its log lines before the layers
 
 #: The options' defaults (L{WorkerConfig}), which L{WorkerService}'s arguments share.
@@ -296,7 +301,7 @@ class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
 
     @P.ReleaseResults.responder
     def release_results(self, keys):
-        self.worker.lent.release(keys)
+        self.worker.release_results(keys)
         return {}
 
     @P.RunJobs.responder
@@ -382,6 +387,8 @@ class Worker:
         self.lent = LentResults()
         #: While a batch's answer is handled: its reply file, if it may lend results.
         self._reply: ReplyFile | None = None
+        #: Drained, waiting for clients to take the results lent to them (L{_drained}).
+        self._lent_wait = None
         #: Cached functions by C{(client, key)} (L{P.DefineFunction}).
         self.functions: dict[tuple[int, bytes], bytes] = {}
         #: The pool call of each running batch, so that a cancelled job's
@@ -544,6 +551,7 @@ class Worker:
         self.contexts.clear()
         self.local_clients.clear()
         self.lent.clear()
+        self._check_lent()
         self._mismatch.clear()
         self.functions.clear()
         self.outbox.discard()
@@ -579,6 +587,7 @@ class Worker:
         self.contexts.pop(client, None)
         self.local_clients.discard(client)
         self.lent.forget_client(client)
+        self._check_lent()
         self._mismatch.pop(client, None)
         for key in [key for key in self.functions if key[0] == client]:
             del self.functions[key]
@@ -761,8 +770,8 @@ class Worker:
         machine replaced by references to where they lie (the file held
         until they are released): their bytes go through no socket.
         """
-        if self.proto is None:
-            return list(results)
+        if self.proto is None or self.state.draining:
+            return list(results)  # (a draining worker leaves soon: no file of its may be needed later)
         lent = []
         for result in results:
             place = reply.places.get(result.key)
@@ -823,15 +832,44 @@ class Worker:
         )
 
     def _drained(self, how: str) -> None:
-        """Finish draining: flush results, fire L{drain}'s Deferreds."""
+        """
+        Finish draining: flush results, then fire L{drain}'s Deferreds, once
+        the results lent to clients are released (or L{LENT_WAIT} seconds
+        passed): a client must find this worker alive to map them.
+        """
         if self._drain_timer is not None and self._drain_timer.active():
             self._drain_timer.cancel()
         self._drain_timer = None
         self.outbox.flush()
         log.info("Drained ({how}); leaving", how=how)
+        if len(self.lent) and self.proto is not None:
+            log.info(
+                "Waiting up to {t:g} s for clients to take {n} results lent to them",
+                t=LENT_WAIT,
+                n=len(self.lent),
+            )
+            self._lent_wait = self.clock.callLater(LENT_WAIT, self._leave)
+            return
+        self._leave()
+
+    def _leave(self) -> None:
+        """Fire L{drain}'s Deferreds (once the results lent to clients are taken)."""
+        if self._lent_wait is not None and self._lent_wait.active():
+            self._lent_wait.cancel()
+        self._lent_wait = None
         waiters, self._drain_waiters = self._drain_waiters, []
         for d in waiters:
             d.callback(None)
+
+    def release_results(self, keys: list[tuple[int, int]]) -> None:
+        """Clients took these results lent to them (L{P.ReleaseResults}): close their files."""
+        self.lent.release(keys)
+        self._check_lent()
+
+    def _check_lent(self) -> None:
+        """Leave now if a drained worker waited only for lent results, and none is left."""
+        if self._lent_wait is not None and not len(self.lent):
+            self._leave()
 
     def job_output(self, outputs: list[P.Output]) -> None:
         """Pass what running jobs wrote on to the master at once (L{P.OutputNotice})."""

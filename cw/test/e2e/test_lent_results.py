@@ -15,6 +15,7 @@ import hashlib
 import mmap
 import os
 import signal
+from pathlib import Path
 
 from twisted.internet import threads
 from twisted.trial import unittest
@@ -22,6 +23,7 @@ from twisted.trial import unittest
 from cw.client import session as session_module
 from cw.client.session import ClientProtocol
 from cw.errors import WorkerLost
+from cw.test.jobs import block_until
 from cw.test.procs import DEADLINE, Processes, executor, wait_until
 from cw.test.worker.test_shared import memory_files
 from cw.wire import commands as P
@@ -53,6 +55,12 @@ def big_view(size: int, seed: int):
     """A C{memoryview} result (loaded as a view of what the client received), with its digest."""
     data = pattern(size, seed)
     return memoryview(data), hashlib.sha256(data).hexdigest()
+
+
+def view_when(flag: str, size: int, seed: int):
+    """L{big_view} once C{flag} exists."""
+    block_until(flag, timeout=DEADLINE)
+    return big_view(size, seed)
 
 
 def big_array(n: int):
@@ -169,6 +177,63 @@ class LentResultsTests(unittest.TestCase):
             self.worker_files_closed(worker)
             # The client's mapping outlives the worker's file.
             self.assertEqual(digest(view), expected)
+
+        return threads.deferToThread(body)
+
+    def test_draining_worker_sends_bytes(self):
+        """A worker that drains (it leaves soon) sends its big results' bytes: none is lent."""
+        flag = os.path.abspath(self.mktemp())
+
+        def body():
+            self.procs.start_master()
+            stopping = self.procs.start_worker(1)
+            with executor(self.procs.address) as ex:
+                future = ex.submit(view_when, flag, 20 * MB, 8)
+                wait_until(lambda: memory_files(stopping.pid) > 0, what="the job to start")
+                stopping.send_signal(signal.SIGTERM)
+                wait_until(lambda: "Draining" in Path(stopping.log).read_text(), what="the worker to drain")
+                Path(flag).touch()
+                view, expected = future.result(DEADLINE)
+                self.assertEqual(digest(view), expected)
+                self.assertFalse(from_mapping(view), "a draining worker lent a result")
+            stopping.wait(DEADLINE)
+            self.procs.workers.remove(stopping)
+
+        return threads.deferToThread(body)
+
+    def test_drained_worker_waits_for_release(self):
+        """
+        A worker asked to stop right after it lent a result stays until the
+        client has taken it: the client must find it alive to map its file.
+        """
+        send = ClientProtocol.callRemote
+        held: list = []
+
+        def late_release(proto, command, **kwargs):
+            if command is P.ReleaseResults:
+                held.append((proto, kwargs))
+                return None
+            return send(proto, command, **kwargs)
+
+        self.patch(ClientProtocol, "callRemote", late_release)
+
+        def body():
+            self.procs.start_master()
+            stopping = self.procs.start_worker(1)
+            with executor(self.procs.address) as ex:
+                view, expected = ex.submit(big_view, 20 * MB, 9).result(DEADLINE)
+                self.assertTrue(from_mapping(view))
+                stopping.send_signal(signal.SIGTERM)
+                wait_until(
+                    lambda: "for clients to take 1 results" in Path(stopping.log).read_text(),
+                    what="the worker to wait for its lent result",
+                )
+                self.assertIsNone(stopping.poll(), "the worker left before its lent result was taken")
+                proto, kwargs = held.pop()
+                ex.session.reactor.callFromThread(send, proto, P.ReleaseResults, **kwargs)
+                stopping.wait(DEADLINE)
+                self.procs.workers.remove(stopping)
+                self.assertEqual(digest(view), expected)
 
         return threads.deferToThread(body)
 
