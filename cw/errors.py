@@ -51,6 +51,9 @@ class ReportKind(str, enum.Enum):
     INCOMPATIBLE_WORKER = "IncompatibleWorker"
     #: The job's client had a job with its number queued or running already.
     DUPLICATE_JOB = "DuplicateJob"
+    #: The job's argument, left in its client's memory (a reference), could
+    #: not be read: the client is gone or could not send it.
+    ARGUMENT_UNAVAILABLE = "ArgumentUnavailable"
     #: A report that could not be read (or has no type).
     ERROR = "Error"
 
@@ -364,6 +367,14 @@ class SharedMemoryRefused(CWError):
     """
     A job process could not open the memory file its worker put a payload
     in (L{cw.worker.shared}); the worker then sends it through the pipe.
+    """
+
+
+class PayloadUnavailable(CWError):
+    """
+    A client was asked for a job argument it left in its memory
+    (L{cw.wire.commands.FetchPayload}) and no longer holds it (the job
+    ended or was cancelled meanwhile).
     """
 
 

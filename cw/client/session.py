@@ -49,8 +49,9 @@ from twisted.protocols import amp
 from twisted.python import threadable
 from twisted.python.failure import Failure
 
+from cw.client.arguments import REFERENCE_ABOVE, ArgumentFiles
 from cw.client.mapping import progress as progress
-from cw.core.payload import Segments, read_result_reference
+from cw.core.payload import Segments, payload_size, read_reference, read_result_reference
 from cw.core.validation import (
     MAX_NUMBER,
     MAX_REASON,
@@ -79,7 +80,7 @@ from cw.errors import (
 )
 from cw.system import machine_identity
 from cw.wire import commands as P
-from cw.wire import pickling
+from cw.wire import memfile, pickling
 from cw.wire.address import FindingEndpoint, client_description, enable_keepalive
 from cw.wire.auth import AuthGate, authenticate
 from cw.wire.checked import CheckedCommands
@@ -510,6 +511,11 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
         self.session.results_arrived(results)
         return {}
 
+    @P.FetchPayload.responder
+    def fetch_payload(self, seq):
+        """The master wants the bytes of an argument left here, for a worker on another machine."""
+        return {"payload": self.session.arguments.read(seq)}
+
     @P.JobRoom.responder
     def job_room(self, bytes, jobs):
         check_range("bytes", bytes, 0, MAX_NUMBER)
@@ -642,6 +648,11 @@ class Session:
         self.client_id = 0
         #: The master's payload limit, learnt at registration.
         self.max_payload = P.MAX_PAYLOAD
+        #: Whether big arguments are left in this process's memory and sent
+        #: as references (L{cw.client.arguments}): the master allowed it.
+        self.references = False
+        #: The memory files holding them.
+        self.arguments = ArgumentFiles()
         self.closing = False
         #: C{"connecting"}, C{"connected"}, C{"reconnecting"} (the
         #: connection was lost and the session tries to get it back),
@@ -687,7 +698,8 @@ class Session:
         #: is a lone job, which L{send} may write from its caller's thread.
         self._in_flight = 0
         #: This machine (L{machine_identity}): workers on it lend this
-        #: client big results from their memory instead of sending them.
+        #: client big results from their memory instead of sending them,
+        #: and its big arguments stay here (L{references}).
         self.machine = machine_identity()
         #: Jobs sent again because their result could not be taken from
         #: the worker's memory (each is, once).
@@ -807,6 +819,7 @@ class Session:
             self._beats.watch(proto)
             self._beats.start()
         self.max_payload = answer["max_payload"]
+        self.references = bool(answer.get("references")) and memfile.supported()
         self._job_window = answer["room_jobs"]
         self.mismatched = answer.get("mismatched") or []
         if self.mismatched:
@@ -835,8 +848,13 @@ class Session:
                 self.resubmitted = len(self._sent)
                 again = {**self._sent, **self._pending}
                 self._pending = {seq: again[seq] for seq in sorted(again)}
-                self._pending_bytes += sum(len(job.payload) for job in self._sent.values())
+                self._pending_bytes += sum(payload_size(job.payload) for job in self._sent.values())
                 self._sent = {}
+            if not self.references and len(self.arguments):
+                # A master that takes no references (one with --state): the bytes go.
+                for job in self._pending.values():
+                    if read_reference(job.payload) is not None:
+                        job.payload = self.arguments.take_back(job.seq)
             # Functions are defined once per connection: again on this one,
             # those that jobs still to be sent use.
             needed = {job.func for job in self._pending.values() if job.func}
@@ -875,6 +893,8 @@ class Session:
             if self._sent:
                 for result in results:
                     self._sent.pop(result.seq, None)
+        if len(self.arguments):
+            self.arguments.close(result.seq for result in results)
         self.on_results(results)
 
     def _take_lent(self, results: list[P.Result]) -> list[P.Result]:
@@ -920,7 +940,7 @@ class Session:
             self._unreachable.add(seq)
             self._in_flight = max(0, self._in_flight - 1)
             self._pending[seq] = job
-            self._pending_bytes += len(job.payload)
+            self._pending_bytes += payload_size(job.payload)
             wake = not self._flush_scheduled
             self._flush_scheduled = True
         log.warn(
@@ -1009,11 +1029,13 @@ class Session:
             self._cancels = []
         self.sent_some()
         if self.closing:
+            self.arguments.close()
             return
         if self._keep_sent and not final:
             self._reconnect(message)
             return
         self.state = "lost"
+        self.arguments.close()
         self.on_lost(MasterUnavailable(message))
 
     @defer.inlineCallbacks
@@ -1069,6 +1091,7 @@ class Session:
         if self.closing:
             return
         self.state = "lost"
+        self.arguments.close()
         self.on_lost(
             MasterUnavailable(
                 f"{message}; no cw master answered at {self.where} within {self.reconnect_timeout:g} s"
@@ -1102,12 +1125,16 @@ class Session:
         trip.  Jobs sent while others are out are left to the reactor
         thread, which sends those of a burst in shared boxes.
         """
-        if len(job.payload) > self.max_payload:
-            raise SubmitError(P.too_big(f"job {jobid!r}", len(job.payload), self.max_payload))
+        size = len(job.payload)
+        if size > self.max_payload:
+            raise SubmitError(P.too_big(f"job {jobid!r}", size, self.max_payload))
         self._check_usable()
+        if size >= REFERENCE_ABOVE and self.references:
+            # Left in this process's memory: a reference travels instead.
+            job.payload = self.arguments.leave(job.seq, job.payload) or job.payload
         with self._lock:
             self._pending[job.seq] = job
-            self._pending_bytes += len(job.payload)
+            self._pending_bytes += size
             wake = not self._flush_scheduled
             self._flush_scheduled = True
             # (Even with a flush scheduled: by define, for this job's function.)
@@ -1214,9 +1241,11 @@ class Session:
         with self._lock:
             self._sent.pop(seq, None)
             job = self._pending.pop(seq, None)
+            if len(self.arguments):
+                self.arguments.close([seq])
             if job is not None:
                 # Not sent yet (held back by flow control): just drop it.
-                self._pending_bytes -= len(job.payload)
+                self._pending_bytes -= payload_size(job.payload)
                 self._sent_some.notify_all()
                 return
             if self.proto is None:
@@ -1283,7 +1312,7 @@ class Session:
         for job in self._pending.values():
             if self._room_bytes - size <= 0 or self._room_jobs - len(jobs) <= 0:
                 break
-            size += len(job.payload)
+            size += payload_size(job.payload)
             jobs.append(job)
         # Not held, so the loop took at least one job.
         keep = self._keep_sent
@@ -1358,6 +1387,7 @@ class Session:
             self.sent_some()
             self._flush()
             if self.proto is None:
+                self.arguments.close()
                 return None
             lost = self.proto.lost
             self.proto.transport.loseConnection()

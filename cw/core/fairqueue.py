@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator
 
+from cw.core.payload import payload_size
 from cw.core.records import Job, read_options
 from cw.core.resources import Shape, shape_of
 
@@ -61,7 +62,7 @@ class _ClientJobs:
         else:
             level.append(job)
         self.size += 1
-        self.bytes += len(job.payload)
+        self.bytes += payload_size(job.payload)
 
     def pop(self) -> Job:
         top = max(self.levels) if len(self.levels) > 1 else next(iter(self.levels))
@@ -70,7 +71,7 @@ class _ClientJobs:
         if not level:
             del self.levels[top]
         self.size -= 1
-        self.bytes -= len(job.payload)
+        self.bytes -= payload_size(job.payload)
         return job
 
     def pop_fitting(self, fits: Callable[[Shape | None], bool]) -> tuple[Job, Shape | None] | None:
@@ -104,7 +105,7 @@ class _ClientJobs:
         if shape is not None:
             self.sized -= 1
         self.size -= 1
-        self.bytes -= len(job.payload)
+        self.bytes -= payload_size(job.payload)
         return job, shape
 
     def shapes(self) -> Iterator[tuple[Shape, int]]:
@@ -141,8 +142,8 @@ class _ClientJobs:
         self.size = sum(len(level) for level in self.levels.values())
         self.sized = sum(n for _, n in self.shapes())
         self.size += self.sized
-        self.bytes = sum(len(job.payload) for level in self.levels.values() for job in level) + sum(
-            len(job.payload)
+        self.bytes = sum(payload_size(job.payload) for level in self.levels.values() for job in level) + sum(
+            payload_size(job.payload)
             for shapes in self.sized_levels.values()
             for level in shapes.values()
             for job in level

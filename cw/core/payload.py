@@ -213,3 +213,48 @@ def read_result_reference(payload: Any) -> ResultReference | None:
     if len(payload) != RESULT_REFERENCE_SIZE or payload[:4] != RESULT_REFERENCE_MAGIC:
         return None
     return ResultReference(*_RESULT_REFERENCE.unpack(payload)[1:])
+
+
+# -- references: a payload left in its client's memory --------------------
+#
+# A client on the same machine as the workers (L{cw.system.machine_identity})
+# need not send a big job argument at all: it writes the payload into a
+# sealed memory file once (L{cw.wire.memfile}) and sends this reference in
+# its place.  The master queues and routes the reference like any payload
+# (counting the bytes it stands for, L{payload_size}); a job process on the
+# client's machine maps the file itself, and for a worker elsewhere the
+# master fetches the bytes from the client first (L{cw.wire.commands.FetchPayload}).
+
+#: The first bytes of a reference (no pickle begins with a zero byte, and
+#: L{MAGIC} differs in its last byte).
+REFERENCE_MAGIC = b"\x00cwR"
+
+#: magic, the client's pid, its descriptor of the file, the file's inode, bytes.
+_REFERENCE = struct.Struct("!4sIIQQ")
+
+#: Bytes of a reference on the wire.
+REFERENCE_SIZE = _REFERENCE.size
+
+
+def reference(pid: int, fd: int, inode: int, length: int) -> bytes:
+    """The payload that stands for C{length} bytes in descriptor C{fd} (inode C{inode}) of process C{pid}."""
+    return _REFERENCE.pack(REFERENCE_MAGIC, pid, fd, inode, length)
+
+
+def read_reference(payload: Any) -> tuple[int, int, int, int] | None:
+    """C{(pid, fd, inode, length)} of a L{reference}, or None for any other payload."""
+    if len(payload) != REFERENCE_SIZE or payload[:4] != REFERENCE_MAGIC:
+        return None
+    return _REFERENCE.unpack(payload)[1:]
+
+
+def payload_size(payload: Any) -> int:
+    """
+    The bytes C{payload} stands for: its length, or for a L{reference}, the
+    length of the payload it refers to (what flow control and the payload
+    limit count, wherever the bytes lie).
+    """
+    n = len(payload)
+    if n == REFERENCE_SIZE and payload[:4] == REFERENCE_MAGIC:
+        return _REFERENCE.unpack(payload)[4]
+    return n

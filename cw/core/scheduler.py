@@ -103,6 +103,7 @@ from itertools import islice
 
 from cw.core.config import MasterConfig
 from cw.core.fairqueue import FairQueue
+from cw.core.payload import payload_size
 from cw.core.records import (
     Job,
     Outcome,
@@ -264,7 +265,7 @@ class WorkerRecord:
     def hold(self, job: Job) -> None:
         key = job.key
         self.held[key] = job
-        self.held_bytes += len(job.payload)
+        self.held_bytes += payload_size(job.payload)
         shape = shape_of(job) if job.options else None
         if shape is None:
             self.ledger.plain += 1
@@ -280,7 +281,7 @@ class WorkerRecord:
                 self.ledger.plain -= 1
             else:
                 self.ledger.give_back(key, shape)
-            self.held_bytes -= len(job.payload)
+            self.held_bytes -= payload_size(job.payload)
             self.running_since.pop(key, None)
             self.deadlines.pop(key, None)
         return job
@@ -546,7 +547,7 @@ class Scheduler:
             job.client = client
             if job.seq in state.live:
                 state.received_jobs += 1
-                size += len(job.payload)
+                size += payload_size(job.payload)
                 self._shrunk.add(client)
                 message = (
                     f"job {job.seq} was submitted while a job with the same number from this client"
@@ -560,12 +561,12 @@ class Scheduler:
             state.live.add(job.seq)
             self._queue.append(job)
             n += 1
-            size += len(job.payload)
+            size += payload_size(job.payload)
         state.queued += n
         state.submitted += n
         for job in refused:
             state.received_jobs += 1
-            size += len(job.payload)
+            size += payload_size(job.payload)
             self._shrunk.add(client)
         state.received_jobs += n
         state.received_bytes += size

@@ -99,6 +99,8 @@ class MasterProtocol(
         self.lost_how: str | None = None
         #: What the peer reported at registration (L{cw.core.versions}), if anything.
         self.versions: dict | None = None
+        #: The machine the peer runs on (L{cw.system.machine_identity}), if it said.
+        self.machine: str | None = None
         #: Fires once the connection has closed.
         self.closed: defer.Deferred = defer.Deferred()
         #: Bytes handed to the transport so far (see L{unsent_bytes}).
@@ -200,6 +202,8 @@ class MasterProtocol(
         self._claim("client")
         self.peer_name = name
         self.session = session
+        machine = context.get(P.MACHINE)
+        self.machine = check_text("context machine", machine, 200) if machine is not None else None
         self.peer_id = self.master.client_joined(self, context, weight, session, versions)
         self.role = "client"
         return {
@@ -208,6 +212,7 @@ class MasterProtocol(
             "room_bytes": self.master.max_queued_bytes,
             "room_jobs": self.master.max_queued_jobs,
             "mismatched": self.master.mismatched_workers(versions),
+            "references": self.master.takes_references(self),
         }
 
     @P.SubmitJobs.responder
@@ -240,6 +245,7 @@ class MasterProtocol(
         capacity=None,
         results=None,
         sessions=None,
+        machine=None,
     ):
         self._check_version(version)
         name = check_peer(host, pid)
@@ -249,8 +255,11 @@ class MasterProtocol(
             check_text("launch", launch, 200)
         versions = check_versions(versions)
         sessions = check_handover(results, sessions)
+        if machine is not None:
+            check_text("machine", machine, 200)
         self._claim("worker")
         self.peer_name = name
+        self.machine = machine
         #: The adaptive pool's launch this worker belongs to, if any.
         self.launch = launch
         self.peer_id = self.master.worker_joined(self, slots, versions, resources)

@@ -29,6 +29,7 @@ from cw.core.config import MasterConfig
 from cw.core.flow import FlowControl
 from cw.core.handover import Unclaimed
 from cw.core.limits import Admission, default_max_pending, default_per_address
+from cw.core.payload import payload_size, read_reference
 from cw.core.resources import Capacity
 from cw.core.routing import Routing, SendContext
 from cw.core.scheduler import Scheduler, Unsent
@@ -161,6 +162,9 @@ class Master:
         #: Clients that asked never to be sent to workers with incompatible
         #: versions (C{version_mismatch="avoid"}, L{cw.core.versions}).
         self.avoiding: set[int] = set()
+        #: Clients that may send big arguments as references to their
+        #: memory (L{takes_references}).
+        self.referencing: set[int] = set()
         #: Results workers handed over (L{handed_over}) for clients not back yet.
         self.unclaimed = Unclaimed()
         #: Clients told which of their jobs were handed to workers (L{P.JobsStarted}).
@@ -286,6 +290,7 @@ class Master:
             self.client_beats.forget(proto)
         self.clients.pop(cid, None)
         self.avoiding.discard(cid)
+        self.referencing.discard(cid)
         self.flow.forget(cid)
         self.running_notices.discard(cid)
         self._started.pop(cid, None)
@@ -312,6 +317,19 @@ class Master:
             n=dropped,
             k=killed,
         )
+
+    def takes_references(self, proto: MasterProtocol) -> bool:
+        """
+        Whether client C{proto}, just registered, may send big arguments as
+        references to its memory (L{cw.core.payload.reference}): if it said
+        which machine it runs on, and this master keeps no job beyond its
+        client's connection (with C{--state}, a queued job outlives its
+        client, and so would have to outlive the client's memory).
+        """
+        if self.durable is not None or proto.machine is None:
+            return False
+        self.referencing.add(proto.peer_id)
+        return True
 
     def forget_client(self, cid: int) -> None:
         """
@@ -484,12 +502,23 @@ class Master:
             done = {id(job) for job in answered}
             jobs = [job for job in jobs if id(job) not in done]
         refused = []
+        referencing = client in self.referencing
         for job in jobs:
-            if len(job.payload) > self.max_payload:
+            if payload_size(job.payload) > self.max_payload:
                 # Clients check this limit at submit; this catches older or
                 # misbehaving ones without queueing what no worker may answer.
-                message = P.too_big("the job", len(job.payload), self.max_payload)
+                message = P.too_big("the job", payload_size(job.payload), self.max_payload)
                 refused.append((job, ReportKind.PAYLOAD_TOO_LARGE, message))
+            elif not referencing and read_reference(job.payload) is not None:
+                refused.append(
+                    (
+                        job,
+                        ReportKind.ARGUMENT_UNAVAILABLE,
+                        "the job's argument was sent as a reference to its client's memory, which this"
+                        " master did not allow (it keeps jobs beyond their client with --state, or the"
+                        " client did not say which machine it runs on)",
+                    )
+                )
             elif job.func and not self.routing.defined(client, job.func):
                 refused.append(
                     (
@@ -824,6 +853,8 @@ class Master:
                     proto.callRemote(
                         P.DefineFunction, client=send.client, key=send.key, function=send.function
                     )
+            if self.referencing:
+                jobs = self._fetch_elsewhere(wid, proto, jobs)
             proto.send_jobs(jobs)
             push(proto.transport)  # the worker gets its jobs now, before any notice to clients
             if notify:
@@ -837,6 +868,54 @@ class Master:
         if started and self._started_call is None:
             self._started_call = self.clock.callLater(P.RUNNING_NOTICE_DELAY, self._send_started)
         self._give_room()
+
+    def _fetch_elsewhere(self, wid: int, worker: MasterProtocol, jobs: list[P.Job]) -> list[P.Job]:
+        """
+        Of C{jobs}, handed to worker C{wid}, those to send it now: the
+        others are references to their clients' memory that it cannot open
+        (it runs on another machine, or did not say which); their bytes are
+        fetched from the client first (L{P.FetchPayload}) and sent when
+        they arrive.
+        """
+        send = []
+        for job in jobs:
+            if job.client in self.referencing and read_reference(job.payload) is not None:
+                client = self.clients[job.client]
+                if worker.machine is None or worker.machine != client.machine:
+                    self._fetch(wid, worker, client, job)
+                    continue
+            send.append(job)
+        return send
+
+    def _fetch(self, wid: int, worker: MasterProtocol, client: MasterProtocol, job: P.Job) -> None:
+        """
+        Ask C{client} for the bytes C{job}'s reference stands for; send the
+        job with them to worker C{wid} if it still holds it (it may have
+        been cancelled, or the worker lost, meanwhile); fail it if the
+        client cannot send them.
+        """
+        size = payload_size(job.payload)
+
+        def holds() -> bool:
+            return self.workers.get(wid) is worker and job.key in self.scheduler.worker(wid).held
+
+        def arrived(answer: dict) -> None:
+            if holds():
+                worker.send_jobs([P.Job(job.client, job.seq, answer["payload"], job.options, job.func)])
+                push(worker.transport)
+
+        def failed(reason) -> None:
+            if not holds():
+                return
+            message = (
+                f"job {job.seq} of client {client.peer_name}: its argument ({size:,} bytes) lies in its"
+                f" client's memory, and the client could not send it for worker {worker.peer_name} on"
+                f" another machine ({reason.getErrorMessage()}); submit it again"
+            )
+            report = P.error_report(ReportKind.ARGUMENT_UNAVAILABLE, message)
+            self.results(wid, [P.Result(job.client, job.seq, P.Outcome.FAILED, report)])
+
+        client.callRemote(P.FetchPayload, seq=job.seq).addCallbacks(arrived, failed)
 
     def _send_started(self) -> None:
         """Tell clients which of their jobs were handed to workers (L{P.JobsStarted})."""

@@ -48,6 +48,24 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def arguments_travel(testcase) -> None:
+    """
+    Make this process's clients, for the rest of C{testcase}, send their
+    jobs' arguments through the sockets rather than leave big ones in
+    their memory (L{cw.client.arguments}): for tests of the paths the
+    bytes take (it plays a client with no known machine).
+    """
+    old = os.environ.get("CW_MACHINE_IDENTITY")
+    os.environ["CW_MACHINE_IDENTITY"] = "none"
+    testcase.addCleanup(
+        lambda: (
+            os.environ.pop("CW_MACHINE_IDENTITY")
+            if old is None
+            else os.environ.update(CW_MACHINE_IDENTITY=old)
+        )
+    )
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (for APIs that need a number)."""
     with socket.socket() as s:

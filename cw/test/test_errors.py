@@ -30,6 +30,7 @@ class ReportKindTests(SynchronousTestCase):
                 "UNSCHEDULABLE": "Unschedulable",
                 "INCOMPATIBLE_WORKER": "IncompatibleWorker",
                 "DUPLICATE_JOB": "DuplicateJob",
+                "ARGUMENT_UNAVAILABLE": "ArgumentUnavailable",
                 "ERROR": "Error",
             },
         )

@@ -24,6 +24,7 @@ Who talks to whom::
     master --Heartbeat--> client, worker;  client --Heartbeat--> master
     client --DefineFunction--> master --DefineFunction, ForgetClient--> worker
     client --ReleaseResults--> master --ReleaseResults--> worker
+    master --FetchPayload--> client (an argument it left in its memory, for a worker elsewhere)
     worker --RunBatch--> job process (an ampoule child, over a pipe)
 
 Jobs and results travel in batches: one AMP box carries many records, framed
@@ -65,7 +66,7 @@ from cw.core.records import (
     job_parts,
     result_parts,
 )
-from cw.errors import AuthenticationFailed, SharedMemoryRefused, VersionMismatch
+from cw.errors import AuthenticationFailed, PayloadUnavailable, SharedMemoryRefused, VersionMismatch
 from cw.wire.private import python_identifier
 
 # cw.core.records may not import Twisted, so it spells the AMP value limit out.
@@ -236,6 +237,14 @@ class RegisterClient(amp.Command):
     workers with the context, and answers with C{mismatched}, the workers
     whose versions are incompatible with them (L{cw.core.versions}):
     C{[{"worker": name, "versions": {...}, "reasons": [...]}]}.
+
+    A client that says in its context which machine it runs on
+    (C{"machine"}: L{cw.system.machine_identity}) may send big arguments
+    as references to its memory (L{cw.core.payload.reference}) if the
+    answer's C{references} is true: the master then routes them to
+    workers of that machine as they are and fetches the bytes for others
+    (L{FetchPayload}).  A master that keeps jobs beyond their client's
+    connection (C{--state}) answers false.
     """
 
     arguments = [
@@ -252,8 +261,22 @@ class RegisterClient(amp.Command):
         (b"room_bytes", amp.Integer()),
         (b"room_jobs", amp.Integer()),
         (b"mismatched", JSON(optional=True)),
+        (b"references", amp.Boolean(optional=True)),
     ]
     errors = {VersionMismatch: b"VERSION_MISMATCH"}
+
+
+class FetchPayload(amp.Command):
+    """
+    Master to client: the payload that job C{seq}'s reference stands for
+    (L{cw.core.payload.reference}), for a worker on another machine than
+    the client's.  A client that no longer holds it (the job ended or was
+    cancelled) answers L{PayloadUnavailable}.
+    """
+
+    arguments = [(b"seq", amp.Integer())]
+    response = [(b"payload", Blob())]
+    errors = {PayloadUnavailable: b"PAYLOAD_UNAVAILABLE"}
 
 
 class SubmitJobs(amp.Command):
@@ -386,6 +409,9 @@ class RegisterWorker(amp.Command):
         # each with its client's session (see HandOverResults).
         (b"results", ResultBatch(optional=True)),
         (b"sessions", JSON(optional=True)),
+        # The machine it runs on (cw.system.machine_identity): its job
+        # processes open references of clients of that machine.
+        (b"machine", amp.Unicode(optional=True)),
     ]
     response = [(b"worker_id", amp.Integer()), (b"max_payload", amp.Integer())]
     errors = {VersionMismatch: b"VERSION_MISMATCH"}

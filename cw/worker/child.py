@@ -42,10 +42,10 @@ import cloudpickle
 from ampoule.child import AMPChild
 
 from cw.core.config import OUTPUT_LIMIT
-from cw.core.payload import Segments
+from cw.core.payload import REFERENCE_SIZE, Segments, read_reference
 from cw.core.resources import allocation_of, format_size, shape_of
 from cw.core.validation import ENV
-from cw.errors import SharedMemoryRefused, exception_fields
+from cw.errors import ReportKind, SharedMemoryRefused, exception_fields
 from cw.wire import commands as P
 from cw.wire import pickling
 from cw.wire.private import push
@@ -61,7 +61,7 @@ _inserted: list[str] = []
 FUNCTION_CACHE = 32
 
 #: Counters a job can read to see what its process did (used by tests).
-stats = {"functions_unpickled": 0, "jobs": 0, "shared_in": 0, "shared_out": 0}
+stats = {"functions_unpickled": 0, "jobs": 0, "shared_in": 0, "shared_out": 0, "referenced_in": 0}
 
 
 def enter_context(cwd: str, path: list[str]) -> None:
@@ -250,12 +250,23 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
     @P.RunBatch.responder
     def run_batch(self, jobs, contexts, functions, shared=None):
         mapping = self.receive_shared(jobs, shared) if shared else None
+        mappings, unavailable = open_references(jobs)
         try:
-            answer = self.run_jobs(jobs, contexts, functions)
+            if unavailable:
+                runnable = [job for i, job in enumerate(jobs) if i not in unavailable]
+                answer = self.run_jobs(runnable, contexts, functions)
+                ran = iter(answer["results"])
+                answer["results"] = [
+                    unavailable[i] if i in unavailable else next(ran) for i in range(len(jobs))
+                ]
+            else:
+                answer = self.run_jobs(jobs, contexts, functions)
         finally:
             for job in jobs:
                 job.payload = b""
             release(mapping)
+            for view in mappings:
+                release(view)
         if self.reply is not None:
             self.reply_shared(answer)
         return answer
@@ -359,6 +370,41 @@ class JobChild(StreamingSender, ChunkReceiver, AMPChild):
                 else:
                     print(message, file=sys.stderr, flush=True)
         return {"results": results}
+
+
+def open_references(jobs: list[P.Job]) -> tuple[list[memoryview], dict[int, P.Result]]:
+    """
+    Map the payloads that C{jobs} left in their clients' memory
+    (L{cw.core.payload.reference}) copy-on-write, each job's payload then
+    a view of its client's file.  Return the mappings (to release after
+    the jobs), and the failed results of jobs whose file could not be
+    opened (their client has ended, or runs on another machine), by index.
+    """
+    mappings: list[memoryview] = []
+    unavailable: dict[int, P.Result] = {}
+    for i, job in enumerate(jobs):
+        if len(job.payload) != REFERENCE_SIZE:
+            continue
+        found = read_reference(job.payload)
+        if found is None:
+            continue
+        pid, fd, inode, length = found
+        try:
+            view = map_private(pid, fd, length, inode, whose="client")
+        except OSError as e:
+            message = (
+                f"job {job.seq}'s argument ({length:,} bytes) lies in the memory of its client (pid"
+                f" {pid}), which its job process {os.getpid()} on {socket.gethostname()} could not open"
+                f" ({e}): the client has ended, or runs on another machine than the master was told;"
+                " submit the job again"
+            )
+            report = P.error_report(ReportKind.ARGUMENT_UNAVAILABLE, message)
+            unavailable[i] = P.Result(job.client, job.seq, P.Outcome.FAILED, report)
+        else:
+            mappings.append(view)
+            job.payload = view
+            stats["referenced_in"] += 1
+    return mappings, unavailable
 
 
 def watch(output: OutputCapture, job: P.Job) -> Watcher | None:

@@ -95,7 +95,7 @@ from cw.worker.child import JobChild
 from cw.worker.containment import kill_group, release_pipes
 from cw.worker.pipes import READ_SIZE, bulk_pipe_reads, widen_pipe
 from cw.worker.pool import BatchCall, JobCancelled, JobPool, JobTimedOut
-from cw.worker.shared import LentResults, ReplyFile
+from cw.worker.shared import LentResults, ReplyFile, supported
 
 #: Seconds a drained worker waits for its clients to take the results it
 #: lent them (they release them within milliseconds: this bounds a client
@@ -194,6 +194,9 @@ def join_master(
             launch=launch_id(os.environ),
             versions=versions,
             capacity=capacity.to_json(),
+            # Its job processes open the big arguments of clients on this
+            # machine where they lie (cw.core.payload.reference).
+            machine=machine_identity() if supported() else None,
             **handover,
         )
 

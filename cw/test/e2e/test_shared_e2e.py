@@ -17,7 +17,15 @@ from twisted.trial import unittest
 from cw.errors import WorkerLost
 from cw.system import write_atomically
 from cw.test.jobs import square
-from cw.test.procs import DEADLINE, Processes, executor, job_processes, process_exists, wait_until
+from cw.test.procs import (
+    DEADLINE,
+    Processes,
+    arguments_travel,
+    executor,
+    job_processes,
+    process_exists,
+    wait_until,
+)
 from cw.test.worker.test_shared import dev_shm, memory_files, report
 from cw.worker import shared
 
@@ -50,6 +58,7 @@ class SharedMemoryE2ETests(unittest.TestCase):
             raise unittest.SkipTest("no memfd_create or /proc here: payloads go through the pipe")
         self.procs = Processes(self, self.mktemp())
         self.shm_before = dev_shm()
+        arguments_travel(self)  # to the worker, which puts them in its own memory files
 
     def test_big_payloads_both_ways(self):
         """

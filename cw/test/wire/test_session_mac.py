@@ -34,7 +34,7 @@ from cw.master.service import Master
 from cw.test.e2e.test_security import host_port, other_secret, raw_box
 from cw.test.jobs import digest, square, touch
 from cw.test.peers import GatedAMP, authenticated_to_master, connect_to_master
-from cw.test.procs import DEADLINE, Processes, executor, wait_until
+from cw.test.procs import DEADLINE, Processes, arguments_travel, executor, wait_until
 from cw.test.wire.test_streaming import pattern
 from cw.wire import commands as P
 from cw.wire.auth import (
@@ -287,6 +287,7 @@ class RelayTests(unittest.TestCase):
         """
         data = b"a" * 2_000_000
         flipped = threading.Event()
+        arguments_travel(self)  # the payload crosses the proxy
 
         def tamper(link, direction, index, raw, box):
             if (

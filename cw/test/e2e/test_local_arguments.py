@@ -1,0 +1,262 @@
+"""
+End-to-end tests of big job arguments left in the client's memory
+(L{cw.client.arguments}), against a real C{twistd cw-master} and
+C{twistd cw-worker}s over real sockets: a job process on the client's
+machine maps the client's memory file (the master never receives the
+bytes); a worker playing another machine (C{CW_MACHINE_IDENTITY}) gets
+them fetched from the client by the master; files are closed once results
+arrive; a job process killed while it has the argument mapped leaves
+nothing behind and the job runs again; an argument the client no longer
+holds fails its job with a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+
+try:
+    import numpy
+except ImportError:  # NumPy is optional (the test extra)
+    numpy = None
+from twisted.internet import threads
+from twisted.trial import unittest
+
+from cw.client.arguments import REFERENCE_ABOVE
+from cw.errors import JobCrashed, ReportKind
+from cw.system import write_atomically
+from cw.test.procs import (
+    DEADLINE,
+    Processes,
+    executor,
+    job_processes,
+    peak_rss_mib,
+    process_exists,
+    reset_peak_rss,
+    wait_until,
+)
+from cw.test.worker.test_shared import dev_shm, memory_files
+from cw.wire import memfile
+from cw.worker import child
+
+MiB = 1 << 20
+
+
+def digest(data) -> tuple[str, int]:
+    """C{data}'s SHA-256 and how many arguments this job process mapped from clients' memory."""
+    return hashlib.sha256(data).hexdigest(), child.stats["referenced_in"]
+
+
+def array_digest(array) -> tuple[str, int]:
+    """C{array}'s SHA-256, and how many arguments its job process mapped from clients' memory."""
+    return hashlib.sha256(array.data).hexdigest(), child.stats["referenced_in"]
+
+
+def hold_once(data, marker: str):
+    """
+    The first time (no C{marker} yet): say which process runs it, then keep
+    C{data} mapped until killed.  Then: C{data}'s digest.
+    """
+    if not os.path.exists(marker):
+        write_atomically(marker, str(os.getpid()))
+        time.sleep(60)
+    return digest(data)
+
+
+def wait_for(marker: str) -> bool:
+    """Block until C{marker} exists (a job that keeps a worker busy)."""
+    while not os.path.exists(marker):
+        time.sleep(0.01)
+    return True
+
+
+def client_memory_files() -> int:
+    """cw's memory files this process (the client) holds."""
+    return memory_files()
+
+
+def mapped(pid: int) -> bool:
+    """Whether process C{pid} maps a cw memory file."""
+    with open(f"/proc/{pid}/maps") as f:
+        return any(f"memfd:{memfile.NAME}" in line for line in f)
+
+
+class LocalArgumentTests(unittest.TestCase):
+    timeout = 300
+
+    def setUp(self):
+        if not memfile.supported():
+            raise unittest.SkipTest("no memfd_create or /proc here: arguments travel through sockets")
+        self.procs = Processes(self, self.mktemp())
+        self.shm_before = dev_shm()
+
+    def test_big_argument_stays_in_the_client(self):
+        """
+        A 50 MB argument reaches a job process on the client's machine
+        through the client's memory file: intact, mapped from the client
+        (not sent), the master's memory does not grow by it, and the file
+        is closed once the result arrives.
+        """
+        blob = os.urandom(50 * MiB)
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(1)
+            master = self.procs.master.pid
+            with executor(self.procs.address) as ex:
+                self.assertEqual(ex.submit(len, b"warm").result(DEADLINE), 4)
+                reset_peak_rss(master)
+                before = peak_rss_mib(master)
+                self.assertTrue(ex.session.references, "the master allowed no references")
+                value, referenced = ex.submit(digest, blob).result(DEADLINE)
+                self.assertEqual(value, hashlib.sha256(blob).hexdigest())
+                self.assertEqual(referenced, 1, "the job process did not map the client's file")
+                grown = peak_rss_mib(master) - before
+                self.assertLess(grown, 20, f"the master's peak memory grew by {grown:.1f} MiB")
+                self.assertEqual(ex.session.arguments.descriptors(), [])
+                self.assertEqual(client_memory_files(), 0)
+            self.assertEqual(dev_shm() - self.shm_before, set())
+
+        return threads.deferToThread(body)
+
+    def test_many_arrays(self):
+        """1,000 NumPy arrays just over the threshold, on two workers, arrive intact."""
+        if numpy is None:
+            raise unittest.SkipTest("NumPy is not installed (the test extra)")
+        rng = numpy.random.default_rng(18)
+        count = REFERENCE_ABOVE // 8 + 1000
+        arrays = [rng.random(count) for _ in range(1000)]
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(1)
+            self.procs.start_worker(1)
+            with executor(self.procs.address) as ex:
+                futures = [ex.submit(array_digest, array) for array in arrays]
+                for array, future in zip(arrays, futures, strict=True):
+                    value, referenced = future.result(DEADLINE)
+                    self.assertEqual(value, hashlib.sha256(array.data).hexdigest())
+                    self.assertGreater(referenced, 0, "an array did not go by reference")
+                wait_until(lambda: not ex.session.arguments.descriptors(), what="the files to close")
+                self.assertEqual(client_memory_files(), 0)
+
+        return threads.deferToThread(body)
+
+    def test_worker_elsewhere_gets_the_bytes(self):
+        """
+        A worker on another machine (as far as the identities go) cannot
+        open the client's file: the master fetches the bytes from the
+        client and sends them inline; the job succeeds.
+        """
+        blob = os.urandom(5 * MiB + 1)
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(1, env={"CW_MACHINE_IDENTITY": "another-machine"})
+            with executor(self.procs.address) as ex:
+                value, referenced = ex.submit(digest, blob).result(DEADLINE)
+                self.assertEqual(value, hashlib.sha256(blob).hexdigest())
+                self.assertEqual(referenced, 0)
+                self.assertEqual(ex.session.arguments.descriptors(), [])
+
+        return threads.deferToThread(body)
+
+    def _kill_while_mapped(self, kill_worker: bool, check) -> None:
+        """
+        Start a job whose argument lies in the client's memory on one of
+        two workers, and SIGKILL its job process (or its worker) while it
+        has the argument mapped; then C{check(executor, future, argument)}.
+        """
+        marker = os.path.abspath(self.mktemp())
+        blob = os.urandom(3 * MiB)
+        self.procs.start_master()
+        workers = [self.procs.start_worker(1), self.procs.start_worker(1)]
+        with executor(self.procs.address) as ex:
+            future = ex.submit_with(hold_once, (blob, marker), max_attempts=2)
+            wait_until(lambda: os.path.exists(marker), what="the job to start")
+            job_pid = int(open(marker).read())
+            (worker,) = [w for w in workers if job_processes(w.pid) == [job_pid]]
+            self.assertTrue(mapped(job_pid), "the argument is not mapped")
+            os.kill(worker.pid if kill_worker else job_pid, signal.SIGKILL)
+            wait_until(lambda: not process_exists(job_pid), what="the job process to die")
+            check(ex, future, blob)
+
+    def test_job_process_killed_with_argument_mapped(self):
+        """
+        A job process SIGKILLed while it has its argument mapped from the
+        client's file: the job fails as its process died, nothing is left
+        in /dev/shm and the client's file is closed.
+        """
+
+        def check(ex, future, _):
+            self.assertIsInstance(future.exception(DEADLINE), JobCrashed)
+            self.assertEqual(ex.session.arguments.descriptors(), [])
+            self.assertEqual(client_memory_files(), 0)
+            self.assertEqual(dev_shm() - self.shm_before, set())
+
+        return threads.deferToThread(self._kill_while_mapped, False, check)
+
+    def test_worker_killed_with_argument_mapped(self):
+        """
+        The worker of a job process that has its argument mapped is
+        SIGKILLed: the job runs again on the other worker, from the same
+        file of the client (still held), and succeeds; then the file is
+        closed and nothing is left in /dev/shm.
+        """
+
+        def check(ex, future, blob):
+            value, referenced = future.result(DEADLINE)
+            self.assertEqual(value, hashlib.sha256(blob).hexdigest())
+            self.assertEqual(referenced, 1)
+            self.assertEqual(ex.session.arguments.descriptors(), [])
+            self.assertEqual(dev_shm() - self.shm_before, set())
+
+        return threads.deferToThread(self._kill_while_mapped, True, check)
+
+    def _argument_gone(self, env: dict | None):
+        """A job whose argument the client closed before it ran fails, naming it and saying why."""
+        marker = os.path.abspath(self.mktemp())
+
+        def body():
+            # No prefetch: the job waits in the master's queue until the first one ends.
+            self.procs.start_master("--prefetch", "0", "--prefetch-seconds", "0")
+            self.procs.start_worker(1, env=env)
+            with executor(self.procs.address) as ex:
+                busy = ex.submit(wait_for, marker)
+                future = ex.submit(digest, os.urandom(REFERENCE_ABOVE))
+                wait_until(lambda: ex.session.arguments.descriptors(), what="the argument's file")
+                (seq,) = list(ex.session.arguments._files)
+                ex.session.arguments.close([seq])
+                write_atomically(marker, "go")
+                self.assertTrue(busy.result(DEADLINE))
+                error = future.exception(DEADLINE)
+                self.assertEqual(error.type, ReportKind.ARGUMENT_UNAVAILABLE, error)
+                self.assertIn(f"job {seq}", str(error))
+                self.assertEqual(ex.submit(len, b"on").result(DEADLINE), 2)
+
+        return threads.deferToThread(body)
+
+    def test_argument_gone_on_this_machine(self):
+        """The job process cannot open the client's closed file: the job fails clearly."""
+        return self._argument_gone(None)
+
+    def test_argument_gone_for_another_machine(self):
+        """The client cannot send the bytes of a closed file: the job fails clearly."""
+        return self._argument_gone({"CW_MACHINE_IDENTITY": "another-machine"})
+
+    def test_durable_master_takes_no_references(self):
+        """A master with --state keeps jobs beyond their client: arguments travel as bytes."""
+        state = os.path.abspath(self.mktemp())
+        blob = os.urandom(REFERENCE_ABOVE + 1)
+
+        def body():
+            self.procs.start_master("--state", state)
+            self.procs.start_worker(1)
+            with executor(self.procs.address) as ex:
+                self.assertFalse(ex.session.references)
+                value, referenced = ex.submit(digest, blob).result(DEADLINE)
+                self.assertEqual((value, referenced), (hashlib.sha256(blob).hexdigest(), 0))
+
+        return threads.deferToThread(body)
