@@ -112,9 +112,9 @@ class LocalArgumentTests(unittest.TestCase):
                 self.assertTrue(ex.session.references, "the master allowed no references")
                 value, referenced = ex.submit(digest, blob).result(DEADLINE)
                 self.assertEqual(value, hashlib.sha256(blob).hexdigest())
-                self.assertEqual(referenced, 1, "the job process did not map the client's file")
                 grown = peak_rss_mib(master) - before
                 self.assertLess(grown, 20, f"the master's peak memory grew by {grown:.1f} MiB")
+                self.assertEqual(referenced, 1, "the job process did not map the client's file")
                 self.assertEqual(ex.session.arguments.descriptors(), [])
                 self.assertEqual(client_memory_files(), 0)
             self.assertEqual(dev_shm() - self.shm_before, set())
