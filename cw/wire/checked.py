@@ -11,9 +11,14 @@ Layer rule (cw.wire): imports Twisted, ampoule, cw.system, cw.core and cw.errors
 from __future__ import annotations
 
 from twisted.internet import defer
+from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from cw.errors import BadCommand
-from cw.wire.private import CheckedAnswers, command_named
+from cw.wire.private import CheckedAnswers, command_named, connection_failed, python_identifier, responder_for
+
+#: Per command class: the Python names of its arguments (see L{CheckedCommands.callRemote}).
+_ARGUMENT_NAMES: dict[type, frozenset] = {}
 
 
 class CheckedCommands(CheckedAnswers):
@@ -24,29 +29,87 @@ class CheckedCommands(CheckedAnswers):
     L{BadCommand} (the checks of L{cw.core.validation}), drops the
     connection with one log line; so do boxes AMP itself would choke on
     (L{CheckedAnswers}).
+
+    Commands that want no answer (the hot ones: jobs and results) take a
+    lean path both ways (issue 18, a lone job's round trip): received, they
+    are parsed and their responder called at once, without the Deferreds,
+    the wrapping closures and the answer box (never sent) that AMP's
+    general path makes for every box; sent, their box is built and written
+    without AMP's command instance and its checks made twice.  What a peer
+    sees, and what a malformed box or a failing responder does, is the same.
     """
+
+    def ampBoxReceived(self, box) -> None:
+        lean = amp.ASK not in box and amp.ANSWER not in box and amp.ERROR not in box
+        if not lean or not getattr(self, "authenticated", True):
+            super().ampBoxReceived(box)
+            return
+        name = box.get(amp.COMMAND)
+        found = responder_for(self, name) if name is not None else None
+        if found is None:
+            super().ampBoxReceived(box)
+            return
+        command, function = found
+        try:
+            arguments = command.parseArguments(box, self)
+        except Exception as e:
+            self._refuse_box(name, box, e)
+            return
+        try:
+            answer = function(self, **arguments)
+        except BadCommand as e:
+            self.reject(f"sent a malformed {name.decode('ascii', 'replace')!r}: {e}")
+            return
+        except Exception:
+            self.unhandledError(Failure())
+            return
+        if isinstance(answer, defer.Deferred):
+            answer.addErrback(self._malformed, name).addErrback(self.unhandledError)
+
+    def callRemote(self, command, *a, **kw):
+        if command.requiresAnswer or a:
+            return super().callRemote(command, *a, **kw)
+        names = _ARGUMENT_NAMES.get(command)
+        if names is None:
+            names = frozenset(python_identifier(name) for name, _ in command.arguments)
+            _ARGUMENT_NAMES[command] = names
+        for name in kw:
+            if name not in names:
+                raise amp.InvalidSignature(f"{name} is not a valid argument")
+        box = command.commandType()
+        for name, argument in command.arguments:
+            argument.toBox(name, box, kw, self)
+        if connection_failed(self):
+            return None  # as AMP: nothing more goes out on a lost connection
+        box[amp.COMMAND] = command.commandName
+        self.sendBox(box)
+        return None
+
+    def _malformed(self, failure, name: bytes):
+        failure.trap(BadCommand)
+        self.reject(f"sent a malformed {name.decode('ascii', 'replace')!r}: {failure.value}")
+        return defer.Deferred()  # the connection is gone: answer nothing
+
+    def _refuse_box(self, name: bytes, box, e: Exception) -> None:
+        """Drop the connection: command C{name}'s arguments in C{box} do not parse (C{e})."""
+        field = self._bad_argument(name, box)
+        command = name.decode("ascii", "replace")
+        self.reject(f"sent a malformed {command!r}: {field}: {e.__class__.__name__}: {e}")
 
     def locateResponder(self, name: bytes):
         responder = super().locateResponder(name)
         if responder is None:
             return None
-        command = name.decode("ascii", "replace")
-
-        def malformed(failure):
-            failure.trap(BadCommand)
-            self.reject(f"sent a malformed {command!r}: {failure.value}")
-            return defer.Deferred()  # the connection is gone: answer nothing
 
         def checked(box):
             try:
                 answer = responder(box)
             except Exception as e:
                 # Raised while parsing the box's arguments (before the responder runs).
-                field = self._bad_argument(name, box)
-                self.reject(f"sent a malformed {command!r}: {field}: {e.__class__.__name__}: {e}")
+                self._refuse_box(name, box, e)
                 return defer.Deferred()
             if isinstance(answer, defer.Deferred):
-                answer.addErrback(malformed)
+                answer.addErrback(self._malformed, name)
             return answer
 
         return checked

@@ -14,6 +14,7 @@ worker and client may all use it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from ampoule import main as ampoule_main
@@ -26,15 +27,39 @@ from twisted.protocols import amp
 ProcessReader = process.ProcessReader
 
 
+@functools.lru_cache(maxsize=1024)
 def python_identifier(wire_name: bytes) -> str:
     """
     The key under which AMP puts the argument sent as C{wire_name} in a
     command's arguments.  Private C{amp._wireNameToPythonIdentifier}: AMP's
     own C{Argument.toBox}/C{fromBox} use it, and cw's chunked arguments
     (L{cw.wire.commands.Blob}) override those, so they must map names alike
-    (cw.test.wire.test_protocol).
+    (cw.test.wire.test_protocol).  Remembered: the names are those of the
+    commands' schemas (a few dozen), asked for on every box.
     """
     return amp._wireNameToPythonIdentifier(wire_name)
+
+
+def responder_for(locator, name: bytes) -> tuple[type[amp.Command], Callable] | None:
+    """
+    The command class and the (unbound) responder function that
+    C{locator}, an C{amp.CommandLocator}, answers command C{name} with, or
+    None.  Private C{CommandLocator._commandDispatch}, where
+    C{locateResponder} finds them too: cw's lean path for commands that
+    want no answer (L{cw.wire.checked.CheckedCommands}) calls the responder
+    itself (cw.test.wire.test_checked).
+    """
+    return locator._commandDispatch.get(name)
+
+
+def connection_failed(proto: amp.AMP) -> bool:
+    """
+    Whether C{proto}'s connection was lost, so that AMP sends nothing more
+    (private C{BoxDispatcher._failAllReason}, set by C{failAllOutgoing}):
+    a lean send (L{cw.wire.checked.CheckedCommands.callRemote}) then sends
+    nothing, as C{callRemote} does (cw.test.wire.test_checked).
+    """
+    return proto._failAllReason is not None
 
 
 # AMP's box parser (C{amp.BinaryBoxProtocol}) keeps its state in private
@@ -113,6 +138,8 @@ PRIVATE_NAMES = (
     "_tempDataBuffer",
     "_disconnectSelectable",
     "_writer",
+    "_commandDispatch",
+    "_failAllReason",
 )
 
 

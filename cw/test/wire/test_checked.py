@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from cw.client.session import ClientProtocol
@@ -48,13 +50,19 @@ class Raw(bytes):
     """An argument's bytes as sent, unencoded (a truncated batch)."""
 
 
-def command_box(command: type[amp.Command], proto: amp.AMP, **arguments) -> amp.AmpBox:
+def command_box(command: type[amp.Command], proto: amp.AMP, ask: bool = True, **arguments) -> amp.AmpBox:
+    """
+    The box of C{command} with C{arguments}: asking for an answer (C{ask}),
+    or without C{_ask}, as commands that want none are sent (and take
+    L{cw.wire.checked.CheckedCommands}' lean path).
+    """
     raw = {name: value for name, value in arguments.items() if isinstance(value, Raw)}
     box = command.makeArguments({k: [] if k in raw else v for k, v in arguments.items()}, proto)
     for name, value in raw.items():
         box[name.encode()] = bytes(value)
     box[amp.COMMAND] = command.commandName
-    box[amp.ASK] = b"1"
+    if ask:
+        box[amp.ASK] = b"1"
     return box
 
 
@@ -95,6 +103,13 @@ class MasterCommandTests(unittest.TestCase):
 
     def test_malformed_commands(self):
         """Each malformed command: one warning naming it and the field, the connection dropped."""
+        self.check_malformed(ask=True)
+
+    def test_malformed_commands_wanting_no_answer(self):
+        """The same, sent as commands that want no answer are (the lean path)."""
+        self.check_malformed(ask=False)
+
+    def check_malformed(self, ask: bool) -> None:
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
@@ -102,7 +117,7 @@ class MasterCommandTests(unittest.TestCase):
             del events[:]
             proto, transport, peer = self.connect(role)
             before = list(peer.calls)
-            proto.ampBoxReceived(command_box(command, proto, **arguments))
+            proto.ampBoxReceived(command_box(command, proto, ask, **arguments))
             name = command.commandName.decode()
             self.assertTrue(transport.disconnecting, f"{role} kept the connection after {name} ({what})")
             self.assertIn(f"sent a malformed {name!r}", proto.rejected or "", what)
@@ -112,6 +127,33 @@ class MasterCommandTests(unittest.TestCase):
             warnings = [e for e in events if "dropping the connection" in e.get("log_format", "")]
             self.assertEqual(len(warnings), 1, (name, what, events))
         self.flushLoggedErrors()
+
+    def test_failing_responder_without_answer(self):
+        """
+        A command that wants no answer whose responder fails (a bug, not a
+        malformed box): the failure is logged and the connection dropped,
+        as AMP does with an error nobody handled.
+        """
+        proto, transport, peer = self.connect("client")
+
+        def broken(results):
+            raise ZeroDivisionError("a bug")
+
+        peer.results_arrived = broken
+        proto.ampBoxReceived(
+            command_box(P.JobResults, proto, False, results=[P.Result(1, 1, P.Outcome.OK, b"")])
+        )
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_unauthenticated_command_without_answer(self):
+        """Before the handshake, a command that wants no answer is refused like any other."""
+        proto, transport, peer = self.connect("worker")
+        proto.authenticated = False
+        proto.ampBoxReceived(command_box(P.RunJobs, proto, False, jobs=[JOB]))
+        self.assertTrue(transport.disconnecting)
+        self.assertIn("before authenticating", proto.rejected)
+        self.assertEqual(peer.calls, [])
 
     def test_boxes_amp_would_choke_on(self):
         """An answer to no question, an error without its code, a box that is no command: one line each."""
@@ -127,18 +169,68 @@ class MasterCommandTests(unittest.TestCase):
                 self.assertIn(what, proto.rejected, role)
 
     def test_good_commands_pass(self):
-        """The same commands, well formed, reach the session and the worker."""
-        proto, transport, peer = self.connect("client")
-        proto.ampBoxReceived(command_box(P.JobRoom, proto, bytes=10, jobs=1))
-        proto.ampBoxReceived(command_box(P.JobResults, proto, results=[P.Result(1, 1, P.Outcome.OK, b"")]))
-        self.assertEqual(peer.calls, ["room", "results_arrived"])
-        self.assertFalse(transport.disconnecting)
-        proto, transport, peer = self.connect("worker")
-        job = P.Job(3, 1, b"p", encode_options(timeout=5, allocation={"cpus": 1}))
-        proto.ampBoxReceived(command_box(P.RunJobs, proto, jobs=[job]))
-        proto.ampBoxReceived(command_box(P.ForgetClient, proto, client=3))
-        self.assertEqual(peer.calls, ["enqueue", "forget_client"])
-        self.assertFalse(transport.disconnecting)
+        """The same commands, well formed, reach the session and the worker, asking an answer or not."""
+        for ask in (True, False):
+            proto, transport, peer = self.connect("client")
+            proto.ampBoxReceived(command_box(P.JobRoom, proto, ask, bytes=10, jobs=1))
+            proto.ampBoxReceived(
+                command_box(P.JobResults, proto, ask, results=[P.Result(1, 1, P.Outcome.OK, b"")])
+            )
+            self.assertEqual(peer.calls, ["room", "results_arrived"])
+            self.assertFalse(transport.disconnecting)
+            proto, transport, peer = self.connect("worker")
+            job = P.Job(3, 1, b"p", encode_options(timeout=5, allocation={"cpus": 1}))
+            proto.ampBoxReceived(command_box(P.RunJobs, proto, ask, jobs=[job]))
+            proto.ampBoxReceived(command_box(P.ForgetClient, proto, ask, client=3))
+            self.assertEqual(peer.calls, ["enqueue", "forget_client"])
+            self.assertFalse(transport.disconnecting)
+            # An answer goes back only to the commands that asked for one.
+            self.assertEqual(b"_answer" in transport.value(), ask)
+
+
+class LeanSendTests(unittest.TestCase):
+    """Commands that want no answer are sent by L{cw.wire.checked.CheckedCommands} itself."""
+
+    def sent(self, proto: amp.AMP, command: type[amp.Command], **arguments) -> bytes:
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.authenticated = True
+        transport.clear()  # what the protocol sends on connecting
+        self.assertIsNone(proto.callRemote(command, **arguments))
+        return transport.value()
+
+    def test_same_bytes_as_amp(self):
+        """The box on the wire is the one AMP's own C{callRemote} writes."""
+        results = [P.Result(1, 1, P.Outcome.OK, b"x" * 70_000), P.Result(1, 2, P.Outcome.OK, b"")]
+        for command, arguments in (
+            (P.JobResults, {"results": results}),
+            (P.RunJobs, {"jobs": [JOB]}),
+            (P.JobRoom, {"bytes": 10, "jobs": 1}),
+        ):
+            lean = self.sent(WorkerProtocol(Recorder()), command, **arguments)
+            plain = self.sent(amp.AMP(), command, **arguments)
+            self.assertEqual(lean, plain, command)
+            self.assertIn(command.commandName, lean)
+
+    def test_bad_argument_name(self):
+        """An argument the command does not take raises, as in AMP, and nothing is sent."""
+        proto = WorkerProtocol(Recorder())
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        transport.clear()
+        with self.assertRaises(amp.InvalidSignature):
+            proto.callRemote(P.JobResults, results=[], bogus=1)
+        self.assertEqual(transport.value(), b"")
+
+    def test_nothing_sent_once_lost(self):
+        """After the connection is lost, a command that wants no answer sends nothing, without error."""
+        proto = WorkerProtocol(Recorder())
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        transport.clear()
+        proto.failAllOutgoing(Failure(ConnectionLost()))
+        self.assertIsNone(proto.callRemote(P.JobRoom, bytes=1, jobs=1))
+        self.assertEqual(transport.value(), b"")
 
 
 class RegistrationAnswerTests(unittest.SynchronousTestCase):
