@@ -69,6 +69,8 @@ _SEQUENCE = struct.Struct("!Q")
 _LENGTH = struct.Struct("!H")
 #: Wire bytes of a box's C{_mac} key and of its value's length.
 _MAC_HEAD = _LENGTH.pack(len(MAC_KEY)) + MAC_KEY + _LENGTH.pack(_SEQUENCE.size + hashlib.sha256().digest_size)
+#: Wire bytes of the C{_mac} key.
+_MAC_KEY_WIRE = _LENGTH.pack(len(MAC_KEY)) + MAC_KEY
 #: The empty key that ends a box.
 _END = _LENGTH.pack(0)
 
@@ -358,6 +360,27 @@ class AuthGate:
         if self._box_hash is not None:
             self._box_hash.update(piece)
         super().chunk_piece(piece)
+
+    def whole_box(self, box, wire, last: int) -> bool:
+        # A box that arrived whole (L{cw.wire.streaming.ChunkReceiver}): counted
+        # and its MAC checked as the key-by-key parse would (the MAC over
+        # every byte before the C{_mac} key, which must come last), in one
+        # pass.  Anything amiss is left to that parse, which refuses it.
+        if len(wire) > self.max_box_bytes:
+            return False
+        checker = self._box_checker
+        if checker is not None:
+            if wire[last : last + len(_MAC_KEY_WIRE)] != _MAC_KEY_WIRE or len(box) < 2:
+                return False
+            value = box.pop(MAC_KEY)
+            mac = checker.start()
+            mac.update(wire[:last])
+            why = checker.check(mac, value)
+            if why is not None:
+                self.reject(why)
+                return True
+        self._box_bytes = 0
+        return super().whole_box(box, wire, last)
 
     def proto_key(self, string: bytes):
         checker = self._box_checker

@@ -704,3 +704,19 @@ class HandshakeTests(unittest.SynchronousTestCase):
         pump.flush()
         self.failureResultOf(status, ConnectionClosed)
         self.assertIn("without a MAC", server.rejected)
+
+    def test_box_going_on_after_its_mac_refused(self):
+        """
+        A box that arrives whole with a key after its MAC (the MAC must
+        close it: whatever follows is not covered) is refused, with a good
+        MAC over what came before.
+        """
+        master = Master(Clock(), secret=os.urandom(32), heartbeat=0)
+        peer = GatedAMP()
+        server, pump = authenticated_to_master(master, peer, "client")
+        box = amp.AmpBox({amp.COMMAND: P.GetStatus.commandName, amp.ASK: b"99"})
+        signed = peer.box_signer.sign(memoryview(box.serialize())[:-2])
+        extra = amp.AmpBox({b"zz": b"after"}).serialize()
+        peer.transport.write(signed[:-2] + extra)
+        pump.flush()
+        self.assertIn("after its MAC", server.rejected)
