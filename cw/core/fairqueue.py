@@ -256,6 +256,25 @@ class FairQueue:
         self._took(client, jobs)
         return job
 
+    def pop_like(self, job: Job) -> Job | None:
+        """
+        The next queued job of C{job}'s client if it is a plain job of the
+        same cached function (C{func}) and its client has no sized job
+        queued, taken as L{popleft} takes it (the turns move on); else
+        C{None}.  For packing many short jobs into one worker's box without
+        passing over other clients' turns for jobs of another kind.
+        """
+        jobs = self._clients.get(job.client)
+        if jobs is None or not jobs.size or jobs.sized:
+            return None
+        levels = jobs.levels
+        level = levels[max(levels)] if len(levels) > 1 else next(iter(levels.values()))
+        if level[0].func != job.func:
+            return None
+        found = jobs.pop()
+        self._took(job.client, jobs)
+        return found
+
     def pop_fitting(
         self, fits: Callable[[Shape | None], bool], skip: Collection[int] = ()
     ) -> tuple[Job, Shape | None] | None:

@@ -24,6 +24,26 @@ Dispatch rules:
     starved by another's prefetch.  Prefetching also stops once a worker
     holds L{PREFETCH_BYTES} of payloads, so big jobs are not piled up
     (in memory) on one worker.
+  - Many workers, short jobs: a client's jobs of one cached function (a
+    I{kind}: same C{client} and C{func}) are known to be short once a
+    worker reports more of them at once than it has slots: a worker
+    batches jobs only once it measured them short (see
+    L{cw.core.worker_state}: each batch holds at most L{BATCH_SECONDS} of
+    work), so such a report bounds their time per job however long the
+    hop took (L{KindTimes}; a busy master's round trips say nothing of a
+    job's time, a worker's batching does).  While a kind is known short
+    and was so reported within L{KIND_MEMORY}, a worker that takes one of
+    its jobs into a free slot takes the next ones of that kind from the
+    same client at once, as many as C{horizon} seconds hold per slot (at
+    most L{MAX_CREDIT}): a box to it carries many jobs even while many
+    workers are idle, where one job per connection would cost the master
+    (and the worker) a box, a write and a read per job.  Every other job
+    (another function, one not cached, a kind not reported batched lately)
+    is spread one per free slot as above: a burst after short jobs of
+    another kind, or after a quiet spell, is spread over the idle workers
+    and the rest stays queued (where it can be cancelled).  A kind whose
+    jobs a worker runs one by one while it holds more than its slots
+    (they turned long) is unknown again at once.
   - When a worker leaves, the jobs it held go back to the front of the queue
     in their original order.  A result from a worker that no longer holds the
     job (it left, or the job was requeued) is dropped, so each job's result is
@@ -116,6 +136,7 @@ from cw.core.records import (
 )
 from cw.core.resources import ALLOCATION, GPUS, Capacity, Ledger, Shape, shape_of
 from cw.core.seqset import SeqSet
+from cw.core.worker_state import BATCH_SECONDS
 from cw.errors import ReportKind
 
 #: The master's option defaults (C{--prefetch}, ...), which the scheduler's arguments share.
@@ -130,6 +151,40 @@ MAX_CREDIT = 256
 #: A worker gets no more prefetched jobs once the payloads it holds add up
 #: to this many bytes (it still gets one job per free slot, of any size).
 PREFETCH_BYTES = 64 << 20
+
+#: Seconds a kind of jobs (L{KindTimes}) stays known short after its last
+#: batched report: after a quiet spell its next jobs are spread as unknown ones.
+KIND_MEMORY = 1.0
+
+#: Weight of a kind's earlier batched reports against its latest, per report.
+KIND_DECAY = 0.75
+
+
+@dataclass(slots=True)
+class KindTimes:
+    """
+    How long one client's jobs of one cached function take, per job and
+    slot, as the workers' batched reports bound it (see
+    L{Scheduler._time_kinds}).
+    """
+
+    #: Slot-seconds and jobs of the batched reports so far, earlier ones
+    #: decayed by L{KIND_DECAY} per report.
+    seconds: float = 0.0
+    jobs: float = 0.0
+    #: When the latest batched report came.
+    heard: float = 0.0
+
+    def add(self, seconds: float, jobs: int, now: float) -> None:
+        """Count a batched report: C{jobs} jobs of this kind took at most C{seconds} slot-seconds."""
+        self.seconds = self.seconds * KIND_DECAY + seconds
+        self.jobs = self.jobs * KIND_DECAY + jobs
+        self.heard = now
+
+    @property
+    def per_job(self) -> float:
+        """Seconds a job takes, at most."""
+        return self.seconds / self.jobs
 
 
 class Turns:
@@ -445,6 +500,9 @@ class Scheduler:
         #: yet), and the same per client and cached function.
         self.job_seconds: float | None = None
         self._func_seconds: dict[tuple[int, bytes], float] = {}
+        #: How long each client's jobs of each cached function take (see
+        #: the module docstring: short ones are packed).
+        self._kinds: dict[tuple[int, bytes], KindTimes] = {}
 
     # -- clients ---------------------------------------------------------
 
@@ -488,7 +546,14 @@ class Scheduler:
             self._losses = {key: v for key, v in self._losses.items() if key[0] != client}
         if self._func_seconds:
             self._func_seconds = {key: v for key, v in self._func_seconds.items() if key[0] != client}
+        if self._kinds:
+            self._kinds = {key: v for key, v in self._kinds.items() if key[0] != client}
         return state.queued
+
+    def has_jobs(self, client: int) -> bool:
+        """Whether C{client} has jobs queued or held by workers (a client not registered has none)."""
+        state = self._clients.get(client)
+        return state is not None and bool(state.queued or state.running)
 
     def cancel(
         self, client: int, seqs: Iterable[int] | None = None
@@ -861,11 +926,9 @@ class Scheduler:
                         placed.add(shape)
                         if w.id == reserved:
                             self._reservation = reserved = None
-                    assigned.setdefault(w.id, []).append(job)
-                    client = self._clients[job.client]
-                    client.queued -= 1
-                    client.running += 1
-                    self._shrunk.add(job.client)
+                    self._assign(w, job, assigned)
+                    if shape is None and limit == "slots" and now is not None and job.func:
+                        self._take_pack(w, job, now, assigned)
                     if w.room(limit):
                         still.append(w)
                 if not still:
@@ -877,6 +940,52 @@ class Scheduler:
         if now is not None:
             self._track(now)
         return list(assigned.items())
+
+    def _assign(self, w: WorkerRecord, job: Job, assigned: dict[int, list[Job]]) -> None:
+        """Count C{job}, just held by C{w}, as running for its client, and add it to C{w}'s box."""
+        assigned.setdefault(w.id, []).append(job)
+        client = self._clients[job.client]
+        client.queued -= 1
+        client.running += 1
+        self._shrunk.add(job.client)
+
+    def pack_size(self, job: Job, now: float) -> int:
+        """
+        How many jobs of C{job}'s kind (its client's jobs of its cached
+        function) a worker may take per slot at once, at time C{now}: as
+        many as C{horizon} seconds hold at their time per job (at most
+        L{MAX_CREDIT}), if a batched report of them came within
+        L{KIND_MEMORY}; else 1 (see the module docstring).
+        """
+        kind = self._kinds.get((job.client, job.func)) if job.func else None
+        if kind is None or now - kind.heard > KIND_MEMORY:
+            return 1
+        per_job = kind.per_job
+        if per_job * 2 > self.horizon:
+            return 1
+        if per_job * MAX_CREDIT <= self.horizon:
+            return MAX_CREDIT
+        return max(1, int(self.horizon / per_job))
+
+    def _take_pack(self, w: WorkerRecord, first: Job, now: float, assigned: dict[int, list[Job]]) -> None:
+        """
+        C{w} took C{first} into a free slot: give it the next queued jobs
+        of the same kind (same client and function) while they are known
+        to be short, up to L{pack_size} per slot.
+        """
+        pack = self.pack_size(first, now)
+        if pack < 2:
+            return
+        most = w.slots * pack
+        while len(w.held) < most and w.held_bytes < PREFETCH_BYTES:
+            job = self._queue.pop_like(first)
+            if job is None:
+                return
+            if w.ends_at is not None and not self._fits_walltime(job, w.ends_at - now):
+                self._queue.push_front([job])
+                return
+            w.hold(job)
+            self._assign(w, job, assigned)
 
     def _wake(self, wid: int) -> None:
         """Worker C{wid} may have room now (it joined, or jobs left it): give it turns."""
@@ -1032,10 +1141,20 @@ class Scheduler:
         before = state.completed
         results = list(results)
         if now is not None:
+            # How many results of each kind (client, cached function).
+            kinds: dict[tuple[int, bytes], int] = {}
             for result in results:
+                job = state.held.get(result.key)
+                if job is None:
+                    continue
                 since = state.running_since.get(result.key)
                 if since is not None:
-                    self._measure(state.held[result.key], now - since)
+                    self._measure(job, now - since)
+                if job.func:
+                    key = (job.client, job.func)
+                    kinds[key] = kinds.get(key, 0) + 1
+            if kinds:
+                self._time_kinds(state, kinds, now)
         deliver = self._complete(state, results)
         self._wake(worker)
         if now is not None:
@@ -1046,6 +1165,31 @@ class Scheduler:
             self._dirty.add(worker)
             self._track(now)
         return deliver
+
+    def _time_kinds(self, state: WorkerRecord, kinds: dict[tuple[int, bytes], int], now: float) -> None:
+        """
+        Time the kinds of jobs of one report of C{state}'s, given as
+        C{kind: n} results.  More results of a kind than the worker has
+        slots were batched: they took at most L{BATCH_SECONDS} per slot
+        (what a worker puts in a batch), and at most the time since its
+        previous report (or since it was given jobs, if later);
+        L{KindTimes} counts that.  No more than its slots,
+        while it still holds more jobs than it has slots: it ran them one
+        by one (they are long, or it does not know them yet), so the kind
+        is unknown again.  Otherwise the report tells nothing (a round trip
+        of a lone job says nothing of its time when the master is busy).
+        """
+        starts = [t for t in (state.last_result, state.holding_since) if t is not None]
+        busy = (now - max(starts)) * state.slots if starts else math.inf
+        crowded = len(state.held) - sum(kinds.values()) > state.slots
+        for key, n in kinds.items():
+            if n > state.slots:
+                kind = self._kinds.get(key)
+                if kind is None:
+                    kind = self._kinds[key] = KindTimes()
+                kind.add(min(busy, BATCH_SECONDS * state.slots), n, now)
+            elif crowded:
+                self._kinds.pop(key, None)
 
     def _complete(self, state: WorkerRecord, results: Iterable[Result]) -> list[Result]:
         deliver = []

@@ -758,9 +758,13 @@ class Master:
             if notices:
                 for result in batch:
                     notices.pop(result.seq, None)
-            # Results arrive batched by the worker: pass each batch on at once.
+            # A client's last outstanding result leaves at once (a lone
+            # job's round trip waits for no turn); while more are out, the
+            # results of every worker report read in this reactor turn
+            # share a box to the client (many workers each reporting a few
+            # results cost one box, not one each).
             proto = self.clients[cid]
-            proto.send_results(batch, now=True)
+            proto.send_results(batch, now=not self.scheduler.has_jobs(cid))
             self.watch_output(proto)
 
     def jobs_stored(self, acks: dict[int, list[int]]) -> None:

@@ -701,6 +701,161 @@ class BurstAfterShortJobsTests(SynchronousTestCase):
             self.assertGreaterEqual(scheduler.queued, 40, gap)
 
 
+def kind_jobs(first: int, last: int, func: bytes = b"f") -> list[Job]:
+    """L{make_jobs} of one cached function C{func} (one kind)."""
+    return [Job(0, seq, b"payload %d" % seq, b"", func) for seq in range(first, last + 1)]
+
+
+def stream(workers: int, warm: int, jobs: int, arrive: int, hop: float = 0.001):
+    """
+    C{warm} jobs of one kind queued at once, then C{jobs} more arriving
+    C{arrive} at a time (as a client's boxes do, each dispatched before the
+    next), through C{workers} one-slot workers that answer each box in one
+    report C{hop} seconds after it was sent (tiny jobs, as
+    C{bench/fake_workers.py} answers them).  Return the scheduler and the
+    sizes of the boxes (C{dispatch} entries) that the C{jobs} took.
+    """
+    scheduler = Scheduler(max_queued_jobs=10 * (jobs + warm))
+    for _ in range(workers):
+        scheduler.add_worker(1)
+    client = scheduler.add_client()
+    due: list[tuple[float, int, int, list[Job]]] = []
+    now, order = 0.0, 0
+    sizes: list[int] = []
+    for first, last, step in ((1, warm, warm), (warm + 1, warm + jobs, arrive)):
+        sizes = []
+        seq = first
+        while True:
+            if seq <= last:
+                scheduler.submit(client, kind_jobs(seq, min(last, seq + step - 1)))
+                seq += step
+            for wid, batch in scheduler.dispatch(now):
+                sizes.append(len(batch))
+                due.append((now + hop, order, wid, batch))
+                order += 1
+            if not due:
+                break
+            due.sort()
+            now = due[0][0]
+            while due and due[0][0] <= now:
+                _, _, wid, batch = due.pop(0)
+                scheduler.complete(wid, [result_for(job) for job in batch], now)
+    return scheduler, sizes
+
+
+class ShortJobPackingTests(SynchronousTestCase):
+    """
+    Jobs of a kind (a client's cached function) known to be short travel
+    many to a box however many workers are idle; any other job is spread
+    one per free slot, and what made a kind known expires.
+    """
+
+    def known(self, idle: int = 2, func: bytes = b"f"):
+        """
+        A scheduler (horizon 0.05 s), a client, a worker that reported two
+        jobs of C{func} at once (batched: more than its one slot) a
+        millisecond after it got them, C{idle} idle workers, and the time.
+        """
+        scheduler = Scheduler(prefetch=1, horizon=0.05)
+        client = scheduler.add_client()
+        quick = scheduler.add_worker(1)
+        scheduler.submit(client, kind_jobs(1001, 1002, func))
+        [(_, jobs)] = scheduler.dispatch(1.0)
+        scheduler.complete(quick, [result_for(job) for job in jobs], 1.001)
+        return scheduler, client, quick, [scheduler.add_worker(1) for _ in range(idle)], 1.001
+
+    def test_boxes_with_many_workers_as_with_two(self):
+        """
+        20,000 tiny jobs arriving 300 at a time through 2,000 idle workers
+        travel in boxes as large as through 2 (after jobs of their kind were
+        seen batched): not one job per connection.  So they do when each
+        box takes half a second to come back (a master slowed down by its
+        connections: the round trip says nothing of the jobs' time).
+        """
+        for hop in (0.001, 0.5):
+            _, few = stream(2, 5_000, 20_000, 300, hop)
+            _, many = stream(2_000, 5_000, 20_000, 300, hop)
+            self.assertEqual(sum(many), 20_000)
+            self.assertLessEqual(len(few), 200, hop)
+            self.assertLessEqual(len(many), 200, hop)
+
+    def test_known_short_kind_packed(self):
+        """A burst of a known short kind: one box of horizon's worth, however many workers idle."""
+        scheduler, client, quick, idle, now = self.known()
+        per_job = scheduler._kinds[(client, b"f")].per_job
+        self.assertLessEqual(per_job, 0.001 / 2)
+        scheduler.submit(client, kind_jobs(1, 300))
+        result = assigned(scheduler.dispatch(now))
+        self.assertEqual(scheduler.pack_size(Job(client, 1, b"", b"", b"f"), now), 100)
+        self.assertEqual(result[quick], list(range(1, 101)))
+        self.assertEqual(len(result), 3)
+
+    def test_burst_of_another_kind_spread(self):
+        """
+        After short jobs of one function, a burst of another is spread one
+        per free slot (then the usual prefetch) and the rest stays queued:
+        CPython's C{test_cancel_futures} after tiny jobs.
+        """
+        for func in (b"g", b""):
+            scheduler, client, quick, idle, now = self.known(1)
+            scheduler.submit(client, kind_jobs(1, 50, func))
+            result = assigned(scheduler.dispatch(now))
+            self.assertEqual(sorted(result), [quick, *idle], func)
+            self.assertLessEqual(len(result[quick]), 2, func)
+            self.assertGreaterEqual(scheduler.queued, 46, func)
+
+    def test_known_kind_expires_after_quiet_spell(self):
+        from cw.core.scheduler import KIND_MEMORY
+
+        scheduler, client, quick, idle, now = self.known(1)
+        scheduler.submit(client, kind_jobs(1, 50))
+        result = assigned(scheduler.dispatch(now + KIND_MEMORY + 0.01))
+        self.assertEqual(sorted(len(jobs) for jobs in result.values()), [2, 2])
+        self.assertEqual(scheduler.queued, 46)
+
+    def test_kind_run_one_by_one_unknown_again(self):
+        """
+        A worker holding more jobs of a known kind than its slots reports
+        one alone: they turned long (the worker no longer batches them), so
+        the next ones are spread.
+        """
+        scheduler, client, quick, [other], now = self.known(1)
+        scheduler.submit(client, kind_jobs(1, 100))
+        held = assigned(scheduler.dispatch(now))[quick]
+        self.assertEqual(len(held), 100)
+        scheduler.complete(quick, [result_for(Job(client, held[0], b""))], now + 0.1)
+        scheduler.submit(client, kind_jobs(101, 150))
+        result = assigned(scheduler.dispatch(now + 0.1))
+        self.assertEqual(result, {other: [101, 102]})
+
+    def test_pack_holds_horizon_of_work(self):
+        """Jobs that a worker batches two at a time in 20 ms: 10 ms each, 5 per box in 50 ms."""
+        scheduler = Scheduler(prefetch=1, horizon=0.05)
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(1)
+        scheduler.submit(client, kind_jobs(1, 2))
+        [(_, jobs)] = scheduler.dispatch(1.0)
+        scheduler.complete(worker, [result_for(job) for job in jobs], 1.5)
+        scheduler.submit(client, kind_jobs(3, 50))
+        self.assertEqual(assigned(scheduler.dispatch(1.5)), {worker: list(range(3, 8))})
+
+    def test_other_clients_keep_their_turns(self):
+        """A pack takes only its client's jobs of its kind: another client's job goes to the next worker."""
+        scheduler, client, quick, [other], now = self.known(1)
+        second = scheduler.add_client()
+        scheduler.submit(client, kind_jobs(1, 10))
+        scheduler.submit(second, [Job(0, 1, b"x")])
+        result = dict(scheduler.dispatch(now))
+        self.assertEqual(seqs(result[quick]), list(range(1, 11)))
+        self.assertEqual([(job.client, job.seq) for job in result[other]], [(second, 1)])
+
+    def test_ten_thousand_workers(self):
+        """10,000 workers: short jobs still travel many to a box."""
+        scheduler, sizes = stream(10_000, 20_000, 50_000, 1_000)
+        self.assertEqual(scheduler.completed, 70_000)
+        self.assertLessEqual(len(sizes), 1_000)
+
+
 class QueueMemoryTests(SynchronousTestCase):
     """
     A queued job costs the master little: measured with tracemalloc, jobs

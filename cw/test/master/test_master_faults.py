@@ -2,7 +2,8 @@
 Tests for fault handling with a fake clock and fake connections: the
 master's heartbeats that drop silent workers, jobs that fail once they have
 been running on too many lost workers, and the worker's watchdog that drops
-a master whose heartbeats stopped.
+a master whose heartbeats stopped.  Also with these fakes: when results
+leave for their client (L{DeliveryTests}).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class FakePeer:
         self.transport = FakeTransport(self)
         self.calls: list[tuple[type, dict, defer.Deferred]] = []
         self.results: list[P.Result] = []
+        #: Each C{send_results}: the seqs, and whether they were to leave at once.
+        self.sends: list[tuple[list[int], bool]] = []
         self.contexts_sent: set[int] = set()
 
     def callRemote(self, command, **kwargs):
@@ -50,6 +53,7 @@ class FakePeer:
 
     def send_results(self, results, now=False):
         self.results.extend(results)
+        self.sends.append(([result.seq for result in results], now))
 
     written_bytes = 0
 
@@ -125,6 +129,38 @@ class HeartbeatTests(SynchronousTestCase):
         self.clock.advance(1000)
         self.assertEqual(peer.pings(), [])
         self.assertFalse(peer.transport.aborted)
+
+
+class DeliveryTests(SynchronousTestCase):
+    """
+    A client's last outstanding result leaves at once (a lone job's round
+    trip waits for nothing); while it has more jobs out, results wait for
+    the reactor's next turn, so that the reports of many workers read in
+    one turn share a box to the client.
+    """
+
+    def test_last_result_at_once_others_on_next_turn(self):
+        clock = Clock()
+        master = Master(clock=clock, heartbeat=0)
+        client = FakePeer(master, "c:1")
+        client.peer_id = master.client_joined(client, {"cwd": "", "path": []})
+        workers = []
+        for i in range(3):
+            worker = FakePeer(master, f"w:{i}")
+            worker.peer_id = master.worker_joined(worker, 1)
+            workers.append(worker)
+        master.submit(client.peer_id, [P.Job(0, seq, b"p") for seq in (1, 2, 3)])
+        clock.advance(0)
+        for worker in workers:
+            [jobs] = [kwargs["jobs"] for command, kwargs, _ in worker.calls if command is P.RunJobs]
+            master.results(worker.peer_id, [P.Result(job.client, job.seq, P.Outcome.OK, b"") for job in jobs])
+        self.assertEqual(client.sends, [([1], False), ([2], False), ([3], True)])
+        # A lone job: its result leaves at once.
+        master.submit(client.peer_id, [P.Job(0, 4, b"p")])
+        clock.advance(0)
+        [worker] = [w for w in workers if sum(c[0] is P.RunJobs for c in w.calls) == 2]
+        master.results(worker.peer_id, [P.Result(client.peer_id, 4, P.Outcome.OK, b"")])
+        self.assertEqual(client.sends[-1], ([4], True))
 
 
 class DuplicateJobTests(SynchronousTestCase):
