@@ -43,7 +43,10 @@ Dispatch rules:
     another kind, or after a quiet spell, is spread over the idle workers
     and the rest stays queued (where it can be cancelled).  A kind whose
     jobs a worker runs one by one while it holds more than its slots
-    (they turned long) is unknown again at once.
+    (they turned long) is unknown again at once.  To find short kinds
+    while many workers are idle (no worker would get two jobs in one box
+    otherwise), a kind not known short whose jobs came back within
+    L{PROBE_SECONDS} each, as the master measures them, goes two per slot.
   - When a worker leaves, the jobs it held go back to the front of the queue
     in their original order.  A result from a worker that no longer holds the
     job (it left, or the job was requeued) is dropped, so each job's result is
@@ -158,6 +161,13 @@ KIND_MEMORY = 1.0
 
 #: Weight of a kind's earlier batched reports against its latest, per report.
 KIND_DECAY = 0.75
+
+#: A kind not known short yet whose jobs took at most this many seconds
+#: each, round trips included, is probed: two jobs per slot to a worker
+#: taking one, so that a batched report can tell (one job waits at most
+#: that long behind another, where without the probe it might have gone
+#: to an idle worker).
+PROBE_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -927,7 +937,15 @@ class Scheduler:
                         if w.id == reserved:
                             self._reservation = reserved = None
                     self._assign(w, job, assigned)
-                    if shape is None and limit == "slots" and now is not None and job.func:
+                    if (
+                        shape is None
+                        and limit == "slots"
+                        and now is not None
+                        and job.func
+                        and not self._queue.sized
+                    ):
+                        # Short jobs of its kind come along (not where a
+                        # queued sized job could use the slots).
                         self._take_pack(w, job, now, assigned)
                     if w.room(limit):
                         still.append(w)
@@ -955,11 +973,16 @@ class Scheduler:
         function) a worker may take per slot at once, at time C{now}: as
         many as C{horizon} seconds hold at their time per job (at most
         L{MAX_CREDIT}), if a batched report of them came within
-        L{KIND_MEMORY}; else 1 (see the module docstring).
+        L{KIND_MEMORY}; else 2 (a probe) if their mean run time, as
+        measured from the master (round trips included), is at most
+        L{PROBE_SECONDS}; else 1 (see the module docstring).
         """
-        kind = self._kinds.get((job.client, job.func)) if job.func else None
-        if kind is None or now - kind.heard > KIND_MEMORY:
+        if not job.func:
             return 1
+        key = (job.client, job.func)
+        kind = self._kinds.get(key)
+        if kind is None or now - kind.heard > KIND_MEMORY:
+            return 2 if self._func_seconds.get(key, math.inf) <= PROBE_SECONDS else 1
         per_job = kind.per_job
         if per_job * 2 > self.horizon:
             return 1
@@ -1143,10 +1166,12 @@ class Scheduler:
         if now is not None:
             # How many results of each kind (client, cached function).
             kinds: dict[tuple[int, bytes], int] = {}
+            reported = 0
             for result in results:
                 job = state.held.get(result.key)
                 if job is None:
                     continue
+                reported += 1
                 since = state.running_since.get(result.key)
                 if since is not None:
                     self._measure(job, now - since)
@@ -1154,7 +1179,7 @@ class Scheduler:
                     key = (job.client, job.func)
                     kinds[key] = kinds.get(key, 0) + 1
             if kinds:
-                self._time_kinds(state, kinds, now)
+                self._time_kinds(state, kinds, len(state.held) - reported, now)
         deliver = self._complete(state, results)
         self._wake(worker)
         if now is not None:
@@ -1166,22 +1191,25 @@ class Scheduler:
             self._track(now)
         return deliver
 
-    def _time_kinds(self, state: WorkerRecord, kinds: dict[tuple[int, bytes], int], now: float) -> None:
+    def _time_kinds(
+        self, state: WorkerRecord, kinds: dict[tuple[int, bytes], int], left: int, now: float
+    ) -> None:
         """
         Time the kinds of jobs of one report of C{state}'s, given as
-        C{kind: n} results.  More results of a kind than the worker has
-        slots were batched: they took at most L{BATCH_SECONDS} per slot
-        (what a worker puts in a batch), and at most the time since its
-        previous report (or since it was given jobs, if later);
-        L{KindTimes} counts that.  No more than its slots,
-        while it still holds more jobs than it has slots: it ran them one
-        by one (they are long, or it does not know them yet), so the kind
-        is unknown again.  Otherwise the report tells nothing (a round trip
-        of a lone job says nothing of its time when the master is busy).
+        C{kind: n} results, after which it holds C{left} jobs.  More
+        results of a kind than the worker has slots were batched: they took
+        at most L{BATCH_SECONDS} per slot (what a worker puts in a batch),
+        and at most the time since its previous report (or since it was
+        given jobs, if later); L{KindTimes} counts that.  No more than its
+        slots, while it still holds more jobs than it has slots: it ran
+        them one by one (they are long, or it does not know them yet), so
+        the kind is unknown again.  Otherwise the report tells nothing (a
+        round trip of a lone job says nothing of its time when the master
+        is busy).
         """
         starts = [t for t in (state.last_result, state.holding_since) if t is not None]
         busy = (now - max(starts)) * state.slots if starts else math.inf
-        crowded = len(state.held) - sum(kinds.values()) > state.slots
+        crowded = left > state.slots
         for key, n in kinds.items():
             if n > state.slots:
                 kind = self._kinds.get(key)

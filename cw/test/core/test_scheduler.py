@@ -849,6 +849,51 @@ class ShortJobPackingTests(SynchronousTestCase):
         self.assertEqual(seqs(result[quick]), list(range(1, 11)))
         self.assertEqual([(job.client, job.seq) for job in result[other]], [(second, 1)])
 
+    def measured(self, seconds: float):
+        """
+        A scheduler, a client, and four idle one-slot workers, one of which
+        ran one job of C{b"f"} alone, for C{seconds} (not batched: its kind
+        is not known short); and the time.
+        """
+        scheduler = Scheduler(prefetch=1, horizon=0.05)
+        client = scheduler.add_client()
+        workers = [scheduler.add_worker(1) for _ in range(4)]
+        scheduler.submit(client, kind_jobs(1001, 1001))
+        [(worker, jobs)] = scheduler.dispatch(1.0)
+        scheduler.complete(worker, [result_for(job) for job in jobs], 1.0 + seconds)
+        return scheduler, client, workers, 1.0 + seconds
+
+    def test_probe_of_quick_kind(self):
+        """
+        Jobs of a kind that came back quickly (but one at a time) go two per
+        slot, so that a worker can report them batched, even while workers
+        are idle; jobs of a kind that took long, one per worker.
+        """
+        from cw.core.scheduler import PROBE_SECONDS
+
+        scheduler, client, workers, now = self.measured(0.001)
+        scheduler.submit(client, kind_jobs(1, 4))
+        self.assertEqual(sorted(len(jobs) for _, jobs in scheduler.dispatch(now)), [2, 2])
+        scheduler, client, workers, now = self.measured(PROBE_SECONDS * 2)
+        scheduler.submit(client, kind_jobs(1, 4))
+        self.assertEqual(sorted(len(jobs) for _, jobs in scheduler.dispatch(now)), [1, 1, 1, 1])
+
+    def test_probes_find_short_kinds_among_idle_workers(self):
+        """
+        With no burst that outgrows 2,000 idle workers (jobs arrive 300 at
+        a time), probes find that the jobs are short: they soon travel
+        many to a box.
+        """
+        _, sizes = stream(2_000, 0, 50_000, 300)
+        self.assertLessEqual(len(sizes), 1_000)
+
+    def test_not_while_sized_jobs_wait(self):
+        """No packing while a sized job is queued: a worker's slots may be wanted for it."""
+        scheduler, client, quick, [other], now = self.known(1)
+        scheduler.submit(client, kind_jobs(1, 10))
+        scheduler.submit(scheduler.add_client(), [Job(0, 1, b"x", encode_options(resources={"gpus": 1}))])
+        self.assertEqual(sorted(len(jobs) for _, jobs in scheduler.dispatch(now)), [2, 2])
+
     def test_ten_thousand_workers(self):
         """10,000 workers: short jobs still travel many to a box."""
         scheduler, sizes = stream(10_000, 20_000, 50_000, 1_000)
