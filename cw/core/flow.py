@@ -97,3 +97,67 @@ class FlowControl:
         """C{client} has left."""
         self._held_logged.discard(client)
         self._not_read.discard(client)
+
+
+class LentBytes:
+    """
+    Results that workers lent to clients on their machine, by reference
+    (L{cw.core.payload.ResultReference}), and that the clients have not
+    released yet: bytes a client has not taken, held in a worker's memory
+    instead of the master's socket buffers.  The master counts them with
+    its unsent results (L{Scheduler.unsent_results}), so that a client that
+    stops taking its results stops getting jobs, and is dropped after the
+    read timeout, as one that stops reading them.
+    """
+
+    def __init__(self) -> None:
+        #: Per client: the length of each lent result by C{(worker, seq)}.
+        self._lent: dict[int, dict[tuple[int, int], int]] = {}
+        #: Per client: bytes lent and not released, and bytes released in all.
+        self._outstanding: dict[int, int] = {}
+        self._taken: dict[int, int] = {}
+
+    def lent(self, client: int, worker: int, seq: int, length: int) -> None:
+        """Worker C{worker} lent C{client} the result of job C{seq}, of C{length} bytes."""
+        results = self._lent.setdefault(client, {})
+        self._outstanding[client] = self._outstanding.get(client, 0) + length - results.get((worker, seq), 0)
+        results[(worker, seq)] = length
+
+    def released(self, client: int, keys: list[tuple[int, int]]) -> dict[int, list[tuple[int, int]]]:
+        """
+        C{client} took (or gave up) these results, by C{(worker, seq)}:
+        return the keys it was lent, by worker, C{(client, seq)} as each
+        worker knows them (others are dropped: nothing holds them).
+        """
+        results = self._lent.get(client)
+        by_worker: dict[int, list[tuple[int, int]]] = {}
+        if not results:
+            return by_worker
+        for worker, seq in keys:
+            length = results.pop((worker, seq), None)
+            if length is None:
+                continue
+            self._outstanding[client] -= length
+            self._taken[client] = self._taken.get(client, 0) + length
+            by_worker.setdefault(worker, []).append((client, seq))
+        return by_worker
+
+    def worker_left(self, worker: int) -> None:
+        """A worker is gone, and the files it lent with it (not taken: nothing counts as read)."""
+        for client, results in self._lent.items():
+            for key in [key for key in results if key[0] == worker]:
+                self._outstanding[client] -= results.pop(key)
+
+    def forget(self, client: int) -> None:
+        """The client left (its workers close its files)."""
+        self._lent.pop(client, None)
+        self._outstanding.pop(client, None)
+        self._taken.pop(client, None)
+
+    def outstanding(self, client: int) -> int:
+        """Bytes lent to C{client} that it has not taken."""
+        return self._outstanding.get(client, 0)
+
+    def taken(self, client: int) -> int:
+        """Bytes of lent results C{client} has taken, in all (its reading progress)."""
+        return self._taken.get(client, 0)

@@ -26,10 +26,10 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from cw.core.config import MasterConfig
-from cw.core.flow import FlowControl
+from cw.core.flow import FlowControl, LentBytes
 from cw.core.handover import Unclaimed
 from cw.core.limits import Admission, default_max_pending, default_per_address
-from cw.core.payload import payload_size, read_reference
+from cw.core.payload import RESULT_REFERENCE_SIZE, payload_size, read_reference, read_result_reference
 from cw.core.resources import Capacity
 from cw.core.routing import Routing, SendContext
 from cw.core.scheduler import Scheduler, Unsent
@@ -152,6 +152,8 @@ class Master:
             unschedulable_timeout=unschedulable_timeout,
         )
         self.flow = FlowControl(self.scheduler)
+        #: Results workers lent to clients on their machine, not taken yet.
+        self.lent = LentBytes()
         #: Clients' contexts and functions, and which workers were sent them.
         self.routing = Routing(max_payload)
         self._output_watch: task.LoopingCall | None = None
@@ -292,6 +294,7 @@ class Master:
         self.avoiding.discard(cid)
         self.referencing.discard(cid)
         self.flow.forget(cid)
+        self.lent.forget(cid)
         self.running_notices.discard(cid)
         self._started.pop(cid, None)
         if self.durable is not None and self.durable.left(cid):
@@ -348,13 +351,13 @@ class Master:
         C{(worker, seq)}, see L{P.ReleaseResults}): let each worker close
         their memory files.  A worker gone since closed its files then.
         """
-        by_worker: dict[int, list[tuple[int, int]]] = {}
-        for wid, seq in keys:
-            by_worker.setdefault(wid, []).append((client, seq))
-        for wid, released in by_worker.items():
+        for wid, released in self.lent.released(client, keys).items():
             worker = self.workers.get(wid)
             if worker is not None:
                 worker.callRemote(P.ReleaseResults, keys=released)
+        proto = self.clients.get(client)
+        if proto is not None:
+            self.watch_output(proto)
 
     def define_function(self, client: int, key: bytes, function: bytes) -> None:
         """
@@ -432,6 +435,7 @@ class Master:
             self.worker_beats.forget(proto)
         self.workers.pop(wid, None)
         self.routing.worker_left(wid)
+        self.lent.worker_left(wid)
         how = proto.lost_how or "its connection was lost"
         requeued, failed = self.scheduler.lose_worker(wid, how)
         log.info(
@@ -758,6 +762,12 @@ class Master:
             if notices:
                 for result in batch:
                     notices.pop(result.seq, None)
+            for result in batch:
+                if result.status == P.Outcome.OK and len(result.payload) == RESULT_REFERENCE_SIZE:
+                    where = read_result_reference(result.payload)
+                    if where is not None:
+                        # Its bytes wait for the client in the worker's memory.
+                        self.lent.lent(cid, where.worker, result.seq, where.length)
             # A client's last outstanding result leaves at once (a lone
             # job's round trip waits for no turn); while more are out, the
             # results of every worker report read in this reactor turn
@@ -815,9 +825,12 @@ class Master:
         cid = proto.peer_id
         if self.clients.get(cid) is not proto or proto.transport is None:
             return
-        unsent = proto.unsent_bytes()
+        buffered = proto.unsent_bytes()
+        # Results lent by workers count as unsent until the client takes them.
+        unsent = buffered + self.lent.outstanding(cid)
+        read = proto.written_bytes - buffered + self.lent.taken(cid)
         now = self.clock.seconds()
-        verdict = self.scheduler.unsent_results(cid, unsent, proto.written_bytes - unsent, now)
+        verdict = self.scheduler.unsent_results(cid, unsent, read, now)
         if verdict is Unsent.RESUME:
             self.schedule_dispatch()
         elif verdict is Unsent.DROP:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from cw.core.flow import FlowControl, Room, Throttle
+from cw.core.flow import FlowControl, LentBytes, Room, Throttle
 from cw.core.liveness import Beat, Liveness
 from cw.core.records import Job, Outcome, Result
 from cw.core.routing import Routing, SendContext, SendFunction
@@ -64,6 +64,40 @@ class FlowControlTests(SynchronousTestCase):
         self.submit(1, 21)
         self.flow.forget(self.client)
         self.assertTrue(self.flow.reading(self.client))
+
+
+class LentBytesTests(SynchronousTestCase):
+    """L{LentBytes}: results lent by workers count as unsent until their client takes them."""
+
+    def test_lent_then_released(self):
+        lent = LentBytes()
+        lent.lent(1, 7, 10, 1000)
+        lent.lent(1, 8, 11, 500)
+        lent.lent(2, 7, 10, 300)
+        self.assertEqual((lent.outstanding(1), lent.outstanding(2), lent.taken(1)), (1500, 300, 0))
+        # Only the keys lent to this client go to their workers, as the workers know them.
+        self.assertEqual(lent.released(1, [(7, 10), (7, 99), (8, 12)]), {7: [(1, 10)]})
+        self.assertEqual((lent.outstanding(1), lent.taken(1)), (500, 1000))
+        self.assertEqual(lent.released(1, [(7, 10)]), {})
+        self.assertEqual(lent.released(3, [(7, 10)]), {})
+        self.assertEqual((lent.outstanding(2), lent.taken(2)), (300, 0))
+
+    def test_same_key_again(self):
+        """A job lent again under the same key (run again) is counted once."""
+        lent = LentBytes()
+        lent.lent(1, 7, 10, 1000)
+        lent.lent(1, 7, 10, 1000)
+        self.assertEqual(lent.outstanding(1), 1000)
+
+    def test_worker_left_and_forget(self):
+        lent = LentBytes()
+        lent.lent(1, 7, 10, 1000)
+        lent.lent(1, 8, 11, 500)
+        lent.worker_left(7)
+        self.assertEqual((lent.outstanding(1), lent.taken(1)), (500, 0))
+        self.assertEqual(lent.released(1, [(7, 10)]), {})
+        lent.forget(1)
+        self.assertEqual((lent.outstanding(1), lent.released(1, [(8, 11)])), (0, {}))
 
 
 class LivenessTests(SynchronousTestCase):

@@ -47,6 +47,7 @@ from cw.test.procs import (
     stop_process,
     wait_until,
 )
+from cw.test.worker.test_shared import memory_files
 from cw.wire import commands as P
 from cw.wire import limits as L
 from cw.wire.address import client_endpoint
@@ -639,7 +640,12 @@ class UnreadResultsTests(unittest.TestCase):
     def setUp(self):
         self.procs = Processes(self, self.mktemp())
 
-    def start_client(self, *args: str) -> subprocess.Popen:
+    def start_client(self, *args: str, machine: str = "another-machine") -> subprocess.Popen:
+        """
+        The client of L{STOPPED_CLIENT}, as if on another machine than the
+        workers (C{machine}: its identity; C{""} for this machine's), so that
+        its results come through the master.
+        """
         out = self.procs.directory / "client.out"
         with open(out, "wb") as f:
             client = subprocess.Popen(
@@ -647,7 +653,7 @@ class UnreadResultsTests(unittest.TestCase):
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=child_env(),
+                env=child_env(CW_MACHINE_IDENTITY=machine),
                 start_new_session=True,
             )
         client.out = out
@@ -694,5 +700,39 @@ class UnreadResultsTests(unittest.TestCase):
             )
             with executor(self.procs.address) as ex:
                 self.assertEqual(ex.submit(square, 9).result(DEADLINE), 81)
+
+        return threads.deferToThread(body)
+
+    def test_stopped_client_on_the_workers_machine(self):
+        """
+        A client on its workers' machine, whose results are lent to it from
+        the workers' memory (they do not pass through the master): stopped,
+        the results it has not taken count as unsent all the same, so the
+        workers' memory files stay bounded, and the master disconnects it
+        after the read timeout; then the workers close its files.
+        """
+        size, count, limit, timeout = 2 * MIB, 300, 16 * MIB, 5
+
+        def body():
+            self.procs.start_master("--max-unsent-bytes", str(limit), "--client-read-timeout", str(timeout))
+            worker = self.procs.start_worker(procs=2)
+            client = self.start_client(self.procs.address, str(size), str(count), machine="")
+            wait_until(lambda: b"submitted" in client.out.read_bytes(), what="the client to submit")
+            os.kill(client.pid, signal.SIGSTOP)
+            held = [0]
+
+            def client_gone():
+                held[0] = max(held[0], memory_files(worker.pid))
+                clients = master_status(self.procs.address)["clients"]
+                return not any(c["peer"].endswith(f":{client.pid}") for c in clients)
+
+            wait_until(client_gone, DEADLINE, "the master to drop the stopped client")
+            self.assertIn(
+                "read none of its results for over 5 s", self.procs.log_tail(self.procs.master, 500)
+            )
+            self.assertGreater(held[0], 0, "no result was lent")
+            # The limit, and the jobs the workers held when dispatch stopped.
+            self.assertLess(held[0] * size, 2 * limit + 8 * size, "lent results were not counted as unsent")
+            wait_until(lambda: memory_files(worker.pid) == 0, what="the worker to close the client's files")
 
         return threads.deferToThread(body)
