@@ -23,7 +23,7 @@ from twisted.trial import unittest
 
 from cw.client import MasterUnavailable
 from cw.test.jobs import payload_bytes, square, timed_digest
-from cw.test.procs import DEADLINE, Processes, executor, free_port, wait_until
+from cw.test.procs import DEADLINE, Processes, arguments_travel, executor, free_port, wait_until
 
 MB = 1 << 20
 #: The huge payloads: far more than any socket or pipe buffer holds.
@@ -52,6 +52,8 @@ class InterleavedTests(unittest.TestCase):
 
     def setUp(self):
         self.procs = Processes(self, self.mktemp())
+        # The payloads must go through the master's sockets (not stay in the client).
+        arguments_travel(self)
 
     def test_tiny_jobs_interleaved_with_huge_ones(self):
         """
@@ -125,6 +127,8 @@ class KilledMidForwardTests(unittest.TestCase):
 
     def setUp(self):
         self.procs = Processes(self, self.mktemp())
+        # The payloads must go through the master's sockets (not stay in the client).
+        arguments_travel(self)
 
     def kill_mid_forward(self, ex, record: str):
         """Submit the huge job; SIGKILL the master once it has sent part of it on; the future."""

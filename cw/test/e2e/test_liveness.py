@@ -32,7 +32,7 @@ from cw.errors import JobTimeout, MasterUnavailable
 from cw.master.service import Master
 from cw.test.jobs import square, worker_pid
 from cw.test.master.test_master_faults import FakePeer
-from cw.test.procs import Processes, executor, wait_until
+from cw.test.procs import Processes, arguments_travel, executor, wait_until
 from cw.wire import commands as P
 from cw.wire.address import client_endpoint
 from cw.wire.auth import AuthGate, authenticate
@@ -571,6 +571,7 @@ class SlowLinkTests(unittest.TestCase):
 
     def test_big_job_on_slow_link(self):
         heartbeat, silence, size, rate = 0.5, 2.0, 24 << 20, 3 << 20
+        arguments_travel(self)  # the argument crosses the slow link, not the client's memory
 
         def body():
             address = self.procs.start_master(

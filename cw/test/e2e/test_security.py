@@ -24,7 +24,17 @@ from cw.errors import AuthenticationFailed, SecretError
 from cw.master.service import MasterService
 from cw.test.jobs import square
 from cw.test.peers import GatedAMP
-from cw.test.procs import DEADLINE, TWISTD, Processes, child_env, executor, rss_kib, until, wait_until
+from cw.test.procs import (
+    DEADLINE,
+    TWISTD,
+    Processes,
+    arguments_travel,
+    child_env,
+    executor,
+    rss_kib,
+    until,
+    wait_until,
+)
 from cw.wire import commands as P
 from cw.wire.auth import PREAUTH_BYTES, peer_proof
 from cw.wire.commands import Challenge, Prove
@@ -518,6 +528,7 @@ class LimitTests(unittest.TestCase):
         that job only; a peer sending a box over it is dropped.
         """
         procs = Processes(self, self.mktemp())
+        arguments_travel(self)  # the boxes must carry the bytes, not references to them
 
         def body():
             procs.start_master("--max-payload", "100000")
