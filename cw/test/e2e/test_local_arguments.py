@@ -31,6 +31,7 @@ from cw.test.procs import (
     DEADLINE,
     Processes,
     executor,
+    free_port,
     job_processes,
     peak_rss_mib,
     process_exists,
@@ -260,3 +261,79 @@ class LocalArgumentTests(unittest.TestCase):
                 self.assertEqual((value, referenced), (hashlib.sha256(blob).hexdigest(), 0))
 
         return threads.deferToThread(body)
+
+    def test_cancelled_job_closes_its_file(self):
+        """A queued job cancelled by its client: its argument's file is closed at once."""
+        marker = os.path.abspath(self.mktemp())
+
+        def body():
+            self.procs.start_master("--prefetch", "0", "--prefetch-seconds", "0")
+            self.procs.start_worker(1)
+            with executor(self.procs.address) as ex:
+                busy = ex.submit(wait_for, marker)
+                future = ex.submit(digest, os.urandom(REFERENCE_ABOVE))
+                wait_until(lambda: ex.session.arguments.descriptors(), what="the argument's file")
+                self.assertTrue(future.cancel())
+                self.assertEqual(ex.session.arguments.descriptors(), [])
+                write_atomically(marker, "go")
+                self.assertTrue(busy.result(DEADLINE))
+                self.assertEqual(client_memory_files(), 0)
+
+        return threads.deferToThread(body)
+
+    def test_map_in_chunks(self):
+        """map(chunksize=N) sends chunks of big arguments by reference too; results right and in order."""
+        blobs = [os.urandom(REFERENCE_ABOVE // 2 + i) for i in range(9)]
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(1)
+            with executor(self.procs.address) as ex:
+                got = list(ex.map(digest, blobs, chunksize=3, timeout=DEADLINE))
+                self.assertEqual([value for value, _ in got], [hashlib.sha256(b).hexdigest() for b in blobs])
+                self.assertGreater(got[-1][1], 0, "no chunk went by reference")
+                wait_until(lambda: not ex.session.arguments.descriptors(), what="the files to close")
+
+        return threads.deferToThread(body)
+
+    def _restart(self, *options: str):
+        """
+        Jobs whose arguments lie in the client wait in a master that is
+        SIGKILLed and started again (with C{options}): the client resends
+        them (as references, or as bytes to a master that takes none) and
+        every result comes right; its files are closed after.
+        """
+        blobs = [os.urandom(REFERENCE_ABOVE + i) for i in range(5)]
+
+        def body():
+            listen = f"tcp:{free_port()}:interface=127.0.0.1"
+            address = self.procs.start_master(listen=listen)
+            with executor(address, reconnect_timeout=60) as ex:
+                futures = [ex.submit(digest, blob) for blob in blobs]
+                self.assertEqual(len(ex.session.arguments.descriptors()), len(blobs))
+                self.procs.master.kill()
+                self.procs.master.wait(30)
+                wait_until(
+                    lambda: ex.status()["connection"] == "reconnecting", timeout=10, what="reconnecting"
+                )
+                self.procs.start_master(*options, listen=listen)
+                wait_until(lambda: ex.session.reconnects, timeout=30, what="the client to reconnect")
+                self.assertEqual(ex.session.references, not options)
+                if options:
+                    self.assertEqual(ex.session.arguments.descriptors(), [], "the bytes were not taken back")
+                self.procs.start_worker(1)
+                for blob, future in zip(blobs, futures, strict=True):
+                    value, _ = future.result(DEADLINE)
+                    self.assertEqual(value, hashlib.sha256(blob).hexdigest())
+                wait_until(lambda: not ex.session.arguments.descriptors(), what="the files to close")
+                self.assertEqual(client_memory_files(), 0)
+
+        return threads.deferToThread(body)
+
+    def test_master_restarted(self):
+        """A master that takes references again: the client resends the references."""
+        return self._restart()
+
+    def test_master_replaced_by_one_with_state(self):
+        """A new master with --state takes no references: the client sends the bytes instead."""
+        return self._restart("--state", os.path.abspath(self.mktemp()))
