@@ -46,7 +46,12 @@ Dispatch rules:
     (they turned long) is unknown again at once.  To find short kinds
     while many workers are idle (no worker would get two jobs in one box
     otherwise), a kind not known short whose jobs came back within
-    L{PROBE_SECONDS} each, as the master measures them, goes two per slot.
+    C{horizon} each, as the master measures them (round trips included),
+    goes two per slot: one job then waits at most that long behind
+    another, where it might have gone to an idle worker.  (A master slowed
+    down by thousands of connections measures long round trips: then the
+    kind is found once more jobs are queued than workers are free, when
+    the prefetch above puts two in a box.)
   - When a worker leaves, the jobs it held go back to the front of the queue
     in their original order.  A result from a worker that no longer holds the
     job (it left, or the job was requeued) is dropped, so each job's result is
@@ -161,13 +166,6 @@ KIND_MEMORY = 1.0
 
 #: Weight of a kind's earlier batched reports against its latest, per report.
 KIND_DECAY = 0.75
-
-#: A kind not known short yet whose jobs took at most this many seconds
-#: each, round trips included, is probed: two jobs per slot to a worker
-#: taking one, so that a batched report can tell (one job waits at most
-#: that long behind another, where without the probe it might have gone
-#: to an idle worker).
-PROBE_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -975,14 +973,14 @@ class Scheduler:
         L{MAX_CREDIT}), if a batched report of them came within
         L{KIND_MEMORY}; else 2 (a probe) if their mean run time, as
         measured from the master (round trips included), is at most
-        L{PROBE_SECONDS}; else 1 (see the module docstring).
+        C{horizon}; else 1 (see the module docstring).
         """
         if not job.func:
             return 1
         key = (job.client, job.func)
         kind = self._kinds.get(key)
         if kind is None or now - kind.heard > KIND_MEMORY:
-            return 2 if self._func_seconds.get(key, math.inf) <= PROBE_SECONDS else 1
+            return 2 if self._func_seconds.get(key, math.inf) <= self.horizon else 1
         per_job = kind.per_job
         if per_job * 2 > self.horizon:
             return 1

@@ -867,14 +867,14 @@ class ShortJobPackingTests(SynchronousTestCase):
         """
         Jobs of a kind that came back quickly (but one at a time) go two per
         slot, so that a worker can report them batched, even while workers
-        are idle; jobs of a kind that took long, one per worker.
+        are idle; jobs of a kind that took longer than the horizon
+        (C{--prefetch-seconds}), one per worker: four such jobs on four
+        idle workers all start at once, however often they are mapped.
         """
-        from cw.core.scheduler import PROBE_SECONDS
-
         scheduler, client, workers, now = self.measured(0.001)
         scheduler.submit(client, kind_jobs(1, 4))
         self.assertEqual(sorted(len(jobs) for _, jobs in scheduler.dispatch(now)), [2, 2])
-        scheduler, client, workers, now = self.measured(PROBE_SECONDS * 2)
+        scheduler, client, workers, now = self.measured(0.06)
         scheduler.submit(client, kind_jobs(1, 4))
         self.assertEqual(sorted(len(jobs) for _, jobs in scheduler.dispatch(now)), [1, 1, 1, 1])
 
