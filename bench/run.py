@@ -74,6 +74,7 @@ PACKAGES = [
     "ampoule",
     "cloudpickle",
     "crochet",
+    "cryptography",
     "dask",
     "distributed",
     "ray",

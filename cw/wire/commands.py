@@ -615,10 +615,13 @@ class RunBatch(amp.Command):
 
 
 class Challenge(amp.Command):
-    """Start the handshake: the peer's role and nonce."""
+    """
+    Start the handshake: the peer's role, nonce and protocol version (none
+    before version 7); the answer carries the master's version too.
+    """
 
-    arguments = [(b"role", amp.Unicode()), (b"nonce", amp.String())]
-    response = [(b"nonce", amp.String()), (b"proof", amp.String())]
+    arguments = [(b"role", amp.Unicode()), (b"nonce", amp.String()), (b"version", amp.Integer(optional=True))]
+    response = [(b"nonce", amp.String()), (b"proof", amp.String()), (b"version", amp.Integer(optional=True))]
     errors = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
 
 

@@ -262,7 +262,7 @@ class AuthenticationTests(unittest.TestCase):
             proto = yield connectProtocol(TCP4ClientEndpoint(reactor, host, port), GatedAMP())
             self.addCleanup(proto.transport.loseConnection)
             nonce = os.urandom(32)
-            answer = yield proto.callRemote(Challenge, role=role, nonce=nonce)
+            answer = yield proto.callRemote(Challenge, role=role, nonce=nonce, version=P.PROTOCOL_VERSION)
             yield self.assertFailure(
                 proto.callRemote(Prove, proof=peer_proof(wrong, role, nonce, answer["nonce"])),
                 AuthenticationFailed,
@@ -283,13 +283,17 @@ class AuthenticationTests(unittest.TestCase):
         first = yield connectProtocol(endpoint, GatedAMP())
         self.addCleanup(first.transport.loseConnection)
         recorded["nonce"] = os.urandom(32)
-        answer = yield first.callRemote(Challenge, role="client", nonce=recorded["nonce"])
+        answer = yield first.callRemote(
+            Challenge, role="client", nonce=recorded["nonce"], version=P.PROTOCOL_VERSION
+        )
         recorded["proof"] = peer_proof(load_secret(), "client", recorded["nonce"], answer["nonce"])
         yield first.callRemote(Prove, proof=recorded["proof"])
 
         second = yield connectProtocol(endpoint, GatedAMP())
         self.addCleanup(second.transport.loseConnection)
-        again = yield second.callRemote(Challenge, role="client", nonce=recorded["nonce"])
+        again = yield second.callRemote(
+            Challenge, role="client", nonce=recorded["nonce"], version=P.PROTOCOL_VERSION
+        )
         self.assertNotEqual(again["nonce"], answer["nonce"])
         yield self.assertFailure(second.callRemote(Prove, proof=recorded["proof"]), AuthenticationFailed)
         self.assertFalse(service.master.clients)
@@ -460,7 +464,7 @@ class BadInputTests(unittest.TestCase):
                 ex.submit(square, 1).result(60)
             baseline = self.master_rss_kib()
             valid = [
-                raw_box(Challenge, role="client", nonce=os.urandom(32)),
+                raw_box(Challenge, role="client", nonce=os.urandom(32), version=P.PROTOCOL_VERSION),
                 raw_box(P.SubmitJobs, jobs=[P.Job(0, 1, b"x" * 100)]),
                 raw_box(P.RegisterWorker, version=1, host="h", pid=1, slots=2, capacity={"cpus": 2}),
                 raw_box(P.GetStatus),

@@ -7,25 +7,33 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 from twisted.internet import reactor, task
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
+from twisted.test.iosim import connectedServerAndClient
 from twisted.trial import unittest
 
 from cw.errors import AuthenticationFailed
+from cw.test.peers import GatedAMP
 from cw.wire import auth as auth
 from cw.wire.auth import (
     NONCE_BYTES,
     AuthGate,
     BoxMac,
     MasterAuth,
+    authenticate,
     master_proof,
     new_nonce,
     peer_proof,
     proof,
     session_keys,
 )
+from cw.wire.commands import PROTOCOL_VERSION, Prove
 
 SECRET = b"s" * 32
 OTHER = b"o" * 32
@@ -155,6 +163,137 @@ class BoxMacTests(unittest.SynchronousTestCase):
         self.assertIn("without a MAC", self.check(data, None))
         self.assertIsNone(self.check(data, value))
 
+    def signed(self, data: bytes, pieces: int = 1) -> bytes:
+        """
+        C{data} closed by the sender's MAC, fed in C{pieces} pieces of
+        uneven sizes (as L{cw.wire.streaming.StreamingSender} feeds a box
+        it writes piece by piece) or whole (L{BoxMac.sign}).
+        """
+        if pieces == 1:
+            return self.sender.sign(data)
+        mac = self.sender.start()
+        cuts = sorted({len(data) * k * k // (pieces * pieces) for k in range(pieces + 1)})
+        for start, end in zip(cuts, cuts[1:], strict=False):
+            mac.update(memoryview(data)[start:end])
+        return data + self.sender.trailer(mac)
+
+    def test_pieces_make_no_difference(self):
+        """
+        Fed in one piece or many, either side of L{SMALL_BOX} and across
+        it, a box gets the same MAC: the receiver, fed as its reads cut
+        the box, checks what the sender wrote piece by piece.
+        """
+        for size in (0, 1, 200, auth.SMALL_BOX - 1, auth.SMALL_BOX, auth.SMALL_BOX + 1, 70_001):
+            data = os.urandom(size)
+            whole, other = BoxMac(b"k" * 32), BoxMac(b"k" * 32)
+            self.assertEqual(whole.sign(data), other.sign(data))
+            for pieces in (1, 3, 7):
+                value = mac_value(self.signed(data, pieces), data)
+                mac = self.receiver.start()
+                for at in range(0, size, 1000):
+                    mac.update(data[at : at + 1000])
+                self.assertIsNone(self.receiver.check(mac, value), (size, pieces))
+
+    def test_construction(self):
+        """
+        A box of more than L{SMALL_BOX} bytes is tagged with Poly1305 under
+        the one-time key of its number, a smaller one with HMAC-SHA256
+        (cut to 16 bytes) over its bytes and number, as the docstring of
+        L{BoxMac} says; the one-time keys are ChaCha20's keystream, 64 from
+        each nonce, all different.
+        """
+        box_key, _ = session_keys(SECRET, "client", PEER_NONCE, MASTER_NONCE)
+        stream_key = proof(box_key, b"one-time keys", domain=b"cw-box-1")
+        small_key = proof(box_key, b"small boxes", domain=b"cw-box-1")
+        keys = [self.sender.one_time_key(n) for n in range(200)]
+        self.assertEqual(len(set(keys)), 200)
+        self.assertEqual({len(key) for key in keys}, {32})
+        stream = Cipher(algorithms.ChaCha20(stream_key, bytes(4) + (2).to_bytes(12, "little")), None)
+        self.assertEqual(b"".join(keys[128:192]), stream.encryptor().update(bytes(64 * 32)))
+        for _ in range(3):
+            self.sender.sign(b"x")
+        big, small = os.urandom(auth.SMALL_BOX + 1), os.urandom(auth.SMALL_BOX)
+        self.assertEqual(
+            mac_value(self.sender.sign(big), big),
+            (3).to_bytes(8, "big") + Poly1305.generate_tag(keys[3], big),
+        )
+        self.assertEqual(
+            mac_value(self.sender.sign(small), small),
+            (4).to_bytes(8, "big")
+            + hmac.new(small_key, small + (4).to_bytes(8, "big"), hashlib.sha256).digest()[:16],
+        )
+
+    def test_flipped_bit_anywhere_refused(self):
+        """
+        One bit flipped anywhere in a box, big (Poly1305) or small (HMAC),
+        in its tag or in its number: refused.
+        """
+        for size in (auth.SMALL_BOX * 3 + 17, 300):
+            data = os.urandom(size)
+            value = mac_value(self.sender.sign(data), data)
+            for at in range(size):
+                changed = bytearray(data)
+                changed[at] ^= 1 << (at % 8)
+                self.assertIn("wrong MAC", self.check(bytes(changed), value), (size, at))
+            for at in range(len(value)):
+                changed = bytearray(value)
+                changed[at] ^= 1 << (at % 8)
+                why = self.check(data, bytes(changed))
+                self.assertIsNotNone(why, (size, at))
+                if at >= 8:  # the tag; a changed number is out of sequence
+                    self.assertIn("wrong MAC", why, (size, at))
+            self.assertIsNone(self.check(data, value))
+
+    def test_replayed_under_another_number_refused(self):
+        """
+        A box, big or small, replayed later with its own number is refused
+        as out of sequence; with its number changed to the one due (so the
+        sequence looks right), as a wrong MAC, and with any other number,
+        refused too: its tag holds only for the number it was signed with.
+        """
+        for size in (auth.SMALL_BOX * 2, 100):
+            data = os.urandom(size)
+            value = mac_value(self.sender.sign(data), data)
+            self.assertIsNone(self.check(data, value))
+            self.assertIn("out of sequence", self.check(data, value))
+            due = self.receiver.sequence.to_bytes(8, "big")
+            self.assertIn("wrong MAC", self.check(data, due + value[8:]))
+            ahead = (self.receiver.sequence + 1).to_bytes(8, "big")
+            self.assertIsNotNone(self.check(data, ahead + value[8:]))
+            # The sender's next box is still good.
+            follow = b"next"
+            self.sender.sequence = self.receiver.sequence
+            self.assertIsNone(self.check(follow, mac_value(self.sender.sign(follow), follow)))
+
+    def test_truncated_mac_refused(self):
+        """A MAC cut short (or grown), of a big box or a small one, is refused as malformed."""
+        for size in (auth.SMALL_BOX + 1, 10):
+            data = os.urandom(size)
+            value = mac_value(self.sender.sign(data), data)
+            for cut in (value[:-1], value[:8], value[:-8], b"", value + b"\0"):
+                self.assertIn("malformed", self.check(data, cut))
+            self.assertIsNone(self.check(data, value))
+
+    def test_directions_do_not_verify_each_other(self):
+        """
+        The two directions of a connection have different keys: a box
+        signed one way, big or small, fails the other way's check under
+        the same number.
+        """
+        up, down = session_keys(SECRET, "client", PEER_NONCE, MASTER_NONCE)
+        for size in (auth.SMALL_BOX * 2, 100):
+            data = os.urandom(size)
+            signed = BoxMac(up).sign(data)
+            for key, good in ((down, False), (up, True)):
+                receiver = BoxMac(key)
+                mac = receiver.start()
+                mac.update(data)
+                why = receiver.check(mac, mac_value(signed, data))
+                if good:
+                    self.assertIsNone(why)
+                else:
+                    self.assertIn("wrong MAC", why)
+
 
 class FakeMasterSide(MasterAuth, AuthGate, amp.AMP):
     """The master's side of the handshake on an in-memory transport."""
@@ -178,7 +317,7 @@ class MasterAuthTests(unittest.TestCase):
 
     def test_right_proof_authenticates(self):
         side, transport = self.connect()
-        answer = side.challenge(role="worker", nonce=PEER_NONCE)
+        answer = side.challenge(role="worker", nonce=PEER_NONCE, version=PROTOCOL_VERSION)
         self.assertEqual(len(answer["nonce"]), NONCE_BYTES)
         self.assertEqual(answer["proof"], master_proof(SECRET, "worker", PEER_NONCE, answer["nonce"]))
         self.assertEqual(side.prove(proof=peer_proof(SECRET, "worker", PEER_NONCE, answer["nonce"])), {})
@@ -201,7 +340,7 @@ class MasterAuthTests(unittest.TestCase):
         sides = []
         for make in wrong:
             side, transport = self.connect()
-            mine = side.challenge(role="client", nonce=PEER_NONCE)["nonce"]
+            mine = side.challenge(role="client", nonce=PEER_NONCE, version=PROTOCOL_VERSION)["nonce"]
             self.assertRaises(AuthenticationFailed, side.prove, proof=make(mine))
             self.assertFalse(side.authenticated)
             sides.append(transport)
@@ -224,7 +363,7 @@ class MasterAuthTests(unittest.TestCase):
             self.assertRaises(AuthenticationFailed, side.challenge, role=role, nonce=nonce)
             self.assertTrue(transport.disconnecting)
         side, transport = self.connect()
-        side.challenge(role="client", nonce=PEER_NONCE)
+        side.challenge(role="client", nonce=PEER_NONCE, version=PROTOCOL_VERSION)
         self.assertRaises(AuthenticationFailed, side.challenge, role="client", nonce=PEER_NONCE)
         self.assertTrue(transport.disconnecting)
 
@@ -232,6 +371,98 @@ class MasterAuthTests(unittest.TestCase):
         side, _ = self.connect()
         side.secret = None
         self.assertRaises(AuthenticationFailed, side.challenge, role="client", nonce=PEER_NONCE)
+
+
+class OldChallenge(amp.Command):
+    """L{Challenge} as cw spoke it before protocol 7: no versions either way."""
+
+    commandName = b"Challenge"
+    arguments = [(b"role", amp.Unicode()), (b"nonce", amp.String())]
+    response = [(b"nonce", amp.String()), (b"proof", amp.String())]
+    errors = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
+
+
+class OldMasterSide(amp.AMP):
+    """A master of protocol 6: it answers the Challenge as before, without its version."""
+
+    @OldChallenge.responder
+    def challenge(self, role, nonce):
+        self.challenged = True
+        return {"nonce": MASTER_NONCE, "proof": master_proof(SECRET, role, nonce, MASTER_NONCE)}
+
+    @Prove.responder
+    def prove(self, proof):
+        self.proved = True
+        return {}
+
+
+class ProtocolVersionTests(unittest.SynchronousTestCase):
+    """
+    The two ends of a connection sign boxes alike only if they speak the
+    same protocol version: the handshake says so, both ways, in words.
+    """
+
+    def connect(self, server: amp.AMP, client: amp.AMP):
+        _, _, pump = connectedServerAndClient(lambda: server, lambda: client, clock=Clock())
+        return pump
+
+    def test_old_peer_refused_with_a_message(self):
+        """
+        A peer from before protocol 7 (a Challenge without a version)
+        gets an error that names both versions and says what to do; the
+        master hangs up once the error is written.
+        """
+        clock = Clock()
+        master, peer = FakeMasterSide(), GatedAMP()
+        master.auth_clock = clock
+        pump = self.connect(master, peer)
+        answers: list = []
+        # Caught before the answer arrives (AMP drops an answer nobody waits on).
+        peer.callRemote(OldChallenge, role="worker", nonce=PEER_NONCE).addBoth(answers.append)
+        pump.flush()
+        (answer,) = answers
+        self.assertIsInstance(answer.value, AuthenticationFailed)
+        message = str(answer.value)
+        self.assertEqual(
+            message,
+            f"master speaks cw protocol {PROTOCOL_VERSION}, peer speaks 6 or older:"
+            " install the same cw version everywhere",
+        )
+        self.assertFalse(master.transport.disconnecting)
+        clock.advance(0)
+        self.assertTrue(master.transport.disconnecting)
+        self.assertIn("peer speaks 6 or older", master.rejected)
+
+    def test_other_version_refused(self):
+        """A Challenge with another version is refused the same way."""
+        for version in (PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1):
+            side = FakeMasterSide()
+            side.makeConnection(StringTransport())
+            side.auth_clock = Clock()
+            with self.assertRaises(AuthenticationFailed) as caught:
+                side.challenge(role="client", nonce=PEER_NONCE, version=version)
+            self.assertIn(f"peer speaks {version}: install the same cw version", str(caught.exception))
+            self.assertIsNone(side._challenge)
+
+    def test_old_master_refused_with_a_message(self):
+        """
+        A master from before protocol 7 (its answer carries no version):
+        the peer gives up before it proves anything or signs a box, with a
+        message naming the master and both versions.
+        """
+        master, peer = OldMasterSide(), GatedAMP()
+        pump = self.connect(master, peer)
+        done = authenticate(peer, SECRET, "worker", "old.example:5494")
+        pump.flush()
+        message = str(self.failureResultOf(done, AuthenticationFailed).value)
+        self.assertEqual(
+            message,
+            "the cw master at old.example:5494 speaks cw protocol 6 or older, this worker speaks"
+            f" {PROTOCOL_VERSION}: install the same cw version everywhere",
+        )
+        self.assertTrue(master.challenged)
+        self.assertFalse(hasattr(master, "proved"))
+        self.assertIsNone(peer.box_signer)
 
 
 class PreauthTests(unittest.SynchronousTestCase):

@@ -38,6 +38,8 @@ from cw.test.procs import DEADLINE, Processes, arguments_travel, executor, wait_
 from cw.test.wire.test_streaming import pattern
 from cw.wire import commands as P
 from cw.wire.auth import (
+    _MAC_HEAD,
+    MAC_BYTES,
     MAC_KEY,
     REFUSED_RETRY_MAX,
     AuthGate,
@@ -223,7 +225,7 @@ class RelayTests(unittest.TestCase):
             link.send(direction, raw)
             # Down: 0 answers Challenge, 1 Prove, 2 RegisterWorker.
             if direction == "down" and index == 2 and link.number == 1:
-                forged = os.urandom(40)
+                forged = os.urandom(MAC_BYTES)
                 link.send(
                     "down",
                     with_mac(one_way_box(P.ClientContext, client=77, context=client_context()), forged),
@@ -444,7 +446,7 @@ class SessionUnitTests(unittest.SynchronousTestCase):
         boxes = [signer.sign(b"box %d" % i) for i in range(3)]
 
         def check(wire: bytes):
-            body, value = wire[:-50], wire[-42:-2]
+            body, value = wire[: -len(_MAC_HEAD) - MAC_BYTES - 2], wire[-MAC_BYTES - 2 : -2]
             mac = checker.start()
             mac.update(body)
             return checker.check(mac, value)
@@ -454,7 +456,9 @@ class SessionUnitTests(unittest.SynchronousTestCase):
         self.assertIn("out of sequence", check(boxes[2]))
         self.assertIsNone(check(boxes[1]))
         self.assertIn("wrong MAC", check(boxes[2].replace(b"box", b"bix")))
-        self.assertIn("wrong MAC", check(BoxMac(b"x" * 32).sign(b"box 2")))
+        other = BoxMac(b"x" * 32)
+        other.sequence = 2
+        self.assertIn("wrong MAC", check(other.sign(b"box 2")))
         self.assertIn("without a MAC", checker.check(checker.start(), None))
 
     def test_refused_retry_delay_doubles_to_a_bound(self):
@@ -643,7 +647,9 @@ class LogHygieneTests(unittest.SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         peer = Protocol()
         _, pump = connect_to_master(Master(Clock(), secret=os.urandom(32), heartbeat=0), peer)
-        peer.transport.write(raw_box(Challenge, role="client\n" + forged, nonce=os.urandom(32)))
+        peer.transport.write(
+            raw_box(Challenge, role="client\n" + forged, nonce=os.urandom(32), version=P.PROTOCOL_VERSION)
+        )
         peer.transport.write(raw_box(Prove, proof=os.urandom(32)))
         pump.flush()
         lines = [line for line in lines if "FORGED" in line]
@@ -656,7 +662,7 @@ class LyingMaster(amp.AMP):
     """A fake master that answers the handshake with an error holding a fake log line."""
 
     @Challenge.responder
-    def challenge(self, role, nonce):
+    def challenge(self, role, nonce, version=None):
         raise AuthenticationFailed("no\n2026-01-01T00:00:00+0000 [cw.worker#info] FORGED Registered")
 
 
