@@ -914,8 +914,10 @@ class Session:
                 continue
             released.append((where.worker, result.seq))
             try:
+                # Not populated here, in the reactor thread: its pages are
+                # read (or not, for arrays) in the delivery thread.
                 result.payload = map_private(
-                    where.pid, where.fd, where.length, where.inode, "worker", where.offset
+                    where.pid, where.fd, where.length, where.inode, "worker", where.offset, populate=False
                 )
             except OSError as e:
                 if not self._resend_unreachable(result.seq, where, e):

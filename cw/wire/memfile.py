@@ -128,7 +128,13 @@ def map_shared(fd: int, length: int, populate: bool = True) -> memoryview:
 
 
 def map_private(
-    pid: int, fd: int, length: int, inode: int | None = None, whose: str = "worker", offset: int = 0
+    pid: int,
+    fd: int,
+    length: int,
+    inode: int | None = None,
+    whose: str = "worker",
+    offset: int = 0,
+    populate: bool = True,
 ) -> memoryview:
     """
     A writable, copy-on-write view of C{length} bytes from C{offset} of
@@ -138,6 +144,8 @@ def map_private(
     took the descriptor's number since, nor one of another process that
     took the pid).  Raise L{OSError} if it cannot be opened or is not the
     file announced (C{whose}: the process's role, for the message).
+    Unless not C{populate} (work in proportion to the size, which a
+    reactor thread must not do), every page is mapped at once.
     """
     handle = os.open(peer_path(pid, fd), os.O_RDONLY | os.O_CLOEXEC)
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -158,14 +166,19 @@ def map_private(
         )
     finally:
         os.close(handle)
+    if populate:
+        _populate(mapping)
+    view = memoryview(mapping)
+    return view if start == offset else view[offset - start :]
+
+
+def _populate(mapping: mmap.mmap) -> None:
     try:
         # Map every page now, read-only and shared with the file (a write
         # still copies its page), in one call rather than one fault per page.
         mapping.madvise(_POPULATE_READ)
     except OSError:
         pass  # a kernel older than 5.14: pages fault in as they are read
-    view = memoryview(mapping)
-    return view if start == offset else view[offset - start :]
 
 
 def release(view: memoryview | None) -> None:

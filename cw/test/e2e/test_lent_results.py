@@ -245,14 +245,14 @@ class LentResultsTests(unittest.TestCase):
         """
         take = session_module.map_private
 
-        def killing(pid, *args):
+        def killing(pid, *args, **kwargs):
             if not killed:
                 worker = next(w for w in self.procs.workers if w.pid == pid)
                 os.kill(pid, signal.SIGKILL)
                 worker.wait(DEADLINE)
                 self.procs.workers.remove(worker)
                 killed.append(pid)
-            return take(pid, *args)
+            return take(pid, *args, **kwargs)
 
         self.patch(session_module, "map_private", killing)
 

@@ -6,6 +6,7 @@ files, and no file outlives its use, whatever dies when.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import mmap
 import os
@@ -296,6 +297,37 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
         value, shared_in, _ = pickling.loads(result.payload)
         self.assertEqual((value, shared_in), (blob[::-1], 0))
         self.assertEqual(memory_files(), 0)
+
+
+def resident_kib(view: memoryview) -> int:
+    """KiB of the mapping holding C{view} (writable) that this process has resident (its smaps' Rss)."""
+    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "Rss:":
+                return int(line.split()[1])
+    raise AssertionError("the mapping is not in /proc/self/smaps")
+
+
+class MapPrivateTests(unittest.TestCase):
+    """L{memfile.map_private}: every page mapped at once, unless told not to (a reactor thread)."""
+
+    def test_populate_or_not(self):
+        fd = shared.create()
+        self.addCleanup(os.close, fd)
+        shared.write_parts(fd, [os.urandom(8 << 20)])
+        shared.seal(fd)
+        populated = memfile.map_private(os.getpid(), fd, 8 << 20)
+        lazy = memfile.map_private(os.getpid(), fd, 8 << 20, populate=False)
+        if resident_kib(populated) < 4 << 10:
+            raise unittest.SkipTest("this kernel cannot populate a mapping (MADV_POPULATE_READ: Linux 5.14)")
+        self.assertLess(resident_kib(lazy), 1 << 10)
+        self.assertEqual(bytes(lazy[:16]), bytes(populated[:16]))
 
 
 class LentResultsTests(unittest.TestCase):
