@@ -66,6 +66,33 @@ def arguments_travel(testcase) -> None:
     )
 
 
+def each_path(testcase):
+    """
+    For a test of what must not depend on the path big payloads take
+    between a client and the workers on its machine: yield C{"memory"},
+    then C{"sockets"}.  Clients made during the first pass are on the
+    workers' machine (their big arguments stay in their memory, big
+    results are lent from the workers' memory); during the second, they
+    play a client with no known machine (L{arguments_travel}), so every
+    byte crosses the sockets and the master.  Make a new client in each
+    pass and check it with L{check_path}.
+    """
+    yield "memory"
+    arguments_travel(testcase)
+    yield "sockets"
+
+
+def check_path(testcase, client, path: str) -> None:
+    """
+    Fail unless C{client} (an executor or a client thread) sends big
+    arguments by the C{path} of L{each_path}: so that a shortcut that
+    silently stopped working cannot pass as its pass.
+    """
+    testcase.assertEqual(
+        client.session.references, path == "memory", f"the client does not take the {path} path"
+    )
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (for APIs that need a number)."""
     with socket.socket() as s:

@@ -32,6 +32,9 @@ from cw.test.jobs import digest, payload_bytes, square, tagged_square, worker_pi
 from cw.test.procs import (
     DEADLINE,
     Processes,
+    arguments_travel,
+    check_path,
+    each_path,
     executor,
     held_client,
     job_processes,
@@ -63,7 +66,11 @@ def stated_size(message: str) -> int:
 
 
 class PayloadTests(unittest.TestCase):
-    """Big payloads through master, worker and job process."""
+    """
+    Big payloads through master, worker and job process, and (each test
+    first, L{each_path}) left in the memory of a client on the workers'
+    machine: what the user sees must not depend on the path.
+    """
 
     timeout = 180
 
@@ -98,40 +105,42 @@ class PayloadTests(unittest.TestCase):
 
     def test_100mb_argument(self):
         """
-        A 100 MB bytes argument reaches the job whole: the job's length and
-        SHA-256 of it match the client's.
+        A 100 MB bytes argument reaches the job whole, by either path: the
+        job's length and SHA-256 of it match the client's.
         """
         size = 100 * MB
 
         def body():
             self.procs.start_master()
             self.procs.start_worker(procs=1)
-            blob = payload_bytes(size, 1)
-            expected = (size, sha256(blob))
-            with executor(self.procs.address) as ex:
-                future = ex.submit(digest, blob)
-                del blob
-                self.assertEqual(future.result(DEADLINE), expected)
-                # The same connection, master and worker carry on.
-                self.assertEqual(ex.submit(square, 12).result(DEADLINE), 144)
+            expected = expected_digest(size, 1)
+            for path in each_path(self):
+                with executor(self.procs.address) as ex:
+                    check_path(self, ex, path)
+                    future = ex.submit(digest, payload_bytes(size, 1))
+                    self.assertEqual(future.result(DEADLINE), expected, path)
+                    # The same connection, master and worker carry on.
+                    self.assertEqual(ex.submit(square, 12).result(DEADLINE), 144)
             self.log_peak_rss()
 
         return self.in_thread(body)
 
     def test_100mb_result(self):
-        """A job that returns 100 MB of bytes: the client gets them whole (length and SHA-256)."""
+        """A job that returns 100 MB of bytes: the client gets them whole by either path (size, SHA-256)."""
         size = 100 * MB
 
         def body():
             self.procs.start_master()
             self.procs.start_worker(procs=1)
             expected = expected_digest(size, 2)
-            with executor(self.procs.address) as ex:
-                result = ex.submit(payload_bytes, size, 2).result(DEADLINE)
-                self.assertIsInstance(result, bytes)
-                self.assertEqual(digest(result), expected)
-                del result
-                self.assertEqual(ex.submit(square, 12).result(DEADLINE), 144)
+            for path in each_path(self):
+                with executor(self.procs.address) as ex:
+                    check_path(self, ex, path)
+                    result = ex.submit(payload_bytes, size, 2).result(DEADLINE)
+                    self.assertIsInstance(result, bytes)
+                    self.assertEqual(digest(result), expected, path)
+                    del result
+                    self.assertEqual(ex.submit(square, 12).result(DEADLINE), 144)
             self.log_peak_rss()
 
         return self.in_thread(body)
@@ -139,7 +148,8 @@ class PayloadTests(unittest.TestCase):
     def test_5mb_closure(self):
         """
         A function that closes over 5 MB of data (bytes and a list) runs
-        right in every job, on several workers and job processes.
+        right in every job, on several workers and job processes, by
+        either path.
         """
 
         def body():
@@ -158,13 +168,19 @@ class PayloadTests(unittest.TestCase):
                 (i, len(blob), blob[i * 1000 : (i + 1) * 1000], blob_hash, sum(numbers[i:]))
                 for i in range(24)
             ]
-            with executor(self.procs.address) as ex:
-                futures = [ex.submit(probe, i) for i in range(12)]
-                mapped = list(ex.map(probe, range(12, 24), timeout=DEADLINE))
-                self.assertEqual([f.result(DEADLINE) for f in futures] + mapped, expected)
-                status = ex.status()
-            # Every worker ran some of them: the closure reached each one.
-            self.assertEqual(sorted(w["completed"] > 0 for w in status["workers"]), [True, True])
+            before = {}
+            for path in each_path(self):
+                with executor(self.procs.address) as ex:
+                    check_path(self, ex, path)
+                    futures = [ex.submit(probe, i) for i in range(12)]
+                    mapped = list(ex.map(probe, range(12, 24), timeout=DEADLINE))
+                    self.assertEqual([f.result(DEADLINE) for f in futures] + mapped, expected, path)
+                    status = ex.status()
+                # Every worker ran some of them: the closure reached each one.
+                completed = {w["id"]: w["completed"] for w in status["workers"]}
+                ran = sorted(n > before.get(w, 0) for w, n in completed.items())
+                self.assertEqual(ran, [True, True], path)
+                before = completed
 
         return self.in_thread(body)
 
@@ -172,11 +188,12 @@ class PayloadTests(unittest.TestCase):
         """
         2,000 tiny jobs with a 60 MB argument in the middle, from one
         client, while a second client sends 1,000 tiny jobs with a 60 MB
-        result in the middle: every job gets its own, right result.
+        result in the middle: every job gets its own, right result, by
+        either path.
         """
         size = 60 * MB
 
-        def second_client(outcome):
+        def second_client(outcome, path):
             got = {}
 
             def callback(jobid, result):
@@ -187,6 +204,7 @@ class PayloadTests(unittest.TestCase):
             client = ClientThread(callback, self.procs.address)
             try:
                 client.start()
+                check_path(self, client, path)
                 for i in range(1000):
                     if i == 500:
                         client.submit("huge", payload_bytes, size, 5)
@@ -202,30 +220,34 @@ class PayloadTests(unittest.TestCase):
             self.procs.start_master()
             self.procs.start_worker(procs=2)
             expected_huge_result = expected_digest(size, 5)
-            huge = payload_bytes(size, 4)
-            expected_huge_argument = (size, sha256(huge))
-            outcome = {}
-            other = threading.Thread(target=second_client, args=(outcome,), name="second client", daemon=True)
-            with executor(self.procs.address) as ex:
-                other.start()
-                tiny = []
-                for i in range(2000):
-                    if i == 1000:
-                        big = ex.submit(digest, huge)
-                        huge = None
-                    tiny.append(ex.submit(tagged_square, i))
-                self.assertEqual([f.result(DEADLINE) for f in tiny], [(i, i * i) for i in range(2000)])
-                self.assertEqual(big.result(DEADLINE), expected_huge_argument)
-                other.join(DEADLINE)
-                self.assertFalse(other.is_alive(), "the second client did not finish")
-                if "error" in outcome:
-                    raise outcome["error"]
-                want = {("tiny", i): (i, i * i) for i in range(1000)}
-                want["huge"] = expected_huge_result
-                self.assertEqual(outcome["results"], want)
-                status = ex.status()
-            self.assertEqual(status["completed"], 3002)
-            self.assertEqual(status["queued"], 0)
+            expected_huge_argument = expected_digest(size, 4)
+            for passes, path in enumerate(each_path(self), 1):
+                huge = payload_bytes(size, 4)
+                outcome = {}
+                other = threading.Thread(
+                    target=second_client, args=(outcome, path), name="second client", daemon=True
+                )
+                with executor(self.procs.address) as ex:
+                    check_path(self, ex, path)
+                    other.start()
+                    tiny = []
+                    for i in range(2000):
+                        if i == 1000:
+                            big = ex.submit(digest, huge)
+                            huge = None
+                        tiny.append(ex.submit(tagged_square, i))
+                    self.assertEqual([f.result(DEADLINE) for f in tiny], [(i, i * i) for i in range(2000)])
+                    self.assertEqual(big.result(DEADLINE), expected_huge_argument, path)
+                    other.join(DEADLINE)
+                    self.assertFalse(other.is_alive(), "the second client did not finish")
+                    if "error" in outcome:
+                        raise outcome["error"]
+                    want = {("tiny", i): (i, i * i) for i in range(1000)}
+                    want["huge"] = expected_huge_result
+                    self.assertEqual(outcome["results"], want, path)
+                    status = ex.status()
+                self.assertEqual(status["completed"], 3002 * passes)
+                self.assertEqual(status["queued"], 0)
             self.log_peak_rss()
 
         return self.in_thread(body)
@@ -312,13 +334,16 @@ class StreamingTests(unittest.TestCase):
     Payloads are streamed: a gigabyte each way crosses every hop while the
     master and the worker each hold about one copy of it, and a client
     that submits faster than the cluster takes jobs is held back rather
-    than filling the master's memory.
+    than filling the master's memory.  The client plays one on another
+    machine than the workers (L{arguments_travel}): the bytes must cross
+    the master, not stay in the client's or the worker's memory.
     """
 
     timeout = 300
 
     def setUp(self):
         self.procs = Processes(self, self.mktemp())
+        arguments_travel(self)
 
     def peaks(self) -> dict:
         peaks = {"master": peak_rss_mib(self.procs.master.pid)}
