@@ -3,7 +3,10 @@ Big buffers travel out of band (L{cw.wire.pickling}), end to end: a real
 C{twistd cw-master} and C{cw-worker} (shared by these tests), the blocking
 client in a thread.  Every kind of buffer arrives whole, both ways; a job
 may write into its argument array, and a returned array is writable at the
-client, as with C{ProcessPoolExecutor}.
+client, as with C{ProcessPoolExecutor}.  Each test runs twice
+(L{each_path}): big arguments left in the memory of a client on the
+worker's machine and big results lent from the worker's, then every byte
+through the sockets.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from twisted.internet import threads
 from twisted.trial import unittest
 
 from cw.core.payload import OUT_OF_BAND_ABOVE
-from cw.test.procs import DEADLINE, executor, shared_cluster
+from cw.test.procs import DEADLINE, check_path, each_path, executor, shared_cluster
 
 try:
     import numpy
@@ -67,10 +70,14 @@ class BufferTests(unittest.TestCase):
     timeout = 120
 
     def run_in_cluster(self, body):
+        """Run C{body(executor, path)} once for each path (L{each_path})."""
+
         def run():
             procs = shared_cluster("buffers", slots=(1,))
-            with executor(procs.address) as ex:
-                body(ex)
+            for path in each_path(self):
+                with executor(procs.address) as ex:
+                    check_path(self, ex, path)
+                    body(ex, path)
 
         return threads.deferToThread(run)
 
@@ -81,11 +88,11 @@ class BufferTests(unittest.TestCase):
             values.append(make("numpy", SIZE))
         small = make("bytes", 100)
 
-        def body(ex):
+        def body(ex, path):
             args, kwargs = ex.submit(describe, *values, small, key=make("bytearray", SIZE)).result(DEADLINE)
             want = [(type(v).__name__, sha(v)) for v in [*values, small]]
-            self.assertEqual(args, want)
-            self.assertEqual(kwargs, {"key": ("bytearray", sha(make("bytes", SIZE)))})
+            self.assertEqual(args, want, path)
+            self.assertEqual(kwargs, {"key": ("bytearray", sha(make("bytes", SIZE)))}, path)
 
         return self.run_in_cluster(body)
 
@@ -93,15 +100,15 @@ class BufferTests(unittest.TestCase):
         """A job returning each kind of big buffer: the client gets it whole, as its type."""
         kinds = ["bytes", "bytearray", "memoryview", "array"] + (["numpy"] if numpy is not None else [])
 
-        def body(ex):
+        def body(ex, path):
             for kind in kinds:
                 got = ex.submit(make, kind, SIZE).result(DEADLINE)
                 want = make(kind, SIZE)
-                self.assertIs(type(got), type(want), kind)
-                self.assertEqual(sha(got), sha(want), kind)
+                self.assertIs(type(got), type(want), (kind, path))
+                self.assertEqual(sha(got), sha(want), (kind, path))
             # In a list, and deeper (where bytes travel in the pickle).
             got = ex.submit(lambda: [make("bytes", SIZE), [make("bytes", SIZE)]]).result(DEADLINE)
-            self.assertEqual([sha(got[0]), sha(got[1][0])], [sha(make("bytes", SIZE))] * 2)
+            self.assertEqual([sha(got[0]), sha(got[1][0])], [sha(make("bytes", SIZE))] * 2, path)
 
         return self.run_in_cluster(body)
 
@@ -111,15 +118,17 @@ class BufferTests(unittest.TestCase):
             raise unittest.SkipTest("NumPy is not installed")
         a = numpy.arange(1 << 20, dtype="i8")
 
-        def body(ex):
+        def body(ex, path):
             returned, total = ex.submit(increment, a).result(DEADLINE)
-            self.assertEqual(total, int(a.sum()) + len(a))
-            self.assertTrue(numpy.array_equal(returned, a + 1))
-            self.assertTrue(numpy.array_equal(a, numpy.arange(1 << 20)), "the client's array changed")
-            self.assertTrue(returned.flags.writeable)
+            self.assertEqual(total, int(a.sum()) + len(a), path)
+            self.assertTrue(numpy.array_equal(returned, a + 1), path)
+            self.assertTrue(
+                numpy.array_equal(a, numpy.arange(1 << 20)), f"the client's array changed ({path})"
+            )
+            self.assertTrue(returned.flags.writeable, path)
             returned[0] = -1
-            self.assertTrue(ex.submit(writeable, numpy.zeros(SIZE)).result(DEADLINE))
+            self.assertTrue(ex.submit(writeable, numpy.zeros(SIZE)).result(DEADLINE), path)
             # Through map (a cached function) as well.
-            self.assertEqual([t for _, t in ex.map(increment, [a, a])], [total, total])
+            self.assertEqual([t for _, t in ex.map(increment, [a, a])], [total, total], path)
 
         return self.run_in_cluster(body)

@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from cw.client import ClientThread, ClusterExecutor, JobCrashed, RemoteException, SubmitError, master_status
 from cw.test.jobs import square, wait_for_file, worker_pid
-from cw.test.procs import DEADLINE, Processes, executor, wait_until
+from cw.test.procs import DEADLINE, Processes, arguments_travel, executor, wait_until
 
 
 def fail(message):
@@ -247,6 +247,7 @@ class EndToEndTests(unittest.TestCase):
 
     def test_large_payloads(self):
         """Arguments and results far beyond AMP's 64 KiB value limit cross every hop."""
+        arguments_travel(self)  # through the sockets, not the memory of a client on the worker's machine
 
         def body():
             self.procs.start_master()

@@ -38,6 +38,7 @@ from cw.test.peers import authenticated_to_master
 from cw.test.procs import (
     DEADLINE,
     Processes,
+    arguments_travel,
     child_env,
     executor,
     held_client,
@@ -384,6 +385,7 @@ class QueueLimitTests(unittest.TestCase):
         its submit returns): no more than the limit plus one job ever
         reaches the master's queue, before or after a worker joins.
         """
+        arguments_travel(self)  # the jobs' bytes go to the master's queue, not references to them
         size, count, limit = 4 * MIB, 50, 20 * MIB
         job = size + 1024  # a job's payload: its argument and a little pickle
 

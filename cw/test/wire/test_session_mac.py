@@ -412,6 +412,7 @@ class RelayTests(unittest.TestCase):
 
     def test_honest_relay_passes(self):
         """A relay that passes bytes through unchanged is invisible: jobs, big payloads and results."""
+        arguments_travel(self)  # the big payload crosses the relay, not the client's memory
         data = os.urandom(3_000_000)
 
         def body():
