@@ -182,3 +182,26 @@ class ResultReferenceTests(unittest.TestCase):
             payload.MAGIC + bytes(size - len(payload.MAGIC)),
         ):
             self.assertIsNone(payload.read_result_reference(other))
+
+
+class ArgumentReferenceTests(unittest.TestCase):
+    """References to an argument left in its client's memory (L{payload.reference})."""
+
+    def test_round_trip(self):
+        ref = payload.reference(4_000_000, 17, 1 << 40, 50_000_000)
+        self.assertEqual(len(ref), payload.REFERENCE_SIZE)
+        self.assertEqual(payload.read_reference(ref), (4_000_000, 17, 1 << 40, 50_000_000))
+        self.assertEqual(payload.read_reference(memoryview(ref)), (4_000_000, 17, 1 << 40, 50_000_000))
+
+    def test_other_payloads_are_not_references(self):
+        """Pickles (of the same length too), framed payloads and result references are not."""
+        same_length = pickle.dumps(b"x" * 10)[: payload.REFERENCE_SIZE].ljust(payload.REFERENCE_SIZE, b".")
+        framed = bytes(frame(b"p", [memoryview(b"y" * 100)]))
+        for other in (b"", pickle.dumps(42), same_length, framed[: payload.REFERENCE_SIZE]):
+            self.assertIsNone(payload.read_reference(other), other)
+            self.assertEqual(payload.payload_size(other), len(other))
+
+    def test_size_is_what_it_stands_for(self):
+        """Flow control and the payload limit count the bytes a reference stands for."""
+        self.assertEqual(payload.payload_size(payload.reference(1, 2, 3, 123_456_789)), 123_456_789)
+        self.assertEqual(payload.payload_size(b"z" * 1000), 1000)

@@ -9,6 +9,7 @@ import tracemalloc
 from twisted.trial.unittest import SynchronousTestCase
 
 from cw.core.fairqueue import FairQueue
+from cw.core.payload import reference
 from cw.core.records import (
     Job,
     Outcome,
@@ -1355,6 +1356,16 @@ class RoomTests(SynchronousTestCase):
     def test_held_by_count(self):
         self.s.submit(self.client, self.jobs(1, 10, 0))
         self.assertTrue(self.s.held(self.client))
+
+    def test_reference_counts_what_it_stands_for(self):
+        """
+        An argument left in its client's memory uses the room of its bytes,
+        not of its reference's: the client's memory is bounded as the
+        master's would be.
+        """
+        self.s.submit(self.client, [Job(0, 1, reference(1, 2, 3, 40)), Job(0, 2, reference(1, 4, 5, 60))])
+        self.assertTrue(self.s.held(self.client))
+        self.assertEqual(self.s.queued_bytes(self.client), 100)
 
     def test_room_once_drained_to_half(self):
         """
