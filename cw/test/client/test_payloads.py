@@ -237,9 +237,9 @@ class PayloadTests(unittest.TestCase):
                             huge = None
                         tiny.append(ex.submit(tagged_square, i))
                     self.assertEqual([f.result(DEADLINE) for f in tiny], [(i, i * i) for i in range(2000)])
-                    self.assertEqual(big.result(DEADLINE), expected_huge_argument, path)
                     other.join(DEADLINE)
                     self.assertFalse(other.is_alive(), "the second client did not finish")
+                    self.assertEqual(big.result(DEADLINE), expected_huge_argument, path)
                     if "error" in outcome:
                         raise outcome["error"]
                     want = {("tiny", i): (i, i * i) for i in range(1000)}

@@ -8,6 +8,11 @@ With NumPy, the job writes into the array it was given (writable, as with
 C{ProcessPoolExecutor}) and returns it; the job process, which loads the
 array as a view of the received bytes and sends it back without pickling
 it into a stream, holds about one copy of it.
+
+These tests play a client on another machine than the worker
+(L{arguments_travel}), so that the gigabytes cross the sockets and the
+master; the last one is the client on the worker's machine, whose
+gigabytes go through memory files instead.
 """
 
 from __future__ import annotations
@@ -19,7 +24,15 @@ from twisted.internet import threads
 from twisted.logger import Logger
 from twisted.trial import unittest
 
-from cw.test.procs import DEADLINE, Processes, executor, job_processes, peak_rss_mib
+from cw.test.procs import (
+    DEADLINE,
+    Processes,
+    arguments_travel,
+    check_path,
+    executor,
+    job_processes,
+    peak_rss_mib,
+)
 
 try:
     import numpy
@@ -59,12 +72,21 @@ class GigabyteTests(unittest.TestCase):
     def setUp(self):
         self.procs = Processes(self, self.mktemp())
 
-    def round_trip(self, body):
+    def round_trip(self, body, path: str = "sockets"):
+        """
+        Run C{body(executor)} against a new master and worker, its client
+        on another machine (C{path} C{"sockets"}) or on the worker's
+        (C{"memory"}, see L{check_path}); the processes' peak memory.
+        """
+        if path == "sockets":
+            arguments_travel(self)
+
         def run():
             began = time.monotonic()
             self.procs.start_master()
             self.procs.start_worker(procs=1)
             with executor(self.procs.address) as ex:
+                check_path(self, ex, path)
                 body(ex)
             peaks = {"master": peak_rss_mib(self.procs.master.pid)}
             worker = self.procs.workers[0]
@@ -105,17 +127,30 @@ class GigabyteTests(unittest.TestCase):
 
         return self.round_trip(body).addCallback(check)
 
+    def bytes_each_way(self, ex, seed: int) -> None:
+        """1 GB of bytes to a job, and 1 GB of other bytes back: both CRCs match."""
+        data = pattern(seed).tobytes() if numpy is not None else bytes(range(256)) * (GB // 256)
+        crc = zlib.crc32(data)
+        crc_in_job, returned = ex.submit(flip_bytes, data).result(DEADLINE * 3)
+        del data
+        self.assertEqual(crc_in_job, crc)
+        self.assertIs(type(returned), bytes)
+        self.assertEqual(len(returned), GB)
+        self.assertEqual(zlib.crc32(returned.translate(FLIP)), crc)
+
     def test_bytes_each_way(self):
         """1 GB of bytes to a job, and 1 GB of other bytes back: both CRCs match."""
+        return self.round_trip(lambda ex: self.bytes_each_way(ex, 19))
 
-        def body(ex):
-            data = pattern(19).tobytes() if numpy is not None else bytes(range(256)) * (GB // 256)
-            crc = zlib.crc32(data)
-            crc_in_job, returned = ex.submit(flip_bytes, data).result(DEADLINE * 3)
-            del data
-            self.assertEqual(crc_in_job, crc)
-            self.assertIs(type(returned), bytes)
-            self.assertEqual(len(returned), GB)
-            self.assertEqual(zlib.crc32(returned.translate(FLIP)), crc)
+    def test_bytes_each_way_on_the_workers_machine(self):
+        """
+        The same for a client on the worker's machine: the argument stays
+        in the client's memory (the job process maps it) and the result in
+        the job process's (lent: the client maps it), so the master, which
+        sees neither, stays far below a gigabyte.
+        """
 
-        return self.round_trip(body)
+        def check(peaks):
+            self.assertLess(peaks["master"], 256, peaks)
+
+        return self.round_trip(lambda ex: self.bytes_each_way(ex, 20), "memory").addCallback(check)
