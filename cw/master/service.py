@@ -612,7 +612,13 @@ class Master:
         self._deliver(self.scheduler.complete(worker, results, self.clock.seconds()))
         self._count_completed(self.scheduler.completed - before)
         self._heard_from_worker(worker)
-        self.schedule_dispatch()
+        if self.scheduler.queued:
+            self.schedule_dispatch()  # once for the burst of results this turn may bring
+        else:
+            # Nothing waits: the pass (its bookkeeping and the room it gives
+            # back) costs less now than a turn of the reactor later, which a
+            # lone job's round trip would otherwise wait behind (issue 18).
+            self.dispatch_now()
 
     def job_output(self, worker: int, host: str, outputs: list[P.Output]) -> None:
         """
