@@ -63,7 +63,7 @@ class CheckedCommands(CheckedAnswers):
         except Exception:
             self.unhandledError(Failure())
             return
-        if isinstance(answer, defer.Deferred):
+        if type(answer) is not dict and isinstance(answer, defer.Deferred):  # (dict: no ABC check)
             answer.addErrback(self._malformed, name).addErrback(self.unhandledError)
 
     def callRemote(self, command, *a, **kw):

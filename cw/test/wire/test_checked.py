@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
@@ -92,6 +93,19 @@ CASES = [
 ]
 
 
+class Later(amp.Command):
+    """A command wanting no answer whose responder decides later."""
+
+    requiresAnswer = False
+
+
+class LateRefusal(ClientProtocol):
+    @Later.responder
+    def later(self):
+        self.refusal = defer.Deferred()
+        return self.refusal
+
+
 class MasterCommandTests(unittest.TestCase):
     def connect(self, role: str) -> tuple[amp.AMP, StringTransport, Recorder]:
         peer = Recorder()
@@ -145,6 +159,18 @@ class MasterCommandTests(unittest.TestCase):
         )
         self.assertTrue(transport.disconnecting)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_deferred_refusal_without_answer(self):
+        """A responder whose Deferred fails with L{BadCommand} later drops the connection just the same."""
+        proto = LateRefusal(Recorder())
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.authenticated = True
+        proto.ampBoxReceived(command_box(Later, proto, False))
+        self.assertFalse(transport.disconnecting)
+        proto.refusal.errback(BadCommand("found out later"))
+        self.assertTrue(transport.disconnecting)
+        self.assertIn("sent a malformed 'Later': found out later", proto.rejected)
 
     def test_unauthenticated_command_without_answer(self):
         """Before the handshake, a command that wants no answer is refused like any other."""
