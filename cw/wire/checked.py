@@ -15,13 +15,118 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from cw.errors import BadCommand
-from cw.wire.private import CheckedAnswers, command_named, connection_failed, python_identifier, responder_for
+from cw.wire.private import (
+    CheckedAnswers,
+    command_named,
+    connection_failed,
+    emit,
+    python_identifier,
+    responder_for,
+    send_command,
+    serialized_responder,
+)
 
-#: Per command class: the Python names of its arguments (see L{CheckedCommands.callRemote}).
-_ARGUMENT_NAMES: dict[type, frozenset] = {}
+#: Per command class: the Python names of its arguments, and of those it requires (L{LeanCalls}).
+_SIGNATURES: dict[type, tuple[frozenset, frozenset]] = {}
 
 
-class CheckedCommands(CheckedAnswers):
+def _signature(command: type[amp.Command]) -> tuple[frozenset, frozenset]:
+    signature = _SIGNATURES.get(command)
+    if signature is None:
+        names = frozenset(python_identifier(name) for name, _ in command.arguments)
+        required = frozenset(python_identifier(name) for name, kind in command.arguments if not kind.optional)
+        signature = _SIGNATURES[command] = (names, required)
+    return signature
+
+
+def _massage_error(failure, command: type[amp.Command]):
+    """An error answer to C{command} as the exception it declares for it (as AMP's C{callRemote} does)."""
+    failure.trap(amp.RemoteAmpError)
+    error = failure.value
+    return Failure(command.reverseErrors.get(error.errorCode, amp.UnknownRemoteError)(error.description))
+
+
+class LeanCalls:
+    """
+    Mixin for L{amp.AMP} subclasses (listed before it): C{callRemote}
+    builds the command's box itself, without AMP's command instance and
+    its checks of the arguments made twice (issue 18: every box of a lone
+    job's round trip).  The box on the wire, the answer and the errors are
+    AMP's; a call with arguments AMP would refuse goes through AMP, which
+    refuses it as it does.
+    """
+
+    def callRemote(self, command, *a, **kw):
+        names, required = _signature(command)
+        if a or not names.issuperset(kw) or not required.issubset(kw):
+            return super().callRemote(command, *a, **kw)
+        box = command.commandType()
+        for name, argument in command.arguments:
+            argument.toBox(name, box, kw, self)
+        if command.requiresAnswer:
+            d = send_command(self, command.commandName, box)
+            d.addCallback(command.parseResponse, self)
+            d.addErrback(_massage_error, command)
+            return d
+        if connection_failed(self):
+            return None  # as AMP: nothing more goes out on a lost connection
+        box[amp.COMMAND] = command.commandName
+        self.sendBox(box)
+        return None
+
+
+#: No outcome waiting (see L{LeanAnswers}).
+_NO_OUTCOME = object()
+
+
+class LeanAnswers:
+    """
+    Mixin for L{amp.AMP} subclasses (listed before it): a command that asks
+    for an answer and whose responder returns its answer at once (a
+    C{dict}) is answered straight away, without the Deferreds and wrapping
+    closures of AMP's general path (issue 18: the job process's answer to
+    L{cw.wire.commands.RunBatch}, on every lone job's round trip).  Any
+    other outcome (an error, a Deferred, arguments that do not parse, an
+    answer that does not serialize) goes through AMP's general path with
+    that outcome, so that errors are answered and logged exactly as AMP
+    does; the responder is never called twice.
+    """
+
+    _lean_outcome = _NO_OUTCOME
+
+    def ampBoxReceived(self, box) -> None:
+        ask = box.get(amp.ASK)
+        name = box.get(amp.COMMAND)
+        found = responder_for(self, name) if ask is not None and name is not None else None
+        if found is None or amp.ANSWER in box or amp.ERROR in box:
+            super().ampBoxReceived(box)
+            return
+        command, function = found
+        try:
+            outcome = function(self, **command.parseArguments(box, self))
+            if type(outcome) is dict:
+                answer = command.makeResponse(outcome, self)
+                answer[amp.ANSWER] = ask
+        except Exception:
+            outcome = Failure()
+        if type(outcome) is dict:
+            emit(self, answer)
+            return
+        self._lean_outcome = outcome
+        try:
+            super().ampBoxReceived(box)
+        finally:
+            self._lean_outcome = _NO_OUTCOME
+
+    def locateResponder(self, name: bytes):
+        outcome = self._lean_outcome
+        found = responder_for(self, name) if outcome is not _NO_OUTCOME else None
+        if found is None:
+            return super().locateResponder(name)
+        return serialized_responder(self, lambda **_: outcome, found[0])
+
+
+class CheckedCommands(LeanCalls, CheckedAnswers):
     """
     Mixin for L{amp.AMP} subclasses that also mix in
     L{cw.wire.auth.AuthGate} (for C{reject}), listed before C{amp.AMP}: a
@@ -34,8 +139,7 @@ class CheckedCommands(CheckedAnswers):
     lean path both ways (issue 18, a lone job's round trip): received, they
     are parsed and their responder called at once, without the Deferreds,
     the wrapping closures and the answer box (never sent) that AMP's
-    general path makes for every box; sent, their box is built and written
-    without AMP's command instance and its checks made twice.  What a peer
+    general path makes for every box; sent, see L{LeanCalls}.  What a peer
     sees, and what a malformed box or a failing responder does, is the same.
     """
 
@@ -65,25 +169,6 @@ class CheckedCommands(CheckedAnswers):
             return
         if type(answer) is not dict and isinstance(answer, defer.Deferred):  # (dict: no ABC check)
             answer.addErrback(self._malformed, name).addErrback(self.unhandledError)
-
-    def callRemote(self, command, *a, **kw):
-        if command.requiresAnswer or a:
-            return super().callRemote(command, *a, **kw)
-        names = _ARGUMENT_NAMES.get(command)
-        if names is None:
-            names = frozenset(python_identifier(name) for name, _ in command.arguments)
-            _ARGUMENT_NAMES[command] = names
-        for name in kw:
-            if name not in names:
-                raise amp.InvalidSignature(f"{name} is not a valid argument")
-        box = command.commandType()
-        for name, argument in command.arguments:
-            argument.toBox(name, box, kw, self)
-        if connection_failed(self):
-            return None  # as AMP: nothing more goes out on a lost connection
-        box[amp.COMMAND] = command.commandName
-        self.sendBox(box)
-        return None
 
     def _malformed(self, failure, name: bytes):
         failure.trap(BadCommand)

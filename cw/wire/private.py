@@ -18,7 +18,7 @@ import functools
 from collections.abc import Callable
 
 from ampoule import main as ampoule_main
-from twisted.internet import abstract, interfaces, process, tcp
+from twisted.internet import abstract, error, interfaces, process, tcp
 from twisted.protocols import amp
 
 #: Twisted's reader of a child process's pipe (C{twisted.internet.process}
@@ -50,6 +50,44 @@ def responder_for(locator, name: bytes) -> tuple[type[amp.Command], Callable] | 
     itself (cw.test.wire.test_checked).
     """
     return locator._commandDispatch.get(name)
+
+
+def serialized_responder(locator, function: Callable, command: type[amp.Command]) -> Callable:
+    """
+    What C{locator.locateResponder} returns for C{command} answered by
+    C{function} (called with the parsed arguments): AMP's wrapping that
+    parses the box, calls it and serializes its answer or its error.
+    Private C{CommandLocator._wrapWithSerialization}: cw's lean path for
+    answered commands (L{cw.wire.checked.LeanAnswers}) falls back on it with
+    an outcome it already has (cw.test.wire.test_checked).
+    """
+    return locator._wrapWithSerialization(function, command)
+
+
+def send_command(proto: amp.AMP, name: bytes, box: amp.AmpBox):
+    """
+    Send command C{name} with its arguments in C{box} (an C{amp.AmpBox},
+    completed here with C{_command} and C{_ask}); a Deferred firing with the
+    answer's box, or failing with C{amp.RemoteAmpError}.  Private
+    C{BoxDispatcher._sendBoxCommand}, which AMP's C{callRemote} calls with
+    the box it builds: cw's lean calls (L{cw.wire.checked.LeanCalls})
+    build theirs (cw.test.wire.test_checked).
+    """
+    return proto._sendBoxCommand(name, box, True)
+
+
+def emit(proto: amp.AMP, box: amp.AmpBox) -> None:
+    """
+    Send C{box} (an answer, or a command without C{_ask}) to C{proto}'s
+    peer as AMP does: through the box's own C{_sendTo} (private), so that
+    a C{QuitBox} (ampoule's C{Shutdown} answer) closes the connection after
+    it; an answer nobody can receive any more is dropped, as AMP's
+    C{_safeEmit} drops it (cw.test.wire.test_checked).
+    """
+    try:
+        box._sendTo(proto.boxSender)
+    except (amp.ProtocolSwitched, error.ConnectionLost):
+        pass
 
 
 def connection_failed(proto: amp.AMP) -> bool:
@@ -140,6 +178,9 @@ PRIVATE_NAMES = (
     "_writer",
     "_commandDispatch",
     "_failAllReason",
+    "_wrapWithSerialization",
+    "_sendBoxCommand",
+    "_sendTo",
 )
 
 

@@ -48,6 +48,7 @@ from cw.core.validation import ENV
 from cw.errors import ReportKind, SharedMemoryRefused, exception_fields
 from cw.wire import commands as P
 from cw.wire import pickling
+from cw.wire.checked import LeanAnswers
 from cw.wire.private import push
 from cw.wire.streaming import ChunkReceiver, StreamingSender
 from cw.worker.capture import OutputCapture, Watcher
@@ -208,7 +209,7 @@ class CachedFunction:
         return loaded
 
 
-class JobChild(StreamingSender, ChunkReceiver, AMPChild):
+class JobChild(StreamingSender, ChunkReceiver, LeanAnswers, AMPChild):
     """
     The ampoule child class that workers start; answers L{P.RunBatch}.
 

@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 
 from cw.errors import SharedMemoryRefused
 from cw.wire import commands as P
+from cw.wire.checked import LeanCalls
 from cw.wire.private import push
 from cw.wire.streaming import ChunkReceiver, StreamingSender
 from cw.worker import shared
@@ -141,7 +142,7 @@ def resident_bytes(pid: int) -> int | None:
         return None
 
 
-class ChildLink(StreamingSender, ChunkReceiver, amp.AMP):
+class ChildLink(StreamingSender, ChunkReceiver, LeanCalls, amp.AMP):
     """
     The worker's end of the connection to one job process.
 

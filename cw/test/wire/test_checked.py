@@ -22,6 +22,7 @@ from cw.client.session import ClientProtocol
 from cw.core.records import encode_options
 from cw.errors import BadCommand
 from cw.wire import commands as P
+from cw.wire.checked import LeanAnswers, LeanCalls
 from cw.worker.service import WorkerProtocol, _checked_registration
 
 
@@ -267,3 +268,134 @@ class RegistrationAnswerTests(unittest.SynchronousTestCase):
             with self.assertRaises(BadCommand) as caught:
                 _checked_registration(bad)
             self.assertIn("malformed answer to RegisterWorker", str(caught.exception))
+
+
+class Refused(Exception):
+    """A known error of L{Ask}."""
+
+
+class Ask(amp.Command):
+    """A command asking an answer, answered in all the ways a responder can."""
+
+    arguments = [(b"how", amp.Unicode())]
+    response = [(b"said", amp.Unicode())]
+    errors = {Refused: b"REFUSED"}
+
+
+class Quit(amp.Command):
+    """A command whose answer ends the connection (as ampoule's C{Shutdown})."""
+
+    responseType = amp.QuitBox
+
+
+class Responders(amp.AMP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.called = 0
+        self.later: defer.Deferred = defer.Deferred()
+
+    @Ask.responder
+    def ask(self, how):
+        self.called += 1
+        if how == "refuse":
+            raise Refused("no")
+        if how == "break":
+            raise ZeroDivisionError("a bug")
+        if how == "later":
+            return self.later
+        if how == "unserializable":
+            return {"said": 5}
+        return {"said": how.upper()}
+
+    @Quit.responder
+    def quit(self):
+        return {}
+
+
+class Lean(LeanAnswers, Responders):
+    pass
+
+
+class LeanAnswersTests(unittest.TestCase):
+    """L{LeanAnswers} answers as AMP does, in every case, calling the responder once."""
+
+    def answer(self, proto: amp.AMP, box: amp.AmpBox) -> bytes:
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.ampBoxReceived(amp.AmpBox(box))
+        if proto.later.callbacks:
+            proto.later.callback({"said": "LATE"})
+        called = proto.called
+        self.assertEqual(called, 1 if b"how" in box else 0)
+        # And the next box is answered on its own (nothing of this one left over).
+        proto.ampBoxReceived(amp.AmpBox({amp.COMMAND: b"Ask", amp.ASK: b"8", b"how": b"next"}))
+        self.assertIn(b"NEXT", transport.value())
+        proto.ampBoxReceived(amp.AmpBox({amp.COMMAND: b"Ask", b"how": b"quiet"}))  # no answer wanted
+        self.assertEqual(proto.called, called + 2)
+        return transport.value()
+
+    def test_same_answers_as_amp(self):
+        for how in ("fine", "refuse", "break", "later", "unserializable", None):
+            box = {amp.COMMAND: b"Ask", amp.ASK: b"7"}
+            if how is not None:
+                box[b"how"] = how.encode()
+            lean = self.answer(Lean(), box)
+            plain = self.answer(Responders(), box)
+            self.assertEqual(lean, plain, how)
+            self.assertIn(b"_answer" if how in ("fine", "later") else b"_error", lean, how)
+        # The bug, the unserializable answer and the missing argument, logged once each way.
+        self.flushLoggedErrors()
+
+    def test_answer_that_ends_the_connection(self):
+        """An answer that is a C{QuitBox} is sent, then the connection closed, as AMP does."""
+        for proto in (Lean(), Responders()):
+            transport = StringTransport()
+            proto.makeConnection(transport)
+            proto.ampBoxReceived(amp.AmpBox({amp.COMMAND: b"Quit", amp.ASK: b"1"}))
+            self.assertIn(b"_answer", transport.value())
+            self.assertTrue(transport.disconnecting, proto)
+
+
+class LeanCaller(LeanCalls, amp.AMP):
+    pass
+
+
+class LeanCallsTests(unittest.TestCase):
+    """A call that asks an answer, sent by L{LeanCalls}: same box, same answer, same errors as AMP's."""
+
+    def call(self, proto: amp.AMP, answer: dict):
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        outcome: list = []
+        proto.callRemote(Ask, how="hi").addBoth(outcome.append)
+        sent = transport.value()
+        proto.ampBoxReceived(amp.AmpBox({**answer, (amp.ANSWER if b"said" in answer else amp.ERROR): b"1"}))
+        return sent, outcome[0]
+
+    def test_same_as_amp(self):
+        for answer in (
+            {b"said": b"HI"},
+            {amp.ERROR_CODE: b"REFUSED", amp.ERROR_DESCRIPTION: b"no"},
+            {amp.ERROR_CODE: b"OTHER", amp.ERROR_DESCRIPTION: b"what"},
+        ):
+            lean_sent, lean = self.call(LeanCaller(), answer)
+            plain_sent, plain = self.call(amp.AMP(), answer)
+            self.assertEqual(lean_sent, plain_sent)
+            if isinstance(plain, dict):
+                self.assertEqual(lean, plain)
+                self.assertEqual(lean, {"said": "HI"})
+            else:
+                self.assertEqual(type(lean.value), type(plain.value), answer)
+                self.assertEqual(str(lean.value), str(plain.value))
+        self.assertIsInstance(
+            self.call(LeanCaller(), {amp.ERROR_CODE: b"REFUSED", amp.ERROR_DESCRIPTION: b"no"})[1].value,
+            Refused,
+        )
+
+    def test_arguments_amp_refuses(self):
+        """A missing argument fails the call as AMP fails it; an unknown one raises as AMP raises."""
+        proto = LeanCaller()
+        proto.makeConnection(StringTransport())
+        self.failureResultOf(proto.callRemote(Ask), amp.InvalidSignature)
+        with self.assertRaises(amp.InvalidSignature):
+            proto.callRemote(Ask, how="x", bogus=1)
