@@ -589,13 +589,14 @@ def peaks_during(pids: dict[str, list[int]], size: int, run) -> dict:
     return out
 
 
-def cw_big(args) -> dict:
+def cw_big(args, remote: bool = False) -> dict:
     """
     One job with an C{args.big}-byte argument, then one with such a result,
     on cw: the rate of each, and the peak RSS (VmHWM) of the master and the
-    workers during each.
+    workers during each.  C{remote}: the client plays a process on another
+    machine (L{CWRemote}), so the payloads cross the sockets.
     """
-    system = CW(args.port)
+    system = CWRemote(args.port) if remote else CW(args.port)
     try:
         system.start()
         assert system.call(noop, 1) == 1
@@ -628,7 +629,7 @@ SYSTEMS = {"cw": CW, "cw-remote": CWRemote, "ppe": PPE, "dask": Dask, "ray": Ray
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("system", choices=[*SYSTEMS, "cw-queue", "cw-fake", "cw-big"])
+    parser.add_argument("system", choices=[*SYSTEMS, "cw-queue", "cw-fake", "cw-big", "cw-big-remote"])
     parser.add_argument("--out", required=True, help="write the figures here as JSON")
     parser.add_argument("--port", type=int, default=5499)
     parser.add_argument("--jobs", type=int, default=20_000)
@@ -653,8 +654,8 @@ def main() -> None:
             result.update(cw_queue(args))
         elif args.system == "cw-fake":
             result.update(cw_fake(args))
-        elif args.system == "cw-big":
-            result.update(cw_big(args))
+        elif args.system in ("cw-big", "cw-big-remote"):
+            result.update(cw_big(args, remote=args.system == "cw-big-remote"))
         else:
             kind = SYSTEMS[args.system]
             system = kind(args.port) if issubclass(kind, CW) else kind()
