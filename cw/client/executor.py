@@ -863,7 +863,9 @@ class ClusterExecutor(futures.Executor):
         This executor's futures that are not done yet (queued or running),
         in the order submitted: C{ex.kill(*ex.outstanding())} stops them all.
         """
-        return [future for _, future in self._jobs.items()]
+        # A future is finished (its waiters woken) just before it leaves the
+        # table (see _deliver_results): a done one may still be there.
+        return [future for _, future in self._jobs.items() if not future.done()]
 
     def status(self) -> dict:
         """

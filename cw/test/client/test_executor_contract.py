@@ -697,6 +697,28 @@ class TypedExceptionTests(ContractCase):
         self.assertEqual(self.executor.outstanding(), [])
 
     @in_thread
+    def test_outstanding_leaves_out_a_job_just_finished(self):
+        """
+        A future whose result was just set is not outstanding, even in the
+        moment before the executor forgets it (a caller woken by its result
+        may ask at once).
+        """
+        seen = []
+        jobs_table = self.executor._jobs
+        forget = jobs_table.forget
+
+        def forget_and_look(seq):
+            seen.append(self.executor.outstanding())
+            return forget(seq)
+
+        jobs_table.forget = forget_and_look
+        self.addCleanup(setattr, jobs_table, "forget", forget)
+        future = self.executor.submit(pow, 2, 5)
+        self.assertEqual(future.result(DEADLINE), 32)
+        wait_until(lambda: seen, what="the executor to forget the job")
+        self.assertEqual(seen, [[]])
+
+    @in_thread
     def test_class_defined_in_main(self):
         """A client program's own exception class travels by value and is caught by name."""
         done = run_script(
