@@ -21,6 +21,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from twisted.internet import threads
+
 import cw
 from cw.system import polling, proc_stat, read_pidfile, sigkill, with_cw_on_path
 
@@ -91,6 +93,17 @@ def check_path(testcase, client, path: str) -> None:
     testcase.assertEqual(
         client.session.references, path == "memory", f"the client does not take the {path} path"
     )
+
+
+def in_thread(method):
+    """Run a test method in a thread (the blocking client API), trial's reactor spinning."""
+
+    def run(self):
+        return threads.deferToThread(method, self)
+
+    run.__name__ = method.__name__
+    run.__doc__ = method.__doc__
+    return run
 
 
 def free_port() -> int:

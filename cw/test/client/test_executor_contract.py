@@ -29,21 +29,10 @@ from twisted.trial import unittest
 from cw.client import BaseClientThread, Client, ClientThread, ClusterExecutor, RemoteException, master_status
 from cw.test import jobs
 from cw.test.jobs import touch
-from cw.test.procs import DEADLINE, abandon, process_exists, run_script, shared_cluster, wait_until
+from cw.test.procs import DEADLINE, abandon, in_thread, process_exists, run_script, shared_cluster, wait_until
 
 #: How many job processes the shared cluster has.
 SLOTS = 3
-
-
-def in_thread(method):
-    """Run a test method in a thread (the blocking client API), trial's reactor spinning."""
-
-    def run(self):
-        return threads.deferToThread(method, self)
-
-    run.__name__ = method.__name__
-    run.__doc__ = method.__doc__
-    return run
 
 
 class FileEvent:

@@ -21,18 +21,7 @@ from twisted.trial import unittest
 import cw.client.session
 from cw.client import ClusterExecutor
 from cw.test.jobs import square, touch, wait_for_file
-from cw.test.procs import DEADLINE, abandon, shared_cluster
-
-
-def in_thread(method):
-    """Run a test method in a thread (the blocking client API), trial's reactor spinning."""
-
-    def run(self):
-        return threads.deferToThread(method, self)
-
-    run.__name__ = method.__name__
-    run.__doc__ = method.__doc__
-    return run
+from cw.test.procs import DEADLINE, abandon, in_thread, shared_cluster
 
 
 class LoneSubmitTests(unittest.TestCase):
