@@ -25,6 +25,7 @@ from twisted.internet import threads
 
 import cw
 from cw.system import polling, proc_stat, read_pidfile, sigkill, with_cw_on_path
+from cw.wire import memfile
 
 #: The directory that holds the C{cw} package under test (and, next to it,
 #: C{twisted/plugins}); put first on the children's PYTHONPATH so that they
@@ -104,6 +105,39 @@ def in_thread(method):
     run.__name__ = method.__name__
     run.__doc__ = method.__doc__
     return run
+
+
+# -- cw's memory files (cw.wire.memfile) --------------------------------------
+
+
+def memory_files(pid_: int | str = "self") -> int:
+    """How many descriptors of process C{pid_} are cw's memory files."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid_}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid_}/fd/{fd}").startswith(f"/memfd:{memfile.NAME}"):
+                count += 1
+        except OSError:
+            pass  # closed meanwhile
+    return count
+
+
+def mapped_memory_files(pid: int) -> int:
+    """How many mappings of cw's memory files process C{pid} has."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(f"memfd:{memfile.NAME}" in line for line in f)
+
+
+def dev_shm() -> set[str]:
+    """
+    The files in /dev/shm that shared payloads could leave: cw's own names
+    and C{multiprocessing.shared_memory}'s (others, such as joblib's, are
+    left by other tests running on the machine).  cw's memory files have
+    no name there at all: this guards against a change that gives them one.
+    """
+    if not os.path.isdir("/dev/shm"):
+        return set()
+    return {name for name in os.listdir("/dev/shm") if "cw" in name or name.startswith("psm_")}
 
 
 def free_port() -> int:

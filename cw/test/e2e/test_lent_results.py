@@ -24,8 +24,7 @@ from cw.client import session as session_module
 from cw.client.session import ClientProtocol
 from cw.errors import WorkerLost
 from cw.test.jobs import block_until
-from cw.test.procs import DEADLINE, Processes, executor, wait_until
-from cw.test.worker.test_shared import memory_files
+from cw.test.procs import DEADLINE, Processes, executor, memory_files, wait_until
 from cw.wire import commands as P
 from cw.worker import shared
 

@@ -30,15 +30,17 @@ from cw.system import write_atomically
 from cw.test.procs import (
     DEADLINE,
     Processes,
+    dev_shm,
     executor,
     free_port,
     job_processes,
+    mapped_memory_files,
+    memory_files,
     peak_rss_mib,
     process_exists,
     reset_peak_rss,
     wait_until,
 )
-from cw.test.worker.test_shared import dev_shm, memory_files
 from cw.wire import memfile
 from cw.worker import child
 
@@ -76,12 +78,6 @@ def wait_for(marker: str) -> bool:
 def client_memory_files() -> int:
     """cw's memory files this process (the client) holds."""
     return memory_files()
-
-
-def mapped(pid: int) -> bool:
-    """Whether process C{pid} maps a cw memory file."""
-    with open(f"/proc/{pid}/maps") as f:
-        return any(f"memfd:{memfile.NAME}" in line for line in f)
 
 
 class LocalArgumentTests(unittest.TestCase):
@@ -179,7 +175,7 @@ class LocalArgumentTests(unittest.TestCase):
             wait_until(lambda: os.path.exists(marker), what="the job to start")
             job_pid = int(open(marker).read())
             (worker,) = [w for w in workers if job_processes(w.pid) == [job_pid]]
-            self.assertTrue(mapped(job_pid), "the argument is not mapped")
+            self.assertGreaterEqual(mapped_memory_files(job_pid), 1, "the argument is not mapped")
             os.kill(worker.pid if kill_worker else job_pid, signal.SIGKILL)
             wait_until(lambda: not process_exists(job_pid), what="the job process to die")
             check(ex, future, blob)

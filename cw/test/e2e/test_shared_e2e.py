@@ -21,12 +21,15 @@ from cw.test.procs import (
     DEADLINE,
     Processes,
     arguments_travel,
+    dev_shm,
     executor,
     job_processes,
+    mapped_memory_files,
+    memory_files,
     process_exists,
     wait_until,
 )
-from cw.test.worker.test_shared import dev_shm, memory_files, report
+from cw.test.worker.test_shared import report
 from cw.worker import shared
 
 #: Bytes of the big payloads here: well past L{shared.THRESHOLD}.
@@ -42,12 +45,6 @@ def hold(data, marker):
     write_atomically(marker, str(os.getpid()))
     time.sleep(60)
     return len(data)
-
-
-def mapped_memory_files(pid: int) -> int:
-    """How many mappings of cw's memory files process C{pid} has."""
-    with open(f"/proc/{pid}/maps") as f:
-        return sum(f"memfd:{shared.NAME}" in line for line in f)
 
 
 class SharedMemoryE2ETests(unittest.TestCase):

@@ -42,13 +42,13 @@ from cw.test.procs import (
     child_env,
     executor,
     held_client,
+    memory_files,
     peak_rss_mib,
     reset_peak_rss,
     rss_kib,
     stop_process,
     wait_until,
 )
-from cw.test.worker.test_shared import memory_files
 from cw.wire import commands as P
 from cw.wire import limits as L
 from cw.wire.address import client_endpoint

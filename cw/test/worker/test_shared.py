@@ -24,6 +24,7 @@ except ImportError:  # NumPy is optional (the test extra)
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from cw.test.procs import dev_shm, memory_files
 from cw.test.worker.test_pool import DEADLINE, PoolHarness
 from cw.wire import commands as P
 from cw.wire import memfile, pickling
@@ -34,32 +35,8 @@ from cw.worker.pool import BatchCall, ChildLink
 BIG = 3 * shared.THRESHOLD + 7
 
 
-def memory_files(pid_: int | str = "self") -> int:
-    """How many descriptors of process C{pid_} are cw's memory files."""
-    count = 0
-    for fd in os.listdir(f"/proc/{pid_}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid_}/fd/{fd}").startswith(f"/memfd:{shared.NAME}"):
-                count += 1
-        except OSError:
-            pass  # closed meanwhile
-    return count
-
-
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def dev_shm() -> set[str]:
-    """
-    The files in /dev/shm that shared payloads could leave: cw's own names
-    and C{multiprocessing.shared_memory}'s (others, such as joblib's, are
-    left by other tests running on the machine).  cw's memory files have
-    no name there at all: this guards against a change that gives them one.
-    """
-    if not os.path.isdir("/dev/shm"):
-        return set()
-    return {name for name in os.listdir("/dev/shm") if "cw" in name or name.startswith("psm_")}
 
 
 def reverse_and_report(data):
