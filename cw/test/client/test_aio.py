@@ -217,14 +217,18 @@ class AsyncioTests(unittest.TestCase):
         """
         An asyncio echo server in the same loop answers its clients while
         jobs are submitted and their results awaited: echoes come back
-        while each job runs, not only between results.
+        while each job runs, not only between results.  Each job holds its
+        job process until the program has had its echoes while that job
+        was running (so no count depends on how fast the machine is); in a
+        loop blocked while the results are awaited they never come, and the
+        job gives up after 30 s.
         """
+        base = os.path.abspath(self.mktemp())
         d = self.run_program(
-            """
-            def nap(i):
-                time.sleep(0.25)
-                return i
-
+            f"""
+            JOBS = 8
+            started = [{base!r} + ".started.%d" % i for i in range(JOBS)]
+            release = [{base!r} + ".release.%d" % i for i in range(JOBS)]
             handlers = []
 
             async def echo(reader, writer):
@@ -238,45 +242,42 @@ class AsyncioTests(unittest.TestCase):
                 server = await asyncio.start_server(echo, "127.0.0.1", 0)
                 port = server.sockets[0].getsockname()[1]
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                events = []
-                jobs_done = asyncio.Event()
+                events = []  # one entry per job: its echoes came back while it ran
 
-                async def ping():
-                    n = 0
-                    while not jobs_done.is_set():
-                        writer.write(b"%d\\n" % n)
-                        assert await reader.readline() == b"%d\\n" % n
-                        events.append("echo")
-                        n += 1
-                        await asyncio.sleep(0.005)
+                async def ping_while_each_job_runs():
+                    try:
+                        for i in range(JOBS):
+                            deadline = time.monotonic() + 60
+                            while not os.path.exists(started[i]):
+                                assert time.monotonic() < deadline, f"job {{i}} never started"
+                                await asyncio.sleep(0.01)
+                            for n in range(3):
+                                writer.write(b"%d\\n" % n)
+                                line = await asyncio.wait_for(reader.readline(), 60)
+                                assert line == b"%d\\n" % n, line
+                            events.append(f"echoes{{i}}")
+                            touch(release[i])
+                    finally:
+                        for path in release:  # a failure here ends the jobs
+                            touch(path)
 
-                pinger = asyncio.create_task(ping())
+                pinger = asyncio.create_task(ping_while_each_job_runs())
                 async with AsyncClusterExecutor(ADDRESS) as ex:
-                    async for i in ex.map(nap, range(8)):
-                        events.append("result")
-                    jobs_done.set()
+                    results = [r async for r in ex.map(block_until, release, started, [30] * JOBS)]
                 await pinger
                 writer.close()
                 await writer.wait_closed()
                 server.close()
                 await server.wait_closed()
                 await asyncio.gather(*handlers)
-                # Echoes in each stretch between two results (while a job runs):
-                gaps = " ".join(events).split("result")[1:-1]
-                fewest = min(gap.count("echo") for gap in gaps)
-                print("echoes while each job ran", len(gaps), fewest >= 3, fewest)
+                print(results == ["released"] * JOBS, " ".join(events))
                 print("leftovers", leftovers())
 
             asyncio.run(main())
             """
         )
-
-        def check(out):
-            lines = out.splitlines()
-            self.assertTrue(lines[0].startswith("echoes while each job ran 7 True"), out)
-            self.assertEqual(lines[1:], ["leftovers ([], [])"])
-
-        return d.addCallback(check)
+        echoes = " ".join(f"echoes{i}" for i in range(8))
+        return d.addCallback(self.assertEqual, f"True {echoes}\nleftovers ([], [])\n")
 
     def test_twisted_asyncio_reactor(self):
         """
