@@ -165,6 +165,36 @@ class Batch:
         self.functions = {k: v for k, v in self.functions.items() if k[0] != session}
         self.forgotten.add(session)
 
+    def absorb(self, later: Batch) -> None:
+        """
+        Add the writes of C{later}, gathered after this batch's, so that
+        committing this batch has the effect of committing it and then
+        C{later} (a batch whose commit failed takes those gathered while
+        it was being written).  The store deletes before it inserts
+        (L{cw.master.store.Store.commit}): a row this batch inserts and
+        C{later} deletes is not inserted; one this batch deletes and
+        C{later} inserts is deleted, then inserted.  Acknowledgements keep
+        their order.
+        """
+        for session in later.forgotten:
+            self.sessions.pop(session, None)
+            for table in ("functions", "jobs", "results"):
+                rows = getattr(self, table)
+                setattr(self, table, {k: v for k, v in rows.items() if k[0] != session})
+        self.forgotten |= later.forgotten
+        self.sessions.update(later.sessions)
+        self.functions.update(later.functions)
+        for key in later.ended:
+            self.jobs.pop(key, None)
+        self.ended |= later.ended
+        self.jobs.update(later.jobs)
+        for key in later.taken:
+            self.results.pop(key, None)
+        self.taken |= later.taken
+        self.results.update(later.results)
+        for client, seqs in later.acks.items():
+            self.acks.setdefault(client, []).extend(seqs)
+
 
 #: Seconds a batch that no client waits for may gather more writes before
 #: it is committed (see L{commit_delay}).

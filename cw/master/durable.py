@@ -12,7 +12,11 @@ and their results, while their client is away:
     that session registers again, from the same process or another.
   - What changed in one reactor turn is committed in one transaction
     (L{cw.core.durable.Batch}); only then are the submitted jobs
-    acknowledged to their clients (L{P.JobsStored}).
+    acknowledged to their clients (L{P.JobsStored}).  Commits, and reads
+    of stored results, run in a thread of their own (L{StateWriter}), one
+    at a time and in order: the reactor goes on answering while SQLite
+    waits for the disk to sync (C{synchronous=FULL}), and what changes
+    meanwhile waits for the next commit.
   - A master that starts on a state file reloads its sessions, functions
     and queue (jobs that were running go back to the queue) and the index
     of its stored results.
@@ -24,10 +28,15 @@ Layer rule (cw.master): imports cw.discovery and below; never cw.client, cw.work
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from cw.core.durable import Batch, ResultShelf, SessionRecord, commit_delay
 from cw.core.records import Job, Result
@@ -40,6 +49,58 @@ log = Logger(namespace="cw.master")
 Master = Any
 
 
+class StateWriter:
+    """
+    Runs the state file's work (commits, reads) in one thread of its own,
+    one call at a time in the order asked, and reports each outcome in the
+    reactor's thread: a commit waits for the disk to sync, which may take
+    long on a busy disk, and the reactor must go on answering meanwhile.
+
+    @param reactor: delivers the outcomes (C{callFromThread}).
+    """
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def run(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Call C{function(*args)} in the writer's thread, after those asked before; fire with its outcome."""
+        d = defer.Deferred()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="cw-state-writer", daemon=True)
+            self._thread.start()
+        self._calls.put((function, args, d))
+        return d
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            function, args, d = call
+            try:
+                result = function(*args)
+            except BaseException:
+                self._reactor.callFromThread(d.errback, Failure())
+            else:
+                self._reactor.callFromThread(d.callback, result)
+
+    def stop(self) -> None:
+        """End the thread once the calls asked so far are done (the master stops)."""
+        if self._thread is not None:
+            self._calls.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+class InlineWriter:
+    """A L{StateWriter} that calls at once, in the caller's thread (for a master on a fake clock)."""
+
+    def run(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
+        return defer.maybeDeferred(function, *args)
+
+    def stop(self) -> None:
+        pass
+
+
 class DurableQueue:
     """
     The state file of one L{Master}, and which of its clients' sessions
@@ -47,14 +108,28 @@ class DurableQueue:
 
     @param max_stored_results_bytes: bytes of results that may wait on
         disk for absent clients; past that, the oldest are dropped.
+    @param writer: runs the file's commits and reads (L{StateWriter}, or
+        L{InlineWriter}); default, a L{StateWriter} on the master's clock,
+        which must then be the reactor.
     """
 
-    def __init__(self, master: Master, path: str, max_stored_results_bytes: int) -> None:
+    def __init__(
+        self,
+        master: Master,
+        path: str,
+        max_stored_results_bytes: int,
+        writer: StateWriter | InlineWriter | None = None,
+    ) -> None:
         self.master = master
         self.store = Store(path)
         self.shelf = ResultShelf(max_stored_results_bytes)
         self.batch = Batch()
+        self.writer = writer if writer is not None else StateWriter(master.clock)
         self._commit_call = None
+        #: Whether a commit is being written (one at a time).
+        self._writing = False
+        #: Fired when the commit being written is done (see L{flush}).
+        self._written_waiters: list[defer.Deferred] = []
         #: Each known session's client id in the scheduler (connected or away), and back.
         self.cids: dict[str, int] = {}
         self.names: dict[int, str] = {}
@@ -148,24 +223,32 @@ class DurableQueue:
         self._schedule_commit()
         return cid
 
-    def session_jobs(self, cid: int) -> tuple[list[int], list[Result]]:
+    def session_jobs(self, cid: int) -> tuple[list[int], defer.Deferred]:
         """
         The numbers of C{cid}'s session's jobs this master holds (queued,
-        running, or with a result waiting), and the waiting results, read
-        from disk, to send it now (their rows go).
+        running, or with a result waiting), and a Deferred firing with the
+        waiting results, read from disk in the writer's thread (so never in
+        this reactor turn), to send it then (their rows go).
         """
         session = self.names.get(cid)
         if session is None:
-            return [], []
-        waiting = self._take_results(session, cid)
-        return sorted(self.held.get(session, set()).union(r.seq for r in waiting)), waiting
-
-    def _take_results(self, session: str, cid: int) -> list[Result]:
+            return [], defer.succeed([])
         seqs = self.shelf.take(session)
+        held = sorted(self.held.get(session, set()).union(seqs))
+        return held, self._take_results(session, cid, seqs)
+
+    @defer.inlineCallbacks
+    def _take_results(self, session: str, cid: int, seqs: list[int]):
         if not seqs:
             return []
-        self.commit()  # some may still be in the batch
-        results = [stored.result(cid) for stored in self.store.results_of(session, seqs)]
+        # What was gathered is written first, or, if the file cannot be
+        # written, still in the batch.
+        yield self.flush()
+        unwritten = self.batch.results
+        pending = {seq: unwritten[(session, seq)] for seq in seqs if (session, seq) in unwritten}
+        on_disk = [seq for seq in seqs if seq not in pending]
+        read = yield self.writer.run(lambda: list(self.store.results_of(session, on_disk)))
+        results = [stored.result(cid) for stored in (*pending.values(), *read)]
         self.batch.take_results([(session, seq) for seq in seqs])
         self._schedule_commit()
         log.info(
@@ -266,24 +349,25 @@ class DurableQueue:
         self._commit_call = self.master.clock.callLater(delay, self.commit)
 
     def commit(self) -> None:
-        """Write the gathered batch in one transaction, then acknowledge its jobs."""
+        """
+        Write the gathered batch in one transaction, in the writer's
+        thread; acknowledge its jobs once it is on disk.  While a commit is
+        being written, what gathers waits for the next one, which starts
+        when it is done.
+        """
         if self._commit_call is not None and self._commit_call.active():
             self._commit_call.cancel()
         self._commit_call = None
+        if self._writing or not self.batch:
+            return
         batch, self.batch = self.batch, Batch()
-        if not batch:
-            return
+        self._writing = True
         started = time.monotonic()
-        try:
-            self.store.commit(batch)
-        except StateFileError as e:
-            # Nothing is acknowledged: the clients resubmit these jobs if
-            # this master dies.  Say so once, not at every commit.
-            if not self.commit_failed:
-                log.error("{e}; jobs are kept in memory only until it works again", e=e)
-            self.commit_failed = True
-            self._requeue_writes(batch)
-            return
+        d = self.writer.run(self.store.commit, batch)
+        d.addCallbacks(self._committed, self._not_committed, (batch, started), None, (batch,))
+        d.addBoth(self._written)
+
+    def _committed(self, _: None, batch: Batch, started: float) -> None:
         if self.commit_failed:
             log.info("The state file {path} is written again", path=self.store.path)
             self.commit_failed = False
@@ -291,23 +375,54 @@ class DurableQueue:
         self.commit_seconds += time.monotonic() - started
         self.master.jobs_stored(batch.acks)
 
-    def _requeue_writes(self, batch: Batch) -> None:
-        """Keep a batch that could not be committed for the next commit (acks wait too)."""
-        later = self.batch
-        for name in ("sessions", "functions", "jobs", "results"):
-            merged = getattr(batch, name)
-            merged.update(getattr(later, name))
-            setattr(later, name, merged)
-        later.ended |= batch.ended
-        later.taken |= batch.taken
-        later.forgotten |= batch.forgotten
-        for cid, seqs in batch.acks.items():
-            later.acks[cid] = seqs + later.acks.get(cid, [])
+    def _not_committed(self, failure: Failure, batch: Batch) -> None:
+        # Nothing is acknowledged: the clients resubmit these jobs if this
+        # master dies.  Say so once, not at every commit.
+        if not self.commit_failed:
+            if failure.check(StateFileError):
+                log.error("{e}; jobs are kept in memory only until it works again", e=failure.value)
+            else:
+                log.failure("Cannot commit the state file; jobs are kept in memory only", failure)
+        self.commit_failed = True
+        # Kept for the next commit (acknowledgements wait too), with what
+        # gathered meanwhile on top.
+        batch.absorb(self.batch)
+        self.batch = batch
 
-    def close(self) -> None:
-        """Commit what is pending and close the file (the master stops)."""
-        self.commit()
-        self.store.close()
+    def _written(self, _: None) -> None:
+        self._writing = False
+        waiters, self._written_waiters = self._written_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        if self.batch and not self.commit_failed:
+            # Gathered while the last commit was written; after a failure,
+            # the next write tries again (as before it).
+            self._schedule_commit()
+
+    @defer.inlineCallbacks
+    def flush(self):
+        """
+        Commit what was gathered so far; fires once that is written (or,
+        if the file cannot be written, kept in the batch).
+        """
+        if self._writing:
+            yield self._when_written()
+        if self.batch:
+            self.commit()
+            if self._writing:
+                yield self._when_written()
+
+    def _when_written(self) -> defer.Deferred:
+        waiter = defer.Deferred()
+        self._written_waiters.append(waiter)
+        return waiter
+
+    def close(self) -> defer.Deferred:
+        """Commit what is pending and close the file (the master stops); fires once closed."""
+        d = self.flush()
+        d.addBoth(lambda _: self.writer.run(self.store.close))
+        d.addBoth(lambda _: self.writer.stop())
+        return d
 
     # -- inspection ------------------------------------------------------
 

@@ -35,7 +35,7 @@ from cw.core.routing import Routing, SendContext
 from cw.core.scheduler import Scheduler, Unsent
 from cw.core.versions import CONTEXT_KEY, incompatible, short
 from cw.errors import ReportKind, StateFileError
-from cw.master.durable import DurableQueue
+from cw.master.durable import DurableQueue, InlineWriter, StateWriter
 from cw.master.pool import (
     MasterSource,
     PoolService,
@@ -106,6 +106,7 @@ class Master:
         unschedulable_timeout: float = _DEFAULTS.unschedulable_timeout,
         state: str | None = _DEFAULTS.state,
         max_stored_results_bytes: int = _DEFAULTS.max_stored_results_bytes,
+        state_writer: StateWriter | InlineWriter | None = None,
     ) -> None:
         #: The reactor's clock (C{IReactorTime}): all the master's time comes from it.
         self.clock = clock
@@ -193,7 +194,7 @@ class Master:
         #: The durable queue (C{--state}), reloaded from its file; None: in memory only.
         self.durable: DurableQueue | None = None
         if state is not None:
-            self.durable = DurableQueue(self, state, max_stored_results_bytes)
+            self.durable = DurableQueue(self, state, max_stored_results_bytes, state_writer)
             self.durable.reload()
 
     # -- events from connections -----------------------------------------
@@ -799,8 +800,13 @@ class Master:
         if self.durable is None:
             return []
         seqs, waiting = self.durable.session_jobs(cid)
-        if waiting:
-            self.clients[cid].send_results(waiting)
+
+        def send(results: list[P.Result]) -> None:
+            proto = self.clients.get(cid)
+            if results and proto is not None:
+                proto.send_results(results)
+
+        waiting.addCallback(send).addErrback(lambda f: log.failure("Cannot read the stored results", f))
         return seqs
 
     # -- clients that do not read ----------------------------------------
@@ -1284,9 +1290,11 @@ class MasterService(service.Service):
         return stopped
 
     def _close_state(self, passthrough):
-        self.master.durable.close()
-        log.info("State file {path} committed and closed", path=self.master.durable.store.path)
-        return passthrough
+        def closed(_):
+            log.info("State file {path} committed and closed", path=self.master.durable.store.path)
+            return passthrough
+
+        return self.master.durable.close().addCallback(closed)
 
 
 class Options(ConfigOptions):

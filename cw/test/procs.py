@@ -254,9 +254,13 @@ class Processes:
         return "\n".join(text[-lines:])
 
     def start_master(
-        self, *options: str, listen: str = "tcp:0:interface=127.0.0.1", prefix: tuple[str, ...] = ()
+        self,
+        *options: str,
+        listen: str = "tcp:0:interface=127.0.0.1",
+        prefix: tuple[str, ...] = (),
+        env: dict | None = None,
     ) -> str:
-        """Start a master (behind C{prefix}, see L{spawn}); wait until it listens."""
+        """Start a master (behind C{prefix}, with C{env}: see L{spawn}); wait until it listens."""
         address_file = self.directory / "master.address"
         address_file.unlink(missing_ok=True)  # a killed master leaves its own
         self.master = self.spawn(
@@ -270,6 +274,7 @@ class Processes:
                 *options,
             ],
             prefix,
+            env,
         )
 
         def listening():

@@ -63,6 +63,25 @@ class BatchTests(SynchronousTestCase):
         batch.session(SessionRecord("s", {}))
         self.assertEqual(batch.forgotten, set())
 
+    def test_absorb_keeps_order_of_acks_and_writes(self):
+        """
+        A batch that absorbs a later one acknowledges its own jobs first;
+        a job it inserts that the later one ends is not inserted; a result
+        the later one takes is not written (see test_store's AbsorbTests
+        for the whole against a real file).
+        """
+        earlier, later = Batch(), Batch()
+        earlier.submit("s", 7, [Job(7, 1, b"a"), Job(7, 2, b"b")])
+        earlier.store_result("s", Result(7, 5, Outcome.OK, b"r"))
+        later.submit("s", 7, [Job(7, 3, b"c")])
+        later.submit("s", 8, [Job(8, 9, b"d")])
+        later.end("s", [1])
+        later.take_results([("s", 5)])
+        earlier.absorb(later)
+        self.assertEqual(earlier.acks, {7: [1, 2, 3], 8: [9]})
+        self.assertEqual(sorted(earlier.jobs), [("s", 2), ("s", 3), ("s", 9)])
+        self.assertEqual((earlier.results, earlier.taken), ({}, {("s", 5)}))
+
     def test_commit_delay(self):
         """Submitted jobs are committed at once (their client waits); the rest may gather."""
         batch = Batch()

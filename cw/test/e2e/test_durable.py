@@ -14,16 +14,41 @@ from twisted.internet import threads
 from twisted.trial import unittest
 
 from cw.cli.cw import format_status
-from cw.client import master_status
+from cw.client import ClusterExecutor, master_status
 from cw.master.web import render_metrics
+from cw.system import with_cw_on_path
+from cw.test.jobs import touch
 from cw.test.procs import (
     COLLECT_SESSION,
     DEADLINE,
     SUBMIT_AND_DETACH,
     Processes,
+    abandon,
+    executor,
     run_script,
     wait_until,
 )
+
+#: A C{sitecustomize} module, put first on a master's C{PYTHONPATH}: while
+#: the file HOLD exists, its state file's commits of submitted jobs wait
+#: before they write (a disk slow to sync), saying so in C{HOLD.entered}.
+SLOW_DISK = """
+import os, time
+from cw.master import store
+
+HOLD = {hold!r}
+_commit = store.Store.commit
+
+def commit(self, batch):
+    if batch.acks and os.path.exists(HOLD):
+        open(HOLD + ".entered", "w").close()
+        deadline = time.monotonic() + 60
+        while os.path.exists(HOLD) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    _commit(self, batch)
+
+store.Store.commit = commit
+"""
 
 
 class DurableQueueTests(unittest.TestCase):
@@ -47,6 +72,53 @@ class DurableQueueTests(unittest.TestCase):
             self.assertIn(f"cw-master: the state file {self.state} is in use by another master (", log)
             self.assertIn(f":{self.procs.master.pid})", log)
             self.assertNotIn("Traceback", log)
+
+        return threads.deferToThread(body)
+
+    def test_master_answers_while_its_disk_syncs(self):
+        """
+        While the state file's commit waits for the disk (held by the
+        test), the master answers: its status, and another client's jobs
+        are queued; the job being committed is not acknowledged until it
+        is written.  Once acknowledged, it survives the master's SIGKILL
+        and runs on the restarted master.
+        """
+
+        def body():
+            procs = self.procs
+            hold = str(procs.directory / "hold")
+            site = procs.directory / "slow-disk"
+            site.mkdir()
+            (site / "sitecustomize.py").write_text(SLOW_DISK.format(hold=hold))
+            touch(hold)
+            path = os.pathsep.join([str(site), with_cw_on_path(os.environ)["PYTHONPATH"]])
+            address = procs.start_master("--state", self.state, env={"PYTHONPATH": path})
+            ex = ClusterExecutor(address, session="slow")
+            self.addCleanup(abandon, ex)
+            ex.submit(pow, 3, 2)
+            wait_until(lambda: os.path.exists(hold + ".entered"), what="the commit to start")
+            # The commit waits for the disk; the master answers meanwhile.
+            self.assertEqual(master_status(address, timeout=20)["queued"], 1)
+            with executor(address) as other:
+                other.submit(pow, 2, 2)
+                wait_until(lambda: master_status(address, timeout=20)["queued"] == 2, what="the 2nd job")
+                self.assertFalse(other.session.wait_stored(0.5))  # it waits for the next commit
+                self.assertFalse(ex.session.wait_stored(0.5))
+                self.assertTrue(os.path.exists(hold))  # still held: nothing above waited for it
+                os.unlink(hold)
+                self.assertTrue(ex.session.wait_stored(DEADLINE))
+                self.assertTrue(other.session.wait_stored(DEADLINE))
+                os.kill(procs.master.pid, signal.SIGKILL)
+                procs.master.wait(30)
+                abandon(other)
+            ex.detach(timeout=DEADLINE)
+            address = procs.start_master("--state", self.state)
+            # Both sessions' jobs (the other one's results wait for it).
+            self.assertIn("2 jobs of 2 sessions requeued", procs.master.log.read_text())
+            procs.start_worker(1)
+            out = run_script(self, COLLECT_SESSION, address, "slow")
+            self.assertEqual(out.returncode, 0, out.stderr)
+            self.assertEqual(json.loads(out.stdout), {"pending": 0, "results": {"1": 9}})
 
         return threads.deferToThread(body)
 

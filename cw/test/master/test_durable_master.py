@@ -10,16 +10,42 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from cw.core.durable import LAZY_COMMIT
+from cw.errors import StateFileError
+from cw.master.durable import InlineWriter
 from cw.master.service import Master
 from cw.test.master.test_master_faults import FakePeer
 from cw.test.master.test_store import crash
 from cw.wire import commands as P
 
 CONTEXT = {"cwd": "/", "path": []}
+
+
+class HeldWriter:
+    """
+    A state writer whose calls run only when the test says so (a disk
+    that takes its time to sync): the master's turns go on meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def run(self, function, *args) -> defer.Deferred:
+        d = defer.Deferred()
+        self.calls.append((function, args, d))
+        return d
+
+    def release(self) -> None:
+        """Run the oldest call waiting, and report its outcome."""
+        function, args, d = self.calls.pop(0)
+        defer.maybeDeferred(function, *args).chainDeferred(d)
+
+    def stop(self) -> None:
+        pass
 
 
 class DurableMasterTests(SynchronousTestCase):
@@ -29,15 +55,17 @@ class DurableMasterTests(SynchronousTestCase):
         self.clock = Clock()
         self.master = self.start()
 
-    def start(self, **options) -> Master:
-        master = Master(clock=self.clock, heartbeat=0, state=self.path, **options)
+    def start(self, writer=None, **options) -> Master:
+        master = Master(
+            clock=self.clock, heartbeat=0, state=self.path, state_writer=writer or InlineWriter(), **options
+        )
         self.addCleanup(lambda: master.durable.store._lock is not None and crash(master.durable.store))
         return master
 
-    def restart(self, **options) -> Master:
+    def restart(self, writer=None, **options) -> Master:
         """A new master on the file, as after a SIGKILL (nothing closed)."""
         crash(self.master.durable.store)
-        self.master = self.start(**options)
+        self.master = self.start(writer, **options)
         return self.master
 
     def client(self, session: str, master: Master | None = None) -> FakePeer:
@@ -83,6 +111,65 @@ class DurableMasterTests(SynchronousTestCase):
         self.assertEqual(self.stored_acks(peer), [1, 2, 3, 4, 5])
         self.assertEqual(self.master.durable.commits, 1)
         self.assertEqual(len(self.restart().durable.store.load().jobs), 5)
+
+    def test_commit_written_while_the_master_goes_on(self):
+        """
+        While a commit is being written (by the writer's thread), the
+        master goes on: its jobs are not acknowledged before it is on disk;
+        jobs submitted meanwhile are queued, and committed together in the
+        next commit, which starts when the first is done.
+        """
+        writer = HeldWriter()
+        self.restart(writer)
+        peer = self.client("s")
+        self.submit(peer, [1, 2])
+        self.clock.advance(0)
+        self.assertEqual(len(writer.calls), 1)  # the first commit, being written
+        self.submit(peer, [3])
+        self.clock.advance(0)
+        self.submit(peer, [4])
+        self.clock.advance(0)
+        self.assertEqual(self.master.scheduler.queued, 4)
+        self.assertEqual(self.master.status()["queued"], 4)
+        self.assertEqual((len(writer.calls), self.stored_acks(peer)), (1, []))
+        writer.release()
+        self.assertEqual(self.stored_acks(peer), [1, 2])
+        self.clock.advance(0)
+        self.assertEqual(len(writer.calls), 1)  # the second, with 3 and 4
+        self.assertEqual(self.master.durable.commits, 1)
+        writer.release()
+        self.assertEqual(self.stored_acks(peer), [1, 2, 3, 4])
+        self.assertEqual(self.master.durable.commits, 2)
+        self.assertEqual([job.seq for job in self.restart().durable.store.load().jobs], [1, 2, 3, 4])
+
+    def test_failed_commit_kept_with_later_writes(self):
+        """
+        A commit that fails (a full disk) acknowledges nothing; its writes
+        are kept, with those gathered while it was written on top, and
+        committed, then acknowledged, when writing works again.
+        """
+        writer = HeldWriter()
+        self.restart(writer)
+        peer = self.client("s")
+        store = self.master.durable.store
+        commit = store.commit
+        store.commit = lambda batch: (_ for _ in ()).throw(StateFileError("cannot write: disk full"))
+        self.submit(peer, [1, 2, 3])
+        self.clock.advance(0)
+        # Gathered while the commit is written: job 1 ends, job 4 comes.
+        self.master.durable.ended([P.Result(peer.peer_id, 1, P.Outcome.OK, b"r")], {peer.peer_id})
+        self.submit(peer, [4])
+        self.clock.advance(LAZY_COMMIT)
+        writer.release()
+        self.assertEqual(self.stored_acks(peer), [])
+        self.assertTrue(self.master.status()["state"]["failing"])
+        store.commit = commit
+        self.submit(peer, [5])
+        self.clock.advance(0)
+        writer.release()
+        self.assertEqual(self.stored_acks(peer), [1, 2, 3, 4, 5])
+        self.assertFalse(self.master.status()["state"]["failing"])
+        self.assertEqual([job.seq for job in self.restart().durable.store.load().jobs], [2, 3, 4, 5])
 
     def test_away_session_keeps_jobs_and_results(self):
         """

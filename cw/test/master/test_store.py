@@ -146,3 +146,72 @@ class StoreTests(SynchronousTestCase):
         e = self.assertRaises(StateFileError, Store, self.path)
         self.assertIn("schema 99", str(e))
         self.store = Store(self.path + "2")
+
+
+def _base() -> Batch:
+    """Rows already in a file: sessions s and t, a function and jobs 1-3 of each, a stored result of s."""
+    batch = Batch()
+    for name in ("s", "t"):
+        batch.session(SessionRecord(name, {"cwd": "/"}))
+        batch.function(name, b"k", b"f0")
+        batch.submit(name, 1, [Job(1, seq, b"p%d" % seq) for seq in (1, 2, 3)])
+    batch.store_result("s", Result(1, 9, Outcome.OK, b"r9"))
+    return batch
+
+
+def _scenarios():
+    """Pairs of an earlier and a later batch (written after _base), one for each way their writes meet."""
+    earlier, later = Batch(), Batch()  # a job inserted, then ended; one ended, then inserted again
+    earlier.submit("s", 1, [Job(1, 4, b"p4")])
+    earlier.end("s", [1])
+    later.end("s", [4])
+    later.submit("s", 1, [Job(1, 1, b"again")])
+    yield earlier, later
+    earlier, later = Batch(), Batch()  # a job replaced; a result stored, then taken; one taken, then stored
+    earlier.submit("t", 1, [Job(1, 5, b"old")])
+    earlier.store_result("t", Result(1, 2, Outcome.OK, b"r2"))
+    earlier.take_results([("s", 9)])
+    later.submit("t", 1, [Job(1, 5, b"new")])
+    later.take_results([("t", 2)])
+    later.store_result("s", Result(1, 9, Outcome.RAISED, b"again"))
+    yield earlier, later
+    earlier, later = Batch(), Batch()  # a session written to, then forgotten; one forgotten, then back
+    earlier.function("s", b"k2", b"f2")
+    earlier.submit("s", 1, [Job(1, 6, b"p6")])
+    earlier.store_result("s", Result(1, 7, Outcome.OK, b"r7"))
+    earlier.forget("t")
+    later.forget("s")
+    later.session(SessionRecord("t", {"cwd": "/t"}, 3))
+    later.submit("t", 1, [Job(1, 8, b"p8")])
+    yield earlier, later
+
+
+class AbsorbTests(SynchronousTestCase):
+    """L{Batch.absorb} against the real file: committing the merged batch is committing both, in order."""
+
+    def store(self, name: str) -> Store:
+        path = os.path.join(self.mktemp() + ".d", name)
+        os.makedirs(os.path.dirname(path))
+        store = Store(path)
+        self.addCleanup(store.close)
+        store.commit(_base())
+        return store
+
+    def test_absorbed_batch_commits_as_both(self):
+        for number, (earlier, later) in enumerate(_scenarios()):
+            one_by_one = self.store(f"{number}-a.db")
+            one_by_one.commit(earlier)
+            one_by_one.commit(later)
+            merged = self.store(f"{number}-b.db")
+            earlier.absorb(later)
+            merged.commit(earlier)
+            expected, got = one_by_one.load(), merged.load()
+            self.assertEqual(
+                (got.sessions, got.functions, got.jobs, sorted(got.results)),
+                (expected.sessions, expected.functions, expected.jobs, sorted(expected.results)),
+                f"scenario {number}",
+            )
+            stored = {(r.session, r.seq, r.status, r.payload) for r in merged.results_of("s", [7, 9])}
+            self.assertEqual(
+                stored, {(r.session, r.seq, r.status, r.payload) for r in one_by_one.results_of("s", [7, 9])}
+            )
