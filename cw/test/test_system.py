@@ -4,10 +4,14 @@ Tests for L{cw.system}: the operating-system helpers the layers share.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
+from unittest import SkipTest, skipIf
 
 from twisted.trial import unittest
 
@@ -210,3 +214,157 @@ class MachineIdentityTests(unittest.TestCase):
         self.assertIsNone(system.machine_identity())
         os.environ["CW_MACHINE_IDENTITY"] = ""
         self.assertEqual(system.machine_identity(), mine)
+
+
+PAGE = mmap.PAGESIZE
+
+
+def resident(buffer) -> list[bool]:
+    """Whether each page holding C{buffer} is mapped in this process (C{mincore})."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    address, length = system._address(buffer)
+    start = address - address % PAGE
+    pages = (address + length - start + PAGE - 1) // PAGE
+    vector = ctypes.create_string_buffer(pages)
+    if libc.mincore(start, pages * PAGE, vector) != 0:
+        raise OSError(ctypes.get_errno(), "mincore")
+    return [bool(b & 1) for b in vector.raw]
+
+
+def untouched(pages: int) -> mmap.mmap:
+    """A private anonymous mapping of C{pages} pages, none of them mapped yet."""
+    return mmap.mmap(-1, pages * PAGE)
+
+
+@skipIf(not sys.platform.startswith("linux"), "madvise(MADV_POPULATE_*) and mincore are Linux's")
+class PopulateTests(unittest.TestCase):
+    """L{system.populate}: a buffer's pages mapped in one system call, best effort."""
+
+    def setUp(self):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        probe = untouched(1)
+        self.addCleanup(probe.close)
+        if libc.madvise(system._address(probe)[0], PAGE, system.MADV_POPULATE_READ) != 0:
+            raise SkipTest("this kernel has no MADV_POPULATE_READ (Linux 5.14)")
+
+    def test_maps_every_page(self):
+        mapping = untouched(64)
+        self.assertEqual(resident(mapping), [False] * 64)
+        system.populate(mapping)
+        self.assertEqual(resident(mapping), [True] * 64)
+        self.assertEqual(mapping[:], bytes(64 * PAGE), "nothing written")
+
+    def test_for_writing(self):
+        mapping = untouched(8)
+        system.populate(memoryview(mapping), write=True)
+        self.assertEqual(resident(mapping), [True] * 8)
+        self.assertEqual(mapping[:], bytes(8 * PAGE))
+
+    def test_unaligned(self):
+        """A view starting and ending within pages: exactly the pages holding it."""
+        mapping = untouched(8)
+        view = memoryview(mapping)[PAGE + 100 : 4 * PAGE + 1]
+        system.populate(view)
+        self.assertEqual(resident(mapping), [False, True, True, True, True, False, False, False])
+
+    def test_empty(self):
+        system.populate(b"")
+        mapping = untouched(2)
+        system.populate(memoryview(mapping)[PAGE:PAGE])
+        system.populate(memoryview(mapping)[PAGE:PAGE], write=True)
+        self.assertEqual(resident(mapping), [False, False])
+
+    def test_read_only(self):
+        """Populating read-only memory for writing is refused by the kernel, and ignored."""
+        mapping = mmap.mmap(-1, 4 * PAGE, prot=mmap.PROT_READ)
+        system.populate(mapping, write=True)
+        system.populate(mapping)
+        self.assertEqual(resident(mapping), [True] * 4)
+        self.assertEqual(mapping[:], bytes(4 * PAGE))
+
+    def test_pages_mapped_already_skipped(self):
+        """A buffer whose pages are mapped already costs no madvise."""
+        calls = []
+        real = system._madvise
+        self.patch(system, "_madvise", lambda *a: calls.append(a) or real(*a))
+        touched = bytearray(os.urandom(64 * PAGE))
+        system.populate(touched)
+        self.assertEqual(calls, [])
+        mapping = untouched(64)
+        mapping[32 * PAGE] = 1  # one page mapped: not enough
+        system.populate(mapping)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(resident(mapping), [True] * 64)
+
+    def test_not_contiguous(self):
+        with self.assertRaises(BufferError):
+            system.populate(memoryview(bytes(100))[::2])
+
+
+class PopulateElsewhereTests(unittest.TestCase):
+    """Where there is no madvise (not Linux), populating does nothing and copies still copy."""
+
+    def setUp(self):
+        self.patch(system, "_madvise", None)
+        self.patch(system, "_mincore", None)
+
+    def test_populate_does_nothing(self):
+        system.populate(bytes(1 << 21))
+        system.populate(bytearray(10), write=True)
+
+    def test_copied(self):
+        data = os.urandom(system.COPY_IN_BULK_ABOVE + 5)
+        self.assertEqual(system.copied(memoryview(data)[1:]), data[1:])
+        self.assertEqual(system.copied(data, bytearray), bytearray(data))
+
+    def test_no_libc_madvise(self):
+        self.patch(sys, "platform", "darwin")
+        self.assertIsNone(system._libc_function("madvise"))
+
+
+class CopiedTests(unittest.TestCase):
+    """L{system.copied}: C{bytes(buffer)} or C{bytearray(buffer)}, made with bulk-mapped pages."""
+
+    def check(self, source, kind=bytes) -> None:
+        made = system.copied(source, kind)
+        self.assertIs(type(made), kind)
+        self.assertEqual(made, kind(source))
+        return made
+
+    def test_sizes(self):
+        data = os.urandom(3 * system.COPY_IN_BULK_ABOVE + 3)
+        for size in (0, 1, 4095, system.COPY_IN_BULK_ABOVE - 1, system.COPY_IN_BULK_ABOVE, len(data)):
+            for kind in (bytes, bytearray):
+                self.check(memoryview(data)[:size], kind)
+
+    def test_unaligned_source(self):
+        data = os.urandom(2 * system.COPY_IN_BULK_ABOVE + 100)
+        self.check(memoryview(data)[7:-9])
+        self.check(pickle.PickleBuffer(data), bytearray)
+
+    def test_read_only_untouched_source(self):
+        """From a read-only mapping never read (as a result's memory file mapped by the client)."""
+        size = 2 * system.COPY_IN_BULK_ABOVE + 1
+        fd = os.memfd_create("cw-test")
+        self.addCleanup(os.close, fd)
+        os.pwrite(fd, os.urandom(size), 0)
+        mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        self.addCleanup(mapping.close)
+        view = memoryview(mapping)
+        self.addCleanup(view.release)
+        self.assertEqual(system.copied(view), os.pread(fd, size, 0))
+
+    def test_bytearray_is_its_own(self):
+        data = os.urandom(system.COPY_IN_BULK_ABOVE * 2)
+        made = self.check(data, bytearray)
+        made[0] ^= 0xFF
+        self.assertNotEqual(made[0], data[0])
+
+    def test_not_contiguous(self):
+        data = os.urandom(system.COPY_IN_BULK_ABOVE * 3)
+        self.check(memoryview(data)[::3])
+
+    def test_other_kind_refused(self):
+        self.assertRaises(TypeError, system.copied, b"abc", str)

@@ -48,6 +48,7 @@ from cw.core.payload import (
     memoryview_from_buffer,
     unframe,
 )
+from cw.system import copied
 
 #: The pickle protocol of payloads: 5, the first with out-of-band buffers.
 PROTOCOL = 5
@@ -67,7 +68,25 @@ class OutOfBand:
 
     def __reduce_ex__(self, protocol: int):
         # Read-only: the loader copies it into a new bytes or bytearray anyway.
-        return type(self.data), (pickle.PickleBuffer(memoryview(self.data).toreadonly()),)
+        return _COPIERS[type(self.data)], (pickle.PickleBuffer(memoryview(self.data).toreadonly()),)
+
+
+def bytes_from_buffer(buffer) -> bytes:
+    """
+    Load a big C{bytes} that travelled out of band: a copy of C{buffer}
+    made as C{bytes(buffer)} makes it, but with the pages mapped in bulk
+    (L{cw.system.copied}), which matters most for the first touch of
+    fresh memory.
+    """
+    return copied(buffer, bytes)
+
+
+def bytearray_from_buffer(buffer) -> bytearray:
+    """As L{bytes_from_buffer}, a C{bytearray}."""
+    return copied(buffer, bytearray)
+
+
+_COPIERS = {bytes: bytes_from_buffer, bytearray: bytearray_from_buffer}
 
 
 #: Tuples and lists up to this long are looked into for big C{bytes} (see L{out_of_band}).
@@ -193,7 +212,7 @@ def loads(data: Any) -> Any:
         return pickle.loads(data)
     pickled, segments = unframe(data)
     buffers = [
-        memoryview(bytearray(view)) if flags & WRITABLE and view.readonly else view
+        memoryview(copied(view, bytearray)) if flags & WRITABLE and view.readonly else view
         for view, flags in segments
     ]
     return pickle.loads(pickled, buffers=buffers)

@@ -13,6 +13,7 @@ import tracemalloc
 
 from twisted.trial import unittest
 
+from cw import system
 from cw.core.payload import OUT_OF_BAND_ABOVE, Segments, is_framed
 from cw.wire import pickling
 
@@ -107,6 +108,28 @@ class RoundTripTests(unittest.TestCase):
     def test_malformed_frame_refused(self):
         data = bytes(pickling.dumps(pickling.out_of_band(bytearray(BIG))))
         self.assertRaises(ValueError, pickling.loads, data[:-1])
+
+
+class BigBytesTests(unittest.TestCase):
+    """
+    Big C{bytes} and C{bytearray} sent out of band load through
+    L{cw.system.copied} (their pages mapped in bulk), as their own type.
+    """
+
+    def test_loaded_by_copied(self):
+        made = []
+
+        def counting(buffer, kind=bytes):
+            made.append(kind)
+            return system.copied(buffer, kind)
+
+        self.patch(pickling, "copied", counting)
+        big, mutable = b"\x02" * BIG, bytearray(b"\x03" * BIG)
+        got = pickling.loads(received(pickling.dumps(pickling.call_value(len, (big, mutable), {}))))
+        self.assertEqual(made, [bytes, bytearray])
+        self.assertEqual(got, (len, (big, mutable), {}))
+        self.assertIs(type(got[1][0]), bytes)
+        self.assertIs(type(got[1][1]), bytearray)
 
 
 class NotCopiedTests(unittest.TestCase):

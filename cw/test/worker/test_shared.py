@@ -24,6 +24,8 @@ except ImportError:  # NumPy is optional (the test extra)
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from cw import system
+from cw.core.payload import Segments
 from cw.test.procs import dev_shm, memory_files
 from cw.test.worker.test_pool import DEADLINE, PoolHarness
 from cw.wire import commands as P
@@ -305,6 +307,24 @@ class MapPrivateTests(unittest.TestCase):
             raise unittest.SkipTest("this kernel cannot populate a mapping (MADV_POPULATE_READ: Linux 5.14)")
         self.assertLess(resident_kib(lazy), 1 << 10)
         self.assertEqual(bytes(lazy[:16]), bytes(populated[:16]))
+
+
+class WritePartsTests(unittest.TestCase):
+    """L{memfile.write_parts}: the parts, one after another; big ones' pages mapped in bulk first."""
+
+    def test_big_parts_populated_first(self):
+        populated = []
+        self.patch(memfile, "populate", lambda view: populated.append(len(view)) or system.populate(view))
+        fd = memfile.create()
+        self.addCleanup(os.close, fd)
+        big = bytes(memfile.POPULATE_ABOVE + 1)  # pages never touched
+        mapping = mmap.mmap(-1, memfile.POPULATE_ABOVE)  # nor these
+        self.addCleanup(mapping.close)
+        small = b"x" * (memfile.POPULATE_ABOVE - 1)
+        end = memfile.write_parts(fd, [small, Segments([big, b"y"]), mapping], 3)
+        self.assertEqual(populated, [len(big), len(mapping)])
+        self.assertEqual(end, 3 + len(small) + len(big) + 1 + len(mapping))
+        self.assertEqual(os.pread(fd, end, 0), bytes(3) + small + big + b"y" + bytes(len(mapping)))
 
 
 class LentResultsTests(unittest.TestCase):
