@@ -893,9 +893,14 @@ class Session:
             if self._sent:
                 for result in results:
                     self._sent.pop(result.seq, None)
-        if len(self.arguments):
-            self.arguments.close(result.seq for result in results)
-        self.on_results(results)
+        try:
+            self.on_results(results)
+        finally:
+            # After the results are handed on: closing a big argument's
+            # file frees its memory (about 0.3 ms per MB), which the
+            # result need not wait for.
+            if len(self.arguments):
+                self.arguments.close(result.seq for result in results)
 
     def _take_lent(self, results: list[P.Result]) -> list[P.Result]:
         """

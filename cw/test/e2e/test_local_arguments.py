@@ -68,6 +68,11 @@ def hold_once(data, marker: str):
     return digest(data)
 
 
+def mapping_process(data) -> tuple[int, int]:
+    """This job process's pid and how many memory files it has mapped (C{data}'s)."""
+    return os.getpid(), mapped_memory_files(os.getpid())
+
+
 def wait_for(marker: str) -> bool:
     """Block until C{marker} exists (a job that keeps a worker busy)."""
     while not os.path.exists(marker):
@@ -78,6 +83,18 @@ def wait_for(marker: str) -> bool:
 def client_memory_files() -> int:
     """cw's memory files this process (the client) holds."""
     return memory_files()
+
+
+def files_closed(ex) -> None:
+    """
+    Wait until the client holds no argument file any more: they are closed
+    just after their results are handed on (not before: the results need
+    not wait for it), so a bounded wait.
+    """
+    wait_until(
+        lambda: not ex.session.arguments.descriptors() and client_memory_files() == 0,
+        what="the client's argument files to close",
+    )
 
 
 class LocalArgumentTests(unittest.TestCase):
@@ -112,9 +129,27 @@ class LocalArgumentTests(unittest.TestCase):
                 grown = peak_rss_mib(master) - before
                 self.assertLess(grown, 20, f"the master's peak memory grew by {grown:.1f} MiB")
                 self.assertEqual(referenced, 1, "the job process did not map the client's file")
-                self.assertEqual(ex.session.arguments.descriptors(), [])
-                self.assertEqual(client_memory_files(), 0)
+                files_closed(ex)
             self.assertEqual(dev_shm() - self.shm_before, set())
+
+        return threads.deferToThread(body)
+
+    def test_argument_unmapped_after_the_job(self):
+        """
+        The job process has its argument mapped while the job runs, and
+        unmaps it once it has answered (just after: the answer does not
+        wait for it).
+        """
+        blob = os.urandom(5 * MiB)
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(1)
+            with executor(self.procs.address) as ex:
+                pid, mapped = ex.submit(mapping_process, blob).result(DEADLINE)
+                self.assertGreaterEqual(mapped, 1, "the argument was not mapped")
+                wait_until(lambda: mapped_memory_files(pid) == 0, what="the job process to unmap it")
+                files_closed(ex)
 
         return threads.deferToThread(body)
 
@@ -136,8 +171,7 @@ class LocalArgumentTests(unittest.TestCase):
                     value, referenced = future.result(DEADLINE)
                     self.assertEqual(value, hashlib.sha256(array.data).hexdigest())
                     self.assertGreater(referenced, 0, "an array did not go by reference")
-                wait_until(lambda: not ex.session.arguments.descriptors(), what="the files to close")
-                self.assertEqual(client_memory_files(), 0)
+                files_closed(ex)
 
         return threads.deferToThread(body)
 
@@ -156,7 +190,7 @@ class LocalArgumentTests(unittest.TestCase):
                 value, referenced = ex.submit(digest, blob).result(DEADLINE)
                 self.assertEqual(value, hashlib.sha256(blob).hexdigest())
                 self.assertEqual(referenced, 0)
-                self.assertEqual(ex.session.arguments.descriptors(), [])
+                files_closed(ex)
 
         return threads.deferToThread(body)
 
@@ -189,8 +223,7 @@ class LocalArgumentTests(unittest.TestCase):
 
         def check(ex, future, _):
             self.assertIsInstance(future.exception(DEADLINE), JobCrashed)
-            self.assertEqual(ex.session.arguments.descriptors(), [])
-            self.assertEqual(client_memory_files(), 0)
+            files_closed(ex)
             self.assertEqual(dev_shm() - self.shm_before, set())
 
         return threads.deferToThread(self._kill_while_mapped, False, check)
@@ -207,7 +240,7 @@ class LocalArgumentTests(unittest.TestCase):
             value, referenced = future.result(DEADLINE)
             self.assertEqual(value, hashlib.sha256(blob).hexdigest())
             self.assertEqual(referenced, 1)
-            self.assertEqual(ex.session.arguments.descriptors(), [])
+            files_closed(ex)
             self.assertEqual(dev_shm() - self.shm_before, set())
 
         return threads.deferToThread(self._kill_while_mapped, True, check)
@@ -321,8 +354,7 @@ class LocalArgumentTests(unittest.TestCase):
                 for blob, future in zip(blobs, futures, strict=True):
                     value, _ = future.result(DEADLINE)
                     self.assertEqual(value, hashlib.sha256(blob).hexdigest())
-                wait_until(lambda: not ex.session.arguments.descriptors(), what="the files to close")
-                self.assertEqual(client_memory_files(), 0)
+                files_closed(ex)
 
         return threads.deferToThread(body)
 

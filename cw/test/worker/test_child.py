@@ -54,6 +54,27 @@ def import_value(module_name):
     return importlib.import_module(module_name).VALUE
 
 
+class Tracked:
+    """A job argument that notes, once loaded in a job process, when it is freed."""
+
+    freed: list[str] = []
+
+    def __init__(self, name: str, loaded: bool = False) -> None:
+        self.name, self.loaded = name, loaded
+
+    def __reduce__(self):
+        return Tracked, (self.name, True)
+
+    def __del__(self):
+        if self.loaded:
+            Tracked.freed.append(self.name)
+
+
+def freed_before(argument: Tracked) -> list[str]:
+    """The loaded arguments freed before this job ran."""
+    return list(Tracked.freed)
+
+
 class ContextIsolation:
     """Mixin: restore the working directory, C{sys.path} and L{child}'s memory."""
 
@@ -266,3 +287,25 @@ class CachedFunctionTests(SynchronousTestCase, ContextIsolation):
         [result] = self.run_map_jobs(job_child, where, {}, 2)
         self.assertEqual(result.status, Outcome.OK, read_error_report(result.payload))
         self.assertEqual(cloudpickle.loads(result.payload), 6)
+
+
+class LeftoversTests(SynchronousTestCase):
+    """
+    A batch's last arguments are freed once its answer is sent
+    (L{child.JobChild.let_go}), not before (freeing a big one takes
+    milliseconds); the other jobs' as the next job starts, as before.
+    """
+
+    def test_arguments_freed(self):
+        from cw.wire import commands as P
+
+        Tracked.freed.clear()
+        self.addCleanup(Tracked.freed.clear)
+        job_child = child.JobChild()
+        jobs = [P.Job(7, seq, payload(freed_before, Tracked(name))) for seq, name in enumerate("abc")]
+        results = job_child.run_batch(jobs, {}, {})["results"]
+        self.assertEqual([cloudpickle.loads(r.payload) for r in results], [[], ["a"], ["a", "b"]])
+        self.assertEqual(Tracked.freed, ["a", "b"], "the last job's argument is not kept until the answer")
+        job_child.let_go()
+        self.assertEqual(Tracked.freed, ["a", "b", "c"])
+        self.assertEqual((job_child.after_answer, job_child.last_arguments), ([], []))
