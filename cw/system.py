@@ -444,3 +444,29 @@ def copied(buffer, kind: type = bytes) -> bytes | bytearray:
     _advise(target, length, MADV_POPULATE_WRITE)
     ctypes.memmove(target, address, length)
     return new
+
+
+def unfilled_bytearray(length: int) -> bytearray:
+    """
+    A new C{bytearray} of C{length} bytes whose contents are undefined
+    (not zeroed, as C{bytearray(length)} would: that writes every page),
+    for a receiver that fills it all before anyone reads it.  Its pages
+    are not mapped yet: map them ahead of the writes with L{populate_range}.
+    Raises C{MemoryError} if it cannot be allocated.
+    """
+    if length < COPY_IN_BULK_ABOVE:
+        return bytearray(length)
+    return _new_bytearray(None, length)
+
+
+def populate_range(buffer, start: int, end: int) -> None:
+    """
+    Map bytes C{start} to C{end} of C{buffer} (writable, contiguous) for
+    writing, in one system call (C{MADV_POPULATE_WRITE}), as L{populate}
+    does for a whole buffer: so a receiver writing a big value into a
+    fresh buffer maps it a window at a time, never more than it fills.
+    """
+    if _madvise is None or end <= start:
+        return
+    address, length = _address(buffer)
+    _advise(address + start, min(end, length) - start, MADV_POPULATE_WRITE)

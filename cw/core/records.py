@@ -59,6 +59,18 @@ def chunk_key(name: bytes, index: int, width: int) -> bytes:
     return b"%s.%0*d" % (name, width, index)
 
 
+def size_key(name: bytes) -> bytes:
+    """
+    The key of the total length of a chunked L{Blob} value under C{name}:
+    it sorts after C{name} and before its chunk 2 (C{"+"} before the
+    digits), so that a receiver learns the length after the first chunk
+    and can put the value in one buffer of that size rather than growing
+    one as chunks arrive.  A hint only: a receiver that ignores it, or
+    finds it wrong, assembles the value all the same (the box's MAC covers it).
+    """
+    return name + b".+"
+
+
 def _chunks(parts: list) -> Iterator:
     """
     Cut the concatenation of C{parts} into pieces of L{CHUNK} bytes:

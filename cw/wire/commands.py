@@ -65,6 +65,7 @@ from cw.core.records import (
     function_parts,
     job_parts,
     result_parts,
+    size_key,
 )
 from cw.errors import AuthenticationFailed, PayloadUnavailable, SharedMemoryRefused, VersionMismatch
 from cw.wire.private import python_identifier
@@ -114,6 +115,7 @@ class Blob(amp.Argument):
         for index, chunk in enumerate(_chunks(parts), 1):
             strings[name if index == 1 else chunk_key(name, index, width)] = chunk
         strings[name + b".n"] = b"%d" % count
+        strings[size_key(name)] = b"%d" % total
 
     def fromBox(self, name, strings, objects, proto):
         if self.optional and name not in strings:
@@ -124,6 +126,7 @@ class Blob(amp.Argument):
     @staticmethod
     def _take(name: bytes, strings):
         first = strings.pop(name)
+        strings.pop(size_key(name), None)
         count = strings.pop(name + b".n", None)
         if count is None:
             return first

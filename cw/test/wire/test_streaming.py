@@ -13,6 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from cw.test.peers import pattern
 from cw.wire import commands as P
 from cw.wire.liveness import SignsOfLife
+from cw.system import unfilled_bytearray
+from cw.wire import streaming
 from cw.wire.streaming import PIECE, ChunkReceiver, StreamingSender
 
 
@@ -141,6 +143,78 @@ class ChunkReceiverTests(SynchronousTestCase):
         self.assertRaises((ValueError, KeyError), P.JobBatch().fromBox, b"jobs", dict(received), {}, None)
 
 
+    def assembled(self, payload: bytes, size: bytes | None) -> tuple[bytes, list, list]:
+        """
+        C{payload} sent as a chunked L{P.Blob} whose size key says C{size}
+        (None: left out): what arrived, the lengths of the unfilled buffers
+        allocated and the ranges mapped ahead of the writes.
+        """
+        box = amp.AmpBox()
+        P.Blob().toBox(b"payload", box, {"payload": payload}, None)
+        self.assertEqual(box.pop(P.size_key(b"payload")), b"%d" % len(payload))
+        if size is not None:
+            box[P.size_key(b"payload")] = size
+        allocated, mapped = [], []
+
+        def unfilled(length):
+            allocated.append(length)
+            return unfilled_bytearray(length)
+
+        self.patch(streaming, "unfilled_bytearray", unfilled)
+        self.patch(streaming, "populate_range", lambda buffer, start, end: mapped.append((start, end)))
+        [received] = self.receive(box.serialize()).boxes
+        self.assertEqual(sorted(received), [b"payload"], "no chunk or size keys are left in the box")
+        return bytes(received[b"payload"]), allocated, mapped
+
+    def test_value_with_its_size_assembled_in_place(self):
+        """
+        A big chunked value that says its length is received into one
+        buffer of that length, allocated once and mapped a window at a
+        time ahead of the writes, every byte once.
+        """
+        payload = pattern(3 * streaming.POPULATE_WINDOW + 12345)
+        value, allocated, mapped = self.assembled(payload, b"%d" % len(payload))
+        self.assertEqual(value, payload)
+        self.assertEqual(allocated, [len(payload)])
+        self.assertEqual(mapped[0][0], P.CHUNK, "the first chunk is copied in before")
+        self.assertEqual([start for start, _ in mapped[1:]], [end for _, end in mapped[:-1]], "each byte mapped once")
+        self.assertEqual(mapped[-1][1], len(payload))
+        self.assertLessEqual(len(mapped), 4)
+
+    def test_wrong_or_missing_size_still_assembled(self):
+        """
+        The size is a hint: a value longer or shorter than it says, or one
+        saying nothing, unbelievable or malformed, arrives whole and exact
+        (a shorter one is cut: no unfilled byte is seen).
+        """
+        payload = pattern(2 * streaming.ASSEMBLE_IN_PLACE_ABOVE + 7)
+        for size, buffers in [
+            (b"%d" % (len(payload) - 100_000), 1),
+            (b"%d" % (len(payload) + 100_000), 1),
+            (None, 0),
+            (b"%d" % (1 << 63), 0),
+            (b"-5", 0),
+            (b"12x", 0),
+            (b"%d" % (streaming.ASSEMBLE_IN_PLACE_ABOVE - 1), 0),
+        ]:
+            value, allocated, _ = self.assembled(payload, size)
+            self.assertEqual(value, payload, size)
+            self.assertEqual(len(allocated), buffers, size)
+
+    def test_unallocatable_size_still_assembled(self):
+        """A size no buffer can be allocated for (C{MemoryError}) falls back to growing one."""
+
+        def refuse(length):
+            raise MemoryError()
+
+        self.patch(streaming, "unfilled_bytearray", refuse)
+        payload = pattern(2 * streaming.ASSEMBLE_IN_PLACE_ABOVE)
+        box = amp.AmpBox()
+        P.Blob().toBox(b"payload", box, {"payload": payload}, None)
+        [received] = self.receive(box.serialize()).boxes
+        self.assertEqual(bytes(received[b"payload"]), payload)
+
+
 class PlainReceiver(amp.AMP):
     """Twisted's own box parser, to compare with L{ChunkReceiver}'s."""
 
@@ -157,6 +231,7 @@ def joined(box) -> dict:
     out = {key: bytes(value) for key, value in box.items()}
     for key in [key for key in out if key.endswith(b".n")]:
         name, count = key[:-2], int(out.pop(key))
+        out.pop(P.size_key(name), None)
         width = len(str(count))
         out[name] += b"".join(out.pop(P.chunk_key(name, i, width)) for i in range(2, count + 1))
     return out
