@@ -493,7 +493,14 @@ class WorkerState:
         self._next_batch += 1
         cpus = 1 if shape is None else shape.cpus
         self.cpus_used += cpus
-        self.batches[batch] = Batch(tuple(jobs), self.generation, now, cpus=cpus, cores=tuple(cores))
+        # A lone job is never started again from here (L{batch_failed}): its
+        # record leaves out the payload, so that once the job process has
+        # it the worker holds no copy of it (a gigabyte argument is not
+        # kept while its gigabyte result passes through).
+        kept = tuple(jobs)
+        if len(jobs) == 1:
+            kept = (Job(jobs[0].client, jobs[0].seq, b"", jobs[0].options, jobs[0].func),)
+        self.batches[batch] = Batch(kept, self.generation, now, cpus=cpus, cores=tuple(cores))
         for job in jobs:
             self.running_in[job.key] = batch
         self.running += len(jobs)

@@ -295,9 +295,9 @@ class ChildLink(StreamingSender, ChunkReceiver, LeanCalls, amp.AMP):
         if d is None or not sharing:
             return d
         if payload_fd is not None:
-            # The call is over (answered, or its process is gone): the job
-            # process no longer opens the file.
-            d.addBoth(_closing, payload_fd)
+            # The big payloads lie in the file now: this call keeps no other
+            # copy of them while the jobs run (a refusal reads them back).
+            kwargs = None
 
         def refused(reason):
             reason.trap(SharedMemoryRefused)
@@ -309,9 +309,14 @@ class ChildLink(StreamingSender, ChunkReceiver, LeanCalls, amp.AMP):
             )
             self.shares = False
             self._close_reply()
-            return self._send(command, kwargs)
+            return self._send(command, kwargs if kwargs is not None else _unshared(sent, payload_fd))
 
-        return d.addCallbacks(self._take_shared, refused, callbackArgs=(local,))
+        d.addCallbacks(self._take_shared, refused, callbackArgs=(local,))
+        if payload_fd is not None:
+            # The call is over (answered, or its process is gone): the job
+            # process no longer opens the file.
+            d.addBoth(_closing, payload_fd)
+        return d
 
     def _share(self, kwargs: dict) -> tuple[dict, int | None]:
         """
@@ -450,6 +455,22 @@ class ChildLink(StreamingSender, ChunkReceiver, LeanCalls, amp.AMP):
         # Its process has ended (ampoule calls this from processEnded): no
         # one opens the reply file any more.
         self._close_reply()
+
+
+def _unshared(sent: dict, payload_fd: int) -> dict:
+    """
+    The arguments of a L{P.RunBatch} that L{ChildLink._share} put in a
+    memory file (C{sent}, and the file C{payload_fd}), with the big
+    payloads back in their jobs: views of the file, read back to go
+    through the pipe instead.
+    """
+    where = sent["shared"]
+    view = shared.map_shared(payload_fd, where["size"])
+    jobs = list(sent["jobs"])
+    for i, offset, length in where["jobs"]:
+        job = jobs[i]
+        jobs[i] = P.Job(job.client, job.seq, view[offset : offset + length], job.options, job.func)
+    return {key: value for key, value in sent.items() if key != "shared"} | {"jobs": jobs}
 
 
 def _closing(passed, fd: int | None):

@@ -754,6 +754,9 @@ class Worker:
             call.local = frozenset(self.local_clients)
         self.calls[start.batch] = call
         d = self.pool.doWork(P.RunBatch, jobs=list(start.jobs), _cw_call=call)
+        # What follows needs the jobs' keys, not their payloads: the state's
+        # record of the batch leaves out a lone job's (L{WorkerState}).
+        start = StartBatch(start.batch, self.state.batches[start.batch].jobs, start.timeout, start.generation)
         d.addCallbacks(self._batch_finished, self._batch_failed, (start,), None, (start,))
         d.addErrback(lambda f: log.failure("Bookkeeping of a finished job failed", f))
 

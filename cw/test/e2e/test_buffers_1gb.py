@@ -139,8 +139,18 @@ class GigabyteTests(unittest.TestCase):
         self.assertEqual(zlib.crc32(returned.translate(FLIP)), crc)
 
     def test_bytes_each_way(self):
-        """1 GB of bytes to a job, and 1 GB of other bytes back: both CRCs match."""
-        return self.round_trip(lambda ex: self.bytes_each_way(ex, 19))
+        """
+        1 GB of bytes to a job, and 1 GB of other bytes back: both CRCs
+        match, and the worker held about one copy at most: it hands a lone
+        job's argument to its job process and keeps no copy of it while
+        the result passes.  (The master still keeps the argument of a
+        client that says no machine, for a rerun: two copies.)
+        """
+
+        def check(peaks):
+            self.assertLess(peaks["worker"], (GB >> 20) * 1.5, peaks)
+
+        return self.round_trip(lambda ex: self.bytes_each_way(ex, 19)).addCallback(check)
 
     def test_bytes_each_way_on_the_workers_machine(self):
         """

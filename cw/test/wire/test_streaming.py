@@ -10,11 +10,11 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
+from cw.system import unfilled_bytearray
 from cw.test.peers import pattern
 from cw.wire import commands as P
-from cw.wire.liveness import SignsOfLife
-from cw.system import unfilled_bytearray
 from cw.wire import streaming
+from cw.wire.liveness import SignsOfLife
 from cw.wire.streaming import PIECE, ChunkReceiver, StreamingSender
 
 
@@ -142,7 +142,6 @@ class ChunkReceiverTests(SynchronousTestCase):
         [received] = self.receive(box.serialize()).boxes
         self.assertRaises((ValueError, KeyError), P.JobBatch().fromBox, b"jobs", dict(received), {}, None)
 
-
     def assembled(self, payload: bytes, size: bytes | None) -> tuple[bytes, list, list]:
         """
         C{payload} sent as a chunked L{P.Blob} whose size key says C{size}
@@ -177,7 +176,8 @@ class ChunkReceiverTests(SynchronousTestCase):
         self.assertEqual(value, payload)
         self.assertEqual(allocated, [len(payload)])
         self.assertEqual(mapped[0][0], P.CHUNK, "the first chunk is copied in before")
-        self.assertEqual([start for start, _ in mapped[1:]], [end for _, end in mapped[:-1]], "each byte mapped once")
+        starts, ends = [start for start, _ in mapped[1:]], [end for _, end in mapped[:-1]]
+        self.assertEqual(starts, ends, "each byte mapped once")
         self.assertEqual(mapped[-1][1], len(payload))
         self.assertLessEqual(len(mapped), 4)
 
