@@ -428,21 +428,22 @@ def copied(buffer, kind: type = bytes) -> bytes | bytearray:
     """
     if kind is not bytes and kind is not bytearray:
         raise TypeError(f"copied() makes bytes or bytearray, not {kind.__name__}")
-    try:
-        address, length = _address(buffer)
-    except BufferError:  # not contiguous
-        return kind(buffer)
-    if length < COPY_IN_BULK_ABOVE:
-        return kind(buffer)
-    if kind is bytes:
-        new = _new_bytes(None, length)
-        target = _bytes_data(new)  # written before anything else sees it, as C code builds bytes
-    else:
-        new = _new_bytearray(None, length)
-        target = _address(new)[0]
-    _populate_read(address, length)
-    _advise(target, length, MADV_POPULATE_WRITE)
-    ctypes.memmove(target, address, length)
+    # The view holds the source's buffer until the copy is made (the copy
+    # runs without the GIL): meanwhile a bytearray cannot be resized, an
+    # mmap not closed.
+    with memoryview(buffer) as view:
+        if view.nbytes < COPY_IN_BULK_ABOVE or not view.c_contiguous:
+            return kind(view)
+        address, length = _address(view)
+        if kind is bytes:
+            new = _new_bytes(None, length)
+            target = _bytes_data(new)  # written before anything else sees it, as C code builds bytes
+        else:
+            new = _new_bytearray(None, length)
+            target = _address(new)[0]
+        _populate_read(address, length)
+        _advise(target, length, MADV_POPULATE_WRITE)
+        ctypes.memmove(target, address, length)
     return new
 
 

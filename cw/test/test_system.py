@@ -368,3 +368,20 @@ class CopiedTests(unittest.TestCase):
 
     def test_other_kind_refused(self):
         self.assertRaises(TypeError, system.copied, b"abc", str)
+
+    def test_source_held_while_copied(self):
+        """The copy runs without the GIL: meanwhile the source cannot be resized (nor freed)."""
+        source = bytearray(os.urandom(system.COPY_IN_BULK_ABOVE * 2))
+        refused = []
+        real = ctypes.memmove
+
+        def memmove(target, address, length):
+            try:
+                source.extend(b"more")
+            except BufferError:
+                refused.append(True)
+            return real(target, address, length)
+
+        self.patch(ctypes, "memmove", memmove)
+        self.assertEqual(system.copied(source), bytes(source))
+        self.assertEqual(refused, [True])
