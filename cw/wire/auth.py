@@ -58,7 +58,7 @@ from cw.core.records import PROTOCOL_VERSION
 from cw.errors import AuthenticationFailed
 from cw.wire.address import no_delay
 from cw.wire.commands import Challenge, Prove
-from cw.wire.private import expect_key
+from cw.wire.private import expect_key, write_through
 
 log = Logger(namespace="cw.auth")  # the namespace of its log lines before the layers
 
@@ -480,7 +480,9 @@ class AuthGate:
             return super().sendBox(box)
         if self.transport is None:
             raise error.ConnectionLost()
-        self.transport.write(self.box_bytes(box))
+        data = self.box_bytes(box)
+        if not write_through(self.transport, data):
+            self.transport.write(data)
 
     def dataReceived(self, data: bytes) -> None:
         if not self.authenticated:

@@ -15,10 +15,11 @@ worker and client may all use it.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 from ampoule import main as ampoule_main
-from twisted.internet import abstract, error, interfaces, process, tcp
+from twisted.internet import abstract, error, interfaces, process, stdio, tcp
 from twisted.protocols import amp
 
 #: Twisted's reader of a child process's pipe (C{twisted.internet.process}
@@ -181,6 +182,7 @@ PRIVATE_NAMES = (
     "_wrapWithSerialization",
     "_sendBoxCommand",
     "_sendTo",
+    "TO_CHILD",
 )
 
 
@@ -375,3 +377,62 @@ def write_now(transport, data: bytes) -> int:
         return transport.socket.send(data)
     except OSError:
         return 0  # full (EAGAIN) or broken: the reactor thread writes it, or finds the connection lost
+
+
+def _own_descriptor(transport) -> abstract.FileDescriptor | None:
+    """
+    The descriptor that C{transport.write} itself writes to, where that is
+    all C{write} does: a plain TCP connection (not TLS), ampoule's
+    connector to a job process (its pipe to the child, C{TO_CHILD}) whose
+    C{write} is ampoule's or whose C{passes_writes()} says it passes this
+    one on unchanged, or a job process's standard I/O (its writer).  None
+    for anything else (TLS, protocol wrappers, which may do more than write).
+    """
+    if isinstance(transport, tcp.Connection):
+        return None if interfaces.ISSLTransport.providedBy(transport) else transport
+    if isinstance(transport, ampoule_main.AMPConnector):
+        passes = getattr(transport, "passes_writes", None)
+        if type(transport).write is not ampoule_main.AMPConnector.write and not (passes and passes()):
+            return None
+        pipes = getattr(transport.transport, "pipes", None)
+        pipe = pipes.get(ampoule_main.TO_CHILD) if isinstance(pipes, dict) else None
+        return pipe if isinstance(pipe, process.ProcessWriter) else None
+    if isinstance(transport, stdio.StandardIO):
+        writer = transport._writer
+        return writer if isinstance(writer, abstract.FileDescriptor) else None
+    return None
+
+
+def write_through(transport, data: bytes) -> bool:
+    """
+    Write C{data} (a whole box) to C{transport} at once, in the reactor
+    thread, where nothing is buffered ahead of it: straight to the socket or
+    pipe, rather than into Twisted's buffer and out at L{push} or the
+    reactor's next turn, which costs two C{epoll_ctl} (four on a pipe to a
+    job process) and Twisted's write path; a lone job's round trip writes
+    five boxes (issue 18).  What the descriptor does not take is buffered
+    behind as usual.  Return False, having written nothing, where this does
+    not apply (see L{_own_descriptor}; closing, a producer registered, bytes
+    buffered, or the write failed): the caller then writes C{data} as
+    usual, and Twisted handles a lost connection as always.  Private:
+    C{FileDescriptor}'s buffers (as L{can_write_now}), ampoule's
+    C{AMPConnector} and C{TO_CHILD}, C{StandardIO._writer}
+    (cw.test.wire.test_private).
+    """
+    descriptor = _own_descriptor(transport)
+    if descriptor is None:
+        return False
+    if not descriptor.connected or descriptor.disconnecting or descriptor.producer is not None:
+        return False
+    if descriptor._tempDataBuffer or descriptor.dataBuffer:
+        return False
+    try:
+        if isinstance(descriptor, tcp.Connection):
+            written = descriptor.socket.send(data)
+        else:
+            written = os.write(descriptor.fileno(), data)
+    except OSError:
+        return False  # full (EAGAIN) or broken: the usual path writes it, or finds the loss
+    if written < len(data):
+        descriptor.write(data[written:])
+    return True

@@ -44,7 +44,7 @@ from zope.interface import implementer
 
 from cw.core.records import size_key
 from cw.system import populate_range, unfilled_bytearray
-from cw.wire.private import current_box, current_key, data_arrived, expect_key, tls_starting
+from cw.wire.private import current_box, current_key, data_arrived, expect_key, tls_starting, write_through
 
 #: Boxes with at least this many bytes of values are streamed.
 STREAM_ABOVE = 1 << 20
@@ -100,6 +100,12 @@ class StreamingSender:
 
     def sendBox(self, box):
         if self._outgoing is None and sum(len(v) for v in box.values()) < STREAM_ABOVE:
+            if self.box_signer is None and self.transport is not None and not tls_starting(self):
+                # Unsigned (a job process's pipe): at once where nothing waits ahead.
+                data = box.serialize()
+                if not write_through(self.transport, data):
+                    self.transport.write(data)
+                return None
             return super().sendBox(box)
         if self.transport is None:
             raise error.ConnectionLost()

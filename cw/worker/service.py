@@ -941,6 +941,10 @@ class JobConnector(ampoule_main.AMPConnector):
             return
         super().write(data)
 
+    def passes_writes(self) -> bool:
+        """Whether L{write} passes data on as ampoule's does (L{cw.wire.private.write_through})."""
+        return self._held is None
+
     #: What schedules the release of an exited job process's pipes
     #: (C{IReactorTime}): set by L{JobStarter} (its C{clock}).
     clock = None

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 
 from ampoule import main as ampoule_main
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, process, protocol, reactor, stdio
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.protocols import amp
 from twisted.trial import unittest
@@ -183,3 +184,139 @@ class WriteNowTests(unittest.TestCase):
             self.assertFalse(private.can_write_now(transport))
 
         return self.connect(protocol.Protocol).addCallback(sent)
+
+
+class WriteThroughTests(unittest.TestCase):
+    """
+    L{private.write_through} writes a box straight to a plain TCP socket or
+    a job process's pipe when nothing is buffered ahead of it (what the
+    descriptor does not take is buffered behind it), and declines (writing
+    nothing) for TLS, wrappers, a connector that holds writes, a closing
+    connection or bytes already buffered.
+    """
+
+    connect = PushTests.connect
+
+    def test_tcp_at_once(self):
+        def sent(result):
+            proto, received = result
+            transport = proto.transport
+            self.assertTrue(private.write_through(transport, b"hello"))
+            self.assertFalse(transport._tempDataBuffer or transport.dataBuffer)
+            return received.addCallback(self.assertEqual, b"hello")
+
+        return self.connect(protocol.Protocol).addCallback(sent)
+
+    def test_not_behind_buffered_bytes(self):
+        def sent(result):
+            proto, received = result
+            proto.transport.write(b"first")
+            self.assertFalse(private.write_through(proto.transport, b"second"))
+            private.push(proto.transport)
+            return received.addCallback(self.assertEqual, b"first")
+
+        return self.connect(protocol.Protocol).addCallback(sent)
+
+    def test_rest_buffered_in_order(self):
+        """A socket that takes part of the box: the rest waits in Twisted's buffer and follows in order."""
+        done = defer.Deferred()
+        data = os.urandom(1 << 16) * 256  # 16 MiB: more than a loopback socket takes at once
+        got = []
+
+        class Sink(protocol.Protocol):
+            def dataReceived(self, chunk):
+                got.append(chunk)
+                if sum(map(len, got)) >= len(data) + 4 and not done.called:
+                    done.callback(b"".join(got))
+
+        server = protocol.Factory.forProtocol(Sink)
+        d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server)
+
+        def listening(port):
+            self.addCleanup(port.stopListening)
+            return TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+                protocol.Factory.forProtocol(protocol.Protocol)
+            )
+
+        def connected(proto):
+            self.addCleanup(proto.transport.loseConnection)
+            transport = proto.transport
+            self.assertTrue(private.write_through(transport, data))
+            self.assertTrue(transport._tempDataBuffer or transport.dataBuffer)
+            self.assertFalse(private.write_through(transport, b"next"))
+            transport.write(b"next")
+            return done
+
+        d.addCallback(listening).addCallback(connected)
+        return d.addCallback(lambda received: self.assertTrue(received == data + b"next"))
+
+    def test_not_tls_wrapper_or_closing(self):
+        from twisted.internet import interfaces
+        from zope.interface import directlyProvides
+
+        class Wrapper:
+            def __init__(self, transport):
+                self.transport = transport
+
+        self.assertFalse(private.write_through(None, b"x"))
+        self.assertFalse(private.write_through(object(), b"x"))
+
+        def sent(result):
+            proto, received = result
+            transport = proto.transport
+            self.assertFalse(private.write_through(Wrapper(transport), b"x"))
+            directlyProvides(transport, interfaces.ISSLTransport)
+            self.assertFalse(private.write_through(transport, b"x"))
+            directlyProvides(transport)
+            transport.loseConnection()
+            self.assertFalse(private.write_through(transport, b"x"))
+            self.assertFalse(transport._tempDataBuffer or transport.dataBuffer)
+
+        return self.connect(protocol.Protocol).addCallback(sent)
+
+    def pipe(self):
+        """A pipe: its read end, and a Twisted writer of its write end (as a child process's stdin)."""
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        writer = process.ProcessWriter(reactor, None, 3, w)
+        self.addCleanup(os.close, w)
+        self.addCleanup(writer.stopReading)
+        return r, writer
+
+    def test_ampoule_connector(self):
+        """To a job process: through ampoule's pipe to it, unless its connector holds writes."""
+        r, writer = self.pipe()
+
+        class Process:
+            pipes = {ampoule_main.TO_CHILD: writer}
+
+        class Holding(ampoule_main.AMPConnector):
+            held = True
+
+            def write(self, data):
+                raise AssertionError("written through")
+
+            def passes_writes(self):
+                return not self.held
+
+        plain = ampoule_main.AMPConnector(amp.AMP())
+        plain.transport = Process()
+        self.assertTrue(private.write_through(plain, b"box"))
+        self.assertEqual(os.read(r, 100), b"box")
+        holding = Holding(amp.AMP())
+        holding.transport = Process()
+        self.assertFalse(private.write_through(holding, b"box"))
+        holding.held = False
+        self.assertTrue(private.write_through(holding, b"box2"))
+        self.assertEqual(os.read(r, 100), b"box2")
+
+    def test_standard_io(self):
+        """From a job process: through its standard I/O's writer."""
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        sink, source = os.pipe()
+        self.addCleanup(os.close, source)
+        io = stdio.StandardIO(protocol.Protocol(), stdin=sink, stdout=w, reactor=reactor)
+        self.addCleanup(io.loseConnection)
+        self.assertTrue(private.write_through(io, b"answer"))
+        self.assertEqual(os.read(r, 100), b"answer")
