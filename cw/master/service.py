@@ -769,6 +769,8 @@ class Master:
             if notices:
                 for result in batch:
                     notices.pop(result.seq, None)
+                if not notices:
+                    self._no_notice_left(cid)
             for result in batch:
                 if result.status == P.Outcome.OK and len(result.payload) == RESULT_REFERENCE_SIZE:
                     where = read_result_reference(result.payload)
@@ -945,6 +947,18 @@ class Master:
             self.results(wid, [P.Result(job.client, job.seq, P.Outcome.FAILED, report)])
 
         client.callRemote(P.FetchPayload, seq=job.seq).addCallbacks(arrived, failed)
+
+    def _no_notice_left(self, cid: int) -> None:
+        """
+        Every job of client C{cid} that was to be told started has ended
+        first: drop its entry, and the timer if no client has one left (a
+        lone job's master then wakes up once less).
+        """
+        del self._started[cid]
+        if not self._started and self._started_call is not None:
+            if self._started_call.active():
+                self._started_call.cancel()
+            self._started_call = None
 
     def _send_started(self) -> None:
         """Tell clients which of their jobs were handed to workers (L{P.JobsStarted})."""

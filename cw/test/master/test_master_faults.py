@@ -650,6 +650,18 @@ class RunningNoticeTests(SynchronousTestCase):
         self.assertEqual(self.notices(), [[2]])
         self.assertEqual([r.seq for r in self.client.results], [1])
 
+    def test_no_timer_left_once_every_result_came_first(self):
+        """A lone job's result before its notice is due: no notice, and no timer left to wake the master."""
+        self.master.submit(self.client.peer_id, [P.Job(0, 1, b"p")])
+        self.clock.advance(0)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.master.results(self.worker.peer_id, [P.Result(self.client.peer_id, 1, P.Outcome.OK, b"r")])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.master.submit(self.client.peer_id, [P.Job(0, 2, b"q")])
+        self.clock.advance(0)
+        self.clock.advance(P.RUNNING_NOTICE_DELAY)
+        self.assertEqual(self.notices(), [[2]])
+
     def test_no_notice_to_client_gone(self):
         self.master.submit(self.client.peer_id, [P.Job(0, 1, b"p")])
         self.clock.advance(0)
