@@ -511,6 +511,13 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
         self.session.results_arrived(results)
         return {}
 
+    @P.StoredResults.responder
+    def stored_results(self, results):
+        """Results that waited for this session on the master's disk: answered once they are here."""
+        check_results(results)
+        self.session.results_arrived(results)
+        return {}
+
     @P.FetchPayload.responder
     def fetch_payload(self, seq):
         """The master wants the bytes of an argument left here, for a worker on another machine."""

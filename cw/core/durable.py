@@ -13,7 +13,9 @@ The master keeps what must survive its crash in a SQLite file
     within the same batch is not written at all.
   - L{ResultShelf}: which stored results to keep.  Results of jobs whose
     client is away wait on disk, up to C{max_bytes}; past that the oldest
-    are dropped first (the caller logs each drop).
+    are dropped first (the caller logs each drop).  They stay until the
+    session's client has acknowledged them (L{delivery_batches}): a client
+    that drops before it has them gets them at its next attach.
 
 Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard library (no Twisted, no I/O).
 """
@@ -24,7 +26,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from cw.core.fairqueue import job_priority
-from cw.core.records import Job, Result
+from cw.core.records import Job, Result, batches
 
 #: A job or result as the store names it: the client's session and the
 #: job's number in that session.
@@ -213,6 +215,22 @@ def commit_delay(batch: Batch) -> float:
     return 0.0 if batch.acks else LAZY_COMMIT
 
 
+#: Bytes of stored results sent to a returning client in one go; their
+#: rows go once the client acknowledges them, then the next go.
+DELIVERY_BYTES = 16 << 20
+
+
+def delivery_batches(sizes: list[tuple[int, int]], limit: int | None = None) -> list[list[int]]:
+    """
+    The numbers of stored results (C{(seq, size)}, oldest first) in the
+    batches they are sent in: each adds up to at most C{limit} bytes
+    (default L{DELIVERY_BYTES}; one larger result goes alone).  One batch
+    at a time is read and in flight.
+    """
+    limit = DELIVERY_BYTES if limit is None else limit
+    return [[seq for seq, _ in batch] for batch in batches(sizes, lambda entry: entry[1], limit)]
+
+
 @dataclass(frozen=True)
 class Dropped:
     """A stored result dropped to keep the shelf within its bound."""
@@ -261,14 +279,18 @@ class ResultShelf:
         self.dropped += len(dropped)
         return dropped
 
-    def take(self, session: str) -> list[int]:
-        """Forget the results of C{session} (they are being delivered); return their numbers, oldest first."""
+    def sizes(self, session: str) -> list[tuple[int, int]]:
+        """The numbers and sizes of the results waiting for C{session}, oldest first."""
         if not self._per_session[session]:
             return []
-        seqs = [seq for (name, seq) in self._sizes if name == session]
-        for seq in seqs:
+        return [(seq, size) for (name, seq), size in self._sizes.items() if name == session]
+
+    def remove(self, session: str, seqs: list[int]) -> list[int]:
+        """Forget these results of C{session} (their client has them); return those that were here."""
+        gone = [seq for seq in seqs if (session, seq) in self._sizes]
+        for seq in gone:
             self._remove((session, seq))
-        return seqs
+        return gone
 
     def _remove(self, key: Key) -> int:
         size = self._sizes.pop(key)

@@ -26,7 +26,7 @@ MAX_PAYLOAD = 4 << 30
 
 
 #: Bumped whenever a peer of an older version could misread a box.
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 
 
 #: Largest value AMP carries under one key.

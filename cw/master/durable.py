@@ -38,7 +38,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cw.core.durable import Batch, ResultShelf, SessionRecord, commit_delay
+from cw.core.durable import Batch, ResultShelf, SessionRecord, commit_delay, delivery_batches
 from cw.core.records import Job, Result
 from cw.errors import StateFileError
 from cw.master.store import Store
@@ -223,40 +223,58 @@ class DurableQueue:
         self._schedule_commit()
         return cid
 
-    def session_jobs(self, cid: int) -> tuple[list[int], defer.Deferred]:
+    def session_jobs(self, cid: int) -> list[int]:
         """
-        The numbers of C{cid}'s session's jobs this master holds (queued,
-        running, or with a result waiting), and a Deferred firing with the
-        waiting results, read from disk in the writer's thread (so never in
-        this reactor turn), to send it then (their rows go).
+        The numbers of C{cid}'s session's jobs this master holds: queued,
+        running, or with a result waiting (sent by L{deliver}).
         """
         session = self.names.get(cid)
         if session is None:
-            return [], defer.succeed([])
-        seqs = self.shelf.take(session)
-        held = sorted(self.held.get(session, set()).union(seqs))
-        return held, self._take_results(session, cid, seqs)
+            return []
+        waiting = (seq for seq, _ in self.shelf.sizes(session))
+        return sorted(self.held.get(session, set()).union(waiting))
 
     @defer.inlineCallbacks
-    def _take_results(self, session: str, cid: int, seqs: list[int]):
-        if not seqs:
-            return []
-        # What was gathered is written first, or, if the file cannot be
-        # written, still in the batch.
-        yield self.flush()
-        unwritten = self.batch.results
-        pending = {seq: unwritten[(session, seq)] for seq in seqs if (session, seq) in unwritten}
-        on_disk = [seq for seq in seqs if seq not in pending]
-        read = yield self.writer.run(lambda: list(self.store.results_of(session, on_disk)))
-        results = [stored.result(cid) for stored in (*pending.values(), *read)]
-        self.batch.take_results([(session, seq) for seq in seqs])
-        self._schedule_commit()
+    def deliver(self, cid: int, send: Callable[[list[Result]], defer.Deferred]):
+        """
+        Send the results that waited for C{cid}'s session, read from disk
+        in the writer's thread, a batch at a time (L{delivery_batches}):
+        C{send} fires once the client has a batch, and only then do its
+        rows go.  If C{send} fails (the client dropped), the rest stay for
+        the session's next client.
+        """
+        session = self.names.get(cid)
+        if session is None or not self.shelf.of(session):
+            return
         log.info(
             "Session {session} is back: delivering {n:,} results that waited for it",
             session=session,
-            n=len(results),
+            n=self.shelf.of(session),
         )
-        return results
+        # What was gathered is written first (or, if the file cannot be
+        # written, still in the batch).
+        yield self.flush()
+        for seqs in delivery_batches(self.shelf.sizes(session)):
+            unwritten = self.batch.results
+            pending = [unwritten[(session, seq)] for seq in seqs if (session, seq) in unwritten]
+            on_disk = [seq for seq in seqs if (session, seq) not in unwritten]
+            read = yield self.writer.run(lambda seqs=on_disk: list(self.store.results_of(session, seqs)))
+            # Dropped meanwhile (the bound), or had by a client of the session since: not sent.
+            stored = [r for r in (*pending, *read) if (session, r.seq) in self.shelf]
+            if not stored:
+                continue
+            try:
+                yield send([r.result(cid) for r in stored])
+            except Exception as e:
+                log.info(
+                    "Session {session} did not take its stored results ({e}); they wait for its next client",
+                    session=session,
+                    e=e,
+                )
+                return
+            gone = self.shelf.remove(session, [r.seq for r in stored])
+            self.batch.take_results([(session, seq) for seq in gone])
+            self._schedule_commit()
 
     # -- jobs ------------------------------------------------------------
 

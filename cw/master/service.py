@@ -797,19 +797,23 @@ class Master:
     def session_jobs(self, cid: int) -> list[int]:
         """
         The numbers of client C{cid}'s session's jobs that this master holds
-        (L{P.SessionJobs}); the results that waited for it follow the answer.
+        (L{P.SessionJobs}); the results that waited for it follow the answer
+        (L{P.StoredResults}), and are deleted once the client has them.
         """
         if self.durable is None:
             return []
-        seqs, waiting = self.durable.session_jobs(cid)
+        proto = self.clients[cid]
 
-        def send(results: list[P.Result]) -> None:
-            proto = self.clients.get(cid)
-            if results and proto is not None:
-                proto.send_results(results)
+        def send(results: list[P.Result]) -> defer.Deferred:
+            return proto.callRemote(P.StoredResults, results=results)
 
-        waiting.addCallback(send).addErrback(lambda f: log.failure("Cannot read the stored results", f))
-        return seqs
+        def deliver() -> None:
+            sent = self.durable.deliver(cid, send)
+            sent.addErrback(lambda f: log.failure("Cannot deliver the stored results of {cid}", f, cid=cid))
+
+        # After the answer (this turn): the client knows the jobs by then.
+        self.clock.callLater(0, deliver)
+        return self.durable.session_jobs(cid)
 
     # -- clients that do not read ----------------------------------------
 

@@ -501,6 +501,19 @@ class JobResults(amp.Command):
     requiresAnswer = False
 
 
+class StoredResults(amp.Command):
+    """
+    Master to client: results that waited on the master's disk (C{--state})
+    for this client's session while it was away, sent after the answer to
+    L{SessionJobs}, one batch at a time.  The client answers once it has
+    them; only then does the master delete them, so that a client that
+    drops before gets them again when its session next attaches.
+    """
+
+    arguments = [(b"results", ResultBatch())]
+    response = []
+
+
 class ReleaseResults(amp.Command):
     """
     Client to master, then master to worker: the worker may close the

@@ -8,6 +8,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from cw.core.durable import (
+    DELIVERY_BYTES,
     LAZY_COMMIT,
     Batch,
     Dropped,
@@ -15,6 +16,7 @@ from cw.core.durable import (
     SessionRecord,
     StoredJob,
     commit_delay,
+    delivery_batches,
 )
 from cw.core.records import Job, Outcome, Result, encode_options
 
@@ -123,13 +125,27 @@ class ResultShelfTests(SynchronousTestCase):
         self.assertEqual(shelf.add("a", 2, 11), [Dropped("a", 1, 5), Dropped("a", 2, 11)])
         self.assertEqual((len(shelf), shelf.bytes), (0, 0))
 
-    def test_take_returns_a_sessions_results_oldest_first(self):
+    def test_sizes_and_remove_a_sessions_results(self):
+        """A session's results are listed oldest first; they go only when removed (acknowledged)."""
         shelf = ResultShelf(1000)
-        for session, seq in [("a", 3), ("b", 1), ("a", 1)]:
-            shelf.add(session, seq, 10)
+        for session, seq, size in [("a", 3, 10), ("b", 1, 20), ("a", 1, 30)]:
+            shelf.add(session, seq, size)
         self.assertEqual(shelf.of("a"), 2)
-        self.assertEqual(shelf.take("a"), [3, 1])
-        self.assertEqual((len(shelf), shelf.bytes, shelf.sessions()), (1, 10, {"b"}))
+        self.assertEqual(shelf.sizes("a"), [(3, 10), (1, 30)])
+        self.assertEqual(shelf.sizes("c"), [])
+        self.assertEqual(len(shelf), 3)
+        self.assertEqual(shelf.remove("a", [1, 2]), [1])
+        self.assertEqual(shelf.sizes("a"), [(3, 10)])
+        self.assertEqual(shelf.remove("a", [3]), [3])
+        self.assertEqual((len(shelf), shelf.bytes, shelf.sessions()), (1, 20, {"b"}))
+
+    def test_delivery_batches(self):
+        """Stored results go to their client in batches of at most DELIVERY_BYTES, in order."""
+        self.assertEqual(delivery_batches([]), [])
+        sizes = [(1, 10), (2, 10), (3, 25), (4, 5), (5, 5)]
+        self.assertEqual(delivery_batches(sizes, 20), [[1, 2], [3], [4, 5]])
+        self.assertEqual(delivery_batches([(n, 1000) for n in range(3)]), [[0, 1, 2]])
+        self.assertEqual(len(delivery_batches([(n, DELIVERY_BYTES // 2) for n in range(5)])), 3)
 
     def test_same_key_replaces(self):
         shelf = ResultShelf(100)

@@ -51,6 +51,23 @@ store.Store.commit = commit
 """
 
 
+#: A script: attach to session S at ADDRESS with a client whose process
+#: dies as the results that waited for the session arrive (it prints how
+#: many), before it has answered for them.
+DIE_WITH_STORED_RESULTS = """
+import os, sys
+from cw.client import ClusterExecutor
+from cw.client.session import Session
+
+def die(self, results):
+    print(len(results), flush=True)
+    os._exit(3)
+
+Session.results_arrived = die
+ClusterExecutor(sys.argv[1], session=sys.argv[2])
+"""
+
+
 class DurableQueueTests(unittest.TestCase):
     timeout = 240
 
@@ -119,6 +136,38 @@ class DurableQueueTests(unittest.TestCase):
             out = run_script(self, COLLECT_SESSION, address, "slow")
             self.assertEqual(out.returncode, 0, out.stderr)
             self.assertEqual(json.loads(out.stdout), {"pending": 0, "results": {"1": 9}})
+
+        return threads.deferToThread(body)
+
+    def test_stored_results_kept_until_their_client_has_them(self):
+        """
+        A client re-attaching to its session gets the results that waited
+        for it; its process dies before it has answered for them: the
+        master keeps them, and the session's next client gets them all.
+        """
+
+        def body():
+            procs = self.procs
+            address = procs.start_master("--state", self.state)
+            out = run_script(self, SUBMIT_AND_DETACH, address, "nightly", "20", "0")
+            self.assertEqual(out.stdout.split(), ["20", "1", "20"], out.stderr)
+            procs.start_worker(2)
+            wait_until(
+                lambda: master_status(address)["state"]["stored_results"] == 20,
+                what="the 20 results to be stored",
+            )
+            out = run_script(self, DIE_WITH_STORED_RESULTS, address, "nightly")
+            self.assertEqual((out.returncode, out.stdout), (3, "20\n"), out.stderr)
+            self.assertEqual(master_status(address)["state"]["stored_results"], 20)
+            out = run_script(self, COLLECT_SESSION, address, "nightly")
+            self.assertEqual(out.returncode, 0, out.stderr)
+            report = json.loads(out.stdout)
+            self.assertEqual(report, {"pending": 0, "results": {str(n): (n - 1) ** 2 for n in range(1, 21)}})
+            wait_until(
+                lambda: master_status(address)["state"]["stored_results"] == 0,
+                what="the delivered results to be deleted",
+            )
+            self.assertIn("they wait for its next client", procs.master.log.read_text())
 
         return threads.deferToThread(body)
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from cw.core import durable
 from cw.core.durable import LAZY_COMMIT
 from cw.errors import StateFileError
 from cw.master.durable import InlineWriter
@@ -89,6 +91,31 @@ class DurableMasterTests(SynchronousTestCase):
 
     def stored_acks(self, peer: FakePeer) -> list[int]:
         return [seq for command, kw, _ in peer.calls if command is P.JobsStored for _, seq in kw["keys"]]
+
+    def stored_sent(self, peer: FakePeer) -> list[tuple[list[P.Result], defer.Deferred]]:
+        """The batches of stored results sent to C{peer} (L{P.StoredResults}), with their answers to fire."""
+        return [(kw["results"], d) for command, kw, d in peer.calls if command is P.StoredResults]
+
+    def acknowledge(self, peer: FakePeer) -> list[P.Result]:
+        """Answer every batch of stored results sent to C{peer} (as far as it goes); return them."""
+        had = []
+        while unanswered := [(r, d) for r, d in self.stored_sent(peer) if not d.called]:
+            for results, d in unanswered:
+                had += results
+                d.callback({})
+        return had
+
+    def away_with_results(self, session: str, seqs) -> FakePeer:
+        """A client of C{session} submits C{seqs} and leaves; a worker runs them: their results wait."""
+        peer = self.client(session)
+        self.submit(peer, seqs)
+        self.clock.advance(0)
+        self.leave(peer)
+        worker = self.worker()
+        while self.master.status()["state"]["stored_results"] < len(seqs):
+            self.run_all(worker)
+        self.clock.advance(LAZY_COMMIT)
+        return peer
 
     def run_all(self, worker: FakePeer) -> list[P.Result]:
         """Answer every job the worker was sent with a result of its number."""
@@ -193,12 +220,66 @@ class DurableMasterTests(SynchronousTestCase):
         self.assertEqual(self.master.scheduler.queued, 0)
         seqs = self.master.session_jobs(again.peer_id)
         self.assertEqual(seqs, list(range(1, 11)))
+        self.clock.advance(0)
         self.assertEqual(
-            sorted((r.seq, bytes(r.payload)) for r in again.results), [(n, b"r%09d" % n) for n in seqs]
+            sorted((r.seq, bytes(r.payload)) for r in self.acknowledge(again)),
+            [(n, b"r%09d" % n) for n in seqs],
         )
         self.clock.advance(LAZY_COMMIT)
         self.assertEqual(self.master.status()["state"]["stored_results"], 0)
         self.assertEqual(self.restart().durable.store.load().results, [])
+
+    def test_stored_results_go_only_once_acknowledged(self):
+        """
+        Results that waited for a session are deleted only once its client
+        has acknowledged them: a client that drops first leaves them on
+        disk (a restarted master still has them), and the next client of
+        the session gets them.
+        """
+        self.away_with_results("s", range(1, 6))
+        first = self.client("s")
+        self.assertEqual(self.master.session_jobs(first.peer_id), [1, 2, 3, 4, 5])
+        self.clock.advance(0)
+        [(results, answer)] = self.stored_sent(first)
+        self.assertEqual(sorted(r.seq for r in results), [1, 2, 3, 4, 5])
+        answer.errback(ConnectionDone("the client dropped"))
+        self.leave(first)
+        self.clock.advance(LAZY_COMMIT)
+        self.assertEqual(self.master.status()["state"]["stored_results"], 5)
+        self.assertEqual(len(self.restart().durable.store.load().results), 5)
+        again = self.client("s")
+        self.assertEqual(self.master.session_jobs(again.peer_id), [1, 2, 3, 4, 5])
+        self.clock.advance(0)
+        self.assertEqual(sorted(r.seq for r in self.acknowledge(again)), [1, 2, 3, 4, 5])
+        self.assertEqual(self.master.status()["state"]["stored_results"], 0)
+        self.assertEqual(self.master.session_jobs(again.peer_id), [])
+        self.clock.advance(LAZY_COMMIT)
+        self.assertEqual(self.restart().durable.store.load().results, [])
+
+    def test_stored_results_sent_a_batch_at_a_time(self):
+        """
+        Stored results go in batches of DELIVERY_BYTES, the next once the
+        last is acknowledged; a drop in the middle leaves only the
+        acknowledged ones delivered.
+        """
+        self.patch(durable, "DELIVERY_BYTES", 25)  # two results of 10 bytes a batch
+        self.away_with_results("s", range(1, 6))
+        peer = self.client("s")
+        self.master.session_jobs(peer.peer_id)
+        self.clock.advance(0)
+        [(results, answer)] = self.stored_sent(peer)
+        self.assertEqual([r.seq for r in results], [1, 2])
+        answer.callback({})
+        [_, (results, answer)] = self.stored_sent(peer)
+        self.assertEqual([r.seq for r in results], [3, 4])
+        self.assertEqual(self.master.status()["state"]["stored_results"], 3)
+        answer.errback(ConnectionDone("the client dropped"))
+        self.assertEqual(len(self.stored_sent(peer)), 2)
+        self.leave(peer)
+        again = self.client("s")
+        self.assertEqual(self.master.session_jobs(again.peer_id), [3, 4, 5])
+        self.clock.advance(0)
+        self.assertEqual([r.seq for r in self.acknowledge(again)], [3, 4, 5])
 
     def test_stored_results_bounded_oldest_dropped(self):
         """
