@@ -113,6 +113,11 @@ def _failure(kind: str, message: str, **where) -> tuple[int, bytes]:
     return P.Outcome.RAISED, P.error_report(kind, message, traceback.format_exc(), **where)
 
 
+def _where() -> dict:
+    """Where a job ran, for its error report (asked of the system only when a job fails)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
 def run_payload(
     cwd: str, path: list[str], payload: bytes, function: object = None, keep: list | None = None
 ) -> tuple[int, bytes | Segments]:
@@ -127,7 +132,6 @@ def run_payload(
     The job's arguments are appended to C{keep} if given (to be freed
     later, see L{JobChild.last_arguments}).
     """
-    where = {"host": socket.gethostname(), "pid": os.getpid()}
     stats["jobs"] += 1
     try:
         enter_context(cwd, path)
@@ -135,16 +139,16 @@ def run_payload(
         return P.Outcome.FAILED, P.error_report(
             type(e).__name__,
             f"cannot enter the client's working directory {cwd!r} on"
-            f" {where['host']}: {e}; run workers on a machine that shares"
+            f" {socket.gethostname()}: {e}; run workers on a machine that shares"
             " the client's filesystem",
-            **where,
+            **_where(),
         )
     if isinstance(function, BaseException):
         return P.Outcome.RAISED, P.error_report(
             type(function).__name__,
-            f"the job's function could not be unpickled on {where['host']}: {function}",
+            f"the job's function could not be unpickled on {socket.gethostname()}: {function}",
             getattr(function, "cw_traceback", ""),
-            **where,
+            **_where(),
         )
     try:
         if function is None:
@@ -157,9 +161,9 @@ def run_payload(
     except BaseException as e:
         return P.Outcome.RAISED, P.error_report(
             type(e).__name__,
-            f"the job could not be unpickled on {where['host']}: {e}",
+            f"the job could not be unpickled on {socket.gethostname()}: {e}",
             traceback.format_exc(),
-            **where,
+            **_where(),
         )
     try:
         value = func(*args, **kwargs)
@@ -167,7 +171,7 @@ def run_payload(
         tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
         text = "".join(traceback.format_exception(type(e), e, tb))
         fields = exception_fields(e)
-        return P.Outcome.RAISED, P.error_report(type(e).__name__, str(e), text, **where, **fields)
+        return P.Outcome.RAISED, P.error_report(type(e).__name__, str(e), text, **_where(), **fields)
     try:
         return P.Outcome.OK, pickling.dumps(pickling.out_of_band(value))
     except BaseException as e:
@@ -175,7 +179,7 @@ def run_payload(
             type(e).__name__,
             f"the job's return value ({type(value).__name__}) could not be pickled: {e}",
             traceback.format_exc(),
-            **where,
+            **_where(),
         )
 
 
