@@ -326,6 +326,24 @@ def _libc_function(name: str, *argtypes):
 
 
 _madvise = _libc_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_fallocate = _libc_function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+#: C{fallocate} modes (linux/falloc.h): free a range's blocks, the file's size unchanged.
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """
+    Free the room bytes C{offset} to C{offset + length} of file C{fd} take
+    (they read as zeros after; the file's size does not change); False
+    where that cannot be done (not Linux, a file system without holes).
+    """
+    if _fallocate is None:
+        return False
+    return _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0
+
+
 _mincore = _libc_function("mincore", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
 
 # The C API, to find any buffer's address (read-only ones too) and to make

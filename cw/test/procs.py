@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -138,6 +139,25 @@ def dev_shm() -> set[str]:
     if not os.path.isdir("/dev/shm"):
         return set()
     return {name for name in os.listdir("/dev/shm") if "cw" in name or name.startswith("psm_")}
+
+
+def can_mount() -> bool:
+    """Whether this process may mount a file system in a mount namespace of its own (root, unshare)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+def almost_full_tmpdir(directory: str) -> tuple[str, ...]:
+    """
+    A command prefix that runs the rest in a mount namespace of its own,
+    with a 64 KiB file system on C{directory} filled but for 8 KiB (so
+    that a probe of it, such as C{tempfile}'s, still finds it usable).
+    The mount ends with the namespace's processes.
+    """
+    script = 'mount -t tmpfs -o size=64k tmpfs "$0" && head -c 57344 /dev/zero > "$0/fill" && exec "$@"'
+    return ("unshare", "-m", "--propagation", "private", "sh", "-c", script, directory)
 
 
 def free_port() -> int:

@@ -1,13 +1,19 @@
 """
 What a job writes, caught in its job process (L{OutputCapture}).
 
-A job process points its file descriptors 1 and 2 at two unlinked
-temporary files for its whole life, so that everything a job writes to
-them is caught: C{print}, C{sys.stderr}, C{os.write(1, ...)}, C extensions
-and the subprocesses it starts (which inherit the descriptors).  After each
-job, the files are read (the last C{limit} bytes of each, after a marker
-saying how much was cut) and emptied: two C{lseek} calls when the job wrote
-nothing (about 3 microseconds in all).  The pipes fd 1 and 2 led to before
+A job process points its file descriptors 1 and 2 at two anonymous
+memory files (C{memfd_create}; unlinked temporary files where those cannot
+be made) for its whole life, so that everything a job writes to them is
+caught: C{print}, C{sys.stderr}, C{os.write(1, ...)}, C extensions and the
+subprocesses it starts (which inherit the descriptors).  After each job,
+the files are read (the last C{limit} bytes of each, after a marker saying
+how much was cut) and emptied: two C{lseek} calls when the job wrote
+nothing (about 3 microseconds in all).  Memory files need no room in
+C{$TMPDIR} (a full or read-only one cannot make a job's C{print} fail) and
+have no name to leave behind, whatever becomes of the process.  While a
+job runs, a thread frees what is older than the last C{limit} bytes of
+each file every L{TRIM_INTERVAL} seconds (L{OutputCapture.trim}): a job
+that writes gigabytes holds little more than C{limit} of memory.  The pipes fd 1 and 2 led to before
 (to the worker) stay open under other numbers: the first carries framed
 L{Output} notices (L{OutputCapture.notify}: the first, empty, says the
 capture is in place; then, for jobs that ask, what they write while they
@@ -26,8 +32,10 @@ import select
 import sys
 import tempfile
 import threading
+import time
 
 from cw.core.records import Output, Stream, log_entry, output_frame
+from cw.system import punch_hole
 
 #: The descriptors caught, in the order L{OutputCapture.take} returns them.
 STREAMS = (Stream.STDOUT, Stream.STDERR)
@@ -37,6 +45,28 @@ INTERVAL = 0.5
 
 #: Longest message (and traceback) of a forwarded logging record, in characters.
 LOG_MESSAGE_CHARS = 64_000
+
+#: Seconds between two looks at how much the output files hold (two
+#: C{lseek} calls; L{OutputCapture.trim}).
+TRIM_INTERVAL = 0.1
+
+#: Bytes beyond the kept C{limit} that a file may hold before they are freed.
+TRIM_AT = 1 << 20
+
+#: Granularity of what is freed (whole pages: the rest is kept).
+_PAGE = 4096
+
+
+def open_spool() -> int:
+    """
+    A new file to catch fd 1 or 2 in: an anonymous memory file, or an
+    unlinked temporary file in C{$TMPDIR} where memory files cannot be made.
+    """
+    try:
+        return os.memfd_create("cw-job-output", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        with tempfile.TemporaryFile(prefix="cw-job-output-") as spool:
+            return os.dup(spool.fileno())
 
 
 def cut_marker(cut: int, kept: int) -> bytes:
@@ -61,14 +91,22 @@ class OutputCapture:
         self.worker_out = os.dup(1)
         self.worker_err = os.dup(2)
         for fd in STREAMS:
-            with tempfile.TemporaryFile(prefix="cw-job-output-") as spool:
-                flags = fcntl.fcntl(spool.fileno(), fcntl.F_GETFL)
+            spool = open_spool()
+            try:
+                flags = fcntl.fcntl(spool, fcntl.F_GETFL)
                 # Appending: whoever writes (this process, a subprocess that
                 # shares the description) writes at the end, and emptying
                 # the file needs no seek.
-                fcntl.fcntl(spool.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
-                os.dup2(spool.fileno(), fd)
+                fcntl.fcntl(spool, fcntl.F_SETFL, flags | os.O_APPEND)
+                os.dup2(spool, fd)
+            finally:
+                os.close(spool)
         self._notify_lock = threading.Lock()
+        #: Held while a file is emptied or trimmed (the two must not cross).
+        self._files_lock = threading.Lock()
+        #: Per stream, how many bytes at the start of its file are freed (L{trim}).
+        self._freed = [0, 0]
+        threading.Thread(target=self._trim_loop, name="cw-output-trim", daemon=True).start()
         #: The Python streams over fd 1 and 2, put back after a job that
         #: replaced them.
         self.stdout = sys.stdout
@@ -98,7 +136,7 @@ class OutputCapture:
         except Exception:
             pass
 
-    def _take(self, fd: int) -> bytes:
+    def _take(self, index: int, fd: int) -> bytes:
         # The size, cheaper than fstat (which builds a stat result): the
         # file is appended to, so where its offset stands does not matter.
         size = os.lseek(fd, 0, os.SEEK_END)
@@ -109,12 +147,40 @@ class OutputCapture:
         else:
             data = os.pread(fd, size, 0)
         os.ftruncate(fd, 0)
+        self._freed[index] = 0
         return data
 
     def take(self) -> tuple[bytes, bytes]:
         """What was written to fd 1 and fd 2 since the last call (each bounded); empties both."""
         self.flush_python()
-        return self._take(1), self._take(2)
+        with self._files_lock:
+            return self._take(0, 1), self._take(1, 2)
+
+    def trim(self) -> bool:
+        """
+        Free the room of what each file holds before its last C{limit}
+        bytes (in whole pages, once that is over L{TRIM_AT}): only those
+        are ever read (by L{take}, a L{Watcher}, or the worker once the
+        process died).  False if this file cannot free parts of itself.
+        """
+        with self._files_lock:
+            for index, fd in enumerate(STREAMS):
+                end = (os.lseek(fd, 0, os.SEEK_END) - self.limit) // _PAGE * _PAGE
+                start = self._freed[index]
+                if end - start >= TRIM_AT:
+                    if not punch_hole(fd, start, end - start):
+                        return False
+                    self._freed[index] = end
+        return True
+
+    def _trim_loop(self) -> None:
+        while True:
+            time.sleep(TRIM_INTERVAL)
+            try:
+                if not self.trim():
+                    return  # the files grow with what jobs write, as if not trimmed
+            except OSError:
+                return
 
     def stray(self) -> None:
         """

@@ -23,7 +23,17 @@ from twisted.trial import unittest
 
 from cw.client import ClientThread, ClusterExecutor, JobCrashed, JobOutput, JobTimeout, RemoteException
 from cw.test.jobs import block_until
-from cw.test.procs import DEADLINE, abandon, executor, shared_cluster
+from cw.test.procs import (
+    DEADLINE,
+    Processes,
+    abandon,
+    almost_full_tmpdir,
+    can_mount,
+    executor,
+    process_exists,
+    shared_cluster,
+    wait_until,
+)
 
 MIB = 1 << 20
 
@@ -419,3 +429,67 @@ class LiveOutputTests(unittest.TestCase):
                 self.assertIn("record 029999", records.records[-1].getMessage())
 
         return threads.deferToThread(body)
+
+
+class OutputFilesTests(unittest.TestCase):
+    """Where a worker's jobs' output waits: a $TMPDIR all but full, and what is left after."""
+
+    timeout = 180
+
+    def test_full_tmpdir_nothing_left(self):
+        """
+        A worker whose $TMPDIR is all but full: its job's 100 KB of output
+        comes back whole; after the job, and after its process is killed
+        in a job (SIGKILL), nothing is added to $TMPDIR, and the worker
+        holds nothing of the dead process's output files.
+        """
+        if not can_mount():
+            raise unittest.SkipTest("needs root and unshare to mount a small file system")
+
+        def body():
+            procs = Processes(self, self.mktemp())
+            tmpdir = procs.directory / "tmp"
+            tmpdir.mkdir()
+            procs.start_master()
+            worker = procs.start_worker(
+                1, True, prefix=almost_full_tmpdir(str(tmpdir)), env={"TMPDIR": str(tmpdir)}
+            )
+            # The worker's view of its $TMPDIR (its own mount).
+            listing = lambda: sorted(os.listdir(f"/proc/{worker.pid}/root{tmpdir}"))  # noqa: E731
+            with executor(procs.address) as ex:
+                future = ex.submit(write_a_lot, 100_000)
+                pid = future.result(DEADLINE)
+                self.assertEqual(len(future.stdout), 100_000)
+                self.assertEqual(listing(), ["fill"])
+                files = {file_id(f"/proc/{pid}/fd/{fd}") for fd in (1, 2)}
+                error = ex.submit(print_then_die).exception(DEADLINE)
+                self.assertIsInstance(error, JobCrashed)
+                self.assertEqual((error.stdout, error.stderr), ("about to die\n", "dying\n"))
+                wait_until(lambda: not process_exists(pid), what="the killed job process to be gone")
+                wait_until(
+                    lambda: not files & held_files(worker.pid),
+                    what="the worker to let go of the dead process's output files",
+                )
+                self.assertEqual(listing(), ["fill"])
+                future = ex.submit(tidy)
+                future.result(DEADLINE)
+                self.assertEqual(future.stdout, "the next job's line\n")
+
+        return threads.deferToThread(body)
+
+
+def file_id(path: str) -> tuple[int, int]:
+    """What tells the file at C{path} from any other: its device and inode."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def held_files(pid: int) -> set[tuple[int, int]]:
+    """The files process C{pid} has open (L{file_id})."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held.add(file_id(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass  # closed meanwhile
+    return held
