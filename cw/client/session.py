@@ -73,6 +73,7 @@ from cw.errors import (
     BadCommand,
     JobCrashed,
     MasterUnavailable,
+    PayloadUnavailable,
     RemoteException,
     ReportKind,
     SubmitError,
@@ -521,7 +522,7 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
     @P.FetchPayload.responder
     def fetch_payload(self, seq):
         """The master wants the bytes of an argument left here, for a worker on another machine."""
-        return {"payload": self.session.arguments.read(seq)}
+        return {"payload": self.session.kept_argument(seq)}
 
     @P.JobRoom.responder
     def job_room(self, bytes, jobs):
@@ -727,6 +728,23 @@ class Session:
     def _keep_sent(self) -> bool:
         return self.reconnect_timeout > 0
 
+    def kept_argument(self, seq: int):
+        """
+        Job C{seq}'s argument, for the master (L{P.FetchPayload}): from its
+        memory file if it was left in one (L{cw.client.arguments}), else
+        as kept for a resubmission (L{_keep_sent}: the master let go of it
+        once dispatched, and runs the job again).  L{PayloadUnavailable}
+        if this client no longer holds it.
+        """
+        try:
+            return self.arguments.read(seq)
+        except PayloadUnavailable:
+            with self._lock:
+                job = self._sent.get(seq)
+            if job is None or read_reference(job.payload) is not None:
+                raise
+            return job.payload
+
     @defer.inlineCallbacks
     def _open(self, timeout: float):
         """
@@ -765,6 +783,7 @@ class Session:
                     P.RUNNING_NOTICES: self.on_started is not None,
                     CONTEXT_KEY: self.version_mismatch,
                     P.MACHINE: self.machine,
+                    P.KEEPS_ARGUMENTS: self._keep_sent,
                 },
                 session=self.name,
                 versions=self.versions,

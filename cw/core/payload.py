@@ -241,6 +241,20 @@ def reference(pid: int, fd: int, inode: int, length: int) -> bytes:
     return _REFERENCE.pack(REFERENCE_MAGIC, pid, fd, inode, length)
 
 
+def kept_reference(length: int) -> bytes:
+    """
+    The payload a master holds in place of a big argument it let go of
+    once a worker had it: C{length} bytes its client keeps (process 0: in
+    no memory file; the master fetches them, L{is_kept}).
+    """
+    return reference(0, 0, 0, length)
+
+
+def is_kept(where: tuple[int, int, int, int] | None) -> bool:
+    """Whether a L{read_reference} result is a L{kept_reference}."""
+    return where is not None and where[0] == 0
+
+
 def read_reference(payload: Any) -> tuple[int, int, int, int] | None:
     """C{(pid, fd, inode, length)} of a L{reference}, or None for any other payload."""
     if len(payload) != REFERENCE_SIZE or payload[:4] != REFERENCE_MAGIC:

@@ -522,6 +522,13 @@ RUNNING_NOTICES = "running_notices"
 #: big results from their memory (L{cw.core.payload.ResultReference}) ...
 MACHINE = "machine"
 
+#: The key of a client's registration context that says it keeps each
+#: job's argument until the job's result arrives (it resubmits unfinished
+#: jobs to a new connection): the master may then let go of a big argument
+#: once a worker has it, and fetch it again from the client for a rerun
+#: (L{FetchPayload}, L{cw.core.payload.kept_reference}).
+KEEPS_ARGUMENTS = "keeps_arguments"
+
 #: ... unless the master sets this key in the context it passes on: it may
 #: have to store results for the client (C{--state}), so it needs their bytes.
 RESULTS_STORED = "results_stored"

@@ -206,6 +206,7 @@ class MasterProtocol(
         self.machine = check_text("context machine", machine, 200) if machine is not None else None
         self.peer_id = self.master.client_joined(self, context, weight, session, versions)
         self.role = "client"
+        self.master.keeps_arguments(self, context)
         return {
             "client_id": self.peer_id,
             "max_payload": self.master.max_payload,

@@ -29,7 +29,14 @@ from cw.core.config import MasterConfig
 from cw.core.flow import FlowControl, LentBytes
 from cw.core.handover import Unclaimed
 from cw.core.limits import Admission, default_max_pending, default_per_address
-from cw.core.payload import RESULT_REFERENCE_SIZE, payload_size, read_reference, read_result_reference
+from cw.core.payload import (
+    RESULT_REFERENCE_SIZE,
+    is_kept,
+    kept_reference,
+    payload_size,
+    read_reference,
+    read_result_reference,
+)
 from cw.core.resources import Capacity
 from cw.core.routing import Routing, SendContext
 from cw.core.scheduler import Scheduler, Unsent
@@ -74,6 +81,10 @@ RATE_WINDOW = 60
 
 #: Seconds between two checks of the jobs' deadlines.
 DEADLINE_TICK = 0.5
+
+#: Arguments of at least this many bytes are let go of once dispatched,
+#: for clients that keep them (L{MasterService.keeps_arguments}).
+LET_GO_ABOVE = 1 << 20
 
 
 class Master:
@@ -168,6 +179,9 @@ class Master:
         #: Clients that may send big arguments as references to their
         #: memory (L{takes_references}).
         self.referencing: set[int] = set()
+        #: Clients that keep their jobs' arguments until the results come
+        #: (L{keeps_arguments}): big ones are let go of once dispatched.
+        self.refetching: set[int] = set()
         #: Results workers handed over (L{handed_over}) for clients not back yet.
         self.unclaimed = Unclaimed()
         #: Clients told which of their jobs were handed to workers (L{P.JobsStarted}).
@@ -294,6 +308,7 @@ class Master:
         self.clients.pop(cid, None)
         self.avoiding.discard(cid)
         self.referencing.discard(cid)
+        self.refetching.discard(cid)
         self.flow.forget(cid)
         self.lent.forget(cid)
         self.running_notices.discard(cid)
@@ -334,6 +349,19 @@ class Master:
             return False
         self.referencing.add(proto.peer_id)
         return True
+
+    def keeps_arguments(self, proto: MasterProtocol, context: dict) -> None:
+        """
+        Client C{proto}, just registered, said in its C{context} whether it
+        keeps each job's argument until the job's result arrives
+        (L{P.KEEPS_ARGUMENTS}): if so, and this master keeps no job beyond
+        its client's connection, a big argument is let go of once a worker
+        has it and fetched again from the client should the job run again
+        (L{_let_go}), so that the master does not hold it while the job
+        runs (and its result passes through).
+        """
+        if self.durable is None and context.get(P.KEEPS_ARGUMENTS) is True:
+            self.refetching.add(proto.peer_id)
 
     def forget_client(self, cid: int) -> None:
         """
@@ -888,10 +916,12 @@ class Master:
                     proto.callRemote(
                         P.DefineFunction, client=send.client, key=send.key, function=send.function
                     )
-            if self.referencing:
+            if self.referencing or self.refetching:
                 jobs = self._fetch_elsewhere(wid, proto, jobs)
             proto.send_jobs(jobs)
             push(proto.transport)  # the worker gets its jobs now, before any notice to clients
+            if self.refetching:
+                self._let_go(wid, jobs)
             if notify:
                 for job in jobs:
                     if job.client in notify:
@@ -914,13 +944,30 @@ class Master:
         """
         send = []
         for job in jobs:
-            if job.client in self.referencing and read_reference(job.payload) is not None:
+            where = read_reference(job.payload)
+            if where is not None and (job.client in self.referencing or is_kept(where)):
                 client = self.clients[job.client]
-                if worker.machine is None or worker.machine != client.machine:
+                if is_kept(where) or worker.machine is None or worker.machine != client.machine:
                     self._fetch(wid, worker, client, job)
                     continue
             send.append(job)
         return send
+
+    def _let_go(self, wid: int, jobs: list[P.Job]) -> None:
+        """
+        Of C{jobs}, just written to worker C{wid}, let go of the big
+        arguments of clients that keep them (L{keeps_arguments}): the
+        scheduler's record holds a L{kept_reference} of the same size
+        instead, fetched from the client if the job runs again
+        (L{_fetch_elsewhere}).  The bytes being written are not affected
+        (the connection holds them until they are sent).
+        """
+        held = self.scheduler.worker(wid).held
+        for job in jobs:
+            if job.client in self.refetching and len(job.payload) >= LET_GO_ABOVE:
+                record = held.get(job.key)
+                if record is not None and read_reference(record.payload) is None:
+                    record.payload = kept_reference(len(record.payload))
 
     def _fetch(self, wid: int, worker: MasterProtocol, client: MasterProtocol, job: P.Job) -> None:
         """
@@ -930,6 +977,7 @@ class Master:
         client cannot send them.
         """
         size = payload_size(job.payload)
+        why = " to run it again" if is_kept(read_reference(job.payload)) else " on another machine"
 
         def holds() -> bool:
             return self.workers.get(wid) is worker and job.key in self.scheduler.worker(wid).held
@@ -944,8 +992,8 @@ class Master:
                 return
             message = (
                 f"job {job.seq} of client {client.peer_name}: its argument ({size:,} bytes) lies in its"
-                f" client's memory, and the client could not send it for worker {worker.peer_name} on"
-                f" another machine ({reason.getErrorMessage()}); submit it again"
+                f" client's memory, and the client could not send it for worker {worker.peer_name}{why}"
+                f" ({reason.getErrorMessage()}); submit it again"
             )
             report = P.error_report(ReportKind.ARGUMENT_UNAVAILABLE, message)
             self.results(wid, [P.Result(job.client, job.seq, P.Outcome.FAILED, report)])

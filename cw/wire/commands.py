@@ -47,6 +47,7 @@ from typing import Any
 
 from twisted.protocols import amp
 
+from cw.core.payload import Segments
 from cw.core.records import *  # noqa: F403 (re-exported: the wire's one namespace)
 from cw.core.records import (
     CHUNK,
@@ -99,7 +100,8 @@ class Blob(amp.Argument):
         value = objects.get(python_identifier(name))
         if value is None and self.optional:
             return
-        self._put(name, strings, [value])
+        # A payload made here as its parts (not joined) is sent as if joined.
+        self._put(name, strings, (value.parts or [b""]) if isinstance(value, Segments) else [value])
 
     @staticmethod
     def _put(name: bytes, strings, parts: list) -> None:

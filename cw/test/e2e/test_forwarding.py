@@ -22,8 +22,18 @@ from twisted.internet import threads
 from twisted.trial import unittest
 
 from cw.client import MasterUnavailable
+from cw.system import write_atomically
 from cw.test.jobs import payload_bytes, square, timed_digest
-from cw.test.procs import DEADLINE, Processes, arguments_travel, executor, free_port, wait_until
+from cw.test.procs import (
+    DEADLINE,
+    Processes,
+    arguments_travel,
+    executor,
+    free_port,
+    job_processes,
+    process_exists,
+    wait_until,
+)
 
 MB = 1 << 20
 #: The huge payloads: far more than any socket or pipe buffer holds.
@@ -189,3 +199,59 @@ class KilledMidForwardTests(unittest.TestCase):
             self.assertFalse(os.path.exists(record))
 
         return threads.deferToThread(body)
+
+
+def hold_first_time(data, marker: str) -> str:
+    """
+    The first time (no C{marker} yet): say which process runs it, then
+    wait to be killed.  Then: C{data}'s SHA-256.
+    """
+    if not os.path.exists(marker):
+        write_atomically(marker, str(os.getpid()))
+        time.sleep(60)
+    return hashlib.sha256(data).hexdigest()
+
+
+class LetGoTests(unittest.TestCase):
+    """
+    A master lets go of a big argument once a worker has it, when its
+    client keeps it (C{reconnect_timeout}, on by default), and fetches it
+    again from the client when the job runs again.
+    """
+
+    timeout = 300
+
+    def setUp(self):
+        self.procs = Processes(self, self.mktemp())
+        arguments_travel(self)
+
+    def rerun(self, **options):
+        """
+        A job with a 3 MB argument starts on one of two workers, which is
+        SIGKILLed: the job runs again on the other, with the whole argument.
+        """
+        marker = os.path.abspath(self.mktemp())
+        blob = os.urandom(3 * MB)
+
+        def body():
+            self.procs.start_master()
+            workers = [self.procs.start_worker(1), self.procs.start_worker(1)]
+            with executor(self.procs.address, **options) as ex:
+                future = ex.submit_with(hold_first_time, (blob, marker), max_attempts=2)
+                wait_until(lambda: os.path.exists(marker), what="the job to start")
+                job_pid = int(open(marker).read())
+                (worker,) = [w for w in workers if job_processes(w.pid) == [job_pid]]
+                worker.kill()
+                wait_until(lambda: not process_exists(job_pid), what="the job process to die")
+                self.assertEqual(future.result(DEADLINE), hashlib.sha256(blob).hexdigest())
+                self.assertEqual(ex.submit(square, 5).result(DEADLINE), 25)
+
+        return threads.deferToThread(body)
+
+    def test_argument_fetched_again_for_a_rerun(self):
+        """The client keeps its arguments: the master let go of it, and fetches it again."""
+        return self.rerun()
+
+    def test_argument_kept_by_the_master_without_reconnection(self):
+        """The client keeps no argument (C{reconnect_timeout=0}): the master keeps it."""
+        return self.rerun(reconnect_timeout=0)

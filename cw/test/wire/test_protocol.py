@@ -9,6 +9,7 @@ import json
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
+from cw.core.payload import Segments
 from cw.core.records import (
     CHUNK,
     Job,
@@ -75,6 +76,12 @@ class BlobTests(SynchronousTestCase):
         self.assertEqual(size, b"%d" % (amp.MAX_VALUE_LENGTH + 1), "the length, as a hint")
         sizes = sorted(len(value) for key, value in box.items() if key != b"other")
         self.assertEqual(sizes[-2:], [1, amp.MAX_VALUE_LENGTH])
+
+    def test_segments_sent_as_joined(self):
+        """A payload made as its parts (L{Segments}, not joined) travels as their concatenation."""
+        parts = [b"head", pattern(CHUNK + 7), memoryview(pattern(3 * CHUNK))[5:]]
+        _, parsed = round_trip_arguments(Carry, data=Segments(parts), other=b"")
+        self.assertEqual(bytes(parsed["data"]), b"".join(parts))
 
     def test_empty(self):
         box = self.assert_round_trip(b"")
