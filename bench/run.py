@@ -42,6 +42,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from systems import PAYLOAD_CALLS  # this directory: one count for the rows and the runs
+
 HERE = Path(__file__).resolve().parent
 PEERS = ["cw-remote", "ppe", "dask", "ray", "ipp"]
 SYSTEMS = ["cw", *PEERS]
@@ -55,6 +57,9 @@ TITLES = {
 }
 
 #: (key, label, unit, higher is better, decimals)
+#: How the big-payload rows are made (bench/systems.py measure).
+MEDIAN = f"(median of {PAYLOAD_CALLS} calls)"
+
 COMMON_ROWS = [
     ("submit", "{jobs} no-op jobs, `submit` one by one, then wait", "jobs/s", True, 0),
     ("map", "{jobs} no-op jobs, `map` (ProcessPool, ipyparallel: chunksize=1)", "jobs/s", True, 0),
@@ -62,8 +67,8 @@ COMMON_ROWS = [
     ("map_auto", '{map_items} no-op calls, `map` chunksize="auto" (cw only)', "calls/s", True, 0),
     ("lat_p50", "round trip of a lone no-op job ({latency} in a row), p50", "ms", False, 2),
     ("lat_p99", "round trip of a lone no-op job ({latency} in a row), p99", "ms", False, 2),
-    ("arg", "one job with a {payload} MB argument", "MB/s", True, 0),
-    ("res", "one job with a {payload} MB result", "MB/s", True, 0),
+    ("arg", "one job with a {payload} MB argument " + MEDIAN, "MB/s", True, 0),
+    ("res", "one job with a {payload} MB result " + MEDIAN, "MB/s", True, 0),
     ("medium_submit", "{medium} jobs of a 1 MB NumPy array each (its sum), `submit`", "jobs/s", True, 0),
     ("medium_map", "{medium} jobs of a 1 MB NumPy array each (its sum), `map`", "jobs/s", True, 0),
 ]
@@ -633,8 +638,9 @@ def main() -> None:
         " defined in the benchmark script, so cw, Dask, Ray and ipyparallel ship it by value as they"
         " would a user's function (ProcessPoolExecutor forks and ships it by name).  Dask jobs use"
         " `pure=False`; Ray's `map` is the same remote calls as its `submit`.  The big arguments are"
-        " random bytes passed to `len`; the big results are `bytes(n)`.  cw-only rows, each on a fresh"
-        " cluster: the 1 GB jobs (the client on the workers' machine, then playing one on another"
+        " random bytes passed to `len`; the big results are `bytes(n)`; a 50 MB row is the median"
+        f" rate of {PAYLOAD_CALLS} calls, argument and result calls alternating.  cw-only rows, each on"
+        " a fresh cluster: the 1 GB jobs (the client on the workers' machine, then playing one on another"
         " machine, `CW_MACHINE_IDENTITY`, so that the payloads cross the sockets through the master,"
         " as the cw-remote column's do); a master started alone that gets the queued jobs from one"
         " `ClientThread` whose callback only counts (peak RSS from `VmHWM` in"
