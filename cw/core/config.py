@@ -59,6 +59,17 @@ DEADLINE_GRACE = 30.0
 #: Seconds a stopping worker lets its running jobs finish (C{--drain-timeout}).
 DRAIN_TIMEOUT = 30.0
 
+#: Seconds a drained worker waits for its job processes to exit once asked
+#: to; those still there (stopped, hung, not reading their pipe) are then
+#: killed with SIGKILL, with their groups and descendants, and waited for as
+#: long again before the worker exits regardless.
+STOP_WAIT = 2.0
+
+#: A stopped worker exits within C{--drain-timeout} plus this many seconds
+#: (its job processes' L{STOP_WAIT}, twice, and its own exit), whatever its
+#: job processes do.
+STOP_BOUND = 2 * STOP_WAIT + 1.0
+
 #: Longest wait, in seconds, between attempts to (re)connect to the master
 #: (C{--reconnect-delay}); the wait grows from 1 s by half each attempt up
 #: to this, plus up to 1 s of random jitter.

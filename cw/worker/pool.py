@@ -42,6 +42,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from cw.core.config import STOP_WAIT
 from cw.errors import SharedMemoryRefused
 from cw.wire import commands as P
 from cw.wire.checked import LeanCalls
@@ -485,7 +486,7 @@ class JobPool(pool.ProcessPool):
     An ampoule L{ProcessPool} that never hands a job to a dead or retired
     child.
 
-    @param clock: what times its jobs' timeouts (C{IReactorTime}).
+    @param clock: what times its jobs' timeouts, and its L{stop} (C{IReactorTime}).
     @param max_rss: replace a child once its resident size passes this many
         bytes after a job (0: no limit).
     """
@@ -501,6 +502,7 @@ class JobPool(pool.ProcessPool):
         kwargs.setdefault("ampParent", Link)
         super().__init__(*args, **kwargs)
         self.max_rss = max_rss
+        self.clock = clock
 
     def _retire_unusable(self) -> None:
         """Stop ready children that must not run another job; start fresh ones."""
@@ -530,3 +532,46 @@ class JobPool(pool.ProcessPool):
     def doWork(self, command, **kwargs):
         self._retire_unusable()
         return super().doWork(command, **kwargs)
+
+    def stop(self, wait: float = STOP_WAIT) -> defer.Deferred:
+        """
+        Stop every job process, within a bound: ampoule asks each to shut
+        down and waits for it to exit, which one that never answers (stopped
+        with SIGSTOP, hung, not reading its pipe) never does.  Those still
+        there after C{wait} seconds are killed by pid (L{ChildLink.kill}:
+        with their descendants and groups), and after as long again the
+        returned Deferred fires whether or not they were reaped.
+        """
+        stopped = super().stop()
+        done: defer.Deferred = defer.Deferred()
+
+        def kill_left():
+            left = [child for child in self.processes if child.kill()]
+            if left:
+                log.info(
+                    "{n} job processes did not exit within {t:g} s of being asked to (pids {pids});"
+                    " killed them",
+                    n=len(left),
+                    t=wait,
+                    pids=", ".join(str(child.pid) for child in left),
+                )
+            timers[0] = self.clock.callLater(wait, give_up)
+
+        def give_up():
+            log.info(
+                "Job processes {pids} were not reaped within {t:g} s of being killed; leaving anyway",
+                pids=", ".join(str(child.pid) for child in self.processes),
+                t=wait,
+            )
+            finish(None)
+
+        def finish(result):
+            if timers[0].active():
+                timers[0].cancel()
+            if not done.called:
+                done.callback(None)
+            return result
+
+        timers = [self.clock.callLater(wait, kill_left)]
+        stopped.addBoth(finish)
+        return done

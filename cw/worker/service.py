@@ -10,7 +10,9 @@ a L{ClientService}: a worker started before its master, or whose master
 restarts, connects (again) on its own, trying at least every
 C{--reconnect-delay} seconds.  SIGTERM or SIGINT stops a worker gracefully:
 it returns its unstarted jobs and finishes its running ones first
-(L{Worker.drain}).
+(L{Worker.drain}), and exits within C{--drain-timeout} plus
+L{cw.core.config.STOP_BOUND} seconds whatever its job processes do
+(L{JobPool.stop}).
 
 Run it with C{twistd -n cw-worker --master HOST[:PORT] [--procs N]} or
 C{python -m cw.worker [HOST]}.
@@ -21,6 +23,7 @@ Layer rule (cw.worker): imports cw.discovery and below; never cw.client, cw.mast
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import socket
@@ -37,7 +40,7 @@ from twisted.protocols import amp
 from twisted.python import usage
 
 from cw import discovery
-from cw.core.config import OUTPUT_LIMIT, WorkerConfig
+from cw.core.config import OUTPUT_LIMIT, STOP_BOUND, WorkerConfig
 from cw.core.handover import KeptResults
 from cw.core.liveness import MasterSilent, MasterWatch, Recheck
 from cw.core.payload import result_reference
@@ -1288,17 +1291,30 @@ class WorkerService(service.MultiService):
         walltime warning) the job processes get the same signal and may die
         before the reactor stops this service, and their jobs must then go
         back to the master rather than be reported as crashed.
+
+        A second SIGTERM or SIGINT while it stops is only logged (the
+        reactor's handler would log a C{ReactorNotRunning} traceback): the
+        stop is bounded anyway (C{--drain-timeout} plus L{STOP_BOUND}).
         """
-        previous = signal.getsignal(signal.SIGTERM)
-        if not callable(previous):
+        stopping = []
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            if callable(previous):
+                signal.signal(signum, functools.partial(self._stop_signal, previous, stopping))
+
+    def _stop_signal(self, previous, stopping: list, signum: int, frame) -> None:
+        """SIGTERM or SIGINT: mark the worker terminating, then stop it (once: see L{_note_sigterm})."""
+        if signum == signal.SIGTERM and self.worker is not None:
+            self.worker.terminating = True
+        if stopping:
+            log.info(
+                "Received {name} while stopping: exiting within {t:g} s of the first one as it is",
+                name=signal.Signals(signum).name,
+                t=self.drain_timeout + STOP_BOUND,
+            )
             return
-
-        def handler(signum, frame):
-            if self.worker is not None:
-                self.worker.terminating = True
-            previous(signum, frame)
-
-        signal.signal(signal.SIGTERM, handler)
+        stopping.append(signum)
+        previous(signum, frame)
 
     def stopService(self):
         """
