@@ -541,16 +541,19 @@ class ShutdownTests(ContractCase):
         done = run_script(
             self,
             """
-            import sys, time
+            import os, sys, time
             from cw.client import ClusterExecutor
             from cw.test.jobs import block_until
 
             t = ClusterExecutor(sys.argv[1])
             f = t.submit(block_until, sys.argv[2] + ".never", sys.argv[2], 120)
+            # Running in its job process, not only handed to a worker
+            # (f.running()): the master may kill it before it starts.
             deadline = time.monotonic() + 60
-            while not f.running():
+            while not (os.path.exists(sys.argv[2]) and open(sys.argv[2]).read()):
                 assert time.monotonic() < deadline, "the job never started"
                 time.sleep(0.01)
+            assert f.running()
             t.shutdown(wait=False, cancel_futures=True)
             print("exiting", flush=True)
             """,

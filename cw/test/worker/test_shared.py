@@ -26,7 +26,7 @@ from twisted.trial import unittest
 
 from cw import system
 from cw.core.payload import Segments
-from cw.test.procs import dev_shm, memory_files
+from cw.test.procs import dev_shm, memory_files, until
 from cw.test.worker.test_pool import DEADLINE, PoolHarness
 from cw.wire import commands as P
 from cw.wire import memfile, pickling
@@ -96,6 +96,26 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
         if not shared.supported():
             raise unittest.SkipTest("no memfd_create or /proc here: payloads go through the pipe")
         self.shm_before = dev_shm()
+        # Memory files of this whole process (trial -j runs many modules in
+        # one): those of earlier tests are not this test's.
+        self.files_before = memory_files()
+
+    def make_worker(self, *args, **kwargs):
+        # Added first, so run last: after the pool has stopped.
+        self.addCleanup(self.files_closed)
+        return super().make_worker(*args, **kwargs)
+
+    def files_closed(self) -> defer.Deferred:
+        """
+        Wait until this test's memory files are closed: a job process's
+        reply file is closed when its link learns the process ended (its
+        C{processEnded}), which may come after the pool's stop returned,
+        and would otherwise be counted by the next test in this process.
+        """
+        return until(
+            lambda: gc.collect() >= 0 and memory_files() <= self.files_before,
+            what="the test's memory files to be closed",
+        )
 
     def forget_results(self) -> None:
         """Drop the payloads of the results received so far (their count stays)."""
@@ -106,14 +126,26 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
     def links(self, worker) -> list[ChildLink]:
         return list(worker.pool.processes)
 
-    def assert_no_stray_files(self, worker) -> None:
+    @defer.inlineCallbacks
+    def assert_no_stray_files(self, worker):
         """
         The worker holds a memory file for each job process's reply and
         nothing else (results dropped), and nothing was left in /dev/shm.
+        A job process killed meanwhile has its reply file closed when its
+        end is noticed (L{ChildLink.connectionLost}): a bounded wait.
         """
-        gc.collect()
-        expected = sum(link.reply_fd is not None for link in self.links(worker))
-        self.assertEqual(memory_files(), expected)
+
+        def held() -> int:
+            gc.collect()
+            return memory_files() - self.files_before
+
+        def expected() -> int:
+            return sum(link.reply_fd is not None for link in self.links(worker))
+
+        try:
+            yield until(lambda: held() == expected(), what="only the reply files to be open")
+        except AssertionError:
+            self.assertEqual(held(), expected())
         self.assertEqual(dev_shm() - self.shm_before, set())
 
     @defer.inlineCallbacks
@@ -149,7 +181,7 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
         shared_in, shared_out, held = pickling.loads(after.payload)
         self.assertEqual((shared_in, shared_out, held), (1, 1, 0))
         self.forget_results()
-        self.assert_no_stray_files(worker)
+        yield self.assert_no_stray_files(worker)
         self.assertEqual(open_fds(), baseline)
 
     @defer.inlineCallbacks
@@ -182,7 +214,7 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
                 for job, blob in zip(jobs, blobs, strict=True)
             ],
         )
-        self.assert_no_stray_files(worker)
+        yield self.assert_no_stray_files(worker)
 
     @defer.inlineCallbacks
     def test_arrays_aligned_and_writable(self):
@@ -226,7 +258,7 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
         pids = yield self.assert_serves_normally(worker, 10)
         self.assertNotIn(victim_pid, pids)
         self.forget_results()
-        self.assert_no_stray_files(worker)
+        yield self.assert_no_stray_files(worker)
         self.assertEqual(open_fds(), baseline)
 
     @defer.inlineCallbacks
@@ -239,7 +271,7 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
         self.forget_results()
         yield self.assert_serves_normally(worker, 1)
         self.forget_results()
-        self.assert_no_stray_files(worker)
+        yield self.assert_no_stray_files(worker)
         self.assertEqual(open_fds(), baseline)
 
     @defer.inlineCallbacks
@@ -263,7 +295,7 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
         self.assertNotIsInstance(getattr(result.payload, "obj", None), mmap.mmap)
         del result
         self.forget_results()
-        self.assertEqual(memory_files(), 0)
+        yield until(lambda: memory_files() == self.files_before, what="no memory file to be open")
 
     @defer.inlineCallbacks
     def test_unsupported_goes_through_the_pipe(self):
@@ -275,7 +307,7 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
         (result,) = yield self.run_jobs(worker, [(reverse_and_report, blob)])
         value, shared_in, _ = pickling.loads(result.payload)
         self.assertEqual((value, shared_in), (blob[::-1], 0))
-        self.assertEqual(memory_files(), 0)
+        self.assertEqual(memory_files(), self.files_before)
 
 
 def resident_kib(view: memoryview) -> int:
