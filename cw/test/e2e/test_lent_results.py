@@ -172,6 +172,10 @@ class LentResultsTests(unittest.TestCase):
                 view, expected = ex.submit(big_view, 20 * MB, 5).result(DEADLINE)
                 self.assertEqual(digest(view), expected)
                 self.assertTrue(from_mapping(view))
+                # The worker's own mapping of the file (Python's mmap holds a
+                # duplicate descriptor) goes once its answer is handled, which
+                # may be just after the result reached this client.
+                wait_until(lambda: memory_files(worker.pid) <= 1, what="the worker to unmap the result")
                 self.assertEqual(memory_files(worker.pid), 1, "the worker does not hold the lent file")
             self.worker_files_closed(worker)
             # The client's mapping outlives the worker's file.

@@ -12,6 +12,7 @@ holds fails its job with a clear error.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import signal
@@ -94,7 +95,11 @@ def files_closed(ex, before: int) -> None:
     process: those of earlier tests are not this test's).
     """
     wait_until(
-        lambda: not ex.session.arguments.descriptors() and client_memory_files() <= before,
+        # (gc: a live mapping of a memory file, a Python mmap, holds a
+        # duplicate of its descriptor until it is collected.)
+        lambda: not ex.session.arguments.descriptors()
+        and gc.collect() >= 0
+        and client_memory_files() <= before,
         what="the client's argument files to close",
     )
 
