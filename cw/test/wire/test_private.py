@@ -153,16 +153,13 @@ class WriteNowTests(unittest.TestCase):
     def test_not_behind_buffered_bytes(self):
         """Bytes buffered for the reactor go first: nothing is written ahead of them."""
 
-        def sent(result):
-            proto, received = result
-            proto.transport.write(b"first")
-            self.assertFalse(private.can_write_now(proto.transport))
-            self.assertEqual(private.write_now(proto.transport, b"second"), 0)
-            private.push(proto.transport)
-            self.assertTrue(private.can_write_now(proto.transport))
-            return received.addCallback(self.assertEqual, b"first")
+        def declines(transport):
+            self.assertFalse(private.can_write_now(transport))
+            self.assertEqual(private.write_now(transport, b"second"), 0)
 
-        return self.connect(protocol.Protocol).addCallback(sent)
+        return declined_behind_buffered(
+            self, declines, lambda transport: self.assertTrue(private.can_write_now(transport))
+        )
 
     def test_not_tls_or_closing(self):
         """TLS (its bytes pass through OpenSSL), a closing connection, or no TCP connection: never."""
@@ -208,14 +205,9 @@ class WriteThroughTests(unittest.TestCase):
         return self.connect(protocol.Protocol).addCallback(sent)
 
     def test_not_behind_buffered_bytes(self):
-        def sent(result):
-            proto, received = result
-            proto.transport.write(b"first")
-            self.assertFalse(private.write_through(proto.transport, b"second"))
-            private.push(proto.transport)
-            return received.addCallback(self.assertEqual, b"first")
-
-        return self.connect(protocol.Protocol).addCallback(sent)
+        return declined_behind_buffered(
+            self, lambda transport: self.assertFalse(private.write_through(transport, b"second"))
+        )
 
     def test_rest_buffered_in_order(self):
         """A socket that takes part of the box: the rest waits in Twisted's buffer and follows in order."""
@@ -320,3 +312,22 @@ class WriteThroughTests(unittest.TestCase):
         self.addCleanup(io.loseConnection)
         self.assertTrue(private.write_through(io, b"answer"))
         self.assertEqual(os.read(r, 100), b"answer")
+
+
+def declined_behind_buffered(case, declines, pushed=lambda transport: None):
+    """
+    Connect (L{PushTests.connect}), buffer C{b"first"} for the reactor,
+    call C{declines(transport)} (which asserts that nothing is written
+    ahead of it), push, call C{pushed(transport)}, and check the peer got
+    only C{b"first"}.
+    """
+
+    def sent(result):
+        proto, received = result
+        proto.transport.write(b"first")
+        declines(proto.transport)
+        private.push(proto.transport)
+        pushed(proto.transport)
+        return received.addCallback(case.assertEqual, b"first")
+
+    return PushTests.connect(case, protocol.Protocol).addCallback(sent)
