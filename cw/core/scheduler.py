@@ -131,7 +131,7 @@ from itertools import islice
 
 from cw.core.config import MasterConfig
 from cw.core.fairqueue import FairQueue
-from cw.core.payload import payload_size
+from cw.core.payload import payload_size, read_reference
 from cw.core.records import (
     Job,
     Outcome,
@@ -335,6 +335,24 @@ class WorkerRecord:
         else:
             self.shapes[key] = shape
             self.ledger.take(key, shape)
+
+    def stand_in(self, key: tuple[int, int], reference: bytes) -> None:
+        """
+        Let held job C{key} keep C{reference} (a
+        L{cw.core.payload.reference} to bytes that can be had again) in
+        place of its payload, so that its bytes need not be held here; it
+        counts as many bytes (L{held_bytes} and the limits do not change).
+        Nothing is done for a job not held, or holding a reference already.
+        """
+        job = self.held.get(key)
+        if job is None or read_reference(job.payload) is not None:
+            return
+        if payload_size(reference) != payload_size(job.payload):
+            raise ValueError(
+                f"a stand-in for job {key}'s {payload_size(job.payload):,} bytes"
+                f" stands for {payload_size(reference):,}"
+            )
+        job.payload = reference
 
     def release(self, key: tuple[int, int]) -> Job | None:
         job = self.held.pop(key, None)

@@ -962,12 +962,10 @@ class Master:
         (L{_fetch_elsewhere}).  The bytes being written are not affected
         (the connection holds them until they are sent).
         """
-        held = self.scheduler.worker(wid).held
+        worker = self.scheduler.worker(wid)
         for job in jobs:
             if job.client in self.refetching and len(job.payload) >= LET_GO_ABOVE:
-                record = held.get(job.key)
-                if record is not None and read_reference(record.payload) is None:
-                    record.payload = kept_reference(len(record.payload))
+                worker.stand_in(job.key, kept_reference(len(job.payload)))
 
     def _fetch(self, wid: int, worker: MasterProtocol, client: MasterProtocol, job: P.Job) -> None:
         """

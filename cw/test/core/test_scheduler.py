@@ -9,7 +9,7 @@ import tracemalloc
 from twisted.trial.unittest import SynchronousTestCase
 
 from cw.core.fairqueue import FairQueue
-from cw.core.payload import reference
+from cw.core.payload import kept_reference, reference
 from cw.core.records import (
     Job,
     Outcome,
@@ -113,6 +113,47 @@ class UnknownPeerTests(SynchronousTestCase):
     def test_inspect_unknown(self):
         self.assertRaises(UnknownPeer, self.scheduler.client, 1)
         self.assertRaises(UnknownPeer, self.scheduler.worker, 1)
+
+
+class StandInTests(SynchronousTestCase):
+    """
+    L{WorkerRecord.stand_in}: a held job keeps a reference in place of its
+    bytes (the master lets go of a big argument once dispatched), counted
+    as the same size.
+    """
+
+    def held_job(self, payload: bytes) -> tuple[Scheduler, int, Job]:
+        scheduler = Scheduler()
+        client = scheduler.add_client()
+        worker = scheduler.add_worker(1)
+        scheduler.submit(client, [Job(0, 1, payload)])
+        [(wid, [job])] = scheduler.dispatch()
+        self.assertEqual(wid, worker)
+        return scheduler, worker, job
+
+    def test_bytes_replaced_size_kept(self):
+        scheduler, wid, job = self.held_job(b"x" * 5000)
+        record = scheduler.worker(wid)
+        record.stand_in(job.key, kept_reference(5000))
+        self.assertEqual(record.held[job.key].payload, kept_reference(5000))
+        self.assertEqual(record.held_bytes, 5000)
+
+    def test_reference_left_as_it_is(self):
+        own = reference(7, 3, 11, 5000)
+        scheduler, wid, job = self.held_job(own)
+        scheduler.worker(wid).stand_in(job.key, kept_reference(5000))
+        self.assertEqual(scheduler.worker(wid).held[job.key].payload, own)
+
+    def test_job_not_held_ignored(self):
+        scheduler, wid, job = self.held_job(b"x" * 10)
+        scheduler.worker(wid).stand_in((job.client, job.seq + 1), kept_reference(10))
+        self.assertEqual(scheduler.worker(wid).held[job.key].payload, b"x" * 10)
+
+    def test_other_size_refused(self):
+        scheduler, wid, job = self.held_job(b"x" * 10)
+        with self.assertRaises(ValueError):
+            scheduler.worker(wid).stand_in(job.key, kept_reference(11))
+        self.assertEqual(scheduler.worker(wid).held[job.key].payload, b"x" * 10)
 
 
 class SubmitTests(SynchronousTestCase):

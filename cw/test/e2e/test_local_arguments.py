@@ -97,9 +97,9 @@ def files_closed(ex, before: int) -> None:
     wait_until(
         # (gc: a live mapping of a memory file, a Python mmap, holds a
         # duplicate of its descriptor until it is collected.)
-        lambda: not ex.session.arguments.descriptors()
-        and gc.collect() >= 0
-        and client_memory_files() <= before,
+        lambda: (
+            not ex.session.arguments.descriptors() and gc.collect() >= 0 and client_memory_files() <= before
+        ),
         what="the client's argument files to close",
     )
 
