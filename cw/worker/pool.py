@@ -165,6 +165,11 @@ class ChildLink(StreamingSender, ChunkReceiver, LeanCalls, amp.AMP):
         self.retire = False
         self.timed_out: float | None = None
         self.cancelled = False
+        #: The jobs of the call it runs, as (client, seq) keys: named when it is killed.
+        self.running: list[tuple[int, int]] = []
+        #: Why the worker killed this job process on purpose (L{kill}), in
+        #: words for its log (L{cw.worker.service.JobConnector}); None: it did not.
+        self.killed_for: str | None = None
         #: (generation, client) pairs whose context this child was sent.
         self.contexts_sent: set[tuple[int, int]] = set()
         #: The function keys this child holds, kept as the child keeps them.
@@ -230,6 +235,7 @@ class ChildLink(StreamingSender, ChunkReceiver, LeanCalls, amp.AMP):
             kwargs["contexts"], kwargs["functions"] = self._missing(
                 kwargs["jobs"], call.contexts, call.functions, call.generation
             )
+            self.running = [(job.client, job.seq) for job in kwargs["jobs"]]
         d = self._send(command, kwargs, call.local)
         if d is None:
             return d
@@ -242,6 +248,7 @@ class ChildLink(StreamingSender, ChunkReceiver, LeanCalls, amp.AMP):
                 timer.cancel()
             # The call is over: a late cancel must not kill this child's next job.
             call.link = None
+            self.running = []
             if not isinstance(result, dict) or self.pool is None:
                 return result
             limit = self.pool.max_rss
@@ -431,22 +438,29 @@ class ChildLink(StreamingSender, ChunkReceiver, LeanCalls, amp.AMP):
         # The call may have just ended, with the kill still on its way: make
         # sure this child is not handed another job meanwhile.
         self.retire = True
-        self.kill()
+        self.kill(self.jobs_doing("was cancelled"))
 
     def _kill(self, timeout: float) -> None:
         self.timed_out = timeout
         self.retire = True  # as in L{cancel}: no new job for a child being killed
-        self.kill()
+        self.kill(self.jobs_doing(f"ran past its timeout of {timeout:g} s"))
 
-    def kill(self) -> bool:
+    def jobs_doing(self, what: str) -> str:
+        """C{what} said of the jobs it runs (L{describe_jobs}), or of its job if it runs none."""
+        return f"{describe_jobs(self.running)} {what}"
+
+    def kill(self, why: str = "") -> bool:
         """
         SIGKILL the job process with everything its jobs started (its
         descendants and its process group, L{cw.worker.containment}); False if it
-        had already exited.
+        had already exited.  C{why} says why, in words for the worker's log
+        (the first reason given is the one logged).
         """
         pid = self.pid
         if pid is None:
             return False
+        if self.killed_for is None:
+            self.killed_for = why or "the worker killed it"
         kill_job_process(pid)
         return True
 
@@ -456,6 +470,26 @@ class ChildLink(StreamingSender, ChunkReceiver, LeanCalls, amp.AMP):
         # Its process has ended (ampoule calls this from processEnded): no
         # one opens the reply file any more.
         self._close_reply()
+
+
+def describe_jobs(keys: list[tuple[int, int]], most: int = 5) -> str:
+    """
+    Name the jobs C{keys} (C{(client, seq)}) as a worker's log does:
+    C{job #5 of client 2}, C{jobs #5, #6 of client 2}, at most C{most}
+    numbers per client; C{its job} for none.
+    """
+    if not keys:
+        return "its job"
+    by_client: dict[int, list[int]] = {}
+    for client, seq in keys:
+        by_client.setdefault(client, []).append(seq)
+    parts = []
+    for client, seqs in by_client.items():
+        numbers = ", ".join(f"#{seq}" for seq in seqs[:most])
+        if len(seqs) > most:
+            numbers += f" and {len(seqs) - most} more"
+        parts.append(f"{'job' if len(seqs) == 1 else 'jobs'} {numbers} of client {client}")
+    return "; ".join(parts)
 
 
 def _unshared(sent: dict, payload_fd: int) -> dict:
@@ -522,12 +556,13 @@ class JobPool(pool.ProcessPool):
         if self.ready:
             return super()._catchUp()
 
-    def kill_busy(self) -> int:
+    def kill_busy(self, why: str = "was still running when the worker stopped") -> int:
         """
         Kill (SIGKILL) every child that is running a job, as a worker does
         when its drain timeout passes; their calls fail.  Return how many.
+        C{why} is said of their jobs in the log (L{ChildLink.jobs_doing}).
         """
-        return sum(child.kill() for child in list(self.busy))
+        return sum(child.kill(child.jobs_doing(why)) for child in list(self.busy))
 
     def doWork(self, command, **kwargs):
         self._retire_unusable()
@@ -546,7 +581,8 @@ class JobPool(pool.ProcessPool):
         done: defer.Deferred = defer.Deferred()
 
         def kill_left():
-            left = [child for child in self.processes if child.kill()]
+            why = f"it did not exit within {wait:g} s of being asked to (the worker is stopping)"
+            left = [child for child in self.processes if child.kill(why)]
             if left:
                 log.info(
                     "{n} job processes did not exit within {t:g} s of being asked to (pids {pids});"

@@ -739,7 +739,9 @@ class Worker:
                 if call is not None:
                     call.cancel(withdraw=instruction.withdraw)
             elif isinstance(instruction, KillRunning):
-                self._killed = self.pool.kill_busy()
+                self._killed = self.pool.kill_busy(
+                    f"was still running when the drain timeout ({self._drain_timeout:g} s) passed"
+                )
             elif isinstance(instruction, HandOver):
                 self._hand_over()
             elif isinstance(instruction, StartDrainTimer):
@@ -951,6 +953,19 @@ class JobConnector(ampoule_main.AMPConnector):
     #: What schedules the release of an exited job process's pipes
     #: (C{IReactorTime}): set by L{JobStarter} (its C{clock}).
     clock = None
+
+    def processEnded(self, reason):
+        why = getattr(self.amp, "killed_for", None)
+        if why is None or reason.check(error.ProcessDone):
+            super().processEnded(reason)
+            return
+        # Killed on purpose (L{cw.worker.pool.ChildLink.kill}): said in cw's
+        # words, naming its jobs, and ended for ampoule as a stopped job
+        # process is (through its connector's public C{amp} and C{finished},
+        # as ampoule's own processEnded does), not as a "FATAL" death.
+        log.info("Job process {pid} killed: {why}", pid=self.pgid, why=why)
+        self.amp.connectionLost(reason)
+        self.finished.callback("")
 
     def processExited(self, reason):
         if self.pgid is not None:

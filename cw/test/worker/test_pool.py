@@ -20,7 +20,7 @@ from cw.test.procs import process_exists
 from cw.wire import commands as P
 from cw.wire import pickling
 from cw.worker.child import JobChild
-from cw.worker.pool import BatchCall, JobPool
+from cw.worker.pool import BatchCall, JobPool, describe_jobs
 from cw.worker.service import JobStarter, Worker, job_process_env
 
 #: Upper bound, in seconds, for a batch of jobs in these tests.
@@ -385,3 +385,17 @@ class BatchCallTests(unittest.SynchronousTestCase):
         self.assertIsNone(call.link)
         call.cancel(withdraw=False)
         self.assertFalse(self.link.cancelled)
+
+
+class DescribeJobsTests(unittest.SynchronousTestCase):
+    """L{describe_jobs}: how a worker's log names the jobs of a job process it killed."""
+
+    def test_names(self):
+        self.assertEqual(describe_jobs([(2, 5)]), "job #5 of client 2")
+        self.assertEqual(
+            describe_jobs([(2, 5), (2, 6), (3, 1)]), "jobs #5, #6 of client 2; job #1 of client 3"
+        )
+        self.assertEqual(
+            describe_jobs([(2, i) for i in range(1, 9)]), "jobs #1, #2, #3, #4, #5 and 3 more of client 2"
+        )
+        self.assertEqual(describe_jobs([]), "its job")
