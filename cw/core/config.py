@@ -65,10 +65,18 @@ DRAIN_TIMEOUT = 30.0
 #: long again before the worker exits regardless.
 STOP_WAIT = 2.0
 
+#: Seconds a drained worker gives its master to take what is left to send
+#: (results) as it closes the connection, at the same time as its job
+#: processes stop: a master that reads nothing (stopped with SIGSTOP, a dead
+#: link) then has its connection aborted, and requeues the jobs whose
+#: results it did not get.
+CLOSE_WAIT = 2 * STOP_WAIT
+
 #: A stopped worker exits within C{--drain-timeout} plus this many seconds
-#: (its job processes' L{STOP_WAIT}, twice, and its own exit), whatever its
-#: job processes do.
-STOP_BOUND = 2 * STOP_WAIT + 1.0
+#: (its job processes' L{STOP_WAIT}, twice, or the L{CLOSE_WAIT} of its
+#: master connection, and its own exit), whatever its job processes and its
+#: master do.
+STOP_BOUND = max(2 * STOP_WAIT, CLOSE_WAIT) + 1.0
 
 #: Longest wait, in seconds, between attempts to (re)connect to the master
 #: (C{--reconnect-delay}); the wait grows from 1 s by half each attempt up

@@ -40,7 +40,7 @@ from twisted.protocols import amp
 from twisted.python import usage
 
 from cw import discovery
-from cw.core.config import OUTPUT_LIMIT, STOP_BOUND, WorkerConfig
+from cw.core.config import CLOSE_WAIT, OUTPUT_LIMIT, STOP_BOUND, WorkerConfig
 from cw.core.handover import KeptResults
 from cw.core.liveness import MasterSilent, MasterWatch, Recheck
 from cw.core.payload import result_reference
@@ -1334,19 +1334,56 @@ class WorkerService(service.MultiService):
     def stopService(self):
         """
         Stop gracefully (SIGTERM, SIGINT): drain (L{Worker.drain}), then
-        close the master connection and stop the job processes.
+        close the master connection and stop the job processes, both at
+        once and each within a bound (L{_close_master}, L{JobPool.stop}).
         """
         if self.worker is None:
             d = defer.succeed(None)
         else:
             d = self.worker.drain(self.drain_timeout)
-        d.addCallback(lambda _: super(WorkerService, self).stopService())
 
-        def stop_pool(_):
+        def close_and_stop(_):
+            stopping = [self._close_master()]
             if self.pool is not None:
-                return self.pool.stop()
+                stopping.append(self.pool.stop())
+            return defer.gatherResults(stopping, consumeErrors=True)
 
-        return d.addCallback(stop_pool)
+        return d.addCallback(close_and_stop)
+
+    def _close_master(self) -> defer.Deferred:
+        """
+        Close the master connection (L{ClientService.stopService}): the
+        close waits until what is left to send (results) is written, which
+        a master that reads nothing (stopped with SIGSTOP, a dead link)
+        never lets happen, so after L{CLOSE_WAIT} seconds the connection is
+        aborted.
+        """
+        current: list = []
+        if self.client_service is not None:
+            # Fires now if connected; else fails at the latest when stopped.
+            connected = self.client_service.whenConnected(failAfterFailures=1)
+            connected.addCallbacks(current.append, lambda _: None)
+        closed = defer.maybeDeferred(super().stopService)
+
+        def abort():
+            transport = getattr(current[0], "transport", None) if current else None
+            if transport is None:
+                return
+            log.warn(
+                "The master did not take what was left to send within {t:g} s; closed the connection anyway"
+                " (it runs again the jobs whose results it did not get)",
+                t=CLOSE_WAIT,
+            )
+            transport.abortConnection()
+
+        timer = self.reactor.callLater(CLOSE_WAIT, abort)
+
+        def done(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return closed.addBoth(done)
 
 
 class Options(ConfigOptions):

@@ -21,10 +21,44 @@ from twisted.trial import unittest
 from cw.core.config import STOP_BOUND
 from cw.system import proc_stat, sigkill
 from cw.test.jobs import wait_for_file
-from cw.test.procs import Processes, executor, job_processes, process_exists, wait_until
+from cw.test.procs import DEADLINE, Processes, executor, job_processes, process_exists, wait_until
 
 #: How twistd exits after SIGTERM once its services stopped (see test_stop_e2e).
 STOPPED = (0, -signal.SIGTERM, -signal.SIGINT)
+
+
+def big_after(flag, started, done, size):
+    """
+    Touch C{started}; wait for C{flag}; touch C{done}; return C{size}
+    bytes (not lent: the test's worker has no machine identity).
+    """
+    Path(started).touch()
+    wait_for_file(flag)
+    Path(done).touch()
+    return os.urandom(size)
+
+
+def unsent_bytes(pid: int) -> int:
+    """Bytes in the kernel's send queues of the TCP sockets of process C{pid} (0 if none)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[9] in inodes:
+                total += int(fields[4].split(":")[0], 16)
+    return total
 
 
 def pid_then_wait(started, flag):
@@ -141,6 +175,73 @@ class HungJobProcessTests(unittest.TestCase):
                 self.assertEqual(future.result(60), other.pid)
 
         return threads.deferToThread(body)
+
+
+class StoppedMasterTests(unittest.TestCase):
+    timeout = 180
+
+    def setUp(self):
+        self.procs = Processes(self, self.mktemp())
+
+    def test_full_send_buffer(self):
+        """
+        SIGTERM on a worker whose master is stopped (SIGSTOP) while the
+        worker has results to send (32 MB through the socket, more than its
+        buffers hold): the worker cannot deliver them, and still exits
+        within C{--drain-timeout} plus L{STOP_BOUND} seconds; once the
+        master runs again, the jobs run again on another worker.
+        """
+        flag = os.path.abspath(self.mktemp())
+        started = [os.path.abspath(self.mktemp()) for _ in range(2)]
+        done = [os.path.abspath(self.mktemp()) for _ in range(2)]
+
+        def body():
+            address = self.procs.start_master()
+            master = self.procs.master
+            worker = self.procs.start_worker(
+                2, True, "--drain-timeout", "1", env={"CW_MACHINE_IDENTITY": "none"}
+            )
+            with executor(address) as ex:
+                futures = [
+                    ex.submit(big_after, flag, *paths, 16 << 20) for paths in zip(started, done, strict=True)
+                ]
+                wait_until(lambda: all(os.path.exists(path) for path in started), what="the jobs to start")
+                os.kill(master.pid, signal.SIGSTOP)
+                self.addCleanup(_resume, master.pid)
+                wait_until(lambda: _state(master.pid) == "T", timeout=10, what="the master to stop")
+                Path(flag).touch()
+                wait_until(lambda: all(os.path.exists(path) for path in done), what="the jobs to finish")
+                wait_until(lambda: unsent_bytes(worker.pid) > 0, what="bytes stuck in the worker's socket")
+                signalled = time.monotonic()
+                worker.send_signal(signal.SIGTERM)
+                bound = 1 + STOP_BOUND
+                try:
+                    status = worker.wait(bound)
+                except subprocess.TimeoutExpired:
+                    self.fail(
+                        f"the worker did not exit within {bound:g} s of SIGTERM; its log:\n"
+                        + self.procs.log_tail(worker)
+                    )
+                self.assertIn(status, STOPPED)
+                self.procs.workers.remove(worker)
+                log = Path(worker.log).read_text(errors="replace")
+                self.assertNotIn("Traceback", log)
+                self.assertIn("did not take", log)
+                self.assertLess(time.monotonic() - signalled, bound)
+                # The master runs the jobs again elsewhere: their results come.
+                _resume(master.pid)
+                self.procs.start_worker(2, True, env={"CW_MACHINE_IDENTITY": "none"})
+                self.assertEqual([len(future.result(DEADLINE)) for future in futures], [16 << 20] * 2)
+
+        return threads.deferToThread(body)
+
+
+def _resume(pid: int) -> None:
+    """SIGCONT process C{pid}, if it still exists."""
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
 
 
 def _both_children(worker: subprocess.Popen) -> list[int]:
