@@ -314,24 +314,35 @@ class _Jobs:
         """
         if len(results) > DELIVER_NOW_RESULTS or sum(len(r.payload) for r in results) > DELIVER_NOW_BYTES:
             return False
-        with self._first_in_line() as first:
-            if not first:
-                return False
-            with contextlib.ExitStack() as held:
-                with self._lock:
-                    entries = [self._entries.get(result.seq) for result in results]
-                for entry in entries:
-                    if entry is None:
-                        continue
-                    if type(entry) is not ClusterFuture:
-                        return False
-                    # Held until delivered: a done-callback added meanwhile
-                    # runs in the thread that adds it, the future being done.
-                    held.enter_context(entry._condition)
-                    if entry._done_callbacks:
-                        return False
-                deliver(results)
+        # As L{_first_in_line}, spelt out: this runs for every lone job's
+        # result, where a generator's context managers cost more than the rest.
+        if not self.delivering.acquire(blocking=False):
+            return False
+        held = []
+        try:
+            with self._count_lock:
+                if self._waiting:
+                    return False
+            with self._lock:
+                entries = [self._entries.get(result.seq) for result in results]
+            for entry in entries:
+                if entry is None:
+                    continue
+                if type(entry) is not ClusterFuture:
+                    return False
+                # Held until delivered: a done-callback added meanwhile
+                # runs in the thread that adds it, the future being done.
+                condition = entry._condition
+                condition.acquire()
+                held.append(condition)
+                if entry._done_callbacks:
+                    return False
+            deliver(results)
             return True
+        finally:
+            for condition in reversed(held):
+                condition.release()
+            self.delivering.release()
 
     def add(self, future: ClusterFuture) -> int:
         with self._lock:

@@ -332,6 +332,74 @@ def job_options(
     C{tags}: what the job asks of its worker (L{check_request}); C{env}:
     environment variables it runs with (L{check_env}).
     """
+    if (
+        timeout is None
+        and max_attempts is None
+        and priority is None
+        and expected_duration is None
+        and echo is None
+        and forward_logging is None
+        and resources is None
+        and tags is None
+        and env is None
+    ):
+        # A job with no options of its own (most jobs): its options follow
+        # from its owner's defaults alone, checked and encoded once.
+        values = (
+            getattr(owner, "timeout", None),
+            getattr(owner, "max_attempts", None),
+            getattr(owner, "echo", False),
+            getattr(owner, "forward_logging", None),
+        )
+        # With their types: 1, 1.0 and True are one key, not one option.
+        defaults = (*values, *map(type, values))
+        try:
+            return _DEFAULT_OPTIONS[defaults]
+        except (KeyError, TypeError):
+            pass
+        options = _job_options(owner, None, None)
+        try:
+            if len(_DEFAULT_OPTIONS) >= _DEFAULT_OPTIONS_KEPT:
+                _DEFAULT_OPTIONS.clear()
+            _DEFAULT_OPTIONS[defaults] = options
+        except TypeError:
+            pass  # an unhashable default: checked (and encoded) every time
+        return options
+    return _job_options(
+        owner,
+        timeout,
+        max_attempts,
+        priority,
+        expected_duration,
+        echo=echo,
+        forward_logging=forward_logging,
+        resources=resources,
+        tags=tags,
+        env=env,
+    )
+
+
+#: L{job_options} of jobs without options of their own, by their owner's
+#: defaults (C{timeout}, C{max_attempts}, C{echo}, C{forward_logging}) and
+#: their types.
+_DEFAULT_OPTIONS: dict[tuple, bytes] = {}
+_DEFAULT_OPTIONS_KEPT = 64
+
+
+def _job_options(
+    owner: Any,
+    timeout: float | None,
+    max_attempts: int | None,
+    priority: int | None = None,
+    expected_duration: float | None = None,
+    *,
+    echo: bool | None = None,
+    forward_logging: int | str | None = None,
+    resources: Mapping[str, Any] | None = None,
+    tags: Iterable[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> bytes:
+    """L{job_options}, checked and encoded every time."""
     try:
         resources, tags = check_request(resources, tags)
         env = check_env(env)

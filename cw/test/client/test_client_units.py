@@ -285,6 +285,27 @@ class JobOptionTests(SynchronousTestCase):
         )
         self.assertEqual(read_options(Job(0, 1, b"", job_options(owner, 1, None)))["timeout"], 1)
 
+    def test_owner_defaults_followed_when_they_change(self):
+        """
+        Jobs without options of their own get their owner's defaults as they
+        are at each submit (their encoding is kept per defaults), and a bad
+        default is refused every time, whatever was submitted before.
+        """
+        owner = self.Owner()
+        for timeout in (10, 20, 1, 1.0, None, 10):
+            owner.timeout = timeout
+            for _ in range(2):
+                options = read_options(Job(0, 1, b"", job_options(owner, None, None)))
+                self.assertEqual(options.get("timeout"), timeout)
+                self.assertIs(type(options.get("timeout")), type(timeout))
+        for bad in (True, 0, "1"):
+            owner.timeout = bad
+            for _ in range(2):
+                self.assertRaises(SubmitError, job_options, owner, None, None)
+        owner.timeout = None
+        owner.forward_logging = ["INFO"]  # unhashable and bad: refused, not cached
+        self.assertRaises(SubmitError, job_options, owner, None, None)
+
     def test_bad_values_refused(self):
         bad = [(0, None), (-1, None), ("1", None), (float("inf"), None), (float("nan"), None), (True, None)]
         bad += [(None, 0), (None, 1.5), (None, "3"), (None, True)]
@@ -689,6 +710,29 @@ class DeliverNowTests(SynchronousTestCase):
         """User code (a done-callback) never runs in the reactor thread."""
         self.future.add_done_callback(lambda f: None)
         self.assertFalse(self.now())
+        self.assertReleased()
+
+    def assertReleased(self):
+        """Whether delivered or not, no lock is left held: another thread takes them at once."""
+        taken = []
+
+        def other():
+            for lock in (self.jobs.delivering, self.future._condition):
+                if lock.acquire(blocking=False):
+                    lock.release()
+                    taken.append(lock)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        self.assertEqual(len(taken), 2)
+
+    def test_locks_released(self):
+        self.assertTrue(self.now())
+        self.assertReleased()
+        self.jobs.put("earlier")
+        self.assertFalse(self.now())
+        self.assertReleased()
 
     def test_not_big(self):
         from cw.client.executor import DELIVER_NOW_BYTES

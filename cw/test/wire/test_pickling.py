@@ -110,6 +110,46 @@ class RoundTripTests(unittest.TestCase):
         self.assertRaises(ValueError, pickling.loads, data[:-1])
 
 
+class PlainTests(unittest.TestCase):
+    """
+    Values of scalars only (a lone job's arguments and result, typically)
+    are pickled by the standard pickler, which writes them as cloudpickle
+    would, without cloudpickle's set-up (issue 18, item 4); anything else
+    still goes through cloudpickle.
+    """
+
+    PLAIN = [
+        5,
+        ((1,), {}),
+        ((1.5, "text", None, True, 2j, b"small"), {"key": -3}),
+        ((1, (2, 3), [4, 5]), {"k": {"a": 1}}),
+    ]
+
+    def test_plain_values_by_the_standard_pickler(self):
+        for value in self.PLAIN:
+            data = pickling.dumps(value)
+            self.assertEqual(data, pickle.dumps(value, pickling.PROTOCOL))
+            self.assertEqual(pickling.loads(data), value)
+
+    def test_others_by_cloudpickle(self):
+        """Functions, other types, deep or long containers and big bytes are not taken for plain."""
+        local = 7
+        for value in [
+            ((lambda: local,), {}),
+            ((len,), {}),
+            ((bytearray(3),), {}),
+            ((1, [[2]]), {}),
+            (tuple(range(pickling.LOOK_INTO + 1)), {}),
+            ({(1, 2): 3},),
+            ((b"x" * OUT_OF_BAND_ABOVE,), {}),
+            ((1,), {"k": array.array("i", [1])}),
+            (type("Int", (int,), {})(3),),
+        ]:
+            self.assertFalse(pickling._plain(value), value)
+        fn = pickling.loads(pickling.dumps(((lambda: local,), {})))[0][0]
+        self.assertEqual(fn(), 7)
+
+
 class BigBytesTests(unittest.TestCase):
     """
     Big C{bytes} and C{bytearray} sent out of band load through
