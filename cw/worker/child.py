@@ -379,7 +379,11 @@ class JobChild(StreamingSender, ChunkReceiver, LeanAnswers, AMPChild):
                 function = cached.get()
             self.last_arguments = []  # the previous job's go now, before its memory is measured
             watcher = watch(output, job) if job.options and output is not None else None
-            with job_limits(job) as memory:
+            if job.options:
+                with job_limits(job) as memory:
+                    status, payload = run_payload(cwd, path, job.payload, function, self.last_arguments)
+            else:  # nothing to set or limit (most jobs): no context manager to enter
+                memory = 0
                 status, payload = run_payload(cwd, path, job.payload, function, self.last_arguments)
             if memory and status == P.Outcome.RAISED:
                 payload = explain_memory_error(payload, memory)
