@@ -373,6 +373,11 @@ def _address(buffer) -> tuple[int, int]:
         _release_buffer(ctypes.byref(view))
 
 
+def address_of(buffer) -> int:
+    """The address of C{buffer}'s first byte (a contiguous buffer): where a view lies in what it views."""
+    return _address(buffer)[0]
+
+
 def _advise(address: int, length: int, advice: int) -> None:
     if _madvise is None or length <= 0:
         return

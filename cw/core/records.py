@@ -232,6 +232,19 @@ def job_parts(jobs: Iterable[Job]) -> list:
     return parts
 
 
+def first_payload_at(data) -> int | None:
+    """
+    Where the first job's payload starts in a batch framed by
+    L{encode_jobs} whose first bytes are C{data} (a receiver places the
+    batch so that it starts aligned), or None if they do not hold its
+    header.
+    """
+    if len(data) < _JOB.size:
+        return None
+    _, _, olen, flen, _ = _JOB.unpack_from(data, 0)
+    return _JOB.size + olen + flen
+
+
 def decode_jobs(data: bytes) -> list[Job]:
     """Undo L{encode_jobs}; raise L{ValueError} on a malformed batch."""
     jobs = []

@@ -21,9 +21,10 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import weakref
 
 from cw.core.payload import Segments
-from cw.system import MADV_POPULATE_READ, populate
+from cw.system import MADV_POPULATE_READ, address_of, populate
 
 #: What cw's memory files are called in C{/proc/PID/fd} (their only name).
 NAME = "cw-payload"
@@ -37,6 +38,10 @@ _SEALS = (
     | getattr(fcntl, "F_SEAL_SEAL", 1)
 )
 _F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+_F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+_SEAL_SEAL = getattr(fcntl, "F_SEAL_SEAL", 1)
+#: A received file (L{map_received}) may not shrink under its mapping.
+_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 2)
 
 #: Each payload in a memory file starts at a multiple of this many bytes
 #: (as out-of-band buffers do within a payload, see L{cw.core.payload}):
@@ -120,6 +125,11 @@ def seal(fd: int) -> None:
     fcntl.fcntl(fd, _F_ADD_SEALS, _SEALS)
 
 
+def sealed(fd: int) -> bool:
+    """Whether file C{fd} was L{seal}ed (it may not be changed any more)."""
+    return bool(fcntl.fcntl(fd, _F_GET_SEALS) & _SEAL_SEAL)
+
+
 def map_shared(fd: int, length: int, populate: bool = True) -> memoryview:
     """
     A read-only view of the first C{length} bytes of the sealed file
@@ -200,3 +210,49 @@ def release(view: memoryview | None) -> None:
         mapping.close()
     except BufferError:
         pass  # still exported (a job kept part of its argument): left to the garbage collector
+
+
+class FileMapping(mmap.mmap):
+    """
+    A copy-on-write mapping of a whole sealed memory file that a receiver
+    wrote a value into (L{cw.wire.streaming.ChunkReceiver}, L{map_received}),
+    holding the file's descriptor C{fd} (closed when the mapping is
+    collected): a payload lying in it (a view of it) can be handed to
+    another process as its place in the file (L{placed}), without being
+    copied into a new file.
+    """
+
+    #: The file's descriptor (this process's), and the mapping's address.
+    fd = -1
+    address = 0
+
+
+def map_received(fd: int, length: int) -> FileMapping:
+    """
+    Map the first C{length} bytes of memory file C{fd}, which a receiver
+    wrote, copy-on-write (writable: a write copies its page and never
+    reaches the file), unpopulated (the pages are mapped as they are
+    read).  The file may not shrink any more (so the mapping never faults
+    past its end); whoever hands it on L{seal}s it first (having maybe
+    appended to it, L{cw.worker.pool}).  The mapping owns C{fd} from now
+    on (unless this raises L{OSError}: C{fd} is then still the caller's).
+    """
+    fcntl.fcntl(fd, _F_ADD_SEALS, _SEAL_SHRINK)
+    mapping = FileMapping(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    mapping.fd = fd
+    weakref.finalize(mapping, os.close, fd)
+    mapping.address = address_of(mapping)
+    return mapping
+
+
+def placed(payload) -> tuple[FileMapping, int] | None:
+    """
+    If C{payload} is a view of a L{FileMapping}, that mapping and where
+    the payload starts in its file; else None.
+    """
+    if not isinstance(payload, memoryview):
+        return None
+    mapping = payload.obj
+    if not isinstance(mapping, FileMapping) or mapping.closed:
+        return None
+    return mapping, address_of(payload) - mapping.address

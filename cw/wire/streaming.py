@@ -33,8 +33,10 @@ Layer rule (cw.wire): imports Twisted, ampoule, cw.system, cw.core and cw.errors
 
 from __future__ import annotations
 
+import os
 import re
 import struct
+import weakref
 from collections import deque
 
 from twisted.internet import error
@@ -44,6 +46,7 @@ from zope.interface import implementer
 
 from cw.core.records import size_key
 from cw.system import populate_range, unfilled_bytearray
+from cw.wire import memfile
 from cw.wire.private import current_box, current_key, data_arrived, expect_key, tls_starting, write_through
 
 #: Boxes with at least this many bytes of values are streamed.
@@ -242,6 +245,84 @@ class _Assembly:
         return self.buffer
 
 
+class _FileAssembly:
+    """
+    One chunked value being received (L{ChunkReceiver}) straight into a
+    new memory file (L{cw.wire.memfile}), written there piece by piece as
+    it arrives (C{pwrite}), from C{lead} bytes into the file on: for a
+    value its receiver hands on to another process of this machine (a job
+    process), which then maps that file rather than one the receiver
+    copies the value into (L{ChunkReceiver.assemble_in_file}).  Writing
+    to a file also costs less than writing to fresh anonymous memory:
+    the kernel gives the file pages without clearing them first, and the
+    receiver never maps (clears, then fills) pages of its own.  Once
+    whole, the file is sealed and the value is a view of a copy-on-write
+    mapping of it (L{memfile.map_received}).  Where the file cannot be
+    written (out of memory), the value goes on in memory (L{_Assembly}).
+    """
+
+    __slots__ = ("following", "fd", "lead", "filled", "inner", "_closer", "__weakref__")
+
+    def __init__(self, first: bytes, size: int, lead: int, fd: int) -> None:
+        self.following = 2
+        self.fd, self.lead, self.filled = fd, lead, 0
+        #: The value in memory instead, once the file failed.
+        self.inner: _Assembly | None = None
+        # Closed if the box never completes (its MAC failed, the connection was lost).
+        self._closer = weakref.finalize(self, os.close, fd)
+        try:
+            os.ftruncate(fd, lead + size)
+        except OSError:
+            pass  # grown as written
+        self.write(first)
+
+    @classmethod
+    def made(cls, first: bytes, size: int, lead: int) -> _FileAssembly | None:
+        """One in a new memory file, or None if none can be made."""
+        try:
+            fd = memfile.create()
+        except OSError:
+            return None
+        return cls(first, size, lead, fd)
+
+    def write(self, piece) -> None:
+        """Append C{piece} (bytes-like) to the value."""
+        if self.inner is not None:
+            self.inner.write(piece)
+            return
+        done, length = 0, len(piece)
+        try:
+            while done < length:
+                done += os.pwrite(self.fd, piece[done:] if done else piece, self.lead + self.filled + done)
+        except OSError:
+            self._in_memory()
+            self.inner.write(piece[done:] if done else piece)
+            return
+        self.filled += length
+
+    def _in_memory(self) -> None:
+        """Go on in memory, with what the file holds so far."""
+        written = os.pread(self.fd, self.filled, self.lead) if self.filled else b""
+        self.inner = _Assembly(written, 0)
+        self._closer()
+
+    def finish(self) -> memoryview:
+        """The value, whole: a view of its file, mapped (or of the memory it went on in)."""
+        if self.inner is None and self.filled:
+            end = self.lead + self.filled
+            try:
+                os.ftruncate(self.fd, end)  # cut to what arrived
+                mapping = memfile.map_received(self.fd, end)
+            except OSError:
+                self._in_memory()
+            else:
+                self._closer.detach()  # the mapping owns the file now
+                return memoryview(mapping)[self.lead : end]
+        if self.inner is None:
+            self._in_memory()
+        return memoryview(self.inner.finish())
+
+
 class ChunkReceiver:
     """
     Mixin for L{amp.BinaryBoxProtocol} subclasses (listed after any mixin
@@ -308,6 +389,16 @@ class ChunkReceiver:
         self.boxReceiver.ampBoxReceived(box)
         return True
 
+    def assemble_in_file(self, name: bytes, first: bytes) -> int | None:
+        """
+        Where in a new memory file to assemble chunked value C{name}, of
+        L{ASSEMBLE_IN_PLACE_ABOVE} bytes or more (its length given), whose
+        first chunk is C{first}: an offset (so that something inside it
+        starts aligned), or None (the default) to assemble it in memory
+        (see L{_FileAssembly}).
+        """
+        return None
+
     def _parse_whole(self, view, offset: int, size: int) -> int:
         """
         If a whole box without chunked values starts at C{offset} in
@@ -359,7 +450,12 @@ class ChunkReceiver:
             first = box.get(name)
             if not isinstance(first, bytes):
                 return None
-            assembly = _Assembly(first, self._size_hint(box.get(size_key(name))))
+            size = self._size_hint(box.get(size_key(name)))
+            lead = self.assemble_in_file(name, first) if size and claim else None
+            if lead is not None:
+                assembly = _FileAssembly.made(first, size, lead)
+            if assembly is None:
+                assembly = _Assembly(first, size)
             if claim:
                 if self._assembling is None:
                     self._assembling = {}

@@ -337,26 +337,15 @@ class ChildLink(StreamingSender, ChunkReceiver, LeanCalls, amp.AMP):
         description: dict = {}
         big = [i for i, job in enumerate(jobs) if len(job.payload) >= shared.THRESHOLD]
         payload_fd = None
-        if big:
-            where, offset = [], 0
-            try:
-                payload_fd = shared.create()
-                for i in big:
-                    offset = shared.aligned(offset)
-                    end = shared.write_parts(payload_fd, [jobs[i].payload], offset)
-                    where.append([i, offset, end - offset])
-                    offset = end
-                shared.seal(payload_fd)
-            except OSError as e:
-                log.info("Payloads go through the pipe: no memory file for them ({e})", e=e)
-                _closing(None, payload_fd)
-                payload_fd = None
-            else:
-                jobs = list(jobs)
-                for i in big:
-                    job = jobs[i]
-                    jobs[i] = P.Job(job.client, job.seq, b"", job.options, job.func)
-                description.update(fd=payload_fd, size=offset, jobs=where)
+        # In the memory file they arrived in (WorkerProtocol.assemble_in_file), or a new one.
+        in_file = (_received_file(jobs, big) or _written_file(jobs, big)) if big else None
+        if in_file is not None:
+            payload_fd, where, size = in_file
+            jobs = list(jobs)
+            for i in big:
+                job = jobs[i]
+                jobs[i] = P.Job(job.client, job.seq, b"", job.options, job.func)
+            description.update(fd=payload_fd, size=size, jobs=where)
         if self.reply_fd is None:
             try:
                 self.reply_fd = description["reply"] = shared.create()
@@ -490,6 +479,63 @@ def describe_jobs(keys: list[tuple[int, int]], most: int = 5) -> str:
             numbers += f" and {len(seqs) - most} more"
         parts.append(f"{'job' if len(seqs) == 1 else 'jobs'} {numbers} of client {client}")
     return "; ".join(parts)
+
+
+def _written_file(jobs: list, big: list[int]) -> tuple[int, list, int] | None:
+    """
+    The payloads of C{jobs} numbered C{big} written into a new sealed
+    memory file, each aligned: its descriptor, where each lies
+    (C{[i, offset, length]}) and the file's length; None if no file
+    could be made or written.
+    """
+    where, offset, payload_fd = [], 0, None
+    try:
+        payload_fd = shared.create()
+        for i in big:
+            offset = shared.aligned(offset)
+            end = shared.write_parts(payload_fd, [jobs[i].payload], offset)
+            where.append([i, offset, end - offset])
+            offset = end
+        shared.seal(payload_fd)
+    except OSError as e:
+        log.info("Payloads go through the pipe: no memory file for them ({e})", e=e)
+        _closing(None, payload_fd)
+        return None
+    return payload_fd, where, offset
+
+
+def _received_file(jobs: list, big: list[int]) -> tuple[int, list, int] | None:
+    """
+    If the payloads of C{jobs} numbered C{big} all lie in one memory file
+    they were received into (L{cw.wire.memfile.placed}): that file, as
+    L{_written_file} would have written them.  Those that start aligned
+    (L{shared.ALIGN}) stay where they lie; the others (the second job of
+    a batch, ...) are copied to its end, aligned, unless it was sealed
+    already (handed on before).  Then it is sealed.  Else None.
+    """
+    places = [shared.placed(jobs[i].payload) for i in big]
+    if None in places or any(mapping is not places[0][0] for mapping, _ in places):
+        return None
+    fd = places[0][0].fd
+    where, moved = [], []
+    for i, (_, offset) in zip(big, places, strict=True):
+        if offset % shared.ALIGN:
+            moved.append(i)
+        else:
+            where.append([i, offset, len(jobs[i].payload)])
+    try:
+        if not shared.sealed(fd):
+            end = os.fstat(fd).st_size
+            for i in moved:
+                offset = shared.aligned(end)
+                end = shared.write_parts(fd, [jobs[i].payload], offset)
+                where.append([i, offset, end - offset])
+            shared.seal(fd)
+        elif moved:
+            return None
+        return os.dup(fd), where, os.fstat(fd).st_size
+    except OSError:
+        return None
 
 
 def _unshared(sent: dict, payload_fd: int) -> dict:

@@ -98,7 +98,7 @@ from cw.worker.child import JobChild
 from cw.worker.containment import kill_group, release_pipes
 from cw.worker.pipes import READ_SIZE, bulk_pipe_reads, widen_pipe
 from cw.worker.pool import BatchCall, JobCancelled, JobPool, JobTimedOut
-from cw.worker.shared import LentResults, ReplyFile, supported
+from cw.worker.shared import ALIGN, LentResults, ReplyFile, supported
 
 #: Seconds a drained worker waits for its clients to take the results it
 #: lent them (they release them within milliseconds: this bounds a client
@@ -260,6 +260,17 @@ class WorkerProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
             self.worker.state.kept,
         )
         d.addCallbacks(self._registered, self._refused)
+
+    def assemble_in_file(self, name, first):
+        # A big batch of jobs goes to job processes through a memory file
+        # (cw.worker.shared): received straight into one, which the job
+        # process maps, rather than into memory and then copied into one
+        # (JobChild._share); placed so that the first job's payload starts
+        # aligned, as there.
+        if name != b"jobs" or not supported():
+            return None
+        at = P.first_payload_at(first)
+        return 0 if at is None else -at % ALIGN
 
     def _registered(self, answer):
         self.worker.max_payload = answer["max_payload"]

@@ -52,8 +52,10 @@ from cw.wire.memfile import (  # noqa: F401 (this module's names, as before)
     map_private,
     map_shared,
     peer_path,
+    placed,
     release,
     seal,
+    sealed,
     supported,
     write_parts,
 )

@@ -9,6 +9,8 @@ what unauthenticated peers send.
 
 from __future__ import annotations
 
+import gc
+import itertools
 import os
 import re
 import struct
@@ -34,7 +36,7 @@ from cw.master.service import Master
 from cw.test.e2e.test_security import host_port, other_secret, raw_box
 from cw.test.jobs import digest, square, touch
 from cw.test.peers import GatedAMP, authenticated_to_master, connect_to_master
-from cw.test.procs import DEADLINE, Processes, arguments_travel, executor, wait_until
+from cw.test.procs import DEADLINE, Processes, arguments_travel, executor, memory_files, wait_until
 from cw.test.wire.test_streaming import pattern
 from cw.wire import commands as P
 from cw.wire.auth import (
@@ -49,6 +51,7 @@ from cw.wire.auth import (
     session_keys,
 )
 from cw.wire.commands import Challenge, Prove
+from cw.wire.memfile import placed
 from cw.wire.streaming import PIECE, ChunkReceiver, StreamingSender
 
 _LENGTH = struct.Struct("!H")
@@ -492,6 +495,13 @@ class SignedPeer(StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
         self.boxes.append(box)
 
 
+class FileSignedPeer(SignedPeer):
+    """A L{SignedPeer} that receives big batches into memory files, as a worker does."""
+
+    def assemble_in_file(self, name, first):
+        return 0 if name == b"jobs" else None
+
+
 class SignedStreamTests(unittest.SynchronousTestCase):
     """Big boxes are signed piece by piece as they stream, and checked as they arrive."""
 
@@ -545,15 +555,38 @@ class SignedStreamTests(unittest.SynchronousTestCase):
         P.JobBatch().toBox(b"jobs", big, {"jobs": [P.Job(1, 1, pattern(2 * PIECE))]}, None)
         wire = bytearray(self.send(big))
         wire[PIECE + 3] ^= 1
-        for size in (1000, P.CHUNK + 2, 1 << 16):
-            receiver = SignedPeer()
+        gc.collect()
+        files = memory_files()
+        for size, peer in itertools.product((1000, P.CHUNK + 2, 1 << 16), (SignedPeer, FileSignedPeer)):
+            receiver = peer()
             receiver.makeConnection(StringTransport())
             receiver.start_session(*reversed(keys))
             receiver.mark_authenticated()
             for at in range(0, len(wire), size):
                 receiver.dataReceived(bytes(wire[at : at + size]))
-            self.assertIn("wrong MAC", receiver.rejected or "", f"reads of {size}")
+            self.assertIn("wrong MAC", receiver.rejected or "", f"reads of {size} by {peer.__name__}")
             self.assertEqual(receiver.boxes, [])
+            del receiver
+            gc.collect()
+            self.assertEqual(memory_files(), files, "no file left of a refused box")
+
+    def test_box_received_into_a_file_verifies(self):
+        """A signed big box whose value a peer receives into a memory file arrives intact, once checked."""
+        receiver = FileSignedPeer()
+        receiver.makeConnection(StringTransport())
+        receiver.start_session(*session_keys(b"s" * 32, "master", b"m" * 32, b"p" * 32)[::-1])
+        self.sender.start_session(*session_keys(b"s" * 32, "master", b"m" * 32, b"p" * 32))
+        receiver.mark_authenticated()
+        payload = pattern(3 * PIECE + 5)
+        big = amp.AmpBox()
+        P.JobBatch().toBox(b"jobs", big, {"jobs": [P.Job(1, 1, payload)]}, None)
+        wire = self.send(big)
+        for at in range(0, len(wire), 7919):
+            receiver.dataReceived(wire[at : at + 7919])
+        self.assertIsNone(receiver.rejected)
+        [box] = receiver.boxes
+        self.assertIsNotNone(placed(box[b"jobs"]), "received into a file")
+        self.assertEqual(P.decode_jobs(box[b"jobs"])[0].payload, payload)
 
 
 class WrongSecretTests(unittest.TestCase):

@@ -5,15 +5,24 @@ transport asks for more, and chunked values received into one buffer.
 
 from __future__ import annotations
 
+import fcntl
+import gc
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import error
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
+from twisted.python import failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from cw.system import unfilled_bytearray
 from cw.test.peers import pattern
+from cw.test.procs import memory_files
 from cw.wire import commands as P
-from cw.wire import streaming
+from cw.wire import memfile, streaming
 from cw.wire.liveness import SignsOfLife
 from cw.wire.streaming import PIECE, ChunkReceiver, StreamingSender
 
@@ -213,6 +222,142 @@ class ChunkReceiverTests(SynchronousTestCase):
         P.Blob().toBox(b"payload", box, {"payload": payload}, None)
         [received] = self.receive(box.serialize()).boxes
         self.assertEqual(bytes(received[b"payload"]), payload)
+
+
+class FileReceiver(Receiver):
+    """Receives the big chunked values named C{in_file} into memory files, C{lead} bytes in."""
+
+    in_file = (b"payload", b"jobs")
+    lead = 0
+
+    def assemble_in_file(self, name, first):
+        return self.lead if name in self.in_file else None
+
+
+def blob_wire(payload: bytes, size: bytes | None = None, name: bytes = b"payload") -> bytes:
+    """A box holding C{payload} as a chunked L{P.Blob}, its size key saying C{size} (None: its length)."""
+    box = amp.AmpBox(_command=b"x")
+    P.Blob().toBox(name, box, {name.decode(): payload}, None)
+    if size is not None:
+        box[P.size_key(name)] = size
+    return box.serialize()
+
+
+def feed(receiver, wire: bytes, cuts) -> None:
+    """Give C{wire} to C{receiver} in reads ending at each of C{cuts} (sorted), then the rest."""
+    at = 0
+    for cut in [*cuts, len(wire)]:
+        if cut > at:
+            receiver.dataReceived(wire[at:cut])
+            at = cut
+
+
+class FileAssemblyTests(SynchronousTestCase):
+    """
+    A big chunked value whose receiver asks for it (L{ChunkReceiver.assemble_in_file})
+    is written into a memory file as it arrives and put in the box as a
+    view of a copy-on-write mapping of that file once whole.
+    """
+
+    def setUp(self):
+        gc.collect()
+        self.files_before = memory_files()
+
+    def files_held(self) -> int:
+        gc.collect()
+        return memory_files() - self.files_before
+
+    def receive(self, wire: bytes, cuts=(), lead: int = 0) -> FileReceiver:
+        receiver = FileReceiver()
+        receiver.lead = lead
+        receiver.makeConnection(StringTransport())
+        feed(receiver, wire, cuts)
+        return receiver
+
+    def test_value_received_into_a_file(self):
+        payload = pattern(3 * streaming.ASSEMBLE_IN_PLACE_ABOVE + 12345)
+        [box] = self.receive(blob_wire(payload), range(0, 4 << 20, 7000), lead=40).boxes
+        self.assertEqual(sorted(box), [b"_command", b"payload"])
+        value = box[b"payload"]
+        self.assertEqual(bytes(value), payload)
+        mapping, offset = memfile.placed(value)
+        self.assertEqual(offset, 40, "placed where the receiver asked")
+        seals = fcntl.fcntl(mapping.fd, getattr(fcntl, "F_GET_SEALS", 1034))
+        self.assertTrue(seals & getattr(fcntl, "F_SEAL_SHRINK", 2), "it never shrinks under its mapping")
+        self.assertFalse(value.readonly, "writable, as in memory")
+        value[0] ^= 0xFF
+        self.assertEqual(os.pread(mapping.fd, 1, 40), payload[:1], "a write stays in this process")
+        self.assertGreater(self.files_held(), 0)
+        del value, mapping, box
+        self.assertEqual(self.files_held(), 0, "the file goes with the last view of it")
+
+    def test_only_values_asked_for(self):
+        """Other values, small ones and ones that do not say their length are assembled in memory."""
+        payload = pattern(2 * streaming.ASSEMBLE_IN_PLACE_ABOVE)
+        for wire in (
+            blob_wire(payload, name=b"other"),
+            blob_wire(payload, size=b"x"),
+            blob_wire(pattern(streaming.ASSEMBLE_IN_PLACE_ABOVE - 1)),
+        ):
+            [box] = self.receive(wire).boxes
+            value = [v for k, v in box.items() if k != b"_command"][0]
+            self.assertIsNone(memfile.placed(value))
+            self.assertEqual(bytes(value), payload if len(value) == len(payload) else bytes(value))
+
+    @settings(max_examples=40, deadline=None)
+    @given(
+        st.lists(st.integers(0, 3 * P.CHUNK + 600), max_size=6),
+        st.sampled_from([0, 5, -100_000, 100_000]),
+    )
+    def test_exact_however_cut_and_whatever_size_said(self, cuts, wrong_by):
+        """
+        Cut into reads anywhere (inside chunks, keys and length prefixes),
+        with a size that is right, short or long, the value arrives exact
+        and the boxes after it too.
+        """
+        payload = pattern(streaming.ASSEMBLE_IN_PLACE_ABOVE + 3 * P.CHUNK // 2)
+        wire = (
+            blob_wire(payload, size=b"%d" % (len(payload) + wrong_by)) + amp.AmpBox(_command=b"y").serialize()
+        )
+        start = len(wire) - 4 * P.CHUNK
+        receiver = self.receive(wire, sorted({0, *(start + cut for cut in cuts)}))
+        self.assertEqual(len(receiver.boxes), 2)
+        self.assertEqual(bytes(receiver.boxes[0][b"payload"]), payload)
+        self.assertEqual(receiver.boxes[1], {b"_command": b"y"})
+        receiver = None
+
+    def test_file_closed_when_the_box_never_completes(self):
+        wire = blob_wire(pattern(3 * streaming.ASSEMBLE_IN_PLACE_ABOVE))
+        receiver = self.receive(wire[: len(wire) // 2])
+        self.assertEqual(self.files_held(), 1)
+        receiver.connectionLost(failure.Failure(error.ConnectionDone()))
+        del receiver
+        self.assertEqual(self.files_held(), 0)
+
+    def test_goes_on_in_memory_when_the_file_fails(self):
+        """A file that cannot be written (out of memory) leaves the value whole, in memory."""
+        payload = pattern(3 * streaming.ASSEMBLE_IN_PLACE_ABOVE)
+        pwrite = os.pwrite
+
+        def filling(fd, data, offset):
+            if offset >= 200_000:  # after some of it was written
+                raise OSError(28, "No space left on device")
+            return pwrite(fd, data, offset)
+
+        self.patch(os, "pwrite", filling)
+        [box] = self.receive(blob_wire(payload), range(0, len(payload), 10_000)).boxes
+        self.assertEqual(bytes(box[b"payload"]), payload)
+        self.assertIsNone(memfile.placed(box[b"payload"]))
+        self.assertEqual(self.files_held(), 0)
+
+    def test_no_file_to_be_made_assembled_in_memory(self):
+        def refuse():
+            raise OSError(24, "Too many open files")
+
+        self.patch(memfile, "create", refuse)
+        payload = pattern(2 * streaming.ASSEMBLE_IN_PLACE_ABOVE)
+        [box] = self.receive(blob_wire(payload)).boxes
+        self.assertEqual(bytes(box[b"payload"]), payload)
 
 
 class PlainReceiver(amp.AMP):

@@ -22,6 +22,8 @@ try:
 except ImportError:  # NumPy is optional (the test extra)
     numpy = None
 from twisted.internet import defer, reactor
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
 from twisted.trial import unittest
 
 from cw import system
@@ -30,8 +32,10 @@ from cw.test.procs import dev_shm, memory_files, until
 from cw.test.worker.test_pool import DEADLINE, PoolHarness
 from cw.wire import commands as P
 from cw.wire import memfile, pickling
+from cw.wire.streaming import ChunkReceiver
 from cw.worker import child, shared
 from cw.worker.pool import BatchCall, ChildLink
+from cw.worker.service import WorkerProtocol
 
 #: Bytes of the big payloads in these tests (past L{shared.THRESHOLD}).
 BIG = 3 * shared.THRESHOLD + 7
@@ -87,6 +91,37 @@ def dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", ""])
     process.wait()
     return process.pid
+
+
+class JobsReceiver(ChunkReceiver, amp.AMP):
+    """Receives as the worker does from its master: big batches into memory files (moved by C{shift})."""
+
+    shift = 0
+
+    def __init__(self):
+        super().__init__()
+        self.boxes = []
+
+    def assemble_in_file(self, name, first):
+        lead = WorkerProtocol.assemble_in_file(self, name, first)
+        return None if lead is None else lead + self.shift
+
+    def ampBoxReceived(self, box):
+        self.boxes.append(box)
+
+
+def received_jobs(jobs: list, shift: int = 0) -> list:
+    """C{jobs} as the worker's master connection receives them (L{JobsReceiver})."""
+    box = amp.AmpBox()
+    P.JobBatch().toBox(b"jobs", box, {"jobs": jobs}, None)
+    receiver = JobsReceiver()
+    receiver.shift = shift
+    receiver.makeConnection(StringTransport())
+    wire = box.serialize()
+    for at in range(0, len(wire), 1 << 16):
+        receiver.dataReceived(wire[at : at + (1 << 16)])
+    [received] = receiver.boxes
+    return P.decode_jobs(received[b"jobs"])
 
 
 class SharedMemoryTests(PoolHarness, unittest.TestCase):
@@ -237,6 +272,73 @@ class SharedMemoryTests(PoolHarness, unittest.TestCase):
         d.addCallback(lambda answer: [pickling.loads(r.payload) for r in answer["results"]])
         results = yield d
         self.assertEqual(results, [BIG, (0, True, True, int(array.sum()))])
+
+    def run_received(self, worker, calls, shift: int = 0) -> tuple[defer.Deferred, list, list]:
+        """
+        Run C{(function, argument)} calls as jobs of one batch received as
+        the worker receives batches (L{received_jobs}, their lead moved by
+        C{shift}): their loaded results; the jobs; the offsets at which the
+        worker wrote payloads into a memory file of its own.
+        """
+        written = []
+        write_parts = shared.write_parts
+        self.patch(
+            shared, "write_parts", lambda fd, parts, at=0: written.append(at) or write_parts(fd, parts, at)
+        )
+        options = P.encode_options(timeout=1000)  # a header of odd length before the payload
+        jobs = [
+            P.Job(1, 3000 + i, pickling.dumps(pickling.call_value(f, (a,), {})), options, b"")
+            for i, (f, a) in enumerate(calls)
+        ]
+        jobs = received_jobs(jobs, shift)
+        d = worker.pool.doWork(P.RunBatch, jobs=jobs, _cw_call=BatchCall()).addTimeout(DEADLINE, reactor)
+        d.addCallback(lambda answer: [pickling.loads(r.payload) for r in answer["results"]])
+        return d, jobs, written
+
+    @defer.inlineCallbacks
+    def test_received_file_handed_on(self):
+        """
+        A batch of big payloads received into a memory file (the worker's
+        master connection, L{WorkerProtocol.assemble_in_file}) reaches the
+        job process in that same file, not copied into one of the worker's
+        own.  Its first payload starts aligned there; the second, which
+        does not, is copied to the end of the same file, aligned: arrays
+        load aligned.
+        """
+        worker = self.make_worker()
+        yield self.warm(worker)
+        blob = os.urandom(BIG)
+        calls = [(reverse_and_report, blob), (len, os.urandom(BIG))]
+        if numpy is not None:
+            array = numpy.arange(shared.THRESHOLD // 4, dtype="u4")
+            calls[1] = (inspect_array, array)
+        d, jobs, written = self.run_received(worker, calls)
+        (mapping, offset), (other, unaligned) = map(memfile.placed, [jobs[0].payload, jobs[1].payload])
+        self.assertIs(other, mapping, "one file for the batch")
+        self.assertEqual(offset % shared.ALIGN, 0)
+        self.assertNotEqual(unaligned % shared.ALIGN, 0)
+        (value, shared_in, _), second = yield d
+        self.assertEqual((value, shared_in), (blob[::-1], 2))
+        self.assertEqual(written, [shared.aligned(len(mapping))], "only the second, to the end of that file")
+        if numpy is not None:
+            self.assertEqual(second, (0, True, True, int(array.sum())))
+        del jobs, mapping, other
+        self.forget_results()
+        yield self.assert_no_stray_files(worker)
+
+    @defer.inlineCallbacks
+    def test_received_unaligned_copied(self):
+        """A received payload that does not start aligned in its file is copied to its end, aligned."""
+        worker = self.make_worker()
+        yield self.warm(worker)
+        blob = os.urandom(BIG)
+        d, jobs, written = self.run_received(worker, [(reverse_and_report, blob)], shift=1)
+        mapping, offset = memfile.placed(jobs[0].payload)
+        self.assertNotEqual(offset % shared.ALIGN, 0)
+        [(value, shared_in, _)] = yield d
+        self.assertEqual((value, shared_in, written), (blob[::-1], 1, [shared.aligned(len(mapping))]))
+        del jobs, mapping
+        yield self.assert_no_stray_files(worker)
 
     @defer.inlineCallbacks
     def test_job_process_killed_while_receiving(self):
