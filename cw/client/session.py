@@ -578,6 +578,7 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
     def job_results(self, results):
         check_results(results)
         self.session.results_arrived(results)
+        self.session.took(results)
         return {}
 
     @P.StoredResults.responder
@@ -718,6 +719,11 @@ class Session:
         #: Whether the master keeps a state file (C{--state}): then jobs it
         #: has acknowledged (L{P.JobsStored}) outlive it and this client.
         self.durable = False
+        #: Whether the master keeps the results it sends until this client
+        #: acknowledges them (L{P.ResultsTaken}); and those to acknowledge
+        #: at the end of this reactor turn.
+        self.acks = False
+        self._taken: list[int] = []
         #: Jobs sent to a durable master that it has not acknowledged yet.
         self._unstored: set[int] = set()
         self.proto: ClientProtocol | None = None
@@ -852,6 +858,7 @@ class Session:
                     CONTEXT_KEY: self.version_mismatch,
                     P.MACHINE: self.machine,
                     P.KEEPS_ARGUMENTS: self._keep_sent,
+                    P.TAKES_RESULTS: True,
                 },
                 session=self.name,
                 versions=self.versions,
@@ -927,6 +934,8 @@ class Session:
                 f" registered ({e.__class__.__name__}: {e})"
             ) from None
         self.durable = held["durable"]
+        self.acks = bool(held.get("acks"))
+        self._taken = []
         seqs = [seq for _, seq in held["keys"]]
         with self._lock:
             # The last connection's unacknowledged jobs go again (below) or
@@ -995,6 +1004,27 @@ class Session:
             # result need not wait for.
             if len(self.arguments):
                 self.arguments.close(result.seq for result in results)
+
+    def took(self, results: list[P.Result]) -> None:
+        """
+        These results (L{P.JobResults}) are handed on: tell a master that
+        keeps them until then (L{acks}), in one box for all that arrive in
+        this reactor turn (reactor thread).
+        """
+        if not self.acks or not results:
+            return
+        if not self._taken:
+            self.reactor.callLater(0, self._send_taken)
+        self._taken.extend(result.seq for result in results)
+
+    def _send_taken(self) -> None:
+        """Send the acknowledgements gathered by L{took} (L{P.ResultsTaken})."""
+        taken, self._taken = self._taken, []
+        proto = self.proto
+        if proto is None or not taken:
+            return  # the master keeps them for this session's next connection
+        for start in range(0, len(taken), 50_000):
+            proto.callRemote(P.ResultsTaken, keys=[(0, seq) for seq in taken[start : start + 50_000]])
 
     def _take_lent(self, results: list[P.Result]) -> list[P.Result]:
         """
@@ -1487,6 +1517,7 @@ class Session:
             self.state = "closed"
             self.sent_some()
             self._flush()
+            self._send_taken()
             if self.proto is None:
                 self.arguments.close()
                 return None

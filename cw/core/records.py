@@ -546,6 +546,13 @@ KEEPS_ARGUMENTS = "keeps_arguments"
 #: have to store results for the client (C{--state}), so it needs their bytes.
 RESULTS_STORED = "results_stored"
 
+#: The key of a client's registration context that says it acknowledges the
+#: results it is sent (L{ResultsTaken}) to a master that keeps a state file
+#: and says so (L{SessionJobs}'s C{acks}): that master then keeps each
+#: result until acknowledged, for the session's next client should this one
+#: die first.
+TAKES_RESULTS = "takes_results"
+
 
 def box_limit(max_payload: int) -> int:
     """Largest AMP box (bytes of values) to accept when payloads may reach C{max_payload}."""

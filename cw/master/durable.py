@@ -20,6 +20,11 @@ and their results, while their client is away:
   - A master that starts on a state file reloads its sessions, functions
     and queue (jobs that were running go back to the queue) and the index
     of its stored results.
+  - Results sent to a connected client that acknowledges them
+    (L{P.TAKES_RESULTS}, L{P.ResultsTaken}) are kept, in memory, until it
+    has: their jobs' rows go only then.  Those of a client that leaves
+    first are stored for its session like those of an absent client; if
+    the master dies first, their jobs are still in the file and run again.
 
 The master never unpickles anything: payloads are stored as they arrived.
 
@@ -39,7 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cw.core.durable import Batch, ResultShelf, SessionRecord, commit_delay, delivery_batches
-from cw.core.records import Job, Result
+from cw.core.records import TAKES_RESULTS, Job, Result
 from cw.errors import StateFileError
 from cw.master.store import Store
 
@@ -137,6 +142,11 @@ class DurableQueue:
         self.away: set[str] = set()
         #: Per session, the numbers of its queued and running jobs.
         self.held: dict[str, set[int]] = {}
+        #: Connected clients that acknowledge the results they are sent
+        #: (L{P.TAKES_RESULTS}), and per client, by job number, those sent
+        #: and not acknowledged yet.
+        self.taking: set[int] = set()
+        self.unacked: dict[int, dict[int, Result]] = {}
         #: Commits made and the seconds they took, for the status.
         self.commits = 0
         self.commit_seconds = 0.0
@@ -198,6 +208,23 @@ class DurableQueue:
             self.batch.session(SessionRecord(session, context, weight))
             self._schedule_commit()
         self.away.discard(session)
+        if context.get(TAKES_RESULTS):
+            self.taking.add(cid)
+
+    def acking(self, cid: int) -> bool:
+        """Whether the results sent to C{cid} are kept until it acknowledges them (see L{taken})."""
+        return cid in self.taking
+
+    def taken(self, cid: int, seqs: list[int]) -> None:
+        """Client C{cid} has these results (L{P.ResultsTaken}): their jobs' rows go."""
+        session = self.names.get(cid)
+        kept = self.unacked.get(cid)
+        if session is None or not kept:
+            return
+        gone = [seq for seq in seqs if kept.pop(seq, None) is not None]
+        if gone:
+            self.batch.end(session, gone)
+            self._schedule_commit()
 
     def left(self, cid: int) -> bool:
         """
@@ -206,8 +233,15 @@ class DurableQueue:
         it as it does any client's.
         """
         session = self.names.get(cid)
+        self.taking.discard(cid)
+        unacked = self.unacked.pop(cid, {})
         if session is None:
             return False
+        # What it was sent and did not acknowledge waits for its session's next client.
+        for result in unacked.values():
+            self._store(session, result)
+        if unacked:
+            self._schedule_commit()
         self.away.add(session)
         return self._forget_if_done(session) is None
 
@@ -331,25 +365,33 @@ class DurableQueue:
                 continue
             self.held.get(session, set()).discard(result.seq)
             if result.client in connected:
-                self.batch.end(session, [result.seq])
+                if result.client in self.taking:
+                    # Its row goes once the client has it (L{taken}).
+                    self.unacked.setdefault(result.client, {})[result.seq] = result
+                else:
+                    self.batch.end(session, [result.seq])
                 send.append(result)
                 continue
-            self.batch.store_result(session, result)
-            for dropped in self.shelf.add(session, result.seq, len(result.payload)):
-                log.warn(
-                    "Dropped the stored result of job #{seq} of session {session} ({size:,} bytes):"
-                    " results waiting for absent clients exceed --max-stored-results-bytes ({bound:,})",
-                    seq=dropped.seq,
-                    session=dropped.session,
-                    size=dropped.size,
-                    bound=self.shelf.max_bytes,
-                )
-                self.batch.take_results([(dropped.session, dropped.seq)])
-                cid = self._forget_if_done(dropped.session)
-                if cid is not None:
-                    self.master.forget_client(cid)
+            self._store(session, result)
         self._schedule_commit()
         return send
+
+    def _store(self, session: str, result: Result) -> None:
+        """Keep C{result} for C{session}'s next client, within the bound (older ones dropped, logged)."""
+        self.batch.store_result(session, result)
+        for dropped in self.shelf.add(session, result.seq, len(result.payload)):
+            log.warn(
+                "Dropped the stored result of job #{seq} of session {session} ({size:,} bytes):"
+                " results waiting for absent clients exceed --max-stored-results-bytes ({bound:,})",
+                seq=dropped.seq,
+                session=dropped.session,
+                size=dropped.size,
+                bound=self.shelf.max_bytes,
+            )
+            self.batch.take_results([(dropped.session, dropped.seq)])
+            cid = self._forget_if_done(dropped.session)
+            if cid is not None:
+                self.master.forget_client(cid)
 
     # -- commits ---------------------------------------------------------
 

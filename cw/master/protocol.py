@@ -225,8 +225,11 @@ class MasterProtocol(
 
     @P.SessionJobs.responder
     def session_jobs(self):
-        keys = [(0, seq) for seq in self.master.session_jobs(self.peer_id)] if self._require("client") else []
-        return {"keys": keys, "durable": self.master.durable is not None}
+        if not self._require("client"):
+            return {"keys": [], "durable": self.master.durable is not None}
+        keys = [(0, seq) for seq in self.master.session_jobs(self.peer_id)]
+        acks = self.master.keeps_results(self.peer_id)
+        return {"keys": keys, "durable": self.master.durable is not None, "acks": acks}
 
     @P.DefineFunction.responder
     def define_function(self, client, key, function):
@@ -274,6 +277,12 @@ class MasterProtocol(
     def cancel_jobs(self, keys):
         if self._require("client"):
             self.master.cancel(self.peer_id, [seq for _, seq in keys])
+        return {}
+
+    @P.ResultsTaken.responder
+    def results_taken(self, keys):
+        if self._require("client"):
+            self.master.results_taken(self.peer_id, [seq for _, seq in keys])
         return {}
 
     @P.ReleaseResults.responder

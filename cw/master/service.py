@@ -814,6 +814,19 @@ class Master:
             proto.send_results(batch, now=not self.scheduler.has_jobs(cid))
             self.watch_output(proto)
 
+    def keeps_results(self, cid: int) -> bool:
+        """
+        Whether the results sent to client C{cid} are kept until it
+        acknowledges them (L{P.ResultsTaken}): with C{--state}, for a client
+        that said it would (L{P.TAKES_RESULTS}).
+        """
+        return self.durable is not None and self.durable.acking(cid)
+
+    def results_taken(self, cid: int, seqs: list[int]) -> None:
+        """Client C{cid} has these results (L{P.ResultsTaken}): they need not be kept any more."""
+        if self.durable is not None:
+            self.durable.taken(cid, seqs)
+
     def jobs_stored(self, acks: dict[int, list[int]]) -> None:
         """A commit of the state file holds these clients' jobs: tell them (L{P.JobsStored})."""
         for cid, seqs in acks.items():

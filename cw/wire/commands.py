@@ -346,9 +346,13 @@ class SessionJobs(amp.Command):
     its session from a new process can give them futures and number its
     own jobs after them.  C{durable}: whether the master keeps a state
     file (C{--state}), without which nothing outlives a connection.
+    C{acks}: whether that master keeps the results it sends this client
+    until the client acknowledges them (L{ResultsTaken}): true for a
+    durable master and a client that registered with L{TAKES_RESULTS} in
+    its context.
     """
 
-    response = [(b"keys", KeyList()), (b"durable", amp.Boolean())]
+    response = [(b"keys", KeyList()), (b"durable", amp.Boolean()), (b"acks", amp.Boolean(optional=True))]
 
 
 class GetStatus(amp.Command):
@@ -518,6 +522,20 @@ class StoredResults(amp.Command):
 
     arguments = [(b"results", ResultBatch())]
     response = []
+
+
+class ResultsTaken(amp.Command):
+    """
+    Client to a master that keeps a state file (L{SessionJobs}'s C{acks}):
+    the client has these results, sent in L{JobResults}; the master may
+    forget them.  Until then the master keeps each one, and gives those of
+    a client that dies first to the session's next client
+    (L{StoredResults}).  Batched: one box for the results that arrived in a
+    reactor turn.  C{keys}: C{(0, seq)}.
+    """
+
+    arguments = [(b"keys", KeyList())]
+    requiresAnswer = False
 
 
 class ReleaseResults(amp.Command):

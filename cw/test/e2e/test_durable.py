@@ -68,6 +68,32 @@ ClusterExecutor(sys.argv[1], session=sys.argv[2])
 """
 
 
+#: A script: submit N jobs (returning i * i, once the file FLAG exists)
+#: under session S at ADDRESS, with a worker running, from a client whose
+#: process dies as the first of their results arrive (it prints how many),
+#: before it has acknowledged them.  FLAG is made once the master has
+#: stored every job.
+DIE_WITH_LIVE_RESULTS = """
+import os, sys
+from cw.client import ClusterExecutor
+from cw.client.session import Session
+from cw.test.jobs import wait_then
+
+def die(self, results):
+    print(len(results), flush=True)
+    os._exit(3)
+
+Session.results_arrived = die
+address, session, n, flag = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ex = ClusterExecutor(address, session=session)
+futures = [ex.submit(wait_then, flag, i * i) for i in range(n)]
+if not ex.session.wait_stored(30):
+    sys.exit("the jobs were not stored")
+open(flag, "w").close()
+futures[0].result(60)
+"""
+
+
 class DurableQueueTests(unittest.TestCase):
     timeout = 240
 
@@ -168,6 +194,49 @@ class DurableQueueTests(unittest.TestCase):
                 what="the delivered results to be deleted",
             )
             self.assertIn("they wait for its next client", procs.master.log.read_text())
+
+        return threads.deferToThread(body)
+
+    def test_live_results_kept_until_their_client_has_them(self):
+        """
+        A client's process dies as the first results of its jobs arrive,
+        before it has acknowledged them: the master keeps them, and the
+        session's next client gets every result.
+        """
+
+        def body():
+            procs = self.procs
+            address = procs.start_master("--state", self.state)
+            procs.start_worker(2)
+            flag = str(procs.directory / "flag")
+            out = run_script(self, DIE_WITH_LIVE_RESULTS, address, "live", "20", flag)
+            self.assertEqual(out.returncode, 3, out.stderr)
+            self.assertGreater(int(out.stdout), 0)
+            out = run_script(self, COLLECT_SESSION, address, "live")
+            self.assertEqual(out.returncode, 0, out.stderr)
+            report = json.loads(out.stdout)
+            self.assertEqual(report, {"pending": 0, "results": {str(n): (n - 1) ** 2 for n in range(1, 21)}})
+
+        return threads.deferToThread(body)
+
+    def test_acknowledged_results_forgotten(self):
+        """
+        A client that has its results (acknowledged as they arrive): the
+        master forgets them, and the session's next client finds none.
+        """
+
+        def body():
+            procs = self.procs
+            address = procs.start_master("--state", self.state)
+            procs.start_worker(2)
+            with ClusterExecutor(address, session="acked") as ex:
+                self.assertEqual(
+                    [f.result(DEADLINE) for f in [ex.submit(pow, i, 2) for i in range(200)]][-1], 199**2
+                )
+            out = run_script(self, COLLECT_SESSION, address, "acked")
+            self.assertEqual(out.returncode, 0, out.stderr)
+            self.assertEqual(json.loads(out.stdout), {"pending": 0, "results": {}})
+            self.assertEqual(master_status(address)["state"]["stored_results"], 0)
 
         return threads.deferToThread(body)
 

@@ -70,11 +70,11 @@ class DurableMasterTests(SynchronousTestCase):
         self.master = self.start(writer, **options)
         return self.master
 
-    def client(self, session: str, master: Master | None = None) -> FakePeer:
+    def client(self, session: str, master: Master | None = None, context: dict = CONTEXT) -> FakePeer:
         master = master or self.master
         peer = FakePeer(master, f"{session}:1")
         peer.session = session
-        peer.peer_id = master.client_joined(peer, CONTEXT, 1, session)
+        peer.peer_id = master.client_joined(peer, context, 1, session)
         master.clients[peer.peer_id] = peer
         return peer
 
@@ -317,3 +317,62 @@ class DurableMasterTests(SynchronousTestCase):
         self.assertEqual(master.scheduler.queued, 5)
         self.assertEqual(master.status()["clients"][0]["peer"], "away")
         self.assertEqual(master.status()["clients"][0]["session"], "s")
+
+    # -- results sent to a connected client that acknowledges them (P.TAKES_RESULTS) --
+
+    def taking(self, session: str) -> FakePeer:
+        """A client of C{session} that acknowledges the results it is sent."""
+        peer = self.client(session, context={**CONTEXT, P.TAKES_RESULTS: True})
+        self.assertTrue(self.master.keeps_results(peer.peer_id))
+        return peer
+
+    def sent(self, peer: FakePeer, seqs) -> None:
+        """Submit C{seqs} from C{peer}; a worker runs them all; their results are sent to C{peer}."""
+        self.submit(peer, seqs)
+        self.clock.advance(0)
+        worker = self.worker()
+        while len(peer.results) < len(seqs):
+            self.run_all(worker)
+        self.clock.advance(LAZY_COMMIT)
+
+    def test_rows_go_once_acknowledged(self):
+        """A job's row goes once its client acknowledged its result: a master dying first runs it again."""
+        peer = self.taking("s")
+        self.sent(peer, range(1, 6))
+        self.master.results_taken(peer.peer_id, [1, 2, 3])
+        self.master.results_taken(peer.peer_id, [3, 99])  # again, or unknown: nothing
+        self.clock.advance(LAZY_COMMIT)
+        self.assertEqual(self.master.status()["state"]["stored_results"], 0)
+        self.assertEqual(sorted(job.seq for job in self.restart().durable.store.load().jobs), [4, 5])
+
+    def test_left_before_acknowledging(self):
+        """
+        A client that leaves before it acknowledged results: they wait for
+        its session's next client (on disk), which gets them.
+        """
+        peer = self.taking("s")
+        self.sent(peer, range(1, 6))
+        self.master.results_taken(peer.peer_id, [1, 2])
+        self.leave(peer)
+        self.assertEqual(self.master.status()["state"]["stored_results"], 3)
+        again = self.taking("s")
+        self.assertEqual(again.peer_id, peer.peer_id)
+        self.assertEqual(self.master.session_jobs(again.peer_id), [3, 4, 5])
+        self.clock.advance(0)
+        self.assertEqual(
+            sorted((r.seq, bytes(r.payload)) for r in self.acknowledge(again)),
+            [(n, b"r%09d" % n) for n in (3, 4, 5)],
+        )
+        self.clock.advance(LAZY_COMMIT)
+        loaded = self.restart().durable.store.load()
+        self.assertEqual((loaded.results, loaded.jobs), ([], []))
+
+    def test_client_that_does_not_acknowledge(self):
+        """A client without L{P.TAKES_RESULTS} (an older one): its jobs' rows go as their results are sent."""
+        peer = self.client("s")
+        self.assertFalse(self.master.keeps_results(peer.peer_id))
+        self.sent(peer, range(1, 6))
+        self.leave(peer)
+        self.assertEqual(self.master.status()["state"]["stored_results"], 0)
+        self.clock.advance(LAZY_COMMIT)
+        self.assertEqual(self.restart().durable.store.load().jobs, [])

@@ -203,7 +203,7 @@ class MasterCommandTests(unittest.TestCase):
             proto.ampBoxReceived(
                 command_box(P.JobResults, proto, ask, results=[P.Result(1, 1, P.Outcome.OK, b"")])
             )
-            self.assertEqual(peer.calls, ["room", "results_arrived"])
+            self.assertEqual(peer.calls, ["room", "results_arrived", "took"])
             self.assertFalse(transport.disconnecting)
             proto, transport, peer = self.connect("worker")
             job = P.Job(3, 1, b"p", encode_options(timeout=5, allocation={"cpus": 1}))
