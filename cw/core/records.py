@@ -26,7 +26,7 @@ MAX_PAYLOAD = 4 << 30
 
 
 #: Bumped whenever a peer of an older version could misread a box.
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 
 
 #: Largest value AMP carries under one key.
@@ -310,6 +310,23 @@ def decode_results(data: bytes) -> list[Result]:
         offset += elen
         results.append(Result(client, seq, status, payload, stdout, stderr))
     return results
+
+
+def lone_result(first: bytes, total: int) -> tuple[int, int, int] | None:
+    """
+    The client, seq and status of the one L{Result} of a batch whose
+    encoding (L{encode_results}) is C{total} bytes long and starts with
+    C{first}; None if C{first} is too short to tell, or the batch holds
+    more than one result (or is malformed).  A big result travels alone
+    in its batch (L{batches}), so its first chunk says where it goes
+    (L{cw.wire.forwarding}).
+    """
+    if len(first) < _RESULT.size:
+        return None
+    client, seq, status, plen, olen, elen = _RESULT.unpack_from(first, 0)
+    if _RESULT.size + plen + olen + elen != total:
+        return None
+    return client, seq, status
 
 
 def batches(records: list, size=len, limit: int = BATCH_BYTES) -> Iterator[list]:

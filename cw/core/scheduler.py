@@ -1157,6 +1157,11 @@ class Scheduler:
             return bool(self._queue)
         return self._queue.next_client(skip) is not None
 
+    def holds(self, worker: int, key: tuple[int, int]) -> bool:
+        """Whether C{worker} holds the job C{key} and its client is still here (its result is wanted)."""
+        state = self._workers.get(worker)
+        return state is not None and key in state.held and key[0] in self._clients
+
     def holding(self, worker: int, outputs: Iterable[Output]) -> list[Output]:
         """
         Of C{outputs} (what running jobs wrote, reported by C{worker}), those

@@ -41,6 +41,7 @@ from cw.wire.address import enable_keepalive
 from cw.wire.auth import AuthGate, MasterAuth
 from cw.wire.batching import Outbox
 from cw.wire.checked import CheckedCommands
+from cw.wire.forwarding import ForwardingReceiver
 from cw.wire.liveness import SignsOfLife
 from cw.wire.private import push
 from cw.wire.streaming import ChunkReceiver, StreamingSender
@@ -68,7 +69,14 @@ def transport_backlog(transport) -> int:
 
 
 class MasterProtocol(
-    SignsOfLife, StreamingSender, AuthGate, MasterAuth, ChunkReceiver, CheckedCommands, amp.AMP
+    SignsOfLife,
+    StreamingSender,
+    AuthGate,
+    MasterAuth,
+    ForwardingReceiver,
+    ChunkReceiver,
+    CheckedCommands,
+    amp.AMP,
 ):
     """
     One connection to the master, from a client or a worker.  The peer
@@ -295,8 +303,19 @@ class MasterProtocol(
     def job_results(self, results):
         if self._require("worker"):
             check_results(results)
-            self.master.results(self.peer_id, results)
+            # A lone big result may have gone to its client as it arrived.
+            forwarded = results[0].key if self.relayed is not None and len(results) == 1 else None
+            self.master.results(self.peer_id, results, forwarded)
         return {}
+
+    def relay_voided(self, why: str) -> None:
+        self.master.cut_through_voided += 1
+
+    def relay_destination(self, command: bytes, first, total: int):
+        """A worker's big result goes to its client as it arrives, where the master says so."""
+        if self.role != "worker" or command != P.JobResults.commandName:
+            return None
+        return self.master.relay_result(self.peer_id, first, total)
 
     @P.OutputNotice.responder
     def output_notice(self, host, outputs):

@@ -64,6 +64,7 @@ from cw.wire.address import (
     stop_reactor,
 )
 from cw.wire.auth import WrongSecretLog
+from cw.wire.forwarding import RELAY_ABOVE
 from cw.wire.limits import descriptor_limit, log_descriptor_limit
 from cw.wire.liveness import HeartbeatMonitor
 from cw.wire.options import ConfigOptions
@@ -205,6 +206,9 @@ class Master:
         self._worker_waiters: list[tuple[int, defer.Deferred]] = []
         #: Failed results delivered, for the dashboard (L{cw.master.web}).
         self.failures = FailureLog(clock=clock.seconds)
+        #: Results passed on as they arrived (L{relay_result}), and those voided on the way.
+        self.cut_through = 0
+        self.cut_through_voided = 0
         #: The durable queue (C{--state}), reloaded from its file; None: in memory only.
         self.durable: DurableQueue | None = None
         if state is not None:
@@ -636,9 +640,35 @@ class Master:
                 # if it still ignores its room).
                 proto.resume_reading()
 
-    def results(self, worker: int, results: list[P.Result]) -> None:
+    def relay_result(self, worker: int, first, total: int) -> MasterProtocol | None:
+        """
+        Where a big result arriving from C{worker} goes as it arrives (cut
+        through, L{cw.wire.forwarding}): its client's connection, if its
+        batch (C{total} bytes, starting with C{first}) holds that one
+        result, a success, of a job the worker holds for a client still
+        here; None to receive it whole first (its result is then
+        delivered as any other).  Not with C{--state}, which stores the
+        results of absent clients.
+        """
+        if self.durable is not None or total < RELAY_ABOVE:
+            return None
+        found = P.lone_result(first, total)
+        if found is None:
+            return None
+        client, seq, status = found
+        if status != P.Outcome.OK or not self.scheduler.holds(worker, (client, seq)):
+            return None
+        return self.clients.get(client)
+
+    def results(self, worker: int, results: list[P.Result], forwarded: tuple[int, int] | None = None) -> None:
+        """
+        C{worker} reports C{results}; the one whose key is C{forwarded}
+        already went to its client as it arrived (L{relay_result}).
+        """
+        if forwarded is not None:
+            self.cut_through += 1
         before = self.scheduler.completed
-        self._deliver(self.scheduler.complete(worker, results, self.clock.seconds()))
+        self._deliver(self.scheduler.complete(worker, results, self.clock.seconds()), forwarded)
         self._count_completed(self.scheduler.completed - before)
         self._heard_from_worker(worker)
         if self.scheduler.queued:
@@ -784,8 +814,12 @@ class Master:
         if expiry.requeued:
             self.schedule_dispatch()
 
-    def _deliver(self, results: list[P.Result]) -> None:
-        """Send results to their clients (with C{--state}, store those of absent ones)."""
+    def _deliver(self, results: list[P.Result], forwarded: tuple[int, int] | None = None) -> None:
+        """
+        Send results to their clients (with C{--state}, store those of
+        absent ones), but for the one whose key is C{forwarded}: it went
+        as it arrived.
+        """
         self.failures.record(results)
         if self.durable is not None:
             results = self.durable.ended(results, self.clients.keys())
@@ -811,7 +845,10 @@ class Master:
             # share a box to the client (many workers each reporting a few
             # results cost one box, not one each).
             proto = self.clients[cid]
-            proto.send_results(batch, now=not self.scheduler.has_jobs(cid))
+            if forwarded is not None:
+                batch = [result for result in batch if result.key != forwarded]
+            if batch:
+                proto.send_results(batch, now=not self.scheduler.has_jobs(cid))
             self.watch_output(proto)
 
     def keeps_results(self, cid: int) -> bool:
@@ -1133,6 +1170,9 @@ class Master:
             "unclaimed_bytes": self.unclaimed.bytes,
             "job_seconds": s.job_seconds,
             "completed": s.completed,
+            # Big results passed on to their clients as they arrived, and
+            # those voided on the way (L{relay_result}).
+            "cut_through": {"results": self.cut_through, "voided": self.cut_through_voided},
             "rate": self.rate(),
             "dashboard": self.dashboard,
             "workers": [

@@ -58,7 +58,7 @@ from cw.core.records import PROTOCOL_VERSION
 from cw.errors import AuthenticationFailed
 from cw.wire.address import no_delay
 from cw.wire.commands import Challenge, Prove
-from cw.wire.private import expect_key, write_through
+from cw.wire.private import current_box, expect_key, write_through
 
 log = Logger(namespace="cw.auth")  # the namespace of its log lines before the layers
 
@@ -75,6 +75,10 @@ ROLES = frozenset({"client", "worker"})
 
 #: The key of the MAC value that closes every box after the handshake.
 MAC_KEY = b"_mac"
+#: The key that voids a box: a box forwarded as it arrived
+#: (L{cw.wire.forwarding}) whose source did not deliver it whole and
+#: checked carries it, saying why, and is discarded by its receiver.
+VOID_KEY = b"_void"
 _SEQUENCE = struct.Struct("!Q")
 _LENGTH = struct.Struct("!H")
 #: Bytes of a box's tag (Poly1305's; HMAC-SHA256's cut to as many).
@@ -542,6 +546,11 @@ class AuthGate:
             if why is not None:
                 self.reject(why)
                 return True
+        if VOID_KEY in box:
+            # (A forwarded box holds a chunked value, never parsed here;
+            # but a voided box is never dispatched, whatever its form.)
+            self._voided(box)
+            return True
         self._box_bytes = 0
         return super().whole_box(box, wire, last)
 
@@ -557,6 +566,8 @@ class AuthGate:
                 if why is not None:
                     self.reject(why)
                     return "init"
+                if VOID_KEY in current_box(self):
+                    return self._voided(current_box(self))
             elif self._box_mac is not None:
                 self.reject("sent more of a box after its MAC")
                 return "init"
@@ -566,7 +577,28 @@ class AuthGate:
                 self._box_hash.item(string)
         if not string:
             self._box_bytes = 0
+            if checker is None and VOID_KEY in current_box(self):
+                return self._voided(current_box(self))
         return super().proto_key(string)
+
+    def _voided(self, box) -> str:
+        """
+        Discard the box just ended, which its sender voided (L{VOID_KEY}):
+        a box forwarded as it arrived whose source failed (see
+        L{cw.wire.forwarding}).  Nothing of it is dispatched; the
+        connection goes on.
+        """
+        self._box_bytes = 0
+        why = box.get(VOID_KEY, b"")
+        log.info(
+            "{peer}: discarded a box its sender voided: {why}",
+            peer=self.peer_description(),
+            why=repr(bytes(why[:200]))[2:-1],
+        )
+        discard = getattr(self, "discard_assembly", None)
+        if discard is not None:
+            discard()
+        return "init"
 
     def locateResponder(self, name: bytes):
         if not self.authenticated and name not in self.open_commands:

@@ -47,6 +47,7 @@ from zope.interface import implementer
 from cw.core.records import size_key
 from cw.system import populate_range, unfilled_bytearray
 from cw.wire import memfile
+from cw.wire.forwarding import Relay
 from cw.wire.private import current_box, current_key, data_arrived, expect_key, tls_starting, write_through
 
 #: Boxes with at least this many bytes of values are streamed.
@@ -135,6 +136,44 @@ class StreamingSender:
             else:
                 self.transport.write(b"".join(pieces))
 
+    def send_relay(self, relay) -> bool:
+        """
+        Start writing a box forwarded as it arrives (a
+        L{cw.wire.forwarding.Relay}), signed as its pieces come; boxes sent
+        meanwhile wait behind it.  False, having written nothing, unless
+        the transport takes a producer and nothing is being streamed
+        already (a box forwarded never waits behind another).
+        """
+        if self.transport is None or tls_starting(self):
+            return False
+        if self._outgoing is not None or not hasattr(self.transport, "registerProducer"):
+            return False
+        try:
+            self._outgoing = deque([relay])
+            self.outgoing_bytes = 0
+            self._wrote_piece = False
+            self.transport.registerProducer(self, False)
+        except RuntimeError:
+            self._outgoing = None
+            return False
+        return True
+
+    def _relay_pieces(self, relay, limit: int) -> bool:
+        """
+        Put what C{relay} (at the head of the queue) has, up to C{limit}
+        bytes, ahead of it in the queue, with the box's end once it has
+        ended (the relay then leaves the queue); False if it had nothing.
+        """
+        outgoing = self._outgoing
+        taken, done = relay.take(limit)
+        if done:
+            outgoing.popleft()
+            outgoing.appendleft(_SIGNED_END if self.box_signer is not None else b"\0\0")
+            self.outgoing_bytes += 2
+        if taken:
+            outgoing.appendleft(taken)  # (counted in outgoing_bytes as it arrived)
+        return bool(taken) or done
+
     def resumeProducing(self) -> None:
         outgoing = self._outgoing
         if outgoing is None:
@@ -144,7 +183,17 @@ class StreamingSender:
         batch, size = [], 0
         signer = self.box_signer
         while outgoing and size < PIECE:
-            piece = outgoing.popleft()
+            piece = outgoing[0]
+            if type(piece) is Relay:
+                if not self._relay_pieces(piece, PIECE - size):
+                    if not batch:
+                        # Nothing arrived yet: the relay wakes this when it is fed.
+                        piece.starved = True
+                        self._wrote_piece = False
+                        return
+                    break
+                continue
+            outgoing.popleft()
             if piece is _SIGNED_END:
                 piece = signer.trailer(self._writing_mac)
                 self._writing_mac = None
@@ -176,6 +225,9 @@ class StreamingSender:
         pass  # a pull producer is only asked when the transport wants more
 
     def stopProducing(self) -> None:
+        for piece in self._outgoing or ():
+            if type(piece) is Relay:
+                piece.outgoing_lost()
         self._outgoing = None
         self._writing_mac = None
         self.outgoing_bytes = 0
@@ -377,6 +429,15 @@ class ChunkReceiver:
     def chunk_piece(self, piece) -> None:
         """The next bytes of the chunk being read (a C{memoryview}, valid only during the call)."""
 
+    def chunk_stored(self, buffer: bytearray, start: int, end: int) -> None:
+        """
+        Bytes C{start} to C{end} of C{buffer}, the buffer of the value being
+        assembled, now hold the next bytes of the chunk being read (the
+        buffer may grow later, keeping them, but never shrinks while the
+        value is assembled; see L{cw.wire.forwarding}).  Only for values
+        assembled in memory, not in a file (L{assemble_in_file}).
+        """
+
     def whole_box(self, box, wire, last: int) -> bool:
         """
         C{box} (an C{amp.AmpBox}) arrived whole: its wire bytes are C{wire}
@@ -505,7 +566,11 @@ class ChunkReceiver:
         """Take what C{view} holds of the chunk being read; return how many bytes."""
         piece = view[: self._chunk_left]
         self.chunk_piece(piece)
-        self._chunk.write(piece)
+        chunk = self._chunk
+        start = chunk.filled
+        chunk.write(piece)
+        if type(chunk) is _Assembly:
+            self.chunk_stored(chunk.buffer, start, chunk.filled)
         self._chunk_left -= len(piece)
         if not self._chunk_left:
             self._end_chunk()
@@ -579,6 +644,10 @@ class ChunkReceiver:
             string = bytes(view[offset + 2 : end])
             offset = end
             self.stringReceived(string)
+
+    def discard_assembly(self) -> None:
+        """Forget the values being assembled: the box ended and is discarded (L{cw.wire.auth.AuthGate})."""
+        self._assembling = None
 
     def proto_key(self, string):
         if not string and self._assembling:

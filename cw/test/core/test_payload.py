@@ -27,7 +27,17 @@ from cw.core.payload import (
     memoryview_from_buffer,
     unframe,
 )
-from cw.core.records import Job, Result, decode_jobs, decode_results, encode_jobs, encode_results, job_parts
+from cw.core.records import (
+    CHUNK,
+    Job,
+    Result,
+    decode_jobs,
+    decode_results,
+    encode_jobs,
+    encode_results,
+    job_parts,
+    lone_result,
+)
 
 buffers = st.lists(st.tuples(st.binary(max_size=300), st.booleans()), max_size=6)
 
@@ -122,6 +132,21 @@ class FrameTests(unittest.TestCase):
         framed = frame(b"p", [memoryview(values)])
         self.assertEqual(framed.parts[-1].nbytes, 24)
         self.assertEqual(len(framed.parts[-1]), 24)
+
+
+class LoneResultTests(unittest.TestCase):
+    """L{lone_result}: where a big result goes, told by its batch's first chunk and length."""
+
+    def test_one_result(self):
+        data = encode_results([Result(3, 9, 0, b"x" * 100_000, b"out", b"err")])
+        self.assertEqual(lone_result(data[:CHUNK], len(data)), (3, 9, 0))
+
+    def test_more_results_or_too_short(self):
+        data = encode_results([Result(3, 9, 0, b"x" * 100_000), Result(3, 10, 0, b"y")])
+        self.assertIsNone(lone_result(data[:CHUNK], len(data)))
+        self.assertIsNone(lone_result(data[:10], len(data)))
+        one = encode_results([Result(3, 9, 0, b"x" * 100_000)])
+        self.assertIsNone(lone_result(one[:CHUNK], len(one) - 1))
 
 
 class SegmentsInRecordsTests(unittest.TestCase):

@@ -1855,3 +1855,20 @@ class OutputRoutingTests(SynchronousTestCase):
         self.assertEqual(scheduler.holding(second, [theirs]), [])
         scheduler.complete(first, [Result(client, 1, Outcome.OK, b"")])
         self.assertEqual(scheduler.holding(first, [mine]), [])
+
+    def test_holds(self):
+        """L{Scheduler.holds}: a result is wanted from the worker holding its job, its client here."""
+        scheduler = Scheduler(prefetch=0)
+        client, other = scheduler.add_client(), scheduler.add_client()
+        first, second = scheduler.add_worker(1), scheduler.add_worker(1)
+        scheduler.submit(client, make_jobs(1, 1))
+        scheduler.submit(other, make_jobs(1, 1))
+        self.assertEqual(assigned(scheduler.dispatch()), {first: [1], second: [1]})
+        self.assertTrue(scheduler.holds(first, (client, 1)))
+        self.assertFalse(scheduler.holds(second, (client, 1)))
+        self.assertFalse(scheduler.holds(first, (client, 2)))
+        self.assertFalse(scheduler.holds(99, (client, 1)))
+        scheduler.remove_client(other)
+        self.assertFalse(scheduler.holds(second, (other, 1)))
+        scheduler.complete(first, [Result(client, 1, Outcome.OK, b"")])
+        self.assertFalse(scheduler.holds(first, (client, 1)))

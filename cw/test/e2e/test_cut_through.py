@@ -1,0 +1,215 @@
+"""
+Cut-through forwarding (L{cw.wire.forwarding}), end to end: a real
+C{twistd} master and workers on loopback, the client playing a process on
+another machine.  A worker's big result goes on to its client as it
+arrives at the master; a result whose box is changed in transit, or whose
+worker's connection breaks mid-box, is voided on its way to the client
+(never handed to the program), the job runs again, and the client gets
+the right result over the connection it had; a client that leaves while
+its result passes leaves the master serving others.
+
+Faults are made by a TCP relay in this process (L{Relay}) between one
+peer and the master, which changes one byte or cuts the connection once,
+at a given offset of one direction's bytes: an attacker on the path, or a
+link that breaks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import threading
+from pathlib import Path
+
+from twisted.internet import threads
+from twisted.trial import unittest
+
+from cw.client import MasterUnavailable, master_status
+from cw.test.jobs import payload_bytes, square
+from cw.test.procs import DEADLINE, Processes, arguments_travel, executor, wait_until
+
+MB = 1 << 20
+#: A result far bigger than any socket buffer and the master's window.
+HUGE = 200 * MB
+
+
+def sha(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Relay:
+    """
+    A TCP relay from a port of this process to the master's: once, on the
+    first connection whose bytes in direction C{direction} (C{"up"}: from
+    the peer towards the master, C{"down"}: back) reach C{at}, it flips
+    the byte there (C{fault="flip"}) or closes both sides (C{"cut"}).
+    Later connections pass untouched.  Closed at the test's end.
+    """
+
+    def __init__(self, testcase, master_address: str, direction: str, fault: str, at: int) -> None:
+        self.upstream = int(re.search(r"port=(\d+)", master_address).group(1))
+        self.master_address = master_address
+        self.direction, self.fault, self.at = direction, fault, at
+        #: Set once the fault happened.
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+        testcase.addCleanup(self.close)
+
+    @property
+    def address(self) -> str:
+        return re.sub(r"port=\d+", f"port={self.port}", self.master_address)
+
+    def close(self) -> None:
+        with self._lock:
+            _drop([self.listener, *self._sockets])
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                peer, _ = self.listener.accept()
+            except OSError:
+                return
+            master = socket.create_connection(("127.0.0.1", self.upstream))
+            with self._lock:
+                self._sockets += [peer, master]
+            for source, sink, direction in ((peer, master, "up"), (master, peer, "down")):
+                threading.Thread(
+                    target=self._pump, args=(source, sink, direction, peer, master), daemon=True
+                ).start()
+
+    def _pump(self, source, sink, direction, *both) -> None:
+        buffer = bytearray(1 << 18)
+        seen = 0
+        try:
+            while True:
+                n = source.recv_into(buffer)
+                if not n:
+                    sink.shutdown(socket.SHUT_WR)
+                    return
+                data = memoryview(buffer)[:n]
+                if direction == self.direction and seen <= self.at < seen + n and not self.done.is_set():
+                    if self.fault == "cut":
+                        sink.sendall(data[: self.at - seen])
+                        self.done.set()
+                        _drop(both)
+                        return
+                    buffer[self.at - seen] ^= 0x01
+                    self.done.set()
+                seen += n
+                sink.sendall(data)
+        except OSError:
+            _drop(both)
+
+
+def _drop(sockets) -> None:
+    """Close both sides of a relayed connection (shut down first: that wakes a thread blocked reading)."""
+    for s in sockets:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
+
+
+class ResultCutThroughTests(unittest.TestCase):
+    """A worker's big result on its way through the master to a client on another machine."""
+
+    timeout = 300
+
+    def setUp(self):
+        self.procs = Processes(self, self.mktemp())
+        arguments_travel(self)
+
+    def cut_through(self) -> dict:
+        return master_status(self.procs.address)["cut_through"]
+
+    def test_passed_on_as_it_arrives(self):
+        """
+        A 200 MB result reaches its client whole and unchanged, passed on
+        by the master as it arrived (counted in its status); tiny jobs
+        submitted around it all get their own results.
+        """
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(1)
+            self.procs.start_worker(1)
+            with executor(self.procs.address) as ex:
+                self.assertEqual(ex.submit(square, 2).result(DEADLINE), 4)
+                tiny = {i: ex.submit(square, i) for i in range(100)}
+                huge = ex.submit(payload_bytes, HUGE, 5)
+                tiny.update({i: ex.submit(square, i) for i in range(100, 300)})
+                for i, future in tiny.items():
+                    self.assertEqual(future.result(DEADLINE), i * i)
+                self.assertEqual(sha(huge.result(DEADLINE)), sha(payload_bytes(HUGE, 5)))
+            self.assertEqual(self.cut_through(), {"results": 1, "voided": 0})
+
+        return threads.deferToThread(body)
+
+    def fault_on_worker(self, fault: str) -> None:
+        """
+        A worker whose bytes to the master suffer C{fault} 50 MB into its
+        200 MB result: the client, which got part of the result passed on,
+        discards it, and gets the right result from the job's next run
+        over the connection it had; the master voided one result.
+        """
+
+        def body():
+            self.procs.start_master()
+            relay = Relay(self, self.procs.address, "up", fault, 50 * MB)
+            self.procs.start_worker(1, True, address=relay.address)
+            with executor(self.procs.address) as ex:
+                self.assertEqual(ex.submit(square, 3).result(DEADLINE), 9)
+                huge = ex.submit(payload_bytes, HUGE, 6)
+                self.assertEqual(sha(huge.result(DEADLINE * 2)), sha(payload_bytes(HUGE, 6)))
+                self.assertTrue(relay.done.is_set(), "the fault never happened")
+                self.assertEqual(ex.session.reconnects, 0)
+                self.assertEqual(ex.submit(square, 4).result(DEADLINE), 16)
+            self.assertEqual(self.cut_through(), {"results": 1, "voided": 1})
+            return Path(self.procs.master.log).read_text(errors="replace")
+
+        return threads.deferToThread(body)
+
+    def test_changed_byte_voided(self):
+        """
+        One byte of the worker's result changed on its way to the master
+        (an attacker on the path): the master drops the worker, saying
+        why, and the client never sees the changed result.
+        """
+
+        def check(master_log):
+            self.assertRegex(master_log, r"dropping the connection: sent a box with a wrong MAC")
+
+        return self.fault_on_worker("flip").addCallback(check)
+
+    def test_worker_cut_off_mid_result_voided(self):
+        """The worker's connection breaks 50 MB into its result: the same, without an attacker."""
+        return self.fault_on_worker("cut")
+
+    def test_client_gone_mid_result(self):
+        """
+        A client whose connection breaks while its 200 MB result passes:
+        its future fails (it does not reconnect); the master reads the
+        worker again and serves another client's big result whole.
+        """
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(1)
+            relay = Relay(self, self.procs.address, "down", "cut", 50 * MB)
+            with executor(relay.address, reconnect_timeout=0) as gone:
+                self.assertEqual(gone.submit(square, 5).result(DEADLINE), 25)
+                error = gone.submit(payload_bytes, HUGE, 7).exception(DEADLINE)
+                self.assertIsInstance(error, MasterUnavailable)
+            with executor(self.procs.address) as ex:
+                self.assertEqual(
+                    sha(ex.submit(payload_bytes, HUGE, 8).result(DEADLINE)), sha(payload_bytes(HUGE, 8))
+                )
+            wait_until(lambda: self.cut_through()["results"] == 2, what="the master to count both results")
+
+        return threads.deferToThread(body)

@@ -1,0 +1,223 @@
+"""
+L{cw.wire.forwarding}, in memory: a box forwarded as it arrives by a
+middle peer (as the master) from a sender (a worker) to a receiver (a
+client), each connection with its own session keys; what the receiver
+gets when the box arrives whole and checked, changed, cut off or
+malformed.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from cw.test.peers import pattern
+from cw.wire import commands as P
+from cw.wire import forwarding
+from cw.wire.auth import MAC_KEY, VOID_KEY, AuthGate, session_keys
+from cw.wire.forwarding import ForwardingReceiver
+from cw.wire.streaming import ChunkReceiver, StreamingSender
+
+
+class Peer(StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
+    """A sender or receiver: keeps the boxes it receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.boxes: list = []
+
+    def ampBoxReceived(self, box):
+        self.boxes.append(box)
+
+
+class Middle(StreamingSender, AuthGate, ForwardingReceiver, ChunkReceiver, amp.AMP):
+    """The master's side of the sender's connection: forwards JobResults to C{destination}."""
+
+    destination = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.boxes: list = []
+        self.voided: list[str] = []
+
+    def relay_destination(self, command, first, total):
+        return self.destination if command == b"JobResults" else None
+
+    def relay_voided(self, why):
+        self.voided.append(why)
+
+    def ampBoxReceived(self, box):
+        self.boxes.append((box, self.relayed))
+
+
+def connected(a, b, keys) -> StringTransport:
+    """Start the session of the connection from C{a} to C{b} (in memory); C{a}'s transport."""
+    transport = StringTransport()
+    a.makeConnection(transport)
+    b.makeConnection(StringTransport())
+    if keys is not None:
+        a.start_session(*keys)
+        b.start_session(*reversed(keys))
+    a.mark_authenticated()
+    b.mark_authenticated()
+    return transport
+
+
+def drain(transport: StringTransport) -> bytes:
+    """Everything C{transport}'s producer writes, until it has nothing more now; taken out."""
+    while transport.producer is not None:
+        before = len(transport.value())
+        transport.producer.resumeProducing()
+        if len(transport.value()) == before:
+            break
+    data = transport.value()
+    transport.clear()
+    return data
+
+
+def result_box(payload: bytes) -> amp.AmpBox:
+    box = amp.AmpBox(_command=b"JobResults")
+    P.ResultBatch().toBox(b"results", box, {"results": [P.Result(1, 7, P.Outcome.OK, payload)]}, None)
+    return box
+
+
+class ForwardingTests(unittest.SynchronousTestCase):
+    def setUp(self, signed: bool = True):
+        self.patch(forwarding, "relays_to", lambda proto: True)  # a StringTransport, not TCP
+        self.sender, self.middle = Peer(), Middle()
+        self.out, self.receiver = Peer(), Peer()
+        self.middle.destination = self.out
+        worker_keys = session_keys(b"s" * 32, "worker", b"p" * 32, b"m" * 32) if signed else None
+        client_keys = session_keys(b"s" * 32, "client", b"q" * 32, b"n" * 32) if signed else None
+        self.sent = connected(self.sender, self.middle, worker_keys)
+        self.forwarded = connected(self.out, self.receiver, client_keys)
+
+    def wire(self, box) -> bytes:
+        self.sender.sendBox(box)
+        return drain(self.sent)
+
+    def pass_on(self, wire: bytes, step: int = 50_000) -> int:
+        """Feed C{wire} to the middle in pieces, passing on what it forwards; bytes forwarded early."""
+        most = 0
+        for at in range(0, len(wire), step):
+            self.middle.dataReceived(wire[at : at + step])
+            data = drain(self.forwarded)
+            if at + step < len(wire):
+                most += len(data)
+            self.receiver.dataReceived(data)
+        return most
+
+    def test_passed_on_as_it_arrives(self):
+        """
+        The receiver gets the box, whole and checked; most of it went on
+        before the middle had all of it; the middle dispatches it too,
+        knowing it was forwarded; boxes after it go on as usual.
+        """
+        payload = pattern(3 << 20)
+        wire = self.wire(result_box(payload))
+        early = self.pass_on(wire)
+        self.assertGreater(early, len(payload) * 0.9)
+        self.assertIsNone(self.receiver.rejected)
+        [box] = self.receiver.boxes
+        self.assertEqual(P.decode_results(box[b"results"])[0].payload, payload)
+        [(own, relayed)] = self.middle.boxes
+        self.assertIsNotNone(relayed)
+        self.assertEqual(P.decode_results(own[b"results"])[0].payload, payload)
+        self.out.sendBox(amp.AmpBox(_command=b"after"))
+        self.receiver.dataReceived(drain(self.forwarded))
+        self.assertEqual(self.receiver.boxes[-1][b"_command"], b"after")
+        self.assertEqual(self.out.outgoing_bytes, 0)
+
+    def assert_voided(self, why: str) -> None:
+        """The receiver discarded the box but reads on: a box sent after it arrives."""
+        self.assertEqual(self.receiver.boxes, [])
+        self.assertIsNone(self.receiver.rejected)
+        self.assertEqual(len(self.middle.voided), 1)
+        self.assertIn(why, self.middle.voided[0])
+        self.out.sendBox(amp.AmpBox(_command=b"after"))
+        self.receiver.dataReceived(drain(self.forwarded))
+        self.assertEqual([box[b"_command"] for box in self.receiver.boxes], [b"after"])
+        self.assertEqual(self.out.outgoing_bytes, 0)
+
+    def lose_sender(self) -> None:
+        self.middle.connectionLost(Failure(ConnectionLost()))
+        self.receiver.dataReceived(drain(self.forwarded))
+
+    def test_changed_byte_voided(self):
+        """A byte changed on the way to the middle: it drops the sender, and the receiver discards the box."""
+        wire = bytearray(self.wire(result_box(pattern(3 << 20))))
+        wire[2 << 20] ^= 1
+        self.pass_on(bytes(wire))
+        self.assertIn("wrong MAC", self.middle.rejected)
+        self.assertEqual(self.middle.boxes, [])
+        self.lose_sender()
+        self.assert_voided("wrong MAC")
+
+    def test_cut_off_mid_chunk_voided(self):
+        """The sender's connection breaks in the middle of a chunk: the receiver discards the box."""
+        wire = self.wire(result_box(pattern(3 << 20)))
+        self.pass_on(wire[: (2 << 20) + 1234])
+        self.lose_sender()
+        self.assert_voided("connection was lost")
+
+    def test_wrong_count_voided(self):
+        """A box whose chunk count is wrong (signed as it is): voided, as the middle refuses it too."""
+        box = result_box(pattern(3 << 20))
+        box[b"results.n"] = b"%d" % (int(box[b"results.n"]) + 1)
+        self.pass_on(self.wire(box))
+        self.assert_voided("wrong chunk count")
+
+    def test_shorter_than_said_voided(self):
+        """A value shorter than its size key said: voided (its one record would not decode)."""
+        box = result_box(pattern(3 << 20))
+        box[b"results.+"] = b"%d" % (int(box[b"results.+"]) + 10)
+        self.pass_on(self.wire(box))
+        self.assert_voided("were said")
+
+    def test_receiver_gone(self):
+        """The receiver's connection is lost mid-box: the middle still receives the box, and dispatches it."""
+        payload = pattern(3 << 20)
+        wire = self.wire(result_box(payload))
+        half = len(wire) // 2
+        self.pass_on(wire[:half])
+        self.out.stopProducing()
+        self.forwarded.unregisterProducer()
+        self.middle.dataReceived(wire[half:])
+        [(own, _)] = self.middle.boxes
+        self.assertEqual(P.decode_results(own[b"results"])[0].payload, payload)
+
+    def test_small_box_not_forwarded(self):
+        """A box without chunks is received only; so is one whose destination declines it."""
+        self.middle.dataReceived(self.wire(result_box(b"small")))
+        self.middle.destination = None
+        self.middle.dataReceived(self.wire(result_box(pattern(2 << 20))))
+        self.assertEqual([relayed for _, relayed in self.middle.boxes], [None, None])
+        self.assertEqual(drain(self.forwarded), b"")
+
+
+class UnsignedForwardingTests(ForwardingTests):
+    """The same without session keys (C{--insecure}): a voided box is discarded all the same."""
+
+    def setUp(self):
+        super().setUp(signed=False)
+
+    def test_changed_byte_voided(self):
+        raise unittest.SkipTest("no MAC to fail without a session")
+
+
+class VoidedBoxTests(unittest.SynchronousTestCase):
+    """A box its sender voided is never dispatched, whatever its form."""
+
+    def test_small_voided_box_discarded(self):
+        sender, receiver = Peer(), Peer()
+        transport = connected(sender, receiver, session_keys(b"s" * 32, "client", b"p" * 32, b"m" * 32))
+        sender.sendBox(amp.AmpBox({b"_command": b"JobResults", VOID_KEY: b"why"}))
+        sender.sendBox(amp.AmpBox(_command=b"after"))
+        wire = transport.value()
+        self.assertEqual(wire.count(MAC_KEY), 2)
+        receiver.dataReceived(wire)
+        self.assertIsNone(receiver.rejected)
+        self.assertEqual([box[b"_command"] for box in receiver.boxes], [b"after"])
