@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from cw.client import ClientThread, ClusterExecutor
+from cw.client import session as session_module
 from cw.client.echo import Echo
 from cw.client.session import (
     client_context,
@@ -30,6 +31,7 @@ from cw.client.session import (
     job_options,
     logging_level,
     pickle_call,
+    pickle_function,
 )
 from cw.client.thread import takes_output
 from cw.core.records import Job, Outcome, Output, Result, Stream, error_report, read_options
@@ -668,6 +670,86 @@ class ResourceRequestTests(SynchronousTestCase):
         e = self.assertRaises(SubmitError, job_options, None, None, None, resources={"memory": "16Q"})
         self.assertIn("16Q", str(e))
         self.assertEqual(job_options(None, None, None, resources={"cpus": 1}, tags=()), b"")
+
+
+def main_function(source: str, **globals_) -> tuple:
+    """A function defined in a module named C{__main__} (pickled by value), and that module's globals."""
+    namespace = {"__name__": "__main__", **globals_}
+    exec(source, namespace)
+    return namespace["f"], namespace
+
+
+class SelfContainedTests(SynchronousTestCase):
+    """
+    L{pickle_function} pickles a self-contained function of C{__main__}
+    once (L{cw.client.session.SelfContained}); anything its pickle could
+    depend on that changes makes it pickle again, and any other function is
+    pickled every time, so that a changed captured or global value is seen.
+    """
+
+    def setUp(self):
+        self.pickled = 0
+        dumps = session_module.cloudpickle.dumps
+
+        def counting(value):
+            self.pickled += 1
+            return dumps(value)
+
+        self.patch(session_module.cloudpickle, "dumps", counting)
+
+    def test_pickled_once(self):
+        f, _ = main_function("def f(x, y=2):\n    return [len(str(i)) for i in range(x + y)]")
+        first = pickle_function(f)
+        self.assertEqual(pickle_function(f), first)
+        self.assertEqual(self.pickled, 1)
+        self.assertEqual(cloudpickle.loads(first[1])(8), [1] * 10)
+
+    def test_changes_pickled_again(self):
+        f, namespace = main_function("def f(x=1):\n    return x + 1")
+        g, _ = main_function("def f(x=1):\n    return x + 2")
+        keys = {pickle_function(f)[0]}
+        for change in [
+            lambda: setattr(f, "__defaults__", (5,)),
+            lambda: setattr(f, "__code__", g.__code__),
+            lambda: setattr(f, "__doc__", "documented"),
+            lambda: setattr(f, "__name__", "renamed"),
+            lambda: namespace.__setitem__("__file__", "elsewhere.py"),
+        ]:
+            change()
+            before = self.pickled
+            key, data = pickle_function(f)
+            self.assertEqual(self.pickled, before + 1)
+            self.assertNotIn(key, keys)
+            keys.add(key)
+            self.assertEqual(pickle_function(f), (key, data))
+            self.assertEqual(self.pickled, before + 1)
+        self.assertEqual(cloudpickle.loads(data)(), 7)
+
+    def test_others_pickled_every_time(self):
+        """A global, a closure, a mutable default, attributes, a module: its pickle may change."""
+        uses_global, namespace = main_function("def f():\n    return limit", limit=1)
+        key = pickle_function(uses_global)[0]
+        namespace["limit"] = 2
+        self.assertNotEqual(pickle_function(uses_global)[0], key)
+        self.assertEqual(cloudpickle.loads(pickle_function(uses_global)[1])(), 2)
+        # A name that was no global when first pickled, and is one now.
+        later, namespace = main_function("def f():\n    return later_global")
+        pickle_function(later)
+        namespace["later_global"] = 3
+        self.assertEqual(cloudpickle.loads(pickle_function(later)[1])(), 3)
+        nested, _ = main_function("def f():\n    return (lambda: limit)()", limit=4)
+        closure, _ = main_function("def f():\n    n = [1]\n    def g():\n        return n\n    return g")
+        mutable, _ = main_function("def f(x=[]):\n    return x")
+        attributed, _ = main_function("def f():\n    return 1")
+        attributed.note = [1]
+        kwdefault, _ = main_function("def f(*, x=[]):\n    return x")
+        for func in (nested, closure(), mutable, attributed, kwdefault, len):
+            before = self.pickled
+            pickle_function(func)
+            pickle_function(func)
+            self.assertEqual(self.pickled, before + 2, func)
+        mutable.__defaults__[0].append(1)
+        self.assertEqual(cloudpickle.loads(pickle_function(mutable)[1])(), [1])
 
 
 class DeliverNowTests(SynchronousTestCase):
