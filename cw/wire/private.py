@@ -436,3 +436,22 @@ def write_through(transport, data: bytes) -> bool:
     if written < len(data):
         descriptor.write(data[written:])
     return True
+
+
+def set_read_size(transport, size: int | None) -> None:
+    """
+    Make C{transport}, if a plain TCP connection (not TLS), read up to
+    C{size} bytes at a time (None: back to Twisted's 64 KiB): a receiver
+    in the middle of a big value (L{cw.wire.streaming.ChunkReceiver})
+    takes it in fewer, larger reads, each one system call, one turn of
+    the reactor and one pass through the protocols' C{dataReceived}.
+    C{tcp.Connection.doRead} reads C{self.bufferSize} bytes (as its
+    docstring says; the attribute is C{FileDescriptor}'s, in no
+    interface) (cw.test.wire.test_private).
+    """
+    if not isinstance(transport, tcp.Connection) or interfaces.ISSLTransport.providedBy(transport):
+        return
+    if size is None:
+        transport.__dict__.pop("bufferSize", None)
+    else:
+        transport.bufferSize = size

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
 import re
+import socket
+import struct
+import termios
 
 from ampoule import main as ampoule_main
 from twisted.internet import defer, process, protocol, reactor, stdio
@@ -12,6 +16,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.protocols import amp
 from twisted.trial import unittest
 
+from cw.test.procs import until
 from cw.wire import private
 
 
@@ -331,3 +336,70 @@ def declined_behind_buffered(case, declines, pushed=lambda transport: None):
         return received.addCallback(case.assertEqual, b"first")
 
     return PushTests.connect(case, protocol.Protocol).addCallback(sent)
+
+
+class ReadSizeTests(unittest.TestCase):
+    """
+    L{private.set_read_size}: a plain TCP connection reads up to the size
+    set at a time (Twisted's C{tcp.Connection.doRead} reads C{bufferSize}),
+    then Twisted's 64 KiB again; TLS and anything else are left alone.
+    """
+
+    @defer.inlineCallbacks
+    def first_read(self, size) -> int:
+        """
+        The length of a connection's first read, C{size} set (None: not),
+        with 256 KiB or more waiting in its socket.
+        """
+        reads = []
+
+        class Reader(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.pauseProducing()
+                self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2 << 20)
+
+            def dataReceived(self, data):
+                reads.append(len(data))
+
+        class Writer(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.write(os.urandom(2 << 20))
+
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(Writer)
+        )
+        self.addCleanup(port.stopListening)
+        reader = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            protocol.Factory.forProtocol(Reader)
+        )
+        self.addCleanup(reader.transport.loseConnection)
+
+        def waiting() -> int:
+            raw = fcntl.ioctl(reader.transport.fileno(), termios.FIONREAD, struct.pack("i", 0))
+            return struct.unpack("i", raw)[0]
+
+        yield until(lambda: waiting() >= 256 << 10, what="256 KiB to wait in the socket")
+        if size is not None:
+            private.set_read_size(reader.transport, size)
+        reader.transport.resumeProducing()
+        yield until(lambda: reads, what="a read")
+        return reads[0]
+
+    @defer.inlineCallbacks
+    def test_reads_up_to_the_size_set(self):
+        self.assertEqual((yield self.first_read(None)), 1 << 16)
+        self.assertGreater((yield self.first_read(1 << 20)), 1 << 16)
+
+    def test_back_to_twisteds_and_not_tls(self):
+        from twisted.internet import interfaces, tcp
+        from zope.interface import directlyProvides
+
+        transport = tcp.Connection.__new__(tcp.Connection)
+        private.set_read_size(transport, 1 << 22)
+        self.assertEqual(transport.bufferSize, 1 << 22)
+        private.set_read_size(transport, None)
+        self.assertEqual(transport.bufferSize, 1 << 16)
+        directlyProvides(transport, interfaces.ISSLTransport)
+        private.set_read_size(transport, 1 << 22)
+        self.assertEqual(transport.bufferSize, 1 << 16)
+        private.set_read_size(object(), 1 << 22)  # nothing to do

@@ -210,6 +210,24 @@ class ChunkReceiverTests(SynchronousTestCase):
             self.assertEqual(value, payload, size)
             self.assertEqual(len(allocated), buffers, size)
 
+    def test_big_reads_while_a_big_value_arrives(self):
+        """
+        From the start of a big value that says its length to the end of
+        its box, the connection reads L{streaming.BIG_READ} bytes at a time
+        (L{cw.wire.private.set_read_size}); not for a value that does not say.
+        """
+        sizes = []
+        self.patch(streaming, "set_read_size", lambda transport, size: sizes.append(size))
+        payload = pattern(2 * streaming.ASSEMBLE_IN_PLACE_ABOVE)
+        wire = blob_wire(payload)
+        receiver = self.receive(wire[:-100])
+        self.assertEqual(sizes, [streaming.BIG_READ])
+        receiver.dataReceived(wire[-100:])
+        self.assertEqual(sizes, [streaming.BIG_READ, None], "back to the usual size once the box ended")
+        self.assertEqual(bytes(receiver.boxes[0][b"payload"]), payload)
+        self.receive(blob_wire(payload, size=b"unsaid"))
+        self.assertEqual(sizes, [streaming.BIG_READ, None])
+
     def test_unallocatable_size_still_assembled(self):
         """A size no buffer can be allocated for (C{MemoryError}) falls back to growing one."""
 
