@@ -827,12 +827,6 @@ class Master:
         for result in results:
             by_client.setdefault(result.client, []).append(result)
         for cid, batch in by_client.items():
-            notices = self._started.get(cid)
-            if notices:
-                for result in batch:
-                    notices.pop(result.seq, None)
-                if not notices:
-                    self._no_notice_left(cid)
             for result in batch:
                 if result.status == P.Outcome.OK and len(result.payload) == RESULT_REFERENCE_SIZE:
                     where = read_result_reference(result.payload)
@@ -845,10 +839,20 @@ class Master:
             # share a box to the client (many workers each reporting a few
             # results cost one box, not one each).
             proto = self.clients[cid]
+            sent = batch
             if forwarded is not None:
-                batch = [result for result in batch if result.key != forwarded]
-            if batch:
-                proto.send_results(batch, now=not self.scheduler.has_jobs(cid))
+                sent = [result for result in batch if result.key != forwarded]
+            if sent:
+                proto.send_results(sent, now=not self.scheduler.has_jobs(cid))
+            # Its jobs need no notice that they started: dropped once the
+            # results have gone (a lone job's waits for nothing else), in
+            # the same turn, so before any notice could be sent.
+            notices = self._started.get(cid)
+            if notices:
+                for result in batch:
+                    notices.pop(result.seq, None)
+                if not notices:
+                    self._no_notice_left(cid)
             self.watch_output(proto)
 
     def keeps_results(self, cid: int) -> bool:
