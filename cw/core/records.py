@@ -245,6 +245,17 @@ def first_payload_at(data) -> int | None:
     return _JOB.size + olen + flen
 
 
+def job_prefix(job: Job, length: int) -> bytes:
+    """
+    What comes before C{job}'s payload in its batch alone (L{job_parts}),
+    for a payload of C{length} bytes that is not at hand yet: a job whose
+    payload is forwarded as it arrives (L{cw.wire.forwarding}).
+    """
+    parts = job_parts([Job(job.client, job.seq, b"", job.options, job.func)])
+    parts[0] = _JOB.pack(job.client, job.seq, len(job.options), len(job.func), length)
+    return b"".join(parts)
+
+
 def decode_jobs(data: bytes) -> list[Job]:
     """Undo L{encode_jobs}; raise L{ValueError} on a malformed batch."""
     jobs = []

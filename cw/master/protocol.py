@@ -113,6 +113,9 @@ class MasterProtocol(
         self.closed: defer.Deferred = defer.Deferred()
         #: Bytes handed to the transport so far (see L{unsent_bytes}).
         self.written_bytes = 0
+        #: A client's arguments asked for (L{P.FetchPayload}), by the tag of
+        #: the question: what L{Master.relay_fetched} needs to forward one.
+        self.fetches: dict[bytes, tuple] = {}
 
     def connectionMade(self):
         super().connectionMade()
@@ -311,8 +314,14 @@ class MasterProtocol(
     def relay_voided(self, why: str) -> None:
         self.master.cut_through_voided += 1
 
-    def relay_destination(self, command: bytes, first, total: int):
-        """A worker's big result goes to its client as it arrives, where the master says so."""
+    def relay_destination(self, command: bytes | None, answer: bytes | None, first, total: int):
+        """
+        A worker's big result goes to its client as it arrives, and a
+        client's argument it was asked for to its worker, where the master
+        says so.
+        """
+        if answer is not None:
+            return self.master.relay_fetched(self, answer, total) if self.role == "client" else None
         if self.role != "worker" or command != P.JobResults.commandName:
             return None
         return self.master.relay_result(self.peer_id, first, total)

@@ -24,6 +24,7 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.protocols import amp
 
 from cw.core.config import MasterConfig
 from cw.core.flow import FlowControl, LentBytes
@@ -68,7 +69,7 @@ from cw.wire.forwarding import RELAY_ABOVE
 from cw.wire.limits import descriptor_limit, log_descriptor_limit
 from cw.wire.liveness import HeartbeatMonitor
 from cw.wire.options import ConfigOptions
-from cw.wire.private import push
+from cw.wire.private import last_tag, push
 from cw.wire.secret import load_options_secret
 
 log = Logger(namespace="cw.master")  # the namespace of its log lines before the layers
@@ -209,6 +210,8 @@ class Master:
         #: Results passed on as they arrived (L{relay_result}), and those voided on the way.
         self.cut_through = 0
         self.cut_through_voided = 0
+        #: Arguments passed on to workers as they arrived (L{relay_fetched}).
+        self.cut_through_arguments = 0
         #: The durable queue (C{--state}), reloaded from its file; None: in memory only.
         self.durable: DurableQueue | None = None
         if state is not None:
@@ -732,8 +735,14 @@ class Master:
     def _worker_silent(self, proto: MasterProtocol, silent: float) -> None:
         """
         Drop a worker unheard for longer than C{heartbeat_timeout} (its TCP
-        connection may never close on its own): its jobs go elsewhere.
+        connection may never close on its own): its jobs go elsewhere.  Not
+        one to which the master is forwarding a client's argument that is
+        slow to come (L{relay_fetched}): the heartbeats wait behind it, and
+        the client's own liveness bounds that wait.
         """
+        if proto.waiting_on_relay():
+            self.worker_beats.heard(proto)
+            return
         proto.lost_how = f"no answer to heartbeats for {silent:.1f} s"
         log.warn(
             "Worker {wid} ({peer}) gave no sign of life for {s:.1f} s; dropping it",
@@ -747,9 +756,12 @@ class Master:
         """
         Drop a client unheard for longer than C{client_timeout} (stopped,
         hung, or behind a dead link): its jobs are dropped as for any client
-        that leaves.  Not one this master stopped reading from itself.
+        that leaves.  Not one this master stopped reading from itself, nor
+        one to which it is forwarding a result that is slow to come
+        (L{relay_result}: the heartbeats wait behind it, and the worker's
+        own liveness bounds that wait).
         """
-        if self.flow.excused(proto.peer_id):
+        if self.flow.excused(proto.peer_id) or proto.waiting_on_relay():
             self.client_beats.heard(proto)
             return
         log.warn(
@@ -1035,11 +1047,17 @@ class Master:
             return self.workers.get(wid) is worker and job.key in self.scheduler.worker(wid).held
 
         def arrived(answer: dict) -> None:
+            client.fetches.pop(tag, None)
+            relay = client.relayed
+            if relay is not None and not relay.lost:
+                self.cut_through_arguments += 1
+                return  # it went on to the worker as it arrived (L{relay_fetched})
             if holds():
                 worker.send_jobs([P.Job(job.client, job.seq, answer["payload"], job.options, job.func)])
                 push(worker.transport)
 
         def failed(reason) -> None:
+            client.fetches.pop(tag, None)
             if not holds():
                 return
             message = (
@@ -1050,7 +1068,30 @@ class Master:
             report = P.error_report(ReportKind.ARGUMENT_UNAVAILABLE, message)
             self.results(wid, [P.Result(job.client, job.seq, P.Outcome.FAILED, report)])
 
-        client.callRemote(P.FetchPayload, seq=job.seq).addCallbacks(arrived, failed)
+        asked = client.callRemote(P.FetchPayload, seq=job.seq)
+        tag = last_tag(client)
+        client.fetches[tag] = (holds, worker, job)
+        asked.addCallbacks(arrived, failed)
+
+    def relay_fetched(self, client: MasterProtocol, tag: bytes, total: int) -> tuple | None:
+        """
+        Where the argument that C{client} sends in answer to the question
+        tagged C{tag} goes as it arrives (cut through, L{cw.wire.forwarding}):
+        the job's worker, in a L{P.RunJobs} box of that one job, if the
+        argument was asked for to run it there (L{_fetch}), is big, and
+        the worker still holds the job; None to receive it whole first.
+        Voided on the way (the client's box failing its MAC, or its
+        connection lost), the job fails as when the client cannot send
+        its argument, and the worker discards the box.
+        """
+        fetch = client.fetches.get(tag)
+        if fetch is None or total < RELAY_ABOVE:
+            return None
+        holds, worker, job = fetch
+        if not holds():
+            return None
+        items = [(amp.COMMAND, P.RunJobs.commandName)]
+        return (worker, items, b"jobs", P.job_prefix(job, total))
 
     def _no_notice_left(self, cid: int) -> None:
         """
@@ -1176,7 +1217,11 @@ class Master:
             "completed": s.completed,
             # Big results passed on to their clients as they arrived, and
             # those voided on the way (L{relay_result}).
-            "cut_through": {"results": self.cut_through, "voided": self.cut_through_voided},
+            "cut_through": {
+                "results": self.cut_through,
+                "arguments": self.cut_through_arguments,
+                "voided": self.cut_through_voided,
+            },
             "rate": self.rate(),
             "dashboard": self.dashboard,
             "workers": [

@@ -9,7 +9,10 @@ others wait), and the payload moves at about a third of what each hop
 could do.  Here the master starts the outgoing box as soon as the first
 chunk of its one chunked value (L{cw.wire.commands.Blob}) has arrived and
 says where it goes (L{ForwardingReceiver.relay_destination}); every later
-chunk goes on as it arrives.
+chunk goes on as it arrives.  A worker's result goes on as it came (a
+L{Relay}); the argument a client sends in answer to
+L{cw.wire.commands.FetchPayload} goes on as the payload of its job, in a
+L{cw.wire.commands.RunJobs} box of its own (a L{RechunkingRelay}).
 
 Authentication is not weakened.  Every box is MAC-checked end to end by
 each hop (L{cw.wire.auth}): the outgoing box is the master's own, signed
@@ -23,7 +26,9 @@ completes the value being written (zeros), adds a L{VOID_KEY} key saying
 why, and signs that.  The receiver checks the MAC as for any box and,
 seeing the key, discards the whole box, which is never dispatched
 (L{cw.wire.auth.AuthGate}); the connection carrying it goes on.  The job
-whose result was voided runs again, as the job of any lost worker does.
+whose result was voided runs again, as the job of any lost worker does;
+the job whose argument was voided is not run by the worker (it never saw
+the job), and fails or runs again as the jobs of a client that left do.
 
 Memory and flow control.  The master still receives the value into the
 one buffer it assembles it in (L{cw.wire.streaming.ChunkReceiver}), at
@@ -52,11 +57,15 @@ from twisted.internet import interfaces, tcp
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from cw.core.records import size_key
+from cw.core.records import CHUNK, chunk_key, size_key
 from cw.wire.auth import VOID_KEY
 from cw.wire.private import current_box, current_key
 
 log = Logger(namespace="cw.forwarding")
+
+#: Bytes a relay whose sender found it empty gathers before it wakes the
+#: sender (or its box's end): one write of a few reads, not one per read.
+WAKE_BYTES = 256 << 10
 
 #: Boxes whose chunked value is at least this long are forwarded as they
 #: arrive, where their destination is known; smaller ones whole.
@@ -111,14 +120,17 @@ class Relay:
         self.ended = False
         #: Why it was voided (None: closed, or not ended yet).
         self.why: str | None = None
-        #: The sender found nothing to take: feeding wakes it.
+        #: Bytes arrived and not yet taken.
+        self.pending_bytes = 0
+        #: The sender found nothing to take: feeding it L{WAKE_BYTES} wakes it.
         self.starved = False
         #: The outgoing connection was lost: what arrives is dropped.
         self.lost = False
 
     def _added(self, size: int) -> None:
         self.outgoing.outgoing_bytes += size
-        if self.starved:
+        self.pending_bytes += size
+        if self.starved and self.pending_bytes >= WAKE_BYTES:
             self.starved = False
             self.outgoing.resumeProducing()
 
@@ -139,6 +151,9 @@ class Relay:
     def stored(self, buffer: bytearray, start: int, end: int) -> None:
         """The next bytes of the value being written: C{buffer[start:end]}, kept there."""
         self.value_left -= end - start
+        self._range(buffer, start, end)
+
+    def _range(self, buffer: bytearray, start: int, end: int) -> None:
         if self.lost:
             return
         pending = self.pending
@@ -205,6 +220,7 @@ class Relay:
                 else:
                     item[1] = stop
             taken = b"".join(parts)
+            self.pending_bytes -= size
         finally:
             for view in reversed(views):
                 view.release()  # the buffer may grow again
@@ -214,6 +230,78 @@ class Relay:
         """The outgoing connection is gone: drop what arrives."""
         self.lost = True
         self.pending.clear()
+        self.pending_bytes = 0
+
+
+class RechunkingRelay(Relay):
+    """
+    A relay that writes the value it forwards under another name, after a
+    prefix, in chunks of its own cut as L{cw.wire.commands.Blob} cuts a
+    value (with its size key and chunk count): the payload of a
+    L{cw.wire.commands.FetchPayload} answer going on as the job's in a
+    L{cw.wire.commands.RunJobs} box.  Fed the incoming value's bytes
+    (L{begin} with its first chunk, then L{stored}); the incoming chunks'
+    keys and lengths are not written.
+    """
+
+    def __init__(self, incoming, outgoing, name: bytes, prefix: bytes, total: int) -> None:
+        super().__init__(incoming, outgoing)
+        self.name, self.prefix = name, prefix
+        #: Bytes of the value written: the prefix and C{total} bytes forwarded.
+        self.out_total = len(prefix) + total
+        self.count = -(-self.out_total // CHUNK)
+        self.width = len(str(self.count))
+        self.index = 1
+        self.written = 0
+
+    def begin(self, items: list[tuple[bytes, bytes]], first) -> None:
+        """Write C{items} (whole keys and values), then the value: the prefix, then C{first}."""
+        self.items(items)
+        self.value_left = min(CHUNK, self.out_total)
+        self._bytes(b"".join(_item(self.name)) + _LENGTH.pack(self.value_left))
+        self._feed(self.prefix)
+        self._feed(bytes(first))
+
+    def start_value(self, key: bytes, length: int) -> None:
+        pass  # the chunks are this relay's own
+
+    def _next_chunk(self) -> None:
+        if self.index == 1:
+            self._bytes(b"".join(_item(size_key(self.name)) + _item(b"%d" % self.out_total)))
+        self.index += 1
+        self.value_left = min(CHUNK, self.out_total - self.written)
+        key = chunk_key(self.name, self.index, self.width)
+        self._bytes(b"".join(_item(key)) + _LENGTH.pack(self.value_left))
+
+    def _feed(self, data: bytes) -> None:
+        while data:
+            if not self.value_left:
+                if self.written >= self.out_total:
+                    return  # longer than said: voided at the end
+                self._next_chunk()
+            take = min(self.value_left, len(data))
+            self._bytes(data[:take])
+            data = data[take:]
+            self.value_left -= take
+            self.written += take
+
+    def stored(self, buffer: bytearray, start: int, end: int) -> None:
+        while start < end:
+            if not self.value_left:
+                if self.written >= self.out_total:
+                    return
+                self._next_chunk()
+            stop = min(end, start + self.value_left)
+            self._range(buffer, start, stop)
+            self.value_left -= stop - start
+            self.written += stop - start
+            start = stop
+
+    def close(self, items: list[tuple[bytes, bytes]]) -> None:
+        if self.written != self.out_total:
+            self.void(f"{self.written:,} bytes forwarded where {self.out_total:,} were due")
+            return
+        super().close([(self.name + b".n", b"%d" % self.count)])
 
 
 class ForwardingReceiver:
@@ -239,11 +327,15 @@ class ForwardingReceiver:
     #: While a forwarded box is dispatched (its responder runs): its L{Relay}.
     relayed: Relay | None = None
 
-    def relay_destination(self, command: bytes, first, total: int):
+    def relay_destination(self, command: bytes | None, answer: bytes | None, first, total: int):
         """
-        The protocol to forward a box to, whose command is C{command}, whose
-        one chunked value is C{total} bytes long and starts with C{first};
-        None to receive it only.  Override.
+        Where to forward a box whose command is C{command} (or that answers
+        the question tagged C{answer}), whose one chunked value is C{total}
+        bytes long and starts with C{first}: None to receive it only; a
+        protocol to forward it to as it is; or C{(protocol, items, name,
+        prefix)} to forward its value as the value C{name} of another box,
+        after C{prefix}, behind C{items} (whole keys and values; see
+        L{RechunkingRelay}).  Override.
         """
         return None
 
@@ -271,18 +363,26 @@ class ForwardingReceiver:
         name = match.group(1)
         box = current_box(self)
         first, total = box.get(name), box.get(size_key(name))
-        command = box.get(amp.COMMAND)
-        if set(box) != {amp.COMMAND, name, size_key(name)} or not isinstance(first, bytes):
+        command, answer = box.get(amp.COMMAND), box.get(amp.ANSWER)
+        kind = amp.COMMAND if command is not None else amp.ANSWER
+        if set(box) != {kind, name, size_key(name)} or not isinstance(first, bytes):
             return  # an answer asked for, or another value: not forwarded
         if not (isinstance(total, bytes) and total.isdigit() and len(total) < 20):
             return
-        destination = self.relay_destination(command, first, int(total))
-        if destination is None or not relays_to(destination):
+        destination = self.relay_destination(command, answer, first, int(total))
+        if destination is None:
             return
-        relay = Relay(self, destination)
-        if not destination.send_relay(relay):
+        if isinstance(destination, tuple):
+            destination, items, out_name, prefix = destination
+            relay = RechunkingRelay(self, destination, out_name, prefix, int(total))
+        else:
+            relay, items = Relay(self, destination), list(box.items())
+        if not relays_to(destination) or not destination.send_relay(relay):
             return
-        relay.items(list(box.items()))
+        if isinstance(relay, RechunkingRelay):
+            relay.begin(items, first)
+        else:
+            relay.items(items)
         self._relay, self._relay_name, self._relay_total = relay, name, int(total)
         self._relay_bytes, self._relay_chunks, self._relay_wrong = len(first), 0, None
 

@@ -77,6 +77,16 @@ def send_command(proto: amp.AMP, name: bytes, box: amp.AmpBox):
     return proto._sendBoxCommand(name, box, True)
 
 
+def last_tag(proto: amp.AMP) -> bytes:
+    """
+    The C{_ask} tag of the last question C{proto} sent (its C{callRemote}
+    of a command that wants an answer): private C{BoxDispatcher._counter},
+    from which C{_nextTag} makes tags, so that the answer can be told
+    before it is whole (L{cw.wire.forwarding}).
+    """
+    return b"%x" % (proto._counter,)
+
+
 def emit(proto: amp.AMP, box: amp.AmpBox) -> None:
     """
     Send C{box} (an answer, or a command without C{_ask}) to C{proto}'s

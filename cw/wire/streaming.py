@@ -166,6 +166,16 @@ class StreamingSender:
             return False
         return True
 
+    def waiting_on_relay(self) -> bool:
+        """
+        Whether what is written to this peer now is a box forwarded as it
+        arrives (L{send_relay}) waiting for its source, the peer having
+        taken all of it so far: boxes sent to the peer meanwhile (a
+        heartbeat) wait behind it, so its silence is not its own.
+        """
+        outgoing = self._outgoing
+        return bool(outgoing) and isinstance(outgoing[0], Relay) and outgoing[0].starved
+
     def _relay_pieces(self, relay, limit: int) -> bool:
         """
         Put what C{relay} (at the head of the queue) has, up to C{limit}
@@ -192,7 +202,7 @@ class StreamingSender:
         signer = self.box_signer
         while outgoing and size < PIECE:
             piece = outgoing[0]
-            if type(piece) is Relay:
+            if isinstance(piece, Relay):
                 if not self._relay_pieces(piece, PIECE - size):
                     if not batch:
                         # Nothing arrived yet: the relay wakes this when it is fed.
@@ -234,7 +244,7 @@ class StreamingSender:
 
     def stopProducing(self) -> None:
         for piece in self._outgoing or ():
-            if type(piece) is Relay:
+            if isinstance(piece, Relay):
                 piece.outgoing_lost()
         self._outgoing = None
         self._writing_mac = None

@@ -17,19 +17,24 @@ link that breaks.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import socket
 import threading
+import time
 from pathlib import Path
 
 from twisted.internet import threads
 from twisted.trial import unittest
 
 from cw.client import MasterUnavailable, master_status
-from cw.test.jobs import payload_bytes, square
+from cw.test.jobs import payload_bytes, square, timed_digest
 from cw.test.procs import DEADLINE, Processes, arguments_travel, executor, wait_until
 
 MB = 1 << 20
+#: Seconds a stalled peer holds its bytes back: several heartbeat timeouts of the master in the stall test.
+STALL = 6
+
 #: A result far bigger than any socket buffer and the master's window.
 HUGE = 200 * MB
 
@@ -43,7 +48,8 @@ class Relay:
     A TCP relay from a port of this process to the master's: once, on the
     first connection whose bytes in direction C{direction} (C{"up"}: from
     the peer towards the master, C{"down"}: back) reach C{at}, it flips
-    the byte there (C{fault="flip"}) or closes both sides (C{"cut"}).
+    the byte there (C{fault="flip"}), closes both sides (C{"cut"}) or
+    holds the rest back for L{STALL} seconds (C{"stall"}).
     Later connections pass untouched.  Closed at the test's end.
     """
 
@@ -98,8 +104,17 @@ class Relay:
                         self.done.set()
                         _drop(both)
                         return
-                    buffer[self.at - seen] ^= 0x01
-                    self.done.set()
+                    if self.fault == "stall":
+                        # Hold the rest back for a while, as a stopped peer would.
+                        sink.sendall(data[: self.at - seen])
+                        self.done.set()
+                        time.sleep(STALL)
+                        data = data[self.at - seen :]
+                        seen = self.at
+                        n = len(data)
+                    else:
+                        buffer[self.at - seen] ^= 0x01
+                        self.done.set()
                 seen += n
                 sink.sendall(data)
         except OSError:
@@ -147,7 +162,7 @@ class ResultCutThroughTests(unittest.TestCase):
                 for i, future in tiny.items():
                     self.assertEqual(future.result(DEADLINE), i * i)
                 self.assertEqual(sha(huge.result(DEADLINE)), sha(payload_bytes(HUGE, 5)))
-            self.assertEqual(self.cut_through(), {"results": 1, "voided": 0})
+            self.assertEqual(self.cut_through(), {"results": 1, "arguments": 0, "voided": 0})
 
         return threads.deferToThread(body)
 
@@ -170,7 +185,7 @@ class ResultCutThroughTests(unittest.TestCase):
                 self.assertTrue(relay.done.is_set(), "the fault never happened")
                 self.assertEqual(ex.session.reconnects, 0)
                 self.assertEqual(ex.submit(square, 4).result(DEADLINE), 16)
-            self.assertEqual(self.cut_through(), {"results": 1, "voided": 1})
+            self.assertEqual(self.cut_through(), {"results": 1, "arguments": 0, "voided": 1})
             return Path(self.procs.master.log).read_text(errors="replace")
 
         return threads.deferToThread(body)
@@ -190,6 +205,30 @@ class ResultCutThroughTests(unittest.TestCase):
     def test_worker_cut_off_mid_result_voided(self):
         """The worker's connection breaks 50 MB into its result: the same, without an attacker."""
         return self.fault_on_worker("cut")
+
+    def test_slow_result_drops_no_client(self):
+        """
+        The worker stalls 50 MB into its result (its bytes held back for
+        6 s; the master's client timeout is 1.5 s): the client, whose
+        heartbeats wait behind the result the master is passing on, is not
+        taken for a silent one, and gets the result over the same connection.
+        """
+
+        def body():
+            self.procs.start_master(
+                "--heartbeat", "0.5", "--heartbeat-timeout", "60", "--client-timeout", "1.5"
+            )
+            relay = Relay(self, self.procs.address, "up", "stall", 50 * MB)
+            self.procs.start_worker(1, True, address=relay.address)
+            with executor(self.procs.address) as ex:
+                huge = ex.submit(payload_bytes, HUGE, 12)
+                self.assertEqual(sha(huge.result(DEADLINE * 2)), sha(payload_bytes(HUGE, 12)))
+                self.assertTrue(relay.done.is_set(), "the stall never happened")
+                self.assertEqual(ex.session.reconnects, 0)
+            self.assertEqual(self.cut_through()["results"], 1)
+            self.assertNotIn("gave no sign of life", self.procs.log_tail(self.procs.master, 200))
+
+        return threads.deferToThread(body)
 
     def test_client_gone_mid_result(self):
         """
@@ -211,5 +250,149 @@ class ResultCutThroughTests(unittest.TestCase):
                     sha(ex.submit(payload_bytes, HUGE, 8).result(DEADLINE)), sha(payload_bytes(HUGE, 8))
                 )
             wait_until(lambda: self.cut_through()["results"] == 2, what="the master to count both results")
+
+        return threads.deferToThread(body)
+
+
+def on_another_machine(testcase) -> None:
+    """
+    Make this process's clients, for the rest of C{testcase}, say they run
+    on another machine than the workers already started: their big
+    arguments stay in their memory until the master asks for them for a
+    worker (L{P.FetchPayload}), and go on to it through the master.
+    """
+    old = os.environ.get("CW_MACHINE_IDENTITY")
+    os.environ["CW_MACHINE_IDENTITY"] = "another-machine"
+    testcase.addCleanup(
+        lambda: (
+            os.environ.pop("CW_MACHINE_IDENTITY")
+            if old is None
+            else os.environ.update(CW_MACHINE_IDENTITY=old)
+        )
+    )
+
+
+class ArgumentCutThroughTests(unittest.TestCase):
+    """
+    A client's big argument, asked for by the master once its job is
+    handed to a worker on another machine, on its way through the master.
+    """
+
+    timeout = 300
+
+    def setUp(self):
+        self.procs = Processes(self, self.mktemp())
+
+    def cut_through(self) -> dict:
+        return master_status(self.procs.address)["cut_through"]
+
+    def test_passed_on_as_it_arrives(self):
+        """
+        A 200 MB argument reaches its job whole and unchanged, passed on by
+        the master as it arrived; tiny jobs around it get their own results.
+        """
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(1)
+            self.procs.start_worker(1)
+            on_another_machine(self)
+            with executor(self.procs.address) as ex:
+                self.assertTrue(ex.session.references, "the client does not keep its big arguments")
+                self.assertEqual(ex.submit(square, 2).result(DEADLINE), 4)
+                tiny = {i: ex.submit(square, i) for i in range(100)}
+                blob = payload_bytes(HUGE, 9)
+                record = os.path.abspath(self.mktemp())
+                huge = ex.submit(timed_digest, blob, record)
+                tiny.update({i: ex.submit(square, i) for i in range(100, 300)})
+                for i, future in tiny.items():
+                    self.assertEqual(future.result(DEADLINE), i * i)
+                self.assertEqual(huge.result(DEADLINE)[1:], (HUGE, sha(blob)))
+                self.assertEqual(ex.submit(square, 5).result(DEADLINE), 25)
+            with open(record) as f:
+                self.assertEqual(f.read(), "ran\n")
+            self.assertEqual(self.cut_through(), {"results": 0, "arguments": 1, "voided": 0})
+
+        return threads.deferToThread(body)
+
+    def fault_on_client(self, fault: str) -> str:
+        """
+        A client whose bytes to the master suffer C{fault} 50 MB into the
+        200 MB argument it was asked for: the worker, which got part of it
+        passed on, discards it and keeps its connection; the job runs once,
+        with the whole argument, after the client reconnected.
+        """
+
+        def body():
+            self.procs.start_master()
+            self.procs.start_worker(1)
+            worker = master_status(self.procs.address)["workers"][0]["id"]
+            on_another_machine(self)
+            relay = Relay(self, self.procs.address, "up", fault, 50 * MB)
+            record = os.path.abspath(self.mktemp())
+            with executor(relay.address, reconnect_timeout=120) as ex:
+                self.assertEqual(ex.submit(square, 3).result(DEADLINE), 9)
+                blob = payload_bytes(HUGE, 10)
+                future = ex.submit(timed_digest, blob, record)
+                self.assertEqual(future.result(DEADLINE * 2)[1:], (HUGE, sha(blob)))
+                self.assertTrue(relay.done.is_set(), "the fault never happened")
+                self.assertEqual(ex.session.reconnects, 1)
+            with open(record) as f:
+                self.assertEqual(f.read(), "ran\n")
+            status = master_status(self.procs.address)
+            self.assertEqual(
+                [w["id"] for w in status["workers"]], [worker], "the worker's connection was lost"
+            )
+            # (Its next run's argument may go whole: the voided box may still be
+            # on its way to the worker when it comes.)
+            self.assertEqual(status["cut_through"]["voided"], 1)
+            self.assertIn(
+                "discarded a box its sender voided", self.procs.log_tail(self.procs.workers[0], 200)
+            )
+            return self.procs.log_tail(self.procs.master, 200)
+
+        return threads.deferToThread(body)
+
+    def test_changed_byte_voided(self):
+        """
+        One byte of the argument changed on its way to the master (an
+        attacker on the path): the master drops the client, saying why, and
+        the worker never runs the job with it.
+        """
+
+        def check(master_log):
+            self.assertRegex(master_log, r"dropping the connection: sent a box with a wrong MAC")
+
+        return self.fault_on_client("flip").addCallback(check)
+
+    def test_client_cut_off_mid_argument_voided(self):
+        """The client's connection breaks 50 MB into the argument: the same, without an attacker."""
+        return self.fault_on_client("cut")
+
+    def test_slow_argument_drops_no_worker(self):
+        """
+        The client stalls 50 MB into the argument (its bytes held back for
+        6 s; the master's heartbeat timeout is 1.5 s): the worker, whose
+        heartbeats wait behind the argument the master is passing on, is not
+        taken for a silent one; the job runs once with the whole argument.
+        """
+
+        def body():
+            self.procs.start_master("--heartbeat", "0.5", "--heartbeat-timeout", "1.5")
+            self.procs.start_worker(1)
+            worker = master_status(self.procs.address)["workers"][0]["id"]
+            on_another_machine(self)
+            relay = Relay(self, self.procs.address, "up", "stall", 50 * MB)
+            record = os.path.abspath(self.mktemp())
+            with executor(relay.address) as ex:
+                blob = payload_bytes(HUGE, 11)
+                future = ex.submit(timed_digest, blob, record)
+                self.assertEqual(future.result(DEADLINE * 2)[1:], (HUGE, sha(blob)))
+                self.assertTrue(relay.done.is_set(), "the stall never happened")
+            with open(record) as f:
+                self.assertEqual(f.read(), "ran\n")
+            status = master_status(self.procs.address)
+            self.assertEqual([w["id"] for w in status["workers"]], [worker], "the worker was dropped")
+            self.assertEqual(status["cut_through"]["arguments"], 1)
 
         return threads.deferToThread(body)

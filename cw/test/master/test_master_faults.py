@@ -60,6 +60,9 @@ class FakePeer:
     def unsent_bytes(self) -> int:
         return 0
 
+    def waiting_on_relay(self) -> bool:
+        return False  # nothing forwarded to it (L{cw.wire.forwarding})
+
     def pings(self) -> list[defer.Deferred]:
         return [d for command, _, d in self.calls if command is P.Heartbeat]
 

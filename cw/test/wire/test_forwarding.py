@@ -8,6 +8,8 @@ malformed.
 
 from __future__ import annotations
 
+import struct
+
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
@@ -43,7 +45,7 @@ class Middle(StreamingSender, AuthGate, ForwardingReceiver, ChunkReceiver, amp.A
         self.boxes: list = []
         self.voided: list[str] = []
 
-    def relay_destination(self, command, first, total):
+    def relay_destination(self, command, answer, first, total):
         return self.destination if command == b"JobResults" else None
 
     def relay_voided(self, why):
@@ -196,6 +198,74 @@ class ForwardingTests(unittest.SynchronousTestCase):
         self.middle.dataReceived(self.wire(result_box(pattern(2 << 20))))
         self.assertEqual([relayed for _, relayed in self.middle.boxes], [None, None])
         self.assertEqual(drain(self.forwarded), b"")
+
+
+class Rechunking(Middle):
+    """Forwards an answer's payload as the one job of a RunJobs box."""
+
+    job = P.Job(4, 2, b"", b'{"timeout":5}', b"f" * 20)
+
+    def relay_destination(self, command, answer, first, total):
+        if answer is None:
+            return None
+        return (self.destination, [(b"_command", b"RunJobs")], b"jobs", P.job_prefix(self.job, total))
+
+
+class RechunkingTests(unittest.SynchronousTestCase):
+    """An answer's payload forwarded as another box's value, after a prefix, in chunks of its own."""
+
+    def setUp(self):
+        self.patch(forwarding, "relays_to", lambda proto: True)
+        self.sender, self.middle = Peer(), Rechunking()
+        self.out, self.receiver = Peer(), Peer()
+        self.middle.destination = self.out
+        self.sent = connected(
+            self.sender, self.middle, session_keys(b"s" * 32, "client", b"p" * 32, b"m" * 32)
+        )
+        self.forwarded = connected(
+            self.out, self.receiver, session_keys(b"s" * 32, "worker", b"q" * 32, b"n" * 32)
+        )
+
+    def answer(self, payload: bytes) -> bytes:
+        box = amp.AmpBox(_answer=b"1a")
+        P.Blob().toBox(b"payload", box, {"payload": payload}, None)
+        self.sender.sendBox(box)
+        return drain(self.sent)
+
+    def pass_on(self, wire: bytes, step: int = 50_000) -> bytes:
+        """Feed C{wire} to the middle in pieces, passing on what it forwards; what it forwarded."""
+        forwarded = []
+        for at in range(0, len(wire), step):
+            self.middle.dataReceived(wire[at : at + step])
+            forwarded.append(drain(self.forwarded))
+            self.receiver.dataReceived(forwarded[-1])
+        return b"".join(forwarded)
+
+    def test_as_a_job(self):
+        """The receiver gets a RunJobs box as if the job had been sent whole, with its size key."""
+        for size in (P.CHUNK * 40, P.CHUNK * 40 - 7, (3 << 20) + 1):
+            payload = pattern(size)
+            self.receiver.boxes.clear()
+            wire = self.pass_on(self.answer(payload))
+            # Its length ahead of it (the receiver may assemble it in place).
+            size = len(P.job_prefix(Rechunking.job, size)) + size
+            self.assertIn(b"\x00\x06jobs.+" + struct.pack("!H", len(str(size))) + str(size).encode(), wire)
+            self.assertIsNone(self.receiver.rejected)
+            [box] = self.receiver.boxes
+            self.assertEqual(box[b"_command"], b"RunJobs")
+            expected = P.Job(4, 2, payload, Rechunking.job.options, Rechunking.job.func)
+            self.assertEqual(P.decode_jobs(box[b"jobs"]), [P.decode_jobs(P.encode_jobs([expected]))[0]])
+
+    def test_cut_off_voided(self):
+        """The sender's connection breaks mid-value: the receiver discards the job and reads on."""
+        wire = self.answer(pattern(3 << 20))
+        self.pass_on(wire[: (1 << 20) + 99])
+        self.middle.connectionLost(Failure(ConnectionLost()))
+        self.receiver.dataReceived(drain(self.forwarded))
+        self.out.sendBox(amp.AmpBox(_command=b"after"))
+        self.receiver.dataReceived(drain(self.forwarded))
+        self.assertIsNone(self.receiver.rejected)
+        self.assertEqual([box[b"_command"] for box in self.receiver.boxes], [b"after"])
 
 
 class UnsignedForwardingTests(ForwardingTests):
