@@ -301,7 +301,7 @@ class FakePool:
         self.batches.append(list(kwargs["jobs"]))
         return d
 
-    def kill_busy(self) -> int:
+    def kill_busy(self, why: str = "") -> int:
         killed = 0
         for d in self.calls:
             if not d.called:
