@@ -7,7 +7,9 @@ Each round runs, alternating, one process per tree (with that tree first on
 PYTHONPATH) that starts a cw cluster as C{bench/run.py} does (C{cw.mp}, 2
 workers, 1 job process each), warms it, then times C{--calls} lone no-op
 round trips (submit, wait for the result, repeat) and a burst of 4,000
-C{submit}s; ProcessPoolExecutor once per round for comparison.  Besides
+C{submit}s; ProcessPoolExecutor once per round for comparison.  The no-op
+is defined here, in C{__main__}, as C{bench/systems.py} defines its own
+when C{bench/run.py} runs it: shipped by value, by the same client path.  Besides
 p50/p99/min it reports the CPU time all processes of the cluster spent per
 round trip (from /proc), which varies less with other load than times do.
 Prints one JSON line per run.
@@ -50,9 +52,17 @@ def cpu_seconds() -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def noop(x):
+    """The job: defined in C{__main__} (this script run with C{--one}), as in C{bench/systems.py}."""
+    return x
+
+
 def one(system: str, calls: int) -> dict:
     sys.path.insert(0, str(HERE))
     import systems
+
+    # Its bursts too (System.submit_all) submit this __main__ function.
+    systems.noop = noop
 
     s = systems.CW(5400 + os.getpid() % 500) if system == "cw" else systems.PPE()
     s.start()
@@ -65,7 +75,7 @@ def one(system: str, calls: int) -> dict:
         cpu = cpu_seconds()
         for i in range(calls):
             start = time.perf_counter()
-            assert s.call(systems.noop, i) == i
+            assert s.call(noop, i) == i
             times.append((time.perf_counter() - start) * 1000)
         cpu = cpu_seconds() - cpu
         times.sort()
