@@ -462,49 +462,8 @@ def job_options(
             return _DEFAULT_OPTIONS[defaults]
         except (KeyError, TypeError):
             pass
-        options = _job_options(owner, None, None)
-        try:
-            if len(_DEFAULT_OPTIONS) >= _DEFAULT_OPTIONS_KEPT:
-                _DEFAULT_OPTIONS.clear()
-            _DEFAULT_OPTIONS[defaults] = options
-        except TypeError:
-            pass  # an unhashable default: checked (and encoded) every time
-        return options
-    return _job_options(
-        owner,
-        timeout,
-        max_attempts,
-        priority,
-        expected_duration,
-        echo=echo,
-        forward_logging=forward_logging,
-        resources=resources,
-        tags=tags,
-        env=env,
-    )
-
-
-#: L{job_options} of jobs without options of their own, by their owner's
-#: defaults (C{timeout}, C{max_attempts}, C{echo}, C{forward_logging}) and
-#: their types.
-_DEFAULT_OPTIONS: dict[tuple, bytes] = {}
-_DEFAULT_OPTIONS_KEPT = 64
-
-
-def _job_options(
-    owner: Any,
-    timeout: float | None,
-    max_attempts: int | None,
-    priority: int | None = None,
-    expected_duration: float | None = None,
-    *,
-    echo: bool | None = None,
-    forward_logging: int | str | None = None,
-    resources: Mapping[str, Any] | None = None,
-    tags: Iterable[str] | None = None,
-    env: Mapping[str, str] | None = None,
-) -> bytes:
-    """L{job_options}, checked and encoded every time."""
+    else:
+        defaults = None
     try:
         resources, tags = check_request(resources, tags)
         env = check_env(env)
@@ -529,7 +488,7 @@ def _job_options(
         raise SubmitError(f"priority must be an integer, not {priority!r}")
     if expected_duration is not None and not P.valid_timeout(expected_duration):
         raise SubmitError(f"expected_duration must be positive seconds, not {expected_duration!r}")
-    return P.encode_options(
+    options = P.encode_options(
         timeout=timeout,
         max_attempts=max_attempts,
         priority=priority or None,
@@ -540,6 +499,21 @@ def _job_options(
         tags=tags or None,
         env=env or None,
     )
+    if defaults is not None:
+        try:
+            if len(_DEFAULT_OPTIONS) >= _DEFAULT_OPTIONS_KEPT:
+                _DEFAULT_OPTIONS.clear()
+            _DEFAULT_OPTIONS[defaults] = options
+        except TypeError:
+            pass  # an unhashable default: checked (and encoded) every time
+    return options
+
+
+#: L{job_options} of jobs without options of their own, by their owner's
+#: defaults (C{timeout}, C{max_attempts}, C{echo}, C{forward_logging}) and
+#: their types.
+_DEFAULT_OPTIONS: dict[tuple, bytes] = {}
+_DEFAULT_OPTIONS_KEPT = 64
 
 
 class _NoAnswer(Exception):
