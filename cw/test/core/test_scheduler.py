@@ -13,7 +13,9 @@ from cw.core.payload import kept_reference, reference
 from cw.core.records import (
     Job,
     Outcome,
+    Output,
     Result,
+    Stream,
     decode_jobs,
     encode_jobs,
     encode_options,
@@ -1835,15 +1837,21 @@ class WalltimeTests(SynchronousTestCase):
 class OutputRoutingTests(SynchronousTestCase):
     """L{Scheduler.holding}: what running jobs wrote goes on only for jobs the reporting worker holds."""
 
-    def test_only_held_jobs_of_present_clients(self):
-        from cw.core.records import Output, Stream
-
+    def dispatched(self):
+        """
+        A scheduler, two clients with a job each and the two workers these
+        jobs went to: C{(scheduler, client, other, first, second)}.
+        """
         scheduler = Scheduler(prefetch=0)
         client, other = scheduler.add_client(), scheduler.add_client()
         first, second = scheduler.add_worker(1), scheduler.add_worker(1)
         scheduler.submit(client, make_jobs(1, 1))
         scheduler.submit(other, make_jobs(1, 1))
         self.assertEqual(assigned(scheduler.dispatch()), {first: [1], second: [1]})
+        return scheduler, client, other, first, second
+
+    def test_only_held_jobs_of_present_clients(self):
+        scheduler, client, other, first, second = self.dispatched()
         mine = Output(client, 1, Stream.STDOUT, b"x")
         theirs = Output(other, 1, Stream.STDOUT, b"y")
         self.assertEqual(
@@ -1858,12 +1866,7 @@ class OutputRoutingTests(SynchronousTestCase):
 
     def test_holds(self):
         """L{Scheduler.holds}: a result is wanted from the worker holding its job, its client here."""
-        scheduler = Scheduler(prefetch=0)
-        client, other = scheduler.add_client(), scheduler.add_client()
-        first, second = scheduler.add_worker(1), scheduler.add_worker(1)
-        scheduler.submit(client, make_jobs(1, 1))
-        scheduler.submit(other, make_jobs(1, 1))
-        self.assertEqual(assigned(scheduler.dispatch()), {first: [1], second: [1]})
+        scheduler, client, other, first, second = self.dispatched()
         self.assertTrue(scheduler.holds(first, (client, 1)))
         self.assertFalse(scheduler.holds(second, (client, 1)))
         self.assertFalse(scheduler.holds(first, (client, 2)))
