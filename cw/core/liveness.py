@@ -19,7 +19,7 @@ Layer rule (cw.core): pure; imports only cw.core, cw.errors and the standard lib
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 
@@ -81,12 +81,25 @@ class Liveness:
         state = self.peers.get(peer)
         return None if state is None else state.last_heard
 
-    def beat(self, now: float) -> Beat:
-        """One tick at C{now}: the peers to ping, and those silent too long."""
+    def beat(self, now: float, waiting: Callable[[Hashable], bool] | None = None) -> Beat:
+        """
+        One tick at C{now}: the peers to ping, and those silent too long.
+
+        A peer for which C{waiting(peer)} holds is not silent, whatever
+        its silence: what is being sent to it is a box forwarded as it
+        arrives that waits for its source, the peer having taken all of it
+        so far, so a heartbeat to it waits behind that box and its silence
+        is not its own (the source's own liveness bounds the wait).  It
+        counts as heard from at C{now}.  C{waiting} is asked only of peers
+        silent too long.
+        """
         beat = Beat()
         for peer, state in self.peers.items():
             silent = now - state.last_heard
             if silent > self.timeout:
+                if waiting is not None and waiting(peer):
+                    state.last_heard = now
+                    continue
                 beat.silent.append((peer, silent))
             elif not state.pinged:
                 state.pinged = True

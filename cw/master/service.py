@@ -17,6 +17,7 @@ Layer rule (cw.master): imports cw.discovery and below; never cw.client, cw.work
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 from collections import deque
 from typing import Any
@@ -131,11 +132,16 @@ class Master:
         self.client_timeout = client_timeout
         self.worker_beats = self.client_beats = None
         if heartbeat > 0:
+            # A peer to which this master forwards a box that waits for its
+            # source is not silent (L{relay_fetched}, L{relay_result}).
+            waiting = operator.methodcaller("waiting_on_relay")
             self.worker_beats = HeartbeatMonitor(
-                clock, heartbeat, self.heartbeat_timeout, self._worker_silent
+                clock, heartbeat, self.heartbeat_timeout, self._worker_silent, waiting
             )
             if client_timeout > 0:
-                self.client_beats = HeartbeatMonitor(clock, heartbeat, client_timeout, self._client_silent)
+                self.client_beats = HeartbeatMonitor(
+                    clock, heartbeat, client_timeout, self._client_silent, waiting
+                )
         #: The shared secret peers must prove they hold; None: --insecure.
         self.secret = secret
         #: When to warn about peers with another secret (rate-limited).
@@ -735,14 +741,11 @@ class Master:
     def _worker_silent(self, proto: MasterProtocol, silent: float) -> None:
         """
         Drop a worker unheard for longer than C{heartbeat_timeout} (its TCP
-        connection may never close on its own): its jobs go elsewhere.  Not
+        connection may never close on its own): its jobs go elsewhere.  (Not
         one to which the master is forwarding a client's argument that is
-        slow to come (L{relay_fetched}): the heartbeats wait behind it, and
-        the client's own liveness bounds that wait.
+        slow to come, L{relay_fetched}: L{cw.core.liveness.Liveness.beat}
+        does not report it.)
         """
-        if proto.waiting_on_relay():
-            self.worker_beats.heard(proto)
-            return
         proto.lost_how = f"no answer to heartbeats for {silent:.1f} s"
         log.warn(
             "Worker {wid} ({peer}) gave no sign of life for {s:.1f} s; dropping it",
@@ -756,12 +759,12 @@ class Master:
         """
         Drop a client unheard for longer than C{client_timeout} (stopped,
         hung, or behind a dead link): its jobs are dropped as for any client
-        that leaves.  Not one this master stopped reading from itself, nor
-        one to which it is forwarding a result that is slow to come
-        (L{relay_result}: the heartbeats wait behind it, and the worker's
-        own liveness bounds that wait).
+        that leaves.  Not one this master stopped reading from itself.
+        (Nor one to which it is forwarding a result that is slow to come,
+        L{relay_result}: L{cw.core.liveness.Liveness.beat} does not report
+        it.)
         """
-        if self.flow.excused(proto.peer_id) or proto.waiting_on_relay():
+        if self.flow.excused(proto.peer_id):
             self.client_beats.heard(proto)
             return
         log.warn(

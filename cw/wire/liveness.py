@@ -89,6 +89,7 @@ class HeartbeatMonitor:
         interval: float,
         timeout: float,
         on_silent: Callable[[Any, float], None],
+        waiting: Callable[[Any], bool] | None = None,
     ) -> None:
         if interval <= 0 or timeout <= 0:
             raise ValueError("a heartbeat interval and timeout must be positive")
@@ -96,6 +97,10 @@ class HeartbeatMonitor:
         self.interval = interval
         self.liveness = Liveness(timeout)
         self.on_silent = on_silent
+        #: Whether what is sent to a connection waits for another source
+        #: (e.g. L{cw.wire.streaming.StreamingSender.waiting_on_relay}):
+        #: then it is not silent (L{Liveness.beat}).
+        self.waiting = waiting
         self._loop: task.LoopingCall | None = None
 
     @property
@@ -128,7 +133,7 @@ class HeartbeatMonitor:
         self._loop = None
 
     def _beat(self) -> None:
-        beat = self.liveness.beat(self.clock.seconds())
+        beat = self.liveness.beat(self.clock.seconds(), self.waiting)
         for proto in beat.ping:
             d = proto.callRemote(P.Heartbeat)
             # Any answer, even an error, comes from a live peer; a lost

@@ -137,6 +137,28 @@ class LivenessTests(SynchronousTestCase):
         self.live.answered("b", 1.0)
         self.assertEqual(self.live.beat(1.0), Beat(ping=["a"]))
 
+    def test_waiting_for_a_source_not_silent(self):
+        """
+        A peer to which a box forwarded as it arrives waits for its source
+        (C{waiting}) is not silent: it counts as heard from then, and its
+        silence counts again once it no longer waits.  Only peers silent
+        too long are asked about.
+        """
+        self.live.watch("b", 0.0)
+        asked = []
+
+        def waiting(peer):
+            asked.append(peer)
+            return peer == "a"
+
+        self.assertEqual(self.live.beat(1.0, waiting), Beat(ping=["a", "b"]))
+        self.assertEqual(asked, [])
+        self.assertEqual(self.live.beat(4.0, waiting), Beat(silent=[("b", 4.0)]))
+        self.assertEqual(asked, ["a", "b"])
+        self.assertEqual(self.live.last_heard("a"), 4.0)
+        self.assertEqual(self.live.beat(6.0).silent, [("b", 6.0)])
+        self.assertEqual(self.live.beat(7.5).silent, [("a", 3.5), ("b", 7.5)])
+
 
 class RoutingTests(SynchronousTestCase):
     """Contexts and functions go to each worker once, before the first job needing them."""
