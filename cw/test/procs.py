@@ -59,8 +59,28 @@ def arguments_travel(testcase) -> None:
     their memory (L{cw.client.arguments}): for tests of the paths the
     bytes take (it plays a client with no known machine).
     """
+    play_machine(testcase, "none")
+
+
+def on_another_machine(testcase) -> None:
+    """
+    Make this process's clients, for the rest of C{testcase}, say they run
+    on another machine than the workers already started: their big
+    arguments stay in their memory until the master asks for them for a
+    worker (L{cw.wire.commands.FetchPayload}), and go on to it through the
+    master.
+    """
+    play_machine(testcase, "another-machine")
+
+
+def play_machine(testcase, identity: str) -> None:
+    """
+    Make this process's clients, for the rest of C{testcase}, take
+    C{identity} for their machine's (C{CW_MACHINE_IDENTITY}, see
+    L{cw.system}; C{"none"}: no known machine).
+    """
     old = os.environ.get("CW_MACHINE_IDENTITY")
-    os.environ["CW_MACHINE_IDENTITY"] = "none"
+    os.environ["CW_MACHINE_IDENTITY"] = identity
     testcase.addCleanup(
         lambda: (
             os.environ.pop("CW_MACHINE_IDENTITY")

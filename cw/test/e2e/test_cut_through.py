@@ -24,12 +24,19 @@ import threading
 import time
 from pathlib import Path
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from cw.client import MasterUnavailable, master_status
 from cw.test.jobs import payload_bytes, square, timed_digest
-from cw.test.procs import DEADLINE, Processes, arguments_travel, executor, wait_until
+from cw.test.procs import (
+    DEADLINE,
+    Processes,
+    arguments_travel,
+    executor,
+    on_another_machine,
+    wait_until,
+)
 
 MB = 1 << 20
 #: Seconds a stalled peer holds its bytes back: several heartbeat timeouts of the master in the stall test.
@@ -131,17 +138,54 @@ def _drop(sockets) -> None:
         s.close()
 
 
-class ResultCutThroughTests(unittest.TestCase):
-    """A worker's big result on its way through the master to a client on another machine."""
+class CutThroughCase:
+    """
+    What the tests of both ways share (a mixin before C{unittest.TestCase}):
+    a cluster of real processes, faults on the way to its master.
+    """
 
     timeout = 300
 
     def setUp(self):
         self.procs = Processes(self, self.mktemp())
-        arguments_travel(self)
 
     def cut_through(self) -> dict:
         return master_status(self.procs.address)["cut_through"]
+
+    def relay(self, fault: str, direction: str = "up") -> Relay:
+        """A L{Relay} to this test's master, C{fault} happening 50 MB into C{direction}."""
+        return Relay(self, self.procs.address, direction, fault, 50 * MB)
+
+    def fault_on_sender(self, fault: str) -> defer.Deferred:
+        """
+        The big value's sender has its bytes to the master suffer C{fault}
+        50 MB into it; fires with the master's log once the test's checks passed.
+        """
+        raise NotImplementedError
+
+    def test_changed_byte_voided(self):
+        """
+        One byte of the big value changed on its way to the master (an
+        attacker on the path): the master drops its sender, saying why,
+        and its receiver never sees it changed (L{fault_on_sender}).
+        """
+
+        def check(master_log):
+            self.assertRegex(master_log, r"dropping the connection: sent a box with a wrong MAC")
+
+        return self.fault_on_sender("flip").addCallback(check)
+
+    def test_cut_off_mid_value_voided(self):
+        """The sender's connection breaks 50 MB into the value: the same, without an attacker."""
+        return self.fault_on_sender("cut")
+
+
+class ResultCutThroughTests(CutThroughCase, unittest.TestCase):
+    """A worker's big result on its way through the master to a client on another machine."""
+
+    def setUp(self):
+        super().setUp()
+        arguments_travel(self)
 
     def test_passed_on_as_it_arrives(self):
         """
@@ -166,7 +210,7 @@ class ResultCutThroughTests(unittest.TestCase):
 
         return threads.deferToThread(body)
 
-    def fault_on_worker(self, fault: str) -> None:
+    def fault_on_sender(self, fault: str) -> defer.Deferred:
         """
         A worker whose bytes to the master suffer C{fault} 50 MB into its
         200 MB result: the client, which got part of the result passed on,
@@ -176,7 +220,7 @@ class ResultCutThroughTests(unittest.TestCase):
 
         def body():
             self.procs.start_master()
-            relay = Relay(self, self.procs.address, "up", fault, 50 * MB)
+            relay = self.relay(fault)
             self.procs.start_worker(1, True, address=relay.address)
             with executor(self.procs.address) as ex:
                 self.assertEqual(ex.submit(square, 3).result(DEADLINE), 9)
@@ -190,22 +234,6 @@ class ResultCutThroughTests(unittest.TestCase):
 
         return threads.deferToThread(body)
 
-    def test_changed_byte_voided(self):
-        """
-        One byte of the worker's result changed on its way to the master
-        (an attacker on the path): the master drops the worker, saying
-        why, and the client never sees the changed result.
-        """
-
-        def check(master_log):
-            self.assertRegex(master_log, r"dropping the connection: sent a box with a wrong MAC")
-
-        return self.fault_on_worker("flip").addCallback(check)
-
-    def test_worker_cut_off_mid_result_voided(self):
-        """The worker's connection breaks 50 MB into its result: the same, without an attacker."""
-        return self.fault_on_worker("cut")
-
     def test_slow_result_drops_no_client(self):
         """
         The worker stalls 50 MB into its result (its bytes held back for
@@ -218,7 +246,7 @@ class ResultCutThroughTests(unittest.TestCase):
             self.procs.start_master(
                 "--heartbeat", "0.5", "--heartbeat-timeout", "60", "--client-timeout", "1.5"
             )
-            relay = Relay(self, self.procs.address, "up", "stall", 50 * MB)
+            relay = self.relay("stall")
             self.procs.start_worker(1, True, address=relay.address)
             with executor(self.procs.address) as ex:
                 huge = ex.submit(payload_bytes, HUGE, 12)
@@ -240,7 +268,7 @@ class ResultCutThroughTests(unittest.TestCase):
         def body():
             self.procs.start_master()
             self.procs.start_worker(1)
-            relay = Relay(self, self.procs.address, "down", "cut", 50 * MB)
+            relay = self.relay("cut", "down")
             with executor(relay.address, reconnect_timeout=0) as gone:
                 self.assertEqual(gone.submit(square, 5).result(DEADLINE), 25)
                 error = gone.submit(payload_bytes, HUGE, 7).exception(DEADLINE)
@@ -254,37 +282,11 @@ class ResultCutThroughTests(unittest.TestCase):
         return threads.deferToThread(body)
 
 
-def on_another_machine(testcase) -> None:
-    """
-    Make this process's clients, for the rest of C{testcase}, say they run
-    on another machine than the workers already started: their big
-    arguments stay in their memory until the master asks for them for a
-    worker (L{P.FetchPayload}), and go on to it through the master.
-    """
-    old = os.environ.get("CW_MACHINE_IDENTITY")
-    os.environ["CW_MACHINE_IDENTITY"] = "another-machine"
-    testcase.addCleanup(
-        lambda: (
-            os.environ.pop("CW_MACHINE_IDENTITY")
-            if old is None
-            else os.environ.update(CW_MACHINE_IDENTITY=old)
-        )
-    )
-
-
-class ArgumentCutThroughTests(unittest.TestCase):
+class ArgumentCutThroughTests(CutThroughCase, unittest.TestCase):
     """
     A client's big argument, asked for by the master once its job is
     handed to a worker on another machine, on its way through the master.
     """
-
-    timeout = 300
-
-    def setUp(self):
-        self.procs = Processes(self, self.mktemp())
-
-    def cut_through(self) -> dict:
-        return master_status(self.procs.address)["cut_through"]
 
     def test_passed_on_as_it_arrives(self):
         """
@@ -315,7 +317,7 @@ class ArgumentCutThroughTests(unittest.TestCase):
 
         return threads.deferToThread(body)
 
-    def fault_on_client(self, fault: str) -> str:
+    def fault_on_sender(self, fault: str) -> defer.Deferred:
         """
         A client whose bytes to the master suffer C{fault} 50 MB into the
         200 MB argument it was asked for: the worker, which got part of it
@@ -328,7 +330,7 @@ class ArgumentCutThroughTests(unittest.TestCase):
             self.procs.start_worker(1)
             worker = master_status(self.procs.address)["workers"][0]["id"]
             on_another_machine(self)
-            relay = Relay(self, self.procs.address, "up", fault, 50 * MB)
+            relay = self.relay(fault)
             record = os.path.abspath(self.mktemp())
             with executor(relay.address, reconnect_timeout=120) as ex:
                 self.assertEqual(ex.submit(square, 3).result(DEADLINE), 9)
@@ -353,22 +355,6 @@ class ArgumentCutThroughTests(unittest.TestCase):
 
         return threads.deferToThread(body)
 
-    def test_changed_byte_voided(self):
-        """
-        One byte of the argument changed on its way to the master (an
-        attacker on the path): the master drops the client, saying why, and
-        the worker never runs the job with it.
-        """
-
-        def check(master_log):
-            self.assertRegex(master_log, r"dropping the connection: sent a box with a wrong MAC")
-
-        return self.fault_on_client("flip").addCallback(check)
-
-    def test_client_cut_off_mid_argument_voided(self):
-        """The client's connection breaks 50 MB into the argument: the same, without an attacker."""
-        return self.fault_on_client("cut")
-
     def test_slow_argument_drops_no_worker(self):
         """
         The client stalls 50 MB into the argument (its bytes held back for
@@ -382,7 +368,7 @@ class ArgumentCutThroughTests(unittest.TestCase):
             self.procs.start_worker(1)
             worker = master_status(self.procs.address)["workers"][0]["id"]
             on_another_machine(self)
-            relay = Relay(self, self.procs.address, "up", "stall", 50 * MB)
+            relay = self.relay("stall")
             record = os.path.abspath(self.mktemp())
             with executor(relay.address) as ex:
                 blob = payload_bytes(HUGE, 11)
