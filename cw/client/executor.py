@@ -542,22 +542,16 @@ class ClusterExecutor(futures.Executor):
         fn: Callable,
         args: tuple = (),
         kwargs: dict | None = None,
-        *,
-        timeout: float | None = None,
-        max_attempts: int | None = None,
-        priority: int | None = None,
-        expected_duration: float | None = None,
-        echo: bool | None = None,
-        forward_logging: int | str | None = None,
-        resources: Mapping[str, Any] | None = None,
-        tags: Iterable[str] | None = None,
-        env: Mapping[str, str] | None = None,
+        **options: Any,
     ) -> futures.Future:
         """
         Submit C{fn(*args, **kwargs)} with options for this job alone
         (L{submit} cannot take them: its keyword arguments belong to C{fn}).
         C{echo} and C{forward_logging} override the executor's (see
         L{ClusterExecutor}; C{forward_logging=False}: not for this job).
+        The options, by keyword, are those of L{job_options} (which
+        L{ClientThread.submit_with} takes too); any other raises
+        C{TypeError}.
 
         @param timeout: seconds the job may run; then its process is killed
             and the future raises L{JobTimeout}.  Default: the executor's
@@ -582,18 +576,7 @@ class ClusterExecutor(futures.Executor):
             its job process for this job alone and restored afterwards,
             they override what its C{resources} set.
         """
-        options = job_options(
-            self,
-            timeout,
-            max_attempts,
-            priority,
-            expected_duration,
-            echo=echo,
-            forward_logging=forward_logging,
-            resources=resources,
-            tags=tags,
-            env=env,
-        )
+        options = job_options(self, **options)
         return self._submit(fn, tuple(args), dict(kwargs or {}), options)
 
     def _submit(

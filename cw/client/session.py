@@ -419,8 +419,8 @@ def logging_level(value: Any) -> int | None:
 
 def job_options(
     owner: Any,
-    timeout: float | None,
-    max_attempts: int | None,
+    timeout: float | None = None,
+    max_attempts: int | None = None,
     priority: int | None = None,
     expected_duration: float | None = None,
     *,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import queue
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from cw.client.executor import ClusterExecutor, _refuse_after_interpreter_exit
@@ -228,16 +228,7 @@ class ClientThread(threading.Thread):
         func: Callable,
         args: tuple = (),
         kwargs: dict | None = None,
-        *,
-        timeout: float | None = None,
-        max_attempts: int | None = None,
-        priority: int | None = None,
-        expected_duration: float | None = None,
-        echo: bool | None = None,
-        forward_logging: int | str | None = None,
-        resources: Mapping[str, Any] | None = None,
-        tags: Iterable[str] | None = None,
-        env: Mapping[str, str] | None = None,
+        **options: Any,
     ) -> None:
         """
         Like L{submit}, with options for this job: C{timeout} overrides the
@@ -246,18 +237,7 @@ class ClientThread(threading.Thread):
         C{forward_logging}, C{resources}, C{tags} and C{env}.
         """
         _refuse_after_interpreter_exit()
-        options = job_options(
-            self,
-            timeout,
-            max_attempts,
-            priority,
-            expected_duration,
-            echo=echo,
-            forward_logging=forward_logging,
-            resources=resources,
-            tags=tags,
-            env=env,
-        )
+        options = job_options(self, **options)
         if self._executor is None:
             self.start()
         payload, func = self._executor._pickle(jobid, func, tuple(args), dict(kwargs or {}))
