@@ -17,22 +17,12 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from cw.test.peers import pattern
+from cw.test.wire.test_session_mac import SignedPeer as Peer
 from cw.wire import commands as P
 from cw.wire import forwarding
 from cw.wire.auth import MAC_KEY, VOID_KEY, AuthGate, session_keys
 from cw.wire.forwarding import ForwardingReceiver
 from cw.wire.streaming import ChunkReceiver, StreamingSender
-
-
-class Peer(StreamingSender, AuthGate, ChunkReceiver, amp.AMP):
-    """A sender or receiver: keeps the boxes it receives."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.boxes: list = []
-
-    def ampBoxReceived(self, box):
-        self.boxes.append(box)
 
 
 class Middle(StreamingSender, AuthGate, ForwardingReceiver, ChunkReceiver, amp.AMP):
