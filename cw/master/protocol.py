@@ -170,6 +170,9 @@ class MasterProtocol(
         if not self.closed.called and not self.paused:
             self.dataReceived(b"")
 
+    def stream_sent(self, size: int) -> None:
+        self.written_bytes += size  # sent past the transport's write (L{_count_writes})
+
     def stream_progress(self) -> None:
         if self.role == "client":
             self.master.watch_output(self)

@@ -14,6 +14,7 @@ worker and client may all use it.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from collections.abc import Callable
@@ -465,3 +466,59 @@ def set_read_size(transport, size: int | None) -> None:
         transport.__dict__.pop("bufferSize", None)
     else:
         transport.bufferSize = size
+
+
+#: Buffers one C{sendmsg} call may take (Linux's C{UIO_MAXIOV}; more fail
+#: with C{EMSGSIZE}).
+SEND_BUFFERS = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+
+
+def sending_socket(transport):
+    """
+    The socket of C{transport} if its producer (a pull producer, asked for
+    more) may write to it directly, bypassing Twisted's write buffer: a
+    plain TCP connection (not TLS, whose bytes go through OpenSSL),
+    connected, not closing, with nothing buffered (so no byte overtakes
+    another).  None otherwise: the producer then writes to the transport
+    as usual.  Private: C{FileDescriptor._tempDataBuffer} and
+    C{dataBuffer} (as L{write_through}) (cw.test.wire.test_sendmsg).
+    """
+    if not isinstance(transport, tcp.Connection) or interfaces.ISSLTransport.providedBy(transport):
+        return None
+    if not transport.connected or transport.disconnecting:
+        return None
+    if transport._tempDataBuffer or transport.dataBuffer:
+        return None
+    return transport.socket
+
+
+def send_buffers(sock, buffers: list) -> int:
+    """
+    Send C{buffers} (bytes-like, at most L{SEND_BUFFERS}) as one byte
+    string, in one system call, without joining them (C{sendmsg}'s
+    scatter-gather); the number of bytes the socket took (0 when full).
+    Raises C{OSError} if the connection is broken: the caller then writes
+    what is left to the transport, which finds the loss as usual.
+    """
+    try:
+        return sock.sendmsg(buffers)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError as why:
+        if why.errno == errno.ENOBUFS:
+            return 0
+        raise
+
+
+def resume_when_writable(transport) -> None:
+    """
+    Have C{transport} (a TCP connection; see L{sending_socket}) ask its
+    registered pull producer for more (C{resumeProducing}) once its socket
+    is writable, the producer having left bytes unsent rather than in the
+    transport's buffer.  Private behaviour: C{FileDescriptor.doWrite}, run
+    when the socket is writable, finds its buffers empty, sends nothing,
+    stops watching for writability and asks the pull producer for more,
+    exactly as when it has just sent the last buffered byte
+    (cw.test.wire.test_sendmsg).
+    """
+    transport.startWriting()

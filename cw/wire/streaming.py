@@ -17,6 +17,15 @@ piece, and sends no faster than its peer reads (TCP's own flow control, or
 a pipe's, reaches back to the sender).  Boxes sent meanwhile queue behind
 the big one, in order, as AMP requires.
 
+On a plain TCP connection with nothing buffered in Twisted, the pieces
+skip Twisted's write path (which would join them into one string, then
+send 128 KiB per system call): many at a time, up to L{SEND_AT_ONCE}
+bytes, go to the socket in one C{sendmsg} call as they lie (views of the
+value, of its memory mapping where it was received into one), and what
+the socket does not take waits, already signed, for it to drain
+(L{StreamingSender._send_pieces}).  TLS, pipes and a connection with bytes
+buffered ahead take the usual path.
+
 On an authenticated connection (L{cw.wire.auth.AuthGate}), each streamed box
 is signed as it is written: every piece goes into the box's MAC on its way
 to the transport, and the MAC closes the box (L{cw.wire.auth.BoxMac}).
@@ -49,10 +58,14 @@ from cw.system import populate_range, unfilled_bytearray
 from cw.wire import memfile
 from cw.wire.forwarding import Relay
 from cw.wire.private import (
+    SEND_BUFFERS,
     current_box,
     current_key,
     data_arrived,
     expect_key,
+    resume_when_writable,
+    send_buffers,
+    sending_socket,
     set_read_size,
     tls_starting,
     write_through,
@@ -63,6 +76,12 @@ STREAM_ABOVE = 1 << 20
 
 #: Bytes handed to the transport at a time while streaming.
 PIECE = 1 << 20
+
+#: Bytes gathered for one system call (C{sendmsg}) while streaming straight
+#: to a socket (L{StreamingSender._send_pieces}), and sent in one turn of
+#: the reactor at most (the socket's buffer usually takes less).
+SEND_AT_ONCE = 8 << 20
+SEND_PER_TURN = 16 << 20
 
 _LENGTH = struct.Struct("!H")
 
@@ -79,6 +98,18 @@ def box_pieces(box, end=b"\0\0") -> list:
         pieces += [_LENGTH.pack(len(key)), key, _LENGTH.pack(len(value)), value]
     pieces.append(end)
     return pieces
+
+
+def _after(pieces: list, sent: int) -> list:
+    """What of C{pieces} (bytes-like, in order) follows their first C{sent} bytes."""
+    for index, piece in enumerate(pieces):
+        if sent < len(piece):
+            rest = pieces[index:]
+            if sent:
+                rest[0] = memoryview(piece)[sent:]
+            return rest
+        sent -= len(piece)
+    return []
 
 
 @implementer(IPullProducer)
@@ -99,9 +130,20 @@ class StreamingSender:
     _writing_mac = None
     #: A piece of the streamed boxes was written (and may not have drained yet).
     _wrote_piece = False
+    #: Pieces taken off the queue (and signed) that the socket did not take
+    #: yet (L{_send_pieces}): written before anything else; their bytes.
+    _unsent: list | None = None
+    _unsent_bytes = 0
 
     def stream_progress(self) -> None:
         """Called after each piece is written; override to watch L{outgoing_bytes}."""
+
+    def stream_sent(self, size: int) -> None:
+        """
+        Called with the number of bytes of streamed boxes just sent
+        straight to the socket (L{_send_pieces}), which the transport's
+        C{write} never saw; override to count them.
+        """
 
     def stream_drained(self) -> None:
         """
@@ -193,34 +235,41 @@ class StreamingSender:
         return bool(taken) or done
 
     def resumeProducing(self) -> None:
-        outgoing = self._outgoing
-        if outgoing is None:
+        if self._outgoing is None:
             return
         if self._wrote_piece:
             self.stream_drained()
-        batch, size = [], 0
+        sock = sending_socket(self.transport)
+        if sock is None:
+            self._write_pieces()
+        else:
+            self._send_pieces(sock)
+
+    def _take(self, batch: list, limit: int, buffers: int) -> int:
+        """
+        Move the queue's next pieces, signed, to C{batch} (after what it
+        holds), up to about C{limit} bytes and C{buffers} pieces, cutting
+        a long value into views; stop early where a relay has nothing yet.
+        Return their size as L{outgoing_bytes} counts it.
+        """
+        outgoing = self._outgoing
         signer = self.box_signer
-        while outgoing and size < PIECE:
+        size = 0
+        while outgoing and size < limit and len(batch) < buffers:
             piece = outgoing[0]
             if isinstance(piece, Relay):
-                if not self._relay_pieces(piece, PIECE - size):
-                    if not batch:
-                        # Nothing arrived yet: the relay wakes this when it is fed.
-                        piece.starved = True
-                        self._wrote_piece = False
-                        return
+                if not self._relay_pieces(piece, limit - size):
                     break
                 continue
             outgoing.popleft()
             if piece is _SIGNED_END:
-                piece = signer.trailer(self._writing_mac)
+                batch.append(signer.trailer(self._writing_mac))
                 self._writing_mac = None
-                batch.append(piece)
                 size += 2  # as counted in sendBox
                 continue
-            if size + len(piece) > PIECE and len(piece) > PIECE:
+            if size + len(piece) > limit and len(piece) > PIECE:
                 # Cut a long value; the rest goes back to the front.
-                cut = PIECE - size
+                cut = limit - size
                 view = memoryview(piece)
                 outgoing.appendleft(view[cut:])
                 piece = view[:cut]
@@ -230,14 +279,94 @@ class StreamingSender:
                 self._writing_mac.update(piece)
             batch.append(piece)
             size += len(piece)
-        self.outgoing_bytes -= size
-        if not outgoing:
-            self._outgoing = None
-            self.outgoing_bytes = 0
-            self.transport.unregisterProducer()
+        return size
+
+    def _starved(self) -> None:
+        """Nothing to write: the relay at the head of the queue wakes this once fed."""
+        self._outgoing[0].starved = True
+        self._wrote_piece = False
+
+    def _finish(self) -> None:
+        """All written: boxes sent from now on are written (or streamed) anew."""
+        self._outgoing = None
+        self.outgoing_bytes = 0
+        self.transport.unregisterProducer()
+
+    def _write_pieces(self) -> None:
+        """
+        Write the next L{PIECE} bytes to the transport, joined into one
+        string: where the socket is not ours to write (TLS, a pipe, bytes
+        buffered ahead).  Pieces left unsent by L{_send_pieces} go first.
+        """
+        batch = self._unsent or []
+        counted = self._unsent_bytes
+        self._unsent, self._unsent_bytes = None, 0
+        counted += self._take(batch, PIECE, 1 << 30)
+        if not batch:
+            self._starved()
+            return
+        self.outgoing_bytes -= counted
+        if not self._outgoing:
+            self._finish()
         self.transport.write(b"".join(batch))
         self._wrote_piece = True
         self.stream_progress()
+
+    def _send_pieces(self, sock) -> None:
+        """
+        Send the next pieces straight to the transport's socket, many at a
+        time, as they lie (C{sendmsg}: no piece joined or copied, a value
+        in a memory mapping sent from it), up to L{SEND_PER_TURN} bytes or
+        until the socket is full; what it does not take waits for it to
+        drain (signed already, ahead of the queue), and the transport asks
+        for more once it is writable (L{cw.wire.private.resume_when_writable}).
+        """
+        outgoing = self._outgoing
+        sent_now = 0
+        more = False
+        while True:
+            batch = self._unsent or []
+            counted = self._unsent_bytes
+            self._unsent, self._unsent_bytes = None, 0
+            counted += self._take(batch, SEND_AT_ONCE, SEND_BUFFERS)
+            if not batch:
+                if outgoing:
+                    self._starved()
+                break
+            length = sum(len(piece) for piece in batch)
+            try:
+                sent = send_buffers(sock, batch)
+            except OSError:
+                # Broken: the transport finds the loss as it writes them.
+                self.outgoing_bytes -= counted
+                if not outgoing:
+                    self._finish()
+                self.transport.write(b"".join(batch))
+                self._wrote_piece = True
+                self.stream_progress()
+                return
+            self.outgoing_bytes -= counted
+            sent_now += sent
+            if sent:
+                self.stream_sent(sent)
+            if sent < length:
+                self._unsent = _after(batch, sent)
+                self._unsent_bytes = length - sent
+                self.outgoing_bytes += length - sent
+                more = True
+                break
+            if not outgoing:
+                break
+            if sent_now >= SEND_PER_TURN:
+                more = True  # the socket may take more: at the reactor's next turn
+                break
+        if more:
+            resume_when_writable(self.transport)
+        elif not outgoing:
+            self._finish()
+        if sent_now:
+            self._wrote_piece = True
+            self.stream_progress()
 
     def pauseProducing(self) -> None:
         pass  # a pull producer is only asked when the transport wants more
@@ -247,6 +376,7 @@ class StreamingSender:
             if isinstance(piece, Relay):
                 piece.outgoing_lost()
         self._outgoing = None
+        self._unsent, self._unsent_bytes = None, 0
         self._writing_mac = None
         self.outgoing_bytes = 0
         self.stream_progress()
