@@ -34,8 +34,10 @@ Memory and flow control.  The master still receives the value into the
 one buffer it assembles it in (L{cw.wire.streaming.ChunkReceiver}), at
 the pace its sender sends; the relay keeps no copy of its own, only
 ranges of that buffer not yet written (which keep it alive until they
-are), and copies each piece once on its way to the transport.  So the
-master holds one copy, as before, and a slow or stopped receiver holds up
+are), and copies each piece once on its way to the transport, or, to a
+plain TCP socket, not at all: the sender sends those ranges as they lie
+and takes what the socket took (L{Relay.peek}, L{Relay.consume}).  So
+the master holds one copy, as before, and a slow or stopped receiver holds up
 no sender: the worker's connection is read on, and its other results go
 to their clients meanwhile.  What waits for the receiver counts as bytes
 not yet sent to it (C{outgoing_bytes}), so the master's flow control for
@@ -225,6 +227,51 @@ class Relay:
             for view in reversed(views):
                 view.release()  # the buffer may grow again
         return taken, self.ended and not pending
+
+    def peek(self, limit: int, buffers: int) -> tuple[list, list]:
+        """
+        For a sender writing straight to a socket (C{sendmsg}): what
+        arrived, up to about C{limit} bytes in at most C{buffers} pieces,
+        as it lies (its bytes, and views of the value's buffer: no copy),
+        left in place until L{consume} takes what was sent; and every view
+        made, which the sender must release before it returns (the buffer
+        may have to grow).
+        """
+        pieces, views, size = [], [], 0
+        for item in self.pending:
+            if size >= limit or len(pieces) >= buffers:
+                break
+            if type(item) is bytes:
+                pieces.append(item)
+                size += len(item)
+                continue
+            buffer, start, end = item
+            stop = min(end, start + limit - size)
+            view = memoryview(buffer)
+            part = view[start:stop]
+            views += (view, part)
+            pieces.append(part)
+            size += stop - start
+        return pieces, views
+
+    def consume(self, size: int) -> None:
+        """Take the first C{size} bytes of what arrived: sent (see L{peek})."""
+        pending = self.pending
+        self.pending_bytes -= size
+        while size:
+            item = pending[0]
+            if type(item) is bytes:
+                if len(item) > size:
+                    pending[0] = item[size:]
+                    return
+                pending.popleft()
+                size -= len(item)
+            else:
+                if item[2] - item[1] > size:
+                    item[1] += size
+                    return
+                pending.popleft()
+                size -= item[2] - item[1]
 
     def outgoing_lost(self) -> None:
         """The outgoing connection is gone: drop what arrives."""

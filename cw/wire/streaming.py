@@ -245,12 +245,16 @@ class StreamingSender:
         else:
             self._send_pieces(sock)
 
-    def _take(self, batch: list, limit: int, buffers: int) -> int:
+    def _take(self, batch: list, limit: int, buffers: int, peeked: list | None = None) -> int:
         """
         Move the queue's next pieces, signed, to C{batch} (after what it
         holds), up to about C{limit} bytes and C{buffers} pieces, cutting
         a long value into views; stop early where a relay has nothing yet.
-        Return their size as L{outgoing_bytes} counts it.
+        Return their size as L{outgoing_bytes} counts it.  Given
+        C{peeked}, what a relay at the head has is added last, as it lies
+        in the relay, unsigned and left there (L{Relay.peek}), and
+        C{peeked} is set to C{[relay, index of its first piece in batch,
+        views to release]}.
         """
         outgoing = self._outgoing
         signer = self.box_signer
@@ -258,7 +262,17 @@ class StreamingSender:
         while outgoing and size < limit and len(batch) < buffers:
             piece = outgoing[0]
             if isinstance(piece, Relay):
-                if not self._relay_pieces(piece, limit - size):
+                if peeked is None:
+                    if not self._relay_pieces(piece, limit - size):
+                        break
+                elif piece.pending:
+                    pieces, views = piece.peek(limit - size, buffers - len(batch))
+                    peeked += (piece, len(batch), views)
+                    batch += pieces
+                    break
+                elif piece.ended:
+                    self._relay_pieces(piece, 0)  # its end
+                else:
                     break
                 continue
             outgoing.popleft()
@@ -280,6 +294,36 @@ class StreamingSender:
             batch.append(piece)
             size += len(piece)
         return size
+
+    def _sent_from_relay(self, batch: list, sent: int, relay, at: int, views: list) -> list:
+        """
+        C{sent} bytes of C{batch} went, whose pieces from C{at} on are
+        what C{relay} had (L{Relay.peek}): sign and take those of them
+        that went (the rest stays in the relay), release the views, and
+        return the pieces before C{at} (whose unsent rest, signed
+        already, waits as usual).
+        """
+        before = sum(len(piece) for piece in batch[:at])
+        taken = sent - before
+        if taken > 0:
+            if self.box_signer is not None:
+                if self._writing_mac is None:
+                    self._writing_mac = self.box_signer.start()
+                left = taken
+                for piece in batch[at:]:
+                    if len(piece) <= left:
+                        self._writing_mac.update(piece)
+                        left -= len(piece)
+                    else:
+                        self._writing_mac.update(piece[:left])
+                        break
+            relay.consume(taken)
+            self.outgoing_bytes -= taken  # (counted as it arrived)
+        kept = batch[:at]
+        batch.clear()
+        for view in reversed(views):
+            view.release()  # the buffer may have to grow
+        return kept
 
     def _starved(self) -> None:
         """Nothing to write: the relay at the head of the queue wakes this once fed."""
@@ -328,7 +372,8 @@ class StreamingSender:
             batch = self._unsent or []
             counted = self._unsent_bytes
             self._unsent, self._unsent_bytes = None, 0
-            counted += self._take(batch, SEND_AT_ONCE, SEND_BUFFERS)
+            peeked: list = []
+            counted += self._take(batch, SEND_AT_ONCE, SEND_BUFFERS, peeked)
             if not batch:
                 if outgoing:
                     self._starved()
@@ -337,6 +382,11 @@ class StreamingSender:
             try:
                 sent = send_buffers(sock, batch)
             except OSError:
+                sent = None
+            if peeked:
+                # What the relay had: what was sent is signed and taken, the rest stays there.
+                batch = self._sent_from_relay(batch, sent or 0, *peeked)
+            if sent is None:
                 # Broken: the transport finds the loss as it writes them.
                 self.outgoing_bytes -= counted
                 if not outgoing:
@@ -350,9 +400,11 @@ class StreamingSender:
             if sent:
                 self.stream_sent(sent)
             if sent < length:
-                self._unsent = _after(batch, sent)
-                self._unsent_bytes = length - sent
-                self.outgoing_bytes += length - sent
+                rest = _after(batch, sent)
+                if rest:
+                    self._unsent = rest
+                    self._unsent_bytes = sum(len(piece) for piece in rest)
+                    self.outgoing_bytes += self._unsent_bytes
                 more = True
                 break
             if not outgoing:

@@ -11,7 +11,7 @@ import hashlib
 import socket
 import tracemalloc
 
-from twisted.internet import defer, protocol, reactor, ssl
+from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.internet.endpoints import (
     SSL4ClientEndpoint,
     SSL4ServerEndpoint,
@@ -23,8 +23,10 @@ from twisted.trial import unittest
 
 from cw.test.peers import pattern
 from cw.test.procs import until
+from cw.test.wire.test_forwarding import Middle, connected, drain, result_box
+from cw.test.wire.test_session_mac import SignedPeer
 from cw.wire import commands as P
-from cw.wire import private, streaming
+from cw.wire import forwarding, private, streaming
 from cw.wire.auth import AuthGate, session_keys
 from cw.wire.streaming import SEND_AT_ONCE, ChunkReceiver, StreamingSender, box_pieces
 
@@ -245,3 +247,59 @@ class SendmsgTests(unittest.TestCase):
         transport.loseConnection()
         self.assertIsNone(private.sending_socket(transport))
         self.assertIsNone(private.sending_socket(object()))
+
+    @defer.inlineCallbacks
+    def forwarded(self, signed: bool):
+        """
+        A box forwarded as it arrives (a L{forwarding.Relay}, as the
+        master passes a worker's result on) to a real TCP connection
+        whose socket takes only some bytes per call, read slowly: it
+        arrives intact, and what the relay had went to the socket as it
+        lay (C{sendmsg}), never joined by L{forwarding.Relay.take}.
+        """
+        calls = Calls(self)
+        joined = []
+        take = forwarding.Relay.take
+
+        def counted(relay, limit):
+            taken, done = take(relay, limit)
+            if taken:
+                joined.append(len(taken))
+            return taken, done
+
+        self.patch(forwarding.Relay, "take", counted)
+        out, receiver = yield self.connect(
+            factory(Peer, False, signed=signed, slow=True), factory(Peer, True, signed=signed)
+        )
+        out.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 << 10)
+        receiver.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 10)
+        receiver.transport.pauseProducing()
+        source, middle = SignedPeer(), Middle()
+        middle.destination = out
+        keys = session_keys(b"s" * 32, "worker", b"p" * 32, b"m" * 32) if signed else None
+        sent = connected(source, middle, keys)
+        payload = pattern(SEND_AT_ONCE + (3 << 20) + 17)
+        source.sendBox(result_box(payload))
+        wire = drain(sent)
+        step = 1 << 20
+        for at in range(0, len(wire), step):
+            middle.dataReceived(wire[at : at + step])
+            yield task.deferLater(reactor, 0, lambda: None)
+            if at == 0:
+                yield until(lambda: any(sent < size for size, sent in calls.calls), what="a partial send")
+                receiver.transport.resumeProducing()
+        yield until(lambda: receiver.boxes or receiver.rejected, what="the box forwarded")
+        self.assertIsNone(middle.rejected)
+        self.assertIsNone(receiver.rejected)
+        [box] = receiver.boxes
+        self.assertTrue(P.decode_results(box[b"results"])[0].payload == payload)
+        self.assertEqual(joined, [], "nothing of the relay joined")
+        self.assertGreater(sum(size for size, _ in calls.calls), sum(sent for _, sent in calls.calls))
+        self.assertEqual(out.outgoing_bytes, 0)
+        self.assertIsNone(out._outgoing)
+
+    def test_forwarded(self):
+        return self.forwarded(signed=False)
+
+    def test_forwarded_signed(self):
+        return self.forwarded(signed=True)
