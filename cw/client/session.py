@@ -91,7 +91,7 @@ from cw.wire.liveness import HeartbeatMonitor, SignsOfLife
 from cw.wire.memfile import map_private
 from cw.wire.private import can_write_now, push, tls_starting, write_now
 from cw.wire.secret import load_secret
-from cw.wire.streaming import STREAM_ABOVE, ChunkReceiver, StreamingSender
+from cw.wire.streaming import STREAM_ABOVE, ChunkReceiver, SpareBuffers, StreamingSender
 from cw.wire.versions import local_versions
 
 log = Logger(namespace="cw.client")  # the namespace of its log lines before the layers
@@ -584,6 +584,10 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
         #: The thread that L{Session.send} lets write its lone job itself,
         #: while it does (under C{send_lock}).
         self.writer: int | None = None
+        # Big results are assembled in the memory of earlier ones, once
+        # nothing uses it (a bytes result copied out, an array let go of):
+        # no fresh pages for the kernel to clear, map and free each time.
+        self.spare_buffers = SpareBuffers(session.reactor)
 
     def sendBox(self, box):
         """
@@ -713,6 +717,7 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
+        self.spare_buffers.clear()
         self.session.connection_lost(self, reason)
         self.lost.callback(None)
 

@@ -20,8 +20,10 @@ import os
 from collections.abc import Callable
 
 from ampoule import main as ampoule_main
-from twisted.internet import abstract, error, interfaces, process, stdio, tcp
+from twisted.internet import abstract, error, interfaces, main, process, stdio, tcp
 from twisted.protocols import amp
+
+from cw.system import unfilled_bytearray
 
 #: Twisted's reader of a child process's pipe (C{twisted.internet.process}
 #: is internal): cw reads the pipes faster (L{replace_pipe_reads}) and drains
@@ -449,7 +451,7 @@ def write_through(transport, data: bytes) -> bool:
     return True
 
 
-def set_read_size(transport, size: int | None) -> None:
+def set_read_size(transport, size: int | None, reuse: bool = False) -> None:
     """
     Make C{transport}, if a plain TCP connection (not TLS), read up to
     C{size} bytes at a time (None: back to Twisted's 64 KiB): a receiver
@@ -459,13 +461,41 @@ def set_read_size(transport, size: int | None) -> None:
     C{tcp.Connection.doRead} reads C{self.bufferSize} bytes (as its
     docstring says; the attribute is C{FileDescriptor}'s, in no
     interface) (cw.test.wire.test_private).
+
+    With C{reuse}, the reads go into one buffer of the connection's
+    (C{recv_into}) instead of a new C{bytes} each: the protocol's
+    C{dataReceived} then gets a C{memoryview} of it, valid only during
+    the call (the next read overwrites it), which it must copy whatever
+    it keeps of.  A new C{bytes} of megabytes is fresh memory, which the
+    kernel maps and clears page by page as the read fills it and unmaps
+    once it is freed: that cost as much as the copy it holds.  The
+    transport's C{doRead} is replaced on the instance (the reactor calls
+    it there) by L{_read_into}, which ends as Twisted's does, through
+    private C{_dataReceived}.
     """
     if not isinstance(transport, tcp.Connection) or interfaces.ISSLTransport.providedBy(transport):
         return
     if size is None:
         transport.__dict__.pop("bufferSize", None)
-    else:
-        transport.bufferSize = size
+        transport.__dict__.pop("doRead", None)
+        return
+    transport.bufferSize = size
+    if reuse:
+        buffer = transport.__dict__.get("_cw_reads")
+        if buffer is None or len(buffer) < size:
+            buffer = transport._cw_reads = unfilled_bytearray(size)
+        transport.doRead = functools.partial(_read_into, transport, memoryview(buffer)[:size])
+
+
+def _read_into(transport, buffer: memoryview):
+    """C{tcp.Connection.doRead}, reading into C{buffer} (see L{set_read_size})."""
+    try:
+        length = transport.socket.recv_into(buffer)
+    except OSError as e:
+        if e.args[0] == errno.EWOULDBLOCK:
+            return None
+        return main.CONNECTION_LOST
+    return transport._dataReceived(buffer[:length])
 
 
 #: Buffers one C{sendmsg} call may take (Linux's C{UIO_MAXIOV}; more fail

@@ -12,13 +12,15 @@ through the sockets.
 from __future__ import annotations
 
 import array
+import gc
 import hashlib
+import os
 
 from twisted.internet import threads
 from twisted.trial import unittest
 
 from cw.core.payload import OUT_OF_BAND_ABOVE
-from cw.test.procs import DEADLINE, check_path, each_path, executor, shared_cluster
+from cw.test.procs import DEADLINE, check_path, each_path, executor, memory_files, shared_cluster
 
 try:
     import numpy
@@ -64,6 +66,20 @@ def increment(a):
 
 def writeable(a):
     return bool(a.flags.writeable)
+
+
+def seeded(kind: str, size: int, seed: int):
+    """A value of C{kind} with C{size} bytes that differ for each C{seed}."""
+    import random
+
+    data = random.Random(seed).randbytes(size)
+    if kind == "bytes":
+        return data
+    if kind == "bytearray":
+        return bytearray(data)
+    import numpy
+
+    return numpy.frombuffer(bytearray(data), dtype="u1")
 
 
 class BufferTests(unittest.TestCase):
@@ -132,3 +148,48 @@ class BufferTests(unittest.TestCase):
             self.assertEqual([t for _, t in ex.map(increment, [a, a])], [total, total], path)
 
         return self.run_in_cluster(body)
+
+    def test_big_results_kept_while_more_arrive(self):
+        """
+        Big results (which the client assembles in the memory of earlier
+        ones once nothing uses that: L{cw.wire.streaming.SpareBuffers})
+        arrive whole, and those kept stay as they arrived while more
+        arrive (some in reused memory) and after their client is closed;
+        no descriptor or memory file is left once they are dropped.
+        """
+        kinds = ["bytes", "bytearray"] + (["numpy"] if numpy is not None else [])
+        size = 3 << 20
+        fds = []
+
+        def body(ex, path):
+            kept = []
+            for seed in range(12):
+                kind = kinds[seed % len(kinds)]
+                got = ex.submit(seeded, kind, size, seed).result(DEADLINE)
+                self.assertIs(type(got), type(seeded(kind, 16, 0)), (kind, path))
+                self.assertEqual(sha(got), sha(seeded(kind, size, seed)), (kind, seed, path))
+                if seed % 4 == 2:  # some kept (one of each kind), the others dropped at once
+                    kept.append((kind, seed, got))
+                del got
+            for kind, seed, got in kept:
+                self.assertEqual(sha(got), sha(seeded(kind, size, seed)), (kind, seed, path))
+            return kept
+
+        def run():
+            procs = shared_cluster("buffers", slots=(1,))
+            for path in each_path(self):
+                fds.append(len(os.listdir("/proc/self/fd")))  # the second time, the client's reactor runs
+                with executor(procs.address) as ex:
+                    check_path(self, ex, path)
+                    kept = body(ex, path)
+                for kind, seed, got in kept:
+                    self.assertEqual(sha(got), sha(seeded(kind, size, seed)), f"{kind} after close ({path})")
+                if numpy is not None:
+                    [array] = [got for kind, _, got in kept if kind == "numpy"]
+                    array[:] = 7  # writable, and its own
+                del kept, got
+            gc.collect()
+            self.assertEqual(memory_files(), 0)
+            self.assertLessEqual(len(os.listdir("/proc/self/fd")), fds[-1])
+
+        return threads.deferToThread(run)

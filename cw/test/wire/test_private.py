@@ -346,11 +346,13 @@ class ReadSizeTests(unittest.TestCase):
     """
 
     @defer.inlineCallbacks
-    def first_read(self, size) -> int:
+    def first_read(self, size, reuse: bool = False, reads=None) -> int:
         """
-        The length of a connection's first read, C{size} set (None: not),
-        with 256 KiB or more waiting in its socket.
+        The length of a connection's first read, C{size} set (None: not;
+        C{reuse} passed on), with 256 KiB or more waiting in its socket;
+        the data of each read is appended to C{reads} if given.
         """
+        kept = reads
         reads = []
 
         class Reader(protocol.Protocol):
@@ -360,6 +362,8 @@ class ReadSizeTests(unittest.TestCase):
 
             def dataReceived(self, data):
                 reads.append(len(data))
+                if kept is not None:
+                    kept.append((data, bytes(data), self.transport))
 
         class Writer(protocol.Protocol):
             def connectionMade(self):
@@ -380,7 +384,7 @@ class ReadSizeTests(unittest.TestCase):
 
         yield until(lambda: waiting() >= 256 << 10, what="256 KiB to wait in the socket")
         if size is not None:
-            private.set_read_size(reader.transport, size)
+            private.set_read_size(reader.transport, size, reuse)
         reader.transport.resumeProducing()
         yield until(lambda: reads, what="a read")
         return reads[0]
@@ -389,6 +393,23 @@ class ReadSizeTests(unittest.TestCase):
     def test_reads_up_to_the_size_set(self):
         self.assertEqual((yield self.first_read(None)), 1 << 16)
         self.assertGreater((yield self.first_read(1 << 20)), 1 << 16)
+
+    @defer.inlineCallbacks
+    def test_reads_into_one_buffer(self):
+        """
+        With C{reuse}, every read goes into the same buffer of the
+        connection's, handed on as a view of it; back to Twisted's own
+        reads (new bytes) once the size is unset.
+        """
+        reads = []
+        self.assertGreater((yield self.first_read(1 << 20, True, reads)), 1 << 16)
+        yield until(lambda: len(reads) >= 2, what="a second read")
+        (first, first_copy, transport), (second, second_copy, _) = reads[:2]
+        self.assertIsInstance(first, memoryview)
+        self.assertIs(first.obj, second.obj, "one buffer")
+        self.assertEqual(bytes(second), second_copy)
+        private.set_read_size(transport, None)
+        self.assertNotIn("doRead", transport.__dict__)
 
     def test_back_to_twisteds_and_not_tls(self):
         from twisted.internet import interfaces, tcp

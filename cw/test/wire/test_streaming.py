@@ -8,6 +8,8 @@ from __future__ import annotations
 import fcntl
 import gc
 import os
+import pickle
+import tracemalloc
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,13 +20,18 @@ from twisted.protocols import amp
 from twisted.python import failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from cw.system import unfilled_bytearray
+from cw.system import address_of, unfilled_bytearray
 from cw.test.peers import pattern
 from cw.test.procs import memory_files
 from cw.wire import commands as P
 from cw.wire import memfile, streaming
 from cw.wire.liveness import SignsOfLife
 from cw.wire.streaming import PIECE, ChunkReceiver, StreamingSender
+
+try:
+    import numpy
+except ImportError:  # NumPy is in the test extra; without it, its case is left out
+    numpy = None
 
 
 class Sender(StreamingSender, amp.AMP):
@@ -217,7 +224,7 @@ class ChunkReceiverTests(SynchronousTestCase):
         (L{cw.wire.private.set_read_size}); not for a value that does not say.
         """
         sizes = []
-        self.patch(streaming, "set_read_size", lambda transport, size: sizes.append(size))
+        self.patch(streaming, "set_read_size", lambda transport, size, reuse=False: sizes.append(size))
         payload = pattern(2 * streaming.ASSEMBLE_IN_PLACE_ABOVE)
         wire = blob_wire(payload)
         receiver = self.receive(wire[:-100])
@@ -376,6 +383,116 @@ class FileAssemblyTests(SynchronousTestCase):
         payload = pattern(2 * streaming.ASSEMBLE_IN_PLACE_ABOVE)
         [box] = self.receive(blob_wire(payload)).boxes
         self.assertEqual(bytes(box[b"payload"]), payload)
+
+
+class SpareBufferTests(SynchronousTestCase):
+    """
+    A receiver with L{ChunkReceiver.spare_buffers} (the client) assembles a
+    big value in the buffer of an earlier one once nothing uses that any
+    more, never while anything does, and keeps none for long.
+    """
+
+    SIZE = 2 * streaming.ASSEMBLE_IN_PLACE_ABOVE + 7
+
+    def setUp(self):
+        self.clock = Clock()
+        self.receiver = Receiver()
+        self.receiver.spare_buffers = streaming.SpareBuffers(self.clock)
+        self.receiver.makeConnection(StringTransport())
+
+    def value(self, payload: bytes, cuts=()) -> memoryview:
+        feed(self.receiver, blob_wire(payload), cuts)
+        [box] = self.receiver.boxes
+        self.receiver.boxes = []
+        return box[b"payload"]
+
+    def test_buffer_reused_once_unused(self):
+        first = self.value(os.urandom(self.SIZE))
+        where = address_of(first)
+        bytes(first)  # loaded into objects of its own, as a bytes result is
+        del first
+        payload = os.urandom(self.SIZE)
+        second = self.value(payload, range(0, self.SIZE, 70_000))
+        self.assertEqual(address_of(second), where, "assembled where the first one was")
+        self.assertEqual(bytes(second), payload)
+        self.assertFalse(second.readonly)
+        self.assertEqual(len(self.receiver.spare_buffers), 1)
+
+    def test_shorter_value_in_a_kept_buffer(self):
+        first = self.value(os.urandom(self.SIZE))
+        where = address_of(first)
+        del first
+        payload = os.urandom(self.SIZE * 4 // 5)
+        second = self.value(payload)
+        self.assertEqual(address_of(second), where)
+        self.assertEqual(bytes(second), payload, "cut to its length")
+        del second
+        third = self.value(os.urandom(self.SIZE // 2))
+        self.assertNotEqual(address_of(third), where, "a value much shorter gets a buffer of its length")
+
+    def test_value_in_use_never_reused(self):
+        """
+        Whatever refers to a value's buffer (the value, a view of part of
+        it, a buffer of it handed to pickle, an array built on it) keeps
+        it from the values that follow, which leave it as it was.
+        """
+        holders = [lambda v: v, lambda v: v[1000:2000], lambda v: pickle.PickleBuffer(v)]
+        if numpy is not None:
+            holders.append(lambda v: numpy.frombuffer(v, dtype="u1")[5:])
+        for hold in holders:
+            kept = hold(self.value(os.urandom(self.SIZE)))
+            expected = bytes(memoryview(kept))
+            for _ in range(2):
+                self.assertNotEqual(address_of(self.value(os.urandom(self.SIZE))), address_of(kept))
+            self.assertEqual(bytes(memoryview(kept)), expected)
+            del kept
+
+    def test_cut_off_value_leaves_nothing(self):
+        """
+        A box cut off by a lost connection leaves its buffer for the next
+        value at once (not once its protocol is collected), and nothing is
+        kept once values stop coming for L{streaming.SPARE_KEPT} seconds.
+        """
+        wire = blob_wire(os.urandom(self.SIZE))
+        payload = os.urandom(self.SIZE)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.get_traced_memory()[0]
+        feed(self.receiver, wire[: len(wire) // 2], ())
+        self.receiver.connectionLost(failure.Failure(error.ConnectionDone()))
+        receiver = Receiver()
+        receiver.spare_buffers = self.receiver.spare_buffers
+        receiver.makeConnection(StringTransport())
+        self.receiver = receiver
+        value = self.value(payload)
+        self.assertEqual(bytes(value), payload)
+        self.assertEqual(len(receiver.spare_buffers), 1, "the cut-off value's buffer reused")
+        self.clock.advance(streaming.SPARE_KEPT - 1)
+        self.assertEqual(len(receiver.spare_buffers), 1)
+        self.clock.advance(1)
+        self.assertEqual(len(receiver.spare_buffers), 0)
+        self.assertEqual(bytes(value), payload, "a value in use stays valid")
+        del value
+        self.assertLess(tracemalloc.get_traced_memory()[0] - before, streaming.ASSEMBLE_IN_PLACE_ABOVE)
+
+    def test_reads_into_a_buffer_of_the_connection(self):
+        """While such a value arrives, a TCP connection reads into one buffer (L{private.set_read_size})."""
+        calls = []
+
+        def set_read_size(transport, size, reuse=False):
+            calls.append((size, reuse))
+
+        self.patch(streaming, "set_read_size", set_read_size)
+        self.value(os.urandom(self.SIZE))
+        self.assertEqual(calls, [(streaming.BIG_READ, True), (None, False)])
+
+    def test_only_values_that_say_their_length(self):
+        """Small values and values of unknown length are assembled as before, in memory of their own."""
+        for wire in (blob_wire(pattern(self.SIZE), size=b"x"), blob_wire(pattern(P.CHUNK * 3))):
+            feed(self.receiver, wire, ())
+        self.assertEqual(len(self.receiver.spare_buffers), 0)
+        got = [bytes(box[b"payload"]) for box in self.receiver.boxes]
+        self.assertEqual(got, [pattern(self.SIZE), pattern(P.CHUNK * 3)])
 
 
 class PlainReceiver(amp.AMP):
