@@ -166,6 +166,10 @@ class MasterProtocol(
         self.transport.resumeProducing()
         self.master.clock.callLater(0, self._parse_buffered)
 
+    def dataReceived(self, data):
+        # One dispatch for all the boxes of one read (L{Master.read}).
+        self.master.read(super().dataReceived, data)
+
     def _parse_buffered(self) -> None:
         if not self.closed.called and not self.paused:
             self.dataReceived(b"")

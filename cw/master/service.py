@@ -20,6 +20,7 @@ import dataclasses
 import operator
 import os
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -208,6 +209,11 @@ class Master:
         #: for the clients' status (Jupyter links to it).
         self.dashboard: str | None = None
         self._dispatch_call = None
+        #: Within a connection's read (L{read}), a dispatch asked for at
+        #: once waits for the read's end: one pass for all the boxes one
+        #: read brought, in the same turn of the reactor.
+        self._reading = False
+        self._dispatch_after_read = False
         #: [second, jobs completed in it] for the last minute.
         self._recent: deque[list[int]] = deque()
         self._worker_waiters: list[tuple[int, defer.Deferred]] = []
@@ -967,10 +973,41 @@ class Master:
             self._dispatch_call = self.clock.callLater(0, self._dispatch)
 
     def dispatch_now(self) -> None:
-        """Dispatch at once (a scheduled dispatch, if any, is dropped)."""
+        """
+        Dispatch at once (a scheduled dispatch, if any, is dropped); within
+        a connection's read, at its end (L{read}).
+        """
+        if self._reading:
+            self._dispatch_after_read = True
+            return
         if self._dispatch_call is not None and self._dispatch_call.active():
             self._dispatch_call.cancel()
         self._dispatch()
+
+    def read(self, receive: Callable[[bytes], None], data: bytes) -> None:
+        """
+        Pass one read of a connection, C{data}, to C{receive} (its parser),
+        and dispatch once at its end if a box in it asked to dispatch at once
+        (L{dispatch_now}: jobs or results that found the queue empty).  A
+        client whose boxes of jobs pile up in its socket while the master is
+        busy sends many in one read: dispatched box by box, each would go to
+        another idle worker in a box of its own (a write, a read and a
+        result box each, both ends, per box of the client's); dispatched
+        together, jobs of a short kind go many to a box as they do to a
+        master with few workers (L{cw.core.scheduler}).  A lone job still
+        leaves in the turn of the reactor that read it.
+        """
+        if self._reading:  # a read within a read (in-memory connections in tests)
+            receive(data)
+            return
+        self._reading = True
+        try:
+            receive(data)
+        finally:
+            self._reading = False
+            if self._dispatch_after_read:
+                self._dispatch_after_read = False
+                self.dispatch_now()
 
     def _dispatch(self) -> None:
         self._dispatch_call = None

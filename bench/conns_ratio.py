@@ -1,0 +1,254 @@
+"""
+Tiny-job C{submit} throughput with few against many worker connections,
+measured in alternating pairs (issue 18, "Many workers").
+
+Two masters run side by side: one with C{--few} fake worker connections
+(L{bench/fake_workers.py}, one slot each), one with C{--many}.  One client
+process holds an executor on each and submits C{--warmup} then C{--jobs}
+no-op jobs (timed) to one, then the other, C{--pairs} times (the order
+alternating), so that both see the same load from the rest of the
+machine.  For each it reports the median jobs/s and the median master CPU
+seconds per timed run (user + system, from C{/proc}: less noisy than wall
+time on a shared machine), and the ratio of the medians.  With C{--base
+TREE}, two more masters run another cw source tree's code (e.g. a
+worktree of C{main}), interleaved with these: a change measured against
+its base under the same load.
+
+    python bench/conns_ratio.py --pairs 8 --many 2000 [--base /work/main]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from systems import insecure, master_pid, noop  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of C{pid} so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Side:
+    """One master on C{port} with C{n} fake worker connections and an executor on it."""
+
+    def __init__(self, port: int, n: int, tree: str | None = None) -> None:
+        self.port, self.n = port, n
+        #: Another cw source tree whose master to run (None: this one's, through cw.mp).
+        self.tree = tree
+        self.master = None
+        self.rates: list[float] = []
+        self.cpu: list[float] = []
+        self.fake_cpu: list[float] = []
+        self.client_cpu: list[float] = []
+        self.fake = None
+        self.executor = None
+
+    def start(self) -> None:
+        import cw.mp
+        from cw.client import ClusterExecutor, wait_for_workers
+
+        options = insecure() + self.extra_master_options()
+        if self.tree is None:
+            cw.mp.start(0, port=self.port, master_options=options)
+            self.pid = master_pid(self.port)
+        else:
+            self.start_master(options)
+        start = time.perf_counter()
+        self.fake = subprocess.Popen(
+            [sys.executable, str(HERE / "fake_workers.py"), "--master", f"localhost:{self.port}", *insecure()]
+            + ["-n", str(self.n), "--slots", "1"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = self.fake.stdout.readline()
+        if not line.startswith("registered"):
+            raise RuntimeError(f"fake workers did not register (exit code {self.fake.wait()})")
+        wait_for_workers(self.n, "localhost", port=self.port, timeout=600)
+        self.register_s = time.perf_counter() - start
+        self.executor = ClusterExecutor("localhost", port=self.port)
+        self.run(200)
+
+    def start_master(self, options: list[str]) -> None:
+        """Run the master of L{tree} on L{port}, and wait until it listens."""
+        log = open(f"/tmp/conns-ratio-master-{self.port}.log", "ab")
+        self.master = subprocess.Popen(
+            [sys.executable, "-m", "cw.master", "--port", f"tcp:{self.port}:interface=127.0.0.1", *options],
+            env={**os.environ, "PYTHONPATH": self.tree},
+            cwd=self.tree,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pid = self.master.pid
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.master.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the master of {self.tree} did not listen on {self.port}") from None
+                time.sleep(0.2)
+
+    def extra_master_options(self) -> list[str]:
+        return os.environ.get("CW_BENCH_MASTER_OPTIONS", "").split()
+
+    def run(self, n: int) -> None:
+        futures = [self.executor.submit(noop, i) for i in range(n)]
+        for f in futures:
+            f.result()
+
+    def measure(self, n: int, warmup: int = 0) -> None:
+        if warmup:
+            self.run(warmup)
+        cpu, fake, client = cpu_seconds(self.pid), cpu_seconds(self.fake.pid), time.process_time()
+        start = time.perf_counter()
+        self.run(n)
+        self.rates.append(n / (time.perf_counter() - start))
+        self.cpu.append(cpu_seconds(self.pid) - cpu)
+        self.fake_cpu.append(cpu_seconds(self.fake.pid) - fake)
+        self.client_cpu.append(time.process_time() - client)
+
+    def stop(self) -> None:
+        import cw.mp
+
+        try:
+            if self.executor is not None:
+                self.executor.shutdown(wait=False, cancel_futures=True)
+        finally:
+            try:
+                if self.fake is not None and self.fake.poll() is None:
+                    self.fake.terminate()
+                    try:
+                        self.fake.wait(60)
+                    except subprocess.TimeoutExpired:
+                        self.fake.kill()
+                        self.fake.wait()
+            finally:
+                if self.master is None:
+                    cw.mp.stop(port=self.port)
+                elif self.master.poll() is None:
+                    self.master.terminate()
+                    try:
+                        self.master.wait(60)
+                    except subprocess.TimeoutExpired:
+                        self.master.kill()
+                        self.master.wait()
+
+
+def spy_on(spy: str, pid: int, out: str) -> subprocess.Popen:
+    """Record C{pid}'s samples with py-spy (raw collapsed stacks) until SIGINT."""
+    return subprocess.Popen(
+        [spy, "record", "-r", "200", "-f", "raw", "-p", str(pid), "-o", out],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def summary(name: str, few: Side, many: Side, jobs: int) -> dict:
+    """Medians of C{few} and C{many}, printed and returned."""
+    out = {
+        side.n: {
+            "rate": statistics.median(side.rates),
+            "cpu": statistics.median(side.cpu),
+            "fake_cpu": statistics.median(side.fake_cpu),
+            "client_cpu": statistics.median(side.client_cpu),
+            "register_s": side.register_s,
+            "rates": side.rates,
+            "cpus": side.cpu,
+        }
+        for side in (few, many)
+    }
+    ratios = sorted(m / f for f, m in zip(few.rates, many.rates, strict=True))
+    a, b = out[few.n], out[many.n]
+    print(
+        f"{name} median: {few.n}: {a['rate']:,.0f} jobs/s, master {a['cpu']:.2f} s CPU per {jobs:,} jobs;"
+        f" {many.n}: {b['rate']:,.0f} jobs/s, master {b['cpu']:.2f} s CPU;"
+        f" ratio of medians {b['rate'] / a['rate']:.2f},"
+        f" median of pair ratios {statistics.median(ratios):.2f},"
+        f" CPU ratio {b['cpu'] / a['cpu']:.2f};"
+        f" fake CPU {a['fake_cpu']:.2f} / {b['fake_cpu']:.2f},"
+        f" client CPU {a['client_cpu']:.2f} / {b['client_cpu']:.2f}",
+        flush=True,
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--port", type=int, default=5531, help="first port (each master takes the next)")
+    parser.add_argument("--few", type=int, default=2)
+    parser.add_argument("--many", type=int, default=2000)
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument(
+        "--warmup", type=int, default=200, help="jobs run untimed just before each timed run (as cw-fake)"
+    )
+    parser.add_argument(
+        "--base", help="another cw source tree: its masters are measured too, interleaved with this one's"
+    )
+    parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--spy", help="py-spy executable: record each master's samples while measuring")
+    parser.add_argument(
+        "--spy-out", default="/tmp/conns-spy", help="py-spy output prefix (raw collapsed stacks)"
+    )
+    args = parser.parse_args()
+    groups = {"this": (Side(args.port, args.few), Side(args.port + 1, args.many))}
+    if args.base:
+        groups["base"] = (Side(args.port + 2, args.few, args.base), Side(args.port + 3, args.many, args.base))
+    sides = [side for pair in groups.values() for side in pair]
+    spies = []
+    try:
+        for name, pair in groups.items():
+            for side in pair:
+                side.start()
+                print(f"{name}: {side.n} connections registered in {side.register_s:.1f} s", flush=True)
+                if args.spy:
+                    spies.append(spy_on(args.spy, side.pid, f"{args.spy_out}-{name}-{side.n}.txt"))
+        if spies:
+            time.sleep(2)
+        for i in range(args.pairs):
+            order = sides[i % len(sides) :] + sides[: i % len(sides)]
+            if i % 2:
+                order.reverse()
+            for side in order:
+                side.measure(args.jobs, args.warmup)
+            print(
+                f"round {i}: "
+                + "; ".join(
+                    f"{name} {side.n}: {side.rates[-1]:,.0f} jobs/s CPU s master {side.cpu[-1]:.2f}"
+                    f" fake {side.fake_cpu[-1]:.2f} client {side.client_cpu[-1]:.2f}"
+                    for name, pair in groups.items()
+                    for side in pair
+                ),
+                flush=True,
+            )
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+    finally:
+        for side in sides:
+            side.stop()
+    out = {name: summary(name, few, many, args.jobs) for name, (few, many) in groups.items()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
