@@ -48,7 +48,10 @@ Dispatch rules:
     otherwise), a kind not known short whose jobs came back within
     C{horizon} each, as the master measures them (round trips included),
     goes two per slot: one job then waits at most that long behind
-    another, where it might have gone to an idle worker.  (A master slowed
+    another, where it might have gone to an idle worker.  So does a kind
+    known short before a quiet spell, however long the round trips: a
+    master busy with thousands of connections would otherwise spread a
+    new burst of it one job to a box, and stay that busy.  (A master slowed
     down by thousands of connections measures long round trips: then the
     kind is found once more jobs are queued than workers are free, when
     the prefetch above puts two in a box.)
@@ -989,15 +992,20 @@ class Scheduler:
         function) a worker may take per slot at once, at time C{now}: as
         many as C{horizon} seconds hold at their time per job (at most
         L{MAX_CREDIT}), if a batched report of them came within
-        L{KIND_MEMORY}; else 2 (a probe) if their mean run time, as
-        measured from the master (round trips included), is at most
-        C{horizon}; else 1 (see the module docstring).
+        L{KIND_MEMORY}; else 2 (a probe) if they were known short before
+        (at 2 per slot) or if their mean run time, as measured from the
+        master (round trips included), is at most C{horizon}; else 1 (see
+        the module docstring).
         """
         if not job.func:
             return 1
         key = (job.client, job.func)
         kind = self._kinds.get(key)
         if kind is None or now - kind.heard > KIND_MEMORY:
+            if kind is not None and kind.per_job * 2 <= self.horizon:
+                # Short when last seen: probed again, however long the
+                # master's round trips (it may be the busy one).
+                return 2
             return 2 if self._func_seconds.get(key, math.inf) <= self.horizon else 1
         per_job = kind.per_job
         if per_job * 2 > self.horizon:

@@ -857,6 +857,39 @@ class ShortJobPackingTests(SynchronousTestCase):
         self.assertEqual(sorted(len(jobs) for jobs in result.values()), [2, 2])
         self.assertEqual(scheduler.queued, 46)
 
+    def test_kind_short_before_quiet_spell_probed_despite_long_round_trips(self):
+        """
+        A kind reported batched (two jobs in 20 ms: short) whose round
+        trips took half a second (a busy master), quiet for longer than
+        L{KIND_MEMORY}: its next burst goes two per slot (probes, from
+        which it is known again), not one per idle worker.  A kind never
+        known short, with such round trips, still goes one per worker.
+        """
+        from cw.core.scheduler import KIND_MEMORY
+
+        scheduler = Scheduler(prefetch=1, horizon=0.05)
+        client = scheduler.add_client()
+        first = scheduler.add_worker(1)
+        scheduler.submit(client, kind_jobs(1, 2))
+        [(_, jobs)] = scheduler.dispatch(1.0)
+        scheduler.complete(first, [result_for(job) for job in jobs], 1.5)
+        for _ in range(4):
+            scheduler.add_worker(1)
+        later = 1.5 + KIND_MEMORY + 0.01
+        scheduler.submit(client, kind_jobs(3, 7))
+        self.assertEqual(sorted(len(jobs) for _, jobs in scheduler.dispatch(later)), [1, 2, 2])
+        # A kind only ever run one at a time, as slowly: one per worker.
+        scheduler = Scheduler(prefetch=1, horizon=0.05)
+        client = scheduler.add_client()
+        first = scheduler.add_worker(1)
+        scheduler.submit(client, kind_jobs(1, 1))
+        [(_, jobs)] = scheduler.dispatch(1.0)
+        scheduler.complete(first, [result_for(job) for job in jobs], 1.5)
+        for _ in range(4):
+            scheduler.add_worker(1)
+        scheduler.submit(client, kind_jobs(2, 6))
+        self.assertEqual(sorted(len(jobs) for _, jobs in scheduler.dispatch(later)), [1] * 5)
+
     def test_kind_run_one_by_one_unknown_again(self):
         """
         A worker holding more jobs of a known kind than its slots reports
