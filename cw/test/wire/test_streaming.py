@@ -534,12 +534,23 @@ class ParserTests(SynchronousTestCase):
         big = jobs_box([P.Job(1, 1, pattern(12 * P.CHUNK + 1)), P.Job(1, 2, b"z")])
         return [small, blobs, big, amp.AmpBox(_answer=b"1", k=b"v" * P.CHUNK)]
 
-    def feed(self, receiver, wire: bytes, sizes) -> None:
+    def feed(self, receiver, wire: bytes, sizes, reads: bytearray | None = None) -> None:
+        """
+        Give C{wire} to C{receiver} in reads of C{sizes} (in turn); given
+        C{reads}, each as a view of it, overwritten after each read, as a
+        connection reading into one buffer does (L{cw.wire.private.set_read_size}).
+        """
         receiver.makeConnection(StringTransport())
         at, turn = 0, 0
         while at < len(wire):
             size = sizes[turn % len(sizes)]
-            receiver.dataReceived(wire[at : at + size])
+            if reads is None:
+                receiver.dataReceived(wire[at : at + size])
+            else:
+                piece = wire[at : at + size]
+                reads[: len(piece)] = piece
+                receiver.dataReceived(memoryview(reads)[: len(piece)])
+                reads[:] = b"\xee" * len(reads)
             at, turn = at + size, turn + 1
 
     def test_same_boxes_as_twisted_however_cut(self):
@@ -563,6 +574,26 @@ class ParserTests(SynchronousTestCase):
             receiver = Receiver()
             self.feed(receiver, wire, sizes)
             self.assertEqual([joined(box) for box in receiver.boxes], expected, f"reads of {sizes}")
+
+    def test_reads_into_one_buffer(self):
+        """
+        Reads handed on as views of one buffer, overwritten after each
+        (a connection reading into one buffer, as the client's does while
+        a big value arrives), yield the same boxes: nothing of a read is
+        kept without a copy.
+        """
+        boxes = self.boxes()
+        big = pattern(streaming.ASSEMBLE_IN_PLACE_ABOVE + 3 * P.CHUNK)  # assembled in place
+        wire = b"".join(box.serialize() for box in boxes) + blob_wire(big)
+        expected = [joined(box) for box in boxes] + [{b"_command": b"x", b"payload": big}]
+        for sizes in ([3, 1], [7000], [P.CHUNK + 2, 1], [1 << 20], [len(wire)]):
+            for spare in (False, True):
+                receiver = Receiver()
+                if spare:
+                    receiver.spare_buffers = streaming.SpareBuffers(Clock())
+                self.feed(receiver, wire, sizes, bytearray(max(sizes)))
+                got = [joined(box) for box in receiver.boxes]
+                self.assertEqual(got, expected, f"reads of {sizes}")
 
     def test_paused_parses_nothing_until_resumed(self):
         boxes = self.boxes()
