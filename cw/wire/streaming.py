@@ -476,6 +476,8 @@ class SpareBuffers:
     #: A buffer is reused for a value of at least this share of its length
     #: (a value that its user keeps holds all of its buffer).
     FILLED_AT_LEAST = 0.75
+    #: Unused buffers kept besides the one taken (L{take}).
+    UNUSED_KEPT = 1
 
     def __init__(self, clock, keep: float = SPARE_KEPT) -> None:
         self._clock = clock
@@ -487,16 +489,29 @@ class SpareBuffers:
         """
         A buffer of at least C{size} bytes, its contents undefined and its
         pages mapped, kept from earlier values and unused now; or None.
+        Of the other unused buffers, the L{UNUSED_KEPT} used last are
+        kept, the others go: a client that let go of many values at once
+        keeps no more spare memory than that.
         """
         self._touch()
         buffers = self._buffers
+        chosen, unused = None, []
         for i in range(len(buffers)):
-            if self.FILLED_AT_LEAST * len(buffers[i]) <= size <= len(buffers[i]) and self._unused(i):
-                # Moved to the end, so that the least recently used are found first.
-                buffer = buffers.pop(i)
-                buffers.append(buffer)
-                return buffer
-        return None
+            if self._unused(i):
+                if chosen is None and self.FILLED_AT_LEAST * len(buffers[i]) <= size <= len(buffers[i]):
+                    chosen = i
+                else:
+                    unused.append(i)
+        gone = set(unused[: max(0, len(unused) - self.UNUSED_KEPT)])  # the least recently used
+        if chosen is not None:
+            gone.add(chosen)
+        if gone:
+            self._buffers = [buffer for i, buffer in enumerate(buffers) if i not in gone]
+        if chosen is None:
+            return None
+        # At the end, so that the least recently used come first.
+        self._buffers.append(buffers[chosen])
+        return buffers[chosen]
 
     def _references(self, i: int) -> int:
         buffer = self._buffers[i]

@@ -447,6 +447,18 @@ class SpareBufferTests(SynchronousTestCase):
             self.assertEqual(bytes(memoryview(kept)), expected)
             del kept
 
+    def test_one_spare_kept_when_many_are_let_go(self):
+        """Values let go of all at once leave one spare buffer besides the one the next value takes."""
+        values = [self.value(os.urandom(self.SIZE)) for _ in range(4)]
+        self.assertEqual(len(self.receiver.spare_buffers), 4)
+        addresses = {address_of(value) for value in values}
+        del values
+        payload = os.urandom(self.SIZE)
+        value = self.value(payload)
+        self.assertIn(address_of(value), addresses)
+        self.assertEqual(bytes(value), payload)
+        self.assertEqual(len(self.receiver.spare_buffers), 2)
+
     def test_cut_off_value_leaves_nothing(self):
         """
         A box cut off by a lost connection leaves its buffer for the next
