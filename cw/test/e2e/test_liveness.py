@@ -36,7 +36,7 @@ from cw.test.procs import Processes, arguments_travel, executor, wait_until
 from cw.wire import commands as P
 from cw.wire.address import client_endpoint
 from cw.wire.auth import AuthGate, authenticate
-from cw.wire.liveness import HeartbeatMonitor, SignsOfLife
+from cw.wire.liveness import PINGS_PER_TURN, HeartbeatMonitor, SignsOfLife
 from cw.wire.secret import load_secret
 from cw.worker.service import join_master
 
@@ -118,6 +118,58 @@ class HeartbeatMonitorTests(SynchronousTestCase):
         self.monitor.forget(self.peer)
         self.clock.advance(10)
         self.assertEqual((self.peer.pings, self.silent), ([], []))
+
+    def test_many_peers_pinged_a_few_hundred_per_turn(self):
+        """
+        A tick with more peers to ping than L{PINGS_PER_TURN} pings that
+        many, the rest on the next turns of the reactor: answers that come
+        in the next turn are in before the next pings leave, so no more
+        than L{PINGS_PER_TURN} are unanswered at once (not 1,000).  Each
+        peer is pinged once per tick; one forgotten meanwhile is not.
+        """
+        clock, monitor, outstanding = self.clock, self.monitor, [0, 0]
+
+        class Answering(Peer):
+            def callRemote(self, command, **kwargs):
+                if self is peers[0]:
+                    monitor.forget(peers[-1])  # its connection lost after the tick, before its ping
+                d = super().callRemote(command, **kwargs)
+                outstanding[0] += 1
+                outstanding[1] = max(outstanding)
+
+                def answered():
+                    outstanding[0] -= 1
+                    d.callback({})
+
+                clock.callLater(0, answered)  # the answer comes in the next turn
+                return d
+
+        self.monitor.forget(self.peer)
+        peers = [Answering() for _ in range(1_000)]
+        for peer in peers:
+            self.monitor.watch(peer)
+        for _ in range(3):
+            self.clock.advance(1.0)
+        self.assertEqual([len(peer.pings) for peer in peers], [3] * 999 + [0])
+        self.assertEqual(outstanding, [0, PINGS_PER_TURN])
+        self.assertEqual(self.silent, [])
+
+    def test_stop_drops_the_rest_of_a_tick(self):
+        """The monitor stopped while it sends a tick's heartbeats: the rest of them are not sent."""
+        monitor = self.monitor
+
+        class Stopping(Peer):
+            def callRemote(self, command, **kwargs):
+                monitor.stop()
+                return super().callRemote(command, **kwargs)
+
+        self.monitor.forget(self.peer)
+        peers = [Stopping()] + [Peer() for _ in range(PINGS_PER_TURN)]
+        for peer in peers:
+            self.monitor.watch(peer)
+        self.clock.advance(1.0)
+        self.assertEqual(sum(len(peer.pings) for peer in peers), PINGS_PER_TURN)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class MasterTimeoutSettingTests(SynchronousTestCase):
