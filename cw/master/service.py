@@ -46,6 +46,7 @@ from cw.core.scheduler import Scheduler, Unsent
 from cw.core.versions import CONTEXT_KEY, incompatible, short
 from cw.errors import ReportKind, StateFileError
 from cw.master.durable import DurableQueue, InlineWriter, StateWriter
+from cw.master.heap import HeapKeeper
 from cw.master.pool import (
     MasterSource,
     PoolService,
@@ -226,6 +227,9 @@ class Master:
         self.cut_through_arguments = 0
         #: The durable queue (C{--state}), reloaded from its file; None: in memory only.
         self.durable: DurableQueue | None = None
+        #: Keeps long-lived objects out of full garbage collections (the
+        #: C{cw-master} process only, see L{makeService}); None: left alone.
+        self.heap: HeapKeeper | None = None
         if state is not None:
             self.durable = DurableQueue(self, state, max_stored_results_bytes, state_writer)
             self.durable.reload()
@@ -475,6 +479,8 @@ class Master:
         )
         self._wake_worker_waiters()
         self.schedule_dispatch()
+        if self.heap is not None:
+            self.heap.joined()
         return wid
 
     def worker_left(self, proto: MasterProtocol) -> None:
@@ -501,6 +507,8 @@ class Master:
             )
             self._deliver(failed)
         self.schedule_dispatch()
+        if self.heap is not None:
+            self.heap.left()
 
     def handed_over(self, worker: int, results: list[P.Result], sessions: list[str]) -> None:
         """
@@ -1424,6 +1432,8 @@ class MasterService(service.Service):
         self.master.start_heartbeats()
         self.master.start_deadlines()
         self.master.start_watching_clients()
+        if self.master.heap is not None:
+            self.master.heap.freeze()  # what start-up made (and a --state file's queue) lives on
         if self.web is not None:
             self.web.start(reactor).addCallback(self._dashboard_listening)
         endpoint = server_endpoint(reactor, self.listen)
@@ -1478,6 +1488,8 @@ class MasterService(service.Service):
         self.master.stop_heartbeats()
         self.master.stop_deadlines()
         self.master.stop_watching_clients()
+        if self.master.heap is not None:
+            self.master.heap.stop()
         if self.address_file:
             try:
                 os.unlink(self.address_file)
@@ -1526,6 +1538,7 @@ def makeService(options: Options) -> MasterService:
         service = MasterService.from_config(options.config(), options["secret"], reactor)
     except StateFileError as e:
         raise SystemExit(f"cw-master: {e}") from None
+    service.master.heap = HeapKeeper(reactor)
     asked = options["max-pending"]
     if asked is not None and asked > service.master.max_pending:
         log.warn(
