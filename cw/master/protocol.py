@@ -116,6 +116,9 @@ class MasterProtocol(
         #: A client's arguments asked for (L{P.FetchPayload}), by the tag of
         #: the question: what L{Master.relay_fetched} needs to forward one.
         self.fetches: dict[bytes, tuple] = {}
+        #: How many times the master's heap had been frozen when this peer
+        #: registered (L{cw.master.heap.HeapKeeper.epoch}).
+        self.heap_epoch = 0
 
     def connectionMade(self):
         super().connectionMade()

@@ -293,6 +293,8 @@ class Master:
             self.scheduler.renew_room(cid)
         self.clients[cid] = proto
         proto.versions = versions
+        if self.heap is not None:
+            proto.heap_epoch = self.heap.epoch()
         if session is not None:
             self.sessions[session] = cid
             context = {**context, "session": session}
@@ -323,6 +325,8 @@ class Master:
         cid = proto.peer_id
         if self.clients.get(cid) is not proto:
             return  # replaced by a newer connection of its session, and forgotten then
+        if self.heap is not None:
+            self.heap.left(proto.heap_epoch)
         session = getattr(proto, "session", None)
         if session is not None and self.sessions.get(session) == cid:
             del self.sessions[session]
@@ -451,6 +455,8 @@ class Master:
     ) -> int:
         wid = self.scheduler.add_worker(slots, proto.peer_name, capacity)
         self.workers[wid] = proto
+        if self.heap is not None:
+            proto.heap_epoch = self.heap.epoch()
         proto.versions = versions
         self.routing.worker_joined(wid)
         clashes = []
@@ -508,7 +514,7 @@ class Master:
             self._deliver(failed)
         self.schedule_dispatch()
         if self.heap is not None:
-            self.heap.left()
+            self.heap.left(proto.heap_epoch)
 
     def handed_over(self, worker: int, results: list[P.Result], sessions: list[str]) -> None:
         """
@@ -883,6 +889,13 @@ class Master:
                 if not notices:
                     self._no_notice_left(cid)
             self.watch_output(proto)
+
+    def busy(self) -> bool:
+        """Whether any client has jobs queued or running (those away with C{--state} too)."""
+        if self.scheduler.queued:
+            return True
+        cids = self.clients.keys() if self.durable is None else {*self.clients, *self.durable.names}
+        return any(self.scheduler.has_jobs(cid) for cid in cids)
 
     def keeps_results(self, cid: int) -> bool:
         """
@@ -1538,7 +1551,7 @@ def makeService(options: Options) -> MasterService:
         service = MasterService.from_config(options.config(), options["secret"], reactor)
     except StateFileError as e:
         raise SystemExit(f"cw-master: {e}") from None
-    service.master.heap = HeapKeeper(reactor)
+    service.master.heap = HeapKeeper(reactor, busy=service.master.busy)
     asked = options["max-pending"]
     if asked is not None and asked > service.master.max_pending:
         log.warn(

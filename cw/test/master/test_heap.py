@@ -13,7 +13,7 @@ from twisted.internet import threads
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from cw.master.heap import HeapKeeper
+from cw.master.heap import MAX_DEFER, HeapKeeper
 from cw.master.service import Master
 from cw.test.peers import GatedAMP, authenticated_to_master
 from cw.test.procs import Processes, wait_until
@@ -25,6 +25,8 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
+        #: Objects frozen (the test sets it).
+        self.frozen = 0
 
     def unfreeze(self) -> None:
         self.calls.append(("unfreeze",))
@@ -37,7 +39,7 @@ class Recorder:
         self.calls.append(("freeze",))
 
     def get_freeze_count(self) -> int:
-        return 0
+        return self.frozen
 
 
 FULL = [("unfreeze",), ("collect", 2), ("freeze",)]
@@ -74,17 +76,86 @@ class HeapKeeperTests(unittest.SynchronousTestCase):
 
     def test_left_collects_everything(self):
         """
-        A worker leaving, even in a burst of joins, makes the next freeze a
-        full one: the cycles of its connection were frozen and are freed.
+        A connection frozen while it lived leaving, even in a burst of
+        joins, makes the next freeze a full one: its cycles are freed.
+        One that came and went between two freezes changes nothing.
         """
-        self.heap.joined()
-        self.heap.left()
+        epoch = self.heap.epoch()
         self.heap.joined()
         self.clock.advance(2.0)
-        self.assertEqual(self.gc.calls, FULL)
+        self.assertEqual(self.gc.calls, YOUNG)
+        self.gc.calls.clear()
+        self.heap.left(self.heap.epoch())  # never frozen
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.heap.joined()
+        self.heap.left(epoch)
+        self.heap.joined()
+        self.clock.advance(2.0)
+        self.assertEqual(self.gc.calls, YOUNG + FULL)
+        self.heap.joined()
+        self.clock.advance(2.0)
+        self.assertEqual(self.gc.calls, YOUNG + FULL + YOUNG)
+
+    def test_full_walk_waits_for_idle(self):
+        """
+        A full walk that is due (a frozen connection left) waits while the
+        master is busy, looking again every C{settle} seconds, at most
+        L{MAX_DEFER} seconds.
+        """
+        busy = [True]
+        self.heap.busy = lambda: busy[0]
+        epoch = self.heap.epoch()
+        self.heap.freeze()
+        self.gc.calls.clear()
+        self.heap.left(epoch)
+        self.clock.advance(2.0)
+        self.assertEqual(self.gc.calls, YOUNG)
+        busy[0] = False
+        self.clock.advance(2.0)
+        self.assertEqual(self.gc.calls, YOUNG + YOUNG + FULL)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.gc.calls.clear()
+        busy[0] = True
+        self.heap.left(epoch)
+        for _ in range(int(MAX_DEFER / 2.0) - 1):
+            self.clock.advance(2.0)
+        self.assertNotIn(("unfreeze",), self.gc.calls)
+        self.clock.advance(2.0)
+        self.assertEqual(self.gc.calls[-3:], FULL)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_growth_collects_everything_when_idle(self):
+        """
+        Once the frozen objects grew by more than a quarter since the last
+        full collection, the next freeze that finds the master idle
+        collects everything; past four times, the next freeze does.
+        """
+        busy = [False]
+        self.heap.busy = lambda: busy[0]
+        self.gc.frozen = 1000
+        self.heap.freeze()
+        self.gc.frozen = 1200
         self.heap.joined()
         self.clock.advance(2.0)
         self.assertEqual(self.gc.calls, FULL + YOUNG)
+        self.gc.calls.clear()
+        self.gc.frozen = 1300
+        busy[0] = True
+        self.heap.joined()
+        self.clock.advance(2.0)
+        self.clock.advance(2.0)  # busy: looked at again, still busy
+        self.assertEqual(self.gc.calls, YOUNG + YOUNG)
+        busy[0] = False
+        self.clock.advance(2.0)
+        self.assertEqual(self.gc.calls, YOUNG + YOUNG + YOUNG + FULL)
+        self.gc.calls.clear()
+        self.clock.advance(60)
+        self.assertEqual(self.gc.calls, [])
+        self.gc.frozen = 5201  # more than four times the 1,300 of the last full collection
+        busy[0] = True
+        self.heap.joined()
+        self.clock.advance(2.0)
+        self.assertEqual(self.gc.calls, YOUNG + FULL)
 
     def test_stop(self):
         """L{HeapKeeper.stop} cancels a pending freeze."""
@@ -131,6 +202,41 @@ class IdleConnectionTests(unittest.SynchronousTestCase):
             pump.flush()
             self.successResultOf(d)
             self.links.append((peer, server, pump))
+
+    def test_connections_leaving(self):
+        """
+        A worker or a client that was connected during a freeze leaving
+        makes the next freeze a full one; a client that came and went
+        between two freezes (a status query) does not.
+        """
+        self.connect(1)
+        _, server, pump = self.links[0]
+        self.master.clock.advance(self.master.heap.settle)
+        self.assertEqual(self.master.heap.freezes, 1)
+        server.transport.loseConnection()
+        pump.flush()
+        self.assertEqual(self.master.workers, {})
+        self.assertIsNotNone(self.master.heap._due)
+        self.master.clock.advance(self.master.heap.settle)
+        self.assertIsNone(self.master.heap._due)
+        for frozen in (False, True):
+            server, pump = self.client()
+            if frozen:
+                self.master.heap.freeze(full=False)
+            server.transport.loseConnection()
+            pump.flush()
+            self.assertEqual(self.master.clients, {})
+            self.assertEqual(self.master.heap._due is not None, frozen)
+
+    def client(self):
+        """Register a client connection; return the master's end and the pump."""
+        client = GatedAMP()
+        server, pump = authenticated_to_master(self.master, client, "client")
+        fields = {"version": P.PROTOCOL_VERSION, "host": "t", "pid": os.getpid(), "session": "s"}
+        d = client.callRemote(P.RegisterClient, context={"cwd": "/", "path": []}, **fields)
+        pump.flush()
+        self.successResultOf(d)
+        return server, pump
 
     def test_idle_connections_frozen(self):
         """
