@@ -547,13 +547,14 @@ class ShutdownTests(ContractCase):
 
             t = ClusterExecutor(sys.argv[1])
             f = t.submit(block_until, sys.argv[2] + ".never", sys.argv[2], 120)
-            # Running in its job process, not only handed to a worker
-            # (f.running()): the master may kill it before it starts.
+            # Running in its job process, not only handed to a worker: the
+            # master may kill it before it starts.  And running to the
+            # client too (f.running()): the master's notice of it may come
+            # after the job process started (RUNNING_NOTICE_DELAY).
             deadline = time.monotonic() + 60
-            while not (os.path.exists(sys.argv[2]) and open(sys.argv[2]).read()):
+            while not (os.path.exists(sys.argv[2]) and open(sys.argv[2]).read() and f.running()):
                 assert time.monotonic() < deadline, "the job never started"
                 time.sleep(0.01)
-            assert f.running()
             t.shutdown(wait=False, cancel_futures=True)
             print("exiting", flush=True)
             """,
