@@ -199,34 +199,14 @@ class Relay:
         string (the one copy the master makes of what it forwards), and
         whether that is all (the box's end follows).
         """
-        parts, size, views = [], 0, []
-        pending = self.pending
+        pieces, views = self.peek(limit, len(self.pending))
         try:
-            while pending and size < limit:
-                item = pending[0]
-                if type(item) is bytes:
-                    pending.popleft()
-                    parts.append(item)
-                    size += len(item)
-                    continue
-                buffer, start, end = item
-                stop = min(end, start + limit - size)
-                view = memoryview(buffer)
-                views.append(view)
-                part = view[start:stop]
-                views.append(part)
-                parts.append(part)
-                size += stop - start
-                if stop == end:
-                    pending.popleft()
-                else:
-                    item[1] = stop
-            taken = b"".join(parts)
-            self.pending_bytes -= size
+            taken = b"".join(pieces)
         finally:
             for view in reversed(views):
                 view.release()  # the buffer may grow again
-        return taken, self.ended and not pending
+        self.consume(len(taken))
+        return taken, self.ended and not self.pending
 
     def peek(self, limit: int, buffers: int) -> tuple[list, list]:
         """
