@@ -867,28 +867,26 @@ class ShortJobPackingTests(SynchronousTestCase):
         """
         from cw.core.scheduler import KIND_MEMORY
 
-        scheduler = Scheduler(prefetch=1, horizon=0.05)
-        client = scheduler.add_client()
-        first = scheduler.add_worker(1)
-        scheduler.submit(client, kind_jobs(1, 2))
-        [(_, jobs)] = scheduler.dispatch(1.0)
-        scheduler.complete(first, [result_for(job) for job in jobs], 1.5)
-        for _ in range(4):
-            scheduler.add_worker(1)
         later = 1.5 + KIND_MEMORY + 0.01
-        scheduler.submit(client, kind_jobs(3, 7))
-        self.assertEqual(sorted(len(jobs) for _, jobs in scheduler.dispatch(later)), [1, 2, 2])
+
+        def burst_after_quiet_spell(first_jobs: int) -> list[int]:
+            """First C{first_jobs} jobs of the kind on one worker, their
+            results 0.5 s later; then 4 more workers and, after the quiet
+            spell, 5 jobs: the sizes of the boxes they go in."""
+            scheduler = Scheduler(prefetch=1, horizon=0.05)
+            client = scheduler.add_client()
+            first = scheduler.add_worker(1)
+            scheduler.submit(client, kind_jobs(1, first_jobs))
+            [(_, jobs)] = scheduler.dispatch(1.0)
+            scheduler.complete(first, [result_for(job) for job in jobs], 1.5)
+            for _ in range(4):
+                scheduler.add_worker(1)
+            scheduler.submit(client, kind_jobs(first_jobs + 1, first_jobs + 5))
+            return sorted(len(jobs) for _, jobs in scheduler.dispatch(later))
+
+        self.assertEqual(burst_after_quiet_spell(2), [1, 2, 2])
         # A kind only ever run one at a time, as slowly: one per worker.
-        scheduler = Scheduler(prefetch=1, horizon=0.05)
-        client = scheduler.add_client()
-        first = scheduler.add_worker(1)
-        scheduler.submit(client, kind_jobs(1, 1))
-        [(_, jobs)] = scheduler.dispatch(1.0)
-        scheduler.complete(first, [result_for(job) for job in jobs], 1.5)
-        for _ in range(4):
-            scheduler.add_worker(1)
-        scheduler.submit(client, kind_jobs(2, 6))
-        self.assertEqual(sorted(len(jobs) for _, jobs in scheduler.dispatch(later)), [1] * 5)
+        self.assertEqual(burst_after_quiet_spell(1), [1] * 5)
 
     def test_kind_run_one_by_one_unknown_again(self):
         """
