@@ -58,16 +58,40 @@ def connected(a, b, keys) -> StringTransport:
     return transport
 
 
-def drain(transport: StringTransport) -> bytes:
-    """Everything C{transport}'s producer writes, until it has nothing more now; taken out."""
+#: What a middle may forward beyond the bytes it was fed: keys, chunk
+#: headers, the padding of a voided value (at most a chunk).
+SLACK = 4 * P.CHUNK
+
+
+def drain(transport: StringTransport, most: int = 64 << 20) -> bytes:
+    """
+    Everything C{transport}'s producer writes, until it has nothing more
+    now; taken out.  Fails once it wrote more than C{most} bytes, so that a
+    producer that never runs out (a relay that never empties: it gives
+    the same bytes again) fails the test instead of hanging it.
+    """
+    start = len(transport.value())
     while transport.producer is not None:
         before = len(transport.value())
         transport.producer.resumeProducing()
-        if len(transport.value()) == before:
+        after = len(transport.value())
+        if after == before:
             break
+        if after - start > most:
+            transport.clear()
+            raise unittest.FailTest(
+                f"the producer wrote {after - start} bytes, more than the {most} it can have had, "
+                "and was still writing: it sends bytes again (Relay.peek/take/consume?)"
+            )
     data = transport.value()
     transport.clear()
     return data
+
+
+def forward(middle, transport: StringTransport, piece: bytes) -> bytes:
+    """Feed C{piece} to C{middle}; what it forwards to C{transport} now, at most C{piece} and L{SLACK}."""
+    middle.dataReceived(piece)
+    return drain(transport, len(piece) + SLACK)
 
 
 def result_box(payload: bytes) -> amp.AmpBox:
@@ -95,8 +119,7 @@ class ForwardingTests(unittest.SynchronousTestCase):
         """Feed C{wire} to the middle in pieces, passing on what it forwards; bytes forwarded early."""
         most = 0
         for at in range(0, len(wire), step):
-            self.middle.dataReceived(wire[at : at + step])
-            data = drain(self.forwarded)
+            data = forward(self.middle, self.forwarded, wire[at : at + step])
             if at + step < len(wire):
                 most += len(data)
             self.receiver.dataReceived(data)
@@ -226,8 +249,7 @@ class RechunkingTests(unittest.SynchronousTestCase):
         """Feed C{wire} to the middle in pieces, passing on what it forwards; what it forwarded."""
         forwarded = []
         for at in range(0, len(wire), step):
-            self.middle.dataReceived(wire[at : at + step])
-            forwarded.append(drain(self.forwarded))
+            forwarded.append(forward(self.middle, self.forwarded, wire[at : at + step]))
             self.receiver.dataReceived(forwarded[-1])
         return b"".join(forwarded)
 
