@@ -111,7 +111,7 @@ class MasterProtocol(
         self.machine: str | None = None
         #: Fires once the connection has closed.
         self.closed: defer.Deferred = defer.Deferred()
-        #: Bytes handed to the transport so far (see L{unsent_bytes}).
+        #: Bytes handed to the transport or sent to its socket so far (see L{sent_bytes}).
         self.written_bytes = 0
         #: A client's arguments asked for (L{P.FetchPayload}), by the tag of
         #: the question: what L{Master.relay_fetched} needs to forward one.
@@ -150,6 +150,16 @@ class MasterProtocol(
     def unsent_bytes(self) -> int:
         """Bytes towards this peer still in the master: buffered, or in boxes being streamed."""
         return transport_backlog(self.transport) + self.outgoing_bytes
+
+    def sent_bytes(self) -> int:
+        """
+        Bytes towards this peer that the kernel has taken, in all: those
+        written (L{written_bytes}, with those sent straight to the socket)
+        less those still in Twisted's buffers.  The peer's reading
+        progress: it never goes back (boxes queued and not yet written,
+        L{outgoing_bytes}, were never counted as written).
+        """
+        return self.written_bytes - transport_backlog(self.transport)
 
     def stop_reading(self) -> None:
         """

@@ -970,7 +970,7 @@ class Master:
         buffered = proto.unsent_bytes()
         # Results lent by workers count as unsent until the client takes them.
         unsent = buffered + self.lent.outstanding(cid)
-        read = proto.written_bytes - buffered + self.lent.taken(cid)
+        read = proto.sent_bytes() + self.lent.taken(cid)
         now = self.clock.seconds()
         verdict = self.scheduler.unsent_results(cid, unsent, read, now)
         if verdict is Unsent.RESUME:

@@ -629,6 +629,32 @@ for future in futures:
 print("all results read", flush=True)
 """
 
+#: A client that reads slowly but steadily (a small receive buffer, a
+#: pause before each read is handled): it takes in one result of
+#: C{sys.argv[2]} bytes over many read timeouts.
+SLOW_CLIENT = """
+import socket, sys, time
+from twisted.internet import tcp
+from cw.client import ClusterExecutor
+from cw.test.jobs import payload_bytes
+
+received = tcp.Connection._dataReceived
+
+def slowly(self, data):
+    if not getattr(self, "slowed", False):
+        self.slowed = True
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 10)
+    time.sleep(0.02)
+    return received(self, data)
+
+tcp.Connection._dataReceived = slowly
+ex = ClusterExecutor(sys.argv[1])
+size = int(sys.argv[2])
+start = time.monotonic()
+assert len(ex.submit(payload_bytes, size, 1).result()) == size
+print("all results read in %.1f s" % (time.monotonic() - start), flush=True)
+"""
+
 
 class UnreadResultsTests(unittest.TestCase):
     """
@@ -642,16 +668,18 @@ class UnreadResultsTests(unittest.TestCase):
     def setUp(self):
         self.procs = Processes(self, self.mktemp())
 
-    def start_client(self, *args: str, machine: str = "another-machine") -> subprocess.Popen:
+    def start_client(
+        self, *args: str, machine: str = "another-machine", script: str = STOPPED_CLIENT
+    ) -> subprocess.Popen:
         """
-        The client of L{STOPPED_CLIENT}, as if on another machine than the
+        The client of C{script}, as if on another machine than the
         workers (C{machine}: its identity; C{""} for this machine's), so that
         its results come through the master.
         """
         out = self.procs.directory / "client.out"
         with open(out, "wb") as f:
             client = subprocess.Popen(
-                [sys.executable, "-c", STOPPED_CLIENT, *args],
+                [sys.executable, "-c", script, *args],
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -702,6 +730,37 @@ class UnreadResultsTests(unittest.TestCase):
             )
             with executor(self.procs.address) as ex:
                 self.assertEqual(ex.submit(square, 9).result(DEADLINE), 81)
+
+        return threads.deferToThread(body)
+
+    def test_slow_reader_kept(self):
+        """
+        A client that takes in one big result slowly but steadily, over
+        many read timeouts, is not dropped: its reading progress is the
+        bytes the kernel took for it, which never goes back (not even when
+        the result is queued whole in the master).
+        """
+        size, timeout = 32 * MIB, 2
+
+        def body():
+            self.procs.start_master("--client-read-timeout", str(timeout))
+            self.procs.start_worker(procs=1)
+            client = self.start_client(self.procs.address, str(size), script=SLOW_CLIENT)
+
+            def dropped() -> bool:
+                return "read none of its results" in self.procs.log_tail(self.procs.master, 500)
+
+            wait_until(
+                lambda: (
+                    client.poll() is not None or b"all results read" in client.out.read_bytes() or dropped()
+                ),
+                DEADLINE,
+                "the slow client to read its result",
+            )
+            self.assertFalse(dropped(), "the master dropped the client while it read")
+            output = client.out.read_text(errors="replace")
+            log.info("slow client: {output}", output=output.strip())
+            self.assertIn("all results read", output)
 
         return threads.deferToThread(body)
 

@@ -55,9 +55,10 @@ class FakePeer:
         self.results.extend(results)
         self.sends.append(([result.seq for result in results], now))
 
-    written_bytes = 0
-
     def unsent_bytes(self) -> int:
+        return 0
+
+    def sent_bytes(self) -> int:
         return 0
 
     def waiting_on_relay(self) -> bool:
