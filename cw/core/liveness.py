@@ -86,10 +86,12 @@ class Liveness:
         One tick at C{now}: the peers to ping, and those silent too long.
 
         A peer for which C{waiting(peer)} holds is not silent, whatever
-        its silence: what is being sent to it is a box forwarded as it
-        arrives that waits for its source, the peer having taken all of it
-        so far, so a heartbeat to it waits behind that box and its silence
-        is not its own (the source's own liveness bounds the wait).  It
+        its silence, which is not its own: what is being sent to it is a
+        box forwarded as it arrives that waits for its source, the peer
+        having taken all of it so far, so a heartbeat to it waits behind
+        that box (the source's own liveness bounds the wait); or this side
+        has stopped reading from it (flow control,
+        L{cw.core.flow.FlowControl.excused}), so it cannot be heard.  It
         counts as heard from at C{now}.  C{waiting} is asked only of peers
         silent too long.
         """

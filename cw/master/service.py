@@ -135,14 +135,15 @@ class Master:
         self.worker_beats = self.client_beats = None
         if heartbeat > 0:
             # A peer to which this master forwards a box that waits for its
-            # source is not silent (L{relay_fetched}, L{relay_result}).
+            # source is not silent (L{relay_fetched}, L{relay_result}); nor
+            # is a client it does not read from (L{_client_excused}).
             waiting = operator.methodcaller("waiting_on_relay")
             self.worker_beats = HeartbeatMonitor(
                 clock, heartbeat, self.heartbeat_timeout, self._worker_silent, waiting
             )
             if client_timeout > 0:
                 self.client_beats = HeartbeatMonitor(
-                    clock, heartbeat, client_timeout, self._client_silent, waiting
+                    clock, heartbeat, client_timeout, self._client_silent, self._client_excused
                 )
         #: The shared secret peers must prove they hold; None: --insecure.
         self.secret = secret
@@ -775,18 +776,22 @@ class Master:
         )
         proto.transport.abortConnection()
 
+    def _client_excused(self, proto: MasterProtocol) -> bool:
+        """
+        Whether a client's silence is not its own, so that
+        L{cw.core.liveness.Liveness.beat} does not report it: a result
+        forwarded to it waits for its source (L{relay_result}), or this
+        master stopped reading from it (L{cw.core.flow.FlowControl.excused}).
+        """
+        return proto.waiting_on_relay() or self.flow.excused(proto.peer_id)
+
     def _client_silent(self, proto: MasterProtocol, silent: float) -> None:
         """
         Drop a client unheard for longer than C{client_timeout} (stopped,
         hung, or behind a dead link): its jobs are dropped as for any client
-        that leaves.  Not one this master stopped reading from itself.
-        (Nor one to which it is forwarding a result that is slow to come,
-        L{relay_result}: L{cw.core.liveness.Liveness.beat} does not report
-        it.)
+        that leaves.  (Not one whose silence is excused, L{_client_excused}:
+        L{cw.core.liveness.Liveness.beat} does not report it.)
         """
-        if self.flow.excused(proto.peer_id):
-            self.client_beats.heard(proto)
-            return
         log.warn(
             "Client {cid} ({peer}) gave no sign of life for {s:.1f} s (--client-timeout {t:g});"
             " dropping it and its jobs",

@@ -159,6 +159,28 @@ class LivenessTests(SynchronousTestCase):
         self.assertEqual(self.live.beat(6.0).silent, [("b", 6.0)])
         self.assertEqual(self.live.beat(7.5).silent, [("a", 3.5), ("b", 7.5)])
 
+    def test_not_read_from_not_silent(self):
+        """
+        A client this side stopped reading from (flow control,
+        L{FlowControl.excused}) cannot be heard: it is not silent while
+        not read from, and its silence counts again once it is read.
+        """
+        s = Scheduler(max_queued_bytes=100, max_queued_jobs=1)
+        flow = FlowControl(s)
+        client = s.add_client()
+        self.live.watch(client, 0.0)
+        s.submit(client, [Job(0, seq, b"x") for seq in (1, 2, 3)])
+        self.assertTrue(flow.submitted(client).stop_reading)
+        self.live.beat(1.0, flow.excused)
+        self.assertEqual(self.live.beat(4.0, flow.excused).silent, [("a", 4.0)])
+        self.assertEqual(self.live.last_heard(client), 4.0)
+        worker = s.add_worker(3, "w")
+        for _, jobs in s.dispatch(5.0):
+            s.complete(worker, [Result(job.client, job.seq, Outcome.OK, b"") for job in jobs], 5.0)
+        [room] = flow.give_room()
+        self.assertTrue(room.resume_reading)
+        self.assertEqual(self.live.beat(7.5, flow.excused).silent, [("a", 7.5), (client, 3.5)])
+
 
 class RoutingTests(SynchronousTestCase):
     """Contexts and functions go to each worker once, before the first job needing them."""
