@@ -94,6 +94,7 @@ class MasterProtocol(
         self.wrong_secrets = master.wrong_secrets
         self.auth_clock = master.clock
         self.max_box_bytes = P.box_limit(master.max_payload)
+        self.spare_buffers = master.spare_buffers
         if self.secret is None:
             self.mark_authenticated()
         self.role: str | None = None

@@ -74,6 +74,7 @@ from cw.wire.liveness import HeartbeatMonitor
 from cw.wire.options import ConfigOptions
 from cw.wire.private import last_tag, push
 from cw.wire.secret import load_options_secret
+from cw.wire.streaming import SpareBuffers
 
 log = Logger(namespace="cw.master")  # the namespace of its log lines before the layers
 
@@ -126,6 +127,11 @@ class Master:
     ) -> None:
         #: The reactor's clock (C{IReactorTime}): all the master's time comes from it.
         self.clock = clock
+        #: Where every connection assembles the big values it receives (a
+        #: client's argument, a worker's result), reusing the memory of
+        #: earlier ones that nothing uses any more (forwarded, delivered):
+        #: no fresh pages to clear, map and free for each.
+        self.spare_buffers = SpareBuffers(clock)
         #: Seconds between heartbeats to each worker and client (0: none),
         #: and how long a worker, or a client, may go unheard before it is
         #: declared lost (L{cw.wire.liveness}).
@@ -1523,7 +1529,13 @@ class MasterService(service.Service):
         if self.master.durable is not None:
             # Once every connection is closed: what they did is in the file.
             stopped.addBoth(self._close_state)
+        stopped.addBoth(self._drop_spares)
         return stopped
+
+    def _drop_spares(self, passthrough):
+        """Once every connection is closed: no spare buffer is kept, nor the timer that would free them."""
+        self.master.spare_buffers.clear()
+        return passthrough
 
     def _close_state(self, passthrough):
         def closed(_):

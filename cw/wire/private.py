@@ -451,7 +451,7 @@ def write_through(transport, data: bytes) -> bool:
     return True
 
 
-def set_read_size(transport, size: int | None, reuse: bool = False) -> None:
+def set_read_size(transport, size: int | None, reuse: bool | bytearray = False) -> None:
     """
     Make C{transport}, if a plain TCP connection (not TLS), read up to
     C{size} bytes at a time (None: back to Twisted's 64 KiB): a receiver
@@ -466,7 +466,10 @@ def set_read_size(transport, size: int | None, reuse: bool = False) -> None:
     (C{recv_into}) instead of a new C{bytes} each: the protocol's
     C{dataReceived} then gets a C{memoryview} of it, valid only during
     the call (the next read overwrites it), which it must copy whatever
-    it keeps of.  A new C{bytes} of megabytes is fresh memory, which the
+    it keeps of.  C{reuse} may be that buffer (of C{size} bytes or more),
+    shared by connections of one process (their reads never overlap: each
+    read is parsed before the reactor makes another); else the connection
+    keeps one of its own.  A new C{bytes} of megabytes is fresh memory, which the
     kernel maps and clears page by page as the read fills it and unmaps
     once it is freed: that cost as much as the copy it holds.  The
     transport's C{doRead} is replaced on the instance (the reactor calls
@@ -480,10 +483,13 @@ def set_read_size(transport, size: int | None, reuse: bool = False) -> None:
         transport.__dict__.pop("doRead", None)
         return
     transport.bufferSize = size
-    if reuse:
+    if isinstance(reuse, bytearray) and len(reuse) >= size:
+        buffer = reuse
+    elif reuse:
         buffer = transport.__dict__.get("_cw_reads")
         if buffer is None or len(buffer) < size:
             buffer = transport._cw_reads = unfilled_bytearray(size)
+    if reuse:
         transport.doRead = functools.partial(_read_into, transport, memoryview(buffer)[:size])
 
 

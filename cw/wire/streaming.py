@@ -449,6 +449,19 @@ POPULATE_WINDOW = 16 << 20
 BIG_READ = 4 << 20
 
 
+#: A buffer kept in a L{SpareBuffers} is longer than the value it is made
+#: for by this share of it, at most L{SPARE_SLACK_MOST} bytes, so that a
+#: value a little longer (the next job's pickle, a little different) fits
+#: too.
+SPARE_SLACK = 1 / 64
+SPARE_SLACK_MOST = 1 << 20
+
+
+def spare_length(size: int) -> int:
+    """The length of a buffer kept in a L{SpareBuffers} for a value of C{size} bytes (whole pages)."""
+    return -(-(size + min(int(size * SPARE_SLACK), SPARE_SLACK_MOST)) // 4096) * 4096
+
+
 #: Seconds a L{SpareBuffers} keeps its buffers after it last handed one out.
 SPARE_KEPT = 10.0
 
@@ -483,6 +496,7 @@ class SpareBuffers:
         self._clock = clock
         self._keep = keep
         self._buffers: list[bytearray] = []
+        self._reads: bytearray | None = None
         self._expiry = None
 
     def take(self, size: int) -> bytearray | None:
@@ -530,12 +544,25 @@ class SpareBuffers:
         self._touch()
         self._buffers.append(buffer)
 
+    def reads(self, size: int) -> bytearray:
+        """
+        The buffer that connections keeping their big values here read
+        into (L{cw.wire.private.set_read_size}'s C{reuse}), of C{size} bytes
+        or more: one for all of them (one process reads one at a time),
+        kept as the spare buffers are.
+        """
+        self._touch()
+        if self._reads is None or len(self._reads) < size:
+            self._reads = unfilled_bytearray(size)
+        return self._reads
+
     def __len__(self) -> int:
         return len(self._buffers)
 
     def clear(self) -> None:
         """Keep nothing: a buffer still in use goes once its last user lets go of it."""
         self._buffers = []
+        self._reads = None
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         self._expiry = None
@@ -589,7 +616,8 @@ class _Assembly:
                 self.spare, mapped = True, len(buffer)  # mapped by the values it held
             else:
                 try:
-                    buffer = unfilled_bytearray(size)
+                    # Kept for later values: a little longer (SPARE_SLACK).
+                    buffer = unfilled_bytearray(spare_length(size) if spare is not None else size)
                 except MemoryError:
                     buffer = None
                 if buffer is not None and spare is not None:
@@ -860,7 +888,8 @@ class ChunkReceiver:
                 assembly = _Assembly(first, size, self.spare_buffers if claim else None)
             if size and claim and not self._big_reads:
                 self._big_reads = True  # until the box ends
-                set_read_size(self.transport, BIG_READ, self.spare_buffers is not None)
+                spare = self.spare_buffers
+                set_read_size(self.transport, BIG_READ, spare.reads(BIG_READ) if spare is not None else False)
             if claim:
                 if self._assembling is None:
                     self._assembling = {}

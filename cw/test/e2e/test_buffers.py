@@ -82,6 +82,11 @@ def seeded(kind: str, size: int, seed: int):
     return numpy.frombuffer(bytearray(data), dtype="u1")
 
 
+def answer_with(arg, kind: str, size: int, seed: int):
+    """The SHA-256 of C{arg} as the job sees it, and a new value of C{kind} (L{seeded})."""
+    return sha(arg), seeded(kind, size, seed)
+
+
 class BufferTests(unittest.TestCase):
     timeout = 120
 
@@ -146,6 +151,35 @@ class BufferTests(unittest.TestCase):
             self.assertTrue(ex.submit(writeable, numpy.zeros(SIZE)).result(DEADLINE), path)
             # Through map (a cached function) as well.
             self.assertEqual([t for _, t in ex.map(increment, [a, a])], [total, total], path)
+
+        return self.run_in_cluster(body)
+
+    def test_big_values_queued_while_more_pass(self):
+        """
+        Big arguments queued (at the master, when they travel: their
+        buffers in use there) while big results and other arguments pass
+        through the master, which assembles those in the memory of earlier
+        values that nothing uses any more (L{cw.wire.streaming.SpareBuffers}):
+        every job sees its argument as sent, every result arrives as made.
+        """
+        kinds = ["bytes", "bytearray"] + (["numpy"] if numpy is not None else [])
+        size = 3 << 20
+
+        def body(ex, path):
+            for round in range(2):
+                seeds = range(round * 8, round * 8 + 8)
+                futures = []
+                for seed in seeds:
+                    kind = kinds[seed % len(kinds)]
+                    futures.append(
+                        ex.submit(answer_with, seeded(kind, size + seed, seed), kind, size - seed, seed + 100)
+                    )
+                for seed, future in zip(seeds, futures, strict=True):
+                    kind = kinds[seed % len(kinds)]
+                    seen, made = future.result(DEADLINE)
+                    self.assertEqual(seen, sha(seeded(kind, size + seed, seed)), (kind, seed, path))
+                    expected = sha(seeded(kind, size - seed, seed + 100))
+                    self.assertEqual(sha(made), expected, (kind, seed, path))
 
         return self.run_in_cluster(body)
 

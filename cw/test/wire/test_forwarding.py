@@ -8,9 +8,11 @@ malformed.
 
 from __future__ import annotations
 
+import os
 import struct
 
 from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -22,7 +24,7 @@ from cw.wire import commands as P
 from cw.wire import forwarding
 from cw.wire.auth import MAC_KEY, VOID_KEY, AuthGate, session_keys
 from cw.wire.forwarding import ForwardingReceiver
-from cw.wire.streaming import ChunkReceiver, StreamingSender
+from cw.wire.streaming import ChunkReceiver, SpareBuffers, StreamingSender
 
 
 class Middle(StreamingSender, AuthGate, ForwardingReceiver, ChunkReceiver, amp.AMP):
@@ -278,6 +280,65 @@ class RechunkingTests(unittest.SynchronousTestCase):
         self.receiver.dataReceived(drain(self.forwarded))
         self.assertIsNone(self.receiver.rejected)
         self.assertEqual([box[b"_command"] for box in self.receiver.boxes], [b"after"])
+
+
+class Forgetful(Middle):
+    """A middle that keeps nothing of the boxes it receives (as the master, once it forwarded one)."""
+
+    def ampBoxReceived(self, box):
+        self.boxes.append((box[b"_command"], self.relayed is not None))
+
+
+class SharedSpareTests(unittest.SynchronousTestCase):
+    """
+    Middles sharing one L{SpareBuffers} (the master's connections): a
+    value still being forwarded keeps its buffer (the relay's ranges refer
+    to it), so a value arriving meanwhile on another connection is
+    assembled elsewhere; once forwarded, its buffer takes later values.
+    """
+
+    def setUp(self):
+        self.patch(forwarding, "relays_to", lambda proto: True)
+        self.spare = SpareBuffers(Clock())
+        self.pairs = []
+        for name in (b"p", b"q"):
+            sender, middle, out, receiver = Peer(), Forgetful(), Peer(), Peer()
+            middle.spare_buffers = self.spare
+            middle.destination = out
+            sent = connected(sender, middle, session_keys(b"s" * 32, "worker", name * 32, b"m" * 32))
+            forwarded = connected(out, receiver, session_keys(b"s" * 32, "client", name * 32, b"n" * 32))
+            self.pairs.append((sender, middle, receiver, sent, forwarded))
+
+    def arrive(self, pair: int, payload: bytes) -> None:
+        """C{payload}'s box arrives whole at middle C{pair}, in reads of 50,000 bytes; none passed on."""
+        sender, middle, _, sent, _ = self.pairs[pair]
+        sender.sendBox(result_box(payload))
+        wire = drain(sent)
+        for at in range(0, len(wire), 50_000):
+            middle.dataReceived(wire[at : at + 50_000])
+
+    def delivered(self, pair: int) -> bytes:
+        """Pass on what middle C{pair} holds for its receiver; the payload the receiver got."""
+        _, _, receiver, _, forwarded = self.pairs[pair]
+        receiver.dataReceived(drain(forwarded))
+        self.assertIsNone(receiver.rejected)
+        [box] = receiver.boxes
+        receiver.boxes.clear()
+        return P.decode_results(box[b"results"])[0].payload
+
+    def test_value_being_forwarded_kept(self):
+        first, second, third = (os.urandom(3 << 20) for _ in range(3))
+        self.arrive(0, first)
+        self.assertEqual(self.pairs[0][1].boxes, [(b"JobResults", True)], "forwarded, then dropped")
+        self.assertGreater(self.pairs[0][1].destination.outgoing_bytes, 2 << 20, "mostly still to pass on")
+        self.arrive(1, second)
+        self.assertEqual(self.delivered(1), second)
+        self.assertEqual(self.delivered(0), first, "left as it arrived while another value arrived")
+        self.assertEqual(len(self.spare), 2)
+        for payload in (third, first, second):
+            self.arrive(1, payload)
+            self.assertEqual(self.delivered(1), payload)
+        self.assertEqual(len(self.spare), 2, "assembled in the buffers of earlier values")
 
 
 class UnsignedForwardingTests(ForwardingTests):

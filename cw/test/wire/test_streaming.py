@@ -496,7 +496,57 @@ class SpareBufferTests(SynchronousTestCase):
 
         self.patch(streaming, "set_read_size", set_read_size)
         self.value(os.urandom(self.SIZE))
-        self.assertEqual(calls, [(streaming.BIG_READ, True), (None, False)])
+        reads = self.receiver.spare_buffers.reads(streaming.BIG_READ)
+        self.assertEqual(calls, [(streaming.BIG_READ, reads), (None, False)])
+        self.assertIs(calls[0][1], reads, "the spare buffers' read buffer")
+        self.receiver.spare_buffers.clear()
+        again = self.receiver.spare_buffers.reads(streaming.BIG_READ)
+        self.assertIsNot(again, reads, "dropped with the spares")
+
+    def test_a_few_bytes_longer_fits(self):
+        """
+        A kept buffer is a little longer than its value (L{streaming.SPARE_SLACK}): the next
+        value, a few kilobytes longer (the master's next job, its pickle a
+        little different), is assembled in it too.
+        """
+        first = self.value(os.urandom(self.SIZE))
+        where = address_of(first)
+        del first
+        payload = os.urandom(self.SIZE + 5000)
+        second = self.value(payload)
+        self.assertEqual(address_of(second), where)
+        self.assertEqual(bytes(second), payload)
+
+    def test_shared_by_connections(self):
+        """
+        Connections sharing one L{streaming.SpareBuffers} (the master's)
+        read into one buffer, and one assembles its value in the buffer of
+        another's once nothing uses it, never while anything does.
+        """
+        other = Receiver()
+        other.spare_buffers = self.receiver.spare_buffers
+        other.makeConnection(StringTransport())
+        calls = []
+        self.patch(streaming, "set_read_size", lambda transport, size, reuse=False: calls.append(reuse))
+        kept_payload = os.urandom(self.SIZE)
+        kept = self.value(kept_payload)
+        feed(other, blob_wire(os.urandom(self.SIZE)), range(0, self.SIZE, 100_000))
+        [box] = other.boxes
+        other.boxes = []
+        self.assertNotEqual(address_of(box[b"payload"]), address_of(kept))
+        self.assertEqual(bytes(kept), kept_payload, "a value in use stays as it arrived")
+        where = address_of(kept)
+        del kept, box
+        for _ in range(2):
+            payload = os.urandom(self.SIZE)
+            feed(other, blob_wire(payload), ())
+            [box] = other.boxes
+            other.boxes = []
+            self.assertEqual(bytes(box[b"payload"]), payload)
+            del box
+        self.assertEqual(len(self.receiver.spare_buffers), 2, "two buffers for two values at once, no more")
+        self.assertIn(where, {address_of(buffer) for buffer in self.receiver.spare_buffers._buffers})
+        self.assertEqual(len({id(reuse) for reuse in calls if reuse is not False}), 1, "one read buffer")
 
     def test_only_values_that_say_their_length(self):
         """Small values and values of unknown length are assembled as before, in memory of their own."""
