@@ -43,7 +43,7 @@ from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/systems.py, also when loaded by a test
-from systems import PAYLOAD_CALLS  # noqa: E402 (one count for the rows and the runs)
+from systems import PAYLOAD_CALLS, own_machines_rate  # noqa: E402 (one count for the rows and the runs)
 
 HERE = Path(__file__).resolve().parent
 PEERS = ["cw-remote", "ppe", "dask", "ray", "ipp"]
@@ -199,6 +199,9 @@ def table(results: dict, systems: list[str], extra: dict, sizes: dict) -> str:
 #: machine, cw-big-remote's playing another machine (see bench/systems.py).
 BIG_WHERE = {"cw-big": "", "cw-big-remote": ", client on another machine"}
 
+#: The processes whose CPU per GB the between-machines big rows give (bench/systems.py cpu_during).
+CPU_ROLES = {"master": "master", "worker": "worker", "job": "job process", "client": "client"}
+
 
 def cw_only_rows(queue: dict | None, fakes: list[dict], bigs: dict[str, dict]) -> list[tuple]:
     rows = []
@@ -229,6 +232,25 @@ def cw_only_rows(queue: dict | None, fakes: list[dict], bigs: dict[str, dict]) -
                                 f"{peaks[role]['peak_mb']:,.0f}; {peaks[role]['copies']:.2f}",
                             )
                         )
+                cpu = big.get(f"{key}_cpu")
+                if cpu and where:
+                    rows += [
+                        (
+                            "... CPU per GB of the busiest process of each role: "
+                            + "; ".join(CPU_ROLES[role] for role in CPU_ROLES)
+                            + "; all processes",
+                            "s",
+                            False,
+                            "; ".join(fmt(cpu[role], 2) for role in [*CPU_ROLES, "total"]),
+                        ),
+                        (
+                            "... rate if each process had a machine of its own (1 / the most CPU per GB"
+                            " of one process)",
+                            "MB/s",
+                            True,
+                            fmt(own_machines_rate(cpu), 0),
+                        ),
+                    ]
     if queue is not None:
         if "error" in queue:
             rows.append(("1M queued jobs (master alone)", "", False, f"failed: {queue['error']}"))
@@ -350,11 +372,21 @@ def targets(results: dict, queue: dict | None, bigs: dict[str, dict], fakes: lis
         for key, what in (("big_arg", "argument"), ("big_res", "result")):
             peaks = big.get(f"{key}_peaks", {})
             copies = {role: peaks[role]["copies"] for role in ("master", "worker") if role in peaks}
+            cpu = big.get(f"{key}_cpu")
+            bound = ""
+            if cpu and where:
+                busiest = max(CPU_ROLES, key=lambda role: cpu[role])
+                bound = (
+                    f"; CPU {cpu['total']:.2f} s per GB in all, the {CPU_ROLES[busiest]} {cpu[busiest]:.2f}"
+                    f" at most: {own_machines_rate(cpu):,.0f} MB/s with a machine each"
+                )
             check(
                 f"{mb / 1000:g} GB {what} at 600 MB/s or more, the master and the worker each peaking at"
                 f" no more than one copy{where} (issue 18)",
                 big[key] >= 600 and len(copies) == 2 and max(copies.values()) <= 1,
-                f"{big[key]:,.0f} MB/s; copies: " + ", ".join(f"{r} {c:.2f}" for r, c in copies.items()),
+                f"{big[key]:,.0f} MB/s; copies: "
+                + ", ".join(f"{r} {c:.2f}" for r, c in copies.items())
+                + bound,
             )
     if not measured:
         check("1 GB argument round trip at 200 MB/s or more", None, "not measured: --big, on in a full run")
@@ -651,7 +683,10 @@ def main() -> None:
         " without a worker's job process.  The 1 MB jobs each get an array of their own (float64, made"
         " before the clock starts) and return its sum.  The peak RSS of the 1 GB rows is each"
         " process's `VmHWM`, reset before each job (`/proc/<pid>/clear_refs`), and the copies are its"
-        " growth over its RSS before the job, in payloads.",
+        " growth over its RSS before the job, in payloads.  The CPU per GB of the between-machines 1 GB rows"
+        " is each process's user and system time during the job (`/proc/<pid>/stat`; the client's own),"
+        " the busiest process of each role; the rate with a machine each is 1 GB over the largest of them"
+        " (a perfect pipeline, the network no bound): what bounds the rate on real machines.",
         "",
     ]
     output = "\n".join(report)

@@ -599,6 +599,69 @@ def peaks_during(pids: dict[str, list[int]], size: int, run) -> dict:
     return out
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user and system) C{pid} has spent, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The PIDs of C{pid}'s children (a worker's job processes), from /proc."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
+
+
+def cpu_during(pids: dict[str, list[int]], size: int, run) -> dict:
+    """
+    Run C{run()} and return the CPU seconds (user and system) per GB
+    (1e9 bytes) of C{size} bytes that the busiest process of each role
+    spent meanwhile: the master, a worker, a job process (C{job}, the
+    workers' children) and this process (C{client}); and C{total}, those
+    of every process of the cluster and this one.  What each process would
+    need of a machine of its own to move C{size} bytes, and so the rate
+    the busiest allows if each had one (L{own_machines_rate}).
+    """
+    roles = {role: list(role_pids) for role, role_pids in pids.items()}
+    roles["job"] = [child for pid in pids.get("worker", []) for child in child_pids(pid)]
+    before = {}
+    for role_pids in roles.values():
+        for pid in role_pids:
+            try:
+                before[pid] = process_cpu(pid)
+            except OSError:
+                pass
+    client = time.process_time()
+    run()
+    client = time.process_time() - client
+    out = {}
+    total = client
+    for role, role_pids in roles.items():
+        spent = []
+        for pid in role_pids:
+            try:
+                spent.append(process_cpu(pid) - before[pid])
+            except (OSError, KeyError):
+                continue  # gone
+        out[role] = max(spent, default=0.0) * 1e9 / size
+        total += sum(spent)
+    out["client"] = client * 1e9 / size
+    out["total"] = total * 1e9 / size
+    return out
+
+
+def own_machines_rate(cpu: dict) -> float:
+    """
+    MB/s (1e6 bytes) if every process of L{cpu_during}'s figures C{cpu}
+    had a machine of its own: the busiest process's CPU seconds per GB
+    bound it (a perfect pipeline, the network no bound).
+    """
+    return 1000 / max(seconds for role, seconds in cpu.items() if role != "total")
+
+
 def cw_big(args, remote: bool = False) -> dict:
     """
     One job with an C{args.big}-byte argument, then one with such a result,
@@ -613,13 +676,16 @@ def cw_big(args, remote: bool = False) -> dict:
         pids = cluster_pids(args.port)
         blob = [os.urandom(args.big)]
         out: dict = {"big": args.big}
+        peaks: dict = {}
 
         def argument():
             start = time.perf_counter()
             assert system.call(size_of, blob[0]) == args.big
             out["big_arg"] = args.big / MB / (time.perf_counter() - start)
 
-        out["big_arg_peaks"] = peaks_during(pids, args.big, argument)
+        out["big_arg_cpu"] = cpu_during(
+            pids, args.big, lambda: peaks.update(arg=peaks_during(pids, args.big, argument))
+        )
         blob.clear()
 
         def result():
@@ -627,7 +693,10 @@ def cw_big(args, remote: bool = False) -> dict:
             assert len(system.call(make_bytes, args.big)) == args.big
             out["big_res"] = args.big / MB / (time.perf_counter() - start)
 
-        out["big_res_peaks"] = peaks_during(pids, args.big, result)
+        out["big_res_cpu"] = cpu_during(
+            pids, args.big, lambda: peaks.update(res=peaks_during(pids, args.big, result))
+        )
+        out["big_arg_peaks"], out["big_res_peaks"] = peaks["arg"], peaks["res"]
         out["client_peak_mb"] = client_peak_rss_mb()
         return out
     finally:

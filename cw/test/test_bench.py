@@ -73,3 +73,37 @@ class WithNewRunTests(SynchronousTestCase):
         """Text above which no title stands is kept whole, below the new run."""
         text = run.with_new_run("old notes\n", NEW)
         self.assertEqual(text, "# cw benchmark\n\n" + NEW + "\nold notes\n")
+
+
+class BigRowsTests(SynchronousTestCase):
+    """The between-machines 1 GB rows give each process's CPU per GB and the rate it bounds."""
+
+    CPU = {"master": 1.25, "worker": 0.8, "job": 0.5, "client": 1.0, "total": 3.6}
+
+    def big(self) -> dict:
+        return {
+            "big": 10**9,
+            "big_arg": 250.0,
+            "big_res": 300.0,
+            "big_arg_cpu": self.CPU,
+            "big_res_cpu": self.CPU,
+        }
+
+    def test_rows(self):
+        rows = {
+            label: (unit, text)
+            for label, unit, _, text in run.cw_only_rows(None, [], {"cw-big-remote": self.big()})
+        }
+        [cpu] = [row for label, row in rows.items() if label.startswith("... CPU per GB")]
+        self.assertEqual(cpu, ("s", "1.25; 0.80; 0.50; 1.00; 3.60"))
+        [rate] = [row for label, row in rows.items() if label.startswith("... rate if each process")]
+        self.assertEqual(rate, ("MB/s", "800"))
+        on_one = run.cw_only_rows(None, [], {"cw-big": self.big()})
+        self.assertFalse([row for row in on_one if "CPU" in row[0]], "only between machines")
+
+    def test_target_says_the_bound(self):
+        lines = run.targets({}, None, {"cw-big-remote": self.big()})
+        [argument] = [line for line in lines if "GB argument at 600 MB/s" in line]
+        self.assertIn(
+            "CPU 3.60 s per GB in all, the master 1.25 at most: 800 MB/s with a machine each", argument
+        )
