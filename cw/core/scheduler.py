@@ -43,7 +43,8 @@ Dispatch rules:
     another kind, or after a quiet spell, is spread over the idle workers
     and the rest stays queued (where it can be cancelled).  A kind whose
     jobs a worker runs one by one while it holds more than its slots
-    (they turned long) is unknown again at once.  To find short kinds
+    (they turned long: the report took longer than a batch and than the
+    master's lag explains) is unknown again at once.  To find short kinds
     while many workers are idle (no worker would get two jobs in one box
     otherwise), a kind not known short whose jobs came back within
     C{horizon} each, as the master measures them (round trips included),
@@ -54,7 +55,11 @@ Dispatch rules:
     new burst of it one job to a box, and stay that busy.  (A master slowed
     down by thousands of connections measures long round trips: then the
     kind is found once more jobs are queued than workers are free, when
-    the prefetch above puts two in a box.)
+    the prefetch above puts two in a box, or while its round trips are no
+    longer than a few of the master's lags, L{Scheduler.note_lag}: its
+    results wait that long to be read whatever their run time, and spread
+    one to a box over thousands of idle workers they would keep the
+    master that busy; a probe makes one job wait at most that long.)
   - When a worker leaves, the jobs it held go back to the front of the queue
     in their original order.  A result from a worker that no longer holds the
     job (it left, or the job was requeued) is dropped, so each job's result is
@@ -170,6 +175,15 @@ KIND_MEMORY = 1.0
 #: Weight of a kind's earlier batched reports against its latest, per report.
 KIND_DECAY = 0.75
 
+#: A kind not known short is probed two to a slot while its round trips,
+#: as the master measures them, are at most C{horizon} plus this many times
+#: the master's lag (L{Scheduler.note_lag}): a result waits a turn or two of
+#: a busy master's before it is read, and the lag is about half a turn.
+LAG_ROUND_TRIPS = 4
+
+#: Seconds in which the master's noted lag halves (L{Scheduler.note_lag}).
+LAG_HALF_LIFE = 1.0
+
 
 @dataclass(slots=True)
 class KindTimes:
@@ -185,6 +199,10 @@ class KindTimes:
     jobs: float = 0.0
     #: When the latest batched report came.
     heard: float = 0.0
+    #: A worker ran them one by one since (L{Scheduler._time_kinds}): the
+    #: kind is unknown until a batched report comes, which then counts
+    #: with the earlier ones (decayed), so that it is known as before at once.
+    lone: bool = False
 
     def add(self, seconds: float, jobs: int, now: float) -> None:
         """Count a batched report: C{jobs} jobs of this kind took at most C{seconds} slot-seconds."""
@@ -532,6 +550,9 @@ class Scheduler:
         #: How long each client's jobs of each cached function take (see
         #: the module docstring: short ones are packed).
         self._kinds: dict[tuple[int, bytes], KindTimes] = {}
+        #: The master's largest lag lately and when it was noted (L{note_lag}).
+        self._lag = 0.0
+        self._lag_at = 0.0
 
     # -- clients ---------------------------------------------------------
 
@@ -986,6 +1007,22 @@ class Scheduler:
         client.running += 1
         self._shrunk.add(job.client)
 
+    def note_lag(self, seconds: float, now: float) -> None:
+        """
+        The master's timers ran C{seconds} late at C{now}: its own load
+        delays every round trip about that much (a busy master reads a
+        result a turn or two after it came).  The largest lag lately
+        counts (it halves every L{LAG_HALF_LIFE} seconds): see L{lag}.
+        """
+        if seconds >= self.lag(now):
+            self._lag, self._lag_at = seconds, now
+
+    def lag(self, now: float) -> float:
+        """The master's lag at C{now}, as noted lately (L{note_lag}), decayed."""
+        if not self._lag:
+            return 0.0
+        return self._lag * 0.5 ** (max(0.0, now - self._lag_at) / LAG_HALF_LIFE)
+
     def pack_size(self, job: Job, now: float) -> int:
         """
         How many jobs of C{job}'s kind (its client's jobs of its cached
@@ -994,19 +1031,21 @@ class Scheduler:
         L{MAX_CREDIT}), if a batched report of them came within
         L{KIND_MEMORY}; else 2 (a probe) if they were known short before
         (at 2 per slot) or if their mean run time, as measured from the
-        master (round trips included), is at most C{horizon}; else 1 (see
-        the module docstring).
+        master (round trips included), is at most C{horizon} plus
+        L{LAG_ROUND_TRIPS} times the master's lag (L{note_lag}); else 1
+        (see the module docstring).
         """
         if not job.func:
             return 1
         key = (job.client, job.func)
         kind = self._kinds.get(key)
-        if kind is None or now - kind.heard > KIND_MEMORY:
-            if kind is not None and kind.per_job * 2 <= self.horizon:
+        if kind is None or kind.lone or now - kind.heard > KIND_MEMORY:
+            if kind is not None and not kind.lone and kind.per_job * 2 <= self.horizon:
                 # Short when last seen: probed again, however long the
                 # master's round trips (it may be the busy one).
                 return 2
-            return 2 if self._func_seconds.get(key, math.inf) <= self.horizon else 1
+            probe = self.horizon + LAG_ROUND_TRIPS * self.lag(now)
+            return 2 if self._func_seconds.get(key, math.inf) <= probe else 1
         per_job = kind.per_job
         if per_job * 2 > self.horizon:
             return 1
@@ -1232,21 +1271,31 @@ class Scheduler:
         given jobs, if later); L{KindTimes} counts that.  No more than its
         slots, while it still holds more jobs than it has slots: it ran
         them one by one (they are long, or it does not know them yet), so
-        the kind is unknown again.  Otherwise the report tells nothing (a
+        the kind is unknown again until a batched report (L{KindTimes.lone}),
+        if the report took longer than a batch
+        holds and the master's lag explains (a job of a box that came
+        before the box of those still held comes back alone, however
+        short).  Otherwise the report tells nothing (a
         round trip of a lone job says nothing of its time when the master
         is busy).
         """
         starts = [t for t in (state.last_result, state.holding_since) if t is not None]
-        busy = (now - max(starts)) * state.slots if starts else math.inf
-        crowded = left > state.slots
+        took = now - max(starts) if starts else math.inf
+        busy = took * state.slots
+        # Run one by one only if it took longer than a batch would, and
+        # than the master's lag explains (L{note_lag}): a lone job from a
+        # box that the worker got before the box of the jobs it still holds
+        # comes back alone, however short.
+        crowded = left > state.slots and took > BATCH_SECONDS + LAG_ROUND_TRIPS * self.lag(now)
         for key, n in kinds.items():
             if n > state.slots:
                 kind = self._kinds.get(key)
                 if kind is None:
                     kind = self._kinds[key] = KindTimes()
+                kind.lone = False
                 kind.add(min(busy, BATCH_SECONDS * state.slots), n, now)
-            elif crowded:
-                self._kinds.pop(key, None)
+            elif crowded and key in self._kinds:
+                self._kinds[key].lone = True
 
     def _complete(self, state: WorkerRecord, results: Iterable[Result]) -> list[Result]:
         deliver = []

@@ -826,9 +826,16 @@ class Master:
         """
         Carry out L{Scheduler.expire}: tell workers to kill the jobs taken
         back from them, drop stalled workers, deliver C{JobTimeout}s and
-        dispatch the requeued jobs.
+        dispatch the requeued jobs.  Tell the scheduler how late this
+        tick ran (L{Scheduler.note_lag}: how long a busy master takes to
+        read what comes).
         """
-        expiry = self.scheduler.expire(self.clock.seconds())
+        now = self.clock.seconds()
+        loop = self._deadline_checks
+        if loop is not None and loop.starttime is not None:
+            late = (now - loop.starttime) % DEADLINE_TICK
+            self.scheduler.note_lag(0.0 if late > DEADLINE_TICK - 1e-6 else late, now)
+        expiry = self.scheduler.expire(now)
         for warning in expiry.unschedulable:
             log.warn("Unschedulable: {warning}", warning=warning)
         self.unclaimed.expire(self.clock.seconds())

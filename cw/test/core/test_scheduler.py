@@ -21,7 +21,7 @@ from cw.core.records import (
     encode_options,
     read_error_report,
 )
-from cw.core.scheduler import Scheduler, UnknownPeer, WorkerRecord
+from cw.core.scheduler import BATCH_SECONDS, LAG_HALF_LIFE, Scheduler, UnknownPeer, WorkerRecord
 
 
 def make_jobs(first: int, last: int) -> list[Job]:
@@ -750,14 +750,16 @@ def kind_jobs(first: int, last: int, func: bytes = b"f") -> list[Job]:
     return [Job(0, seq, b"payload %d" % seq, b"", func) for seq in range(first, last + 1)]
 
 
-def stream(workers: int, warm: int, jobs: int, arrive: int, hop: float = 0.001):
+def stream(workers: int, warm: int, jobs: int, arrive: int, hop: float = 0.001, lag: float = 0.0):
     """
     C{warm} jobs of one kind queued at once, then C{jobs} more arriving
     C{arrive} at a time (as a client's boxes do, each dispatched before the
     next), through C{workers} one-slot workers that answer each box in one
     report C{hop} seconds after it was sent (tiny jobs, as
-    C{bench/fake_workers.py} answers them).  Return the scheduler and the
-    sizes of the boxes (C{dispatch} entries) that the C{jobs} took.
+    C{bench/fake_workers.py} answers them).  C{lag}: the master notes its
+    timers running that late before each dispatch (L{Scheduler.note_lag}).
+    Return the scheduler and the sizes of the boxes (C{dispatch} entries)
+    that the C{jobs} took.
     """
     scheduler = Scheduler(max_queued_jobs=10 * (jobs + warm))
     for _ in range(workers):
@@ -773,6 +775,8 @@ def stream(workers: int, warm: int, jobs: int, arrive: int, hop: float = 0.001):
             if seq <= last:
                 scheduler.submit(client, kind_jobs(seq, min(last, seq + step - 1)))
                 seq += step
+            if lag:
+                scheduler.note_lag(lag, now)
             for wid, batch in scheduler.dispatch(now):
                 sizes.append(len(batch))
                 due.append((now + hop, order, wid, batch))
@@ -822,6 +826,65 @@ class ShortJobPackingTests(SynchronousTestCase):
             self.assertEqual(sum(many), 20_000)
             self.assertLessEqual(len(few), 200, hop)
             self.assertLessEqual(len(many), 200, hop)
+
+    def test_boxes_with_many_workers_on_a_lagging_master(self):
+        """
+        200 jobs of a kind spread over 2,000 idle workers (one to a box: it
+        is never seen batched), then 20,000 more arriving 300 at a time,
+        with round trips of half a second: on a master whose timers run a
+        quarter of a second late (L{Scheduler.note_lag}: the round trips
+        are its own lag), they are probed two to a slot, found short and
+        packed, in boxes about as few as through 2 workers, and each job
+        costs a fraction of a visit to a worker (L{Scheduler.visits}).
+        Without the lag such round trips could be the jobs' own time: one
+        to a box.
+        """
+        _, few = stream(2, 200, 20_000, 300, 0.5, lag=0.25)
+        scheduler, many = stream(2_000, 200, 20_000, 300, 0.5, lag=0.25)
+        self.assertEqual(sum(many), 20_000)
+        self.assertLessEqual(len(few), 200)
+        self.assertLessEqual(len(many), 400)
+        self.assertLessEqual(scheduler.visits, 0.1 * 20_200)
+        _, unknown = stream(2_000, 200, 2_000, 300, 0.5)
+        self.assertEqual(unknown, [1] * 2_000)
+
+    def test_lone_result_of_an_earlier_box_keeps_kind(self):
+        """
+        A worker gets a job of a known short kind alone, then a box of
+        more, and reports the first alone while it holds the others: it
+        came from the earlier box, which says nothing of the jobs' time
+        when it comes back within a batch's time (or what the master's lag
+        explains).  Later, it says they ran one by one: the kind is unknown
+        again (probed two to a slot while its round trips are short, one
+        once they are long), not known short as before a quiet spell.
+        """
+        self.assertLess(0.001, BATCH_SECONDS)
+        for later, lag, packed in ((0.001, 0.0, 100), (0.1, 0.0, 2), (0.1, 0.05, 100), (1.0, 0.0, 1)):
+            scheduler = Scheduler(prefetch=1, horizon=0.05)
+            client = scheduler.add_client()
+            worker = scheduler.add_worker(2)
+            scheduler.submit(client, kind_jobs(1001, 1004))
+            [(_, jobs)] = scheduler.dispatch(1.0)
+            scheduler.complete(worker, [result_for(job) for job in jobs], 1.001)
+            scheduler.submit(client, kind_jobs(1, 1))
+            self.assertEqual(assigned(scheduler.dispatch(1.001)), {worker: [1]})
+            scheduler.submit(client, kind_jobs(2, 10))
+            self.assertEqual(assigned(scheduler.dispatch(1.001)), {worker: list(range(2, 11))})
+            if lag:
+                scheduler.note_lag(lag, 1.001)
+            scheduler.complete(worker, [result_for(Job(client, 1, b""))], 1.001 + later)
+            pack = scheduler.pack_size(Job(client, 20, b"", b"", b"f"), 1.001 + later)
+            self.assertEqual(pack, packed, (later, lag))
+
+    def test_lag_largest_lately_halves(self):
+        """The master's lag: the largest noted lately, halving every L{LAG_HALF_LIFE} seconds."""
+        scheduler = Scheduler()
+        self.assertEqual(scheduler.lag(5.0), 0.0)
+        scheduler.note_lag(0.2, 10.0)
+        scheduler.note_lag(0.05, 10.5)
+        self.assertAlmostEqual(scheduler.lag(10.0 + LAG_HALF_LIFE), 0.1)
+        scheduler.note_lag(0.3, 12.0)
+        self.assertAlmostEqual(scheduler.lag(12.0), 0.3)
 
     def test_known_short_kind_packed(self):
         """A burst of a known short kind: one box of horizon's worth, however many workers idle."""
@@ -902,6 +965,25 @@ class ShortJobPackingTests(SynchronousTestCase):
         scheduler.submit(client, kind_jobs(101, 150))
         result = assigned(scheduler.dispatch(now + 0.1))
         self.assertEqual(result, {other: [101, 102]})
+
+    def test_kind_batched_again_known_as_before(self):
+        """
+        A kind run one by one (unknown again), then reported batched once
+        more: its earlier reports count (decayed), so its boxes are about
+        as large at once as before, not probed up again from five.
+        """
+        scheduler, client, quick, [], now = self.known(0)
+        scheduler.submit(client, kind_jobs(1, 400))
+        [(_, first)] = scheduler.dispatch(now)
+        self.assertEqual(len(first), 100)
+        now += 0.01
+        scheduler.complete(quick, [result_for(job) for job in first], now)
+        [(_, second)] = scheduler.dispatch(now)
+        self.assertEqual(len(second), 256)
+        scheduler.complete(quick, [result_for(second[0])], now + 0.1)  # alone: unknown again
+        self.assertLessEqual(scheduler.pack_size(second[1], now + 0.1), 2)
+        scheduler.complete(quick, [result_for(job) for job in second[1:3]], now + 0.2)  # batched
+        self.assertGreaterEqual(scheduler.pack_size(second[3], now + 0.2), 100)
 
     def test_pack_holds_horizon_of_work(self):
         """Jobs that a worker batches two at a time in 20 ms: 10 ms each, 5 per box in 50 ms."""

@@ -16,7 +16,7 @@ from twisted.protocols import amp
 from twisted.trial import unittest
 
 from cw.client.session import client_context
-from cw.master.service import Master
+from cw.master.service import DEADLINE_TICK, Master
 from cw.test.peers import GatedAMP, authenticated_to_master
 from cw.wire import commands as P
 
@@ -139,3 +139,17 @@ class OneDispatchPerReadTests(unittest.SynchronousTestCase):
         self.submit(1, 5)
         self.assertEqual(self.boxes(), [1, 1, 1, 1, 1])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class LagTests(unittest.SynchronousTestCase):
+    """The master tells its scheduler how late its timers run (L{cw.core.scheduler.Scheduler.note_lag})."""
+
+    def test_late_deadline_tick_noted(self):
+        clock = Clock()
+        master = Master(clock, secret=os.urandom(32), heartbeat=0)
+        master.start_deadlines()
+        self.addCleanup(master.stop_deadlines)
+        clock.advance(DEADLINE_TICK)
+        self.assertEqual(master.scheduler.lag(clock.seconds()), 0.0)
+        clock.advance(DEADLINE_TICK + 0.2)  # a turn of the reactor's that took 0.2 s too long
+        self.assertAlmostEqual(master.scheduler.lag(clock.seconds()), 0.2)
