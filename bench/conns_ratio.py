@@ -9,7 +9,9 @@ no-op jobs (timed) to one, then the other, C{--pairs} times (the order
 alternating), so that both see the same load from the rest of the
 machine.  For each it reports the median jobs/s and the median master CPU
 seconds per timed run (user + system, from C{/proc}: less noisy than wall
-time on a shared machine), and the ratio of the medians.  With C{--base
+time on a shared machine), the jobs per box of jobs the master sent, and
+the ratio of the medians.  (The same masters and fake workers as
+C{bench/run.py}'s row: L{systems.FakeCluster}.)  With C{--base
 TREE}, two more masters run another cw source tree's code (e.g. a
 worktree of C{main}), interleaved with these: a change measured against
 its base under the same load.
@@ -21,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,121 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from systems import insecure, master_pid, noop  # noqa: E402
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of C{pid} so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class Side:
-    """One master on C{port} with C{n} fake worker connections and an executor on it."""
-
-    def __init__(self, port: int, n: int, tree: str | None = None) -> None:
-        self.port, self.n = port, n
-        #: Another cw source tree whose master to run (None: this one's, through cw.mp).
-        self.tree = tree
-        self.master = None
-        self.rates: list[float] = []
-        self.cpu: list[float] = []
-        self.fake_cpu: list[float] = []
-        self.client_cpu: list[float] = []
-        self.fake = None
-        self.executor = None
-
-    def start(self) -> None:
-        import cw.mp
-        from cw.client import ClusterExecutor, wait_for_workers
-
-        options = insecure() + self.extra_master_options()
-        if self.tree is None:
-            cw.mp.start(0, port=self.port, master_options=options)
-            self.pid = master_pid(self.port)
-        else:
-            self.start_master(options)
-        start = time.perf_counter()
-        self.fake = subprocess.Popen(
-            [sys.executable, str(HERE / "fake_workers.py"), "--master", f"localhost:{self.port}", *insecure()]
-            + ["-n", str(self.n), "--slots", "1"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        line = self.fake.stdout.readline()
-        if not line.startswith("registered"):
-            raise RuntimeError(f"fake workers did not register (exit code {self.fake.wait()})")
-        wait_for_workers(self.n, "localhost", port=self.port, timeout=600)
-        self.register_s = time.perf_counter() - start
-        self.executor = ClusterExecutor("localhost", port=self.port)
-        self.run(200)
-
-    def start_master(self, options: list[str]) -> None:
-        """Run the master of L{tree} on L{port}, and wait until it listens."""
-        log = open(f"/tmp/conns-ratio-master-{self.port}.log", "ab")
-        self.master = subprocess.Popen(
-            [sys.executable, "-m", "cw.master", "--port", f"tcp:{self.port}:interface=127.0.0.1", *options],
-            env={**os.environ, "PYTHONPATH": self.tree},
-            cwd=self.tree,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.pid = self.master.pid
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self.master.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the master of {self.tree} did not listen on {self.port}") from None
-                time.sleep(0.2)
-
-    def extra_master_options(self) -> list[str]:
-        return os.environ.get("CW_BENCH_MASTER_OPTIONS", "").split()
-
-    def run(self, n: int) -> None:
-        futures = [self.executor.submit(noop, i) for i in range(n)]
-        for f in futures:
-            f.result()
-
-    def measure(self, n: int, warmup: int = 0) -> None:
-        if warmup:
-            self.run(warmup)
-        cpu, fake, client = cpu_seconds(self.pid), cpu_seconds(self.fake.pid), time.process_time()
-        start = time.perf_counter()
-        self.run(n)
-        self.rates.append(n / (time.perf_counter() - start))
-        self.cpu.append(cpu_seconds(self.pid) - cpu)
-        self.fake_cpu.append(cpu_seconds(self.fake.pid) - fake)
-        self.client_cpu.append(time.process_time() - client)
-
-    def stop(self) -> None:
-        import cw.mp
-
-        try:
-            if self.executor is not None:
-                self.executor.shutdown(wait=False, cancel_futures=True)
-        finally:
-            try:
-                if self.fake is not None and self.fake.poll() is None:
-                    self.fake.terminate()
-                    try:
-                        self.fake.wait(60)
-                    except subprocess.TimeoutExpired:
-                        self.fake.kill()
-                        self.fake.wait()
-            finally:
-                if self.master is None:
-                    cw.mp.stop(port=self.port)
-                elif self.master.poll() is None:
-                    self.master.terminate()
-                    try:
-                        self.master.wait(60)
-                    except subprocess.TimeoutExpired:
-                        self.master.kill()
-                        self.master.wait()
+from systems import FakeCluster  # noqa: E402
 
 
 def spy_on(spy: str, pid: int, out: str) -> subprocess.Popen:
@@ -159,7 +45,7 @@ def spy_on(spy: str, pid: int, out: str) -> subprocess.Popen:
     )
 
 
-def summary(name: str, few: Side, many: Side, jobs: int) -> dict:
+def summary(name: str, few: FakeCluster, many: FakeCluster, jobs: int) -> dict:
     """Medians of C{few} and C{many}, printed and returned."""
     out = {
         side.n: {
@@ -167,6 +53,7 @@ def summary(name: str, few: Side, many: Side, jobs: int) -> dict:
             "cpu": statistics.median(side.cpu),
             "fake_cpu": statistics.median(side.fake_cpu),
             "client_cpu": statistics.median(side.client_cpu),
+            "jobs_per_box": jobs / statistics.median(side.boxes),
             "register_s": side.register_s,
             "rates": side.rates,
             "cpus": side.cpu,
@@ -182,7 +69,8 @@ def summary(name: str, few: Side, many: Side, jobs: int) -> dict:
         f" median of pair ratios {statistics.median(ratios):.2f},"
         f" CPU ratio {b['cpu'] / a['cpu']:.2f};"
         f" fake CPU {a['fake_cpu']:.2f} / {b['fake_cpu']:.2f},"
-        f" client CPU {a['client_cpu']:.2f} / {b['client_cpu']:.2f}",
+        f" client CPU {a['client_cpu']:.2f} / {b['client_cpu']:.2f};"
+        f" jobs per box {a['jobs_per_box']:.1f} / {b['jobs_per_box']:.1f}",
         flush=True,
     )
     return out
@@ -209,9 +97,12 @@ def main() -> None:
         "--spy-out", default="/tmp/conns-spy", help="py-spy output prefix (raw collapsed stacks)"
     )
     args = parser.parse_args()
-    groups = {"this": (Side(args.port, args.few), Side(args.port + 1, args.many))}
+    groups = {"this": (FakeCluster(args.port, args.few), FakeCluster(args.port + 1, args.many))}
     if args.base:
-        groups["base"] = (Side(args.port + 2, args.few, args.base), Side(args.port + 3, args.many, args.base))
+        groups["base"] = (
+            FakeCluster(args.port + 2, args.few, args.base),
+            FakeCluster(args.port + 3, args.many, args.base),
+        )
     sides = [side for pair in groups.values() for side in pair]
     spies = []
     try:
@@ -233,7 +124,7 @@ def main() -> None:
                 f"round {i}: "
                 + "; ".join(
                     f"{name} {side.n}: {side.rates[-1]:,.0f} jobs/s CPU s master {side.cpu[-1]:.2f}"
-                    f" fake {side.fake_cpu[-1]:.2f} client {side.client_cpu[-1]:.2f}"
+                    f" fake {side.fake_cpu[-1]:.2f} client {side.client_cpu[-1]:.2f} boxes {side.boxes[-1]}"
                     for name, pair in groups.items()
                     for side in pair
                 ),

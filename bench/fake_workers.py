@@ -12,7 +12,9 @@ the client) with many worker connections, without a job process per slot.
     python bench/fake_workers.py --master localhost:5499 -n 200
 
 Prints C{registered N} on stdout once every connection has registered, then
-runs until SIGTERM/SIGINT.  C{--check} lists the master-to-worker commands of
+runs until SIGTERM/SIGINT; on SIGUSR1 it prints C{answered J jobs in B
+boxes} (so far, all connections: L{read_counts}), which tells how many jobs
+the master put in a box.  C{--check} lists the master-to-worker commands of
 L{cw.wire.commands} this module does not answer yet, and exits.
 """
 
@@ -78,6 +80,7 @@ class FakeWorker(AuthGate, amp.AMP):
         self.outbox = Outbox(farm.reactor, self._send, P.result_size)
         self.registered = defer.Deferred()
         self.jobs = 0
+        self.boxes = 0
 
     def connectionMade(self):
         super().connectionMade()
@@ -105,6 +108,7 @@ class FakeWorker(AuthGate, amp.AMP):
 
     def run_jobs(self, jobs):
         self.jobs += len(jobs)
+        self.boxes += 1
         self.outbox.extend(P.Result(job.client, job.seq, P.Outcome.OK, RESULT) for job in jobs)
         return {}
 
@@ -148,6 +152,26 @@ class Farm:
             print("fake_workers: a connection to the master closed; stopping", file=sys.stderr)
             self.stopping = True
             self.reactor.stop()
+
+
+COUNTS = re.compile(r"answered (\d+) jobs in (\d+) boxes")
+
+
+def read_counts(process) -> tuple[int, int]:
+    """
+    Jobs and boxes of jobs (L{P.RunJobs}) answered so far by the fake
+    workers running as C{process} (a C{subprocess.Popen} of this script
+    with C{stdout=PIPE, text=True}, past its C{registered} line): it is
+    sent SIGUSR1 and its answer read.
+    """
+    import signal
+
+    process.send_signal(signal.SIGUSR1)
+    line = process.stdout.readline()
+    found = COUNTS.match(line)
+    if found is None:
+        raise RuntimeError(f"fake workers answered {line!r} to SIGUSR1 (exit code {process.poll()})")
+    return int(found.group(1)), int(found.group(2))
 
 
 def master_to_worker_commands() -> set[str]:
@@ -221,6 +245,11 @@ def main(argv: list[str] | None = None) -> None:
         farm.stopping = True
         reactor.callFromThread(reactor.stop)
 
+    def counts(signum, frame):
+        jobs = sum(p.jobs for p in farm.protos)
+        print(f"answered {jobs} jobs in {sum(p.boxes for p in farm.protos)} boxes", flush=True)
+
+    signal.signal(signal.SIGUSR1, counts)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     reactor.callWhenRunning(lambda: farm.connect().addCallbacks(connected, failed))

@@ -22,6 +22,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -496,65 +497,180 @@ def cw_queue(args) -> dict:
     return out
 
 
-def cw_fake(args) -> dict:
-    """
-    A master with C{args.connections} fake worker connections
-    (L{bench/fake_workers.py}, one slot each): jobs/s for C{args.jobs} no-op
-    jobs submitted one by one from one L{ClusterExecutor}.
-    """
-    import cw.mp
-    from cw.client import ClusterExecutor, wait_for_workers
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process C{pid} so far (from C{/proc}; its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    cw.mp.start(0, port=args.port, master_options=insecure())
-    fake = None
-    executor = None
-    try:
-        fake = subprocess.Popen(
-            [sys.executable, str(HERE / "fake_workers.py"), "--master", f"localhost:{args.port}", *insecure()]
-            + ["-n", str(args.connections), "--slots", "1"],
+
+class FakeCluster:
+    """
+    A master on C{port} with C{n} fake worker connections
+    (L{bench/fake_workers.py}, one slot each) and an executor on it; each
+    L{measure} adds its jobs/s and what it cost: CPU seconds of the master,
+    of the fake workers and of this client, and the boxes of jobs
+    (L{P.RunJobs}) the jobs took.  Used by L{cw_fake} and
+    L{bench/conns_ratio.py}, which run two side by side.
+    """
+
+    def __init__(self, port: int, n: int, tree: str | None = None) -> None:
+        self.port, self.n = port, n
+        #: Another cw source tree whose master to run (None: this one's, through cw.mp).
+        self.tree = tree
+        self.master = None
+        self.rates: list[float] = []
+        self.cpu: list[float] = []
+        self.fake_cpu: list[float] = []
+        self.client_cpu: list[float] = []
+        self.boxes: list[int] = []
+        self.fake = None
+        self.executor = None
+
+    def start(self) -> None:
+        import cw.mp
+        from cw.client import ClusterExecutor, wait_for_workers
+
+        options = insecure() + os.environ.get("CW_BENCH_MASTER_OPTIONS", "").split()
+        if self.tree is None:
+            cw.mp.start(0, port=self.port, master_options=options)
+            self.pid = master_pid(self.port)
+        else:
+            self.start_master(options)
+        start = time.perf_counter()
+        self.fake = subprocess.Popen(
+            [sys.executable, str(HERE / "fake_workers.py"), "--master", f"localhost:{self.port}", *insecure()]
+            + ["-n", str(self.n), "--slots", "1"],
             stdout=subprocess.PIPE,
             text=True,
         )
-        line = fake.stdout.readline()
+        line = self.fake.stdout.readline()
         if not line.startswith("registered"):
-            raise RuntimeError(f"fake workers did not register (exit code {fake.wait()})")
-        wait_for_workers(args.connections, "localhost", port=args.port, timeout=60)
-        executor = ClusterExecutor("localhost", port=args.port)
-        system = CW(args.port)
-        system.executor = executor
-        system.submit_all(min(200, args.jobs))
-        best = 0.0
-        for _ in range(args.repeat):
-            start = time.perf_counter()
-            system.submit_all(args.jobs)
-            best = max(best, rate(args.jobs, start))
+            raise RuntimeError(f"fake workers did not register (exit code {self.fake.wait()})")
+        wait_for_workers(self.n, "localhost", port=self.port, timeout=600)
+        self.register_s = time.perf_counter() - start
+        self.executor = ClusterExecutor("localhost", port=self.port)
+        self.run(200)
+
+    def start_master(self, options: list[str]) -> None:
+        """Run the master of L{tree} on L{port}, and wait until it listens."""
+        log = open(f"/tmp/conns-ratio-master-{self.port}.log", "ab")
+        self.master = subprocess.Popen(
+            [sys.executable, "-m", "cw.master", "--port", f"tcp:{self.port}:interface=127.0.0.1", *options],
+            env={**os.environ, "PYTHONPATH": self.tree},
+            cwd=self.tree,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pid = self.master.pid
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.master.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the master of {self.tree} did not listen on {self.port}") from None
+                time.sleep(0.2)
+
+    def run(self, n: int) -> None:
+        futures = [self.executor.submit(noop, i) for i in range(n)]
+        for f in futures:
+            f.result()
+
+    def boxes_so_far(self) -> int:
+        from fake_workers import read_counts
+
+        return read_counts(self.fake)[1]
+
+    def measure(self, n: int, warmup: int = 0) -> None:
+        """C{warmup} jobs untimed, then C{n} timed."""
+        if warmup:
+            self.run(warmup)
+        boxes = self.boxes_so_far()
+        cpu, fake, client = cpu_seconds(self.pid), cpu_seconds(self.fake.pid), time.process_time()
+        start = time.perf_counter()
+        self.run(n)
+        self.rates.append(n / (time.perf_counter() - start))
+        self.cpu.append(cpu_seconds(self.pid) - cpu)
+        self.fake_cpu.append(cpu_seconds(self.fake.pid) - fake)
+        self.client_cpu.append(time.process_time() - client)
+        self.boxes.append(self.boxes_so_far() - boxes)
+
+    def latency(self, n: int) -> list[float]:
+        """Round trips of C{n} lone no-op jobs one after another, in milliseconds."""
         times = []
-        for i in range(args.latency):
+        for i in range(n):
             start = time.perf_counter()
-            system.call(noop, i)
+            self.executor.submit(noop, i).result()
             times.append((time.perf_counter() - start) * 1000)
-        return {
-            "connections": args.connections,
-            "jobs": args.jobs,
-            "submit": best,
-            "lat_p50": percentile(times, 0.5) if times else None,
-            "lat_p99": percentile(times, 0.99) if times else None,
-        }
-    finally:
+        return times
+
+    def stop(self) -> None:
+        import cw.mp
+
         try:
-            if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
+            if self.executor is not None:
+                self.executor.shutdown(wait=False, cancel_futures=True)
         finally:
             try:
-                if fake is not None and fake.poll() is None:
-                    fake.terminate()
+                if self.fake is not None and self.fake.poll() is None:
+                    self.fake.terminate()
                     try:
-                        fake.wait(30)
+                        self.fake.wait(60)
                     except subprocess.TimeoutExpired:
-                        fake.kill()
-                        fake.wait()
+                        self.fake.kill()
+                        self.fake.wait()
             finally:
-                cw.mp.stop(port=args.port)
+                if self.master is None:
+                    cw.mp.stop(port=self.port)
+                elif self.master.poll() is None:
+                    self.master.terminate()
+                    try:
+                        self.master.wait(60)
+                    except subprocess.TimeoutExpired:
+                        self.master.kill()
+                        self.master.wait()
+
+
+def cw_fake(args) -> dict:
+    """
+    Two masters side by side, one with 2 fake worker connections and one
+    with C{args.connections} (L{FakeCluster}), measured in C{args.pairs}
+    alternating pairs (the order alternating too, so that both see the
+    same load from the rest of the machine): C{args.jobs} no-op jobs
+    submitted one by one from one L{ClusterExecutor}, after 200 untimed.
+    Per side its jobs/s and master CPU seconds per run, and jobs per box;
+    then C{args.latency} lone round trips on each.
+    """
+    few, many = FakeCluster(args.port, 2), FakeCluster(args.port + 1, args.connections)
+    sides = (few, many)
+    try:
+        for side in sides:
+            side.start()
+        for i in range(args.pairs):
+            for side in sides if i % 2 == 0 else sides[::-1]:
+                side.measure(args.jobs, warmup=200)
+        out = {"connections": args.connections, "jobs": args.jobs, "pairs": args.pairs}
+        for key, side in (("few", few), ("many", many)):
+            times = side.latency(args.latency)
+            out[key] = {
+                "connections": side.n,
+                "rates": side.rates,
+                "cpu_s": side.cpu,
+                "fake_cpu_s": side.fake_cpu,
+                "boxes": side.boxes,
+                "register_s": side.register_s,
+                "lat_p50": percentile(times, 0.5) if times else None,
+                "lat_p99": percentile(times, 0.99) if times else None,
+            }
+        out["ratios"] = [m / f for f, m in zip(few.rates, many.rates, strict=True)]
+        return out
+    finally:
+        try:
+            few.stop()
+        finally:
+            many.stop()
 
 
 def cluster_pids(port: int) -> dict[str, list[int]]:
@@ -718,7 +834,7 @@ def main() -> None:
     parser.add_argument("--queued", type=int, default=1_000_000)
     parser.add_argument("--drain-limit", type=float, default=600)
     parser.add_argument("--connections", type=int, default=200)
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--pairs", type=int, default=3, help="cw-fake: alternating pairs of runs")
     parser.add_argument("--big", type=int, default=1_000_000_000)
     args = parser.parse_args()
 
