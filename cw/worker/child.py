@@ -439,13 +439,22 @@ def open_references(jobs: list[P.Job]) -> tuple[list[memoryview], dict[int, P.Re
     return mappings, unavailable
 
 
+def streams_output(options: bytes) -> bool:
+    """
+    Whether a job's options (JSON) may ask for its output while it runs
+    (C{echo}, C{log}; see L{watch}): a look for the names, not parsed.
+    Only such a job makes its job process send output notices.
+    """
+    return b'"echo"' in options or b'"log"' in options
+
+
 def watch(output: OutputCapture, job: P.Job) -> Watcher | None:
     """
     A L{Watcher} sending C{job}'s output while it runs, if its options ask
     for it: C{echo} (its stdout and stderr) or C{log} (its logging records
     at or above that level).
     """
-    if b'"echo"' not in job.options and b'"log"' not in job.options:
+    if not streams_output(job.options):
         return None  # other options only: not worth parsing here
     options = P.read_options(job)
     echo = options.get("echo") is True

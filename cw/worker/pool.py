@@ -49,7 +49,7 @@ from cw.wire.checked import LeanCalls
 from cw.wire.private import push
 from cw.wire.streaming import ChunkReceiver, StreamingSender
 from cw.worker import shared
-from cw.worker.child import FunctionCache
+from cw.worker.child import FunctionCache, streams_output
 from cw.worker.containment import kill_job_process
 
 log = Logger(namespace="cw.pool")  # the namespace of its log lines before the layers
@@ -236,6 +236,9 @@ class ChildLink(StreamingSender, ChunkReceiver, LeanCalls, amp.AMP):
                 kwargs["jobs"], call.contexts, call.functions, call.generation
             )
             self.running = [(job.client, job.seq) for job in kwargs["jobs"]]
+            # Only a job that streams its output sends notices ahead of the
+            # answer, for the job process's connector to take first.
+            self.transport.notices_expected = any(streams_output(job.options) for job in kwargs["jobs"])
         d = self._send(command, kwargs, call.local)
         if d is None:
             return d

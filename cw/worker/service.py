@@ -1009,13 +1009,19 @@ class JobConnector(ampoule_main.AMPConnector):
 
     _frames: P.OutputFrames | None = None
 
+    #: Whether the batch the job process runs may send output notices (a
+    #: job that streams its output, L{cw.worker.child.streams_output}):
+    #: set by L{cw.worker.pool.ChildLink} as it sends each batch.
+    notices_expected = True
+
     def childDataReceived(self, fd, data):
         if fd == 1:
             self._output_received(data)
             return
-        if fd == ampoule_main.FROM_CHILD:
+        if fd == ampoule_main.FROM_CHILD and self.notices_expected:
             # The job process writes a job's last output notices before its
             # result: take them first, so that they reach the client first.
+            # (Other jobs send none: no read that finds nothing.)
             self._drain_output()
         super().childDataReceived(fd, data)
 

@@ -386,6 +386,27 @@ class BatchCallTests(unittest.SynchronousTestCase):
         call.cancel(withdraw=False)
         self.assertFalse(self.link.cancelled)
 
+    def test_notices_expected_only_from_jobs_that_stream_output(self):
+        """
+        The job process's connector reads its output pipe ahead of an
+        answer only for a batch with a job that streams its output (echo,
+        log): no read that finds nothing after every other job's result.
+        """
+        self.link.dataReceived(amp_answer(self.sent()[0]))  # the process is up
+        plain = P.Job(1, 1, b"p", P.encode_options(timeout=5))
+        echoed = P.Job(1, 2, b"p", P.encode_options(echo=True))
+        for jobs, expected in (([plain], False), ([plain, echoed], True), ([P.Job(1, 3, b"p")], False)):
+            self.link.callRemote(P.RunBatch, jobs=jobs, _cw_call=BatchCall())
+            self.assertIs(self.transport.notices_expected, expected, jobs)
+            self.link.dataReceived(amp_answer(self.sent()[-1], results=P.encode_results([])))
+
+
+def amp_answer(box, **values: bytes) -> bytes:
+    """The serialized answer to C{box} (an AMP box sent), with C{values}."""
+    from twisted.protocols import amp
+
+    return amp.AmpBox(_answer=box[b"_ask"], **values).serialize()
+
 
 class DescribeJobsTests(unittest.SynchronousTestCase):
     """L{describe_jobs}: how a worker's log names the jobs of a job process it killed."""
