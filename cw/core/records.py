@@ -260,6 +260,7 @@ def decode_jobs(data: bytes) -> list[Job]:
     """Undo L{encode_jobs}; raise L{ValueError} on a malformed batch."""
     jobs = []
     view = memoryview(data)
+    whole = type(data) is bytes
     offset, end = 0, len(data)
     # Jobs of a batch mostly share their options and function key: one
     # object each, not one per job (a queued job costs the master less).
@@ -271,13 +272,19 @@ def decode_jobs(data: bytes) -> list[Job]:
         offset += _JOB.size
         if offset + olen + flen + plen > end:
             raise ValueError("truncated job record")
-        options = bytes(view[offset : offset + olen])
+        if whole:  # (slices of bytes are bytes: one object each, no view)
+            options = data[offset : offset + olen]
+            func = data[offset + olen : offset + olen + flen]
+        else:
+            options = bytes(view[offset : offset + olen])
+            func = bytes(view[offset + olen : offset + olen + flen])
         options = shared.setdefault(options, options)
-        offset += olen
-        func = bytes(view[offset : offset + flen])
         func = shared.setdefault(func, func)
-        offset += flen
-        payload = _piece(view, offset, offset + plen)
+        offset += olen + flen
+        if whole and plen < VIEW_THRESHOLD:
+            payload = data[offset : offset + plen]
+        else:
+            payload = _piece(view, offset, offset + plen)
         offset += plen
         jobs.append(Job(client, seq, payload, options, func))
     return jobs
@@ -305,6 +312,7 @@ def decode_results(data: bytes) -> list[Result]:
     """Undo L{encode_results}; raise L{ValueError} on a malformed batch."""
     results = []
     view = memoryview(data)
+    whole = type(data) is bytes
     offset, end = 0, len(data)
     while offset < end:
         if end - offset < _RESULT.size:
@@ -313,7 +321,10 @@ def decode_results(data: bytes) -> list[Result]:
         offset += _RESULT.size
         if offset + plen + olen + elen > end:
             raise ValueError("truncated result record")
-        payload = _piece(view, offset, offset + plen)
+        if whole and plen < VIEW_THRESHOLD:  # (slices of bytes are bytes: no view)
+            payload = data[offset : offset + plen]
+        else:
+            payload = _piece(view, offset, offset + plen)
         offset += plen
         stdout = bytes(view[offset : offset + olen]) if olen else b""
         offset += olen

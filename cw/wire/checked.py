@@ -15,6 +15,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from cw.errors import BadCommand
+from cw.wire.commands import Blob, Encoded
 from cw.wire.private import (
     CheckedAnswers,
     command_named,
@@ -25,6 +26,87 @@ from cw.wire.private import (
     send_command,
     serialized_responder,
 )
+
+#: Per command class and schema (C{"arguments"} or C{"response"}): how
+#: L{parse_plain} reads it, or None where it cannot (see L{_plain_schema}).
+_PLAIN: dict[tuple[type, str], tuple | None] = {}
+
+#: The keys AMP itself puts in a box beside a command's arguments.
+_PROTOCOL_KEYS = (amp.COMMAND, amp.ASK, amp.ANSWER)
+
+
+def _plain_schema(command: type[amp.Command], which: str) -> tuple | None:
+    """
+    C{(wire name, Python name, decode or None, optional)} for each
+    argument of C{command}'s schema C{which} (C{"arguments"} or
+    C{"response"}), if every one is a L{Blob} or an L{Encoded} that reads
+    its value as they do; else None (AMP parses it).
+    """
+    key = (command, which)
+    if key in _PLAIN:
+        return _PLAIN[key]
+    plain: tuple | None = ()
+    for name, kind in getattr(command, which):
+        if not isinstance(kind, Blob) or type(kind)._take is not Blob._take:
+            plain = None
+            break
+        if type(kind) is Blob:
+            decode = None
+        elif isinstance(kind, Encoded) and type(kind).fromBox is Encoded.fromBox:
+            decode = kind.decode
+        else:
+            plain = None
+            break
+        plain += ((name, python_identifier(name), decode, kind.optional),)
+    _PLAIN[key] = plain
+    return plain
+
+
+def parse_plain(command: type[amp.Command], which: str, box) -> dict | None:
+    """
+    The arguments of C{command}'s schema C{which} (C{"arguments"} or
+    C{"response"}) read from C{box} as AMP's C{parseArguments} / C{parseResponse} read them,
+    for the hot commands' boxes (issue 18): each argument's value whole
+    under its own key (no chunks), nothing else in the box but AMP's own
+    keys.  Each value goes through the same C{decode} as AMP's path, so it
+    raises the same errors.  None, having decoded nothing, for any other
+    box or schema: let AMP parse it.
+    """
+    plain = _plain_schema(command, which)
+    if plain is None:
+        return None
+    present = 0
+    for name, _, _, optional in plain:
+        if name in box:
+            present += 1
+        elif not optional:
+            return None  # AMP's parse raises (KeyError), as it does
+    for key in _PROTOCOL_KEYS:
+        if key in box:
+            present += 1
+    if present != len(box):
+        return None  # chunks, size hints or other keys: AMP's path
+    arguments = {}
+    for name, identifier, decode, _ in plain:
+        value = box.get(name)
+        if value is None or decode is None:
+            arguments[identifier] = value
+        else:
+            arguments[identifier] = decode(value)
+    return arguments
+
+
+def parse_arguments(command: type[amp.Command], box, proto) -> dict:
+    """C{command.parseArguments(box, proto)}, by L{parse_plain} where it can."""
+    arguments = parse_plain(command, "arguments", box)
+    return arguments if arguments is not None else command.parseArguments(box, proto)
+
+
+def parse_response(box, command: type[amp.Command], proto) -> dict:
+    """C{command.parseResponse(box, proto)}, by L{parse_plain} where it can."""
+    response = parse_plain(command, "response", box)
+    return response if response is not None else command.parseResponse(box, proto)
+
 
 #: Per command class: the Python names of its arguments, and of those it requires (L{LeanCalls}).
 _SIGNATURES: dict[type, tuple[frozenset, frozenset]] = {}
@@ -65,7 +147,7 @@ class LeanCalls:
             argument.toBox(name, box, kw, self)
         if command.requiresAnswer:
             d = send_command(self, command.commandName, box)
-            d.addCallback(command.parseResponse, self)
+            d.addCallback(parse_response, command, self)
             d.addErrback(_massage_error, command)
             return d
         if connection_failed(self):
@@ -103,7 +185,7 @@ class LeanAnswers:
             return
         command, function = found
         try:
-            outcome = function(self, **command.parseArguments(box, self))
+            outcome = function(self, **parse_arguments(command, box, self))
             if type(outcome) is dict:
                 answer = command.makeResponse(outcome, self)
                 answer[amp.ANSWER] = ask
@@ -155,7 +237,7 @@ class CheckedCommands(LeanCalls, CheckedAnswers):
             return
         command, function = found
         try:
-            arguments = command.parseArguments(box, self)
+            arguments = parse_arguments(command, box, self)
         except Exception as e:
             self._refuse_box(name, box, e)
             return

@@ -829,12 +829,14 @@ class ChunkReceiver:
         """
         return None
 
-    def _parse_whole(self, view, offset: int, size: int) -> int:
+    def _parse_whole(self, view, offset: int, size: int, whole: bytes | None = None) -> int:
         """
         If a whole box without chunked values starts at C{offset} in
         C{view} (and the parser is between boxes), hand it to
         L{whole_box}; return where the box ends if it was taken, else
-        C{offset}.
+        C{offset}.  C{whole}: the bytes C{view} shows, if they are a
+        C{bytes} (the common read): keys and values are sliced from it,
+        one object each instead of a view and its copy.
         """
         unpack = _LENGTH.unpack_from
         box = AmpBox()
@@ -851,14 +853,14 @@ class ChunkReceiver:
             value = start + length
             if value + 2 > size:
                 return offset
-            key = bytes(view[start:value])
+            key = whole[start:value] if whole is not None else bytes(view[start:value])
             if b"." in key or key in box:
                 return offset  # a chunk or a chunk count (assembled key by key), or a key twice
             (length,) = unpack(view, value)
             end = value + 2 + length
             if end > size:
                 return offset
-            box[key] = bytes(view[value + 2 : end])
+            box[key] = whole[value + 2 : end] if whole is not None else bytes(view[value + 2 : end])
             last, position = position, end
         end = position + 2
         if not box or not self.whole_box(box, view[offset:end], last - offset):
@@ -996,7 +998,7 @@ class ChunkReceiver:
                 self.stringReceived(bytes(partial[2:]))
                 continue
             if self.state == "init":
-                end = self._parse_whole(view, offset, size)
+                end = self._parse_whole(view, offset, size, data if type(data) is bytes else None)
                 if end != offset:
                     offset = end
                     continue

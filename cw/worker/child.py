@@ -371,11 +371,13 @@ class JobChild(StreamingSender, ChunkReceiver, LeanAnswers, AMPChild):
             if job.func:
                 key = (job.client, job.func)
                 _, cached = self.functions.use(key, functools.partial(CachedFunction, functions.get(key)))
-                # The function is unpickled in its client's context.
-                try:
-                    enter_context(cwd, path)
-                except OSError:
-                    pass  # run_payload reports it
+                if cached.function is None:
+                    # The function is unpickled now, in its client's context
+                    # (run_payload enters it for the job in any case).
+                    try:
+                        enter_context(cwd, path)
+                    except OSError:
+                        pass  # run_payload reports it
                 function = cached.get()
             self.last_arguments = []  # the previous job's go now, before its memory is measured
             watcher = watch(output, job) if job.options and output is not None else None
