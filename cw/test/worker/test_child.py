@@ -273,6 +273,22 @@ class CachedFunctionTests(SynchronousTestCase, ContextIsolation):
         self.assertEqual(result.status, Outcome.OK, read_error_report(result.payload))
         self.assertEqual(cloudpickle.loads(result.payload), 15)
 
+    def test_context_entered_once_per_job(self):
+        """
+        Once its function is unpickled, a job looks at the working
+        directory once (L{child.enter_context} in L{child.run_payload}), not
+        again before the function is fetched from the cache.
+        """
+        where, data = self.pickled_function("cw_test_child_cached_c")
+        job_child = child.JobChild()
+        self.run_map_jobs(job_child, where, {(7, b"key"): data}, 1)
+        looks = []
+        getcwd = os.getcwd
+        self.patch(os, "getcwd", lambda: looks.append(1) or getcwd())
+        [result] = self.run_map_jobs(job_child, where, {}, 2)
+        self.assertEqual(cloudpickle.loads(result.payload), 6)
+        self.assertEqual(len(looks), 1)
+
     def test_failed_load_not_kept(self):
         where, data = self.pickled_function("cw_test_child_cached_b")
         module = os.path.join(where, "cw_test_child_cached_b.py")
