@@ -14,8 +14,9 @@ from twisted.internet import defer
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from cw.core.payload import Segments
 from cw.errors import BadCommand
-from cw.wire.commands import Blob, Encoded
+from cw.wire.commands import CHUNK, Blob, Encoded
 from cw.wire.private import (
     CheckedAnswers,
     command_named,
@@ -37,17 +38,23 @@ _PROTOCOL_KEYS = (amp.COMMAND, amp.ASK, amp.ANSWER)
 
 def _plain_schema(command: type[amp.Command], which: str) -> tuple | None:
     """
-    C{(wire name, Python name, decode or None, optional)} for each
-    argument of C{command}'s schema C{which} (C{"arguments"} or
+    C{(wire name, Python name, decode or None, optional, argument)} for
+    each argument of C{command}'s schema C{which} (C{"arguments"} or
     C{"response"}), if every one is a L{Blob} or an L{Encoded} that reads
-    its value as they do; else None (AMP parses it).
+    and writes its value as they do; else None (AMP's path).
     """
     key = (command, which)
     if key in _PLAIN:
         return _PLAIN[key]
     plain: tuple | None = ()
     for name, kind in getattr(command, which):
-        if not isinstance(kind, Blob) or type(kind)._take is not Blob._take:
+        kind_type = type(kind)
+        if (
+            not isinstance(kind, Blob)
+            or kind_type._take is not Blob._take
+            or kind_type._put is not Blob._put
+            or kind_type.toBox not in (Blob.toBox, Encoded.toBox)
+        ):
             plain = None
             break
         if type(kind) is Blob:
@@ -57,7 +64,7 @@ def _plain_schema(command: type[amp.Command], which: str) -> tuple | None:
         else:
             plain = None
             break
-        plain += ((name, python_identifier(name), decode, kind.optional),)
+        plain += ((name, python_identifier(name), decode, kind.optional, kind),)
     _PLAIN[key] = plain
     return plain
 
@@ -76,7 +83,7 @@ def parse_plain(command: type[amp.Command], which: str, box) -> dict | None:
     if plain is None:
         return None
     present = 0
-    for name, _, _, optional in plain:
+    for name, _, _, optional, _ in plain:
         if name in box:
             present += 1
         elif not optional:
@@ -87,13 +94,41 @@ def parse_plain(command: type[amp.Command], which: str, box) -> dict | None:
     if present != len(box):
         return None  # chunks, size hints or other keys: AMP's path
     arguments = {}
-    for name, identifier, decode, _ in plain:
+    for name, identifier, decode, _, _ in plain:
         value = box.get(name)
         if value is None or decode is None:
             arguments[identifier] = value
         else:
             arguments[identifier] = decode(value)
     return arguments
+
+
+def fill_plain(command: type[amp.Command], which: str, values: dict, box) -> bool:
+    """
+    Put C{values}, the arguments of C{command}'s schema C{which}
+    (C{"arguments"} or C{"response"}) by Python name, into C{box} as
+    AMP's C{toBox} of each puts them (the hot commands, issue 18): the
+    same parts of each value (C{parts}, the same errors), a value that
+    fits in one key put there as it is, a longer one chunked by the
+    argument itself.  False, having put nothing, for a schema of other
+    kinds: let AMP make the box.
+    """
+    plain = _plain_schema(command, which)
+    if plain is None:
+        return False
+    for name, identifier, decode, optional, kind in plain:
+        value = values.get(identifier)
+        if value is None and optional:
+            continue  # left out: the receiver sees None
+        if decode is not None:
+            parts = kind.parts(value) or [b""]
+        else:
+            parts = (value.parts or [b""]) if isinstance(value, Segments) else [value]
+        if len(parts) == 1 and type(parts[0]) is bytes and len(parts[0]) <= CHUNK:
+            box[name] = parts[0]
+        else:
+            kind._put(name, box, parts)
+    return True
 
 
 def parse_arguments(command: type[amp.Command], box, proto) -> dict:
@@ -143,8 +178,9 @@ class LeanCalls:
         if a or not names.issuperset(kw) or not required.issubset(kw):
             return super().callRemote(command, *a, **kw)
         box = command.commandType()
-        for name, argument in command.arguments:
-            argument.toBox(name, box, kw, self)
+        if not fill_plain(command, "arguments", kw, box):
+            for name, argument in command.arguments:
+                argument.toBox(name, box, kw, self)
         if command.requiresAnswer:
             d = send_command(self, command.commandName, box)
             d.addCallback(parse_response, command, self)
@@ -187,7 +223,9 @@ class LeanAnswers:
         try:
             outcome = function(self, **parse_arguments(command, box, self))
             if type(outcome) is dict:
-                answer = command.makeResponse(outcome, self)
+                answer = command.responseType()  # (a QuitBox closes the connection once sent)
+                if not fill_plain(command, "response", outcome, answer):
+                    answer = command.makeResponse(outcome, self)
                 answer[amp.ANSWER] = ask
         except Exception:
             outcome = Failure()

@@ -18,11 +18,12 @@ from twisted.protocols import amp
 from twisted.trial import unittest
 
 from cw.core import records
+from cw.core.payload import Segments
 from cw.test.wire.test_session_mac import SignedPeer
 from cw.wire import auth
 from cw.wire import commands as P
 from cw.wire.auth import BoxMac, box_body, session_keys
-from cw.wire.checked import parse_arguments, parse_plain, parse_response
+from cw.wire.checked import fill_plain, parse_arguments, parse_plain, parse_response
 
 KEYS = session_keys(b"s" * 32, "client", b"p" * 32, b"m" * 32)
 
@@ -241,3 +242,51 @@ class RecordsFromBytesTests(unittest.SynchronousTestCase):
                 for item in decoded:
                     expected = memoryview if len(item.payload) >= records.VIEW_THRESHOLD else bytes
                     self.assertIs(type(item.payload), expected)
+
+
+class FillPlainTests(unittest.SynchronousTestCase):
+    """L{fill_plain} makes the boxes AMP's C{toBox} makes for the hot commands, and refuses alike."""
+
+    def made(self, command, which: str, values: dict) -> amp.AmpBox:
+        box = amp.AmpBox()
+        self.assertTrue(fill_plain(command, which, values, box))
+        return box
+
+    def test_same_boxes_as_amp(self):
+        big = P.Job(1, 1, b"z" * (3 * P.CHUNK + 5), b"", b"fn")
+        segments = P.Job(1, 2, Segments([b"a" * P.CHUNK, b"b" * 10]))
+        for command, arguments in (
+            (P.SubmitJobs, {"jobs": JOBS}),
+            (P.RunJobs, {"jobs": JOBS + [big, segments]}),
+            (P.JobResults, {"results": RESULTS}),
+            (P.RunBatch, {"jobs": JOBS, "contexts": {}, "functions": {}}),
+            (P.RunBatch, {"jobs": JOBS, "contexts": {"1": {"cwd": "/" + "d" * P.CHUNK}}, "functions": {}}),
+            (
+                P.RunBatch,
+                {
+                    "jobs": [big],
+                    "contexts": {"1": {"cwd": "/"}},
+                    "functions": {(1, b"fn"): b"f"},
+                    "shared": {"pid": 1},
+                },
+            ),
+            (P.DefineFunction, {"client": 1, "key": b"k", "function": b"f"}),  # not plain: AMP's
+        ):
+            box = amp.AmpBox()
+            if fill_plain(command, "arguments", arguments, box):
+                self.assertEqual(box, command.makeArguments(arguments, None), command)
+            else:
+                self.assertIs(command, P.DefineFunction)
+                self.assertEqual(box, {})
+        for response in ({"results": RESULTS}, {"results": RESULTS, "shared": {"size": 3}}):
+            self.assertEqual(
+                self.made(P.RunBatch, "response", response), P.RunBatch.makeResponse(response, None)
+            )
+
+    def test_refuses_as_amp(self):
+        bad = {"jobs": [P.Job(1, 1, b"x", b"o" * 70_000)]}
+        with self.assertRaises(ValueError) as amp_way:
+            P.RunJobs.makeArguments(bad, None)
+        with self.assertRaises(ValueError) as fast_way:
+            fill_plain(P.RunJobs, "arguments", bad, amp.AmpBox())
+        self.assertEqual(str(fast_way.exception), str(amp_way.exception))
