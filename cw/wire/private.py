@@ -451,7 +451,7 @@ def write_through(transport, data: bytes) -> bool:
     return True
 
 
-def set_read_size(transport, size: int | None, reuse: bool | bytearray = False) -> None:
+def set_read_size(transport, size: int | None, reuse: bool | bytearray = False, plan=None) -> None:
     """
     Make C{transport}, if a plain TCP connection (not TLS), read up to
     C{size} bytes at a time (None: back to Twisted's 64 KiB): a receiver
@@ -475,6 +475,12 @@ def set_read_size(transport, size: int | None, reuse: bool | bytearray = False) 
     transport's C{doRead} is replaced on the instance (the reactor calls
     it there) by L{_read_into}, which ends as Twisted's does, through
     private C{_dataReceived}.
+
+    With C{reuse}, C{plan} (if given) is asked before each read where the
+    bytes should go instead: None (into the buffer, as above), or a plan
+    (L{cw.wire.streaming.ChunkReceiver.read_plan}) whose C{views} the
+    read fills in order (C{recvmsg_into}) and whose C{received(length)}
+    makes what C{dataReceived} is given in place of the bytes.
     """
     if not isinstance(transport, tcp.Connection) or interfaces.ISSLTransport.providedBy(transport):
         return
@@ -490,18 +496,27 @@ def set_read_size(transport, size: int | None, reuse: bool | bytearray = False) 
         if buffer is None or len(buffer) < size:
             buffer = transport._cw_reads = unfilled_bytearray(size)
     if reuse:
-        transport.doRead = functools.partial(_read_into, transport, memoryview(buffer)[:size])
+        transport.doRead = functools.partial(_read_into, transport, memoryview(buffer)[:size], plan)
 
 
-def _read_into(transport, buffer: memoryview):
-    """C{tcp.Connection.doRead}, reading into C{buffer} (see L{set_read_size})."""
+def _read_into(transport, buffer: memoryview, plan=None):
+    """C{tcp.Connection.doRead}, reading into C{buffer}, or where C{plan} says (see L{set_read_size})."""
+    planned = plan() if plan is not None else None
     try:
-        length = transport.socket.recv_into(buffer)
+        if planned is None:
+            length = transport.socket.recv_into(buffer)
+        else:
+            length = transport.socket.recvmsg_into(planned.views)[0]
     except OSError as e:
+        if planned is not None:
+            planned.received(0)  # lets go of its views
         if e.args[0] == errno.EWOULDBLOCK:
             return None
         return main.CONNECTION_LOST
-    return transport._dataReceived(buffer[:length])
+    if planned is None:
+        return transport._dataReceived(buffer[:length])
+    data = planned.received(length)
+    return transport._dataReceived(data if length else b"")
 
 
 #: Buffers one C{sendmsg} call may take (Linux's C{UIO_MAXIOV}; more fail

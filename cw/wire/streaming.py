@@ -54,7 +54,7 @@ from twisted.internet.interfaces import IPullProducer
 from twisted.protocols.amp import AmpBox
 from zope.interface import implementer
 
-from cw.core.records import size_key
+from cw.core.records import CHUNK, chunk_key, size_key
 from cw.system import populate_range, unfilled_bytearray
 from cw.wire import memfile
 from cw.wire.forwarding import Relay
@@ -602,11 +602,13 @@ class _Assembly:
     seen.
     """
 
-    __slots__ = ("following", "buffer", "filled", "mapped", "spare")
+    __slots__ = ("following", "buffer", "filled", "mapped", "spare", "size")
 
     def __init__(self, first: bytes, size: int, spare: SpareBuffers | None = None) -> None:
         #: The number of the chunk expected next.
         self.following = 2
+        #: The length the value said it has (0: unknown).
+        self.size = size
         #: The buffer is kept in C{spare} (it may be longer than the value).
         self.spare = False
         buffer, mapped = None, len(first)
@@ -631,14 +633,19 @@ class _Assembly:
         #: Bytes of C{buffer} written; bytes of it mapped ahead of the writes.
         self.filled, self.mapped = len(first), mapped
 
+    def map_to(self, end: int) -> None:
+        """Map the buffer up to C{end} (no more than its length), a window at a time, before writing there."""
+        if end > self.mapped:
+            buffer = self.buffer
+            mapped, self.mapped = self.mapped, min(len(buffer), max(end, self.mapped + POPULATE_WINDOW))
+            populate_range(buffer, mapped, self.mapped)
+
     def write(self, piece) -> None:
         """Append C{piece} (bytes-like) to the value."""
         buffer, filled = self.buffer, self.filled
         end = filled + len(piece)
         if end <= len(buffer):
-            if end > self.mapped:
-                mapped, self.mapped = self.mapped, min(len(buffer), max(end, self.mapped + POPULATE_WINDOW))
-                populate_range(buffer, mapped, self.mapped)
+            self.map_to(end)
             buffer[filled:end] = piece
         else:
             buffer[filled:] = piece  # longer than it said: grow
@@ -651,6 +658,74 @@ class _Assembly:
                 return memoryview(self.buffer)[: self.filled]  # the buffer stays whole for later values
             del self.buffer[self.filled :]
         return self.buffer
+
+
+#: A chunk with at least this many bytes still to come, of a value that
+#: said its length and is assembled in memory, is read straight into the
+#: value's buffer, with the chunks after it (L{ChunkReceiver.read_plan}).
+IN_PLACE_ABOVE = 16 << 10
+
+#: Buffers one such read fills at most: chunks and the keys between them.
+IN_PLACE_BUFFERS = 128
+
+
+class _ReadPlan:
+    """
+    Where one read goes (L{ChunkReceiver.read_plan}): C{views}, in order,
+    the rest of the chunk being read (in its value's buffer), then for each
+    chunk after it the key and length it should have (into a small buffer
+    of its own) and its bytes (in the value's buffer).
+    """
+
+    __slots__ = ("buffer", "views", "parts")
+
+    def __init__(self, buffer: bytearray) -> None:
+        self.buffer = buffer
+        self.views: list[memoryview] = []
+        #: Per view: C{(None, start, length)} for bytes of the value at
+        #: C{start} of its buffer; C{(expected, slot, length)} for a key
+        #: and length expected to read C{expected}, read into C{slot}.
+        self.parts: list[tuple] = []
+
+    def value(self, view: memoryview, start: int, length: int) -> None:
+        self.views.append(view[start : start + length])
+        self.parts.append((None, start, length))
+
+    def header(self, expected: bytes) -> None:
+        slot = bytearray(len(expected))
+        self.views.append(memoryview(slot))
+        self.parts.append((expected, slot, len(expected)))
+
+    def received(self, length: int) -> _InPlace:
+        """What the read brought (C{length} bytes), to hand to C{dataReceived}; the views let go of."""
+        arrived = []
+        for expected, where, size in self.parts:
+            if length <= 0:
+                break
+            arrived.append((expected, where, min(size, length)))
+            length -= size
+        for view in self.views:
+            view.release()
+        read = _InPlace(sum(part[2] for part in arrived), self.buffer, arrived)
+        self.views = self.parts = []
+        return read
+
+
+class _InPlace:
+    """
+    A read that went where a L{_ReadPlan} said, given to C{dataReceived}
+    in place of the bytes (its length is theirs): per part of the plan
+    that bytes reached, C{(expected, where, length)} as in
+    L{_ReadPlan.parts}, C{length} cut to what arrived.
+    """
+
+    __slots__ = ("length", "buffer", "parts")
+
+    def __init__(self, length: int, buffer: bytearray, parts: list) -> None:
+        self.length, self.buffer, self.parts = length, buffer, parts
+
+    def __len__(self) -> int:
+        return self.length
 
 
 class _FileAssembly:
@@ -891,7 +966,10 @@ class ChunkReceiver:
             if size and claim and not self._big_reads:
                 self._big_reads = True  # until the box ends
                 spare = self.spare_buffers
-                set_read_size(self.transport, BIG_READ, spare.reads(BIG_READ) if spare is not None else False)
+                if spare is not None:
+                    set_read_size(self.transport, BIG_READ, spare.reads(BIG_READ), self.read_plan)
+                else:
+                    set_read_size(self.transport, BIG_READ, False)
             if claim:
                 if self._assembling is None:
                     self._assembling = {}
@@ -956,10 +1034,103 @@ class ChunkReceiver:
         self._chunk = None
         self.state = expect_key(self)
 
+    def read_plan(self) -> _ReadPlan | None:
+        """
+        Where the next read should go, if the chunk being read belongs to a
+        value assembled in memory that said its length, with at least
+        L{IN_PLACE_ABOVE} bytes still to come: straight into the value's
+        buffer, where the parse would copy them (one copy fewer), and so
+        the chunks after it, each after a small buffer for the key and
+        length it should have (they follow from the chunk's key, the
+        value's length and L{CHUNK}), up to L{BIG_READ} bytes in all.  The
+        read is then parsed from there (L{_received_in_place}).  None (the
+        read goes into the connection's buffer and is parsed as usual)
+        otherwise.
+        """
+        chunk, left = self._chunk, self._chunk_left
+        if type(chunk) is not _Assembly or left < IN_PLACE_ABOVE or self.paused or self._held:
+            return None
+        start, total, buffer = chunk.filled, chunk.size, chunk.buffer
+        if not total or start + left > min(total, len(buffer)) or self._partial is not None:
+            return None
+        key = current_key(self)
+        dot = key.rfind(b".")
+        name, width, index = key[:dot], len(key) - dot - 1, chunk.following
+        plan = _ReadPlan(buffer)
+        view = memoryview(buffer)
+        try:
+            plan.value(view, start, left)
+            end, room = start + left, BIG_READ - left
+            while end < total and room > 0 and len(plan.views) + 2 <= IN_PLACE_BUFFERS:
+                index += 1
+                size = min(CHUNK, total - end)
+                following = chunk_key(name, index, width)
+                plan.header(_LENGTH.pack(len(following)) + following + _LENGTH.pack(size))
+                take = min(size, room)
+                plan.value(view, end, take)
+                end, room = end + take, room - take
+        finally:
+            view.release()
+        chunk.map_to(end)
+        return plan
+
+    def _received_in_place(self, read: _InPlace) -> None:
+        """
+        Parse a read that went where L{read_plan} said: bytes of the value
+        taken where they lie, each key and length between them parsed as
+        usual once it reads as expected; from the first part that is not
+        what was expected (a key, the box's end) on, the rest is copied
+        out and parsed as usual.
+        """
+        parts = read.parts
+        for i, (expected, where, length) in enumerate(parts):
+            chunk = self._chunk
+            if expected is None:
+                if (
+                    self.paused
+                    or type(chunk) is not _Assembly
+                    or chunk.buffer is not read.buffer
+                    or chunk.filled != where
+                    or length > self._chunk_left
+                ):
+                    return self._parse_rest(read, i)
+                self._chunk_in_place(chunk, length)
+            elif self.paused or length < len(expected) or where != expected:
+                return self._parse_rest(read, i)
+            else:
+                self._parse(bytes(where))
+
+    def _parse_rest(self, read: _InPlace, first: int) -> None:
+        """Parse as usual what a planned read brought to its parts from C{first} on (copied out first)."""
+        rest = []
+        for expected, where, length in read.parts[first:]:
+            if expected is None:
+                rest.append(bytes(memoryview(read.buffer)[where : where + length]))
+            else:
+                rest.append(bytes(where[:length]))
+        self._parse(b"".join(rest))
+
+    def _chunk_in_place(self, chunk: _Assembly, length: int) -> None:
+        """The next C{length} bytes of the chunk being read arrived in place, in C{chunk}'s buffer."""
+        start = chunk.filled
+        with memoryview(chunk.buffer) as view, view[start : start + length] as piece:
+            self.chunk_piece(piece)
+        chunk.filled = start + length
+        self.chunk_stored(chunk.buffer, start, start + length)
+        self._chunk_left -= length
+        if not self._chunk_left:
+            self._end_chunk()
+
     def dataReceived(self, data):
         if self.innerProtocol is not None:
             return super().dataReceived(data)
         data_arrived(self)
+        if type(data) is _InPlace:
+            return self._received_in_place(data)
+        return self._parse(data)
+
+    def _parse(self, data) -> None:
+        """Parse C{data}, the bytes read (or any part of them)."""
         if self._held:
             data, self._held = self._held + data, b""
         view = memoryview(data)

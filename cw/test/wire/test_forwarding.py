@@ -20,6 +20,7 @@ from twisted.trial import unittest
 
 from cw.test.peers import pattern
 from cw.test.wire.test_session_mac import SignedPeer as Peer
+from cw.test.wire.test_streaming import planned_feed
 from cw.wire import commands as P
 from cw.wire import forwarding
 from cw.wire.auth import MAC_KEY, VOID_KEY, AuthGate, session_keys
@@ -325,6 +326,19 @@ class SharedSpareTests(unittest.SynchronousTestCase):
         [box] = receiver.boxes
         receiver.boxes.clear()
         return P.decode_results(box[b"results"])[0].payload
+
+    def test_read_in_place(self):
+        """
+        Read straight into their buffers (L{ChunkReceiver.read_plan}), values
+        are forwarded whole, one still being forwarded kept as it arrived.
+        """
+        first, second = os.urandom(5 << 20), os.urandom(5 << 20)
+        for pair, payload in ((0, first), (1, second)):
+            sender, middle, _, sent, _ = self.pairs[pair]
+            sender.sendBox(result_box(payload))
+            self.assertGreater(planned_feed(middle, drain(sent), [100_000, 4 << 20]), 4 << 20)
+        self.assertEqual(self.delivered(1), second)
+        self.assertEqual(self.delivered(0), first)
 
     def test_value_being_forwarded_kept(self):
         first, second, third = (os.urandom(3 << 20) for _ in range(3))

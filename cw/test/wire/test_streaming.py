@@ -224,7 +224,9 @@ class ChunkReceiverTests(SynchronousTestCase):
         (L{cw.wire.private.set_read_size}); not for a value that does not say.
         """
         sizes = []
-        self.patch(streaming, "set_read_size", lambda transport, size, reuse=False: sizes.append(size))
+        self.patch(
+            streaming, "set_read_size", lambda transport, size, reuse=False, plan=None: sizes.append(size)
+        )
         payload = pattern(2 * streaming.ASSEMBLE_IN_PLACE_ABOVE)
         wire = blob_wire(payload)
         receiver = self.receive(wire[:-100])
@@ -491,7 +493,7 @@ class SpareBufferTests(SynchronousTestCase):
         """While such a value arrives, a TCP connection reads into one buffer (L{private.set_read_size})."""
         calls = []
 
-        def set_read_size(transport, size, reuse=False):
+        def set_read_size(transport, size, reuse=False, plan=None):
             calls.append((size, reuse))
 
         self.patch(streaming, "set_read_size", set_read_size)
@@ -527,7 +529,9 @@ class SpareBufferTests(SynchronousTestCase):
         other.spare_buffers = self.receiver.spare_buffers
         other.makeConnection(StringTransport())
         calls = []
-        self.patch(streaming, "set_read_size", lambda transport, size, reuse=False: calls.append(reuse))
+        self.patch(
+            streaming, "set_read_size", lambda transport, size, reuse=False, plan=None: calls.append(reuse)
+        )
         kept_payload = os.urandom(self.SIZE)
         kept = self.value(kept_payload)
         feed(other, blob_wire(os.urandom(self.SIZE)), range(0, self.SIZE, 100_000))
@@ -678,3 +682,116 @@ class ParserTests(SynchronousTestCase):
         receiver.dataReceived(b"\x01\x00" + b"k" * 256)
         self.assertTrue(transport.disconnecting)
         self.assertEqual(receiver.boxes, [])
+
+
+def planned_feed(receiver, wire: bytes, steps) -> int:
+    """
+    Give C{wire} to C{receiver} as its TCP connection would with reads in
+    place (L{ChunkReceiver.read_plan}): each read of at most the next of
+    C{steps} bytes (cycled) goes where the receiver's plan says, if it has
+    one, as C{recvmsg_into} fills its views, else is handed over as bytes.
+    The bytes of values taken where they were read (not copied).
+    """
+    at, i, placed = 0, 0, [0]
+    taken = receiver._chunk_in_place
+
+    def counted(chunk, length):
+        placed[0] += length
+        taken(chunk, length)
+
+    receiver._chunk_in_place = counted
+    while at < len(wire):
+        step = steps[i % len(steps)]
+        i += 1
+        plan = receiver.read_plan()
+        if plan is None:
+            receiver.dataReceived(wire[at : at + step])
+            at += step
+            continue
+        length = 0
+        for view in plan.views:
+            take = min(len(view), step - length, len(wire) - at - length)
+            view[:take] = wire[at + length : at + length + take]
+            length += take
+        receiver.dataReceived(plan.received(length))
+        at += length
+    del receiver._chunk_in_place
+    return placed[0]
+
+
+class InPlaceReadTests(SynchronousTestCase):
+    """
+    While a big value that said its length arrives in memory, a receiver
+    with spare buffers (the master, the client) reads its chunks straight
+    into the value's buffer, with the keys between them, as it would have
+    parsed them (L{ChunkReceiver.read_plan}): the value arrives whole,
+    checked by its MAC, whatever the reads, and nothing else changes.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+
+    def receiver(self, kind=Receiver):
+        receiver = kind()
+        receiver.spare_buffers = streaming.SpareBuffers(self.clock)
+        receiver.makeConnection(StringTransport())
+        return receiver
+
+    def test_values_whole_whatever_the_reads(self):
+        receiver = self.receiver()
+        for size in (3 << 20, P.CHUNK * 40, P.CHUNK * 40 + 1, (5 << 20) - 3):
+            payload = os.urandom(size)
+            for steps in ([100_000, streaming.BIG_READ], [70_001], [1000, 300_000, 7], [P.CHUNK + 19]):
+                wire = blob_wire(payload) + blob_wire(b"small") + blob_wire(payload[: 2 << 20])
+                placed = planned_feed(receiver, wire, steps)
+                # All but the first chunk (and a read's worth), with big reads.
+                most = 0.9 if steps[-1] == streaming.BIG_READ else 0.5
+                self.assertGreater(placed, size * most, (size, steps))
+                got = [bytes(box[b"payload"]) for box in receiver.boxes]
+                receiver.boxes = []
+                self.assertEqual(got, [payload, b"small", payload[: 2 << 20]], (size, steps))
+        # No view of a kept buffer is left behind: each can still grow.
+        for buffer in receiver.spare_buffers._buffers:
+            buffer.append(0)
+
+    def test_longer_or_shorter_than_said(self):
+        """A value whose size key says otherwise than its chunks: assembled as before, from what arrived."""
+        receiver = self.receiver()
+        payload = os.urandom(3 << 20)
+        for said in (len(payload) + 100_000, len(payload) - P.CHUNK - 5):
+            planned_feed(receiver, blob_wire(payload, size=b"%d" % said), [100_000, streaming.BIG_READ])
+            [box] = receiver.boxes
+            receiver.boxes = []
+            self.assertEqual(bytes(box[b"payload"]), payload, said)
+
+    def test_signed(self):
+        """With session keys, the MAC checks the bytes read in place: a changed one fails it."""
+        from cw.test.wire.test_session_mac import SignedPeer
+        from cw.wire.auth import session_keys
+
+        keys = session_keys(b"s" * 32, "client", b"p" * 32, b"m" * 32)
+        payload = os.urandom(3 << 20)
+        for flip in (None, 2 << 20):
+            sender, receiver = SignedPeer(), self.receiver(SignedPeer)
+            sender.makeConnection(StringTransport())
+            sender.start_session(*keys)
+            receiver.start_session(*reversed(keys))
+            sender.mark_authenticated()
+            receiver.mark_authenticated()
+            box = amp.AmpBox(_command=b"x")
+            P.Blob().toBox(b"payload", box, {"payload": payload}, None)
+            sender.sendBox(box)
+            while sender.transport.producer is not None:
+                sender.transport.producer.resumeProducing()
+            wire = bytearray(sender.transport.value())
+            if flip is not None:
+                wire[flip] ^= 1
+            self.assertGreater(
+                planned_feed(receiver, bytes(wire), [100_000, streaming.BIG_READ]), len(payload) // 2
+            )
+            if flip is None:
+                self.assertIsNone(receiver.rejected)
+                self.assertEqual(bytes(receiver.boxes[0][b"payload"]), payload)
+            else:
+                self.assertIn("wrong MAC", receiver.rejected)
+                self.assertEqual(receiver.boxes, [])
