@@ -573,6 +573,16 @@ class SpareBuffers:
         else:
             self._expiry = self._clock.callLater(self._keep, self.clear)
 
+    def ended(self, buffer: bytearray) -> None:
+        """
+        A value assembled in C{buffer} (one of these) ended: keep it for
+        C{keep} seconds from now, again if it went meanwhile (a value that
+        took longer than that to arrive).
+        """
+        self._touch()
+        if not any(kept is buffer for kept in self._buffers):
+            self._buffers.append(buffer)
+
 
 def _only_spare() -> int:
     """What L{SpareBuffers._references} counts for a buffer that only its list refers to."""
@@ -1209,6 +1219,8 @@ class ChunkReceiver:
             box = current_box(self)
             for name, assembly in assembling.items():
                 count = box.get(name + b".n", b"")
+                if getattr(assembly, "spare", False):
+                    self.spare_buffers.ended(assembly.buffer)
                 if count.isdigit() and int(count) == assembly.following - 1:
                     del box[name + b".n"]
                     box.pop(size_key(name), None)

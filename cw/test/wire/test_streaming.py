@@ -489,6 +489,19 @@ class SpareBufferTests(SynchronousTestCase):
         del value
         self.assertLess(tracemalloc.get_traced_memory()[0] - before, streaming.ASSEMBLE_IN_PLACE_ABOVE)
 
+    def test_kept_after_a_slow_value(self):
+        """A value that took longer than SPARE_KEPT to arrive: its buffer kept SPARE_KEPT after its end."""
+        wire = blob_wire(os.urandom(self.SIZE))
+        feed(self.receiver, wire[: len(wire) // 2], ())
+        self.clock.advance(streaming.SPARE_KEPT + 1)
+        feed(self.receiver, wire[len(wire) // 2 :], ())
+        [box] = self.receiver.boxes
+        self.receiver.boxes = []
+        where = address_of(box[b"payload"])
+        del box
+        self.clock.advance(streaming.SPARE_KEPT - 1)
+        self.assertEqual(address_of(self.value(os.urandom(self.SIZE))), where)
+
     def test_reads_into_a_buffer_of_the_connection(self):
         """While such a value arrives, a TCP connection reads into one buffer (L{private.set_read_size})."""
         calls = []
