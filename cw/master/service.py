@@ -1185,7 +1185,15 @@ class Master:
             self._started_call = None
 
     def _send_started(self) -> None:
-        """Tell clients which of their jobs were handed to workers (L{P.JobsStarted})."""
+        """
+        Tell clients which of their jobs were handed to workers
+        (L{P.JobsStarted}).  How late this call runs tells the scheduler
+        the master's lag during a burst of dispatches
+        (L{Scheduler.note_lag}), sooner than the deadline tick.
+        """
+        if self._started_call is not None:
+            now = self.clock.seconds()
+            self.scheduler.note_lag(max(0.0, now - self._started_call.getTime()), now)
         self._started_call = None
         started, self._started = self._started, {}
         for cid, seqs in started.items():

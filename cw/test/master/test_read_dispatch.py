@@ -153,3 +153,12 @@ class LagTests(unittest.SynchronousTestCase):
         self.assertEqual(master.scheduler.lag(clock.seconds()), 0.0)
         clock.advance(DEADLINE_TICK + 0.2)  # a turn of the reactor's that took 0.2 s too long
         self.assertAlmostEqual(master.scheduler.lag(clock.seconds()), 0.2)
+
+    def test_late_running_notices_noted(self):
+        """The running notices, due a few milliseconds after each dispatch, say it during a burst."""
+        clock = Clock()
+        master = Master(clock, secret=os.urandom(32), heartbeat=0)
+        master._started_call = clock.callLater(P.RUNNING_NOTICE_DELAY, master._send_started)
+        clock.advance(P.RUNNING_NOTICE_DELAY + 0.3)
+        self.assertAlmostEqual(master.scheduler.lag(clock.seconds()), 0.3)
+        self.assertIsNone(master._started_call)
