@@ -258,6 +258,10 @@ class _Jobs:
         self._entries: dict[int, ClusterFuture] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
+        #: Threads in L{wait_idle} (under C{_lock}): the table emptying
+        #: notifies C{_idle} only when someone waits (a lone job empties it
+        #: with every result).
+        self._idle_waiters = 0
         self._seq = itertools.count(1)
 
     def put(self, item: Any) -> None:
@@ -312,7 +316,12 @@ class _Jobs:
         (user code, which may block or submit, never runs in the reactor
         thread).  Return whether they were delivered.
         """
-        if len(results) > DELIVER_NOW_RESULTS or sum(len(r.payload) for r in results) > DELIVER_NOW_BYTES:
+        if len(results) > DELIVER_NOW_RESULTS:
+            return False
+        size = 0
+        for result in results:
+            size += len(result.payload)
+        if size > DELIVER_NOW_BYTES:
             return False
         # As L{_first_in_line}, spelt out: this runs for every lone job's
         # result, where a generator's context managers cost more than the rest.
@@ -368,7 +377,7 @@ class _Jobs:
     def forget(self, seq: int) -> None:
         with self._lock:
             self._entries.pop(seq, None)
-            if not self._entries:
+            if not self._entries and self._idle_waiters:
                 self._idle.notify_all()
 
     def pop(self, seq: int, future: ClusterFuture) -> ClusterFuture | None:
@@ -377,7 +386,7 @@ class _Jobs:
             if self._entries.get(seq) is not future:
                 return None
             del self._entries[seq]
-            if not self._entries:
+            if not self._entries and self._idle_waiters:
                 self._idle.notify_all()
             return future
 
@@ -408,7 +417,11 @@ class _Jobs:
 
     def wait_idle(self, timeout: float | None) -> bool:
         with self._lock:
-            return self._idle.wait_for(lambda: not self._entries, timeout)
+            self._idle_waiters += 1
+            try:
+                return self._idle.wait_for(lambda: not self._entries, timeout)
+            finally:
+                self._idle_waiters -= 1
 
 
 class ClusterExecutor(futures.Executor):

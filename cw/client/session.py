@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import operator
 import os
 import socket
 import sys
@@ -324,7 +325,8 @@ class SelfContained:
         module = func.__globals__
         if names is None:
             names = _code_names(func.__code__)
-        if any(name in module for name in names):
+        # (In C: the shorter of the two is walked.)
+        if not module.keys().isdisjoint(names):
             return None
         return (
             func.__code__,
@@ -348,7 +350,7 @@ class SelfContained:
         if func.__code__ is not state[0]:
             return None
         now = self._state(func, names)
-        if now is None or any(a is not b for a, b in zip(now, state, strict=True)):
+        if now is None or len(now) != len(state) or not all(map(operator.is_, now, state)):
             return None
         return pickled
 
@@ -610,7 +612,7 @@ class ClientProtocol(SignsOfLife, StreamingSender, AuthGate, ChunkReceiver, Chec
                 and self._outgoing is None
                 and not tls_starting(self)
                 and can_write_now(self.transport)
-                and sum(len(value) for value in box.values()) < STREAM_ABOVE
+                and sum(map(len, box.values())) < STREAM_ABOVE
             ):
                 data = self.box_bytes(box)
                 written = write_now(self.transport, data)
@@ -1369,6 +1371,10 @@ class Session:
         is true or the session closes; raises L{MasterUnavailable} if the
         connection is lost meanwhile (for good, when reconnecting).
         """
+        if not self.full():
+            # The common case, without the lock: what it would read under the
+            # lock may change as soon as it is released anyway (issue 18).
+            return
         with self._lock:
             while self.full():
                 if self.closing or give_up():

@@ -830,3 +830,61 @@ class DeliverNowTests(SynchronousTestCase):
         for _ in range(DELIVER_NOW_RESULTS + 1):
             results.append(Result(0, self.jobs.add(ClusterFuture()), Outcome.OK, b"x"))
         self.assertFalse(self.jobs.deliver_results_now(results, self.delivered.append))
+
+
+#: Seconds L{JobsIdleTests} wait for a thread (a bug fails them this fast).
+IDLE_DEADLINE = 10
+
+
+class JobsIdleTests(SynchronousTestCase):
+    """
+    L{cw.client.executor._Jobs.wait_idle} (shutdown's wait) returns once
+    the table empties, whichever way it does: the table notifies only while
+    someone waits (a lone job empties it with every result).
+    """
+
+    def wait_then(self, empty) -> None:
+        from cw.client.executor import ClusterFuture, _Jobs
+
+        jobs = _Jobs()
+        future = ClusterFuture()
+        seq = jobs.add(future)
+        returned: list = []
+        # Told, it returns well before its own timeout (which would return True too).
+        waiter = threading.Thread(target=lambda: returned.append(jobs.wait_idle(6 * IDLE_DEADLINE)))
+        waiter.start()
+
+        def release():
+            with jobs._lock:
+                jobs._idle.notify_all()
+            waiter.join()
+
+        self.addCleanup(release)
+        # Bounded: the waiter counts itself as it starts waiting.
+        deadline = threading.Event()
+        for _ in range(int(IDLE_DEADLINE * 100)):
+            with jobs._lock:
+                if jobs._idle_waiters:
+                    break
+            deadline.wait(0.01)
+        empty(jobs, seq, future)
+        waiter.join(IDLE_DEADLINE)
+        self.assertEqual(returned, [True])
+        self.assertEqual(jobs._idle_waiters, 0)
+
+    def test_forget(self):
+        self.wait_then(lambda jobs, seq, future: jobs.forget(seq))
+
+    def test_pop(self):
+        self.wait_then(lambda jobs, seq, future: jobs.pop(seq, future))
+
+    def test_clear(self):
+        self.wait_then(lambda jobs, seq, future: jobs.clear())
+
+    def test_no_waiter(self):
+        """Emptied with nobody waiting, a later wait returns at once."""
+        from cw.client.executor import ClusterFuture, _Jobs
+
+        jobs = _Jobs()
+        jobs.forget(jobs.add(ClusterFuture()))
+        self.assertTrue(jobs.wait_idle(0))
