@@ -31,6 +31,9 @@ class PeerLiveness:
     last_heard: float
     #: A heartbeat is on its way and not answered yet.
     pinged: bool = False
+    #: When something was last sent to it (only kept where it matters,
+    #: L{Liveness.peers_watch}).
+    last_sent: float = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,10 @@ class Beat:
 
     #: Peers to send a heartbeat now.
     ping: list[Hashable] = field(default_factory=list)
+    #: Peers heard from within the interval that still need a heartbeat to
+    #: arrive (their own watch on this side counts them) but whose answer
+    #: this side does not need: send it without asking for one.
+    notify: list[Hashable] = field(default_factory=list)
     #: C{(peer, seconds silent)} for each peer unheard for longer than the timeout.
     silent: list[tuple[Hashable, float]] = field(default_factory=list)
 
@@ -49,12 +56,28 @@ class Liveness:
     once at a time (no second heartbeat while one is unanswered); one not
     heard from for longer than C{timeout} is reported at each tick until it
     is forgotten.  Anything from the peer counts as hearing from it.
+
+    Heartbeats cost nothing where a peer is demonstrably alive (issue 18:
+    they were the main per-connection cost of an idle master).  Given the
+    C{interval} between ticks, a peer heard from within it needs no answer:
+      - if C{peers_watch} (the peers watch this side with their own
+        heartbeats and count anything from it as hearing from it, as
+        clients do) and something was also sent to it within the
+        interval (L{sent}), it is not pinged at all;
+      - otherwise (workers arm and size their watch on the master from the
+        heartbeats' arrivals, L{MasterWatch}) it gets a heartbeat that asks
+        no answer (L{Beat.notify}).
+    Whether a peer is silent depends only on when it was last heard from,
+    so the bound on noticing a dead peer (C{timeout + interval}) is the same.
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, interval: float = 0.0, peers_watch: bool = False) -> None:
         if timeout <= 0:
             raise ValueError("a heartbeat timeout must be positive")
         self.timeout = timeout
+        #: Seconds between ticks; 0: every peer not silent is pinged.
+        self.interval = interval
+        self.peers_watch = peers_watch
         self.peers: dict[Hashable, PeerLiveness] = {}
 
     def watch(self, peer: Hashable, now: float) -> None:
@@ -69,6 +92,12 @@ class Liveness:
         state = self.peers.get(peer)
         if state is not None:
             state.last_heard = now
+
+    def sent(self, peer: Hashable, now: float) -> None:
+        """Something went to C{peer} at C{now} (ignored for a peer not watched)."""
+        state = self.peers.get(peer)
+        if state is not None:
+            state.last_sent = now
 
     def answered(self, peer: Hashable, now: float) -> None:
         """C{peer} answered its heartbeat (or the heartbeat failed) at C{now}."""
@@ -96,6 +125,8 @@ class Liveness:
         silent too long.
         """
         beat = Beat()
+        interval = self.interval
+        peers_watch = self.peers_watch
         for peer, state in self.peers.items():
             silent = now - state.last_heard
             if silent > self.timeout:
@@ -103,7 +134,15 @@ class Liveness:
                     state.last_heard = now
                     continue
                 beat.silent.append((peer, silent))
-            elif not state.pinged:
+            elif state.pinged:
+                continue
+            elif silent < interval:
+                if not peers_watch:
+                    beat.notify.append(peer)
+                elif now - state.last_sent >= interval:
+                    state.pinged = True
+                    beat.ping.append(peer)
+            else:
                 state.pinged = True
                 beat.ping.append(peer)
         return beat

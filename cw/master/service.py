@@ -149,7 +149,12 @@ class Master:
             )
             if client_timeout > 0:
                 self.client_beats = HeartbeatMonitor(
-                    clock, heartbeat, client_timeout, self._client_silent, self._client_excused
+                    clock,
+                    heartbeat,
+                    client_timeout,
+                    self._client_silent,
+                    self._client_excused,
+                    peers_watch=True,  # clients ping this master themselves
                 )
         #: The shared secret peers must prove they hold; None: --insecure.
         self.secret = secret

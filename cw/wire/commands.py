@@ -598,6 +598,18 @@ class Heartbeat(amp.Command):
     """
 
 
+class HeartbeatNotice(Heartbeat):
+    """
+    A L{Heartbeat} that asks no answer (an AMP box without C{_ask}, which
+    any peer's L{Heartbeat} responder takes as it is), sent to a peer heard
+    from within the interval: its answer would tell nothing new, only the
+    heartbeat's arrival matters to it (L{cw.core.liveness.Liveness}).
+    """
+
+    commandName = b"Heartbeat"
+    requiresAnswer = False
+
+
 class ReturnJobs(amp.Command):
     """
     Worker to master, when the worker is stopping gracefully: it will start

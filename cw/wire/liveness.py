@@ -56,6 +56,12 @@ class SignsOfLife:
         self.heard_from_peer()
         super().dataReceived(data)
 
+    def sendBox(self, box):
+        super().sendBox(box)
+        monitor = self.heartbeat_monitor
+        if monitor is not None and monitor.liveness.peers_watch:
+            monitor.sent(self)
+
     def stream_drained(self) -> None:
         """The peer took in a piece of a box streamed to it (L{cw.wire.streaming}): it is alive."""
         self.heard_from_peer()
@@ -100,12 +106,16 @@ class HeartbeatMonitor:
         timeout: float,
         on_silent: Callable[[Any, float], None],
         waiting: Callable[[Any], bool] | None = None,
+        peers_watch: bool = False,
     ) -> None:
         if interval <= 0 or timeout <= 0:
             raise ValueError("a heartbeat interval and timeout must be positive")
         self.clock = clock
         self.interval = interval
-        self.liveness = Liveness(timeout)
+        #: C{peers_watch}: the peers ping this side themselves and count
+        #: anything from it as a sign of life (L{Liveness}); then what is
+        #: sent to them is noted (L{SignsOfLife.sendBox}).
+        self.liveness = Liveness(timeout, interval, peers_watch)
         self.on_silent = on_silent
         #: Whether what is sent to a connection waits for another source
         #: (e.g. L{cw.wire.streaming.StreamingSender.waiting_on_relay}):
@@ -133,6 +143,10 @@ class HeartbeatMonitor:
         """Something came from C{proto}'s peer just now."""
         self.liveness.heard(proto, self.clock.seconds())
 
+    def sent(self, proto) -> None:
+        """Something went to C{proto}'s peer just now."""
+        self.liveness.sent(proto, self.clock.seconds())
+
     def start(self) -> None:
         if self._loop is None:
             self._loop = task.LoopingCall(self._beat)
@@ -149,18 +163,27 @@ class HeartbeatMonitor:
 
     def _beat(self) -> None:
         beat = self.liveness.beat(self.clock.seconds(), self.waiting)
-        self._ping(beat.ping, 0)
+        # Heard from within the interval (notify): the answer is not needed,
+        # only the heartbeat's arrival (L{cw.core.liveness.MasterWatch}).
+        sends = [(proto, P.HeartbeatNotice) for proto in beat.notify]
+        sends.extend((proto, P.Heartbeat) for proto in beat.ping)
+        self._ping(sends, 0)
         for proto, silent in beat.silent:
             self.on_silent(proto, silent)
 
     def _ping(self, peers: list, start: int) -> None:
-        """Send heartbeats to C{peers} from C{start} on: L{PINGS_PER_TURN} now, the rest next turn."""
+        """
+        Send heartbeats (C{(proto, command)} in C{peers}) from C{start} on:
+        L{PINGS_PER_TURN} now, the rest next turn.
+        """
         self._rest = None
         watched = self.liveness.peers
-        for proto in peers[start : start + PINGS_PER_TURN]:
+        for proto, command in peers[start : start + PINGS_PER_TURN]:
             if proto not in watched:
                 continue  # forgotten since the tick (its connection was lost)
-            d = proto.callRemote(P.Heartbeat)
+            d = proto.callRemote(command)
+            if not command.requiresAnswer:
+                continue
             # Any answer, even an error, comes from a live peer; a lost
             # connection is reported (and forgotten) by its owner.
             d.addBoth(self._answered, proto)

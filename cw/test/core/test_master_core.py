@@ -182,6 +182,68 @@ class LivenessTests(SynchronousTestCase):
         self.assertEqual(self.live.beat(7.5, flow.excused).silent, [("a", 7.5), (client, 3.5)])
 
 
+class LivenessIntervalTests(SynchronousTestCase):
+    """
+    Heartbeats cost nothing where a peer is demonstrably alive: heard from
+    within the interval, it needs no answer; one that watches this side
+    itself and was also sent something needs no heartbeat at all.
+    """
+
+    def test_heard_and_sent_to_not_pinged(self):
+        live = Liveness(timeout=15.0, interval=5.0, peers_watch=True)
+        live.watch("a", 0.0)
+        live.heard("a", 4.0)
+        live.sent("a", 4.5)
+        self.assertEqual(live.beat(5.0), Beat())
+        self.assertFalse(live.peers["a"].pinged)
+
+    def test_silent_pinged(self):
+        live = Liveness(timeout=15.0, interval=5.0, peers_watch=True)
+        live.watch("a", 0.0)
+        live.sent("a", 9.0)
+        self.assertEqual(live.beat(5.0), Beat(ping=["a"]), "heard only at the start, 5 s ago")
+
+    def test_only_sent_to_pinged(self):
+        live = Liveness(timeout=15.0, interval=5.0, peers_watch=True)
+        live.watch("a", 0.0)
+        live.sent("a", 6.0)
+        self.assertEqual(live.beat(6.5), Beat(ping=["a"]))
+
+    def test_only_heard_pinged(self):
+        """Nothing went to it lately: it has no sign of this side's life but the heartbeat."""
+        live = Liveness(timeout=15.0, interval=5.0, peers_watch=True)
+        live.watch("a", 0.0)
+        live.heard("a", 6.0)
+        self.assertEqual(live.beat(6.5), Beat(ping=["a"]))
+
+    def test_heard_peer_that_needs_arrivals_notified(self):
+        """A worker's watch on the master counts heartbeats' arrivals: it gets one that asks no answer."""
+        live = Liveness(timeout=15.0, interval=5.0)
+        live.watch("a", 0.0)
+        live.heard("a", 4.0)
+        live.sent("a", 4.0)
+        self.assertEqual(live.beat(5.0), Beat(notify=["a"]))
+        self.assertFalse(live.peers["a"].pinged, "no answer awaited")
+        self.assertEqual(live.beat(10.0), Beat(ping=["a"]), "silent 6 s: its answer is needed")
+
+    def test_dead_peer_still_found(self):
+        """However busy it was, a peer that stops is reported once silent past the timeout."""
+        live = Liveness(timeout=15.0, interval=5.0, peers_watch=True)
+        live.watch("a", 0.0)
+        t = 0.0
+        while t < 30.0:
+            t += 1.0
+            live.heard("a", t)
+            live.sent("a", t)
+            if t % 5 == 0:
+                self.assertEqual(live.beat(t), Beat())
+        for tick in (35.0, 40.0, 45.0):
+            live.sent("a", tick - 0.5)  # this side keeps sending to it
+            self.assertEqual(live.beat(tick).silent, [])
+        live.sent("a", 49.5)
+        self.assertEqual(live.beat(50.0).silent, [("a", 20.0)])
+
+
 class RoutingTests(SynchronousTestCase):
     """Contexts and functions go to each worker once, before the first job needing them."""
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import wait as futures_wait
 
 from twisted.internet import threads
 from twisted.trial import unittest
@@ -233,6 +234,55 @@ class FaultTests(unittest.TestCase):
                     pass
                 pids = [f.result(30) for f in futures]
             self.assertEqual(pids, [alive.pid, alive.pid])
+
+        return threads.deferToThread(body)
+
+    def test_busy_worker_stopped(self):
+        """
+        A worker busy with a stream of jobs, so heard from all the time and
+        sent heartbeats that ask no answer (L{cw.core.liveness.Liveness}),
+        that stops (SIGSTOP) while the master keeps sending it jobs is
+        still declared lost within the heartbeat timeout and a period, and
+        every job finishes on the other worker.
+        """
+
+        def body():
+            address = self.procs.start_master(
+                "--heartbeat", "0.5", "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)
+            )
+            busy = self.procs.start_worker(1)
+            self.procs.start_worker(1)
+            stop = threading.Event()
+            submitted = []
+            with executor(address) as ex:
+
+                def feed():
+                    while not stop.is_set():
+                        batch = [ex.submit(square, n) for n in range(20)]
+                        submitted.extend(batch)
+                        futures_wait(batch, timeout=30)
+
+                feeder = threading.Thread(target=feed, daemon=True)
+                feeder.start()
+                try:
+                    started = time.monotonic()
+                    # Several heartbeat periods of traffic both ways.
+                    wait_until(
+                        lambda: (
+                            time.monotonic() - started > 2.0
+                            and [w["completed"] > 20 for w in master_status(address)["workers"]]
+                            == [True, True]
+                        ),
+                        what="both workers busy for a few heartbeats",
+                    )
+                    os.kill(busy.pid, signal.SIGSTOP)
+                    self.addCleanup(self._resume, busy.pid)
+                    self.assert_lost_in_time(address)
+                finally:
+                    stop.set()
+                    feeder.join(60)
+                results = [f.result(60) for f in list(submitted)]
+            self.assertEqual(len(results), len(submitted))
 
         return threads.deferToThread(body)
 
