@@ -13,8 +13,9 @@ the client) with many worker connections, without a job process per slot.
 
 Prints C{registered N} on stdout once every connection has registered, then
 runs until SIGTERM/SIGINT; on SIGUSR1 it prints C{answered J jobs in B
-boxes} (so far, all connections: L{read_counts}), which tells how many jobs
-the master put in a box.  C{--check} lists the master-to-worker commands of
+boxes; heartbeats A asked N not} (so far, all connections: L{read_counts}),
+which tells how many jobs the master put in a box and how many heartbeats
+it sent, answered or not (L{cw.core.liveness.Liveness}).  C{--check} lists the master-to-worker commands of
 L{cw.wire.commands} this module does not answer yet, and exits.
 """
 
@@ -81,6 +82,8 @@ class FakeWorker(AuthGate, amp.AMP):
         self.registered = defer.Deferred()
         self.jobs = 0
         self.boxes = 0
+        #: Heartbeats received that asked an answer, and that did not.
+        self.beats = [0, 0]
 
     def connectionMade(self):
         super().connectionMade()
@@ -102,6 +105,11 @@ class FakeWorker(AuthGate, amp.AMP):
             self.unknown_seen.add(name)
             print(f"fake_workers: answering unknown command {name!r} with an empty box", file=sys.stderr)
         return lambda box: defer.succeed(amp.AmpBox())
+
+    def ampBoxReceived(self, box):
+        if box.get(amp.COMMAND) == b"Heartbeat":
+            self.beats[amp.ASK not in box] += 1
+        super().ampBoxReceived(box)
 
     def ignore(self, **kwargs):
         return {}
@@ -154,7 +162,7 @@ class Farm:
             self.reactor.stop()
 
 
-COUNTS = re.compile(r"answered (\d+) jobs in (\d+) boxes")
+COUNTS = re.compile(r"answered (\d+) jobs in (\d+) boxes(?:; heartbeats (\d+) asked (\d+) not)?")
 
 
 def read_counts(process) -> tuple[int, int]:
@@ -172,6 +180,17 @@ def read_counts(process) -> tuple[int, int]:
     if found is None:
         raise RuntimeError(f"fake workers answered {line!r} to SIGUSR1 (exit code {process.poll()})")
     return int(found.group(1)), int(found.group(2))
+
+
+def read_heartbeats(process) -> tuple[int, int]:
+    """Heartbeats received so far that asked an answer, and that did not (as L{read_counts})."""
+    import signal
+
+    process.send_signal(signal.SIGUSR1)
+    found = COUNTS.match(process.stdout.readline())
+    if found is None or found.group(3) is None:
+        raise RuntimeError(f"fake workers gave no heartbeat counts (exit code {process.poll()})")
+    return int(found.group(3)), int(found.group(4))
 
 
 def master_to_worker_commands() -> set[str]:
@@ -247,7 +266,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def counts(signum, frame):
         jobs = sum(p.jobs for p in farm.protos)
-        print(f"answered {jobs} jobs in {sum(p.boxes for p in farm.protos)} boxes", flush=True)
+        boxes = sum(p.boxes for p in farm.protos)
+        asked, notices = (sum(p.beats[i] for p in farm.protos) for i in (0, 1))
+        print(f"answered {jobs} jobs in {boxes} boxes; heartbeats {asked} asked {notices} not", flush=True)
 
     signal.signal(signal.SIGUSR1, counts)
     signal.signal(signal.SIGTERM, stop)
