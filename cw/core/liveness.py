@@ -67,8 +67,11 @@ class Liveness:
       - otherwise (workers arm and size their watch on the master from the
         heartbeats' arrivals, L{MasterWatch}) it gets a heartbeat that asks
         no answer (L{Beat.notify}).
-    Whether a peer is silent depends only on when it was last heard from,
-    so the bound on noticing a dead peer (C{timeout + interval}) is the same.
+    Either only where it would not be silent by the next tick if it were
+    asked nothing now (its silence then plus the interval is under the
+    timeout: a timeout under two intervals keeps every answer).  Whether a
+    peer is silent depends only on when it was last heard from, so the
+    bound on noticing a dead peer (C{timeout + interval}) is the same.
     """
 
     def __init__(self, timeout: float, interval: float = 0.0, peers_watch: bool = False) -> None:
@@ -136,7 +139,7 @@ class Liveness:
                 beat.silent.append((peer, silent))
             elif state.pinged:
                 continue
-            elif silent < interval:
+            elif silent < interval and silent + interval < self.timeout:
                 if not peers_watch:
                     beat.notify.append(peer)
                 elif now - state.last_sent >= interval:

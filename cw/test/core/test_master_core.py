@@ -226,6 +226,18 @@ class LivenessIntervalTests(SynchronousTestCase):
         self.assertFalse(live.peers["a"].pinged, "no answer awaited")
         self.assertEqual(live.beat(10.0), Beat(ping=["a"]), "silent 6 s: its answer is needed")
 
+    def test_answer_needed_before_the_timeout(self):
+        """
+        A timeout under two intervals: a peer not asked now would be silent
+        too long by the next tick, live as it is; it is asked.
+        """
+        for peers_watch in (False, True):
+            live = Liveness(timeout=8.0, interval=5.0, peers_watch=peers_watch)
+            live.watch("a", 0.0)
+            live.heard("a", 2.0)
+            live.sent("a", 4.0)
+            self.assertEqual(live.beat(5.0), Beat(ping=["a"]))
+
     def test_dead_peer_still_found(self):
         """However busy it was, a peer that stops is reported once silent past the timeout."""
         live = Liveness(timeout=15.0, interval=5.0, peers_watch=True)
