@@ -424,6 +424,10 @@ SchedulerMachine.TestCase.settings = settings(
     deadline=None,
     report_multiple_bugs=False,
     suppress_health_check=[HealthCheck.too_slow],
+    # A failure seen once in a full run (a job "lost from the queue", not
+    # reproduced since) left nothing to replay it with: print the blob
+    # that @reproduce_failure takes, with the steps.
+    print_blob=True,
 )
 
 
